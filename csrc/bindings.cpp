@@ -1,0 +1,137 @@
+// pyengine._C: the one pybind11 module. Torch-free: every kernel takes raw pointers (integers),
+// sizes, strides, dtype codes and, for CUDA, a device index and a stream handle. The Python side
+// (pyengine/backends/*.py) validates tensors before it hands their pointers over.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cpu/qmatmul.h"
+#if defined(PYENGINE_WITH_CUDA)
+#include "cuda/qmatmul.h"
+#endif
+
+namespace py = pybind11;
+using pyengine::QMatmulArgs;
+
+namespace {
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq,
+                      uintptr_t scales, uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
+                      int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, bool accumulate,
+                      int64_t M, int64_t N, int64_t K, int bits, int64_t group_size) {
+  QMatmulArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.x_dtype = x_dtype;
+  a.ldx = ldx;
+  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
+  a.ldq = ldq;
+  a.scales = reinterpret_cast<const void*>(scales);
+  a.zeros = reinterpret_cast<const void*>(zeros);
+  a.sz_dtype = sz_dtype;
+  a.lds = lds;
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.ldo = ldo;
+  a.accumulate = accumulate;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.bits = bits;
+  a.group_size = group_size;
+  return a;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cpu_kernels"] = true;
+  d["cpu_isas"] = split_commas(PYENGINE_CPU_ISAS);
+  d["cpu_isa_selected"] = std::string(pyengine::cpu::selected_isa());
+  d["cpu_isas_usable"] = pyengine::cpu::usable_isas();
+#if defined(PYENGINE_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+#if defined(PYENGINE_WITH_CUDA)
+  d["cuda_kernels"] = true;
+  d["cuda_archs"] = split_commas(PYENGINE_CUDA_ARCHS);
+  d["cuda_compiler_version"] = std::string(PYENGINE_CUDA_VERSION);
+#else
+  d["cuda_kernels"] = false;
+  d["cuda_archs"] = std::vector<std::string>{};
+  d["cuda_compiler_version"] = py::none();
+#endif
+  d["cxx_compiler"] = std::string(__VERSION__);
+  d["pybind11_version"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
+                          std::to_string(PYBIND11_VERSION_MINOR) + "." +
+                          std::to_string(PYBIND11_VERSION_PATCH);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyengine compiled kernels (torch-free: raw pointers, sizes, strides, dtype codes)";
+
+  m.def("build_info", &build_info, "What this extension was built with.");
+
+  m.def(
+      "qmatmul_cpu",
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq, uintptr_t scales,
+         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
+         int out_dtype, int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
+         int64_t group_size, int num_threads, const std::string& isa) {
+        QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
+                                  bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
+                                  bits, group_size);
+        a.num_threads = num_threads;
+        py::gil_scoped_release release;
+        if (isa.empty())
+          pyengine::cpu::qmatmul(a);
+        else
+          pyengine::cpu::qmatmul_with_isa(a, isa);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("qweight"), py::arg("ldq"),
+      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
+      py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
+      py::arg("group_size"), py::arg("num_threads") = 0, py::arg("isa") = "",
+      "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on the CPU; pointers are integers.");
+
+#if defined(PYENGINE_WITH_CUDA)
+  m.def(
+      "qmatmul_cuda",
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq, uintptr_t scales,
+         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
+         int out_dtype, int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
+         int64_t group_size, int device, uintptr_t stream) {
+        QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
+                                  bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
+                                  bits, group_size);
+        py::gil_scoped_release release;
+        pyengine::cuda::qmatmul_simple(a, device, stream);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("qweight"), py::arg("ldq"),
+      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
+      py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
+      py::arg("group_size"), py::arg("device"), py::arg("stream"),
+      "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on a CUDA device and stream.");
+  m.def("cuda_device_count", &pyengine::cuda::device_count);
+#endif
+}

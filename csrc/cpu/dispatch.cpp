@@ -1,0 +1,87 @@
+// Run-time choice of the CPU kernel build: the widest instruction set that both this binary was
+// built with and the running CPU supports.
+#include <string>
+#include <vector>
+
+#include "cpu/qmatmul.h"
+
+namespace pyengine {
+namespace cpu {
+
+namespace {
+
+using KernelFn = void (*)(const QMatmulArgs&);
+
+struct Build {
+  KernelFn fn;
+  const char* name;
+};
+
+bool cpu_has(const std::string& isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#endif
+  return isa == "generic";
+}
+
+// The builds compiled into this binary, widest first.
+const std::vector<Build>& compiled() {
+  static const std::vector<Build> builds = {
+#if defined(PYENGINE_HAVE_ISA_avx512)
+      {&avx512::qmatmul, "avx512"},
+#endif
+#if defined(PYENGINE_HAVE_ISA_avx2)
+      {&avx2::qmatmul, "avx2"},
+#endif
+      {&generic::qmatmul, "generic"},
+  };
+  return builds;
+}
+
+const Build& selected() {
+  static const Build best = [] {
+    for (const Build& b : compiled())
+      if (cpu_has(b.name)) return b;
+    return Build{&generic::qmatmul, "generic"};
+  }();
+  return best;
+}
+
+}  // namespace
+
+void qmatmul(const QMatmulArgs& args) {
+  check_qmatmul_args("qmatmul_cpu", args);
+  selected().fn(args);
+}
+
+void qmatmul_with_isa(const QMatmulArgs& args, const std::string& isa) {
+  check_qmatmul_args("qmatmul_cpu", args);
+  for (const Build& b : compiled()) {
+    if (isa != b.name) continue;
+    if (!cpu_has(isa))
+      throw std::invalid_argument("qmatmul_cpu: this CPU cannot run the " + isa + " kernels");
+    b.fn(args);
+    return;
+  }
+  throw std::invalid_argument("qmatmul_cpu: no kernels for instruction set '" + isa +
+                              "' in this build");
+}
+
+std::vector<std::string> usable_isas() {
+  std::vector<std::string> names;
+  for (const Build& b : compiled())
+    if (cpu_has(b.name)) names.push_back(b.name);
+  return names;
+}
+
+const char* selected_isa() { return selected().name; }
+
+}  // namespace cpu
+}  // namespace pyengine

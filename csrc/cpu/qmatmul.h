@@ -1,0 +1,40 @@
+// CPU quantized matmul. qmatmul_kernels.cpp is compiled once per instruction set into the
+// namespace pyengine::cpu::<isa>; dispatch.cpp picks the best one the running CPU supports.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace pyengine {
+namespace cpu {
+
+#define PYENGINE_DECLARE_ISA(isa)                 \
+  namespace isa {                                 \
+  void qmatmul(const QMatmulArgs& args);          \
+  }
+
+PYENGINE_DECLARE_ISA(generic)
+PYENGINE_DECLARE_ISA(avx2)
+PYENGINE_DECLARE_ISA(avx512)
+#undef PYENGINE_DECLARE_ISA
+
+// Runs the quantized matmul on the best instruction set of this CPU (validates args first).
+void qmatmul(const QMatmulArgs& args);
+
+// Runs the build for one named instruction set (tests use it to check every build); raises
+// std::invalid_argument if this binary lacks it or the CPU cannot run it.
+void qmatmul_with_isa(const QMatmulArgs& args, const std::string& isa);
+
+// The instruction-set builds of this binary that this CPU can run, widest first.
+std::vector<std::string> usable_isas();
+
+// Name of the instruction set qmatmul() uses on this CPU ("avx512", "avx2" or "generic").
+const char* selected_isa();
+
+// Largest M served by the decode (GEMV-style) path; larger M uses the tiled prefill path.
+constexpr int64_t kDecodeMaxM = 8;
+
+}  // namespace cpu
+}  // namespace pyengine

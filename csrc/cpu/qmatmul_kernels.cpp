@@ -1,0 +1,444 @@
+// CPU quantized matmul kernels: out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias).
+//
+// This file is compiled once per instruction set (generic, avx2, avx512) with PYENGINE_ISA set
+// to the namespace name. The loops are written for the compiler's vectoriser (fixed 32-wide
+// inner loops over independent lanes), no intrinsics, so every build is the same code.
+//
+// Lane order. A dot product does not care about the order of its terms, so the kernels visit the
+// codes of a row in the order that makes unpacking cheap and permute x to match, once per call:
+//   * 2, 4 and 8 bits: a *lane* is one 32-bit word holding c = 32 / bits codes; code j of word
+//     w is k = w * c + j (docs/FORMAT.md). For a fixed j, 32 consecutive words give 32 codes with
+//     one shift and one mask each.
+//   * 3 bits: a lane is one 32-code block (three words); code j of block b is k = b * 32 + j.
+//     The three words of 32 consecutive blocks are first split into three planes.
+// A *chunk* is 32 lanes; xp[m][chunk][j][lane] = x[m][(chunk * 32 + lane) * c + j] (zero past K).
+//
+// Dequantization: w = (q - z) * s = q * s + b with b = -z * s, so for one group g of row n
+//   sum_k x[k] * w[k] = s * sum_k x[k] * q[k] + b * sum_k x[k]
+// The decode path multiplies x by the integer codes, scales per lane (each lane lies in one
+// group) and adds b * (group sum of x) per group; the prefill path dequantizes a panel of rows
+// and runs a register-blocked dot-product micro-kernel over the permuted order.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/qmatmul.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef PYENGINE_ISA
+#error "PYENGINE_ISA must name the instruction-set namespace"
+#endif
+
+namespace pyengine {
+namespace cpu {
+namespace PYENGINE_ISA {
+namespace {
+
+constexpr int kBlockCodes = 32;  // codes per packing block; a block takes `bits` words
+constexpr int kChunkLanes = 32;  // lanes per chunk (two 16-float vectors on AVX-512)
+
+template <int BITS>
+struct Layout {
+  static constexpr int kLaneCodes = BITS == 3 ? kBlockCodes : 32 / BITS;  // codes per lane
+  static constexpr int kLaneWords = BITS == 3 ? 3 : 1;                   // words per lane
+  static constexpr int kChunkCodes = kChunkLanes * kLaneCodes;
+  static constexpr int kChunkWords = kChunkLanes * kLaneWords;
+  static constexpr uint32_t kMask = (1u << BITS) - 1u;
+  // Lane values are 1 + q * 2^-BITS (mantissa trick, see lane_codes) for BITS <= 4.
+  static constexpr bool kMantissa = BITS <= 4;
+  static constexpr int kMantissaShift = 23 - BITS;  // q sits just below the exponent of 1.0f
+  static constexpr float kValueScale = kMantissa ? (float)(1 << BITS) : 1.f;
+};
+
+constexpr uint32_t kOneBits = 0x3F800000u;  // 1.0f
+
+// Geometry of one call, shared by all rows.
+struct Plan {
+  int64_t Kp;          // K rounded up to whole 32-code blocks
+  int64_t lanes;       // lanes of a row that hold codes < Kp
+  int64_t chunks;      // ceil(lanes / 32)
+  int64_t chunk_codes; // codes per chunk (= 32 * lane codes)
+  int64_t G;           // groups covering Kp
+  std::vector<int32_t> lane_group;  // [chunks * 32] group of each lane (clamped to G - 1)
+};
+
+// The 32 words (3 bits: 96 words) of chunk `ch` of a row; the last chunk of a row is copied into
+// a zero-padded buffer so no word past the row (or the tensor) is read.
+template <int BITS>
+inline const uint32_t* chunk_words(const uint32_t* wrow, int64_t ch, const Plan& p,
+                                   uint32_t* tail) {
+  using L = Layout<BITS>;
+  const int64_t first = ch * kChunkLanes;
+  if (first + kChunkLanes <= p.lanes) return wrow + first * L::kLaneWords;
+  const int64_t n_words = (p.lanes - first) * L::kLaneWords;
+  std::fill(tail, tail + L::kChunkWords, 0u);
+  std::copy(wrow + first * L::kLaneWords, wrow + first * L::kLaneWords + n_words, tail);
+  return tail;
+}
+
+// Splits the 3-bit chunk's interleaved words (block b = words 3b, 3b+1, 3b+2) into planes.
+inline void split_planes3(const uint32_t* w, uint32_t* p0, uint32_t* p1, uint32_t* p2) {
+  for (int l = 0; l < kChunkLanes; ++l) {
+    p0[l] = w[3 * l];
+    p1[l] = w[3 * l + 1];
+    p2[l] = w[3 * l + 2];
+  }
+}
+
+// Lane values of code J of every lane of a chunk. `planes` is the chunk's words (2/4/8 bits) or
+// its three planes laid out back to back (3 bits). J is a compile-time constant so the branches
+// disappear and every shift is an immediate.
+//
+// For 8 bits the value is the code q converted to float. For 2, 3 and 4 bits it is
+// F = 1 + q * 2^-BITS, built by placing q in the top mantissa bits of 1.0f: one shift and one
+// and-or per 16 codes, and no int-to-float conversion. The kernels fold the affine change into the
+// group parameters (see scaled_row_params): q * s + b = F * (s * 2^BITS) + (b - s * 2^BITS).
+template <int BITS, int J>
+inline void lane_codes(const uint32_t* planes, float* qv) {
+  using L = Layout<BITS>;
+  alignas(64) uint32_t u[kChunkLanes];
+  if constexpr (BITS == 3) {
+    // Code J of a block is bits [3J, 3J+3) of p0 | p1 << 32 | p2 << 64: codes 10 and 21 take
+    // bits from two planes.
+    const uint32_t* p0 = planes;
+    const uint32_t* p1 = planes + kChunkLanes;
+    const uint32_t* p2 = planes + 2 * kChunkLanes;
+    for (int l = 0; l < kChunkLanes; ++l) {
+      uint32_t q;
+      if constexpr (J < 10) q = (p0[l] >> (3 * J)) & 7u;
+      else if constexpr (J == 10) q = (p0[l] >> 30) | ((p1[l] & 1u) << 2);
+      else if constexpr (J < 21) q = (p1[l] >> (3 * J - 32)) & 7u;
+      else if constexpr (J == 21) q = (p1[l] >> 31) | ((p2[l] & 3u) << 1);
+      else q = (p2[l] >> (3 * J - 64)) & 7u;
+      u[l] = (q << L::kMantissaShift) | kOneBits;
+    }
+  } else if constexpr (L::kMantissa) {
+    // Move the field at bit J*BITS to bit kMantissaShift in one shift, then mask and set 1.0f.
+    constexpr int from = J * BITS, to = L::kMantissaShift;
+    constexpr uint32_t field = L::kMask << to;
+    for (int l = 0; l < kChunkLanes; ++l) {
+      const uint32_t moved = from > to ? (planes[l] >> (from > to ? from - to : 0))
+                                       : (planes[l] << (to > from ? to - from : 0));
+      u[l] = (moved & field) | kOneBits;
+    }
+  } else {
+    for (int l = 0; l < kChunkLanes; ++l) qv[l] = (float)((planes[l] >> (J * BITS)) & L::kMask);
+    return;
+  }
+  std::memcpy(qv, u, sizeof(u));
+}
+
+// Calls f(std::integral_constant<int, J>{}) for J = 0 .. N-1, fully unrolled.
+template <typename F, int... Js>
+inline void unroll_impl(F&& f, std::integer_sequence<int, Js...>) {
+  (f(std::integral_constant<int, Js>{}), ...);
+}
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// Prepares the chunk's planes (3 bits: split; otherwise the words themselves).
+template <int BITS>
+inline const uint32_t* chunk_planes(const uint32_t* wrow, int64_t ch, const Plan& p,
+                                    uint32_t* tail, uint32_t* planes3) {
+  const uint32_t* w = chunk_words<BITS>(wrow, ch, p, tail);
+  if constexpr (BITS == 3) {
+    split_planes3(w, planes3, planes3 + kChunkLanes, planes3 + 2 * kChunkLanes);
+    return planes3;
+  } else {
+    return w;
+  }
+}
+
+// Row n's group parameters for lane values v (see lane_codes): w = v * sf[g] + bf[g]. With
+// v = q this is s and b = -z * s; with v = 1 + q * 2^-BITS it is s * 2^BITS and b - s * 2^BITS.
+inline void row_params(const QMatmulArgs& a, int64_t n, int64_t G, float value_scale, float* sf,
+                       float* bf) {
+  const float mid = (float)(1 << (a.bits - 1));
+  for (int64_t g = 0; g < G; ++g) {
+    const float s = load_as_float(a.scales, a.sz_dtype, n * a.lds + g);
+    const float z = a.zeros ? load_as_float(a.zeros, a.sz_dtype, n * a.lds + g) : mid;
+    const float sv = s * value_scale;  // exact: value_scale is a power of two
+    sf[g] = sv;
+    bf[g] = value_scale == 1.f ? -z * s : -z * s - sv;
+  }
+}
+
+inline float hsum32(const float* v) {
+  float s[16];
+  for (int l = 0; l < 16; ++l) s[l] = v[l] + v[l + 16];
+  float t = 0.f;
+  for (int l = 0; l < 16; ++l) t += s[l];
+  return t;
+}
+
+inline void thread_range(int64_t total, int tid, int nthr, int64_t* lo, int64_t* hi) {
+  const int64_t per = (total + nthr - 1) / nthr;
+  *lo = std::min<int64_t>(total, (int64_t)tid * per);
+  *hi = std::min<int64_t>(total, *lo + per);
+}
+
+// ---- decode: M <= kDecodeMaxM, one pass over the weight, codes unpacked once per row ---------
+// xp: permuted activations [MT][chunks][chunk_codes]; xsum: [MT][G] group sums of x.
+template <int BITS, int MT>
+void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
+                 int64_t n_begin, int64_t n_end, float* out32 /* [MT, N] */) {
+  using L = Layout<BITS>;
+  const int64_t lanes_per_group = a.group_size / L::kLaneCodes;  // >= 1: group % 32 == 0
+  const int64_t row_lanes = p.chunks * kChunkLanes;
+  std::vector<float> sf(p.G), bf(p.G);
+  std::vector<float> lane_scale(row_lanes);
+  alignas(64) uint32_t tail[L::kChunkWords];
+  alignas(64) uint32_t planes3[3 * kChunkLanes];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint32_t* wrow = a.qweight + n * a.ldq;
+    row_params(a, n, p.G, L::kValueScale, sf.data(), bf.data());
+    // Each lane lies in one group: spread the group scales over the row's lanes (lanes past
+    // the last group meet zero activations and take the last group's scale).
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t l0 = g * lanes_per_group;
+      const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
+      std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
+    }
+    alignas(64) float acc[MT][kChunkLanes] = {};
+    for (int64_t ch = 0; ch < p.chunks; ++ch) {
+      const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
+      // Two partial sums per row (even and odd J) keep more FMA chains in flight.
+      alignas(64) float part[MT][2][kChunkLanes] = {};
+      const float* xc = xp + ch * p.chunk_codes;
+      unroll<L::kLaneCodes>([&](auto J) {
+        alignas(64) float qv[kChunkLanes];
+        lane_codes<BITS, J>(planes, qv);
+        for (int m = 0; m < MT; ++m) {
+          const float* xj = xc + m * p.chunks * p.chunk_codes + J * kChunkLanes;
+          for (int l = 0; l < kChunkLanes; ++l) part[m][J & 1][l] += xj[l] * qv[l];
+        }
+      });
+      const float* sl = lane_scale.data() + ch * kChunkLanes;
+      for (int m = 0; m < MT; ++m)
+        for (int l = 0; l < kChunkLanes; ++l)
+          acc[m][l] += sl[l] * (part[m][0][l] + part[m][1][l]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      float b = 0.f;
+      for (int64_t g = 0; g < p.G; ++g) b += bf[g] * xsum[m * p.G + g];
+      out32[m * a.N + n] = hsum32(acc[m]) + b;
+    }
+  }
+}
+
+template <int BITS, int MT>
+void decode(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
+            float* out32) {
+#ifdef _OPENMP
+  const int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t lo, hi;
+    thread_range(a.N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    decode_rows<BITS, MT>(a, p, xp, xsum, lo, hi, out32);
+  }
+#else
+  decode_rows<BITS, MT>(a, p, xp, xsum, 0, a.N, out32);
+#endif
+}
+
+// ---- prefill: larger M, a panel of rows dequantized over the whole K, dot-product micro-kernel -
+// Each 4 x 4 block of outputs is one pass over K with 16 vector accumulators and one horizontal
+// sum at the end; the panel (rows x K floats) is sized to stay in the L2 cache.
+constexpr int kMicroM = 4;                     // activation rows per micro-kernel
+constexpr int kMicroN = 4;                     // weight rows per micro-kernel
+constexpr int64_t kPanelBytes = 256 * 1024;    // dequantized panel budget
+
+// 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
+// by narrower operations in the generic build.
+typedef float v16f __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a 4 x 4 block; the 16
+// accumulators are local vectors so they live in registers.
+inline void micro_dot(const float* const* x, const float* const* w, int64_t len,
+                      float c[kMicroM][kMicroN]) {
+  v16f acc[kMicroM][kMicroN] = {};
+  for (int64_t i = 0; i < len; i += 16) {
+    v16f xv[kMicroM], wv[kMicroN];
+#pragma GCC unroll 4
+    for (int mi = 0; mi < kMicroM; ++mi) xv[mi] = load16(x[mi] + i);
+#pragma GCC unroll 4
+    for (int ni = 0; ni < kMicroN; ++ni) wv[ni] = load16(w[ni] + i);
+#pragma GCC unroll 4
+    for (int mi = 0; mi < kMicroM; ++mi)
+#pragma GCC unroll 4
+      for (int ni = 0; ni < kMicroN; ++ni) acc[mi][ni] += xv[mi] * wv[ni];
+  }
+  for (int mi = 0; mi < kMicroM; ++mi)
+    for (int ni = 0; ni < kMicroN; ++ni) {
+      float t = 0.f;
+      for (int l = 0; l < 16; ++l) t += acc[mi][ni][l];
+      c[mi][ni] = t;
+    }
+}
+
+// Rows [n0, n0 + nr) of the output: dequantize them (lane order, whole K) into wbuf, then run
+// the micro-kernel over every 4-row block of x. Rows of wbuf past nr are zero.
+template <int BITS>
+void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const float* zero_row,
+                   int64_t n0, int64_t nr, int64_t panel_rows, float* wbuf, float* out32) {
+  using L = Layout<BITS>;
+  const int64_t row_codes = p.chunks * p.chunk_codes;
+  std::vector<float> sf(p.G), bf(p.G);
+  alignas(64) uint32_t tail[L::kChunkWords];
+  alignas(64) uint32_t planes3[3 * kChunkLanes];
+  for (int64_t r = 0; r < panel_rows; ++r) {
+    float* dst = wbuf + r * row_codes;
+    if (r >= nr) {
+      std::fill(dst, dst + row_codes, 0.f);
+      continue;
+    }
+    row_params(a, n0 + r, p.G, L::kValueScale, sf.data(), bf.data());
+    const uint32_t* wrow = a.qweight + (n0 + r) * a.ldq;
+    for (int64_t ch = 0; ch < p.chunks; ++ch) {
+      const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
+      const int32_t* lg = p.lane_group.data() + ch * kChunkLanes;
+      alignas(64) float sl[kChunkLanes], bl[kChunkLanes];
+      for (int l = 0; l < kChunkLanes; ++l) {
+        sl[l] = sf[lg[l]];
+        bl[l] = bf[lg[l]];
+      }
+      float* dch = dst + ch * p.chunk_codes;
+      unroll<L::kLaneCodes>([&](auto J) {
+        alignas(64) float qv[kChunkLanes];
+        lane_codes<BITS, J>(planes, qv);
+        for (int l = 0; l < kChunkLanes; ++l) dch[J * kChunkLanes + l] = qv[l] * sl[l] + bl[l];
+      });
+    }
+  }
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMicroM) {
+    const float* xrows[kMicroM];
+    for (int mi = 0; mi < kMicroM; ++mi)
+      xrows[mi] = m0 + mi < a.M ? xp + (m0 + mi) * row_codes : zero_row;
+    for (int64_t r0 = 0; r0 < nr; r0 += kMicroN) {
+      const float* wrows[kMicroN];
+      for (int ni = 0; ni < kMicroN; ++ni) wrows[ni] = wbuf + (r0 + ni) * row_codes;
+      float c[kMicroM][kMicroN];
+      micro_dot(xrows, wrows, row_codes, c);
+      for (int mi = 0; mi < kMicroM && m0 + mi < a.M; ++mi)
+        for (int ni = 0; ni < kMicroN && r0 + ni < nr; ++ni)
+          out32[(m0 + mi) * a.N + n0 + r0 + ni] = c[mi][ni];
+    }
+  }
+}
+
+template <int BITS>
+void prefill(const QMatmulArgs& a, const Plan& p, const float* xp, float* out32) {
+  const int64_t row_codes = p.chunks * p.chunk_codes;
+  // Rows per panel: a multiple of the micro-kernel's 4 that keeps the panel in kPanelBytes.
+  const int64_t fit = kPanelBytes / (row_codes * (int64_t)sizeof(float)) / kMicroN * kMicroN;
+  const int64_t panel_rows = std::max<int64_t>(kMicroN, std::min<int64_t>(32, fit));
+  const int64_t panels = (a.N + panel_rows - 1) / panel_rows;
+  const std::vector<float> zero_row(row_codes, 0.f);
+  auto run_panel = [&](int64_t panel, float* wbuf) {
+    const int64_t n0 = panel * panel_rows;
+    prefill_panel<BITS>(a, p, xp, zero_row.data(), n0, std::min(panel_rows, a.N - n0),
+                        panel_rows, wbuf, out32);
+  };
+#ifdef _OPENMP
+  const int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> wbuf(panel_rows * row_codes);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t panel = 0; panel < panels; ++panel) run_panel(panel, wbuf.data());
+  }
+#else
+  std::vector<float> wbuf(panel_rows * row_codes);
+  for (int64_t panel = 0; panel < panels; ++panel) run_panel(panel, wbuf.data());
+#endif
+}
+
+template <int BITS>
+void run(const QMatmulArgs& a, float* out32) {
+  using L = Layout<BITS>;
+  const int64_t M = a.M, K = a.K;
+  Plan p;
+  p.Kp = (K + kBlockCodes - 1) / kBlockCodes * kBlockCodes;
+  p.lanes = p.Kp / L::kLaneCodes;
+  p.chunks = (p.lanes + kChunkLanes - 1) / kChunkLanes;
+  p.chunk_codes = L::kChunkCodes;
+  p.G = (p.Kp + a.group_size - 1) / a.group_size;
+  p.lane_group.resize(p.chunks * kChunkLanes);
+  for (int64_t lane = 0; lane < (int64_t)p.lane_group.size(); ++lane)
+    p.lane_group[lane] = (int32_t)std::min<int64_t>(p.G - 1, lane * L::kLaneCodes / a.group_size);
+
+  // Permuted fp32 activations (zero past K), and group sums of x for the decode path.
+  std::vector<float> xp((size_t)(M * p.chunks * p.chunk_codes), 0.f);
+  std::vector<float> xrow(p.chunks * p.chunk_codes);
+  for (int64_t m = 0; m < M; ++m) {
+    std::fill(xrow.begin(), xrow.end(), 0.f);
+    for (int64_t k = 0; k < K; ++k) xrow[k] = load_as_float(a.x, a.x_dtype, m * a.ldx + k);
+    float* dst = xp.data() + m * p.chunks * p.chunk_codes;
+    for (int64_t ch = 0; ch < p.chunks; ++ch)
+      for (int j = 0; j < L::kLaneCodes; ++j)
+        for (int l = 0; l < kChunkLanes; ++l)
+          dst[(ch * L::kLaneCodes + j) * kChunkLanes + l] =
+              xrow[((ch * kChunkLanes) + l) * L::kLaneCodes + j];
+  }
+
+  if (M <= kDecodeMaxM) {
+    std::vector<float> xsum((size_t)(M * p.G), 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        xsum[m * p.G + k / a.group_size] += load_as_float(a.x, a.x_dtype, m * a.ldx + k);
+    switch (M) {
+      case 1: decode<BITS, 1>(a, p, xp.data(), xsum.data(), out32); break;
+      case 2: decode<BITS, 2>(a, p, xp.data(), xsum.data(), out32); break;
+      case 3: decode<BITS, 3>(a, p, xp.data(), xsum.data(), out32); break;
+      case 4: decode<BITS, 4>(a, p, xp.data(), xsum.data(), out32); break;
+      case 5: decode<BITS, 5>(a, p, xp.data(), xsum.data(), out32); break;
+      case 6: decode<BITS, 6>(a, p, xp.data(), xsum.data(), out32); break;
+      case 7: decode<BITS, 7>(a, p, xp.data(), xsum.data(), out32); break;
+      default: decode<BITS, 8>(a, p, xp.data(), xsum.data(), out32); break;
+    }
+  } else {
+    prefill<BITS>(a, p, xp.data(), out32);
+  }
+}
+
+}  // namespace
+
+void qmatmul(const QMatmulArgs& a) {
+  if (a.M == 0 || a.N == 0) return;
+  const int64_t M = a.M, N = a.N;
+  std::vector<float> out32((size_t)(M * N));
+  switch (a.bits) {
+    case 2: run<2>(a, out32.data()); break;
+    case 3: run<3>(a, out32.data()); break;
+    case 4: run<4>(a, out32.data()); break;
+    default: run<8>(a, out32.data()); break;
+  }
+  // Epilogue: bias, accumulation and the conversion to the output dtype.
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      float v = out32[m * N + n];
+      if (a.bias) v += load_as_float(a.bias, a.bias_dtype, n);
+      if (a.accumulate) v += load_as_float(a.out, a.out_dtype, m * a.ldo + n);
+      store_from_float(a.out, a.out_dtype, m * a.ldo + n, v);
+    }
+  }
+}
+
+}  // namespace PYENGINE_ISA
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,21 @@
+// CUDA quantized matmul entry points (compiled only when nvcc is found).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+
+namespace pyengine {
+namespace cuda {
+
+// out (+)= x @ dequant(W)^T (+ bias) on the given device and stream (a cudaStream_t as an
+// integer; 0 is the legacy default stream). All pointers are device pointers. Raises
+// std::runtime_error naming op, M, N, K, bits and group size when a CUDA call fails.
+void qmatmul_simple(const QMatmulArgs& args, int device, uintptr_t stream);
+
+// Number of CUDA devices the runtime sees (0 when there is no driver or no device).
+int device_count();
+
+}  // namespace cuda
+}  // namespace pyengine
