@@ -1,0 +1,96 @@
+"""Bit packing of quantization codes along K into 32-bit words (docs/FORMAT.md).
+
+Codes are packed in *blocks* of 32 consecutive codes of one row; a block takes exactly ``bits``
+32-bit words. Inside a block, code j occupies bits ``[j*bits, (j+1)*bits)`` of the little-endian
+bit string ``word0 | word1 << 32 | word2 << 64 | ...``. For 2, 4 and 8 bits no code crosses a
+word (word i holds codes ``i*32/bits .. (i+1)*32/bits - 1``, lowest bits first); for 3 bits,
+codes 10 and 21 straddle two words. Words are stored as int32 tensors holding the unsigned bit
+pattern.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+BLOCK_CODES = 32  # codes per packing block
+
+
+def padded_length(k: int, multiple: int = BLOCK_CODES) -> int:
+    """Smallest multiple of ``multiple`` that is >= k."""
+    return -(-k // multiple) * multiple
+
+
+def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 tensor with the same bit pattern."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs integer codes along the last dimension.
+
+    Args:
+        codes: integer tensor [N, Kp] with values in [0, 2^bits), Kp a multiple of 32.
+        bits: 2, 3, 4 or 8.
+
+    Returns:
+        int32 tensor [N, Kp * bits / 32] (the unsigned words' bit patterns).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if codes.dim() != 2 or codes.shape[1] % BLOCK_CODES:
+        raise ValueError(f"codes must be [N, Kp] with Kp a multiple of {BLOCK_CODES}, "
+                         f"got shape {tuple(codes.shape)}")
+    n, kp = codes.shape
+    c = codes.to(torch.int64).reshape(n, kp // BLOCK_CODES, BLOCK_CODES)
+    if bits == 3:
+        words = torch.zeros(n, kp // BLOCK_CODES, 3, dtype=torch.int64, device=codes.device)
+        for j in range(BLOCK_CODES):
+            bit = 3 * j
+            w, shift = divmod(bit, 32)
+            words[..., w] |= (c[..., j] << shift) & 0xFFFFFFFF
+            if shift > 29:  # the code continues in the next word
+                words[..., w + 1] |= c[..., j] >> (32 - shift)
+        return _to_int32_bits(words.reshape(n, -1))
+    per_word = 32 // bits
+    c = c.reshape(n, kp // per_word, per_word)
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    words = (c << shifts).sum(dim=-1)  # disjoint bit fields: the sum is a bitwise or
+    return _to_int32_bits(words)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, k: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`.
+
+    Args:
+        qweight: int32 tensor [N, W] of packed words, W a multiple of ``bits``.
+        bits: 2, 3, 4 or 8.
+        k: if given, only the first k codes of each row are returned.
+
+    Returns:
+        int64 tensor [N, 32 * W / bits] (or [N, k]) of codes in [0, 2^bits).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if qweight.dim() != 2 or qweight.shape[1] % bits:
+        raise ValueError(f"qweight must be [N, W] with W a multiple of bits={bits}, "
+                         f"got shape {tuple(qweight.shape)}")
+    n, n_words = qweight.shape
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    if bits == 3:
+        w = words.reshape(n, n_words // 3, 3)
+        lo = w[..., 0] | (w[..., 1] << 32)   # bits 0..63 of each block (int64 wraps; masked below)
+        hi = w[..., 1] | (w[..., 2] << 32)   # bits 32..95
+        j = torch.arange(BLOCK_CODES, device=qweight.device, dtype=torch.int64)
+        from_lo = j <= 20                    # codes whose 3 bits lie within bits 0..63
+        shift = torch.where(from_lo, 3 * j, 3 * j - 32)
+        src = torch.where(from_lo, lo.unsqueeze(-1), hi.unsqueeze(-1))
+        codes = (src >> shift) & 7
+    else:
+        per_word = 32 // bits
+        shifts = torch.arange(per_word, device=qweight.device, dtype=torch.int64) * bits
+        codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    codes = codes.reshape(n, -1)
+    return codes if k is None else codes[:, :k]

@@ -1,0 +1,216 @@
+"""The canonical quantized weight (docs/FORMAT.md).
+
+A :class:`QuantizedWeight` holds a linear layer's weight W[N, K] (N output channels, K input
+features) as b-bit codes packed along K, plus one scale (and, for asymmetric weights, one zero
+point) per group of ``group_size`` consecutive inputs of each output channel:
+
+    W[n, k] ~= (q[n, k] - z[n, g]) * s[n, g],   g = k // group_size
+
+Symmetric weights store no zeros: their zero point is 2^(bits-1).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .packing import BLOCK_CODES, SUPPORTED_BITS, padded_length, unpack_codes
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+FORMAT_NAME = "pyengine.quantized_weight"
+FORMAT_VERSION = 1
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def padded_in_features(k: int, group_size: int) -> int:
+    """Stored row length in codes: K rounded up to the packing block and to the group size."""
+    return padded_length(k, BLOCK_CODES if group_size == -1 else max(group_size, BLOCK_CODES))
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                      bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
+    """Reference dequantization of the sub-block W[:n, :k] of a packed weight, in fp32.
+
+    Args:
+        qweight: int32 [N_stored, words]; scales, zeros: [N_stored, G] (zeros None: symmetric).
+        group_size: codes per scale (the padded row length for a per-channel weight).
+        n, k: rows and columns wanted (n <= N_stored, k <= stored codes per row).
+    Returns:
+        fp32 tensor [n, k].
+    """
+    words = padded_length(k, BLOCK_CODES) * bits // 32
+    codes = unpack_codes(qweight[:n, :words], bits, k).to(torch.float32)  # [n, k]
+    group_of_k = torch.arange(k, device=qweight.device) // group_size
+    s = scales[:n].to(torch.float32)[:, group_of_k]
+    z = float(1 << (bits - 1)) if zeros is None else zeros[:n].to(torch.float32)[:, group_of_k]
+    return (codes - z) * s
+
+
+class QuantizedWeight:
+    """A quantized linear weight in the canonical packed format.
+
+    Tensors (all on one device):
+        qweight: int32 [N, Kp * bits / 32], Kp = :func:`padded_in_features` (K, group_size);
+                 codes packed along K (docs/FORMAT.md). Codes past K are padding (stored as 0)
+                 and never contribute to a product.
+        scales:  float [N, G] in ``dtype`` (fp32, fp16 or bf16), G = Kp / group_size, or 1 for a
+                 per-channel weight (group_size = -1).
+        zeros:   float [N, G], same dtype, integer-valued zero points for RTN; None when
+                 symmetric (zero point 2^(bits-1)).
+    """
+
+    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "shape", "method")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                 *, bits: int, group_size: int, shape: Tuple[int, int], method: str = "rtn") -> None:
+        n, k = (int(d) for d in shape)
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+        kp = padded_in_features(k, group_size)
+        n_groups = 1 if group_size == -1 else kp // group_size
+        if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, kp * bits // 32):
+            raise ValueError(f"qweight must be int32 of shape {(n, kp * bits // 32)} for a "
+                             f"{bits}-bit weight of shape {(n, k)}, got {qweight.dtype} "
+                             f"{tuple(qweight.shape)}")
+        if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (n, n_groups):
+            raise ValueError(f"scales must be float32/float16/bfloat16 of shape {(n, n_groups)}, "
+                             f"got {scales.dtype} {tuple(scales.shape)}")
+        if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape):
+            raise ValueError(f"zeros must match scales ({scales.dtype} {tuple(scales.shape)}), "
+                             f"got {zeros.dtype} {tuple(zeros.shape)}")
+        devices = {t.device for t in (qweight, scales, zeros) if t is not None}
+        if len(devices) != 1:
+            raise ValueError(f"qweight, scales and zeros must be on one device, got {devices}")
+        self.qweight = qweight
+        self.scales = scales
+        self.zeros = zeros
+        self.bits = int(bits)
+        self.group_size = int(group_size)
+        self.shape = torch.Size((n, k))
+        self.method = str(method)
+
+    # ---- descriptive properties -------------------------------------------------------------
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def padded_in_features(self) -> int:
+        """Stored codes per row (K padded to the packing block and group size)."""
+        return self.qweight.shape[1] * 32 // self.bits
+
+    @property
+    def effective_group_size(self) -> int:
+        """Codes per scale: group_size, or the padded row length for per-channel weights."""
+        return self.padded_in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the scales (and zeros)."""
+        return self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed codes, scales and zeros."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight, self.scales, self.zeros) if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the unpadded [N, K] matrix, scales and zeros included."""
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def __repr__(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, "
+                f"group_size={self.group_size}, {kind}, scales={_DTYPE_NAMES[self.dtype]}, "
+                f"device={self.device}, method={self.method!r})")
+
+    # ---- conversions ------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes, int64 [N, K]."""
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight [N, K], computed in fp32 and returned in ``dtype`` (default: the
+        scales' dtype)."""
+        w = dequantize_packed(self.qweight, self.scales, self.zeros, self.bits,
+                              self.effective_group_size, *self.shape)
+        return w.to(dtype or self.dtype)
+
+    def to(self, device: Optional[torch.device | str] = None,
+           dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
+        """A copy on ``device`` with scales/zeros in ``dtype`` (self when nothing changes)."""
+        if dtype is not None and dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale dtype must be one of {SCALE_DTYPES}, got {dtype}")
+        q = self.qweight.to(device) if device is not None else self.qweight
+        s = self.scales.to(device=device, dtype=dtype)
+        z = None if self.zeros is None else self.zeros.to(device=device, dtype=dtype)
+        if q is self.qweight and s is self.scales and z is self.zeros:
+            return self
+        return QuantizedWeight(q, s, z, bits=self.bits, group_size=self.group_size,
+                               shape=tuple(self.shape), method=self.method)
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """A flat dict of tensors ("qweight", "scales", and "zeros" when asymmetric) and
+        JSON-able metadata; :meth:`from_dict` inverts it."""
+        tensors = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            tensors["zeros"] = self.zeros
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "shape": [int(self.shape[0]), int(self.shape[1])],
+            "scale_dtype": _DTYPE_NAMES[self.dtype],
+            "method": self.method,
+        }
+        json.dumps(meta)  # metadata must stay JSON-able
+        return tensors, meta
+
+    @classmethod
+    def from_dict(cls, tensors: Dict[str, torch.Tensor], metadata: Dict[str, Any]) -> "QuantizedWeight":
+        """Rebuilds a weight from :meth:`to_dict` output; raises ValueError on a foreign or
+        newer format, or on tensors that do not match the metadata."""
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a pyengine quantized weight (format={metadata.get('format')!r})")
+        if int(metadata.get("version", -1)) > FORMAT_VERSION:
+            raise ValueError(f"quantized weight format version {metadata.get('version')} is newer "
+                             f"than this pyengine understands ({FORMAT_VERSION})")
+        missing = [key for key in ("qweight", "scales") if key not in tensors]
+        if missing:
+            raise ValueError(f"quantized weight tensors missing: {missing}")
+        symmetric = bool(metadata["symmetric"])
+        zeros = tensors.get("zeros")
+        if symmetric and zeros is not None:
+            raise ValueError("metadata says symmetric but a 'zeros' tensor is present")
+        if not symmetric and zeros is None:
+            raise ValueError("metadata says asymmetric but the 'zeros' tensor is missing")
+        return cls(tensors["qweight"], tensors["scales"], zeros, bits=int(metadata["bits"]),
+                   group_size=int(metadata["group_size"]), shape=tuple(metadata["shape"]),
+                   method=str(metadata.get("method", "rtn")))
