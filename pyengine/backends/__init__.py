@@ -1,0 +1,92 @@
+"""Backend registry and selection.
+
+Backends: ``cuda`` (CUDA C++ via pybind11), ``triton``, ``cpu`` (C++ via pybind11) and
+``torch`` (the pure-PyTorch reference, always available). ``backend=None`` picks the
+highest-priority backend that is available in this process and serves the call;
+``PYENGINE_BACKEND`` (environment) overrides that choice. Asking for a backend explicitly (the
+argument or the environment variable) never falls back silently: if it is unknown, unavailable
+or cannot serve the call, :class:`BackendError` says why.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Dict, List, Optional
+
+from .base import Backend, MatmulCase, QuantTensors
+from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .torch_ref import TorchBackend, reference_matmul, reference_weight
+
+ENV_BACKEND = "PYENGINE_BACKEND"
+
+__all__ = [
+    "Backend", "BackendError", "MatmulCase", "QuantTensors", "available_backends",
+    "get_backend", "known_backends", "reference_matmul", "reference_weight", "register_backend",
+    "select_backend",
+]
+
+
+class BackendError(RuntimeError):
+    """A requested backend is unknown, unavailable, or cannot serve the call."""
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Adds (or replaces) a backend under ``backend.name``."""
+    if not backend.name:
+        raise ValueError("a backend needs a name")
+    _REGISTRY[backend.name] = backend
+    _select_cached.cache_clear()
+    return backend
+
+
+def known_backends() -> List[str]:
+    """Every registered backend, usable here or not."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackendError(f"unknown backend {name!r}; known backends: {known_backends()}") from None
+
+
+def available_backends() -> List[str]:
+    """The backends usable in this process (extension loaded, device and libraries present)."""
+    return [name for name, b in _REGISTRY.items() if b.unavailable_reason() is None]
+
+
+def select_backend(case: MatmulCase, requested: Optional[str] = None) -> Backend:
+    """The backend that runs ``case``: ``requested`` (or $PYENGINE_BACKEND) when given, else the
+    best available one. Raises BackendError when an explicit request cannot be honoured."""
+    if not requested:
+        requested = os.environ.get(ENV_BACKEND) or None
+    return _select_cached(case, requested)
+
+
+@lru_cache(maxsize=4096)
+def _select_cached(case: MatmulCase, requested: Optional[str]) -> Backend:
+    if requested:
+        backend = get_backend(requested)
+        why = backend.unavailable_reason()
+        if why is not None:
+            raise BackendError(f"backend {requested!r} is not available: {why}")
+        why = backend.unsupported_reason(case)
+        if why is not None:
+            raise BackendError(f"backend {requested!r} cannot run {case.describe()}: {why}")
+        return backend
+    candidates = [b for b in _REGISTRY.values()
+                  if b.unavailable_reason() is None and b.unsupported_reason(case) is None]
+    if not candidates:  # the torch backend serves everything; only reachable if it was replaced
+        raise BackendError(f"no backend can run {case.describe()}")
+    return max(candidates, key=lambda b: b.priority(case))
+
+
+register_backend(TorchBackend())
+register_backend(CpuBackend())
+register_backend(CudaBackend())
