@@ -1,0 +1,34 @@
+"""Shared fixtures and helpers of pyengine's tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped (and say so) where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """Tests choose backends explicitly; a PYENGINE_BACKEND in the caller's environment must not
+    change what they check."""
+    monkeypatch.delenv("PYENGINE_BACKEND", raising=False)
+
+
+@pytest.fixture
+def rng():
+    """A CPU generator with a fresh seed per test; the seed is printed, so a failing test's
+    captured output says how to reproduce it."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed: {seed}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,61 @@
+"""Helpers shared by the tests: tolerances, error measures, poisoned outputs, backends."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+
+import pyengine
+from pyengine.backends import Backend, CpuBackend, get_backend
+from pyengine.backends.base import QuantTensors
+
+# Relative Frobenius error allowed against the fp32 reference (DESIGN.md).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, -1)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref||_F / ||ref||_F in fp64; inf when out has a NaN or Inf."""
+    out64, ref64 = out.to(torch.float64), ref.to(torch.float64)
+    if not bool(torch.isfinite(out64).all()):
+        return math.inf
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e}"
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN: any element a kernel fails to write fails the check."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def native_backends(device: str) -> List[Tuple[str, Backend]]:
+    """The compiled backends usable here for ``device``, with a label for test ids; on the CPU
+    one entry per instruction-set build this CPU can run."""
+    found: List[Tuple[str, Backend]] = []
+    if device == "cpu" and get_backend("cpu").unavailable_reason() is None:
+        for isa in pyengine.build_info().get("cpu_isas_usable", []):
+            found.append((f"cpu-{isa}", CpuBackend(isa=isa)))
+    for name in ("cuda", "triton"):
+        if device == "cuda" and name in pyengine.known_backends():
+            b = get_backend(name)
+            if b.unavailable_reason() is None:
+                found.append((name, b))
+    return found
+
+
+def quant_tensors(qw: pyengine.QuantizedWeight) -> QuantTensors:
+    return QuantTensors(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.effective_group_size)
+
+
+def random_weight(n: int, k: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(n, k, generator=gen) * 0.05).to(dtype)

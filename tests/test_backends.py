@@ -1,0 +1,127 @@
+"""Every compiled backend against the pure-torch reference, with poisoned outputs.
+
+CPU backends are checked once per instruction-set build this CPU can run (avx512, avx2,
+generic); the CUDA backends run the same checks when a GPU is present.
+"""
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+import pyengine
+from pyengine.backends import reference_matmul
+
+from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, native_backends, poisoned,
+                     quant_tensors, random_weight)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = [pytest.param(b, d, id=label) for d in DEVICES for label, b in native_backends(d)]
+
+# (M, K, N): every M of {1, 3, 17, 123}, K of {576, 1536, 100} and N of {1536, 576, 33}.
+SHAPE_GRID = list(itertools.product((1, 3, 17, 123), (576, 1536, 100), (1536, 576, 33)))
+# Three shapes per case, rotated by case number: a decode, a small and a prefill M.
+DECODE = [s for s in SHAPE_GRID if s[0] in (1, 3)]
+SMALL = [s for s in SHAPE_GRID if s[0] == 17]
+PREFILL = [s for s in SHAPE_GRID if s[0] == 123]
+
+
+def _shapes_for(case: int):
+    return [DECODE[case % len(DECODE)], SMALL[(case * 5) % len(SMALL)],
+            PREFILL[(case * 7) % len(PREFILL)]]
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized(n, k, bits, group_size, symmetric, scale_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = random_weight(n, k, gen)
+    return pyengine.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype,
+                             clip_search=False)
+
+
+_SESSION_SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _check(backend, device, x, weight, n, k, dtype, what, bias=None, residual=None, shortcut=None):
+    m = x.shape[0]
+    out = poisoned((m, n), dtype, device)
+    got = backend.matmul(x, weight, n, k, bias, residual, shortcut, out=out)
+    assert got.data_ptr() == out.data_ptr(), f"{what}: result not written into the given output"
+    ref = reference_matmul(x, weight, n, k, bias, residual, shortcut)
+    assert_matches(out.float(), ref, dtype, what)
+
+
+CASES = list(itertools.product(BITS, GROUP_SIZES, DTYPES))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[f"b{b}-g{g}-{str(d)[6:]}" for b, g, d in CASES])
+def test_quantized_matmul_matches_reference(backend, device, case, rng):
+    bits, group_size, dtype = CASES[case]
+    symmetric = case % 2 == 1
+    scale_dtype = (torch.float16, torch.bfloat16, torch.float32)[case % 3]
+    for m, k, n in _shapes_for(case):
+        qw = _quantized(n, k, bits, group_size, symmetric, scale_dtype, _SESSION_SEED).to(device)
+        x = torch.randn(m, k, generator=rng).to(device=device, dtype=dtype)
+        bias = torch.randn(n, generator=rng).to(device=device, dtype=dtype) if m % 2 else None
+        _check(backend, device, x, quant_tensors(qw), n, k, dtype,
+               f"M={m} K={k} N={n} bits={bits} g={group_size} sym={symmetric} {dtype}", bias)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, False), (3, 32, True)])
+def test_every_shape_of_the_grid(backend, device, bits, group_size, symmetric, rng):
+    for m, k, n in SHAPE_GRID:
+        qw = _quantized(n, k, bits, group_size, symmetric, torch.float16, _SESSION_SEED).to(device)
+        x = torch.randn(m, k, generator=rng).to(device=device, dtype=torch.float16)
+        _check(backend, device, x, quant_tensors(qw), n, k, torch.float16,
+               f"M={m} K={k} N={n} bits={bits} g={group_size}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_sliced_block_of_a_quantized_weight(backend, device, bits, group_size, rng):
+    n, k = 200, 512
+    qw = _quantized(n, k, bits, group_size, False, torch.float16, _SESSION_SEED).to(device)
+    in_dims = 256 if group_size != -1 else 320
+    for m, out_dims in ((1, 150), (5, 200), (33, 77)):
+        x = torch.randn(m, in_dims, generator=rng).to(device=device, dtype=torch.bfloat16)
+        bias = torch.randn(n, generator=rng).to(device=device, dtype=torch.bfloat16)
+        _check(backend, device, x, quant_tensors(qw), out_dims, in_dims, torch.bfloat16,
+               f"slice [{out_dims}, {in_dims}] of {bits}-bit [{n}, {k}] M={m}", bias)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("quantized", [True, False])
+def test_shortcut_matmul(backend, device, quantized, rng):
+    n, k, r = 96, 160, 72
+    for m, dtype in ((1, torch.float32), (4, torch.float16), (19, torch.bfloat16)):
+        if quantized:
+            weight = quant_tensors(_quantized(n, k, 4, 32, False, dtype, _SESSION_SEED).to(device))
+        else:
+            weight = random_weight(n, k, rng, dtype).to(device)
+        x = torch.randn(m, k, generator=rng).to(device=device, dtype=dtype)
+        residual = torch.randn(m, r, generator=rng).to(device=device, dtype=dtype)
+        shortcut = (torch.randn(r, n, generator=rng) * 0.1).to(device=device, dtype=dtype)
+        bias = torch.randn(n, generator=rng).to(device=device, dtype=dtype)
+        _check(backend, device, x, weight, n, k, dtype, f"shortcut M={m} {dtype}", bias,
+               residual, shortcut)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dense_sliced_matmul(backend, device, rng):
+    w = random_weight(300, 260, rng).to(device)
+    for m, out_dims, in_dims in ((1, 300, 260), (7, 123, 45), (64, 1, 1)):
+        x = torch.randn(m, in_dims, generator=rng).to(device)
+        _check(backend, device, x, w, out_dims, in_dims, torch.float32,
+               f"dense slice [{out_dims}, {in_dims}] M={m}")
+
+
+def test_there_is_a_compiled_cpu_backend_to_check():
+    """The checks above are vacuous without a compiled backend: a build that lost _C fails
+    here instead of passing with nothing checked."""
+    assert any(label.startswith("cpu-") for label, _ in native_backends("cpu")), (
+        f"no compiled CPU backend: {pyengine.build_info().get('extension_error')}")

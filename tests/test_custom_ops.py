@@ -1,0 +1,95 @@
+"""The custom-op contract: torch.library.opcheck, torch.compile(fullgraph=True), autograd."""
+
+import pytest
+import torch
+
+import pyengine
+from pyengine import ops
+
+from helpers import assert_matches, random_weight
+
+BACKENDS = [name for name in pyengine.available_backends()]
+
+
+def _qw(n, k, gen, bits=4, group_size=32, symmetric=False):
+    return pyengine.quantize(random_weight(n, k, gen), bits, group_size, symmetric,
+                             clip_search=False)
+
+
+def _samples(gen, backend):
+    """(op, args) pairs covering quantized and dense weights, bias, symmetric weights."""
+    qa = _qw(24, 64, gen)
+    qs = _qw(24, 64, gen, bits=3, group_size=-1, symmetric=True)
+    x = torch.randn(3, 64, generator=gen, requires_grad=True)
+    bias = torch.randn(24, generator=gen, requires_grad=True)
+    dense = random_weight(24, 64, gen).requires_grad_()
+    residual = torch.randn(3, 16, generator=gen, requires_grad=True)
+    shortcut = torch.randn(16, 24, generator=gen, requires_grad=True)
+    dq = torch.ops.pyengine.dequant_matmul.default
+    sl = torch.ops.pyengine.sliced_matmul.default
+    sc = torch.ops.pyengine.shortcut_matmul.default
+    return [
+        (dq, (x, qa.qweight, qa.scales, qa.zeros, bias, 4, 32, 24, 64, backend)),
+        (dq, (x, qs.qweight, qs.scales, None, None, 3, -1, 24, 64, backend)),
+        (sl, (x[:, :32], qa.qweight, qa.scales, qa.zeros, bias, 4, 32, 32, 20, backend)),
+        (sl, (x[:, :40], dense, None, None, None, 0, 0, 40, 10, backend)),
+        (sc, (x, qa.qweight, qa.scales, qa.zeros, residual, shortcut, bias, 4, 32, 24, 64,
+              backend)),
+        (sc, (x, dense, None, None, residual, shortcut, None, 0, 0, 24, 64, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, rng):
+    for op, args in _samples(rng, backend):
+        torch.library.opcheck(op, args)
+
+
+def test_compiles_in_one_graph(rng):
+    qw = _qw(32, 64, rng)
+    dense = random_weight(48, 64, rng)
+    shortcut = torch.randn(32, 48, generator=rng)
+
+    def graph(x):
+        h = ops.dequant_matmul(x, qw)
+        s = ops.sliced_matmul(x, dense, in_dims=64, out_dims=48)
+        return ops.shortcut_matmul(x, qw, s, shortcut.T, None) + h
+
+    compiled = torch.compile(graph, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 64, generator=rng)
+    assert_matches(compiled(x), graph(x), torch.float32, "compiled vs eager")
+    x2 = torch.randn(7, 64, generator=rng)  # a new batch size retraces or runs dynamic
+    assert_matches(compiled(x2), graph(x2), torch.float32, "compiled, new M")
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_gradients_match_the_dense_formula(quantized, rng):
+    n, k, r = 20, 64, 12
+    w = _qw(n, k, rng) if quantized else random_weight(n, k, rng).requires_grad_()
+    dense = w.dequantize() if quantized else w
+    x = torch.randn(2, 5, k, generator=rng, requires_grad=True)
+    residual = torch.randn(2, 5, r, generator=rng, requires_grad=True)
+    shortcut = torch.randn(r, n, generator=rng, requires_grad=True)
+    bias = torch.randn(n, generator=rng, requires_grad=True)
+    leaves = [x, residual, shortcut, bias] + ([] if quantized else [w])
+
+    y = ops.shortcut_matmul(x, w, residual, shortcut, bias)
+    grad_out = torch.randn(y.shape, generator=rng)
+    got = torch.autograd.grad(y, leaves, grad_out)
+    ref = x @ dense.T + residual @ shortcut + bias
+    want = torch.autograd.grad(ref, leaves, grad_out)
+    for name, g, e in zip(["x", "residual", "shortcut", "bias", "weight"], got, want):
+        assert_matches(g, e, torch.float32, f"grad of {name}")
+
+
+def test_sliced_gradient_lands_in_the_block(rng):
+    w = random_weight(30, 50, rng).requires_grad_()
+    x = torch.randn(4, 40, generator=rng, requires_grad=True)
+    y = ops.sliced_matmul(x, w, in_dims=40, out_dims=25)
+    gw, gx = torch.autograd.grad(y.square().sum(), [w, x])
+    ref_w = w.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    (ref_x @ ref_w[:25, :40].T).square().sum().backward()
+    assert_matches(gw, ref_w.grad, torch.float32, "weight grad")
+    assert_matches(gx, ref_x.grad, torch.float32, "x grad")
+    assert bool((gw[25:] == 0).all()) and bool((gw[:, 40:] == 0).all())

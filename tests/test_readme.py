@@ -1,0 +1,21 @@
+"""The README's code runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README has no python example"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (README.parent / ".ci" / "run").read_text()
+    commands = [line.split("#")[0].strip() for line in README.read_text().splitlines()
+                if line.startswith("python -m pytest")]
+    assert len(commands) == 1, "the README must name exactly one test command"
+    assert "README.md" in ci and "python -m pytest" in ci
