@@ -1,0 +1,132 @@
+"""QuantLinear: a drop-in replacement of nn.Linear holding a canonical quantized weight."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import dequant_matmul
+from ..qweight import QuantizedWeight, padded_in_features
+from ..quantize import quantize
+from ..recipe import QuantConfig
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W)^T + bias, computed by one custom op (pyengine.ops.dequant_matmul).
+
+    Buffers (the canonical format of docs/FORMAT.md, saved as they are):
+        qweight: int32 [out_features, padded_in * bits / 32]
+        scales:  [out_features, groups] (fp32 / fp16 / bf16)
+        zeros:   [out_features, groups], absent for symmetric weights
+    Parameter:
+        bias: [out_features] or None
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int,
+                 group_size: int, symmetric: bool = False, dtype: torch.dtype = torch.float16,
+                 device: Optional[torch.device | str] = None, method: str = "rtn") -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.bits = int(bits)
+        self.group_size = int(group_size)
+        self.symmetric = bool(symmetric)
+        self.method = method
+        kp = padded_in_features(self.in_features, self.group_size)
+        n_groups = 1 if self.group_size == -1 else kp // self.group_size
+        self.register_buffer("qweight", torch.empty(self.out_features, kp * self.bits // 32,
+                                                    dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(self.out_features, n_groups, dtype=dtype,
+                                                   device=device))
+        self.register_buffer("zeros", None if self.symmetric else torch.empty(
+            self.out_features, n_groups, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._refresh_weight()
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Wraps an existing quantized weight (tensors are shared, not copied)."""
+        n, k = qw.shape
+        layer = cls(k, n, bias is not None, qw.bits, qw.group_size, qw.symmetric, qw.dtype,
+                    device="meta", method=qw.method)
+        layer.qweight = qw.qweight
+        layer.scales = qw.scales
+        if qw.zeros is not None:
+            layer.zeros = qw.zeros
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(qw.dtype), requires_grad=False)
+        layer._refresh_weight()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig,
+                    scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """Quantizes ``linear`` with RTN (scales in the weight's dtype unless given)."""
+        if config.method != "rtn":
+            raise ValueError(f"QuantLinear.from_linear does RTN only; method {config.method!r} "
+                             f"runs through pyengine.compress with calibration data")
+        qw = quantize(linear.weight.detach(), config.bits, config.group_size, config.symmetric,
+                      scale_dtype=scale_dtype)
+        return cls.from_weight(qw, linear.bias)
+
+    # ---- the weight object --------------------------------------------------------------------
+    # forward() uses a QuantizedWeight view of the buffers built here, outside forward, so that
+    # tracing (torch.compile) sees a plain attribute read. It is rebuilt whenever the buffers
+    # change: after .to()/.cuda()/.half() and after load_state_dict.
+    def _refresh_weight(self) -> None:
+        self._qw = QuantizedWeight(self.qweight, self.scales, self.zeros, bits=self.bits,
+                                   group_size=self.group_size,
+                                   shape=(self.out_features, self.in_features), method=self.method)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return self._qw
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._refresh_weight()
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_weight()
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dequant_matmul(x, self._qw, self.bias)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight [out_features, in_features]."""
+        return self.quantized_weight.dequantize(dtype)
+
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """An nn.Linear holding the dequantized weight (and the bias)."""
+        dtype = dtype or self.scales.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(self.dequantize(dtype), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return linear
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight, scales, zeros and bias."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight, self.scales, self.zeros, self.bias) if t is not None)
+
+    def extra_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
+                f"{kind}, scales={self.scales.dtype}")

@@ -1,0 +1,141 @@
+"""Modules of sliced models (SliceGPT with per-layer widths).
+
+In a sliced model every decoder layer reads a residual stream of its own width, expressed in a
+rotated basis. The norms' scales are folded into the linear layers that follow them, so a norm
+only normalises (and must keep the original model's normalising dimension). Each block's output
+projection also maps the incoming residual into the block's output basis through a *shortcut*
+matrix, fused into one op: ``y = x @ W^T + b + residual @ shortcut``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import shortcut_matmul
+from .quant_linear import QuantLinear
+
+
+class SlicedRMSNorm(nn.Module):
+    """RMS normalisation without a scale: y = x / sqrt(sum(x^2) / normalizer_dim + eps).
+
+    ``normalizer_dim`` is the original hidden size: a rotated, sliced stream keeps (almost) all of
+    the original vector's energy in fewer coordinates, so dividing by the original size keeps the
+    original normalisation.
+    """
+
+    def __init__(self, width: int, normalizer_dim: int, eps: float) -> None:
+        super().__init__()
+        self.width = int(width)
+        self.normalizer_dim = int(normalizer_dim)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        mean_square = xf.pow(2).sum(-1, keepdim=True) / self.normalizer_dim
+        return (xf * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, normalizer_dim={self.normalizer_dim}, eps={self.eps}"
+
+
+class ResidualProjection(nn.Module):
+    """A block's output projection, applied by the decoder layer together with the residual.
+
+    Sits where the attention's ``o_proj`` or the MLP's ``down_proj`` was; its forward is the
+    identity, so the attention / MLP module returns the projection's input and the layer calls
+    :meth:`project` with the residual. ``proj`` is an nn.Linear or a QuantLinear [N, K];
+    ``shortcut`` is None (the residual is already in the output basis and width) or a dense
+    [R, N] matrix mapping the residual (width R) into the output basis.
+    """
+
+    def __init__(self, proj: nn.Module, shortcut: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.proj = proj
+        self.register_buffer("shortcut", shortcut)
+
+    @property
+    def in_features(self) -> int:
+        return self.proj.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.proj.out_features
+
+    @property
+    def residual_width(self) -> int:
+        return self.out_features if self.shortcut is None else self.shortcut.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def project(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x [..., K], residual [..., R] -> [..., N]."""
+        proj = self.proj
+        if self.shortcut is None:
+            return proj(x) + residual
+        weight = proj.quantized_weight if isinstance(proj, QuantLinear) else proj.weight
+        return shortcut_matmul(x, weight, residual, self.shortcut, proj.bias)
+
+    def extra_repr(self) -> str:
+        s = "none" if self.shortcut is None else f"{tuple(self.shortcut.shape)}"
+        return f"shortcut={s}"
+
+
+class SlicedDecoderLayer(nn.Module):
+    """A pre-norm decoder layer of a sliced model:
+
+        h   = attn_out.project(attn(attn_norm(x)), residual=x)
+        out = mlp_out.project(mlp(mlp_norm(h)), residual=h)
+
+    It keeps the Hugging Face attention and MLP modules (and their attribute names, so module
+    names such as ``model.layers.3.self_attn.q_proj`` do not change); their output projections
+    are :class:`ResidualProjection` modules.
+    """
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
+                 names: dict) -> None:
+        super().__init__()
+        # names: attribute names of the original layer, from the family's adapter
+        self._names = dict(names)
+        setattr(self, names["attn"], attn)
+        setattr(self, names["mlp"], mlp)
+        setattr(self, names["attn_norm"], attn_norm)
+        setattr(self, names["mlp_norm"], mlp_norm)
+
+    # Accessors by role (the attributes themselves keep the family's names).
+    @property
+    def attn_block(self) -> nn.Module:
+        return self._modules[self._names["attn"]]
+
+    @property
+    def mlp_block(self) -> nn.Module:
+        return self._modules[self._names["mlp"]]
+
+    @property
+    def attn_norm(self) -> nn.Module:
+        return self._modules[self._names["attn_norm"]]
+
+    @property
+    def mlp_norm(self) -> nn.Module:
+        return self._modules[self._names["mlp_norm"]]
+
+    @property
+    def attn_out(self) -> ResidualProjection:
+        return self.attn_block._modules[self._names["attn_output"]]
+
+    @property
+    def mlp_out(self) -> ResidualProjection:
+        return self.mlp_block._modules[self._names["mlp_output"]]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise TypeError("SlicedDecoderLayer takes the hidden states positionally and every "
+                            "other argument by keyword")
+        residual = hidden_states
+        out = self.attn_block(hidden_states=self.attn_norm(hidden_states), **kwargs)
+        attn_hidden = out[0] if isinstance(out, tuple) else out
+        h = self.attn_out.project(attn_hidden, residual)
+        return self.mlp_out.project(self.mlp_block(self.mlp_norm(h)), h)

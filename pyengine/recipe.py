@@ -1,0 +1,132 @@
+"""Compression recipes: which linear layers get which quantization, and per-layer kept widths.
+
+A :class:`Recipe` maps regular expressions on module names (``re.fullmatch``, tried in the order
+given) to a :class:`QuantConfig`, or to ``None`` to keep a layer dense; the key ``"_default"``
+applies to every other linear layer of the decoder. The output head (``lm_head``) and the
+embeddings are never covered by ``"_default"``: a pattern must name the head explicitly.
+``slicing`` holds the kept width of each decoder layer's residual stream (SliceGPT with
+per-layer widths) or ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from .packing import SUPPORTED_BITS
+from .qweight import SUPPORTED_GROUP_SIZES
+
+QUANT_METHODS = ("rtn", "gptq")
+DEFAULT_KEY = "_default"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one linear layer is quantized.
+
+    Attributes:
+        bits: 2, 3, 4 or 8.
+        group_size: 32, 64, 128, or -1 (one scale per output channel).
+        symmetric: zero point fixed at 2^(bits-1) instead of one per group.
+        method: "rtn" (round to nearest with clipping search) or "gptq" (needs calibration).
+        matryoshka: store an int8 parent whose top bits serve lower precisions (bits must be 8).
+    """
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    matryoshka: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"QuantConfig.group_size must be one of {SUPPORTED_GROUP_SIZES}, "
+                             f"got {self.group_size!r}")
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"QuantConfig.method must be one of {QUANT_METHODS}, got {self.method!r}")
+        if self.matryoshka and self.bits != 8:
+            raise ValueError("a Matryoshka parent is stored at 8 bits (QuantConfig(bits=8, "
+                             "matryoshka=True))")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka"}
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to do to a model: per-layer quantization and, optionally, per-layer kept widths.
+
+    Args:
+        quant: {regex or "_default": QuantConfig or None}. Patterns are tried in order with
+            ``re.fullmatch`` against full module names such as ``model.layers.3.mlp.down_proj``;
+            the first match wins; ``None`` keeps the layer dense.
+        slicing: kept residual width of each decoder layer (one int per layer), or None.
+    """
+
+    quant: Mapping[str, Optional[QuantConfig]] = field(default_factory=dict)
+    slicing: Optional[List[int]] = None
+
+    def __post_init__(self) -> None:
+        for key, cfg in self.quant.items():
+            if not isinstance(key, str):
+                raise ValueError(f"recipe keys must be strings (regexes), got {key!r}")
+            if key != DEFAULT_KEY:
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ValueError(f"recipe key {key!r} is not a valid regex: {exc}") from None
+            if cfg is not None and not isinstance(cfg, QuantConfig):
+                raise ValueError(f"recipe value for {key!r} must be a QuantConfig or None, got "
+                                 f"{type(cfg).__name__}")
+        if self.slicing is not None:
+            widths = list(self.slicing)
+            if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1
+                                 for w in widths):
+                raise ValueError(f"Recipe.slicing must be a non-empty list of positive ints, got "
+                                 f"{self.slicing!r}")
+            object.__setattr__(self, "slicing", widths)
+
+    def config_for(self, name: str, is_head: bool = False) -> Optional[QuantConfig]:
+        """The QuantConfig of module ``name`` (None: keep dense). ``is_head`` marks the output
+        head, which only an explicit pattern can quantize."""
+        for key, cfg in self.quant.items():
+            if key != DEFAULT_KEY and re.fullmatch(key, name):
+                return cfg
+        if is_head:
+            return None
+        return self.quant.get(DEFAULT_KEY)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "version": RECIPE_VERSION,
+            "quant": {k: (None if v is None else v.to_dict()) for k, v in self.quant.items()},
+            "slicing": None if self.slicing is None else list(self.slicing),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
+        if int(d.get("version", RECIPE_VERSION)) > RECIPE_VERSION:
+            raise ValueError(f"recipe version {d.get('version')} is newer than this pyengine "
+                             f"understands ({RECIPE_VERSION})")
+        quant = {k: (None if v is None else QuantConfig.from_dict(v))
+                 for k, v in dict(d.get("quant", {})).items()}
+        return cls(quant=quant, slicing=d.get("slicing"))
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))

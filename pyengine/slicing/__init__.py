@@ -1,0 +1,1 @@
+"""SliceGPT with per-layer widths: structure transforms (structure.py) and PCA (pca.py)."""
