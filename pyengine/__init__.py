@@ -1,30 +1,30 @@
 """pyengine: compressed LLM inference on custom kernels.
 
 Importing pyengine never initialises CUDA and never fails because the compiled extension
-(pyengine._C) or triton is missing: the ``torch`` backend always works.
+(pyengine._C) or triton is missing: the ``torch`` backend always works. Hugging Face
+integration (transformers) is imported only when a function needs it.
 """
 
 from __future__ import annotations
 
-from typing import List
-
 from . import ops
 from ._ext import build_info
 from ._version import __version__
-from .backends import BackendError, known_backends
-from .backends import available_backends as _available_backends
+from .backends import BackendError, available_backends, known_backends
+from .checkpoint import CheckpointError, load, save
+from .compress import compress, dequantize_model, layer_report, predicted_bytes, storage_bytes
+from .hf_integration import install as _install_hf_integration
+from .models.adapters import UnsupportedModelError, supported_architectures
+from .modules import QuantLinear
 from .qweight import QuantizedWeight
 from .quantize import quantize
+from .recipe import QuantConfig, Recipe
 
-
-def available_backends() -> List[str]:
-    """The backends usable in this process, e.g. ["torch", "cpu"] on a machine without a GPU.
-    (Asks torch whether a CUDA device is present, which initialises nothing but the driver
-    query.)"""
-    return _available_backends()
-
+_install_hf_integration()
 
 __all__ = [
-    "BackendError", "QuantizedWeight", "__version__", "available_backends", "build_info",
-    "known_backends", "ops", "quantize",
+    "BackendError", "CheckpointError", "QuantConfig", "QuantLinear", "QuantizedWeight", "Recipe",
+    "UnsupportedModelError", "__version__", "available_backends", "build_info", "compress",
+    "dequantize_model", "known_backends", "layer_report", "load", "ops", "predicted_bytes",
+    "quantize", "save", "storage_bytes", "supported_architectures",
 ]

@@ -1,0 +1,109 @@
+"""Loading pyengine checkpoints with ``AutoModelForCausalLM.from_pretrained``.
+
+pyengine registers a quantization config and an HfQuantizer under the method name "pyengine".
+From the checkpoint's metadata the quantizer rebuilds, on the meta-device model that
+transformers creates, the sliced structure and the QuantLinear modules; transformers then loads
+the tensors into them. Registration needs transformers imported; ``import pyengine`` does it at
+once when transformers is already imported, and otherwise right after transformers is first
+imported (a one-shot import hook), so that importing pyengine stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+import threading
+
+_registered = False
+_lock = threading.Lock()
+
+
+def register_with_transformers() -> None:
+    """Registers pyengine's quantization method with transformers (idempotent)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from .checkpoint import QUANT_METHOD, apply_compressed_structure
+
+    class PyengineConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` of a pyengine checkpoint (the dict pyengine.save wrote)."""
+
+        def __init__(self, **kwargs):
+            self.quant_method = QUANT_METHOD
+            self.metadata = {k: v for k, v in kwargs.items() if k != "quant_method"}
+
+        @classmethod
+        def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+            config = cls(**config_dict)
+            return (config, kwargs) if return_unused_kwargs else config
+
+        def to_dict(self):
+            return {"quant_method": QUANT_METHOD, **self.metadata}
+
+        def to_json_string(self, use_diff: bool = True) -> str:
+            import json
+            return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    class PyengineHfQuantizer(HfQuantizer):
+        """Rebuilds pyengine's modules before transformers loads a pre-quantized checkpoint."""
+
+        requires_calibration = True  # pyengine checkpoints are loaded, not made, here
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            apply_compressed_structure(model, self.quantization_config.to_dict())
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            from .modules.quant_linear import QuantLinear
+            for module in model.modules():
+                if isinstance(module, QuantLinear):
+                    module._refresh_weight()
+            return model
+
+        def is_serializable(self, safe_serialization=None):
+            return False  # save with pyengine.save
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    register_quantization_config(QUANT_METHOD)(PyengineConfig)
+    register_quantizer(QUANT_METHOD)(PyengineHfQuantizer)
+
+
+class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of the top-level ``transformers`` package so that pyengine registers
+    itself right after transformers has been imported; removes itself after firing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        original_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            try:
+                register_with_transformers()
+            except Exception:  # never break the user's import of transformers
+                pass
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Registers now if transformers is imported, else once it is."""
+    if "transformers" in sys.modules:
+        register_with_transformers()
+    elif not any(isinstance(f, _RegisterAfterTransformersImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterTransformersImport())
