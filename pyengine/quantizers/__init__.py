@@ -1,0 +1,1 @@
+"""Calibration-based quantizers (GPTQ)."""
