@@ -7,6 +7,22 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter. triton reads
+# TRITON_INTERPRET when it decorates a function, its own standard library included (at `import
+# triton`), so the switch is thrown here, before anything imports triton. It is then kept in
+# triton's knob and taken out of the environment again: subprocesses started by tests
+# (tests/test_build.py) must still see a plain environment.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+
+        triton.knobs.runtime.interpret = True
+    except Exception:  # noqa: BLE001 - no (working) triton: its tests skip themselves
+        pass
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped (and say so) where torch sees no CUDA device."""

@@ -18,6 +18,7 @@ from .base import Backend, MatmulCase, QuantTensors
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .torch_ref import TorchBackend, reference_matmul, reference_weight
+from .triton import TritonBackend
 
 ENV_BACKEND = "PYENGINE_BACKEND"
 
@@ -90,3 +91,4 @@ def _select_cached(case: MatmulCase, requested: Optional[str]) -> Backend:
 register_backend(TorchBackend())
 register_backend(CpuBackend())
 register_backend(CudaBackend())
+register_backend(TritonBackend())

@@ -1,0 +1,197 @@
+"""Decode path (small M, 1..16): out[M, N] = x @ W^T (+ bias) (+ residual @ shortcut), split-K.
+
+Every weight byte is read once per call: a program owns BLOCK_N output rows and one K slice and
+covers all M rows of x in one tile, so the weight is streamed exactly once while the few
+activation rows stay in cache. Grid: (cdiv(N, BLOCK_N), split_k).
+
+* M == 1 (BLOCK_M = 1): GEMV form on the CUDA cores. Packed words are loaded as contiguous runs
+  along K ([BLOCK_N, words]) and unpacked with compile-time shifts (_gemv_step); scales and
+  zeros are applied once per segment (word or 3-bit block), not per code:
+      sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)   over a segment of one group.
+* 2 <= M <= 16 (BLOCK_M = 16): the dequantized tile goes through tl.dot with the x tile.
+
+With several K slices (split_k > 1) each program writes its fp32 partial sum to a workspace
+[split_k, M, N] and a second small kernel adds the slices, the bias and the shortcut product
+and writes the output (still exactly one write). With one slice the decode kernel does that.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .problem import MatmulConfig, MatmulProblem
+from .tiles import codes_to_float, dense_tile, dot_acc, finish_tile, group_params, weight_tile
+
+
+@triton.jit
+def _load_words(q_ptr, stride_qn, offs_n, n_lim, word, word_k0, k_lim):
+    """uint32 words [BLOCK_N, len(word)] of rows offs_n; 0 outside the used block."""
+    mask = (offs_n < n_lim)[:, None] & (word_k0 < k_lim)[None, :]
+    ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + word[None, :]
+    return tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _gemv_step(x_ptr, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
+               BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over k in [k0, k0 + BLOCK_K) of x[0, k] * W[offs_n, k]: fp32 [BLOCK_N].
+
+    Quantized weights stay 2-D, [BLOCK_N, SEGS] (a segment: one word for 2/4/8 bits, one
+    three-word block of 32 codes for 3 bits). The codes of a segment are visited by a
+    compile-time loop, so every shift and word choice is a constant: code j of every segment
+    of every row is extracted at once and multiplied with x[seg_k0 + j].
+    """
+    if BITS == 0:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = dense_tile(w_ptr, stride_wn, offs_n, N, k0, K, BLOCK_K).to(tl.float32)
+        return tl.sum(w * xv[None, :], axis=1)
+    else:
+        if BITS == 3:
+            SEGS: tl.constexpr = BLOCK_K // 32
+            SEG_LEN: tl.constexpr = 32
+            seg_k0 = k0 + tl.arange(0, SEGS) * 32
+            word0 = (seg_k0 // 32) * 3
+            w0 = _load_words(w_ptr, stride_wn, offs_n, N, word0, seg_k0, K)
+            w1 = _load_words(w_ptr, stride_wn, offs_n, N, word0 + 1, seg_k0, K)
+            w2 = _load_words(w_ptr, stride_wn, offs_n, N, word0 + 2, seg_k0, K)
+        else:
+            SEG_LEN: tl.constexpr = 32 // BITS
+            SEGS: tl.constexpr = BLOCK_K // SEG_LEN
+            word = k0 // SEG_LEN + tl.arange(0, SEGS)
+            seg_k0 = word * SEG_LEN
+            w0 = _load_words(w_ptr, stride_wn, offs_n, N, word, seg_k0, K)
+        xq = tl.zeros((BLOCK_N, SEGS), dtype=tl.float32)     # sum_j x * q per segment
+        x_sum = tl.zeros((SEGS,), dtype=tl.float32)           # sum_j x per segment
+        for j in tl.static_range(SEG_LEN):
+            if BITS == 3:
+                # code j: bits [3j, 3j + 3) of w0 | w1 << 32 | w2 << 64 (docs/FORMAT.md);
+                # codes 10 and 21 take their high bits from the next word.
+                SHIFT: tl.constexpr = (3 * j) % 32
+                if (3 * j) // 32 == 0:
+                    low, high = w0, w1
+                elif (3 * j) // 32 == 1:
+                    low, high = w1, w2
+                else:
+                    low, high = w2, w2
+                code = low >> SHIFT
+                if SHIFT > 29:
+                    code = code | (high << (32 - SHIFT))
+                code = code & 7
+            else:
+                code = (w0 >> (j * BITS)) & ((1 << BITS) - 1)
+            xj = tl.load(x_ptr + seg_k0 + j, mask=seg_k0 + j < K, other=0.0).to(tl.float32)
+            xq += codes_to_float(code) * xj[None, :]
+            x_sum += xj
+        scale, zero = group_params(s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, seg_k0, K,
+                                   BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
+        return tl.sum(scale * (xq - zero * x_sum[None, :]), axis=1)
+
+
+@triton.jit
+def _decode_kernel(
+    x_ptr, stride_xm,
+    w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn,
+    bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R,
+    out_ptr, stride_om, part_ptr,
+    M, N, K, K_PER_SPLIT,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    # K_PER_SPLIT is a multiple of BLOCK_K, so no step crosses into the next slice.
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if BLOCK_M == 1:
+            acc += _gemv_step(x_ptr, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn,
+                              offs_n, N, k0, K, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N,
+                              BLOCK_K)[None, :]
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0,
+                            K, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+            acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32,
+                          DOT_PRECISION)
+    if not WRITE_PARTIAL:
+        finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
+                    sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
+                    BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
+    else:
+        # workspace [split_k, M, N] fp32, contiguous
+        ptrs = part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
+        tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr, split_k,
+    bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R,
+    out_ptr, stride_om, M, N,
+    HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out = sum over the split_k slices of the workspace, + bias + residual @ shortcut."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, split_k):
+        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
+    finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
+                sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
+                BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
+
+
+def split_k_slices(K: int, block_k: int, n_tiles: int, split_k: int, target_programs: int,
+                   max_split: int = 16) -> Tuple[int, int]:
+    """(slices, codes per slice): enough K slices that n_tiles * slices reaches about
+    target_programs (when split_k is 0), each a whole number of BLOCK_K steps, none empty."""
+    k_steps = triton.cdiv(K, block_k)
+    if split_k <= 0:
+        split_k = min(max_split, triton.cdiv(target_programs, n_tiles))
+    split_k = max(1, min(split_k, k_steps))
+    steps_per_slice = triton.cdiv(k_steps, split_k)
+    split_k = triton.cdiv(k_steps, steps_per_slice)
+    return split_k, steps_per_slice * block_k
+
+
+def launch_decode(p: MatmulProblem, cfg: MatmulConfig, target_programs: int) -> torch.Tensor:
+    """Runs the decode path for p (M <= 16) and returns p.out."""
+    if p.M > 16 or cfg.block_m not in (1, 16) or (cfg.block_m == 1 and p.M != 1):
+        raise ValueError(f"decode path: M={p.M} does not fit block_m={cfg.block_m}")
+    n_tiles = triton.cdiv(p.N, cfg.block_n)
+    split_k, k_per_split = split_k_slices(p.K, cfg.block_k, n_tiles, cfg.split_k,
+                                          target_programs)
+    part = (torch.empty((split_k, p.M, p.N), dtype=torch.float32, device=p.x.device)
+            if split_k > 1 else p.out)
+    flags = p.flags()
+    _decode_kernel[(n_tiles, split_k)](
+        p.x, p.x.stride(0), *p.weight_args(), *p.epilogue_args(), p.out, p.out.stride(0), part,
+        p.M, p.N, p.K, k_per_split, **flags,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+        WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split_k > 1:
+        for key in ("BITS", "GROUP_SIZE", "HAS_ZEROS"):
+            flags.pop(key)
+        reduce_n = 128 if cfg.block_m == 1 else 64
+        _split_k_reduce_kernel[(triton.cdiv(p.N, reduce_n),)](
+            part, split_k, *p.epilogue_args(), p.out, p.out.stride(0), p.M, p.N, **flags,
+            BLOCK_M=cfg.block_m, BLOCK_N=reduce_n, BLOCK_R=cfg.block_r, num_warps=4)
+    return p.out

@@ -1,0 +1,71 @@
+"""Prefill path (M > 16): out[M, N] = x @ W^T (+ bias) (+ residual @ shortcut), tiled tl.dot.
+
+Each program computes one [BLOCK_M, BLOCK_N] output tile: it walks K in BLOCK_K steps, loads the
+x tile, dequantizes the weight tile to fp32 (tiles.weight_tile), rounds it to the activation
+dtype and accumulates x @ W^T with tl.dot in fp32. The fused epilogue adds the bias and the
+shortcut product (residual @ shortcut, its own small tl.dot loop over R) and writes the output
+once. Programs are ordered in groups of GROUP_M row tiles that sweep the same weight column
+tiles one after the other, so a dequantized weight tile's packed bytes are reused from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .problem import MatmulConfig, MatmulProblem
+from .tiles import dot_acc, finish_tile, weight_tile
+
+
+@triton.jit
+def _prefill_kernel(
+    x_ptr, stride_xm,
+    w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn,
+    bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R,
+    out_ptr, stride_om,
+    M, N, K,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Program id -> (row tile, column tile): groups of GROUP_M row tiles; inside a group the
+    # row tile varies fastest, so consecutive programs share a column tile of W.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * tiles_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % rows_in_group
+    pid_n = (pid % programs_per_group) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    m_ok = (offs_m < M)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok & (offs_k < K)[None, :], other=0.0)
+        w = weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
+                        BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+        acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32, DOT_PRECISION)
+    finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
+                sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
+                BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
+
+
+def launch_prefill(p: MatmulProblem, cfg: MatmulConfig) -> torch.Tensor:
+    """Runs the prefill path for p and returns p.out."""
+    if cfg.block_m < 16:
+        raise ValueError(f"prefill path: block_m={cfg.block_m} must be >= 16 (tl.dot)")
+    grid = (triton.cdiv(p.M, cfg.block_m) * triton.cdiv(p.N, cfg.block_n),)
+    _prefill_kernel[grid](
+        p.x, p.x.stride(0), *p.weight_args(), *p.epilogue_args(), p.out, p.out.stride(0),
+        p.M, p.N, p.K, **p.flags(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return p.out

@@ -1,0 +1,193 @@
+"""Triton building blocks shared by the matmul kernels: loading weight tiles (canonical packed
+quantized weights, docs/FORMAT.md, or dense weights) and the fused epilogue.
+
+Conventions of every helper here:
+
+* A weight tile covers rows ``offs_n`` (output channels, [BLOCK_N]) and the codes
+  ``k0 .. k0 + BLOCK_K - 1`` of the reduction dimension; ``k0`` is a multiple of BLOCK_K, and
+  BLOCK_K is a power of two >= 32, so a tile holds whole 32-code packing blocks.
+* ``n_lim`` / ``k_lim`` are the used sub-block (the kernel computes with W[:n_lim, :k_lim]);
+  anything outside it is masked on load (other=0), so it neither faults nor contributes.
+  ``k_lim`` is, by the format's slicing rule, either a multiple of 32 or the stored K (whose
+  row is padded to 32 codes), so every 32-code block that starts below ``k_lim`` exists.
+* Quantized codes come out as a 3-D tensor ``[BLOCK_N, SEGS, SEG_LEN]`` in natural K order:
+  code ``k0 + a * SEG_LEN + b`` sits at ``[:, a, b]``. A segment is one 32-bit word for 2, 4 and
+  8 bits (SEG_LEN = 32 / bits codes, loaded as contiguous words, shifts only), and one 32-code
+  block of three words for 3 bits (SEG_LEN = 32). A segment never crosses a group boundary
+  (groups are multiples of 32 codes), so scales and zeros are per (row, segment).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def codes_to_float(codes):
+    """uint32 codes (< 2^23) -> exact fp32 without an int->float convert instruction.
+
+    OR-ing c into the mantissa of 2^23 (bit pattern 0x4B000000) gives the float 2^23 + c."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def unpack_codes(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim,
+                 BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of the tile W[offs_n, k0:k0+BLOCK_K] of a packed int32 qweight [N, words].
+
+    Returns (codes uint32 [BLOCK_N, SEGS, SEG_LEN], seg_k0 int32 [SEGS]) where seg_k0[a] is the
+    K index of the first code of segment a. Rows >= n_lim and segments starting at >= k_lim
+    are loaded as 0.
+    """
+    rows = offs_n.to(tl.int64) * stride_qn
+    n_ok = offs_n < n_lim
+    if BITS == 3:
+        # 32 codes = 96 bits = words 3b, 3b+1, 3b+2 of the row. Code j of a block starts at bit
+        # 3j of the little-endian string word0 | word1 << 32 | word2 << 64, i.e. in word
+        # 3j // 32 at bit 3j % 32. Codes 10 (bits 30..32) and 21 (bits 63..65) straddle two
+        # words: their high bits are the low bits of the next word.
+        SEGS: tl.constexpr = BLOCK_K // 32
+        seg_k0 = k0 + tl.arange(0, SEGS) * 32
+        block = seg_k0 // 32
+        mask = n_ok[:, None] & (seg_k0 < k_lim)[None, :]
+        base = q_ptr + rows[:, None] + (block * 3)[None, :]
+        w0 = tl.load(base, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w1 = tl.load(base + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w2 = tl.load(base + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        bit = tl.arange(0, 32) * 3
+        word_of_code = (bit // 32)[None, None, :]            # 0, 1 or 2
+        shift = (bit % 32).to(tl.uint32)[None, None, :]
+        low_word = tl.where(word_of_code == 0, w0, tl.where(word_of_code == 1, w1, w2))
+        next_word = tl.where(word_of_code == 0, w1, w2)
+        straddles = shift > 29                               # shift + 3 > 32: codes 10, 21
+        # (32 - shift) & 31 keeps the shift amount legal (< 32) where the lane is unused.
+        high_bits = tl.where(straddles, next_word << ((32 - shift) & 31), 0)
+        codes = ((low_word >> shift) | high_bits) & 7
+    else:
+        # 2, 4, 8 bits: word i of a row holds codes i*C .. i*C + C - 1 (C = 32 / bits), code
+        # i*C + j at bits [j*bits, (j+1)*bits). One contiguous load of SEGS words per row.
+        CODES_PER_WORD: tl.constexpr = 32 // BITS
+        SEGS: tl.constexpr = BLOCK_K // CODES_PER_WORD
+        word = k0 // CODES_PER_WORD + tl.arange(0, SEGS)
+        seg_k0 = word * CODES_PER_WORD
+        mask = n_ok[:, None] & (seg_k0 < k_lim)[None, :]
+        words = tl.load(q_ptr + rows[:, None] + word[None, :], mask=mask, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        shift = (tl.arange(0, CODES_PER_WORD) * BITS).to(tl.uint32)
+        codes = (words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+    return codes, seg_k0
+
+
+@triton.jit
+def group_params(s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0, seg_k0, k_lim,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Scale and zero point (fp32) of each (row, segment) of the tile.
+
+    GROUP_SIZE is the effective group size, or 0 when the whole used K range lies in group 0
+    (per-channel weights). Returns (scale, zero), each [BLOCK_N, SEGS] or, when the tile lies in
+    one group (GROUP_SIZE a multiple of BLOCK_K, or 0), [BLOCK_N, 1]. Masked rows/segments get
+    scale 0 so that they dequantize to exactly 0.
+    """
+    rows = offs_n.to(tl.int64)
+    n_ok = offs_n < n_lim
+    if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
+        if GROUP_SIZE == 0:
+            g = 0
+        else:
+            g = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + rows * stride_sn + g, mask=n_ok, other=0.0)
+        scale = scale.to(tl.float32)[:, None]
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rows * stride_zn + g, mask=n_ok, other=0.0)
+            zero = zero.to(tl.float32)[:, None]
+        else:
+            zero = tl.full((1, 1), 1 << (BITS - 1), tl.float32)
+    else:
+        g = (seg_k0 // GROUP_SIZE)[None, :]
+        mask = n_ok[:, None] & (seg_k0 < k_lim)[None, :]
+        scale = tl.load(s_ptr + rows[:, None] * stride_sn + g, mask=mask, other=0.0)
+        scale = scale.to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rows[:, None] * stride_zn + g, mask=mask, other=0.0)
+            zero = zero.to(tl.float32)
+        else:
+            zero = tl.full((1, 1), 1 << (BITS - 1), tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def dequant_tile(q_ptr, stride_qn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0, k_lim,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] dequantized, fp32 [BLOCK_N, BLOCK_K]: (q - z) * s."""
+    codes, seg_k0 = unpack_codes(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim, BITS, BLOCK_K)
+    scale, zero = group_params(s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0, seg_k0,
+                               k_lim, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
+    w = (codes_to_float(codes) - zero[:, :, None]) * scale[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def dense_tile(w_ptr, stride_wn, offs_n, n_lim, k0, k_lim, BLOCK_K: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] of a dense row-major weight (unit stride along K), in its own
+    dtype, [BLOCK_N, BLOCK_K]; outside W[:n_lim, :k_lim] it is 0."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_n < n_lim)[:, None] & (offs_k < k_lim)[None, :]
+    ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0, k_lim,
+                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] tile of W (BITS = 0: dense weight in its dtype; else fp32 dequant)."""
+    if BITS == 0:
+        return dense_tile(w_ptr, stride_wn, offs_n, n_lim, k0, k_lim, BLOCK_K)
+    else:
+        return dequant_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim,
+                            k0, k_lim, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. DOT_FP32 upcasts both operands first (the launcher
+    sets it for bf16 under the interpreter, whose bf16 dot is wrong); DOT_PRECISION is "ieee"
+    for fp32 operands (no TF32 rounding) and "tf32" (ignored) otherwise."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def finish_tile(acc, offs_m, offs_n, m_lim, n_lim,
+                bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc,
+                R, out_ptr, stride_om,
+                HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The epilogue of every path: acc [BLOCK_M, BLOCK_N] (fp32) + bias[offs_n]
+    + residual[offs_m, :R] @ shortcut[:R, offs_n], written once to out[offs_m, offs_n] in out's
+    dtype. The shortcut product runs on tl.dot when BLOCK_M >= 16 and as a broadcast
+    multiply-reduce below that (the GEMV path, BLOCK_M = 1)."""
+    m_ok = offs_m < m_lim
+    n_ok = offs_n < n_lim
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHORTCUT:
+        rows = offs_m.to(tl.int64) * stride_rm
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            res = tl.load(res_ptr + rows[:, None] + offs_r[None, :] * stride_rr,
+                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            sc = tl.load(sc_ptr + offs_r.to(tl.int64)[:, None] * stride_sr
+                         + offs_n[None, :] * stride_sc,
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if BLOCK_M >= 16:
+                acc = dot_acc(res, sc, acc, DOT_FP32, DOT_PRECISION)
+            else:
+                acc += tl.sum(res.to(tl.float32)[:, :, None] * sc.to(tl.float32)[None, :, :],
+                              axis=1)
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
