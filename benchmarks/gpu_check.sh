@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# GPU check of pyengine on a fresh GPU machine (torch, triton, cmake, ninja, pybind11
+# preinstalled; no network needed): build the extension, run the GPU tests, run the GPU kernel
+# benchmark, and copy logs + JSON results to "$OUT".
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh [STAGE ...]
+#
+# Stages (default: build test bench), each under its own time limit so that its log survives a
+# tool that kills long commands:
+#   build   pip install --no-build-isolation --no-deps -e .  (CUDA kernels for this GPU's arch
+#           only, unless PYENGINE_CUDA_ARCHS is set), then build_info
+#   test    pytest -m "gpu or interpreter or not slow" on the GPU, then the Triton tests once
+#           more under the interpreter with the GPU hidden (CUDA_VISIBLE_DEVICES=)
+#   bench   benchmarks/bench_gpu_kernels.py (BENCH_ARGS are passed on, e.g. "--quick")
+#   quick   bench with --quick
+# test/bench/quick build first when pyengine._C is missing or has no CUDA kernels (a fresh
+# machine), so each stage can run in a separate call. Exit status: 0 when every stage passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test bench)
+status=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+run_logged() {  # run_logged NAME LIMIT_S CMD...: runs CMD, log in $OUT/NAME.log, records rc
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    note "+ [$name] $*"
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    note "  [$name] rc=$rc in $((SECONDS - t0)) s (log: $name.log)"
+    tail -n 5 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+    [ $rc -eq 0 ] || status=1
+    return $rc
+}
+
+if [ -z "${PYENGINE_CUDA_ARCHS:-}" ]; then
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+          | head -n1 | tr -d ' .')
+    case "$cap" in
+        "") ;;
+        90) export PYENGINE_CUDA_ARCHS="90a" ;;
+        *) export PYENGINE_CUDA_ARCHS="$cap" ;;
+    esac
+fi
+
+{
+    date -u
+    nvidia-smi 2>&1
+    python - <<'PY' 2>&1
+import sys, torch, triton
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+PY
+    echo "PYENGINE_CUDA_ARCHS=${PYENGINE_CUDA_ARCHS:-<default>}"
+    git rev-parse HEAD 2>/dev/null
+    git status --short 2>/dev/null | head -50
+} >"$OUT/environment.txt" 2>&1
+note "environment: $(grep -m1 '^device' "$OUT/environment.txt"); archs ${PYENGINE_CUDA_ARCHS:-default}"
+
+has_cuda_build() {
+    python -c "import sys, pyengine; sys.exit(0 if pyengine.build_info()['cuda_kernels'] else 1)" \
+        >/dev/null 2>&1
+}
+
+build() {
+    run_logged build 480 python -m pip install --no-build-isolation --no-deps -v -e .
+    python - >"$OUT/build_info.txt" 2>&1 <<'PY'
+import json, pyengine
+print(json.dumps(pyengine.build_info(), indent=1))
+print("available backends:", pyengine.available_backends())
+PY
+    tee -a "$SUMMARY" <"$OUT/build_info.txt"
+}
+
+ensure_built() {
+    has_cuda_build || build
+}
+
+for stage in "${STAGES[@]}"; do
+    case "$stage" in
+        build) build ;;
+        test)
+            ensure_built
+            run_logged pytest_gpu 420 python -m pytest tests -q \
+                -m "gpu or interpreter or not slow" -rs --durations=25 \
+                --junitxml="$OUT/pytest_gpu.xml"
+            run_logged pytest_interpreter 300 env CUDA_VISIBLE_DEVICES= \
+                python -m pytest tests/test_triton_kernels.py -q -rs \
+                --junitxml="$OUT/pytest_interpreter.xml"
+            ;;
+        bench|quick)
+            ensure_built
+            extra=()
+            [ "$stage" = quick ] && extra=(--quick)
+            # shellcheck disable=SC2086
+            run_logged "bench_$stage" 540 python benchmarks/bench_gpu_kernels.py \
+                ${extra[@]+"${extra[@]}"} ${BENCH_ARGS:-}
+            cp benchmarks/results/gpu_kernels_*.json "$OUT/" 2>/dev/null \
+                || note "  no JSON results written"
+            ;;
+        *) note "unknown stage '$stage' (build, test, bench, quick)"; status=1 ;;
+    esac
+done
+
+note "gpu_check: exit status $status"
+exit $status
