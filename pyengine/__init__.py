@@ -13,18 +13,23 @@ from ._version import __version__
 from .backends import BackendError, available_backends, known_backends
 from .checkpoint import CheckpointError, load, save
 from .compress import compress, dequantize_model, layer_report, predicted_bytes, storage_bytes
+from .data import calibration_data
+from .evaluate import perplexity
 from .hf_integration import install as _install_hf_integration
 from .models.adapters import UnsupportedModelError, supported_architectures
 from .modules import QuantLinear
+from .plan import plan
 from .qweight import QuantizedWeight
 from .quantize import quantize
 from .recipe import QuantConfig, Recipe
+from .scores import scores
 
 _install_hf_integration()
 
 __all__ = [
     "BackendError", "CheckpointError", "QuantConfig", "QuantLinear", "QuantizedWeight", "Recipe",
-    "UnsupportedModelError", "__version__", "available_backends", "build_info", "compress",
-    "dequantize_model", "known_backends", "layer_report", "load", "ops", "predicted_bytes",
-    "quantize", "save", "storage_bytes", "supported_architectures",
+    "UnsupportedModelError", "__version__", "available_backends", "build_info",
+    "calibration_data", "compress", "dequantize_model", "known_backends", "layer_report", "load",
+    "ops", "perplexity", "plan", "predicted_bytes", "quantize", "save", "scores", "storage_bytes",
+    "supported_architectures",
 ]

@@ -33,6 +33,8 @@ class QuantConfig:
         symmetric: zero point fixed at 2^(bits-1) instead of one per group.
         method: "rtn" (round to nearest with clipping search) or "gptq" (needs calibration).
         matryoshka: store an int8 parent whose top bits serve lower precisions (bits must be 8).
+        act_order: GPTQ only: visit columns by decreasing Hessian diagonal (groups stay static
+            and contiguous, so the stored layout needs no permutation at run time).
     """
 
     bits: int
@@ -40,6 +42,7 @@ class QuantConfig:
     symmetric: bool = False
     method: str = "rtn"
     matryoshka: bool = False
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -58,7 +61,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka", "act_order"}
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**d)
@@ -73,10 +76,12 @@ class Recipe:
             ``re.fullmatch`` against full module names such as ``model.layers.3.mlp.down_proj``;
             the first match wins; ``None`` keeps the layer dense.
         slicing: kept residual width of each decoder layer (one int per layer), or None.
+        info: JSON-able notes (what pyengine.plan measured and decided); not used to compress.
     """
 
     quant: Mapping[str, Optional[QuantConfig]] = field(default_factory=dict)
     slicing: Optional[List[int]] = None
+    info: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for key, cfg in self.quant.items():
@@ -113,6 +118,7 @@ class Recipe:
             "version": RECIPE_VERSION,
             "quant": {k: (None if v is None else v.to_dict()) for k, v in self.quant.items()},
             "slicing": None if self.slicing is None else list(self.slicing),
+            "info": dict(self.info),
         }
 
     @classmethod
@@ -122,7 +128,7 @@ class Recipe:
                              f"understands ({RECIPE_VERSION})")
         quant = {k: (None if v is None else QuantConfig.from_dict(v))
                  for k, v in dict(d.get("quant", {})).items()}
-        return cls(quant=quant, slicing=d.get("slicing"))
+        return cls(quant=quant, slicing=d.get("slicing"), info=dict(d.get("info") or {}))
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

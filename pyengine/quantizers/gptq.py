@@ -1,0 +1,199 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear layer's columns one at a time, pushing each
+column's rounding error onto the columns not yet quantized through the inverse Hessian of the
+layer's reconstruction loss ||X W^T - X Q^T||^2, H = X^T X from calibration inputs.
+
+Written for pyengine's canonical format:
+
+* groups of ``group_size`` consecutive inputs share a scale and zero point; each group's
+  parameters come from the RTN clipping search (pyengine.quantize) applied to the group's
+  weights as they are when GPTQ reaches the group (already updated by earlier errors);
+* ``act_order=True`` visits columns by decreasing Hessian diagonal. Its groups stay contiguous in
+  the original order ("static groups": their parameters come from the original weights before
+  the pass), so the stored layout is the canonical one and kernels need no permutation (nor the
+  visiting order) at run time;
+* damping adds ``damp * mean(diag(H))`` to the diagonal; lazy batch updates apply the
+  accumulated error of a block of ``block_size`` columns to the rest in one matrix product.
+
+Models are processed layer by layer (pyengine.calibrate): every linear layer of a decoder
+layer gets its Hessian from one pass of the not-yet-quantized layer over the calibration
+inputs; the quantized layer then produces the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..calibrate import LayerwiseRunner
+from ..modules.quant_linear import QuantLinear
+from ..modules.sliced import ResidualProjection
+from ..packing import pack_codes
+from ..qweight import QuantizedWeight, padded_in_features
+from ..quantize import _rtn_groups
+from ..recipe import QuantConfig
+from ..utils import progress
+
+CLIP_FACTORS = torch.linspace(1.0, 0.4, 24).tolist()
+
+
+def _group_params(w: torch.Tensor, valid: int, bits: int, symmetric: bool,
+                  scale_dtype: torch.dtype):
+    """Scale and zero point (fp32 [N], zero is None-free: symmetric gives the midpoint) of one
+    group w [N, g] whose first ``valid`` columns are real."""
+    _, scales, zeros = _rtn_groups(w.unsqueeze(1), valid, bits, symmetric, scale_dtype,
+                                   CLIP_FACTORS)
+    scale = scales[:, 0].to(torch.float32)
+    zero = (torch.full_like(scale, float(1 << (bits - 1))) if zeros is None
+            else zeros[:, 0].to(torch.float32))
+    return scale, zero
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
+                  symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
+                  block_size: int = 128, scale_dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+    """GPTQ of one weight.
+
+    Args:
+        weight: [N, K] float.
+        hessian: [K, K], sum of x^T x over calibration inputs x [tokens, K] (any positive
+            scale: only ratios matter).
+        bits, group_size, symmetric: as in pyengine.quantize.
+        act_order: visit columns by decreasing diag(H) (groups stay static, see the module doc).
+        damp: fraction of the mean diagonal added to it.
+    Returns:
+        The QuantizedWeight (method "gptq").
+    """
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {(n, k)}, got "
+                         f"{tuple(hessian.shape)}")
+    scale_dtype = scale_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16,
+                                                                   torch.bfloat16) else torch.float32)
+    device = weight.device
+    maxq = (1 << bits) - 1
+    kp = padded_in_features(k, group_size)
+    gs = kp if group_size == -1 else group_size
+    n_groups = kp // gs
+
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    scales = torch.empty(n, n_groups, dtype=torch.float32, device=device)
+    zeros = torch.empty(n, n_groups, dtype=torch.float32, device=device)
+    known = torch.zeros(n_groups, dtype=torch.bool)
+
+    def fill_group(g: int, source: torch.Tensor) -> None:
+        start = g * gs
+        stop = min(start + gs, k)
+        cols = torch.zeros(n, gs, dtype=torch.float32, device=device)
+        cols[:, : stop - start] = source[:, start:stop]
+        scales[:, g], zeros[:, g] = _group_params(cols, stop - start, bits, symmetric, scale_dtype)
+        known[g] = True
+
+    perm = torch.arange(k, device=device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        for g in range(n_groups):          # static groups from the original weights
+            fill_group(g, w)
+    inv_perm = torch.argsort(perm)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    codes = torch.zeros(n, k, dtype=torch.int64, device=device)
+    block_size = max(block_size, 1)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h_inv1 = h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not known[g]:
+                # the group's columns as they are now: updated ones in this block, the rest in w
+                current = w.clone()
+                current[:, i1:i2] = w1
+                fill_group(g, current[:, inv_perm])
+            s, z = scales[:, g], zeros[:, g]
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / s) + z, 0, maxq)
+            codes[:, col] = q.to(torch.int64)
+            deq = (q - z) * s
+            e = (x - deq) / h_inv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h_inv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+
+    padded = torch.zeros(n, kp, dtype=torch.int64, device=device)
+    padded[:, :k] = codes
+    zeros_out = None if symmetric else zeros.to(scale_dtype)
+    return QuantizedWeight(pack_codes(padded, bits), scales.to(scale_dtype), zeros_out, bits=bits,
+                           group_size=group_size, shape=(n, k), method="gptq")
+
+
+def _target_module(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.proj if isinstance(module, ResidualProjection) else module
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
+                        calibration: torch.Tensor, batch_size: int = 1, damp: float = 0.01, show_progress: bool = True,
+                        scale_dtype: Optional[torch.dtype] = None,
+                        compute_device=None) -> nn.Module:
+    """Quantizes the linear layers named in ``configs`` (module name -> QuantConfig) with GPTQ,
+    decoder layer by decoder layer, in place."""
+    from ..models.adapters import get_adapter
+    adapter = get_adapter(model)
+    prefix = adapter.layers + "."
+    by_layer: Dict[int, Dict[str, QuantConfig]] = {}
+    for name, cfg in configs.items():
+        if not name.startswith(prefix):
+            raise ValueError(f"GPTQ runs on decoder layers; {name!r} is outside them (use RTN)")
+        by_layer.setdefault(int(name[len(prefix):].split(".")[0]), {})[name] = cfg
+
+    runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
+    for index, layer, inputs in progress(runner, desc="gptq", enabled=show_progress,
+                                         total=len(runner), unit="layer"):
+        targets = by_layer.get(index, {})
+        hessians: Dict[str, torch.Tensor] = {}
+        handles = []
+        for name in targets:
+            module = _target_module(model, name)
+
+            def hook(mod, args, out, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+                h = x.T @ x
+                hessians[name] = h if name not in hessians else hessians[name] + h
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            if targets:
+                from ..calibrate import run_layer
+                run_layer(layer, inputs, runner.compute_device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, cfg in targets.items():
+            linear = _target_module(model, name)
+            qw = gptq_quantize(linear.weight, hessians[name], cfg.bits, cfg.group_size,
+                               cfg.symmetric, act_order=cfg.act_order, damp=damp,
+                               scale_dtype=scale_dtype or linear.weight.dtype)
+            quantized = QuantLinear.from_weight(qw, linear.bias)
+            holder = model.get_submodule(name)
+            if isinstance(holder, ResidualProjection):
+                holder.proj = quantized
+            else:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), attr, quantized)
+        runner.advance()
+    return model

@@ -1,0 +1,97 @@
+"""Per-layer scores that decide how each decoder layer is compressed.
+
+* ``lim`` (layer input modification): -cos(layer input, layer output), averaged over every
+  calibration token. A layer that changes its input a lot scores high: it is *important* and
+  keeps more bits.
+* ``lr`` (layer redundancy): cos(layer input, layer output) = -lim. A layer whose output stays
+  close to its input scores high: it is *redundant* and loses more width under dynamic slicing.
+* ``zd`` (z-score distribution): the share of the layer's linear weights whose z-score (against
+  the mean and standard deviation of all of that layer's linear weights) has |z| > 1. The seeds'
+  convention (layer-wise quantization, Dumitru et al. 2024: "the number of layer weights that are
+  much larger than average (smaller is better)") is that a *smaller* share marks a more important
+  layer, so :func:`importance` uses -zd for it.
+
+LIM and LR need one layer-by-layer calibration pass; ZD needs only the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .calibrate import LayerwiseRunner
+from .compress import quantizable_linears
+from .models.adapters import get_adapter
+from .modules.quant_linear import QuantLinear
+from .utils import progress
+
+SCORE_NAMES = ("lim", "zd", "lr")
+
+
+@torch.no_grad()
+def zd_scores(model: nn.Module) -> List[float]:
+    """Per decoder layer, the share of its linear weights with |z| > 1."""
+    adapter = get_adapter(model)
+    prefix = adapter.layers + "."
+    per_layer: Dict[int, List[torch.Tensor]] = {}
+    for name, linear, _, _ in quantizable_linears(model):
+        if not name.startswith(prefix):
+            continue
+        index = int(name[len(prefix):].split(".")[0])
+        w = linear.dequantize(torch.float32) if isinstance(linear, QuantLinear) else linear.weight
+        per_layer.setdefault(index, []).append(w.detach().reshape(-1).to(torch.float32))
+    scores = []
+    for index in range(len(adapter.decoder_layers(model))):
+        w = torch.cat(per_layer[index])
+        mean, std = w.mean(), w.std(correction=0)
+        scores.append(float(((w - mean).abs() > std).to(torch.float64).mean()))
+    return scores
+
+
+@torch.no_grad()
+def scores(model: nn.Module, calibration: torch.Tensor, batch_size: int = 1,
+           compute_device: Optional[Union[str, torch.device]] = None,
+           show_progress: bool = True) -> Dict[str, List[float]]:
+    """{"lim": [...], "zd": [...], "lr": [...]}, one value per decoder layer.
+
+    Args:
+        calibration: token ids [n_samples, seqlen] (pyengine.calibration_data).
+        compute_device: run each layer there (e.g. "cuda") while the model stays where it is.
+    """
+    runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
+    lr = []
+    for index, layer, inputs in progress(runner, desc="scores", enabled=show_progress,
+                                         total=len(runner), unit="layer"):
+        outputs = runner.advance()
+        total, count = 0.0, 0
+        for x, y in zip(inputs.hidden, outputs.hidden):
+            cos = nn.functional.cosine_similarity(x.to(torch.float32), y.to(torch.float32), dim=-1)
+            total += float(cos.sum(dtype=torch.float64))
+            count += cos.numel()
+        lr.append(total / count)
+    return {"lim": [-v for v in lr], "zd": zd_scores(model), "lr": lr}
+
+
+def importance(kind: Union[str, Sequence[float]], layer_scores: Optional[Dict[str, List[float]]],
+               n_layers: int, seed: int = 0) -> List[float]:
+    """Per-layer importance (higher = more important = keeps more bits).
+
+    ``kind`` is "lim" (the LIM score), "zd" (minus the ZD share, the seeds' convention), "random"
+    (a seeded random order) or an explicit list of floats.
+    """
+    if not isinstance(kind, str):
+        values = [float(v) for v in kind]
+        if len(values) != n_layers:
+            raise ValueError(f"importance list has {len(values)} values for {n_layers} layers")
+        return values
+    if kind == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(n_layers, generator=gen).to(torch.float64).tolist()
+    if kind not in ("lim", "zd"):
+        raise ValueError(f"importance must be 'lim', 'zd', 'random' or a list of floats, got {kind!r}")
+    if layer_scores is None or kind not in layer_scores:
+        raise ValueError(f"importance {kind!r} needs scores (pyengine.scores)")
+    values = layer_scores[kind]
+    return list(values) if kind == "lim" else [-v for v in values]

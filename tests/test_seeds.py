@@ -1,0 +1,225 @@
+"""The seeds' algorithms: scores, bit allocation, dynamic slicing widths, GPTQ, PCA slicing."""
+
+import pytest
+import torch
+
+import pyengine
+from pyengine import QuantConfig, Recipe
+from pyengine.calibrate import LayerwiseRunner
+from pyengine.models.random import random_model
+from pyengine.plan import allocate_bits, kept_widths, slice_fractions
+from pyengine.quantizers.gptq import gptq_quantize
+from pyengine.scores import importance, zd_scores
+from pyengine.slicing.pca import slice_model
+
+from helpers import rel_err
+
+
+def _calib(rng, n=6, seqlen=24):
+    return torch.randint(3, 160, (n, seqlen), generator=rng)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---- scores ----------------------------------------------------------------------------------------
+
+def test_an_identity_layer_is_the_least_important_and_most_redundant(rng):
+    model = random_model("llama", num_hidden_layers=4)
+    with torch.no_grad():  # layer 2 adds nothing to its input: output == input
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    s = pyengine.scores(model, _calib(rng), show_progress=False)
+    assert set(s) == {"lim", "zd", "lr"} and all(len(v) == 4 for v in s.values())
+    assert s["lr"][2] == pytest.approx(1.0, abs=1e-5) and s["lim"][2] == pytest.approx(-1.0, abs=1e-5)
+    assert min(range(4), key=lambda i: s["lim"][i]) == 2
+    assert max(range(4), key=lambda i: s["lr"][i]) == 2
+    assert all(0.0 < z < 1.0 for z in s["zd"])
+
+
+def test_zd_counts_weights_beyond_one_standard_deviation():
+    model = random_model("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        for p in model.model.layers[1].parameters():
+            if p.dim() == 2:
+                # 10% of entries at +-3, the rest at +-0.5, signs alternating so the mean is ~0:
+                # sigma = sqrt(0.1*9 + 0.9*0.25) ~ 1.06, so exactly the +-3 entries have |z| > 1.
+                flat = torch.full((p.numel(),), 0.5)
+                flat[::10] = 3.0
+                flat[1::2] *= -1
+                p.copy_(flat.reshape(p.shape))
+    zd = zd_scores(model)
+    assert zd[1] == pytest.approx(0.1, abs=1e-3)
+    assert 0.2 < zd[0] < 0.45  # gaussian-like weights: ~32% beyond one sigma
+
+
+def test_importance_kinds():
+    scores = {"lim": [0.1, 0.5, 0.3], "zd": [0.3, 0.2, 0.4], "lr": [-0.1, -0.5, -0.3]}
+    assert importance("lim", scores, 3) == [0.1, 0.5, 0.3]
+    assert importance("zd", scores, 3) == [-0.3, -0.2, -0.4]  # fewer outliers: more important
+    assert sorted(importance("random", None, 5, seed=1)) == [0, 1, 2, 3, 4]
+    assert importance("random", None, 5, seed=1) == importance("random", None, 5, seed=1)
+    assert importance([3, 2, 1], None, 3) == [3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="importance"):
+        importance("loudest", scores, 3)
+    with pytest.raises(ValueError, match="3 layers"):
+        importance([1, 2], None, 3)
+
+
+# ---- bit allocation -------------------------------------------------------------------------------
+
+def _equal_layers(overhead=0.25):
+    return lambda i, bits: ((bits + overhead) * 1000, 1000)
+
+
+@pytest.mark.parametrize("target", [4.25, 3.75, 3.25, 2.75, 2.25])
+def test_allocation_hits_the_average_and_demotes_the_least_important(target):
+    imp = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4]
+    bits, achieved = allocate_bits(imp, _equal_layers(), (4, 2), target)
+    assert abs(achieved - target) <= 0.125 + 1e-9  # half of one layer's step (2 bits / 8 layers)
+    low = [i for i, b in enumerate(bits) if b == 2]
+    high = [i for i, b in enumerate(bits) if b == 4]
+    assert not low or not high or max(imp[i] for i in low) < min(imp[i] for i in high)
+
+
+def test_allocation_with_three_choices_and_out_of_reach_targets():
+    imp = list(range(6))
+    bits, achieved = allocate_bits(imp, _equal_layers(0.0), (8, 4, 2), 4.0)
+    assert achieved == pytest.approx(4.0) and bits == [4] * 6
+    bits, achieved = allocate_bits(imp, _equal_layers(0.0), (2, 8, 4), 6.0)
+    assert achieved == pytest.approx(6.0) and bits[:3] == [4, 4, 4] and bits[3:] == [8, 8, 8]
+    with pytest.raises(ValueError, match="out of reach"):
+        allocate_bits(imp, _equal_layers(0.0), (4, 2), 1.0)
+
+
+# ---- slicing widths --------------------------------------------------------------------------------
+
+def test_dynamic_slicing_keeps_the_mean_and_slices_redundant_layers_more():
+    lr = [0.80, 0.95, 0.60, 0.90, 0.70, 0.99]
+    for base in (None, 0.0, 0.1, 0.25):
+        s = slice_fractions(lr, 0.25, "dynamic", base)
+        assert sum(s) / len(s) == pytest.approx(0.25, abs=1e-12)
+        assert min(s) == pytest.approx(0.125 if base is None else base)
+        order = sorted(range(6), key=lambda i: lr[i])
+        assert [s[i] for i in order] == sorted(s)
+    assert slice_fractions(lr, 0.25, "constant") == [0.25] * 6
+    with pytest.raises(ValueError, match="slice_base"):
+        slice_fractions(lr, 0.25, "dynamic", 0.3)
+    with pytest.raises(ValueError, match="slice_schedule"):
+        slice_fractions(lr, 0.25, "zigzag")
+
+
+def test_extreme_fractions_are_clamped_and_respread():
+    s = slice_fractions([0.0] * 9 + [1.0], 0.5, "dynamic", 0.45)
+    assert max(s) <= 0.9 + 1e-12 and sum(s) / 10 == pytest.approx(0.5)
+
+
+def test_kept_widths_are_multiples_of_32_with_the_total_kept():
+    fractions = slice_fractions([0.8, 0.95, 0.6, 0.9, 0.7, 0.99, 0.85, 0.75], 0.25)
+    widths = kept_widths(fractions, 576)
+    assert all(w % 32 == 0 and 32 <= w <= 576 for w in widths)
+    assert sum(widths) == 8 * 432  # 25% of 576 removed on average, exactly
+    assert kept_widths([0.0, 0.0], 576) == [576, 576]
+
+
+# ---- plan ---------------------------------------------------------------------------------------------
+
+def test_plan_builds_a_json_recipe_with_what_it_measured(rng):
+    model = random_model("llama", num_hidden_layers=6, hidden_size=128, intermediate_size=256)
+    recipe = pyengine.plan(model, _calib(rng), avg_bits=6.5, bit_choices=(8, 4), importance="lim",
+                           method="rtn", group_size=64, slicing=0.25, show_progress=False)
+    info = recipe.info
+    # fp32 scales and zeros per group of 64 add 1 bit: int4 costs 5.0 bits/weight, int8 9.0
+    assert abs(info["achieved_avg_bits"] - 6.5) < 0.7
+    assert sorted(info["layer_bits"]).count(4) >= 1 and 8 in info["layer_bits"]
+    assert len(recipe.slicing) == 6 and sum(recipe.slicing) == 6 * 96
+    back = Recipe.from_json(recipe.to_json())
+    assert back == recipe and back.info["layer_bits"] == info["layer_bits"]
+    for i, bits in enumerate(info["layer_bits"]):
+        assert recipe.config_for(f"model.layers.{i}.mlp.up_proj").bits == bits
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------------
+
+def test_gptq_beats_rtn_on_the_model_s_own_activations(rng):
+    model = random_model("llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    runner = LayerwiseRunner(model, _calib(rng, n=16, seqlen=128))  # 1024 tokens to fit
+    captured = []
+    for index, layer, inputs in runner:
+        if index == 1:
+            handle = layer.mlp.up_proj.register_forward_hook(
+                lambda m, a, o: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+            runner.advance()
+            handle.remove()
+        else:
+            runner.advance()
+    x = torch.cat(captured)
+    w = model.model.layers[1].mlp.up_proj.weight.detach()
+    half = x.shape[0] // 2
+    fit, held_out = x[:half], x[half:]
+    for bits in (4, 3, 2):
+        g = gptq_quantize(w, fit.T @ fit, bits, 64).dequantize()
+        r = pyengine.quantize(w, bits, 64).dequantize()
+        for xs in (fit, held_out):
+            assert rel_err(xs @ g.T, xs @ w.T) < rel_err(xs @ r.T, xs @ w.T)
+
+
+def test_gptq_act_order_and_symmetric_store_the_canonical_layout(rng):
+    w = torch.randn(48, 200, generator=rng) * 0.05
+    x = torch.randn(512, 200, generator=rng)
+    for sym in (False, True):
+        qw = gptq_quantize(w, x.T @ x, 3, 32, symmetric=sym, act_order=True)
+        assert qw.method == "gptq" and qw.symmetric == sym and qw.shape == (48, 200)
+        y = pyengine.ops.dequant_matmul(x, qw)
+        assert rel_err(y, x @ qw.dequantize().T) < 1e-4
+
+
+def test_compress_with_gptq_recipe(rng):
+    model = random_model("qwen2")
+    recipe = Recipe({"_default": QuantConfig(4, 32, method="gptq"),
+                     r".*down_proj": QuantConfig(3, 32, method="gptq", act_order=True)})
+    pyengine.compress(model, recipe, _calib(rng), show_progress=False)
+    assert all(m.method == "gptq" for m in model.modules() if isinstance(m, pyengine.QuantLinear))
+    ids = _calib(rng, n=1, seqlen=8)
+    assert rel_err(_logits(model, ids), _logits(pyengine.dequantize_model(model), ids)) < 1e-3
+
+
+# ---- PCA slicing ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_pca_rotation_without_slicing_keeps_the_logits(family, rng):
+    model = random_model(family)
+    ids = _calib(rng, n=2, seqlen=10)
+    before = _logits(model, ids)
+    slice_model(model, [model.config.hidden_size] * 3, _calib(rng), show_progress=False)
+    assert rel_err(_logits(model, ids), before) < 1e-5
+
+
+def test_pca_slicing_then_quantization_through_compress(rng, tmp_path):
+    model = random_model("llama", num_hidden_layers=4)
+    widths = [64, 32, 64, 32]
+    recipe = Recipe({"_default": QuantConfig(4, 32)}, slicing=widths)
+    pyengine.compress(model, recipe, _calib(rng), show_progress=False)
+    from pyengine.slicing.structure import layer_widths
+    assert layer_widths(model) == widths
+    ids = _calib(rng, n=1, seqlen=8)
+    assert rel_err(_logits(model, ids), _logits(pyengine.dequantize_model(model), ids)) < 1e-3
+    pyengine.save(model, tmp_path)
+    assert torch.equal(_logits(pyengine.load(tmp_path), ids), _logits(model, ids))
+
+
+def test_pca_captures_a_low_rank_stream_exactly(rng):
+    # With the residual stream confined to a 32-dim subspace, keeping 32 principal directions
+    # loses nothing at the embeddings.
+    model = random_model("llama", num_hidden_layers=1)
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(64, 32, generator=rng))
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ q @ q.T)
+    from pyengine.calibrate import capture_first_layer_inputs
+    from pyengine.slicing.pca import principal_basis
+    x = capture_first_layer_inputs(model, _calib(rng)).hidden
+    basis = principal_basis(x)[:, :32]
+    flat = torch.cat([h.reshape(-1, 64) for h in x]).to(torch.float64)
+    assert rel_err(flat @ basis @ basis.T, flat) < 1e-6
