@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .models.adapters import get_adapter
+from .utils import module_device
 
 
 class _StopForward(Exception):
@@ -70,7 +71,7 @@ def capture_first_layer_inputs(model: nn.Module, calibration: torch.Tensor, batc
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = module_device(model)
     inputs = LayerInputs([], [])
     try:
         for start in range(0, calibration.shape[0], batch_size):
@@ -94,7 +95,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs,
               compute_device: Optional[torch.device] = None) -> LayerInputs:
     """The states leaving ``layer`` for every batch of ``inputs`` (same kwargs), stored where the
     inputs are; the layer runs on ``compute_device`` (default: where its weights are)."""
-    device = compute_device or next(layer.parameters()).device
+    device = compute_device or module_device(layer)
     out = LayerInputs([], inputs.kwargs)
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
         result = layer(hidden.to(device), **{k: _to(v, device) for k, v in kwargs.items()})
@@ -143,7 +144,7 @@ class LayerwiseRunner:
     def _move(self, layer: nn.Module) -> Optional[torch.device]:
         if self.compute_device is None:
             return None
-        home = next(layer.parameters()).device
+        home = module_device(layer)
         if home != self.compute_device:
             layer.to(self.compute_device)
             return home

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .data import load_text, tokenize
-from .utils import progress
+from .utils import module_device, progress
 
 
 @torch.inference_mode()
@@ -29,7 +29,7 @@ def perplexity(model: nn.Module, tokenizer, text: Optional[str] = None,
                          f"of seqlen={seqlen}")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    device = next(model.parameters()).device
+    device = module_device(model)
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()

@@ -21,3 +21,15 @@ def progress(items: Iterable[T], desc: str, enabled: bool = True, total: Optiona
         return iter(items)
     return iter(tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False,
                      dynamic_ncols=True))
+
+
+def module_device(module, default=None):
+    """The device of a module's first parameter or, when it has none (a layer whose linears are
+    all quantized keeps its weights in buffers), of its first buffer; ``default`` if neither."""
+    import torch
+
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu") if default is None else torch.device(default)

@@ -197,13 +197,17 @@ def test_pca_rotation_without_slicing_keeps_the_logits(family, rng):
     assert rel_err(_logits(model, ids), before) < 1e-5
 
 
-def test_pca_slicing_then_quantization_through_compress(rng, tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_pca_slicing_then_quantization_through_compress(method, rng, tmp_path):
+    # widths that differ between layers: every block output projection runs fused with a
+    # shortcut (GPTQ must still see its inputs)
     model = random_model("llama", num_hidden_layers=4)
     widths = [64, 32, 64, 32]
-    recipe = Recipe({"_default": QuantConfig(4, 32)}, slicing=widths)
+    recipe = Recipe({"_default": QuantConfig(4, 32, method=method)}, slicing=widths)
     pyengine.compress(model, recipe, _calib(rng), show_progress=False)
     from pyengine.slicing.structure import layer_widths
     assert layer_widths(model) == widths
+    assert all(m.method == method for m in model.modules() if isinstance(m, pyengine.QuantLinear))
     ids = _calib(rng, n=1, seqlen=8)
     assert rel_err(_logits(model, ids), _logits(pyengine.dequantize_model(model), ids)) < 1e-3
     pyengine.save(model, tmp_path)

@@ -168,7 +168,10 @@ def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
         hessians: Dict[str, torch.Tensor] = {}
         handles = []
         for name in targets:
-            module = _target_module(model, name)
+            # the hook sits on the named module: for a sliced block's output projection that is
+            # the ResidualProjection, whose forward receives the projection's input even when the
+            # layer then runs the projection fused with its shortcut (never calling proj itself)
+            module = model.get_submodule(name)
 
             def hook(mod, args, out, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
