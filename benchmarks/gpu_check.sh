@@ -11,9 +11,11 @@
 #           only, unless PYENGINE_CUDA_ARCHS is set), then build_info
 #   test    pytest -m "gpu or interpreter or not slow" on the GPU, then the Triton tests once
 #           more under the interpreter with the GPU hidden (CUDA_VISIBLE_DEVICES=)
+#   cuda    only tests/test_cuda_decode.py (the CUDA decode GEMV against the reference and the
+#           simple CUDA kernel), for a run too short for the whole test stage
 #   bench   benchmarks/bench_gpu_kernels.py (BENCH_ARGS are passed on, e.g. "--quick")
 #   quick   bench with --quick
-# test/bench/quick build first when pyengine._C is missing or has no CUDA kernels (a fresh
+# test/cuda/bench/quick build first when pyengine._C is missing or has no CUDA kernels (a fresh
 # machine), so each stage can run in a separate call. Exit status: 0 when every stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +97,11 @@ for stage in "${STAGES[@]}"; do
                 python -m pytest tests/test_triton_kernels.py -q -rs \
                 --junitxml="$OUT/pytest_interpreter.xml"
             ;;
+        cuda)
+            ensure_built
+            run_logged pytest_cuda_decode 420 python -m pytest tests/test_cuda_decode.py -q -rs \
+                --durations=10 --junitxml="$OUT/pytest_cuda_decode.xml"
+            ;;
         bench|quick)
             ensure_built
             extra=()
@@ -105,7 +112,7 @@ for stage in "${STAGES[@]}"; do
             cp benchmarks/results/gpu_kernels_*.json "$OUT/" 2>/dev/null \
                 || note "  no JSON results written"
             ;;
-        *) note "unknown stage '$stage' (build, test, bench, quick)"; status=1 ;;
+        *) note "unknown stage '$stage' (build, test, cuda, bench, quick)"; status=1 ;;
     esac
 done
 

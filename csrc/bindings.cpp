@@ -119,19 +119,30 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq, uintptr_t scales,
          uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
          int out_dtype, int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
-         int64_t group_size, int device, uintptr_t stream) {
+         int64_t group_size, int device, uintptr_t stream, const std::string& kernel) {
         QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
                                   bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
                                   bits, group_size);
+        if (!kernel.empty() && kernel != "auto" && kernel != "simple" && kernel != "decode")
+          throw std::invalid_argument("qmatmul_cuda: kernel must be 'auto', 'simple' or "
+                                      "'decode', got '" + kernel + "'");
         py::gil_scoped_release release;
-        pyengine::cuda::qmatmul_simple(a, device, stream);
+        if (kernel == "simple")
+          pyengine::cuda::qmatmul_simple(a, device, stream);
+        else if (kernel == "decode")
+          pyengine::cuda::qmatmul_decode(a, device, stream);
+        else
+          pyengine::cuda::qmatmul(a, device, stream);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("qweight"), py::arg("ldq"),
       py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
       py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
       py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
-      py::arg("group_size"), py::arg("device"), py::arg("stream"),
-      "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on a CUDA device and stream.");
+      py::arg("group_size"), py::arg("device"), py::arg("stream"), py::arg("kernel") = "",
+      "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on a CUDA device and stream. "
+      "kernel: '' or 'auto' (decode GEMV for M <= 16, simple kernel above), 'simple', "
+      "'decode'.");
+  m.attr("cuda_decode_max_m") = pyengine::cuda::kDecodeMaxM;
   m.def("cuda_device_count", &pyengine::cuda::device_count);
 #endif
 }

@@ -14,6 +14,21 @@ namespace cuda {
 // std::runtime_error naming op, M, N, K, bits and group size when a CUDA call fails.
 void qmatmul_simple(const QMatmulArgs& args, int device, uintptr_t stream);
 
+// Largest M the decode GEMV serves.
+constexpr int64_t kDecodeMaxM = 16;
+
+// The decode GEMV (csrc/cuda/qmatmul_decode.cu): same contract as qmatmul_simple for
+// M <= kDecodeMaxM; raises std::invalid_argument for larger M.
+void qmatmul_decode(const QMatmulArgs& args, int device, uintptr_t stream);
+
+// The default route: the decode GEMV for M <= kDecodeMaxM, the simple kernel above that.
+inline void qmatmul(const QMatmulArgs& args, int device, uintptr_t stream) {
+  if (args.M <= kDecodeMaxM)
+    qmatmul_decode(args, device, stream);
+  else
+    qmatmul_simple(args, device, stream);
+}
+
 // Number of CUDA devices the runtime sees (0 when there is no driver or no device).
 int device_count();
 

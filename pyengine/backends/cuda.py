@@ -1,12 +1,16 @@
 """The ``cuda`` backend: CUDA kernels of pyengine._C, launched on torch's current stream.
 
-Quantized weights run on the native kernels; dense weights go to cuBLAS through torch on a
-strided view of the weight.
+Quantized weights run on the native kernels: the decode GEMV for M <= 16, the simple kernel
+above (``kernel="auto"``). ``CudaBackend(kernel="simple" | "decode")`` or the environment variable
+``PYENGINE_CUDA_KERNEL`` (read at each call when the backend names no kernel) forces one of them,
+so the two can be compared; "decode" raises for M > 16. Dense weights go to cuBLAS through torch
+on a strided view of the weight.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -16,8 +20,28 @@ from ._native import dense_matmul_blas, quant_matmul_native
 from .base import Backend, MatmulCase, QuantTensors
 
 
+ENV_KERNEL = "PYENGINE_CUDA_KERNEL"
+KERNELS = ("auto", "simple", "decode")
+
+
+def _checked_kernel(kernel: str, source: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"{source} must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
 class CudaBackend(Backend):
     name = "cuda"
+
+    def __init__(self, kernel: Optional[str] = None) -> None:
+        # kernel: None follows $PYENGINE_CUDA_KERNEL (default "auto"); tests name one.
+        self.kernel = None if kernel is None else _checked_kernel(kernel, "kernel")
+
+    def kernel_name(self) -> str:
+        """The CUDA kernel choice in force for the next call: "auto", "simple" or "decode"."""
+        if self.kernel is not None:
+            return self.kernel
+        return _checked_kernel(os.environ.get(ENV_KERNEL, "") or "auto", ENV_KERNEL)
 
     @functools.lru_cache(maxsize=None)
     def unavailable_reason(self) -> Optional[str]:
@@ -46,8 +70,9 @@ class CudaBackend(Backend):
         ext = extension()
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(x.device).cuda_stream
+        which = self.kernel_name()
 
         def kernel(*args):
-            ext.qmatmul_cuda(*args, device=device, stream=stream)
+            ext.qmatmul_cuda(*args, device=device, stream=stream, kernel=which)
 
         return quant_matmul_native(kernel, x, weight, n, k, bias, residual, shortcut, out)

@@ -1,0 +1,236 @@
+"""The CUDA decode GEMV (csrc/cuda/qmatmul_decode.cu, M <= 16) against the pure-torch reference,
+and the simple CUDA kernel forced on the same inputs (PYENGINE_CUDA_KERNEL=simple /
+CudaBackend(kernel="simple")).
+
+The GPU tests are marked ``gpu`` (skipped without a CUDA device). Outputs are poisoned with NaN
+before every call. The few tests at the end need only the compiled extension: they check the
+kernel choice and the decode kernel's argument checks, which run before any CUDA call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import pyengine
+from pyengine._ext import extension
+from pyengine.backends import get_backend, reference_weight
+from pyengine.backends.cuda import ENV_KERNEL, CudaBackend
+
+from helpers import (BITS, DTYPES, GROUP_SIZES, TOLERANCE, assert_matches, poisoned,
+                     quant_tensors, random_weight, rel_err)
+
+DECODE_M = (1, 3, 8, 16)
+# (N, K): SmolLM2 and Llama-3-8B layer shapes, odd ones (K not a multiple of the group or of 32).
+SHAPES = [(1536, 576), (4096, 4096), (14336, 4096), (130, 200), (3, 40)]
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_cuda_built = bool(pyengine.build_info().get("cuda_kernels"))
+needs_cuda_build = pytest.mark.skipif(not _cuda_built, reason="pyengine._C has no CUDA kernels")
+
+
+def _backends():
+    return {"decode": CudaBackend(kernel="decode"), "simple": CudaBackend(kernel="simple")}
+
+
+@functools.lru_cache(maxsize=4)
+def _weight(n, k, bits, group_size, symmetric, scale_dtype, seed):
+    """A quantized [n, k] weight on the GPU and its dequantized fp32 copy (the reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = random_weight(n, k, gen).to("cuda")
+    qw = pyengine.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype,
+                           clip_search=False)
+    qt = quant_tensors(qw)
+    return qt, reference_weight(qt, n, k)
+
+
+_SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _ref(x, w_ref, n, k, bias=None, residual=None, shortcut=None):
+    y = x[:, :k].to(torch.float32) @ w_ref[:n, :k].T
+    if bias is not None:
+        y = y + bias[:n].to(torch.float32)
+    if residual is not None:
+        y = y + residual.to(torch.float32) @ shortcut.to(torch.float32)
+    return y
+
+
+def _run(backend, x, qt, n, k, bias=None, residual=None, shortcut=None):
+    out = poisoned((x.shape[0], n), x.dtype, "cuda")
+    got = backend.matmul(x, qt, n, k, bias, residual, shortcut, out=out)
+    assert got.data_ptr() == out.data_ptr(), "result not written into the given output"
+    return out
+
+
+def _check_both(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=None):
+    """decode and simple against the reference, and against each other."""
+    dtype = x.dtype
+    ref = _ref(x, w_ref, n, k, bias, residual, shortcut)
+    outs = {}
+    for name, backend in _backends().items():
+        outs[name] = _run(backend, x, qt, n, k, bias, residual, shortcut)
+        assert_matches(outs[name].float(), ref, dtype, f"{name}: {what}")
+    err = rel_err(outs["decode"].float(), outs["simple"].float())
+    assert err <= 2 * TOLERANCE[dtype], f"decode vs simple: {what}: {err:.3e}"
+    return outs
+
+
+CASES = [(s, b, g, sym) for s in range(len(SHAPES)) for b in BITS for g in GROUP_SIZES
+         for sym in (False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,bits,group_size,symmetric", CASES,
+                         ids=[f"{SHAPES[s][0]}x{SHAPES[s][1]}-b{b}-g{g}-{'sym' if sym else 'asym'}"
+                              for s, b, g, sym in CASES])
+def test_decode_matches_reference(shape, bits, group_size, symmetric, rng):
+    n, k = SHAPES[shape]
+    scale_dtype = SCALE_DTYPES[(bits + group_size + symmetric) % 3]
+    qt, w_ref = _weight(n, k, bits, group_size, symmetric, scale_dtype, _SEED)
+    for dtype in DTYPES:
+        for m in DECODE_M:
+            x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
+            bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype) if m % 2 else None
+            _check_both(x, qt, w_ref, n, k,
+                        f"M={m} N={n} K={k} bits={bits} g={group_size} sym={symmetric} "
+                        f"x={dtype} scales={scale_dtype} bias={bias is not None}", bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_decode_sliced_block(bits, group_size, rng):
+    """A sub-block [out_dims, in_dims] of a stored weight, x wider than in_dims (row stride > K,
+    also an odd stride that rules out the 16-byte activation loads)."""
+    n, k = 300, 1100
+    qt, w_ref = _weight(n, k, bits, group_size, False, torch.float16, _SEED)
+    for m, out_dims, in_dims, pad in ((1, 257, 640, 0), (3, 300, 1000, 3), (8, 33, 200, 8),
+                                      (16, 129, 1024, 1)):
+        for dtype in (torch.float16, torch.bfloat16):
+            xw = torch.randn(m, in_dims + pad, generator=rng).to(device="cuda", dtype=dtype)
+            bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype)
+            _check_both(xw, qt, w_ref, out_dims, in_dims,
+                        f"slice [{out_dims}, {in_dims}] of {bits}-bit [{n}, {k}] g={group_size} "
+                        f"M={m} ldx={in_dims + pad} {dtype}", bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_unaligned_tensors(bits, rng):
+    """qweight and x at addresses that are not 16-byte aligned: the decode kernel falls back to
+    4-byte weight loads and scalar activation loads."""
+    n, k = 200, 1536
+    qt, w_ref = _weight(n, k, bits, 64, False, torch.float16, _SEED)
+    words = qt.qweight.shape[1]
+    buf = torch.empty(n * words + 1, dtype=torch.int32, device="cuda")
+    buf[1:].copy_(qt.qweight.reshape(-1))
+    shifted = buf[1:].view(n, words)
+    assert shifted.data_ptr() % 16 != 0
+    qt_shifted = type(qt)(shifted, qt.scales, qt.zeros, qt.bits, qt.group_size)
+    for m in (1, 5, 16):
+        xb = torch.randn(m, k + 1, generator=rng).to(device="cuda", dtype=torch.float16)
+        x = xb[:, 1:]
+        assert x.data_ptr() % 16 != 0
+        _check_both(x, qt_shifted, w_ref, n, k, f"unaligned {bits}-bit M={m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_shortcut(dtype, bits, rng):
+    """out = x @ W^T + bias + residual @ shortcut: the kernel accumulates into the fp32 product."""
+    n, k, r = 576, 1536, 384
+    qt, w_ref = _weight(n, k, bits, 128, False, dtype, _SEED)
+    for m in DECODE_M:
+        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
+        residual = torch.randn(m, r, generator=rng).to(device="cuda", dtype=dtype)
+        shortcut = (torch.randn(r, n, generator=rng) * 0.1).to(device="cuda", dtype=dtype)
+        bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype)
+        _check_both(x, qt, w_ref, n, k, f"shortcut {bits}-bit M={m} {dtype}", bias, residual,
+                    shortcut)
+
+
+@pytest.mark.gpu
+def test_default_route_and_environment_override(monkeypatch, rng):
+    """The default cuda backend runs the decode kernel for M <= 16 and the simple kernel above
+    (bit-identical results: each kernel is deterministic); PYENGINE_CUDA_KERNEL=simple forces
+    the simple kernel."""
+    n, k = 1536, 576
+    qt, w_ref = _weight(n, k, 4, 128, False, torch.float16, _SEED)
+    default = get_backend("cuda")
+    monkeypatch.delenv(ENV_KERNEL, raising=False)
+    for m, expected in ((1, "decode"), (16, "decode"), (17, "simple"), (40, "simple")):
+        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=torch.float16)
+        auto = _run(default, x, qt, n, k)
+        forced = _run(_backends()[expected], x, qt, n, k)
+        assert torch.equal(auto, forced), f"M={m}: the default route is not the {expected} kernel"
+        assert_matches(auto.float(), _ref(x, w_ref, n, k), torch.float16, f"auto M={m}")
+    x = torch.randn(4, k, generator=rng).to(device="cuda", dtype=torch.float16)
+    monkeypatch.setenv(ENV_KERNEL, "simple")
+    via_env = _run(default, x, qt, n, k)
+    assert torch.equal(via_env, _run(_backends()["simple"], x, qt, n, k))
+
+
+@pytest.mark.gpu
+def test_decode_refuses_large_m(rng):
+    n, k = 64, 256
+    qt, _ = _weight(n, k, 4, 32, False, torch.float16, _SEED)
+    x = torch.randn(17, k, generator=rng).to(device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"qmatmul_cuda_decode\(M=17, N=64, K=256, bits=4, "
+                                         r"group_size=32"):
+        _run(CudaBackend(kernel="decode"), x, qt, n, k)
+
+
+@pytest.mark.gpu
+def test_decode_after_other_streams_work(rng):
+    """Runs on a side stream: the kernel is launched on torch's current stream."""
+    n, k = 4096, 4096
+    qt, w_ref = _weight(n, k, 4, 128, False, torch.float16, _SEED)
+    x = torch.randn(1, k, generator=rng).to(device="cuda", dtype=torch.float16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = _run(CudaBackend(kernel="decode"), x, qt, n, k)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_matches(out.float(), _ref(x, w_ref, n, k), torch.float16, "side stream")
+
+
+# ---- no GPU needed -------------------------------------------------------------------------
+
+
+def test_kernel_choice_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="kernel"):
+        CudaBackend(kernel="fastest")
+    assert CudaBackend(kernel="simple").kernel_name() == "simple"
+    b = CudaBackend()
+    monkeypatch.delenv(ENV_KERNEL, raising=False)
+    assert b.kernel_name() == "auto"
+    monkeypatch.setenv(ENV_KERNEL, "decode")
+    assert b.kernel_name() == "decode"
+    monkeypatch.setenv(ENV_KERNEL, "bogus")
+    with pytest.raises(ValueError, match=ENV_KERNEL):
+        b.kernel_name()
+
+
+def _call(ext, kernel, M, N=64, K=256, bits=4, group_size=32):
+    # Fake, never dereferenced addresses: every check below fails before any CUDA call.
+    fake = 1 << 20
+    ext.qmatmul_cuda(fake, 1, K, fake, K * bits // 32, fake, 0, 1, K // group_size, 0, 0,
+                     fake, 1, N, False, M, N, K, bits, group_size, device=0, stream=0,
+                     kernel=kernel)
+
+
+@needs_cuda_build
+def test_binding_checks_before_touching_cuda():
+    ext = extension()
+    assert ext.cuda_decode_max_m == 16
+    with pytest.raises(ValueError, match="kernel must be"):
+        _call(ext, "bogus", M=1)
+    with pytest.raises(ValueError, match=r"qmatmul_cuda_decode\(M=17, N=64, K=256, bits=4, "
+                                         r"group_size=32.*M <= 16"):
+        _call(ext, "decode", M=17)
+    with pytest.raises(ValueError, match=r"qmatmul_cuda_decode\(M=1, N=64, K=256, bits=5"):
+        _call(ext, "decode", M=1, bits=5)
