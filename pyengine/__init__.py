@@ -16,8 +16,10 @@ from .compress import compress, dequantize_model, layer_report, predicted_bytes,
 from .data import calibration_data
 from .evaluate import perplexity
 from .hf_integration import install as _install_hf_integration
+from .matryoshka import MatryoshkaWeight, get_precision, set_precision
 from .models.adapters import UnsupportedModelError, supported_architectures
 from .modules import QuantLinear
+from .modules.matryoshka_linear import MatryoshkaLinear
 from .plan import plan
 from .qweight import QuantizedWeight
 from .quantize import quantize
@@ -27,9 +29,10 @@ from .scores import scores
 _install_hf_integration()
 
 __all__ = [
-    "BackendError", "CheckpointError", "QuantConfig", "QuantLinear", "QuantizedWeight", "Recipe",
-    "UnsupportedModelError", "__version__", "available_backends", "build_info",
-    "calibration_data", "compress", "dequantize_model", "known_backends", "layer_report", "load",
-    "ops", "perplexity", "plan", "predicted_bytes", "quantize", "save", "scores", "storage_bytes",
+    "BackendError", "CheckpointError", "MatryoshkaLinear", "MatryoshkaWeight", "QuantConfig",
+    "QuantLinear", "QuantizedWeight", "Recipe", "UnsupportedModelError", "__version__",
+    "available_backends", "build_info", "calibration_data", "compress", "dequantize_model",
+    "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
+    "predicted_bytes", "quantize", "save", "scores", "set_precision", "storage_bytes",
     "supported_architectures",
 ]

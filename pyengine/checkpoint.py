@@ -4,6 +4,8 @@ A checkpoint directory holds the Hugging Face ``config.json`` (with a ``quantiza
 whose ``quant_method`` is ``"pyengine"``: the recipe, every quantized layer's format metadata
 and, for sliced models, the sliced structure), ``generation_config.json`` when the model has one,
 and the tensors in ``model.safetensors`` (or shards with an index, as Hugging Face writes them).
+A Matryoshka layer stores its int8 parent once (three bit planes, scales, zeros); its layer
+entry adds ``"matryoshka": {"layout", "parent_bits", "precision"}``, the precision it serves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from .compress import RECIPE_ATTR
 from .models.adapters import get_adapter
+from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.quant_linear import QuantLinear
 from .recipe import Recipe
 
@@ -45,6 +48,8 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
                 "scale_dtype": str(module.scales.dtype).replace("torch.", ""),
                 "method": module.method, "bias": module.bias is not None,
             }
+            if isinstance(module, MatryoshkaLinear):
+                layers[name]["matryoshka"] = module.checkpoint_info()
     return {
         "quant_method": QUANT_METHOD,
         "format_version": CHECKPOINT_VERSION,
@@ -189,12 +194,29 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any]) -> nn.Mo
         if isinstance(module, ResidualProjection):
             parent, attr = module, "proj"
         n, k = info["shape"]
+        if "matryoshka" in info:
+            setattr(parent, attr, _matryoshka_skeleton(name, info))
+            continue
         setattr(parent, attr, QuantLinear(
             k, n, bias=info["bias"], bits=info["bits"], group_size=info["group_size"],
             symmetric=info["symmetric"], dtype=_DTYPES[info["scale_dtype"]], device="meta",
             method=info.get("method", "rtn")))
     setattr(model, RECIPE_ATTR, Recipe.from_dict(qmeta.get("recipe", {})))
     return model
+
+
+def _matryoshka_skeleton(name: str, info: Dict[str, Any]) -> MatryoshkaLinear:
+    from .matryoshka.weight import LAYOUT, PARENT_BITS
+    mat = info["matryoshka"]
+    if mat.get("layout") != LAYOUT or int(mat.get("parent_bits", -1)) != PARENT_BITS:
+        raise CheckpointError(f"{name!r} is a Matryoshka layer with layout {mat.get('layout')!r} / "
+                              f"parent bits {mat.get('parent_bits')!r}; this pyengine reads "
+                              f"{LAYOUT!r} / {PARENT_BITS}")
+    n, k = info["shape"]
+    return MatryoshkaLinear(k, n, bias=info["bias"], group_size=info["group_size"],
+                            symmetric=info["symmetric"], dtype=_DTYPES[info["scale_dtype"]],
+                            device="meta", method=info.get("method", "rtn"),
+                            precision=int(mat.get("precision", PARENT_BITS)))
 
 
 def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = None,

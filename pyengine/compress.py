@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .models.adapters import get_adapter
+from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.quant_linear import QuantLinear
 from .modules.sliced import ResidualProjection
 from .qweight import padded_in_features
@@ -57,18 +58,25 @@ def _check_recipe_names(model: nn.Module, recipe: Recipe) -> None:
 
 
 def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progress: bool = True,
-             scale_dtype: Optional[torch.dtype] = None) -> nn.Module:
+             scale_dtype: Optional[torch.dtype] = None,
+             matquant_options: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Compresses ``model`` in place and returns it.
 
     Slicing (``recipe.slicing``) runs first, on the dense model: the residual stream of each
     layer is rotated by PCA of calibration activations and cut to its kept width. Then every
-    linear layer the recipe names is quantized (RTN, or GPTQ with calibration data).
+    linear layer the recipe names is quantized (RTN, or GPTQ with calibration data). Layers
+    whose QuantConfig has ``matryoshka=True`` become MatryoshkaLinear layers holding an int8
+    parent (RTN, or MatQuant with calibration data) and serving its int8 slice until
+    pyengine.set_precision says otherwise.
 
     Args:
         model: a Hugging Face causal LM of a supported family (pyengine.supported_architectures()).
         recipe: what to do (pyengine.Recipe).
         calibration: token batches (pyengine.calibration_data) for slicing and GPTQ.
         scale_dtype: dtype of the quantization scales; default: each weight's dtype.
+        matquant_options: keyword arguments of
+            pyengine.quantizers.matquant.matquant_quantize_model (``weights`` = the slice
+            weights lambda, ``steps``, ``lr``, ``grid``, ``learn_codes``, ``compute_device``...).
     Raises:
         UnsupportedModelError: the family has no adapter.
         ValueError: a recipe the model cannot take (slicing without calibration data, ...).
@@ -86,22 +94,26 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
         if cfg is None or isinstance(linear, QuantLinear):
             continue
         targets.append((name, linear, parent, attr, cfg))
-    needs_calibration = [t[0] for t in targets if t[4].method == "gptq"]
-    if any(t[4].matryoshka for t in targets):
-        raise NotImplementedError("Matryoshka (matryoshka=True) quantization is not available "
-                                  "in this version of pyengine yet")
-    if needs_calibration:
-        if calibration is None:
-            raise ValueError(f"method 'gptq' needs calibration data (pyengine.calibration_data); "
-                             f"layers: {needs_calibration[:3]}{'...' if len(needs_calibration) > 3 else ''}")
+    needs_calibration = [t[0] for t in targets if t[4].method in ("gptq", "matquant")]
+    if needs_calibration and calibration is None:
+        method = next(t[4].method for t in targets if t[0] == needs_calibration[0])
+        raise ValueError(f"method {method!r} needs calibration data (pyengine.calibration_data); "
+                         f"layers: {needs_calibration[:3]}{'...' if len(needs_calibration) > 3 else ''}")
+    if any(t[4].method == "gptq" for t in targets):
         from .quantizers.gptq import gptq_quantize_model
         gptq_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "gptq"},
                             calibration, show_progress=show_progress, scale_dtype=scale_dtype)
-        targets = [t for t in targets if t[4].method != "gptq"]
+    if any(t[4].method == "matquant" for t in targets):
+        from .quantizers.matquant import matquant_quantize_model
+        matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
+                                calibration, show_progress=show_progress, scale_dtype=scale_dtype,
+                                **dict(matquant_options or {}))
+    targets = [t for t in targets if t[4].method == "rtn"]
 
     for name, linear, parent, attr, cfg in progress(targets, desc="quantizing",
                                                     enabled=show_progress):
-        setattr(parent, attr, QuantLinear.from_linear(linear, cfg, scale_dtype=scale_dtype))
+        layer_class = MatryoshkaLinear if cfg.matryoshka else QuantLinear
+        setattr(parent, attr, layer_class.from_linear(linear, cfg, scale_dtype=scale_dtype))
     setattr(model, RECIPE_ATTR, recipe)
     _untie_if_head_quantized(model)
     return model
@@ -153,7 +165,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 def predicted_bytes(model: nn.Module) -> int:
     """Bytes the model's weights should take: the canonical packed size of each QuantLinear
-    (docs/FORMAT.md) plus every other parameter and persistent buffer at its dtype."""
+    (docs/FORMAT.md; a Matryoshka layer's three planes take 8 bits per code, like its int8
+    parent) plus every other parameter and persistent buffer at its dtype."""
     total = 0
     quant_tensors = set()
     for module in model.modules():
@@ -165,8 +178,9 @@ def predicted_bytes(model: nn.Module) -> int:
             total += n * kp * bits // 8 + n * groups * per_group
             if module.bias is not None:
                 total += module.bias.numel() * module.bias.element_size()
-            quant_tensors.update(id(t) for t in (module.qweight, module.scales, module.zeros,
-                                                 module.bias) if t is not None)
+            stored = (module.stored_tensors() if isinstance(module, MatryoshkaLinear) else
+                      (module.qweight, module.scales, module.zeros, module.bias))
+            quant_tensors.update(id(t) for t in stored if t is not None)
     seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in quant_tensors or id(t) in seen:
@@ -189,14 +203,17 @@ def storage_bytes(model: nn.Module) -> int:
 
 
 def layer_report(model: nn.Module) -> List[Dict[str, object]]:
-    """One row per linear layer: name, kind, bits, group size, shape and bytes."""
+    """One row per linear layer: name, kind, bits, group size, shape and bytes (Matryoshka
+    layers: kind "matryoshka", bits 8 as stored, and the precision served)."""
     rows = []
     for name, linear, _, _ in quantizable_linears(model):
         if isinstance(linear, QuantLinear):
-            rows.append(dict(name=name, kind="quantized", bits=linear.bits,
-                             group_size=linear.group_size,
-                             shape=[linear.out_features, linear.in_features],
-                             bytes=linear.nbytes))
+            row = dict(name=name, kind="quantized", bits=linear.bits,
+                       group_size=linear.group_size,
+                       shape=[linear.out_features, linear.in_features], bytes=linear.nbytes)
+            if isinstance(linear, MatryoshkaLinear):
+                row.update(kind="matryoshka", precision=linear.precision)
+            rows.append(row)
         else:
             w = linear.weight
             rows.append(dict(name=name, kind="dense", bits=8 * w.element_size(), group_size=None,

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from .packing import SUPPORTED_BITS
 from .qweight import SUPPORTED_GROUP_SIZES
 
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "gptq", "matquant")
+MATRYOSHKA_METHODS = ("rtn", "matquant")
 DEFAULT_KEY = "_default"
 RECIPE_VERSION = 1
 
@@ -31,8 +32,11 @@ class QuantConfig:
         bits: 2, 3, 4 or 8.
         group_size: 32, 64, 128, or -1 (one scale per output channel).
         symmetric: zero point fixed at 2^(bits-1) instead of one per group.
-        method: "rtn" (round to nearest with clipping search) or "gptq" (needs calibration).
-        matryoshka: store an int8 parent whose top bits serve lower precisions (bits must be 8).
+        method: "rtn" (round to nearest with clipping search), "gptq" (needs calibration) or,
+            for Matryoshka parents only, "matquant" (the parent's quantization parameters
+            optimised for its 8/4/2-bit slices at once; needs calibration).
+        matryoshka: store an int8 parent whose top bits serve lower precisions (bits must be 8,
+            method "rtn" or "matquant"); pyengine.set_precision picks the slice served.
         act_order: GPTQ only: visit columns by decreasing Hessian diagonal (groups stay static
             and contiguous, so the stored layout needs no permutation at run time).
     """
@@ -55,6 +59,12 @@ class QuantConfig:
         if self.matryoshka and self.bits != 8:
             raise ValueError("a Matryoshka parent is stored at 8 bits (QuantConfig(bits=8, "
                              "matryoshka=True))")
+        if self.matryoshka and self.method not in MATRYOSHKA_METHODS:
+            raise ValueError(f"a Matryoshka parent is made by method {MATRYOSHKA_METHODS}, got "
+                             f"{self.method!r}")
+        if self.method == "matquant" and not self.matryoshka:
+            raise ValueError("method 'matquant' makes Matryoshka parents: use QuantConfig(bits=8, "
+                             "matryoshka=True, method='matquant')")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
