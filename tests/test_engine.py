@@ -79,7 +79,9 @@ def test_generation_greedy_static_and_sampling(family, rng):
     static = model.generate(ids, cache_implementation="static", **kwargs)
     assert torch.equal(static, greedy)
     torch.manual_seed(0)
-    sampled = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    # min_new_tokens: a sampled end-of-sequence token must not end the run early
+    sampled = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=20,
+                             pad_token_id=0)
     assert sampled.shape == (1, 14) and int(sampled.max()) < model.config.vocab_size
 
 
