@@ -160,7 +160,6 @@ class Bench:
                     self.attempt(what, lambda: self._one(b, bits, qw, dense, ref, x, xs, m, n,
                                                          k, in_dims, out_dims, residual,
                                                          shortcut, fp16_ms, fp16_sliced_ms, act))
-            del x
 
     def _one(self, b, bits, qw, dense, ref, x, xs, m, n, k, in_dims, out_dims, residual,
              shortcut, fp16_ms, fp16_sliced_ms, act) -> None:

@@ -150,7 +150,17 @@ def metadata(device: str) -> Dict[str, object]:
     }
     if device == "cuda":
         meta["cuda"] = torch.version.cuda
+        meta["driver"] = _nvidia_driver()
     return meta
+
+
+def _nvidia_driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def write_json(path: "str | os.PathLike", meta: Dict[str, object], rows: List[Dict[str, object]],

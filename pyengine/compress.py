@@ -19,7 +19,7 @@ from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.quant_linear import QuantLinear
 from .modules.sliced import ResidualProjection
 from .qweight import padded_in_features
-from .recipe import QuantConfig, Recipe
+from .recipe import Recipe
 from .utils import progress
 
 RECIPE_ATTR = "pyengine_recipe"

@@ -1,1 +1,1 @@
-"""Calibration-based quantizers (GPTQ)."""
+"""Calibration-based quantizers (GPTQ, MatQuant) and what they share (layerwise.py)."""

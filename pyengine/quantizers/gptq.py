@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..calibrate import LayerwiseRunner
+from .layerwise import group_by_layer, input_hessians, linear_holder
 from ..modules.quant_linear import QuantLinear
-from ..modules.sliced import ResidualProjection
 from ..packing import pack_codes
 from ..qweight import QuantizedWeight, padded_in_features
 from ..quantize import _rtn_groups
@@ -140,11 +140,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                            group_size=group_size, shape=(n, k), method="gptq")
 
 
-def _target_module(model: nn.Module, name: str) -> nn.Module:
-    module = model.get_submodule(name)
-    return module.proj if isinstance(module, ResidualProjection) else module
-
-
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
                         calibration: torch.Tensor, batch_size: int = 1, damp: float = 0.01, show_progress: bool = True,
@@ -152,51 +147,19 @@ def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
                         compute_device=None) -> nn.Module:
     """Quantizes the linear layers named in ``configs`` (module name -> QuantConfig) with GPTQ,
     decoder layer by decoder layer, in place."""
-    from ..models.adapters import get_adapter
-    adapter = get_adapter(model)
-    prefix = adapter.layers + "."
-    by_layer: Dict[int, Dict[str, QuantConfig]] = {}
-    for name, cfg in configs.items():
-        if not name.startswith(prefix):
-            raise ValueError(f"GPTQ runs on decoder layers; {name!r} is outside them (use RTN)")
-        by_layer.setdefault(int(name[len(prefix):].split(".")[0]), {})[name] = cfg
+    by_layer = group_by_layer(model, configs, "GPTQ")
 
     runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
     for index, layer, inputs in progress(runner, desc="gptq", enabled=show_progress,
                                          total=len(runner), unit="layer"):
         targets = by_layer.get(index, {})
-        hessians: Dict[str, torch.Tensor] = {}
-        handles = []
-        for name in targets:
-            # the hook sits on the named module: for a sliced block's output projection that is
-            # the ResidualProjection, whose forward receives the projection's input even when the
-            # layer then runs the projection fused with its shortcut (never calling proj itself)
-            module = model.get_submodule(name)
-
-            def hook(mod, args, out, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-                h = x.T @ x
-                hessians[name] = h if name not in hessians else hessians[name] + h
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            if targets:
-                from ..calibrate import run_layer
-                run_layer(layer, inputs, runner.compute_device)
-        finally:
-            for handle in handles:
-                handle.remove()
+        hessians, _ = input_hessians(model, layer, inputs, targets, runner.compute_device)
         for name, cfg in targets.items():
-            linear = _target_module(model, name)
-            qw = gptq_quantize(linear.weight, hessians[name], cfg.bits, cfg.group_size,
+            holder, attr = linear_holder(model, name)
+            linear = getattr(holder, attr)
+            qw = gptq_quantize(linear.weight, hessians.pop(name), cfg.bits, cfg.group_size,
                                cfg.symmetric, act_order=cfg.act_order, damp=damp,
                                scale_dtype=scale_dtype or linear.weight.dtype)
-            quantized = QuantLinear.from_weight(qw, linear.bias)
-            holder = model.get_submodule(name)
-            if isinstance(holder, ResidualProjection):
-                holder.proj = quantized
-            else:
-                parent_name, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), attr, quantized)
+            setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias))
         runner.advance()
     return model

@@ -45,15 +45,15 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..calibrate import LayerwiseRunner, run_layer
+from ..calibrate import LayerwiseRunner
 from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
 from ..modules.matryoshka_linear import MatryoshkaLinear
-from ..modules.sliced import ResidualProjection
 from ..packing import unpack_codes
 from ..qweight import SCALE_DTYPES, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
 from ..utils import progress
+from .layerwise import group_by_layer, input_hessians, linear_holder
 
 # Default slice weights lambda_r (of relative errors): int8 and int4 at 1, int2 weighted up.
 DEFAULT_WEIGHTS: Dict[int, float] = {8: 1.0, 4: 1.0, 2: 10.0}
@@ -454,15 +454,6 @@ def matquant_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: i
 
 # ---- a model, layer by layer ----------------------------------------------------------------------
 
-def _holder(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
-    """(parent module, attribute) where the linear named ``name`` sits."""
-    module = model.get_submodule(name)
-    if isinstance(module, ResidualProjection):
-        return module, "proj"
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
 @torch.no_grad()
 def matquant_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
                             calibration: torch.Tensor, *,
@@ -488,47 +479,19 @@ def matquant_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
     Returns:
         The model; every new layer serves its int8 slice.
     """
-    from ..models.adapters import get_adapter
     _check_weights(weights)
-    adapter = get_adapter(model)
-    prefix = adapter.layers + "."
-    by_layer: Dict[int, Dict[str, QuantConfig]] = {}
     for name, cfg in configs.items():
         if not cfg.matryoshka:
             raise ValueError(f"matquant makes Matryoshka parents; {name!r} has {cfg}")
-        if not name.startswith(prefix):
-            raise ValueError(f"matquant runs on decoder layers; {name!r} is outside them (use "
-                             f"method='rtn')")
-        by_layer.setdefault(int(name[len(prefix):].split(".")[0]), {})[name] = cfg
+    by_layer = group_by_layer(model, configs, "matquant")
 
     runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
     for index, layer, inputs in progress(runner, desc="matquant", enabled=show_progress,
                                          total=len(runner), unit="layer"):
         targets = by_layer.get(index, {})
-        hessians: Dict[str, torch.Tensor] = {}
-        counts: Dict[str, int] = {}
-        handles = []
-        for name in targets:
-            # hooked on the named module: for a sliced block's output projection that is the
-            # ResidualProjection, whose forward sees the input even though the layer then runs
-            # the projection fused with its shortcut
-            module = model.get_submodule(name)
-
-            def hook(mod, args, out, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-                h = x.T @ x
-                hessians[name] = h if name not in hessians else hessians[name] + h
-                counts[name] = counts.get(name, 0) + x.shape[0]
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            if targets:
-                run_layer(layer, inputs, runner.compute_device)
-        finally:
-            for handle in handles:
-                handle.remove()
+        hessians, counts = input_hessians(model, layer, inputs, targets, runner.compute_device)
         for name, cfg in targets.items():
-            holder, attr = _holder(model, name)
+            holder, attr = linear_holder(model, name)
             linear = getattr(holder, attr)
             with torch.enable_grad():
                 mw, info = matquant_quantize(

@@ -1,0 +1,68 @@
+"""What the calibrated quantizers (GPTQ, MatQuant) share: grouping the named linears by decoder
+layer, collecting each linear's input Hessian sum(x^T x) while the layer runs, and finding where
+a named linear sits so it can be replaced."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping, Tuple, TypeVar
+
+import torch
+from torch import nn
+
+from ..calibrate import LayerInputs, run_layer
+from ..models.adapters import get_adapter
+from ..modules.sliced import ResidualProjection
+
+T = TypeVar("T")
+
+
+def group_by_layer(model: nn.Module, configs: Mapping[str, T], method: str) -> Dict[int, Dict[str, T]]:
+    """{decoder layer index: {module name: config}}; ValueError for a name outside the layers."""
+    prefix = get_adapter(model).layers + "."
+    by_layer: Dict[int, Dict[str, T]] = {}
+    for name, cfg in configs.items():
+        if not name.startswith(prefix):
+            raise ValueError(f"{method} runs on decoder layers; {name!r} is outside them "
+                             f"(use method='rtn')")
+        by_layer.setdefault(int(name[len(prefix):].split(".")[0]), {})[name] = cfg
+    return by_layer
+
+
+def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, names: Iterable[str],
+                   compute_device) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """Runs ``layer`` on ``inputs`` and returns, per named linear, sum(x^T x) [K, K] (fp32) over
+    its input rows x [tokens, K], and the number of rows.
+
+    The hook sits on the named module: for a sliced block's output projection that is the
+    ResidualProjection, whose forward receives the projection's input even when the layer then
+    runs the projection fused with its shortcut (never calling the linear itself).
+    """
+    names = list(names)
+    hessians: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, int] = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, out, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            h = x.T @ x
+            hessians[name] = h if name not in hessians else hessians[name] + h
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        if names:
+            run_layer(layer, inputs, compute_device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians, counts
+
+
+def linear_holder(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """(parent module, attribute) where the linear named ``name`` sits (``proj`` of a
+    ResidualProjection for a sliced block's output projection)."""
+    module = model.get_submodule(name)
+    if isinstance(module, ResidualProjection):
+        return module, "proj"
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
