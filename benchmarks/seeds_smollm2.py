@@ -6,7 +6,7 @@ Every configuration is compressed from the same fp32 model with the same calibra
 Writes benchmarks/results/seeds_smollm2.{json,md,png}; the JSON is rewritten after every row,
 so an interrupted run keeps what it measured.
 
-    python benchmarks/seeds_smollm2.py                 # the full report (~25 min on 2 cores)
+    python benchmarks/seeds_smollm2.py                 # the full report (21 min on 2 cores)
     python benchmarks/seeds_smollm2.py --only slicing  # one section: slicing|mixed|quant|combined
 """
 
@@ -225,7 +225,10 @@ def write_markdown(path: Path, meta: Dict[str, Any], rows: List[Dict[str, Any]],
                      f"{r['ppl_change_pct']:+.1f}% | {r['weight_bytes'] / mib:.1f} | "
                      f"{r['decoder_linear_bytes'] / mib:.1f} | {r['shortcut_bytes'] / mib:.1f} | "
                      f"{r['other_bytes'] / mib:.1f} |")
-    lines += ["", f"fp32 perplexity: {base_ppl:.3f}.", ""]
+    lines += ["", f"fp32 perplexity: {base_ppl:.3f}."]
+    if meta.get("total_seconds") and meta.get("sections") == list(SECTIONS):
+        lines += [f"Whole report in one run: {meta['total_seconds'] / 60:.1f} min on this machine."]
+    lines += [""]
     path.write_text("\n".join(lines))
 
 
