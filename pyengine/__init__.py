@@ -19,6 +19,7 @@ from .hf_integration import install as _install_hf_integration
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
 from .models.adapters import UnsupportedModelError, supported_architectures
 from .modules import QuantLinear
+from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .plan import plan
 from .qweight import QuantizedWeight
@@ -32,7 +33,7 @@ __all__ = [
     "BackendError", "CheckpointError", "MatryoshkaLinear", "MatryoshkaWeight", "QuantConfig",
     "QuantLinear", "QuantizedWeight", "Recipe", "UnsupportedModelError", "__version__",
     "available_backends", "build_info", "calibration_data", "compress", "dequantize_model",
-    "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
+    "fuse_projections", "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
     "predicted_bytes", "quantize", "save", "scores", "set_precision", "storage_bytes",
     "supported_architectures",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 
 from .compress import RECIPE_ATTR
 from .models.adapters import get_adapter
+from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.quant_linear import QuantLinear
 from .recipe import Recipe
@@ -68,7 +69,10 @@ def _state_for_saving(model: nn.Module):
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach().contiguous()
+        t = t.detach().contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger storage (fused projections): save its own bytes
+        tensors[key] = t
     return tensors, aliases
 
 
@@ -125,6 +129,20 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
         (out / INDEX_NAME).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return out
+
+
+def _retie(model: nn.Module, aliases: Dict[str, str]) -> None:
+    """Makes each tied key's module hold the very Parameter (or buffer) of its source key, as in
+    the model that was saved (assigning one tensor to two keys gives two Parameters)."""
+    for alias, source in aliases.items():
+        alias_module, _, alias_attr = alias.rpartition(".")
+        source_module, _, source_attr = source.rpartition(".")
+        src = model.get_submodule(source_module)
+        dst = model.get_submodule(alias_module)
+        if source_attr in src._parameters and alias_attr in dst._parameters:
+            dst._parameters[alias_attr] = src._parameters[source_attr]
+        elif source_attr in src._buffers and alias_attr in dst._buffers:
+            dst._buffers[alias_attr] = src._buffers[source_attr]
 
 
 def _files_and_keys(path: Path) -> Dict[str, str]:
@@ -220,13 +238,14 @@ def _matryoshka_skeleton(name: str, info: Dict[str, Any]) -> MatryoshkaLinear:
 
 
 def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = None,
-         dtype: Optional[torch.dtype] = None) -> nn.Module:
+         dtype: Optional[torch.dtype] = None, fuse: bool = True) -> nn.Module:
     """Loads a directory written by :func:`save`.
 
     The module tree is built on the meta device and the tensors are read straight onto
     ``device`` (default CPU) and assigned, so no weight is held twice. ``dtype`` converts every
     floating-point tensor (scales included). Raises CheckpointError on a missing, truncated or
-    mismatched checkpoint, before any model is returned.
+    mismatched checkpoint, before any model is returned. ``fuse``: serve the quantized layers
+    that read one input with one op per group (pyengine.fuse_projections).
     """
     from transformers import AutoConfig
     path = Path(path)
@@ -264,7 +283,10 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
     for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     model.load_state_dict(tensors, strict=True, assign=True)
+    _retie(model, aliases)
     model.to(device)
+    if fuse:
+        fuse_projections(model)
     if dtype is not None:
         model.config.dtype = dtype
     model.eval()

@@ -16,6 +16,7 @@ from torch import nn
 
 from .models.adapters import get_adapter
 from .modules.matryoshka_linear import MatryoshkaLinear
+from .modules.fusion import fuse_projections
 from .modules.quant_linear import QuantLinear
 from .modules.sliced import ResidualProjection
 from .qweight import padded_in_features
@@ -59,7 +60,7 @@ def _check_recipe_names(model: nn.Module, recipe: Recipe) -> None:
 
 def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progress: bool = True,
              scale_dtype: Optional[torch.dtype] = None,
-             matquant_options: Optional[Mapping[str, Any]] = None) -> nn.Module:
+             matquant_options: Optional[Mapping[str, Any]] = None, fuse: bool = True) -> nn.Module:
     """Compresses ``model`` in place and returns it.
 
     Slicing (``recipe.slicing``) runs first, on the dense model: the residual stream of each
@@ -77,6 +78,8 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
         matquant_options: keyword arguments of
             pyengine.quantizers.matquant.matquant_quantize_model (``weights`` = the slice
             weights lambda, ``steps``, ``lr``, ``grid``, ``learn_codes``, ``compute_device``...).
+        fuse: serve the quantized layers that read one input (q/k/v, gate/up) with one op per
+            group where they share a format (pyengine.fuse_projections; no weight is copied).
     Raises:
         UnsupportedModelError: the family has no adapter.
         ValueError: a recipe the model cannot take (slicing without calibration data, ...).
@@ -116,6 +119,8 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
         setattr(parent, attr, layer_class.from_linear(linear, cfg, scale_dtype=scale_dtype))
     setattr(model, RECIPE_ATTR, recipe)
     _untie_if_head_quantized(model)
+    if fuse:
+        fuse_projections(model)
     return model
 
 

@@ -59,10 +59,12 @@ def register_with_transformers() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            from .modules.fusion import fuse_projections
             from .modules.quant_linear import QuantLinear
             for module in model.modules():
                 if isinstance(module, QuantLinear):
                     module._refresh_weight()
+            fuse_projections(model)
             return model
 
         def is_serializable(self, safe_serialization=None):

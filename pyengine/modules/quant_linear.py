@@ -34,6 +34,9 @@ class QuantLinear(nn.Module):
         self.group_size = int(group_size)
         self.symmetric = bool(symmetric)
         self.method = method
+        # (ProjectionGroup, index) once fuse_projections() has joined this layer with the layers
+        # that read the same input (see modules/fusion.py); None otherwise.
+        self._fusion = None
         kp = padded_in_features(self.in_features, self.group_size)
         n_groups = 1 if self.group_size == -1 else kp // self.group_size
         self.register_buffer("qweight", torch.empty(self.out_features, kp * self.bits // 32,
@@ -81,6 +84,9 @@ class QuantLinear(nn.Module):
     # tracing (torch.compile) sees a plain attribute read. It is rebuilt whenever the buffers
     # change: after .to()/.cuda()/.half() and after load_state_dict.
     def _refresh_weight(self) -> None:
+        fusion = getattr(self, "_fusion", None)
+        if fusion is not None and fusion[0].weight is not None:
+            fusion[0].unbind()  # our buffers changed: the fused copy must be rebuilt from them
         self._qw = QuantizedWeight(self.qweight, self.scales, self.zeros, bits=self.bits,
                                    group_size=self.group_size,
                                    shape=(self.out_features, self.in_features), method=self.method)
@@ -103,6 +109,9 @@ class QuantLinear(nn.Module):
         return self.scales.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fusion = self._fusion
+        if fusion is not None:
+            return fusion[0].output(x, fusion[1])  # one op for all layers reading x
         return dequant_matmul(x, self._qw, self.bias)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
