@@ -43,12 +43,15 @@ def _config(family: str, overrides: Dict[str, Any]):
 
 
 def random_model(family: str = "llama", shape: str = "tiny", dtype: torch.dtype = torch.float32,
-                 seed: int = 0, **overrides) -> nn.Module:
+                 seed: int = 0, device: "str | torch.device | None" = None,
+                 **overrides) -> nn.Module:
     """A causal LM of ``family`` with random weights, in eval mode.
 
     Args:
         family: llama, mistral, qwen2, qwen3, gemma2 or phi3.
         shape: a key of SHAPES ("tiny" for tests, e.g. "llama-3-8b" for speed runs).
+        device: where the weights are created and initialised (default CPU); "cuda" builds a
+            large model directly on the GPU.
         overrides: config fields to change (e.g. num_hidden_layers=2).
     """
     from transformers import AutoModelForCausalLM
@@ -56,7 +59,8 @@ def random_model(family: str = "llama", shape: str = "tiny", dtype: torch.dtype 
         raise ValueError(f"unknown shape {shape!r}; shapes: {sorted(SHAPES)}")
     config = _config(family, {**SHAPES[shape], **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name:

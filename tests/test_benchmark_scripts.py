@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end on tiny shapes (their figures are only meaningful at real
+sizes; here they must produce well-formed rows and plots)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def decode_json(tmp_path_factory):
+    import bench_decode
+    out = tmp_path_factory.mktemp("decode") / "decode_cpu.json"
+    rc = bench_decode.main(["--device", "cpu", "--shape", "tiny", "--new-tokens", "2",
+                            "--prompt", "4", "--batches", "1,3",
+                            "--configs", "dense,int4,sliced25_mixed3,torchao_int4", "--json", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_decode_rows_are_complete(decode_json):
+    data = json.loads(decode_json.read_text())
+    rows = [r for r in data["rows"] if r["op"] == "decode"]
+    assert {(r["model"], r["batch"]) for r in rows} == {
+        (m, b) for m in ("dense", "int4", "sliced25_mixed3") for b in (1, 3)}
+    by = {(r["model"], r["batch"]): r for r in rows}
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["pct_roofline"] > 0
+        assert r["speedup_vs_dense"] > 0 and r["graphs"] == "none"
+    assert by[("dense", 1)]["speedup_vs_dense"] == 1.0
+    assert by[("int4", 1)]["weight_bytes"] < by[("dense", 1)]["weight_bytes"]
+    # the KV bytes read grow with the batch; the weight bytes do not (beyond embedding rows)
+    assert by[("int4", 3)]["kv_bytes_read"] == 3 * by[("int4", 1)]["kv_bytes_read"]
+    skipped = [r for r in data["rows"] if r["op"] == "skipped"]
+    assert [r["model"] for r in skipped] == ["torchao_int4"] and skipped[0]["reason"]
+    assert data["meta"]["copy_bandwidth_gbps"] > 0
+
+
+def test_plots_from_result_files(decode_json, tmp_path):
+    import plot_results
+    png = plot_results.plot(decode_json, tmp_path / "decode.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kernels = BENCHMARKS / "results" / "cpu_kernels.json"
+    png = plot_results.plot(kernels, tmp_path / "kernels.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not a benchmark result"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("[1, 2]")
+        plot_results.plot(bad)
