@@ -54,6 +54,39 @@ def test_save_load_is_exact_both_ways(family, sliced, tmp_path, rng):
     assert torch.equal(_logits(hf, ids), expected)
 
 
+@pytest.mark.parametrize("head", ["tied", "quantized"])
+def test_sliced_tied_models_round_trip(head, tmp_path, rng):
+    """Sliced models with tied embeddings keep one table (ProjectedEmbedding + final-norm
+    projection); a quantized head on such a model reads the original basis."""
+    from pyengine.modules.sliced import ProjectedEmbedding
+    model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)  # table > layers
+    d, n = model.config.hidden_size, model.config.num_hidden_layers
+    q = lambda w: torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=rng))[0][:, :w]
+    widths = [56, 40, 48]
+    structure.apply_bases(model, [q(w) for w in widths], [q(w) for w in widths], q(44))
+    quant = dict(RECIPE.quant)
+    if head == "quantized":
+        quant = {"lm_head": QuantConfig(8, 32), **quant}
+    pyengine.compress(model, Recipe(quant, slicing=widths), show_progress=False)
+    assert isinstance(model.model.embed_tokens, ProjectedEmbedding)
+    if head == "tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        assert isinstance(model.lm_head, pyengine.QuantLinear) and not model.config.tie_word_embeddings
+    ids = torch.randint(3, 160, (2, 9), generator=rng)
+    expected = _logits(model, ids)
+    pyengine.save(model, tmp_path)
+    for loaded in (pyengine.load(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert isinstance(loaded.model.embed_tokens, ProjectedEmbedding)
+        assert torch.equal(_logits(loaded, ids), expected)
+        if head == "tied":
+            assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        else:
+            assert isinstance(loaded.lm_head, pyengine.QuantLinear)
+    held, predicted = pyengine.storage_bytes(model), pyengine.predicted_bytes(model)
+    assert abs(held - predicted) <= 0.05 * predicted
+
+
 def test_tied_embeddings_are_saved_once_and_tied_again(tmp_path, rng):
     model = _compressed("llama", rng, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -39,6 +39,39 @@ def test_folding_and_rotating_keep_the_function(family, rng):
     assert rel_err(_logits(model, ids), original) < 1e-5
 
 
+def test_tied_embeddings_stay_tied_and_are_stored_once(rng):
+    from pyengine.modules.sliced import ProjectedEmbedding
+    model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)
+    untied = random_model("llama", tie_word_embeddings=True, vocab_size=1000)
+    ids = torch.randint(3, 1000, (2, 10), generator=rng)
+    original = _logits(model, ids)
+    d, n = model.config.hidden_size, model.config.num_hidden_layers
+    bases = [_basis(d, w, rng) for w in (48, 40, 56)]
+    mlp_bases = [_basis(d, w, rng) for w in (40, 48, 32)]
+    head_basis = _basis(d, d, rng)
+    # full width first: the function is kept exactly
+    structure.apply_bases(model, [_basis(d, d, rng)] * n, [_basis(d, d, rng)] * n, head_basis)
+    assert rel_err(_logits(model, ids), original) < 1e-5
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings
+    # sliced: one [V, D] table, against the rotated-and-untied layout
+    model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)
+    structure.apply_bases(model, bases, mlp_bases, _basis(d, 44, rng))
+    structure.fold_norms(untied, project_embeddings=False)
+    structure.apply_bases(untied, bases, mlp_bases, _basis(d, 44, rng))
+    assert isinstance(model.model.embed_tokens, ProjectedEmbedding)
+    assert tuple(model.model.embed_tokens.projection.shape) == (d, 48)
+    assert tuple(model.model.norm.projection.shape) == (44, d)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    v = model.config.vocab_size
+    saved = pyengine.storage_bytes(untied) - pyengine.storage_bytes(model)
+    # untied: [V, 48] table + [V, 44] head; tied: one [V, D] table + [D, 48] and [44, D]
+    assert saved == 4 * (v * (48 + 44 - d) - d * 48 - 44 * d)
+    assert structure.keeps_tied_table(model, 48, 44)
+    assert not structure.keeps_tied_table(model, 16, 16), "a narrower untied pair is smaller"
+    assert torch.isfinite(_logits(model, ids)).all()
+
+
 def test_per_layer_widths_run_and_combine_with_quantization(rng):
     model = random_model("llama", num_hidden_layers=4)
     d = model.config.hidden_size

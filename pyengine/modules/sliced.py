@@ -19,26 +19,62 @@ from .quant_linear import QuantLinear
 
 
 class SlicedRMSNorm(nn.Module):
-    """RMS normalisation without a scale: y = x / sqrt(sum(x^2) / normalizer_dim + eps).
+    """RMS normalisation without a scale: y = x / sqrt(sum(x^2) / normalizer_dim + eps), then
+    ``y @ projection`` when the norm has an output projection.
 
     ``normalizer_dim`` is the original hidden size: a rotated, sliced stream keeps (almost) all of
     the original vector's energy in fewer coordinates, so dividing by the original size keeps the
     original normalisation.
+
+    ``projection`` (buffer, [width, D] or None): the final norm of a model whose head stays tied
+    to the unrotated embeddings maps the sliced stream back to the original basis, with the
+    norm's scale folded in (Q^T diag(g)), so the head can keep reading the embedding matrix.
     """
 
-    def __init__(self, width: int, normalizer_dim: int, eps: float) -> None:
+    def __init__(self, width: int, normalizer_dim: int, eps: float,
+                 projection: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.width = int(width)
         self.normalizer_dim = int(normalizer_dim)
         self.eps = float(eps)
+        self.register_buffer("projection", projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.float32)
         mean_square = xf.pow(2).sum(-1, keepdim=True) / self.normalizer_dim
-        return (xf * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+        y = (xf * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+        if self.projection is not None:
+            y = y @ self.projection.to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, normalizer_dim={self.normalizer_dim}, eps={self.eps}"
+        extra = "" if self.projection is None else f", projection={tuple(self.projection.shape)}"
+        return (f"width={self.width}, normalizer_dim={self.normalizer_dim}, eps={self.eps}"
+                f"{extra}")
+
+
+class ProjectedEmbedding(nn.Embedding):
+    """The token embedding of a sliced model whose head stays tied to it: the table keeps the
+    original basis and width ([V, D], shared with the head) and the first layer's basis is
+    applied after the lookup: ``embedding(ids) @ projection``, projection [D, w0] (buffer)."""
+
+    def __init__(self, embedding: nn.Embedding, projection: torch.Tensor) -> None:
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim,
+                         padding_idx=embedding.padding_idx, device="meta",
+                         dtype=embedding.weight.dtype)
+        self.weight = embedding.weight  # the same Parameter: the head's tie survives
+        self.register_buffer("projection", projection)
+
+    @property
+    def output_width(self) -> int:
+        return self.projection.shape[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(input_ids)
+        return rows @ self.projection.to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, projection={tuple(self.projection.shape)}"
 
 
 class ResidualProjection(nn.Module):

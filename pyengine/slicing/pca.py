@@ -75,7 +75,8 @@ def slice_model(model: nn.Module, widths: Sequence[int], calibration: torch.Tens
     widths = [int(w) for w in widths]
     if len(widths) != len(layers) or not all(1 <= w <= hidden for w in widths):
         raise ValueError(f"need {len(layers)} widths in 1..{hidden}, got {widths}")
-    structure.fold_norms(model)
+    if not structure.is_folded(model):
+        structure.fold_norms(model, structure.keeps_tied_table(model, widths[0], widths[-1]))
     runner = LayerwiseRunner(model, calibration, batch_size)
     basis = principal_basis(runner.inputs.hidden)[:, :widths[0]]
     structure.rotate_embedding(model, basis)

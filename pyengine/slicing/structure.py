@@ -8,6 +8,13 @@ Bases. A basis is a matrix Q [D, w] with orthonormal columns (D = the model's hi
 w = the kept width). A residual stream "in basis Q" is the row vector x @ Q of the original
 stream x. Linear layers reading the stream get W <- W @ Q; layers writing it get W <- Q^T W; the
 shortcut of a block maps its incoming residual (in the block's input basis) into its output basis.
+
+Tied embeddings. When the head shares its weight with the token embeddings, rotating both
+would untie them (two [V, w] matrices instead of one [V, D]). Such models keep the table in the
+original basis instead: the embedding becomes a ProjectedEmbedding (lookup, then @ Q0 [D, w0])
+and the final norm maps the last stream back (@ Q_L^T diag(g) [w_L, D], the norm's scale g
+folded in), so the head keeps reading the shared, unrotated table. Exact, and the table is
+stored once.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from torch import nn
 
 from ..models.adapters import ModelAdapter, get_adapter
 from ..modules.quant_linear import QuantLinear
-from ..modules.sliced import ResidualProjection, SlicedDecoderLayer, SlicedRMSNorm
+from ..modules.sliced import ProjectedEmbedding, ResidualProjection, SlicedDecoderLayer, SlicedRMSNorm
 
 
 class SlicingError(ValueError):
@@ -59,10 +66,15 @@ def is_folded(model: nn.Module) -> bool:
 # ---- step 1: fold the norms ----------------------------------------------------------------------
 
 @torch.no_grad()
-def fold_norms(model: nn.Module) -> nn.Module:
-    """Folds every norm's scale into the linear layers that read its output, unties the head
-    from the embeddings, and turns each decoder layer into a :class:`SlicedDecoderLayer` whose
-    output projections add the residual (no shortcut yet). The model computes the same function.
+def fold_norms(model: nn.Module, project_embeddings: Optional[bool] = None) -> nn.Module:
+    """Folds every norm's scale into the linear layers that read its output and turns each
+    decoder layer into a :class:`SlicedDecoderLayer` whose output projections add the residual
+    (no shortcut yet). The model computes the same function.
+
+    ``project_embeddings`` (default: whether the head is tied to the embeddings): keep the
+    embedding table and the head in the original basis, with projections after the lookup and
+    in the final norm (module docstring); otherwise the head is untied and gets the final norm's
+    scale, and the table and the head are rotated themselves.
     """
     adapter = get_adapter(model)
     if not adapter.supports_slicing:
@@ -92,13 +104,38 @@ def fold_norms(model: nn.Module) -> nn.Module:
                      mlp_output=adapter.mlp_output)
         layers[i] = SlicedDecoderLayer(attn, mlp, new_norms[0], new_norms[1], names)
 
-    _untie_head(model, adapter)
     final = model.get_submodule(adapter.final_norm)
-    head = _dense(model.get_submodule(adapter.head), "the head")
+    head = model.get_submodule(adapter.head)
     scale = final.weight.detach().to(torch.float64) + adapter.norm_offset
+    if project_embeddings is None:
+        project_embeddings = adapter.tied_embeddings(model)
+    if project_embeddings:
+        embed = model.get_submodule(adapter.embed)
+        dtype, device = embed.weight.dtype, embed.weight.device
+        _replace(model, adapter.embed, ProjectedEmbedding(
+            embed, torch.eye(hidden, dtype=dtype, device=device)))
+        _replace(model, adapter.final_norm, SlicedRMSNorm(
+            hidden, hidden, _norm_eps(final), projection=torch.diag(scale).to(dtype)))
+        return model
+    _untie_head(model, adapter)
+    head = _dense(head, "the head")
     _set_weight(head, head.weight.detach().to(torch.float64) * scale)
     _replace(model, adapter.final_norm, SlicedRMSNorm(hidden, hidden, _norm_eps(final)))
     return model
+
+
+def keeps_tied_table(model: nn.Module, embed_width: int, head_width: int) -> bool:
+    """Whether slicing ``model`` to these embedding/head widths should keep its tied table in
+    the original basis (one [V, D] table + [D, w0] and [w_L, D] projections) rather than rotate
+    it into an untied [V, w0] table and [V, w_L] head: true when the model is tied and that is
+    fewer elements."""
+    adapter = get_adapter(model)
+    if not adapter.tied_embeddings(model):
+        return False
+    vocab = model.get_submodule(adapter.embed).weight.shape[0]
+    hidden = model.config.hidden_size
+    projected = vocab * hidden + hidden * (embed_width + head_width)
+    return projected < vocab * (embed_width + head_width)
 
 
 def _untie_head(model: nn.Module, adapter: ModelAdapter) -> None:
@@ -131,6 +168,10 @@ def rotate_embedding(model: nn.Module, basis: torch.Tensor) -> None:
     adapter = get_adapter(model)
     embed = model.get_submodule(adapter.embed)
     q = _check_basis(basis, model.config.hidden_size, "embedding basis").to(embed.weight.device)
+    if isinstance(embed, ProjectedEmbedding):
+        current = embed.projection.detach().to(torch.float64)  # [D, D] (unrotated) -> [D, w]
+        embed.projection = (current @ q).to(embed.weight.dtype).contiguous()
+        return
     weight = embed.weight.detach().to(torch.float64) @ q
     embed.weight = nn.Parameter(weight.to(embed.weight.dtype).contiguous(), requires_grad=False)
     embed.embedding_dim = weight.shape[1]
@@ -183,8 +224,15 @@ def rotate_output(model: nn.Module, index: int, part: str, basis: torch.Tensor) 
 def rotate_head(model: nn.Module, basis: torch.Tensor) -> None:
     """Makes the final norm and the head read the last layer's output in ``basis`` [D, w]."""
     adapter = get_adapter(model)
-    head = _dense(model.get_submodule(adapter.head), "the head")
     q = _check_basis(basis, model.config.hidden_size, "head basis")
+    final = model.get_submodule(adapter.final_norm)
+    if final.projection is not None:
+        # the head reads the original basis: n(x) @ diag(g) = n(x Q) @ Q^T diag(g)
+        current = final.projection.detach().to(torch.float64)
+        final.projection = (q.T.to(current.device) @ current).to(final.projection.dtype).contiguous()
+        final.width = q.shape[1]
+        return
+    head = _dense(model.get_submodule(adapter.head), "the head")
     _set_weight(head, head.weight.detach().to(torch.float64) @ q.to(head.weight.device))
     model.get_submodule(adapter.final_norm).width = q.shape[1]
 
@@ -221,7 +269,8 @@ def apply_bases(model: nn.Module, attn_bases: Sequence[torch.Tensor],
     if len(attn_bases) != len(layers) or len(mlp_bases) != len(layers):
         raise SlicingError(f"need one attention and one MLP basis per layer ({len(layers)}), got "
                            f"{len(attn_bases)} and {len(mlp_bases)}")
-    fold_norms(model)
+    if not is_folded(model):
+        fold_norms(model, keeps_tied_table(model, attn_bases[0].shape[1], head_basis.shape[1]))
     rotate_embedding(model, attn_bases[0])
     for i in range(len(layers)):
         rotate_inputs(model, i, "attn", attn_bases[i])
@@ -258,9 +307,12 @@ def describe_structure(model: nn.Module) -> Optional[dict]:
             "attn_eps": layer.attn_norm.eps, "mlp_eps": layer.mlp_norm.eps,
         })
     final = model.get_submodule(adapter.final_norm)
+    embed = model.get_submodule(adapter.embed)
+    projected = isinstance(embed, ProjectedEmbedding)
     return {
         "hidden_size": model.config.hidden_size,
-        "embed_width": model.get_submodule(adapter.embed).weight.shape[1],
+        "projected_embeddings": projected,
+        "embed_width": embed.output_width if projected else embed.weight.shape[1],
         "head_width": final.width,
         "final_eps": final.eps,
         "layers": layers,
@@ -279,10 +331,16 @@ def build_skeleton(model: nn.Module, desc: dict) -> nn.Module:
     layers = adapter.decoder_layers(model)
     if len(desc["layers"]) != len(layers) or desc["hidden_size"] != model.config.hidden_size:
         raise SlicingError("the checkpoint's sliced structure does not match the model config")
-    fold_norms(model)
+    projected = bool(desc.get("projected_embeddings", False))
+    fold_norms(model, project_embeddings=projected)
+    hidden = model.config.hidden_size
     embed = model.get_submodule(adapter.embed)
-    embed.weight = _meta_like(embed.weight, (embed.weight.shape[0], desc["embed_width"]))
-    embed.embedding_dim = desc["embed_width"]
+    if projected:
+        embed.projection = torch.empty(hidden, desc["embed_width"], dtype=embed.weight.dtype,
+                                       device="meta")
+    else:
+        embed.weight = _meta_like(embed.weight, (embed.weight.shape[0], desc["embed_width"]))
+        embed.embedding_dim = desc["embed_width"]
     for layer, d in zip(layers, desc["layers"]):
         for part, width, out_width, has_shortcut, eps in (
                 ("attn", d["attn_width"], d["attn_out_width"], d["attn_shortcut"], d["attn_eps"]),
@@ -300,8 +358,12 @@ def build_skeleton(model: nn.Module, desc: dict) -> nn.Module:
             _set_weight(lin, _meta_like(lin.weight, (out_width, lin.weight.shape[1])), bias)
             out.shortcut = (torch.empty(width, out_width, dtype=lin.weight.dtype, device="meta")
                             if has_shortcut else None)
-    head = model.get_submodule(adapter.head)
-    _set_weight(head, _meta_like(head.weight, (head.weight.shape[0], desc["head_width"])))
     final = model.get_submodule(adapter.final_norm)
     final.width, final.eps = desc["head_width"], desc["final_eps"]
+    if projected:
+        final.projection = torch.empty(desc["head_width"], hidden, dtype=embed.weight.dtype,
+                                       device="meta")
+    else:
+        head = model.get_submodule(adapter.head)
+        _set_weight(head, _meta_like(head.weight, (head.weight.shape[0], desc["head_width"])))
     return model
