@@ -21,3 +21,13 @@ def test_ci_runs_the_readme_test_command():
                 if line.startswith("python -m pytest")]
     assert len(commands) == 1, "the README must name exactly one test command"
     assert "README.md" in ci and "python -m pytest" in ci
+
+
+def test_results_tables_match_the_committed_results():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "readme_tables.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "<!-- results:begin -->\n**Seeds' algorithms" in (root / "README.md").read_text()

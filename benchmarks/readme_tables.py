@@ -1,0 +1,172 @@
+"""The README's benchmark tables, generated from the committed results under benchmarks/results/.
+
+    python benchmarks/readme_tables.py            # rewrite the block in README.md
+    python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from the results
+
+The block sits between the markers ``<!-- results:begin -->`` and ``<!-- results:end -->``;
+every table names the device and date of the run it comes from. A result file that is absent
+is left out of the block (the tables say which files they come from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> Optional[Dict[str, object]]:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _source(name: str, meta: Dict[str, object]) -> str:
+    date = str(meta.get("date", "?"))[:10]
+    return f"`benchmarks/results/{name}`, {meta.get('device', '?')}, {date}"
+
+
+def _mib(nbytes: object) -> str:
+    return f"{float(nbytes) / 2**20:.0f}"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def seeds_table() -> List[str]:
+    data = _load("seeds_smollm2.json")
+    if data is None:
+        return []
+    wanted = ("fp32", "constant 25%", "dynamic 25% base 0.000", "constant 35%",
+              "dynamic 35% base 0.000", "RTN 25% of layers 4->2 by lim",
+              "RTN 25% of layers 4->2 by random", "RTN int4 g128", "GPTQ int4 g128",
+              "RTN int3 g128", "GPTQ int3 g128")
+    rows = [r for r in data["rows"] if r["config"] in wanted or r["section"] == "combined"]
+    body = [[r["section"], r["config"], f"{r['ppl']:.2f}", _mib(r["weight_bytes"])] for r in rows]
+    return ([f"**Seeds' algorithms on SmolLM2-135M** (perplexity on held-out text, 16 x 512 tokens; "
+             f"{_source('seeds_smollm2.json', data['meta'])}; all rows in `seeds_smollm2.md`)", ""]
+            + _table(["section", "config", "perplexity", "MiB"], body))
+
+
+def engine_table() -> List[str]:
+    data = _load("engine_smollm2.json")
+    if data is None:
+        return []
+    body = [[r["config"], f"{r['ppl']:.3f}", f"{r['ppl_change_pct']:+.1f}%",
+             _mib(r["weight_bytes"]), _mib(r["predicted_bytes"])] for r in data["rows"]]
+    return ([f"**Uniform RTN on SmolLM2-135M** (perplexity at seqlen 2048 on the whole held-out "
+             f"split; {_source('engine_smollm2.json', data['meta'])})", ""]
+            + _table(["config", "perplexity", "change", "MiB held", "MiB predicted"], body))
+
+
+def matryoshka_table() -> List[str]:
+    data = _load("matryoshka_smollm2.json")
+    if data is None:
+        return []
+    body = [[r["config"], f"{r['avg_bits']:g}", f"{r['ppl']:.4g}",
+             "" if r.get("code_bytes_read") is None else f"{r['code_bytes_read']:.3f}"]
+            for r in data["rows"]]
+    return ([f"**Matryoshka slices on SmolLM2-135M** "
+             f"({_source('matryoshka_smollm2.json', data['meta'])})", ""]
+            + _table(["config", "avg bits", "perplexity", "code bytes read (x int8)"], body))
+
+
+def decode_table(name: str) -> List[str]:
+    data = _load(name)
+    if data is None:
+        return []
+    meta = data["meta"]
+    rows = [r for r in data["rows"] if r.get("op") == "decode"]
+    body = [[r["model"], str(r["batch"]), f"{r['tokens_per_s']:.1f}",
+             f"{r.get('speedup_vs_dense', float('nan')):.2f}x", _mib(r["weight_bytes"]),
+             f"{r['pct_roofline']:.0f}%", str(r["graphs"])] for r in rows]
+    skipped = [f"{r['model']} ({r['reason']})" for r in data["rows"] if r.get("op") == "skipped"]
+    lines = ([f"**End-to-end decode**, random weights of {meta.get('shape')} shapes "
+              f"({meta.get('layers')} layers), static KV cache, {meta.get('new_tokens')} greedy "
+              f"steps after a {meta.get('prompt_tokens')}-token prompt; copy bandwidth "
+              f"{meta.get('copy_bandwidth_gbps')} GB/s ({_source(name, meta)})", ""]
+             + _table(["model", "batch", "tokens/s", "vs dense", "MiB", "of roofline", "graphs"],
+                      body))
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(skipped) + "."]
+    return lines
+
+
+def kernel_table(name: str, title: str) -> List[str]:
+    data = _load(name)
+    if data is None:
+        return []
+    rows = [r for r in data["rows"] if r.get("M") == 1]
+    speed_key = next((k for k in rows[0] if k.startswith("speedup_vs")), None) if rows else None
+    body = [[r["op"], r["backend"], str(r["bits"]), f"{r['N']}x{r['K']}", f"{r['ms']:.3f}",
+             f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%",
+             "" if speed_key is None else f"{r[speed_key]:.2f}x"] for r in rows]
+    return ([f"**{title}** at M = 1 (copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} "
+             f"GB/s; {_source(name, data['meta'])})", ""]
+            + _table(["op", "backend", "bits", "N x K", "ms", "GB/s", "of copy bw",
+                      speed_key or "speedup"], body))
+
+
+def gpu_files() -> List[str]:
+    """Result files of GPU runs (kernel benchmarks are named per device)."""
+    return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
+
+
+def sections() -> List[Callable[[], List[str]]]:
+    return ([seeds_table, engine_table, matryoshka_table,
+             lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json")]
+            + [lambda name=name: kernel_table(name, "GPU kernels") for name in gpu_files()]
+            + [lambda: kernel_table("cpu_kernels.json", "CPU kernels")])
+
+
+def generate() -> str:
+    """The markdown between the markers (markers excluded)."""
+    lines: List[str] = []
+    for section in sections():
+        block = section()
+        if block:
+            lines += block + [""]
+    if not gpu_files() and not (RESULTS / "decode_cuda.json").exists():
+        lines += ["No GPU figure has been measured yet (no `gpu_kernels_*.json` or "
+                  "`decode_cuda.json` under `benchmarks/results/`).", ""]
+    return "\n".join(lines)
+
+
+def splice(readme: str, block: str) -> str:
+    """``readme`` with the text between the markers replaced by ``block``."""
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md has no {BEGIN} ... {END} block")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="only check that README.md matches the committed results")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    wanted = splice(current, generate())
+    if args.check:
+        if wanted != current:
+            print("README.md's results block is out of date: run "
+                  "python benchmarks/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    print(f"rewrote the results block of {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
