@@ -110,7 +110,6 @@ def _torchao_int4(model: torch.nn.Module) -> None:
 
 
 def _gemlite_int4(model: torch.nn.Module) -> None:
-    import gemlite  # noqa: F401
     from gemlite.helper import A16W4  # raises ImportError where the helper API differs
     layers = model.model.layers
     for name, module in list(layers.named_modules()):

@@ -11,12 +11,25 @@
 #           only, unless PYENGINE_CUDA_ARCHS is set), then build_info
 #   test    pytest -m "gpu or interpreter or not slow" on the GPU, then the Triton tests once
 #           more under the interpreter with the GPU hidden (CUDA_VISIBLE_DEVICES=)
-#   cuda    only tests/test_cuda_decode.py (the CUDA decode GEMV against the reference and the
-#           simple CUDA kernel), for a run too short for the whole test stage
+#   cuda    only tests/test_cuda_decode.py and tests/test_cuda_tc.py (the CUDA decode GEMV and
+#           tensor-core GEMM against the reference and the simple CUDA kernel), for a run too
+#           short for the whole test stage
+#   decode  benchmarks/bench_decode.py: end-to-end decode of a Llama-3-8B-shaped model, dense fp16
+#           vs 4-bit vs mixed 3-bit vs 25% slicing + mixed 3-bit (+ peers where installed):
+#           $OUT/decode_cuda.json and .png (DECODE_ARGS passed on, e.g. "--layers 8")
+#   matryoshka  benchmarks/bench_matryoshka_gpu.py: the plane-layout Triton kernel at r = 8/4/2
+#           against the plain r-bit kernel: $OUT/matryoshka_gpu.json
 #   bench   benchmarks/bench_gpu_kernels.py (BENCH_ARGS are passed on, e.g. "--quick")
 #   quick   bench with --quick
-# test/cuda/bench/quick build first when pyengine._C is missing or has no CUDA kernels (a fresh
-# machine), so each stage can run in a separate call. Exit status: 0 when every stage passed.
+#   opsbench  the pytest-benchmark suite benchmarks/test_bench_ops.py, full profile (Llama-3-8B
+#           shapes and 28672x8192, M 1/16/256/1024, every CUDA backend and the fp16 F.linear
+#           rows): $OUT/ops_bench_gpu.json and its table ops_bench_gpu.md / .txt. Not in the
+#           default stages (several minutes); OPSBENCH_ARGS are passed on to pytest (e.g.
+#           "--ops-profile small" or -k filters); cases that would start after 420 s are
+#           skipped so that the JSON is still written inside the stage's limit
+# every stage but build builds first when pyengine._C is missing or has no CUDA kernels
+# (a fresh machine), so each stage can run in a separate call. Exit status: 0 when every stage
+# passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -99,8 +112,22 @@ for stage in "${STAGES[@]}"; do
             ;;
         cuda)
             ensure_built
-            run_logged pytest_cuda_decode 420 python -m pytest tests/test_cuda_decode.py -q -rs \
-                --durations=10 --junitxml="$OUT/pytest_cuda_decode.xml"
+            run_logged pytest_cuda_kernels 420 python -m pytest tests/test_cuda_decode.py \
+                tests/test_cuda_tc.py -q -rs --durations=10 \
+                --junitxml="$OUT/pytest_cuda_kernels.xml"
+            ;;
+        decode)
+            ensure_built
+            # shellcheck disable=SC2086
+            run_logged decode 560 python benchmarks/bench_decode.py --device cuda \
+                --json "$OUT/decode_cuda.json" ${DECODE_ARGS:-}
+            [ -s "$OUT/decode_cuda.json" ] && python benchmarks/plot_results.py \
+                "$OUT/decode_cuda.json" >>"$OUT/decode.log" 2>&1
+            ;;
+        matryoshka)
+            ensure_built
+            run_logged matryoshka 420 python benchmarks/bench_matryoshka_gpu.py \
+                --json "$OUT/matryoshka_gpu.json"
             ;;
         bench|quick)
             ensure_built
@@ -112,7 +139,23 @@ for stage in "${STAGES[@]}"; do
             cp benchmarks/results/gpu_kernels_*.json "$OUT/" 2>/dev/null \
                 || note "  no JSON results written"
             ;;
-        *) note "unknown stage '$stage' (build, test, cuda, bench, quick)"; status=1 ;;
+        opsbench)
+            ensure_built
+            # shellcheck disable=SC2086
+            run_logged opsbench 540 python -m pytest benchmarks/test_bench_ops.py -q -rs \
+                -p no:cacheprovider --ops-device cuda --ops-profile full --ops-deadline 420 \
+                --benchmark-columns median,iqr,rounds,iterations \
+                --benchmark-json "$OUT/ops_bench_gpu.json" ${OPSBENCH_ARGS:-}
+            if [ -s "$OUT/ops_bench_gpu.json" ]; then
+                python benchmarks/summarize_ops_bench.py "$OUT/ops_bench_gpu.json" \
+                    --markdown "$OUT/ops_bench_gpu.md" >"$OUT/ops_bench_gpu.txt" 2>&1 \
+                    || { note "  summarize_ops_bench failed (see ops_bench_gpu.txt)"; status=1; }
+            else
+                note "  no ops_bench_gpu.json written"
+            fi
+            ;;
+        *) note "unknown stage '$stage' (build, test, cuda, bench, quick, opsbench, decode," \
+                "matryoshka)"; status=1 ;;
     esac
 done
 

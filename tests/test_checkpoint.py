@@ -60,7 +60,7 @@ def test_sliced_tied_models_round_trip(head, tmp_path, rng):
     projection); a quantized head on such a model reads the original basis."""
     from pyengine.modules.sliced import ProjectedEmbedding
     model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)  # table > layers
-    d, n = model.config.hidden_size, model.config.num_hidden_layers
+    d = model.config.hidden_size
     q = lambda w: torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=rng))[0][:, :w]
     widths = [56, 40, 48]
     structure.apply_bases(model, [q(w) for w in widths], [q(w) for w in widths], q(44))

@@ -20,7 +20,7 @@ import torch
 
 import pyengine
 from pyengine import ops
-from pyengine.backends import (BackendError, MatmulCase, QuantTensors, get_backend,
+from pyengine.backends import (MatmulCase, QuantTensors, get_backend,
                                reference_matmul, select_backend)
 
 from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, poisoned, quant_tensors,
