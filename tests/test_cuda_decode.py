@@ -155,19 +155,22 @@ def test_decode_shortcut(dtype, bits, rng):
 
 @pytest.mark.gpu
 def test_default_route_and_environment_override(monkeypatch, rng):
-    """The default cuda backend runs the decode kernel for M <= 16 and the simple kernel above
-    (bit-identical results: each kernel is deterministic); PYENGINE_CUDA_KERNEL=simple forces
-    the simple kernel."""
+    """The default cuda backend runs the decode kernel for M <= 16, the tensor-core kernel above
+    for fp16/bf16 activations and the simple kernel for fp32 ones (bit-identical results: each
+    kernel is deterministic); PYENGINE_CUDA_KERNEL=simple forces the simple kernel."""
     n, k = 1536, 576
     qt, w_ref = _weight(n, k, 4, 128, False, torch.float16, _SEED)
     default = get_backend("cuda")
     monkeypatch.delenv(ENV_KERNEL, raising=False)
-    for m, expected in ((1, "decode"), (16, "decode"), (17, "simple"), (40, "simple")):
-        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=torch.float16)
+    kernels = {**_backends(), "tc": CudaBackend(kernel="tc")}
+    for m, dtype, expected in ((1, torch.float16, "decode"), (16, torch.float16, "decode"),
+                               (17, torch.float16, "tc"), (40, torch.bfloat16, "tc"),
+                               (40, torch.float32, "simple")):
+        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
         auto = _run(default, x, qt, n, k)
-        forced = _run(_backends()[expected], x, qt, n, k)
+        forced = _run(kernels[expected], x, qt, n, k)
         assert torch.equal(auto, forced), f"M={m}: the default route is not the {expected} kernel"
-        assert_matches(auto.float(), _ref(x, w_ref, n, k), torch.float16, f"auto M={m}")
+        assert_matches(auto.float(), _ref(x, w_ref, n, k), dtype, f"auto M={m} {dtype}")
     x = torch.randn(4, k, generator=rng).to(device="cuda", dtype=torch.float16)
     monkeypatch.setenv(ENV_KERNEL, "simple")
     via_env = _run(default, x, qt, n, k)

@@ -21,10 +21,17 @@ constexpr int64_t kDecodeMaxM = 16;
 // M <= kDecodeMaxM; raises std::invalid_argument for larger M.
 void qmatmul_decode(const QMatmulArgs& args, int device, uintptr_t stream);
 
-// The default route: the decode GEMV for M <= kDecodeMaxM, the simple kernel above that.
+// The tensor-core GEMM (csrc/cuda/qmatmul_tc.cu): same contract, float16 / bfloat16
+// activations only (raises std::invalid_argument for float32); meant for larger M.
+void qmatmul_tc(const QMatmulArgs& args, int device, uintptr_t stream);
+
+// The default route: the decode GEMV for M <= kDecodeMaxM; above that the tensor-core GEMM for
+// float16 / bfloat16 activations and the simple kernel for float32 ones.
 inline void qmatmul(const QMatmulArgs& args, int device, uintptr_t stream) {
   if (args.M <= kDecodeMaxM)
     qmatmul_decode(args, device, stream);
+  else if (args.x_dtype == kFloat16 || args.x_dtype == kBFloat16)
+    qmatmul_tc(args, device, stream);
   else
     qmatmul_simple(args, device, stream);
 }

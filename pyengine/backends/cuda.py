@@ -1,9 +1,10 @@
 """The ``cuda`` backend: CUDA kernels of pyengine._C, launched on torch's current stream.
 
-Quantized weights run on the native kernels: the decode GEMV for M <= 16, the simple kernel
-above (``kernel="auto"``). ``CudaBackend(kernel="simple" | "decode")`` or the environment variable
+Quantized weights run on the native kernels (``kernel="auto"``): the decode GEMV for M <= 16;
+above that the tensor-core GEMM for float16 / bfloat16 activations and the simple kernel for
+float32 ones. ``CudaBackend(kernel="simple" | "decode" | "tc")`` or the environment variable
 ``PYENGINE_CUDA_KERNEL`` (read at each call when the backend names no kernel) forces one of them,
-so the two can be compared; "decode" raises for M > 16. Dense weights go to cuBLAS through torch
+so they can be compared; "decode" raises for M > 16, "tc" for float32 activations. Dense weights go to cuBLAS through torch
 on a strided view of the weight.
 """
 
@@ -21,7 +22,7 @@ from .base import Backend, MatmulCase, QuantTensors
 
 
 ENV_KERNEL = "PYENGINE_CUDA_KERNEL"
-KERNELS = ("auto", "simple", "decode")
+KERNELS = ("auto", "simple", "decode", "tc")
 
 
 def _checked_kernel(kernel: str, source: str) -> str:
@@ -38,7 +39,8 @@ class CudaBackend(Backend):
         self.kernel = None if kernel is None else _checked_kernel(kernel, "kernel")
 
     def kernel_name(self) -> str:
-        """The CUDA kernel choice in force for the next call: "auto", "simple" or "decode"."""
+        """The CUDA kernel choice in force for the next call: "auto", "simple", "decode" or
+        "tc"."""
         if self.kernel is not None:
             return self.kernel
         return _checked_kernel(os.environ.get(ENV_KERNEL, "") or "auto", ENV_KERNEL)
