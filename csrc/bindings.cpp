@@ -15,6 +15,7 @@
 #endif
 
 namespace py = pybind11;
+using pyengine::PlaneMatmulArgs;
 using pyengine::QMatmulArgs;
 
 namespace {
@@ -62,6 +63,7 @@ py::dict build_info() {
   d["cpu_isas"] = split_commas(PYENGINE_CPU_ISAS);
   d["cpu_isa_selected"] = std::string(pyengine::cpu::selected_isa());
   d["cpu_isas_usable"] = pyengine::cpu::usable_isas();
+  d["cpu_plane_kernels"] = true;  // plane_matmul_cpu: Matryoshka bit planes read directly
 #if defined(PYENGINE_OPENMP)
   d["openmp"] = true;
 #else
@@ -113,6 +115,55 @@ PYBIND11_MODULE(_C, m) {
       py::arg("group_size"), py::arg("num_threads") = 0, py::arg("isa") = "",
       "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on the CPU; pointers are integers.");
 
+  m.def(
+      "plane_matmul_cpu",
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi, int64_t ld_hi,
+         uintptr_t plane_mid, int64_t ld_mid, uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
+         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
+         int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int precision,
+         int64_t group_size, int num_threads, const std::string& isa) {
+        PlaneMatmulArgs a;
+        a.x = reinterpret_cast<const void*>(x);
+        a.x_dtype = x_dtype;
+        a.ldx = ldx;
+        a.plane_hi = reinterpret_cast<const uint32_t*>(plane_hi);
+        a.ld_hi = ld_hi;
+        a.plane_mid = reinterpret_cast<const uint32_t*>(plane_mid);
+        a.ld_mid = ld_mid;
+        a.plane_lo = reinterpret_cast<const uint32_t*>(plane_lo);
+        a.ld_lo = ld_lo;
+        a.scales = reinterpret_cast<const void*>(scales);
+        a.zeros = reinterpret_cast<const void*>(zeros);
+        a.sz_dtype = sz_dtype;
+        a.lds = lds;
+        a.bias = reinterpret_cast<const void*>(bias);
+        a.bias_dtype = bias_dtype;
+        a.out = reinterpret_cast<void*>(out);
+        a.out_dtype = out_dtype;
+        a.ldo = ldo;
+        a.M = M;
+        a.N = N;
+        a.K = K;
+        a.precision = precision;
+        a.group_size = group_size;
+        a.num_threads = num_threads;
+        py::gil_scoped_release release;
+        if (isa.empty())
+          pyengine::cpu::plane_matmul(a);
+        else
+          pyengine::cpu::plane_matmul_with_isa(a, isa);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("plane_hi"), py::arg("ld_hi"),
+      py::arg("plane_mid"), py::arg("ld_mid"), py::arg("plane_lo"), py::arg("ld_lo"),
+      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("precision"), py::arg("group_size"),
+      py::arg("num_threads") = 0, py::arg("isa") = "",
+      "out[M, N] = x[M, K] @ W_r[N, K]^T (+ bias) on the CPU, W_r the r-bit slice of a Matryoshka "
+      "int8 parent read from its bit planes (only those the slice needs; the others may be 0). "
+      "Pointers are integers.");
+  m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;
+
 #if defined(PYENGINE_WITH_CUDA)
   m.def(
       "qmatmul_cuda",
@@ -123,14 +174,17 @@ PYBIND11_MODULE(_C, m) {
         QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
                                   bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
                                   bits, group_size);
-        if (!kernel.empty() && kernel != "auto" && kernel != "simple" && kernel != "decode")
-          throw std::invalid_argument("qmatmul_cuda: kernel must be 'auto', 'simple' or "
-                                      "'decode', got '" + kernel + "'");
+        if (!kernel.empty() && kernel != "auto" && kernel != "simple" && kernel != "decode" &&
+            kernel != "tc")
+          throw std::invalid_argument("qmatmul_cuda: kernel must be 'auto', 'simple', "
+                                      "'decode' or 'tc', got '" + kernel + "'");
         py::gil_scoped_release release;
         if (kernel == "simple")
           pyengine::cuda::qmatmul_simple(a, device, stream);
         else if (kernel == "decode")
           pyengine::cuda::qmatmul_decode(a, device, stream);
+        else if (kernel == "tc")
+          pyengine::cuda::qmatmul_tc(a, device, stream);
         else
           pyengine::cuda::qmatmul(a, device, stream);
       },
@@ -140,8 +194,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
       py::arg("group_size"), py::arg("device"), py::arg("stream"), py::arg("kernel") = "",
       "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on a CUDA device and stream. "
-      "kernel: '' or 'auto' (decode GEMV for M <= 16, simple kernel above), 'simple', "
-      "'decode'.");
+      "kernel: '' or 'auto' (decode GEMV for M <= 16; above, the tensor-core GEMM for fp16/bf16 "
+      "x and the simple kernel for fp32 x), 'simple', 'decode', 'tc'.");
   m.attr("cuda_decode_max_m") = pyengine::cuda::kDecodeMaxM;
   m.def("cuda_device_count", &pyengine::cuda::device_count);
 #endif

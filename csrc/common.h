@@ -79,6 +79,87 @@ inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
     if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
 }
 
+// One Matryoshka plane-layout matmul:  out[m, n] = sum_k x[m, k] * W_r[n, k] + bias[n]
+// for m < M, n < N, k < K, where W_r is the r-bit slice (precision r in 8, 6, 4, 3, 2) of an
+// int8 parent stored as three bit planes (pyengine/matryoshka/weight.py):
+//   q = hi << 5 | mid << 3 | lo
+//   plane_hi:  bits 7..5 of q, 3-bit canonical packing (3 words per 32-code block), row n at
+//              plane_hi + n * ld_hi
+//   plane_mid: bits 4..3 of q, 2-bit packing (2 words per block), row n at plane_mid + n * ld_mid
+//   plane_lo:  bits 2..0 of q, 3-bit packing (3 words per block), row n at plane_lo + n * ld_lo
+//   c_r = min(((q >> (7 - r)) + 1) >> 1, 2^r - 1) (c_8 = q);  W_r = (c_r * 2^(8-r) - z) * s
+// with s, z the parent's per-group scale and zero (zeros == nullptr: symmetric, z = 128). A
+// slice reads only the planes holding bits 7 .. 7-r of q: plane_mid is needed for r >= 3 and
+// plane_lo for r >= 6; the others may be null and are never dereferenced.
+struct PlaneMatmulArgs {
+  const void* x = nullptr;          // [M, K] activations, row stride ldx elements
+  int x_dtype = kFloat32;
+  int64_t ldx = 0;
+  const uint32_t* plane_hi = nullptr;
+  int64_t ld_hi = 0;                // words per stored row of each plane
+  const uint32_t* plane_mid = nullptr;
+  int64_t ld_mid = 0;
+  const uint32_t* plane_lo = nullptr;
+  int64_t ld_lo = 0;
+  const void* scales = nullptr;     // [N, lds]
+  const void* zeros = nullptr;      // [N, lds] or nullptr (symmetric)
+  int sz_dtype = kFloat32;          // dtype of scales and zeros
+  int64_t lds = 0;
+  const void* bias = nullptr;       // [N] or nullptr
+  int bias_dtype = kFloat32;
+  void* out = nullptr;              // [M, N], row stride ldo elements
+  int out_dtype = kFloat32;
+  int64_t ldo = 0;
+  int64_t M = 0, N = 0, K = 0;
+  int precision = 8;                // r: 8, 6, 4, 3 or 2
+  int64_t group_size = 128;         // codes per scale; a per-channel weight passes its padded row
+  int num_threads = 0;              // <= 0: the OpenMP default
+};
+
+inline bool plane_needed(int precision, int plane /* 0 hi, 1 mid, 2 lo */) {
+  return plane == 0 || (plane == 1 && precision >= 3) || (plane == 2 && precision >= 6);
+}
+
+inline std::string describe(const char* op, const PlaneMatmulArgs& a) {
+  std::ostringstream s;
+  s << op << "(M=" << a.M << ", N=" << a.N << ", K=" << a.K << ", precision=" << a.precision
+    << ", group_size=" << a.group_size << ", x=" << dtype_name(a.x_dtype)
+    << ", out=" << dtype_name(a.out_dtype) << ")";
+  return s.str();
+}
+
+// Checks that the plane kernels rely on; raises std::invalid_argument naming the problem.
+inline void check_plane_matmul_args(const char* op, const PlaneMatmulArgs& a) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument(describe(op, a) + ": " + why);
+  };
+  const int r = a.precision;
+  if (r != 2 && r != 3 && r != 4 && r != 6 && r != 8) fail("precision must be 8, 6, 4, 3 or 2");
+  if (a.group_size <= 0 || a.group_size % 32 != 0)
+    fail("group_size must be a positive multiple of 32");
+  if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
+  const int64_t k_blocks = (a.K + 31) / 32;
+  const uint32_t* planes[3] = {a.plane_hi, a.plane_mid, a.plane_lo};
+  const int64_t row_words[3] = {a.ld_hi, a.ld_mid, a.ld_lo};
+  const char* names[3] = {"plane_hi", "plane_mid", "plane_lo"};
+  const int plane_bits[3] = {3, 2, 3};
+  if (a.M > 0 && a.N > 0) {
+    if (!a.x || !a.scales || !a.out) fail("null pointer");
+    for (int p = 0; p < 3; ++p)
+      if (plane_needed(r, p) && !planes[p])
+        fail(std::string("a ") + std::to_string(r) + "-bit slice reads " + names[p] +
+             ", got a null pointer");
+  }
+  for (int p = 0; p < 3; ++p)
+    if (plane_needed(r, p) && row_words[p] < k_blocks * plane_bits[p])
+      fail(std::string("ld of ") + names[p] + " is smaller than the packed length of K");
+  if (a.lds < (a.K + a.group_size - 1) / a.group_size)
+    fail("lds is smaller than the number of groups of K");
+  if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");
+  for (int d : {a.x_dtype, a.sz_dtype, a.bias_dtype, a.out_dtype})
+    if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
+}
+
 // ---- portable fp16 / bf16 conversions (round to nearest even, NaN/Inf preserved) -----------
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

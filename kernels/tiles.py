@@ -191,3 +191,70 @@ def finish_tile(acc, offs_m, offs_n, m_lim, n_lim,
                               axis=1)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---- helpers for layouts made of several packed planes (kernels/matryoshka.py) -----------------
+
+@triton.jit
+def block_code(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
+    """Code J (a compile-time index, 0..31) of 32-code packing blocks whose words are w0, w1,
+    w2 (uint32 tensors of one shape, one block per element; BITS = 2 uses w0 and w1, BITS = 3
+    all three), so every shift and word choice is a constant.
+
+    Code J occupies bits [J * BITS, (J + 1) * BITS) of the little-endian bit string
+    w0 | w1 << 32 | w2 << 64 (docs/FORMAT.md): it starts in word (J * BITS) // 32 at bit
+    (J * BITS) % 32; for 3 bits, codes 10 and 21 continue in the next word.
+    """
+    BIT: tl.constexpr = J * BITS
+    SHIFT: tl.constexpr = BIT % 32
+    WORD: tl.constexpr = BIT // 32
+    if WORD == 0:
+        low = w0
+        high = w1
+    elif WORD == 1:
+        low = w1
+        high = w2
+    else:
+        low = w2
+        high = w2
+    code = low >> SHIFT
+    if SHIFT + BITS > 32:
+        code = code | (high << (32 - SHIFT))
+    return code & ((1 << BITS) - 1)
+
+
+@triton.jit
+def unpack_code_blocks(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim,
+                       BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of the tile W[offs_n, k0:k0+BLOCK_K] of a packed int32 qweight [N, words], with
+    one segment per 32-code packing block whatever the width (BITS = 2, 3, 4 or 8).
+
+    Returns (codes uint32 [BLOCK_N, BLOCK_K // 32, 32], seg_k0 int32 [BLOCK_K // 32]): code
+    k0 + 32 * a + b sits at [:, a, b], seg_k0[a] = k0 + 32 * a. For 3 bits this is
+    :func:`unpack_codes`; for 2, 4 and 8 bits (whose :func:`unpack_codes` segments are single
+    words) the BITS words of each block are loaded as BITS [BLOCK_N, SEGS] tensors and code b
+    is taken from word b // (32 / BITS) at bit (b % (32 / BITS)) * BITS. Codes of planes with
+    different widths then line up element by element. Rows >= n_lim and blocks starting at
+    >= k_lim are loaded as 0.
+    """
+    if BITS == 3:
+        codes, seg_k0 = unpack_codes(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim, 3, BLOCK_K)
+    else:
+        SEGS: tl.constexpr = BLOCK_K // 32
+        CODES_PER_WORD: tl.constexpr = 32 // BITS
+        seg_k0 = k0 + tl.arange(0, SEGS) * 32
+        mask = (offs_n < n_lim)[:, None] & (seg_k0 < k_lim)[None, :]
+        # block a of the row starts at word (seg_k0[a] / 32) * BITS
+        rows = offs_n.to(tl.int64) * stride_qn
+        base = q_ptr + rows[:, None] + ((seg_k0 // 32) * BITS)[None, :]
+        lane = tl.arange(0, 32)
+        word_of_code = (lane // CODES_PER_WORD)[None, None, :]
+        shift = ((lane % CODES_PER_WORD) * BITS).to(tl.uint32)[None, None, :]
+        # words[:, a, b]: the word holding code b of block a ([BLOCK_N, SEGS, 32] throughout)
+        first = tl.load(base, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        words = tl.where(word_of_code == 0, first, 0)
+        for w in tl.static_range(1, BITS):
+            next_words = tl.load(base + w, mask=mask, other=0).to(tl.uint32, bitcast=True)
+            words = tl.where(word_of_code == w, next_words[:, :, None], words)
+        codes = (words >> shift) & ((1 << BITS) - 1)
+    return codes, seg_k0

@@ -11,9 +11,12 @@ namespace cpu {
 namespace {
 
 using KernelFn = void (*)(const QMatmulArgs&);
+using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 
+// One instruction-set build: its canonical and plane-layout kernels.
 struct Build {
   KernelFn fn;
+  PlaneKernelFn plane_fn;
   const char* name;
 };
 
@@ -35,12 +38,12 @@ bool cpu_has(const std::string& isa) {
 const std::vector<Build>& compiled() {
   static const std::vector<Build> builds = {
 #if defined(PYENGINE_HAVE_ISA_avx512)
-      {&avx512::qmatmul, "avx512"},
+      {&avx512::qmatmul, &avx512::plane_matmul, "avx512"},
 #endif
 #if defined(PYENGINE_HAVE_ISA_avx2)
-      {&avx2::qmatmul, "avx2"},
+      {&avx2::qmatmul, &avx2::plane_matmul, "avx2"},
 #endif
-      {&generic::qmatmul, "generic"},
+      {&generic::qmatmul, &generic::plane_matmul, "generic"},
   };
   return builds;
 }
@@ -49,9 +52,23 @@ const Build& selected() {
   static const Build best = [] {
     for (const Build& b : compiled())
       if (cpu_has(b.name)) return b;
-    return Build{&generic::qmatmul, "generic"};
+    return Build{&generic::qmatmul, &generic::plane_matmul, "generic"};
   }();
   return best;
+}
+
+// The build named `isa`; raises std::invalid_argument (naming `op`) if this binary lacks it or
+// the CPU cannot run it.
+const Build& build_named(const std::string& isa, const char* op) {
+  for (const Build& b : compiled()) {
+    if (isa != b.name) continue;
+    if (!cpu_has(isa))
+      throw std::invalid_argument(std::string(op) + ": this CPU cannot run the " + isa +
+                                  " kernels");
+    return b;
+  }
+  throw std::invalid_argument(std::string(op) + ": no kernels for instruction set '" + isa +
+                              "' in this build");
 }
 
 }  // namespace
@@ -63,15 +80,17 @@ void qmatmul(const QMatmulArgs& args) {
 
 void qmatmul_with_isa(const QMatmulArgs& args, const std::string& isa) {
   check_qmatmul_args("qmatmul_cpu", args);
-  for (const Build& b : compiled()) {
-    if (isa != b.name) continue;
-    if (!cpu_has(isa))
-      throw std::invalid_argument("qmatmul_cpu: this CPU cannot run the " + isa + " kernels");
-    b.fn(args);
-    return;
-  }
-  throw std::invalid_argument("qmatmul_cpu: no kernels for instruction set '" + isa +
-                              "' in this build");
+  build_named(isa, "qmatmul_cpu").fn(args);
+}
+
+void plane_matmul(const PlaneMatmulArgs& args) {
+  check_plane_matmul_args("plane_matmul_cpu", args);
+  selected().plane_fn(args);
+}
+
+void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa) {
+  check_plane_matmul_args("plane_matmul_cpu", args);
+  build_named(isa, "plane_matmul_cpu").plane_fn(args);
 }
 
 std::vector<std::string> usable_isas() {

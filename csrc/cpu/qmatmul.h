@@ -1,5 +1,6 @@
-// CPU quantized matmul. qmatmul_kernels.cpp is compiled once per instruction set into the
-// namespace pyengine::cpu::<isa>; dispatch.cpp picks the best one the running CPU supports.
+// CPU quantized matmul. qmatmul_kernels.cpp (canonical packed weights) and plane_kernels.cpp
+// (Matryoshka bit planes) are compiled once per instruction set into the namespace
+// pyengine::cpu::<isa>; dispatch.cpp picks the best one the running CPU supports.
 #pragma once
 
 #include <string>
@@ -13,6 +14,7 @@ namespace cpu {
 #define PYENGINE_DECLARE_ISA(isa)                 \
   namespace isa {                                 \
   void qmatmul(const QMatmulArgs& args);          \
+  void plane_matmul(const PlaneMatmulArgs& args); \
   }
 
 PYENGINE_DECLARE_ISA(generic)
@@ -35,6 +37,16 @@ const char* selected_isa();
 
 // Largest M served by the decode (GEMV-style) path; larger M uses the tiled prefill path.
 constexpr int64_t kDecodeMaxM = 8;
+
+// The Matryoshka plane-layout matmul on the best instruction set (validates args first).
+void plane_matmul(const PlaneMatmulArgs& args);
+
+// The plane-layout matmul of one named instruction-set build (errors as qmatmul_with_isa).
+void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa);
+
+// Largest M served by the plane kernels' decode path (one pass over the planes, every x row
+// multiplied by each unpacked code); larger M dequantizes panels and runs the tiled path.
+constexpr int64_t kPlaneDecodeMaxM = 8;
 
 }  // namespace cpu
 }  // namespace pyengine

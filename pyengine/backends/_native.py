@@ -1,5 +1,6 @@
-"""Shared glue of the backends that call pyengine._C: pointer and stride extraction, and the
-fused epilogue (bias, shortcut) around the quantized kernels."""
+"""Shared glue of the backends that call pyengine._C: pointer and stride extraction, the fused
+epilogue (bias, shortcut) around the quantized kernels, and the CPU kernel of the Matryoshka
+bit-plane layout (plane_matmul_cpu)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._ext import DTYPE_CODES
+from .._ext import DTYPE_CODES, extension, extension_error
 from .base import QuantTensors
 
 # kernel(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds, bias, bias_dtype,
@@ -59,3 +60,103 @@ def dense_matmul_blas(x: torch.Tensor, w: torch.Tensor, n: int, k: int,
     if out is None:
         return y
     return out.copy_(y)
+
+
+# ---- Matryoshka bit planes ----------------------------------------------------------------------
+
+def plane_kernel_unavailable_reason() -> Optional[str]:
+    """None when pyengine._C has the CPU plane-layout kernel (``plane_matmul_cpu``), else why
+    not (one line)."""
+    ext = extension()
+    if ext is None:
+        return f"pyengine._C is not available ({extension_error()})"
+    if not hasattr(ext, "plane_matmul_cpu"):
+        return "this build of pyengine._C has no plane_matmul_cpu (rebuild the extension)"
+    return None
+
+
+_PLANE_NAMES = ("plane_hi", "plane_mid", "plane_lo")
+_PLANE_MIN_PRECISION = {"plane_hi": 2, "plane_mid": 3, "plane_lo": 6}  # lowest r reading it
+
+
+def plane_matmul_cpu(x: torch.Tensor, plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
+                     plane_lo: Optional[torch.Tensor], scales: torch.Tensor,
+                     zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], precision: int,
+                     group_size: int, n: int, k: int, out: Optional[torch.Tensor] = None,
+                     isa: str = "", num_threads: Optional[int] = None) -> torch.Tensor:
+    """out[M, n] = x[M, k] @ W_r[:n, :k]^T (+ bias) with the C++ kernel ``plane_matmul_cpu``,
+    W_r the r-bit slice of a Matryoshka parent read from its bit planes (fp32 accumulation).
+
+    Args:
+        x: [M, k] float32 / float16 / bfloat16 on the CPU, stride(-1) == 1.
+        plane_hi, plane_mid, plane_lo: int32 [>=n, words] packed planes (stride(-1) == 1);
+            plane_mid may be None for r = 2 and plane_lo for r <= 4 (never read then).
+        scales, zeros: [>=n, G] float (zeros None: symmetric, zero point 128).
+        bias: [n] float or None.
+        precision: r in (8, 6, 4, 3, 2).
+        group_size: codes per scale, a multiple of 32 (the padded row length for a per-channel
+            weight).
+        out: [M, n] contiguous in x's dtype to write into (allocated when None).
+        isa: "" for the best instruction set of this CPU, or one of
+            build_info()["cpu_isas_usable"].
+        num_threads: OpenMP threads (default: torch.get_num_threads()).
+    Returns:
+        out, [M, n] in x's dtype.
+    """
+    op = "plane_matmul_cpu"
+
+    def fail(exc, why):
+        raise exc(f"{op}(M={x.shape[0] if x.dim() == 2 else '?'}, N={n}, K={k}, "
+                  f"precision={precision}, group_size={group_size}): {why}")
+
+    why = plane_kernel_unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"{op}: {why}")
+    if x.dim() != 2 or x.shape[1] != k:
+        fail(ValueError, f"x must be [M, {k}], got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPE_CODES:
+        fail(TypeError, f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    planes = (plane_hi, plane_mid, plane_lo)
+    for name, t in (("x", x), ("plane_hi", plane_hi), ("plane_mid", plane_mid),
+                    ("plane_lo", plane_lo), ("scales", scales), ("zeros", zeros), ("bias", bias),
+                    ("out", out)):
+        if t is None:
+            continue
+        if not t.is_cpu:
+            fail(ValueError, f"{name} must be a CPU tensor, got device {t.device}")
+        if t.stride(-1) != 1 and t.numel():
+            fail(ValueError, f"{name} must have a contiguous last dimension")
+    for name, t in zip(_PLANE_NAMES, planes):
+        if t is None:
+            if precision >= _PLANE_MIN_PRECISION[name]:
+                fail(ValueError, f"a {precision}-bit slice reads {name}, got None")
+        elif t.dtype != torch.int32 or t.dim() != 2 or t.shape[0] < n:
+            fail(ValueError, f"{name} must be int32 [>={n}, words], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if scales.dtype not in DTYPE_CODES or scales.dim() != 2 or scales.shape[0] < n:
+        fail(ValueError, f"scales must be float [>={n}, G], got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape
+                              or zeros.stride() != scales.stride()):
+        fail(ValueError, "zeros must match scales in dtype, shape and strides")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n
+                             or bias.dtype not in DTYPE_CODES):
+        fail(ValueError, f"bias must be a float vector of {n}, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        fail(ValueError, f"out must be contiguous {x.dtype} [{m}, {n}], got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    extension().plane_matmul_cpu(
+        x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0),
+        plane_hi.data_ptr(), plane_hi.stride(0),
+        _ptr(plane_mid), 0 if plane_mid is None else plane_mid.stride(0),
+        _ptr(plane_lo), 0 if plane_lo is None else plane_lo.stride(0),
+        scales.data_ptr(), _ptr(zeros), DTYPE_CODES[scales.dtype], scales.stride(0),
+        _ptr(bias), 0 if bias is None else DTYPE_CODES[bias.dtype],
+        out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
+        m, n, k, precision, group_size,
+        torch.get_num_threads() if num_threads is None else num_threads, isa)
+    return out

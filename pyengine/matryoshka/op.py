@@ -4,12 +4,23 @@ One ``torch.library`` custom op, ``torch.ops.pyengine.matryoshka_matmul``, takes
 planes and the precision r. The public wrapper passes only the planes the slice reads
 (``PLANES_READ[r]``; the others are None), so an r-bit call touches only those bytes.
 
-Backends: no compiled kernel reads the plane layout yet. ``backend=None`` and ``"torch"`` run
-the reference (``$PYENGINE_BACKEND`` overrides None, as for the other ops): fp32 math on the slice dequantized from the planes on every call (nothing is
-cached). An explicitly requested other backend (``"cpu"``, ``"cuda"``, ``"triton"``) serves the
-call by assembling the canonical r-bit slice for this call only (a transient tensor of
-``K * r / 8`` bytes per row, freed afterwards; an int6 slice is assembled as 8-bit codes) and
-running its canonical quantized kernel on it; an unavailable backend raises BackendError.
+Paths (:func:`matryoshka_path` tells which one a call takes; ``$PYENGINE_BACKEND`` stands in for
+``backend=None``, as for the other ops):
+
+* ``"cpu-plane-kernel"``: the C++ kernel ``pyengine._C.plane_matmul_cpu`` reads the planes
+  directly (fp32 accumulation, no canonical copy of the weight). It serves CPU tensors for
+  ``backend=None`` and ``backend="cpu"`` whenever the extension has it.
+* ``"triton-plane-kernel"``: the Triton kernels of ``pyengine.kernels.matryoshka`` read the
+  planes directly on CUDA tensors, for ``backend=None`` and ``backend="triton"`` where the
+  triton backend is available.
+* ``"torch-reference"``: fp32 math on the slice dequantized from the planes on every call
+  (nothing is cached). ``backend="torch"``, and ``backend=None`` where the C++ kernel is missing
+  (no extension, or an older build) or, on other devices, Triton is missing.
+* ``"canonical-slice:<backend>"``: any other explicitly requested backend (``"cuda"``,
+  ``"triton"`` on CPU tensors, or ``"cpu"`` with an extension that predates the plane kernel) serves the call
+  by assembling the canonical r-bit slice for this call only (a transient tensor of
+  ``K * r / 8`` bytes per row, freed afterwards; an int6 slice is assembled as 8-bit codes) and
+  running its canonical quantized kernel on it; an unavailable backend raises BackendError.
 """
 
 from __future__ import annotations
@@ -19,12 +30,17 @@ from typing import Optional
 
 import torch
 
-from ..backends import ENV_BACKEND
+from ..backends import ENV_BACKEND, _native
 from ..ops import checks
 from .weight import (PLANE_BITS, PLANES_READ, MatryoshkaWeight, canonical_slice, check_precision,
                      dequantize_planes)
 
 Tensor = torch.Tensor
+
+PATH_PLANE_KERNEL = "cpu-plane-kernel"
+PATH_REFERENCE = "torch-reference"
+PATH_CANONICAL_PREFIX = "canonical-slice:"
+PATH_TRITON = "triton-plane-kernel"
 
 
 def _planes(plane_hi, plane_mid, plane_lo):
@@ -50,23 +66,83 @@ def plane_reference_matmul(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tens
     return y
 
 
+def _select_path(device_type: str, backend: Optional[str]) -> str:
+    """The path (PATH_*) for tensors on ``device_type`` and the requested backend."""
+    requested = backend or os.environ.get(ENV_BACKEND) or None
+    if requested == "torch":
+        return PATH_REFERENCE
+    kernel_here = device_type == "cpu" and _native.plane_kernel_unavailable_reason() is None
+    if requested is None:
+        if kernel_here:
+            return PATH_PLANE_KERNEL
+        if device_type == "cuda" and _triton_usable():
+            return PATH_TRITON
+        return PATH_REFERENCE
+    if requested == "cpu" and kernel_here:
+        return PATH_PLANE_KERNEL
+    if requested == "triton" and device_type == "cuda" and _triton_usable():
+        return PATH_TRITON
+    return PATH_CANONICAL_PREFIX + requested
+
+
+def _triton_usable() -> bool:
+    from ..backends import get_backend
+    return get_backend("triton").unavailable_reason() is None
+
+
+def matryoshka_path(x: Tensor, backend: Optional[str] = None) -> str:
+    """Which implementation :func:`matryoshka_matmul` uses for activations ``x`` and ``backend``
+    (``$PYENGINE_BACKEND`` when backend is None): ``"cpu-plane-kernel"``,
+    ``"torch-reference"`` or ``"canonical-slice:<backend>"`` (see the module docstring)."""
+    return _select_path(x.device.type, backend)
+
+
+def _plane_kernel_matmul(x2: Tensor, plane_hi: Tensor, plane_mid: Optional[Tensor],
+                         plane_lo: Optional[Tensor], scales: Tensor, zeros: Optional[Tensor],
+                         bias: Optional[Tensor], precision: int, group_size: int, n: int,
+                         k: int) -> Tensor:
+    """[M, n] in x2's dtype from the C++ plane kernel; tensors are made contiguous in their last
+    dimension where they are not (the kernel takes row strides)."""
+    def last_contiguous(t):
+        return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+    if zeros is not None and zeros.stride() != scales.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    return _native.plane_matmul_cpu(
+        last_contiguous(x2), last_contiguous(plane_hi), last_contiguous(plane_mid),
+        last_contiguous(plane_lo), last_contiguous(scales), last_contiguous(zeros),
+        None if bias is None else bias.contiguous(), precision,
+        _effective_group_size(plane_hi, group_size), n, k)
+
+
 @torch.library.custom_op("pyengine::matryoshka_matmul", mutates_args=())
 def _matryoshka_matmul_op(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tensor],
                           plane_lo: Optional[Tensor], scales: Tensor, zeros: Optional[Tensor],
                           bias: Optional[Tensor], precision: int, group_size: int, n: int, k: int,
                           backend: Optional[str] = None) -> Tensor:
-    requested = backend or os.environ.get(ENV_BACKEND) or None
+    path = _select_path(x.device.type, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, n)
-    if requested in (None, "torch"):
+    if path == PATH_PLANE_KERNEL:
+        y = _plane_kernel_matmul(x2, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
+                                 precision, group_size, n, k)
+        return y.view(*lead, n)
+    if path == PATH_TRITON:
+        from ..kernels.matryoshka import matryoshka_matmul_triton  # imports triton
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y = matryoshka_matmul_triton(x2, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
+                                     precision, group_size, n, k)
+        return y.view(*lead, n)
+    if path == PATH_REFERENCE:
         y = plane_reference_matmul(x2, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
                                    precision, group_size, n, k)
         return y.to(x.dtype).view(*lead, n)
     from ..ops import dequant_matmul
     qw = canonical_slice(_planes(plane_hi, plane_mid, plane_lo), scales, zeros, precision,
                          group_size, (n, k))
+    requested = path[len(PATH_CANONICAL_PREFIX):]
     return dequant_matmul(x2.contiguous(), qw, bias, backend=requested).view(*lead, n)
 
 
@@ -109,8 +185,10 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
         weight: MatryoshkaWeight [N, K] on x's device.
         precision: r in (8, 6, 4, 3, 2); only the planes of PLANES_READ[r] are passed on.
         bias: [N] or None.
-        backend: None or "torch" (the plane reference), or a backend name that then serves the
-            call on a transient canonical r-bit slice (see the module docstring).
+        backend: None (the C++ plane kernel for CPU tensors when pyengine._C has it, else the
+            plane reference), "torch" (the plane reference), "cpu" (the C++ plane kernel), or
+            another backend name that then serves the call on a transient canonical r-bit slice
+            (see the module docstring and :func:`matryoshka_path`).
     Returns:
         y: [..., N] in x's dtype.
     """
@@ -129,4 +207,5 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
                                  bias, r, weight.group_size, n, k, backend)
 
 
-__all__ = ["matryoshka_matmul", "plane_reference_matmul"]
+__all__ = ["PATH_CANONICAL_PREFIX", "PATH_PLANE_KERNEL", "PATH_REFERENCE", "matryoshka_matmul",
+           "matryoshka_path", "plane_reference_matmul"]
