@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Tuple
 
@@ -59,3 +60,36 @@ def quant_tensors(qw: pyengine.QuantizedWeight) -> QuantTensors:
 
 def random_weight(n: int, k: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
     return (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+
+
+# ---- CUDA kernel tests ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def cuda_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool,
+                scale_dtype: torch.dtype, seed: int):
+    """A quantized [n, k] weight on the GPU (QuantTensors) and its dequantized fp32 copy."""
+    from pyengine.backends import reference_weight
+    gen = torch.Generator().manual_seed(seed)
+    w = random_weight(n, k, gen).to("cuda")
+    qw = pyengine.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype,
+                           clip_search=False)
+    qt = quant_tensors(qw)
+    return qt, reference_weight(qt, n, k)
+
+
+def reference_product(x, w_ref, n, k, bias=None, residual=None, shortcut=None) -> torch.Tensor:
+    """fp32 x[:, :k] @ w_ref[:n, :k]^T (+ bias[:n]) (+ residual @ shortcut)."""
+    y = x[:, :k].to(torch.float32) @ w_ref[:n, :k].T
+    if bias is not None:
+        y = y + bias[:n].to(torch.float32)
+    if residual is not None:
+        y = y + residual.to(torch.float32) @ shortcut.to(torch.float32)
+    return y
+
+
+def run_poisoned(backend: Backend, x, qt, n, k, bias=None, residual=None, shortcut=None):
+    """backend.matmul into a NaN-filled output, checking that the output given was written."""
+    out = poisoned((x.shape[0], n), x.dtype, x.device)
+    got = backend.matmul(x, qt, n, k, bias, residual, shortcut, out=out)
+    assert got.data_ptr() == out.data_ptr(), "result not written into the given output"
+    return out

@@ -7,18 +7,17 @@ needs only the compiled extension (argument checks run before any CUDA call).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import pyengine
 from pyengine._ext import extension
-from pyengine.backends import reference_weight
 from pyengine.backends.cuda import CudaBackend
 
-from helpers import BITS, GROUP_SIZES, TOLERANCE, assert_matches, poisoned, quant_tensors, \
-    random_weight, rel_err
+from helpers import BITS, GROUP_SIZES, TOLERANCE, assert_matches, rel_err
+from helpers import cuda_weight as _weight
+from helpers import reference_product as _ref
+from helpers import run_poisoned as _run
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 PREFILL_M = (17, 64, 123, 1024)
@@ -30,30 +29,10 @@ needs_cuda_build = pytest.mark.skipif(not _cuda_built, reason="pyengine._C has n
 _SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-@functools.lru_cache(maxsize=4)
-def _weight(n, k, bits, group_size, symmetric, scale_dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    w = random_weight(n, k, gen).to("cuda")
-    qw = pyengine.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype,
-                           clip_search=False)
-    qt = quant_tensors(qw)
-    return qt, reference_weight(qt, n, k)
 
 
-def _ref(x, w_ref, n, k, bias=None, residual=None, shortcut=None):
-    y = x[:, :k].to(torch.float32) @ w_ref[:n, :k].T
-    if bias is not None:
-        y = y + bias[:n].to(torch.float32)
-    if residual is not None:
-        y = y + residual.to(torch.float32) @ shortcut.to(torch.float32)
-    return y
 
 
-def _run(backend, x, qt, n, k, bias=None, residual=None, shortcut=None):
-    out = poisoned((x.shape[0], n), x.dtype, "cuda")
-    got = backend.matmul(x, qt, n, k, bias, residual, shortcut, out=out)
-    assert got.data_ptr() == out.data_ptr(), "result not written into the given output"
-    return out
 
 
 def _check(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=None, against_simple=True):

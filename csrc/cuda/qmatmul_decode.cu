@@ -89,6 +89,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/device_util.cuh"
 #include "cuda/qmatmul.h"
 
 namespace pyengine {
@@ -115,22 +116,6 @@ struct DecodePlan {
   bool wvec;    // vector loads of packed words are aligned
   bool xvec;    // 16-byte loads of activation rows are aligned
 };
-
-__device__ __forceinline__ float load_f(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-__device__ __forceinline__ void store_f(void* p, int dtype, int64_t i, float v) {
-  switch (dtype) {
-    case kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
 
 // A scale or zero is loaded as its raw bits and converted only where it is used, so that a load
 // issued one pass ahead does not stall the warp on a conversion.

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/device_util.cuh"
 #include "cuda/qmatmul.h"
 
 namespace pyengine {
@@ -17,37 +18,6 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kRowsPerWarp = 8;  // activation rows handled by one warp
-
-__device__ __forceinline__ float load_f(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-__device__ __forceinline__ void store_f(void* p, int dtype, int64_t i, float v) {
-  switch (dtype) {
-    case kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
-// Code j (0..31) of a packing block held in words[0..BITS). Bit layout: docs/FORMAT.md.
-template <int BITS>
-__device__ __forceinline__ uint32_t block_code(const uint32_t* words, int j) {
-  if constexpr (BITS == 3) {
-    const int bit = 3 * j;
-    const int w = bit >> 5, shift = bit & 31;
-    uint32_t v = words[w] >> shift;
-    if (shift > 29) v |= words[w + 1] << (32 - shift);  // codes 10 and 21 cross a word
-    return v & 7u;
-  } else {
-    constexpr int per_word = 32 / BITS;
-    return (words[j / per_word] >> ((j % per_word) * BITS)) & ((1u << BITS) - 1u);
-  }
-}
 
 template <int BITS>
 __global__ void qmatmul_simple_kernel(const QMatmulArgs a) {
