@@ -187,21 +187,21 @@ def measure_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_toke
     if graphs == "compile":
         step = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         used = "compile(reduce-overhead)"
-    t_compile = time.perf_counter()
-    pos = prompt_len
-    for _ in range(warmup):
-        ids = step(ids, positions[pos:pos + 1]).clone()
-        pos += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t_compile
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        ids = step(ids, positions[pos:pos + 1]).clone()
-        pos += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    state = {"ids": ids, "pos": prompt_len}
+
+    def run_steps(count: int) -> float:
+        """Seconds taken by ``count`` greedy steps (device synchronised at the end)."""
+        t0 = time.perf_counter()
+        for _ in range(count):
+            pos = state["pos"]
+            state["ids"] = step(state["ids"], positions[pos:pos + 1]).clone()
+            state["pos"] = pos + 1
+        common.synchronize(device)
+        return time.perf_counter() - t0
+
+    warmup_s = run_steps(warmup)  # compiles / captures on the first calls
+    seconds = run_steps(new_tokens)
+    pos = state["pos"]
     return dict(ms_per_step=seconds * 1e3 / new_tokens, graphs=used, warmup_s=round(warmup_s, 2),
                 context=pos, dtype=str(dtype).replace("torch.", ""))
 

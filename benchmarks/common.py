@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from pyengine.benchmarking import (device_name, metadata, time_cpu, time_cuda,  # noqa: F401
+from pyengine.benchmarking import (device_name, metadata, synchronize, time_cpu, time_cuda,  # noqa: F401
                                    time_interleaved, write_json)
 from pyengine.benchmarking import copy_bandwidth_gbps as _copy_bandwidth_gbps
 
