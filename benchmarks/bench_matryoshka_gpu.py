@@ -1,12 +1,14 @@
-"""GPU timing of the Matryoshka plane-layout Triton kernel against the canonical r-bit kernel.
+"""GPU timing of the Matryoshka plane-layout kernels against the canonical r-bit kernels.
 
-For each layer shape N x K, M and r in (8, 4, 2), fp16 activations, group size 128:
+For each backend (triton, cuda: those that run here), layer shape N x K, M and r in (8, 4, 2),
+fp16 activations, group size 128:
 
-* plane layout: ``pyengine.kernels.matryoshka.matryoshka_matmul_triton`` on an int8 parent
-  (``pyengine.quantize(w, bits=8)`` split into bit planes), given only the planes of
-  PLANES_READ[r] (int2 reads 3/8 of the parent's code bytes, int4 5/8, int8 all);
-* plain: the canonical r-bit Triton kernel on ``pyengine.quantize(w, bits=r)`` of the same w,
-  the kernel ``pyengine.ops.dequant_matmul(..., backend="triton")`` runs.
+* plane layout on an int8 parent (``pyengine.quantize(w, bits=8)`` split into bit planes), given
+  only the planes of PLANES_READ[r] (int2 reads 3/8 of the parent's code bytes, int4 5/8, int8
+  all): ``pyengine.kernels.matryoshka.matryoshka_matmul_triton`` (triton) or
+  ``pyengine.backends._native.plane_matmul_cuda`` (cuda: the decode GEMV for M <= 16);
+* plain: the canonical r-bit kernel of the same backend on ``pyengine.quantize(w, bits=r)`` of
+  the same w, the kernel ``pyengine.ops.dequant_matmul(..., backend=<backend>)`` runs.
 
 ``ms`` of both rows is the kernel launcher called directly into a preallocated output, so the
 ratio compares the kernels alone; the plain row also has ``ms_op``, the same kernel timed
@@ -15,18 +17,19 @@ Each kernel's result is checked once against its dequantized weight (``rel_err``
 CUDA-event timings (bench_gpu_kernels.Timer): the L2 cache is flushed before every repetition
 unless --warm-l2 (then common.time_cuda), so weights that fit in L2 are not served from it.
 
-Rows: {op: "matryoshka_matmul", backend: "triton", bits, group_size, M, N, K, ms, gbps,
+Rows: {op: "matryoshka_matmul", backend, bits, group_size, M, N, K, ms, gbps,
 pct_copy_bw, matryoshka: true, planes_read, time_vs_plain, speedup_vs_plain, rel_err} and
-{op: "dequant_matmul", backend: "triton", ..., matryoshka: false, ms_op, rel_err}; gbps counts
+{op: "dequant_matmul", backend, ..., matryoshka: false, ms_op, rel_err}; gbps counts
 the packed code bytes read, scales, zeros, x and the output.
 
     python benchmarks/bench_matryoshka_gpu.py [--shapes 14336x4096,4096x4096] [--m 1,16]
-        [--bits 8,4,2] [--json benchmarks/results/matryoshka_gpu.json]
+        [--bits 8,4,2] [--backends triton,cuda] [--json benchmarks/results/matryoshka_gpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import traceback
 from pathlib import Path
@@ -63,14 +66,60 @@ def _tensor_bytes(*tensors: Optional[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def bench_matryoshka_gpu(shapes: List[tuple], ms: List[int], bits: List[int], timer: Timer,
-                         copy_bw: float, failures: List[str]) -> List[Dict[str, object]]:
-    """Times the plane-layout kernel and the canonical kernel for every shape, M and r; returns
-    the rows (a plain row, then its plane-layout row). Wrong results and exceptions go to
-    ``failures`` (the rows of that combination are then left out)."""
-    from pyengine.kernels.matmul import quant_matmul
-    from pyengine.kernels.matryoshka import matryoshka_matmul_triton
+def _kernel_calls(backend: str, x: torch.Tensor, out: torch.Tensor, parent: MatryoshkaWeight,
+                  planes: list, plain, r: int, n: int, k: int):
+    """(plane-layout call, plain kernel call, plain call through pyengine.ops) of ``backend``,
+    each writing x @ W^T into ``out`` (the op allocates its own)."""
+    if backend == "triton":
+        from pyengine.kernels.matmul import quant_matmul
+        from pyengine.kernels.matryoshka import matryoshka_matmul_triton
 
+        def plane_call():
+            return matryoshka_matmul_triton(x, *planes, parent.scales, parent.zeros, None, r,
+                                            GROUP_SIZE, n, k, out=out)
+
+        def plain_call():
+            return quant_matmul(x, plain.qweight, plain.scales, plain.zeros, r,
+                                plain.effective_group_size, n, k, out=out)
+    else:
+        from pyengine.backends import QuantTensors
+        from pyengine.backends._native import plane_matmul_cuda
+        from pyengine.backends.cuda import CudaBackend
+        cuda_backend = CudaBackend(kernel="auto")
+        qt = QuantTensors(plain.qweight, plain.scales, plain.zeros, r, plain.effective_group_size)
+
+        def plane_call():
+            return plane_matmul_cuda(x, *planes, parent.scales, parent.zeros, None, r,
+                                     GROUP_SIZE, n, k, out=out)
+
+        def plain_call():
+            return cuda_backend.matmul(x, qt, n, k, None, None, None, out=out)
+
+    def plain_op():
+        return pyengine.ops.dequant_matmul(x, plain, backend=backend)
+
+    return plane_call, plain_call, plain_op
+
+
+def available_backends(requested: List[str]) -> Dict[str, Optional[str]]:
+    """{backend: None when it runs here, else why not} for the requested backends."""
+    from pyengine.backends import get_backend
+    from pyengine.backends._native import cuda_plane_kernel_unavailable_reason
+    status: Dict[str, Optional[str]] = {}
+    for name in requested:
+        why = get_backend(name).unavailable_reason()
+        if why is None and name == "cuda":
+            why = cuda_plane_kernel_unavailable_reason()
+        status[name] = why
+    return status
+
+
+def bench_matryoshka_gpu(shapes: List[tuple], ms: List[int], bits: List[int], timer: Timer,
+                         copy_bw: float, failures: List[str],
+                         backends: List[str] = ("triton",)) -> List[Dict[str, object]]:
+    """Times the plane-layout kernel and the canonical kernel of every backend for every shape,
+    M and r; returns the rows (a plain row, then its plane-layout row). Wrong results and
+    exceptions go to ``failures`` (the rows of that combination are then left out)."""
     rows: List[Dict[str, object]] = []
     for n, k in shapes:
         torch.manual_seed(0)
@@ -84,25 +133,14 @@ def bench_matryoshka_gpu(shapes: List[tuple], ms: List[int], bits: List[int], ti
             plain_ref = plain.dequantize(torch.float32)
             planes = [getattr(parent, name) if name in PLANES_READ[r] else None
                       for name in ("plane_hi", "plane_mid", "plane_lo")]
-            for m in ms:
-                what = f"{n}x{k} M={m} r={r}"
+            for backend, m in itertools.product(backends, ms):
+                what = f"{backend} {n}x{k} M={m} r={r}"
                 try:
                     x = torch.randn(m, k, device="cuda", dtype=FP16)
                     out = torch.empty(m, n, device="cuda", dtype=FP16)
                     act_bytes = (m * k + m * n) * 2
-
-                    def plane_call():
-                        return matryoshka_matmul_triton(
-                            x, *planes, parent.scales, parent.zeros, None, r, GROUP_SIZE, n, k,
-                            out=out)
-
-                    def plain_call():
-                        return quant_matmul(x, plain.qweight, plain.scales, plain.zeros, r,
-                                            plain.effective_group_size, n, k, out=out)
-
-                    def plain_op():
-                        return pyengine.ops.dequant_matmul(x, plain, backend="triton")
-
+                    plane_call, plain_call, plain_op = _kernel_calls(
+                        backend, x, out, parent, planes, plain, r, n, k)
                     err_plain = _rel_err(plain_call(), x.float() @ plain_ref.T)
                     err_op = _rel_err(plain_op(), x.float() @ plain_ref.T)
                     err_plane = _rel_err(plane_call(), x.float() @ plane_ref.T)
@@ -119,7 +157,7 @@ def bench_matryoshka_gpu(shapes: List[tuple], ms: List[int], bits: List[int], ti
                     continue
                 plain_bytes = plain.nbytes + act_bytes
                 plane_bytes = parent.code_bytes_read(r) + scale_bytes + act_bytes
-                common_fields = dict(backend="triton", bits=r, group_size=GROUP_SIZE, M=m, N=n,
+                common_fields = dict(backend=backend, bits=r, group_size=GROUP_SIZE, M=m, N=n,
                                      K=k)
                 rows.append(dict(op="dequant_matmul", **common_fields, ms=round(ms_plain, 5),
                                  gbps=_gbps(plain_bytes, ms_plain),
@@ -133,7 +171,7 @@ def bench_matryoshka_gpu(shapes: List[tuple], ms: List[int], bits: List[int], ti
                                  bytes=plane_bytes, time_vs_plain=round(ms_plane / ms_plain, 3),
                                  speedup_vs_plain=round(ms_plain / ms_plane, 3),
                                  rel_err=round(err_plane, 6)))
-                print(f"{n:>6}x{k:<6} M={m:<3} r={r}  plane {ms_plane:8.4f} ms "
+                print(f"{backend:<6} {n:>6}x{k:<6} M={m:<3} r={r}  plane {ms_plane:8.4f} ms "
                       f"{rows[-1]['gbps']:7.1f} GB/s | plain {ms_plain:8.4f} ms "
                       f"{rows[-2]['gbps']:7.1f} GB/s (op {ms_op:.4f} ms) | plane/plain "
                       f"{ms_plane / ms_plain:5.2f}", flush=True)
@@ -155,6 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--m", type=_int_list, default=[1, 16], help="batch sizes M")
     parser.add_argument("--bits", type=_int_list, default=[8, 4, 2],
                         help="Matryoshka precisions r (and the plain kernels' bits)")
+    parser.add_argument("--backends", default="triton,cuda",
+                        help="backends whose plane and plain kernels are timed (those that do "
+                             "not run here are recorded as skipped)")
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--warm-l2", action="store_true", help="do not flush L2 between reps")
@@ -171,17 +212,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--bits: {bad_bits} have no canonical kernel to compare with (2, 3, 4, 8)")
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
 
+    status = available_backends([b for b in args.backends.split(",") if b])
+    backends = [name for name, why in status.items() if why is None]
+    if not backends:
+        print(f"bench_matryoshka_gpu: no requested backend runs here: {status}", file=sys.stderr)
+        return 2
     copy_bw = common.copy_bandwidth_gbps("cuda")
     meta = common.metadata("cuda")
     meta.update(copy_bandwidth_gbps=round(copy_bw, 1), group_size=GROUP_SIZE,
                 activations="float16", l2_flushed=not args.warm_l2, reps=args.reps,
                 timing="kernel launchers called directly into a preallocated output; ms_op: "
-                       "the plain kernel through pyengine.ops.dequant_matmul")
+                       "the plain kernel through pyengine.ops.dequant_matmul",
+                backends=backends,
+                skipped_backends={name: why for name, why in status.items() if why})
     print(f"{meta['device']} (driver {meta.get('driver')}, torch {meta['torch']}, triton "
           f"{meta['triton']}); copy bandwidth {copy_bw:.0f} GB/s", flush=True)
     failures: List[str] = []
     rows = bench_matryoshka_gpu(shapes, args.m, args.bits,
-                                Timer(args.reps, args.warmup, args.warm_l2), copy_bw, failures)
+                                Timer(args.reps, args.warmup, args.warm_l2), copy_bw, failures,
+                                backends)
     meta["failures"] = failures
     common.write_results(args.json, meta, rows)
     print(f"wrote {len(rows)} rows to {args.json}")

@@ -11,14 +11,14 @@
 #           only, unless PYENGINE_CUDA_ARCHS is set), then build_info
 #   test    pytest -m "gpu or interpreter or not slow" on the GPU, then the Triton tests once
 #           more under the interpreter with the GPU hidden (CUDA_VISIBLE_DEVICES=)
-#   cuda    only tests/test_cuda_decode.py and tests/test_cuda_tc.py (the CUDA decode GEMV and
-#           tensor-core GEMM against the reference and the simple CUDA kernel), for a run too
-#           short for the whole test stage
+#   cuda    only tests/test_cuda_decode.py, tests/test_cuda_tc.py and tests/test_cuda_matryoshka.py
+#           (the CUDA decode GEMV, tensor-core GEMM and Matryoshka plane kernels against the
+#           reference and the simple CUDA kernel), for a run too short for the whole test stage
 #   decode  benchmarks/bench_decode.py: end-to-end decode of a Llama-3-8B-shaped model, dense fp16
 #           vs 4-bit vs mixed 3-bit vs 25% slicing + mixed 3-bit (+ peers where installed):
 #           $OUT/decode_cuda.json and .png (DECODE_ARGS passed on, e.g. "--layers 8")
-#   matryoshka  benchmarks/bench_matryoshka_gpu.py: the plane-layout Triton kernel at r = 8/4/2
-#           against the plain r-bit kernel: $OUT/matryoshka_gpu.json
+#   matryoshka  benchmarks/bench_matryoshka_gpu.py: the plane-layout Triton and CUDA kernels at
+#           r = 8/4/2 against the plain r-bit kernel of the same backend: $OUT/matryoshka_gpu.json
 #   bench   benchmarks/bench_gpu_kernels.py (BENCH_ARGS are passed on, e.g. "--quick")
 #   quick   bench with --quick
 #   opsbench  the pytest-benchmark suite benchmarks/test_bench_ops.py, full profile (Llama-3-8B
@@ -113,7 +113,7 @@ for stage in "${STAGES[@]}"; do
         cuda)
             ensure_built
             run_logged pytest_cuda_kernels 420 python -m pytest tests/test_cuda_decode.py \
-                tests/test_cuda_tc.py -q -rs --durations=10 \
+                tests/test_cuda_tc.py tests/test_cuda_matryoshka.py -q -rs --durations=10 \
                 --junitxml="$OUT/pytest_cuda_kernels.xml"
             ;;
         decode)

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "code_bits.h"
 #include "common.h"
 #include "cpu/qmatmul.h"
 #if defined(PYENGINE_WITH_CUDA)
@@ -57,6 +58,71 @@ QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, 
   return a;
 }
 
+PlaneMatmulArgs make_plane_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi,
+                                int64_t ld_hi, uintptr_t plane_mid, int64_t ld_mid,
+                                uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
+                                uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
+                                int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo,
+                                int64_t M, int64_t N, int64_t K, int precision,
+                                int64_t group_size) {
+  PlaneMatmulArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.x_dtype = x_dtype;
+  a.ldx = ldx;
+  a.plane_hi = reinterpret_cast<const uint32_t*>(plane_hi);
+  a.ld_hi = ld_hi;
+  a.plane_mid = reinterpret_cast<const uint32_t*>(plane_mid);
+  a.ld_mid = ld_mid;
+  a.plane_lo = reinterpret_cast<const uint32_t*>(plane_lo);
+  a.ld_lo = ld_lo;
+  a.scales = reinterpret_cast<const void*>(scales);
+  a.zeros = reinterpret_cast<const void*>(zeros);
+  a.sz_dtype = sz_dtype;
+  a.lds = lds;
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.ldo = ldo;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.precision = precision;
+  a.group_size = group_size;
+  return a;
+}
+
+// The 32 slice codes of one packing block (code_bits.h): the host build of the functions the
+// CUDA plane kernels run, so that tests check their bit manipulation on the CPU.
+std::vector<uint32_t> plane_block_codes(const std::vector<uint32_t>& hi,
+                                        const std::vector<uint32_t>& mid,
+                                        const std::vector<uint32_t>& lo, int precision) {
+  if (hi.size() != 3 || mid.size() != 2 || lo.size() != 3)
+    throw std::invalid_argument("plane_block_codes: one block is 3 words of plane_hi, 2 of "
+                                "plane_mid and 3 of plane_lo");
+  std::vector<uint32_t> codes(32);
+  for (int j = 0; j < 32; ++j) {
+    switch (precision) {
+      case 2: codes[j] = pyengine::slice_code<2>(hi.data(), mid.data(), lo.data(), j); break;
+      case 3: codes[j] = pyengine::slice_code<3>(hi.data(), mid.data(), lo.data(), j); break;
+      case 4: codes[j] = pyengine::slice_code<4>(hi.data(), mid.data(), lo.data(), j); break;
+      case 6: codes[j] = pyengine::slice_code<6>(hi.data(), mid.data(), lo.data(), j); break;
+      case 8: codes[j] = pyengine::slice_code<8>(hi.data(), mid.data(), lo.data(), j); break;
+      default: throw std::invalid_argument("plane_block_codes: precision must be 8, 6, 4, 3 or 2");
+    }
+  }
+  return codes;
+}
+
+// int2_block_from_hi (code_bits.h) on one block of plane_hi: 3 words of 3-bit fields holding
+// the int2 slice codes.
+std::vector<uint32_t> plane_int2_block(const std::vector<uint32_t>& hi) {
+  if (hi.size() != 3) throw std::invalid_argument("plane_int2_block: a block of plane_hi is 3 words");
+  std::vector<uint32_t> out(3);
+  pyengine::int2_block_from_hi(hi.data(), out.data());
+  return out;
+}
+
 py::dict build_info() {
   py::dict d;
   d["cpu_kernels"] = true;
@@ -71,10 +137,12 @@ py::dict build_info() {
 #endif
 #if defined(PYENGINE_WITH_CUDA)
   d["cuda_kernels"] = true;
+  d["cuda_plane_kernels"] = true;  // plane_matmul_cuda
   d["cuda_archs"] = split_commas(PYENGINE_CUDA_ARCHS);
   d["cuda_compiler_version"] = std::string(PYENGINE_CUDA_VERSION);
 #else
   d["cuda_kernels"] = false;
+  d["cuda_plane_kernels"] = false;
   d["cuda_archs"] = std::vector<std::string>{};
   d["cuda_compiler_version"] = py::none();
 #endif
@@ -122,30 +190,10 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
          int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int precision,
          int64_t group_size, int num_threads, const std::string& isa) {
-        PlaneMatmulArgs a;
-        a.x = reinterpret_cast<const void*>(x);
-        a.x_dtype = x_dtype;
-        a.ldx = ldx;
-        a.plane_hi = reinterpret_cast<const uint32_t*>(plane_hi);
-        a.ld_hi = ld_hi;
-        a.plane_mid = reinterpret_cast<const uint32_t*>(plane_mid);
-        a.ld_mid = ld_mid;
-        a.plane_lo = reinterpret_cast<const uint32_t*>(plane_lo);
-        a.ld_lo = ld_lo;
-        a.scales = reinterpret_cast<const void*>(scales);
-        a.zeros = reinterpret_cast<const void*>(zeros);
-        a.sz_dtype = sz_dtype;
-        a.lds = lds;
-        a.bias = reinterpret_cast<const void*>(bias);
-        a.bias_dtype = bias_dtype;
-        a.out = reinterpret_cast<void*>(out);
-        a.out_dtype = out_dtype;
-        a.ldo = ldo;
-        a.M = M;
-        a.N = N;
-        a.K = K;
-        a.precision = precision;
-        a.group_size = group_size;
+        PlaneMatmulArgs a = make_plane_args(x, x_dtype, ldx, plane_hi, ld_hi, plane_mid, ld_mid,
+                                            plane_lo, ld_lo, scales, zeros, sz_dtype, lds, bias,
+                                            bias_dtype, out, out_dtype, ldo, M, N, K, precision,
+                                            group_size);
         a.num_threads = num_threads;
         py::gil_scoped_release release;
         if (isa.empty())
@@ -163,6 +211,14 @@ PYBIND11_MODULE(_C, m) {
       "int8 parent read from its bit planes (only those the slice needs; the others may be 0). "
       "Pointers are integers.");
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;
+
+  m.def("plane_block_codes", &plane_block_codes, py::arg("hi"), py::arg("mid"), py::arg("lo"),
+        py::arg("precision"),
+        "The 32 r-bit slice codes of one block of Matryoshka bit planes (3 + 2 + 3 words), "
+        "computed by the functions the CUDA plane kernels run (csrc/code_bits.h).");
+  m.def("plane_int2_block", &plane_int2_block, py::arg("hi"),
+        "One block of plane_hi (3 words) turned into int2 slice codes in 3-bit fields, as the "
+        "CUDA int2 plane kernel does (csrc/code_bits.h).");
 
 #if defined(PYENGINE_WITH_CUDA)
   m.def(
@@ -197,6 +253,30 @@ PYBIND11_MODULE(_C, m) {
       "kernel: '' or 'auto' (decode GEMV for M <= 16; above, the tensor-core GEMM for fp16/bf16 "
       "x and the simple kernel for fp32 x), 'simple', 'decode', 'tc'.");
   m.attr("cuda_decode_max_m") = pyengine::cuda::kDecodeMaxM;
+
+  m.def(
+      "plane_matmul_cuda",
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi, int64_t ld_hi,
+         uintptr_t plane_mid, int64_t ld_mid, uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
+         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
+         int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int precision,
+         int64_t group_size, int device, uintptr_t stream, const std::string& kernel) {
+        PlaneMatmulArgs a = make_plane_args(x, x_dtype, ldx, plane_hi, ld_hi, plane_mid, ld_mid,
+                                            plane_lo, ld_lo, scales, zeros, sz_dtype, lds, bias,
+                                            bias_dtype, out, out_dtype, ldo, M, N, K, precision,
+                                            group_size);
+        py::gil_scoped_release release;
+        pyengine::cuda::plane_matmul(a, device, stream, kernel);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("plane_hi"), py::arg("ld_hi"),
+      py::arg("plane_mid"), py::arg("ld_mid"), py::arg("plane_lo"), py::arg("ld_lo"),
+      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("precision"), py::arg("group_size"), py::arg("device"),
+      py::arg("stream"), py::arg("kernel") = "",
+      "out[M, N] = x[M, K] @ W_r[N, K]^T (+ bias) on a CUDA device and stream, W_r the r-bit "
+      "slice of a Matryoshka int8 parent read from its bit planes (only those the slice needs). "
+      "kernel: '' or 'auto' (decode GEMV for M <= 16, simple kernel above), 'decode', 'simple'.");
   m.def("cuda_device_count", &pyengine::cuda::device_count);
 #endif
 }

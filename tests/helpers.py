@@ -62,6 +62,24 @@ def random_weight(n: int, k: int, gen: torch.Generator, dtype=torch.float32) -> 
     return (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
 
 
+def random_parent(n: int, k: int, group_size: int, symmetric: bool, gen: torch.Generator,
+                  scale_dtype: torch.dtype = torch.float32, device="cpu"):
+    """A MatryoshkaWeight [n, k] on ``device`` with uniformly random parent codes (0 and 255
+    included), positive scales and integer zero points (exact in every scale dtype)."""
+    from pyengine import MatryoshkaWeight
+    from pyengine.qweight import padded_in_features
+    codes = torch.randint(0, 256, (n, k), generator=gen)
+    codes[0, 0], codes[-1, -1] = 0, 255
+    kp = padded_in_features(k, group_size)
+    groups = 1 if group_size == -1 else kp // group_size
+    scales = (torch.rand(n, groups, generator=gen) * 0.01 + 1e-3).to(scale_dtype)
+    zeros = None
+    if not symmetric:
+        zeros = torch.randint(0, 256, (n, groups), generator=gen).to(scale_dtype).to(device)
+    return MatryoshkaWeight.from_codes(codes.to(device), scales.to(device), zeros,
+                                       group_size=group_size, shape=(n, k))
+
+
 # ---- CUDA kernel tests ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)

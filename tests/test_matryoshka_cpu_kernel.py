@@ -20,9 +20,8 @@ from pyengine.backends import _native
 from pyengine.matryoshka import PLANES_READ, PRECISIONS, matryoshka_matmul
 from pyengine.matryoshka.op import (PATH_CANONICAL_PREFIX, PATH_PLANE_KERNEL, PATH_REFERENCE,
                                     matryoshka_path, plane_reference_matmul)
-from pyengine.qweight import padded_in_features
 
-from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned
+from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned, random_parent
 
 INFO = pyengine.build_info()
 pytestmark = pytest.mark.skipif(
@@ -37,15 +36,7 @@ MS = (1, 3, 17, 33)              # decode (M <= 8) and tiled (M > 8) paths
 
 
 def _parent(n, k, group_size, symmetric, gen, scale_dtype=torch.float32):
-    """A MatryoshkaWeight with uniformly random codes (0 and 255 included), positive scales and
-    integer zero points (exact in every scale dtype)."""
-    codes = torch.randint(0, 256, (n, k), generator=gen)
-    codes[0, 0], codes[-1, -1] = 0, 255
-    kp = padded_in_features(k, group_size)
-    groups = 1 if group_size == -1 else kp // group_size
-    scales = (torch.rand(n, groups, generator=gen) * 0.01 + 1e-3).to(scale_dtype)
-    zeros = None if symmetric else torch.randint(0, 256, (n, groups), generator=gen).to(scale_dtype)
-    return MatryoshkaWeight.from_codes(codes, scales, zeros, group_size=group_size, shape=(n, k))
+    return random_parent(n, k, group_size, symmetric, gen, scale_dtype)
 
 
 def _planes(mw, r):

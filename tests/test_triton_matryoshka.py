@@ -20,9 +20,8 @@ from pyengine import MatryoshkaWeight
 from pyengine.matryoshka import PLANES_READ, PRECISIONS
 from pyengine.matryoshka.op import plane_reference_matmul
 from pyengine.packing import pack_codes
-from pyengine.qweight import padded_in_features
 
-from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned
+from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned, random_parent
 
 pytest.importorskip("triton")
 
@@ -54,18 +53,7 @@ def mq():
 
 
 def _parent(n, k, group_size, symmetric, scale_dtype, gen, device=DEVICE):
-    """A MatryoshkaWeight with uniformly random codes (0 and 255 included), positive scales and
-    integer zero points (exact in every scale dtype)."""
-    codes = torch.randint(0, 256, (n, k), generator=gen)
-    codes[0, 0], codes[-1, -1] = 0, 255
-    kp = padded_in_features(k, group_size)
-    groups = 1 if group_size == -1 else kp // group_size
-    scales = (torch.rand(n, groups, generator=gen) * 0.01 + 1e-3).to(scale_dtype)
-    zeros = None
-    if not symmetric:
-        zeros = torch.randint(0, 256, (n, groups), generator=gen).to(scale_dtype).to(device)
-    return MatryoshkaWeight.from_codes(codes.to(device), scales.to(device), zeros,
-                                       group_size=group_size, shape=(n, k))
+    return random_parent(n, k, group_size, symmetric, gen, scale_dtype, device)
 
 
 def _randn(gen, *shape, dtype=torch.float32, device=DEVICE):

@@ -36,6 +36,14 @@ inline void qmatmul(const QMatmulArgs& args, int device, uintptr_t stream) {
     qmatmul_simple(args, device, stream);
 }
 
+// The Matryoshka plane-layout matmul (csrc/cuda/plane_matmul.cu): out = x @ W_r^T (+ bias), W_r
+// the r-bit slice of an int8 parent read from its bit planes (PlaneMatmulArgs, csrc/common.h;
+// only the planes the slice needs are read). kernel: "decode" (the decode GEMV, M <= kDecodeMaxM;
+// raises std::invalid_argument above), "simple", or "" / "auto" (decode for M <= kDecodeMaxM,
+// simple above).
+void plane_matmul(const PlaneMatmulArgs& args, int device, uintptr_t stream,
+                  const std::string& kernel = "");
+
 // Number of CUDA devices the runtime sees (0 when there is no driver or no device).
 int device_count();
 

@@ -79,6 +79,82 @@ _PLANE_NAMES = ("plane_hi", "plane_mid", "plane_lo")
 _PLANE_MIN_PRECISION = {"plane_hi": 2, "plane_mid": 3, "plane_lo": 6}  # lowest r reading it
 
 
+def cuda_plane_kernel_unavailable_reason() -> Optional[str]:
+    """None when pyengine._C has the CUDA plane-layout kernels (``plane_matmul_cuda``) and torch
+    sees a CUDA device, else why not (one line)."""
+    ext = extension()
+    if ext is None:
+        return f"pyengine._C is not available ({extension_error()})"
+    if not hasattr(ext, "plane_matmul_cuda"):
+        return ("this build of pyengine._C has no plane_matmul_cuda (built without nvcc, or "
+                "before the CUDA plane kernels: rebuild the extension)")
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def _plane_pointer_args(op: str, device_type: str, x: torch.Tensor, plane_hi: torch.Tensor,
+                        plane_mid: Optional[torch.Tensor], plane_lo: Optional[torch.Tensor],
+                        scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], precision: int, group_size: int, n: int,
+                        k: int, out: Optional[torch.Tensor]) -> tuple:
+    """Checks the tensors of a plane-layout call (every tensor on x's device, which must be of
+    ``device_type``) and returns (out, the pointer/stride/size arguments of the _C kernels up to
+    group_size)."""
+    def fail(exc, why):
+        raise exc(f"{op}(M={x.shape[0] if x.dim() == 2 else '?'}, N={n}, K={k}, "
+                  f"precision={precision}, group_size={group_size}): {why}")
+
+    if x.device.type != device_type:
+        fail(ValueError, f"x must be a {device_type} tensor, got device {x.device}")
+    if x.dim() != 2 or x.shape[1] != k:
+        fail(ValueError, f"x must be [M, {k}], got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPE_CODES:
+        fail(TypeError, f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    planes = (plane_hi, plane_mid, plane_lo)
+    for name, t in (("x", x), ("plane_hi", plane_hi), ("plane_mid", plane_mid),
+                    ("plane_lo", plane_lo), ("scales", scales), ("zeros", zeros), ("bias", bias),
+                    ("out", out)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            fail(ValueError, f"{name} must be on x's device {x.device}, got {t.device}")
+        if t.stride(-1) != 1 and t.numel():
+            fail(ValueError, f"{name} must have a contiguous last dimension")
+    for name, t in zip(_PLANE_NAMES, planes):
+        if t is None:
+            if precision >= _PLANE_MIN_PRECISION[name]:
+                fail(ValueError, f"a {precision}-bit slice reads {name}, got None")
+        elif t.dtype != torch.int32 or t.dim() != 2 or t.shape[0] < n:
+            fail(ValueError, f"{name} must be int32 [>={n}, words], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if scales.dtype not in DTYPE_CODES or scales.dim() != 2 or scales.shape[0] < n:
+        fail(ValueError, f"scales must be float [>={n}, G], got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape
+                              or zeros.stride() != scales.stride()):
+        fail(ValueError, "zeros must match scales in dtype, shape and strides")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n
+                             or bias.dtype not in DTYPE_CODES):
+        fail(ValueError, f"bias must be a float vector of {n}, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        fail(ValueError, f"out must be contiguous {x.dtype} [{m}, {n}], got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    args = (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0),
+            plane_hi.data_ptr(), plane_hi.stride(0),
+            _ptr(plane_mid), 0 if plane_mid is None else plane_mid.stride(0),
+            _ptr(plane_lo), 0 if plane_lo is None else plane_lo.stride(0),
+            scales.data_ptr(), _ptr(zeros), DTYPE_CODES[scales.dtype], scales.stride(0),
+            _ptr(bias), 0 if bias is None else DTYPE_CODES[bias.dtype],
+            out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
+            m, n, k, precision, group_size)
+    return out, args
+
+
 def plane_matmul_cpu(x: torch.Tensor, plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
                      plane_lo: Optional[torch.Tensor], scales: torch.Tensor,
                      zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], precision: int,
@@ -104,59 +180,33 @@ def plane_matmul_cpu(x: torch.Tensor, plane_hi: torch.Tensor, plane_mid: Optiona
         out, [M, n] in x's dtype.
     """
     op = "plane_matmul_cpu"
-
-    def fail(exc, why):
-        raise exc(f"{op}(M={x.shape[0] if x.dim() == 2 else '?'}, N={n}, K={k}, "
-                  f"precision={precision}, group_size={group_size}): {why}")
-
     why = plane_kernel_unavailable_reason()
     if why is not None:
         raise RuntimeError(f"{op}: {why}")
-    if x.dim() != 2 or x.shape[1] != k:
-        fail(ValueError, f"x must be [M, {k}], got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPE_CODES:
-        fail(TypeError, f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    planes = (plane_hi, plane_mid, plane_lo)
-    for name, t in (("x", x), ("plane_hi", plane_hi), ("plane_mid", plane_mid),
-                    ("plane_lo", plane_lo), ("scales", scales), ("zeros", zeros), ("bias", bias),
-                    ("out", out)):
-        if t is None:
-            continue
-        if not t.is_cpu:
-            fail(ValueError, f"{name} must be a CPU tensor, got device {t.device}")
-        if t.stride(-1) != 1 and t.numel():
-            fail(ValueError, f"{name} must have a contiguous last dimension")
-    for name, t in zip(_PLANE_NAMES, planes):
-        if t is None:
-            if precision >= _PLANE_MIN_PRECISION[name]:
-                fail(ValueError, f"a {precision}-bit slice reads {name}, got None")
-        elif t.dtype != torch.int32 or t.dim() != 2 or t.shape[0] < n:
-            fail(ValueError, f"{name} must be int32 [>={n}, words], got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    if scales.dtype not in DTYPE_CODES or scales.dim() != 2 or scales.shape[0] < n:
-        fail(ValueError, f"scales must be float [>={n}, G], got {scales.dtype} "
-                         f"{tuple(scales.shape)}")
-    if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape
-                              or zeros.stride() != scales.stride()):
-        fail(ValueError, "zeros must match scales in dtype, shape and strides")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n
-                             or bias.dtype not in DTYPE_CODES):
-        fail(ValueError, f"bias must be a float vector of {n}, got {bias.dtype} "
-                         f"{tuple(bias.shape)}")
-    m = x.shape[0]
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype)
-    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
-        fail(ValueError, f"out must be contiguous {x.dtype} [{m}, {n}], got {out.dtype} "
-                         f"{tuple(out.shape)}")
+    out, args = _plane_pointer_args(op, "cpu", x, plane_hi, plane_mid, plane_lo, scales, zeros,
+                                    bias, precision, group_size, n, k, out)
     extension().plane_matmul_cpu(
-        x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0),
-        plane_hi.data_ptr(), plane_hi.stride(0),
-        _ptr(plane_mid), 0 if plane_mid is None else plane_mid.stride(0),
-        _ptr(plane_lo), 0 if plane_lo is None else plane_lo.stride(0),
-        scales.data_ptr(), _ptr(zeros), DTYPE_CODES[scales.dtype], scales.stride(0),
-        _ptr(bias), 0 if bias is None else DTYPE_CODES[bias.dtype],
-        out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
-        m, n, k, precision, group_size,
-        torch.get_num_threads() if num_threads is None else num_threads, isa)
+        *args, torch.get_num_threads() if num_threads is None else num_threads, isa)
+    return out
+
+
+def plane_matmul_cuda(x: torch.Tensor, plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
+                      plane_lo: Optional[torch.Tensor], scales: torch.Tensor,
+                      zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      precision: int, group_size: int, n: int, k: int,
+                      out: Optional[torch.Tensor] = None, kernel: str = "") -> torch.Tensor:
+    """out[M, n] = x[M, k] @ W_r[:n, :k]^T (+ bias) with the CUDA kernels ``plane_matmul_cuda``
+    (csrc/cuda/plane_matmul.cu) on torch's current stream: the decode GEMV for M <= 16, the
+    simple kernel above (``kernel="decode"`` / ``"simple"`` forces one). Same arguments as
+    :func:`plane_matmul_cpu`, every tensor on one CUDA device."""
+    op = "plane_matmul_cuda"
+    why = cuda_plane_kernel_unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"{op}: {why}")
+    out, args = _plane_pointer_args(op, "cuda", x, plane_hi, plane_mid, plane_lo, scales, zeros,
+                                    bias, precision, group_size, n, k, out)
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    extension().plane_matmul_cuda(*args, device=device,
+                                  stream=torch.cuda.current_stream(x.device).cuda_stream,
+                                  kernel=kernel)
     return out

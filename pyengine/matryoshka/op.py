@@ -13,11 +13,16 @@ Paths (:func:`matryoshka_path` tells which one a call takes; ``$PYENGINE_BACKEND
 * ``"triton-plane-kernel"``: the Triton kernels of ``pyengine.kernels.matryoshka`` read the
   planes directly on CUDA tensors, for ``backend=None`` and ``backend="triton"`` where the
   triton backend is available.
+* ``"cuda-plane-kernel"``: the CUDA kernels ``pyengine._C.plane_matmul_cuda`` (a decode GEMV for
+  M <= 16, a simple kernel above) read the planes directly on CUDA tensors, for
+  ``backend="cuda"``, and for ``backend=None`` where Triton is missing.
 * ``"torch-reference"``: fp32 math on the slice dequantized from the planes on every call
   (nothing is cached). ``backend="torch"``, and ``backend=None`` where the C++ kernel is missing
-  (no extension, or an older build) or, on other devices, Triton is missing.
-* ``"canonical-slice:<backend>"``: any other explicitly requested backend (``"cuda"``,
-  ``"triton"`` on CPU tensors, or ``"cpu"`` with an extension that predates the plane kernel) serves the call
+  (no extension, or an older build) or, on CUDA, neither Triton nor the CUDA plane kernel is
+  there.
+* ``"canonical-slice:<backend>"``: any other explicitly requested backend (``"cuda"`` with an
+  extension that has no CUDA plane kernel, ``"triton"`` on CPU tensors, or ``"cpu"`` with an
+  extension that predates the plane kernel) serves the call
   by assembling the canonical r-bit slice for this call only (a transient tensor of
   ``K * r / 8`` bytes per row, freed afterwards; an int6 slice is assembled as 8-bit codes) and
   running its canonical quantized kernel on it; an unavailable backend raises BackendError.
@@ -41,6 +46,7 @@ PATH_PLANE_KERNEL = "cpu-plane-kernel"
 PATH_REFERENCE = "torch-reference"
 PATH_CANONICAL_PREFIX = "canonical-slice:"
 PATH_TRITON = "triton-plane-kernel"
+PATH_CUDA = "cuda-plane-kernel"
 
 
 def _planes(plane_hi, plane_mid, plane_lo):
@@ -72,16 +78,22 @@ def _select_path(device_type: str, backend: Optional[str]) -> str:
     if requested == "torch":
         return PATH_REFERENCE
     kernel_here = device_type == "cpu" and _native.plane_kernel_unavailable_reason() is None
+    cuda_kernel_here = (device_type == "cuda"
+                        and _native.cuda_plane_kernel_unavailable_reason() is None)
     if requested is None:
         if kernel_here:
             return PATH_PLANE_KERNEL
         if device_type == "cuda" and _triton_usable():
             return PATH_TRITON
+        if cuda_kernel_here:
+            return PATH_CUDA
         return PATH_REFERENCE
     if requested == "cpu" and kernel_here:
         return PATH_PLANE_KERNEL
     if requested == "triton" and device_type == "cuda" and _triton_usable():
         return PATH_TRITON
+    if requested == "cuda" and cuda_kernel_here:
+        return PATH_CUDA
     return PATH_CANONICAL_PREFIX + requested
 
 
@@ -93,22 +105,24 @@ def _triton_usable() -> bool:
 def matryoshka_path(x: Tensor, backend: Optional[str] = None) -> str:
     """Which implementation :func:`matryoshka_matmul` uses for activations ``x`` and ``backend``
     (``$PYENGINE_BACKEND`` when backend is None): ``"cpu-plane-kernel"``,
-    ``"torch-reference"`` or ``"canonical-slice:<backend>"`` (see the module docstring)."""
+    ``"triton-plane-kernel"``, ``"cuda-plane-kernel"``, ``"torch-reference"`` or
+    ``"canonical-slice:<backend>"`` (see the module docstring)."""
     return _select_path(x.device.type, backend)
 
 
 def _plane_kernel_matmul(x2: Tensor, plane_hi: Tensor, plane_mid: Optional[Tensor],
                          plane_lo: Optional[Tensor], scales: Tensor, zeros: Optional[Tensor],
                          bias: Optional[Tensor], precision: int, group_size: int, n: int,
-                         k: int) -> Tensor:
-    """[M, n] in x2's dtype from the C++ plane kernel; tensors are made contiguous in their last
-    dimension where they are not (the kernel takes row strides)."""
+                         k: int, kernel=_native.plane_matmul_cpu) -> Tensor:
+    """[M, n] in x2's dtype from a compiled plane kernel (``_native.plane_matmul_cpu`` or
+    ``plane_matmul_cuda``); tensors are made contiguous in their last dimension where they are
+    not (the kernels take row strides)."""
     def last_contiguous(t):
         return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
     if zeros is not None and zeros.stride() != scales.stride():
         scales, zeros = scales.contiguous(), zeros.contiguous()
-    return _native.plane_matmul_cpu(
+    return kernel(
         last_contiguous(x2), last_contiguous(plane_hi), last_contiguous(plane_mid),
         last_contiguous(plane_lo), last_contiguous(scales), last_contiguous(zeros),
         None if bias is None else bias.contiguous(), precision,
@@ -128,6 +142,10 @@ def _matryoshka_matmul_op(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tenso
     if path == PATH_PLANE_KERNEL:
         y = _plane_kernel_matmul(x2, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
                                  precision, group_size, n, k)
+        return y.view(*lead, n)
+    if path == PATH_CUDA:
+        y = _plane_kernel_matmul(x2, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
+                                 precision, group_size, n, k, _native.plane_matmul_cuda)
         return y.view(*lead, n)
     if path == PATH_TRITON:
         from ..kernels.matryoshka import matryoshka_matmul_triton  # imports triton
@@ -185,10 +203,12 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
         weight: MatryoshkaWeight [N, K] on x's device.
         precision: r in (8, 6, 4, 3, 2); only the planes of PLANES_READ[r] are passed on.
         bias: [N] or None.
-        backend: None (the C++ plane kernel for CPU tensors when pyengine._C has it, else the
-            plane reference), "torch" (the plane reference), "cpu" (the C++ plane kernel), or
-            another backend name that then serves the call on a transient canonical r-bit slice
-            (see the module docstring and :func:`matryoshka_path`).
+        backend: None (the C++ plane kernel for CPU tensors when pyengine._C has it, the Triton
+            plane kernels for CUDA tensors, else the CUDA plane kernels, else the plane
+            reference), "torch" (the plane reference), "cpu" (the C++ plane kernel), "triton"
+            or "cuda" (their plane kernels on CUDA tensors), or another backend name that then
+            serves the call on a transient canonical r-bit slice (see the module docstring and
+            :func:`matryoshka_path`).
     Returns:
         y: [..., N] in x's dtype.
     """
@@ -207,5 +227,5 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
                                  bias, r, weight.group_size, n, k, backend)
 
 
-__all__ = ["PATH_CANONICAL_PREFIX", "PATH_PLANE_KERNEL", "PATH_REFERENCE", "matryoshka_matmul",
-           "matryoshka_path", "plane_reference_matmul"]
+__all__ = ["PATH_CANONICAL_PREFIX", "PATH_CUDA", "PATH_PLANE_KERNEL", "PATH_REFERENCE",
+           "PATH_TRITON", "matryoshka_matmul", "matryoshka_path", "plane_reference_matmul"]
