@@ -30,16 +30,14 @@ std::vector<std::string> split_commas(const std::string& s) {
   return out;
 }
 
-QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq,
-                      uintptr_t scales, uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
-                      int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, bool accumulate,
-                      int64_t M, int64_t N, int64_t K, int bits, int64_t group_size) {
-  QMatmulArgs a;
+// The fields every matmul shares (MatmulProblem, csrc/common.h); pointers arrive as integers.
+void fill_problem(pyengine::MatmulProblem& a, uintptr_t x, int x_dtype, int64_t ldx,
+                  uintptr_t scales, uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
+                  int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
+                  int64_t K, int64_t group_size) {
   a.x = reinterpret_cast<const void*>(x);
   a.x_dtype = x_dtype;
   a.ldx = ldx;
-  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  a.ldq = ldq;
   a.scales = reinterpret_cast<const void*>(scales);
   a.zeros = reinterpret_cast<const void*>(zeros);
   a.sz_dtype = sz_dtype;
@@ -49,12 +47,23 @@ QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, 
   a.out = reinterpret_cast<void*>(out);
   a.out_dtype = out_dtype;
   a.ldo = ldo;
-  a.accumulate = accumulate;
   a.M = M;
   a.N = N;
   a.K = K;
-  a.bits = bits;
   a.group_size = group_size;
+}
+
+QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq,
+                      uintptr_t scales, uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
+                      int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, bool accumulate,
+                      int64_t M, int64_t N, int64_t K, int bits, int64_t group_size) {
+  QMatmulArgs a;
+  fill_problem(a, x, x_dtype, ldx, scales, zeros, sz_dtype, lds, bias, bias_dtype, out,
+               out_dtype, ldo, M, N, K, group_size);
+  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
+  a.ldq = ldq;
+  a.accumulate = accumulate;
+  a.bits = bits;
   return a;
 }
 
@@ -66,29 +75,15 @@ PlaneMatmulArgs make_plane_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t
                                 int64_t M, int64_t N, int64_t K, int precision,
                                 int64_t group_size) {
   PlaneMatmulArgs a;
-  a.x = reinterpret_cast<const void*>(x);
-  a.x_dtype = x_dtype;
-  a.ldx = ldx;
+  fill_problem(a, x, x_dtype, ldx, scales, zeros, sz_dtype, lds, bias, bias_dtype, out,
+               out_dtype, ldo, M, N, K, group_size);
   a.plane_hi = reinterpret_cast<const uint32_t*>(plane_hi);
   a.ld_hi = ld_hi;
   a.plane_mid = reinterpret_cast<const uint32_t*>(plane_mid);
   a.ld_mid = ld_mid;
   a.plane_lo = reinterpret_cast<const uint32_t*>(plane_lo);
   a.ld_lo = ld_lo;
-  a.scales = reinterpret_cast<const void*>(scales);
-  a.zeros = reinterpret_cast<const void*>(zeros);
-  a.sz_dtype = sz_dtype;
-  a.lds = lds;
-  a.bias = reinterpret_cast<const void*>(bias);
-  a.bias_dtype = bias_dtype;
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.ldo = ldo;
-  a.M = M;
-  a.N = N;
-  a.K = K;
   a.precision = precision;
-  a.group_size = group_size;
   return a;
 }
 

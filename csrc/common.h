@@ -22,20 +22,17 @@ inline const char* dtype_name(int code) {
   }
 }
 
-// One quantized matmul:  out[m, n] (+)= sum_k x[m, k] * W[n, k] + bias[n]
-// for m < M, n < N, k < K, where W is the canonical packed weight of docs/FORMAT.md:
-//   qweight: uint32 words, row n at qweight + n * ldq; a block of 32 codes takes `bits` words.
+// What every quantized matmul of this module shares: activations, per-group scales and zeros,
+// bias, output, sizes.  out[m, n] (+)= sum_k x[m, k] * W[n, k] + bias[n]  for m < M, n < N,
+// k < K; the weight W is described by the derived argument structs below.
 //   scales/zeros: row n at + n * lds, one value per group of `group_size` codes (a multiple of
-//   32; a per-channel weight passes its padded row length). zeros == 0 means symmetric: the
-//   zero point is 2^(bits-1).
+//   32; a per-channel weight passes its padded row length). zeros == nullptr: symmetric.
 // N and K may be smaller than the stored weight (sliced_matmul reads a sub-block); K need not
 // be a multiple of 32: codes past K are never multiplied by anything but zero.
-struct QMatmulArgs {
+struct MatmulProblem {
   const void* x = nullptr;        // [M, K] activations, row stride ldx elements
   int x_dtype = kFloat32;
   int64_t ldx = 0;
-  const uint32_t* qweight = nullptr;
-  int64_t ldq = 0;                // words per stored row
   const void* scales = nullptr;   // [N, lds]
   const void* zeros = nullptr;    // [N, lds] or nullptr (symmetric)
   int sz_dtype = kFloat32;        // dtype of scales and zeros
@@ -45,43 +42,24 @@ struct QMatmulArgs {
   void* out = nullptr;            // [M, N], row stride ldo elements
   int out_dtype = kFloat32;
   int64_t ldo = 0;
-  bool accumulate = false;        // out += result instead of out = result
   int64_t M = 0, N = 0, K = 0;
-  int bits = 4;
   int64_t group_size = 128;
-  int num_threads = 0;            // <= 0: the OpenMP default
+  int num_threads = 0;            // <= 0: the OpenMP default (CPU kernels)
 };
 
-inline std::string describe(const char* op, const QMatmulArgs& a) {
-  std::ostringstream s;
-  s << op << "(M=" << a.M << ", N=" << a.N << ", K=" << a.K << ", bits=" << a.bits
-    << ", group_size=" << a.group_size << ", x=" << dtype_name(a.x_dtype)
-    << ", out=" << dtype_name(a.out_dtype) << ")";
-  return s.str();
-}
+// A matmul on the canonical packed weight of docs/FORMAT.md:
+//   qweight: uint32 words, row n at qweight + n * ldq; a block of 32 codes takes `bits` words.
+//   A symmetric weight's zero point is 2^(bits-1).
+struct QMatmulArgs : MatmulProblem {
+  const uint32_t* qweight = nullptr;
+  int64_t ldq = 0;                // words per stored row
+  bool accumulate = false;        // out += result instead of out = result
+  int bits = 4;
+};
 
-// Checks that every kernel relies on; raises std::invalid_argument naming the problem.
-inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
-  auto fail = [&](const std::string& why) {
-    throw std::invalid_argument(describe(op, a) + ": " + why);
-  };
-  if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) fail("bits must be 2, 3, 4 or 8");
-  if (a.group_size <= 0 || a.group_size % 32 != 0) fail("group_size must be a positive multiple of 32");
-  if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
-  if (!a.x || !a.qweight || !a.scales || !a.out) {
-    if (a.M > 0 && a.N > 0) fail("null pointer");
-  }
-  const int64_t k_blocks = (a.K + 31) / 32;
-  if (a.ldq < k_blocks * a.bits) fail("ldq is smaller than the packed length of K");
-  if (a.lds < (a.K + a.group_size - 1) / a.group_size) fail("lds is smaller than the number of groups of K");
-  if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");
-  for (int d : {a.x_dtype, a.sz_dtype, a.bias_dtype, a.out_dtype})
-    if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
-}
-
-// One Matryoshka plane-layout matmul:  out[m, n] = sum_k x[m, k] * W_r[n, k] + bias[n]
-// for m < M, n < N, k < K, where W_r is the r-bit slice (precision r in 8, 6, 4, 3, 2) of an
-// int8 parent stored as three bit planes (pyengine/matryoshka/weight.py):
+// A Matryoshka plane-layout matmul:  out[m, n] = sum_k x[m, k] * W_r[n, k] + bias[n], where W_r
+// is the r-bit slice (precision r in 8, 6, 4, 3, 2) of an int8 parent stored as three bit planes
+// (pyengine/matryoshka/weight.py):
 //   q = hi << 5 | mid << 3 | lo
 //   plane_hi:  bits 7..5 of q, 3-bit canonical packing (3 words per 32-code block), row n at
 //              plane_hi + n * ld_hi
@@ -91,41 +69,61 @@ inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
 // with s, z the parent's per-group scale and zero (zeros == nullptr: symmetric, z = 128). A
 // slice reads only the planes holding bits 7 .. 7-r of q: plane_mid is needed for r >= 3 and
 // plane_lo for r >= 6; the others may be null and are never dereferenced.
-struct PlaneMatmulArgs {
-  const void* x = nullptr;          // [M, K] activations, row stride ldx elements
-  int x_dtype = kFloat32;
-  int64_t ldx = 0;
+struct PlaneMatmulArgs : MatmulProblem {
   const uint32_t* plane_hi = nullptr;
   int64_t ld_hi = 0;                // words per stored row of each plane
   const uint32_t* plane_mid = nullptr;
   int64_t ld_mid = 0;
   const uint32_t* plane_lo = nullptr;
   int64_t ld_lo = 0;
-  const void* scales = nullptr;     // [N, lds]
-  const void* zeros = nullptr;      // [N, lds] or nullptr (symmetric)
-  int sz_dtype = kFloat32;          // dtype of scales and zeros
-  int64_t lds = 0;
-  const void* bias = nullptr;       // [N] or nullptr
-  int bias_dtype = kFloat32;
-  void* out = nullptr;              // [M, N], row stride ldo elements
-  int out_dtype = kFloat32;
-  int64_t ldo = 0;
-  int64_t M = 0, N = 0, K = 0;
   int precision = 8;                // r: 8, 6, 4, 3 or 2
-  int64_t group_size = 128;         // codes per scale; a per-channel weight passes its padded row
-  int num_threads = 0;              // <= 0: the OpenMP default
 };
 
 inline bool plane_needed(int precision, int plane /* 0 hi, 1 mid, 2 lo */) {
   return plane == 0 || (plane == 1 && precision >= 3) || (plane == 2 && precision >= 6);
 }
 
-inline std::string describe(const char* op, const PlaneMatmulArgs& a) {
+// "op(M=.., N=.., K=.., <what>=<value>, group_size=.., x=.., out=..)" for error messages.
+inline std::string describe_problem(const char* op, const MatmulProblem& a, const char* what,
+                                    int value) {
   std::ostringstream s;
-  s << op << "(M=" << a.M << ", N=" << a.N << ", K=" << a.K << ", precision=" << a.precision
+  s << op << "(M=" << a.M << ", N=" << a.N << ", K=" << a.K << ", " << what << "=" << value
     << ", group_size=" << a.group_size << ", x=" << dtype_name(a.x_dtype)
     << ", out=" << dtype_name(a.out_dtype) << ")";
   return s.str();
+}
+
+inline std::string describe(const char* op, const QMatmulArgs& a) {
+  return describe_problem(op, a, "bits", a.bits);
+}
+
+inline std::string describe(const char* op, const PlaneMatmulArgs& a) {
+  return describe_problem(op, a, "precision", a.precision);
+}
+
+// The checks of the shared fields; fail(why) must throw.
+template <class Fail>
+void check_problem(const MatmulProblem& a, Fail fail) {
+  if (a.group_size <= 0 || a.group_size % 32 != 0)
+    fail("group_size must be a positive multiple of 32");
+  if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
+  if (a.M > 0 && a.N > 0 && (!a.x || !a.scales || !a.out)) fail("null pointer");
+  if (a.lds < (a.K + a.group_size - 1) / a.group_size)
+    fail("lds is smaller than the number of groups of K");
+  if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");
+  for (int d : {a.x_dtype, a.sz_dtype, a.bias_dtype, a.out_dtype})
+    if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
+}
+
+// Checks that every kernel relies on; raises std::invalid_argument naming the problem.
+inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument(describe(op, a) + ": " + why);
+  };
+  if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) fail("bits must be 2, 3, 4 or 8");
+  check_problem(a, fail);
+  if (a.M > 0 && a.N > 0 && !a.qweight) fail("null pointer");
+  if (a.ldq < (a.K + 31) / 32 * a.bits) fail("ldq is smaller than the packed length of K");
 }
 
 // Checks that the plane kernels rely on; raises std::invalid_argument naming the problem.
@@ -135,29 +133,20 @@ inline void check_plane_matmul_args(const char* op, const PlaneMatmulArgs& a) {
   };
   const int r = a.precision;
   if (r != 2 && r != 3 && r != 4 && r != 6 && r != 8) fail("precision must be 8, 6, 4, 3 or 2");
-  if (a.group_size <= 0 || a.group_size % 32 != 0)
-    fail("group_size must be a positive multiple of 32");
-  if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
+  check_problem(a, fail);
   const int64_t k_blocks = (a.K + 31) / 32;
   const uint32_t* planes[3] = {a.plane_hi, a.plane_mid, a.plane_lo};
   const int64_t row_words[3] = {a.ld_hi, a.ld_mid, a.ld_lo};
   const char* names[3] = {"plane_hi", "plane_mid", "plane_lo"};
   const int plane_bits[3] = {3, 2, 3};
-  if (a.M > 0 && a.N > 0) {
-    if (!a.x || !a.scales || !a.out) fail("null pointer");
-    for (int p = 0; p < 3; ++p)
-      if (plane_needed(r, p) && !planes[p])
-        fail(std::string("a ") + std::to_string(r) + "-bit slice reads " + names[p] +
-             ", got a null pointer");
-  }
-  for (int p = 0; p < 3; ++p)
-    if (plane_needed(r, p) && row_words[p] < k_blocks * plane_bits[p])
+  for (int p = 0; p < 3; ++p) {
+    if (!plane_needed(r, p)) continue;
+    if (a.M > 0 && a.N > 0 && !planes[p])
+      fail(std::string("a ") + std::to_string(r) + "-bit slice reads " + names[p] +
+           ", got a null pointer");
+    if (row_words[p] < k_blocks * plane_bits[p])
       fail(std::string("ld of ") + names[p] + " is smaller than the packed length of K");
-  if (a.lds < (a.K + a.group_size - 1) / a.group_size)
-    fail("lds is smaller than the number of groups of K");
-  if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");
-  for (int d : {a.x_dtype, a.sz_dtype, a.bias_dtype, a.out_dtype})
-    if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
+  }
 }
 
 // ---- portable fp16 / bf16 conversions (round to nearest even, NaN/Inf preserved) -----------

@@ -94,7 +94,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
+def target_programs(device: torch.device) -> int:
     """Programs the decode grid should reach (split-K fills up to it): 4 per SM on a GPU."""
     if device.type != "cuda" or INTERPRETED:
         return _INTERP_TARGET_PROGRAMS
@@ -104,7 +104,7 @@ def _target_programs(device: torch.device) -> int:
 
 # ---- validation ---------------------------------------------------------------------------------
 
-class _Checker:
+class Checker:
     """Raises ValueError naming the call (M, N, K, bits, group size) and the offending tensor."""
 
     def __init__(self, x: torch.Tensor, n: int, k: int, bits: int, group_size: int):
@@ -127,7 +127,7 @@ class _Checker:
             self.fail(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
 
 
-def _check_common(c: _Checker, x, n, k, bias, residual, shortcut, out) -> Tuple[int, torch.Tensor]:
+def check_common(c: Checker, x, n, k, bias, residual, shortcut, out) -> Tuple[int, torch.Tensor]:
     c.tensor("x", x, 2, ACTIVATION_DTYPES)
     M = x.shape[0]
     if n < 1 or k < 1 or x.shape[1] < k:
@@ -185,7 +185,7 @@ def _run(p: MatmulProblem, config: Optional[MatmulConfig]) -> torch.Tensor:
         raise ValueError(f"config {cfg} (GEMV) needs M == 1, got M={p.M}")
     with torch.cuda.device(p.x.device) if p.x.device.type == "cuda" else contextlib.nullcontext():
         if path == "decode":
-            return launch_decode(p, cfg, _target_programs(p.x.device))
+            return launch_decode(p, cfg, target_programs(p.x.device))
         return launch_prefill(p, cfg)
 
 
@@ -212,12 +212,12 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     Returns:
         out, written exactly once per element.
     """
-    c = _Checker(x, n, k, bits, group_size)
+    c = Checker(x, n, k, bits, group_size)
     if bits not in SUPPORTED_BITS:
         c.fail(f"bits must be one of {SUPPORTED_BITS}")
     if group_size < 32 or group_size % 32:
         c.fail("the effective group size must be a positive multiple of 32")
-    M, out = _check_common(c, x, n, k, bias, residual, shortcut, out)
+    M, out = check_common(c, x, n, k, bias, residual, shortcut, out)
     c.tensor("qweight", qweight, 2, (torch.int32,))
     if qweight.shape[0] < n or qweight.shape[1] % bits or qweight.shape[1] * 32 // bits < k:
         c.fail(f"qweight {tuple(qweight.shape)} does not hold [{n}, {k}] {bits}-bit codes in "
@@ -250,8 +250,8 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, n: int, k: int,
     Returns:
         out.
     """
-    c = _Checker(x, n, k, 0, 0)
-    M, out = _check_common(c, x, n, k, bias, residual, shortcut, out)
+    c = Checker(x, n, k, 0, 0)
+    M, out = check_common(c, x, n, k, bias, residual, shortcut, out)
     c.tensor("weight", weight, 2, ACTIVATION_DTYPES)
     if weight.shape[0] < n or weight.shape[1] < k:
         c.fail(f"weight {tuple(weight.shape)} is smaller than [{n}, {k}]")

@@ -138,7 +138,7 @@ def _decode_kernel(
 
 
 @triton.jit
-def _split_k_reduce_kernel(
+def split_k_reduce_kernel(
     part_ptr, split_k,
     bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R,
     out_ptr, stride_om, M, N,
@@ -157,6 +157,21 @@ def _split_k_reduce_kernel(
     finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
                 sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
                 BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
+
+
+def launch_split_k_reduce(part: torch.Tensor, split_k: int, epilogue_args: tuple,
+                          out: torch.Tensor, M: int, N: int, block_m: int, block_r: int,
+                          has_bias: bool, has_shortcut: bool, dot_fp32: bool,
+                          dot_precision: str) -> None:
+    """out = the sum of the split_k fp32 partial results in part ([split_k, M, N], contiguous)
+    + bias + residual @ shortcut (epilogue_args: bias, stride, residual, 2 strides, shortcut,
+    2 strides, R, as MatmulProblem.epilogue_args gives them)."""
+    reduce_n = 128 if block_m == 1 else 64
+    split_k_reduce_kernel[(triton.cdiv(N, reduce_n),)](
+        part, split_k, *epilogue_args, out, out.stride(0), M, N,
+        HAS_BIAS=has_bias, HAS_SHORTCUT=has_shortcut, DOT_FP32=dot_fp32,
+        DOT_PRECISION=dot_precision, BLOCK_M=block_m, BLOCK_N=reduce_n, BLOCK_R=block_r,
+        num_warps=4)
 
 
 def split_k_slices(K: int, block_k: int, n_tiles: int, split_k: int, target_programs: int,
@@ -188,10 +203,7 @@ def launch_decode(p: MatmulProblem, cfg: MatmulConfig, target_programs: int) -> 
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
         WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split_k > 1:
-        for key in ("BITS", "GROUP_SIZE", "HAS_ZEROS"):
-            flags.pop(key)
-        reduce_n = 128 if cfg.block_m == 1 else 64
-        _split_k_reduce_kernel[(triton.cdiv(p.N, reduce_n),)](
-            part, split_k, *p.epilogue_args(), p.out, p.out.stride(0), p.M, p.N, **flags,
-            BLOCK_M=cfg.block_m, BLOCK_N=reduce_n, BLOCK_R=cfg.block_r, num_warps=4)
+        launch_split_k_reduce(part, split_k, p.epilogue_args(), p.out, p.M, p.N, cfg.block_m,
+                              cfg.block_r, flags["HAS_BIAS"], flags["HAS_SHORTCUT"],
+                              flags["DOT_FP32"], flags["DOT_PRECISION"])
     return p.out

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .problem import MatmulConfig, MatmulProblem
-from .tiles import dot_acc, finish_tile, weight_tile
+from .tiles import dot_acc, finish_tile, grouped_tile, weight_tile
 
 
 @triton.jit
@@ -31,16 +31,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Program id -> (row tile, column tile): groups of GROUP_M row tiles; inside a group the
-    # row tile varies fastest, so consecutive programs share a column tile of W.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * tiles_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % rows_in_group
-    pid_n = (pid % programs_per_group) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -51,11 +51,11 @@ import triton
 import triton.language as tl
 
 from ..matryoshka.weight import PLANE_BITS, PLANES_READ, PRECISIONS
-from .matmul import (INTERPRETED, _check_common, _Checker, _target_programs, select_config)
-from .matmul_decode import _split_k_reduce_kernel, split_k_slices
+from .matmul import INTERPRETED, Checker, check_common, select_config, target_programs
+from .matmul_decode import launch_split_k_reduce, split_k_slices
 from .problem import MatmulConfig
-from .tiles import (block_code, codes_to_float, dot_acc, finish_tile, group_params, unpack_codes,
-                    unpack_code_blocks)
+from .tiles import (block_code, codes_to_float, dot_acc, finish_tile, group_params, grouped_tile,
+                    unpack_code_blocks, unpack_codes)
 
 PARENT_BITS = 8
 
@@ -243,16 +243,7 @@ def _plane_prefill_kernel(
 ):
     """Prefill path (M > 16): one [BLOCK_M, BLOCK_N] output tile per program, K walked in
     BLOCK_K steps of x tile @ dequantized plane tile^T (fp32 accumulation)."""
-    # Program id -> (row tile, column tile): groups of GROUP_M row tiles; inside a group the
-    # row tile varies fastest, so consecutive programs share a column tile of W (L2 reuse).
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * tiles_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % rows_in_group
-    pid_n = (pid % programs_per_group) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -284,7 +275,7 @@ def select_plane_config(M: int, precision: int, dtype: torch.dtype) -> Tuple[str
     return path, cfg
 
 
-def _check_plane(c: _Checker, name: str, plane: torch.Tensor, n: int, kp: Optional[int]) -> int:
+def _check_plane(c: Checker, name: str, plane: torch.Tensor, n: int, kp: Optional[int]) -> int:
     """Validates one packed plane (int32 [>= n, words], unit stride along K, whole 32-code
     blocks) and returns the codes per row it holds; kp: the row length it must match."""
     bits = PLANE_BITS[name]
@@ -330,14 +321,14 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
         ValueError naming M, N, K, the precision and the group size, for a bad argument.
     """
     rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
-    c = _Checker(x, n, k, PARENT_BITS, group_size)
+    c = Checker(x, n, k, PARENT_BITS, group_size)
     c.what = (f"triton matryoshka_matmul(M={rows}, N={n}, K={k}, precision={precision}, "
               f"group_size={group_size})")
     if isinstance(precision, bool) or precision not in PRECISIONS:
         c.fail(f"precision must be one of {PRECISIONS}")
     if group_size != -1 and (group_size < 32 or group_size % 32):
         c.fail("group_size must be -1 (per channel) or a positive multiple of 32")
-    M, out = _check_common(c, x, n, k, bias, None, None, out)
+    M, out = check_common(c, x, n, k, bias, None, None, out)
     reads = PLANES_READ[precision]
     kp = _check_plane(c, "plane_hi", plane_hi, n, None)
     if kp < k:
@@ -407,7 +398,7 @@ def _launch_decode(x, plane_args, scale_args, bias_args, out, M, n, k, flags, cf
     several slices (it adds the bias and writes out)."""
     n_tiles = triton.cdiv(n, cfg.block_n)
     split_k, k_per_split = split_k_slices(k, cfg.block_k, n_tiles, cfg.split_k,
-                                          _target_programs(x.device))
+                                          target_programs(x.device))
     part = (torch.empty((split_k, M, n), dtype=torch.float32, device=x.device)
             if split_k > 1 else out)
     _plane_decode_kernel[(n_tiles, split_k)](
@@ -416,12 +407,10 @@ def _launch_decode(x, plane_args, scale_args, bias_args, out, M, n, k, flags, cf
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split_k > 1:
-        reduce_n = 128 if cfg.block_m == 1 else 64
-        _split_k_reduce_kernel[(triton.cdiv(n, reduce_n),)](
-            part, split_k, *bias_args, x, 0, 0, x, 0, 0, 0, out, out.stride(0), M, n,
-            HAS_BIAS=flags["HAS_BIAS"], HAS_SHORTCUT=False, DOT_FP32=flags["DOT_FP32"],
-            DOT_PRECISION=flags["DOT_PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=reduce_n,
-            BLOCK_R=32, num_warps=4)
+        # no shortcut: x stands in for the unused residual and shortcut pointers
+        launch_split_k_reduce(part, split_k, (*bias_args, x, 0, 0, x, 0, 0, 0), out, M, n,
+                              cfg.block_m, 32, flags["HAS_BIAS"], False, flags["DOT_FP32"],
+                              flags["DOT_PRECISION"])
 
 
 __all__ = ["matryoshka_matmul_triton", "select_plane_config"]

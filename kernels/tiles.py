@@ -150,6 +150,21 @@ def weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile) of an [M, N] output: groups of GROUP_M row tiles;
+    inside a group the row tile varies fastest, so consecutive programs share a column tile of
+    W (L2 reuse)."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * tiles_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % rows_in_group
+    pid_n = (pid % programs_per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
 def dot_acc(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + a @ b with fp32 accumulation. DOT_FP32 upcasts both operands first (the launcher
     sets it for bf16 under the interpreter, whose bf16 dot is wrong); DOT_PRECISION is "ieee"

@@ -35,13 +35,7 @@ def _backends():
     return {"decode": CudaBackend(kernel="decode"), "simple": CudaBackend(kernel="simple")}
 
 
-
-
 _SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
-
-
 
 
 def _check_both(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=None):

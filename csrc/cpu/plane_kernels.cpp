@@ -51,11 +51,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/kernel_util.h"
 #include "cpu/qmatmul.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #ifndef PYENGINE_ISA
 #error "PYENGINE_ISA must name the instruction-set namespace"
@@ -316,16 +313,6 @@ inline void load_tails(const PlaneMatmulArgs& a, const Geometry& g, int64_t n0, 
   if constexpr (S::kReadsLo) gather_tails<3>(a.plane_lo, a.ld_lo, g, n0, nr, cw->lo);
 }
 
-// Calls f(std::integral_constant<int, J>{}) for J = 0 .. N-1, fully unrolled.
-template <typename F, int... Js>
-inline void unroll_impl(F&& f, std::integer_sequence<int, Js...>) {
-  (f(std::integral_constant<int, Js>{}), ...);
-}
-template <int N, typename F>
-inline void unroll(F&& f) {
-  unroll_impl(f, std::make_integer_sequence<int, N>{});
-}
-
 // Row n's group parameters for lane values F = 1 + v / 256: w = (v - z) * s = F * sf[g] + bf[g]
 // with sf = 256 s and bf = -z s - 256 s.
 inline void row_params(const PlaneMatmulArgs& a, int64_t n, int64_t G, float* sf, float* bf) {
@@ -354,21 +341,6 @@ inline float hsum_lanes(VecF v) {
   float t = 0.f;
   for (int l = 0; l < kChunkLanes; ++l) t += v[l];
   return t;
-}
-
-inline void thread_range(int64_t total, int tid, int nthr, int64_t* lo, int64_t* hi) {
-  const int64_t per = (total + nthr - 1) / nthr;
-  *lo = std::min<int64_t>(total, (int64_t)tid * per);
-  *hi = std::min<int64_t>(total, *lo + per);
-}
-
-inline int thread_count(const PlaneMatmulArgs& a) {
-#ifdef _OPENMP
-  return a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-#else
-  (void)a;
-  return 1;
-#endif
 }
 
 // ---- decode: M <= kPlaneDecodeMaxM, one pass over the planes -----------------------------------
@@ -443,57 +415,12 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
 template <int R, int MT>
 void decode(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, const float* xtail,
             const float* xsum, float* out32) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(thread_count(a))
-  {
-    int64_t lo, hi;
-    thread_range(a.N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+  parallel_rows(a, [&](int64_t lo, int64_t hi) {
     decode_rows<R, MT>(a, g, xp, xtail, xsum, lo, hi, out32);
-  }
-#else
-  decode_rows<R, MT>(a, g, xp, xtail, xsum, 0, a.N, out32);
-#endif
+  });
 }
 
-// ---- prefill: larger M, a panel of rows dequantized over the whole K, dot-product micro-kernel -
-constexpr int kMicroM = 4;                   // activation rows per micro-kernel
-constexpr int kMicroN = 4;                   // weight rows per micro-kernel
-constexpr int64_t kPanelBytes = 256 * 1024;  // dequantized panel budget (stays in L2)
-
-// c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a 4 x 4 block; the 16
-// accumulators are local vectors so they live in registers.
-// 16 floats as one GCC/Clang vector for the micro-kernel (a zmm register with AVX-512, two ymm
-// with AVX2, emulated by narrower operations in the generic build).
-typedef float v16f __attribute__((vector_size(64)));
-
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void micro_dot(const float* const* x, const float* const* w, int64_t len,
-                      float c[kMicroM][kMicroN]) {
-  v16f acc[kMicroM][kMicroN] = {};
-  for (int64_t i = 0; i < len; i += 16) {
-    v16f xv[kMicroM], wv[kMicroN];
-#pragma GCC unroll 4
-    for (int mi = 0; mi < kMicroM; ++mi) xv[mi] = load16(x[mi] + i);
-#pragma GCC unroll 4
-    for (int ni = 0; ni < kMicroN; ++ni) wv[ni] = load16(w[ni] + i);
-#pragma GCC unroll 4
-    for (int mi = 0; mi < kMicroM; ++mi)
-#pragma GCC unroll 4
-      for (int ni = 0; ni < kMicroN; ++ni) acc[mi][ni] += xv[mi] * wv[ni];
-  }
-  for (int mi = 0; mi < kMicroM; ++mi)
-    for (int ni = 0; ni < kMicroN; ++ni) {
-      float t = 0.f;
-      for (int l = 0; l < 16; ++l) t += acc[mi][ni][l];
-      c[mi][ni] = t;
-    }
-}
-
+// ---- prefill: larger M (kernel_util.h: panels and the dot-product micro-kernel) -------------
 // Dequantizes row n into dst[row_codes] in the permuted order of xp (see Geometry).
 // sf, bf: [G] scratch; block_s, block_b: [full_chunks * L + L] scratch.
 template <int R>
@@ -540,45 +467,15 @@ void prefill_panel(const PlaneMatmulArgs& a, const Geometry& g, const float* xp,
     else
       std::fill(dst, dst + g.row_codes, 0.f);
   }
-  for (int64_t m0 = 0; m0 < a.M; m0 += kMicroM) {
-    const float* xrows[kMicroM];
-    for (int mi = 0; mi < kMicroM; ++mi)
-      xrows[mi] = m0 + mi < a.M ? xp + (m0 + mi) * g.row_codes : zero_row;
-    for (int64_t r0 = 0; r0 < nr; r0 += kMicroN) {
-      const float* wrows[kMicroN];
-      for (int ni = 0; ni < kMicroN; ++ni) wrows[ni] = wbuf + (r0 + ni) * g.row_codes;
-      float c[kMicroM][kMicroN];
-      micro_dot(xrows, wrows, g.row_codes, c);
-      for (int mi = 0; mi < kMicroM && m0 + mi < a.M; ++mi)
-        for (int ni = 0; ni < kMicroN && r0 + ni < nr; ++ni)
-          out32[(m0 + mi) * a.N + n0 + r0 + ni] = c[mi][ni];
-    }
-  }
+  panel_products(a, xp, zero_row, g.row_codes, wbuf, n0, nr, out32);
 }
 
 template <int R>
 void prefill(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, float* out32) {
-  // Rows per panel: a multiple of the micro-kernel's 4 that keeps the panel in kPanelBytes.
-  const int64_t fit = kPanelBytes / (g.row_codes * (int64_t)sizeof(float)) / kMicroN * kMicroN;
-  const int64_t panel_rows = std::max<int64_t>(kMicroN, std::min<int64_t>(32, fit));
-  const int64_t panels = (a.N + panel_rows - 1) / panel_rows;
-  const std::vector<float> zero_row(g.row_codes, 0.f);
-  auto run_panel = [&](int64_t panel, float* wbuf) {
-    const int64_t n0 = panel * panel_rows;
-    prefill_panel<R>(a, g, xp, zero_row.data(), n0, std::min(panel_rows, a.N - n0), panel_rows,
-                     wbuf, out32);
-  };
-#ifdef _OPENMP
-#pragma omp parallel num_threads(thread_count(a))
-  {
-    std::vector<float> wbuf(panel_rows * g.row_codes);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t panel = 0; panel < panels; ++panel) run_panel(panel, wbuf.data());
-  }
-#else
-  std::vector<float> wbuf(panel_rows * g.row_codes);
-  for (int64_t panel = 0; panel < panels; ++panel) run_panel(panel, wbuf.data());
-#endif
+  run_panels(a, g.row_codes,
+             [&](int64_t n0, int64_t nr, int64_t panel_rows, const float* zero_row, float* wbuf) {
+               prefill_panel<R>(a, g, xp, zero_row, n0, nr, panel_rows, wbuf, out32);
+             });
 }
 
 template <int R>

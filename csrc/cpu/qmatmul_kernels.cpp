@@ -25,11 +25,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/kernel_util.h"
 #include "cpu/qmatmul.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #ifndef PYENGINE_ISA
 #error "PYENGINE_ISA must name the instruction-set namespace"
@@ -134,16 +131,6 @@ inline void lane_codes(const uint32_t* planes, float* qv) {
   std::memcpy(qv, u, sizeof(u));
 }
 
-// Calls f(std::integral_constant<int, J>{}) for J = 0 .. N-1, fully unrolled.
-template <typename F, int... Js>
-inline void unroll_impl(F&& f, std::integer_sequence<int, Js...>) {
-  (f(std::integral_constant<int, Js>{}), ...);
-}
-template <int N, typename F>
-inline void unroll(F&& f) {
-  unroll_impl(f, std::make_integer_sequence<int, N>{});
-}
-
 // Prepares the chunk's planes (3 bits: split; otherwise the words themselves).
 template <int BITS>
 inline const uint32_t* chunk_planes(const uint32_t* wrow, int64_t ch, const Plan& p,
@@ -177,12 +164,6 @@ inline float hsum32(const float* v) {
   float t = 0.f;
   for (int l = 0; l < 16; ++l) t += s[l];
   return t;
-}
-
-inline void thread_range(int64_t total, int tid, int nthr, int64_t* lo, int64_t* hi) {
-  const int64_t per = (total + nthr - 1) / nthr;
-  *lo = std::min<int64_t>(total, (int64_t)tid * per);
-  *hi = std::min<int64_t>(total, *lo + per);
 }
 
 // ---- decode: M <= kDecodeMaxM, one pass over the weight, codes unpacked once per row ---------
@@ -237,60 +218,12 @@ void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const flo
 template <int BITS, int MT>
 void decode(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
             float* out32) {
-#ifdef _OPENMP
-  const int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t lo, hi;
-    thread_range(a.N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+  parallel_rows(a, [&](int64_t lo, int64_t hi) {
     decode_rows<BITS, MT>(a, p, xp, xsum, lo, hi, out32);
-  }
-#else
-  decode_rows<BITS, MT>(a, p, xp, xsum, 0, a.N, out32);
-#endif
+  });
 }
 
-// ---- prefill: larger M, a panel of rows dequantized over the whole K, dot-product micro-kernel -
-// Each 4 x 4 block of outputs is one pass over K with 16 vector accumulators and one horizontal
-// sum at the end; the panel (rows x K floats) is sized to stay in the L2 cache.
-constexpr int kMicroM = 4;                     // activation rows per micro-kernel
-constexpr int kMicroN = 4;                     // weight rows per micro-kernel
-constexpr int64_t kPanelBytes = 256 * 1024;    // dequantized panel budget
-
-// 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
-// by narrower operations in the generic build.
-typedef float v16f __attribute__((vector_size(64)));
-
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a 4 x 4 block; the 16
-// accumulators are local vectors so they live in registers.
-inline void micro_dot(const float* const* x, const float* const* w, int64_t len,
-                      float c[kMicroM][kMicroN]) {
-  v16f acc[kMicroM][kMicroN] = {};
-  for (int64_t i = 0; i < len; i += 16) {
-    v16f xv[kMicroM], wv[kMicroN];
-#pragma GCC unroll 4
-    for (int mi = 0; mi < kMicroM; ++mi) xv[mi] = load16(x[mi] + i);
-#pragma GCC unroll 4
-    for (int ni = 0; ni < kMicroN; ++ni) wv[ni] = load16(w[ni] + i);
-#pragma GCC unroll 4
-    for (int mi = 0; mi < kMicroM; ++mi)
-#pragma GCC unroll 4
-      for (int ni = 0; ni < kMicroN; ++ni) acc[mi][ni] += xv[mi] * wv[ni];
-  }
-  for (int mi = 0; mi < kMicroM; ++mi)
-    for (int ni = 0; ni < kMicroN; ++ni) {
-      float t = 0.f;
-      for (int l = 0; l < 16; ++l) t += acc[mi][ni][l];
-      c[mi][ni] = t;
-    }
-}
-
+// ---- prefill: larger M (kernel_util.h: panels and the dot-product micro-kernel) -------------
 // Rows [n0, n0 + nr) of the output: dequantize them (lane order, whole K) into wbuf, then run
 // the micro-kernel over every 4-row block of x. Rows of wbuf past nr are zero.
 template <int BITS>
@@ -325,47 +258,15 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
       });
     }
   }
-  for (int64_t m0 = 0; m0 < a.M; m0 += kMicroM) {
-    const float* xrows[kMicroM];
-    for (int mi = 0; mi < kMicroM; ++mi)
-      xrows[mi] = m0 + mi < a.M ? xp + (m0 + mi) * row_codes : zero_row;
-    for (int64_t r0 = 0; r0 < nr; r0 += kMicroN) {
-      const float* wrows[kMicroN];
-      for (int ni = 0; ni < kMicroN; ++ni) wrows[ni] = wbuf + (r0 + ni) * row_codes;
-      float c[kMicroM][kMicroN];
-      micro_dot(xrows, wrows, row_codes, c);
-      for (int mi = 0; mi < kMicroM && m0 + mi < a.M; ++mi)
-        for (int ni = 0; ni < kMicroN && r0 + ni < nr; ++ni)
-          out32[(m0 + mi) * a.N + n0 + r0 + ni] = c[mi][ni];
-    }
-  }
+  panel_products(a, xp, zero_row, row_codes, wbuf, n0, nr, out32);
 }
 
 template <int BITS>
 void prefill(const QMatmulArgs& a, const Plan& p, const float* xp, float* out32) {
-  const int64_t row_codes = p.chunks * p.chunk_codes;
-  // Rows per panel: a multiple of the micro-kernel's 4 that keeps the panel in kPanelBytes.
-  const int64_t fit = kPanelBytes / (row_codes * (int64_t)sizeof(float)) / kMicroN * kMicroN;
-  const int64_t panel_rows = std::max<int64_t>(kMicroN, std::min<int64_t>(32, fit));
-  const int64_t panels = (a.N + panel_rows - 1) / panel_rows;
-  const std::vector<float> zero_row(row_codes, 0.f);
-  auto run_panel = [&](int64_t panel, float* wbuf) {
-    const int64_t n0 = panel * panel_rows;
-    prefill_panel<BITS>(a, p, xp, zero_row.data(), n0, std::min(panel_rows, a.N - n0),
-                        panel_rows, wbuf, out32);
-  };
-#ifdef _OPENMP
-  const int nt = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<float> wbuf(panel_rows * row_codes);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t panel = 0; panel < panels; ++panel) run_panel(panel, wbuf.data());
-  }
-#else
-  std::vector<float> wbuf(panel_rows * row_codes);
-  for (int64_t panel = 0; panel < panels; ++panel) run_panel(panel, wbuf.data());
-#endif
+  run_panels(a, p.chunks * p.chunk_codes,
+             [&](int64_t n0, int64_t nr, int64_t panel_rows, const float* zero_row, float* wbuf) {
+               prefill_panel<BITS>(a, p, xp, zero_row, n0, nr, panel_rows, wbuf, out32);
+             });
 }
 
 template <int BITS>

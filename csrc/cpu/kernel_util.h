@@ -1,0 +1,166 @@
+// Helpers shared by the CPU kernel sources (qmatmul_kernels.cpp, plane_kernels.cpp): compile-time
+// unrolling, the OpenMP row split, and the prefill path's panel driver and 4 x 4 dot-product
+// micro-kernel over dequantized fp32 rows.
+//
+// Included by sources compiled once per instruction set: everything lands in that build's
+// namespace pyengine::cpu::PYENGINE_ISA (anonymous inside it), so each build gets its own copy
+// vectorised for its ISA.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef PYENGINE_ISA
+#error "PYENGINE_ISA must name the instruction-set namespace"
+#endif
+
+namespace pyengine {
+namespace cpu {
+namespace PYENGINE_ISA {
+namespace {
+
+// Calls f(std::integral_constant<int, J>{}) for J = 0 .. N-1, fully unrolled.
+template <typename F, int... Js>
+inline void unroll_impl(F&& f, std::integer_sequence<int, Js...>) {
+  (f(std::integral_constant<int, Js>{}), ...);
+}
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// Thread tid's share [lo, hi) of `total` rows, in contiguous equal slices.
+inline void thread_range(int64_t total, int tid, int nthr, int64_t* lo, int64_t* hi) {
+  const int64_t per = (total + nthr - 1) / nthr;
+  *lo = std::min<int64_t>(total, (int64_t)tid * per);
+  *hi = std::min<int64_t>(total, *lo + per);
+}
+
+// OpenMP threads for a call: the caller's num_threads, else the OpenMP default.
+inline int thread_count(const MatmulProblem& a) {
+#ifdef _OPENMP
+  return a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+#else
+  (void)a;
+  return 1;
+#endif
+}
+
+// Runs rows(lo, hi) over [0, a.N) split across the call's threads.
+template <class Rows>
+void parallel_rows(const MatmulProblem& a, Rows rows) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(thread_count(a))
+  {
+    int64_t lo, hi;
+    thread_range(a.N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    rows(lo, hi);
+  }
+#else
+  rows((int64_t)0, a.N);
+#endif
+}
+
+// ---- prefill: a panel of rows dequantized over the whole K, dot-product micro-kernel ---------
+// Each 4 x 4 block of outputs is one pass over K with 16 vector accumulators and one horizontal
+// sum at the end; the panel (rows x K floats) is sized to stay in the L2 cache.
+constexpr int kMicroM = 4;                     // activation rows per micro-kernel
+constexpr int kMicroN = 4;                     // weight rows per micro-kernel
+constexpr int64_t kPanelBytes = 256 * 1024;    // dequantized panel budget
+
+// 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
+// by narrower operations in the generic build.
+typedef float v16f __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a 4 x 4 block; the 16
+// accumulators are local vectors so they live in registers.
+inline void micro_dot(const float* const* x, const float* const* w, int64_t len,
+                      float c[kMicroM][kMicroN]) {
+  v16f acc[kMicroM][kMicroN] = {};
+  for (int64_t i = 0; i < len; i += 16) {
+    v16f xv[kMicroM], wv[kMicroN];
+#pragma GCC unroll 4
+    for (int mi = 0; mi < kMicroM; ++mi) xv[mi] = load16(x[mi] + i);
+#pragma GCC unroll 4
+    for (int ni = 0; ni < kMicroN; ++ni) wv[ni] = load16(w[ni] + i);
+#pragma GCC unroll 4
+    for (int mi = 0; mi < kMicroM; ++mi)
+#pragma GCC unroll 4
+      for (int ni = 0; ni < kMicroN; ++ni) acc[mi][ni] += xv[mi] * wv[ni];
+  }
+  for (int mi = 0; mi < kMicroM; ++mi)
+    for (int ni = 0; ni < kMicroN; ++ni) {
+      float t = 0.f;
+      for (int l = 0; l < 16; ++l) t += acc[mi][ni][l];
+      c[mi][ni] = t;
+    }
+}
+
+// out32[m, n0 + r] = xp[m] . wbuf[r] for every row m < a.M of the permuted activations xp
+// ([M][row_codes]) and every dequantized row r < nr of the panel wbuf ([>= nr rounded up to 4]
+// [row_codes], rows past nr zero); zero_row stands in for x rows past M.
+inline void panel_products(const MatmulProblem& a, const float* xp, const float* zero_row,
+                           int64_t row_codes, const float* wbuf, int64_t n0, int64_t nr,
+                           float* out32) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMicroM) {
+    const float* xrows[kMicroM];
+    for (int mi = 0; mi < kMicroM; ++mi)
+      xrows[mi] = m0 + mi < a.M ? xp + (m0 + mi) * row_codes : zero_row;
+    for (int64_t r0 = 0; r0 < nr; r0 += kMicroN) {
+      const float* wrows[kMicroN];
+      for (int ni = 0; ni < kMicroN; ++ni) wrows[ni] = wbuf + (r0 + ni) * row_codes;
+      float c[kMicroM][kMicroN];
+      micro_dot(xrows, wrows, row_codes, c);
+      for (int mi = 0; mi < kMicroM && m0 + mi < a.M; ++mi)
+        for (int ni = 0; ni < kMicroN && r0 + ni < nr; ++ni)
+          out32[(m0 + mi) * a.N + n0 + r0 + ni] = c[mi][ni];
+    }
+  }
+}
+
+// The prefill driver: splits [0, a.N) into panels of rows (a multiple of 4 that keeps a panel of
+// row_codes floats per row within kPanelBytes, at most 32 rows) and calls
+// panel(n0, nr, panel_rows, zero_row, wbuf) for each, OpenMP-parallel over panels with one
+// panel buffer (panel_rows x row_codes floats) per thread.
+template <class Panel>
+void run_panels(const MatmulProblem& a, int64_t row_codes, Panel panel) {
+  const int64_t fit = kPanelBytes / (row_codes * (int64_t)sizeof(float)) / kMicroN * kMicroN;
+  const int64_t panel_rows = std::max<int64_t>(kMicroN, std::min<int64_t>(32, fit));
+  const int64_t panels = (a.N + panel_rows - 1) / panel_rows;
+  const std::vector<float> zero_row(row_codes, 0.f);
+  auto run_panel = [&](int64_t index, float* wbuf) {
+    const int64_t n0 = index * panel_rows;
+    panel(n0, std::min(panel_rows, a.N - n0), panel_rows, zero_row.data(), wbuf);
+  };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(thread_count(a))
+  {
+    std::vector<float> wbuf(panel_rows * row_codes);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < panels; ++index) run_panel(index, wbuf.data());
+  }
+#else
+  std::vector<float> wbuf(panel_rows * row_codes);
+  for (int64_t index = 0; index < panels; ++index) run_panel(index, wbuf.data());
+#endif
+}
+
+}  // namespace
+}  // namespace PYENGINE_ISA
+}  // namespace cpu
+}  // namespace pyengine
