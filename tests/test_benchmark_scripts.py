@@ -51,3 +51,23 @@ def test_plots_from_result_files(decode_json, tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("[1, 2]")
         plot_results.plot(bad)
+
+
+def test_cpu_kernel_ab_against_this_build(tmp_path):
+    """ab_cpu_kernels.py with this checkout's own module as the base: both sides are checked
+    against the reference and timed; the rows are well formed."""
+    import ab_cpu_kernels
+    from pyengine._ext import extension
+    ext = extension()
+    if ext is None:
+        pytest.skip("pyengine._C is not built")
+    out = tmp_path / "ab.json"
+    rc = ab_cpu_kernels.main([ext.__file__, "--shapes", "40x96", "--bits", "4,3",
+                              "--group-sizes", "32", "--m", "1,5", "--rounds", "1",
+                              "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["bits"], r["M"]) for r in rows] == [(4, 1), (4, 5), (3, 1), (3, 5)]
+    for r in rows:
+        assert r["base_us"] > 0 and r["this_us"] > 0
+        assert r["speedup"] == pytest.approx(r["base_us"] / r["this_us"], rel=0.01)

@@ -70,6 +70,73 @@ void parallel_rows(const MatmulProblem& a, Rows rows) {
 #endif
 }
 
+// ---- per-row group parameters ----------------------------------------------------------------
+
+// out[g] = element offset + g of a float32 / float16 / bfloat16 array, as float, for g < G.
+// One loop per dtype, so the compiler vectorises the conversion (F16C where the build has it).
+inline void load_floats(const void* base, int dtype, int64_t offset, int64_t G, float* out) {
+  switch (dtype) {
+    case kFloat32:
+      std::memcpy(out, static_cast<const float*>(base) + offset, sizeof(float) * G);
+      break;
+    case kFloat16: {
+#if defined(__FLT16_MAX__)
+      const _Float16* p = static_cast<const _Float16*>(base) + offset;
+      for (int64_t g = 0; g < G; ++g) out[g] = (float)p[g];  // exact
+#else
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t g = 0; g < G; ++g) out[g] = half_to_float(p[g]);
+#endif
+      break;
+    }
+    default: {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint32_t u = (uint32_t)p[g] << 16;  // bfloat16 is the top half of a float32
+        std::memcpy(out + g, &u, sizeof(float));
+      }
+      break;
+    }
+  }
+}
+
+// Row n's group parameters for lane values v with w = (v / value_scale - z) * s, i.e.
+// w = v * sf[g] + bf[g]: sf = s * value_scale (exact: a power of two) and
+// bf = -z * s - sf (value_scale != 1: the lane values carry a +1, see the kernels) or -z * s.
+// A symmetric weight (zeros == nullptr) has z = symmetric_zero.
+inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float value_scale,
+                         float symmetric_zero, float* sf, float* bf) {
+  load_floats(a.scales, a.sz_dtype, n * a.lds, G, sf);  // s, scaled below
+  if (a.zeros)
+    load_floats(a.zeros, a.sz_dtype, n * a.lds, G, bf);  // z, replaced below
+  else
+    std::fill(bf, bf + G, symmetric_zero);
+  const bool plus_one = value_scale != 1.f;
+  for (int64_t g = 0; g < G; ++g) {
+    const float s = sf[g], z = bf[g];
+    const float sv = s * value_scale;
+    sf[g] = sv;
+    bf[g] = plus_one ? -z * s - sv : -z * s;
+  }
+}
+
+// sum_i a[i] * b[i] with 16 partial sums (vectorised; the order differs from a plain loop).
+inline float dot(const float* a, const float* b, int64_t len) {
+  typedef float v16 __attribute__((vector_size(64)));
+  v16 acc = {};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    v16 va, vb;
+    std::memcpy(&va, a + i, sizeof(va));
+    std::memcpy(&vb, b + i, sizeof(vb));
+    acc += va * vb;
+  }
+  float t = 0.f;
+  for (int l = 0; l < 16; ++l) t += acc[l];
+  for (; i < len; ++i) t += a[i] * b[i];
+  return t;
+}
+
 // ---- prefill: a panel of rows dequantized over the whole K, dot-product micro-kernel ---------
 // Each 4 x 4 block of outputs is one pass over K with 16 vector accumulators and one horizontal
 // sum at the end; the panel (rows x K floats) is sized to stay in the L2 cache.

@@ -316,13 +316,7 @@ inline void load_tails(const PlaneMatmulArgs& a, const Geometry& g, int64_t n0, 
 // Row n's group parameters for lane values F = 1 + v / 256: w = (v - z) * s = F * sf[g] + bf[g]
 // with sf = 256 s and bf = -z s - 256 s.
 inline void row_params(const PlaneMatmulArgs& a, int64_t n, int64_t G, float* sf, float* bf) {
-  for (int64_t g = 0; g < G; ++g) {
-    const float s = load_as_float(a.scales, a.sz_dtype, n * a.lds + g);
-    const float z = a.zeros ? load_as_float(a.zeros, a.sz_dtype, n * a.lds + g) : 128.f;
-    const float sv = s * 256.f;  // exact
-    sf[g] = sv;
-    bf[g] = -z * s - sv;
-  }
+  group_params(a, n, G, 256.f, 128.f, sf, bf);
 }
 
 // Spreads per-group values over the blocks of a row: per_block[b] = per_group[group of b] for
@@ -382,9 +376,8 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
         }
       }
       for (int m = 0; m < MT; ++m) {
-        float b = 0.f;  // the bf term covers the whole row, tail included
-        for (int64_t gi = 0; gi < g.G; ++gi) b += bf[gi] * xsum[m * g.G + gi];
-        out32[m * a.N + n] = hsum_lanes(acc[m]) + b;
+        // the bf term covers the whole row, tail included
+        out32[m * a.N + n] = hsum_lanes(acc[m]) + dot(bf.data(), xsum + m * g.G, g.G);
       }
       for (int l = 0; l < g.tail; ++l)
         tail_scale[i * g.tail + l] = block_scale[g.full_chunks * kChunkLanes + l];

@@ -88,47 +88,79 @@ inline void split_planes3(const uint32_t* w, uint32_t* p0, uint32_t* p1, uint32_
   }
 }
 
-// Lane values of code J of every lane of a chunk. `planes` is the chunk's words (2/4/8 bits) or
-// its three planes laid out back to back (3 bits). J is a compile-time constant so the branches
-// disappear and every shift is an immediate.
+// The lanes of a chunk as GCC/Clang vectors of 16 (a zmm register with AVX-512, two ymm with
+// AVX2, emulated by narrower operations in the generic build): kVecs of them per chunk. Written
+// on vector types rather than arrays so that the decode loop keeps its partial sums in
+// registers instead of storing and reloading them for every code.
+typedef uint32_t VecU __attribute__((vector_size(64)));
+typedef float VecF __attribute__((vector_size(64)));
+constexpr int kVecLanes = 16;
+constexpr int kVecs = kChunkLanes / kVecLanes;
+
+inline VecU load_u(const uint32_t* p) {
+  VecU v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline VecF load_f(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Lane values of code J of the 16 lanes [16h, 16h + 16) of a chunk. `planes` is the chunk's
+// words (2/4/8 bits) or its three planes laid out back to back (3 bits). J is a compile-time
+// constant so the branches disappear and every shift is an immediate.
 //
 // For 8 bits the value is the code q converted to float. For 2, 3 and 4 bits it is
 // F = 1 + q * 2^-BITS, built by placing q in the top mantissa bits of 1.0f: one shift and one
-// and-or per 16 codes, and no int-to-float conversion. The kernels fold the affine change into the
-// group parameters (see scaled_row_params): q * s + b = F * (s * 2^BITS) + (b - s * 2^BITS).
+// and-or per code, and no int-to-float conversion. The kernels fold the affine change into the
+// group parameters (see row_params): q * s + b = F * (s * 2^BITS) + (b - s * 2^BITS).
 template <int BITS, int J>
-inline void lane_codes(const uint32_t* planes, float* qv) {
+inline VecF lane_values(const uint32_t* planes, int h) {
   using L = Layout<BITS>;
-  alignas(64) uint32_t u[kChunkLanes];
+  const int o = h * kVecLanes;
+  VecU u;
   if constexpr (BITS == 3) {
     // Code J of a block is bits [3J, 3J+3) of p0 | p1 << 32 | p2 << 64: codes 10 and 21 take
     // bits from two planes.
-    const uint32_t* p0 = planes;
-    const uint32_t* p1 = planes + kChunkLanes;
-    const uint32_t* p2 = planes + 2 * kChunkLanes;
-    for (int l = 0; l < kChunkLanes; ++l) {
-      uint32_t q;
-      if constexpr (J < 10) q = (p0[l] >> (3 * J)) & 7u;
-      else if constexpr (J == 10) q = (p0[l] >> 30) | ((p1[l] & 1u) << 2);
-      else if constexpr (J < 21) q = (p1[l] >> (3 * J - 32)) & 7u;
-      else if constexpr (J == 21) q = (p1[l] >> 31) | ((p2[l] & 3u) << 1);
-      else q = (p2[l] >> (3 * J - 64)) & 7u;
-      u[l] = (q << L::kMantissaShift) | kOneBits;
-    }
+    const VecU p0 = load_u(planes + o);
+    const VecU p1 = load_u(planes + kChunkLanes + o);
+    const VecU p2 = load_u(planes + 2 * kChunkLanes + o);
+    VecU q;
+    if constexpr (J < 10) q = (p0 >> (3 * J)) & 7u;
+    else if constexpr (J == 10) q = (p0 >> 30) | ((p1 & 1u) << 2);
+    else if constexpr (J < 21) q = (p1 >> (3 * J - 32)) & 7u;
+    else if constexpr (J == 21) q = (p1 >> 31) | ((p2 & 3u) << 1);
+    else q = (p2 >> (3 * J - 64)) & 7u;
+    u = (q << L::kMantissaShift) | kOneBits;
   } else if constexpr (L::kMantissa) {
     // Move the field at bit J*BITS to bit kMantissaShift in one shift, then mask and set 1.0f.
     constexpr int from = J * BITS, to = L::kMantissaShift;
     constexpr uint32_t field = L::kMask << to;
-    for (int l = 0; l < kChunkLanes; ++l) {
-      const uint32_t moved = from > to ? (planes[l] >> (from > to ? from - to : 0))
-                                       : (planes[l] << (to > from ? to - from : 0));
-      u[l] = (moved & field) | kOneBits;
-    }
+    const VecU w = load_u(planes + o);
+    VecU moved;
+    if constexpr (from > to) moved = w >> (from - to);
+    else moved = w << (to - from);
+    u = (moved & field) | kOneBits;
   } else {
-    for (int l = 0; l < kChunkLanes; ++l) qv[l] = (float)((planes[l] >> (J * BITS)) & L::kMask);
-    return;
+    const VecU w = load_u(planes + o);
+    return __builtin_convertvector((w >> (J * BITS)) & L::kMask, VecF);
   }
-  std::memcpy(qv, u, sizeof(u));
+  VecF f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Lane values of code J of every lane of a chunk into qv[kChunkLanes] (the prefill path's
+// dequantization).
+template <int BITS, int J>
+inline void lane_codes(const uint32_t* planes, float* qv) {
+  for (int h = 0; h < kVecs; ++h) {
+    const VecF v = lane_values<BITS, J>(planes, h);
+    std::memcpy(qv + h * kVecLanes, &v, sizeof(v));
+  }
 }
 
 // Prepares the chunk's planes (3 bits: split; otherwise the words themselves).
@@ -144,26 +176,11 @@ inline const uint32_t* chunk_planes(const uint32_t* wrow, int64_t ch, const Plan
   }
 }
 
-// Row n's group parameters for lane values v (see lane_codes): w = v * sf[g] + bf[g]. With
+// Row n's group parameters for lane values v (see lane_values): w = v * sf[g] + bf[g]. With
 // v = q this is s and b = -z * s; with v = 1 + q * 2^-BITS it is s * 2^BITS and b - s * 2^BITS.
 inline void row_params(const QMatmulArgs& a, int64_t n, int64_t G, float value_scale, float* sf,
                        float* bf) {
-  const float mid = (float)(1 << (a.bits - 1));
-  for (int64_t g = 0; g < G; ++g) {
-    const float s = load_as_float(a.scales, a.sz_dtype, n * a.lds + g);
-    const float z = a.zeros ? load_as_float(a.zeros, a.sz_dtype, n * a.lds + g) : mid;
-    const float sv = s * value_scale;  // exact: value_scale is a power of two
-    sf[g] = sv;
-    bf[g] = value_scale == 1.f ? -z * s : -z * s - sv;
-  }
-}
-
-inline float hsum32(const float* v) {
-  float s[16];
-  for (int l = 0; l < 16; ++l) s[l] = v[l] + v[l + 16];
-  float t = 0.f;
-  for (int l = 0; l < 16; ++l) t += s[l];
-  return t;
+  group_params(a, n, G, value_scale, (float)(1 << (a.bits - 1)), sf, bf);
 }
 
 // ---- decode: M <= kDecodeMaxM, one pass over the weight, codes unpacked once per row ---------
@@ -188,29 +205,40 @@ void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const flo
       const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
       std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
     }
-    alignas(64) float acc[MT][kChunkLanes] = {};
+    // Partial sums stay in vector registers: kChains independent FMA chains per row and lane
+    // vector (two for M = 1, where there is only one row to interleave).
+    constexpr int kChains = MT == 1 ? 2 : 1;
+    VecF acc[MT][kVecs] = {};
     for (int64_t ch = 0; ch < p.chunks; ++ch) {
       const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
-      // Two partial sums per row (even and odd J) keep more FMA chains in flight.
-      alignas(64) float part[MT][2][kChunkLanes] = {};
+      VecF part[MT][kChains][kVecs] = {};
       const float* xc = xp + ch * p.chunk_codes;
       unroll<L::kLaneCodes>([&](auto J) {
-        alignas(64) float qv[kChunkLanes];
-        lane_codes<BITS, J>(planes, qv);
-        for (int m = 0; m < MT; ++m) {
-          const float* xj = xc + m * p.chunks * p.chunk_codes + J * kChunkLanes;
-          for (int l = 0; l < kChunkLanes; ++l) part[m][J & 1][l] += xj[l] * qv[l];
+        for (int h = 0; h < kVecs; ++h) {
+          const VecF qv = lane_values<BITS, J>(planes, h);
+          for (int m = 0; m < MT; ++m) {
+            const float* xj = xc + m * p.chunks * p.chunk_codes + J * kChunkLanes + h * kVecLanes;
+            part[m][J % kChains][h] += load_f(xj) * qv;
+          }
         }
       });
       const float* sl = lane_scale.data() + ch * kChunkLanes;
-      for (int m = 0; m < MT; ++m)
-        for (int l = 0; l < kChunkLanes; ++l)
-          acc[m][l] += sl[l] * (part[m][0][l] + part[m][1][l]);
+      for (int h = 0; h < kVecs; ++h) {
+        const VecF scale = load_f(sl + h * kVecLanes);
+        for (int m = 0; m < MT; ++m) {
+          VecF sum = part[m][0][h];
+          for (int c = 1; c < kChains; ++c) sum += part[m][c][h];
+          acc[m][h] += scale * sum;
+        }
+      }
     }
     for (int m = 0; m < MT; ++m) {
-      float b = 0.f;
-      for (int64_t g = 0; g < p.G; ++g) b += bf[g] * xsum[m * p.G + g];
-      out32[m * a.N + n] = hsum32(acc[m]) + b;
+      const float b = dot(bf.data(), xsum + m * p.G, p.G);
+      VecF total = acc[m][0];
+      for (int h = 1; h < kVecs; ++h) total += acc[m][h];
+      float t = 0.f;
+      for (int l = 0; l < kVecLanes; ++l) t += total[l];
+      out32[m * a.N + n] = t + b;
     }
   }
 }
