@@ -1,5 +1,6 @@
-"""Same-run A/B of the CPU quantized matmul kernel: this checkout's pyengine._C against another
-build of the module (e.g. the previous commit's, built into a folder of its own), on the same
+"""Same-run A/B of the CPU kernels (the canonical quantized matmul qmatmul_cpu and the
+Matryoshka plane matmul plane_matmul_cpu): this checkout's pyengine._C against another build of
+the module (e.g. the previous commit's, built into a folder of its own), on the same
 weights and activations, timed round-robin so that drifts of a shared machine hit both alike.
 
 Build the other side first, for example:
@@ -11,13 +12,16 @@ Build the other side first, for example:
     python benchmarks/ab_cpu_kernels.py /tmp/base-build/out/_C*.so --json ab.json
 
 Both results are checked against the dequantized weight (relative error <= 1e-5) before timing.
-Rows: {N, K, bits, group_size, M, threads, base_us, this_us, speedup} (speedup = base / this).
+Rows: {op, N, K, bits, group_size, M, threads, base_us, this_us, speedup} (speedup = base /
+this; op "qmatmul" or "plane_matmul", whose bits is the Matryoshka precision r of an int8
+parent).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import pyengine  # noqa: E402
+from pyengine import MatryoshkaWeight  # noqa: E402
 from pyengine._ext import DTYPE_CODES, extension  # noqa: E402
+from pyengine.matryoshka import PLANES_READ  # noqa: E402
 
 DEFAULT_SHAPES = "576x576,1536x576,576x1536,4096x4096,14336x4096"  # N x K
 
@@ -46,51 +52,82 @@ def _int_list(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds) -> List[Dict[str, object]]:
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _qmatmul_call(w, bits, group_size, x, out, threads):
+    """(call(ext), dense reference weight) of the canonical kernel on an int-`bits` weight."""
+    qw = pyengine.quantize(w, bits, group_size, clip_search=False, scale_dtype=torch.float16)
+    m, k = x.shape
+    n = w.shape[0]
+
+    def call(ext):
+        ext.qmatmul_cpu(x.data_ptr(), 0, x.stride(0), qw.qweight.data_ptr(), qw.qweight.stride(0),
+                        qw.scales.data_ptr(), _ptr(qw.zeros), DTYPE_CODES[qw.scales.dtype],
+                        qw.scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), False, m, n,
+                        k, bits, qw.effective_group_size, threads, "")
+    return call, qw.dequantize(torch.float32)
+
+
+def _plane_call(parent, r, x, out, threads):
+    """(call(ext), dense reference weight) of the plane kernel on the r-bit slice of parent."""
+    planes = [getattr(parent, name) if name in PLANES_READ[r] else None
+              for name in ("plane_hi", "plane_mid", "plane_lo")]
+    m, k = x.shape
+    n = parent.shape[0]
+    group_size = parent.group_size if parent.group_size != -1 else planes[0].shape[1] * 32 // 3
+
+    def call(ext):
+        ext.plane_matmul_cpu(
+            x.data_ptr(), 0, x.stride(0), *[v for t in planes for v in
+                                            (_ptr(t), 0 if t is None else t.stride(0))],
+            parent.scales.data_ptr(), _ptr(parent.zeros), DTYPE_CODES[parent.scales.dtype],
+            parent.scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), m, n, k, r,
+            group_size, threads, "")
+    return call, parent.dequantize(r, torch.float32)
+
+
+def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds,
+            ops=("qmatmul", "plane_matmul")) -> List[Dict[str, object]]:
     this = extension()
     rows: List[Dict[str, object]] = []
     gen = torch.Generator().manual_seed(0)
     for (n, k) in shapes:
-        for bits in bits_list:
-            for group_size in group_sizes:
-                w = torch.randn(n, k, generator=gen) * 0.02
-                qw = pyengine.quantize(w, bits, group_size, clip_search=False,
-                                       scale_dtype=torch.float16)
-                dense = qw.dequantize(torch.float32)
-                for m in ms:
-                    x = torch.randn(m, k, generator=gen)
-                    out = torch.empty(m, n)
+        for group_size in group_sizes:
+            w = torch.randn(n, k, generator=gen) * 0.02
+            parent = None
+            if "plane_matmul" in ops:
+                parent = MatryoshkaWeight.from_quantized(pyengine.quantize(
+                    w, 8, group_size, clip_search=False, scale_dtype=torch.float16))
+            for op, bits, m in itertools.product(ops, bits_list, ms):
+                if op == "plane_matmul" and bits not in PLANES_READ:
+                    continue
+                x = torch.randn(m, k, generator=gen)
+                out = torch.empty(m, n)
+                call, dense = (_qmatmul_call(w, bits, group_size, x, out, threads)
+                               if op == "qmatmul" else _plane_call(parent, bits, x, out, threads))
+                ref = x @ dense.T
+                for name, ext in (("base", base), ("this", this)):
+                    call(ext)
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    if not err <= 1e-5:
+                        raise SystemExit(f"ab_cpu_kernels: {name} build is wrong on {op} "
+                                         f"{n}x{k} {bits}-bit g{group_size} M={m}: {err:.2e}")
+                reps = max(3, int(2e7 / (n * k)))
 
-                    def call(ext, x=x, out=out, m=m):
-                        ext.qmatmul_cpu(
-                            x.data_ptr(), 0, x.stride(0), qw.qweight.data_ptr(),
-                            qw.qweight.stride(0), qw.scales.data_ptr(), qw.zeros.data_ptr(),
-                            DTYPE_CODES[qw.scales.dtype], qw.scales.stride(0), 0, 0,
-                            out.data_ptr(), 0, out.stride(0), False, m, n, k, bits,
-                            qw.effective_group_size, threads, "")
+                def timed(ext, call=call, reps=reps):
+                    return lambda: [call(ext) for _ in range(reps)]
 
-                    ref = x @ dense.T
-                    for name, ext in (("base", base), ("this", this)):
-                        call(ext)
-                        err = ((out - ref).norm() / ref.norm()).item()
-                        if not err <= 1e-5:
-                            raise SystemExit(f"ab_cpu_kernels: {name} build is wrong on "
-                                             f"{n}x{k} int{bits} g{group_size} M={m}: {err:.2e}")
-                    reps = max(3, int(2e7 / (n * k)))
-
-                    def timed(ext):
-                        return lambda: [call(ext) for _ in range(reps)]
-
-                    ms_by = common.time_interleaved({"base": timed(base), "this": timed(this)},
-                                                    rounds=rounds)
-                    base_us, this_us = (ms_by[s] * 1e3 / reps for s in ("base", "this"))
-                    rows.append(dict(N=n, K=k, bits=bits, group_size=group_size, M=m,
-                                     threads=threads, base_us=round(base_us, 3),
-                                     this_us=round(this_us, 3),
-                                     speedup=round(base_us / this_us, 3)))
-                    print(f"{n:>6}x{k:<5} int{bits} g{group_size:<4} M={m}: base "
-                          f"{base_us:9.1f} us  this {this_us:9.1f} us  x{base_us / this_us:.2f}",
-                          flush=True)
+                ms_by = common.time_interleaved({"base": timed(base), "this": timed(this)},
+                                                rounds=rounds)
+                base_us, this_us = (ms_by[side] * 1e3 / reps for side in ("base", "this"))
+                rows.append(dict(op=op, N=n, K=k, bits=bits, group_size=group_size, M=m,
+                                 threads=threads, base_us=round(base_us, 3),
+                                 this_us=round(this_us, 3), speedup=round(base_us / this_us, 3)))
+                print(f"{op:<12} {n:>6}x{k:<5} {bits}-bit g{group_size:<4} M={m}: base "
+                      f"{base_us:9.1f} us  this {this_us:9.1f} us  x{base_us / this_us:.2f}",
+                      flush=True)
     return rows
 
 
@@ -103,6 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--m", type=_int_list, default=[1, 4])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--ops", default="qmatmul,plane_matmul",
+                        help="kernels to compare: qmatmul, plane_matmul (comma separated)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if not args.base.is_file():
@@ -112,10 +151,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     base = _load_module(args.base)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
-    rows = ab_rows(base, shapes, args.bits, args.group_sizes, args.m, args.threads, args.rounds)
+    ops = [op for op in args.ops.split(",") if op]
+    bad = [op for op in ops if op not in ("qmatmul", "plane_matmul")]
+    if bad:
+        parser.error(f"--ops: unknown {bad}")
+    rows = ab_rows(base, shapes, args.bits, args.group_sizes, args.m, args.threads, args.rounds,
+                   ops)
     if args.json:
         meta = common.metadata("cpu")
         meta.update(base=str(args.base), scale_dtype="float16", activations="float32",
+                    plane_matmul_parent="int8 RTN parent, bits = the slice precision r",
                     timing="median of round-robin rounds, each `reps` calls of one build")
         common.write_results(args.json, meta, rows)
         print(f"wrote {len(rows)} rows to {args.json}")

@@ -67,7 +67,8 @@ def test_cpu_kernel_ab_against_this_build(tmp_path):
                               "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["bits"], r["M"]) for r in rows] == [(4, 1), (4, 5), (3, 1), (3, 5)]
+    assert [(r["op"], r["bits"], r["M"]) for r in rows] == [
+        (op, bits, m) for op in ("qmatmul", "plane_matmul") for bits in (4, 3) for m in (1, 5)]
     for r in rows:
         assert r["base_us"] > 0 and r["this_us"] > 0
         assert r["speedup"] == pytest.approx(r["base_us"] / r["this_us"], rel=0.01)

@@ -72,51 +72,72 @@ void parallel_rows(const MatmulProblem& a, Rows rows) {
 
 // ---- per-row group parameters ----------------------------------------------------------------
 
-// out[g] = element offset + g of a float32 / float16 / bfloat16 array, as float, for g < G.
-// One loop per dtype, so the compiler vectorises the conversion (F16C where the build has it).
-inline void load_floats(const void* base, int dtype, int64_t offset, int64_t G, float* out) {
-  switch (dtype) {
-    case kFloat32:
-      std::memcpy(out, static_cast<const float*>(base) + offset, sizeof(float) * G);
-      break;
-    case kFloat16: {
+// Conversions of one scale / zero element to float (exact).
+inline float element_to_float(float v) { return v; }
 #if defined(__FLT16_MAX__)
-      const _Float16* p = static_cast<const _Float16*>(base) + offset;
-      for (int64_t g = 0; g < G; ++g) out[g] = (float)p[g];  // exact
-#else
-      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
-      for (int64_t g = 0; g < G; ++g) out[g] = half_to_float(p[g]);
+inline float element_to_float(_Float16 v) { return (float)v; }
 #endif
-      break;
-    }
-    default: {
-      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
-      for (int64_t g = 0; g < G; ++g) {
-        const uint32_t u = (uint32_t)p[g] << 16;  // bfloat16 is the top half of a float32
-        std::memcpy(out + g, &u, sizeof(float));
-      }
-      break;
-    }
+struct BF16 {
+  uint16_t bits;
+};
+inline float element_to_float(BF16 v) {
+  const uint32_t u = (uint32_t)v.bits << 16;  // bfloat16 is the top half of a float32
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+struct F16Bits {
+  uint16_t bits;
+};
+inline float element_to_float(F16Bits v) { return half_to_float(v.bits); }
+
+template <class T>
+inline void group_params_typed(const T* s, const T* z, int64_t G, float value_scale,
+                               float symmetric_zero, float* sf, float* bf) {
+  const bool plus_one = value_scale != 1.f;
+  auto put = [&](int64_t g, float sg, float zg) {
+    const float sv = sg * value_scale;  // exact: value_scale is a power of two
+    sf[g] = sv;
+    bf[g] = plus_one ? -zg * sg - sv : -zg * sg;
+  };
+  if (z) {
+    for (int64_t g = 0; g < G; ++g) put(g, element_to_float(s[g]), element_to_float(z[g]));
+  } else {
+    for (int64_t g = 0; g < G; ++g) put(g, element_to_float(s[g]), symmetric_zero);
   }
 }
 
 // Row n's group parameters for lane values v with w = (v / value_scale - z) * s, i.e.
-// w = v * sf[g] + bf[g]: sf = s * value_scale (exact: a power of two) and
-// bf = -z * s - sf (value_scale != 1: the lane values carry a +1, see the kernels) or -z * s.
-// A symmetric weight (zeros == nullptr) has z = symmetric_zero.
+// w = v * sf[g] + bf[g]: sf = s * value_scale and bf = -z * s - sf (value_scale != 1: the lane
+// values carry a +1, see the kernels) or -z * s. A symmetric weight (zeros == nullptr) has
+// z = symmetric_zero. One fused pass per row, typed by the scale dtype.
 inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float value_scale,
                          float symmetric_zero, float* sf, float* bf) {
-  load_floats(a.scales, a.sz_dtype, n * a.lds, G, sf);  // s, scaled below
-  if (a.zeros)
-    load_floats(a.zeros, a.sz_dtype, n * a.lds, G, bf);  // z, replaced below
-  else
-    std::fill(bf, bf + G, symmetric_zero);
-  const bool plus_one = value_scale != 1.f;
-  for (int64_t g = 0; g < G; ++g) {
-    const float s = sf[g], z = bf[g];
-    const float sv = s * value_scale;
-    sf[g] = sv;
-    bf[g] = plus_one ? -z * s - sv : -z * s;
+  const int64_t o = n * a.lds;
+  switch (a.sz_dtype) {
+    case kFloat32: {
+      const float* z = a.zeros ? static_cast<const float*>(a.zeros) + o : nullptr;
+      group_params_typed(static_cast<const float*>(a.scales) + o, z, G, value_scale,
+                         symmetric_zero, sf, bf);
+      break;
+    }
+    case kFloat16: {
+#if defined(__FLT16_MAX__)
+      using H = _Float16;
+#else
+      using H = F16Bits;
+#endif
+      const H* z = a.zeros ? static_cast<const H*>(a.zeros) + o : nullptr;
+      group_params_typed(static_cast<const H*>(a.scales) + o, z, G, value_scale, symmetric_zero,
+                         sf, bf);
+      break;
+    }
+    default: {
+      const BF16* z = a.zeros ? static_cast<const BF16*>(a.zeros) + o : nullptr;
+      group_params_typed(static_cast<const BF16*>(a.scales) + o, z, G, value_scale,
+                         symmetric_zero, sf, bf);
+      break;
+    }
   }
 }
 

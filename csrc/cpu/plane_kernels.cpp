@@ -189,6 +189,11 @@ struct Geometry {
   int64_t row_codes;        // full_chunks * 32L + tail * 32
   int64_t G;                // groups covering the blocks
   int64_t lanes_per_group;  // group_size / 32
+  // Block scales by permutation (decode): a chunk of L blocks spans at most L groups, so the
+  // scale of block l of chunk ch is sf[chunk_group0[ch] + block_offset[ch * L + l]], one vector
+  // permutation of L consecutive group scales (ch = full_chunks: the tail's blocks).
+  std::vector<int32_t> chunk_group0;   // [full_chunks + 1]
+  std::vector<uint32_t> block_offset;  // [(full_chunks + 1) * L]
 };
 
 // v with bit FROM moved to bit TO in every lane (a left or right shift by a constant).
@@ -347,9 +352,14 @@ template <int R, int MT>
 void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, const float* xtail,
                  const float* xsum, int64_t n_begin, int64_t n_end, float* out32 /* [MT, N] */) {
   constexpr int kChains = MT == 1 ? 4 : 2;  // partial sums per x row: enough FMA chains in flight
-  std::vector<float> sf(g.G), bf(g.G);
-  std::vector<float> block_scale(g.full_chunks * kChunkLanes + kChunkLanes);
+  // sf is padded by a vector so that the permutation's L-scale load never leaves it.
+  std::vector<float> sf(g.G + kChunkLanes, 0.f), bf(g.G);
   ChunkWords cw;
+  auto block_scales = [&](int64_t ch) {
+    VecU offsets;
+    std::memcpy(&offsets, g.block_offset.data() + ch * kChunkLanes, sizeof(offsets));
+    return __builtin_shuffle(load_lanes(sf.data() + g.chunk_group0[ch]), offsets);
+  };
   const int64_t group_rows = g.tail ? g.tail_rows : 1;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += group_rows) {
     const int nr = (int)std::min(group_rows, n_end - n0);
@@ -357,7 +367,6 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
     for (int i = 0; i < nr; ++i) {
       const int64_t n = n0 + i;
       row_params(a, n, g.G, sf.data(), bf.data());
-      spread_over_blocks(g, sf.data(), block_scale.data());
       VecF acc[MT] = {};
       for (int64_t ch = 0; ch < g.full_chunks; ++ch) {
         load_chunk<R>(a, n, ch, &cw);
@@ -368,7 +377,7 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
           for (int m = 0; m < MT; ++m)
             part[m][J % kChains] += load_lanes(xc + m * g.row_codes + J * kChunkLanes) * value;
         });
-        const VecF sl = load_lanes(block_scale.data() + ch * kChunkLanes);
+        const VecF sl = block_scales(ch);
         for (int m = 0; m < MT; ++m) {
           VecF sum = part[m][0];
           for (int c = 1; c < kChains; ++c) sum += part[m][c];
@@ -379,8 +388,10 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
         // the bf term covers the whole row, tail included
         out32[m * a.N + n] = hsum_lanes(acc[m]) + dot(bf.data(), xsum + m * g.G, g.G);
       }
-      for (int l = 0; l < g.tail; ++l)
-        tail_scale[i * g.tail + l] = block_scale[g.full_chunks * kChunkLanes + l];
+      if (g.tail) {
+        const VecF ts = block_scales(g.full_chunks);
+        for (int l = 0; l < g.tail; ++l) tail_scale[i * g.tail + l] = ts[l];
+      }
     }
     if (g.tail == 0) continue;
     ChunkWords tw;
@@ -482,6 +493,15 @@ void run(const PlaneMatmulArgs& a, float* out32) {
   g.row_codes = g.full_chunks * kChunkCodes + g.tail * kBlockCodes;
   g.G = (g.blocks * kBlockCodes + a.group_size - 1) / a.group_size;
   g.lanes_per_group = a.group_size / kBlockCodes;
+  g.chunk_group0.resize(g.full_chunks + 1);
+  g.block_offset.resize((g.full_chunks + 1) * kChunkLanes);
+  for (int64_t ch = 0; ch <= g.full_chunks; ++ch) {
+    auto group_of = [&](int64_t b) { return std::min<int64_t>(g.G - 1, b / g.lanes_per_group); };
+    g.chunk_group0[ch] = (int32_t)group_of(ch * kChunkLanes);
+    for (int l = 0; l < kChunkLanes; ++l)  // < L: the L blocks span at most L groups
+      g.block_offset[ch * kChunkLanes + l] =
+          (uint32_t)(group_of(ch * kChunkLanes + l) - g.chunk_group0[ch]);
+  }
 
   // Permuted fp32 activations (Geometry's order, L = kChunkLanes): xp[m][ch*32L + J*L + l] =
   // x[m][(ch*L + l)*32 + J] for the full chunks, xp[m][full*32L + J*tail + l] =

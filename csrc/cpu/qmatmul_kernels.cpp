@@ -63,6 +63,12 @@ struct Plan {
   int64_t chunk_codes; // codes per chunk (= 32 * lane codes)
   int64_t G;           // groups covering Kp
   std::vector<int32_t> lane_group;  // [chunks * 32] group of each lane (clamped to G - 1)
+  // Lane scales by permutation (decode): when every chunk spans at most 16 groups, the scale of
+  // lane h * 16 + l of chunk ch is sf[chunk_group0[ch] + lane_offset[ch * kVecs + h][l]], one
+  // vector permutation of 16 consecutive group scales instead of a per-row table.
+  bool scale_by_permute = false;
+  std::vector<int32_t> chunk_group0;  // [chunks] group of the chunk's first lane
+  std::vector<uint32_t> lane_offset;  // [chunks * 32] lane_group - chunk_group0 of its chunk
 };
 
 // The 32 words (3 bits: 96 words) of chunk `ch` of a row; the last chunk of a row is copied into
@@ -191,19 +197,22 @@ void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const flo
   using L = Layout<BITS>;
   const int64_t lanes_per_group = a.group_size / L::kLaneCodes;  // >= 1: group % 32 == 0
   const int64_t row_lanes = p.chunks * kChunkLanes;
-  std::vector<float> sf(p.G), bf(p.G);
-  std::vector<float> lane_scale(row_lanes);
+  // sf is padded by a vector so that the permutation's 16-scale load never leaves it.
+  std::vector<float> sf(p.G + kVecLanes, 0.f), bf(p.G);
+  std::vector<float> lane_scale(p.scale_by_permute ? 0 : row_lanes);
   alignas(64) uint32_t tail[L::kChunkWords];
   alignas(64) uint32_t planes3[3 * kChunkLanes];
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint32_t* wrow = a.qweight + n * a.ldq;
     row_params(a, n, p.G, L::kValueScale, sf.data(), bf.data());
-    // Each lane lies in one group: spread the group scales over the row's lanes (lanes past
-    // the last group meet zero activations and take the last group's scale).
-    for (int64_t g = 0; g < p.G; ++g) {
-      const int64_t l0 = g * lanes_per_group;
-      const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
-      std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
+    if (!p.scale_by_permute) {
+      // Each lane lies in one group: spread the group scales over the row's lanes (lanes past
+      // the last group meet zero activations and take the last group's scale).
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t l0 = g * lanes_per_group;
+        const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
+        std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
+      }
     }
     // Partial sums stay in vector registers: kChains independent FMA chains per row and lane
     // vector (two for M = 1, where there is only one row to interleave).
@@ -222,9 +231,12 @@ void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const flo
           }
         }
       });
-      const float* sl = lane_scale.data() + ch * kChunkLanes;
       for (int h = 0; h < kVecs; ++h) {
-        const VecF scale = load_f(sl + h * kVecLanes);
+        const VecF scale =
+            p.scale_by_permute
+                ? __builtin_shuffle(load_f(sf.data() + p.chunk_group0[ch]),
+                                    load_u(p.lane_offset.data() + ch * kChunkLanes + h * kVecLanes))
+                : load_f(lane_scale.data() + ch * kChunkLanes + h * kVecLanes);
         for (int m = 0; m < MT; ++m) {
           VecF sum = part[m][0][h];
           for (int c = 1; c < kChains; ++c) sum += part[m][c][h];
@@ -310,6 +322,17 @@ void run(const QMatmulArgs& a, float* out32) {
   p.lane_group.resize(p.chunks * kChunkLanes);
   for (int64_t lane = 0; lane < (int64_t)p.lane_group.size(); ++lane)
     p.lane_group[lane] = (int32_t)std::min<int64_t>(p.G - 1, lane * L::kLaneCodes / a.group_size);
+  p.chunk_group0.resize(p.chunks);
+  p.lane_offset.resize(p.lane_group.size());
+  p.scale_by_permute = true;
+  for (int64_t ch = 0; ch < p.chunks; ++ch) {
+    p.chunk_group0[ch] = p.lane_group[ch * kChunkLanes];
+    for (int l = 0; l < kChunkLanes; ++l) {
+      const int64_t off = p.lane_group[ch * kChunkLanes + l] - p.chunk_group0[ch];
+      p.lane_offset[ch * kChunkLanes + l] = (uint32_t)off;
+      if (off >= kVecLanes) p.scale_by_permute = false;
+    }
+  }
 
   // Permuted fp32 activations (zero past K), and group sums of x for the decode path.
   std::vector<float> xp((size_t)(M * p.chunks * p.chunk_codes), 0.f);
