@@ -93,3 +93,39 @@ def test_sliced_gradient_lands_in_the_block(rng):
     assert_matches(gw, ref_w.grad, torch.float32, "weight grad")
     assert_matches(gx, ref_x.grad, torch.float32, "x grad")
     assert bool((gw[25:] == 0).all()) and bool((gw[:, 40:] == 0).all())
+
+
+def test_plain_eager_calls_skip_the_op_and_agree_with_it(rng, monkeypatch):
+    """Plain eager calls run the implementation directly (no dispatcher); anything that needs
+    the op (autograd, tensor subclasses such as fake tensors) still goes through it; both give
+    bit-identical results."""
+    from pyengine.ops.matmul import eager_call_ok
+    qa = _qw(24, 64, rng)
+    x = torch.randn(3, 64, generator=rng)
+    bias = torch.randn(24, generator=rng)
+    assert eager_call_ok(x, qa.qweight, None, bias)
+    assert eager_call_ok(torch.nn.Parameter(x.clone()).requires_grad_(False))
+    assert not eager_call_ok(x.clone().requires_grad_())
+    with torch.no_grad():
+        assert eager_call_ok(x.clone().requires_grad_())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = torch.empty(3, 64)
+    assert not eager_call_ok(fake)
+
+    calls = []
+    real = torch.ops.pyengine.dequant_matmul.default
+
+    def counted(*args):
+        calls.append(args[0].requires_grad)
+        return real(*args)
+
+    monkeypatch.setattr(ops.matmul, "_dequant_matmul_op", counted)
+    direct = ops.dequant_matmul(x, qa, bias)
+    assert calls == []  # the plain call did not go through the op
+    through_op = real(x, qa.qweight, qa.scales, qa.zeros, bias, 4, 32, 24, 64, None)
+    assert torch.equal(direct, through_op)
+    xg = x.clone().requires_grad_()
+    y = ops.dequant_matmul(xg, qa, bias)
+    assert calls == [True] and y.requires_grad
+    assert torch.equal(y.detach(), direct)

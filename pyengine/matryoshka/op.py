@@ -37,6 +37,7 @@ import torch
 
 from ..backends import ENV_BACKEND, _native
 from ..ops import checks
+from ..ops.matmul import eager_call_ok
 from .weight import (PLANE_BITS, PLANES_READ, MatryoshkaWeight, canonical_slice, check_precision,
                      dequantize_planes)
 
@@ -129,11 +130,12 @@ def _plane_kernel_matmul(x2: Tensor, plane_hi: Tensor, plane_mid: Optional[Tenso
         _effective_group_size(plane_hi, group_size), n, k)
 
 
-@torch.library.custom_op("pyengine::matryoshka_matmul", mutates_args=())
-def _matryoshka_matmul_op(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tensor],
-                          plane_lo: Optional[Tensor], scales: Tensor, zeros: Optional[Tensor],
-                          bias: Optional[Tensor], precision: int, group_size: int, n: int, k: int,
-                          backend: Optional[str] = None) -> Tensor:
+def _matryoshka_matmul_impl(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tensor],
+                            plane_lo: Optional[Tensor], scales: Tensor, zeros: Optional[Tensor],
+                            bias: Optional[Tensor], precision: int, group_size: int, n: int,
+                            k: int, backend: Optional[str] = None) -> Tensor:
+    """The custom op's body (also called directly for plain eager calls, see
+    pyengine.ops.matmul.eager_call_ok)."""
     path = _select_path(x.device.type, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -162,6 +164,15 @@ def _matryoshka_matmul_op(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tenso
                          group_size, (n, k))
     requested = path[len(PATH_CANONICAL_PREFIX):]
     return dequant_matmul(x2.contiguous(), qw, bias, backend=requested).view(*lead, n)
+
+
+@torch.library.custom_op("pyengine::matryoshka_matmul", mutates_args=())
+def _matryoshka_matmul_op(x: Tensor, plane_hi: Tensor, plane_mid: Optional[Tensor],
+                          plane_lo: Optional[Tensor], scales: Tensor, zeros: Optional[Tensor],
+                          bias: Optional[Tensor], precision: int, group_size: int, n: int, k: int,
+                          backend: Optional[str] = None) -> Tensor:
+    return _matryoshka_matmul_impl(x, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
+                                   precision, group_size, n, k, backend)
 
 
 @_matryoshka_matmul_op.register_fake
@@ -223,6 +234,9 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
     read = PLANES_READ[r]
     planes = [getattr(weight, name) if name in read else None
               for name in ("plane_hi", "plane_mid", "plane_lo")]
+    if eager_call_ok(x, *planes, weight.scales, weight.zeros, bias):
+        return _matryoshka_matmul_impl(x, planes[0], planes[1], planes[2], weight.scales,
+                                       weight.zeros, bias, r, weight.group_size, n, k, backend)
     return _matryoshka_matmul_op(x, planes[0], planes[1], planes[2], weight.scales, weight.zeros,
                                  bias, r, weight.group_size, n, k, backend)
 

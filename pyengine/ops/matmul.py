@@ -59,6 +59,25 @@ def _execute(op: str, x: Tensor, weight: Tensor, scales: Optional[Tensor],
     return out.view(*lead, n)
 
 
+def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call may skip its custom op and run the implementation directly: a plain eager
+    call on plain tensors (not under torch.compile / export, no tensor subclass such as a fake
+    or functional tensor) with nothing that needs autograd. Results are the same either way; the
+    direct call saves the dispatcher's few microseconds, which add up over the hundreds of
+    small matmuls of one decoding step. Tracing, compiling and training keep the op."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
+
+
 def _fake(x: Tensor, n: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], n)
 
@@ -219,6 +238,9 @@ def dequant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] =
     checks.check_activation(op, "x", x, k, checks.weight_desc(qweight))
     checks.check_same_device(op, x, qweight=qweight.qweight)
     checks.check_bias(op, bias, n, x, exact=True)
+    if eager_call_ok(x, qweight.qweight, qweight.scales, qweight.zeros, bias):
+        return _execute(op, x, qweight.qweight, qweight.scales, qweight.zeros, bias, None, None,
+                        qweight.bits, qweight.group_size, n, k, backend)
     return _dequant_matmul_op(x, qweight.qweight, qweight.scales, qweight.zeros, bias,
                               qweight.bits, qweight.group_size, n, k, backend)
 
@@ -245,6 +267,9 @@ def sliced_matmul(x: Tensor, w: "Tensor | QuantizedWeight", in_dims: int, out_di
     if bits == 0:
         checks.check_dense_dtype(op, "w", weight, x)
     checks.check_bias(op, bias, out_dims, x)
+    if eager_call_ok(x, weight, scales, zeros, bias):
+        return _execute(op, x, weight, scales, zeros, bias, None, None, bits, gs, out_dims,
+                        in_dims, backend)
     return _sliced_matmul_op(x, weight, scales, zeros, bias, bits, gs, in_dims, out_dims, backend)
 
 
@@ -272,5 +297,8 @@ def shortcut_matmul(x: Tensor, w: "Tensor | QuantizedWeight", residual: Tensor, 
         checks.check_dense_dtype(op, "w", weight, x)
     checks.check_shortcut(op, x, residual, shortcut, n)
     checks.check_bias(op, bias, n, x, exact=True)
+    if eager_call_ok(x, weight, scales, zeros, residual, shortcut, bias):
+        return _execute(op, x, weight, scales, zeros, bias, residual, shortcut, bits, gs, n, k,
+                        backend)
     return _shortcut_matmul_op(x, weight, scales, zeros, residual, shortcut, bias, bits, gs, n, k,
                                backend)
