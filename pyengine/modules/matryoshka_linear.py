@@ -20,7 +20,7 @@ from ..matryoshka.weight import (LAYOUT, PARENT_BITS, PLANE_BITS, PLANE_NAMES, M
 from ..qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
-from .quant_linear import QuantLinear
+from .quant_linear import QuantLinear, register_group_params
 
 
 class MatryoshkaLinear(QuantLinear):
@@ -55,19 +55,10 @@ class MatryoshkaLinear(QuantLinear):
         self.method = method
         self.precision = check_precision(precision)
         kp = padded_in_features(self.in_features, self.group_size)
-        n_groups = 1 if self.group_size == -1 else kp // self.group_size
         for name in PLANE_NAMES:
             self.register_buffer(name, torch.empty(self.out_features, kp * PLANE_BITS[name] // 32,
                                                    dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(self.out_features, n_groups, dtype=dtype,
-                                                   device=device))
-        self.register_buffer("zeros", None if self.symmetric else torch.empty(
-            self.out_features, n_groups, dtype=dtype, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_group_params(self, kp, bias, dtype, device)
         self._refresh_weight()
 
     # ---- construction -----------------------------------------------------------------------

@@ -13,6 +13,23 @@ from ..quantize import quantize
 from ..recipe import QuantConfig
 
 
+def register_group_params(layer: nn.Module, kp: int, bias: bool, dtype: torch.dtype,
+                          device) -> None:
+    """Registers the per-group ``scales`` and ``zeros`` buffers ([out_features, groups] of
+    ``dtype``; zeros None when ``layer.symmetric``) and the ``bias`` parameter (frozen; None
+    unless ``bias``) of a quantized linear layer whose rows are padded to ``kp`` codes."""
+    n_groups = 1 if layer.group_size == -1 else kp // layer.group_size
+    layer.register_buffer("scales", torch.empty(layer.out_features, n_groups, dtype=dtype,
+                                                device=device))
+    layer.register_buffer("zeros", None if layer.symmetric else torch.empty(
+        layer.out_features, n_groups, dtype=dtype, device=device))
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(layer.out_features, dtype=dtype, device=device),
+                                  requires_grad=False)
+    else:
+        layer.register_parameter("bias", None)
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W)^T + bias, computed by one custom op (pyengine.ops.dequant_matmul).
 
@@ -38,18 +55,9 @@ class QuantLinear(nn.Module):
         # that read the same input (see modules/fusion.py); None otherwise.
         self._fusion = None
         kp = padded_in_features(self.in_features, self.group_size)
-        n_groups = 1 if self.group_size == -1 else kp // self.group_size
         self.register_buffer("qweight", torch.empty(self.out_features, kp * self.bits // 32,
                                                     dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(self.out_features, n_groups, dtype=dtype,
-                                                   device=device))
-        self.register_buffer("zeros", None if self.symmetric else torch.empty(
-            self.out_features, n_groups, dtype=dtype, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_group_params(self, kp, bias, dtype, device)
         self._refresh_weight()
 
     # ---- construction -----------------------------------------------------------------------
