@@ -14,6 +14,8 @@ import os
 from functools import lru_cache
 from typing import Dict, List, Optional
 
+import torch
+
 from .base import Backend, MatmulCase, QuantTensors
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -25,7 +27,7 @@ ENV_BACKEND = "PYENGINE_BACKEND"
 __all__ = [
     "Backend", "BackendError", "MatmulCase", "QuantTensors", "available_backends",
     "get_backend", "known_backends", "reference_matmul", "reference_weight", "register_backend",
-    "select_backend",
+    "select_backend", "select_backend_for",
 ]
 
 
@@ -42,6 +44,7 @@ def register_backend(backend: Backend) -> Backend:
         raise ValueError("a backend needs a name")
     _REGISTRY[backend.name] = backend
     _select_cached.cache_clear()
+    _SELECTED.clear()
     return backend
 
 
@@ -68,6 +71,28 @@ def select_backend(case: MatmulCase, requested: Optional[str] = None) -> Backend
     if not requested:
         requested = os.environ.get(ENV_BACKEND) or None
     return _select_cached(case, requested)
+
+
+_SELECTED: Dict[tuple, Backend] = {}  # select_backend_for's memo; cleared with _select_cached
+
+
+def select_backend_for(op: str, device_type: str, dtype: torch.dtype, bits: int,
+                       group_size: int, M: int, N: int, K: int, has_shortcut: bool,
+                       requested: Optional[str] = None) -> Backend:
+    """select_backend for the fields of a MatmulCase, memoised on a plain tuple so that the hot
+    path of the ops builds no MatmulCase once a shape has been seen."""
+    if not requested:
+        requested = os.environ.get(ENV_BACKEND) or None
+    key = (op, device_type, dtype, bits, group_size, M, N, K, has_shortcut, requested)
+    backend = _SELECTED.get(key)
+    if backend is None:
+        case = MatmulCase(op=op, device_type=device_type, dtype=dtype, bits=bits,
+                          group_size=group_size, M=M, N=N, K=K, has_shortcut=has_shortcut)
+        backend = _select_cached(case, requested)
+        if len(_SELECTED) >= 4096:
+            _SELECTED.clear()
+        _SELECTED[key] = backend
+    return backend
 
 
 @lru_cache(maxsize=4096)

@@ -46,7 +46,9 @@ class CpuBackend(Backend):
         ext = extension()
         threads = torch.get_num_threads()
 
-        def kernel(*args):
-            ext.qmatmul_cpu(*args, num_threads=threads, isa=self.isa)
+        isa = self.isa
+
+        def kernel(*args):  # num_threads and isa passed by position (cheaper than keywords)
+            ext.qmatmul_cpu(*args, threads, isa)
 
         return quant_matmul_native(kernel, x, weight, n, k, bias, residual, shortcut, out)

@@ -11,13 +11,17 @@ from ..qweight import QuantizedWeight
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_activation(op: str, name: str, x: object, k: int, weight_desc: str) -> torch.Tensor:
+def check_activation(op: str, name: str, x: object, k: int,
+                     weight: "str | torch.Tensor | QuantizedWeight") -> torch.Tensor:
+    """x must be a float tensor with k features on its last dimension; ``weight`` (a weight, or
+    a description of what needs the k features) is only put into words for the error."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{op}: {name} has shape {tuple(x.shape)} but {weight_desc} needs "
+        desc = weight if isinstance(weight, str) else weight_desc(weight)
+        raise ValueError(f"{op}: {name} has shape {tuple(x.shape)} but {desc} needs "
                          f"{k} features on its last dimension")
     return x
 

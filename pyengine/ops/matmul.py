@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import MatmulCase, QuantTensors, reference_weight, select_backend
+from ..backends import QuantTensors, reference_weight, select_backend_for
 from ..qweight import QuantizedWeight
 from . import checks
 
@@ -50,10 +50,8 @@ def _execute(op: str, x: Tensor, weight: Tensor, scales: Optional[Tensor],
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
-    case = MatmulCase(op=op, device_type=x.device.type, dtype=x.dtype, bits=bits,
-                      group_size=group_size if bits else 0, M=m, N=n, K=k,
-                      has_shortcut=residual is not None)
-    impl = select_backend(case, backend)
+    impl = select_backend_for(op, x.device.type, x.dtype, bits, group_size if bits else 0, m, n,
+                              k, residual is not None, backend)
     w = _weight_operand(weight, scales, zeros, bits, group_size)
     out = impl.matmul(x2, w, n, k, bias, res2, shortcut)
     return out.view(*lead, n)
@@ -235,7 +233,7 @@ def dequant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] =
         raise TypeError(f"{op}: qweight must be a pyengine.QuantizedWeight, got "
                         f"{type(qweight).__name__} (dense weights: use torch.nn.functional.linear)")
     n, k = qweight.shape
-    checks.check_activation(op, "x", x, k, checks.weight_desc(qweight))
+    checks.check_activation(op, "x", x, k, qweight)
     checks.check_same_device(op, x, qweight=qweight.qweight)
     checks.check_bias(op, bias, n, x, exact=True)
     if eager_call_ok(x, qweight.qweight, qweight.scales, qweight.zeros, bias):
@@ -290,7 +288,7 @@ def shortcut_matmul(x: Tensor, w: "Tensor | QuantizedWeight", residual: Tensor, 
     op = "shortcut_matmul"
     checks.check_weight(op, w)
     n, k = (int(d) for d in w.shape)
-    checks.check_activation(op, "x", x, k, checks.weight_desc(w))
+    checks.check_activation(op, "x", x, k, w)
     weight, scales, zeros, bits, gs = _unpack(w)
     checks.check_same_device(op, x, weight=weight)
     if bits == 0:
