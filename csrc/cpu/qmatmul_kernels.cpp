@@ -1,8 +1,10 @@
 // CPU quantized matmul kernels: out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias).
 //
 // This file is compiled once per instruction set (generic, avx2, avx512) with PYENGINE_ISA set
-// to the namespace name. The loops are written for the compiler's vectoriser (fixed 32-wide
-// inner loops over independent lanes), no intrinsics, so every build is the same code.
+// to the namespace name. No intrinsics: lanes are handled 16 at a time as GCC/Clang vectors
+// (VecU / VecF: a zmm register with AVX-512, two ymm with AVX2, narrower operations in the
+// generic build), so every build is the same code and the decode loop's partial sums stay in
+// registers.
 //
 // Lane order. A dot product does not care about the order of its terms, so the kernels visit the
 // codes of a row in the order that makes unpacking cheap and permute x to match, once per call:
@@ -16,8 +18,10 @@
 // Dequantization: w = (q - z) * s = q * s + b with b = -z * s, so for one group g of row n
 //   sum_k x[k] * w[k] = s * sum_k x[k] * q[k] + b * sum_k x[k]
 // The decode path multiplies x by the integer codes, scales per lane (each lane lies in one
-// group) and adds b * (group sum of x) per group; the prefill path dequantizes a panel of rows
-// and runs a register-blocked dot-product micro-kernel over the permuted order.
+// group; a chunk spanning at most 16 groups takes its 32 lane scales by permuting 16 consecutive
+// group scales, Plan::scale_by_permute) and adds b * (group sum of x) per group; the prefill
+// path dequantizes a panel of rows and runs a register-blocked dot-product micro-kernel over the
+// permuted order (kernel_util.h).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
