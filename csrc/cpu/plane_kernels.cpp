@@ -51,12 +51,8 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/kernel_util.h"
+#include "cpu/kernel_util.h"  // also checks that PYENGINE_ISA names the build's namespace
 #include "cpu/qmatmul.h"
-
-#ifndef PYENGINE_ISA
-#error "PYENGINE_ISA must name the instruction-set namespace"
-#endif
 
 namespace pyengine {
 namespace cpu {
