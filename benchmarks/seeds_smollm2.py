@@ -6,7 +6,7 @@ Every configuration is compressed from the same fp32 model with the same calibra
 Writes benchmarks/results/seeds_smollm2.{json,md,png}; the JSON is rewritten after every row,
 so an interrupted run keeps what it measured.
 
-    python benchmarks/seeds_smollm2.py                 # the full report (21 min on 2 cores)
+    python benchmarks/seeds_smollm2.py                 # the full report (21 min on 2 quiet cores)
     python benchmarks/seeds_smollm2.py --only slicing  # one section: slicing|mixed|quant|combined
 """
 
@@ -215,7 +215,8 @@ def write_markdown(path: Path, meta: Dict[str, Any], rows: List[Dict[str, Any]],
              f"Quantization group size {meta['group_size']}; embeddings and the tied head stay "
              "fp32. Sizes in MiB: all weights the model holds, of which the decoder's linear "
              "layers, the shortcut matrices of sliced residual connections, and the rest "
-             "(embeddings, head, norms; slicing unties the head from the embeddings).", "",
+             "(embeddings, head, norms, and for a sliced model the projections of the tied "
+             "table, which stays in the original basis).", "",
              "| section | config | perplexity | change vs fp32 | total | decoder linears "
              "| shortcuts | rest |",
              "|---|---|---|---|---|---|---|---|"]
@@ -227,7 +228,8 @@ def write_markdown(path: Path, meta: Dict[str, Any], rows: List[Dict[str, Any]],
                      f"{r['other_bytes'] / mib:.1f} |")
     lines += ["", f"fp32 perplexity: {base_ppl:.3f}."]
     if meta.get("total_seconds") and meta.get("sections") == list(SECTIONS):
-        lines += [f"Whole report in one run: {meta['total_seconds'] / 60:.1f} min on this machine."]
+        lines += [f"Whole report in one run: {meta['total_seconds'] / 60:.1f} min on this machine"
+                  + (f" ({meta['run_note']})." if meta.get("run_note") else ".")]
     lines += [""]
     path.write_text("\n".join(lines))
 
