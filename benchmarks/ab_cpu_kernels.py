@@ -142,6 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", default="qmatmul,plane_matmul",
                         help="kernels to compare: qmatmul, plane_matmul (comma separated)")
+    parser.add_argument("--base-label", default="",
+                        help="what the base build is (e.g. 'commit abc1234'), kept in the meta")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if not args.base.is_file():
@@ -159,7 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    ops)
     if args.json:
         meta = common.metadata("cpu")
-        meta.update(base=str(args.base), scale_dtype="float16", activations="float32",
+        meta.update(base=str(args.base), base_label=args.base_label, scale_dtype="float16",
+                    activations="float32",
                     plane_matmul_parent="int8 RTN parent, bits = the slice precision r",
                     timing="median of round-robin rounds, each `reps` calls of one build")
         common.write_results(args.json, meta, rows)
