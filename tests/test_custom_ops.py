@@ -1,5 +1,7 @@
 """The custom-op contract: torch.library.opcheck, torch.compile(fullgraph=True), autograd."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -112,6 +114,12 @@ def test_plain_eager_calls_skip_the_op_and_agree_with_it(rng, monkeypatch):
     with FakeTensorMode():
         fake = torch.empty(3, 64)
     assert not eager_call_ok(fake)
+    assert torch.func.vmap(lambda t: torch.tensor(eager_call_ok(t)))(x).tolist() == [False] * 3
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated
+        torch.jit.trace(lambda t: seen.append(eager_call_ok(t)) or t * 1, (x,), check_trace=False)
+    assert seen == [False]
 
     calls = []
     real = torch.ops.pyengine.dequant_matmul.default

@@ -59,11 +59,13 @@ def _execute(op: str, x: Tensor, weight: Tensor, scales: Optional[Tensor],
 
 def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may skip its custom op and run the implementation directly: a plain eager
-    call on plain tensors (not under torch.compile / export, no tensor subclass such as a fake
-    or functional tensor) with nothing that needs autograd. Results are the same either way; the
-    direct call saves the dispatcher's few microseconds, which add up over the hundreds of
-    small matmuls of one decoding step. Tracing, compiling and training keep the op."""
-    if torch.compiler.is_compiling():
+    call on plain tensors (not under torch.compile / export / torch.jit.trace or a functorch
+    transform such as vmap, no tensor subclass such as a fake or functional tensor) with nothing
+    that needs autograd. Results are the same either way; the direct call saves the dispatcher's
+    few microseconds, which add up over the hundreds of small matmuls of one decoding step.
+    Tracing, compiling, transforms and training keep the op."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
