@@ -76,7 +76,6 @@ def _plane_call(parent, r, x, out, threads):
               for name in ("plane_hi", "plane_mid", "plane_lo")]
     m, k = x.shape
     n = parent.shape[0]
-    group_size = parent.group_size if parent.group_size != -1 else planes[0].shape[1] * 32 // 3
 
     def call(ext):
         ext.plane_matmul_cpu(
@@ -84,7 +83,7 @@ def _plane_call(parent, r, x, out, threads):
                                             (_ptr(t), 0 if t is None else t.stride(0))],
             parent.scales.data_ptr(), _ptr(parent.zeros), DTYPE_CODES[parent.scales.dtype],
             parent.scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), m, n, k, r,
-            group_size, threads, "")
+            parent.effective_group_size, threads, "")
     return call, parent.dequantize(r, torch.float32)
 
 

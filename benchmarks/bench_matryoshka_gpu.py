@@ -101,7 +101,7 @@ def _kernel_calls(backend: str, x: torch.Tensor, out: torch.Tensor, parent: Matr
     return plane_call, plain_call, plain_op
 
 
-def available_backends(requested: List[str]) -> Dict[str, Optional[str]]:
+def backend_status(requested: List[str]) -> Dict[str, Optional[str]]:
     """{backend: None when it runs here, else why not} for the requested backends."""
     from pyengine.backends import get_backend
     from pyengine.backends._native import cuda_plane_kernel_unavailable_reason
@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--bits: {bad_bits} have no canonical kernel to compare with (2, 3, 4, 8)")
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
 
-    status = available_backends([b for b in args.backends.split(",") if b])
+    status = backend_status([b for b in args.backends.split(",") if b])
     backends = [name for name, why in status.items() if why is None]
     if not backends:
         print(f"bench_matryoshka_gpu: no requested backend runs here: {status}", file=sys.stderr)

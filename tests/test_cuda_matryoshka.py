@@ -166,9 +166,8 @@ def _check(x, mw, r, bias, kernel, what, n=None, k=None):
     k = mw.shape[1] if k is None else k
     hi, mid, lo = (getattr(mw, p) if p in PLANES_READ[r] else None for p in PLANES)
     out = poisoned((x.shape[0], n), x.dtype, x.device)
-    group_size = mop._effective_group_size(mw.plane_hi, mw.group_size)  # -1: the padded row
-    got = _native.plane_matmul_cuda(x, hi, mid, lo, mw.scales, mw.zeros, bias, r, group_size, n,
-                                    k, out=out, kernel=kernel)
+    got = _native.plane_matmul_cuda(x, hi, mid, lo, mw.scales, mw.zeros, bias, r,
+                                    mw.effective_group_size, n, k, out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr(), f"{what}: result not written into out"
     ref32 = mop.plane_reference_matmul(x, mw.plane_hi, mw.plane_mid, mw.plane_lo, mw.scales,
                                        mw.zeros, bias, r, mw.group_size, n, k)

@@ -70,6 +70,10 @@ void parallel_rows(const MatmulProblem& a, Rows rows) {
 #endif
 }
 
+// 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
+// by narrower operations in the generic build.
+typedef float v16f __attribute__((vector_size(64)));
+
 // ---- per-row group parameters ----------------------------------------------------------------
 
 // Conversions of one scale / zero element to float (exact).
@@ -143,11 +147,10 @@ inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float val
 
 // sum_i a[i] * b[i] with 16 partial sums (vectorised; the order differs from a plain loop).
 inline float dot(const float* a, const float* b, int64_t len) {
-  typedef float v16 __attribute__((vector_size(64)));
-  v16 acc = {};
+  v16f acc = {};
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
-    v16 va, vb;
+    v16f va, vb;
     std::memcpy(&va, a + i, sizeof(va));
     std::memcpy(&vb, b + i, sizeof(vb));
     acc += va * vb;
@@ -164,10 +167,6 @@ inline float dot(const float* a, const float* b, int64_t len) {
 constexpr int kMicroM = 4;                     // activation rows per micro-kernel
 constexpr int kMicroN = 4;                     // weight rows per micro-kernel
 constexpr int64_t kPanelBytes = 256 * 1024;    // dequantized panel budget
-
-// 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
-// by narrower operations in the generic build.
-typedef float v16f __attribute__((vector_size(64)));
 
 inline v16f load16(const float* p) {
   v16f v;

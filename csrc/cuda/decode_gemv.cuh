@@ -127,11 +127,6 @@ struct DecodePlan {
   bool xvec;    // 16-byte loads of activation rows are aligned
 };
 
-// Whether the epilogue adds into the output (the canonical kernels' shortcut product arrives
-// that way; the plane matmul always overwrites).
-__host__ __device__ __forceinline__ bool accumulates(const QMatmulArgs& a) { return a.accumulate; }
-__host__ __device__ __forceinline__ bool accumulates(const PlaneMatmulArgs&) { return false; }
-
 __device__ __forceinline__ float f4_get(const float4& v, int c) {
   return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
 }
@@ -338,12 +333,6 @@ decode_gemv_kernel(const typename Src::Args a, const DecodePlan p) {
       store_f(a.out, a.out_dtype, o, v);
     }
   }
-}
-
-template <class Args>
-void check_cuda(cudaError_t err, const char* op, const char* what, const Args& a) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(describe(op, a) + ": " + what + ": " + cudaGetErrorString(err));
 }
 
 inline int floor_pow2(int64_t v) {

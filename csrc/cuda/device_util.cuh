@@ -1,12 +1,16 @@
-// Device helpers shared by the CUDA kernels: dtype-generic element loads/stores. The code
+// Helpers shared by the CUDA kernels: dtype-generic element loads/stores, the epilogue's
+// accumulate flag and the host-side CUDA error check. The code
 // extraction of a packing block (block_code, Matryoshka slice codes) lives in code_bits.h,
 // which the host module shares.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "code_bits.h"
 #include "common.h"
@@ -30,6 +34,19 @@ __device__ __forceinline__ void store_f(void* p, int dtype, int64_t i, float v) 
     case kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
     default: static_cast<float*>(p)[i] = v; break;
   }
+}
+
+// Whether an epilogue adds into the output: the canonical kernels' shortcut product arrives
+// that way; the plane matmul always overwrites.
+__host__ __device__ __forceinline__ bool accumulates(const QMatmulArgs& a) { return a.accumulate; }
+__host__ __device__ __forceinline__ bool accumulates(const PlaneMatmulArgs&) { return false; }
+
+// Raises std::runtime_error naming op, the problem (M, N, K, bits / precision, group size) and
+// the failed call when err is not cudaSuccess.
+template <class Args>
+void check_cuda(cudaError_t err, const char* op, const char* what, const Args& a) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(describe(op, a) + ": " + what + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace cuda

@@ -195,16 +195,12 @@ __global__ void __launch_bounds__(kThreads) qmatmul_tc_kernel(const QMatmulArgs 
     float v = c_tile[r * kLdC + c];
     if (a.bias) v += load_f(a.bias, a.bias_dtype, n);
     const int64_t o = m * a.ldo + n;
-    if (a.accumulate) v += load_f(a.out, a.out_dtype, o);
+    if (accumulates(a)) v += load_f(a.out, a.out_dtype, o);
     store_f(a.out, a.out_dtype, o, v);
   }
 }
 
-void check_cuda(cudaError_t err, const char* what, const QMatmulArgs& a) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(describe("qmatmul_cuda_tc", a) + ": " + what + ": " +
-                             cudaGetErrorString(err));
-}
+constexpr const char* kOp = "qmatmul_cuda_tc";
 
 template <typename T>
 void launch(const QMatmulArgs& a, bool x_vector_ok, dim3 grid, cudaStream_t s) {
@@ -219,15 +215,15 @@ void launch(const QMatmulArgs& a, bool x_vector_ok, dim3 grid, cudaStream_t s) {
 }  // namespace
 
 void qmatmul_tc(const QMatmulArgs& a, int device, uintptr_t stream) {
-  check_qmatmul_args("qmatmul_cuda_tc", a);
+  check_qmatmul_args(kOp, a);
   if (a.x_dtype != kFloat16 && a.x_dtype != kBFloat16)
-    throw std::invalid_argument(describe("qmatmul_cuda_tc", a) +
+    throw std::invalid_argument(describe(kOp, a) +
                                 ": the tensor-core kernel takes float16 or bfloat16 activations");
   if (a.M == 0 || a.N == 0) return;
-  check_cuda(cudaSetDevice(device), "cudaSetDevice", a);
+  check_cuda(cudaSetDevice(device), kOp, "cudaSetDevice", a);
   const dim3 grid((unsigned)((a.N + kBN - 1) / kBN), (unsigned)((a.M + kBM - 1) / kBM));
   if (grid.y > 65535u)
-    throw std::invalid_argument(describe("qmatmul_cuda_tc", a) + ": M too large");
+    throw std::invalid_argument(describe(kOp, a) + ": M too large");
   // 16-byte activation loads need a 16-byte aligned base and rows starting at multiples of 8
   // elements; otherwise the kernel loads element by element.
   const bool x_vector_ok = (reinterpret_cast<uintptr_t>(a.x) % 16 == 0) && (a.ldx % 8 == 0);
@@ -236,7 +232,7 @@ void qmatmul_tc(const QMatmulArgs& a, int device, uintptr_t stream) {
     launch<__half>(a, x_vector_ok, grid, s);
   else
     launch<__nv_bfloat16>(a, x_vector_ok, grid, s);
-  check_cuda(cudaGetLastError(), "kernel launch", a);
+  check_cuda(cudaGetLastError(), kOp, "kernel launch", a);
 }
 
 }  // namespace cuda

@@ -22,9 +22,6 @@ namespace simple_gemm {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kRowsPerWarp = 8;  // activation rows handled by one warp
 
-__host__ __device__ __forceinline__ bool accumulates(const QMatmulArgs& a) { return a.accumulate; }
-__host__ __device__ __forceinline__ bool accumulates(const PlaneMatmulArgs&) { return false; }
-
 template <class Src>
 __global__ void simple_gemm_kernel(const typename Src::Args a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -76,11 +73,7 @@ template <class Src>
 void launch_simple_gemm(const char* op, const typename Src::Args& a, int device,
                         uintptr_t stream) {
   if (a.M == 0 || a.N == 0) return;
-  auto check = [&](cudaError_t err, const char* what) {
-    if (err != cudaSuccess)
-      throw std::runtime_error(describe(op, a) + ": " + what + ": " + cudaGetErrorString(err));
-  };
-  check(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaSetDevice(device), op, "cudaSetDevice", a);
   const int64_t grid_x = (a.N + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t grid_y = (a.M + kRowsPerWarp - 1) / kRowsPerWarp;
   if (grid_y > 65535) throw std::invalid_argument(describe(op, a) + ": M too large");
@@ -88,7 +81,7 @@ void launch_simple_gemm(const char* op, const typename Src::Args& a, int device,
   const dim3 grid((unsigned)grid_x, (unsigned)grid_y);
   const dim3 block(kWarpsPerBlock * 32);
   simple_gemm_kernel<Src><<<grid, block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
-  check(cudaGetLastError(), "kernel launch");
+  check_cuda(cudaGetLastError(), op, "kernel launch", a);
 }
 
 }  // namespace simple_gemm

@@ -82,14 +82,13 @@ _PLANE_MIN_PRECISION = {"plane_hi": 2, "plane_mid": 3, "plane_lo": 6}  # lowest 
 def cuda_plane_kernel_unavailable_reason() -> Optional[str]:
     """None when pyengine._C has the CUDA plane-layout kernels (``plane_matmul_cuda``) and torch
     sees a CUDA device, else why not (one line)."""
-    ext = extension()
-    if ext is None:
-        return f"pyengine._C is not available ({extension_error()})"
-    if not hasattr(ext, "plane_matmul_cuda"):
-        return ("this build of pyengine._C has no plane_matmul_cuda (built without nvcc, or "
-                "before the CUDA plane kernels: rebuild the extension)")
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
+    from . import get_backend  # the cuda backend's own check: extension, CUDA build, device
+    why = get_backend("cuda").unavailable_reason()
+    if why is not None:
+        return why
+    if not hasattr(extension(), "plane_matmul_cuda"):
+        return ("this build of pyengine._C predates the CUDA plane kernels (no "
+                "plane_matmul_cuda): rebuild the extension")
     return None
 
 
