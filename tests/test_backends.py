@@ -82,6 +82,21 @@ def test_every_shape_of_the_grid(backend, device, bits, group_size, symmetric, r
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("bits", BITS)
+def test_every_decode_batch_size(backend, device, bits, rng):
+    """Every M of the decode paths (1..8 on the CPU, where rows are taken in tiles and M in
+    blocks) and a few past them, with N not a multiple of any tile and K not of a chunk."""
+    for n, k, group_size in ((37, 1100, 32), (9, 576, 64), (130, 100, -1)):
+        qw = _quantized(n, k, bits, group_size, bits % 2 == 1, torch.float16,
+                        _SESSION_SEED).to(device)
+        for m in list(range(1, 10)) + [16, 17]:
+            x = torch.randn(m, k, generator=rng).to(device)
+            bias = torch.randn(n, generator=rng).to(device) if m % 3 == 0 else None
+            _check(backend, device, x, quant_tensors(qw), n, k, torch.float32,
+                   f"M={m} K={k} N={n} bits={bits} g={group_size}", bias)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_sliced_block_of_a_quantized_weight(backend, device, bits, group_size, rng):
     n, k = 200, 512

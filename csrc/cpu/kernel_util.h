@@ -28,13 +28,19 @@ namespace cpu {
 namespace PYENGINE_ISA {
 namespace {
 
-// Calls f(std::integral_constant<int, J>{}) for J = 0 .. N-1, fully unrolled.
+// Forces inlining: for the kernels' loop bodies (the lambdas passed to unroll and the like),
+// where a call would move the register-held partial sums to memory. GCC otherwise declines to
+// inline the larger bodies (3-bit codes, many rows).
+#define PYENGINE_INLINE __attribute__((always_inline))
+
+// Calls f(std::integral_constant<int, J>{}) for J = 0 .. N-1, fully unrolled; f should be
+// declared PYENGINE_INLINE.
 template <typename F, int... Js>
-inline void unroll_impl(F&& f, std::integer_sequence<int, Js...>) {
+PYENGINE_INLINE inline void unroll_impl(F&& f, std::integer_sequence<int, Js...>) {
   (f(std::integral_constant<int, Js>{}), ...);
 }
 template <int N, typename F>
-inline void unroll(F&& f) {
+PYENGINE_INLINE inline void unroll(F&& f) {
   unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
@@ -145,18 +151,43 @@ inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float val
   }
 }
 
+// The sum of the 16 lanes of v, by halving (16 -> 8 -> 4 -> 1): a few vector adds instead of
+// 15 dependent scalar ones.
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+inline float hsum(v16f v) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  const v8f s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) +
+                 __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+#else
+  v8f lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const v8f s8 = lo + hi;
+  v4f a, b;
+  std::memcpy(&a, &s8, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
+  const v4f s4 = a + b;
+#endif
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
 // sum_i a[i] * b[i] with 16 partial sums (vectorised; the order differs from a plain loop).
 inline float dot(const float* a, const float* b, int64_t len) {
-  v16f acc = {};
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    v16f va, vb;
-    std::memcpy(&va, a + i, sizeof(va));
-    std::memcpy(&vb, b + i, sizeof(vb));
-    acc += va * vb;
-  }
   float t = 0.f;
-  for (int l = 0; l < 16; ++l) t += acc[l];
+  int64_t i = 0;
+  if (len >= 16) {
+    v16f acc = {};
+    for (; i + 16 <= len; i += 16) {
+      v16f va, vb;
+      std::memcpy(&va, a + i, sizeof(va));
+      std::memcpy(&vb, b + i, sizeof(vb));
+      acc += va * vb;
+    }
+    t = hsum(acc);
+  }
   for (; i < len; ++i) t += a[i] * b[i];
   return t;
 }
@@ -191,11 +222,7 @@ inline void micro_dot(const float* const* x, const float* const* w, int64_t len,
       for (int ni = 0; ni < kMicroN; ++ni) acc[mi][ni] += xv[mi] * wv[ni];
   }
   for (int mi = 0; mi < kMicroM; ++mi)
-    for (int ni = 0; ni < kMicroN; ++ni) {
-      float t = 0.f;
-      for (int l = 0; l < 16; ++l) t += acc[mi][ni][l];
-      c[mi][ni] = t;
-    }
+    for (int ni = 0; ni < kMicroN; ++ni) c[mi][ni] = hsum(acc[mi][ni]);
 }
 
 // out32[m, n0 + r] = xp[m] . wbuf[r] for every row m < a.M of the permuted activations xp

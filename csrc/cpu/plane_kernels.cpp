@@ -368,7 +368,7 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
         load_chunk<R>(a, n, ch, &cw);
         VecF part[MT][kChains] = {};
         const float* xc = xp + ch * kChunkCodes;
-        unroll<kBlockCodes>([&](auto J) {
+        unroll<kBlockCodes>([&](auto J) PYENGINE_INLINE {
           const VecF value = slice_value<R, J>(cw);
           for (int m = 0; m < MT; ++m)
             part[m][J % kChains] += load_lanes(xc + m * g.row_codes + J * kChunkLanes) * value;
@@ -393,7 +393,7 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
     ChunkWords tw;
     load_tails<R>(a, g, n0, nr, &tw);
     VecF part[MT][kChains] = {};
-    unroll<kBlockCodes>([&](auto J) {
+    unroll<kBlockCodes>([&](auto J) PYENGINE_INLINE {
       const VecF value = slice_value<R, J>(tw);
       for (int m = 0; m < MT; ++m)
         part[m][J % kChains] += load_lanes(xtail + m * kChunkCodes + J * kChunkLanes) * value;
@@ -435,7 +435,7 @@ void dequantize_row(const PlaneMatmulArgs& a, const Geometry& g, int64_t n, floa
     const VecF sl = load_lanes(block_s + ch * kChunkLanes);
     const VecF bl = load_lanes(block_b + ch * kChunkLanes);
     float* dch = dst + ch * kChunkCodes;
-    unroll<kBlockCodes>([&](auto J) {
+    unroll<kBlockCodes>([&](auto J) PYENGINE_INLINE {
       store_lanes(dch + J * kChunkLanes, slice_value<R, J>(cw) * sl + bl);
     });
   }
@@ -444,7 +444,7 @@ void dequantize_row(const PlaneMatmulArgs& a, const Geometry& g, int64_t n, floa
   const VecF sl = load_lanes(block_s + g.full_chunks * kChunkLanes);
   const VecF bl = load_lanes(block_b + g.full_chunks * kChunkLanes);
   alignas(64) float tail[kChunkCodes];
-  unroll<kBlockCodes>([&](auto J) {
+  unroll<kBlockCodes>([&](auto J) PYENGINE_INLINE {
     store_lanes(tail + J * kChunkLanes, slice_value<R, J>(cw) * sl + bl);
   });
   float* dt = dst + g.full_chunks * kChunkCodes;

@@ -35,8 +35,11 @@ std::vector<std::string> usable_isas();
 // Name of the instruction set qmatmul() uses on this CPU ("avx512", "avx2" or "generic").
 const char* selected_isa();
 
-// Largest M served by the decode (GEMV-style) path; larger M uses the tiled prefill path.
+// Largest M served by the single-row decode (GEMV-style) path; larger M uses the prefill path
+// (panels of dequantized rows), or with AVX-512 the tiled decode path up to kTiledMaxM (see
+// tiled_path in qmatmul_kernels.cpp).
 constexpr int64_t kDecodeMaxM = 8;
+constexpr int64_t kTiledMaxM = 16;
 
 // The Matryoshka plane-layout matmul on the best instruction set (validates args first).
 void plane_matmul(const PlaneMatmulArgs& args);

@@ -1,10 +1,10 @@
 // CPU quantized matmul kernels: out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias).
 //
 // This file is compiled once per instruction set (generic, avx2, avx512) with PYENGINE_ISA set
-// to the namespace name. No intrinsics: lanes are handled 16 at a time as GCC/Clang vectors
-// (VecU / VecF: a zmm register with AVX-512, two ymm with AVX2, narrower operations in the
-// generic build), so every build is the same code and the decode loop's partial sums stay in
-// registers.
+// to the namespace name. Lanes are handled 16 at a time as GCC/Clang vectors (VecU / VecF: a zmm
+// register with AVX-512, two ymm with AVX2, narrower operations in the generic build), so every
+// build is the same code and the decode loop's partial sums stay in registers; the one intrinsic
+// is AVX-512's ternary logic for the mantissa trick (field_or_one).
 //
 // Lane order. A dot product does not care about the order of its terms, so the kernels visit the
 // codes of a row in the order that makes unpacking cheap and permute x to match, once per call:
@@ -17,12 +17,16 @@
 //
 // Dequantization: w = (q - z) * s = q * s + b with b = -z * s, so for one group g of row n
 //   sum_k x[k] * w[k] = s * sum_k x[k] * q[k] + b * sum_k x[k]
-// The decode path multiplies x by the integer codes, scales per lane (each lane lies in one
-// group; a chunk spanning at most 16 groups takes its 32 lane scales by permuting 16 consecutive
-// group scales, Plan::scale_by_permute) and adds b * (group sum of x) per group; the prefill
-// path dequantizes a panel of rows and runs a register-blocked dot-product micro-kernel over the
-// permuted order (kernel_util.h).
+// The decode paths multiply x by the integer codes, scale per lane (each lane lies in one group;
+// a chunk spanning at most 16 groups takes its 32 lane scales by permuting 16 consecutive group
+// scales, Plan::scale_by_permute) and add b * (group sum of x) per group: the single-row path
+// scales each chunk's partial sums, the tiled path (AVX-512, a tile of weight rows against a
+// block of x rows from registers) scales the codes. The prefill path dequantizes a panel of rows
+// and runs a register-blocked dot-product micro-kernel over the permuted order (kernel_util.h).
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -60,6 +64,7 @@ struct Plan {
   int64_t Kp;          // K rounded up to whole 32-code blocks
   int64_t lanes;       // lanes of a row that hold codes < Kp
   int64_t chunks;      // ceil(lanes / 32)
+  int last_chunk_vecs; // 16-lane vectors of the last chunk that hold codes (1 or 2)
   int64_t chunk_codes; // codes per chunk (= 32 * lane codes)
   int64_t G;           // groups covering Kp
   std::vector<int32_t> lane_group;  // [chunks * 32] group of each lane (clamped to G - 1)
@@ -72,7 +77,8 @@ struct Plan {
 };
 
 // The 32 words (3 bits: 96 words) of chunk `ch` of a row; the last chunk of a row is copied into
-// a zero-padded buffer so no word past the row (or the tensor) is read.
+// `tail` so no word past the row (or the tensor) is read. The caller zeroes `tail` once: every
+// row writes the same leading words, so the padding after them stays zero.
 template <int BITS>
 inline const uint32_t* chunk_words(const uint32_t* wrow, int64_t ch, const Plan& p,
                                    uint32_t* tail) {
@@ -80,7 +86,6 @@ inline const uint32_t* chunk_words(const uint32_t* wrow, int64_t ch, const Plan&
   const int64_t first = ch * kChunkLanes;
   if (first + kChunkLanes <= p.lanes) return wrow + first * L::kLaneWords;
   const int64_t n_words = (p.lanes - first) * L::kLaneWords;
-  std::fill(tail, tail + L::kChunkWords, 0u);
   std::copy(wrow + first * L::kLaneWords, wrow + first * L::kLaneWords + n_words, tail);
   return tail;
 }
@@ -113,6 +118,17 @@ inline VecF load_f(const float* p) {
   VecF v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+// (v & field) | 1.0f: one vpternlogd on AVX-512, done in place on v (GCC's own choice of the
+// instruction's tied operand costs a register copy per code vector).
+inline VecU field_or_one(VecU v, uint32_t field) {
+#if defined(__AVX512F__)
+  return (VecU)_mm512_ternarylogic_epi32((__m512i)v, _mm512_set1_epi32((int)field),
+                                         _mm512_set1_epi32((int)kOneBits), 0xEA);
+#else
+  return (v & field) | kOneBits;
+#endif
 }
 
 // Lane values of code J of the 16 lanes [16h, 16h + 16) of a chunk. `planes` is the chunk's
@@ -149,7 +165,7 @@ inline VecF lane_values(const uint32_t* planes, int h) {
     VecU moved;
     if constexpr (from > to) moved = w >> (from - to);
     else moved = w << (to - from);
-    u = (moved & field) | kOneBits;
+    u = field_or_one(moved, field);
   } else {
     const VecU w = load_u(planes + o);
     return __builtin_convertvector((w >> (J * BITS)) & L::kMask, VecF);
@@ -189,41 +205,186 @@ inline void row_params(const QMatmulArgs& a, int64_t n, int64_t G, float value_s
   group_params(a, n, G, value_scale, (float)(1 << (a.bits - 1)), sf, bf);
 }
 
-// ---- decode: M <= kDecodeMaxM, one pass over the weight, codes unpacked once per row ---------
-// xp: permuted activations [MT][chunks][chunk_codes]; xsum: [MT][G] group sums of x.
-template <int BITS, int MT>
-void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
-                 int64_t n_begin, int64_t n_end, float* out32 /* [MT, N] */) {
+// ---- decode: one pass over the weight, codes unpacked once per row ---------------------------
+// Two paths. The tiled path (AVX-512) takes the weight rows in tiles of kTileRows and the
+// activation rows in blocks of at most kTileM: each lane vector of x is loaded once for all rows
+// of a tile, and each row's unpacked codes serve the whole block, so the loop runs from registers
+// (kTileM * kTileRows accumulators) instead of re-reading x from the L2 cache for every weight
+// row; each further block is another pass over the tile's codes (by then in the L1 cache). The
+// single-row path (M <= kDecodeMaxM below the tiled path's range, and every M <= kDecodeMaxM of
+// the AVX2 and generic builds) takes one weight row at a time and scales per chunk instead of
+// per code.
+//
+// tiled_path(bits, M): where the tiled path is taken, measured on AMD Zen 5 against the other
+// paths (benchmarks/ab_cpu_kernels.py, 576..4096-wide layers). With AVX-512: from M = 2 (below,
+// the per-code scale multiply costs more than the tiles save) to M = 16 (beyond, the prefill
+// panels are as fast or faster); 3-bit codes cost more to unpack (and the unpacking is repeated
+// per block), so 3 bits only from M = 4 to 6. The AVX2 build (16 ymm registers, two per 16-float
+// vector) was slower tiled at every M, so it and the generic build never take it.
+#if defined(__AVX512F__)
+constexpr int kTileRows = 4, kTileM = 4;
+constexpr bool tiled_path(int bits, int64_t M) {
+  return bits == 3 ? M >= 4 && M <= 6 : M >= 2 && M <= kTiledMaxM;
+}
+#else
+constexpr int kTileRows = 1, kTileM = 1;
+constexpr bool tiled_path(int, int64_t) { return false; }
+#endif
+
+// The activation rows of the tiled path in blocks of at most kTileM, as even as possible
+// (5 -> 3 + 2, 8 -> 4 + 4, 17 -> 4 + 4 + 3 + 3 + 3). Block b is rows [first(b), first(b) +
+// rows(b)); in the permuted activations it starts at row first(b) and is ordered
+// [chunk][lane code][rows(b)][32 lanes] (see run).
+struct RowBlocks {
+  int64_t count, base, extra;  // blocks; each has base rows, the first `extra` one more
+  explicit RowBlocks(int64_t M)
+      : count((M + kTileM - 1) / kTileM), base(M / count), extra(M % count) {}
+  int64_t rows(int64_t b) const { return base + (b < extra ? 1 : 0); }
+  int64_t first(int64_t b) const { return b * base + std::min(b, extra); }
+};
+
+// One weight row's decode state: its group parameters and, when lane scales are not taken by
+// permutation (Plan::scale_by_permute), its per-lane scale table.
+struct DecodeRow {
+  std::vector<float> sf, bf, lane_scale;
+  void init(const Plan& p) {
+    sf.assign(p.G + kVecLanes, 0.f);  // padded: the permutation loads 16 scales from any group
+    bf.assign(p.G, 0.f);
+    lane_scale.assign(p.scale_by_permute ? 0 : p.chunks * kChunkLanes, 0.f);
+  }
+  // Row n's parameters for lane values scaled by value_scale (see row_params).
+  void load(const QMatmulArgs& a, const Plan& p, int64_t n, int64_t lane_codes,
+            float value_scale) {
+    row_params(a, n, p.G, value_scale, sf.data(), bf.data());
+    if (p.scale_by_permute) return;
+    // Each lane lies in one group: spread the group scales over the row's lanes (lanes past
+    // the last group meet zero activations and take the last group's scale).
+    const int64_t lanes_per_group = a.group_size / lane_codes;  // >= 1: group % 32 == 0
+    const int64_t row_lanes = (int64_t)lane_scale.size();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t l0 = g * lanes_per_group;
+      const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
+      std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
+    }
+  }
+  // Scales of lanes [16h, 16h + 16) of chunk ch.
+  VecF scales(const Plan& p, int64_t ch, int h) const {
+    const int64_t lane0 = ch * kChunkLanes + h * kVecLanes;
+    if (p.scale_by_permute)
+      return __builtin_shuffle(load_f(sf.data() + p.chunk_group0[ch]),
+                               load_u(p.lane_offset.data() + lane0));
+    return load_f(lane_scale.data() + lane0);
+  }
+};
+
+// Rows wrow[0 .. kTileRows) against the MB activation rows of one block: out[m][r] is the
+// tile's dot products without the per-group bias (added by the caller). xb: the block in the
+// tiled order xb[ch][J][m][lane] (see RowBlocks), so that every x load of the loop is one base
+// register plus a constant.
+template <int BITS, int MB>
+void tile_block(const Plan& p, const DecodeRow* rows, const uint32_t* const* wrow,
+                const float* xb, uint32_t (*tail)[Layout<BITS>::kChunkWords],
+                uint32_t (*planes3)[3 * kChunkLanes], float out[kTileM][kTileRows]) {
   using L = Layout<BITS>;
-  const int64_t lanes_per_group = a.group_size / L::kLaneCodes;  // >= 1: group % 32 == 0
-  const int64_t row_lanes = p.chunks * kChunkLanes;
-  // sf is padded by a vector so that the permutation's 16-scale load never leaves it.
-  std::vector<float> sf(p.G + kVecLanes, 0.f), bf(p.G);
-  std::vector<float> lane_scale(p.scale_by_permute ? 0 : row_lanes);
-  alignas(64) uint32_t tail[L::kChunkWords];
+  constexpr int NR = kTileRows;
+  constexpr int64_t kCodeStride = MB * kChunkLanes;  // floats from code J to J + 1 of a chunk
+  // Independent FMA chains: one accumulator per (x row, weight row), split by lane vector while
+  // that gives fewer than 8 chains (an FMA's latency is ~4 cycles at 2 per cycle).
+  constexpr int kSplit = MB * NR >= 8 ? 1 : kVecs;
+  VecF acc[MB][NR][kSplit] = {};
+  for (int64_t ch = 0; ch < p.chunks; ++ch) {
+    const uint32_t* planes[NR];
+    for (int r = 0; r < NR; ++r) planes[r] = chunk_planes<BITS>(wrow[r], ch, p, tail[r], planes3[r]);
+    const float* xc = xb + ch * L::kLaneCodes * kCodeStride;
+    const int n_vecs = ch + 1 == p.chunks ? p.last_chunk_vecs : kVecs;
+    unroll<kVecs>([&](auto h) PYENGINE_INLINE {
+      if (h >= n_vecs) return;  // lanes past the row's codes
+      VecF scale[NR];
+      for (int r = 0; r < NR; ++r) scale[r] = rows[r].scales(p, ch, h);
+      unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
+        // Each row's codes, scaled per lane: w = q' * sf (+ bf, added per group by the caller).
+        VecF q[NR];
+        for (int r = 0; r < NR; ++r) q[r] = lane_values<BITS, J>(planes[r], h) * scale[r];
+        for (int m = 0; m < MB; ++m) {
+          const VecF xv = load_f(xc + J * kCodeStride + m * kChunkLanes + h * kVecLanes);
+          for (int r = 0; r < NR; ++r) acc[m][r][h % kSplit] += xv * q[r];
+        }
+      });
+    });
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < NR; ++r) {
+      VecF total = acc[m][r][0];
+      for (int c = 1; c < kSplit; ++c) total += acc[m][r][c];
+      out[m][r] = hsum(total);
+    }
+}
+
+// The tiled path over rows [n_begin, n_end): xt: the permuted activations in blocks (see
+// RowBlocks); xsum: [M][G] group sums of x.
+template <int BITS>
+void tiled_rows(const QMatmulArgs& a, const Plan& p, const float* xt, const float* xsum,
+                int64_t n_begin, int64_t n_end, float* out32 /* [M, N] */) {
+  using L = Layout<BITS>;
+  constexpr int NR = kTileRows;
+  const RowBlocks blocks(a.M);
+  const int64_t row_codes = p.chunks * p.chunk_codes;
+  DecodeRow rows[NR];
+  for (DecodeRow& row : rows) row.init(p);
+  alignas(64) uint32_t tail[NR][L::kChunkWords] = {};
+  alignas(64) uint32_t planes3[NR][3 * kChunkLanes];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+    // A tile past n_end repeats its last row; those results are not stored.
+    const uint32_t* wrow[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int64_t n = std::min(n0 + r, n_end - 1);
+      wrow[r] = a.qweight + n * a.ldq;
+      rows[r].load(a, p, n, L::kLaneCodes, L::kValueScale);
+    }
+    for (int64_t b = 0; b < blocks.count; ++b) {
+      const int64_t m0 = blocks.first(b), mb = blocks.rows(b);
+      const float* xb = xt + m0 * row_codes;
+      float dots[kTileM][NR];
+      switch (mb) {
+        case 1: tile_block<BITS, 1>(p, rows, wrow, xb, tail, planes3, dots); break;
+        case 2: tile_block<BITS, 2>(p, rows, wrow, xb, tail, planes3, dots); break;
+        case 3: tile_block<BITS, 3>(p, rows, wrow, xb, tail, planes3, dots); break;
+        default: tile_block<BITS, kTileM>(p, rows, wrow, xb, tail, planes3, dots); break;
+      }
+      for (int r = 0; r < NR && n0 + r < n_end; ++r)
+        for (int64_t m = 0; m < mb; ++m)
+          out32[(m0 + m) * a.N + n0 + r] =
+              dots[m][r] + dot(rows[r].bf.data(), xsum + (m0 + m) * p.G, p.G);
+    }
+  }
+}
+
+// The single-row path: one weight row at a time, codes times x summed per chunk and lane vector,
+// then scaled (M <= kDecodeMaxM where tiled_path is false). xp: permuted activations
+// [MT][chunks][chunk_codes]; xsum: [MT][G] group sums of x.
+template <int BITS, int MT>
+void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
+                        int64_t n_begin, int64_t n_end, float* out32 /* [MT, N] */) {
+  using L = Layout<BITS>;
+  DecodeRow row;
+  row.init(p);
+  alignas(64) uint32_t tail[L::kChunkWords] = {};
   alignas(64) uint32_t planes3[3 * kChunkLanes];
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint32_t* wrow = a.qweight + n * a.ldq;
-    row_params(a, n, p.G, L::kValueScale, sf.data(), bf.data());
-    if (!p.scale_by_permute) {
-      // Each lane lies in one group: spread the group scales over the row's lanes (lanes past
-      // the last group meet zero activations and take the last group's scale).
-      for (int64_t g = 0; g < p.G; ++g) {
-        const int64_t l0 = g * lanes_per_group;
-        const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
-        std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
-      }
-    }
+    row.load(a, p, n, L::kLaneCodes, L::kValueScale);
     // Partial sums stay in vector registers: kChains independent FMA chains per row and lane
     // vector (two for M = 1, where there is only one row to interleave).
     constexpr int kChains = MT == 1 ? 2 : 1;
     VecF acc[MT][kVecs] = {};
-    for (int64_t ch = 0; ch < p.chunks; ++ch) {
+    // One chunk over its first HV lane vectors (the others hold no codes). Forced inline: as a
+    // call, the partial sums would live in memory.
+    auto run_chunk = [&](int64_t ch, auto HV) PYENGINE_INLINE {
       const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
       VecF part[MT][kChains][kVecs] = {};
       const float* xc = xp + ch * p.chunk_codes;
-      unroll<L::kLaneCodes>([&](auto J) {
-        for (int h = 0; h < kVecs; ++h) {
+      unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
+        for (int h = 0; h < HV; ++h) {
           const VecF qv = lane_values<BITS, J>(planes, h);
           for (int m = 0; m < MT; ++m) {
             const float* xj = xc + m * p.chunks * p.chunk_codes + J * kChunkLanes + h * kVecLanes;
@@ -231,35 +392,33 @@ void decode_rows(const QMatmulArgs& a, const Plan& p, const float* xp, const flo
           }
         }
       });
-      for (int h = 0; h < kVecs; ++h) {
-        const VecF scale =
-            p.scale_by_permute
-                ? __builtin_shuffle(load_f(sf.data() + p.chunk_group0[ch]),
-                                    load_u(p.lane_offset.data() + ch * kChunkLanes + h * kVecLanes))
-                : load_f(lane_scale.data() + ch * kChunkLanes + h * kVecLanes);
+      for (int h = 0; h < HV; ++h) {
+        const VecF scale = row.scales(p, ch, h);
         for (int m = 0; m < MT; ++m) {
           VecF sum = part[m][0][h];
           for (int c = 1; c < kChains; ++c) sum += part[m][c][h];
           acc[m][h] += scale * sum;
         }
       }
-    }
+    };
+    for (int64_t ch = 0; ch + 1 < p.chunks; ++ch) run_chunk(ch, std::integral_constant<int, kVecs>{});
+    if (p.last_chunk_vecs == kVecs)
+      run_chunk(p.chunks - 1, std::integral_constant<int, kVecs>{});
+    else
+      run_chunk(p.chunks - 1, std::integral_constant<int, 1>{});
     for (int m = 0; m < MT; ++m) {
-      const float b = dot(bf.data(), xsum + m * p.G, p.G);
       VecF total = acc[m][0];
       for (int h = 1; h < kVecs; ++h) total += acc[m][h];
-      float t = 0.f;
-      for (int l = 0; l < kVecLanes; ++l) t += total[l];
-      out32[m * a.N + n] = t + b;
+      out32[m * a.N + n] = hsum(total) + dot(row.bf.data(), xsum + m * p.G, p.G);
     }
   }
 }
 
 template <int BITS, int MT>
-void decode(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
-            float* out32) {
+void decode_single(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
+                   float* out32) {
   parallel_rows(a, [&](int64_t lo, int64_t hi) {
-    decode_rows<BITS, MT>(a, p, xp, xsum, lo, hi, out32);
+    decode_rows_single<BITS, MT>(a, p, xp, xsum, lo, hi, out32);
   });
 }
 
@@ -272,7 +431,7 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
   using L = Layout<BITS>;
   const int64_t row_codes = p.chunks * p.chunk_codes;
   std::vector<float> sf(p.G), bf(p.G);
-  alignas(64) uint32_t tail[L::kChunkWords];
+  alignas(64) uint32_t tail[L::kChunkWords] = {};
   alignas(64) uint32_t planes3[3 * kChunkLanes];
   for (int64_t r = 0; r < panel_rows; ++r) {
     float* dst = wbuf + r * row_codes;
@@ -291,7 +450,7 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
         bl[l] = bf[lg[l]];
       }
       float* dch = dst + ch * p.chunk_codes;
-      unroll<L::kLaneCodes>([&](auto J) {
+      unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
         alignas(64) float qv[kChunkLanes];
         lane_codes<BITS, J>(planes, qv);
         for (int l = 0; l < kChunkLanes; ++l) dch[J * kChunkLanes + l] = qv[l] * sl[l] + bl[l];
@@ -317,6 +476,7 @@ void run(const QMatmulArgs& a, float* out32) {
   p.Kp = (K + kBlockCodes - 1) / kBlockCodes * kBlockCodes;
   p.lanes = p.Kp / L::kLaneCodes;
   p.chunks = (p.lanes + kChunkLanes - 1) / kChunkLanes;
+  p.last_chunk_vecs = (int)((p.lanes - (p.chunks - 1) * kChunkLanes + kVecLanes - 1) / kVecLanes);
   p.chunk_codes = L::kChunkCodes;
   p.G = (p.Kp + a.group_size - 1) / a.group_size;
   p.lane_group.resize(p.chunks * kChunkLanes);
@@ -334,37 +494,54 @@ void run(const QMatmulArgs& a, float* out32) {
     }
   }
 
-  // Permuted fp32 activations (zero past K), and group sums of x for the decode path.
-  std::vector<float> xp((size_t)(M * p.chunks * p.chunk_codes), 0.f);
-  std::vector<float> xrow(p.chunks * p.chunk_codes);
-  for (int64_t m = 0; m < M; ++m) {
-    std::fill(xrow.begin(), xrow.end(), 0.f);
-    for (int64_t k = 0; k < K; ++k) xrow[k] = load_as_float(a.x, a.x_dtype, m * a.ldx + k);
-    float* dst = xp.data() + m * p.chunks * p.chunk_codes;
-    for (int64_t ch = 0; ch < p.chunks; ++ch)
-      for (int j = 0; j < L::kLaneCodes; ++j)
-        for (int l = 0; l < kChunkLanes; ++l)
-          dst[(ch * L::kLaneCodes + j) * kChunkLanes + l] =
-              xrow[((ch * kChunkLanes) + l) * L::kLaneCodes + j];
-  }
-
-  if (M <= kDecodeMaxM) {
-    std::vector<float> xsum((size_t)(M * p.G), 0.f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k)
-        xsum[m * p.G + k / a.group_size] += load_as_float(a.x, a.x_dtype, m * a.ldx + k);
-    switch (M) {
-      case 1: decode<BITS, 1>(a, p, xp.data(), xsum.data(), out32); break;
-      case 2: decode<BITS, 2>(a, p, xp.data(), xsum.data(), out32); break;
-      case 3: decode<BITS, 3>(a, p, xp.data(), xsum.data(), out32); break;
-      case 4: decode<BITS, 4>(a, p, xp.data(), xsum.data(), out32); break;
-      case 5: decode<BITS, 5>(a, p, xp.data(), xsum.data(), out32); break;
-      case 6: decode<BITS, 6>(a, p, xp.data(), xsum.data(), out32); break;
-      case 7: decode<BITS, 7>(a, p, xp.data(), xsum.data(), out32); break;
-      default: decode<BITS, 8>(a, p, xp.data(), xsum.data(), out32); break;
+  // Permuted fp32 activations (zero past K). Code J of lane l of chunk ch of row m goes to
+  // row_base(m) + (ch * lane codes + J) * code_stride(m) + l: for the tiled path, m's block
+  // (RowBlocks) in the order [ch][J][rows of the block][lane]; otherwise the row-major order
+  // xp[m][ch][J][lane].
+  const bool tiled = tiled_path(BITS, M);
+  const int64_t row_codes = p.chunks * p.chunk_codes;
+  std::vector<float> xp((size_t)(M * row_codes), 0.f);
+  std::vector<float> xrow(row_codes);
+  const RowBlocks blocks(M);
+  for (int64_t b = 0, m = 0; m < M; ++b) {
+    const int64_t block_rows = tiled ? blocks.rows(b) : 1;
+    for (int64_t i = 0; i < block_rows; ++i, ++m) {
+      std::fill(xrow.begin(), xrow.end(), 0.f);
+      for (int64_t k = 0; k < K; ++k) xrow[k] = load_as_float(a.x, a.x_dtype, m * a.ldx + k);
+      float* dst = xp.data() + (m - i) * row_codes + i * kChunkLanes;
+      const int64_t code_stride = block_rows * kChunkLanes;
+      for (int64_t ch = 0; ch < p.chunks; ++ch)
+        for (int j = 0; j < L::kLaneCodes; ++j)
+          for (int l = 0; l < kChunkLanes; ++l)
+            dst[(ch * L::kLaneCodes + j) * code_stride + l] =
+                xrow[((ch * kChunkLanes) + l) * L::kLaneCodes + j];
     }
-  } else {
+  }
+  if (!tiled && M > kDecodeMaxM) {
     prefill<BITS>(a, p, xp.data(), out32);
+    return;
+  }
+  // Group sums of x for the decode paths.
+  std::vector<float> xsum((size_t)(M * p.G), 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      xsum[m * p.G + k / a.group_size] += load_as_float(a.x, a.x_dtype, m * a.ldx + k);
+  if (tiled) {
+    parallel_rows(a, [&](int64_t lo, int64_t hi) {
+      tiled_rows<BITS>(a, p, xp.data(), xsum.data(), lo, hi, out32);
+    });
+    return;
+  }
+  static_assert(kDecodeMaxM == 8, "one single-row decode instantiation per M");
+  switch (M) {
+    case 1: decode_single<BITS, 1>(a, p, xp.data(), xsum.data(), out32); break;
+    case 2: decode_single<BITS, 2>(a, p, xp.data(), xsum.data(), out32); break;
+    case 3: decode_single<BITS, 3>(a, p, xp.data(), xsum.data(), out32); break;
+    case 4: decode_single<BITS, 4>(a, p, xp.data(), xsum.data(), out32); break;
+    case 5: decode_single<BITS, 5>(a, p, xp.data(), xsum.data(), out32); break;
+    case 6: decode_single<BITS, 6>(a, p, xp.data(), xsum.data(), out32); break;
+    case 7: decode_single<BITS, 7>(a, p, xp.data(), xsum.data(), out32); break;
+    default: decode_single<BITS, 8>(a, p, xp.data(), xsum.data(), out32); break;
   }
 }
 
@@ -373,12 +550,14 @@ void run(const QMatmulArgs& a, float* out32) {
 void qmatmul(const QMatmulArgs& a) {
   if (a.M == 0 || a.N == 0) return;
   const int64_t M = a.M, N = a.N;
-  std::vector<float> out32((size_t)(M * N));
-  switch (a.bits) {
-    case 2: run<2>(a, out32.data()); break;
-    case 3: run<3>(a, out32.data()); break;
-    case 4: run<4>(a, out32.data()); break;
-    default: run<8>(a, out32.data()); break;
+  std::vector<float> out32((size_t)(M * N), 0.f);  // K = 0: the products are zero
+  if (a.K > 0) {
+    switch (a.bits) {
+      case 2: run<2>(a, out32.data()); break;
+      case 3: run<3>(a, out32.data()); break;
+      case 4: run<4>(a, out32.data()); break;
+      default: run<8>(a, out32.data()); break;
+    }
   }
   // Epilogue: bias, accumulation and the conversion to the output dtype.
   for (int64_t m = 0; m < M; ++m) {
