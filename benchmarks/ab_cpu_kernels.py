@@ -56,7 +56,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _qmatmul_call(w, bits, group_size, x, out, threads):
+def _qmatmul_call(w, bits, group_size, x, out, threads, isa=""):
     """(call(ext), dense reference weight) of the canonical kernel on an int-`bits` weight."""
     qw = pyengine.quantize(w, bits, group_size, clip_search=False, scale_dtype=torch.float16)
     m, k = x.shape
@@ -66,11 +66,11 @@ def _qmatmul_call(w, bits, group_size, x, out, threads):
         ext.qmatmul_cpu(x.data_ptr(), 0, x.stride(0), qw.qweight.data_ptr(), qw.qweight.stride(0),
                         qw.scales.data_ptr(), _ptr(qw.zeros), DTYPE_CODES[qw.scales.dtype],
                         qw.scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), False, m, n,
-                        k, bits, qw.effective_group_size, threads, "")
+                        k, bits, qw.effective_group_size, threads, isa)
     return call, qw.dequantize(torch.float32)
 
 
-def _plane_call(parent, r, x, out, threads):
+def _plane_call(parent, r, x, out, threads, isa=""):
     """(call(ext), dense reference weight) of the plane kernel on the r-bit slice of parent."""
     planes = [getattr(parent, name) if name in PLANES_READ[r] else None
               for name in ("plane_hi", "plane_mid", "plane_lo")]
@@ -83,12 +83,12 @@ def _plane_call(parent, r, x, out, threads):
                                             (_ptr(t), 0 if t is None else t.stride(0))],
             parent.scales.data_ptr(), _ptr(parent.zeros), DTYPE_CODES[parent.scales.dtype],
             parent.scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), m, n, k, r,
-            parent.effective_group_size, threads, "")
+            parent.effective_group_size, threads, isa)
     return call, parent.dequantize(r, torch.float32)
 
 
 def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds,
-            ops=("qmatmul", "plane_matmul")) -> List[Dict[str, object]]:
+            ops=("qmatmul", "plane_matmul"), isa: str = "") -> List[Dict[str, object]]:
     this = extension()
     rows: List[Dict[str, object]] = []
     gen = torch.Generator().manual_seed(0)
@@ -104,8 +104,9 @@ def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds,
                     continue
                 x = torch.randn(m, k, generator=gen)
                 out = torch.empty(m, n)
-                call, dense = (_qmatmul_call(w, bits, group_size, x, out, threads)
-                               if op == "qmatmul" else _plane_call(parent, bits, x, out, threads))
+                call, dense = (_qmatmul_call(w, bits, group_size, x, out, threads, isa)
+                               if op == "qmatmul"
+                               else _plane_call(parent, bits, x, out, threads, isa))
                 ref = x @ dense.T
                 for name, ext in (("base", base), ("this", this)):
                     call(ext)
@@ -141,6 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", default="qmatmul,plane_matmul",
                         help="kernels to compare: qmatmul, plane_matmul (comma separated)")
+    parser.add_argument("--isa", default="",
+                        help="instruction-set build to run on both sides (avx512, avx2, generic; "
+                             "default: each module's own choice)")
     parser.add_argument("--base-label", default="",
                         help="what the base build is (e.g. 'commit abc1234'), kept in the meta")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -157,10 +161,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         parser.error(f"--ops: unknown {bad}")
     rows = ab_rows(base, shapes, args.bits, args.group_sizes, args.m, args.threads, args.rounds,
-                   ops)
+                   ops, args.isa)
     if args.json:
         meta = common.metadata("cpu")
-        meta.update(base=str(args.base), base_label=args.base_label, scale_dtype="float16",
+        meta.update(base=str(args.base), base_label=args.base_label, isa=args.isa or "default",
+                    scale_dtype="float16",
                     activations="float32",
                     plane_matmul_parent="int8 RTN parent, bits = the slice precision r",
                     timing="median of round-robin rounds, each `reps` calls of one build")
