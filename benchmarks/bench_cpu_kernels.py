@@ -1,9 +1,20 @@
-"""CPU kernel benchmark: the ``cpu`` backend's quantized matmul against fp32 F.linear.
+"""CPU kernel benchmark: the ``cpu`` backend's quantized matmul against fp32 F.linear and
+against PyTorch's own weight-only CPU kernels.
 
 Measures, in one run, the machine's copy bandwidth, the fp32 dense baseline and the quantized
 kernels at each bit width, and prints the ratios (the issue's floors at M = 1, 14336 x 4096,
 group 128: int8 >= 2x, int4 >= 3x, int2 >= 4x faster than fp32) with the achieved fraction of
-the copy bandwidth. Writes JSON rows to benchmarks/results/ (--json to choose the file).
+the copy bandwidth.
+
+Peers (--peers, on by default): PyTorch's weight-only CPU kernels, the ones torchao's CPU
+layouts call, on the same codes as the cpu backend and with bf16 activations (their fast path;
+their fp32 paths are many times slower): ``aten._weight_int4pack_mm_for_cpu`` (int4, asymmetric,
+the --group-size) against the cpu backend's int4 at that group size, and
+``aten._weight_int8pack_mm`` (int8, symmetric per-channel) against the cpu backend's symmetric
+per-channel int8. Each is checked against the dequantized weight before it is timed.
+
+Writes JSON rows to benchmarks/results/ (--json to choose the file); rows carry
+``activations`` (float32 or bfloat16).
 
     python benchmarks/bench_cpu_kernels.py [--shapes 14336x4096,4096x4096] [--m 1,8,123]
 """
@@ -13,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, List, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +37,65 @@ import pyengine  # noqa: E402
 FLOORS_M1 = {8: 2.0, 4: 3.0, 2: 4.0}  # speedup over fp32 F.linear at M = 1, 14336 x 4096, g128
 
 
+class Kernel(NamedTuple):
+    """One timed kernel: its result row's labels, the bytes its weight occupies, and a call."""
+    op: str
+    backend: str
+    bits: int
+    group_size: int
+    activations: torch.dtype
+    nbytes: int
+    call: Callable[[], torch.Tensor]
+
+
+def _check(name: str, got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    """Relative error of a bf16-activation kernel against x @ dense^T in fp32."""
+    ref = x.float() @ dense.T
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    if not err <= 2e-2:
+        raise SystemExit(f"bench_cpu_kernels: {name} is wrong ({err:.2e} relative error)")
+
+
+def peer_kernels(w: torch.Tensor, group_size: int, x: torch.Tensor) -> List[Kernel]:
+    """PyTorch's int4 / int8 weight-only CPU kernels and the cpu backend on the same codes, all
+    with bf16 activations x ([M, K]), each checked before it is timed."""
+    n, k = w.shape
+    xb = x.to(torch.bfloat16)
+    kernels = []
+    aten = torch.ops.aten
+
+    # int4, asymmetric, group_size: aten's tinygemm form is w = (q - 8) * scale + zero, so
+    # ours, w = (q - z) * s, is scale = s and zero = (8 - z) * s.
+    q4 = pyengine.quantize(w, 4, group_size, clip_search=False, scale_dtype=torch.bfloat16)
+    s4, z4 = q4.scales.float(), q4.zeros.float()
+    scale_and_zero = torch.stack([s4, (8 - z4) * s4], -1).transpose(0, 1).contiguous()
+    scale_and_zero = scale_and_zero.to(torch.bfloat16)  # [G, N, 2]
+    packed4 = aten._convert_weight_to_int4pack_for_cpu(q4.codes().to(torch.int32), 1)
+    gs = q4.effective_group_size
+    int4_peer = Kernel("dequant_matmul", "aten-int4pack", 4, group_size, torch.bfloat16,
+                       packed4.numel() * packed4.element_size()
+                       + scale_and_zero.numel() * scale_and_zero.element_size(),
+                       lambda: aten._weight_int4pack_mm_for_cpu(xb, packed4, gs, scale_and_zero))
+    int4_ours = Kernel("dequant_matmul", "cpu", 4, group_size, torch.bfloat16, q4.nbytes,
+                       lambda: pyengine.ops.dequant_matmul(xb, q4, backend="cpu"))
+
+    # int8, symmetric per channel: w = (q - 128) * s = int8 code * s.
+    q8 = pyengine.quantize(w, 8, -1, symmetric=True, clip_search=False,
+                           scale_dtype=torch.bfloat16)
+    w8 = (q8.codes() - 128).to(torch.int8)
+    s8 = q8.scales[:, 0].contiguous()
+    int8_peer = Kernel("dequant_matmul", "aten-int8pack", 8, -1, torch.bfloat16,
+                       w8.numel() + s8.numel() * s8.element_size(),
+                       lambda: aten._weight_int8pack_mm(xb, w8, s8))
+    int8_ours = Kernel("dequant_matmul", "cpu", 8, -1, torch.bfloat16, q8.nbytes,
+                       lambda: pyengine.ops.dequant_matmul(xb, q8, backend="cpu"))
+
+    for kernel, qw in ((int4_peer, q4), (int4_ours, q4), (int8_peer, q8), (int8_ours, q8)):
+        _check(f"{kernel.backend} int{kernel.bits}", kernel.call(), xb, qw.dequantize(torch.float32))
+        kernels.append(kernel)
+    return kernels
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="14336x4096", help="NxK list, comma separated")
@@ -32,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", default="8,4,3,2")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time PyTorch's int4 / int8 weight-only CPU kernels")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "cpu_kernels.json")
     args = parser.parse_args(argv)
 
@@ -46,8 +119,7 @@ def main(argv=None) -> int:
 
     rows = []
     failures = []
-    header = f"{'N x K':>12} {'M':>4} {'kernel':>10} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs fp32':>8}"
-    print(header)
+    print(f"{'N x K':>12} {'M':>4} {'kernel':>26} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs fp32':>8}")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.lower().split("x"))
         w = torch.randn(n, k) * 0.02
@@ -56,26 +128,38 @@ def main(argv=None) -> int:
                     for bits in bits_list}
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
-            act_bytes = (m * k + m * n) * 4
-            fns = {"fp32": lambda: F.linear(x, w)}
+            kernels = {"fp32": Kernel("linear", "torch", 32, 0, torch.float32, w.numel() * 4,
+                                      lambda: F.linear(x, w))}
             for bits, qw in qweights.items():
-                fns[f"int{bits}"] = (lambda qw=qw: pyengine.ops.dequant_matmul(x, qw, backend="cpu"))
-            times = common.time_interleaved(fns, rounds=args.reps)
+                kernels[f"int{bits}"] = Kernel(
+                    "dequant_matmul", "cpu", bits, args.group_size, torch.float32, qw.nbytes,
+                    lambda qw=qw: pyengine.ops.dequant_matmul(x, qw, backend="cpu"))
+            if args.peers:
+                try:
+                    peers = peer_kernels(w, args.group_size, x)
+                except RuntimeError as err:  # a shape or build PyTorch's kernels do not take
+                    peers = []
+                    print(f"{shape:>12} {m:>4} peers not run: {str(err).splitlines()[0]}")
+                for kernel in peers:
+                    kernels[f"{kernel.backend} int{kernel.bits} bf16"] = kernel
+            times = common.time_interleaved({name: kn.call for name, kn in kernels.items()},
+                                            rounds=args.reps)
             base_ms = times["fp32"]
             for name, ms in times.items():
-                bits = 32 if name == "fp32" else int(name[3:])
-                nbytes = w.numel() * 4 if name == "fp32" else qweights[bits].nbytes
-                gbps = (nbytes + act_bytes) / (ms * 1e-3) / 1e9
+                kn = kernels[name]
+                act_bytes = (m * k + m * n) * kn.activations.itemsize
+                gbps = (kn.nbytes + act_bytes) / (ms * 1e-3) / 1e9
                 speedup = base_ms / ms
-                rows.append(dict(op="linear" if name == "fp32" else "dequant_matmul",
-                                 backend="torch" if name == "fp32" else "cpu", bits=bits,
-                                 group_size=0 if name == "fp32" else args.group_size, M=m, N=n,
-                                 K=k, ms=ms, gbps=gbps, pct_copy_bw=100 * gbps / copy_bw,
+                rows.append(dict(op=kn.op, backend=kn.backend, bits=kn.bits,
+                                 group_size=kn.group_size, M=m, N=n, K=k,
+                                 activations=str(kn.activations).replace("torch.", ""), ms=ms,
+                                 gbps=gbps, pct_copy_bw=100 * gbps / copy_bw,
                                  speedup_vs_fp32=speedup))
-                print(f"{shape:>12} {m:>4} {name:>10} {ms:8.3f} {gbps:7.1f} "
+                print(f"{shape:>12} {m:>4} {name:>26} {ms:8.3f} {gbps:7.1f} "
                       f"{100 * gbps / copy_bw:6.1f} {speedup:8.2f}")
-                if m == 1 and (n, k) == (14336, 4096) and args.group_size == 128:
-                    floor = FLOORS_M1.get(bits)
+                if (m == 1 and (n, k) == (14336, 4096) and args.group_size == 128
+                        and kn.backend == "cpu" and kn.activations == torch.float32):
+                    floor = FLOORS_M1.get(kn.bits)
                     if floor and speedup < floor:
                         failures.append(f"{name}: {speedup:.2f}x < {floor}x")
     common.write_results(args.json, meta, rows)

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,19 +101,26 @@ def decode_table(name: str) -> List[str]:
     return lines
 
 
-def kernel_table(name: str, title: str) -> List[str]:
+def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]:
     data = _load(name)
     if data is None:
         return []
-    rows = [r for r in data["rows"] if r.get("M") == 1]
+    rows = [r for m in ms for r in data["rows"] if r.get("M") == m]
     speed_key = next((k for k in rows[0] if k.startswith("speedup_vs")), None) if rows else None
-    body = [[r["op"], r["backend"], str(r["bits"]), f"{r['N']}x{r['K']}", f"{r['ms']:.3f}",
-             f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%",
-             "" if speed_key is None else f"{r[speed_key]:.2f}x"] for r in rows]
-    return ([f"**{title}** at M = 1 (copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} "
+
+    def group(r: Dict[str, object]) -> str:
+        g = r.get("group_size")
+        return "" if not g else "channel" if g == -1 else str(g)
+
+    body = [[r["op"], r["backend"], str(r["bits"]), group(r), str(r.get("activations", "")),
+             str(r["M"]), f"{r['N']}x{r['K']}", f"{r['ms']:.3f}", f"{r['gbps']:.1f}",
+             f"{r['pct_copy_bw']:.0f}%", "" if speed_key is None else f"{r[speed_key]:.2f}x"]
+            for r in rows]
+    at = " and ".join(str(m) for m in ms)
+    return ([f"**{title}** at M = {at} (copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} "
              f"GB/s; {_source(name, data['meta'])})", ""]
-            + _table(["op", "backend", "bits", "N x K", "ms", "GB/s", "of copy bw",
-                      speed_key or "speedup"], body))
+            + _table(["op", "backend", "bits", "group", "activations", "M", "N x K", "ms",
+                      "GB/s", "of copy bw", speed_key or "speedup"], body))
 
 
 def gpu_files() -> List[str]:
@@ -125,7 +132,7 @@ def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json")]
             + [lambda name=name: kernel_table(name, "GPU kernels") for name in gpu_files()]
-            + [lambda: kernel_table("cpu_kernels.json", "CPU kernels")])
+            + [lambda: kernel_table("cpu_kernels.json", "CPU kernels", (1, 8))])
 
 
 def generate() -> str:
