@@ -377,14 +377,12 @@ void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, co
     // vector (two for M = 1, where there is only one row to interleave).
     constexpr int kChains = MT == 1 ? 2 : 1;
     VecF acc[MT][kVecs] = {};
-    // One chunk over its first HV lane vectors (the others hold no codes). Forced inline: as a
-    // call, the partial sums would live in memory.
-    auto run_chunk = [&](int64_t ch, auto HV) PYENGINE_INLINE {
+    for (int64_t ch = 0; ch < p.chunks; ++ch) {
       const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
       VecF part[MT][kChains][kVecs] = {};
       const float* xc = xp + ch * p.chunk_codes;
       unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
-        for (int h = 0; h < HV; ++h) {
+        for (int h = 0; h < kVecs; ++h) {
           const VecF qv = lane_values<BITS, J>(planes, h);
           for (int m = 0; m < MT; ++m) {
             const float* xj = xc + m * p.chunks * p.chunk_codes + J * kChunkLanes + h * kVecLanes;
@@ -392,7 +390,7 @@ void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, co
           }
         }
       });
-      for (int h = 0; h < HV; ++h) {
+      for (int h = 0; h < kVecs; ++h) {
         const VecF scale = row.scales(p, ch, h);
         for (int m = 0; m < MT; ++m) {
           VecF sum = part[m][0][h];
@@ -400,12 +398,7 @@ void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, co
           acc[m][h] += scale * sum;
         }
       }
-    };
-    for (int64_t ch = 0; ch + 1 < p.chunks; ++ch) run_chunk(ch, std::integral_constant<int, kVecs>{});
-    if (p.last_chunk_vecs == kVecs)
-      run_chunk(p.chunks - 1, std::integral_constant<int, kVecs>{});
-    else
-      run_chunk(p.chunks - 1, std::integral_constant<int, 1>{});
+    }
     for (int m = 0; m < MT; ++m) {
       VecF total = acc[m][0];
       for (int h = 1; h < kVecs; ++h) total += acc[m][h];
