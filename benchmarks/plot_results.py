@@ -40,8 +40,8 @@ def kind_of(rows: List[Dict[str, object]]) -> str:
 
 
 def plot_kernels(data: Dict[str, object], out: Path) -> Path:
-    """Achieved GB/s against bits, one panel per M, one line per (op, backend); the measured copy
-    bandwidth as the roofline."""
+    """Achieved GB/s against bits, one panel per M, one line per (op, backend[, activations]); the
+    measured copy bandwidth as the roofline."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,6 +55,8 @@ def plot_kernels(data: Dict[str, object], out: Path) -> Path:
         for r in rows:
             if int(r["M"]) == m:
                 label = f"{r['op']} / {r['backend']}"
+                if "activations" in r:  # e.g. the CPU peers' bf16 rows beside fp32 ones
+                    label += f" / {r['activations']}"
                 series[label][int(r["bits"])].append(float(r["gbps"]))
         for label, by_bits in sorted(series.items()):
             bits = sorted(by_bits)
