@@ -227,7 +227,7 @@ constexpr bool tiled_path(int bits, int64_t M) {
   return bits == 3 ? M >= 4 && M <= 6 : M >= 2 && M <= kTiledMaxM;
 }
 #else
-constexpr int kTileRows = 1, kTileM = 1;
+constexpr int kTileM = 1;  // RowBlocks only: one row per block
 constexpr bool tiled_path(int, int64_t) { return false; }
 #endif
 
@@ -277,6 +277,7 @@ struct DecodeRow {
   }
 };
 
+#if defined(__AVX512F__)  // the tiled path (tiled_path is false in the other builds)
 // Rows wrow[0 .. kTileRows) against the MB activation rows of one block: out[m][r] is the
 // tile's dot products without the per-group bias (added by the caller). xb: the block in the
 // tiled order xb[ch][J][m][lane] (see RowBlocks), so that every x load of the loop is one base
@@ -345,6 +346,7 @@ void tiled_rows(const QMatmulArgs& a, const Plan& p, const float* xt, const floa
       const int64_t m0 = blocks.first(b), mb = blocks.rows(b);
       const float* xb = xt + m0 * row_codes;
       float dots[kTileM][NR];
+      static_assert(kTileM == 4, "one tile_block instantiation per block size 1..4");
       switch (mb) {
         case 1: tile_block<BITS, 1>(p, rows, wrow, xb, tail, planes3, dots); break;
         case 2: tile_block<BITS, 2>(p, rows, wrow, xb, tail, planes3, dots); break;
@@ -358,6 +360,8 @@ void tiled_rows(const QMatmulArgs& a, const Plan& p, const float* xt, const floa
     }
   }
 }
+
+#endif  // __AVX512F__
 
 // The single-row path: one weight row at a time, codes times x summed per chunk and lane vector,
 // then scaled (M <= kDecodeMaxM where tiled_path is false). xp: permuted activations
@@ -519,12 +523,14 @@ void run(const QMatmulArgs& a, float* out32) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k)
       xsum[m * p.G + k / a.group_size] += load_as_float(a.x, a.x_dtype, m * a.ldx + k);
+#if defined(__AVX512F__)
   if (tiled) {
     parallel_rows(a, [&](int64_t lo, int64_t hi) {
       tiled_rows<BITS>(a, p, xp.data(), xsum.data(), lo, hi, out32);
     });
     return;
   }
+#endif
   static_assert(kDecodeMaxM == 8, "one single-row decode instantiation per M");
   switch (M) {
     case 1: decode_single<BITS, 1>(a, p, xp.data(), xsum.data(), out32); break;
