@@ -59,7 +59,6 @@ def _check(name: str, got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -
 def peer_kernels(w: torch.Tensor, group_size: int, x: torch.Tensor) -> List[Kernel]:
     """PyTorch's int4 / int8 weight-only CPU kernels and the cpu backend on the same codes, all
     with bf16 activations x ([M, K]), each checked before it is timed."""
-    n, k = w.shape
     xb = x.to(torch.bfloat16)
     kernels = []
     aten = torch.ops.aten
