@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, List, NamedTuple
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,43 +56,54 @@ def _check(name: str, got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -
         raise SystemExit(f"bench_cpu_kernels: {name} is wrong ({err:.2e} relative error)")
 
 
-def peer_kernels(w: torch.Tensor, group_size: int, x: torch.Tensor) -> List[Kernel]:
-    """PyTorch's int4 / int8 weight-only CPU kernels and the cpu backend on the same codes, all
-    with bf16 activations x ([M, K]), each checked before it is timed."""
-    xb = x.to(torch.bfloat16)
-    kernels = []
-    aten = torch.ops.aten
+class PeerWeights(NamedTuple):
+    """One weight prepared once for the peer comparison (all M of a shape)."""
+    group_size: int
+    q4: pyengine.QuantizedWeight     # int4, asymmetric, group_size, bf16 scales
+    packed4: torch.Tensor             # q4's codes in aten's int4 CPU packing
+    scale_and_zero: torch.Tensor      # bf16 [G, N, 2]: aten's (scale, zero) per group
+    q8: pyengine.QuantizedWeight     # int8, symmetric, per channel, bf16 scales
+    w8: torch.Tensor                  # int8 [N, K]: q8's codes - 128
+    s8: torch.Tensor                  # bf16 [N]: q8's scales
 
-    # int4, asymmetric, group_size: aten's tinygemm form is w = (q - 8) * scale + zero, so
-    # ours, w = (q - z) * s, is scale = s and zero = (8 - z) * s.
+
+def peer_weights(w: torch.Tensor, group_size: int) -> PeerWeights:
+    """w ([N, K] fp32) quantized once for the cpu backend and packed for PyTorch's kernels on
+    the same codes. int4: aten's tinygemm form is w = (q - 8) * scale + zero, so ours,
+    w = (q - z) * s, is scale = s and zero = (8 - z) * s. int8: w = (q - 128) * s."""
     q4 = pyengine.quantize(w, 4, group_size, clip_search=False, scale_dtype=torch.bfloat16)
     s4, z4 = q4.scales.float(), q4.zeros.float()
     scale_and_zero = torch.stack([s4, (8 - z4) * s4], -1).transpose(0, 1).contiguous()
-    scale_and_zero = scale_and_zero.to(torch.bfloat16)  # [G, N, 2]
-    packed4 = aten._convert_weight_to_int4pack_for_cpu(q4.codes().to(torch.int32), 1)
-    gs = q4.effective_group_size
-    int4_peer = Kernel("dequant_matmul", "aten-int4pack", 4, group_size, torch.bfloat16,
-                       packed4.numel() * packed4.element_size()
-                       + scale_and_zero.numel() * scale_and_zero.element_size(),
-                       lambda: aten._weight_int4pack_mm_for_cpu(xb, packed4, gs, scale_and_zero))
-    int4_ours = Kernel("dequant_matmul", "cpu", 4, group_size, torch.bfloat16, q4.nbytes,
-                       lambda: pyengine.ops.dequant_matmul(xb, q4, backend="cpu"))
-
-    # int8, symmetric per channel: w = (q - 128) * s = int8 code * s.
+    packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes().to(torch.int32), 1)
     q8 = pyengine.quantize(w, 8, -1, symmetric=True, clip_search=False,
                            scale_dtype=torch.bfloat16)
-    w8 = (q8.codes() - 128).to(torch.int8)
-    s8 = q8.scales[:, 0].contiguous()
-    int8_peer = Kernel("dequant_matmul", "aten-int8pack", 8, -1, torch.bfloat16,
-                       w8.numel() + s8.numel() * s8.element_size(),
-                       lambda: aten._weight_int8pack_mm(xb, w8, s8))
-    int8_ours = Kernel("dequant_matmul", "cpu", 8, -1, torch.bfloat16, q8.nbytes,
-                       lambda: pyengine.ops.dequant_matmul(xb, q8, backend="cpu"))
+    return PeerWeights(group_size, q4, packed4, scale_and_zero.to(torch.bfloat16), q8,
+                       (q8.codes() - 128).to(torch.int8), q8.scales[:, 0].contiguous())
 
-    for kernel, qw in ((int4_peer, q4), (int4_ours, q4), (int8_peer, q8), (int8_ours, q8)):
+
+def peer_kernels(pw: PeerWeights, x: torch.Tensor) -> List[Kernel]:
+    """PyTorch's int4 / int8 weight-only CPU kernels and the cpu backend on the same codes, all
+    with bf16 activations x ([M, K]), each checked before it is timed."""
+    xb = x.to(torch.bfloat16)
+    aten = torch.ops.aten
+    gs = pw.q4.effective_group_size
+    nbytes4 = (pw.packed4.numel() * pw.packed4.element_size()
+               + pw.scale_and_zero.numel() * pw.scale_and_zero.element_size())
+    kernels = [
+        (Kernel("dequant_matmul", "aten-int4pack", 4, pw.group_size, torch.bfloat16, nbytes4,
+                lambda: aten._weight_int4pack_mm_for_cpu(xb, pw.packed4, gs, pw.scale_and_zero)),
+         pw.q4),
+        (Kernel("dequant_matmul", "cpu", 4, pw.group_size, torch.bfloat16, pw.q4.nbytes,
+                lambda: pyengine.ops.dequant_matmul(xb, pw.q4, backend="cpu")), pw.q4),
+        (Kernel("dequant_matmul", "aten-int8pack", 8, -1, torch.bfloat16,
+                pw.w8.numel() + pw.s8.numel() * pw.s8.element_size(),
+                lambda: aten._weight_int8pack_mm(xb, pw.w8, pw.s8)), pw.q8),
+        (Kernel("dequant_matmul", "cpu", 8, -1, torch.bfloat16, pw.q8.nbytes,
+                lambda: pyengine.ops.dequant_matmul(xb, pw.q8, backend="cpu")), pw.q8),
+    ]
+    for kernel, qw in kernels:
         _check(f"{kernel.backend} int{kernel.bits}", kernel.call(), xb, qw.dequantize(torch.float32))
-        kernels.append(kernel)
-    return kernels
+    return [kernel for kernel, _ in kernels]
 
 
 def main(argv=None) -> int:
@@ -125,6 +136,12 @@ def main(argv=None) -> int:
         bits_list = [int(b) for b in args.bits.split(",")]
         qweights = {bits: pyengine.quantize(w, bits, args.group_size, clip_search=False)
                     for bits in bits_list}
+        peers_for_shape: Optional[PeerWeights] = None
+        if args.peers:
+            try:
+                peers_for_shape = peer_weights(w, args.group_size)
+            except RuntimeError as err:  # a shape or build PyTorch's kernels do not take
+                print(f"{shape:>12} peers not run: {str(err).splitlines()[0]}")
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
             kernels = {"fp32": Kernel("linear", "torch", 32, 0, torch.float32, w.numel() * 4,
@@ -133,10 +150,10 @@ def main(argv=None) -> int:
                 kernels[f"int{bits}"] = Kernel(
                     "dequant_matmul", "cpu", bits, args.group_size, torch.float32, qw.nbytes,
                     lambda qw=qw: pyengine.ops.dequant_matmul(x, qw, backend="cpu"))
-            if args.peers:
+            if peers_for_shape is not None:
                 try:
-                    peers = peer_kernels(w, args.group_size, x)
-                except RuntimeError as err:  # a shape or build PyTorch's kernels do not take
+                    peers = peer_kernels(peers_for_shape, x)
+                except RuntimeError as err:
                     peers = []
                     print(f"{shape:>12} {m:>4} peers not run: {str(err).splitlines()[0]}")
                 for kernel in peers:
