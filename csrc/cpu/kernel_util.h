@@ -151,6 +151,18 @@ inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float val
   }
 }
 
+// Spreads per-group values over a row's lanes (a lane's codes lie in one group):
+// out[l] = per_group[min(l / lanes_per_group, G - 1)] for l < n_lanes; lanes past the last
+// group, which meet zero activations, take the last group's value.
+inline void spread_over_lanes(const float* per_group, int64_t G, int64_t lanes_per_group,
+                              int64_t n_lanes, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t l0 = std::min(n_lanes, g * lanes_per_group);
+    const int64_t l1 = g + 1 == G ? n_lanes : std::min(n_lanes, l0 + lanes_per_group);
+    std::fill(out + l0, out + l1, per_group[g]);
+  }
+}
+
 // The sum of the 16 lanes of v, by halving (16 -> 8 -> 4 -> 1): a few vector adds instead of
 // 15 dependent scalar ones.
 typedef float v8f __attribute__((vector_size(32)));

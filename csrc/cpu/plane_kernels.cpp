@@ -320,18 +320,6 @@ inline void row_params(const PlaneMatmulArgs& a, int64_t n, int64_t G, float* sf
   group_params(a, n, G, 256.f, 128.f, sf, bf);
 }
 
-// Spreads per-group values over the blocks of a row: per_block[b] = per_group[group of b] for
-// b < full_chunks * L + L (blocks past the last group, which meet zero activations, take the
-// last group's value).
-inline void spread_over_blocks(const Geometry& g, const float* per_group, float* per_block) {
-  const int64_t n_blocks = g.full_chunks * kChunkLanes + kChunkLanes;
-  for (int64_t grp = 0; grp < g.G; ++grp) {
-    const int64_t b0 = grp * g.lanes_per_group;
-    const int64_t b1 = grp + 1 == g.G ? n_blocks : std::min(n_blocks, b0 + g.lanes_per_group);
-    std::fill(per_block + b0, per_block + b1, per_group[grp]);
-  }
-}
-
 inline float hsum_lanes(VecF v) {
   float t = 0.f;
   for (int l = 0; l < kChunkLanes; ++l) t += v[l];
@@ -427,8 +415,10 @@ template <int R>
 void dequantize_row(const PlaneMatmulArgs& a, const Geometry& g, int64_t n, float* sf, float* bf,
                     float* block_s, float* block_b, float* dst) {
   row_params(a, n, g.G, sf, bf);
-  spread_over_blocks(g, sf, block_s);
-  spread_over_blocks(g, bf, block_b);
+  // Per-block values for the blocks of the full chunks and one chunk of tail.
+  const int64_t n_blocks = g.full_chunks * kChunkLanes + kChunkLanes;
+  spread_over_lanes(sf, g.G, g.lanes_per_group, n_blocks, block_s);
+  spread_over_lanes(bf, g.G, g.lanes_per_group, n_blocks, block_b);
   ChunkWords cw;
   for (int64_t ch = 0; ch < g.full_chunks; ++ch) {
     load_chunk<R>(a, n, ch, &cw);

@@ -257,15 +257,8 @@ struct DecodeRow {
             float value_scale) {
     row_params(a, n, p.G, value_scale, sf.data(), bf.data());
     if (p.scale_by_permute) return;
-    // Each lane lies in one group: spread the group scales over the row's lanes (lanes past
-    // the last group meet zero activations and take the last group's scale).
-    const int64_t lanes_per_group = a.group_size / lane_codes;  // >= 1: group % 32 == 0
-    const int64_t row_lanes = (int64_t)lane_scale.size();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const int64_t l0 = g * lanes_per_group;
-      const int64_t l1 = g + 1 == p.G ? row_lanes : std::min(row_lanes, l0 + lanes_per_group);
-      std::fill(lane_scale.begin() + l0, lane_scale.begin() + l1, sf[g]);
-    }
+    spread_over_lanes(sf.data(), p.G, a.group_size / lane_codes,  // >= 1: group % 32 == 0
+                      (int64_t)lane_scale.size(), lane_scale.data());
   }
   // Scales of lanes [16h, 16h + 16) of chunk ch.
   VecF scales(const Plan& p, int64_t ch, int h) const {
