@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import pyengine  # noqa: E402
-from pyengine.backends import MatmulCase, get_backend  # noqa: E402
+from pyengine.backends import LinearCase, get_backend  # noqa: E402
 
 DEFAULT_SHAPES = "14336x4096,4096x4096,1024x4096,4096x14336,28672x8192"  # N x K
 FP16 = torch.float16
@@ -89,8 +89,7 @@ def cuda_backends(include_torch: bool) -> List[str]:
     for name in pyengine.available_backends():
         if name == "torch" and not include_torch:
             continue
-        case = MatmulCase(op="dequant_matmul", device_type="cuda", dtype=FP16, bits=4,
-                          group_size=128, M=1, N=4096, K=4096)
+        case = LinearCase(device_type="cuda", dtype=FP16, kind="packed", bits=4)
         if get_backend(name).unsupported_reason(case) is None:
             names.append(name)
     return names

@@ -26,8 +26,7 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine import MatryoshkaWeight  # noqa: E402
-from pyengine.matryoshka import matryoshka_matmul  # noqa: E402
-from pyengine.matryoshka.op import PATH_PLANE_KERNEL, matryoshka_path  # noqa: E402
+from pyengine.ops import backend_for, matryoshka_matmul  # noqa: E402
 
 DEFAULT_SHAPES = "1536x576,576x1536,4096x4096"
 
@@ -51,8 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=common.RESULTS / "matryoshka_cpu.json")
     args = parser.parse_args(argv)
 
-    probe = torch.zeros(1, 8)
-    if matryoshka_path(probe, "cpu") != PATH_PLANE_KERNEL:
+    probe = MatryoshkaWeight.from_codes(torch.zeros(1, 32, dtype=torch.int64), torch.ones(1, 1),
+                                        None, group_size=32, shape=(1, 32))
+    if backend_for(torch.zeros(1, 32), probe.at(4)) != "cpu":
         print(f"the C++ plane kernel is not available: {pyengine.build_info()}")
         return 1
     torch.manual_seed(0)

@@ -82,11 +82,11 @@ def _kernel_calls(backend: str, x: torch.Tensor, out: torch.Tensor, parent: Matr
             return quant_matmul(x, plain.qweight, plain.scales, plain.zeros, r,
                                 plain.effective_group_size, n, k, out=out)
     else:
-        from pyengine.backends import QuantTensors
+        from pyengine.backends import PackedOperand
         from pyengine.backends._native import plane_matmul_cuda
         from pyengine.backends.cuda import CudaBackend
         cuda_backend = CudaBackend(kernel="auto")
-        qt = QuantTensors(plain.qweight, plain.scales, plain.zeros, r, plain.effective_group_size)
+        qt = PackedOperand(plain.qweight, plain.scales, plain.zeros, r, plain.effective_group_size)
 
         def plane_call():
             return plane_matmul_cuda(x, *planes, parent.scales, parent.zeros, None, r,

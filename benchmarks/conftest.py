@@ -180,11 +180,10 @@ def discover_backends(device: str, dtype: torch.dtype) -> Tuple[List[str], Dict[
     it is available in this process and serves a 4-bit ``dequant_matmul`` on the device; cases
     it cannot serve (other bits, shapes, ops) are skipped one by one with its own reason."""
     import pyengine
-    from pyengine.backends import MatmulCase, get_backend
+    from pyengine.backends import LinearCase, get_backend
 
     available = pyengine.available_backends()
-    probe = MatmulCase(op="dequant_matmul", device_type=device, dtype=dtype, bits=4,
-                       group_size=GROUP_SIZE, M=1, N=256, K=256)
+    probe = LinearCase(device_type=device, dtype=dtype, kind="packed", bits=4)
     timed: List[str] = []
     excluded: Dict[str, str] = {}
     for name in pyengine.known_backends():

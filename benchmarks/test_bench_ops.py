@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 import pyengine
-from pyengine.backends import MatmulCase, get_backend
+from pyengine.backends import LinearCase, get_backend
 from pyengine.benchmarking import device_name
 
 # Relative Frobenius error allowed against the reference (DESIGN.md, tests/helpers.py).
@@ -292,10 +292,11 @@ def _device_name(device: str) -> str:
 def unsupported_reason(case, dtype: torch.dtype, device: str) -> Optional[str]:
     """Why case.backend cannot run this call (its own words), or None."""
     n, k, r = case.block()
-    probe = MatmulCase(op=case.op, device_type=device, dtype=dtype, bits=case.bits,
-                       group_size=case.group_size, M=case.m, N=n, K=k, has_shortcut=r > 0)
+    probe = LinearCase(device_type=device, dtype=dtype, kind="packed" if case.bits else "dense",
+                       bits=case.bits)
     why = get_backend(case.backend).unsupported_reason(probe)
-    return None if why is None else f"{case.backend} cannot run {probe.describe()}: {why}"
+    return None if why is None else (f"{case.backend} cannot run {case.op}(M={case.m}, N={n}, "
+                                     f"K={k}, R={r}): {why}")
 
 
 def measure(benchmark, ops_run, ops_case) -> None:

@@ -186,18 +186,19 @@ def _plane_decode_kernel(
     x_ptr, stride_xm,
     hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
     s_ptr, stride_sn, z_ptr, stride_zn,
-    bias_ptr, stride_b,
+    bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R,
     out_ptr, stride_om, part_ptr,
     M, N, K, K_PER_SPLIT,
     PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
 ):
     """Decode path (M <= 16). Grid (cdiv(N, BLOCK_N), split_k): program (i, s) owns output
     columns [i BLOCK_N, (i + 1) BLOCK_N) and K slice [s K_PER_SPLIT, (s + 1) K_PER_SPLIT) for
-    all M rows. With one slice it writes out (+ bias); with several it writes its fp32 partial
-    sum to part[s, :M, :N] (contiguous [split_k, M, N]) for the reduce kernel."""
+    all M rows. With one slice it writes out (+ bias + residual @ shortcut); with several it
+    writes its fp32 partial sum to part[s, :M, :N] (contiguous [split_k, M, N]) for the reduce
+    kernel, which adds the epilogue."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -221,9 +222,9 @@ def _plane_decode_kernel(
             acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32,
                           DOT_PRECISION)
     if not WRITE_PARTIAL:
-        # no shortcut: the residual/shortcut arguments are unused placeholders
-        finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, x_ptr, 0, 0, x_ptr, 0, 0, 0,
-                    out_ptr, stride_om, HAS_BIAS, False, BLOCK_M, 32, DOT_FP32, DOT_PRECISION)
+        finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
+                    sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
+                    BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
     else:
         ptrs = part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
         tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
@@ -234,12 +235,13 @@ def _plane_prefill_kernel(
     x_ptr, stride_xm,
     hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
     s_ptr, stride_sn, z_ptr, stride_zn,
-    bias_ptr, stride_b,
+    bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R,
     out_ptr, stride_om,
     M, N, K,
     PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Prefill path (M > 16): one [BLOCK_M, BLOCK_N] output tile per program, K walked in
     BLOCK_K steps of x tile @ dequantized plane tile^T (fp32 accumulation)."""
@@ -257,8 +259,9 @@ def _plane_prefill_kernel(
                         s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
                         PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
         acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32, DOT_PRECISION)
-    finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, x_ptr, 0, 0, x_ptr, 0, 0, 0,
-                out_ptr, stride_om, HAS_BIAS, False, BLOCK_M, 32, DOT_FP32, DOT_PRECISION)
+    finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
+                sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
+                BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
 
 
 # ---- launch -------------------------------------------------------------------------------------
@@ -294,9 +297,12 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
                              scales: torch.Tensor, zeros: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], precision: int, group_size: int,
                              n: int, k: int, out: Optional[torch.Tensor] = None,
-                             config: Optional[MatmulConfig] = None) -> torch.Tensor:
-    """out[M, n] = x[:, :k] @ W_r[:n, :k]^T (+ bias[:n]), W_r the r-bit slice of a Matryoshka
-    parent, computed from its bit planes (only those of PLANES_READ[precision] are read).
+                             config: Optional[MatmulConfig] = None,
+                             residual: Optional[torch.Tensor] = None,
+                             shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[M, n] = x[:, :k] @ W_r[:n, :k]^T (+ bias[:n]) (+ residual @ shortcut[:, :n]), W_r the
+    r-bit slice of a Matryoshka parent, computed from its bit planes (only those of
+    PLANES_READ[precision] are read).
 
     Args:
         x: [M, >= k] fp32 / fp16 / bf16, unit stride along K (any row stride).
@@ -315,6 +321,8 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
         n, k: the block W[:n, :k] that is used (the weight's shape for a full layer).
         out: [M, n] in x's dtype, unit stride along n; allocated when None.
         config: overrides the tile configuration (tests, tuning).
+        residual, shortcut: [M, R] and [R, >= n] in x's dtype (any strides), or both None:
+            their product is added in the epilogue (a sliced model's output projection).
     Returns:
         out, every element written exactly once.
     Raises:
@@ -328,7 +336,7 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
         c.fail(f"precision must be one of {PRECISIONS}")
     if group_size != -1 and (group_size < 32 or group_size % 32):
         c.fail("group_size must be -1 (per channel) or a positive multiple of 32")
-    M, out = check_common(c, x, n, k, bias, None, None, out)
+    M, out = check_common(c, x, n, k, bias, residual, shortcut, out)
     reads = PLANES_READ[precision]
     kp = _check_plane(c, "plane_hi", plane_hi, n, None)
     if kp < k:
@@ -364,11 +372,16 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
     kernel_group = 0 if k <= effective_group else effective_group
     dot_fp32 = INTERPRETED and x.dtype == torch.bfloat16   # the interpreter's bf16 dot is wrong
     flags = dict(PRECISION=int(precision), GROUP_SIZE=kernel_group, HAS_ZEROS=zeros is not None,
-                 HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+                 HAS_BIAS=bias is not None, HAS_SHORTCUT=residual is not None, DOT_FP32=dot_fp32,
                  DOT_PRECISION="ieee" if (x.dtype == torch.float32 or dot_fp32) else "tf32")
     scale_args = (scales, scales.stride(0), x if zeros is None else zeros,
                   0 if zeros is None else zeros.stride(0))
-    bias_args = (x, 0) if bias is None else (bias, bias.stride(0))
+    # (bias, stride, residual, 2 strides, shortcut, 2 strides, R); absent tensors are replaced
+    # by x, never dereferenced (HAS_BIAS / HAS_SHORTCUT are off)
+    epilogue_args = ((x, 0) if bias is None else (bias, bias.stride(0))) + (
+        (x, 0, 0, x, 0, 0, 0) if residual is None else
+        (residual, residual.stride(0), residual.stride(1), shortcut, shortcut.stride(0),
+         shortcut.stride(1), residual.shape[1]))
 
     # The path follows M (decode for M <= 16); a given config replaces the tile sizes only.
     path, cfg = select_plane_config(M, precision, x.dtype)
@@ -382,34 +395,33 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
                   else contextlib.nullcontext())
     with device_ctx:
         if path == "decode":
-            _launch_decode(x, plane_args, scale_args, bias_args, out, M, n, k, flags, cfg)
+            _launch_decode(x, plane_args, scale_args, epilogue_args, out, M, n, k, flags, cfg)
         else:
             grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
             _plane_prefill_kernel[grid](
-                x, x.stride(0), *plane_args, *scale_args, *bias_args, out, out.stride(0),
+                x, x.stride(0), *plane_args, *scale_args, *epilogue_args, out, out.stride(0),
                 M, n, k, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-def _launch_decode(x, plane_args, scale_args, bias_args, out, M, n, k, flags, cfg) -> None:
+def _launch_decode(x, plane_args, scale_args, epilogue_args, out, M, n, k, flags, cfg) -> None:
     """The decode kernel over (N tiles, K slices), then the split-K reduce when there are
-    several slices (it adds the bias and writes out)."""
+    several slices (it adds the epilogue and writes out)."""
     n_tiles = triton.cdiv(n, cfg.block_n)
     split_k, k_per_split = split_k_slices(k, cfg.block_k, n_tiles, cfg.split_k,
                                           target_programs(x.device))
     part = (torch.empty((split_k, M, n), dtype=torch.float32, device=x.device)
             if split_k > 1 else out)
     _plane_decode_kernel[(n_tiles, split_k)](
-        x, x.stride(0), *plane_args, *scale_args, *bias_args, out, out.stride(0), part,
+        x, x.stride(0), *plane_args, *scale_args, *epilogue_args, out, out.stride(0), part,
         M, n, k, k_per_split, **flags,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
         WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split_k > 1:
-        # no shortcut: x stands in for the unused residual and shortcut pointers
-        launch_split_k_reduce(part, split_k, (*bias_args, x, 0, 0, x, 0, 0, 0), out, M, n,
-                              cfg.block_m, 32, flags["HAS_BIAS"], False, flags["DOT_FP32"],
+        launch_split_k_reduce(part, split_k, epilogue_args, out, M, n, cfg.block_m, cfg.block_r,
+                              flags["HAS_BIAS"], flags["HAS_SHORTCUT"], flags["DOT_FP32"],
                               flags["DOT_PRECISION"])
 
 

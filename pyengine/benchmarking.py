@@ -217,9 +217,8 @@ def random_kernel_cases(shapes: Sequence[Tuple[int, int]], bits: Sequence[int], 
 def kernel_backends(device: str, dtype: torch.dtype, include_reference: bool = False) -> List[str]:
     """Backends available here that serve a quantized matmul on ``device`` with ``dtype``
     activations; the ``torch`` reference only when asked or when nothing else serves it."""
-    from .backends import MatmulCase, available_backends, get_backend
-    probe = MatmulCase(op="dequant_matmul", device_type=device, dtype=dtype, bits=4,
-                       group_size=128, M=1, N=256, K=256)
+    from .backends import LinearCase, available_backends, get_backend
+    probe = LinearCase(device_type=device, dtype=dtype, kind="packed", bits=4)
     names = [b for b in available_backends() if get_backend(b).unsupported_reason(probe) is None]
     native = [b for b in names if b != "torch"]
     if include_reference or not native:

@@ -10,7 +10,7 @@ import torch
 
 import pyengine
 from pyengine.backends import Backend, CpuBackend, get_backend
-from pyengine.backends.base import QuantTensors
+from pyengine.backends import PackedOperand
 
 # Relative Frobenius error allowed against the fp32 reference (DESIGN.md).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -54,8 +54,20 @@ def native_backends(device: str) -> List[Tuple[str, Backend]]:
     return found
 
 
-def quant_tensors(qw: pyengine.QuantizedWeight) -> QuantTensors:
-    return QuantTensors(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.effective_group_size)
+def packed_operand(qw: pyengine.QuantizedWeight) -> PackedOperand:
+    return PackedOperand(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.effective_group_size)
+
+
+def plane_reference_matmul(x, plane_hi, plane_mid, plane_lo, scales, zeros, bias, precision,
+                           group_size, n, k) -> torch.Tensor:
+    """fp32 reference [M, n] = x[M, k] @ W_r[:n, :k]^T (+ bias) of a Matryoshka slice given by
+    its planes (those the slice does not read may be None); group_size as stored (-1 per
+    channel) or effective."""
+    from pyengine.backends import PlaneOperand, reference_matmul
+    if group_size == -1:
+        group_size = plane_hi.shape[1] * 32 // 3
+    operand = PlaneOperand(plane_hi, plane_mid, plane_lo, scales, zeros, precision, group_size)
+    return reference_matmul(x, operand, n, k, bias)
 
 
 def random_weight(n: int, k: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -85,13 +97,13 @@ def random_parent(n: int, k: int, group_size: int, symmetric: bool, gen: torch.G
 @functools.lru_cache(maxsize=4)
 def cuda_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool,
                 scale_dtype: torch.dtype, seed: int):
-    """A quantized [n, k] weight on the GPU (QuantTensors) and its dequantized fp32 copy."""
+    """A quantized [n, k] weight on the GPU (PackedOperand) and its dequantized fp32 copy."""
     from pyengine.backends import reference_weight
     gen = torch.Generator().manual_seed(seed)
     w = random_weight(n, k, gen).to("cuda")
     qw = pyengine.quantize(w, bits, group_size, symmetric, scale_dtype=scale_dtype,
                            clip_search=False)
-    qt = quant_tensors(qw)
+    qt = packed_operand(qw)
     return qt, reference_weight(qt, n, k)
 
 

@@ -14,7 +14,7 @@ import pyengine
 from pyengine.backends import reference_matmul
 
 from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, native_backends, poisoned,
-                     quant_tensors, random_weight)
+                     packed_operand, random_weight)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = [pytest.param(b, d, id=label) for d in DEVICES for label, b in native_backends(d)]
@@ -66,7 +66,7 @@ def test_quantized_matmul_matches_reference(backend, device, case, rng):
         qw = _quantized(n, k, bits, group_size, symmetric, scale_dtype, _SESSION_SEED).to(device)
         x = torch.randn(m, k, generator=rng).to(device=device, dtype=dtype)
         bias = torch.randn(n, generator=rng).to(device=device, dtype=dtype) if m % 2 else None
-        _check(backend, device, x, quant_tensors(qw), n, k, dtype,
+        _check(backend, device, x, packed_operand(qw), n, k, dtype,
                f"M={m} K={k} N={n} bits={bits} g={group_size} sym={symmetric} {dtype}", bias)
 
 
@@ -76,7 +76,7 @@ def test_every_shape_of_the_grid(backend, device, bits, group_size, symmetric, r
     for m, k, n in SHAPE_GRID:
         qw = _quantized(n, k, bits, group_size, symmetric, torch.float16, _SESSION_SEED).to(device)
         x = torch.randn(m, k, generator=rng).to(device=device, dtype=torch.float16)
-        _check(backend, device, x, quant_tensors(qw), n, k, torch.float16,
+        _check(backend, device, x, packed_operand(qw), n, k, torch.float16,
                f"M={m} K={k} N={n} bits={bits} g={group_size}")
 
 
@@ -91,7 +91,7 @@ def test_every_decode_batch_size(backend, device, bits, rng):
         for m in list(range(1, 10)) + [16, 17]:
             x = torch.randn(m, k, generator=rng).to(device)
             bias = torch.randn(n, generator=rng).to(device) if m % 3 == 0 else None
-            _check(backend, device, x, quant_tensors(qw), n, k, torch.float32,
+            _check(backend, device, x, packed_operand(qw), n, k, torch.float32,
                    f"M={m} K={k} N={n} bits={bits} g={group_size}", bias)
 
 
@@ -105,7 +105,7 @@ def test_sliced_block_of_a_quantized_weight(backend, device, bits, group_size, r
     for m, out_dims in ((1, 150), (5, 200), (33, 77)):
         x = torch.randn(m, in_dims, generator=rng).to(device=device, dtype=torch.bfloat16)
         bias = torch.randn(n, generator=rng).to(device=device, dtype=torch.bfloat16)
-        _check(backend, device, x, quant_tensors(qw), out_dims, in_dims, torch.bfloat16,
+        _check(backend, device, x, packed_operand(qw), out_dims, in_dims, torch.bfloat16,
                f"slice [{out_dims}, {in_dims}] of {bits}-bit [{n}, {k}] M={m}", bias)
 
 
@@ -115,7 +115,7 @@ def test_shortcut_matmul(backend, device, quantized, rng):
     n, k, r = 96, 160, 72
     for m, dtype in ((1, torch.float32), (4, torch.float16), (19, torch.bfloat16)):
         if quantized:
-            weight = quant_tensors(_quantized(n, k, 4, 32, False, dtype, _SESSION_SEED).to(device))
+            weight = packed_operand(_quantized(n, k, 4, 32, False, dtype, _SESSION_SEED).to(device))
         else:
             weight = random_weight(n, k, rng, dtype).to(device)
         x = torch.randn(m, k, generator=rng).to(device=device, dtype=dtype)

@@ -4,7 +4,7 @@ kernel on PlaneSource<R>) against the plane reference and float64 dequantize-the
 Without a GPU: the bit manipulation those kernels run (csrc/code_bits.h: slice_code<R> and the
 word-wide int2 conversion) is compiled into the host module too, and checked here against
 pyengine.matryoshka.slice_codes on random and edge-case parents; the kernel's argument checks
-(which run before any CUDA call) and the path selection of matryoshka_matmul are checked too.
+(which run before any CUDA call) and the backend selection of Matryoshka slices are checked too.
 The ``gpu`` tests run every precision x group x dtype x M on odd and real layer shapes, both
 kernels, with NaN-poisoned outputs.
 """
@@ -18,11 +18,14 @@ import torch
 
 import pyengine
 from pyengine._ext import extension
-from pyengine.backends import _native
+from pyengine import backends
+from pyengine.backends import BackendError, LinearCase, _native, get_backend, select_backend
+from pyengine.backends import cuda as cuda_module
 from pyengine.matryoshka import PLANES_READ, PRECISIONS, slice_codes, split_planes
-from pyengine.matryoshka import op as mop
+from pyengine.ops import backend_for, matryoshka_matmul
 
-from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned, random_parent
+from helpers import (DTYPES, GROUP_SIZES, assert_matches, plane_reference_matmul, poisoned,
+                     random_parent)
 
 INFO = pyengine.build_info()
 needs_extension = pytest.mark.skipif(extension() is None, reason="pyengine._C is not built")
@@ -100,20 +103,32 @@ def test_block_helpers_refuse_bad_input():
 
 # ---- path selection and argument checks (no GPU needed) ---------------------------------------
 
-def test_backend_cuda_takes_the_cuda_plane_kernel_where_it_runs(monkeypatch):
-    """backend="cuda" on CUDA tensors takes the CUDA plane kernel when the extension has it and a
-    device is there, the canonical slice otherwise; backend=None prefers Triton, then the CUDA
-    plane kernel, then the reference."""
-    monkeypatch.setattr(_native, "cuda_plane_kernel_unavailable_reason", lambda: None)
-    monkeypatch.setattr(mop, "_triton_usable", lambda: True)
-    assert mop._select_path("cuda", "cuda") == mop.PATH_CUDA
-    assert mop._select_path("cuda", None) == mop.PATH_TRITON
-    monkeypatch.setattr(mop, "_triton_usable", lambda: False)
-    assert mop._select_path("cuda", None) == mop.PATH_CUDA
-    assert mop._select_path("cpu", "cuda") == mop.PATH_CANONICAL_PREFIX + "cuda"
-    monkeypatch.setattr(_native, "cuda_plane_kernel_unavailable_reason", lambda: "no device")
-    assert mop._select_path("cuda", "cuda") == mop.PATH_CANONICAL_PREFIX + "cuda"
-    assert mop._select_path("cuda", None) == mop.PATH_REFERENCE
+def test_planes_on_cuda_tensors_select_triton_then_cuda_then_the_reference(monkeypatch):
+    """Selection of a Matryoshka slice on CUDA tensors, with availability simulated: backend=None
+    prefers Triton's plane kernel, then the CUDA plane kernel, then the reference;
+    backend="cuda" takes the CUDA plane kernel where the build has it and says why not where
+    it does not."""
+    cuda, triton = get_backend("cuda"), get_backend("triton")
+    monkeypatch.setattr(backends, "_SELECTED", {})
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_module, "cuda_plane_kernel_unavailable_reason", lambda: None)
+    monkeypatch.setattr(triton, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(triton, "unsupported_reason", lambda case: None)
+    case = LinearCase("cuda", torch.float16, "planes", 4)
+    assert select_backend(case).name == "triton"
+    assert select_backend(case, "cuda").name == "cuda"
+    monkeypatch.setattr(triton, "unavailable_reason", lambda: "no triton")
+    backends._SELECTED.clear()
+    assert select_backend(case).name == "cuda"
+    monkeypatch.setattr(cuda_module, "cuda_plane_kernel_unavailable_reason",
+                        lambda: "this build has no plane_matmul_cuda")
+    backends._SELECTED.clear()
+    assert select_backend(case).name == "torch"
+    with pytest.raises(BackendError, match="no plane_matmul_cuda"):
+        select_backend(case, "cuda")
+    # CPU tensors are never the cuda backend's, whatever it has
+    with pytest.raises(BackendError, match="CUDA tensors only"):
+        select_backend(LinearCase("cpu", torch.float16, "planes", 4), "cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-device message")
@@ -169,8 +184,8 @@ def _check(x, mw, r, bias, kernel, what, n=None, k=None):
     got = _native.plane_matmul_cuda(x, hi, mid, lo, mw.scales, mw.zeros, bias, r,
                                     mw.effective_group_size, n, k, out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr(), f"{what}: result not written into out"
-    ref32 = mop.plane_reference_matmul(x, mw.plane_hi, mw.plane_mid, mw.plane_lo, mw.scales,
-                                       mw.zeros, bias, r, mw.group_size, n, k)
+    ref32 = plane_reference_matmul(x, mw.plane_hi, mw.plane_mid, mw.plane_lo, mw.scales,
+                                   mw.zeros, bias, r, mw.group_size, n, k)
     ref64 = x.double() @ mw.dequantize(r, torch.float64)[:n, :k].T
     if bias is not None:
         ref64 = ref64 + bias.double()
@@ -217,9 +232,9 @@ def test_real_layer_shapes(r, rng):
 def test_matryoshka_matmul_with_backend_cuda_runs_this_kernel(r, rng):
     mw = random_parent(576, 1536, 64, False, rng, torch.float16, "cuda")
     x = torch.randn(2, 3, 1536, generator=rng).to("cuda", torch.float16)
-    assert mop.matryoshka_path(x, "cuda") == mop.PATH_CUDA
-    y = mop.matryoshka_matmul(x, mw, r, backend="cuda")
-    ref = mop.plane_reference_matmul(x.view(-1, 1536), mw.plane_hi, mw.plane_mid, mw.plane_lo,
-                                     mw.scales, mw.zeros, None, r, 64, 576, 1536)
+    assert backend_for(x, mw.at(r), "cuda") == "cuda"
+    y = matryoshka_matmul(x, mw, r, backend="cuda")
+    ref = plane_reference_matmul(x.view(-1, 1536), mw.plane_hi, mw.plane_mid, mw.plane_lo,
+                                 mw.scales, mw.zeros, None, r, 64, 576, 1536)
     assert y.shape == (2, 3, 576)
     assert_matches(y.view(-1, 576).float(), ref, torch.float16, f"r={r}")

@@ -8,7 +8,7 @@ import torch
 import pyengine
 from pyengine import ops
 
-from helpers import assert_matches, random_weight
+from helpers import assert_matches, random_parent, random_weight
 
 BACKENDS = [name for name in pyengine.available_backends()]
 
@@ -19,31 +19,41 @@ def _qw(n, k, gen, bits=4, group_size=32, symmetric=False):
 
 
 def _samples(gen, backend):
-    """(op, args) pairs covering quantized and dense weights, bias, symmetric weights."""
+    """Argument tuples of torch.ops.pyengine.qlinear covering every weight kind (dense, packed,
+    Matryoshka planes), bias, symmetric weights, slicing and the shortcut epilogue."""
     qa = _qw(24, 64, gen)
     qs = _qw(24, 64, gen, bits=3, group_size=-1, symmetric=True)
+    mw = random_parent(24, 64, 32, False, gen)
     x = torch.randn(3, 64, generator=gen, requires_grad=True)
     bias = torch.randn(24, generator=gen, requires_grad=True)
     dense = random_weight(24, 64, gen).requires_grad_()
     residual = torch.randn(3, 16, generator=gen, requires_grad=True)
     shortcut = torch.randn(16, 24, generator=gen, requires_grad=True)
-    dq = torch.ops.pyengine.dequant_matmul.default
-    sl = torch.ops.pyengine.sliced_matmul.default
-    sc = torch.ops.pyengine.shortcut_matmul.default
+    packed = (qa.qweight, qa.scales, qa.zeros, None, None)
+    planes = lambda r: (mw.plane_hi, mw.scales, mw.zeros,  # noqa: E731
+                        mw.plane_mid if r >= 3 else None, mw.plane_lo if r >= 6 else None)
     return [
-        (dq, (x, qa.qweight, qa.scales, qa.zeros, bias, 4, 32, 24, 64, backend)),
-        (dq, (x, qs.qweight, qs.scales, None, None, 3, -1, 24, 64, backend)),
-        (sl, (x[:, :32], qa.qweight, qa.scales, qa.zeros, bias, 4, 32, 32, 20, backend)),
-        (sl, (x[:, :40], dense, None, None, None, 0, 0, 40, 10, backend)),
-        (sc, (x, qa.qweight, qa.scales, qa.zeros, residual, shortcut, bias, 4, 32, 24, 64,
-              backend)),
-        (sc, (x, dense, None, None, residual, shortcut, None, 0, 0, 24, 64, backend)),
+        # x, weight, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut,
+        # kind, bits, group_size, n, k, backend
+        (x, *packed, bias, None, None, "packed", 4, 32, 24, 64, backend),
+        (x, qs.qweight, qs.scales, None, None, None, None, None, None, "packed", 3, -1, 24, 64,
+         backend),
+        (x[:, :32], *packed, bias, None, None, "packed", 4, 32, 20, 32, backend),
+        (x[:, :40], dense, None, None, None, None, None, None, None, "dense", 0, 0, 10, 40,
+         backend),
+        (x, *packed, bias, residual, shortcut, "packed", 4, 32, 24, 64, backend),
+        (x, dense, None, None, None, None, None, residual, shortcut, "dense", 0, 0, 24, 64,
+         backend),
+        (x, *planes(4), bias, None, None, "planes", 4, 32, 24, 64, backend),
+        (x, *planes(2), None, residual, shortcut, "planes", 2, 32, 24, 64, backend),
+        (x[:, :32], *planes(8), bias, None, None, "planes", 8, 32, 16, 32, backend),
     ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, rng):
-    for op, args in _samples(rng, backend):
+    op = torch.ops.pyengine.qlinear.default
+    for args in _samples(rng, backend):
         torch.library.opcheck(op, args)
 
 
@@ -101,7 +111,7 @@ def test_plain_eager_calls_skip_the_op_and_agree_with_it(rng, monkeypatch):
     """Plain eager calls run the implementation directly (no dispatcher); anything that needs
     the op (autograd, tensor subclasses such as fake tensors) still goes through it; both give
     bit-identical results."""
-    from pyengine.ops.matmul import eager_call_ok
+    from pyengine.ops.linear import eager_call_ok
     qa = _qw(24, 64, rng)
     x = torch.randn(3, 64, generator=rng)
     bias = torch.randn(24, generator=rng)
@@ -122,16 +132,17 @@ def test_plain_eager_calls_skip_the_op_and_agree_with_it(rng, monkeypatch):
     assert seen == [False]
 
     calls = []
-    real = torch.ops.pyengine.dequant_matmul.default
+    real = torch.ops.pyengine.qlinear.default
 
     def counted(*args):
         calls.append(args[0].requires_grad)
         return real(*args)
 
-    monkeypatch.setattr(ops.matmul, "_dequant_matmul_op", counted)
+    monkeypatch.setattr(ops.linear, "_qlinear_op", counted)
     direct = ops.dequant_matmul(x, qa, bias)
     assert calls == []  # the plain call did not go through the op
-    through_op = real(x, qa.qweight, qa.scales, qa.zeros, bias, 4, 32, 24, 64, None)
+    through_op = real(x, qa.qweight, qa.scales, qa.zeros, None, None, bias, None, None, "packed",
+                      4, 32, 24, 64, None)
     assert torch.equal(direct, through_op)
     xg = x.clone().requires_grad_()
     y = ops.dequant_matmul(xg, qa, bias)

@@ -170,11 +170,12 @@ def test_plane_op_passes_opcheck_and_has_gradients(rng):
     _, mw = _random_parent(16, 64, 32, False, rng)
     x = torch.randn(4, 64, generator=rng, requires_grad=True)
     bias = torch.randn(16, generator=rng, requires_grad=True)
-    op = torch.ops.pyengine.matryoshka_matmul.default
+    op = torch.ops.pyengine.qlinear.default
     for r in (8, 2):  # all planes; plane_hi only
         read = PLANES_READ[r]
-        planes = [getattr(mw, n) if n in read else None for n in PLANE_NAMES]
-        torch.library.opcheck(op, (x, *planes, mw.scales, mw.zeros, bias, r, 32, 16, 64))
+        hi, mid, lo = [getattr(mw, n) if n in read else None for n in PLANE_NAMES]
+        torch.library.opcheck(op, (x, hi, mw.scales, mw.zeros, mid, lo, bias, None, None,
+                                   "planes", r, 32, 16, 64, None))
     y = matryoshka_matmul(x, mw, 2, bias)
     y.square().sum().backward()
     w = mw.dequantize(2, torch.float32)

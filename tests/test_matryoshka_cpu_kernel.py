@@ -17,11 +17,12 @@ import torch
 import pyengine
 from pyengine import MatryoshkaWeight
 from pyengine.backends import _native
-from pyengine.matryoshka import PLANES_READ, PRECISIONS, matryoshka_matmul
-from pyengine.matryoshka.op import (PATH_CANONICAL_PREFIX, PATH_PLANE_KERNEL, PATH_REFERENCE,
-                                    matryoshka_path, plane_reference_matmul)
+from pyengine import backends
+from pyengine.matryoshka import PLANES_READ, PRECISIONS
+from pyengine.ops import backend_for, matryoshka_matmul
 
-from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned, random_parent
+from helpers import (DTYPES, GROUP_SIZES, assert_matches, plane_reference_matmul, poisoned,
+                     random_parent)
 
 INFO = pyengine.build_info()
 pytestmark = pytest.mark.skipif(
@@ -262,7 +263,7 @@ def test_the_python_wrapper_checks_tensors(rng):
         call(planes=(hi, mid[:40], lo))
     with pytest.raises(ValueError, match=r"bias must be a float vector of 45"):
         call(bias=torch.randn(44))
-    with pytest.raises(ValueError, match=r"out must be contiguous torch.float32 \[2, 45\]"):
+    with pytest.raises(ValueError, match=r"out must be contiguous \[2, 45\] in x's dtype"):
         call(out=torch.empty(2, 45, dtype=torch.float16))
 
 
@@ -280,16 +281,17 @@ def test_the_public_op_checks_its_inputs(rng):
 
 def test_dispatch_picks_the_kernel_for_cpu_tensors(monkeypatch, rng):
     x = torch.randn(3, 64)
-    assert matryoshka_path(x) == PATH_PLANE_KERNEL
-    assert matryoshka_path(x, "cpu") == PATH_PLANE_KERNEL
-    assert matryoshka_path(x, "torch") == PATH_REFERENCE
-    assert matryoshka_path(x, "triton") == PATH_CANONICAL_PREFIX + "triton"
+    mw = _parent(32, 64, 32, False, rng)
+    view = mw.at(4)
+    assert backend_for(x, view) == "cpu"
+    assert backend_for(x, view, "cpu") == "cpu"
+    assert backend_for(x, view, "torch") == "torch"
+    assert backend_for(x, view, "triton") == "triton"  # its plane kernel, under the interpreter
     monkeypatch.setenv("PYENGINE_BACKEND", "torch")
-    assert matryoshka_path(x) == PATH_REFERENCE
-    assert matryoshka_path(x, "cpu") == PATH_PLANE_KERNEL  # an explicit argument wins
+    assert backend_for(x, view) == "torch"
+    assert backend_for(x, view, "cpu") == "cpu"  # an explicit argument wins
     monkeypatch.delenv("PYENGINE_BACKEND")
 
-    mw = _parent(32, 64, 32, False, rng)
     bias = torch.randn(32, generator=rng)
     for r in PRECISIONS:
         kernel = _kernel(x, mw, r, bias)
@@ -305,17 +307,20 @@ def test_without_the_kernel_the_reference_serves(monkeypatch, stand_in, rng):
     """No extension, or one built before the plane kernel: backend=None falls back to the torch
     reference (bitwise), and says why the kernel is unavailable."""
     monkeypatch.setattr(_native, "extension", lambda: stand_in)
+    monkeypatch.setattr(backends, "_SELECTED", {})  # selections made with the kernel present
     why = _native.plane_kernel_unavailable_reason()
     assert why is not None and ("not available" in why or "rebuild" in why)
     mw = _parent(20, 96, 32, True, rng)
     x = torch.randn(2, 96, generator=rng)
-    assert matryoshka_path(x) == PATH_REFERENCE
+    assert backend_for(x, mw.at(4)) == "torch"
     for r in PRECISIONS:
         reference = plane_reference_matmul(x, *_planes(mw, r), mw.scales, mw.zeros, None, r, 32,
                                            20, 96)
         assert torch.equal(matryoshka_matmul(x, mw, r), reference)
     with pytest.raises(RuntimeError, match="plane_matmul_cpu: "):
         _kernel(x, mw, 4)
+    with pytest.raises(pyengine.BackendError, match="cpu"):
+        matryoshka_matmul(x, mw, 4, backend="cpu")
 
 
 def test_a_process_without_the_extension_runs_the_reference():
@@ -334,12 +339,12 @@ def test_a_process_without_the_extension_runs_the_reference():
         import torch, pyengine
         from pyengine import MatryoshkaWeight
         from pyengine.matryoshka import matryoshka_matmul
-        from pyengine.matryoshka.op import matryoshka_path
+        from pyengine.ops import backend_for
         codes = torch.randint(0, 256, (6, 40))
         mw = MatryoshkaWeight.from_codes(codes, torch.rand(6, 2) + 0.1, None, group_size=32,
                                          shape=(6, 40))
         x = torch.randn(3, 40)
-        assert matryoshka_path(x) == "torch-reference", matryoshka_path(x)
+        assert backend_for(x, mw.at(4)) == "torch", backend_for(x, mw.at(4))
         y = matryoshka_matmul(x, mw, 4)
         assert torch.allclose(y, x @ mw.dequantize(4, torch.float32).T, rtol=1e-5, atol=1e-5)
         try:
@@ -359,14 +364,16 @@ def test_custom_op_contract_on_the_kernel_path(rng):
     """opcheck (schema, fake tensor, autograd registration) with the kernel serving the call, and
     gradients of x and bias through it."""
     mw = _parent(16, 96, 32, False, rng)
-    op = torch.ops.pyengine.matryoshka_matmul.default
+    op = torch.ops.pyengine.qlinear.default
     x = torch.randn(4, 96, generator=rng, dtype=torch.float16)
     bias = torch.randn(16, generator=rng, dtype=torch.float16)
     for r in (3, 6):
-        torch.library.opcheck(op, (x, *_planes(mw, r), mw.scales, mw.zeros, bias, r, 32, 16, 96))
+        hi, mid, lo = _planes(mw, r)
+        torch.library.opcheck(op, (x, hi, mw.scales, mw.zeros, mid, lo, bias, None, None,
+                                   "planes", r, 32, 16, 96, None))
     x32 = torch.randn(2, 3, 96, generator=rng, requires_grad=True)
     b32 = torch.randn(16, generator=rng, requires_grad=True)
-    assert matryoshka_path(x32) == PATH_PLANE_KERNEL
+    assert backend_for(x32, mw.at(4)) == "cpu"
     y = matryoshka_matmul(x32, mw, 4, b32)
     y.square().sum().backward()
     w = mw.dequantize(4, torch.float32)

@@ -5,7 +5,7 @@ import torch
 
 import pyengine
 from pyengine import ops
-from pyengine.backends import BackendError, MatmulCase, select_backend
+from pyengine.backends import BackendError, LinearCase, select_backend
 
 from helpers import DTYPES, assert_matches, random_weight
 
@@ -108,10 +108,9 @@ def test_sliced_matmul_of_the_whole_weight_needs_no_alignment(rng):
 # ---- backend selection ------------------------------------------------------------------------
 
 def _case(**kw):
-    base = dict(op="dequant_matmul", device_type="cpu", dtype=torch.float32, bits=4,
-                group_size=128, M=1, N=8, K=128)
+    base = dict(device_type="cpu", dtype=torch.float32, kind="packed", bits=4)
     base.update(kw)
-    return MatmulCase(**base)
+    return LinearCase(**base)
 
 
 def test_auto_selection_prefers_the_compiled_cpu_backend():

@@ -20,10 +20,10 @@ import torch
 
 import pyengine
 from pyengine import ops
-from pyengine.backends import (MatmulCase, QuantTensors, get_backend,
+from pyengine.backends import (LinearCase, PackedOperand, get_backend,
                                reference_matmul, select_backend)
 
-from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, poisoned, quant_tensors,
+from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, poisoned, packed_operand,
                      random_weight)
 
 pytest.importorskip("triton")
@@ -74,7 +74,7 @@ def _check(kernels, x, weight, n, k, dtype, what, bias=None, residual=None, shor
            config=None):
     """Runs the launcher on a NaN-poisoned output and compares with the fp32 reference."""
     out = poisoned((x.shape[0], n), dtype, x.device)
-    if isinstance(weight, QuantTensors):
+    if isinstance(weight, PackedOperand):
         got = kernels.quant_matmul(x, weight.qweight, weight.scales, weight.zeros, weight.bits,
                                    weight.group_size, n, k, bias=bias, residual=residual,
                                    shortcut=shortcut, out=out, config=config)
@@ -106,7 +106,7 @@ def test_quantized_matmul_matches_reference(kernels, device, case, rng):
             qw = _quantized(n, k, bits, group_size, symmetric, scale_dtype, rng, device)
             x = _randn(rng, m, k, dtype=dtype, device=device)
             bias = _randn(rng, n, dtype=dtype, device=device) if (i + m) % 2 else None
-            _check(kernels, x, quant_tensors(qw), n, k, dtype,
+            _check(kernels, x, packed_operand(qw), n, k, dtype,
                    f"M={m} K={k} N={n} bits={bits} g={group_size} sym={symmetric} "
                    f"scales={scale_dtype} {dtype} bias={bias is not None}", bias)
 
@@ -126,14 +126,14 @@ def test_every_path_and_split(kernels, device, bits, rng):
         for dtype in (torch.float16, torch.float32):
             x = _randn(rng, m, k, dtype=dtype, device=device)
             bias = _randn(rng, n, device=device)
-            _check(kernels, x, quant_tensors(qw), n, k, dtype, f"M={m} {cfg} {dtype}", bias,
+            _check(kernels, x, packed_operand(qw), n, k, dtype, f"M={m} {cfg} {dtype}", bias,
                    config=cfg)
 
 
-def _poison_outside(qw: pyengine.QuantizedWeight, n: int, k: int) -> QuantTensors:
+def _poison_outside(qw: pyengine.QuantizedWeight, n: int, k: int) -> PackedOperand:
     """A copy whose scales/zeros outside the block [:n, :k] are NaN and whose codes outside it
     are random: a kernel that reads past the block produces NaN or a wrong result."""
-    t = quant_tensors(qw)
+    t = packed_operand(qw)
     gs = t.group_size
     used_groups = -(-k // gs)
     scales = t.scales.clone()
@@ -147,7 +147,7 @@ def _poison_outside(qw: pyengine.QuantizedWeight, n: int, k: int) -> QuantTensor
     qweight = t.qweight.clone()
     qweight[n:] = torch.randint(-2**31, 2**31 - 1, qweight[n:].shape, dtype=torch.int32,
                                 device=qweight.device)
-    return QuantTensors(qweight, scales, zeros, t.bits, t.group_size)
+    return PackedOperand(qweight, scales, zeros, t.bits, t.group_size)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -192,7 +192,7 @@ def test_shortcut_fusion(kernels, device, quantized, rng):
     for m, dtype in ((1, torch.float32), (4, torch.float16), (19, torch.bfloat16),
                      (33, torch.float32), (1, torch.bfloat16)):
         if quantized:
-            weight = quant_tensors(_quantized(n, k, 3, 32, False, dtype, rng, device))
+            weight = packed_operand(_quantized(n, k, 3, 32, False, dtype, rng, device))
         else:
             weight = random_weight(n, k, rng, dtype).to(device)
         x = _randn(rng, m, k, dtype=dtype, device=device)
@@ -217,18 +217,17 @@ def test_backend_writes_into_the_given_output(kernels, device, rng):
     for m in (1, 3, 17):
         x = _randn(rng, m, 160, dtype=torch.float16, device=device)
         out = poisoned((m, 50), torch.float16, device)
-        got = backend.matmul(x, quant_tensors(qw), 50, 128, None, None, None, out=out)
+        got = backend.matmul(x, packed_operand(qw), 50, 128, None, None, None, out=out)
         assert got.data_ptr() == out.data_ptr()
-        ref = reference_matmul(x, quant_tensors(qw), 50, 128)
+        ref = reference_matmul(x, packed_operand(qw), 50, 128)
         assert_matches(out.float(), ref, torch.float16, f"backend M={m}")
-        fresh = backend.matmul(x, quant_tensors(qw), 50, 128, None, None, None)
+        fresh = backend.matmul(x, packed_operand(qw), 50, 128, None, None, None)
         assert fresh.dtype == torch.float16 and fresh.shape == (m, 50)
         assert_matches(fresh.float(), ref, torch.float16, f"backend M={m}, allocated output")
 
 
 def test_selection_priorities(kernels):
-    case = MatmulCase(op="dequant_matmul", device_type=DEVICE, dtype=torch.float16, bits=4,
-                      group_size=128, M=1, N=64, K=128)
+    case = LinearCase(device_type=DEVICE, dtype=torch.float16, kind="packed", bits=4)
     backend = get_backend("triton")
     assert backend.unsupported_reason(case) is None
     assert select_backend(case, "triton").name == "triton"
@@ -238,8 +237,7 @@ def test_selection_priorities(kernels):
     else:
         assert backend.priority(case) < 0, "the interpreter must never be picked automatically"
         assert select_backend(case).name != "triton"
-        meta = MatmulCase(op="dequant_matmul", device_type="meta", dtype=torch.float16, bits=4,
-                          group_size=128, M=1, N=64, K=128)
+        meta = LinearCase(device_type="meta", dtype=torch.float16, kind="packed", bits=4)
         assert backend.unsupported_reason(meta) is not None
 
 
@@ -266,11 +264,11 @@ def test_public_ops_on_the_triton_backend(kernels, device, dtype, rng):
 
     residual = _randn(rng, 2, 3, 24, dtype=dtype, device=device)
     shortcut = _randn(rng, 24, 40, dtype=dtype, device=device, scale=0.1)
-    y = torch.ops.pyengine.shortcut_matmul(x, qw.qweight, qw.scales, qw.zeros, residual,
-                                           shortcut, bias[:40], qw.bits, qw.group_size, 40, 96,
-                                           "triton")
+    y = torch.ops.pyengine.qlinear(x, qw.qweight, qw.scales, qw.zeros, None, None, bias[:40],
+                                   residual, shortcut, "packed", qw.bits, qw.group_size, 40, 96,
+                                   "triton")
     ref = ref_q + residual.float() @ shortcut.float() + bias[:40]
-    assert_matches(y.float(), ref, dtype, "torch.ops.pyengine.shortcut_matmul")
+    assert_matches(y.float(), ref, dtype, "torch.ops.pyengine.qlinear with a shortcut")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -279,11 +277,11 @@ def test_opcheck_on_the_triton_backend(kernels, device, rng):
     x = _randn(rng, 3, 64, device=device)
     residual = _randn(rng, 3, 16, device=device)
     shortcut = _randn(rng, 16, 24, device=device)
-    torch.library.opcheck(torch.ops.pyengine.dequant_matmul.default,
-                          (x, qw.qweight, qw.scales, qw.zeros, None, 4, 32, 24, 64, "triton"))
-    torch.library.opcheck(torch.ops.pyengine.shortcut_matmul.default,
-                          (x, qw.qweight, qw.scales, qw.zeros, residual, shortcut, None, 4, 32,
-                           24, 64, "triton"))
+    op = torch.ops.pyengine.qlinear.default
+    packed = (qw.qweight, qw.scales, qw.zeros, None, None)
+    torch.library.opcheck(op, (x, *packed, None, None, None, "packed", 4, 32, 24, 64, "triton"))
+    torch.library.opcheck(op, (x, *packed, None, residual, shortcut, "packed", 4, 32, 24, 64,
+                               "triton"))
 
 
 def test_launcher_rejects_bad_inputs(kernels, rng):
@@ -334,5 +332,5 @@ def test_real_layer_shapes_on_the_gpu(kernels, bits, rng):
             dtype = (torch.float16, torch.bfloat16)[(i + j) % 2]
             x = _randn(rng, m, k, dtype=dtype, device="cuda")
             bias = _randn(rng, n, dtype=dtype, device="cuda") if j % 2 else None
-            _check(kernels, x, quant_tensors(qw), n, k, dtype,
+            _check(kernels, x, packed_operand(qw), n, k, dtype,
                    f"{n}x{k} M={m} bits={bits} g={group_size} {dtype}", bias)

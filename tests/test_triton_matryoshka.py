@@ -1,5 +1,5 @@
 """The Matryoshka plane-layout Triton kernels (pyengine.kernels.matryoshka) against the plane
-reference (pyengine.matryoshka.op.plane_reference_matmul, fp32) and against the slice
+reference (helpers.plane_reference_matmul, fp32) and against the slice
 dequantized then multiplied in float64, with NaN-poisoned outputs and fresh random parents.
 
 Without a CUDA device the kernels run on CPU tensors under the Triton interpreter (switched on by
@@ -18,10 +18,10 @@ import torch
 
 from pyengine import MatryoshkaWeight
 from pyengine.matryoshka import PLANES_READ, PRECISIONS
-from pyengine.matryoshka.op import plane_reference_matmul
 from pyengine.packing import pack_codes
 
-from helpers import DTYPES, GROUP_SIZES, assert_matches, poisoned, random_parent
+from helpers import (DTYPES, GROUP_SIZES, assert_matches, plane_reference_matmul, poisoned,
+                     random_parent)
 
 pytest.importorskip("triton")
 
@@ -378,10 +378,10 @@ def test_real_layer_shapes_on_the_gpu(mq, case, rng):
 @pytest.mark.parametrize("r", PRECISIONS)
 def test_matryoshka_matmul_routes_cuda_tensors_to_the_plane_kernel(mq, r, rng):
     """pyengine.matryoshka_matmul on CUDA tensors runs this kernel (backend None or "triton")."""
-    from pyengine.matryoshka.op import matryoshka_matmul, matryoshka_path
+    from pyengine.ops import backend_for, matryoshka_matmul
     mw = _parent(576, 1536, 128, False, torch.float16, rng, "cuda")
     x = _randn(rng, 5, 1536, dtype=torch.float16, device="cuda")
-    assert matryoshka_path(x) == matryoshka_path(x, "triton") == "triton-plane-kernel"
+    assert backend_for(x, mw.at(r)) == backend_for(x, mw.at(r), "triton") == "triton"
     ref32, _ = _references(x, mw, r, None, 576, 1536)
     for backend in (None, "triton"):
         assert_matches(matryoshka_matmul(x, mw, r, backend=backend).float(), ref32,

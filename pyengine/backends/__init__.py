@@ -11,12 +11,10 @@ or cannot serve the call, :class:`BackendError` says why.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-import torch
-
-from .base import Backend, MatmulCase, QuantTensors
+from .base import (WEIGHT_KINDS, Backend, LinearCase, Operand, PackedOperand, PlaneOperand,
+                   operand_kind)
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .torch_ref import TorchBackend, reference_matmul, reference_weight
@@ -25,9 +23,9 @@ from .triton import TritonBackend
 ENV_BACKEND = "PYENGINE_BACKEND"
 
 __all__ = [
-    "Backend", "BackendError", "MatmulCase", "QuantTensors", "available_backends",
-    "get_backend", "known_backends", "reference_matmul", "reference_weight", "register_backend",
-    "select_backend", "select_backend_for",
+    "WEIGHT_KINDS", "Backend", "BackendError", "LinearCase", "Operand", "PackedOperand",
+    "PlaneOperand", "available_backends", "get_backend", "known_backends", "operand_kind",
+    "reference_matmul", "reference_weight", "register_backend", "select_backend",
 ]
 
 
@@ -36,6 +34,8 @@ class BackendError(RuntimeError):
 
 
 _REGISTRY: Dict[str, Backend] = {}
+# The one memo of select_backend: (case, requested backend) -> Backend.
+_SELECTED: Dict[Tuple[tuple, Optional[str]], Backend] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -43,7 +43,6 @@ def register_backend(backend: Backend) -> Backend:
     if not backend.name:
         raise ValueError("a backend needs a name")
     _REGISTRY[backend.name] = backend
-    _select_cached.cache_clear()
     _SELECTED.clear()
     return backend
 
@@ -65,38 +64,24 @@ def available_backends() -> List[str]:
     return [name for name, b in _REGISTRY.items() if b.unavailable_reason() is None]
 
 
-def select_backend(case: MatmulCase, requested: Optional[str] = None) -> Backend:
+def select_backend(case: "LinearCase | tuple", requested: Optional[str] = None) -> Backend:
     """The backend that runs ``case``: ``requested`` (or $PYENGINE_BACKEND) when given, else the
-    best available one. Raises BackendError when an explicit request cannot be honoured."""
+    highest-priority available backend that serves it. ``case`` may be a plain tuple of the
+    LinearCase fields (the ops' hot path builds no LinearCase once a case has been seen).
+    Raises BackendError when an explicit request cannot be honoured."""
     if not requested:
         requested = os.environ.get(ENV_BACKEND) or None
-    return _select_cached(case, requested)
-
-
-_SELECTED: Dict[tuple, Backend] = {}  # select_backend_for's memo; cleared with _select_cached
-
-
-def select_backend_for(op: str, device_type: str, dtype: torch.dtype, bits: int,
-                       group_size: int, M: int, N: int, K: int, has_shortcut: bool,
-                       requested: Optional[str] = None) -> Backend:
-    """select_backend for the fields of a MatmulCase, memoised on a plain tuple so that the hot
-    path of the ops builds no MatmulCase once a shape has been seen."""
-    if not requested:
-        requested = os.environ.get(ENV_BACKEND) or None
-    key = (op, device_type, dtype, bits, group_size, M, N, K, has_shortcut, requested)
+    key = (case, requested)
     backend = _SELECTED.get(key)
     if backend is None:
-        case = MatmulCase(op=op, device_type=device_type, dtype=dtype, bits=bits,
-                          group_size=group_size, M=M, N=N, K=K, has_shortcut=has_shortcut)
-        backend = _select_cached(case, requested)
+        backend = _select(LinearCase(*case), requested)
         if len(_SELECTED) >= 4096:
             _SELECTED.clear()
         _SELECTED[key] = backend
     return backend
 
 
-@lru_cache(maxsize=4096)
-def _select_cached(case: MatmulCase, requested: Optional[str]) -> Backend:
+def _select(case: LinearCase, requested: Optional[str]) -> Backend:
     if requested:
         backend = get_backend(requested)
         why = backend.unavailable_reason()

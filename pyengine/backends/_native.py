@@ -1,6 +1,6 @@
 """Shared glue of the backends that call pyengine._C: pointer and stride extraction, the fused
-epilogue (bias, shortcut) around the quantized kernels, and the CPU kernel of the Matryoshka
-bit-plane layout (plane_matmul_cpu)."""
+shortcut epilogue around the native kernels, and the plane-layout (Matryoshka) kernels
+plane_matmul_cpu / plane_matmul_cuda."""
 
 from __future__ import annotations
 
@@ -10,43 +10,67 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import DTYPE_CODES, extension, extension_error
-from .base import QuantTensors
+from .base import PackedOperand, PlaneOperand
 
-# kernel(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds, bias, bias_dtype,
-#        out, out_dtype, ldo, accumulate, M, N, K, bits, group_size)
-Kernel = Callable[..., None]
+# launch(target, accumulate): runs a native kernel writing (accumulate False) or adding
+# (accumulate True) x @ W^T (+ bias) into target [M, n] (x's dtype or float32).
+Launch = Callable[[torch.Tensor, bool], None]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def quant_matmul_native(kernel: Kernel, x: torch.Tensor, w: QuantTensors, n: int, k: int,
-                        bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                        shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
-    """Runs a native quantized kernel; the shortcut product goes through the vendor BLAS into an
-    fp32 buffer that the kernel then accumulates into."""
-    m = x.shape[0]
+def run_native(launch: Launch, x: torch.Tensor, n: int, residual: Optional[torch.Tensor],
+               shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor],
+               accumulates: bool) -> torch.Tensor:
+    """Runs a native kernel into ``out`` ([M, n] in x's dtype; allocated when None), with the
+    shortcut product ``residual @ shortcut`` fused: it goes through the vendor BLAS into an fp32
+    buffer that the kernel accumulates into (``accumulates``), or that is added to the kernel's
+    fp32 result (kernels without an accumulate mode); one rounding to x's dtype at the end."""
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if residual is not None:
-        target = residual.to(torch.float32) @ shortcut.to(torch.float32)  # [M, n] fp32
-        accumulate = True
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    if residual is None:
+        launch(out, False)
+        return out
+    product = residual.to(torch.float32) @ shortcut.to(torch.float32)  # [M, n] fp32
+    if accumulates:
+        launch(product, True)
     else:
-        target, accumulate = out, False
+        kernel_result = torch.empty_like(product)
+        launch(kernel_result, False)
+        product += kernel_result
+    return out.copy_(product)
+
+
+def packed_kernel_args(x: torch.Tensor, w: PackedOperand, bias: Optional[torch.Tensor],
+                       target: torch.Tensor, accumulate: bool, n: int, k: int) -> tuple:
+    """The arguments of ``qmatmul_cpu`` / ``qmatmul_cuda`` up to group_size (pointers,
+    strides, dtype codes, sizes) for a packed weight."""
     for t in (w.qweight, w.scales, w.zeros):
         if t is not None and t.stride(-1) != 1:
             raise ValueError("quantized weight tensors must have a contiguous last dimension")
-    kernel(
-        _ptr(x), DTYPE_CODES[x.dtype], x.stride(0),
-        _ptr(w.qweight), w.qweight.stride(0),
-        _ptr(w.scales), _ptr(w.zeros), DTYPE_CODES[w.scales.dtype], w.scales.stride(0),
-        _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
-        _ptr(target), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
-        m, n, k, w.bits, w.group_size)
-    if target is not out:
-        out.copy_(target)
-    return out
+    return (_ptr(x), DTYPE_CODES[x.dtype], x.stride(0),
+            _ptr(w.qweight), w.qweight.stride(0),
+            _ptr(w.scales), _ptr(w.zeros), DTYPE_CODES[w.scales.dtype], w.scales.stride(0),
+            _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
+            _ptr(target), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
+            x.shape[0], n, k, w.bits, w.group_size)
+
+
+def plane_kernel_call(kernel: Callable[..., torch.Tensor], x: torch.Tensor, w: PlaneOperand,
+                      bias: Optional[torch.Tensor], target: torch.Tensor, n: int,
+                      k: int) -> None:
+    """Runs a plane kernel (:func:`plane_matmul_cpu` or :func:`plane_matmul_cuda`) on a
+    PlaneOperand into ``target`` (bias: [>= n], contiguous); scales and zeros of different
+    strides are made contiguous (the kernels take one stride for both)."""
+    scales, zeros = w.scales, w.zeros
+    if zeros is not None and zeros.stride() != scales.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    if bias is not None and bias.shape[0] != n:
+        bias = bias[:n]  # a sliced call reads the first n entries of a longer bias
+    kernel(x, w.plane_hi, w.plane_mid, w.plane_lo, scales, zeros, bias, w.precision,
+           w.group_size, n, k, out=target)
 
 
 def dense_matmul_blas(x: torch.Tensor, w: torch.Tensor, n: int, k: int,
@@ -140,9 +164,10 @@ def _plane_pointer_args(op: str, device_type: str, x: torch.Tensor, plane_hi: to
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
-        fail(ValueError, f"out must be contiguous {x.dtype} [{m}, {n}], got {out.dtype} "
-                         f"{tuple(out.shape)}")
+    elif (out.shape != (m, n) or out.dtype not in (x.dtype, torch.float32)
+          or not out.is_contiguous()):
+        fail(ValueError, f"out must be contiguous [{m}, {n}] in x's dtype ({x.dtype}) or "
+                         f"float32, got {out.dtype} {tuple(out.shape)}")
     args = (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0),
             plane_hi.data_ptr(), plane_hi.stride(0),
             _ptr(plane_mid), 0 if plane_mid is None else plane_mid.stride(0),
@@ -171,7 +196,8 @@ def plane_matmul_cpu(x: torch.Tensor, plane_hi: torch.Tensor, plane_mid: Optiona
         precision: r in (8, 6, 4, 3, 2).
         group_size: codes per scale, a multiple of 32 (the padded row length for a per-channel
             weight).
-        out: [M, n] contiguous in x's dtype to write into (allocated when None).
+        out: [M, n] contiguous in x's dtype (or float32) to write into (allocated in x's
+            dtype when None).
         isa: "" for the best instruction set of this CPU, or one of
             build_info()["cpu_isas_usable"].
         num_threads: OpenMP threads (default: torch.get_num_threads()).

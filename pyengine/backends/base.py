@@ -1,45 +1,51 @@
-"""The backend interface and the problem description backends are selected on.
+"""The backend interface: the dispatch key, the weight operands and the one linear method.
 
 A backend computes, for 2-D activations x[M, K'] (last dimension contiguous):
 
-    out[M, N] = x[:, :K] @ W[:N, :K]^T (+ bias[:N]) (+ residual[M, R] @ shortcut[R, N])
+    out[M, n] = x[:, :k] @ W[:n, :k]^T (+ bias[:n]) (+ residual[M, R] @ shortcut[R, n])
 
-where W is either a quantized weight in the canonical format (given as its tensors) or a dense
-weight, and N, K may be smaller than the stored weight (sliced_matmul). Backends write into a
-caller-provided output when one is given (tests poison it to catch unwritten elements).
+where W is one of three weight kinds, and n, k may be smaller than the stored weight (a sliced
+call reads the top-left block in place):
+
+* ``"dense"``: a float tensor [N, K];
+* ``"packed"``: a canonical quantized weight (:class:`PackedOperand`, docs/FORMAT.md);
+* ``"planes"``: the r-bit slice of a Matryoshka int8 parent read from its bit planes
+  (:class:`PlaneOperand`), only the planes the slice needs.
+
+Backends write into a caller-provided output when one is given (tests poison it to catch
+unwritten elements).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
+WEIGHT_KINDS = ("dense", "packed", "planes")
 
-@dataclass(frozen=True)
-class MatmulCase:
-    """What a backend needs to know to say whether (and how well) it serves a call."""
 
-    op: str                     # "dequant_matmul", "sliced_matmul" or "shortcut_matmul"
+class LinearCase(NamedTuple):
+    """The dispatch key: what backends read to say whether (and how well) they serve a call.
+    Shapes are not part of it (no backend's choice depends on them); errors name them."""
+
     device_type: str            # "cpu", "cuda", ...
     dtype: torch.dtype          # activation dtype
-    bits: int                   # 2, 3, 4, 8, or 0 for a dense weight
-    group_size: int             # as stored (-1 per channel); 0 for dense
-    M: int
-    N: int
-    K: int
-    has_shortcut: bool = False
+    kind: str                   # "dense", "packed" or "planes"
+    bits: int                   # packed: 2/3/4/8; planes: the slice's precision; dense: 0
 
     def describe(self) -> str:
-        w = "dense" if self.bits == 0 else f"bits={self.bits}, group_size={self.group_size}"
-        return (f"{self.op}(M={self.M}, N={self.N}, K={self.K}, {w}, {self.dtype}, "
-                f"device={self.device_type})")
+        if self.kind == "dense":
+            weight = "a dense weight"
+        elif self.kind == "packed":
+            weight = f"a {self.bits}-bit packed weight"
+        else:
+            weight = f"the {self.bits}-bit slice of a Matryoshka parent (bit planes)"
+        return f"{weight} with {self.dtype} activations on {self.device_type}"
 
 
-@dataclass
-class QuantTensors:
-    """The tensors and layout of a canonical quantized weight, as the ops pass them around."""
+class PackedOperand(NamedTuple):
+    """The tensors and layout of a canonical quantized weight, as the ops hand it to backends."""
 
     qweight: torch.Tensor            # int32 [N_stored, words]
     scales: torch.Tensor             # [N_stored, G]
@@ -47,9 +53,34 @@ class QuantTensors:
     bits: int
     group_size: int                  # effective codes per scale (padded row length if per channel)
 
+    kind = "packed"
+
+
+class PlaneOperand(NamedTuple):
+    """The r-bit slice of a Matryoshka parent stored as bit planes (docs/FORMAT.md): the planes
+    the slice does not read are None, so no backend can touch their bytes."""
+
+    plane_hi: torch.Tensor               # int32 [N_stored, Kp * 3 / 32], bits 7..5
+    plane_mid: Optional[torch.Tensor]    # int32 [N_stored, Kp * 2 / 32], bits 4..3 (r >= 3)
+    plane_lo: Optional[torch.Tensor]     # int32 [N_stored, Kp * 3 / 32], bits 2..0 (r >= 6)
+    scales: torch.Tensor                 # [N_stored, G], the parent's
+    zeros: Optional[torch.Tensor]        # [N_stored, G] or None (symmetric, zero point 128)
+    precision: int                       # r in 8, 6, 4, 3, 2
+    group_size: int                      # effective codes per scale
+
+    kind = "planes"
+
+
+Operand = Union[torch.Tensor, PackedOperand, PlaneOperand]
+
+
+def operand_kind(weight: Operand) -> str:
+    """"dense", "packed" or "planes"."""
+    return "dense" if isinstance(weight, torch.Tensor) else weight.kind
+
 
 class Backend:
-    """Base class of backends. Subclasses set ``name`` and implement the three methods below."""
+    """Base class of backends. Subclasses set ``name`` and implement the methods below."""
 
     name: str = ""
 
@@ -57,23 +88,24 @@ class Backend:
         """None when this backend can run in this process, else why not (one line)."""
         raise NotImplementedError
 
-    def unsupported_reason(self, case: MatmulCase) -> Optional[str]:
+    def unsupported_reason(self, case: LinearCase) -> Optional[str]:
         """None when this backend serves ``case``, else why not (one line)."""
         raise NotImplementedError
 
-    def priority(self, case: MatmulCase) -> float:
+    def priority(self, case: LinearCase) -> float:
         """Higher wins when ``backend=None``; only asked for cases the backend supports."""
         return 0.0
 
-    def matmul(self, x: torch.Tensor, weight: "QuantTensors | torch.Tensor", n: int, k: int,
+    def matmul(self, x: torch.Tensor, weight: Operand, n: int, k: int,
                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """out[M, n] = x[:, :k] @ W[:n, :k]^T (+ bias[:n]) (+ residual @ shortcut).
 
         Args:
             x: [M, >=k] activations (fp32/fp16/bf16), stride(-1) == 1.
-            weight: QuantTensors, or a dense [>=n, >=k] tensor with stride(-1) == 1.
-            bias: [>=n] or None. residual: [M, R] or None. shortcut: [R, n] or None.
+            weight: a dense [>=n, >=k] tensor with stride(-1) == 1, a PackedOperand or a
+                PlaneOperand (every tensor with stride(-1) == 1).
+            bias: [>=n], contiguous, or None. residual: [M, R] or None. shortcut: [R, n] or None.
             out: [M, n] in x's dtype, contiguous, to write into (allocated when None).
         Returns:
             out.

@@ -1,8 +1,9 @@
 """The ``cpu`` backend: C++ kernels of pyengine._C (OpenMP, SIMD chosen at run time).
 
-Quantized weights run on the native kernels (a decode path for M <= 8, a tiled prefill path
-above); dense weights (sliced_matmul / shortcut_matmul on unquantized matrices) go to the
-vendor BLAS through torch on a strided view, without copying the weight.
+Packed weights run on ``qmatmul_cpu`` (decode paths for small M, a tiled path above); Matryoshka
+slices on ``plane_matmul_cpu``, which reads only the bit planes the slice needs; dense weights
+(sliced or shortcut calls on unquantized matrices) go to the vendor BLAS through torch on a
+strided view, without copying the weight.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Optional
 import torch
 
 from .._ext import DTYPE_CODES, extension, extension_error
-from ._native import dense_matmul_blas, quant_matmul_native
-from .base import Backend, MatmulCase, QuantTensors
+from ._native import (dense_matmul_blas, packed_kernel_args, plane_kernel_call,
+                      plane_kernel_unavailable_reason, plane_matmul_cpu, run_native)
+from .base import Backend, LinearCase, PackedOperand
 
 
 class CpuBackend(Backend):
@@ -30,25 +32,32 @@ class CpuBackend(Backend):
             return f"pyengine._C is not available ({extension_error()})"
         return None
 
-    def unsupported_reason(self, case: MatmulCase) -> Optional[str]:
+    def unsupported_reason(self, case: LinearCase) -> Optional[str]:
         if case.device_type != "cpu":
             return f"the cpu backend runs CPU tensors only, got device {case.device_type}"
         if case.dtype not in DTYPE_CODES:
             return f"unsupported activation dtype {case.dtype}"
+        if case.kind == "planes":
+            return plane_kernel_unavailable_reason()
         return None
 
-    def priority(self, case: MatmulCase) -> float:
+    def priority(self, case: LinearCase) -> float:
         return 10.0
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
-        if not isinstance(weight, QuantTensors):
+        if isinstance(weight, torch.Tensor):
             return dense_matmul_blas(x, weight, n, k, bias, residual, shortcut, out)
-        ext = extension()
-        threads = torch.get_num_threads()
+        threads, isa = torch.get_num_threads(), self.isa
+        if isinstance(weight, PackedOperand):
+            ext = extension()
 
-        isa = self.isa
+            def launch(target, accumulate):  # num_threads, isa by position (cheaper)
+                ext.qmatmul_cpu(*packed_kernel_args(x, weight, bias, target, accumulate, n, k),
+                                threads, isa)
 
-        def kernel(*args):  # num_threads and isa passed by position (cheaper than keywords)
-            ext.qmatmul_cpu(*args, threads, isa)
+            return run_native(launch, x, n, residual, shortcut, out, accumulates=True)
 
-        return quant_matmul_native(kernel, x, weight, n, k, bias, residual, shortcut, out)
+        kernel = functools.partial(plane_matmul_cpu, isa=isa, num_threads=threads)
+        return run_native(lambda target, _: plane_kernel_call(kernel, x, weight, bias, target, n,
+                                                              k),
+                          x, n, residual, shortcut, out, accumulates=False)

@@ -1,11 +1,13 @@
 """The ``cuda`` backend: CUDA kernels of pyengine._C, launched on torch's current stream.
 
-Quantized weights run on the native kernels (``kernel="auto"``): the decode GEMV for M <= 16;
+Packed weights run on the native kernels (``kernel="auto"``): the decode GEMV for M <= 16;
 above that the tensor-core GEMM for float16 / bfloat16 activations and the simple kernel for
 float32 ones. ``CudaBackend(kernel="simple" | "decode" | "tc")`` or the environment variable
 ``PYENGINE_CUDA_KERNEL`` (read at each call when the backend names no kernel) forces one of them,
-so they can be compared; "decode" raises for M > 16, "tc" for float32 activations. Dense weights go to cuBLAS through torch
-on a strided view of the weight.
+so they can be compared; "decode" raises for M > 16, "tc" for float32 activations. Matryoshka
+slices run on the plane kernels (``plane_matmul_cuda``: the decode GEMV for M <= 16, the simple
+kernel above; "decode" and "simple" force one, "tc" has no plane variant and raises). Dense
+weights go to cuBLAS through torch on a strided view of the weight.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Optional
 import torch
 
 from .._ext import DTYPE_CODES, extension, extension_error
-from ._native import dense_matmul_blas, quant_matmul_native
-from .base import Backend, MatmulCase, QuantTensors
+from ._native import (cuda_plane_kernel_unavailable_reason, dense_matmul_blas,
+                      packed_kernel_args, plane_kernel_call, plane_matmul_cuda, run_native)
+from .base import Backend, LinearCase, PackedOperand
 
 
 ENV_KERNEL = "PYENGINE_CUDA_KERNEL"
@@ -56,25 +59,36 @@ class CudaBackend(Backend):
             return "torch sees no CUDA device"
         return None
 
-    def unsupported_reason(self, case: MatmulCase) -> Optional[str]:
+    def unsupported_reason(self, case: LinearCase) -> Optional[str]:
         if case.device_type != "cuda":
             return f"the cuda backend runs CUDA tensors only, got device {case.device_type}"
         if case.dtype not in DTYPE_CODES:
             return f"unsupported activation dtype {case.dtype}"
+        if case.kind == "planes":
+            return cuda_plane_kernel_unavailable_reason()
         return None
 
-    def priority(self, case: MatmulCase) -> float:
+    def priority(self, case: LinearCase) -> float:
         return 10.0
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
-        if not isinstance(weight, QuantTensors):
+        if isinstance(weight, torch.Tensor):
             return dense_matmul_blas(x, weight, n, k, bias, residual, shortcut, out)
         ext = extension()
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(x.device).cuda_stream
         which = self.kernel_name()
+        if isinstance(weight, PackedOperand):
+            def launch(target, accumulate):
+                ext.qmatmul_cuda(*packed_kernel_args(x, weight, bias, target, accumulate, n, k),
+                                 device=device, stream=stream, kernel=which)
 
-        def kernel(*args):
-            ext.qmatmul_cuda(*args, device=device, stream=stream, kernel=which)
+            return run_native(launch, x, n, residual, shortcut, out, accumulates=True)
 
-        return quant_matmul_native(kernel, x, weight, n, k, bias, residual, shortcut, out)
+        if which == "tc":
+            raise ValueError(f"cuda backend: the tensor-core kernel ({ENV_KERNEL}=tc) has no "
+                             f"plane-layout (Matryoshka) variant; use auto, decode or simple")
+        kernel = functools.partial(plane_matmul_cuda, kernel=which)
+        return run_native(lambda target, _: plane_kernel_call(kernel, x, weight, bias, target, n,
+                                                              k),
+                          x, n, residual, shortcut, out, accumulates=False)

@@ -10,19 +10,25 @@ from typing import Optional
 
 import torch
 
+from ..matryoshka.weight import dequantize_planes
 from ..qweight import dequantize_packed
-from .base import Backend, MatmulCase, QuantTensors
+from .base import Backend, LinearCase, Operand, PackedOperand, PlaneOperand
 
 
-def reference_weight(weight: "QuantTensors | torch.Tensor", n: int, k: int) -> torch.Tensor:
-    """W[:n, :k] in fp32 (dequantized when quantized)."""
-    if isinstance(weight, QuantTensors):
+def reference_weight(weight: Operand, n: int, k: int) -> torch.Tensor:
+    """W[:n, :k] in fp32 (dequantized when packed or planar)."""
+    if isinstance(weight, PackedOperand):
         return dequantize_packed(weight.qweight, weight.scales, weight.zeros, weight.bits,
+                                 weight.group_size, n, k)
+    if isinstance(weight, PlaneOperand):
+        planes = {"plane_hi": weight.plane_hi, "plane_mid": weight.plane_mid,
+                  "plane_lo": weight.plane_lo}
+        return dequantize_planes(planes, weight.scales, weight.zeros, weight.precision,
                                  weight.group_size, n, k)
     return weight[:n, :k].to(torch.float32)
 
 
-def reference_matmul(x: torch.Tensor, weight: "QuantTensors | torch.Tensor", n: int, k: int,
+def reference_matmul(x: torch.Tensor, weight: Operand, n: int, k: int,
                      bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                      shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 result [M, n] of x[:, :k] @ W[:n, :k]^T (+ bias[:n]) (+ residual @ shortcut)."""
@@ -40,10 +46,10 @@ class TorchBackend(Backend):
     def unavailable_reason(self) -> Optional[str]:
         return None
 
-    def unsupported_reason(self, case: MatmulCase) -> Optional[str]:
+    def unsupported_reason(self, case: LinearCase) -> Optional[str]:
         return None
 
-    def priority(self, case: MatmulCase) -> float:
+    def priority(self, case: LinearCase) -> float:
         return 0.0
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):

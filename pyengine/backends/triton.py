@@ -5,8 +5,12 @@ Available when triton imports and there is a CUDA device, or when the Triton int
 (slowly: it exists for testing). triton is imported lazily, on the first availability
 question or call, never at ``import pyengine`` time.
 
-Selection: priority 20 on CUDA tensors (above the ``cuda`` backend's first kernel, 10); on CPU
-tensors under the interpreter -1, so it runs there only when asked for by name.
+Every weight kind runs on its own kernels: packed weights on pyengine.kernels.matmul, Matryoshka
+slices on the plane kernels of pyengine.kernels.matryoshka (only the planes the slice reads),
+dense weights on the dense path of pyengine.kernels.matmul.
+
+Selection: priority 20 on CUDA tensors (above the ``cuda`` backend's, 10); on CPU tensors under
+the interpreter -1, so it runs there only when asked for by name.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, MatmulCase, QuantTensors
+from .base import Backend, LinearCase, PackedOperand, PlaneOperand
 
 _KERNELS = "pyengine.kernels.matmul"
+_PLANE_KERNELS = "pyengine.kernels.matryoshka"
 _TRUE_WORDS = ("1", "true", "on", "yes", "y")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,8 +59,8 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
-def _kernels() -> ModuleType:
-    return importlib.import_module(_KERNELS)
+def _kernels(module: str = _KERNELS) -> ModuleType:
+    return importlib.import_module(module)
 
 
 class TritonBackend(Backend):
@@ -70,10 +75,10 @@ class TritonBackend(Backend):
         return ("torch sees no CUDA device and the Triton interpreter is off "
                 "(TRITON_INTERPRET=1 runs the kernels on CPU tensors)")
 
-    def unsupported_reason(self, case: MatmulCase) -> Optional[str]:
+    def unsupported_reason(self, case: LinearCase) -> Optional[str]:
         if case.dtype not in _DTYPES:
             return f"unsupported activation dtype {case.dtype}"
-        if case.bits not in (0, 2, 3, 4, 8):
+        if case.kind == "packed" and case.bits not in (2, 3, 4, 8):
             return f"unsupported bits {case.bits}"
         if case.device_type == "cuda":
             if _interpreted():
@@ -85,14 +90,18 @@ class TritonBackend(Backend):
             return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
         return f"the triton backend runs CUDA tensors, got device {case.device_type}"
 
-    def priority(self, case: MatmulCase) -> float:
+    def priority(self, case: LinearCase) -> float:
         return 20.0 if case.device_type == "cuda" else -1.0
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
-        kernels = _kernels()
-        if isinstance(weight, QuantTensors):
-            return kernels.quant_matmul(x, weight.qweight, weight.scales, weight.zeros,
-                                        weight.bits, weight.group_size, n, k, bias=bias,
-                                        residual=residual, shortcut=shortcut, out=out)
-        return kernels.dense_matmul(x, weight, n, k, bias=bias, residual=residual,
-                                    shortcut=shortcut, out=out)
+        if isinstance(weight, PackedOperand):
+            return _kernels().quant_matmul(x, weight.qweight, weight.scales, weight.zeros,
+                                           weight.bits, weight.group_size, n, k, bias=bias,
+                                           residual=residual, shortcut=shortcut, out=out)
+        if isinstance(weight, PlaneOperand):
+            return _kernels(_PLANE_KERNELS).matryoshka_matmul_triton(
+                x, weight.plane_hi, weight.plane_mid, weight.plane_lo, weight.scales,
+                weight.zeros, bias, weight.precision, weight.group_size, n, k, out=out,
+                residual=residual, shortcut=shortcut)
+        return _kernels().dense_matmul(x, weight, n, k, bias=bias, residual=residual,
+                                       shortcut=shortcut, out=out)

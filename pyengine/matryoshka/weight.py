@@ -354,6 +354,12 @@ class MatryoshkaWeight:
         """The parent as an 8-bit canonical weight (a new packed tensor)."""
         return self.slice(PARENT_BITS)
 
+    def at(self, precision: int) -> "MatryoshkaView":
+        """The r-bit slice as an operand of the ops (``pyengine.ops.qlinear``): the parent's
+        tensors and the precision, nothing copied; the ops read only PLANES_READ[r]. (Compare
+        :meth:`slice`, which assembles a canonical QuantizedWeight in new tensors.)"""
+        return MatryoshkaView(self, precision)
+
     def slice(self, precision: int) -> QuantizedWeight:
         """The r-bit slice as a canonical QuantizedWeight that dequantizes to exactly
         :meth:`dequantize` (r) in fp32, so every backend serves it. Its tensors are new.
@@ -430,3 +436,47 @@ class MatryoshkaWeight:
         return cls(*(tensors[name] for name in PLANE_NAMES), tensors["scales"], zeros,
                    group_size=int(metadata["group_size"]), shape=tuple(metadata["shape"]),
                    method=str(metadata.get("method", "rtn")))
+
+
+class MatryoshkaView:
+    """The r-bit slice of a :class:`MatryoshkaWeight` as the ops take it: ``parent.at(r)``.
+
+    Nothing is copied; ``planes`` holds the parent's plane_hi, plane_mid and plane_lo where the
+    slice reads them (PLANES_READ[r]) and None where it does not, so no kernel is handed bytes
+    the slice does not need.
+    """
+
+    __slots__ = ("parent", "precision", "planes")
+
+    def __init__(self, parent: MatryoshkaWeight, precision: int) -> None:
+        if not isinstance(parent, MatryoshkaWeight):
+            raise TypeError(f"a MatryoshkaView needs a MatryoshkaWeight, got {type(parent).__name__}")
+        self.parent = parent
+        self.precision = check_precision(precision)
+        read = PLANES_READ[self.precision]
+        self.planes = tuple(getattr(parent, name) if name in read else None
+                            for name in PLANE_NAMES)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parent.shape
+
+    @property
+    def bits(self) -> int:
+        """The slice's precision r (bits per weight the slice serves)."""
+        return self.precision
+
+    @property
+    def group_size(self) -> int:
+        return self.parent.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The slice's dense weight [N, K] (see :meth:`MatryoshkaWeight.dequantize`)."""
+        return self.parent.dequantize(self.precision, dtype)
+
+    def __repr__(self) -> str:
+        return f"MatryoshkaView(precision={self.precision}, parent={self.parent!r})"

@@ -1,8 +1,8 @@
 """MatryoshkaLinear: a QuantLinear holding an int8 parent in bit planes, served at a precision r.
 
 The layer stores the parent once (three bit planes, scales, zeros: docs/FORMAT.md) and a plain
-int ``precision`` (8, 6, 4, 3 or 2). Its forward is one custom op,
-``torch.ops.pyengine.matryoshka_matmul``, given only the planes the r-bit slice reads. Switching
+int ``precision`` (8, 6, 4, 3 or 2). Its forward is pyengine's one linear op on the slice
+``weight.at(precision)``, which hands the kernels only the planes the r-bit slice reads. Switching
 precision (:meth:`MatryoshkaLinear.set_precision`, :func:`pyengine.set_precision`) changes that
 int and nothing else: no re-quantization, no copy of the weight, no cache to rebuild.
 """
@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..matryoshka.op import matryoshka_matmul
-from ..matryoshka.weight import (LAYOUT, PARENT_BITS, PLANE_BITS, PLANE_NAMES, MatryoshkaWeight,
-                                 check_precision)
+from ..matryoshka.weight import (LAYOUT, PARENT_BITS, PLANE_BITS, PLANE_NAMES, MatryoshkaView,
+                                 MatryoshkaWeight, check_precision)
+from ..ops import qlinear
 from ..qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
@@ -37,9 +37,9 @@ class MatryoshkaLinear(QuantLinear):
     Attributes:
         bits: 8 (the stored parent); precision: the slice served, in (8, 6, 4, 3, 2).
 
-    ``quantized_weight`` is the current slice as a canonical QuantizedWeight, assembled on each
-    access (callers that need a canonical weight, e.g. the fused residual projection of sliced
-    models, get a transient copy of r bits per weight).
+    ``op_weight`` is the current slice as the ops take it (``MatryoshkaView``: the planes, no
+    copy); ``quantized_weight`` is that slice as a canonical QuantizedWeight, assembled on each
+    access (a copy of r bits per weight, for callers that need the canonical format).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
@@ -111,12 +111,17 @@ class MatryoshkaLinear(QuantLinear):
         """The current slice as a canonical QuantizedWeight (assembled now; not cached)."""
         return self._mw.slice(self.precision)
 
+    @property
+    def op_weight(self) -> MatryoshkaView:
+        """The current slice as the ops take it: the parent's planes at ``precision``."""
+        return self._mw.at(self.precision)
+
     def set_precision(self, precision: int) -> None:
         """Serves the r-bit slice from now on (r in 8, 6, 4, 3, 2); changes nothing else."""
         self.precision = check_precision(precision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matryoshka_matmul(x, self._mw, self.precision, self.bias)
+        return qlinear(x, self._mw.at(self.precision), self.bias)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None,
                    precision: Optional[int] = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import dequant_matmul
+from ..ops import qlinear
 from ..qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
@@ -31,7 +31,7 @@ def register_group_params(layer: nn.Module, kp: int, bias: bool, dtype: torch.dt
 
 
 class QuantLinear(nn.Module):
-    """y = x @ dequant(W)^T + bias, computed by one custom op (pyengine.ops.dequant_matmul).
+    """y = x @ dequant(W)^T + bias, computed by pyengine's one linear op (pyengine.ops.qlinear).
 
     Buffers (the canonical format of docs/FORMAT.md, saved as they are):
         qweight: int32 [out_features, padded_in * bits / 32]
@@ -103,6 +103,12 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         return self._qw
 
+    @property
+    def op_weight(self) -> QuantizedWeight:
+        """The weight as the ops take it (pyengine.ops.qlinear): the QuantizedWeight view of the
+        buffers (a MatryoshkaLinear gives its current slice of the planes)."""
+        return self._qw
+
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         self._refresh_weight()
@@ -120,7 +126,7 @@ class QuantLinear(nn.Module):
         fusion = self._fusion
         if fusion is not None:
             return fusion[0].output(x, fusion[1])  # one op for all layers reading x
-        return dequant_matmul(x, self._qw, self.bias)
+        return qlinear(x, self._qw, self.bias)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight [out_features, in_features]."""

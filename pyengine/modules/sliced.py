@@ -112,7 +112,7 @@ class ResidualProjection(nn.Module):
         proj = self.proj
         if self.shortcut is None:
             return proj(x) + residual
-        weight = proj.quantized_weight if isinstance(proj, QuantLinear) else proj.weight
+        weight = proj.op_weight if isinstance(proj, QuantLinear) else proj.weight
         return shortcut_matmul(x, weight, residual, self.shortcut, proj.bias)
 
     def extra_repr(self) -> str:

@@ -1,6 +1,9 @@
-"""pyengine's ops: each public function validates its inputs and calls one torch custom op
-(``torch.ops.pyengine.<name>``) that dispatches to a backend (see pyengine.backends)."""
+"""pyengine's ops: one linear op (``torch.ops.pyengine.qlinear``) for dense, packed and
+Matryoshka-plane weights, with its public wrappers. Each validates its inputs and dispatches to
+a backend (see pyengine.backends)."""
 
-from .matmul import dequant_matmul, shortcut_matmul, sliced_matmul
+from .linear import (backend_for, dequant_matmul, matryoshka_matmul, qlinear, shortcut_matmul,
+                     sliced_matmul)
 
-__all__ = ["dequant_matmul", "shortcut_matmul", "sliced_matmul"]
+__all__ = ["backend_for", "dequant_matmul", "matryoshka_matmul", "qlinear", "shortcut_matmul",
+           "sliced_matmul"]

@@ -6,9 +6,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..matryoshka.weight import MatryoshkaView, MatryoshkaWeight
 from ..qweight import QuantizedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the ops take as a weight: dense, packed, or a Matryoshka slice read from its bit planes.
+WEIGHT_TYPES = (torch.Tensor, QuantizedWeight, MatryoshkaView)
 
 
 def check_activation(op: str, name: str, x: object, k: int,
@@ -48,17 +51,23 @@ def check_bias(op: str, bias: object, n: int, x: torch.Tensor, exact: bool = Fal
 
 
 def check_weight(op: str, w: object) -> None:
-    if not isinstance(w, (torch.Tensor, QuantizedWeight)):
-        raise TypeError(f"{op}: weight must be a torch.Tensor or pyengine.QuantizedWeight, got "
-                        f"{type(w).__name__}")
+    if isinstance(w, MatryoshkaWeight):
+        raise TypeError(f"{op}: a MatryoshkaWeight is served at a precision: pass weight.at(r) "
+                        f"(r in 8, 6, 4, 3, 2)")
+    if not isinstance(w, WEIGHT_TYPES):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, pyengine.QuantizedWeight or "
+                        f"MatryoshkaWeight.at(precision), got {type(w).__name__}")
     if isinstance(w, torch.Tensor) and w.dim() != 2:
         raise ValueError(f"{op}: a dense weight must be 2-D [out_features, in_features], got "
                          f"shape {tuple(w.shape)}")
 
 
-def weight_desc(w: "torch.Tensor | QuantizedWeight") -> str:
+def weight_desc(w: "torch.Tensor | QuantizedWeight | MatryoshkaView") -> str:
     if isinstance(w, QuantizedWeight):
         return f"the {w.bits}-bit weight of shape {tuple(w.shape)}"
+    if isinstance(w, MatryoshkaView):
+        return (f"the {w.precision}-bit slice of the Matryoshka weight of shape "
+                f"{tuple(w.shape)}")
     return f"the weight of shape {tuple(w.shape)}"
 
 
@@ -67,7 +76,7 @@ def check_dense_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> N
         raise TypeError(f"{op}: {name} is {t.dtype} but x is {x.dtype}; they must match")
 
 
-def check_slice(op: str, w: "torch.Tensor | QuantizedWeight", in_dims: int,
+def check_slice(op: str, w: "torch.Tensor | QuantizedWeight | MatryoshkaView", in_dims: int,
                 out_dims: int) -> Tuple[int, int]:
     n, k = (int(d) for d in w.shape)
     for name, v, limit in (("in_dims", in_dims, k), ("out_dims", out_dims, n)):
@@ -75,7 +84,7 @@ def check_slice(op: str, w: "torch.Tensor | QuantizedWeight", in_dims: int,
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
         if not 1 <= v <= limit:
             raise ValueError(f"{op}: {name}={v} is outside 1..{limit} for {weight_desc(w)}")
-    if isinstance(w, QuantizedWeight) and in_dims != k:
+    if isinstance(w, (QuantizedWeight, MatryoshkaView)) and in_dims != k:
         multiple = 32 if w.group_size == -1 else w.group_size
         if in_dims % multiple:
             what = ("the 32-code packing block of a per-channel weight" if w.group_size == -1
@@ -99,3 +108,15 @@ def check_shortcut(op: str, x: torch.Tensor, residual: object, shortcut: object,
     check_dense_dtype(op, "residual", residual, x)
     check_dense_dtype(op, "shortcut", shortcut, x)
     check_same_device(op, x, residual=residual, shortcut=shortcut)
+
+
+def check_out(op: str, out: object, x: torch.Tensor, n: int) -> None:
+    """out must be a contiguous tensor of x's dtype and device shaped like the result."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor or None, got {type(out).__name__}")
+    want = tuple(x.shape[:-1]) + (n,)
+    if tuple(out.shape) != want or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {want}, got "
+                         f"{out.dtype} {tuple(out.shape)}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+    check_same_device(op, x, out=out)
