@@ -76,8 +76,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["pyengine", "pyengine.*"]) + ["pyengine.kernels"],
-    package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
+    packages=find_packages(include=["pyengine", "pyengine.*"]),
     ext_modules=[CMakeExtension("pyengine._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the Triton kernels of pyengine.kernels (kernels/ in the source tree).
+"""The ``triton`` backend: the Triton kernels of pyengine.kernels.
 
 Available when triton imports and there is a CUDA device, or when the Triton interpreter is on
 (``TRITON_INTERPRET=1`` before triton is imported), which runs the same kernels on CPU tensors

@@ -7,9 +7,9 @@ weight (:func:`dense_matmul`); only its top-left [n, k] block is read, in place 
 
 Paths, chosen by M:
 
-* M <= 16: decode (kernels/matmul_decode.py): split-K, each weight byte read once; M == 1 runs
+* M <= 16: decode (pyengine/kernels/matmul_decode.py): split-K, each weight byte read once; M == 1 runs
   the GEMV form on the CUDA cores, 2 <= M <= 16 a 16-row tl.dot.
-* M > 16: prefill (kernels/matmul_prefill.py): tiled tl.dot on dequantized tiles, tile sizes by
+* M > 16: prefill (pyengine/kernels/matmul_prefill.py): tiled tl.dot on dequantized tiles, tile sizes by
   M bucket (32, 64, 256, larger).
 
 Configs are fixed tables (no autotuning, so no first-call stall); under the Triton interpreter

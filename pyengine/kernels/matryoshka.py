@@ -27,7 +27,7 @@ The planes an r-bit instance does not read are passed to it as None (a compile-t
 the kernel has no pointer it could read them through). No canonical copy of the slice is ever
 made: codes are assembled in registers, tile by tile.
 
-Paths, chosen by M as in kernels/matmul.py (same config tables):
+Paths, chosen by M as in pyengine/kernels/matmul.py (same config tables):
 
 * M <= 16, decode: split-K over (cdiv(N, BLOCK_N), split_k) programs; every weight byte is read
   once. M == 1 runs the GEMV form on the CUDA cores: per 32-code block and row, the needed plane
@@ -35,7 +35,7 @@ Paths, chosen by M as in kernels/matmul.py (same config tables):
   block is extracted with compile-time shifts; the scale and zero are applied once per block:
       sum_j x_j (c_j 2^m - z) s = s (2^m sum_j x_j c_j - z sum_j x_j)   (m = 8 - r)
   2 <= M <= 16 dequantizes the tile and runs a 16-row tl.dot. Split-K partial sums go through
-  the canonical path's reduce kernel (kernels/matmul_decode.py), which adds the bias.
+  the canonical path's reduce kernel (pyengine/kernels/matmul_decode.py), which adds the bias.
 * M > 16, prefill: tiled tl.dot on dequantized [BLOCK_N, BLOCK_K] tiles (fp32 dequant, rounded
   to the activation dtype), fp32 accumulation, grouped program order for L2 reuse.
 """

@@ -208,7 +208,7 @@ def finish_tile(acc, offs_m, offs_n, m_lim, n_lim,
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-# ---- helpers for layouts made of several packed planes (kernels/matryoshka.py) -----------------
+# ---- helpers for layouts made of several packed planes (pyengine/kernels/matryoshka.py) -----------------
 
 @triton.jit
 def block_code(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
