@@ -104,22 +104,28 @@ inline float element_to_float(F16Bits v) { return half_to_float(v.bits); }
 template <class T>
 inline void group_params_typed(const T* s, const T* z, int64_t G, float value_scale,
                                float symmetric_zero, float* sf, float* bf) {
-  const bool plus_one = value_scale != 1.f;
-  auto put = [&](int64_t g, float sg, float zg) {
-    const float sv = sg * value_scale;  // exact: value_scale is a power of two
-    sf[g] = sv;
-    bf[g] = plus_one ? -zg * sg - sv : -zg * sg;
-  };
+  // bf = -(z + shift) * s with shift = value_scale when the lane values carry a +1 (see
+  // group_params), written as one expression per group so that the loop vectorises.
+  const float shift = value_scale != 1.f ? value_scale : 0.f;
   if (z) {
-    for (int64_t g = 0; g < G; ++g) put(g, element_to_float(s[g]), element_to_float(z[g]));
+    for (int64_t g = 0; g < G; ++g) {
+      const float sg = element_to_float(s[g]);
+      sf[g] = sg * value_scale;  // exact: value_scale is a power of two
+      bf[g] = -(element_to_float(z[g]) + shift) * sg;
+    }
   } else {
-    for (int64_t g = 0; g < G; ++g) put(g, element_to_float(s[g]), symmetric_zero);
+    const float zs = symmetric_zero + shift;
+    for (int64_t g = 0; g < G; ++g) {
+      const float sg = element_to_float(s[g]);
+      sf[g] = sg * value_scale;
+      bf[g] = -zs * sg;
+    }
   }
 }
 
 // Row n's group parameters for lane values v with w = (v / value_scale - z) * s, i.e.
-// w = v * sf[g] + bf[g]: sf = s * value_scale and bf = -z * s - sf (value_scale != 1: the lane
-// values carry a +1, see the kernels) or -z * s. A symmetric weight (zeros == nullptr) has
+// w = v * sf[g] + bf[g]: sf = s * value_scale and bf = -(z + value_scale) * s (value_scale != 1:
+// the lane values carry a +1, see the kernels) or -z * s. A symmetric weight (zeros == nullptr) has
 // z = symmetric_zero. One fused pass per row, typed by the scale dtype.
 inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float value_scale,
                          float symmetric_zero, float* sf, float* bf) {
@@ -183,6 +189,15 @@ inline float hsum(v16f v) {
   std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
   const v4f s4 = a + b;
 #endif
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// The sum of the 8 lanes of v (8 -> 4 -> 1).
+inline float hsum(v8f v) {
+  v4f a, b;
+  std::memcpy(&a, &v, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+  const v4f s4 = a + b;
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
