@@ -1,9 +1,11 @@
 """The ``pyengine`` command line: ``compress``, ``eval``, ``inspect``, ``bench`` and ``demo``.
 
 Every command has ``--help``. Mistakes of the user (a missing model path, recipe values out of
-range, ``--device cuda`` without a GPU, matplotlib missing for a plot, ...) end with one line on
-stderr and exit code 2; set ``PYENGINE_DEBUG=1`` to see the traceback instead. Long steps show
-progress bars on stderr (``--no-progress`` or ``PYENGINE_NO_PROGRESS=1`` turns them off).
+range, ``--device cuda`` without a GPU, matplotlib missing for a plot, an output path that
+cannot be written, a corrupt checkpoint, ...) end with one line on stderr and exit code 2; output
+paths are checked before any work starts (pyengine.cli_checks). Set ``PYENGINE_DEBUG=1`` to see
+the traceback instead. Long steps show progress bars on stderr (``--no-progress`` or
+``PYENGINE_NO_PROGRESS=1`` turns them off).
 """
 
 from __future__ import annotations
