@@ -116,6 +116,7 @@ def check_plot_file(path: Optional[Path], flag: str = "--plot") -> Optional[Path
     if path is None:
         return None
     try:
+        import matplotlib  # noqa: F401  (first: plot_layers imports it by this name)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise UsageError(f"{flag} {path}: needs matplotlib (pip install matplotlib, or "
