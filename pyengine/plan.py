@@ -149,6 +149,47 @@ def kept_widths(fractions: Sequence[float], hidden: int, multiple: int = WIDTH_M
     return widths
 
 
+def _check_plan_arguments(model: nn.Module, avg_bits, bit_choices, method, group_size, slicing,
+                          slice_schedule) -> None:
+    """ValueError on arguments plan cannot use, before any measurement is made."""
+    from .compress import compressed_reason
+    from .packing import SUPPORTED_BITS
+    from .qweight import SUPPORTED_GROUP_SIZES
+    from .slicing.structure import is_folded, layer_widths
+    from .utils import is_int
+    already = compressed_reason(model)
+    if already:
+        raise ValueError(f"plan measures the original model, and this one is already compressed "
+                         f"({already}); plan on the dense model")
+    if is_folded(model):
+        raise ValueError(f"plan measures the original model, and this one is already sliced "
+                         f"(kept widths {layer_widths(model)}); plan on the unsliced model")
+    if isinstance(bit_choices, (str, bytes)) or not isinstance(bit_choices, Sequence):
+        raise ValueError(f"bit_choices must be a sequence of bit widths such as (4, 2), got "
+                         f"{bit_choices!r}")
+    if not bit_choices:
+        raise ValueError(f"bit_choices is empty: give at least one of {SUPPORTED_BITS}")
+    bad = [b for b in bit_choices if not is_int(b) or b not in SUPPORTED_BITS]
+    if bad:
+        raise ValueError(f"bit_choices must be integers among {SUPPORTED_BITS}, got {bad}")
+    if avg_bits is not None and (isinstance(avg_bits, bool)
+                                 or not isinstance(avg_bits, (int, float))
+                                 or not math.isfinite(avg_bits) or avg_bits <= 0):
+        raise ValueError(f"avg_bits must be a positive number or None, got {avg_bits!r}")
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if not is_int(group_size) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+    if slicing is not None:
+        if isinstance(slicing, bool) or not isinstance(slicing, (int, float)) \
+                or not 0.0 <= slicing < MAX_SLICE:
+            raise ValueError(f"slicing must be a fraction in [0, {MAX_SLICE}) or None, got "
+                             f"{slicing!r}")
+        if slice_schedule not in ("dynamic", "constant"):
+            raise ValueError(f"slice_schedule must be 'dynamic' or 'constant', got "
+                             f"{slice_schedule!r}")
+
+
 def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
          avg_bits: Optional[float] = None, bit_choices: Sequence[int] = (4, 2),
          importance: Union[str, Sequence[float]] = "lim", method: str = "gptq",
@@ -170,8 +211,17 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
     Returns:
         A Recipe; its ``info`` holds the scores, the importance used, per-layer bits and widths,
         and the achieved average bits.
+    Raises:
+        ValueError: on arguments out of range (checked before any measurement), on a model that
+            is already compressed or sliced (plan measures the original model), on calibration
+            that is not token ids of the model's vocabulary, or an ``avg_bits`` out of reach.
     """
     adapter = get_adapter(model)
+    _check_plan_arguments(model, avg_bits, bit_choices, method, group_size, slicing,
+                          slice_schedule)
+    if calibration is not None:
+        from .calibrate import check_calibration
+        check_calibration(model, calibration)
     n_layers = len(adapter.decoder_layers(model))
     needs_scores = (avg_bits is not None and isinstance(importance, str)
                     and importance in ("lim", "zd")) or (slicing is not None
