@@ -228,7 +228,7 @@ def decode_row(label: str, model: torch.nn.Module, batch: int, args, bandwidth: 
                 batch=batch, tokens_per_s=round(batch / step_s, 2),
                 ms_per_step=round(m["ms_per_step"], 4), weight_bytes_read=wbytes, kv_bytes_read=kv,
                 gbps=round((wbytes + kv) / step_s / 1e9, 2),
-                pct_roofline=round(100 * roofline_s / step_s, 1),
+                pct_roofline=round(100 * roofline_s / step_s, 3),
                 weight_bytes=pyengine.storage_bytes(model), **{k: v for k, v in m.items()
                                                               if k != "ms_per_step"})
 
