@@ -61,19 +61,36 @@ inline int thread_count(const MatmulProblem& a) {
 #endif
 }
 
-// Runs rows(lo, hi) over [0, a.N) split across the call's threads.
+// Weight bytes per thread below which a call uses fewer threads (one for a small layer): a
+// parallel region's fork and join cost a few microseconds on a quiet machine, and far more on
+// a busy one, where a worker may have to be woken or wait for a core.
+constexpr int64_t kMinBytesPerThread = 64 * 1024;
+
+// Threads for a call that reads work_bytes of weights: the call's threads, fewer for small work.
+inline int threads_for(const MatmulProblem& a, int64_t work_bytes) {
+  const int64_t useful = std::max<int64_t>(1, work_bytes / kMinBytesPerThread);
+  return (int)std::min<int64_t>(thread_count(a), useful);
+}
+
+// Runs rows(lo, hi) over [0, a.N) (weight rows of row_bytes each). Small work runs on the
+// calling thread; otherwise blocks of rows (a multiple of 4, several per thread) are handed
+// out dynamically, so that on a busy machine a thread that loses its core delays only the
+// block it holds while the others take the remaining ones.
 template <class Rows>
-void parallel_rows(const MatmulProblem& a, Rows rows) {
+void parallel_rows(const MatmulProblem& a, int64_t row_bytes, Rows rows) {
+  const int nthr = threads_for(a, row_bytes * a.N);
 #ifdef _OPENMP
-#pragma omp parallel num_threads(thread_count(a))
-  {
-    int64_t lo, hi;
-    thread_range(a.N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    rows(lo, hi);
+  if (nthr > 1) {
+    const int64_t per_block = std::max<int64_t>(16, a.N / (nthr * 8));
+    const int64_t block = (per_block + 3) / 4 * 4;
+    const int64_t blocks = (a.N + block - 1) / block;
+#pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) rows(b * block, std::min(a.N, (b + 1) * block));
+    return;
   }
-#else
-  rows((int64_t)0, a.N);
 #endif
+  (void)nthr;
+  rows((int64_t)0, a.N);
 }
 
 // 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
@@ -274,12 +291,13 @@ inline void panel_products(const MatmulProblem& a, const float* xp, const float*
   }
 }
 
-// The prefill driver: splits [0, a.N) into panels of rows (a multiple of 4 that keeps a panel of
-// row_codes floats per row within kPanelBytes, at most 32 rows) and calls
+// The prefill driver: splits [0, a.N) (weight rows of row_bytes each) into panels of rows (a
+// multiple of 4 that keeps a panel of row_codes floats per row within kPanelBytes, at most 32
+// rows) and calls
 // panel(n0, nr, panel_rows, zero_row, wbuf) for each, OpenMP-parallel over panels with one
 // panel buffer (panel_rows x row_codes floats) per thread.
 template <class Panel>
-void run_panels(const MatmulProblem& a, int64_t row_codes, Panel panel) {
+void run_panels(const MatmulProblem& a, int64_t row_codes, int64_t row_bytes, Panel panel) {
   const int64_t fit = kPanelBytes / (row_codes * (int64_t)sizeof(float)) / kMicroN * kMicroN;
   const int64_t panel_rows = std::max<int64_t>(kMicroN, std::min<int64_t>(32, fit));
   const int64_t panels = (a.N + panel_rows - 1) / panel_rows;
@@ -289,7 +307,7 @@ void run_panels(const MatmulProblem& a, int64_t row_codes, Panel panel) {
     panel(n0, std::min(panel_rows, a.N - n0), panel_rows, zero_row.data(), wbuf);
   };
 #ifdef _OPENMP
-#pragma omp parallel num_threads(thread_count(a))
+#pragma omp parallel num_threads(threads_for(a, row_bytes * a.N))
   {
     std::vector<float> wbuf(panel_rows * row_codes);
 #pragma omp for schedule(dynamic, 1)

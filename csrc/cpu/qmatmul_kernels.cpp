@@ -432,7 +432,7 @@ void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, co
 template <int BITS, int MT>
 void decode_single(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
                    float* out32) {
-  parallel_rows(a, [&](int64_t lo, int64_t hi) {
+  parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
     decode_rows_single<BITS, MT>(a, p, xp, xsum, lo, hi, out32);
   });
 }
@@ -477,7 +477,7 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
 
 template <int BITS>
 void prefill(const QMatmulArgs& a, const Plan& p, const float* xp, float* out32) {
-  run_panels(a, p.chunks * p.chunk_codes,
+  run_panels(a, p.chunks * p.chunk_codes, p.Kp * BITS / 8,
              [&](int64_t n0, int64_t nr, int64_t panel_rows, const float* zero_row, float* wbuf) {
                prefill_panel<BITS>(a, p, xp, zero_row, n0, nr, panel_rows, wbuf, out32);
              });
@@ -545,7 +545,7 @@ void run(const QMatmulArgs& a, float* out32) {
       xsum[m * p.G + k / a.group_size] += load_as_float(a.x, a.x_dtype, m * a.ldx + k);
 #if defined(__AVX512F__)
   if (tiled) {
-    parallel_rows(a, [&](int64_t lo, int64_t hi) {
+    parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
       tiled_rows<BITS>(a, p, xp.data(), xsum.data(), lo, hi, out32);
     });
     return;

@@ -71,6 +71,28 @@ def _operand(kind: str, weight: Tensor, scales: Optional[Tensor], zeros: Optiona
     return weight
 
 
+def _eager_operand(weight: Weight, kind: str, w: Tensor, scales: Optional[Tensor],
+                   zeros: Optional[Tensor], plane_mid: Optional[Tensor],
+                   plane_lo: Optional[Tensor], bits: int, group_size: int) -> Operand:
+    """The operand of a public weight object for an eager call, kept on the object (its
+    tensors never change), so that it and what backends derive from it (PackedOperand.native)
+    are built once per weight rather than per call."""
+    if kind == "packed":
+        operand = weight._op_cache
+        if operand is None:
+            operand = weight._op_cache = _operand(kind, w, scales, zeros, None, None, bits,
+                                                  group_size)
+        return operand
+    if kind == "planes":
+        cache = weight.parent._op_cache
+        operand = cache.get(bits)
+        if operand is None:
+            operand = cache[bits] = _operand(kind, w, scales, zeros, plane_mid, plane_lo, bits,
+                                             group_size)
+        return operand
+    return w
+
+
 def _describe_call(kind: str, bits: int, group_size: int, m: int, n: int, k: int) -> str:
     weight = {"dense": "dense", "packed": f"{bits}-bit packed",
               "planes": f"{bits}-bit Matryoshka slice"}[kind]
@@ -80,13 +102,11 @@ def _describe_call(kind: str, bits: int, group_size: int, m: int, n: int, k: int
 
 # ---- the implementation ---------------------------------------------------------------------------
 
-def _execute(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor],
-             plane_mid: Optional[Tensor], plane_lo: Optional[Tensor], bias: Optional[Tensor],
-             residual: Optional[Tensor], shortcut: Optional[Tensor], kind: str, bits: int,
-             group_size: int, n: int, k: int, backend: Optional[str],
-             out: Optional[Tensor] = None) -> Tensor:
-    """The op's body: 2-D views, the backend for this call, its matmul. Writes into ``out``
-    ([..., n], contiguous, x's dtype) when given."""
+def _execute(x: Tensor, operand: Operand, kind: str, bits: int, group_size: int, n: int, k: int,
+             bias: Optional[Tensor], residual: Optional[Tensor], shortcut: Optional[Tensor],
+             backend: Optional[str], out: Optional[Tensor] = None) -> Tensor:
+    """The op's body: 2-D views, the backend for this call, its matmul on ``operand``. Writes
+    into ``out`` ([..., n], contiguous, x's dtype) when given."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -105,9 +125,8 @@ def _execute(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Optiona
             res2 = res2.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # kernels read the bias through a bare pointer
-    y = impl.matmul(x2, _operand(kind, weight, scales, zeros, plane_mid, plane_lo, bits,
-                                 group_size),
-                    n, k, bias, res2, shortcut, None if out is None else out.view(m, n))
+    y = impl.matmul(x2, operand, n, k, bias, res2, shortcut,
+                    None if out is None else out.view(m, n))
     return y.view(*lead, n) if out is None else out
 
 
@@ -138,8 +157,9 @@ def _qlinear_op(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Opti
                 plane_mid: Optional[Tensor], plane_lo: Optional[Tensor], bias: Optional[Tensor],
                 residual: Optional[Tensor], shortcut: Optional[Tensor], kind: str, bits: int,
                 group_size: int, n: int, k: int, backend: Optional[str] = None) -> Tensor:
-    return _execute(x, weight, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut,
-                    kind, bits, group_size, n, k, backend)
+    return _execute(x, _operand(kind, weight, scales, zeros, plane_mid, plane_lo, bits,
+                                group_size),
+                    kind, bits, group_size, n, k, bias, residual, shortcut, backend)
 
 
 @_qlinear_op.register_fake
@@ -214,8 +234,10 @@ def _linear(op: str, x: Tensor, weight: Weight, bias: Optional[Tensor],
     if out is not None:
         checks.check_out(op, out, x, n)
     if eager_call_ok(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, out):
-        return _execute(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind,
-                        bits, group_size, n, k, backend, out)
+        operand = _eager_operand(weight, kind, w, scales, zeros, plane_mid, plane_lo, bits,
+                                 group_size)
+        return _execute(x, operand, kind, bits, group_size, n, k, bias, residual, shortcut,
+                        backend, out)
     y = _qlinear_op(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind,
                     bits, group_size, n, k, backend)
     if out is None:
