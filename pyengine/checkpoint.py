@@ -59,6 +59,8 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
                 "scale_dtype": str(module.scales.dtype).replace("torch.", ""),
                 "method": module.method, "bias": module.bias is not None,
             }
+            if module.act_bits:
+                layers[name]["act_bits"] = module.act_bits
             if isinstance(module, MatryoshkaLinear):
                 layers[name]["matryoshka"] = module.checkpoint_info()
     return {
@@ -256,7 +258,7 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
             layer = QuantLinear(
                 k, n, bias=info["bias"], bits=info["bits"], group_size=info["group_size"],
                 symmetric=info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
-                device="meta", method=info["method"])
+                device="meta", method=info["method"], act_bits=info["act_bits"])
         setattr(parent, attr, layer)
     setattr(model, RECIPE_ATTR, Recipe.from_dict(qmeta["recipe"]))
     return model

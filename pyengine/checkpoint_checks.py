@@ -39,10 +39,10 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 
-# The fields of a layer entry (quantization_config.layers[name]); "method" and "matryoshka" are
-# optional.
+# The fields of a layer entry (quantization_config.layers[name]); "method", "matryoshka" and
+# "act_bits" are optional.
 _LAYER_FIELDS = ("bits", "group_size", "symmetric", "shape", "scale_dtype", "bias")
-_OPTIONAL_LAYER_FIELDS = ("method", "matryoshka")
+_OPTIONAL_LAYER_FIELDS = ("method", "matryoshka", "act_bits")
 _STRUCTURE_FIELDS = {"hidden_size": "width", "embed_width": "width", "head_width": "width",
                      "final_eps": "eps", "layers": "list"}
 _STRUCTURE_LAYER_FIELDS = {"attn_width": "width", "mlp_width": "width",
@@ -154,8 +154,14 @@ def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
     method = entry.get("method", "rtn")
     if method not in QUANT_METHODS:
         raise CheckpointError(f"{field}.method must be one of {QUANT_METHODS}, got {method!r}")
-    checked = {**entry, "shape": [int(shape[0]), int(shape[1])], "method": method}
+    act_bits = entry.get("act_bits", 0)
+    if not is_int(act_bits) or act_bits not in (0, 8):
+        raise CheckpointError(f"{field}.act_bits must be 0 or 8, got {act_bits!r}")
+    checked = {**entry, "shape": [int(shape[0]), int(shape[1])], "method": method,
+               "act_bits": int(act_bits)}
     if "matryoshka" in entry:
+        if act_bits:
+            raise CheckpointError(f"{field}: a Matryoshka layer takes no act_bits")
         _validate_matryoshka(entry["matryoshka"], bits, f"{field}.matryoshka")
     return checked
 

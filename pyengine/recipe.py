@@ -40,6 +40,9 @@ class QuantConfig:
             method "rtn" or "matquant"); pyengine.set_precision picks the slice served.
         act_order: GPTQ only: visit columns by decreasing Hessian diagonal (groups stay static
             and contiguous, so the stored layout needs no permutation at run time).
+        act_bits: 0 (the layer's input as it is) or 8: the layer quantizes its input to int8
+            per block of 32 at run time (pyengine.ops.act_quant), which the CPU kernels turn
+            into integer dot products. Not for Matryoshka parents.
     """
 
     bits: int
@@ -48,6 +51,7 @@ class QuantConfig:
     method: str = "rtn"
     matryoshka: bool = False
     act_order: bool = False
+    act_bits: int = 0
 
     def __post_init__(self) -> None:
         # `4.0 in (2, 3, 4, 8)` is True in Python, so the type is checked as well as the value
@@ -69,6 +73,11 @@ class QuantConfig:
         if self.matryoshka and self.method not in MATRYOSHKA_METHODS:
             raise ValueError(f"a Matryoshka parent is made by method {MATRYOSHKA_METHODS}, got "
                              f"{self.method!r}")
+        from .ops.act_quant import check_act_bits
+        check_act_bits(self.act_bits, "QuantConfig.act_bits")
+        if self.act_bits and self.matryoshka:
+            raise ValueError("QuantConfig.act_bits applies to plain quantized layers; Matryoshka "
+                             "parents serve their activations as they are")
         if self.method == "matquant" and not self.matryoshka:
             raise ValueError("method 'matquant' makes Matryoshka parents: use QuantConfig(bits=8, "
                              "matryoshka=True, method='matquant')")
@@ -78,7 +87,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka", "act_order"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka", "act_order",
+                            "act_bits"}
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**d)

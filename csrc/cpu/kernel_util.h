@@ -236,6 +236,19 @@ inline float dot(const float* a, const float* b, int64_t len) {
   return t;
 }
 
+// The epilogue of a QMatmulArgs call: out = out32 (+ bias) (+ out when accumulating), converted
+// to the output dtype. out32: [M, N] fp32 products.
+inline void store_result(const QMatmulArgs& a, const float* out32) {
+  for (int64_t m = 0; m < a.M; ++m) {
+    for (int64_t n = 0; n < a.N; ++n) {
+      float v = out32[m * a.N + n];
+      if (a.bias) v += load_as_float(a.bias, a.bias_dtype, n);
+      if (a.accumulate) v += load_as_float(a.out, a.out_dtype, m * a.ldo + n);
+      store_from_float(a.out, a.out_dtype, m * a.ldo + n, v);
+    }
+  }
+}
+
 // ---- prefill: a panel of rows dequantized over the whole K, dot-product micro-kernel ---------
 // Each 4 x 4 block of outputs is one pass over K with 16 vector accumulators and one horizontal
 // sum at the end; the panel (rows x K floats) is sized to stay in the L2 cache.

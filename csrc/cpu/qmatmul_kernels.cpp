@@ -568,8 +568,11 @@ void run(const QMatmulArgs& a, float* out32) {
 
 void qmatmul(const QMatmulArgs& a) {
   if (a.M == 0 || a.N == 0) return;
-  const int64_t M = a.M, N = a.N;
-  std::vector<float> out32((size_t)(M * N), 0.f);  // K = 0: the products are zero
+  if (a.act_bits == 8) {  // int8 activations: act8_kernels.cpp
+    qmatmul_act8(a);
+    return;
+  }
+  std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
   if (a.K > 0) {
     switch (a.bits) {
       case 2: run<2>(a, out32.data()); break;
@@ -578,15 +581,7 @@ void qmatmul(const QMatmulArgs& a) {
       default: run<8>(a, out32.data()); break;
     }
   }
-  // Epilogue: bias, accumulation and the conversion to the output dtype.
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < N; ++n) {
-      float v = out32[m * N + n];
-      if (a.bias) v += load_as_float(a.bias, a.bias_dtype, n);
-      if (a.accumulate) v += load_as_float(a.out, a.out_dtype, m * a.ldo + n);
-      store_from_float(a.out, a.out_dtype, m * a.ldo + n, v);
-    }
-  }
+  store_result(a, out32.data());
 }
 
 }  // namespace PYENGINE_ISA

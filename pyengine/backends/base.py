@@ -112,9 +112,16 @@ class Backend:
         """Higher wins when ``backend=None``; only asked for cases the backend supports."""
         return 0.0
 
+    def native_act_bits(self, weight: Operand, act_bits: int) -> bool:
+        """Whether :meth:`matmul` quantizes the activations itself (``act_bits``, see
+        pyengine.ops.act_quant) for this weight; when not, the op passes it the quantized
+        activations in fp32 and act_bits 0."""
+        return False
+
     def matmul(self, x: torch.Tensor, weight: Operand, n: int, k: int,
                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-               shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+               shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+               act_bits: int = 0) -> torch.Tensor:
         """out[M, n] = x[:, :k] @ W[:n, :k]^T (+ bias[:n]) (+ residual @ shortcut).
 
         Args:
@@ -123,6 +130,7 @@ class Backend:
                 PlaneOperand (every tensor with stride(-1) == 1).
             bias: [>=n], contiguous, or None. residual: [M, R] or None. shortcut: [R, n] or None.
             out: [M, n] in x's dtype, contiguous, to write into (allocated when None).
+            act_bits: 0, or 8 where :meth:`native_act_bits` says so.
         Returns:
             out.
         """
