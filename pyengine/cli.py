@@ -118,7 +118,7 @@ def _add_device(parser: argparse.ArgumentParser,
 
 def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_choices: str,
                 method: str, slice_default: Optional[float], n_samples: int,
-                seqlen: int, head_default: Optional[int] = None) -> None:
+                seqlen: int, head_default: Optional[int] = None, act_bits: int = 0) -> None:
     g = parser.add_argument_group("recipe (pyengine.plan)")
     g.add_argument("--avg-bits", type=_avg_bits, default=avg_bits,
                    help="target average bits per weight of the decoder's linear layers, scales "
@@ -134,6 +134,10 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
                    help=f"quantizer (default: {method})")
     g.add_argument("--group-size", type=_group_size, default=128,
                    help="weights per scale: 32, 64, 128 or -1 per channel (default: 128)")
+    g.add_argument("--act-bits", type=int, choices=(0, 8), default=act_bits,
+                   help="8: int8 activations (per block of 32) for the 2- and 4-bit layers, "
+                        "which the CPU kernels multiply as integers: faster decoding, slightly "
+                        f"less accurate (default: {act_bits})")
     g.add_argument("--slice", type=_slice_fraction, default=slice_default, metavar="FRACTION",
                    help="mean fraction of the residual width deleted per layer, 0 for none "
                         f"(default: {slice_default or 0:g})")
@@ -453,7 +457,7 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace)
         recipe = plan(model, calib, avg_bits=args.avg_bits, bit_choices=tuple(args.bit_choices),
                       importance=args.importance, method=args.method,
                       group_size=args.group_size, slicing=args.slice,
-                      slice_schedule=args.slice_schedule)
+                      slice_schedule=args.slice_schedule, act_bits=args.act_bits)
     except ValueError as exc:
         raise UsageError(f"recipe: {exc}") from None
     if args.quantize_head:

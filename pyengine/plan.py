@@ -195,7 +195,8 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
          importance: Union[str, Sequence[float]] = "lim", method: str = "gptq",
          group_size: int = 128, slicing: Optional[float] = None, slice_schedule: str = "dynamic",
          slice_base: Optional[float] = None, symmetric: bool = False, seed: int = 0,
-         layer_scores: Optional[Dict[str, List[float]]] = None, show_progress: bool = True) -> Recipe:
+         layer_scores: Optional[Dict[str, List[float]]] = None, show_progress: bool = True,
+         act_bits: int = 0) -> Recipe:
     """A Recipe from measurements of ``model`` on ``calibration``.
 
     Args:
@@ -208,6 +209,8 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
         slice_schedule: "dynamic" (per-layer widths from redundancy) or "constant".
         slice_base: the smallest per-layer fraction of dynamic slicing (default slicing / 2).
         layer_scores: precomputed pyengine.scores(...) output (skips the calibration pass).
+        act_bits: 8 gives the 2- and 4-bit layers int8 activations (QuantConfig.act_bits: the
+            CPU kernels' integer path); 0 (default) keeps every layer's input as it is.
     Returns:
         A Recipe; its ``info`` holds the scores, the importance used, per-layer bits and widths,
         and the achieved average bits.
@@ -219,6 +222,8 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
     adapter = get_adapter(model)
     _check_plan_arguments(model, avg_bits, bit_choices, method, group_size, slicing,
                           slice_schedule)
+    from .ops.act_quant import check_act_bits
+    check_act_bits(act_bits, "plan: act_bits")
     if calibration is not None:
         from .calibrate import check_calibration
         check_calibration(model, calibration)
@@ -252,11 +257,16 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
     info["layer_bits"] = bits
     info["achieved_avg_bits"] = achieved
 
+    def config(b: int) -> QuantConfig:  # int8 activations where the integer path serves b
+        return QuantConfig(b, group_size, symmetric, method,
+                           act_bits=act_bits if b in (2, 4) else 0)
+
     quant: Dict[str, Optional[QuantConfig]] = {}
     for i, b in enumerate(bits):
-        quant[re.escape(f"{adapter.layers}.{i}.") + ".*"] = QuantConfig(b, group_size, symmetric,
-                                                                          method)
-    quant["_default"] = QuantConfig(max(bits), group_size, symmetric, method)
+        quant[re.escape(f"{adapter.layers}.{i}.") + ".*"] = config(b)
+    quant["_default"] = config(max(bits))
+    if act_bits:
+        info["act_bits"] = act_bits
 
     widths = None
     if slicing is not None:
