@@ -10,6 +10,7 @@
 
 #include "code_bits.h"
 #include "common.h"
+#include "cpu/decode_ops.h"
 #include "cpu/qmatmul.h"
 #if defined(PYENGINE_WITH_CUDA)
 #include "cuda/qmatmul.h"
@@ -208,6 +209,80 @@ PYBIND11_MODULE(_C, m) {
       "out[M, N] = x[M, K] @ W_r[N, K]^T (+ bias) on the CPU, W_r the r-bit slice of a Matryoshka "
       "int8 parent read from its bit planes (only those the slice needs; the others may be 0). "
       "Pointers are integers.");
+  // ---- the small operations of a CPU decode step (csrc/cpu/decode_ops.h) ----
+  auto check_dtype = [](const char* op, int d) {
+    if (d != pyengine::kFloat32 && d != pyengine::kFloat16 && d != pyengine::kBFloat16)
+      throw std::invalid_argument(std::string(op) + ": unsupported dtype code " +
+                                  std::to_string(d));
+  };
+  m.def(
+      "rms_norm_cpu",
+      [check_dtype](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int w_dtype,
+                    uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,
+                    double eps) {
+        for (int d : {x_dtype, w_dtype, out_dtype}) check_dtype("rms_norm_cpu", d);
+        if (rows < 0 || dim < 1 || ldx < dim || ldo < dim || !x || !w || !out)
+          throw std::invalid_argument("rms_norm_cpu: bad sizes, strides or pointers");
+        pyengine::cpu::RmsNormArgs a;
+        a.x = reinterpret_cast<const void*>(x); a.x_dtype = x_dtype; a.ldx = ldx;
+        a.w = reinterpret_cast<const void*>(w); a.w_dtype = w_dtype;
+        a.out = reinterpret_cast<void*>(out); a.out_dtype = out_dtype; a.ldo = ldo;
+        a.rows = rows; a.dim = dim; a.eps = static_cast<float>(eps);
+        pyengine::cpu::rms_norm(a);
+      },
+      "out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (pointers are integers).");
+  m.def(
+      "silu_mul_cpu",
+      [check_dtype](uintptr_t gate_up, int64_t ld_in, uintptr_t out, int64_t ld_out, int dtype,
+                    int64_t rows, int64_t width) {
+        check_dtype("silu_mul_cpu", dtype);
+        if (rows < 0 || width < 1 || ld_in < 2 * width || ld_out < width || !gate_up || !out)
+          throw std::invalid_argument("silu_mul_cpu: bad sizes, strides or pointers");
+        pyengine::cpu::SiluMulArgs a;
+        a.gate_up = reinterpret_cast<const void*>(gate_up); a.ld_in = ld_in;
+        a.out = reinterpret_cast<void*>(out); a.ld_out = ld_out; a.dtype = dtype;
+        a.rows = rows; a.width = width;
+        pyengine::cpu::silu_mul(a);
+      },
+      "out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i] (pointers are integers).");
+  m.def(
+      "attention_step_cpu",
+      [check_dtype](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
+                    int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos,
+                    uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm, int norm_dtype,
+                    double norm_eps, uintptr_t out, int64_t ld_out, int dtype, int64_t batch,
+                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t position,
+                    double scale, int num_threads) {
+        check_dtype("attention_step_cpu", dtype);
+        check_dtype("attention_step_cpu", norm_dtype);
+        if (head_dim < 2 || head_dim > 1024 || head_dim % 2 || n_kv_heads < 1 ||
+            n_heads % n_kv_heads || batch < 0 || position < 0)
+          throw std::invalid_argument("attention_step_cpu: bad head counts, head_dim (even, "
+                                      "<= 1024), batch or position");
+        if (ld_qkv < (n_heads + 2 * n_kv_heads) * head_dim || ld_out < n_heads * head_dim ||
+            cache_head_stride < (position + 1) * head_dim ||
+            cache_batch_stride < n_kv_heads * cache_head_stride || !qkv || !k_cache ||
+            !v_cache || !cos || !signed_sin || !out || ((q_norm == 0) != (k_norm == 0)))
+          throw std::invalid_argument("attention_step_cpu: bad strides or pointers");
+        pyengine::cpu::AttentionStepArgs a;
+        a.qkv = reinterpret_cast<const void*>(qkv); a.ld_qkv = ld_qkv;
+        a.k_cache = reinterpret_cast<void*>(k_cache); a.v_cache = reinterpret_cast<void*>(v_cache);
+        a.cache_batch_stride = cache_batch_stride; a.cache_head_stride = cache_head_stride;
+        a.cos = reinterpret_cast<const void*>(cos);
+        a.signed_sin = reinterpret_cast<const void*>(signed_sin);
+        a.q_norm = reinterpret_cast<const void*>(q_norm);
+        a.k_norm = reinterpret_cast<const void*>(k_norm);
+        a.norm_dtype = norm_dtype; a.norm_eps = static_cast<float>(norm_eps);
+        a.out = reinterpret_cast<void*>(out); a.ld_out = ld_out; a.dtype = dtype;
+        a.batch = batch; a.n_heads = n_heads; a.n_kv_heads = n_kv_heads; a.head_dim = head_dim;
+        a.position = position; a.scale = static_cast<float>(scale);
+        a.num_threads = num_threads < 1 ? 1 : num_threads;
+        py::gil_scoped_release release;
+        pyengine::cpu::attention_step(a);
+      },
+      "One decode position of attention on the CPU: rope (and optional per-head q/k norms), "
+      "KV-cache append at `position`, softmax(q K^T * scale) V over positions 0..position "
+      "(grouped-query heads). Pointers are integers; see csrc/cpu/decode_ops.h.");
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;
   m.attr("act_quant_block") = pyengine::kActBlock;
 

@@ -14,6 +14,7 @@ from .backends import BackendError, available_backends, known_backends
 from .checkpoint import CheckpointError, load, save
 from .compress import compress, dequantize_model, layer_report, predicted_bytes, storage_bytes
 from .data import calibration_data
+from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity
 from .hf_integration import install as _install_hf_integration
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
@@ -30,10 +31,10 @@ from .scores import scores
 _install_hf_integration()
 
 __all__ = [
-    "BackendError", "CheckpointError", "MatryoshkaLinear", "MatryoshkaWeight", "QuantConfig",
+    "BackendError", "CheckpointError", "Decoder", "DecoderUnsupported", "MatryoshkaLinear", "MatryoshkaWeight", "QuantConfig",
     "QuantLinear", "QuantizedWeight", "Recipe", "UnsupportedModelError", "__version__",
-    "available_backends", "build_info", "calibration_data", "compress", "dequantize_model",
-    "fuse_projections", "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
+    "available_backends", "build_info", "calibration_data", "compress", "decoder_blocker",
+    "dequantize_model", "fuse_projections", "generate", "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
     "predicted_bytes", "quantize", "save", "scores", "set_precision", "storage_bytes",
     "supported_architectures",
 ]

@@ -18,7 +18,7 @@ unwritten elements).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
@@ -95,6 +95,11 @@ def operand_kind(weight: Operand) -> str:
     return "dense" if isinstance(weight, torch.Tensor) else weight.kind
 
 
+# kernel(x [M, k] contiguous, target [M, n] contiguous, accumulate): target = x W^T + bias, or
+# target += x W^T + bias when accumulate (activations and target in one dtype)
+BoundKernel = Callable[[torch.Tensor, torch.Tensor, bool], None]
+
+
 class Backend:
     """Base class of backends. Subclasses set ``name`` and implement the methods below."""
 
@@ -117,6 +122,13 @@ class Backend:
         pyengine.ops.act_quant) for this weight; when not, the op passes it the quantized
         activations in fp32 and act_bits 0."""
         return False
+
+    def bind(self, weight: Operand, n: int, k: int, bias: Optional[torch.Tensor],
+             act_bits: int = 0) -> Optional["BoundKernel"]:
+        """A prepared call of this backend's kernel on ``weight`` (everything but the
+        activations and the output bound once), for loops that call one layer many times
+        (pyengine.Decoder); None when the backend has none (callers use :meth:`matmul`)."""
+        return None
 
     def matmul(self, x: torch.Tensor, weight: Operand, n: int, k: int,
                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],

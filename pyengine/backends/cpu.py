@@ -50,6 +50,28 @@ class CpuBackend(Backend):
         # weights at decode sizes, the exact kernels on the quantized activations otherwise
         return isinstance(weight, PackedOperand)
 
+    def bind(self, weight, n, k, bias, act_bits=0):
+        if not isinstance(weight, PackedOperand):
+            return None
+        ext, isa = extension(), self.isa
+        qmatmul = ext.qmatmul_cpu
+        if bias is not None:
+            bias = bias.contiguous()
+        # the weight's part of packed_kernel_args, built once
+        x0 = torch.empty(1, k, dtype=torch.float32)
+        wargs = packed_kernel_args(x0, weight, bias, x0, False, n, k)[3:11]
+        bits, group_size = weight.bits, weight.group_size
+        get_threads = torch.get_num_threads
+
+        def kernel(x, target, accumulate):
+            # keeps bias alive with the closure; x, target: [M, k] / [M, n], contiguous
+            qmatmul(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *wargs,
+                    target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
+                    x.shape[0], n, k, bits, group_size, get_threads(), isa, act_bits)
+
+        kernel.keep = (weight, bias)
+        return kernel
+
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):
         if isinstance(weight, torch.Tensor):
             return dense_matmul_blas(x, weight, n, k, bias, residual, shortcut, out)

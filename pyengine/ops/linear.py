@@ -379,6 +379,33 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
                    None, backend)
 
 
+def bind_linear(weight: Weight, bias: Optional[Tensor] = None, *, act_bits: int = 0,
+                device: "torch.device | str" = "cpu", dtype: torch.dtype = torch.float32,
+                backend: Optional[str] = None):
+    """A prepared call of the kernel :func:`qlinear` would run for activations of ``dtype`` on
+    ``device``: ``kernel(x, target, accumulate)`` with x [M, K] and target [M, N] contiguous in
+    ``dtype``, writing ``x W^T + bias`` into target (or adding it when ``accumulate``). Pointers,
+    strides and sizes of the weight are bound once, so a call costs one native call; nothing is
+    validated per call (the caller owns the shapes). None when the selected backend has no
+    prepared form for this weight (then call :func:`qlinear`)."""
+    checks.check_weight("bind_linear", weight)
+    kind, w, scales, zeros, plane_mid, plane_lo, bits, group_size = _weight_fields(weight)
+    if kind != "packed" or not eager_call_ok(w, scales, zeros, bias):
+        return None
+    if act_bits:
+        check_act_bits(act_bits, "bind_linear: act_bits")
+    impl = select_backend((torch.device(device).type, dtype, kind, bits), backend)
+    operand = _eager_operand(weight, kind, w, scales, zeros, plane_mid, plane_lo, bits,
+                             group_size)
+    if act_bits and not impl.native_act_bits(operand, act_bits):
+        return None
+    n, k = (int(d) for d in weight.shape)
+    if bias is not None:
+        checks.check_bias("bind_linear", bias, n, torch.empty(0, k, dtype=dtype, device=device),
+                          exact=True)
+    return impl.bind(operand, n, k, bias, act_bits)
+
+
 def backend_for(x: Tensor, weight: Weight, backend: Optional[str] = None) -> str:
     """The name of the backend :func:`qlinear` runs for activations like ``x`` and ``weight``
     with ``backend`` ($PYENGINE_BACKEND when None); BackendError as the call would raise."""
@@ -387,5 +414,5 @@ def backend_for(x: Tensor, weight: Weight, backend: Optional[str] = None) -> str
     return select_backend((x.device.type, x.dtype, kind, bits), backend).name
 
 
-__all__ = ["backend_for", "dequant_matmul", "eager_call_ok", "matryoshka_matmul", "qlinear",
+__all__ = ["backend_for", "bind_linear", "dequant_matmul", "eager_call_ok", "matryoshka_matmul", "qlinear",
            "shortcut_matmul", "sliced_matmul"]

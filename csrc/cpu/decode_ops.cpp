@@ -1,0 +1,169 @@
+// The small per-token operations of a decode step on the CPU (pyengine/decoder.py): RMS norm,
+// SiLU-and-multiply, and one attention step (rope, KV-cache append, attention over the cache).
+// Each replaces several torch ops whose dispatch costs more than their arithmetic at batch 1.
+// All math is in fp32; tensors may be fp32, fp16 or bf16 (dtype codes of common.h).
+
+#include "cpu/decode_ops.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pyengine {
+namespace cpu {
+
+
+namespace {
+
+// A row of n elements of any supported dtype as fp32 (fp32 rows are read in place).
+struct RowReader {
+  std::vector<float> scratch;
+  const float* read(const void* p, int dtype, int64_t offset, int64_t n) {
+    if (dtype == kFloat32) return static_cast<const float*>(p) + offset;
+    scratch.resize(n);
+    for (int64_t i = 0; i < n; ++i) scratch[i] = load_as_float(p, dtype, offset + i);
+    return scratch.data();
+  }
+};
+
+inline void store_row(void* p, int dtype, int64_t offset, const float* v, int64_t n) {
+  if (dtype == kFloat32) {
+    std::memcpy(static_cast<float*>(p) + offset, v, n * sizeof(float));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) store_from_float(p, dtype, offset + i, v[i]);
+}
+
+inline float inv_rms(const float* x, int64_t n, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  return 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+}
+
+// y = x / rms(x) * w over n elements (in place allowed).
+inline void rms_norm_row(const float* x, const float* w, float eps, int64_t n, float* y) {
+  const float r = inv_rms(x, n, eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+}
+
+// Rotary embedding of one head in place: x * cos + rotate_half(x) * sin, rotate_half(x) =
+// [-x2, x1]; signed_sin holds sin with its first half negated, so the second term is
+// x[(i + half) % hd] * signed_sin[i].
+inline void rope_row(float* x, const float* cos, const float* signed_sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  float rotated[1024];
+  for (int64_t i = 0; i < half; ++i) {
+    rotated[i] = x[i + half];
+    rotated[i + half] = x[i];
+  }
+  for (int64_t i = 0; i < hd; ++i) x[i] = x[i] * cos[i] + rotated[i] * signed_sin[i];
+}
+
+}  // namespace
+
+void rms_norm(const RmsNormArgs& a) {
+  RowReader xr, wr;
+  const float* w = wr.read(a.w, a.w_dtype, 0, a.dim);
+  std::vector<float> y(a.dim);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* x = xr.read(a.x, a.x_dtype, r * a.ldx, a.dim);
+    rms_norm_row(x, w, a.eps, a.dim, y.data());
+    store_row(a.out, a.out_dtype, r * a.ldo, y.data(), a.dim);
+  }
+}
+
+void silu_mul(const SiluMulArgs& a) {
+  RowReader gr, ur;
+  std::vector<float> y(a.width);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* g = gr.read(a.gate_up, a.dtype, r * a.ld_in, a.width);
+    const float* u = ur.read(a.gate_up, a.dtype, r * a.ld_in + a.width, a.width);
+    for (int64_t i = 0; i < a.width; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    store_row(a.out, a.dtype, r * a.ld_out, y.data(), a.width);
+  }
+}
+
+void attention_step(const AttentionStepArgs& a) {
+  const int64_t hd = a.head_dim, nh = a.n_heads, nkv = a.n_kv_heads, p = a.position;
+  const int64_t group = nh / nkv;
+  const int64_t context = p + 1;
+  RowReader cr, sr, qnr, knr;
+  const float* cos = cr.read(a.cos, a.dtype, p * hd, hd);
+  const float* sin = sr.read(a.signed_sin, a.dtype, p * hd, hd);
+  const float* q_norm = a.q_norm ? qnr.read(a.q_norm, a.norm_dtype, 0, hd) : nullptr;
+  const float* k_norm = a.k_norm ? knr.read(a.k_norm, a.norm_dtype, 0, hd) : nullptr;
+
+  // rope'd queries of every sequence in fp32: [batch, nh, hd]
+  std::vector<float> queries(a.batch * nh * hd);
+  {
+    RowReader xr;
+    std::vector<float> head(hd);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t row = b * a.ld_qkv;
+      for (int64_t h = 0; h < nh; ++h) {
+        float* q = queries.data() + (b * nh + h) * hd;
+        std::memcpy(q, xr.read(a.qkv, a.dtype, row + h * hd, hd), hd * sizeof(float));
+        if (q_norm) rms_norm_row(q, q_norm, a.norm_eps, hd, q);
+        rope_row(q, cos, sin, hd);
+      }
+      for (int64_t h = 0; h < nkv; ++h) {  // append k (rope'd) and v at position p
+        std::memcpy(head.data(), xr.read(a.qkv, a.dtype, row + (nh + h) * hd, hd),
+                    hd * sizeof(float));
+        if (k_norm) rms_norm_row(head.data(), k_norm, a.norm_eps, hd, head.data());
+        rope_row(head.data(), cos, sin, hd);
+        const int64_t at = b * a.cache_batch_stride + h * a.cache_head_stride + p * hd;
+        store_row(a.k_cache, a.dtype, at, head.data(), hd);
+        const float* v = xr.read(a.qkv, a.dtype, row + (nh + nkv + h) * hd, hd);
+        store_row(a.v_cache, a.dtype, at, v, hd);
+      }
+    }
+  }
+
+  // one task per (sequence, query head): softmax(q K^T * scale) V over positions 0..p
+  const int64_t tasks = a.batch * nh;
+  const bool parallel = a.num_threads > 1 && tasks > 1 && tasks * context * hd >= (1 << 16);
+#pragma omp parallel for schedule(static) num_threads(a.num_threads) if (parallel)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t b = t / nh, h = t % nh, kv = h / group;
+    const float* q = queries.data() + t * hd;
+    const int64_t base = b * a.cache_batch_stride + kv * a.cache_head_stride;
+    std::vector<float> scores(context);
+    std::vector<float> acc(hd, 0.f);
+    RowReader kr, vr;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < context; ++j) {
+      const float* k = kr.read(a.k_cache, a.dtype, base + j * hd, hd);
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < hd; ++i) s += q[i] * k[i];
+      s *= a.scale;
+      scores[j] = s;
+      top = s > top ? s : top;
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < context; ++j) {
+      scores[j] = std::exp(scores[j] - top);
+      total += scores[j];
+    }
+    for (int64_t j = 0; j < context; ++j) {
+      const float* v = vr.read(a.v_cache, a.dtype, base + j * hd, hd);
+      const float wj = scores[j];
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) acc[i] += wj * v[i];
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < hd; ++i) acc[i] *= inv;
+    store_row(a.out, a.dtype, b * a.ld_out + h * hd, acc.data(), hd);
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,462 @@
+"""A lean decode loop for decoder-only models: the arithmetic of a Hugging Face forward, prepared
+once, run as a short list of calls.
+
+A transformers forward of one token walks ~20 modules per decoder layer and runs ~100 small
+tensor ops (masks, cache bookkeeping, shape checks, dtype casts) around the few that matter. On a
+CPU at batch 1 that Python and dispatcher work costs several times the weight reads of a small
+compressed model. :class:`Decoder` keeps the model's own modules and weights (nothing is copied)
+and runs, per layer and step::
+
+    h = rms_norm(x)                         one call
+    qkv = [q|k|v]_proj(h)                   one linear (a fused projection group) or three
+    q, k = rope(q, k)                       cos/sin tables for every position, made once
+    cache[pos] = k, v                       a static KV cache, [B, kv_heads, max_len, head_dim]
+    a = attention(q, cache[:pos + 1])       scaled_dot_product_attention (GQA)
+    x += o_proj(a)                          accumulated in place by the kernel
+    h = rms_norm(x)
+    x += down_proj(silu(gate(h)) * up(h))   gate/up fused when the layers are
+
+Linear layers run through pyengine.ops (every weight kind, every backend); a quantized layer on
+the ``cpu`` backend is called through a prepared kernel call (pyengine.ops.bind_linear: pointers
+and sizes bound once, the output accumulated into the residual stream by the kernel). The result
+is the model's own forward, checked against it in tests/test_decoder.py on every supported
+family, dense and compressed.
+
+Supported: the llama, mistral, qwen2, qwen3 and phi3 families (pyengine.models.adapters), full
+rotary embeddings of any static scaling (default, linear, llama3, yarn), batches of equal-length
+prompts, greedy generation. Anything else (sliced models, gemma2, sliding windows shorter than
+the cache, position-dependent rope scaling) is named by :func:`decoder_blocker`;
+:func:`pyengine.generate` then falls back to transformers' ``generate``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._ext import DTYPE_CODES, extension
+from .models.adapters import UnsupportedModelError, get_adapter
+from .ops.linear import bind_linear
+
+Tensor = torch.Tensor
+
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class DecoderUnsupported(ValueError):
+    """The model has a structure :class:`Decoder` does not run (see :func:`decoder_blocker`)."""
+
+
+# ---- what the decoder can run ---------------------------------------------------------------
+
+def _norm_params(norm: nn.Module) -> Optional[tuple]:
+    """(weight, eps) of an RMSNorm of the transformers kind (y = w * x / rms(x)), else None."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, Tensor) or eps is None or getattr(norm, "bias", None) is not None:
+        return None
+    if "RMSNorm" not in type(norm).__name__:
+        return None
+    return weight, float(eps)
+
+
+def decoder_blocker(model: nn.Module, max_len: Optional[int] = None) -> str:
+    """Why :class:`Decoder` cannot run ``model`` (one line), or "" when it can."""
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedModelError as exc:
+        return str(exc)
+    if adapter.family not in DECODER_FAMILIES:
+        return (f"the lean decoder runs the {', '.join(DECODER_FAMILIES)} families, not "
+                f"{adapter.family}")
+    config = model.config
+    layers = adapter.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for name in (adapter.attn_norm, adapter.mlp_norm):
+            if _norm_params(layer.get_submodule(name)) is None:
+                return (f"layer {i}'s {name} is a {type(layer.get_submodule(name)).__name__}, "
+                        f"not an RMSNorm with a scale (a sliced or otherwise rewritten model)")
+    if _norm_params(model.get_submodule(adapter.final_norm)) is None:
+        return "the final norm is not an RMSNorm with a scale"
+    rotary = getattr(model.get_submodule(adapter.layers.rsplit(".", 1)[0]), "rotary_emb", None)
+    if rotary is None:
+        return "the model has no shared rotary embedding module"
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        return (f"rope type {rope_type!r} depends on the sequence length; the lean decoder runs "
+                f"{', '.join(STATIC_ROPE_TYPES)}")
+    head_dim = _head_dim(config)
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0) or \
+            2 * rotary.inv_freq.numel() != head_dim:
+        return "partial rotary embeddings are not supported"
+    window = getattr(config, "sliding_window", None)
+    uses_window = window is not None and getattr(config, "use_sliding_window", True) is not False
+    if uses_window and max_len is not None and max_len > window:
+        return (f"the sliding window ({window} tokens) is shorter than the cache ({max_len}); "
+                f"use max_len <= {window}")
+    return ""
+
+
+def _native_step_ops(device: torch.device, dtype: torch.dtype):
+    """pyengine._C when it has the CPU step operations and the model runs on the CPU, else
+    None (torch ops are used)."""
+    if device.type != "cpu" or dtype not in DTYPE_CODES:
+        return None
+    ext = extension()
+    if ext is None or not hasattr(ext, "attention_step_cpu"):
+        return None
+    return ext
+
+
+def _head_dim(config) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim or config.hidden_size // config.num_attention_heads)
+
+
+# ---- linear layers as prepared calls --------------------------------------------------------
+
+class _Linear:
+    """One linear step of the loop: ``y = f(x)`` or ``acc += f(x)`` for x [m, in] contiguous.
+
+    Prepared kernel calls (quantized weights on the cpu backend) write or accumulate straight into
+    their target; anything else runs the module (or the fused group's op) and adds."""
+
+    def __init__(self, module: Optional[nn.Module], out_features: int,
+                 kernel: Optional[Callable[[Tensor, Tensor, bool], None]] = None,
+                 run: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        self.out_features = out_features
+        self.kernel = kernel
+        self.run = run if run is not None else module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kernel is not None:
+            y = x.new_empty(x.shape[0], self.out_features)
+            self.kernel(x, y, False)
+            return y
+        return self.run(x)
+
+    def accumulate(self, x: Tensor, acc: Tensor) -> None:
+        if self.kernel is not None:
+            self.kernel(x, acc, True)
+        else:
+            acc.add_(self.run(x))
+
+
+def _prepare_linear(module: nn.Module, device: torch.device, dtype: torch.dtype) -> _Linear:
+    from .modules.quant_linear import QuantLinear
+    if isinstance(module, QuantLinear) and type(module).op_weight is QuantLinear.op_weight:
+        kernel = bind_linear(module.quantized_weight, module.bias, act_bits=module.act_bits,
+                             device=device, dtype=dtype)
+        if kernel is not None:
+            return _Linear(None, module.out_features, kernel=kernel)
+        weight, bias, act_bits = module.quantized_weight, module.bias, module.act_bits
+        from .ops.linear import qlinear
+        return _Linear(None, module.out_features,
+                       run=lambda x: qlinear(x, weight, bias, act_bits=act_bits))
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return _Linear(None, module.out_features, run=lambda x: F.linear(x, weight, bias))
+    return _Linear(module, int(getattr(module, "out_features")))
+
+
+def _prepare_inputs(members: Sequence[nn.Module], device: torch.device,
+                    dtype: torch.dtype) -> List[_Linear]:
+    """The projections that read one input: one call when they form a fused projection group
+    (pyengine.fuse_projections), one per layer otherwise."""
+    fusion = getattr(members[0], "_fusion", None)
+    if len(members) > 1 and fusion is not None:
+        group = fusion[0]
+        if list(group.members) == list(members):
+            if group.weight is None:
+                group.bind()
+            first = members[0]
+            kernel = bind_linear(group.weight, group.bias, act_bits=first.act_bits,
+                                 device=device, dtype=dtype)
+            if kernel is not None:
+                return [_Linear(None, group.out_features, kernel=kernel)]
+            from .ops.linear import qlinear
+            weight, bias, act_bits = group.weight, group.bias, first.act_bits
+            return [_Linear(None, group.out_features,
+                            run=lambda x: qlinear(x, weight, bias, act_bits=act_bits))]
+    return [_prepare_linear(m, device, dtype) for m in members]
+
+
+def _run_inputs(calls: List[_Linear], x: Tensor) -> Tensor:
+    if len(calls) == 1:
+        return calls[0](x)
+    return torch.cat([c(x) for c in calls], dim=-1)
+
+
+class _Layer:
+    """One decoder layer's prepared pieces."""
+
+    def __init__(self, layer: nn.Module, adapter, device, dtype) -> None:
+        attn = layer.get_submodule(adapter.attn)
+        mlp = layer.get_submodule(adapter.mlp)
+        self.attn_norm = _norm_params(layer.get_submodule(adapter.attn_norm))
+        self.mlp_norm = _norm_params(layer.get_submodule(adapter.mlp_norm))
+        self.qkv = _prepare_inputs([attn.get_submodule(n) for n in adapter.attn_inputs],
+                                   device, dtype)
+        self.o_proj = _prepare_linear(attn.get_submodule(adapter.attn_output), device, dtype)
+        self.gate_up = _prepare_inputs([mlp.get_submodule(n) for n in adapter.mlp_inputs],
+                                       device, dtype)
+        self.down = _prepare_linear(mlp.get_submodule(adapter.mlp_output), device, dtype)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = None if q_norm is None else _norm_params(q_norm)
+        self.k_norm = None if k_norm is None else _norm_params(k_norm)
+
+    def bind_native(self) -> None:
+        """(pointer, dtype code, eps) of the norms for the native step operations."""
+        def native(norm):
+            return norm[0].data_ptr(), DTYPE_CODES[norm[0].dtype], norm[1]
+        self.attn_norm_native = native(self.attn_norm)
+        self.mlp_norm_native = native(self.mlp_norm)
+        if self.q_norm is None:
+            self.qk_norm_native = (0, 0, 0, 0.0)
+        else:
+            if self.q_norm[0].dtype != self.k_norm[0].dtype:
+                raise DecoderUnsupported("q_norm and k_norm weights differ in dtype")
+            self.qk_norm_native = (self.q_norm[0].data_ptr(), self.k_norm[0].data_ptr(),
+                                   DTYPE_CODES[self.q_norm[0].dtype], self.q_norm[1])
+
+
+# ---- the decoder ----------------------------------------------------------------------------
+
+class Decoder:
+    """Greedy decoding of ``model`` with a static KV cache of ``max_len`` positions for ``batch``
+    sequences, through prepared calls (see the module docstring).
+
+    Args:
+        model: a supported transformers causal LM, dense or compressed by pyengine (not sliced),
+            in eval mode; its modules and weights are used in place.
+        max_len: positions of the cache (prompt and generated tokens).
+        batch: sequences decoded together (equal-length prompts, no padding).
+
+    Raises DecoderUnsupported (with :func:`decoder_blocker`'s reason) for other models.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1) -> None:
+        if int(max_len) < 1 or int(batch) < 1:
+            raise ValueError(f"max_len and batch must be >= 1, got {max_len} and {batch}")
+        why = decoder_blocker(model, max_len)
+        if why:
+            raise DecoderUnsupported(f"pyengine.Decoder cannot run this model: {why}")
+        self.model = model
+        self.max_len, self.batch = int(max_len), int(batch)
+        adapter = get_adapter(model)
+        config = model.config
+        embed = model.get_submodule(adapter.embed)
+        # the residual stream's dtype: the model's (the final norm's weight is in it)
+        self.final_norm = _norm_params(model.get_submodule(adapter.final_norm))
+        self.dtype = self.final_norm[0].dtype
+        self.device = self.final_norm[0].device
+        self.embed = embed
+        self.layers = [_Layer(layer, adapter, self.device, self.dtype)
+                       for layer in adapter.decoder_layers(model)]
+        self.head = _prepare_linear(model.get_submodule(adapter.head), self.device, self.dtype)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = _head_dim(config)
+        self.hidden = int(config.hidden_size)
+        self.q_width = self.n_heads * self.head_dim
+        self.kv_width = self.n_kv_heads * self.head_dim
+
+        # cos / sin of every position, from the model's own rotary module (its scaling
+        # included), laid out for rope on [rows, heads, head_dim]: rotate_half(x) * sin is
+        # roll(x, half) * signed_sin with the first half's sin negated
+        rotary = model.get_submodule(adapter.layers.rsplit(".", 1)[0]).rotary_emb
+        positions = torch.arange(self.max_len, device=self.device).unsqueeze(0)
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions)
+        half = self.head_dim // 2
+        self.cos = cos[0].to(self.dtype).contiguous()                         # [max_len, hd]
+        signed = sin[0].to(self.dtype).clone()
+        signed[:, :half].neg_()
+        self.signed_sin = signed.contiguous()                                  # [max_len, hd]
+
+        shape = (self.batch, self.n_kv_heads, self.max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                        for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                        for _ in self.layers]
+        self.scale = self.head_dim ** -0.5
+        self.native = _native_step_ops(self.device, self.dtype)
+        if self.native is not None:
+            for layer in self.layers:
+                layer.bind_native()
+        self.position = 0
+
+    def reset(self) -> None:
+        """Forgets the cached sequence (the cache is overwritten, not cleared)."""
+        self.position = 0
+
+    # ---- one forward over m new tokens per sequence -------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: Tensor) -> Tensor:
+        """Appends ``ids`` [batch, m] (int64) to the cached sequences; returns the logits of the
+        last new position, [batch, vocab] in the model's dtype."""
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(1)
+        b, m = ids.shape
+        if b != self.batch:
+            raise ValueError(f"Decoder: ids has {b} sequences, the decoder was made for "
+                             f"{self.batch}")
+        start = self.position
+        if m < 1 or start + m > self.max_len:
+            raise ValueError(f"Decoder: {m} new tokens at position {start} do not fit a cache "
+                             f"of {self.max_len} positions (make the Decoder with a larger "
+                             f"max_len, or reset())")
+        ids = ids.to(self.device)
+        # the residual stream, a buffer of its own (it is updated in place)
+        x = torch.empty(b * m, self.hidden, dtype=self.dtype, device=self.device)
+        x.copy_(self.embed(ids).reshape(b * m, self.hidden))
+        cos = self.cos[start:start + m].unsqueeze(1)                 # [m, 1, hd]
+        sin = self.signed_sin[start:start + m].unsqueeze(1)
+        end = start + m
+        mask = None
+        causal = False
+        if m > 1:
+            if start == 0:
+                causal = True
+            else:  # new token i sees cached positions <= start + i
+                mask = (torch.arange(end, device=self.device)
+                        <= torch.arange(start, end, device=self.device).unsqueeze(1))
+        if self.native is not None and m == 1:
+            x = self._native_step(x, start)
+        else:
+            x = self._torch_layers(x, b, m, start, cos, sin, mask, causal)
+        self.position = end
+        last = x.view(b, m, self.hidden)[:, -1]
+        h = self._rms_norm(last.contiguous(), self.final_norm)
+        return self.head(h)
+
+    # ---- the layers through torch ops (any device; prefill on the CPU) ------------------------
+    def _torch_layers(self, x: Tensor, b: int, m: int, start: int, cos: Tensor, sin: Tensor,
+                      mask: Optional[Tensor], causal: bool) -> Tensor:
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        half = hd // 2
+        qk_heads = nh + nkv
+        end = start + m
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            h = self._rms_norm(x, layer.attn_norm)
+            qkv = _run_inputs(layer.qkv, h)                          # [b*m, (nh + 2 nkv) hd]
+            qk = qkv[:, :qk_heads * hd].view(b, m, qk_heads, hd)
+            if layer.q_norm is not None:
+                qk = torch.cat([F.rms_norm(qk[:, :, :nh], (hd,), layer.q_norm[0],
+                                           eps=layer.q_norm[1]),
+                                F.rms_norm(qk[:, :, nh:], (hd,), layer.k_norm[0],
+                                           eps=layer.k_norm[1])], dim=2)
+            # rope: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
+            v = qkv[:, qk_heads * hd:].view(b, m, nkv, hd)
+            k_cache[:, :, start:end] = qk[:, :, nh:].transpose(1, 2)
+            v_cache[:, :, start:end] = v.transpose(1, 2)
+            q = qk[:, :, :nh].transpose(1, 2)                         # [b, nh, m, hd]
+            attn = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, is_causal=causal,
+                enable_gqa=nh != nkv)                                 # [b, nh, m, hd]
+            attn = attn.transpose(1, 2).reshape(b * m, nh * hd)
+            layer.o_proj.accumulate(attn, x)
+            h = self._rms_norm(x, layer.mlp_norm)
+            gate_up = _run_inputs(layer.gate_up, h)
+            width = gate_up.shape[-1] // 2
+            act = F.silu(gate_up[:, :width]).mul_(gate_up[:, width:])
+            layer.down.accumulate(act, x)
+        return x
+
+    # ---- one position through the native step operations (CPU) --------------------------------
+    def _native_step(self, x: Tensor, position: int) -> Tensor:
+        ext = self.native
+        code = DTYPE_CODES[self.dtype]
+        b, d = self.batch, self.hidden
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        threads = torch.get_num_threads()
+        rms, attention, silu_mul = ext.rms_norm_cpu, ext.attention_step_cpu, ext.silu_mul_cpu
+        x_ptr = x.data_ptr()
+        h = torch.empty_like(x)
+        h_ptr = h.data_ptr()
+        attn = x.new_empty(b, nh * hd)
+        attn_ptr = attn.data_ptr()
+        cos_ptr = self.cos.data_ptr()
+        sin_ptr = self.signed_sin.data_ptr()
+        cache_strides = (self.k_cache[0].stride(0), self.k_cache[0].stride(1))
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            w_ptr, w_code, eps = layer.attn_norm_native
+            rms(x_ptr, code, d, w_ptr, w_code, h_ptr, code, d, b, d, eps)
+            qkv = _run_inputs(layer.qkv, h)
+            qn_ptr, kn_ptr, norm_code, norm_eps = layer.qk_norm_native
+            attention(qkv.data_ptr(), qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                      *cache_strides, cos_ptr, sin_ptr, qn_ptr, kn_ptr, norm_code, norm_eps,
+                      attn_ptr, nh * hd, code, b, nh, nkv, hd, position, self.scale, threads)
+            layer.o_proj.accumulate(attn, x)
+            w_ptr, w_code, eps = layer.mlp_norm_native
+            rms(x_ptr, code, d, w_ptr, w_code, h_ptr, code, d, b, d, eps)
+            gate_up = _run_inputs(layer.gate_up, h)
+            width = gate_up.shape[-1] // 2
+            act = x.new_empty(b, width)
+            silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(), width, code, b,
+                     width)
+            layer.down.accumulate(act, x)
+        return x
+
+    def _rms_norm(self, x: Tensor, norm: tuple) -> Tensor:
+        """x [rows, hidden] contiguous -> the RMS-normed rows (a new tensor)."""
+        return F.rms_norm(x, (self.hidden,), norm[0], eps=norm[1])
+
+    def prefill(self, ids: Tensor) -> Tensor:
+        """Starts new sequences: resets, then :meth:`forward` over ``ids`` [batch, T]."""
+        self.reset()
+        return self.forward(ids)
+
+    @torch.inference_mode()
+    def generate(self, ids: Tensor, max_new_tokens: int,
+                 eos_token_id: "int | Sequence[int] | None" = None) -> Tensor:
+        """Greedy continuation of ``ids`` [batch, T] by up to ``max_new_tokens`` tokens; returns
+        [batch, T + generated] (int64, on the model's device). Stops early once every sequence
+        has produced an end token (later tokens of a finished sequence repeat that token)."""
+        ids = ids.to(self.device)
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"Decoder.generate: ids must be [{self.batch}, T], got "
+                             f"{tuple(ids.shape)}")
+        if ids.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"Decoder.generate: {ids.shape[1]} prompt + {max_new_tokens} new "
+                             f"tokens exceed max_len={self.max_len}")
+        stops = (set() if eos_token_id is None else
+                 set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+        stop_ids = torch.tensor(sorted(stops), device=self.device, dtype=torch.long)
+        done = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        out = [ids]
+        logits = self.prefill(ids)
+        for i in range(max_new_tokens):
+            token = logits.argmax(dim=-1)
+            if stops:
+                token = torch.where(done, out[-1][:, -1], token)
+                done |= torch.isin(token, stop_ids)
+            out.append(token.unsqueeze(1))
+            if i + 1 == max_new_tokens or (stops and bool(done.all())):
+                break
+            logits = self.forward(token.unsqueeze(1))
+        return torch.cat(out, dim=1)
+
+
+def generate(model: nn.Module, ids: Tensor, max_new_tokens: int,
+             eos_token_id: "int | Sequence[int] | None" = None) -> Tensor:
+    """Greedy generation of ``max_new_tokens`` tokens after ``ids`` [batch, T] (int64):
+    [batch, T + generated]. Runs the lean :class:`Decoder` when it supports ``model``, else
+    transformers' ``generate`` (same tokens, more overhead per step)."""
+    if not decoder_blocker(model, ids.shape[-1] + max_new_tokens):
+        decoder = Decoder(model, max_len=ids.shape[-1] + max_new_tokens, batch=ids.shape[0])
+        return decoder.generate(ids, max_new_tokens, eos_token_id)
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens,
+                  attention_mask=torch.ones_like(ids))
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
+    else:
+        kwargs["min_new_tokens"] = max_new_tokens
+    with torch.inference_mode():
+        return model.generate(ids.to(next(model.parameters()).device), **kwargs)

@@ -1,0 +1,279 @@
+"""pyengine.Decoder (pyengine/decoder.py) against the model's own transformers forward, and the
+native step operations (csrc/cpu/decode_ops.cpp) against torch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine
+from pyengine import Decoder, DecoderUnsupported, QuantConfig, Recipe, decoder_blocker
+from pyengine._ext import DTYPE_CODES, extension
+from pyengine.models.random import random_model
+
+from helpers import rel_err
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+RECIPES = {
+    "dense": None,
+    "int4": Recipe({"_default": QuantConfig(4, 32)}),
+    # every width, per layer, with an 8-bit head and int8 activations on the 2/4-bit layers
+    "mixed": Recipe({r"model\.layers\.0\..*": QuantConfig(3, 32),
+                     r"model\.layers\.1\..*": QuantConfig(2, 32, act_bits=8),
+                     r"model\.layers\.2\.mlp\..*": QuantConfig(8, -1),
+                     "lm_head": QuantConfig(8, 32),
+                     "_default": QuantConfig(4, 64, act_bits=8)}),
+    "matryoshka": Recipe({"_default": QuantConfig(8, 32, matryoshka=True)}),
+}
+
+native_ops = pytest.mark.skipif(extension() is None or not hasattr(extension(), "attention_step_cpu"),
+                                reason="pyengine._C without the CPU step operations")
+
+
+def _model(family: str, recipe: str, seed: int = 0):
+    model = random_model(family, seed=seed)
+    with torch.no_grad():  # peaked attention (random init gives near-uniform weights), so
+        for layer in model.model.layers:  # scores, scale and positions all show in the logits
+            attn = layer.self_attn
+            for proj in ([attn.qkv_proj] if hasattr(attn, "qkv_proj")
+                         else [attn.q_proj, attn.k_proj]):
+                proj.weight.mul_(12)
+    if RECIPES[recipe] is not None:
+        pyengine.compress(model, RECIPES[recipe], show_progress=False)
+    if recipe == "matryoshka":
+        pyengine.set_precision(model, 4)
+    return model
+
+
+def _decoded_logits(decoder: Decoder, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of positions prompt-1 .. T-1: a prefill of ``prompt`` tokens, then one token per
+    step."""
+    out = [decoder.prefill(ids[:, :prompt])]
+    for t in range(prompt, ids.shape[1]):
+        out.append(decoder.forward(ids[:, t:t + 1]))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_logits_match_the_model(family, recipe):
+    model = _model(family, recipe)
+    gen = torch.Generator().manual_seed(hash((family, recipe)) % 1000)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
+    with torch.inference_mode():
+        want = model(ids).logits[:, 5:]
+    decoder = Decoder(model, max_len=24, batch=2)
+    for cache in decoder.k_cache + decoder.v_cache:
+        cache.fill_(float("nan"))  # positions not yet written must never be read
+    got = _decoded_logits(decoder, ids, prompt=6)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    # int8 activations ("mixed"): a last-bit difference in a normed input (the decoder's RMS
+    # norm against transformers') can move an activation across an int8 rounding boundary
+    tol = 5e-3 if recipe == "mixed" else 1e-4
+    assert rel_err(got, want) < tol, (family, recipe)
+    # again from the start: prefill resets the sequence
+    assert rel_err(_decoded_logits(decoder, ids, prompt=6), want) < tol
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_torch_path_matches_the_native_step(family):
+    """The torch-op path (other devices, or a build without the step operations) computes the
+    same logits as the native step operations."""
+    model = _model(family, "int4")
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.inference_mode():
+        want = model(ids).logits[:, 3:]
+    decoder = Decoder(model, max_len=16)
+    decoder.native = None
+    assert rel_err(_decoded_logits(decoder, ids, prompt=4), want) < 1e-4
+
+
+def test_chunks_of_several_tokens_after_the_prompt():
+    """forward() of several tokens at a later position (a masked, not causal-from-zero, step)."""
+    model = _model("llama", "int4")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        want = model(ids).logits
+    decoder = Decoder(model, max_len=12, batch=2)
+    assert rel_err(decoder.prefill(ids[:, :5]), want[:, 4]) < 1e-4
+    assert rel_err(decoder.forward(ids[:, 5:9]), want[:, 8]) < 1e-4
+    assert rel_err(decoder.forward(ids[:, 9:12]), want[:, 11]) < 1e-4
+    assert decoder.position == 12
+    with pytest.raises(ValueError, match="do not fit a cache of 12 positions"):
+        decoder.forward(ids[:, :1])
+    with pytest.raises(ValueError, match="made for 2"):
+        decoder.prefill(ids[:1])
+
+
+def test_bfloat16_model():
+    model = random_model("llama", dtype=torch.bfloat16)
+    pyengine.compress(model, Recipe({"_default": QuantConfig(4, 32)}), show_progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.inference_mode():
+        want = model(ids).logits[:, 3:].float()
+    got = _decoded_logits(Decoder(model, max_len=8), ids, prompt=4).float()
+    assert got.dtype == torch.float32 and rel_err(got, want) < 3e-2
+
+
+def test_generate_matches_transformers_greedy_generation():
+    model = _model("qwen2", "int4")
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=False,
+                              attention_mask=torch.ones_like(ids), pad_token_id=0)
+    assert torch.equal(pyengine.generate(model, ids, 9), want)
+    decoder = Decoder(model, max_len=16, batch=2)
+    assert torch.equal(decoder.generate(ids, 9), want)
+
+
+def test_generate_stops_when_every_sequence_has_ended():
+    model = _model("llama", "dense")
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    free = Decoder(model, max_len=32, batch=2).generate(ids, 12)
+    stop = int(free[0, 7])  # the third token of sequence 0 becomes the end token
+    out = Decoder(model, max_len=32, batch=2).generate(ids, 12, eos_token_id=[stop])
+    ended = [(row[5:] == stop).nonzero()[0, 0].item() if (row[5:] == stop).any() else None
+             for row in free]
+    for row, end, full in zip(out, ended, free):
+        if end is not None:  # identical up to its end token, then the end token repeated
+            assert torch.equal(row[:5 + end + 1], full[:5 + end + 1])
+            assert (row[5 + end:] == stop).all()
+    if all(e is not None for e in ended):
+        assert out.shape[1] == 5 + max(ended) + 1
+    else:
+        assert out.shape[1] == 5 + 12
+
+
+def test_models_the_decoder_does_not_run_are_named_and_generate_falls_back():
+    gemma = random_model("gemma2")
+    assert "gemma2" in decoder_blocker(gemma)
+    with pytest.raises(DecoderUnsupported, match="gemma2"):
+        Decoder(gemma)
+    ids = torch.randint(3, gemma.config.vocab_size, (1, 4))
+    with torch.inference_mode():
+        want = gemma.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                              attention_mask=torch.ones_like(ids), pad_token_id=0)
+    assert torch.equal(pyengine.generate(gemma, ids, 3), want)
+
+    from pyengine.slicing import structure
+    sliced = random_model("llama")
+    d = sliced.config.hidden_size
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
+    n = sliced.config.num_hidden_layers
+    structure.apply_bases(sliced, [basis[:, :48]] * n, [basis[:, :48]] * n, basis[:, :48])
+    assert "RMSNorm with a scale" in decoder_blocker(sliced)
+
+    mistral = random_model("mistral", sliding_window=16)
+    assert decoder_blocker(mistral, max_len=16) == ""
+    assert "sliding window" in decoder_blocker(mistral, max_len=17)
+    with pytest.raises(ValueError, match="max_len and batch"):
+        Decoder(random_model("llama"), max_len=0)
+
+
+# ---- the native step operations against torch ---------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+@native_ops
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_silu_mul(dtype):
+    ext = extension()
+    x = torch.randn(3, 200, dtype=torch.float32).mul_(3).to(dtype)
+    xs = torch.cat([x, torch.randn(3, 7).to(dtype)], dim=1)  # a row stride of 207
+    w = torch.randn(200, dtype=dtype)
+    out = torch.full((3, 200), float("nan"), dtype=dtype)
+    ext.rms_norm_cpu(xs.data_ptr(), DTYPE_CODES[dtype], 207, w.data_ptr(), DTYPE_CODES[dtype],
+                     out.data_ptr(), DTYPE_CODES[dtype], 200, 3, 200, 1e-5)
+    want = F.rms_norm(x.float(), (200,), w.float(), eps=1e-5)
+    assert rel_err(out.float(), want) < TOL[dtype]
+
+    gate_up = torch.randn(4, 2 * 77, dtype=torch.float32).mul_(4).to(dtype)
+    act = torch.full((4, 77), float("nan"), dtype=dtype)
+    ext.silu_mul_cpu(gate_up.data_ptr(), 2 * 77, act.data_ptr(), 77, DTYPE_CODES[dtype], 4, 77)
+    g, u = gate_up.float()[:, :77], gate_up.float()[:, 77:]
+    assert rel_err(act.float(), F.silu(g) * u) < TOL[dtype]
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+@native_ops
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, nh, nkv, hd, position, norms",
+                         [(1, 9, 3, 64, 0, False), (2, 4, 4, 6, 5, True),
+                          (3, 8, 2, 128, 300, False), (1, 2, 1, 1024, 2, True)])
+def test_attention_step(dtype, batch, nh, nkv, hd, position, norms):
+    """Rope (and per-head q/k norms), the cache append and attention over positions 0..p
+    against torch's scaled_dot_product_attention, threaded and not."""
+    ext = extension()
+    gen = torch.Generator().manual_seed(position + hd)
+    max_len = position + 3
+    qkv_width = (nh + 2 * nkv) * hd
+    qkv = torch.randn(batch, qkv_width + 5, generator=gen).to(dtype)  # row stride > width
+    k_cache = torch.randn(batch, nkv, max_len, hd, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, nkv, max_len, hd, generator=gen).to(dtype)
+    angles = torch.rand(max_len, hd // 2, generator=gen) * 6.3
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype)
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype)
+    signed_sin = sin.clone()
+    signed_sin[:, :hd // 2].neg_()
+    q_norm = torch.randn(hd, generator=gen).to(dtype) if norms else None
+    k_norm = torch.randn(hd, generator=gen).to(dtype) if norms else None
+    scale = hd ** -0.5
+
+    q = qkv[:, :nh * hd].float().view(batch, nh, hd)
+    k = qkv[:, nh * hd:(nh + nkv) * hd].float().view(batch, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd:qkv_width].float().view(batch, nkv, hd)
+    if norms:
+        q = F.rms_norm(q, (hd,), q_norm.float(), eps=1e-6)
+        k = F.rms_norm(k, (hd,), k_norm.float(), eps=1e-6)
+    c, s = cos[position].float(), sin[position].float()
+    q, k = _rope(q, c, s), _rope(k, c, s)
+    keys = k_cache.float().clone()
+    values = v_cache.float().clone()
+    keys[:, :, position], values[:, :, position] = k, v
+    want = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys[:, :, :position + 1], values[:, :, :position + 1],
+        enable_gqa=nh != nkv).reshape(batch, nh * hd)
+
+    for threads in (1, 2):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = torch.full((batch, nh * hd), float("nan"), dtype=dtype)
+        ext.attention_step_cpu(qkv.data_ptr(), qkv.stride(0), kc.data_ptr(), vc.data_ptr(),
+                               kc.stride(0), kc.stride(1), cos.data_ptr(), signed_sin.data_ptr(),
+                               _ptr(q_norm), _ptr(k_norm), DTYPE_CODES[dtype], 1e-6,
+                               out.data_ptr(), nh * hd, DTYPE_CODES[dtype], batch, nh, nkv, hd,
+                               position, scale, threads)
+        assert rel_err(out.float(), want) < TOL[dtype] * 4, threads
+        assert rel_err(kc[:, :, position].float(), k) < TOL[dtype]
+        assert torch.equal(vc[:, :, position],
+                           qkv[:, (nh + nkv) * hd:qkv_width].view(batch, nkv, hd))
+        others = [i for i in range(max_len) if i != position]  # nothing else written
+        assert torch.equal(kc[:, :, others], k_cache[:, :, others])
+        assert torch.equal(vc[:, :, others], v_cache[:, :, others])
+
+
+@native_ops
+def test_step_operations_refuse_bad_arguments():
+    ext = extension()
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="unsupported dtype code 7"):
+        ext.rms_norm_cpu(x.data_ptr(), 7, 8, x.data_ptr(), 0, x.data_ptr(), 0, 8, 2, 8, 1e-6)
+    with pytest.raises(ValueError, match="rms_norm_cpu: bad sizes"):
+        ext.rms_norm_cpu(x.data_ptr(), 0, 4, x.data_ptr(), 0, x.data_ptr(), 0, 8, 2, 8, 1e-6)
+    with pytest.raises(ValueError, match="head_dim"):
+        ext.attention_step_cpu(x.data_ptr(), 64, x.data_ptr(), x.data_ptr(), 64, 8,
+                               x.data_ptr(), x.data_ptr(), 0, 0, 0, 0.0, x.data_ptr(), 8, 0, 1,
+                               3, 2, 4, 0, 1.0, 1)
