@@ -168,10 +168,39 @@ def make_step(model: torch.nn.Module, cache) -> Callable[[torch.Tensor, torch.Te
 
 
 @torch.inference_mode()
+def measure_decoder(model: torch.nn.Module, batch: int, prompt_len: int,
+                    new_tokens: int) -> Dict[str, object]:
+    """Like :func:`measure_decode`, through pyengine.Decoder (the lean loop)."""
+    cfg = model.config
+    warmup = 3
+    decoder = pyengine.Decoder(model, max_len=prompt_len + warmup + new_tokens + 1, batch=batch)
+    gen = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
+    ids = decoder.prefill(prompt).argmax(dim=-1, keepdim=True)
+
+    def run_steps(count: int) -> float:
+        nonlocal ids
+        t0 = time.perf_counter()
+        for _ in range(count):
+            ids = decoder.forward(ids).argmax(dim=-1, keepdim=True)
+        common.synchronize(decoder.device.type)
+        return time.perf_counter() - t0
+
+    warmup_s = run_steps(warmup)
+    seconds = run_steps(new_tokens)
+    return dict(ms_per_step=seconds * 1e3 / new_tokens, graphs="none", runner="decoder",
+                warmup_s=round(warmup_s, 2), context=decoder.position,
+                dtype=str(decoder.dtype).replace("torch.", ""))
+
+
+@torch.inference_mode()
 def measure_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                   graphs: str, device: str) -> Dict[str, object]:
+                   graphs: str, device: str, runner: str = "transformers") -> Dict[str, object]:
     """Prefills a random prompt into a static cache, then times ``new_tokens`` greedy steps
-    (after warm-up steps that compile/capture). Returns ms per step and what ran."""
+    (after warm-up steps that compile/capture). Returns ms per step and what ran. ``runner``
+    "decoder" runs pyengine.Decoder instead of the model's forward (:func:`measure_decoder`)."""
+    if runner == "decoder":
+        return measure_decoder(model, batch, prompt_len, new_tokens)
     from transformers import StaticCache
     cfg = model.config
     dtype = model.lm_head.weight.dtype if hasattr(model.lm_head, "weight") else torch.float16
@@ -204,22 +233,25 @@ def measure_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_toke
     warmup_s = run_steps(warmup)  # compiles / captures on the first calls
     seconds = run_steps(new_tokens)
     pos = state["pos"]
-    return dict(ms_per_step=seconds * 1e3 / new_tokens, graphs=used, warmup_s=round(warmup_s, 2),
-                context=pos, dtype=str(dtype).replace("torch.", ""))
+    return dict(ms_per_step=seconds * 1e3 / new_tokens, graphs=used, runner="transformers",
+                warmup_s=round(warmup_s, 2), context=pos, dtype=str(dtype).replace("torch.", ""))
 
 
 def decode_row(label: str, model: torch.nn.Module, batch: int, args, bandwidth: float,
                device: str) -> Dict[str, object]:
     graphs = args.graphs
+    runner = args.runner
+    if runner == "decoder" and pyengine.decoder_blocker(model, args.prompt + args.new_tokens + 4):
+        runner = "transformers"  # e.g. a sliced model: the row says which loop ran
     try:
-        m = measure_decode(model, batch, args.prompt, args.new_tokens, graphs, device)
+        m = measure_decode(model, batch, args.prompt, args.new_tokens, graphs, device, runner)
     except Exception as exc:  # a compile/capture failure must not cost the eager figure
         if graphs == "none":
             raise
         print(f"  [{label} b{batch}] {graphs} failed ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0][:160]}); measuring eager steps", flush=True)
         torch._dynamo.reset()
-        m = measure_decode(model, batch, args.prompt, args.new_tokens, "none", device)
+        m = measure_decode(model, batch, args.prompt, args.new_tokens, "none", device, runner)
         m["graphs_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     act_dtype = getattr(torch, m["dtype"])
     wbytes = weight_bytes_per_step(model, batch)
@@ -251,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="timed decode steps")
     parser.add_argument("--graphs", choices=("compile", "none"), default=None,
                         help="compile decode steps with CUDA graphs (default on cuda) or not")
+    parser.add_argument("--runner", choices=("decoder", "transformers"), default=None,
+                        help="decode loop: pyengine.Decoder (default on cpu; models it does not "
+                             "run fall back to transformers) or the model's forward (default "
+                             "on cuda, with --graphs)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     device = args.device
@@ -258,6 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--device cuda: no CUDA device is visible")
     args.shape = args.shape or ("llama-3-8b" if device == "cuda" else "smollm2-135m")
     args.graphs = args.graphs or ("compile" if device == "cuda" else "none")
+    args.runner = args.runner or ("transformers" if device == "cuda" else "decoder")
     dtype = torch.float16 if device == "cuda" else torch.float32
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - set(CONFIGS + PEERS))

@@ -316,19 +316,47 @@ def prefill_tokens_per_s(model: nn.Module, prompt_len: int = 128, batch: int = 1
     return batch * prompt_len / (ms * 1e-3)
 
 
+RUNNERS = ("auto", "decoder", "transformers")
+
+
+def pick_runner(model: nn.Module, max_len: int, runner: str = "auto") -> str:
+    """The decode loop a measurement uses: "decoder" (pyengine.Decoder, the lean loop) or
+    "transformers" (``model.generate``). "auto" takes the decoder where it runs the model."""
+    from .decoder import decoder_blocker
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    if runner == "auto":
+        return "transformers" if decoder_blocker(model, max_len) else "decoder"
+    if runner == "decoder":
+        why = decoder_blocker(model, max_len)
+        if why:
+            raise ValueError(f"runner 'decoder' cannot run this model: {why}")
+    return runner
+
+
 @torch.inference_mode()
 def decode_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32,
-                        warmup_tokens: int = 4) -> Tuple[float, torch.Tensor]:
-    """Greedy generation speed: ``new_tokens`` / wall time of ``generate`` (a short prompt's
-    prefill included), timed after a warm-up generation. Returns (tokens/s, output ids)."""
+                        warmup_tokens: int = 4, runner: str = "auto") -> Tuple[float, torch.Tensor]:
+    """Greedy generation speed: ``new_tokens`` / wall time of a generation (a short prompt's
+    prefill included), timed after a warm-up generation, through :func:`pick_runner`'s loop.
+    Returns (tokens/s, output ids [batch, T + new_tokens])."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
-    mask = torch.ones_like(ids)
-    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=_pad_id(model))
-    model.generate(ids, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **kwargs)
+    runner = pick_runner(model, ids.shape[1] + new_tokens, runner)
+    if runner == "decoder":
+        from .decoder import Decoder
+        decoder = Decoder(model, max_len=ids.shape[1] + max(new_tokens, warmup_tokens),
+                          batch=ids.shape[0])
+        generate = lambda n: decoder.generate(ids, n)  # noqa: E731
+    else:
+        mask = torch.ones_like(ids)
+        kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=_pad_id(model))
+        generate = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
+                                            **kwargs)
+    generate(warmup_tokens)
     synchronize(device.type)
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    out = generate(new_tokens)
     synchronize(device.type)
     seconds = time.perf_counter() - t0
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / seconds, out
@@ -347,8 +375,9 @@ def _pad_id(model: nn.Module) -> Optional[int]:
 
 
 def end_to_end_row(model: nn.Module, label: str, prompt_len: int = 64, new_tokens: int = 16,
-                   batch: int = 1, seed: int = 0) -> Dict[str, object]:
-    """Prefill tokens/s, decode tokens/s (batch ``batch``, greedy) and peak memory of ``model``."""
+                   batch: int = 1, seed: int = 0, runner: str = "auto") -> Dict[str, object]:
+    """Prefill tokens/s, decode tokens/s (batch ``batch``, greedy, through ``runner``: see
+    :func:`pick_runner`) and peak memory of ``model``."""
     from .compress import storage_bytes
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -357,11 +386,12 @@ def end_to_end_row(model: nn.Module, label: str, prompt_len: int = 64, new_token
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(3, vocab, (batch, 8), generator=gen)
-    decode, _ = decode_tokens_per_s(model, prompt, new_tokens)
+    runner = pick_runner(model, prompt.shape[1] + new_tokens, runner)
+    decode, _ = decode_tokens_per_s(model, prompt, new_tokens, runner=runner)
     peak, peak_kind = peak_memory_mib(device.type)
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
     return dict(op="end_to_end", model=label, device=device.type,
                 dtype=str(dtype).replace("torch.", ""), batch=batch, prompt_tokens=prompt_len,
                 new_tokens=new_tokens, prefill_tokens_per_s=round(prefill, 2),
-                decode_tokens_per_s=round(decode, 2), peak_memory_mib=round(peak, 1),
+                decode_tokens_per_s=round(decode, 2), decode_runner=runner, peak_memory_mib=round(peak, 1),
                 peak_memory_kind=peak_kind, weight_bytes=storage_bytes(model))

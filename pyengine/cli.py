@@ -108,6 +108,13 @@ def _group_size(text: str) -> int:
     return value
 
 
+def _add_runner(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", choices=("auto", "decoder", "transformers"), default="auto",
+                        help="decode loop of the speed measurements: pyengine.Decoder (the lean "
+                             "loop), transformers' generate, or auto: the decoder where it runs "
+                             "the model (default)")
+
+
 def _add_device(parser: argparse.ArgumentParser,
                 dtype_default: str = "the model's own, float32 for the embedded default") -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -241,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-end-to-end", action="store_true", help="kernel rows only")
     p.add_argument("--no-dense", action="store_true",
                    help="skip the end-to-end row of the dequantized (dense) model")
+    _add_runner(p)
     _add_device(p, "float16 on cuda, float32 on cpu")
     p.set_defaults(handler=cmd_bench)
 
@@ -264,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT,
                    help="prompt of the sample generation, sent through the model's chat "
                         "template (default: %(default)r)")
+    _add_runner(p)
     p.add_argument("--save", type=Path, metavar="DIR", help="also save the compressed model")
     p.set_defaults(handler=cmd_demo)
     return parser
@@ -819,14 +828,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .utils import progress
         for label, model in progress(variants, desc="end to end", unit="model"):
             model = model if model is not None else dequantize_model(loaded.model)
-            row = bm.end_to_end_row(model, label, prompt_len, new_tokens)
+            try:
+                row = bm.end_to_end_row(model, label, prompt_len, new_tokens,
+                                        runner=args.runner)
+            except ValueError as exc:  # --runner decoder on a model it does not run
+                raise UsageError(f"--runner: {exc}") from None
             e2e.append(row)
         print(f"{'model':>20} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MiB':>9} "
-              f"{'weights':>10}")
+              f"{'weights':>10}  decode loop")
         for r in e2e:
             print(f"{r['model']:>20} {r['prefill_tokens_per_s']:14.1f} "
                   f"{r['decode_tokens_per_s']:13.2f} {r['peak_memory_mib']:9.1f} "
-                  f"{_mib(r['weight_bytes']):>10}")
+                  f"{_mib(r['weight_bytes']):>10}  {r['decode_runner']}")
         print(f"(batch 1, prompt {prompt_len} tokens, {new_tokens} greedy tokens; peak memory: "
               f"{e2e[0]['peak_memory_kind']})")
     if args.json:
@@ -891,10 +904,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     after: Dict[str, Any] = dict(ppl=_perplexity(model, tokenizer, **ppl_kwargs),
                                  bytes=storage_bytes(model))
     # decode speed: the two models alternate, so a load change on a shared machine hits both;
-    # the best of the rounds is kept
+    # the best of the rounds is kept. Both run through the same decode loop.
+    max_len = prompt.shape[1] + args.new_tokens
+    try:
+        runners = {bm.pick_runner(m, max_len, args.runner) for m in (original, model)}
+    except ValueError as exc:  # --runner decoder on a model it does not run
+        raise UsageError(f"--runner: {exc}") from None
+    runner = runners.pop() if len(runners) == 1 else "transformers"
     for _ in progress(range(args.decode_rounds), desc="decode speed", unit="round"):
         for result, m in ((before, original), (after, model)):
-            tps, out = bm.decode_tokens_per_s(m, prompt, args.new_tokens)
+            tps, out = bm.decode_tokens_per_s(m, prompt, args.new_tokens, runner=runner)
             result["tps"] = max(result.get("tps", 0.0), tps)
             result["text"] = sample_text(tokenizer, m, out[0, prompt.shape[1]:])
     del original
@@ -918,7 +937,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "",
         f"perplexity: offline corpus, held-out split, {args.max_windows} windows of "
         f"{args.eval_seqlen} tokens; "
-        f"decode: batch 1, greedy, {args.new_tokens} tokens after a warm-up, best of "
+        f"decode: batch 1, greedy, {args.new_tokens} tokens after a warm-up, both models "
+        f"through {'pyengine.Decoder' if runner == 'decoder' else 'transformers generate'}, "
+        f"best of "
         f"{args.decode_rounds} alternating rounds",
         f"sample (compressed): {args.prompt!r} -> {after['text']!r}",
         f"sample (original):   {args.prompt!r} -> {before['text']!r}",

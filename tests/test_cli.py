@@ -15,6 +15,7 @@ from typing import Tuple
 import pytest
 import torch
 
+import pyengine
 from pyengine import cli
 
 COMMANDS = ("compress", "eval", "inspect", "bench", "demo")
@@ -347,6 +348,8 @@ def test_bench_of_a_checkpoint_has_kernel_and_end_to_end_rows(compressed_dir, tm
     for r in e2e:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert r["peak_memory_mib"] > 0
+        assert r["decode_runner"] == pyengine.benchmarking.pick_runner(
+            pyengine.load(compressed_dir), 16)  # the lean loop where it runs the model
     assert e2e[0]["weight_bytes"] < e2e[1]["weight_bytes"]
 
 

@@ -277,3 +277,18 @@ def test_step_operations_refuse_bad_arguments():
         ext.attention_step_cpu(x.data_ptr(), 64, x.data_ptr(), x.data_ptr(), 64, 8,
                                x.data_ptr(), x.data_ptr(), 0, 0, 0, 0.0, x.data_ptr(), 8, 0, 1,
                                3, 2, 4, 0, 1.0, 1)
+
+
+def test_decode_speed_measurements_pick_the_loop():
+    from pyengine import benchmarking as bm
+    llama, gemma = random_model("llama"), random_model("gemma2")
+    assert bm.pick_runner(llama, 32) == "decoder"
+    assert bm.pick_runner(gemma, 32) == "transformers"
+    assert bm.pick_runner(llama, 32, "transformers") == "transformers"
+    with pytest.raises(ValueError, match="cannot run this model: .*gemma2"):
+        bm.pick_runner(gemma, 32, "decoder")
+    with pytest.raises(ValueError, match="runner must be one of"):
+        bm.pick_runner(llama, 32, "fast")
+    ids = torch.randint(3, llama.config.vocab_size, (1, 4))
+    tps, out = bm.decode_tokens_per_s(llama, ids, new_tokens=5, runner="decoder")
+    assert tps > 0 and torch.equal(out, pyengine.generate(llama, ids, 5))

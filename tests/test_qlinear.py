@@ -228,3 +228,46 @@ def test_selection_memo_is_cleared_when_a_backend_is_registered(monkeypatch):
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
     backends.register_backend(Loud())
     assert select_backend(case).name == "loud-test-backend"
+
+
+# ---- prepared calls (ops.bind_linear) ------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bind_linear_writes_and_accumulates_what_qlinear_computes(bits, dtype, rng):
+    if get_backend("cpu").unavailable_reason() is not None:
+        pytest.skip("no cpu backend in this build")
+    n, k = 77, 200
+    qw = pyengine.quantize(random_weight(n, k, rng), bits, 64, scale_dtype=dtype)
+    bias = random_weight(1, n, rng, dtype)[0]
+    kernel = ops.bind_linear(qw, bias, dtype=dtype)
+    assert kernel is not None
+    for m in (1, 3, 17):
+        x = random_weight(m, k, rng, dtype)
+        want = ops.qlinear(x, qw, bias, backend="torch")
+        out = poisoned((m, n), dtype, "cpu")
+        kernel(x, out, False)
+        assert_matches(out, want, dtype, f"bind_linear int{bits} M={m}")
+        acc = random_weight(m, n, rng, dtype)
+        start = acc.clone()
+        kernel(x, acc, True)
+        assert_matches(acc, start.float() + want.float(), dtype if dtype != torch.float32
+                       else torch.float32, f"bind_linear accumulate int{bits} M={m}")
+    # int8 activations: the product of the quantized activations, as qlinear computes it
+    if bits in (2, 4):
+        a8 = ops.bind_linear(qw, None, act_bits=8, dtype=dtype)
+        x = random_weight(2, k, rng, dtype)
+        out = poisoned((2, n), dtype, "cpu")
+        a8(x, out, False)
+        assert_matches(out, ops.qlinear(x, qw, act_bits=8), dtype, "bind_linear act_bits=8")
+
+
+def test_bind_linear_has_no_prepared_form_for_other_weights(rng):
+    w = random_weight(16, 32, rng)
+    assert ops.bind_linear(w) is None                                   # dense
+    mw = random_parent(16, 64, 32, False, rng, torch.float32)
+    assert ops.bind_linear(mw.at(4)) is None                            # Matryoshka planes
+    qw = pyengine.quantize(random_weight(16, 64, rng), 4, 32)
+    assert ops.bind_linear(qw, backend="torch") is None                 # a backend without one
+    with pytest.raises(ValueError, match="bias has shape"):
+        ops.bind_linear(qw, torch.zeros(15))
