@@ -156,8 +156,9 @@ def _int_list(text: str) -> List[int]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--isa", choices=sorted(ISA_FLAGS), default="native",
-                        help="llama.cpp's build (pyengine picks its kernels at run time; "
-                             "PYENGINE_CPU_ISA is not read here)")
+                        help="instruction sets of both engines: llama.cpp's build, and for "
+                             "pyengine its kernels of that set (avx2: the AVX2 build even on a "
+                             "CPU with AVX-512; native: the widest this CPU runs)")
     parser.add_argument("--threads", type=_int_list, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -169,6 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="default benchmarks/results/vs_llamacpp_<isa>.json")
     args = parser.parse_args(argv)
     from pyengine.models.smollm2 import gguf_path
+    from pyengine.backends import get_backend, register_backend
+    from pyengine.backends.cpu import CpuBackend
+    if args.isa != "native":  # pyengine's kernels of the same instruction set
+        register_backend(CpuBackend(args.isa))
+    pyengine_isa = get_backend("cpu").isa or pyengine.build_info()["cpu_isa_selected"]
 
     bin_dir = llama_tools(args.isa, args.jobs)
     source = gguf_path()
@@ -207,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{row['engine']:>9} {row['config']:>8} t={row['threads']}: "
               f"{row['tokens_per_s']:8.1f} tok/s  {row['bits_per_weight']:5.2f} bits/weight")
     meta = common.metadata("cpu")
-    meta.update(llama_cpp_isa=args.isa, llama_cpp_tools=str(bin_dir), rounds=args.rounds,
+    meta.update(llama_cpp_isa=args.isa, pyengine_cpu_isa=pyengine_isa, llama_cpp_tools=str(bin_dir), rounds=args.rounds,
                 new_tokens=args.new_tokens, params=params)
     out = args.json or common.RESULTS / f"vs_llamacpp_{args.isa}.json"
     common.write_results(out, meta, rows)

@@ -196,3 +196,17 @@ def test_cpu_kernels_never_read_past_the_last_row(isa, tmp_path):
     last_case = (run.stdout.strip().splitlines() or ["(none)"])[-1]
     assert run.returncode == 0 and last_case == "ok", (
         f"exit {run.returncode} at {last_case}: {run.stderr[-2000:]}")
+
+
+def test_the_cpu_instruction_set_can_be_chosen_by_environment(monkeypatch):
+    from pyengine.backends.cpu import CpuBackend
+    if CpuBackend("").unavailable_reason() is not None:
+        pytest.skip("no cpu backend in this build")
+    usable = pyengine.build_info()["cpu_isas_usable"]
+    monkeypatch.setenv("PYENGINE_CPU_ISA", usable[-1])
+    assert CpuBackend().isa == usable[-1] and CpuBackend().unavailable_reason() is None
+    monkeypatch.setenv("PYENGINE_CPU_ISA", "avx9")
+    with pytest.warns(UserWarning, match="PYENGINE_CPU_ISA=avx9"):
+        assert "avx9" in CpuBackend().unavailable_reason()
+    monkeypatch.delenv("PYENGINE_CPU_ISA")
+    assert CpuBackend().isa == ""

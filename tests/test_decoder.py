@@ -292,3 +292,16 @@ def test_decode_speed_measurements_pick_the_loop():
     ids = torch.randint(3, llama.config.vocab_size, (1, 4))
     tps, out = bm.decode_tokens_per_s(llama, ids, new_tokens=5, runner="decoder")
     assert tps > 0 and torch.equal(out, pyengine.generate(llama, ids, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["dense", "int4"])
+def test_decoder_on_a_gpu_matches_the_model(recipe):
+    """On CUDA the decoder runs its torch-op path with the ops' GPU backends (fp16)."""
+    model = _model("llama", recipe).to("cuda", torch.float16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), device="cuda")
+    with torch.inference_mode():
+        want = model(ids).logits[:, 5:].float()
+    decoder = Decoder(model, max_len=16, batch=2)
+    assert decoder.native is None and decoder.k_cache[0].device.type == "cuda"
+    assert rel_err(_decoded_logits(decoder, ids, prompt=6).float(), want) < 1e-2

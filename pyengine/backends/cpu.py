@@ -10,6 +10,8 @@ strided view, without copying the weight.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -20,17 +22,32 @@ from ._native import (dense_matmul_blas, packed_kernel_args, plane_kernel_call,
 from .base import Backend, LinearCase, PackedOperand
 
 
+ISA_VARIABLE = "PYENGINE_CPU_ISA"
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, isa: str = "") -> None:
-        # isa: "" picks the widest instruction set of this CPU; tests name each one.
-        self.isa = isa
+    def __init__(self, isa: Optional[str] = None) -> None:
+        # isa: "" picks the widest instruction set of this CPU; tests name each one. None: the
+        # environment variable PYENGINE_CPU_ISA (e.g. avx2, to measure that build on a CPU with
+        # AVX-512), else "".
+        self.isa = os.environ.get(ISA_VARIABLE, "").strip() if isa is None else isa
 
     @functools.lru_cache(maxsize=None)
     def unavailable_reason(self) -> Optional[str]:
-        if extension() is None:
+        ext = extension()
+        if ext is None:
             return f"pyengine._C is not available ({extension_error()})"
+        if self.isa:
+            usable = ext.build_info().get("cpu_isas_usable", [])
+            if self.isa not in usable:
+                source = f"{ISA_VARIABLE}={self.isa}" if self.isa == os.environ.get(
+                    ISA_VARIABLE, "").strip() else f"isa {self.isa!r}"
+                why = (f"{source}: this CPU and build run the instruction sets "
+                       f"{', '.join(usable)}")
+                warnings.warn(f"pyengine: the cpu backend is off ({why})", stacklevel=2)
+                return why
         return None
 
     def unsupported_reason(self, case: LinearCase) -> Optional[str]:
