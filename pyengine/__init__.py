@@ -12,13 +12,14 @@ from ._ext import build_info
 from ._version import __version__
 from .backends import BackendError, available_backends, known_backends
 from .checkpoint import CheckpointError, load, save
-from .compress import compress, dequantize_model, layer_report, predicted_bytes, storage_bytes
+from .compress import (bits_per_weight, compress, dequantize_model, layer_report, predicted_bytes,
+                       storage_bytes)
 from .data import calibration_data
 from .evaluate import perplexity
 from .hf_integration import install as _install_hf_integration
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
 from .models.adapters import UnsupportedModelError, supported_architectures
-from .modules import QuantLinear
+from .modules import QuantEmbedding, QuantLinear
 from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .plan import plan
@@ -31,8 +32,8 @@ _install_hf_integration()
 
 __all__ = [
     "BackendError", "CheckpointError", "MatryoshkaLinear", "MatryoshkaWeight", "QuantConfig",
-    "QuantLinear", "QuantizedWeight", "Recipe", "UnsupportedModelError", "__version__",
-    "available_backends", "build_info", "calibration_data", "compress", "dequantize_model",
+    "QuantEmbedding", "QuantLinear", "QuantizedWeight", "Recipe", "UnsupportedModelError", "__version__",
+    "available_backends", "bits_per_weight", "build_info", "calibration_data", "compress", "dequantize_model",
     "fuse_projections", "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
     "predicted_bytes", "quantize", "save", "scores", "set_precision", "storage_bytes",
     "supported_architectures",
