@@ -12,14 +12,15 @@ from ._ext import build_info
 from ._version import __version__
 from .backends import BackendError, available_backends, known_backends
 from .checkpoint import CheckpointError, load, save
-from .compress import compress, dequantize_model, layer_report, predicted_bytes, storage_bytes
+from .compress import (bits_per_weight, compress, dequantize_model, layer_report, predicted_bytes,
+                       storage_bytes)
 from .data import calibration_data
 from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity
 from .hf_integration import install as _install_hf_integration
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
 from .models.adapters import UnsupportedModelError, supported_architectures
-from .modules import QuantLinear
+from .modules import QuantEmbedding, QuantLinear
 from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .plan import plan
@@ -31,10 +32,12 @@ from .scores import scores
 _install_hf_integration()
 
 __all__ = [
-    "BackendError", "CheckpointError", "Decoder", "DecoderUnsupported", "MatryoshkaLinear", "MatryoshkaWeight", "QuantConfig",
-    "QuantLinear", "QuantizedWeight", "Recipe", "UnsupportedModelError", "__version__",
-    "available_backends", "build_info", "calibration_data", "compress", "decoder_blocker",
-    "dequantize_model", "fuse_projections", "generate", "get_precision", "known_backends", "layer_report", "load", "ops", "perplexity", "plan",
+    "BackendError", "CheckpointError", "Decoder", "DecoderUnsupported", "MatryoshkaLinear",
+    "MatryoshkaWeight", "QuantConfig", "QuantEmbedding", "QuantLinear", "QuantizedWeight",
+    "Recipe", "UnsupportedModelError", "__version__", "available_backends", "bits_per_weight",
+    "build_info", "calibration_data", "compress", "decoder_blocker", "dequantize_model",
+    "fuse_projections", "generate", "get_precision", "known_backends", "layer_report", "load",
+    "ops", "perplexity", "plan",
     "predicted_bytes", "quantize", "save", "scores", "set_precision", "storage_bytes",
     "supported_architectures",
 ]

@@ -30,6 +30,7 @@ from .compress import RECIPE_ATTR
 from .models.adapters import get_adapter
 from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
+from .modules.quant_embedding import QuantEmbedding
 from .modules.quant_linear import QuantLinear
 from .recipe import Recipe
 
@@ -63,9 +64,20 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
                 layers[name]["act_bits"] = module.act_bits
             if isinstance(module, MatryoshkaLinear):
                 layers[name]["matryoshka"] = module.checkpoint_info()
+        elif isinstance(module, QuantEmbedding):
+            layers[name] = {
+                "bits": module.bits, "group_size": module.group_size,
+                "symmetric": module.symmetric,
+                "shape": [module.num_embeddings, module.embedding_dim],
+                "scale_dtype": str(module.scales.dtype).replace("torch.", ""),
+                "method": module.method, "bias": False,
+                "embedding": {"dtype": str(module.dtype).replace("torch.", "")},
+            }
+    # the lowest format version that describes the checkpoint, so older readers take it
+    version = 2 if any("embedding" in entry for entry in layers.values()) else 1
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": CHECKPOINT_VERSION,
+        "format_version": version,
         "recipe": recipe.to_dict(),
         "layers": layers,
         "structure": describe_structure(model),
@@ -183,10 +195,20 @@ def retie(model: nn.Module, aliases: Dict[str, str]) -> None:
         source_module, _, source_attr = source.rpartition(".")
         src = model.get_submodule(source_module)
         dst = model.get_submodule(alias_module)
-        if source_attr in src._parameters and alias_attr in dst._parameters:
-            dst._parameters[alias_attr] = src._parameters[source_attr]
-        elif source_attr in src._buffers and alias_attr in dst._buffers:
-            dst._buffers[alias_attr] = src._buffers[source_attr]
+        if source_attr in src._parameters:
+            tensor, kind = src._parameters[source_attr], "_parameters"
+        elif source_attr in src._buffers:
+            tensor, kind = src._buffers[source_attr], "_buffers"
+        else:
+            continue
+        if alias_attr not in dst._parameters and alias_attr not in dst._buffers:
+            continue
+        # the alias becomes what the source is (a tied head's scales: the table's parameter)
+        dst._parameters.pop(alias_attr, None)
+        dst._buffers.pop(alias_attr, None)
+        getattr(dst, kind)[alias_attr] = tensor
+        if isinstance(dst, (QuantLinear, QuantEmbedding)):
+            dst._refresh_weight()  # a tied head's table: its weight view must see it
 
 
 def _read_tensors(path: Path, keys: Dict[str, str], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -246,6 +268,9 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
                                   f"does not have") from None
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if "embedding" in info:
+            setattr(parent, attr, _embedding_skeleton(module, info, field))
+            continue
         if isinstance(module, ResidualProjection):
             parent, attr = module, "proj"
         elif not isinstance(module, nn.Linear):
@@ -264,6 +289,23 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
     return model
 
 
+def _embedding_skeleton(module: nn.Module, info: Dict[str, Any], field: str) -> QuantEmbedding:
+    """The QuantEmbedding (on the meta device) that replaces the nn.Embedding ``module``."""
+    if not isinstance(module, nn.Embedding):
+        raise CheckpointError(f"{field}: a quantized embedding table, but the model's module "
+                              f"there is a {type(module).__name__}, not an embedding")
+    want = [module.num_embeddings, module.weight.shape[1]]
+    if list(info["shape"]) != want:
+        raise CheckpointError(f"{field}.shape is {info['shape']}, but the model's embedding "
+                              f"table is {want}")
+    table = QuantEmbedding(want[0], want[1], info["bits"], info["group_size"],
+                           info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
+                           device="meta", method=info["method"], padding_idx=module.padding_idx,
+                           output_dtype=SCALE_DTYPES[info["embedding"]["dtype"]])
+    table.projection = getattr(module, "projection", None)  # a sliced model's ProjectedEmbedding
+    return table
+
+
 def _matryoshka_skeleton(info: Dict[str, Any]) -> MatryoshkaLinear:
     from .matryoshka.weight import PARENT_BITS
     n, k = info["shape"]
@@ -280,7 +322,9 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
     The module tree is built on the meta device and the tensors are read straight onto
     ``device`` (default CPU) and assigned, so no weight is held twice. ``dtype`` converts every
     floating-point tensor (scales included). ``fuse``: serve the quantized layers that read one
-    input with one op per group (pyengine.fuse_projections).
+    input with one op per group (pyengine.fuse_projections). The model runs in the dtype it
+    was saved in (pyengine.compress holds dense tensors in float16 by default); ``dtype``
+    (float32, say, where a CPU runs 16-bit matmuls slowly) changes it.
 
     Raises:
         CheckpointError: before any model is returned, on a missing, truncated or malformed
@@ -324,5 +368,8 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
         fuse_projections(model)
     if dtype is not None:
         model.config.dtype = dtype
+        for module in model.modules():
+            if isinstance(module, QuantEmbedding):
+                module.dtype = dtype  # its rows follow the activations
     model.eval()
     return model

@@ -27,7 +27,9 @@ from torch import nn
 from .utils import is_int
 
 QUANT_METHOD = "pyengine"
-CHECKPOINT_VERSION = 1
+# 1: quantized linear layers; 2: also quantized embedding tables (layer entries with an
+# "embedding" field). pyengine.save writes the lowest version that describes the checkpoint.
+CHECKPOINT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,10 +41,10 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 
-# The fields of a layer entry (quantization_config.layers[name]); "method", "matryoshka" and
-# "act_bits" are optional.
+# The fields of a layer entry (quantization_config.layers[name]); "method", "matryoshka",
+# "act_bits" and "embedding" (version 2: the entry is a quantized embedding table) are optional.
 _LAYER_FIELDS = ("bits", "group_size", "symmetric", "shape", "scale_dtype", "bias")
-_OPTIONAL_LAYER_FIELDS = ("method", "matryoshka", "act_bits")
+_OPTIONAL_LAYER_FIELDS = ("method", "matryoshka", "act_bits", "embedding")
 _STRUCTURE_FIELDS = {"hidden_size": "width", "embed_width": "width", "head_width": "width",
                      "final_eps": "eps", "layers": "list"}
 _STRUCTURE_LAYER_FIELDS = {"attn_width": "width", "mlp_width": "width",
@@ -93,6 +95,10 @@ def validate_metadata(qmeta: Any, where: str) -> Dict[str, Any]:
                               f"{type(layers).__name__}")
     checked_layers = {str(name): _validate_layer(name, entry, f"{field}.layers[{name!r}]")
                       for name, entry in layers.items()}
+    tables = [name for name, entry in checked_layers.items() if "embedding" in entry]
+    if tables and version < 2:
+        raise CheckpointError(f"{field}.layers[{tables[0]!r}] is a quantized embedding table, "
+                              f"which format_version {version} does not have (2 or later)")
 
     tied = qmeta.get("tied", {})
     if not isinstance(tied, Mapping) or not all(
@@ -163,6 +169,17 @@ def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
         if act_bits:
             raise CheckpointError(f"{field}: a Matryoshka layer takes no act_bits")
         _validate_matryoshka(entry["matryoshka"], bits, f"{field}.matryoshka")
+    if "embedding" in entry:
+        emb = entry["embedding"]
+        if not isinstance(emb, Mapping) or set(emb) != {"dtype"}:
+            raise CheckpointError(f"{field}.embedding must be a mapping with one field, dtype "
+                                  f"(the dtype of the rows it returns), got {emb!r:.80}")
+        if emb["dtype"] not in SCALE_DTYPES:
+            raise CheckpointError(f"{field}.embedding.dtype must be one of "
+                                  f"{sorted(SCALE_DTYPES)}, got {emb['dtype']!r}")
+        if entry["bias"] or act_bits or "matryoshka" in entry or method != "rtn":
+            raise CheckpointError(f"{field}: a quantized embedding table has no bias, act_bits "
+                                  f"or Matryoshka parent and is made by method 'rtn'")
     return checked
 
 
@@ -331,6 +348,7 @@ def check_tensors(model: nn.Module, stored: Mapping[str, StoredTensor],
         CheckpointError: a tensor missing, unexpected, of the wrong shape or dtype, or a tied
             alias naming a tensor the model or the checkpoint does not have.
     """
+    from .modules.quant_embedding import QuantEmbedding
     from .modules.quant_linear import QuantLinear
     expected = model.state_dict()
     for alias, source in aliases.items():
@@ -359,9 +377,11 @@ def check_tensors(model: nn.Module, stored: Mapping[str, StoredTensor],
                               f"{_describe(first)}, which the metadata does not describe"
                               f"{_some(unexpected)}")
     # tensors of quantized layers must have exactly the dtype the metadata gives (int32 codes,
-    # scales in scale_dtype); other floating-point tensors may be stored in any float dtype
+    # scales in scale_dtype); other floating-point tensors (biases included) may be stored in
+    # any float dtype
     exact = {f"{name}.{key}" for name, module in model.named_modules()
-             if isinstance(module, QuantLinear) for key, _ in module.state_dict().items()}
+             if isinstance(module, (QuantLinear, QuantEmbedding))
+             for key, _ in module.state_dict().items() if key not in ("bias", "projection")}
     for key in sorted(stored):
         t, want = stored[key], expected[key]
         if t.shape != tuple(want.shape):

@@ -151,9 +151,11 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
     g.add_argument("--slice-schedule", choices=("dynamic", "constant"), default="dynamic",
                    help="per-layer widths from layer redundancy, or uniform (default: dynamic)")
     g.add_argument("--quantize-head", type=int, choices=(0, 8, 4), default=head_default,
-                   metavar="BITS", help="also quantize the output head (RTN, 8 or 4 bits; 0: "
-                                        "keep it dense; default: " +
-                                        (f"{head_default}" if head_default else "dense") + ")")
+                   metavar="BITS", help="bits of the output head (RTN, 8 or 4; a tied head at 8 "
+                                        "bits shares the token embedding's table); 0 keeps the "
+                                        "head and the token embedding dense (default: " +
+                                        (f"{head_default}" if head_default else
+                                         "8, the head and the table quantized alike") + ")")
     c = parser.add_argument_group("calibration")
     c.add_argument("--calib", default="offline", metavar="offline|wikitext2|c4|ptb|FILE",
                    help="calibration text (default: offline, the calibration split of the "
@@ -469,13 +471,17 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace)
                       slice_schedule=args.slice_schedule, act_bits=args.act_bits)
     except ValueError as exc:
         raise UsageError(f"recipe: {exc}") from None
-    if args.quantize_head:
+    if args.quantize_head == 0:
+        recipe = Recipe(quant=recipe.quant, slicing=recipe.slicing,
+                        info={**recipe.info, "head_bits": 0}, embeddings=None)
+    elif args.quantize_head:
         from .models.adapters import get_adapter
         head = re.escape(get_adapter(model).head)
         recipe = Recipe(quant={head: QuantConfig(args.quantize_head, args.group_size,
                                                  method="rtn"), **recipe.quant},
                         slicing=recipe.slicing,
-                        info={**recipe.info, "head_bits": args.quantize_head})
+                        info={**recipe.info, "head_bits": args.quantize_head},
+                        embeddings=recipe.embeddings)
     return recipe
 
 
@@ -579,7 +585,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.device, _dtype(args.dtype))
     result: Dict[str, Any] = {"model": str(args.model), "compressed": loaded.compressed,
                               "weight_bytes": storage_bytes(loaded.model),
-                              "predicted_bytes": predicted_bytes(loaded.model)}
+                              "predicted_bytes": predicted_bytes(loaded.model),
+                              "bits_per_weight": _bits_per_weight(loaded.model)}
     if source is not None:
         tokenizer = _require_tokenizer(loaded, "perplexity")
         result.update(dataset=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -589,10 +596,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"at most {args.max_windows} windows)")
     print(f"weight bytes: {result['weight_bytes']} ({_mib(result['weight_bytes'])} held, "
           f"{_mib(result['predicted_bytes'])} predicted by the format)")
+    if result["bits_per_weight"] is not None:
+        print(_describe_bits(result["bits_per_weight"]))
     if args.json:
         write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _bits_per_weight(model: nn.Module) -> Optional[Dict[str, float]]:
+    """pyengine.bits_per_weight, or None for a model of a family pyengine does not support."""
+    from .compress import bits_per_weight
+    from .models.adapters import UnsupportedModelError
+    try:
+        return {k: round(v, 4) for k, v in bits_per_weight(model).items()}
+    except UnsupportedModelError:
+        return None
+
+
+def _describe_bits(bits: Dict[str, float]) -> str:
+    return (f"bits per weight: {bits['model']:.2f} over the whole model, {bits['linears']:.2f} "
+            f"over the decoder's linear layers (scales and zeros included)")
 
 
 # ---- inspect -----------------------------------------------------------------------------------
@@ -706,16 +730,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     other = [e for e in layer_report(model) if not e["name"].startswith(adapter.layers + ".")]
     for e in other:
         kind = f"int{e['bits']}" if e["kind"] == "quantized" else f"dense {e['bits']}-bit"
-        print(f"{e['name']}: {kind}, {e['shape'][0]}x{e['shape'][1]}, {e['bytes']} bytes")
+        tied = f" (shares {e['tied_to']}'s table)" if e.get("tied_to") else ""
+        print(f"{e['name']}: {kind}, {e['shape'][0]}x{e['shape'][1]}, {e['bytes']} bytes{tied}")
     total, predicted = storage_bytes(model), predicted_bytes(model)
     recipe = getattr(model, RECIPE_ATTR, None)
     if recipe is not None and recipe.info:
         print(f"recipe: {describe_recipe(recipe)}")
     print(f"total weight bytes: {total} ({_mib(total)} held, {_mib(predicted)} predicted)")
+    bits = _bits_per_weight(model)
+    print(_describe_bits(bits))
     if args.json:
         write_text(args.json, json.dumps({"model": str(args.model), "layers": rows,
                                           "other": other, "weight_bytes": total,
-                                          "predicted_bytes": predicted}, indent=1) + "\n")
+                                          "predicted_bytes": predicted,
+                                          "bits_per_weight": bits}, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.plot is not None:
         title = f"{loaded.name}: " + (describe_recipe(recipe) if recipe is not None and recipe.info

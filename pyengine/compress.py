@@ -17,6 +17,7 @@ from torch import nn
 from .models.adapters import get_adapter
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.fusion import fuse_projections
+from .modules.quant_embedding import QuantEmbedding
 from .modules.quant_linear import QuantLinear
 from .modules.sliced import ResidualProjection
 from .qweight import padded_in_features
@@ -55,14 +56,15 @@ def _check_recipe_names(model: nn.Module, recipe: Recipe) -> None:
         if cfg is not None and key != "_default":
             if re.fullmatch(key, adapter.embed):
                 raise ValueError(f"recipe pattern {key!r} names the embeddings ({adapter.embed}); "
-                                 f"quantizing embeddings is not supported")
+                                 f"their quantization is Recipe.embeddings (None keeps them dense)")
 
 
 def compressed_reason(model: nn.Module) -> Optional[str]:
     """Why ``model`` counts as compressed by pyengine (quantized layers, or the recipe that
     pyengine.compress and pyengine.load leave on it), or None for a model pyengine has not
     compressed. A model that is only sliced by hand (pyengine.slicing) is not compressed."""
-    quantized = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+    quantized = [name for name, module in model.named_modules()
+                 if isinstance(module, (QuantLinear, QuantEmbedding))]
     if quantized:
         return f"{len(quantized)} quantized layers such as {quantized[0]!r}"
     if getattr(model, RECIPE_ATTR, None) is not None:
@@ -70,8 +72,17 @@ def compressed_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+def default_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a compressed model holds its dense tensors and scales in, by default: the
+    model's own when it is float16 or bfloat16, float16 otherwise."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype if p.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return torch.float16
+
+
 def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progress: bool = True,
-             scale_dtype: Optional[torch.dtype] = None,
+             dtype: Optional[torch.dtype] = None, scale_dtype: Optional[torch.dtype] = None,
              matquant_options: Optional[Mapping[str, Any]] = None, fuse: bool = True) -> nn.Module:
     """Compresses ``model`` in place and returns it.
 
@@ -80,13 +91,21 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     linear layer the recipe names is quantized (RTN, or GPTQ with calibration data). Layers
     whose QuantConfig has ``matryoshka=True`` become MatryoshkaLinear layers holding an int8
     parent (RTN, or MatQuant with calibration data) and serving its int8 slice until
-    pyengine.set_precision says otherwise.
+    pyengine.set_precision says otherwise. The token embedding table and the output head are
+    quantized as ``recipe.embeddings`` says (8-bit RTN by default; a tied pair stays one
+    tensor, shared by a QuantEmbedding and the QuantLinear head).
+
+    Everything that stays dense (norms, biases, the shortcut and projection matrices of sliced
+    models, layers a recipe keeps dense) is then held in ``dtype``, and the model runs its
+    activations in it; slicing and quantizing are computed in the model's own dtype first.
 
     Args:
         model: a Hugging Face causal LM of a supported family (pyengine.supported_architectures()).
         recipe: what to do (pyengine.Recipe).
         calibration: token batches (pyengine.calibration_data) for slicing and GPTQ.
-        scale_dtype: dtype of the quantization scales; default: each weight's dtype.
+        dtype: float16, bfloat16 or float32; default (:func:`default_dtype`) the model's dtype
+            when it is 16-bit, else float16. float32 only on request.
+        scale_dtype: dtype of the quantization scales and zeros; default ``dtype``.
         matquant_options: keyword arguments of
             pyengine.quantizers.matquant.matquant_quantize_model (``weights`` = the slice
             weights lambda, ``steps``, ``lr``, ``grid``, ``learn_codes``, ``compute_device``...).
@@ -109,13 +128,22 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
         from .calibrate import check_calibration
         check_calibration(model, calibration)
     _check_recipe_names(model, recipe)
+    dtype = default_dtype(model) if dtype is None else dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got "
+                         f"{dtype}")
+    scale_dtype = dtype if scale_dtype is None else scale_dtype
     if recipe.slicing is not None:
         _apply_slicing(model, recipe, calibration, show_progress)
 
+    # a tied table and head quantized alike stay one tensor: the embedding's (below)
+    head_cfg = recipe.config_for(adapter.head, is_head=True)
+    shared_head = (adapter.tied_embeddings(model) and recipe.embeddings is not None
+                   and head_cfg == recipe.embeddings)
     targets = []
     for name, linear, parent, attr in quantizable_linears(model):
         cfg = recipe.config_for(name, is_head=(name == adapter.head))
-        if cfg is None or isinstance(linear, QuantLinear):
+        if cfg is None or isinstance(linear, QuantLinear) or (shared_head and name == adapter.head):
             continue
         targets.append((name, linear, parent, attr, cfg))
     needs_calibration = [t[0] for t in targets if t[4].method in ("gptq", "matquant")]
@@ -138,16 +166,65 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
                                                     enabled=show_progress):
         layer_class = MatryoshkaLinear if cfg.matryoshka else QuantLinear
         setattr(parent, attr, layer_class.from_linear(linear, cfg, scale_dtype=scale_dtype))
+    if recipe.embeddings is not None:
+        embed = model.get_submodule(adapter.embed)
+        table = QuantEmbedding.from_embedding(embed, recipe.embeddings, scale_dtype=scale_dtype)
+        head = model.get_submodule(adapter.head)
+        _set_module(model, adapter.embed, table)
+        if shared_head:
+            _set_module(model, adapter.head, table.tied_head(head.bias))
     setattr(model, RECIPE_ATTR, recipe)
     _untie_if_head_quantized(model)
+    hold_dense_in(model, dtype)
     if fuse:
         fuse_projections(model)
     return model
 
 
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+
+
+@torch.no_grad()
+def hold_dense_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Converts every floating-point parameter and persistent buffer of ``model`` to ``dtype``
+    except the scales and zeros of quantized layers (tied tensors stay one tensor;
+    non-persistent buffers such as rotary frequencies keep their precision) and makes ``dtype`` the dtype of the model's activations (its config's dtype and
+    the rows its quantized embedding returns)."""
+    converted: Dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        quantized = isinstance(module, (QuantLinear, QuantEmbedding))
+        for name, p in list(module._parameters.items()):
+            if (p is None or not p.is_floating_point() or p.dtype == dtype
+                    or (quantized and name in ("scales", "zeros"))):  # those keep scale_dtype
+                continue
+            if id(p) not in converted:
+                converted[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            module._parameters[name] = converted[id(p)]
+        for name, b in list(module._buffers.items()):
+            if (b is None or not b.is_floating_point() or b.dtype == dtype
+                    or name in module._non_persistent_buffers_set
+                    or (quantized and name in ("scales", "zeros"))):  # those keep scale_dtype
+                continue
+            if id(b) not in converted:
+                converted[id(b)] = b.to(dtype)
+            module._buffers[name] = converted[id(b)]
+        if isinstance(module, QuantEmbedding):
+            module.dtype = dtype
+        if quantized:
+            module._refresh_weight()
+    for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if cfg is not None:
+            cfg.dtype = dtype
+
+
 def _untie_if_head_quantized(model: nn.Module) -> None:
+    """A quantized head or table is tied (if at all) through pyengine's own sharing, not
+    through transformers' tie_word_embeddings (which would look for dense weights)."""
     adapter = get_adapter(model)
-    if isinstance(model.get_submodule(adapter.head), QuantLinear):
+    if (isinstance(model.get_submodule(adapter.head), QuantLinear)
+            or isinstance(model.get_submodule(adapter.embed), QuantEmbedding)):
         for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
             if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
@@ -176,36 +253,44 @@ def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress:
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every QuantLinear is an nn.Linear with the dequantized weight
-    (in the scales' dtype). The structure (sliced layers included) is otherwise unchanged; the
-    original model is not modified."""
+    (in the scales' dtype) and a QuantEmbedding an nn.Embedding (a ProjectedEmbedding when it
+    has a projection) with the dequantized table (in the rows' dtype). The structure (sliced
+    layers included) is otherwise unchanged; the original model is not modified."""
     ref = copy.deepcopy(model)
     for name, module in list(ref.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
             parent_name, _, attr = name.rpartition(".")
             parent = ref.get_submodule(parent_name) if parent_name else ref
-            setattr(parent, attr, module.to_linear())
+            dense = (module.to_linear() if isinstance(module, QuantLinear)
+                     else module.to_embedding())
+            setattr(parent, attr, dense)
     if hasattr(ref, RECIPE_ATTR):
         delattr(ref, RECIPE_ATTR)
     return ref
 
 
+def _packed_bytes(module: nn.Module) -> int:
+    """The canonical size of a quantized layer's or table's codes, scales and zeros."""
+    n, k, bits = module.out_features, module.in_features, module.bits
+    kp = padded_in_features(k, module.group_size)
+    groups = 1 if module.group_size == -1 else kp // module.group_size
+    per_group = module.scales.element_size() * (1 if module.symmetric else 2)
+    return n * kp * bits // 8 + n * groups * per_group
+
+
 def predicted_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights should take: the canonical packed size of each QuantLinear
-    (docs/FORMAT.md; a Matryoshka layer's three planes take 8 bits per code, like its int8
-    parent) plus every other parameter and persistent buffer at its dtype."""
+    """Bytes the model's weights should take: the canonical packed size of each QuantLinear and
+    QuantEmbedding (docs/FORMAT.md; a Matryoshka layer's three planes take 8 bits per code,
+    like its int8 parent; a table shared by a tied head counted once) plus every other
+    parameter and persistent buffer at its dtype."""
     total = 0
     quant_tensors = set()
     for module in model.modules():
-        if isinstance(module, QuantLinear):
-            n, k, bits = module.out_features, module.in_features, module.bits
-            kp = padded_in_features(k, module.group_size)
-            groups = 1 if module.group_size == -1 else kp // module.group_size
-            per_group = module.scales.element_size() * (1 if module.symmetric else 2)
-            total += n * kp * bits // 8 + n * groups * per_group
-            if module.bias is not None:
-                total += module.bias.numel() * module.bias.element_size()
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
             stored = (module.stored_tensors() if isinstance(module, MatryoshkaLinear) else
-                      (module.qweight, module.scales, module.zeros, module.bias))
+                      (module.qweight, module.scales, module.zeros))
+            if id(stored[0]) not in quant_tensors:  # a tied head shares the table's tensors
+                total += _packed_bytes(module)
             quant_tensors.update(id(t) for t in stored if t is not None)
     seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
@@ -214,6 +299,41 @@ def predicted_bytes(model: nn.Module) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()
     return total
+
+
+def weight_count(model: nn.Module) -> Dict[str, int]:
+    """Weights the model holds: ``model``: every element of its matrices and vectors (a
+    quantized matrix counts its N x K weights, a tensor shared by tied modules once);
+    ``linears``: those of the decoder layers' linear layers."""
+    adapter = get_adapter(model)
+    quant_tensors, seen, total = set(), set(), 0
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            stored = (module.stored_tensors() if isinstance(module, MatryoshkaLinear) else
+                      (module.qweight, module.scales, module.zeros))
+            if id(stored[0]) not in quant_tensors:
+                total += module.out_features * module.in_features
+            quant_tensors.update(id(t) for t in stored if t is not None)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in quant_tensors and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    linears = sum(r["shape"][0] * r["shape"][1] for r in layer_report(model)
+                  if r["name"].startswith(adapter.layers + "."))
+    return {"model": total, "linears": linears}
+
+
+def bits_per_weight(model: nn.Module) -> Dict[str, float]:
+    """Stored bits per weight: ``model``: 8 x :func:`storage_bytes` over every weight the model
+    holds (:func:`weight_count`: embeddings, head, norms, shortcuts and the rest included);
+    ``linears``: 8 x bytes of the decoder layers' linear layers (codes, scales, zeros, biases)
+    over their weights."""
+    adapter = get_adapter(model)
+    counts = weight_count(model)
+    linear_bytes = sum(r["bytes"] for r in layer_report(model)
+                       if r["name"].startswith(adapter.layers + "."))
+    return {"model": 8.0 * storage_bytes(model) / max(counts["model"], 1),
+            "linears": 8.0 * linear_bytes / max(counts["linears"], 1)}
 
 
 def storage_bytes(model: nn.Module) -> int:
@@ -229,10 +349,23 @@ def storage_bytes(model: nn.Module) -> int:
 
 
 def layer_report(model: nn.Module) -> List[Dict[str, object]]:
-    """One row per linear layer: name, kind, bits, group size, shape and bytes (Matryoshka
-    layers: kind "matryoshka", bits 8 as stored, and the precision served)."""
+    """One row per linear layer, then one for the token embedding: name, kind, bits, group
+    size, shape and bytes (Matryoshka layers: kind "matryoshka", bits 8 as stored, and the
+    precision served; a head sharing the embedding's table: ``tied_to`` names the embedding,
+    and the bytes are counted on the embedding's row only)."""
+    adapter = get_adapter(model)
+    embed = model.get_submodule(adapter.embed)
     rows = []
     for name, linear, _, _ in quantizable_linears(model):
+        if (isinstance(linear, QuantLinear) and isinstance(embed, QuantEmbedding)
+                and linear.qweight is embed.qweight):
+            rows.append(dict(name=name, kind="quantized", bits=linear.bits,
+                             group_size=linear.group_size,
+                             shape=[linear.out_features, linear.in_features],
+                             bytes=0 if linear.bias is None
+                             else linear.bias.numel() * linear.bias.element_size(),
+                             tied_to=adapter.embed))
+            continue
         if isinstance(linear, QuantLinear):
             row = dict(name=name, kind="quantized", bits=linear.bits,
                        group_size=linear.group_size,
@@ -242,7 +375,19 @@ def layer_report(model: nn.Module) -> List[Dict[str, object]]:
             rows.append(row)
         else:
             w = linear.weight
-            rows.append(dict(name=name, kind="dense", bits=8 * w.element_size(), group_size=None,
-                             shape=list(w.shape), bytes=w.numel() * w.element_size()
-                             + (0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size())))
+            row = dict(name=name, kind="dense", bits=8 * w.element_size(), group_size=None,
+                       shape=list(w.shape), bytes=w.numel() * w.element_size()
+                       + (0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()))
+            if name == adapter.head and w is getattr(embed, "weight", None):
+                row.update(bytes=row["bytes"] - w.numel() * w.element_size(), tied_to=adapter.embed)
+            rows.append(row)
+    if isinstance(embed, QuantEmbedding):
+        rows.append(dict(name=adapter.embed, kind="quantized", bits=embed.bits,
+                         group_size=embed.group_size, shape=[embed.num_embeddings,
+                                                             embed.embedding_dim],
+                         bytes=embed.nbytes))
+    else:
+        w = embed.weight
+        rows.append(dict(name=adapter.embed, kind="dense", bits=8 * w.element_size(),
+                         group_size=None, shape=list(w.shape), bytes=w.numel() * w.element_size()))
     return rows

@@ -83,13 +83,19 @@ def register_with_transformers() -> None:
             apply_compressed_structure(model, qmeta, where)
             # the same checks as pyengine.load, on the files transformers is about to read
             check_checkpoint(model, directory, qmeta["tied"], checkpoint_files)
+            # tensors saved once are tied again after loading (retie below): not "missing"
+            import re
+            ignored = set(model._keys_to_ignore_on_load_missing or ())
+            model._keys_to_ignore_on_load_missing = ignored | {
+                f"^{re.escape(alias)}$" for alias in qmeta["tied"]}
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from .modules.fusion import fuse_projections
+            from .modules.quant_embedding import QuantEmbedding
             from .modules.quant_linear import QuantLinear
             for module in model.modules():
-                if isinstance(module, QuantLinear):
+                if isinstance(module, (QuantLinear, QuantEmbedding)):
                     module._refresh_weight()
             # tied keys hold their source's very tensor, as in the model saved (pyengine.load
             # does the same)

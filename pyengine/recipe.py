@@ -3,9 +3,10 @@
 A :class:`Recipe` maps regular expressions on module names (``re.fullmatch``, tried in the order
 given) to a :class:`QuantConfig`, or to ``None`` to keep a layer dense; the key ``"_default"``
 applies to every other linear layer of the decoder. The output head (``lm_head``) and the
-embeddings are never covered by ``"_default"``: a pattern must name the head explicitly.
-``slicing`` holds the kept width of each decoder layer's residual stream (SliceGPT with
-per-layer widths) or ``None``.
+token embedding are never covered by ``"_default"``: they follow ``embeddings`` (8-bit RTN by
+default, ``None`` keeps them dense), unless a pattern names the head explicitly. ``slicing``
+holds the kept width of each decoder layer's residual stream (SliceGPT with per-layer widths)
+or ``None``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .utils import is_int
 QUANT_METHODS = ("rtn", "gptq", "matquant")
 MATRYOSHKA_METHODS = ("rtn", "matquant")
 DEFAULT_KEY = "_default"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the ``embeddings`` field (version-1 recipes kept the embeddings dense)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,23 @@ class QuantConfig:
         return cls(**d)
 
 
+def default_embeddings() -> "QuantConfig":
+    """The default quantization of the token embedding table and the output head: 8-bit RTN,
+    asymmetric, groups of 128."""
+    return QuantConfig(bits=8, group_size=128)
+
+
+def _check_embeddings(cfg: Optional[QuantConfig]) -> None:
+    if cfg is None:
+        return
+    if not isinstance(cfg, QuantConfig):
+        raise ValueError(f"Recipe.embeddings must be a QuantConfig or None (dense), got "
+                         f"{type(cfg).__name__}")
+    if cfg.method != "rtn" or cfg.matryoshka or cfg.act_bits or cfg.act_order:
+        raise ValueError(f"Recipe.embeddings is quantized by plain RTN: QuantConfig(bits, "
+                         f"group_size, symmetric), got {cfg!r}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What to do to a model: per-layer quantization and, optionally, per-layer kept widths.
@@ -103,14 +121,21 @@ class Recipe:
             ``re.fullmatch`` against full module names such as ``model.layers.3.mlp.down_proj``;
             the first match wins; ``None`` keeps the layer dense.
         slicing: kept residual width of each decoder layer (one int per layer), or None.
+        embeddings: the quantization (RTN) of the token embedding table and of the output head,
+            or None to keep both dense; default 8 bits, groups of 128. A tied table and head
+            stay one tensor (pyengine.QuantEmbedding and a QuantLinear head sharing it). A
+            pattern of ``quant`` naming the head overrides this for the head (a tied pair is
+            then untied when the two differ).
         info: JSON-able notes (what pyengine.plan measured and decided); not used to compress.
     """
 
     quant: Mapping[str, Optional[QuantConfig]] = field(default_factory=dict)
     slicing: Optional[List[int]] = None
     info: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    embeddings: Optional[QuantConfig] = field(default_factory=default_embeddings)
 
     def __post_init__(self) -> None:
+        _check_embeddings(self.embeddings)
         for key, cfg in self.quant.items():
             if not isinstance(key, str):
                 raise ValueError(f"recipe keys must be strings (regexes), got {key!r}")
@@ -137,7 +162,7 @@ class Recipe:
             if key != DEFAULT_KEY and re.fullmatch(key, name):
                 return cfg
         if is_head:
-            return None
+            return self.embeddings
         return self.quant.get(DEFAULT_KEY)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -145,6 +170,7 @@ class Recipe:
             "version": RECIPE_VERSION,
             "quant": {k: (None if v is None else v.to_dict()) for k, v in self.quant.items()},
             "slicing": None if self.slicing is None else list(self.slicing),
+            "embeddings": None if self.embeddings is None else self.embeddings.to_dict(),
             "info": dict(self.info),
         }
 
@@ -166,7 +192,18 @@ class Recipe:
                 raise ValueError(f"recipe quant[{k!r}] must be QuantConfig fields or null, got "
                                  f"{v!r}")
             quant[k] = None if v is None else QuantConfig.from_dict(v)
-        return cls(quant=quant, slicing=d.get("slicing"), info=dict(d.get("info") or {}))
+        if version < 2:  # before the field existed, the embeddings and the head stayed dense
+            embeddings = None
+        elif "embeddings" not in d:
+            embeddings = default_embeddings()
+        else:
+            emb = d["embeddings"]
+            if emb is not None and not isinstance(emb, Mapping):
+                raise ValueError(f"recipe embeddings must be QuantConfig fields or null, got "
+                                 f"{emb!r}")
+            embeddings = None if emb is None else QuantConfig.from_dict(emb)
+        return cls(quant=quant, slicing=d.get("slicing"), info=dict(d.get("info") or {}),
+                   embeddings=embeddings)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

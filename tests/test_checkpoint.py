@@ -19,7 +19,7 @@ RECIPE = Recipe({
 })
 
 
-def _compressed(family, rng, sliced=False, **overrides):
+def _compressed(family, rng, sliced=False, embeddings="default", **overrides):
     model = random_model(family, **overrides)
     slicing = None
     if sliced:
@@ -28,7 +28,9 @@ def _compressed(family, rng, sliced=False, **overrides):
         widths = [56, 40, 48][:n]
         structure.apply_bases(model, [q(w) for w in widths], [q(w) for w in widths], q(44))
         slicing = widths
-    return pyengine.compress(model, Recipe(RECIPE.quant, slicing=slicing), show_progress=False)
+    recipe = (Recipe(RECIPE.quant, slicing=slicing) if embeddings == "default"
+              else Recipe(RECIPE.quant, slicing=slicing, embeddings=embeddings))
+    return pyengine.compress(model, recipe, show_progress=False)
 
 
 def _logits(model, ids):
@@ -56,8 +58,9 @@ def test_save_load_is_exact_both_ways(family, sliced, tmp_path, rng):
 
 @pytest.mark.parametrize("head", ["tied", "quantized"])
 def test_sliced_tied_models_round_trip(head, tmp_path, rng):
-    """Sliced models with tied embeddings keep one table (ProjectedEmbedding + final-norm
-    projection); a quantized head on such a model reads the original basis."""
+    """Sliced models with tied embeddings kept dense keep one table (ProjectedEmbedding +
+    final-norm projection); a quantized head on such a model reads the original basis
+    (quantized tables: tests/test_quant_embedding.py)."""
     from pyengine.modules.sliced import ProjectedEmbedding
     model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)  # table > layers
     d = model.config.hidden_size
@@ -67,7 +70,7 @@ def test_sliced_tied_models_round_trip(head, tmp_path, rng):
     quant = dict(RECIPE.quant)
     if head == "quantized":
         quant = {"lm_head": QuantConfig(8, 32), **quant}
-    pyengine.compress(model, Recipe(quant, slicing=widths), show_progress=False)
+    pyengine.compress(model, Recipe(quant, slicing=widths, embeddings=None), show_progress=False)
     assert isinstance(model.model.embed_tokens, ProjectedEmbedding)
     if head == "tied":
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -88,7 +91,7 @@ def test_sliced_tied_models_round_trip(head, tmp_path, rng):
 
 
 def test_tied_embeddings_are_saved_once_and_tied_again(tmp_path, rng):
-    model = _compressed("llama", rng, tie_word_embeddings=True)
+    model = _compressed("llama", rng, embeddings=None, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     pyengine.save(model, tmp_path)
     from safetensors import safe_open
@@ -115,7 +118,8 @@ def test_load_converts_dtype(tmp_path, rng):
     pyengine.save(model, tmp_path)
     half = pyengine.load(tmp_path, dtype=torch.bfloat16)
     assert half.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
-    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert half.model.embed_tokens.scales.dtype == torch.bfloat16
+    assert half.model.norm.weight.dtype == torch.bfloat16
     ids = torch.randint(3, 160, (1, 7), generator=rng)
     assert torch.isfinite(_logits(half, ids).float()).all()
 

@@ -297,6 +297,12 @@ def test_eval_reports_perplexity_and_bytes(compressed_dir, tmp_path, capsys):
     assert result["perplexity"] == pytest.approx(ppl, rel=1e-4)
     assert result["weight_bytes"] == result["predicted_bytes"] > 0
     assert int(out.split("weight bytes:")[1].split()[0]) == result["weight_bytes"]
+    bits = result["bits_per_weight"]
+    assert 0 < bits["linears"] < 9 and 0 < bits["model"] < 16
+    assert f"bits per weight: {bits['model']:.2f} over the whole model" in out
+    disk = sum(p.stat().st_size for p in compressed_dir.glob("*.safetensors"))
+    assert bits["model"] == pytest.approx(8 * disk / (8 * result["weight_bytes"] / bits["model"]),
+                                          rel=0.05)
 
 
 def test_eval_of_the_original_model_without_perplexity(tiny_model_dir, capsys):
@@ -318,6 +324,8 @@ def test_inspect_prints_the_plan_and_plots_it(compressed_dir, tmp_path, capsys):
     assert [max(r["bit_widths"]) for r in rows] == config["recipe"]["info"]["layer_bits"]
     assert all(isinstance(r["lim"], float) for r in rows)
     assert sum(r["bytes"] for r in rows) < data["weight_bytes"]
+    assert data["bits_per_weight"]["linears"] < data["bits_per_weight"]["model"]
+    assert "bits per weight:" in out and "over the decoder's linear layers" in out
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["layer", "LIM", "ZD", "LR"]
     for row, line in zip(rows, lines[1:4]):

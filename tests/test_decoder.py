@@ -34,7 +34,7 @@ native_ops = pytest.mark.skipif(extension() is None or not hasattr(extension(), 
                                 reason="pyengine._C without the CPU step operations")
 
 
-def _model(family: str, recipe: str, seed: int = 0):
+def _model(family: str, recipe: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     model = random_model(family, seed=seed)
     with torch.no_grad():  # peaked attention (random init gives near-uniform weights), so
         for layer in model.model.layers:  # scores, scale and positions all show in the logits
@@ -42,8 +42,8 @@ def _model(family: str, recipe: str, seed: int = 0):
             for proj in ([attn.qkv_proj] if hasattr(attn, "qkv_proj")
                          else [attn.q_proj, attn.k_proj]):
                 proj.weight.mul_(12)
-    if RECIPES[recipe] is not None:
-        pyengine.compress(model, RECIPES[recipe], show_progress=False)
+    if RECIPES[recipe] is not None:  # float32 kept: the decoder's arithmetic checked at 1e-4
+        pyengine.compress(model, RECIPES[recipe], show_progress=False, dtype=dtype)
     if recipe == "matryoshka":
         pyengine.set_precision(model, 4)
     return model
@@ -107,6 +107,20 @@ def test_chunks_of_several_tokens_after_the_prompt():
         decoder.forward(ids[:, :1])
     with pytest.raises(ValueError, match="made for 2"):
         decoder.prefill(ids[:1])
+
+
+def test_a_compressed_model_in_its_default_float16():
+    """pyengine.compress holds a model in float16 by default (quantized embedding and head
+    included): the decoder runs it in float16."""
+    model = random_model("qwen3")
+    pyengine.compress(model, Recipe({"_default": QuantConfig(4, 32)}), show_progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        want = model(ids).logits[:, 4:].float()
+    decoder = Decoder(model, max_len=9, batch=2)
+    assert decoder.dtype == torch.float16
+    got = _decoded_logits(decoder, ids, prompt=5).float()
+    assert rel_err(got, want) < 1e-2
 
 
 def test_bfloat16_model():

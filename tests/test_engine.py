@@ -27,7 +27,7 @@ def _ids(rng, batch=2, length=12, vocab=160):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_logits_match_the_dequantized_model(family, rng):
     model = random_model(family)
-    pyengine.compress(model, MIXED, show_progress=False)
+    pyengine.compress(model, MIXED, show_progress=False, dtype=torch.float32)
     reference = pyengine.dequantize_model(model)
     assert not any(isinstance(m, pyengine.QuantLinear) for m in reference.modules())
     ids = _ids(rng)
@@ -46,8 +46,9 @@ def test_the_recipe_decides_each_layer(family):
     downs = [m for n, m in quantized.items() if n.endswith("mlp.down_proj") and ".0." not in n]
     assert downs and all(m.bits == 3 and m.symmetric and m.group_size == 64 for m in downs)
     assert not any(n.endswith(".v_proj") and not n.startswith("model.layers.0.") for n in quantized)
-    assert "lm_head" not in quantized, "the head is never quantized by _default"
-    assert isinstance(model.lm_head, nn.Linear)
+    # the head and the table follow Recipe.embeddings (8 bits by default), never _default
+    assert quantized["lm_head"].bits == 8 and quantized["lm_head"].group_size == 128
+    assert isinstance(model.model.embed_tokens, pyengine.QuantEmbedding)
 
 
 def test_the_head_is_quantized_only_when_named(rng):
@@ -70,7 +71,7 @@ def test_embeddings_cannot_be_quantized():
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_generation_greedy_static_and_sampling(family, rng):
     model = random_model(family)
-    pyengine.compress(model, MIXED, show_progress=False)
+    pyengine.compress(model, MIXED, show_progress=False, dtype=torch.float32)
     reference = pyengine.dequantize_model(model)
     ids = _ids(rng, batch=1, length=6)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -108,8 +109,9 @@ def test_layer_report_lists_every_linear():
     rows = {r["name"]: r for r in pyengine.layer_report(model)}
     assert rows["model.layers.1.mlp.down_proj"]["bits"] == 3
     assert rows["model.layers.1.self_attn.v_proj"]["kind"] == "dense"
-    assert rows["lm_head"]["kind"] == "dense"
-    assert len(rows) == 3 * 7 + 1
+    assert rows["lm_head"]["kind"] == "quantized" and rows["lm_head"]["bits"] == 8
+    assert rows["model.embed_tokens"]["kind"] == "quantized"
+    assert len(rows) == 3 * 7 + 2
 
 
 # ---- recipes ------------------------------------------------------------------------------------
@@ -120,7 +122,8 @@ def test_recipe_json_round_trip():
     assert back == recipe
     assert back.config_for("model.layers.2.mlp.down_proj") == QuantConfig(3, 64, True)
     assert back.config_for("model.layers.2.self_attn.v_proj") is None
-    assert back.config_for("lm_head", is_head=True) is None
+    assert back.config_for("lm_head", is_head=True) == QuantConfig(8, 128)  # Recipe.embeddings
+    assert Recipe(MIXED.quant, embeddings=None).config_for("lm_head", is_head=True) is None
 
 
 @pytest.mark.parametrize("bad, message", [

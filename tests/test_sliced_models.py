@@ -88,7 +88,7 @@ def test_per_layer_widths_run_and_combine_with_quantization(rng):
     assert torch.isfinite(_logits(model, ids)).all()
 
     pyengine.compress(model, Recipe({"_default": QuantConfig(4, 32)}, slicing=widths),
-                      show_progress=False)
+                      show_progress=False, dtype=torch.float32)
     assert isinstance(model.model.layers[2].mlp.down_proj, ResidualProjection)
     assert isinstance(model.model.layers[2].mlp.down_proj.proj, pyengine.QuantLinear)
     reference = pyengine.dequantize_model(model)

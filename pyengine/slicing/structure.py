@@ -308,11 +308,12 @@ def describe_structure(model: nn.Module) -> Optional[dict]:
         })
     final = model.get_submodule(adapter.final_norm)
     embed = model.get_submodule(adapter.embed)
-    projected = isinstance(embed, ProjectedEmbedding)
+    # a ProjectedEmbedding, or a QuantEmbedding made from one (it keeps the projection)
+    projected = getattr(embed, "projection", None) is not None
     return {
         "hidden_size": model.config.hidden_size,
         "projected_embeddings": projected,
-        "embed_width": embed.output_width if projected else embed.weight.shape[1],
+        "embed_width": embed.output_width if projected else embed.embedding_dim,
         "head_width": final.width,
         "final_eps": final.eps,
         "layers": layers,
