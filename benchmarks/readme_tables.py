@@ -88,17 +88,49 @@ def decode_table(name: str) -> List[str]:
     rows = [r for r in data["rows"] if r.get("op") == "decode"]
     body = [[r["model"], str(r["batch"]), f"{r['tokens_per_s']:.1f}",
              f"{r.get('speedup_vs_dense', float('nan')):.2f}x", _mib(r["weight_bytes"]),
-             f"{r['pct_roofline']:.0f}%", str(r["graphs"])] for r in rows]
+             f"{r['pct_roofline']:.0f}%", str(r.get("runner", "transformers")),
+             str(r["graphs"])] for r in rows]
     skipped = [f"{r['model']} ({r['reason']})" for r in data["rows"] if r.get("op") == "skipped"]
     lines = ([f"**End-to-end decode**, random weights of {meta.get('shape')} shapes "
               f"({meta.get('layers')} layers), static KV cache, {meta.get('new_tokens')} greedy "
               f"steps after a {meta.get('prompt_tokens')}-token prompt; copy bandwidth "
               f"{meta.get('copy_bandwidth_gbps')} GB/s ({_source(name, meta)})", ""]
-             + _table(["model", "batch", "tokens/s", "vs dense", "MiB", "of roofline", "graphs"],
-                      body))
+             + _table(["model", "batch", "tokens/s", "vs dense", "MiB", "of roofline",
+                       "decode loop", "graphs"], body))
     if skipped:
         lines += ["", "Not run: " + "; ".join(skipped) + "."]
     return lines
+
+
+# pyengine config -> the llama.cpp type of about the same bits per decoder weight
+LLAMA_PEERS = {"dense": "F32", "int8": "Q8_0", "int4": "Q4_0", "int4_a8": "Q4_0",
+               "int2_a8": "Q2_K"}
+
+
+def vs_llamacpp_table(name: str) -> List[str]:
+    data = _load(name)
+    if data is None:
+        return []
+    meta = data["meta"]
+    rows = [r for r in data["rows"] if r.get("op") == "decode_vs_llamacpp"]
+    speed = {(r["engine"], r["config"], r["threads"]): r for r in rows}
+    body = []
+    for r in rows:
+        if r["engine"] != "pyengine":
+            continue
+        peer = speed.get(("llama.cpp", LLAMA_PEERS.get(r["config"], ""), r["threads"]))
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else ""
+        body.append([r["config"], str(r["threads"]), f"{r['tokens_per_s']:.1f}",
+                     f"{r['bits_per_weight']:.2f}", peer["config"] if peer else "",
+                     f"{peer['tokens_per_s']:.1f}" if peer else "",
+                     f"{peer['bits_per_weight']:.2f}" if peer else "", ratio])
+    return ([f"**Decode against llama.cpp**, SmolLM2-135M from the same GGUF, batch 1, "
+             f"{meta.get('new_tokens')} tokens, medians of {meta.get('rounds')} alternating "
+             f"rounds; llama.cpp built for {meta.get('llama_cpp_isa')}, pyengine's "
+             f"{meta.get('pyengine_cpu_isa', '?')} kernels through pyengine.Decoder; bits per "
+             f"weight of the whole file / model ({_source(name, meta)})", ""]
+            + _table(["pyengine", "threads", "tokens/s", "bits/weight", "llama.cpp",
+                      "tokens/s", "bits/weight", "pyengine / llama.cpp"], body))
 
 
 def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]:
@@ -130,7 +162,10 @@ def gpu_files() -> List[str]:
 
 def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table,
-             lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json")]
+             lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
+             lambda: decode_table("decode_cpu_tinyllama.json"),
+             lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
+             lambda: vs_llamacpp_table("vs_llamacpp_avx2.json")]
             + [lambda name=name: kernel_table(name, "GPU kernels") for name in gpu_files()]
             + [lambda: kernel_table("cpu_kernels.json", "CPU kernels", (1, 8))])
 

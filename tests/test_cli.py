@@ -388,4 +388,4 @@ def test_demo_with_tiny_settings_prints_the_comparison(capsys):
     assert 1 < before < after < 1e4
     assert float(rows["weight size"][2]) < float(rows["weight size"][0])
     assert all(float(v) > 0 for v in rows["decode tokens/s"][:2])
-    assert "sample (compressed):" in out and "dynamic slicing" in out
+    assert "sample (compressed):" in out and "both models through pyengine.Decoder" in out
