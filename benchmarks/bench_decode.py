@@ -139,13 +139,18 @@ def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer (shared storages
     once) except the embedding table, of which only ``batch`` rows are read unless the head
     reads it too (tied embeddings)."""
-    embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is embed
+    table = model.get_input_embeddings()
+    head = model.get_output_embeddings()
     total = pyengine.storage_bytes(model)
+    if isinstance(table, pyengine.QuantEmbedding):  # packed rows, scales and zeros
+        tied = head is not None and getattr(head, "qweight", None) is table.qweight
+        table_bytes, rows = table.nbytes, table.num_embeddings
+    else:
+        tied = head is not None and getattr(head, "weight", None) is table.weight
+        table_bytes, rows = table.weight.numel() * table.weight.element_size(), \
+            table.weight.shape[0]
     if not tied:
-        row = embed.shape[1] * embed.element_size()
-        total -= embed.numel() * embed.element_size() - batch * row
+        total -= table_bytes - batch * table_bytes // rows
     return total
 
 
@@ -203,7 +208,7 @@ def measure_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_toke
         return measure_decoder(model, batch, prompt_len, new_tokens)
     from transformers import StaticCache
     cfg = model.config
-    dtype = model.lm_head.weight.dtype if hasattr(model.lm_head, "weight") else torch.float16
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     warmup = 3
     max_len = prompt_len + warmup + new_tokens + 1
     cache = StaticCache(config=cfg, max_cache_len=max_len)

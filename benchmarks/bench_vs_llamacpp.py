@@ -46,7 +46,7 @@ from pyengine import QuantConfig, Recipe  # noqa: E402
 
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 PYENGINE_CONFIGS = ("dense", "int8", "int4", "int4_a8", "int2_a8")
-TOOLS = ("llama-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
 ISA_FLAGS = {
     "native": ["-DGGML_NATIVE=ON"],
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
@@ -75,7 +75,8 @@ def _download_sdist(into: Path) -> Path:
 
 
 def llama_tools(isa: str, jobs: int) -> Path:
-    """The directory holding llama-bench and llama-quantize for ``isa``, built when missing."""
+    """The directory holding llama-bench, llama-quantize and llama-perplexity for ``isa``,
+    built when missing."""
     root = cache_root()
     sdist = _download_sdist(root / "sdist")
     version = sdist.name[len("llama_cpp_python-"):-len(".tar.gz")]

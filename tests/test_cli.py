@@ -300,9 +300,6 @@ def test_eval_reports_perplexity_and_bytes(compressed_dir, tmp_path, capsys):
     bits = result["bits_per_weight"]
     assert 0 < bits["linears"] < 9 and 0 < bits["model"] < 16
     assert f"bits per weight: {bits['model']:.2f} over the whole model" in out
-    disk = sum(p.stat().st_size for p in compressed_dir.glob("*.safetensors"))
-    assert bits["model"] == pytest.approx(8 * disk / (8 * result["weight_bytes"] / bits["model"]),
-                                          rel=0.05)
 
 
 def test_eval_of_the_original_model_without_perplexity(tiny_model_dir, capsys):
