@@ -64,6 +64,13 @@ def _norm_params(norm: nn.Module) -> Optional[tuple]:
     return weight, float(eps)
 
 
+def _norm_in(norm: nn.Module, dtype: torch.dtype) -> tuple:
+    """(weight in ``dtype``, eps) of an RMSNorm (a copy when the dtype differs: norms are
+    small)."""
+    weight, eps = _norm_params(norm)
+    return weight.detach().to(dtype), eps
+
+
 def decoder_blocker(model: nn.Module, max_len: Optional[int] = None) -> str:
     """Why :class:`Decoder` cannot run ``model`` (one line), or "" when it can."""
     try:
@@ -146,21 +153,44 @@ class _Linear:
             acc.add_(self.run(x))
 
 
+def _module_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype a module computes in: its scales' (quantized layers) or first float tensor's."""
+    scales = getattr(module, "scales", None)
+    if isinstance(scales, Tensor):
+        return scales.dtype
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _in_dtype(run: Callable[[Tensor], Tensor], module_dtype: Optional[torch.dtype],
+              dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """``run`` fed and answering in ``dtype`` when the module computes in another one."""
+    if module_dtype is None or module_dtype == dtype:
+        return run
+    return lambda x: run(x.to(module_dtype)).to(dtype)
+
+
 def _prepare_linear(module: nn.Module, device: torch.device, dtype: torch.dtype) -> _Linear:
     from .modules.quant_linear import QuantLinear
     if isinstance(module, QuantLinear) and type(module).op_weight is QuantLinear.op_weight:
+        # the kernel reads activations and writes outputs in the decoder's dtype whatever the
+        # dtype of the scales
         kernel = bind_linear(module.quantized_weight, module.bias, act_bits=module.act_bits,
                              device=device, dtype=dtype)
         if kernel is not None:
             return _Linear(None, module.out_features, kernel=kernel)
         weight, bias, act_bits = module.quantized_weight, module.bias, module.act_bits
         from .ops.linear import qlinear
-        return _Linear(None, module.out_features,
-                       run=lambda x: qlinear(x, weight, bias, act_bits=act_bits))
+        return _Linear(None, module.out_features, run=_in_dtype(
+            lambda x: qlinear(x, weight, bias, act_bits=act_bits), module.scales.dtype, dtype))
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
-        return _Linear(None, module.out_features, run=lambda x: F.linear(x, weight, bias))
-    return _Linear(module, int(getattr(module, "out_features")))
+        return _Linear(None, module.out_features, run=_in_dtype(
+            lambda x: F.linear(x, weight, bias), weight.dtype, dtype))
+    return _Linear(None, int(getattr(module, "out_features")),
+                   run=_in_dtype(module, _module_dtype(module), dtype))
 
 
 def _prepare_inputs(members: Sequence[nn.Module], device: torch.device,
@@ -180,8 +210,9 @@ def _prepare_inputs(members: Sequence[nn.Module], device: torch.device,
                 return [_Linear(None, group.out_features, kernel=kernel)]
             from .ops.linear import qlinear
             weight, bias, act_bits = group.weight, group.bias, first.act_bits
-            return [_Linear(None, group.out_features,
-                            run=lambda x: qlinear(x, weight, bias, act_bits=act_bits))]
+            return [_Linear(None, group.out_features, run=_in_dtype(
+                lambda x: qlinear(x, weight, bias, act_bits=act_bits), weight.scales.dtype,
+                dtype))]
     return [_prepare_linear(m, device, dtype) for m in members]
 
 
@@ -197,8 +228,8 @@ class _Layer:
     def __init__(self, layer: nn.Module, adapter, device, dtype) -> None:
         attn = layer.get_submodule(adapter.attn)
         mlp = layer.get_submodule(adapter.mlp)
-        self.attn_norm = _norm_params(layer.get_submodule(adapter.attn_norm))
-        self.mlp_norm = _norm_params(layer.get_submodule(adapter.mlp_norm))
+        self.attn_norm = _norm_in(layer.get_submodule(adapter.attn_norm), dtype)
+        self.mlp_norm = _norm_in(layer.get_submodule(adapter.mlp_norm), dtype)
         self.qkv = _prepare_inputs([attn.get_submodule(n) for n in adapter.attn_inputs],
                                    device, dtype)
         self.o_proj = _prepare_linear(attn.get_submodule(adapter.attn_output), device, dtype)
@@ -206,8 +237,8 @@ class _Layer:
                                        device, dtype)
         self.down = _prepare_linear(mlp.get_submodule(adapter.mlp_output), device, dtype)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm = None if q_norm is None else _norm_params(q_norm)
-        self.k_norm = None if k_norm is None else _norm_params(k_norm)
+        self.q_norm = None if q_norm is None else _norm_in(q_norm, dtype)
+        self.k_norm = None if k_norm is None else _norm_in(k_norm, dtype)
 
     def bind_native(self) -> None:
         """(pointer, dtype code, eps) of the norms for the native step operations."""
@@ -235,11 +266,16 @@ class Decoder:
             in eval mode; its modules and weights are used in place.
         max_len: positions of the cache (prompt and generated tokens).
         batch: sequences decoded together (equal-length prompts, no padding).
+        dtype: of the residual stream, KV cache, activations and logits. Default: float32 on
+            a CPU (whose kernels compute in float32 and would only convert a 16-bit stream back
+            and forth; weights, scales and tables stay in their stored dtype), the model's dtype
+            elsewhere.
 
     Raises DecoderUnsupported (with :func:`decoder_blocker`'s reason) for other models.
     """
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1) -> None:
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1,
+                 dtype: Optional[torch.dtype] = None) -> None:
         if int(max_len) < 1 or int(batch) < 1:
             raise ValueError(f"max_len and batch must be >= 1, got {max_len} and {batch}")
         why = decoder_blocker(model, max_len)
@@ -250,10 +286,14 @@ class Decoder:
         adapter = get_adapter(model)
         config = model.config
         embed = model.get_submodule(adapter.embed)
-        # the residual stream's dtype: the model's (the final norm's weight is in it)
-        self.final_norm = _norm_params(model.get_submodule(adapter.final_norm))
-        self.dtype = self.final_norm[0].dtype
-        self.device = self.final_norm[0].device
+        final_norm = model.get_submodule(adapter.final_norm)
+        model_dtype, self.device = final_norm.weight.dtype, final_norm.weight.device
+        if dtype is None:  # float32 on a CPU: its kernels compute in float32 whatever they read
+            dtype = torch.float32 if self.device.type == "cpu" else model_dtype
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"Decoder: dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.dtype = dtype
+        self.final_norm = _norm_in(final_norm, dtype)
         self.embed = embed
         self.layers = [_Layer(layer, adapter, self.device, self.dtype)
                        for layer in adapter.decoder_layers(model)]
@@ -299,7 +339,7 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, ids: Tensor) -> Tensor:
         """Appends ``ids`` [batch, m] (int64) to the cached sequences; returns the logits of the
-        last new position, [batch, vocab] in the model's dtype."""
+        last new position, [batch, vocab] in the decoder's dtype."""
         if ids.dim() == 1:
             ids = ids.unsqueeze(1)
         b, m = ids.shape
