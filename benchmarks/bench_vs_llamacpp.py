@@ -34,7 +34,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -74,14 +74,14 @@ def _download_sdist(into: Path) -> Path:
     return found[-1]
 
 
-def llama_tools(isa: str, jobs: int) -> Path:
+def llama_tools(isa: str, jobs: int, needed: Sequence[str] = TOOLS) -> Path:
     """The directory holding llama-bench, llama-quantize and llama-perplexity for ``isa``,
-    built when missing."""
+    built (all three) when one of ``needed`` is missing."""
     root = cache_root()
     sdist = _download_sdist(root / "sdist")
     version = sdist.name[len("llama_cpp_python-"):-len(".tar.gz")]
     bin_dir = root / f"{version}-{isa}" / "bin"
-    if all((bin_dir / t).exists() for t in TOOLS):
+    if all((bin_dir / t).exists() for t in needed):
         return bin_dir
     if shutil.which("cmake") is None:
         raise SystemExit("bench_vs_llamacpp: building llama.cpp needs cmake")
@@ -177,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         register_backend(CpuBackend(args.isa))
     pyengine_isa = get_backend("cpu").isa or pyengine.build_info()["cpu_isa_selected"]
 
-    bin_dir = llama_tools(args.isa, args.jobs)
+    bin_dir = llama_tools(args.isa, args.jobs, needed=("llama-bench", "llama-quantize"))
     source = gguf_path()
     llama = {t: llama_model(bin_dir, source, t) for t in args.llama_types.split(",") if t}
     if args.build_only:
