@@ -358,7 +358,7 @@ def layer_report(model: nn.Module) -> List[Dict[str, object]]:
     rows = []
     for name, linear, _, _ in quantizable_linears(model):
         if (isinstance(linear, QuantLinear) and isinstance(embed, QuantEmbedding)
-                and linear.qweight is embed.qweight):
+                and getattr(linear, "qweight", None) is embed.qweight):  # Matryoshka: planes
             rows.append(dict(name=name, kind="quantized", bits=linear.bits,
                              group_size=linear.group_size,
                              shape=[linear.out_features, linear.in_features],

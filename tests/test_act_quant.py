@@ -95,15 +95,18 @@ def test_layers_recipes_and_checkpoints_keep_act_bits(tmp_path, rng):
     from pyengine.models.random import random_model
     model = random_model("llama")
     recipe = Recipe({"_default": QuantConfig(bits=4, group_size=32, act_bits=8)})
-    pyengine.compress(model, recipe, show_progress=False)
-    layers = [m for m in model.modules() if isinstance(m, pyengine.QuantLinear)]
+    pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
+    layers = [m for name, m in model.named_modules()
+              if isinstance(m, pyengine.QuantLinear) and name.startswith("model.layers.")]
     assert layers and all(m.act_bits == 8 for m in layers)
+    assert model.lm_head.act_bits == 0  # the head: Recipe.embeddings' 8-bit weights
     ids = torch.randint(3, 160, (2, 9), generator=rng)
     with torch.no_grad():
         logits = model(ids).logits
     pyengine.save(model, tmp_path / "ck")
     loaded = pyengine.load(tmp_path / "ck")
-    assert all(m.act_bits == 8 for m in loaded.modules() if isinstance(m, pyengine.QuantLinear))
+    assert all(m.act_bits == 8 for name, m in loaded.named_modules()
+               if isinstance(m, pyengine.QuantLinear) and name.startswith("model.layers."))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, logits)
     # a layer's forward is the product on its quantized input

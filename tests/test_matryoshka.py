@@ -223,9 +223,11 @@ def _logits(model, ids):
 
 @pytest.fixture(scope="module")
 def rtn_model():
+    # float32 and a dense embedding: the Matryoshka layers compared at 1e-5, alone in the file
     return pyengine.compress(random_model("llama"),
-                             Recipe({"_default": QuantConfig(8, 32, matryoshka=True)}),
-                             show_progress=False)
+                             Recipe({"_default": QuantConfig(8, 32, matryoshka=True)},
+                                    embeddings=None),
+                             show_progress=False, dtype=torch.float32)
 
 
 def test_compressed_model_logits_equal_the_dequantized_model_at_every_precision(rtn_model, rng):
@@ -336,7 +338,7 @@ def test_sliced_model_with_matryoshka_parents(tmp_path, rng):
     calib = torch.randint(3, 160, (2, 16), generator=rng)
     recipe = Recipe({r".*o_proj": QuantConfig(8, 32, matryoshka=True, method="matquant"),
                      "_default": QuantConfig(8, 32, matryoshka=True)}, slicing=widths)
-    pyengine.compress(model, recipe, calib, show_progress=False)
+    pyengine.compress(model, recipe, calib, show_progress=False, dtype=torch.float32)
     ids = torch.randint(3, 160, (2, 9), generator=rng)
     pyengine.set_precision(model, {r".*o_proj": 2, r".*down_proj": 4})
     assert pyengine.get_precision(model)["model.layers.1.self_attn.o_proj"] == 2

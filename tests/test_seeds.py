@@ -179,7 +179,8 @@ def test_gptq_act_order_and_symmetric_store_the_canonical_layout(rng):
 def test_compress_with_gptq_recipe(rng):
     model = random_model("qwen2")
     recipe = Recipe({"_default": QuantConfig(4, 32, method="gptq"),
-                     r".*down_proj": QuantConfig(3, 32, method="gptq", act_order=True)})
+                     r".*down_proj": QuantConfig(3, 32, method="gptq", act_order=True)},
+                    embeddings=None)  # the GPTQ layers alone
     pyengine.compress(model, recipe, _calib(rng), show_progress=False)
     assert all(m.method == "gptq" for m in model.modules() if isinstance(m, pyengine.QuantLinear))
     ids = _calib(rng, n=1, seqlen=8)
@@ -203,7 +204,8 @@ def test_pca_slicing_then_quantization_through_compress(method, rng, tmp_path):
     # shortcut (GPTQ must still see its inputs)
     model = random_model("llama", num_hidden_layers=4)
     widths = [64, 32, 64, 32]
-    recipe = Recipe({"_default": QuantConfig(4, 32, method=method)}, slicing=widths)
+    recipe = Recipe({"_default": QuantConfig(4, 32, method=method)}, slicing=widths,
+                    embeddings=None)
     pyengine.compress(model, recipe, _calib(rng), show_progress=False)
     from pyengine.slicing.structure import layer_widths
     assert layer_widths(model) == widths
