@@ -43,6 +43,10 @@ CONFIGS: Dict[str, Dict] = {
                                         dtype=torch.float32, embeddings=None),
     "int4_g64_gptq": dict(quant={"_default": QuantConfig(4, 64, method="gptq")}),
     "int4_g128_gptq": dict(quant={"_default": QuantConfig(4, 128, method="gptq")}),
+    # the table (and tied head) with one scale per row: 576 is not a multiple of 128, so group
+    # 128 pads every row to 640 codes
+    "int4_g64_gptq_row_table": dict(quant={"_default": QuantConfig(4, 64, method="gptq")},
+                                    embeddings=QuantConfig(8, -1)),
 }
 LLAMA_TYPES = ("Q8_0", "Q4_0", "Q2_K")
 
