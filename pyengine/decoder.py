@@ -132,12 +132,12 @@ class _Linear:
     Prepared kernel calls (quantized weights on the cpu backend) write or accumulate straight into
     their target; anything else runs the module (or the fused group's op) and adds."""
 
-    def __init__(self, module: Optional[nn.Module], out_features: int,
+    def __init__(self, out_features: int,
                  kernel: Optional[Callable[[Tensor, Tensor, bool], None]] = None,
                  run: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         self.out_features = out_features
         self.kernel = kernel
-        self.run = run if run is not None else module
+        self.run = run
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.kernel is not None:
@@ -180,16 +180,16 @@ def _prepare_linear(module: nn.Module, device: torch.device, dtype: torch.dtype)
         kernel = bind_linear(module.quantized_weight, module.bias, act_bits=module.act_bits,
                              device=device, dtype=dtype)
         if kernel is not None:
-            return _Linear(None, module.out_features, kernel=kernel)
+            return _Linear(module.out_features, kernel=kernel)
         weight, bias, act_bits = module.quantized_weight, module.bias, module.act_bits
         from .ops.linear import qlinear
-        return _Linear(None, module.out_features, run=_in_dtype(
+        return _Linear(module.out_features, run=_in_dtype(
             lambda x: qlinear(x, weight, bias, act_bits=act_bits), module.scales.dtype, dtype))
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
-        return _Linear(None, module.out_features, run=_in_dtype(
+        return _Linear(module.out_features, run=_in_dtype(
             lambda x: F.linear(x, weight, bias), weight.dtype, dtype))
-    return _Linear(None, int(getattr(module, "out_features")),
+    return _Linear(int(getattr(module, "out_features")),
                    run=_in_dtype(module, _module_dtype(module), dtype))
 
 
@@ -207,10 +207,10 @@ def _prepare_inputs(members: Sequence[nn.Module], device: torch.device,
             kernel = bind_linear(group.weight, group.bias, act_bits=first.act_bits,
                                  device=device, dtype=dtype)
             if kernel is not None:
-                return [_Linear(None, group.out_features, kernel=kernel)]
+                return [_Linear(group.out_features, kernel=kernel)]
             from .ops.linear import qlinear
             weight, bias, act_bits = group.weight, group.bias, first.act_bits
-            return [_Linear(None, group.out_features, run=_in_dtype(
+            return [_Linear(group.out_features, run=_in_dtype(
                 lambda x: qlinear(x, weight, bias, act_bits=act_bits), weight.scales.dtype,
                 dtype))]
     return [_prepare_linear(m, device, dtype) for m in members]
