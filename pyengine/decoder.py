@@ -355,20 +355,20 @@ class Decoder:
         # the residual stream, a buffer of its own (it is updated in place)
         x = torch.empty(b * m, self.hidden, dtype=self.dtype, device=self.device)
         x.copy_(self.embed(ids).reshape(b * m, self.hidden))
-        cos = self.cos[start:start + m].unsqueeze(1)                 # [m, 1, hd]
-        sin = self.signed_sin[start:start + m].unsqueeze(1)
         end = start + m
-        mask = None
-        causal = False
-        if m > 1:
-            if start == 0:
-                causal = True
-            else:  # new token i sees cached positions <= start + i
-                mask = (torch.arange(end, device=self.device)
-                        <= torch.arange(start, end, device=self.device).unsqueeze(1))
         if self.native is not None and m == 1:
             x = self._native_step(x, start)
-        else:
+        else:  # rope rows and the attention mask of the torch path
+            cos = self.cos[start:start + m].unsqueeze(1)                 # [m, 1, hd]
+            sin = self.signed_sin[start:start + m].unsqueeze(1)
+            mask = None
+            causal = False
+            if m > 1:
+                if start == 0:
+                    causal = True
+                else:  # new token i sees cached positions <= start + i
+                    mask = (torch.arange(end, device=self.device)
+                            <= torch.arange(start, end, device=self.device).unsqueeze(1))
             x = self._torch_layers(x, b, m, start, cos, sin, mask, causal)
         self.position = end
         last = x.view(b, m, self.hidden)[:, -1]
