@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .problem import MatmulConfig, MatmulProblem
-from .tiles import codes_to_float, dense_tile, dot_acc, finish_tile, group_params, weight_tile
+from .tiles import (block_code, codes_to_float, dense_tile, dot_acc, finish_tile, group_params,
+                    weight_tile)
 
 
 @triton.jit
@@ -70,19 +71,11 @@ def _gemv_step(x_ptr, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs
         x_sum = tl.zeros((SEGS,), dtype=tl.float32)           # sum_j x per segment
         for j in tl.static_range(SEG_LEN):
             if BITS == 3:
-                # code j: bits [3j, 3j + 3) of w0 | w1 << 32 | w2 << 64 (docs/FORMAT.md);
-                # codes 10 and 21 take their high bits from the next word.
-                SHIFT: tl.constexpr = (3 * j) % 32
-                if (3 * j) // 32 == 0:
-                    low, high = w0, w1
-                elif (3 * j) // 32 == 1:
-                    low, high = w1, w2
-                else:
-                    low, high = w2, w2
-                code = low >> SHIFT
-                if SHIFT > 29:
-                    code = code | (high << (32 - SHIFT))
-                code = code & 7
+                # code j: bits [3j, 3j + 3) of w0 | w1 << 32 | w2 << 64 (docs/FORMAT.md),
+                # with compile-time shifts and word choice (codes 10 and 21 straddle words).
+                # block_code takes J as a constexpr argument: the constants it derives are
+                # fresh per call, never reassigned inside this static_range loop.
+                code = block_code(w0, w1, w2, j, 3)
             else:
                 code = (w0 >> (j * BITS)) & ((1 << BITS) - 1)
             xj = tl.load(x_ptr + seg_k0 + j, mask=seg_k0 + j < K, other=0.0).to(tl.float32)
