@@ -58,27 +58,27 @@ template <int BITS>
 __device__ __forceinline__ void load_block_words(const uint32_t* p, bool vec, uint32_t (&w)[BITS]) {
   if constexpr (BITS == 4) {
     if (vec) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));  // static-gpu: weight load
       w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
       return;
     }
   } else if constexpr (BITS == 8) {
     if (vec) {
-      const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(p));
-      const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+      const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(p));  // static-gpu: weight load
+      const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(p) + 1);  // static-gpu: weight load
       w[0] = v0.x; w[1] = v0.y; w[2] = v0.z; w[3] = v0.w;
       w[4] = v1.x; w[5] = v1.y; w[6] = v1.z; w[7] = v1.w;
       return;
     }
   } else if constexpr (BITS == 2) {
     if (vec) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));  // static-gpu: weight load
       w[0] = v.x; w[1] = v.y;
       return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+  for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);  // static-gpu: weight load
 }
 
 // Code j (0..31, a compile-time constant after unrolling) of a packing block, as the float

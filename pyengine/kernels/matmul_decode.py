@@ -17,13 +17,13 @@ and writes the output (still exactly one write). With one slice the decode kerne
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .problem import MatmulConfig, MatmulProblem
+from .problem import KernelLaunch, MatmulConfig, MatmulProblem
 from .tiles import (block_code, codes_to_float, dense_tile, dot_acc, finish_tile, group_params,
                     weight_tile)
 
@@ -33,7 +33,8 @@ def _load_words(q_ptr, stride_qn, offs_n, n_lim, word, word_k0, k_lim):
     """uint32 words [BLOCK_N, len(word)] of rows offs_n; 0 outside the used block."""
     mask = (offs_n < n_lim)[:, None] & (word_k0 < k_lim)[None, :]
     ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + word[None, :]
-    return tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    words = tl.load(ptrs, mask=mask, other=0)  # static-gpu: weight load
+    return words.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -152,19 +153,20 @@ def split_k_reduce_kernel(
                 BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
 
 
-def launch_split_k_reduce(part: torch.Tensor, split_k: int, epilogue_args: tuple,
+def split_k_reduce_launch(part: torch.Tensor, split_k: int, epilogue_args: tuple,
                           out: torch.Tensor, M: int, N: int, block_m: int, block_r: int,
                           has_bias: bool, has_shortcut: bool, dot_fp32: bool,
-                          dot_precision: str) -> None:
-    """out = the sum of the split_k fp32 partial results in part ([split_k, M, N], contiguous)
-    + bias + residual @ shortcut (epilogue_args: bias, stride, residual, 2 strides, shortcut,
-    2 strides, R, as MatmulProblem.epilogue_args gives them)."""
+                          dot_precision: str) -> KernelLaunch:
+    """The launch of out = the sum of the split_k fp32 partial results in part ([split_k, M, N],
+    contiguous) + bias + residual @ shortcut (epilogue_args: bias, stride, residual, 2 strides,
+    shortcut, 2 strides, R, as MatmulProblem.epilogue_args gives them)."""
     reduce_n = 128 if block_m == 1 else 64
-    split_k_reduce_kernel[(triton.cdiv(N, reduce_n),)](
-        part, split_k, *epilogue_args, out, out.stride(0), M, N,
-        HAS_BIAS=has_bias, HAS_SHORTCUT=has_shortcut, DOT_FP32=dot_fp32,
-        DOT_PRECISION=dot_precision, BLOCK_M=block_m, BLOCK_N=reduce_n, BLOCK_R=block_r,
-        num_warps=4)
+    return KernelLaunch(
+        split_k_reduce_kernel, (triton.cdiv(N, reduce_n),),
+        (part, split_k, *epilogue_args, out, out.stride(0), M, N),
+        dict(HAS_BIAS=has_bias, HAS_SHORTCUT=has_shortcut, DOT_FP32=dot_fp32,
+             DOT_PRECISION=dot_precision, BLOCK_M=block_m, BLOCK_N=reduce_n, BLOCK_R=block_r,
+             num_warps=4))
 
 
 def split_k_slices(K: int, block_k: int, n_tiles: int, split_k: int, target_programs: int,
@@ -180,8 +182,11 @@ def split_k_slices(K: int, block_k: int, n_tiles: int, split_k: int, target_prog
     return split_k, steps_per_slice * block_k
 
 
-def launch_decode(p: MatmulProblem, cfg: MatmulConfig, target_programs: int) -> torch.Tensor:
-    """Runs the decode path for p (M <= 16) and returns p.out."""
+def decode_launches(p: MatmulProblem, cfg: MatmulConfig,
+                    target_programs: int) -> List[KernelLaunch]:
+    """The launches of the decode path for p (M <= 16): the decode kernel over (N tiles, K
+    slices), then the split-K reduce when there are several slices (its fp32 workspace is
+    allocated here, on p's device)."""
     if p.M > 16 or cfg.block_m not in (1, 16) or (cfg.block_m == 1 and p.M != 1):
         raise ValueError(f"decode path: M={p.M} does not fit block_m={cfg.block_m}")
     n_tiles = triton.cdiv(p.N, cfg.block_n)
@@ -190,13 +195,15 @@ def launch_decode(p: MatmulProblem, cfg: MatmulConfig, target_programs: int) -> 
     part = (torch.empty((split_k, p.M, p.N), dtype=torch.float32, device=p.x.device)
             if split_k > 1 else p.out)
     flags = p.flags()
-    _decode_kernel[(n_tiles, split_k)](
-        p.x, p.x.stride(0), *p.weight_args(), *p.epilogue_args(), p.out, p.out.stride(0), part,
-        p.M, p.N, p.K, k_per_split, **flags,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launches = [KernelLaunch(
+        _decode_kernel, (n_tiles, split_k),
+        (p.x, p.x.stride(0), *p.weight_args(), *p.epilogue_args(), p.out, p.out.stride(0), part,
+         p.M, p.N, p.K, k_per_split),
+        dict(**flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+             BLOCK_R=cfg.block_r, WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps,
+             num_stages=cfg.num_stages))]
     if split_k > 1:
-        launch_split_k_reduce(part, split_k, p.epilogue_args(), p.out, p.M, p.N, cfg.block_m,
-                              cfg.block_r, flags["HAS_BIAS"], flags["HAS_SHORTCUT"],
-                              flags["DOT_FP32"], flags["DOT_PRECISION"])
-    return p.out
+        launches.append(split_k_reduce_launch(
+            part, split_k, p.epilogue_args(), p.out, p.M, p.N, cfg.block_m, cfg.block_r,
+            flags["HAS_BIAS"], flags["HAS_SHORTCUT"], flags["DOT_FP32"], flags["DOT_PRECISION"]))
+    return launches
