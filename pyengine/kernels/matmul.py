@@ -84,7 +84,7 @@ def select_config(M: int, bits: int, dtype: torch.dtype,
     if M == 1:
         return "decode", MatmulConfig(1, 16, _GEMV_BLOCK_K[bits], num_warps=4, num_stages=2)
     if M <= DECODE_MAX_M:
-        return "decode", MatmulConfig(16, 32, 128 if dtype != torch.float32 else 64,
+        return "decode", MatmulConfig(16, 32, 128 if dtype != torch.float32 else 32,
                                       num_warps=4, num_stages=3)
     bucket = m_bucket(M)
     cfg = next(c for bound, c in _PREFILL if bound == (bucket or None))

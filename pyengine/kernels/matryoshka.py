@@ -64,6 +64,10 @@ PARENT_BITS = 8
 # (160..256 bytes) per row: r = 8 and 6 read 8 words per 32 codes, r = 4 and 3 read 5, r = 2
 # reads 3. Not tuned on a GPU yet.
 _GEMV_BLOCK_K = {8: 256, 6: 256, 4: 256, 3: 256, 2: 512}
+# GPU, 2 <= M <= 16: at most this many codes per tl.dot step. Three planes' codes are live at
+# once while a tile is assembled; at the canonical kernels' 128 the sm_90 build needs 255
+# registers and spills (triton 3.6, symmetric weights with a shortcut).
+_DOT_BLOCK_K_MAX = 64
 # Interpreter, M == 1: wider and longer steps than the canonical GEMV's (1, 16, 64): the
 # interpreter pays per operation, and the 32-code loop is the costly part. Small test shapes
 # still get several N tiles and split-K.
@@ -107,7 +111,9 @@ def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
                s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
                PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum over k in [k0, k0 + BLOCK_K) of x[0, k] * W_r[offs_n, k]: fp32 [BLOCK_N].
+    """Partial sums over k in [k0, k0 + BLOCK_K) of x[0, k] * W_r[offs_n, k], per 32-code
+    block: fp32 [BLOCK_N, BLOCK_K // 32] (the caller adds them up over K and reduces over
+    blocks once, after its loop).
 
     Segment a of the step is the 32-code packing block starting at seg_k0[a] = k0 + 32 a, i.e.
     block b = seg_k0[a] / 32 of every plane: plane_hi and plane_lo words 3b .. 3b + 2,
@@ -151,7 +157,7 @@ def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
     # BITS = 8 (the parent's): a symmetric parent's zero point is 2^(8-1) = 128
     scale, zero = group_params(s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, seg_k0, K,
                                8, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
-    return tl.sum(scale * (xc * STEP - zero * x_sum[None, :]), axis=1)
+    return scale * (xc * STEP - zero * x_sum[None, :])
 
 
 @triton.jit
@@ -207,13 +213,18 @@ def _plane_decode_kernel(
     # K_PER_SPLIT is a multiple of BLOCK_K, so no step crosses into the next slice.
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        if BLOCK_M == 1:
-            acc += _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
-                              s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
-                              PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)[None, :]
-        else:
+    if BLOCK_M == 1:
+        # per-block partial sums ([BLOCK_N, blocks per step]), reduced over blocks once after
+        # the loop
+        part = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            part += _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
+                               s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
+                               PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+        acc = tl.sum(part, axis=1)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -277,6 +288,8 @@ def select_plane_config(M: int, precision: int, dtype: torch.dtype,
     if path == "decode" and cfg.block_m == 1:
         cfg = (_INTERP_GEMV if interpreted
                else dataclasses.replace(cfg, block_k=_GEMV_BLOCK_K[precision]))
+    elif path == "decode" and not interpreted:
+        cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX))
     return path, cfg
 
 
