@@ -93,13 +93,23 @@ def cuda_block_bytes(source: str, width: int) -> int:
     return 4 * (3 + (2 if width >= 3 else 0) + (3 if width >= 6 else 0))
 
 
-def cuda_tiles(M: int) -> tuple:
+def cuda_max_tile(source: str) -> int:
+    """Src::kMaxTileM of a weight source (weight_sources.cuh): the most activation rows one
+    decode block takes."""
+    text = (ROOT / "csrc" / "cuda" / "weight_sources.cuh").read_text()
+    m = re.search(rf"struct {source} {{.*?kMaxTileM = (\d+);", text, re.S)
+    if not m:
+        raise RuntimeError(f"kMaxTileM of {source} not found in weight_sources.cuh")
+    return int(m.group(1))
+
+
+def cuda_tiles(M: int, max_tile: int) -> tuple:
     """(activation rows per tile MT, tiles) the host heuristic of decode_gemv.cuh picks for a
-    layer as wide as SHAPE (large N: no further M split): M = 1 -> (1, 1), M = 16 -> (8, 2)."""
-    max_tile = _cuda_constant("kMaxTileM")
+    layer as wide as SHAPE (large N: no further M split), e.g. M = 16 -> (8, 2) with 8-row
+    tiles, (4, 4) with 4-row tiles."""
     tiles = -(-M // max_tile)
     need = -(-M // tiles)
-    mt = next(t for t in (1, 2, 3, 4, 6, 8) if need <= t)
+    mt = next(t for t in (1, 2, 3, 4, 6, 8) if t <= max_tile and need <= t)
     return mt, -(-M // mt)
 
 
@@ -164,11 +174,13 @@ def cuda_rows(jobs: int) -> List[dict]:
                     st = sass.steady_state(func)
                     per_warp = k_rows * 32 * cuda_block_bytes(src, width)
                     row.update(_loop_fields(st, per_warp, threads=32))
-                    ms = [M for M in DECODE_MS if cuda_tiles(M)[0] == mt]
+                    max_tile = cuda_max_tile(src)
+                    ms = [M for M in DECODE_MS if cuda_tiles(M, max_tile)[0] == mt]
                     if st is not None and ms:
                         M = ms[0]
                         row["M"] = M
-                        row.update(ceiling(st.instructions, per_warp, reads=cuda_tiles(M)[1]))
+                        row["tiles"] = cuda_tiles(M, max_tile)[1]
+                        row.update(ceiling(st.instructions, per_warp, reads=row["tiles"]))
                 rows.append(row)
     return rows
 

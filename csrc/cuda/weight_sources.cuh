@@ -18,6 +18,8 @@
 //   kUnit                         U with  c * 2^m = (v - 1) * U  (the weight in parent units:
 //                                 w = ((v - 1) * U - z) * s; canonical U = 2^BITS, m = 0);
 //   kSymmetricZero                the zero point of a symmetric weight;
+//   kMaxTileM                     the most activation rows one decode block takes (4 or 8:
+//                                 the registers its words leave for accumulators);
 //   vector_loads(a)               whether its vector loads are aligned for these arguments.
 // Folded into a block's scale s and zero z (x_j its activations):
 //   sum_j x_j w_j = S * sum_j x_j v_j + C * sum_j x_j,   S = s * U,  C = -s * (z + U).
@@ -111,6 +113,7 @@ struct PackedSource {
   };
   static constexpr float kUnit = (float)(1 << BITS);
   static constexpr float kSymmetricZero = (float)(1 << (BITS - 1));
+  static constexpr int kMaxTileM = 8;
 
   __device__ static __forceinline__ void load(const Args& a, int64_t n, int64_t b, bool vec,
                                               Words& out) {
@@ -152,6 +155,7 @@ struct PlaneSource {
   };
   static constexpr float kUnit = R == 2 ? 512.f : 256.f;
   static constexpr float kSymmetricZero = 128.f;
+  static constexpr int kMaxTileM = 4;   // 6 and 8 spill on sm_90a (decode_gemv.cuh)
 
   __device__ static __forceinline__ void load(const Args& a, int64_t n, int64_t b, bool vec,
                                               Words& out) {
