@@ -38,17 +38,20 @@ these arguments; then ``triton.compile`` runs to a cubin. A compile error is a f
 is a decode kernel (DECODE_KERNELS) whose SASS holds local-memory instructions (LDL / STL:
 register spills), found with pyengine/kernels/sass.py.
 
-**Ledger**: compiling everything for two targets on two Triton versions takes about an hour of
-one CPU core, so a committed ledger (tests/data/triton_aot_ledger.json) records, per Triton
-version and target, the Triton cache hashes of the specializations that compiled (decode
-kernels without local memory). A hash is
-Triton's own cache key: the kernel's source and every JIT function it calls, the constexprs,
-signature and specialization, the options, the target, ptxas' version and a digest of the
-Triton build itself; so an unchanged hash is an unchanged compilation. Specializations whose
-hash is not in the ledger are compiled (all of them after a kernel edit), and
-``--verify-sample N`` compiles N ledger entries again to check the ledger's word.
-``--update-ledger`` rewrites the entries of the versions and targets it ran, after a run in
-which nothing failed.
+**Ledger**: compiling everything for two targets takes over an hour of one CPU core per Triton
+version, so a committed ledger (tests/data/triton_aot_ledger.json) records, per Triton build
+and target, the Triton cache hashes of the specializations that compiled (decode kernels
+without local memory). A hash is Triton's own cache key: the kernel's source and every JIT
+function it calls, the constexprs, signature and specialization, the options, the target,
+ptxas' version and a digest of the Triton build itself; so an unchanged hash is an unchanged
+compilation. Specializations whose hash is not in the ledger are compiled (all of them after a
+kernel edit), and ``--verify-sample N`` compiles N ledger entries again to check the ledger's
+word. ``--update-ledger`` rewrites the entries of the Triton build and targets it ran, after a
+run in which nothing failed.
+
+``--cases-json FILE`` compiles given cases instead (e.g. a benchmark's calls, from
+benchmarks/bench_gpu_kernels.py --plan-aot); with TRITON_CACHE_DIR set the compiled kernels
+stay there for a later run of the same calls to find (benchmarks/gpu_check.sh prepare, budget).
 """
 
 from __future__ import annotations
@@ -105,7 +108,10 @@ class Case:
     kind: "packed", "dense" or "planes". bits: packed 2/3/4/8, planes the precision r,
     dense 0. group_size: as stored (32/64/128, -1 per channel; dense 0). dtype: the activation
     dtype's name. M, N, K: the call's rows, output and input features. symmetric: no zero
-    points. bias, shortcut: the fused epilogue terms present. sweep: "dispatch" or "odd".
+    points. bias, shortcut: the fused epilogue terms present. sweep: "dispatch", "odd" or
+    "given" (--cases-json). N_stored, K_stored: the stored weight's rows and input features
+    when the call reads its top-left [N, K] block (0: N, K). R: the shortcut's width (0:
+    SHORTCUT_WIDTH, ODD_SHORTCUT_WIDTH in the odd sweep).
     """
 
     kind: str
@@ -119,6 +125,9 @@ class Case:
     bias: bool = False
     shortcut: bool = False
     sweep: str = "dispatch"
+    N_stored: int = 0
+    K_stored: int = 0
+    R: int = 0
 
     @property
     def label(self) -> str:
@@ -128,7 +137,9 @@ class Case:
             " g=ch" if self.group_size == -1 else f" g={self.group_size}")
         flags = "".join(f" {name}" for name, on in (("sym", self.symmetric), ("bias", self.bias),
                                                    ("shortcut", self.shortcut)) if on)
-        return (f"{what}{group} {self.dtype} M={self.M} {self.N}x{self.K}{flags}"
+        block = (f" of {self.N_stored or self.N}x{self.K_stored or self.K}"
+                 if (self.N_stored, self.K_stored) != (0, 0) else "")
+        return (f"{what}{group} {self.dtype} M={self.M} {self.N}x{self.K}{block}{flags}"
                 f"{' (odd)' if self.sweep == 'odd' else ''}")
 
 
@@ -196,33 +207,34 @@ def case_launches(case: Case, arch: int) -> list:
     dtype = getattr(torch, case.dtype)
     meta = dict(device="meta")
     M, N, K = case.M, case.N, case.K
+    NS, KS = case.N_stored or N, case.K_stored or K     # the stored weight
     x = torch.empty((M, K), dtype=dtype, **meta)
     out = torch.empty((M, N), dtype=dtype, **meta)
-    bias = torch.empty((N,), dtype=dtype, **meta) if case.bias else None
-    width = ODD_SHORTCUT_WIDTH if case.sweep == "odd" else SHORTCUT_WIDTH
+    bias = torch.empty((NS,), dtype=dtype, **meta) if case.bias else None
+    width = case.R or (ODD_SHORTCUT_WIDTH if case.sweep == "odd" else SHORTCUT_WIDTH)
     residual = torch.empty((M, width), dtype=dtype, **meta) if case.shortcut else None
     shortcut = torch.empty((width, N), dtype=dtype, **meta) if case.shortcut else None
     target_programs = 4 * SM_COUNTS[arch]     # matmul.target_programs on that GPU
 
     if case.kind == "dense":
-        weight = torch.empty((N, K), dtype=dtype, **meta)
+        weight = torch.empty((NS, KS), dtype=dtype, **meta)
         p = matmul.dense_problem(x, weight, N, K, bias, residual, shortcut, out,
                                  interpreted=False)
         return matmul.plan_launches(p, None, target_programs, interpreted=False)
 
-    kp = padded_in_features(K, case.group_size)
+    kp = padded_in_features(KS, case.group_size)
     effective_group = kp if case.group_size == -1 else case.group_size
     groups = -(-kp // effective_group)
-    scales = torch.empty((N, groups), dtype=dtype, **meta)
-    zeros = None if case.symmetric else torch.empty((N, groups), dtype=dtype, **meta)
+    scales = torch.empty((NS, groups), dtype=dtype, **meta)
+    zeros = None if case.symmetric else torch.empty((NS, groups), dtype=dtype, **meta)
     if case.kind == "packed":
-        qweight = torch.empty((N, kp * case.bits // 32), dtype=torch.int32, **meta)
+        qweight = torch.empty((NS, kp * case.bits // 32), dtype=torch.int32, **meta)
         p = matmul.quant_problem(x, qweight, scales, zeros, case.bits, effective_group, N, K,
                                  bias, residual, shortcut, out, interpreted=False)
         return matmul.plan_launches(p, None, target_programs, interpreted=False)
-    hi = torch.empty((N, kp * 3 // 32), dtype=torch.int32, **meta)
-    mid = torch.empty((N, kp * 2 // 32), dtype=torch.int32, **meta)
-    lo = torch.empty((N, kp * 3 // 32), dtype=torch.int32, **meta)
+    hi = torch.empty((NS, kp * 3 // 32), dtype=torch.int32, **meta)
+    mid = torch.empty((NS, kp * 2 // 32), dtype=torch.int32, **meta)
+    lo = torch.empty((NS, kp * 3 // 32), dtype=torch.int32, **meta)
     return matryoshka.plane_launches(x, hi, mid, lo, scales, zeros, bias, case.bits,
                                      case.group_size, N, K, out, None, residual, shortcut,
                                      target_programs, interpreted=False)
@@ -295,17 +307,23 @@ class _Hashed:
 
 
 class _Compiler:
-    """``JITFunction.compile`` replacement: hashes, and compiles unless told not to."""
+    """``JITFunction.compile`` replacement: hashes, and compiles unless told not to (noting
+    whether Triton's cache already held the kernel, so that triton.compile only read it)."""
 
     def __init__(self) -> None:
         self.compile_now = False
         self.last_hash: Optional[str] = None
+        self.last_was_cached = False
 
     def __call__(self, src, target=None, options=None, _env_vars=None):
         import triton
+        from triton.runtime.cache import get_cache_manager
         self.last_hash = cache_hash(src, target, options)
         if not self.compile_now:
             return _Hashed(self.last_hash)
+        # triton.compile looks for "<name>.json" in the hash's cache group the same way
+        group = get_cache_manager(self.last_hash).get_group(f"{src.name[:150]}.json")
+        self.last_was_cached = bool(group)
         return triton.compile(src, target=target, options=options)
 
 
@@ -354,7 +372,7 @@ def _compile_task(task: Tuple[Case, int, int]) -> dict:
         funcs = sass.parse(sass.disassemble(compiled.asm["cubin"]))
         local = sum(sass.local_memory_instructions(f) for f in funcs.values())
         return dict(hash=digest, ok=True, seconds=time.perf_counter() - t0,
-                    local_memory_instructions=local)
+                    local_memory_instructions=local, cached=_COMPILER.last_was_cached)
     except Exception as exc:  # noqa: BLE001 - every compile error is reported, none raised
         return dict(hash=None, ok=False, seconds=time.perf_counter() - t0,
                     error=f"{type(exc).__name__}: {exc}"[:4000],
@@ -368,9 +386,35 @@ def _quiet_triton_warnings() -> None:
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
-def _worker_init(env: Dict[str, str]) -> None:
+def use_triton_key(path: Optional[str]) -> None:
+    """Files this process's compiles under another Triton build's key: the text of
+    ``triton.runtime.cache.triton_key()`` as that build computes it (saved in ``path``).
+
+    A Triton cache key includes a digest of the Triton build, its compiled libtriton
+    included, which differs between the wheels of one Triton release for different Pythons
+    while the compiler they run is the same source. So a cache built here for a GPU machine
+    whose Python differs is filed under that machine's key (benchmarks/gpu_check.sh prepare);
+    the GPU machine's run reports whether it was used (cache hits, benchmarks/gpu_check.sh
+    budget)."""
+    if not path:
+        return
+    import triton.runtime.cache as cache
+    key = Path(path).read_text().strip()
+    if not key.startswith(_triton_version()):       # triton_key() = version + digests
+        raise ValueError(f"{path} holds the key of another Triton version than "
+                         f"{_triton_version()} ({key[:40]}...)")
+    cache.triton_key = lambda: key
+
+
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def _worker_init(env: Dict[str, str], triton_key_file: Optional[str]) -> None:
     os.environ.update(env)
     _quiet_triton_warnings()
+    use_triton_key(triton_key_file)
     _install_driver()
 
 
@@ -411,6 +455,7 @@ class Spec:
     seconds: float = 0.0
     error: str = ""
     local_memory_instructions: Optional[int] = None
+    cached: bool = False      # compiled now, but Triton's cache held it already
 
 
 def plan_specs(cases: Sequence[Case], archs: Sequence[int]) -> Dict[int, Dict[str, Spec]]:
@@ -427,9 +472,11 @@ def plan_specs(cases: Sequence[Case], archs: Sequence[int]) -> Dict[int, Dict[st
     return specs
 
 
-def run(archs: Sequence[int], jobs: int, ledger_path: Optional[Path], update_ledger: bool,
+def run(archs: Sequence[int], jobs: int, ledger_path: Optional[Path],
+        ledger_out: Optional[Path],
         verify_sample: int, seed: int, case_filter: Optional[str] = None,
-        plan_only: bool = False, log=print) -> dict:
+        plan_only: bool = False, log=print, cases: Optional[List[Case]] = None,
+        triton_key_file: Optional[str] = None) -> dict:
     """Plans, hashes and compiles (see the module docstring); returns the report."""
     import re
 
@@ -437,10 +484,12 @@ def run(archs: Sequence[int], jobs: int, ledger_path: Optional[Path], update_led
 
     import pyengine
     t_start = time.perf_counter()
-    cases = dispatch_cases(archs)
+    given = cases is not None
+    cases = list(cases) if given else dispatch_cases(archs)
     if case_filter:
         cases = [c for c in cases if re.search(case_filter, c.label)]
-    coverage = [] if case_filter else [m for a in archs for m in check_coverage(cases, a)]
+    coverage = ([] if case_filter or given
+                else [m for a in archs for m in check_coverage(cases, a)])
     specs = plan_specs(cases, archs)
     ledger = load_ledger(ledger_path) if ledger_path else {"entries": {}}
     rng = random.Random(seed)
@@ -467,7 +516,8 @@ def run(archs: Sequence[int], jobs: int, ledger_path: Optional[Path], update_led
     if tasks:
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
-                                         initializer=_worker_init, initargs=(env,)) as pool:
+                                         initializer=_worker_init,
+                                         initargs=(env, triton_key_file)) as pool:
             jobs_ = {pool.submit(_compile_task, (s.case, s.arch, s.index)): s for s in tasks}
             for done, fut in enumerate(futures.as_completed(jobs_), 1):
                 spec, rec = jobs_[fut], fut.result()
@@ -489,6 +539,7 @@ def run(archs: Sequence[int], jobs: int, ledger_path: Optional[Path], update_led
                     log(f"SPILLS sm_{spec.arch} {spec.kernel} [{spec.case.label}]: {spec.error}")
                 else:
                     spec.local_memory_instructions = rec["local_memory_instructions"]
+                    spec.cached = rec["cached"]
                     spec.status = "verified" if spec.status == "verify" else "compiled"
                 if done % 50 == 0 or done == len(tasks):
                     log(f"  {done}/{len(tasks)} compiled ({time.perf_counter() - t_compile:.0f} s)")
@@ -512,17 +563,20 @@ def run(archs: Sequence[int], jobs: int, ledger_path: Optional[Path], update_led
                                                case=spec.case.label, error=spec.error))
         report["targets"][f"sm_{arch}"] = dict(specializations=len(table), status=counts,
                                                kernels=kernels, with_local_memory=local,
+                                               found_in_triton_cache=sum(
+                                                   s.cached for s in table.values()),
                                                compile_seconds=round(sum(
                                                    s.seconds for s in table.values()), 1))
-    if update_ledger and ledger_path and not report["failures"] and not coverage:
+    if ledger_out and not report["failures"] and not coverage and not plan_only:
+        ledger = load_ledger(ledger_out)     # the other versions' and targets' entries stay
         for arch, table in specs.items():
             ledger["entries"][_ledger_key(arch)] = {
                 "date": time.strftime("%Y-%m-%d"),
                 "compiled": sorted(h[:LEDGER_HASH_CHARS] for h in table)}
         ledger["entries"] = dict(sorted(ledger["entries"].items()))
-        ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        ledger_path.write_text(json.dumps(ledger, indent=0) + "\n")
-        log(f"ledger {ledger_path} updated for " + ", ".join(f"sm_{a}" for a in specs))
+        ledger_out.parent.mkdir(parents=True, exist_ok=True)
+        ledger_out.write_text(json.dumps(ledger, indent=0) + "\n")
+        log(f"ledger {ledger_out} updated for " + ", ".join(f"sm_{a}" for a in specs))
     return report
 
 
@@ -535,13 +589,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="compiler processes (default: the CPU count)")
     parser.add_argument("--ledger", type=Path, default=DEFAULT_LEDGER,
                         help=f"ledger file (default {DEFAULT_LEDGER.relative_to(ROOT)})")
-    parser.add_argument("--no-ledger", action="store_true", help="compile everything")
+    parser.add_argument("--no-ledger", action="store_true",
+                        help="compile everything (the ledger is not read)")
     parser.add_argument("--update-ledger", action="store_true",
-                        help="write this run's specializations to the ledger (when none failed)")
+                        help="write this run's specializations to the ledger, replacing the "
+                             "entries of this Triton build's targets, when none failed")
     parser.add_argument("--verify-sample", type=int, default=0,
                         help="ledger entries per target to compile again (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sample")
     parser.add_argument("--cases", default=None, help="only cases whose label matches this regex")
+    parser.add_argument("--cases-json", type=Path, default=None,
+                        help="compile these cases (a JSON list of Case fields, e.g. from "
+                             "benchmarks/bench_gpu_kernels.py --plan-aot) instead of the "
+                             "dispatch's")
+    parser.add_argument("--triton-key-file", default=None,
+                        help="file compiles under the Triton build key saved in this file "
+                             "(see use_triton_key)")
     parser.add_argument("--plan-only", action="store_true",
                         help="plan and hash, compile nothing (counts, coverage)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
@@ -549,11 +612,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y"):
         parser.error("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled")
     _quiet_triton_warnings()
+    use_triton_key(args.triton_key_file)
+    cases = None
+    if args.cases_json:
+        cases = [Case(**dict(c, sweep="given")) for c in json.loads(args.cases_json.read_text())]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     print(f"verify-sample seed: {seed}")
     report = run(args.arch or DEFAULT_ARCHS, args.jobs,
-                 None if args.no_ledger else args.ledger, args.update_ledger,
-                 args.verify_sample, seed, args.cases, args.plan_only)
+                 None if args.no_ledger else args.ledger,
+                 args.ledger if args.update_ledger else None,
+                 args.verify_sample, seed, args.cases, args.plan_only, cases=cases,
+                 triton_key_file=args.triton_key_file)
     report["seed"] = seed
     for name, target in report["targets"].items():
         print(f"{name}: {target['specializations']} specializations {target['status']}")
