@@ -64,11 +64,13 @@ PARENT_BITS = 8
 # (160..256 bytes) per row: r = 8 and 6 read 8 words per 32 codes, r = 4 and 3 read 5, r = 2
 # reads 3. Not tuned on a GPU yet.
 _GEMV_BLOCK_K = {8: 256, 6: 256, 4: 256, 3: 256, 2: 512}
-# GPU, 2 <= M <= 16: at most this many codes per tl.dot step, and 8 warps for fp32
-# activations. Three planes' codes are live at once while a tile is assembled: at the canonical
-# kernels' 128 codes the sm_90 build needs 255 registers and spills (triton 3.6, symmetric
-# weights with a shortcut), and the fp32 dot with 4 warps spills on sm_80.
+# GPU, 2 <= M <= 16: at most this many codes per tl.dot step, on 8 warps. Three planes' codes
+# are live at once while a tile is assembled: at the canonical kernels' 128 codes and 4 warps
+# the sm_90 build needs 255 registers and spills (triton 3.6, symmetric weights with a
+# shortcut); at 64 codes 4 warps still spill with fp32 activations on sm_80 (triton 3.6) and
+# for int4 slices with a shortcut on sm_90 (triton 3.9).
 _DOT_BLOCK_K_MAX = 64
+_DOT_WARPS = 8
 # Interpreter, M == 1: wider and longer steps than the canonical GEMV's (1, 16, 64): the
 # interpreter pays per operation, and the 32-code loop is the costly part. Small test shapes
 # still get several N tiles and split-K.
@@ -291,7 +293,7 @@ def select_plane_config(M: int, precision: int, dtype: torch.dtype,
                else dataclasses.replace(cfg, block_k=_GEMV_BLOCK_K[precision]))
     elif path == "decode" and not interpreted:
         cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX),
-                                  num_warps=8 if dtype == torch.float32 else cfg.num_warps)
+                                  num_warps=_DOT_WARPS)
     return path, cfg
 
 
