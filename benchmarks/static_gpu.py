@@ -95,12 +95,11 @@ def cuda_block_bytes(source: str, width: int) -> int:
 
 def cuda_max_tile(source: str) -> int:
     """Src::kMaxTileM of a weight source (weight_sources.cuh): the most activation rows one
-    decode block takes."""
+    decode block takes; decode_gemv.cuh's kMaxTileM for a source that sets none."""
     text = (ROOT / "csrc" / "cuda" / "weight_sources.cuh").read_text()
-    m = re.search(rf"struct {source} {{.*?kMaxTileM = (\d+);", text, re.S)
-    if not m:
-        raise RuntimeError(f"kMaxTileM of {source} not found in weight_sources.cuh")
-    return int(m.group(1))
+    struct = re.search(rf"struct {source} {{(.*?)\n}};", text, re.S)
+    m = re.search(r"kMaxTileM = (\d+);", struct.group(1)) if struct else None
+    return int(m.group(1)) if m else _cuda_constant("kMaxTileM")
 
 
 def cuda_tiles(M: int, max_tile: int) -> tuple:

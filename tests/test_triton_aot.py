@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -207,3 +208,26 @@ def test_a_kernel_that_does_not_compile_fails_the_check(tmp_path):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED sm_90 _decode_kernel [int3 g=128 float16 M=1 4096x14336" in proc.stdout
     assert "CompilationError" in proc.stdout
+
+
+def test_benchmark_calls_plan_as_cases():
+    """bench_gpu_kernels.py --plan-aot's cases (what gpu_check.sh prepare / budget compile)
+    plan the calls the benchmark makes: the sliced rows read the top-left block of the stored
+    weight, the shortcut rows carry a residual as wide as N."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu_kernels
+
+    fields = bench_gpu_kernels.aot_cases([(14336, 4096), (4096, 14336)], [1, 16], [4, 3], 128)
+    cases = [aot.Case(**dict(f, sweep="given")) for f in fields]
+    assert len(cases) == 2 * 2 * (2 + 1) + 2 * 2 * 2       # shortcut rows where N <= K
+    for case in cases:
+        launches = aot.case_launches(case, 90)
+        main = launches[0]
+        qweight = main.args[2]
+        assert main.name == "_decode_kernel" and qweight.dtype == torch.int32
+        assert qweight.shape[0] == (case.N_stored or case.N)
+        assert qweight.shape[1] * 32 // case.bits == (case.K_stored or case.K)
+        assert main.kwargs["HAS_SHORTCUT"] == case.shortcut
+        # (x, stride, w, stride, s, stride, z, stride, bias, stride, residual, 2 strides,
+        #  shortcut, 2 strides, R, ...): R is the residual's width
+        assert main.args[16] == (case.N if case.shortcut else 0)
