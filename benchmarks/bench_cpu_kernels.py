@@ -13,10 +13,18 @@ the --group-size) against the cpu backend's int4 at that group size, and
 ``aten._weight_int8pack_mm`` (int8, symmetric per-channel) against the cpu backend's symmetric
 per-channel int8. Each is checked against the dequantized weight before it is timed.
 
+The cpu backend also runs with int8 activations (``act_bits=8``, rows with activations
+"int8": the integer dot-product path for 2- and 4-bit weights at decode sizes). Every weight is
+held in enough copies that one pass over all of them exceeds ``--rotate-mb`` (default 256 MB,
+beyond the last-level cache), and consecutive calls take the next copy, so that the rows
+measure streaming from memory, as decoding a model does. ``--isa`` runs the cpu backend's build
+for one instruction set (e.g. avx2 on an AVX-512 machine).
+
 Writes JSON rows to benchmarks/results/ (--json to choose the file); rows carry
-``activations`` (float32 or bfloat16).
+``activations`` (float32, bfloat16 or int8).
 
     python benchmarks/bench_cpu_kernels.py [--shapes 14336x4096,4096x4096] [--m 1,8,123]
+    python benchmarks/bench_cpu_kernels.py --isa avx2 --json benchmarks/results/cpu_kernels_avx2.json
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import pyengine  # noqa: E402
+from pyengine.ops.act_quant import quantize_activations  # noqa: E402
 
 FLOORS_M1 = {8: 2.0, 4: 3.0, 2: 4.0}  # speedup over fp32 F.linear at M = 1, 14336 x 4096, g128
 
@@ -43,7 +52,7 @@ class Kernel(NamedTuple):
     backend: str
     bits: int
     group_size: int
-    activations: torch.dtype
+    activations: str
     nbytes: int
     call: Callable[[], torch.Tensor]
 
@@ -81,25 +90,58 @@ def peer_weights(w: torch.Tensor, group_size: int) -> PeerWeights:
                        (q8.codes() - 128).to(torch.int8), q8.scales[:, 0].contiguous())
 
 
-def peer_kernels(pw: PeerWeights, x: torch.Tensor) -> List[Kernel]:
+def _copies(obj, nbytes: int, rotate_mb: int, copy: Callable) -> list:
+    """obj and enough copies of it that all of them hold at least rotate_mb MB."""
+    count = min(4096, max(1, -(-rotate_mb * 10**6 // max(1, nbytes))))
+    return [obj] + [copy(obj) for _ in range(count - 1)]
+
+
+def _copy_qweight(qw):
+    return pyengine.QuantizedWeight(
+        qw.qweight.clone(), qw.scales.clone(), None if qw.zeros is None else qw.zeros.clone(),
+        bits=qw.bits, group_size=qw.group_size, shape=tuple(qw.shape), method=qw.method)
+
+
+def _rotating(items: list, fn: Callable) -> Callable[[], torch.Tensor]:
+    """A call that applies fn to the next of items each time (round robin)."""
+    state = {"i": 0}
+
+    def call():
+        item = items[state["i"]]
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn(item)
+    return call
+
+
+def _copy_peer(pw: PeerWeights) -> PeerWeights:
+    return PeerWeights(pw.group_size, _copy_qweight(pw.q4), pw.packed4.clone(),
+                       pw.scale_and_zero.clone(), _copy_qweight(pw.q8), pw.w8.clone(),
+                       pw.s8.clone())
+
+
+def peer_kernels(pws: List[PeerWeights], x: torch.Tensor) -> List[Kernel]:
     """PyTorch's int4 / int8 weight-only CPU kernels and the cpu backend on the same codes, all
-    with bf16 activations x ([M, K]), each checked before it is timed."""
+    with bf16 activations x ([M, K]), each checked before it is timed; each call takes the next
+    copy of pws (rotation, as for the other rows)."""
     xb = x.to(torch.bfloat16)
     aten = torch.ops.aten
+    pw = pws[0]
     gs = pw.q4.effective_group_size
     nbytes4 = (pw.packed4.numel() * pw.packed4.element_size()
                + pw.scale_and_zero.numel() * pw.scale_and_zero.element_size())
     kernels = [
-        (Kernel("dequant_matmul", "aten-int4pack", 4, pw.group_size, torch.bfloat16, nbytes4,
-                lambda: aten._weight_int4pack_mm_for_cpu(xb, pw.packed4, gs, pw.scale_and_zero)),
+        (Kernel("dequant_matmul", "aten-int4pack", 4, pw.group_size, "bfloat16", nbytes4,
+                _rotating(pws, lambda p: aten._weight_int4pack_mm_for_cpu(
+                    xb, p.packed4, gs, p.scale_and_zero))), pw.q4),
+        (Kernel("dequant_matmul", "cpu", 4, pw.group_size, "bfloat16", pw.q4.nbytes,
+                _rotating(pws, lambda p: pyengine.ops.dequant_matmul(xb, p.q4, backend="cpu"))),
          pw.q4),
-        (Kernel("dequant_matmul", "cpu", 4, pw.group_size, torch.bfloat16, pw.q4.nbytes,
-                lambda: pyengine.ops.dequant_matmul(xb, pw.q4, backend="cpu")), pw.q4),
-        (Kernel("dequant_matmul", "aten-int8pack", 8, -1, torch.bfloat16,
+        (Kernel("dequant_matmul", "aten-int8pack", 8, -1, "bfloat16",
                 pw.w8.numel() + pw.s8.numel() * pw.s8.element_size(),
-                lambda: aten._weight_int8pack_mm(xb, pw.w8, pw.s8)), pw.q8),
-        (Kernel("dequant_matmul", "cpu", 8, -1, torch.bfloat16, pw.q8.nbytes,
-                lambda: pyengine.ops.dequant_matmul(xb, pw.q8, backend="cpu")), pw.q8),
+                _rotating(pws, lambda p: aten._weight_int8pack_mm(xb, p.w8, p.s8))), pw.q8),
+        (Kernel("dequant_matmul", "cpu", 8, -1, "bfloat16", pw.q8.nbytes,
+                _rotating(pws, lambda p: pyengine.ops.dequant_matmul(xb, p.q8, backend="cpu"))),
+         pw.q8),
     ]
     for kernel, qw in kernels:
         _check(f"{kernel.backend} int{kernel.bits}", kernel.call(), xb, qw.dequantize(torch.float32))
@@ -115,16 +157,32 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also time PyTorch's int4 / int8 weight-only CPU kernels")
+    parser.add_argument("--act8", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the cpu backend with int8 activations (act_bits=8)")
+    parser.add_argument("--rotate-mb", type=int, default=256,
+                        help="hold each weight in enough copies to stream this many MB per pass")
+    parser.add_argument("--isa", default="",
+                        help="the cpu backend's instruction-set build (default: the best here)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "cpu_kernels.json")
     args = parser.parse_args(argv)
 
     if "cpu" not in pyengine.available_backends():
         print(f"the cpu backend is not available: {pyengine.build_info()['extension_error']}")
         return 1
+    if args.isa:
+        from pyengine.backends import CpuBackend, register_backend
+        if args.isa not in pyengine.build_info()["cpu_isas_usable"]:
+            print(f"this CPU cannot run the {args.isa!r} build: "
+                  f"{pyengine.build_info()['cpu_isas_usable']}")
+            return 1
+        register_backend(CpuBackend(isa=args.isa))
     torch.manual_seed(0)
     copy_bw = common.copy_bandwidth_gbps("cpu")
     meta = common.metadata("cpu")
     meta["copy_bandwidth_gbps"] = round(copy_bw, 2)
+    if args.isa:
+        meta["cpu_isa"] = args.isa
+    meta["rotate_mb"] = args.rotate_mb
     print(f"{meta['device']}, kernels: {meta['cpu_isa']}; copy bandwidth {copy_bw:.1f} GB/s")
 
     rows = []
@@ -136,20 +194,35 @@ def main(argv=None) -> int:
         bits_list = [int(b) for b in args.bits.split(",")]
         qweights = {bits: pyengine.quantize(w, bits, args.group_size, clip_search=False)
                     for bits in bits_list}
-        peers_for_shape: Optional[PeerWeights] = None
+        # copies streamed in turn (rotation): [dense copies], {bits: [quantized copies]}
+        dense_copies = _copies(w, w.numel() * 4, args.rotate_mb, lambda t: t.clone())
+        q_copies = {bits: _copies(qw, qw.nbytes, args.rotate_mb, _copy_qweight)
+                    for bits, qw in qweights.items()}
+        peers_for_shape: Optional[List[PeerWeights]] = None
         if args.peers:
             try:
-                peers_for_shape = peer_weights(w, args.group_size)
+                first = peer_weights(w, args.group_size)
+                peers_for_shape = _copies(first, first.packed4.numel() * 4, args.rotate_mb,
+                                          _copy_peer)
             except RuntimeError as err:  # a shape or build PyTorch's kernels do not take
                 print(f"{shape:>12} peers not run: {str(err).splitlines()[0]}")
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
-            kernels = {"fp32": Kernel("linear", "torch", 32, 0, torch.float32, w.numel() * 4,
-                                      lambda: F.linear(x, w))}
+            kernels = {"fp32": Kernel("linear", "torch", 32, 0, "float32", w.numel() * 4,
+                                      _rotating(dense_copies, lambda d: F.linear(x, d)))}
             for bits, qw in qweights.items():
                 kernels[f"int{bits}"] = Kernel(
-                    "dequant_matmul", "cpu", bits, args.group_size, torch.float32, qw.nbytes,
-                    lambda qw=qw: pyengine.ops.dequant_matmul(x, qw, backend="cpu"))
+                    "dequant_matmul", "cpu", bits, args.group_size, "float32", qw.nbytes,
+                    _rotating(q_copies[bits],
+                              lambda q: pyengine.ops.dequant_matmul(x, q, backend="cpu")))
+                if args.act8 and bits in (2, 4, 8):
+                    _check(f"cpu int{bits} act8",
+                           pyengine.ops.qlinear(x, qw, act_bits=8, backend="cpu"),
+                           quantize_activations(x), qw.dequantize(torch.float32))
+                    kernels[f"int{bits} a8"] = Kernel(
+                        "dequant_matmul", "cpu", bits, args.group_size, "int8", qw.nbytes,
+                        _rotating(q_copies[bits], lambda q: pyengine.ops.qlinear(
+                            x, q, act_bits=8, backend="cpu")))
             if peers_for_shape is not None:
                 try:
                     peers = peer_kernels(peers_for_shape, x)
@@ -163,18 +236,18 @@ def main(argv=None) -> int:
             base_ms = times["fp32"]
             for name, ms in times.items():
                 kn = kernels[name]
-                act_bytes = (m * k + m * n) * kn.activations.itemsize
+                act_bytes = (m * k + m * n) * (2 if kn.activations == "bfloat16" else 4)
                 gbps = (kn.nbytes + act_bytes) / (ms * 1e-3) / 1e9
                 speedup = base_ms / ms
                 rows.append(dict(op=kn.op, backend=kn.backend, bits=kn.bits,
                                  group_size=kn.group_size, M=m, N=n, K=k,
-                                 activations=str(kn.activations).replace("torch.", ""), ms=ms,
+                                 activations=kn.activations, ms=ms,
                                  gbps=gbps, pct_copy_bw=100 * gbps / copy_bw,
                                  speedup_vs_fp32=speedup))
                 print(f"{shape:>12} {m:>4} {name:>26} {ms:8.3f} {gbps:7.1f} "
                       f"{100 * gbps / copy_bw:6.1f} {speedup:8.2f}")
                 if (m == 1 and (n, k) == (14336, 4096) and args.group_size == 128
-                        and kn.backend == "cpu" and kn.activations == torch.float32):
+                        and kn.backend == "cpu" and kn.activations == "float32"):
                     floor = FLOORS_M1.get(kn.bits)
                     if floor and speedup < floor:
                         failures.append(f"{name}: {speedup:.2f}x < {floor}x")

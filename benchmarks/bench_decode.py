@@ -38,7 +38,7 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 from pyengine.models.random import SHAPES, random_model  # noqa: E402
 
-CONFIGS = ("dense", "int4", "mixed3", "sliced25_mixed3")
+CONFIGS = ("dense", "int4", "int4_a8", "mixed3", "sliced25_mixed3")
 PEERS = ("torchao_int4", "gemlite_int4")
 GROUP_SIZE = 128
 
@@ -79,8 +79,10 @@ def build(config: str, shape: str, device: str, dtype: torch.dtype) -> torch.nn.
     model = random_model("llama", shape, dtype=dtype, device=device)
     n = model.config.num_hidden_layers
     with torch.no_grad():
-        if config == "int4":
-            pyengine.compress(model, Recipe({"_default": QuantConfig(4, GROUP_SIZE)}),
+        if config in ("int4", "int4_a8"):  # int4_a8: int8 activations (QuantConfig.act_bits)
+            act_bits = 8 if config == "int4_a8" else 0
+            pyengine.compress(model, Recipe({"_default": QuantConfig(4, GROUP_SIZE,
+                                                                     act_bits=act_bits)}),
                               show_progress=False)
         elif config == "mixed3":
             pyengine.compress(model, mixed_recipe(n), show_progress=False)
@@ -228,7 +230,7 @@ def decode_row(label: str, model: torch.nn.Module, batch: int, args, bandwidth: 
                 batch=batch, tokens_per_s=round(batch / step_s, 2),
                 ms_per_step=round(m["ms_per_step"], 4), weight_bytes_read=wbytes, kv_bytes_read=kv,
                 gbps=round((wbytes + kv) / step_s / 1e9, 2),
-                pct_roofline=round(100 * roofline_s / step_s, 1),
+                pct_roofline=round(100 * roofline_s / step_s, 3),
                 weight_bytes=pyengine.storage_bytes(model), **{k: v for k, v in m.items()
                                                               if k != "ms_per_step"})
 

@@ -50,12 +50,19 @@ struct MatmulProblem {
 // A matmul on the canonical packed weight of docs/FORMAT.md:
 //   qweight: uint32 words, row n at qweight + n * ldq; a block of 32 codes takes `bits` words.
 //   A symmetric weight's zero point is 2^(bits-1).
+//   act_bits = 8: the activations are first quantized to int8 per block of kActBlock
+//   consecutive elements of a row along K (symmetric, d = max|x| / 127, q = round(x / d) with
+//   ties to even, x -> d * q), and the product is that of the quantized activations
+//   (pyengine/ops/act_quant.py is the reference); 0: the activations as they are.
 struct QMatmulArgs : MatmulProblem {
   const uint32_t* qweight = nullptr;
   int64_t ldq = 0;                // words per stored row
   bool accumulate = false;        // out += result instead of out = result
   int bits = 4;
+  int act_bits = 0;               // 0 or 8
 };
+
+constexpr int64_t kActBlock = 32;  // activation elements per int8 scale (act_bits = 8)
 
 // A Matryoshka plane-layout matmul:  out[m, n] = sum_k x[m, k] * W_r[n, k] + bias[n], where W_r
 // is the r-bit slice (precision r in 8, 6, 4, 3, 2) of an int8 parent stored as three bit planes
@@ -121,6 +128,7 @@ inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
     throw std::invalid_argument(describe(op, a) + ": " + why);
   };
   if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) fail("bits must be 2, 3, 4 or 8");
+  if (a.act_bits != 0 && a.act_bits != 8) fail("act_bits must be 0 or 8");
   check_problem(a, fail);
   if (a.M > 0 && a.N > 0 && !a.qweight) fail("null pointer");
   if (a.ldq < (a.K + 31) / 32 * a.bits) fail("ldq is smaller than the packed length of K");

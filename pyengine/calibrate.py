@@ -41,6 +41,44 @@ class LayerInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
+def vocab_size(model: nn.Module) -> Optional[int]:
+    """Rows of the model's input embedding table (its vocabulary), or None when unknown."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        config = getattr(model, "config", None)
+        rows = getattr(config, "vocab_size", None)
+    return int(rows) if rows else None
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
+    """ValueError unless ``ids`` holds integer token ids inside the model's vocabulary."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer token ids, got {ids.dtype}")
+    if ids.device.type == "meta" or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    vocab = vocab_size(model)
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"{what} holds token ids from {lo} to {hi}, outside the model's "
+                         f"vocabulary [0, {vocab}) (ids from another tokenizer?)")
+
+
+def check_calibration(model: nn.Module, calibration: object) -> None:
+    """ValueError unless ``calibration`` is a non-empty int tensor [n_samples, seqlen] of the
+    model's token ids (what pyengine.calibration_data returns)."""
+    if not isinstance(calibration, torch.Tensor):
+        raise ValueError(f"calibration must be a tensor of token ids [n_samples, seqlen] "
+                         f"(pyengine.calibration_data), got {type(calibration).__name__}")
+    if calibration.dim() != 2:
+        raise ValueError(f"calibration must be token ids [n_samples, seqlen], got shape "
+                         f"{tuple(calibration.shape)}")
+    if calibration.numel() == 0:
+        raise ValueError(f"calibration is empty (shape {tuple(calibration.shape)}): it needs at "
+                         f"least one sample of at least one token")
+    check_token_ids(model, calibration, "calibration")
+
+
 def _to(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -57,9 +95,7 @@ def capture_first_layer_inputs(model: nn.Module, calibration: torch.Tensor, batc
     Returns the hidden states entering that layer and the keyword arguments it receives, kept
     on ``store_device`` (default: where they were produced).
     """
-    if calibration.dim() != 2:
-        raise ValueError(f"calibration must be token ids [n_samples, seqlen], got shape "
-                         f"{tuple(calibration.shape)}")
+    check_calibration(model, calibration)
     adapter = get_adapter(model)
     first = adapter.decoder_layers(model)[0]
     captured: Dict[str, Any] = {}

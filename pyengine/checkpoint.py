@@ -6,6 +6,11 @@ and, for sliced models, the sliced structure), ``generation_config.json`` when t
 and the tensors in ``model.safetensors`` (or shards with an index, as Hugging Face writes them).
 A Matryoshka layer stores its int8 parent once (three bit planes, scales, zeros); its layer
 entry adds ``"matryoshka": {"layout", "parent_bits", "precision"}``, the precision it serves.
+``config.json`` also holds, as ``transformers_weights``, a sentence that names no weights file
+(:data:`TRANSFORMERS_GUARD`): transformers without pyengine imported refuses the checkpoint.
+
+Both load paths, :func:`load` and ``from_pretrained`` (pyengine.hf_integration), check the
+checkpoint with pyengine.checkpoint_checks before reading any weight.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from .checkpoint_checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, SCALE_DTYPES,
+                                WEIGHTS_NAME, CheckpointError, check_checkpoint,
+                                validate_metadata)
 from .compress import RECIPE_ATTR
 from .models.adapters import get_adapter
 from .modules.fusion import fuse_projections
@@ -25,15 +33,17 @@ from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.quant_linear import QuantLinear
 from .recipe import Recipe
 
-QUANT_METHOD = "pyengine"
-CHECKPOINT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMERS_GUARD",
+           "apply_compressed_structure", "load", "quantization_metadata", "retie", "save"]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, truncated, or does not match its own metadata."""
+# Written as ``transformers_weights`` (the weights file transformers should read) into
+# config.json. transformers refuses a value that names no .safetensors file, with a ValueError
+# that quotes it, so a checkpoint loaded by transformers *without* pyengine imported fails loudly
+# instead of loading random weights into plain nn.Linear layers (transformers skips quantization
+# methods it does not know). pyengine's HfQuantizer removes the field before transformers looks
+# for the weights; pyengine.load ignores it.
+TRANSFORMERS_GUARD = ("this is a pyengine checkpoint: run `import pyengine` before "
+                      "from_pretrained, or load it with pyengine.load(DIR)")
 
 
 def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
@@ -49,6 +59,8 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
                 "scale_dtype": str(module.scales.dtype).replace("torch.", ""),
                 "method": module.method, "bias": module.bias is not None,
             }
+            if module.act_bits:
+                layers[name]["act_bits"] = module.act_bits
             if isinstance(module, MatryoshkaLinear):
                 layers[name]["matryoshka"] = module.checkpoint_info()
     return {
@@ -80,9 +92,10 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
     """Writes a compressed (or plain) model of a supported family to directory ``path``.
 
     Returns the directory. Tensors go to safetensors files (sharded above ``max_shard_bytes``),
-    everything else to JSON.
+    everything else to JSON; every file gets the mode the process umask gives new files.
+    ``config.json`` carries a ``transformers_weights`` guard (:data:`TRANSFORMERS_GUARD`) that
+    makes ``from_pretrained`` fail loudly when pyengine is not imported.
     """
-    from safetensors.torch import save_file
     get_adapter(model)  # fail early on unsupported models
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +116,7 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
             del config.quantization_config
         else:
             config.quantization_config = previous
+    _add_transformers_guard(out / "config.json")
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(out)
@@ -118,12 +132,12 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
     shards.append(current)
     file_meta = {"format": "pt", "producer": "pyengine"}
     if len(shards) == 1:
-        save_file(shards[0], str(out / WEIGHTS_NAME), metadata=file_meta)
+        _save_safetensors(shards[0], out / WEIGHTS_NAME, file_meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata=file_meta)
+            _save_safetensors(shard, out / name, file_meta)
             weight_map.update({key: name for key in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out / INDEX_NAME).write_text(json.dumps(
@@ -131,7 +145,37 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
     return out
 
 
-def _retie(model: nn.Module, aliases: Dict[str, str]) -> None:
+def _add_transformers_guard(config_file: Path) -> None:
+    """Adds TRANSFORMERS_GUARD to a written config.json (config.save_pretrained drops a
+    ``transformers_weights`` attribute, so it is added to the file)."""
+    data = json.loads(config_file.read_text())
+    data["transformers_weights"] = TRANSFORMERS_GUARD
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic across threads)
+    os.umask(mask)
+    return mask
+
+
+def _save_safetensors(tensors: Dict[str, torch.Tensor], file: Path,
+                      metadata: Dict[str, str]) -> None:
+    """safetensors.save_file, then the mode of a newly created file (safetensors writes a 0600
+    temporary file and renames it, so the file would otherwise be private to its owner)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, 0o666 & ~_umask())
+
+
+def retie(model: nn.Module, aliases: Dict[str, str]) -> None:
     """Makes each tied key's module hold the very Parameter (or buffer) of its source key, as in
     the model that was saved (assigning one tensor to two keys gives two Parameters)."""
     for alias, source in aliases.items():
@@ -143,26 +187,6 @@ def _retie(model: nn.Module, aliases: Dict[str, str]) -> None:
             dst._parameters[alias_attr] = src._parameters[source_attr]
         elif source_attr in src._buffers and alias_attr in dst._buffers:
             dst._buffers[alias_attr] = src._buffers[source_attr]
-
-
-def _files_and_keys(path: Path) -> Dict[str, str]:
-    """{tensor key: safetensors file} of a checkpoint directory."""
-    index = path / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid index: {exc}") from None
-        return dict(weight_map)
-    single = path / WEIGHTS_NAME
-    if not single.exists():
-        raise CheckpointError(f"no {WEIGHTS_NAME} (or {INDEX_NAME}) in {path}")
-    from safetensors import safe_open
-    try:
-        with safe_open(str(single), framework="pt") as f:
-            return {key: WEIGHTS_NAME for key in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read {single}: {exc}") from None
 
 
 def _read_tensors(path: Path, keys: Dict[str, str], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -182,59 +206,71 @@ def _read_tensors(path: Path, keys: Dict[str, str], device: torch.device) -> Dic
     return tensors
 
 
-def _skeleton(config, qmeta: Dict[str, Any]) -> nn.Module:
+def _skeleton(config, qmeta: Dict[str, Any], where: str) -> nn.Module:
     """The model's module tree with parameters on the meta device, compressed structure applied."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     config = type(config).from_dict({k: v for k, v in config.to_dict().items()
-                                     if k != "quantization_config"})
+                                     if k not in ("quantization_config", "transformers_weights")})
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    apply_compressed_structure(model, qmeta)
+    apply_compressed_structure(model, qmeta, where)
     return model
 
 
-def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any]) -> nn.Module:
+def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
+                               where: Optional[str] = None) -> nn.Module:
     """Rebuilds, on a model whose weights are still on the meta device, the sliced structure and
-    the QuantLinear modules a checkpoint's metadata describes."""
-    from .slicing.structure import build_skeleton
-    if qmeta.get("structure"):
-        build_skeleton(model, qmeta["structure"])
-    for name, info in qmeta.get("layers", {}).items():
+    the QuantLinear modules a checkpoint's metadata describes.
+
+    ``qmeta`` is checked first (checkpoint_checks.validate_metadata); ``where`` names the config
+    file in messages (default: the model's ``config.name_or_path``/config.json). Raises
+    CheckpointError on metadata that is malformed or does not fit the model.
+    """
+    from .modules.sliced import ResidualProjection
+    from .slicing.structure import SlicingError, build_skeleton
+    if where is None:
+        where = f"{getattr(model.config, 'name_or_path', '') or 'checkpoint'}/config.json"
+    qmeta = validate_metadata(qmeta, where)
+    if qmeta["structure"]:
+        try:
+            build_skeleton(model, qmeta["structure"])
+        except SlicingError as exc:
+            raise CheckpointError(f"{where}: quantization_config.structure: {exc}") from None
+    for name, info in qmeta["layers"].items():
+        field = f"{where}: quantization_config.layers[{name!r}]"
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"the checkpoint quantizes {name!r}, which this model does not "
-                                  f"have") from None
-        target_parent, attr = name.rpartition(".")[0], name.rpartition(".")[2]
-        parent = model.get_submodule(target_parent) if target_parent else model
-        from .modules.sliced import ResidualProjection
+            raise CheckpointError(f"{field}: the checkpoint quantizes {name!r}, which this model "
+                                  f"does not have") from None
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, ResidualProjection):
             parent, attr = module, "proj"
+        elif not isinstance(module, nn.Linear):
+            raise CheckpointError(f"{field}: {name!r} is a {type(module).__name__}, not a linear "
+                                  f"layer")
         n, k = info["shape"]
         if "matryoshka" in info:
-            setattr(parent, attr, _matryoshka_skeleton(name, info))
-            continue
-        setattr(parent, attr, QuantLinear(
-            k, n, bias=info["bias"], bits=info["bits"], group_size=info["group_size"],
-            symmetric=info["symmetric"], dtype=_DTYPES[info["scale_dtype"]], device="meta",
-            method=info.get("method", "rtn")))
-    setattr(model, RECIPE_ATTR, Recipe.from_dict(qmeta.get("recipe", {})))
+            layer: QuantLinear = _matryoshka_skeleton(info)
+        else:
+            layer = QuantLinear(
+                k, n, bias=info["bias"], bits=info["bits"], group_size=info["group_size"],
+                symmetric=info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
+                device="meta", method=info["method"], act_bits=info["act_bits"])
+        setattr(parent, attr, layer)
+    setattr(model, RECIPE_ATTR, Recipe.from_dict(qmeta["recipe"]))
     return model
 
 
-def _matryoshka_skeleton(name: str, info: Dict[str, Any]) -> MatryoshkaLinear:
-    from .matryoshka.weight import LAYOUT, PARENT_BITS
-    mat = info["matryoshka"]
-    if mat.get("layout") != LAYOUT or int(mat.get("parent_bits", -1)) != PARENT_BITS:
-        raise CheckpointError(f"{name!r} is a Matryoshka layer with layout {mat.get('layout')!r} / "
-                              f"parent bits {mat.get('parent_bits')!r}; this pyengine reads "
-                              f"{LAYOUT!r} / {PARENT_BITS}")
+def _matryoshka_skeleton(info: Dict[str, Any]) -> MatryoshkaLinear:
+    from .matryoshka.weight import PARENT_BITS
     n, k = info["shape"]
     return MatryoshkaLinear(k, n, bias=info["bias"], group_size=info["group_size"],
-                            symmetric=info["symmetric"], dtype=_DTYPES[info["scale_dtype"]],
-                            device="meta", method=info.get("method", "rtn"),
-                            precision=int(mat.get("precision", PARENT_BITS)))
+                            symmetric=info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
+                            device="meta", method=info["method"],
+                            precision=info["matryoshka"].get("precision", PARENT_BITS))
 
 
 def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = None,
@@ -243,47 +279,46 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
 
     The module tree is built on the meta device and the tensors are read straight onto
     ``device`` (default CPU) and assigned, so no weight is held twice. ``dtype`` converts every
-    floating-point tensor (scales included). Raises CheckpointError on a missing, truncated or
-    mismatched checkpoint, before any model is returned. ``fuse``: serve the quantized layers
-    that read one input with one op per group (pyengine.fuse_projections).
+    floating-point tensor (scales included). ``fuse``: serve the quantized layers that read one
+    input with one op per group (pyengine.fuse_projections).
+
+    Raises:
+        CheckpointError: before any model is returned, on a missing, truncated or malformed
+            checkpoint: metadata that is malformed or newer than this pyengine, tensors missing,
+            unexpected, or of another shape or dtype than the metadata says (the checks of
+            pyengine.checkpoint_checks, which from_pretrained runs too).
     """
     from transformers import AutoConfig
     path = Path(path)
-    if not (path / "config.json").exists():
+    config_file = path / "config.json"
+    if not config_file.exists():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path))
-    qmeta = getattr(config, "quantization_config", None)
-    if hasattr(qmeta, "to_dict"):
-        qmeta = qmeta.to_dict()
-    if not isinstance(qmeta, dict) or qmeta.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path} was not written by pyengine.save (no pyengine "
-                              f"quantization_config in config.json)")
-    if int(qmeta.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {qmeta.get('format_version')}, newer "
-                              f"than this pyengine ({CHECKPOINT_VERSION})")
+    try:  # the metadata is read and checked from the file itself, before transformers sees it
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: cannot read it as JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, got "
+                              f"{type(raw).__name__}")
+    qmeta = validate_metadata(raw.get("quantization_config"), str(config_file))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{config_file}: transformers cannot read it: "
+                              f"{type(exc).__name__}: {first}") from None
     device = torch.device(device) if device is not None else torch.device("cpu")
 
-    model = _skeleton(config, qmeta)
-    expected = model.state_dict()
-    aliases = dict(qmeta.get("tied", {}))
-    keys = _files_and_keys(path)
-    missing = sorted(set(expected) - set(keys) - set(aliases))
-    unexpected = sorted(set(keys) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match its metadata: missing "
-                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    tensors = _read_tensors(path, keys, device)
-    bad = [f"{k}: {tuple(t.shape)} != {tuple(expected[k].shape)}" for k, t in tensors.items()
-           if tuple(t.shape) != tuple(expected[k].shape)]
-    if bad:
-        raise CheckpointError(f"checkpoint {path} has tensors of the wrong shape: {bad[:5]}")
+    model = _skeleton(config, qmeta, str(config_file))
+    aliases = qmeta["tied"]
+    stored = check_checkpoint(model, path, aliases)
+    tensors = _read_tensors(path, {key: t.file for key, t in stored.items()}, device)
     if dtype is not None:
         tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
     for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     model.load_state_dict(tensors, strict=True, assign=True)
-    _retie(model, aliases)
+    retie(model, aliases)
     model.to(device)
     if fuse:
         fuse_projections(model)

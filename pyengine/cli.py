@@ -1,9 +1,11 @@
 """The ``pyengine`` command line: ``compress``, ``eval``, ``inspect``, ``bench`` and ``demo``.
 
 Every command has ``--help``. Mistakes of the user (a missing model path, recipe values out of
-range, ``--device cuda`` without a GPU, matplotlib missing for a plot, ...) end with one line on
-stderr and exit code 2; set ``PYENGINE_DEBUG=1`` to see the traceback instead. Long steps show
-progress bars on stderr (``--no-progress`` or ``PYENGINE_NO_PROGRESS=1`` turns them off).
+range, ``--device cuda`` without a GPU, matplotlib missing for a plot, an output path that
+cannot be written, a corrupt checkpoint, ...) end with one line on stderr and exit code 2; output
+paths are checked before any work starts (pyengine.cli_checks). Set ``PYENGINE_DEBUG=1`` to see
+the traceback instead. Long steps show progress bars on stderr (``--no-progress`` or
+``PYENGINE_NO_PROGRESS=1`` turns them off).
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .cli_checks import (UsageError, check_output_dir, check_output_file, check_plot_file,
+                         int_at_least, positive_int_list, write_text)
+
 EXIT_USAGE = 2
 SMOLLM2 = "smollm2"
 DATASET_NAMES = ("offline", "wikitext2", "c4", "ptb")
 DEMO_PROMPT = "What is the capital of France?"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class UsageError(Exception):
-    """A mistake of the user: reported as one line on stderr, exit code 2."""
 
 
 # ---- argument parsing -------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def _add_device(parser: argparse.ArgumentParser,
 
 def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_choices: str,
                 method: str, slice_default: Optional[float], n_samples: int,
-                seqlen: int, head_default: Optional[int] = None) -> None:
+                seqlen: int, head_default: Optional[int] = None, act_bits: int = 0) -> None:
     g = parser.add_argument_group("recipe (pyengine.plan)")
     g.add_argument("--avg-bits", type=_avg_bits, default=avg_bits,
                    help="target average bits per weight of the decoder's linear layers, scales "
@@ -133,6 +134,10 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
                    help=f"quantizer (default: {method})")
     g.add_argument("--group-size", type=_group_size, default=128,
                    help="weights per scale: 32, 64, 128 or -1 per channel (default: 128)")
+    g.add_argument("--act-bits", type=int, choices=(0, 8), default=act_bits,
+                   help="8: int8 activations (per block of 32) for the 2- and 4-bit layers, "
+                        "which the CPU kernels multiply as integers: faster decoding, slightly "
+                        f"less accurate (default: {act_bits})")
     g.add_argument("--slice", type=_slice_fraction, default=slice_default, metavar="FRACTION",
                    help="mean fraction of the residual width deleted per layer, 0 for none "
                         f"(default: {slice_default or 0:g})")
@@ -148,7 +153,7 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
                         "corpus shipped with Python)")
     c.add_argument("--n-samples", type=_positive_int, default=n_samples,
                    help=f"calibration windows (default: {n_samples})")
-    c.add_argument("--seqlen", type=_positive_int, default=seqlen,
+    c.add_argument("--seqlen", type=int_at_least(2), default=seqlen,
                    help=f"tokens per calibration window (default: {seqlen})")
 
 
@@ -186,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="offline|wikitext2|c4|ptb|FILE",
                    help="evaluation text (default: offline, the held-out split)")
     p.add_argument("--no-ppl", action="store_true", help="only report the weight bytes")
-    p.add_argument("--seqlen", type=_positive_int, default=512,
-                   help="tokens per window (default: 512)")
+    p.add_argument("--seqlen", type=int_at_least(2), default=512,
+                   help="tokens per window, at least 2 (default: 512)")
     p.add_argument("--max-windows", type=_positive_int, default=8,
                    help="windows evaluated at most (default: 8)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
@@ -213,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", metavar="DIR", help="a checkpoint written by 'pyengine "
                                                            "compress' (or another model)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
-    p.add_argument("--m", type=_int_list, default=None, metavar="M,M",
+    p.add_argument("--m", type=positive_int_list, default=None, metavar="M,M",
                    help="activation rows per kernel call (default: 1,16 on cpu; 1,16,256 on "
                         "cuda)")
     p.add_argument("--bits", type=_bit_choices, default=None, metavar="B,B",
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_recipe(p, avg_bits=6.0, bit_choices="8,4", method="gptq", slice_default=0.1,
                 n_samples=32, seqlen=512, head_default=8)
-    p.add_argument("--eval-seqlen", type=_positive_int, default=512,
+    p.add_argument("--eval-seqlen", type=int_at_least(2), default=512,
                    help="tokens per perplexity window (default: 512)")
     p.add_argument("--max-windows", type=_positive_int, default=4,
                    help="perplexity windows (default: 4)")
@@ -295,12 +300,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_checkpoint(path: Path) -> bool:
+    """Whether directory ``path`` holds a pyengine checkpoint (its quantization_config, or the
+    guard pyengine.save writes, so that a checkpoint with damaged metadata is still read, and
+    reported on, by pyengine.load rather than by transformers)."""
+    from .checkpoint import TRANSFORMERS_GUARD
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(config, dict):
+        return False
     qcfg = config.get("quantization_config")
-    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "pyengine"
+    return ((isinstance(qcfg, dict) and qcfg.get("quant_method") == "pyengine")
+            or config.get("transformers_weights") == TRANSFORMERS_GUARD)
 
 
 def _tokenizer_or_none(source: str, **kwargs: Any) -> Any:
@@ -445,7 +457,7 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace)
         recipe = plan(model, calib, avg_bits=args.avg_bits, bit_choices=tuple(args.bit_choices),
                       importance=args.importance, method=args.method,
                       group_size=args.group_size, slicing=args.slice,
-                      slice_schedule=args.slice_schedule)
+                      slice_schedule=args.slice_schedule, act_bits=args.act_bits)
     except ValueError as exc:
         raise UsageError(f"recipe: {exc}") from None
     if args.quantize_head:
@@ -511,9 +523,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     """``pyengine compress MODEL --out DIR``: plan, compress and save (with the tokenizer)."""
     from .checkpoint import save
     from .compress import storage_bytes
-    out = args.out.expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = check_output_dir(args.out, "--out")
     source = Path(args.model).expanduser()
     if source.exists() and out.exists() and out.resolve() == (source if source.is_dir()
                                                                  else source.parent).resolve():
@@ -555,6 +565,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``pyengine eval DIR``: perplexity and weight bytes."""
     from .compress import predicted_bytes, storage_bytes
     check_device(args.device)
+    args.json = check_output_file(args.json, "--json")
     source = None if args.no_ppl else _text_source(args.ppl)
     loaded = load_model(args.model, args.device, _dtype(args.dtype))
     result: Dict[str, Any] = {"model": str(args.model), "compressed": loaded.compressed,
@@ -570,7 +581,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"weight bytes: {result['weight_bytes']} ({_mib(result['weight_bytes'])} held, "
           f"{_mib(result['predicted_bytes'])} predicted by the format)")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -657,24 +668,17 @@ def plot_layers(rows: Sequence[Dict[str, Any]], hidden: int, path: Path, title: 
     axes[-1].set_xlabel("decoder layer")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _matplotlib_or_error(path: Path) -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(f"--plot {path}: needs matplotlib (pip install matplotlib, or "
-                         f"pip install 'pyengine[demo]')") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``pyengine inspect DIR``: per-layer table and an optional plot."""
     from .compress import RECIPE_ATTR, layer_report, predicted_bytes, storage_bytes
     from .models.adapters import get_adapter
-    if args.plot is not None:
-        _matplotlib_or_error(args.plot)
+    args.plot = check_plot_file(args.plot, "--plot")
+    args.json = check_output_file(args.json, "--json")
     loaded = load_model(args.model)
     model = loaded.model
     _require_supported(model)
@@ -700,9 +704,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"recipe: {describe_recipe(recipe)}")
     print(f"total weight bytes: {total} ({_mib(total)} held, {_mib(predicted)} predicted)")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "layers": rows,
-                                         "other": other, "weight_bytes": total,
-                                         "predicted_bytes": predicted}, indent=1) + "\n")
+        write_text(args.json, json.dumps({"model": str(args.model), "layers": rows,
+                                          "other": other, "weight_bytes": total,
+                                          "predicted_bytes": predicted}, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.plot is not None:
         title = f"{loaded.name}: " + (describe_recipe(recipe) if recipe is not None and recipe.info
@@ -754,13 +758,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .backends import BackendError, available_backends, known_backends
     from .compress import dequantize_model
     check_device(args.device)
+    args.json = check_output_file(args.json, "--json")
     device = args.device
     dtype = _dtype(args.dtype) or (torch.float16 if device == "cuda" else torch.float32)
     ms = args.m or bm.DEFAULT_M[device]
     bits = args.bits or bm.DEFAULT_BITS[device]
     reps = args.reps or (50 if device == "cuda" else 15)
     if args.backends:
-        backends = [b for b in args.backends.split(",") if b]
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        if not backends:
+            raise UsageError(f"--backends: expected backend names, got {args.backends!r}; "
+                             f"available here: {available_backends()}")
         unknown = [b for b in backends if b not in known_backends()]
         missing = [b for b in backends if b in known_backends() and b not in available_backends()]
         if unknown or missing:
@@ -860,6 +868,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .compress import storage_bytes
     from .utils import progress
     check_device(args.device)
+    args.save = check_output_dir(args.save, "--save")
     t_start = time.perf_counter()
     _status("loading SmolLM2-135M (the embedded default model)")
     loaded = load_model(SMOLLM2, args.device, _dtype(args.dtype))

@@ -58,6 +58,18 @@ def _check_recipe_names(model: nn.Module, recipe: Recipe) -> None:
                                  f"quantizing embeddings is not supported")
 
 
+def compressed_reason(model: nn.Module) -> Optional[str]:
+    """Why ``model`` counts as compressed by pyengine (quantized layers, or the recipe that
+    pyengine.compress and pyengine.load leave on it), or None for a model pyengine has not
+    compressed. A model that is only sliced by hand (pyengine.slicing) is not compressed."""
+    quantized = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+    if quantized:
+        return f"{len(quantized)} quantized layers such as {quantized[0]!r}"
+    if getattr(model, RECIPE_ATTR, None) is not None:
+        return "it carries the recipe of an earlier pyengine.compress or pyengine.load"
+    return None
+
+
 def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progress: bool = True,
              scale_dtype: Optional[torch.dtype] = None,
              matquant_options: Optional[Mapping[str, Any]] = None, fuse: bool = True) -> nn.Module:
@@ -82,11 +94,20 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
             group where they share a format (pyengine.fuse_projections; no weight is copied).
     Raises:
         UnsupportedModelError: the family has no adapter.
-        ValueError: a recipe the model cannot take (slicing without calibration data, ...).
+        ValueError: a model that is already compressed (quantized layers, or a model from
+            pyengine.compress / pyengine.load), calibration that is not token ids of the model's
+            vocabulary, or a recipe the model cannot take (slicing without calibration data, ...).
     """
     adapter = get_adapter(model)
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a pyengine.Recipe, got {type(recipe).__name__}")
+    already = compressed_reason(model)
+    if already:
+        raise ValueError(f"the model is already compressed ({already}); compress the original "
+                         f"dense model instead")
+    if calibration is not None:
+        from .calibrate import check_calibration
+        check_calibration(model, calibration)
     _check_recipe_names(model, recipe)
     if recipe.slicing is not None:
         _apply_slicing(model, recipe, calibration, show_progress)

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .utils import is_int
+
 OFFLINE = "offline"
 HUB_DATASETS = {
     # name: (hub id, config, split for calibration, split for evaluation, text field)
@@ -91,8 +93,9 @@ def calibration_data(tokenizer, text: Optional[str] = None, dataset: Optional[st
     ``seed`` from the calibration split of the chosen text (the offline corpus by default).
     Raises ValueError when the text is shorter than one window.
     """
-    if n_samples < 1 or seqlen < 2:
-        raise ValueError(f"need n_samples >= 1 and seqlen >= 2, got {n_samples}, {seqlen}")
+    if not is_int(n_samples) or not is_int(seqlen) or n_samples < 1 or seqlen < 2:
+        raise ValueError(f"need integers n_samples >= 1 and seqlen >= 2, got {n_samples!r}, "
+                         f"{seqlen!r}")
     ids = tokenize(tokenizer, load_text(text, dataset, "calibration"))
     if ids.numel() < seqlen + 1:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than one window "

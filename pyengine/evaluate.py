@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .calibrate import check_token_ids
 from .data import load_text, tokenize
-from .utils import module_device, progress
+from .utils import is_int, module_device, progress
 
 
 @torch.inference_mode()
@@ -21,8 +22,18 @@ def perplexity(model: nn.Module, tokenizer, text: Optional[str] = None,
     The text is the evaluation split of ``dataset`` (the offline corpus by default, held out
     from calibration) or the given ``text``. The final partial window is dropped; at most
     ``max_windows`` windows are evaluated (all when None). Runs on the model's device.
+
+    Raises:
+        ValueError: ``seqlen`` < 2 (a window must predict at least one token), ``max_windows``
+            < 1, a text shorter than one window, or token ids outside the model's vocabulary.
     """
+    if not is_int(seqlen) or seqlen < 2:
+        raise ValueError(f"seqlen must be an integer >= 2 (a window predicts seqlen - 1 tokens), "
+                         f"got {seqlen!r}")
+    if max_windows is not None and (not is_int(max_windows) or max_windows < 1):
+        raise ValueError(f"max_windows must be a positive integer or None, got {max_windows!r}")
     ids = tokenize(tokenizer, load_text(text, dataset, "evaluation"))
+    check_token_ids(model, ids, "the tokenized evaluation text")
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "

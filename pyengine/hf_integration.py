@@ -2,10 +2,20 @@
 
 pyengine registers a quantization config and an HfQuantizer under the method name "pyengine".
 From the checkpoint's metadata the quantizer rebuilds, on the meta-device model that
-transformers creates, the sliced structure and the QuantLinear modules; transformers then loads
-the tensors into them. Registration needs transformers imported; ``import pyengine`` does it at
-once when transformers is already imported, and otherwise right after transformers is first
-imported (a one-shot import hook), so that importing pyengine stays cheap.
+transformers creates, the sliced structure and the QuantLinear modules, and checks the
+checkpoint's metadata and tensors exactly as pyengine.load does (pyengine.checkpoint_checks:
+format version, missing, unexpected and misshapen tensors are errors); transformers then loads
+the tensors into them.
+
+A pyengine checkpoint's config.json carries a ``transformers_weights`` guard
+(pyengine.checkpoint.TRANSFORMERS_GUARD) that transformers rejects, so loading one without
+pyengine imported fails with a message saying so; the quantizer removes the guard from the
+config before transformers looks for the weights (with a transformers that lacks the hook used
+for this, the guard stays and from_pretrained fails loudly: pyengine.load still works).
+
+Registration needs transformers imported; ``import pyengine`` does it at once when transformers
+is already imported, and otherwise right after transformers is first imported (a one-shot
+import hook), so that importing pyengine stays cheap.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ def register_with_transformers() -> None:
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from .checkpoint import QUANT_METHOD, apply_compressed_structure
+    from .checkpoint import QUANT_METHOD, TRANSFORMERS_GUARD, apply_compressed_structure, retie
+    from .checkpoint_checks import CheckpointError, check_checkpoint, validate_metadata
 
     class PyengineConfig(QuantizationConfigMixin):
         """The ``quantization_config`` of a pyengine checkpoint (the dict pyengine.save wrote)."""
@@ -54,8 +65,24 @@ def register_with_transformers() -> None:
 
         requires_calibration = True  # pyengine checkpoints are loaded, not made, here
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
-            apply_compressed_structure(model, self.quantization_config.to_dict())
+        def update_attn_implementation(self, config):
+            # The one hook that sees the model config before transformers resolves the weights
+            # files: take the guard out so that it reads model.safetensors (or the index).
+            if getattr(config, "transformers_weights", None) == TRANSFORMERS_GUARD:
+                del config.transformers_weights
+            return super().update_attn_implementation(config)
+
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            from pathlib import Path
+            if not checkpoint_files:
+                raise CheckpointError("from_pretrained did not say which files it loads, so "
+                                      "pyengine cannot check them; use pyengine.load(DIR)")
+            directory = Path(checkpoint_files[0]).parent
+            where = str(directory / "config.json")
+            qmeta = validate_metadata(self.quantization_config.to_dict(), where)
+            apply_compressed_structure(model, qmeta, where)
+            # the same checks as pyengine.load, on the files transformers is about to read
+            check_checkpoint(model, directory, qmeta["tied"], checkpoint_files)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -64,6 +91,9 @@ def register_with_transformers() -> None:
             for module in model.modules():
                 if isinstance(module, QuantLinear):
                     module._refresh_weight()
+            # tied keys hold their source's very tensor, as in the model saved (pyengine.load
+            # does the same)
+            retie(model, self.quantization_config.to_dict().get("tied") or {})
             fuse_projections(model)
             return model
 

@@ -149,12 +149,54 @@ def kept_widths(fractions: Sequence[float], hidden: int, multiple: int = WIDTH_M
     return widths
 
 
+def _check_plan_arguments(model: nn.Module, avg_bits, bit_choices, method, group_size, slicing,
+                          slice_schedule) -> None:
+    """ValueError on arguments plan cannot use, before any measurement is made."""
+    from .compress import compressed_reason
+    from .packing import SUPPORTED_BITS
+    from .qweight import SUPPORTED_GROUP_SIZES
+    from .slicing.structure import is_folded, layer_widths
+    from .utils import is_int
+    already = compressed_reason(model)
+    if already:
+        raise ValueError(f"plan measures the original model, and this one is already compressed "
+                         f"({already}); plan on the dense model")
+    if is_folded(model):
+        raise ValueError(f"plan measures the original model, and this one is already sliced "
+                         f"(kept widths {layer_widths(model)}); plan on the unsliced model")
+    if isinstance(bit_choices, (str, bytes)) or not isinstance(bit_choices, Sequence):
+        raise ValueError(f"bit_choices must be a sequence of bit widths such as (4, 2), got "
+                         f"{bit_choices!r}")
+    if not bit_choices:
+        raise ValueError(f"bit_choices is empty: give at least one of {SUPPORTED_BITS}")
+    bad = [b for b in bit_choices if not is_int(b) or b not in SUPPORTED_BITS]
+    if bad:
+        raise ValueError(f"bit_choices must be integers among {SUPPORTED_BITS}, got {bad}")
+    if avg_bits is not None and (isinstance(avg_bits, bool)
+                                 or not isinstance(avg_bits, (int, float))
+                                 or not math.isfinite(avg_bits) or avg_bits <= 0):
+        raise ValueError(f"avg_bits must be a positive number or None, got {avg_bits!r}")
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if not is_int(group_size) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+    if slicing is not None:
+        if isinstance(slicing, bool) or not isinstance(slicing, (int, float)) \
+                or not 0.0 <= slicing < MAX_SLICE:
+            raise ValueError(f"slicing must be a fraction in [0, {MAX_SLICE}) or None, got "
+                             f"{slicing!r}")
+        if slice_schedule not in ("dynamic", "constant"):
+            raise ValueError(f"slice_schedule must be 'dynamic' or 'constant', got "
+                             f"{slice_schedule!r}")
+
+
 def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
          avg_bits: Optional[float] = None, bit_choices: Sequence[int] = (4, 2),
          importance: Union[str, Sequence[float]] = "lim", method: str = "gptq",
          group_size: int = 128, slicing: Optional[float] = None, slice_schedule: str = "dynamic",
          slice_base: Optional[float] = None, symmetric: bool = False, seed: int = 0,
-         layer_scores: Optional[Dict[str, List[float]]] = None, show_progress: bool = True) -> Recipe:
+         layer_scores: Optional[Dict[str, List[float]]] = None, show_progress: bool = True,
+         act_bits: int = 0) -> Recipe:
     """A Recipe from measurements of ``model`` on ``calibration``.
 
     Args:
@@ -167,11 +209,24 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
         slice_schedule: "dynamic" (per-layer widths from redundancy) or "constant".
         slice_base: the smallest per-layer fraction of dynamic slicing (default slicing / 2).
         layer_scores: precomputed pyengine.scores(...) output (skips the calibration pass).
+        act_bits: 8 gives the 2- and 4-bit layers int8 activations (QuantConfig.act_bits: the
+            CPU kernels' integer path); 0 (default) keeps every layer's input as it is.
     Returns:
         A Recipe; its ``info`` holds the scores, the importance used, per-layer bits and widths,
         and the achieved average bits.
+    Raises:
+        ValueError: on arguments out of range (checked before any measurement), on a model that
+            is already compressed or sliced (plan measures the original model), on calibration
+            that is not token ids of the model's vocabulary, or an ``avg_bits`` out of reach.
     """
     adapter = get_adapter(model)
+    _check_plan_arguments(model, avg_bits, bit_choices, method, group_size, slicing,
+                          slice_schedule)
+    from .ops.act_quant import check_act_bits
+    check_act_bits(act_bits, "plan: act_bits")
+    if calibration is not None:
+        from .calibrate import check_calibration
+        check_calibration(model, calibration)
     n_layers = len(adapter.decoder_layers(model))
     needs_scores = (avg_bits is not None and isinstance(importance, str)
                     and importance in ("lim", "zd")) or (slicing is not None
@@ -202,11 +257,16 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
     info["layer_bits"] = bits
     info["achieved_avg_bits"] = achieved
 
+    def config(b: int) -> QuantConfig:  # int8 activations where the integer path serves b
+        return QuantConfig(b, group_size, symmetric, method,
+                           act_bits=act_bits if b in (2, 4) else 0)
+
     quant: Dict[str, Optional[QuantConfig]] = {}
     for i, b in enumerate(bits):
-        quant[re.escape(f"{adapter.layers}.{i}.") + ".*"] = QuantConfig(b, group_size, symmetric,
-                                                                          method)
-    quant["_default"] = QuantConfig(max(bits), group_size, symmetric, method)
+        quant[re.escape(f"{adapter.layers}.{i}.") + ".*"] = config(b)
+    quant["_default"] = config(max(bits))
+    if act_bits:
+        info["act_bits"] = act_bits
 
     widths = None
     if slicing is not None:

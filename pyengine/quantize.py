@@ -14,6 +14,7 @@ import torch
 
 from .packing import SUPPORTED_BITS, pack_codes
 from .qweight import SCALE_DTYPES, SUPPORTED_GROUP_SIZES, QuantizedWeight, padded_in_features
+from .utils import is_int
 
 QUANT_METHODS = ("rtn",)
 
@@ -43,8 +44,9 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
         The :class:`QuantizedWeight` on the weight's device.
 
     Raises:
-        ValueError: on unsupported bits / group size / method, a weight that is not 2-D, empty,
-            not floating point or not finite.
+        ValueError: on unsupported bits / group size / method (an integer is required: 4.0 is
+            refused), a weight that is not 2-D, empty, not floating point, on the meta device or
+            not finite.
     """
     _check_arguments(weight, bits, group_size, method, clip_grid, min_clip)
     if scale_dtype is None:
@@ -86,14 +88,19 @@ def _check_arguments(weight, bits, group_size, method, clip_grid, min_clip) -> N
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)})")
     if not weight.is_floating_point():
         raise ValueError(f"weight must be floating point, got {weight.dtype}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+    if weight.device.type == "meta":
+        raise ValueError(f"weight {tuple(weight.shape)} is on the meta device (it has no values "
+                         f"yet): load or initialise it before quantizing")
+    # `4.0 in (2, 3, 4, 8)` is True in Python, so the type is checked as well as the value
+    if not is_int(bits) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be an integer among {SUPPORTED_BITS}, got {bits!r}")
+    if not is_int(group_size) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be an integer among {SUPPORTED_GROUP_SIZES}, got "
+                         f"{group_size!r}")
     if method not in QUANT_METHODS:
         raise ValueError(f"method must be one of {QUANT_METHODS} for a single weight, got "
                          f"{method!r} (GPTQ needs calibration inputs: use the model-level API)")
-    if clip_grid < 1 or not 0.0 < min_clip <= 1.0:
+    if not is_int(clip_grid) or clip_grid < 1 or not 0.0 < min_clip <= 1.0:
         raise ValueError(f"clip_grid must be >= 1 and min_clip in (0, 1], got {clip_grid}, {min_clip}")
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())

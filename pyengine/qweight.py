@@ -63,7 +63,10 @@ class QuantizedWeight:
                  symmetric (zero point 2^(bits-1)).
     """
 
-    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "shape", "method")
+    # _op_cache: what pyengine's ops derive from this weight for eager calls (its backend
+    # operand); the tensors above are fixed for the object's life, so it never goes stale.
+    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "shape", "method",
+                 "_op_cache")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                  *, bits: int, group_size: int, shape: Tuple[int, int], method: str = "rtn") -> None:
@@ -94,6 +97,7 @@ class QuantizedWeight:
         self.group_size = int(group_size)
         self.shape = torch.Size((n, k))
         self.method = str(method)
+        self._op_cache = None
 
     # ---- descriptive properties -------------------------------------------------------------
     @property

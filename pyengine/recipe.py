@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .packing import SUPPORTED_BITS
 from .qweight import SUPPORTED_GROUP_SIZES
+from .utils import is_int
 
 QUANT_METHODS = ("rtn", "gptq", "matquant")
 MATRYOSHKA_METHODS = ("rtn", "matquant")
@@ -39,6 +40,9 @@ class QuantConfig:
             method "rtn" or "matquant"); pyengine.set_precision picks the slice served.
         act_order: GPTQ only: visit columns by decreasing Hessian diagonal (groups stay static
             and contiguous, so the stored layout needs no permutation at run time).
+        act_bits: 0 (the layer's input as it is) or 8: the layer quantizes its input to int8
+            per block of 32 at run time (pyengine.ops.act_quant), which the CPU kernels turn
+            into integer dot products. Not for Matryoshka parents.
     """
 
     bits: int
@@ -47,13 +51,20 @@ class QuantConfig:
     method: str = "rtn"
     matryoshka: bool = False
     act_order: bool = False
+    act_bits: int = 0
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"QuantConfig.group_size must be one of {SUPPORTED_GROUP_SIZES}, "
-                             f"got {self.group_size!r}")
+        # `4.0 in (2, 3, 4, 8)` is True in Python, so the type is checked as well as the value
+        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantConfig.bits must be an integer among {SUPPORTED_BITS}, got "
+                             f"{self.bits!r}")
+        if not is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"QuantConfig.group_size must be an integer among "
+                             f"{SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
+        for flag in ("symmetric", "matryoshka", "act_order"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"QuantConfig.{flag} must be True or False, got "
+                                 f"{getattr(self, flag)!r}")
         if self.method not in QUANT_METHODS:
             raise ValueError(f"QuantConfig.method must be one of {QUANT_METHODS}, got {self.method!r}")
         if self.matryoshka and self.bits != 8:
@@ -62,6 +73,11 @@ class QuantConfig:
         if self.matryoshka and self.method not in MATRYOSHKA_METHODS:
             raise ValueError(f"a Matryoshka parent is made by method {MATRYOSHKA_METHODS}, got "
                              f"{self.method!r}")
+        from .ops.act_quant import check_act_bits
+        check_act_bits(self.act_bits, "QuantConfig.act_bits")
+        if self.act_bits and self.matryoshka:
+            raise ValueError("QuantConfig.act_bits applies to plain quantized layers; Matryoshka "
+                             "parents serve their activations as they are")
         if self.method == "matquant" and not self.matryoshka:
             raise ValueError("method 'matquant' makes Matryoshka parents: use QuantConfig(bits=8, "
                              "matryoshka=True, method='matquant')")
@@ -71,7 +87,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka", "act_order"}
+        unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka", "act_order",
+                            "act_bits"}
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**d)
@@ -133,11 +150,22 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
-        if int(d.get("version", RECIPE_VERSION)) > RECIPE_VERSION:
-            raise ValueError(f"recipe version {d.get('version')} is newer than this pyengine "
+        version = d.get("version", RECIPE_VERSION)
+        if not is_int(version):
+            raise ValueError(f"recipe version must be an integer, got {version!r}")
+        if version > RECIPE_VERSION:
+            raise ValueError(f"recipe version {version} is newer than this pyengine "
                              f"understands ({RECIPE_VERSION})")
-        quant = {k: (None if v is None else QuantConfig.from_dict(v))
-                 for k, v in dict(d.get("quant", {})).items()}
+        quant_dict = d.get("quant") or {}
+        if not isinstance(quant_dict, Mapping):
+            raise ValueError(f"recipe quant must map patterns to QuantConfig fields, got "
+                             f"{type(quant_dict).__name__}")
+        quant = {}
+        for k, v in quant_dict.items():
+            if v is not None and not isinstance(v, Mapping):
+                raise ValueError(f"recipe quant[{k!r}] must be QuantConfig fields or null, got "
+                                 f"{v!r}")
+            quant[k] = None if v is None else QuantConfig.from_dict(v)
         return cls(quant=quant, slicing=d.get("slicing"), info=dict(d.get("info") or {}))
 
     def to_json(self, **kwargs) -> str:

@@ -21,11 +21,11 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .calibrate import LayerwiseRunner
+from .calibrate import LayerwiseRunner, check_calibration
 from .compress import quantizable_linears
 from .models.adapters import get_adapter
 from .modules.quant_linear import QuantLinear
-from .utils import progress
+from .utils import is_int, progress
 
 SCORE_NAMES = ("lim", "zd", "lr")
 
@@ -59,7 +59,13 @@ def scores(model: nn.Module, calibration: torch.Tensor, batch_size: int = 1,
     Args:
         calibration: token ids [n_samples, seqlen] (pyengine.calibration_data).
         compute_device: run each layer there (e.g. "cuda") while the model stays where it is.
+    Raises:
+        ValueError: calibration that is empty, not integer token ids, or outside the model's
+            vocabulary.
     """
+    check_calibration(model, calibration)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
     lr = []
     for index, layer, inputs in progress(runner, desc="scores", enabled=show_progress,

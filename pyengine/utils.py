@@ -23,6 +23,12 @@ def progress(items: Iterable[T], desc: str, enabled: bool = True, total: Optiona
                      dynamic_ncols=True))
 
 
+def is_int(value: object) -> bool:
+    """True for Python and NumPy integers; False for bools, floats and anything else."""
+    import numbers
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def module_device(module, default=None):
     """The device of a module's first parameter or, when it has none (a layer whose linears are
     all quantized keeps its weights in buffers), of its first buffer; ``default`` if neither."""

@@ -140,3 +140,59 @@ def test_there_is_a_compiled_cpu_backend_to_check():
     here instead of passing with nothing checked."""
     assert any(label.startswith("cpu-") for label, _ in native_backends("cpu")), (
         f"no compiled CPU backend: {pyengine.build_info().get('extension_error')}")
+
+
+_GUARD_PAGE_SCRIPT = r"""
+import ctypes, itertools, mmap, sys
+import torch
+import pyengine
+from pyengine.backends import CpuBackend, PackedOperand, reference_matmul
+
+# Each weight's packed codes are copied to the very end of a readable region that a PROT_NONE
+# page follows: a kernel that reads one word past the weight's last row crashes this process
+# (the last case printed names the culprit).
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+page = mmap.PAGESIZE
+isa = sys.argv[1]
+gen = torch.Generator().manual_seed(int(sys.argv[2]))
+for bits, group_size, (m, k) in itertools.product(
+        (2, 3, 4, 8), (32, -1), ((1, 100), (1, 576), (3, 200), (5, 96), (17, 100), (40, 576))):
+    print(f"{isa} {bits}-bit g{group_size} M={m} K={k}", flush=True)
+    n = 37
+    qw = pyengine.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, group_size,
+                           clip_search=False)
+    nbytes = qw.qweight.numel() * 4
+    span = (nbytes + page - 1) // page * page + page
+    region = mmap.mmap(-1, span, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(base + span - page, page, 0) == 0, ctypes.get_errno()
+    start = span - page - nbytes
+    guarded = torch.frombuffer(memoryview(region)[start:start + nbytes], dtype=torch.int32)
+    guarded = guarded.view(qw.qweight.shape)
+    guarded.copy_(qw.qweight)
+    operand = PackedOperand(guarded, qw.scales, qw.zeros, bits, qw.effective_group_size)
+    x = torch.randn(m, k, generator=gen)
+    out = CpuBackend(isa=isa).matmul(x, operand, n, k, None, None, None)
+    ref = reference_matmul(x, operand, n, k)
+    err = float((out - ref).norm() / ref.norm())
+    assert err < 1e-4, err
+    del guarded, operand
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", pyengine.build_info().get("cpu_isas_usable", []))
+def test_cpu_kernels_never_read_past_the_last_row(isa, tmp_path):
+    """The decode and prefill paths read a row's last, partial chunk in place when the words
+    after it still belong to the weight (the next rows'), and copy it otherwise: with the
+    weight's last word right before an unreadable page, every bit width, M and K still runs."""
+    import subprocess
+    import sys
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_PAGE_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), isa, str(_SESSION_SEED)],
+                         capture_output=True, text=True, timeout=600)
+    last_case = (run.stdout.strip().splitlines() or ["(none)"])[-1]
+    assert run.returncode == 0 and last_case == "ok", (
+        f"exit {run.returncode} at {last_case}: {run.stderr[-2000:]}")

@@ -75,22 +75,35 @@ def test_cpu_kernel_ab_against_this_build(tmp_path):
 
 
 def test_cpu_kernel_bench_times_ours_and_pytorchs_kernels(tmp_path):
-    """bench_cpu_kernels: fp32-activation rows for every bits, and the bf16 rows of PyTorch's
-    int4 / int8 weight-only kernels beside the cpu backend's on the same codes (each checked
-    against the dequantized weight inside the script before it is timed)."""
+    """bench_cpu_kernels: fp32-activation rows for every bits, int8-activation rows of the cpu
+    backend, and the bf16 rows of PyTorch's int4 / int8 weight-only kernels beside the cpu
+    backend's on the same codes (each checked against the dequantized weight inside the script
+    before it is timed)."""
     import bench_cpu_kernels
     from pyengine import available_backends
     if "cpu" not in available_backends():
         pytest.skip("needs the compiled cpu backend")
     out = tmp_path / "cpu_kernels.json"
     assert bench_cpu_kernels.main(["--shapes", "96x256", "--m", "1,5", "--bits", "4,2",
-                                   "--reps", "2", "--json", str(out)]) == 0
+                                   "--reps", "2", "--rotate-mb", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     got = {(r["backend"], r["bits"], r["group_size"], r["activations"], r["M"]) for r in rows}
     for m in (1, 5):
         assert {("torch", 32, 0, "float32", m), ("cpu", 4, 128, "float32", m),
                 ("cpu", 2, 128, "float32", m), ("aten-int4pack", 4, 128, "bfloat16", m),
                 ("cpu", 4, 128, "bfloat16", m), ("aten-int8pack", 8, -1, "bfloat16", m),
-                ("cpu", 8, -1, "bfloat16", m)} == {g for g in got if g[-1] == m}
+                ("cpu", 8, -1, "bfloat16", m), ("cpu", 4, 128, "int8", m),
+                ("cpu", 2, 128, "int8", m)} == {g for g in got if g[-1] == m}
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["speedup_vs_fp32"] > 0
+
+
+def test_llamacpp_comparison_script_parses(capsys):
+    """benchmarks/bench_vs_llamacpp.py imports and documents itself; building llama.cpp (minutes)
+    and timing are left to the benchmark runs."""
+    import bench_vs_llamacpp
+    with pytest.raises(SystemExit) as exit_info:
+        bench_vs_llamacpp.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "llama.cpp" in capsys.readouterr().out
+    assert set(bench_vs_llamacpp.ISA_FLAGS) == {"native", "avx2"}

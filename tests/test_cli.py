@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,12 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     (["bench", "--backends", "nosuch"], "--backends"),
     (["eval", __file__], "not a .gguf"),
     (["frobnicate"], "invalid choice"),
+    (["bench", "--m", "-3"], "--m"),
+    (["bench", "--m", "1,0"], "--m"),
+    (["bench", "--backends", ",", "--no-end-to-end"], "--backends"),
+    (["eval", "/no/such/model", "--seqlen", "1"], "--seqlen"),
+    (["compress", "smollm2", "--out", "x", "--seqlen", "1"], "--seqlen"),
+    (["demo", "--eval-seqlen", "1"], "--eval-seqlen"),
 ])
 def test_bad_input_is_one_line(argv, fragment, capsys):
     code, out, err = run_cli(capsys, *argv)
@@ -153,6 +160,88 @@ def test_plot_without_matplotlib(tiny_model_dir, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(capsys, "inspect", tiny_model_dir, "--plot", tmp_path / "p.png")
     assert_one_line_error(code, err, "matplotlib")
     assert not (tmp_path / "p.png").exists()
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the command started working before checking its outputs")
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["compress", "{model}", "--out", "{file}/out"], "--out"),
+    (["eval", "{model}", "--json", "{file}/eval.json"], "--json"),
+    (["inspect", "{model}", "--plot", "{file}/plan.png"], "--plot"),
+    (["inspect", "{model}", "--plot", "{tmp}/plan.xyz"], "--plot"),
+    (["inspect", "{model}", "--json", "{file}/plan.json"], "--json"),
+    (["bench", "{model}", "--json", "{tmp}"], "--json"),
+    (["demo", "--save", "{file}/saved"], "--save"),
+])
+def test_outputs_are_checked_before_any_work(command, flag, tiny_model_dir, tmp_path, monkeypatch,
+                                             capsys):
+    """An output path that cannot be written is one line and exit code 2 before the model is
+    even loaded (before: a traceback after minutes of planning and compression)."""
+    monkeypatch.setattr(cli, "load_model", _no_work)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    argv = [part.format(model=tiny_model_dir, file=a_file, tmp=tmp_path) for part in command]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, flag)
+    assert not (tmp_path / "a-file").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file"]  # nothing written
+
+
+def test_an_unwritable_output_directory_is_refused(tmp_path, monkeypatch, capsys):
+    """The check creates (and removes) a file for real; here the system refuses it, as for a
+    directory without write permission or on a read-only file system."""
+    import tempfile
+
+    from pyengine import cli_checks
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli, "load_model", _no_work)
+    monkeypatch.setattr(cli_checks.tempfile, "mkstemp", refuse)
+    code, _, err = run_cli(capsys, "compress", "smollm2", "--out", tmp_path / "new" / "out")
+    assert_one_line_error(code, err, "--out", f"cannot write in {tmp_path}", "Permission denied")
+    monkeypatch.setattr(cli_checks.tempfile, "mkstemp", tempfile.mkstemp)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root may write into read-only directories")
+def test_a_read_only_directory_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", _no_work)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run_cli(capsys, "eval", "smollm2", "--json", locked / "r.json")
+    finally:
+        locked.chmod(0o700)
+    assert_one_line_error(code, err, "--json", "cannot write in")
+
+
+def test_outputs_in_new_directories_are_written(compressed_dir, tmp_path, capsys):
+    table = tmp_path / "new" / "deeper" / "plan.json"
+    code, _, err = run_cli(capsys, "inspect", compressed_dir, "--json", table)
+    assert code == 0, err
+    assert json.loads(table.read_text())["layers"]
+
+
+def test_a_corrupt_checkpoint_is_one_line(compressed_dir, tmp_path, capsys):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(compressed_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    layer = sorted(config["quantization_config"]["layers"])[0]
+    del config["quantization_config"]["layers"][layer]["bits"]
+    (broken / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "eval", broken, "--no-ppl")
+    assert_one_line_error(code, err, "config.json", layer, "'bits'", "missing")
+    config["quantization_config"] = ["not", "a", "mapping"]
+    (broken / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "inspect", broken)
+    assert_one_line_error(code, err, "quantization_config must be a mapping, got list")
 
 
 def test_out_of_reach_average_bits(tiny_model_dir, tmp_path, capsys):

@@ -61,19 +61,36 @@ inline int thread_count(const MatmulProblem& a) {
 #endif
 }
 
-// Runs rows(lo, hi) over [0, a.N) split across the call's threads.
+// Weight bytes per thread below which a call uses fewer threads (one for a small layer): a
+// parallel region's fork and join cost a few microseconds on a quiet machine, and far more on
+// a busy one, where a worker may have to be woken or wait for a core.
+constexpr int64_t kMinBytesPerThread = 64 * 1024;
+
+// Threads for a call that reads work_bytes of weights: the call's threads, fewer for small work.
+inline int threads_for(const MatmulProblem& a, int64_t work_bytes) {
+  const int64_t useful = std::max<int64_t>(1, work_bytes / kMinBytesPerThread);
+  return (int)std::min<int64_t>(thread_count(a), useful);
+}
+
+// Runs rows(lo, hi) over [0, a.N) (weight rows of row_bytes each). Small work runs on the
+// calling thread; otherwise blocks of rows (a multiple of 4, several per thread) are handed
+// out dynamically, so that on a busy machine a thread that loses its core delays only the
+// block it holds while the others take the remaining ones.
 template <class Rows>
-void parallel_rows(const MatmulProblem& a, Rows rows) {
+void parallel_rows(const MatmulProblem& a, int64_t row_bytes, Rows rows) {
+  const int nthr = threads_for(a, row_bytes * a.N);
 #ifdef _OPENMP
-#pragma omp parallel num_threads(thread_count(a))
-  {
-    int64_t lo, hi;
-    thread_range(a.N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    rows(lo, hi);
+  if (nthr > 1) {
+    const int64_t per_block = std::max<int64_t>(16, a.N / (nthr * 8));
+    const int64_t block = (per_block + 3) / 4 * 4;
+    const int64_t blocks = (a.N + block - 1) / block;
+#pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) rows(b * block, std::min(a.N, (b + 1) * block));
+    return;
   }
-#else
-  rows((int64_t)0, a.N);
 #endif
+  (void)nthr;
+  rows((int64_t)0, a.N);
 }
 
 // 16 floats as one GCC/Clang vector: a zmm register with AVX-512, two ymm with AVX2, emulated
@@ -104,22 +121,28 @@ inline float element_to_float(F16Bits v) { return half_to_float(v.bits); }
 template <class T>
 inline void group_params_typed(const T* s, const T* z, int64_t G, float value_scale,
                                float symmetric_zero, float* sf, float* bf) {
-  const bool plus_one = value_scale != 1.f;
-  auto put = [&](int64_t g, float sg, float zg) {
-    const float sv = sg * value_scale;  // exact: value_scale is a power of two
-    sf[g] = sv;
-    bf[g] = plus_one ? -zg * sg - sv : -zg * sg;
-  };
+  // bf = -(z + shift) * s with shift = value_scale when the lane values carry a +1 (see
+  // group_params), written as one expression per group so that the loop vectorises.
+  const float shift = value_scale != 1.f ? value_scale : 0.f;
   if (z) {
-    for (int64_t g = 0; g < G; ++g) put(g, element_to_float(s[g]), element_to_float(z[g]));
+    for (int64_t g = 0; g < G; ++g) {
+      const float sg = element_to_float(s[g]);
+      sf[g] = sg * value_scale;  // exact: value_scale is a power of two
+      bf[g] = -(element_to_float(z[g]) + shift) * sg;
+    }
   } else {
-    for (int64_t g = 0; g < G; ++g) put(g, element_to_float(s[g]), symmetric_zero);
+    const float zs = symmetric_zero + shift;
+    for (int64_t g = 0; g < G; ++g) {
+      const float sg = element_to_float(s[g]);
+      sf[g] = sg * value_scale;
+      bf[g] = -zs * sg;
+    }
   }
 }
 
 // Row n's group parameters for lane values v with w = (v / value_scale - z) * s, i.e.
-// w = v * sf[g] + bf[g]: sf = s * value_scale and bf = -z * s - sf (value_scale != 1: the lane
-// values carry a +1, see the kernels) or -z * s. A symmetric weight (zeros == nullptr) has
+// w = v * sf[g] + bf[g]: sf = s * value_scale and bf = -(z + value_scale) * s (value_scale != 1:
+// the lane values carry a +1, see the kernels) or -z * s. A symmetric weight (zeros == nullptr) has
 // z = symmetric_zero. One fused pass per row, typed by the scale dtype.
 inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float value_scale,
                          float symmetric_zero, float* sf, float* bf) {
@@ -186,6 +209,15 @@ inline float hsum(v16f v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+// The sum of the 8 lanes of v (8 -> 4 -> 1).
+inline float hsum(v8f v) {
+  v4f a, b;
+  std::memcpy(&a, &v, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+  const v4f s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
 // sum_i a[i] * b[i] with 16 partial sums (vectorised; the order differs from a plain loop).
 inline float dot(const float* a, const float* b, int64_t len) {
   float t = 0.f;
@@ -202,6 +234,19 @@ inline float dot(const float* a, const float* b, int64_t len) {
   }
   for (; i < len; ++i) t += a[i] * b[i];
   return t;
+}
+
+// The epilogue of a QMatmulArgs call: out = out32 (+ bias) (+ out when accumulating), converted
+// to the output dtype. out32: [M, N] fp32 products.
+inline void store_result(const QMatmulArgs& a, const float* out32) {
+  for (int64_t m = 0; m < a.M; ++m) {
+    for (int64_t n = 0; n < a.N; ++n) {
+      float v = out32[m * a.N + n];
+      if (a.bias) v += load_as_float(a.bias, a.bias_dtype, n);
+      if (a.accumulate) v += load_as_float(a.out, a.out_dtype, m * a.ldo + n);
+      store_from_float(a.out, a.out_dtype, m * a.ldo + n, v);
+    }
+  }
 }
 
 // ---- prefill: a panel of rows dequantized over the whole K, dot-product micro-kernel ---------
@@ -259,12 +304,13 @@ inline void panel_products(const MatmulProblem& a, const float* xp, const float*
   }
 }
 
-// The prefill driver: splits [0, a.N) into panels of rows (a multiple of 4 that keeps a panel of
-// row_codes floats per row within kPanelBytes, at most 32 rows) and calls
+// The prefill driver: splits [0, a.N) (weight rows of row_bytes each) into panels of rows (a
+// multiple of 4 that keeps a panel of row_codes floats per row within kPanelBytes, at most 32
+// rows) and calls
 // panel(n0, nr, panel_rows, zero_row, wbuf) for each, OpenMP-parallel over panels with one
 // panel buffer (panel_rows x row_codes floats) per thread.
 template <class Panel>
-void run_panels(const MatmulProblem& a, int64_t row_codes, Panel panel) {
+void run_panels(const MatmulProblem& a, int64_t row_codes, int64_t row_bytes, Panel panel) {
   const int64_t fit = kPanelBytes / (row_codes * (int64_t)sizeof(float)) / kMicroN * kMicroN;
   const int64_t panel_rows = std::max<int64_t>(kMicroN, std::min<int64_t>(32, fit));
   const int64_t panels = (a.N + panel_rows - 1) / panel_rows;
@@ -274,7 +320,7 @@ void run_panels(const MatmulProblem& a, int64_t row_codes, Panel panel) {
     panel(n0, std::min(panel_rows, a.N - n0), panel_rows, zero_row.data(), wbuf);
   };
 #ifdef _OPENMP
-#pragma omp parallel num_threads(thread_count(a))
+#pragma omp parallel num_threads(threads_for(a, row_bytes * a.N))
   {
     std::vector<float> wbuf(panel_rows * row_codes);
 #pragma omp for schedule(dynamic, 1)

@@ -96,6 +96,11 @@ static_assert(!Slice<2>::kReadsMid && Slice<3>::kReadsMid && !Slice<4>::kReadsLo
                   Slice<6>::kReadsLo && Slice<8>::kReadsLo,
               "planes read per precision (PLANES_READ in pyengine/matryoshka/weight.py)");
 
+// Bits of each parent code that an r-bit slice reads from the planes (whole planes).
+template <int R>
+constexpr int kPlaneBitsRead = PlaneHi::kBits + (Slice<R>::kReadsMid ? PlaneMid::kBits : 0) +
+                               (Slice<R>::kReadsLo ? PlaneLo::kBits : 0);
+
 constexpr uint32_t kOneBits = 0x3F800000u;  // 1.0f
 constexpr int kMantissaQ = 15;              // mantissa bit of q's bit 0: F = 1 + q / 256
 
@@ -403,7 +408,7 @@ void decode_rows(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, c
 template <int R, int MT>
 void decode(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, const float* xtail,
             const float* xsum, float* out32) {
-  parallel_rows(a, [&](int64_t lo, int64_t hi) {
+  parallel_rows(a, g.row_codes * kPlaneBitsRead<R> / 8, [&](int64_t lo, int64_t hi) {
     decode_rows<R, MT>(a, g, xp, xtail, xsum, lo, hi, out32);
   });
 }
@@ -462,7 +467,7 @@ void prefill_panel(const PlaneMatmulArgs& a, const Geometry& g, const float* xp,
 
 template <int R>
 void prefill(const PlaneMatmulArgs& a, const Geometry& g, const float* xp, float* out32) {
-  run_panels(a, g.row_codes,
+  run_panels(a, g.row_codes, g.row_codes * kPlaneBitsRead<R> / 8,
              [&](int64_t n0, int64_t nr, int64_t panel_rows, const float* zero_row, float* wbuf) {
                prefill_panel<R>(a, g, xp, zero_row, n0, nr, panel_rows, wbuf, out32);
              });

@@ -1,6 +1,9 @@
-// CPU quantized matmul. qmatmul_kernels.cpp (canonical packed weights) and plane_kernels.cpp
-// (Matryoshka bit planes) are compiled once per instruction set into the namespace
-// pyengine::cpu::<isa>; dispatch.cpp picks the best one the running CPU supports.
+// CPU quantized matmul. qmatmul_kernels.cpp (canonical packed weights), act8_kernels.cpp (the
+// same with int8 activations, QMatmulArgs::act_bits = 8) and plane_kernels.cpp (Matryoshka bit
+// planes) are compiled once per instruction set into the namespace pyengine::cpu::<isa>;
+// dispatch.cpp picks the best one the running CPU supports. qmatmul_act8 is reached through
+// qmatmul; act8_native says whether it runs the integer path for these arguments (else the
+// exact kernels on the quantized activations: the same product).
 #pragma once
 
 #include <string>
@@ -11,10 +14,12 @@
 namespace pyengine {
 namespace cpu {
 
-#define PYENGINE_DECLARE_ISA(isa)                 \
-  namespace isa {                                 \
-  void qmatmul(const QMatmulArgs& args);          \
-  void plane_matmul(const PlaneMatmulArgs& args); \
+#define PYENGINE_DECLARE_ISA(isa)                  \
+  namespace isa {                                  \
+  void qmatmul(const QMatmulArgs& args);           \
+  void qmatmul_act8(const QMatmulArgs& args);      \
+  bool act8_native(const QMatmulArgs& args);       \
+  void plane_matmul(const PlaneMatmulArgs& args);  \
   }
 
 PYENGINE_DECLARE_ISA(generic)

@@ -1,10 +1,11 @@
 // CPU quantized matmul kernels: out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias).
 //
 // This file is compiled once per instruction set (generic, avx2, avx512) with PYENGINE_ISA set
-// to the namespace name. Lanes are handled 16 at a time as GCC/Clang vectors (VecU / VecF: a zmm
-// register with AVX-512, two ymm with AVX2, narrower operations in the generic build), so every
-// build is the same code and the decode loop's partial sums stay in registers; the one intrinsic
-// is AVX-512's ternary logic for the mantissa trick (field_or_one).
+// to the namespace name. Lanes are handled one register at a time as GCC/Clang vectors (VecU /
+// VecF: 16 lanes in a zmm register with AVX-512, 8 in a ymm with AVX2, narrower operations on 8
+// in the generic build), so every build is the same code and the decode loop's partial sums stay
+// in registers; the one intrinsic is AVX-512's ternary logic for the mantissa trick
+// (field_or_one).
 //
 // Lane order. A dot product does not care about the order of its terms, so the kernels visit the
 // codes of a row in the order that makes unpacking cheap and permute x to match, once per call:
@@ -18,8 +19,8 @@
 // Dequantization: w = (q - z) * s = q * s + b with b = -z * s, so for one group g of row n
 //   sum_k x[k] * w[k] = s * sum_k x[k] * q[k] + b * sum_k x[k]
 // The decode paths multiply x by the integer codes, scale per lane (each lane lies in one group;
-// a chunk spanning at most 16 groups takes its 32 lane scales by permuting 16 consecutive group
-// scales, Plan::scale_by_permute) and add b * (group sum of x) per group: the single-row path
+// a vector of lanes takes its lane scales by one permutation of as many consecutive group scales,
+// Plan::vec_group0) and add b * (group sum of x) per group: the single-row path
 // scales each chunk's partial sums, the tiled path (AVX-512, a tile of weight rows against a
 // block of x rows from registers) scales the codes. The prefill path dequantizes a panel of rows
 // and runs a register-blocked dot-product micro-kernel over the permuted order (kernel_util.h).
@@ -68,23 +69,30 @@ struct Plan {
   int64_t chunk_codes; // codes per chunk (= 32 * lane codes)
   int64_t G;           // groups covering Kp
   std::vector<int32_t> lane_group;  // [chunks * 32] group of each lane (clamped to G - 1)
-  // Lane scales by permutation (decode): when every chunk spans at most 16 groups, the scale of
-  // lane h * 16 + l of chunk ch is sf[chunk_group0[ch] + lane_offset[ch * kVecs + h][l]], one
-  // vector permutation of 16 consecutive group scales instead of a per-row table.
-  bool scale_by_permute = false;
-  std::vector<int32_t> chunk_group0;  // [chunks] group of the chunk's first lane
-  std::vector<uint32_t> lane_offset;  // [chunks * 32] lane_group - chunk_group0 of its chunk
+  // Lane scales by permutation (decode): the scale of lane l of vector v (= chunk * kVecs + h)
+  // is sf[vec_group0[v] + lane_offset[v * kVecLanes + l]], one vector permutation of kVecLanes
+  // consecutive group scales. A vector's kVecLanes lanes span at most kVecLanes groups (a lane's
+  // codes, at most 32, never exceed a group), so every offset is below kVecLanes.
+  std::vector<int32_t> vec_group0;    // [chunks * kVecs] group of the vector's first lane
+  std::vector<uint32_t> lane_offset;  // [chunks * 32] lane_group - vec_group0 of its vector
+  // Rows n < in_place_rows read their last (partial) chunk in place: it ends within the words
+  // of the call's last row (see chunk_words).
+  int64_t in_place_rows;
 };
 
-// The 32 words (3 bits: 96 words) of chunk `ch` of a row; the last chunk of a row is copied into
-// `tail` so no word past the row (or the tensor) is read. The caller zeroes `tail` once: every
-// row writes the same leading words, so the padding after them stays zero.
+// The 32 words (3 bits: 96 words) of chunk `ch` of row n. The last chunk of a row reaches past
+// the row's words: rows below Plan::in_place_rows read the words that follow in memory (the
+// next rows': their lanes meet zero activations, and every lane value is finite, so they add
+// nothing); later rows copy theirs into `tail` so that no word past the call's last row is read.
+// The caller zeroes `tail` once: every row writes the same leading words, so the padding after
+// them stays zero.
 template <int BITS>
-inline const uint32_t* chunk_words(const uint32_t* wrow, int64_t ch, const Plan& p,
+inline const uint32_t* chunk_words(const uint32_t* wrow, int64_t n, int64_t ch, const Plan& p,
                                    uint32_t* tail) {
   using L = Layout<BITS>;
   const int64_t first = ch * kChunkLanes;
-  if (first + kChunkLanes <= p.lanes) return wrow + first * L::kLaneWords;
+  if (first + kChunkLanes <= p.lanes || n < p.in_place_rows)
+    return wrow + first * L::kLaneWords;
   const int64_t n_words = (p.lanes - first) * L::kLaneWords;
   std::copy(wrow + first * L::kLaneWords, wrow + first * L::kLaneWords + n_words, tail);
   return tail;
@@ -99,13 +107,19 @@ inline void split_planes3(const uint32_t* w, uint32_t* p0, uint32_t* p1, uint32_
   }
 }
 
-// The lanes of a chunk as GCC/Clang vectors of 16 (a zmm register with AVX-512, two ymm with
-// AVX2, emulated by narrower operations in the generic build): kVecs of them per chunk. Written
-// on vector types rather than arrays so that the decode loop keeps its partial sums in
-// registers instead of storing and reloading them for every code.
-typedef uint32_t VecU __attribute__((vector_size(64)));
-typedef float VecF __attribute__((vector_size(64)));
+// The lanes of a chunk as GCC/Clang vectors of one register each (16 lanes in a zmm with
+// AVX-512, 8 in a ymm with AVX2; the generic build uses 8, emulated by narrower operations):
+// kVecs of them per chunk. Written on vector types rather than arrays so that the decode loop
+// keeps its partial sums in registers instead of storing and reloading them for every code; a
+// vector wider than a register (16 lanes on AVX2) would take two per value and spill the
+// decode loop's accumulators out of the 16 ymm registers.
+#if defined(__AVX512F__)
 constexpr int kVecLanes = 16;
+#else
+constexpr int kVecLanes = 8;
+#endif
+typedef uint32_t VecU __attribute__((vector_size(kVecLanes * 4)));
+typedef float VecF __attribute__((vector_size(kVecLanes * 4)));
 constexpr int kVecs = kChunkLanes / kVecLanes;
 
 inline VecU load_u(const uint32_t* p) {
@@ -131,7 +145,7 @@ inline VecU field_or_one(VecU v, uint32_t field) {
 #endif
 }
 
-// Lane values of code J of the 16 lanes [16h, 16h + 16) of a chunk. `planes` is the chunk's
+// Lane values of code J of the lanes [h * kVecLanes, (h + 1) * kVecLanes) of a chunk. `planes` is the chunk's
 // words (2/4/8 bits) or its three planes laid out back to back (3 bits). J is a compile-time
 // constant so the branches disappear and every shift is an immediate.
 //
@@ -187,9 +201,9 @@ inline void lane_codes(const uint32_t* planes, float* qv) {
 
 // Prepares the chunk's planes (3 bits: split; otherwise the words themselves).
 template <int BITS>
-inline const uint32_t* chunk_planes(const uint32_t* wrow, int64_t ch, const Plan& p,
+inline const uint32_t* chunk_planes(const uint32_t* wrow, int64_t n, int64_t ch, const Plan& p,
                                     uint32_t* tail, uint32_t* planes3) {
-  const uint32_t* w = chunk_words<BITS>(wrow, ch, p, tail);
+  const uint32_t* w = chunk_words<BITS>(wrow, n, ch, p, tail);
   if constexpr (BITS == 3) {
     split_planes3(w, planes3, planes3 + kChunkLanes, planes3 + 2 * kChunkLanes);
     return planes3;
@@ -243,40 +257,33 @@ struct RowBlocks {
   int64_t first(int64_t b) const { return b * base + std::min(b, extra); }
 };
 
-// One weight row's decode state: its group parameters and, when lane scales are not taken by
-// permutation (Plan::scale_by_permute), its per-lane scale table.
+// One weight row's decode state: its group parameters.
 struct DecodeRow {
-  std::vector<float> sf, bf, lane_scale;
+  std::vector<float> sf, bf;
   void init(const Plan& p) {
-    sf.assign(p.G + kVecLanes, 0.f);  // padded: the permutation loads 16 scales from any group
+    sf.assign(p.G + kVecLanes, 0.f);  // padded: a permutation loads kVecLanes scales
     bf.assign(p.G, 0.f);
-    lane_scale.assign(p.scale_by_permute ? 0 : p.chunks * kChunkLanes, 0.f);
   }
   // Row n's parameters for lane values scaled by value_scale (see row_params).
-  void load(const QMatmulArgs& a, const Plan& p, int64_t n, int64_t lane_codes,
-            float value_scale) {
+  void load(const QMatmulArgs& a, const Plan& p, int64_t n, float value_scale) {
     row_params(a, n, p.G, value_scale, sf.data(), bf.data());
-    if (p.scale_by_permute) return;
-    spread_over_lanes(sf.data(), p.G, a.group_size / lane_codes,  // >= 1: group % 32 == 0
-                      (int64_t)lane_scale.size(), lane_scale.data());
   }
-  // Scales of lanes [16h, 16h + 16) of chunk ch.
+  // Scales of lanes [h * kVecLanes, (h + 1) * kVecLanes) of chunk ch.
   VecF scales(const Plan& p, int64_t ch, int h) const {
-    const int64_t lane0 = ch * kChunkLanes + h * kVecLanes;
-    if (p.scale_by_permute)
-      return __builtin_shuffle(load_f(sf.data() + p.chunk_group0[ch]),
-                               load_u(p.lane_offset.data() + lane0));
-    return load_f(lane_scale.data() + lane0);
+    const int64_t vec = ch * kVecs + h;
+    return __builtin_shuffle(load_f(sf.data() + p.vec_group0[vec]),
+                             load_u(p.lane_offset.data() + vec * kVecLanes));
   }
 };
 
 #if defined(__AVX512F__)  // the tiled path (tiled_path is false in the other builds)
-// Rows wrow[0 .. kTileRows) against the MB activation rows of one block: out[m][r] is the
+// Rows wrow[0 .. kTileRows) (row indices row_n) against the MB activation rows of one block: out[m][r] is the
 // tile's dot products without the per-group bias (added by the caller). xb: the block in the
 // tiled order xb[ch][J][m][lane] (see RowBlocks), so that every x load of the loop is one base
 // register plus a constant.
 template <int BITS, int MB>
 void tile_block(const Plan& p, const DecodeRow* rows, const uint32_t* const* wrow,
+                const int64_t* row_n,
                 const float* xb, uint32_t (*tail)[Layout<BITS>::kChunkWords],
                 uint32_t (*planes3)[3 * kChunkLanes], float out[kTileM][kTileRows]) {
   using L = Layout<BITS>;
@@ -288,7 +295,8 @@ void tile_block(const Plan& p, const DecodeRow* rows, const uint32_t* const* wro
   VecF acc[MB][NR][kSplit] = {};
   for (int64_t ch = 0; ch < p.chunks; ++ch) {
     const uint32_t* planes[NR];
-    for (int r = 0; r < NR; ++r) planes[r] = chunk_planes<BITS>(wrow[r], ch, p, tail[r], planes3[r]);
+    for (int r = 0; r < NR; ++r)
+      planes[r] = chunk_planes<BITS>(wrow[r], row_n[r], ch, p, tail[r], planes3[r]);
     const float* xc = xb + ch * L::kLaneCodes * kCodeStride;
     const int n_vecs = ch + 1 == p.chunks ? p.last_chunk_vecs : kVecs;
     unroll<kVecs>([&](auto h) PYENGINE_INLINE {
@@ -330,10 +338,11 @@ void tiled_rows(const QMatmulArgs& a, const Plan& p, const float* xt, const floa
   for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
     // A tile past n_end repeats its last row; those results are not stored.
     const uint32_t* wrow[NR];
+    int64_t row_n[NR];
     for (int r = 0; r < NR; ++r) {
-      const int64_t n = std::min(n0 + r, n_end - 1);
+      const int64_t n = row_n[r] = std::min(n0 + r, n_end - 1);
       wrow[r] = a.qweight + n * a.ldq;
-      rows[r].load(a, p, n, L::kLaneCodes, L::kValueScale);
+      rows[r].load(a, p, n, L::kValueScale);
     }
     for (int64_t b = 0; b < blocks.count; ++b) {
       const int64_t m0 = blocks.first(b), mb = blocks.rows(b);
@@ -341,10 +350,10 @@ void tiled_rows(const QMatmulArgs& a, const Plan& p, const float* xt, const floa
       float dots[kTileM][NR];
       static_assert(kTileM == 4, "one tile_block instantiation per block size 1..4");
       switch (mb) {
-        case 1: tile_block<BITS, 1>(p, rows, wrow, xb, tail, planes3, dots); break;
-        case 2: tile_block<BITS, 2>(p, rows, wrow, xb, tail, planes3, dots); break;
-        case 3: tile_block<BITS, 3>(p, rows, wrow, xb, tail, planes3, dots); break;
-        default: tile_block<BITS, kTileM>(p, rows, wrow, xb, tail, planes3, dots); break;
+        case 1: tile_block<BITS, 1>(p, rows, wrow, row_n, xb, tail, planes3, dots); break;
+        case 2: tile_block<BITS, 2>(p, rows, wrow, row_n, xb, tail, planes3, dots); break;
+        case 3: tile_block<BITS, 3>(p, rows, wrow, row_n, xb, tail, planes3, dots); break;
+        default: tile_block<BITS, kTileM>(p, rows, wrow, row_n, xb, tail, planes3, dots); break;
       }
       for (int r = 0; r < NR && n0 + r < n_end; ++r)
         for (int64_t m = 0; m < mb; ++m)
@@ -369,36 +378,52 @@ void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, co
   alignas(64) uint32_t planes3[3 * kChunkLanes];
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint32_t* wrow = a.qweight + n * a.ldq;
-    row.load(a, p, n, L::kLaneCodes, L::kValueScale);
+    row.load(a, p, n, L::kValueScale);
     // Partial sums stay in vector registers: kChains independent FMA chains per row and lane
-    // vector (two for M = 1, where there is only one row to interleave).
-    constexpr int kChains = MT == 1 ? 2 : 1;
-    VecF acc[MT][kVecs] = {};
-    for (int64_t ch = 0; ch < p.chunks; ++ch) {
-      const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
+    // vector; for M = 1 with two vectors per chunk (AVX-512) two chains, so that at least four
+    // FMA chains interleave (the kVecs = 4 of AVX2 are four already, and more would not fit in
+    // its 16 registers).
+    constexpr int kChains = MT == 1 && kVecs < 4 ? 2 : 1;
+    // Scaled chunk sums go to two accumulators per x row (vectors h even / odd): enough to
+    // overlap chunks, and few enough that the 16 ymm registers of AVX2 hold the loop.
+    constexpr int kAcc = kVecs >= 2 ? 2 : 1;
+    VecF acc[MT][kAcc] = {};
+    // One chunk whose first NV vectors hold codes (NV = kVecs but in a row's last chunk);
+    // NV is a compile-time constant so that every vector index is.
+    auto chunk = [&](int64_t ch, auto nv) PYENGINE_INLINE {
+      constexpr int NV = decltype(nv)::value;
+      const uint32_t* planes = chunk_planes<BITS>(wrow, n, ch, p, tail, planes3);
       VecF part[MT][kChains][kVecs] = {};
       const float* xc = xp + ch * p.chunk_codes;
       unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
-        for (int h = 0; h < kVecs; ++h) {
+        unroll<NV>([&](auto h) PYENGINE_INLINE {
           const VecF qv = lane_values<BITS, J>(planes, h);
           for (int m = 0; m < MT; ++m) {
             const float* xj = xc + m * p.chunks * p.chunk_codes + J * kChunkLanes + h * kVecLanes;
             part[m][J % kChains][h] += load_f(xj) * qv;
           }
-        }
+        });
       });
-      for (int h = 0; h < kVecs; ++h) {
+      unroll<NV>([&](auto h) PYENGINE_INLINE {
         const VecF scale = row.scales(p, ch, h);
         for (int m = 0; m < MT; ++m) {
           VecF sum = part[m][0][h];
           for (int c = 1; c < kChains; ++c) sum += part[m][c][h];
-          acc[m][h] += scale * sum;
+          acc[m][h % kAcc] += scale * sum;
         }
-      }
+      });
+    };
+    const int64_t full_chunks = p.last_chunk_vecs == kVecs ? p.chunks : p.chunks - 1;
+    for (int64_t ch = 0; ch < full_chunks; ++ch) chunk(ch, std::integral_constant<int, kVecs>{});
+    if (full_chunks < p.chunks) {  // a last chunk with 1 .. kVecs - 1 vectors of codes
+      unroll<kVecs - 1>([&](auto i) PYENGINE_INLINE {
+        constexpr int NV = decltype(i)::value + 1;
+        if (p.last_chunk_vecs == NV) chunk(full_chunks, std::integral_constant<int, NV>{});
+      });
     }
     for (int m = 0; m < MT; ++m) {
       VecF total = acc[m][0];
-      for (int h = 1; h < kVecs; ++h) total += acc[m][h];
+      for (int c = 1; c < kAcc; ++c) total += acc[m][c];
       out32[m * a.N + n] = hsum(total) + dot(row.bf.data(), xsum + m * p.G, p.G);
     }
   }
@@ -407,7 +432,7 @@ void decode_rows_single(const QMatmulArgs& a, const Plan& p, const float* xp, co
 template <int BITS, int MT>
 void decode_single(const QMatmulArgs& a, const Plan& p, const float* xp, const float* xsum,
                    float* out32) {
-  parallel_rows(a, [&](int64_t lo, int64_t hi) {
+  parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
     decode_rows_single<BITS, MT>(a, p, xp, xsum, lo, hi, out32);
   });
 }
@@ -432,7 +457,7 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
     row_params(a, n0 + r, p.G, L::kValueScale, sf.data(), bf.data());
     const uint32_t* wrow = a.qweight + (n0 + r) * a.ldq;
     for (int64_t ch = 0; ch < p.chunks; ++ch) {
-      const uint32_t* planes = chunk_planes<BITS>(wrow, ch, p, tail, planes3);
+      const uint32_t* planes = chunk_planes<BITS>(wrow, n0 + r, ch, p, tail, planes3);
       const int32_t* lg = p.lane_group.data() + ch * kChunkLanes;
       alignas(64) float sl[kChunkLanes], bl[kChunkLanes];
       for (int l = 0; l < kChunkLanes; ++l) {
@@ -452,7 +477,7 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
 
 template <int BITS>
 void prefill(const QMatmulArgs& a, const Plan& p, const float* xp, float* out32) {
-  run_panels(a, p.chunks * p.chunk_codes,
+  run_panels(a, p.chunks * p.chunk_codes, p.Kp * BITS / 8,
              [&](int64_t n0, int64_t nr, int64_t panel_rows, const float* zero_row, float* wbuf) {
                prefill_panel<BITS>(a, p, xp, zero_row, n0, nr, panel_rows, wbuf, out32);
              });
@@ -472,16 +497,18 @@ void run(const QMatmulArgs& a, float* out32) {
   p.lane_group.resize(p.chunks * kChunkLanes);
   for (int64_t lane = 0; lane < (int64_t)p.lane_group.size(); ++lane)
     p.lane_group[lane] = (int32_t)std::min<int64_t>(p.G - 1, lane * L::kLaneCodes / a.group_size);
-  p.chunk_group0.resize(p.chunks);
+  // The last chunk of row n ends at word n * ldq + chunks * 32 * lane words; it may be read in
+  // place while that stays within the last row's words, (N - 1) * ldq + lanes * lane words.
+  const int64_t chunk_end = p.chunks * kChunkLanes * L::kLaneWords;
+  const int64_t data_end = (a.N - 1) * a.ldq + p.lanes * L::kLaneWords;
+  p.in_place_rows = chunk_end <= data_end ? (data_end - chunk_end) / a.ldq + 1 : 0;
+  p.vec_group0.resize(p.chunks * kVecs);
   p.lane_offset.resize(p.lane_group.size());
-  p.scale_by_permute = true;
-  for (int64_t ch = 0; ch < p.chunks; ++ch) {
-    p.chunk_group0[ch] = p.lane_group[ch * kChunkLanes];
-    for (int l = 0; l < kChunkLanes; ++l) {
-      const int64_t off = p.lane_group[ch * kChunkLanes + l] - p.chunk_group0[ch];
-      p.lane_offset[ch * kChunkLanes + l] = (uint32_t)off;
-      if (off >= kVecLanes) p.scale_by_permute = false;
-    }
+  for (int64_t vec = 0; vec < p.chunks * kVecs; ++vec) {
+    p.vec_group0[vec] = p.lane_group[vec * kVecLanes];
+    for (int l = 0; l < kVecLanes; ++l)
+      p.lane_offset[vec * kVecLanes + l] =
+          (uint32_t)(p.lane_group[vec * kVecLanes + l] - p.vec_group0[vec]);  // < kVecLanes
   }
 
   // Permuted fp32 activations (zero past K). Code J of lane l of chunk ch of row m goes to
@@ -518,7 +545,7 @@ void run(const QMatmulArgs& a, float* out32) {
       xsum[m * p.G + k / a.group_size] += load_as_float(a.x, a.x_dtype, m * a.ldx + k);
 #if defined(__AVX512F__)
   if (tiled) {
-    parallel_rows(a, [&](int64_t lo, int64_t hi) {
+    parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
       tiled_rows<BITS>(a, p, xp.data(), xsum.data(), lo, hi, out32);
     });
     return;
@@ -541,8 +568,11 @@ void run(const QMatmulArgs& a, float* out32) {
 
 void qmatmul(const QMatmulArgs& a) {
   if (a.M == 0 || a.N == 0) return;
-  const int64_t M = a.M, N = a.N;
-  std::vector<float> out32((size_t)(M * N), 0.f);  // K = 0: the products are zero
+  if (a.act_bits == 8) {  // int8 activations: act8_kernels.cpp
+    qmatmul_act8(a);
+    return;
+  }
+  std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
   if (a.K > 0) {
     switch (a.bits) {
       case 2: run<2>(a, out32.data()); break;
@@ -551,15 +581,7 @@ void qmatmul(const QMatmulArgs& a) {
       default: run<8>(a, out32.data()); break;
     }
   }
-  // Epilogue: bias, accumulation and the conversion to the output dtype.
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < N; ++n) {
-      float v = out32[m * N + n];
-      if (a.bias) v += load_as_float(a.bias, a.bias_dtype, n);
-      if (a.accumulate) v += load_as_float(a.out, a.out_dtype, m * a.ldo + n);
-      store_from_float(a.out, a.out_dtype, m * a.ldo + n, v);
-    }
-  }
+  store_result(a, out32.data());
 }
 
 }  // namespace PYENGINE_ISA

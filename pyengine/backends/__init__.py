@@ -64,13 +64,27 @@ def available_backends() -> List[str]:
     return [name for name, b in _REGISTRY.items() if b.unavailable_reason() is None]
 
 
+def _environment_backend() -> Optional[str]:
+    """$PYENGINE_BACKEND, read at each call (os.environ's own dict: a plain lookup, where
+    os.environ.get costs about a microsecond of encoding and wrapping per call)."""
+    try:
+        value = _ENVIRON_DATA.get(_ENV_KEY)
+    except AttributeError:  # pragma: no cover - an interpreter without os.environ._data
+        return os.environ.get(ENV_BACKEND) or None
+    return os.environ.decodevalue(value) if value else None
+
+
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_BACKEND) if _ENVIRON_DATA is not None else None
+
+
 def select_backend(case: "LinearCase | tuple", requested: Optional[str] = None) -> Backend:
     """The backend that runs ``case``: ``requested`` (or $PYENGINE_BACKEND) when given, else the
     highest-priority available backend that serves it. ``case`` may be a plain tuple of the
     LinearCase fields (the ops' hot path builds no LinearCase once a case has been seen).
     Raises BackendError when an explicit request cannot be honoured."""
     if not requested:
-        requested = os.environ.get(ENV_BACKEND) or None
+        requested = _environment_backend()
     key = (case, requested)
     backend = _SELECTED.get(key)
     if backend is None:

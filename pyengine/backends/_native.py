@@ -46,15 +46,20 @@ def run_native(launch: Launch, x: torch.Tensor, n: int, residual: Optional[torch
 def packed_kernel_args(x: torch.Tensor, w: PackedOperand, bias: Optional[torch.Tensor],
                        target: torch.Tensor, accumulate: bool, n: int, k: int) -> tuple:
     """The arguments of ``qmatmul_cpu`` / ``qmatmul_cuda`` up to group_size (pointers,
-    strides, dtype codes, sizes) for a packed weight."""
-    for t in (w.qweight, w.scales, w.zeros):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError("quantized weight tensors must have a contiguous last dimension")
-    return (_ptr(x), DTYPE_CODES[x.dtype], x.stride(0),
-            _ptr(w.qweight), w.qweight.stride(0),
-            _ptr(w.scales), _ptr(w.zeros), DTYPE_CODES[w.scales.dtype], w.scales.stride(0),
-            _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
-            _ptr(target), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
+    strides, dtype codes, sizes) for a packed weight; the weight's part is derived once per
+    operand (PackedOperand.native)."""
+    weight_args = w.native
+    if weight_args is None:
+        for t in (w.qweight, w.scales, w.zeros):
+            if t is not None and t.stride(-1) != 1:
+                raise ValueError("quantized weight tensors must have a contiguous last dimension")
+        weight_args = w.native = (
+            w.qweight.data_ptr(), w.qweight.stride(0), w.scales.data_ptr(), _ptr(w.zeros),
+            DTYPE_CODES[w.scales.dtype], w.scales.stride(0))
+    q_ptr, ldq, s_ptr, z_ptr, sz_dtype, lds = weight_args
+    return (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), q_ptr, ldq, s_ptr, z_ptr, sz_dtype,
+            lds, _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
+            target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
             x.shape[0], n, k, w.bits, w.group_size)
 
 

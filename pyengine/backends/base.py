@@ -44,31 +44,47 @@ class LinearCase(NamedTuple):
         return f"{weight} with {self.dtype} activations on {self.device_type}"
 
 
-class PackedOperand(NamedTuple):
-    """The tensors and layout of a canonical quantized weight, as the ops hand it to backends."""
+class PackedOperand:
+    """The tensors and layout of a canonical quantized weight, as the ops hand it to backends.
 
-    qweight: torch.Tensor            # int32 [N_stored, words]
-    scales: torch.Tensor             # [N_stored, G]
-    zeros: Optional[torch.Tensor]    # [N_stored, G] or None (symmetric)
-    bits: int
-    group_size: int                  # effective codes per scale (padded row length if per channel)
+    ``native`` is free for the backend that runs it to cache what it derives from the tensors
+    (pointers, strides): an operand is immutable, and the ops keep one per weight object for
+    eager calls (see pyengine.ops.linear), so that work is done once per weight.
+    """
 
+    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "native")
     kind = "packed"
 
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: Optional[torch.Tensor], bits: int, group_size: int) -> None:
+        self.qweight = qweight          # int32 [N_stored, words]
+        self.scales = scales            # [N_stored, G]
+        self.zeros = zeros              # [N_stored, G] or None (symmetric)
+        self.bits = bits
+        self.group_size = group_size    # effective codes per scale (the padded row if per channel)
+        self.native = None
 
-class PlaneOperand(NamedTuple):
+
+class PlaneOperand:
     """The r-bit slice of a Matryoshka parent stored as bit planes (docs/FORMAT.md): the planes
-    the slice does not read are None, so no backend can touch their bytes."""
+    the slice does not read are None, so no backend can touch their bytes. ``native``: as for
+    PackedOperand."""
 
-    plane_hi: torch.Tensor               # int32 [N_stored, Kp * 3 / 32], bits 7..5
-    plane_mid: Optional[torch.Tensor]    # int32 [N_stored, Kp * 2 / 32], bits 4..3 (r >= 3)
-    plane_lo: Optional[torch.Tensor]     # int32 [N_stored, Kp * 3 / 32], bits 2..0 (r >= 6)
-    scales: torch.Tensor                 # [N_stored, G], the parent's
-    zeros: Optional[torch.Tensor]        # [N_stored, G] or None (symmetric, zero point 128)
-    precision: int                       # r in 8, 6, 4, 3, 2
-    group_size: int                      # effective codes per scale
-
+    __slots__ = ("plane_hi", "plane_mid", "plane_lo", "scales", "zeros", "precision",
+                 "group_size", "native")
     kind = "planes"
+
+    def __init__(self, plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
+                 plane_lo: Optional[torch.Tensor], scales: torch.Tensor,
+                 zeros: Optional[torch.Tensor], precision: int, group_size: int) -> None:
+        self.plane_hi = plane_hi        # int32 [N_stored, Kp * 3 / 32], bits 7..5
+        self.plane_mid = plane_mid      # int32 [N_stored, Kp * 2 / 32], bits 4..3 (r >= 3)
+        self.plane_lo = plane_lo        # int32 [N_stored, Kp * 3 / 32], bits 2..0 (r >= 6)
+        self.scales = scales            # [N_stored, G], the parent's
+        self.zeros = zeros              # [N_stored, G] or None (symmetric, zero point 128)
+        self.precision = precision      # r in 8, 6, 4, 3, 2
+        self.group_size = group_size    # effective codes per scale
+        self.native = None
 
 
 Operand = Union[torch.Tensor, PackedOperand, PlaneOperand]
@@ -96,9 +112,16 @@ class Backend:
         """Higher wins when ``backend=None``; only asked for cases the backend supports."""
         return 0.0
 
+    def native_act_bits(self, weight: Operand, act_bits: int) -> bool:
+        """Whether :meth:`matmul` quantizes the activations itself (``act_bits``, see
+        pyengine.ops.act_quant) for this weight; when not, the op passes it the quantized
+        activations in fp32 and act_bits 0."""
+        return False
+
     def matmul(self, x: torch.Tensor, weight: Operand, n: int, k: int,
                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-               shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+               shortcut: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+               act_bits: int = 0) -> torch.Tensor:
         """out[M, n] = x[:, :k] @ W[:n, :k]^T (+ bias[:n]) (+ residual @ shortcut).
 
         Args:
@@ -107,6 +130,7 @@ class Backend:
                 PlaneOperand (every tensor with stride(-1) == 1).
             bias: [>=n], contiguous, or None. residual: [M, R] or None. shortcut: [R, n] or None.
             out: [M, n] in x's dtype, contiguous, to write into (allocated when None).
+            act_bits: 0, or 8 where :meth:`native_act_bits` says so.
         Returns:
             out.
         """

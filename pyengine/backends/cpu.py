@@ -1,6 +1,7 @@
 """The ``cpu`` backend: C++ kernels of pyengine._C (OpenMP, SIMD chosen at run time).
 
-Packed weights run on ``qmatmul_cpu`` (decode paths for small M, a tiled path above); Matryoshka
+Packed weights run on ``qmatmul_cpu`` (decode paths for small M, a tiled path above; with
+``act_bits=8``, integer dot products on int8 activations, csrc/cpu/act8_kernels.cpp); Matryoshka
 slices on ``plane_matmul_cpu``, which reads only the bit planes the slice needs; dense weights
 (sliced or shortcut calls on unquantized matrices) go to the vendor BLAS through torch on a
 strided view, without copying the weight.
@@ -44,16 +45,21 @@ class CpuBackend(Backend):
     def priority(self, case: LinearCase) -> float:
         return 10.0
 
-    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
+    def native_act_bits(self, weight, act_bits):
+        # qmatmul_cpu quantizes the activations itself: integer dot products for 2- and 4-bit
+        # weights at decode sizes, the exact kernels on the quantized activations otherwise
+        return isinstance(weight, PackedOperand)
+
+    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):
         if isinstance(weight, torch.Tensor):
             return dense_matmul_blas(x, weight, n, k, bias, residual, shortcut, out)
         threads, isa = torch.get_num_threads(), self.isa
         if isinstance(weight, PackedOperand):
             ext = extension()
 
-            def launch(target, accumulate):  # num_threads, isa by position (cheaper)
+            def launch(target, accumulate):  # num_threads, isa, act_bits by position (cheaper)
                 ext.qmatmul_cpu(*packed_kernel_args(x, weight, bias, target, accumulate, n, k),
-                                threads, isa)
+                                threads, isa, act_bits)
 
             return run_native(launch, x, n, residual, shortcut, out, accumulates=True)
 

@@ -71,7 +71,7 @@ class CudaBackend(Backend):
     def priority(self, case: LinearCase) -> float:
         return 10.0
 
-    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
+    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):
         if isinstance(weight, torch.Tensor):
             return dense_matmul_blas(x, weight, n, k, bias, residual, shortcut, out)
         ext = extension()

@@ -52,7 +52,7 @@ class TorchBackend(Backend):
     def priority(self, case: LinearCase) -> float:
         return 0.0
 
-    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
+    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):
         y = reference_matmul(x, weight, n, k, bias, residual, shortcut)
         if out is None:
             return y.to(x.dtype)

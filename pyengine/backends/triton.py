@@ -93,7 +93,7 @@ class TritonBackend(Backend):
     def priority(self, case: LinearCase) -> float:
         return 20.0 if case.device_type == "cuda" else -1.0
 
-    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None):
+    def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):
         if isinstance(weight, PackedOperand):
             return _kernels().quant_matmul(x, weight.qweight, weight.scales, weight.zeros,
                                            weight.bits, weight.group_size, n, k, bias=bias,

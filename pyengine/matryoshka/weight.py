@@ -212,8 +212,10 @@ class MatryoshkaWeight:
     Kp = padded_in_features(K, group_size); padding codes are 0 in every plane.
     """
 
+    # _op_cache: {precision: backend operand} that pyengine's ops derive for eager calls; the
+    # tensors are fixed for the object's life, so it never goes stale.
     __slots__ = ("plane_hi", "plane_mid", "plane_lo", "scales", "zeros", "group_size", "shape",
-                 "method")
+                 "method", "_op_cache")
 
     def __init__(self, plane_hi: torch.Tensor, plane_mid: torch.Tensor, plane_lo: torch.Tensor,
                  scales: torch.Tensor, zeros: Optional[torch.Tensor], *, group_size: int,
@@ -245,6 +247,7 @@ class MatryoshkaWeight:
         self.group_size = int(group_size)
         self.shape = torch.Size((n, k))
         self.method = str(method)
+        self._op_cache = {}
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod

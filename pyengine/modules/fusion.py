@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..ops import dequant_matmul
+from ..ops import qlinear
 from ..qweight import QuantizedWeight
 from .quant_linear import QuantLinear
 
@@ -102,13 +102,13 @@ class ProjectionGroup:
             # No Python-side state while tracing: the member's own op on its row view. (Tracing
             # the fused op once per member would run it once per member: the compiler does not
             # merge identical custom-op calls in inference graphs.)
-            return dequant_matmul(x, member.quantized_weight, member.bias)
+            return qlinear(x, member.quantized_weight, member.bias, act_bits=member.act_bits)
         pending = self._pending
         version = _version(x)
         if pending is None or pending[0] is not x or pending[1] != version:
             if self.weight is None:
                 self.bind()
-            y = dequant_matmul(x, self.weight, self.bias)
+            y = qlinear(x, self.weight, self.bias, act_bits=self.members[0].act_bits)
             pending = self._pending = [x, version, y, set(range(len(self.members)))]
         waiting = pending[3]
         waiting.discard(index)
@@ -131,7 +131,7 @@ def fusion_blocker(layers: Sequence[nn.Module]) -> str:
         return "a layer is fused already"
     first = layers[0]
     for m in layers[1:]:
-        for attr in ("in_features", "bits", "group_size", "symmetric"):
+        for attr in ("in_features", "bits", "group_size", "symmetric", "act_bits"):
             if getattr(m, attr) != getattr(first, attr):
                 return f"{attr} differs ({getattr(first, attr)} vs {getattr(m, attr)})"
         if m.scales.dtype != first.scales.dtype:

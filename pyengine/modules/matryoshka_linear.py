@@ -54,6 +54,7 @@ class MatryoshkaLinear(QuantLinear):
         self.symmetric = bool(symmetric)
         self.method = method
         self.precision = check_precision(precision)
+        self.act_bits = 0  # a parent serves its input as it is (QuantConfig.act_bits)
         kp = padded_in_features(self.in_features, self.group_size)
         for name in PLANE_NAMES:
             self.register_buffer(name, torch.empty(self.out_features, kp * PLANE_BITS[name] // 32,

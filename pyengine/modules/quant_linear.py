@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import qlinear
+from ..ops.act_quant import check_act_bits
 from ..qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
@@ -39,12 +40,17 @@ class QuantLinear(nn.Module):
         zeros:   [out_features, groups], absent for symmetric weights
     Parameter:
         bias: [out_features] or None
+    Attribute:
+        act_bits: 0, or 8 to quantize the input to int8 per block of 32 first
+            (pyengine.ops.act_quant; QuantConfig.act_bits).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int,
                  group_size: int, symmetric: bool = False, dtype: torch.dtype = torch.float16,
-                 device: Optional[torch.device | str] = None, method: str = "rtn") -> None:
+                 device: Optional[torch.device | str] = None, method: str = "rtn",
+                 act_bits: int = 0) -> None:
         super().__init__()
+        self.act_bits = check_act_bits(act_bits, "QuantLinear.act_bits")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.bits = int(bits)
@@ -62,11 +68,12 @@ class QuantLinear(nn.Module):
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_weight(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+    def from_weight(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                    act_bits: int = 0) -> "QuantLinear":
         """Wraps an existing quantized weight (tensors are shared, not copied)."""
         n, k = qw.shape
         layer = cls(k, n, bias is not None, qw.bits, qw.group_size, qw.symmetric, qw.dtype,
-                    device="meta", method=qw.method)
+                    device="meta", method=qw.method, act_bits=act_bits)
         layer.qweight = qw.qweight
         layer.scales = qw.scales
         if qw.zeros is not None:
@@ -85,7 +92,7 @@ class QuantLinear(nn.Module):
                              f"runs through pyengine.compress with calibration data")
         qw = quantize(linear.weight.detach(), config.bits, config.group_size, config.symmetric,
                       scale_dtype=scale_dtype)
-        return cls.from_weight(qw, linear.bias)
+        return cls.from_weight(qw, linear.bias, act_bits=config.act_bits)
 
     # ---- the weight object --------------------------------------------------------------------
     # forward() uses a QuantizedWeight view of the buffers built here, outside forward, so that
@@ -126,7 +133,7 @@ class QuantLinear(nn.Module):
         fusion = self._fusion
         if fusion is not None:
             return fusion[0].output(x, fusion[1])  # one op for all layers reading x
-        return qlinear(x, self._qw, self.bias)
+        return qlinear(x, self._qw, self.bias, act_bits=self.act_bits)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight [out_features, in_features]."""
@@ -150,6 +157,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
+        acts = f", act_bits={self.act_bits}" if self.act_bits else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
-                f"{kind}, scales={self.scales.dtype}")
+                f"{kind}, scales={self.scales.dtype}{acts}")

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import shortcut_matmul
+from ..ops import qlinear, shortcut_matmul
 from .quant_linear import QuantLinear
 
 
@@ -112,8 +112,10 @@ class ResidualProjection(nn.Module):
         proj = self.proj
         if self.shortcut is None:
             return proj(x) + residual
-        weight = proj.op_weight if isinstance(proj, QuantLinear) else proj.weight
-        return shortcut_matmul(x, weight, residual, self.shortcut, proj.bias)
+        if isinstance(proj, QuantLinear):
+            return qlinear(x, proj.op_weight, proj.bias, residual=residual,
+                           shortcut=self.shortcut, act_bits=proj.act_bits)
+        return shortcut_matmul(x, proj.weight, residual, self.shortcut, proj.bias)
 
     def extra_repr(self) -> str:
         s = "none" if self.shortcut is None else f"{tuple(self.shortcut.shape)}"

@@ -11,7 +11,9 @@ for every weight kind the backends serve (pyengine.backends.base):
 
 n, k default to the weight's shape; smaller values read the top-left block in place (a sliced
 layer). ``residual @ shortcut`` is a sliced model's projection of the residual stream, fused into
-the epilogue. The op picks a backend per call (pyengine.backends.select_backend: device,
+the epilogue. ``act_bits=8`` quantizes x to int8 per block of 32 first (pyengine/ops/act_quant.py:
+the product is that of the quantized activations); backends with an integer path for it (the cpu
+backend) use it, the others run their exact kernels on the quantized activations. The op picks a backend per call (pyengine.backends.select_backend: device,
 activation dtype, weight kind and bits), has a fake implementation (it traces under
 ``torch.compile(fullgraph=True)``) and one autograd formula: gradients for x, bias, residual,
 shortcut and a dense weight; packed codes, planes, scales and zeros get none.
@@ -33,6 +35,7 @@ from ..backends import (BackendError, Operand, PackedOperand, PlaneOperand, refe
 from ..matryoshka.weight import MatryoshkaView, MatryoshkaWeight
 from ..qweight import QuantizedWeight
 from . import checks
+from .act_quant import check_act_bits, quantize_activations
 
 Tensor = torch.Tensor
 Weight = Union[Tensor, QuantizedWeight, MatryoshkaView]
@@ -71,22 +74,45 @@ def _operand(kind: str, weight: Tensor, scales: Optional[Tensor], zeros: Optiona
     return weight
 
 
-def _describe_call(kind: str, bits: int, group_size: int, m: int, n: int, k: int) -> str:
+def _eager_operand(weight: Weight, kind: str, w: Tensor, scales: Optional[Tensor],
+                   zeros: Optional[Tensor], plane_mid: Optional[Tensor],
+                   plane_lo: Optional[Tensor], bits: int, group_size: int) -> Operand:
+    """The operand of a public weight object for an eager call, kept on the object (its
+    tensors never change), so that it and what backends derive from it (PackedOperand.native)
+    are built once per weight rather than per call."""
+    if kind == "packed":
+        operand = weight._op_cache
+        if operand is None:
+            operand = weight._op_cache = _operand(kind, w, scales, zeros, None, None, bits,
+                                                  group_size)
+        return operand
+    if kind == "planes":
+        cache = weight.parent._op_cache
+        operand = cache.get(bits)
+        if operand is None:
+            operand = cache[bits] = _operand(kind, w, scales, zeros, plane_mid, plane_lo, bits,
+                                             group_size)
+        return operand
+    return w
+
+
+def _describe_call(kind: str, bits: int, group_size: int, m: int, n: int, k: int,
+                   act_bits: int = 0) -> str:
     weight = {"dense": "dense", "packed": f"{bits}-bit packed",
               "planes": f"{bits}-bit Matryoshka slice"}[kind]
     group = "" if kind == "dense" else f", group_size={group_size}"
-    return f"qlinear(M={m}, N={n}, K={k}, {weight}{group})"
+    acts = f", act_bits={act_bits}" if act_bits else ""
+    return f"qlinear(M={m}, N={n}, K={k}, {weight}{group}{acts})"
 
 
 # ---- the implementation ---------------------------------------------------------------------------
 
-def _execute(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor],
-             plane_mid: Optional[Tensor], plane_lo: Optional[Tensor], bias: Optional[Tensor],
-             residual: Optional[Tensor], shortcut: Optional[Tensor], kind: str, bits: int,
-             group_size: int, n: int, k: int, backend: Optional[str],
-             out: Optional[Tensor] = None) -> Tensor:
-    """The op's body: 2-D views, the backend for this call, its matmul. Writes into ``out``
-    ([..., n], contiguous, x's dtype) when given."""
+def _execute(x: Tensor, operand: Operand, kind: str, bits: int, group_size: int, n: int, k: int,
+             bias: Optional[Tensor], residual: Optional[Tensor], shortcut: Optional[Tensor],
+             backend: Optional[str], out: Optional[Tensor] = None,
+             act_bits: int = 0) -> Tensor:
+    """The op's body: 2-D views, the backend for this call, its matmul on ``operand``. Writes
+    into ``out`` ([..., n], contiguous, x's dtype) when given."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -97,7 +123,8 @@ def _execute(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Optiona
     try:
         impl = select_backend((x.device.type, x.dtype, kind, bits), backend)
     except BackendError as exc:
-        raise BackendError(f"{_describe_call(kind, bits, group_size, m, n, k)}: {exc}") from None
+        raise BackendError(f"{_describe_call(kind, bits, group_size, m, n, k, act_bits)}: "
+                           f"{exc}") from None
     res2 = None
     if residual is not None:
         res2 = residual.reshape(m, residual.shape[-1])
@@ -105,9 +132,16 @@ def _execute(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Optiona
             res2 = res2.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # kernels read the bias through a bare pointer
-    y = impl.matmul(x2, _operand(kind, weight, scales, zeros, plane_mid, plane_lo, bits,
-                                 group_size),
-                    n, k, bias, res2, shortcut, None if out is None else out.view(m, n))
+    out2 = None if out is None else out.view(m, n)
+    if act_bits and not impl.native_act_bits(operand, act_bits):
+        # The exact kernel on the quantized activations, kept in fp32 (rounding x^ to a 16-bit
+        # dtype would change the product); the result is converted to x's dtype.
+        y = impl.matmul(quantize_activations(x2), operand, n, k, bias,
+                        None if res2 is None else res2.to(torch.float32),
+                        None if shortcut is None else shortcut.to(torch.float32))
+        y = y.to(x.dtype) if out2 is None else out2.copy_(y)
+    else:
+        y = impl.matmul(x2, operand, n, k, bias, res2, shortcut, out2, act_bits)
     return y.view(*lead, n) if out is None else out
 
 
@@ -137,23 +171,27 @@ def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
 def _qlinear_op(x: Tensor, weight: Tensor, scales: Optional[Tensor], zeros: Optional[Tensor],
                 plane_mid: Optional[Tensor], plane_lo: Optional[Tensor], bias: Optional[Tensor],
                 residual: Optional[Tensor], shortcut: Optional[Tensor], kind: str, bits: int,
-                group_size: int, n: int, k: int, backend: Optional[str] = None) -> Tensor:
-    return _execute(x, weight, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut,
-                    kind, bits, group_size, n, k, backend)
+                group_size: int, n: int, k: int, backend: Optional[str] = None,
+                act_bits: int = 0) -> Tensor:
+    return _execute(x, _operand(kind, weight, scales, zeros, plane_mid, plane_lo, bits,
+                                group_size),
+                    kind, bits, group_size, n, k, bias, residual, shortcut, backend,
+                    act_bits=act_bits)
 
 
 @_qlinear_op.register_fake
 def _(x, weight, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind, bits,
-      group_size, n, k, backend=None):
+      group_size, n, k, backend=None, act_bits=0):
     return x.new_empty(*x.shape[:-1], n)
 
 
 # y = x W[:n, :k]^T + bias[:n] + residual @ shortcut. Gradients flow to x, bias, residual,
-# shortcut and a dense weight; quantized codes, planes, scales and zeros get none.
+# shortcut and a dense weight; quantized codes, planes, scales and zeros get none. With
+# act_bits, x's gradient passes the activation rounding straight through (as if unquantized).
 
 def _setup_context(ctx, inputs, output):
     (x, weight, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind, bits,
-     group_size, n, k, _backend) = inputs
+     group_size, n, k, _backend, _act_bits) = inputs
     ctx.save_for_backward(x, weight, scales, zeros, plane_mid, plane_lo, bias, residual,
                           shortcut)
     ctx.kind, ctx.bits, ctx.group_size, ctx.n, ctx.k = kind, bits, group_size, n, k
@@ -182,7 +220,7 @@ def _backward(ctx, grad):
     if shortcut is not None and needs[8]:
         r2 = residual.reshape(-1, residual.shape[-1]).to(torch.float32)
         gs = (r2.T @ g2).to(shortcut.dtype)
-    return gx, gw, None, None, None, None, gb, gr, gs, None, None, None, None, None, None
+    return gx, gw, None, None, None, None, gb, gr, gs, None, None, None, None, None, None, None
 
 
 _qlinear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -192,10 +230,15 @@ _qlinear_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _linear(op: str, x: Tensor, weight: Weight, bias: Optional[Tensor],
             residual: Optional[Tensor], shortcut: Optional[Tensor], in_dims: Optional[int],
-            out_dims: Optional[int], out: Optional[Tensor], backend: Optional[str]) -> Tensor:
+            out_dims: Optional[int], out: Optional[Tensor], backend: Optional[str],
+            act_bits: int = 0) -> Tensor:
     """Validates one call (errors name ``op``) and runs it."""
     checks.check_weight(op, weight)
     kind, w, scales, zeros, plane_mid, plane_lo, bits, group_size = _weight_fields(weight)
+    if act_bits:
+        check_act_bits(act_bits, f"{op}: act_bits")
+        if kind == "dense":
+            raise ValueError(f"{op}: act_bits applies to quantized weights, not to a dense one")
     sliced = in_dims is not None or out_dims is not None
     if sliced:
         n_all, k_all = (int(d) for d in weight.shape)
@@ -214,10 +257,12 @@ def _linear(op: str, x: Tensor, weight: Weight, bias: Optional[Tensor],
     if out is not None:
         checks.check_out(op, out, x, n)
     if eager_call_ok(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, out):
-        return _execute(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind,
-                        bits, group_size, n, k, backend, out)
+        operand = _eager_operand(weight, kind, w, scales, zeros, plane_mid, plane_lo, bits,
+                                 group_size)
+        return _execute(x, operand, kind, bits, group_size, n, k, bias, residual, shortcut,
+                        backend, out, act_bits)
     y = _qlinear_op(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind,
-                    bits, group_size, n, k, backend)
+                    bits, group_size, n, k, backend, act_bits)
     if out is None:
         return y
     if torch.is_grad_enabled() and y.requires_grad:
@@ -229,7 +274,8 @@ def _linear(op: str, x: Tensor, weight: Weight, bias: Optional[Tensor],
 def qlinear(x: Tensor, weight: Weight, bias: Optional[Tensor] = None, *,
             residual: Optional[Tensor] = None, shortcut: Optional[Tensor] = None,
             in_dims: Optional[int] = None, out_dims: Optional[int] = None,
-            out: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+            out: Optional[Tensor] = None, backend: Optional[str] = None,
+            act_bits: int = 0) -> Tensor:
     """y = x @ W[:out_dims, :in_dims]^T (+ bias[:out_dims]) (+ residual @ shortcut).
 
     Args:
@@ -247,11 +293,13 @@ def qlinear(x: Tensor, weight: Weight, bias: Optional[Tensor] = None, *,
             with autograd.
         backend: "cuda", "triton", "cpu", "torch", or None for the best available
             ($PYENGINE_BACKEND overrides None); an explicit backend never falls back silently.
+        act_bits: 0, or 8 to quantize x to int8 per block of 32 along K first (quantized
+            weights only; pyengine.ops.act_quant).
     Returns:
         y: [..., out_dims] in x's dtype (``out`` when given).
     """
     return _linear("qlinear", x, weight, bias, residual, shortcut, in_dims, out_dims, out,
-                   backend)
+                   backend, act_bits)
 
 
 def dequant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = None,

@@ -160,6 +160,6 @@ def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
             qw = gptq_quantize(linear.weight, hessians.pop(name), cfg.bits, cfg.group_size,
                                cfg.symmetric, act_order=cfg.act_order, damp=damp,
                                scale_dtype=scale_dtype or linear.weight.dtype)
-            setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias))
+            setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias, act_bits=cfg.act_bits))
         runner.advance()
     return model

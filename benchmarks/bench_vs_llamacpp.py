@@ -1,0 +1,217 @@
+"""Decode speed of SmolLM2-135M on the CPU: pyengine's compressed models against llama.cpp's
+quantized files of the same GGUF, timed in one run, alternating engines (A B A B ...), medians.
+
+llama.cpp: its ``llama-bench`` and ``llama-quantize`` are built once from the vendored tree of
+the ``llama-cpp-python`` sdist (no prebuilt binary is on the package registry; server, examples
+and tests off) into ``$PYENGINE_CACHE/llama.cpp/<version>-<isa>`` and reused; ``--isa native``
+lets ggml use every instruction set of this CPU, ``--isa avx2`` builds without AVX-512 (the
+CPUs people have without it). The embedded GGUF (Q4_1 weights) is requantized to each llama.cpp
+type once (cached next to the build); F32 is the same weights dequantized, which is what
+pyengine's dense model holds.
+
+pyengine: the model loaded from the same GGUF (pyengine.models.smollm2), compressed by RTN
+(group 128) per config, decoded with a static KV cache exactly as benchmarks/bench_decode.py
+does (``measure_decode``), batch 1, eager steps.
+
+Both engines decode ``--new-tokens`` tokens after a short prompt; each round runs every
+engine/config once per thread count; the JSON keeps every round's tokens/s and the medians.
+
+    python benchmarks/bench_vs_llamacpp.py --build-only            # build (about 10 min on 2 cores)
+    python benchmarks/bench_vs_llamacpp.py --threads 1,2 --rounds 3
+    python benchmarks/bench_vs_llamacpp.py --isa avx2 --json benchmarks/results/vs_llamacpp_avx2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import pyengine  # noqa: E402
+from pyengine import QuantConfig, Recipe  # noqa: E402
+
+LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+PYENGINE_CONFIGS = ("dense", "int8", "int4", "int4_a8", "int2_a8")
+TOOLS = ("llama-bench", "llama-quantize")
+ISA_FLAGS = {
+    "native": ["-DGGML_NATIVE=ON"],
+    "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+             "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF",
+             "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF"],
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PYENGINE_CACHE", Path.home() / ".cache" / "pyengine")) / "llama.cpp"
+
+
+# ---- llama.cpp: build once, quantize once ------------------------------------------------------
+
+def _download_sdist(into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if found:
+        return found[-1]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "--dest", str(into), "llama-cpp-python"], check=True)
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise SystemExit("bench_vs_llamacpp: pip downloaded no llama-cpp-python sdist")
+    return found[-1]
+
+
+def llama_tools(isa: str, jobs: int) -> Path:
+    """The directory holding llama-bench and llama-quantize for ``isa``, built when missing."""
+    root = cache_root()
+    sdist = _download_sdist(root / "sdist")
+    version = sdist.name[len("llama_cpp_python-"):-len(".tar.gz")]
+    bin_dir = root / f"{version}-{isa}" / "bin"
+    if all((bin_dir / t).exists() for t in TOOLS):
+        return bin_dir
+    if shutil.which("cmake") is None:
+        raise SystemExit("bench_vs_llamacpp: building llama.cpp needs cmake")
+    work = Path(tempfile.mkdtemp(prefix="llama-build-"))
+    try:
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work)
+        source = next(work.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        build = work / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                        *ISA_FLAGS[isa]], check=True)
+        subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
+                        "--target", *TOOLS], check=True)
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for tool in TOOLS:
+            shutil.copy2(build / "bin" / tool, bin_dir / tool)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return bin_dir
+
+
+def llama_model(bin_dir: Path, source: Path, qtype: str) -> Path:
+    """The embedded GGUF requantized to ``qtype`` (cached beside the tools)."""
+    out = bin_dir.parent / f"{source.stem}.{qtype}.gguf"
+    if not out.exists():
+        tmp = out.with_suffix(".partial")
+        subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(source),
+                        str(tmp), qtype], check=True, capture_output=True)
+        tmp.rename(out)
+    return out
+
+
+def llama_tokens_per_s(bin_dir: Path, model: Path, threads: int, new_tokens: int) -> float:
+    run = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(model), "-p", "0", "-n",
+                          str(new_tokens), "-r", "1", "-t", str(threads), "-o", "json"],
+                         check=True, capture_output=True, text=True)
+    results = json.loads(run.stdout)
+    return float(results[0]["avg_ts"])
+
+
+# ---- pyengine ----------------------------------------------------------------------------------
+
+def pyengine_model(config: str) -> torch.nn.Module:
+    from pyengine.models.smollm2 import load_smollm2
+    model, _ = load_smollm2()
+    recipes = {
+        "int8": Recipe({"_default": QuantConfig(8, 128)}),
+        "int4": Recipe({"_default": QuantConfig(4, 128)}),
+        "int4_a8": Recipe({"_default": QuantConfig(4, 128, act_bits=8)}),
+        "int2_a8": Recipe({"_default": QuantConfig(2, 128, act_bits=8)}),
+    }
+    if config != "dense":
+        pyengine.compress(model, recipes[config], show_progress=False)
+    return model.eval()
+
+
+def pyengine_tokens_per_s(model: torch.nn.Module, threads: int, new_tokens: int) -> float:
+    from bench_decode import measure_decode
+    torch.set_num_threads(threads)
+    m = measure_decode(model, batch=1, prompt_len=8, new_tokens=new_tokens, graphs="none",
+                       device="cpu")
+    return 1e3 / m["ms_per_step"]
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--isa", choices=sorted(ISA_FLAGS), default="native",
+                        help="llama.cpp's build (pyengine picks its kernels at run time; "
+                             "PYENGINE_CPU_ISA is not read here)")
+    parser.add_argument("--threads", type=_int_list, default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--llama-types", default=",".join(LLAMA_TYPES))
+    parser.add_argument("--configs", default=",".join(PYENGINE_CONFIGS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs")
+    parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default benchmarks/results/vs_llamacpp_<isa>.json")
+    args = parser.parse_args(argv)
+    from pyengine.models.smollm2 import gguf_path
+
+    bin_dir = llama_tools(args.isa, args.jobs)
+    source = gguf_path()
+    llama = {t: llama_model(bin_dir, source, t) for t in args.llama_types.split(",") if t}
+    if args.build_only:
+        print(f"llama.cpp tools in {bin_dir}; models: {', '.join(p.name for p in llama.values())}")
+        return 0
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(PYENGINE_CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {PYENGINE_CONFIGS}")
+    models = {c: pyengine_model(c) for c in configs}
+    params = sum(p.numel() for p in pyengine_model("dense").parameters())
+    sizes = {("llama.cpp", t): p.stat().st_size for t, p in llama.items()}
+    sizes.update({("pyengine", c): pyengine.storage_bytes(m) for c, m in models.items()})
+
+    runs: Dict[tuple, List[float]] = {}
+    for r in range(args.rounds):
+        for threads in args.threads:
+            for t, path in llama.items():
+                runs.setdefault(("llama.cpp", t, threads), []).append(
+                    llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))
+            for c, model in models.items():
+                runs.setdefault(("pyengine", c, threads), []).append(
+                    pyengine_tokens_per_s(model, threads, args.new_tokens))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    rows = []
+    for (engine, config, threads), values in runs.items():
+        size = sizes[(engine, config)]
+        rows.append(dict(op="decode_vs_llamacpp", engine=engine, config=config, threads=threads,
+                         batch=1, tokens_per_s=round(statistics.median(values), 2),
+                         runs=[round(v, 2) for v in values], bytes=size,
+                         bits_per_weight=round(8 * size / params, 2)))
+    for row in rows:
+        print(f"{row['engine']:>9} {row['config']:>8} t={row['threads']}: "
+              f"{row['tokens_per_s']:8.1f} tok/s  {row['bits_per_weight']:5.2f} bits/weight")
+    meta = common.metadata("cpu")
+    meta.update(llama_cpp_isa=args.isa, llama_cpp_tools=str(bin_dir), rounds=args.rounds,
+                new_tokens=args.new_tokens, params=params)
+    out = args.json or common.RESULTS / f"vs_llamacpp_{args.isa}.json"
+    common.write_results(out, meta, rows)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
