@@ -68,9 +68,12 @@ _GEMV_BLOCK_K = {8: 256, 6: 256, 4: 256, 3: 256, 2: 512}
 # are live at once while a tile is assembled: at the canonical kernels' 128 codes and 4 warps
 # the sm_90 build needs 255 registers and spills (triton 3.6, symmetric weights with a
 # shortcut); at 64 codes 4 warps still spill with fp32 activations on sm_80 (triton 3.6) and
-# for int4 slices with a shortcut on sm_90 (triton 3.9).
+# for int4 slices with a shortcut on sm_90 (triton 3.9). fp32 activations (32 codes per step
+# from the canonical table) on 4 warps: on 8 warps the sm_80 build of the per-channel 6-bit
+# slice with a bias spills 3 words (triton 3.6); on 4 warps none of the fp32 cases spill.
 _DOT_BLOCK_K_MAX = 64
 _DOT_WARPS = 8
+_DOT_WARPS_FP32 = 4
 # Interpreter, M == 1: wider and longer steps than the canonical GEMV's (1, 16, 64): the
 # interpreter pays per operation, and the 32-code loop is the costly part. Small test shapes
 # still get several N tiles and split-K.
@@ -293,7 +296,8 @@ def select_plane_config(M: int, precision: int, dtype: torch.dtype,
                else dataclasses.replace(cfg, block_k=_GEMV_BLOCK_K[precision]))
     elif path == "decode" and not interpreted:
         cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX),
-                                  num_warps=_DOT_WARPS)
+                                  num_warps=(_DOT_WARPS_FP32 if dtype == torch.float32
+                                             else _DOT_WARPS))
     return path, cfg
 
 
