@@ -1,7 +1,9 @@
 """Build of pyengine: setuptools drives CMake, which builds the pybind11 module pyengine._C.
 
 Environment:
-  PYENGINE_CUDA_ARCHS   CUDA archs for -gencode (default "80;86;89;90a")
+  PYENGINE_CUDA_ARCHS   CUDA archs for -gencode, e.g. "90a" or "80;86;89;90a" ("all": that list,
+                        for wheels). Unset: the archs of the GPUs nvidia-smi lists (compute
+                        capability 9.0 -> 90a), and no CUDA kernels when it lists none
   PYENGINE_NO_CUDA=1    never build the CUDA kernels, even when nvcc is found
   PYENGINE_SKIP_EXT=1   build no extension at all (pure-Python install on the torch backend)
   PYENGINE_BUILD_JOBS   parallel build jobs (default: the number of CPUs)
@@ -9,6 +11,7 @@ Environment:
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +34,53 @@ def _find_cxx_compiler():
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+# What PYENGINE_CUDA_ARCHS=all builds: the GPUs a wheel is meant for.
+ALL_CUDA_ARCHS = "80;86;89;90a"
+
+
+def gpu_cuda_archs():
+    """The CUDA archs of the GPUs on this machine ("90a" for compute capability 9.0: its
+    tensor-core instructions need the arch-specific target; "86" for 8.6, ...), in the order
+    nvidia-smi lists them, without repeats; [] when nvidia-smi is missing, fails or lists none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        proc = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if proc.returncode != 0:
+        return []
+    archs = []
+    for field in proc.stdout.split():
+        m = re.fullmatch(r"(\d+)\.(\d+)", field.strip())
+        if m:
+            arch = m.group(1) + m.group(2)
+            arch = "90a" if arch == "90" else arch
+            if arch not in archs:
+                archs.append(arch)
+    return archs
+
+
+def cuda_arch_choice(environ):
+    """(archs for CMake or None to build no CUDA kernels, a line saying why) from the
+    environment (PYENGINE_NO_CUDA, PYENGINE_CUDA_ARCHS) and the GPUs present."""
+    if environ.get("PYENGINE_NO_CUDA", "") not in ("", "0"):
+        return None, "pyengine: PYENGINE_NO_CUDA set, building the CPU kernels only"
+    given = environ.get("PYENGINE_CUDA_ARCHS", "").strip()
+    if given:
+        archs = ALL_CUDA_ARCHS if given == "all" else given.replace(",", ";")
+        return archs, f"pyengine: CUDA kernels for PYENGINE_CUDA_ARCHS={archs}"
+    found = gpu_cuda_archs()
+    if not found:
+        return None, ("pyengine: no GPU found and PYENGINE_CUDA_ARCHS unset, building the CPU "
+                      "kernels only (PYENGINE_CUDA_ARCHS=all builds CUDA kernels for "
+                      f"{ALL_CUDA_ARCHS})")
+    archs = ";".join(found)
+    return archs, f"pyengine: CUDA kernels for the GPUs found ({archs})"
 
 
 class CMakeBuild(build_ext):
@@ -60,10 +110,11 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPYENGINE_OUTPUT_DIR={out_dir}",
         ]
-        archs = os.environ.get("PYENGINE_CUDA_ARCHS")
+        archs, why = cuda_arch_choice(os.environ)
+        print(why)
         if archs:
-            args.append(f"-DPYENGINE_CUDA_ARCHS={archs.replace(',', ';')}")
-        if os.environ.get("PYENGINE_NO_CUDA", "") not in ("", "0"):
+            args.append(f"-DPYENGINE_CUDA_ARCHS={archs}")
+        else:
             args.append("-DPYENGINE_NO_CUDA=ON")
         if shutil.which("ninja"):
             args.append("-GNinja")
@@ -75,9 +126,10 @@ class CMakeBuild(build_ext):
                        cwd=build_temp, check=True)
 
 
-setup(
-    packages=find_packages(include=["pyengine", "pyengine.*"]),
-    ext_modules=[CMakeExtension("pyengine._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+if __name__ == "__main__":   # pip runs this file as __main__; tests import its functions
+    setup(
+        packages=find_packages(include=["pyengine", "pyengine.*"]),
+        ext_modules=[CMakeExtension("pyengine._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

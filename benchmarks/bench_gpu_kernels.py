@@ -9,14 +9,20 @@ the L2 cache flushed before every repetition (--warm-l2: no flush, common.time_c
 weights that fit in L2 are not read from cache.
 
 Writes JSON rows (op, backend, bits, group_size, M, N, K, ms, gbps, pct_copy_bw,
-speedup_vs_fp16, ...) to benchmarks/results/gpu_kernels_<device>.json.
+speedup_vs_fp16, ...) to benchmarks/results/gpu_kernels_<device>.json (with --incremental
+after every row, "complete": false until the end, so that a run cut short keeps its rows).
 
     python benchmarks/bench_gpu_kernels.py [--shapes 4096x4096] [--m 1,16] [--bits 4] [--quick]
+
+``--plan-aot FILE`` (no GPU needed) writes the Triton calls such a run makes as a case list
+for ``python -m pyengine.kernels.aot --cases-json FILE``, which compiles them ahead of time
+(benchmarks/gpu_check.sh prepare / budget).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -77,6 +83,31 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y64 - r64).norm() / r64.norm().clamp_min(1e-30)).item()
 
 
+def sliced_dims(n: int, k: int, group_size: int):
+    """(in_dims, out_dims) of the sliced_matmul rows: 75% of K rounded down to a multiple of
+    the group size (at least one group), 75% of N."""
+    return max(group_size, (int(0.75 * k) // group_size) * group_size), max(1, int(0.75 * n))
+
+
+def aot_cases(shapes: List[tuple], ms: List[int], bits_list: List[int],
+              group_size: int) -> List[Dict[str, object]]:
+    """The Triton calls a run makes (Case fields of pyengine.kernels.aot): per shape, M and
+    bits, dequant_matmul, sliced_matmul (the top-left block of the stored weight) and, for
+    output projections (N <= K), shortcut_matmul with a residual as wide as N."""
+    cases = []
+    for n, k in shapes:
+        in_dims, out_dims = sliced_dims(n, k, group_size)
+        for m in ms:
+            for bits in bits_list:
+                base = dict(kind="packed", bits=bits, group_size=group_size,
+                            dtype="float16", M=m)
+                cases.append(dict(base, N=n, K=k))
+                cases.append(dict(base, N=out_dims, K=in_dims, N_stored=n, K_stored=k))
+                if n <= k:
+                    cases.append(dict(base, N=n, K=k, shortcut=True, R=n))
+    return cases
+
+
 def quant_bytes(qw: pyengine.QuantizedWeight, n: int, k: int) -> int:
     """Bytes of the packed codes, scales and zeros of the block W[:n, :k]."""
     n_full, k_full = qw.shape
@@ -96,8 +127,9 @@ def cuda_backends(include_torch: bool) -> List[str]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, copy_bw: float) -> None:
-        self.args, self.copy_bw = args, copy_bw
+    def __init__(self, args: argparse.Namespace, copy_bw: float, meta: dict,
+                 path: Path) -> None:
+        self.args, self.copy_bw, self.meta, self.path = args, copy_bw, meta, path
         self.time = Timer(args.reps, args.warmup, args.warm_l2)
         self.rows: List[Dict[str, object]] = []
         self.failures: List[str] = []
@@ -112,10 +144,17 @@ class Bench:
                  tflops=round(2 * M * N * K / (ms * 1e-3) / 1e12, 3))
         r.update(extra)
         self.rows.append(r)
+        if self.args.incremental:
+            self.write(complete=False)
         note = " ".join(f"{k}={v}" for k, v in extra.items())
         print(f"{op:>15} {backend:>7} {bits:>2}b {N:>6}x{K:<6} M={M:<5} {ms:9.4f} ms "
               f"{gbps:8.1f} GB/s {r['pct_copy_bw']:6.1f}% {r['speedup_vs_fp16']:6.2f}x  {note}",
               flush=True)
+
+    def write(self, complete: bool) -> None:
+        """The rows so far, with the run's metadata, to the JSON file."""
+        meta = dict(self.meta, failures=self.failures, complete=complete)
+        common.write_results(self.path, meta, self.rows)
 
     def check(self, what: str, y: torch.Tensor, ref: torch.Tensor) -> float:
         err = rel_err(y, ref)
@@ -137,8 +176,7 @@ class Bench:
         torch.manual_seed(0)
         w = (torch.randn(n, k, device=DEVICE) * 0.02).to(FP16)
         qws = {bits: pyengine.quantize(w, bits, gs, clip_search=False) for bits in args.bits}
-        in_dims = max(gs, (int(0.75 * k) // gs) * gs)   # a multiple of the group size
-        out_dims = max(1, int(0.75 * n))
+        in_dims, out_dims = sliced_dims(n, k, gs)
         for m in args.m:
             x = torch.randn(m, k, device=DEVICE, dtype=FP16)
             act = (m * k + m * n) * 2
@@ -215,14 +253,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="smoke run: 4096x4096 and 1024x4096, M 1 and 256, bits 4 and 3")
     parser.add_argument("--json", type=Path, default=None,
                         help="output file (default benchmarks/results/gpu_kernels_<device>.json)")
+    parser.add_argument("--incremental", action="store_true",
+                        help="rewrite the JSON after every row")
+    parser.add_argument("--plan-aot", type=Path, default=None,
+                        help="write the Triton calls of this run as a pyengine.kernels.aot case "
+                             "list to this file and exit (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.m, args.bits = "4096x4096,1024x4096", [1, 256], [4, 3]
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    if args.plan_aot:
+        cases = aot_cases(shapes, args.m, args.bits, args.group_size)
+        args.plan_aot.write_text(json.dumps(cases, indent=0) + "\n")
+        print(f"{len(cases)} Triton calls written to {args.plan_aot}")
+        return 0
 
     if not torch.cuda.is_available():
         print("bench_gpu_kernels: torch sees no CUDA device; this benchmark needs a GPU "
               "(nothing measured, nothing written)", file=sys.stderr)
         return 2
-    if args.quick:
-        args.shapes, args.m, args.bits = "4096x4096,1024x4096", [1, 256], [4, 3]
     backends = ([b for b in args.backends.split(",") if b] if args.backends
                 else cuda_backends(args.with_torch))
     if not backends:
@@ -239,15 +288,13 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{meta['torch']}, triton {meta['triton']}); copy bandwidth {copy_bw:.0f} GB/s; "
           f"backends {backends}", flush=True)
 
-    bench = Bench(args, copy_bw)
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.lower().split("x"))
-        bench.attempt(f"shape {shape}", lambda: bench.shape(n, k, backends))
+    path = args.json or common.RESULTS / f"gpu_kernels_{device_slug(meta['device'])}.json"
+    bench = Bench(args, copy_bw, meta, path)
+    for n, k in shapes:
+        bench.attempt(f"shape {n}x{k}", lambda: bench.shape(n, k, backends))
         torch.cuda.empty_cache()
 
-    path = args.json or common.RESULTS / f"gpu_kernels_{device_slug(meta['device'])}.json"
-    meta["failures"] = bench.failures
-    common.write_results(path, meta, bench.rows)
+    bench.write(complete=True)
     print(f"wrote {len(bench.rows)} rows to {path}")
     if bench.failures:
         print(f"{len(bench.failures)} failures:\n  " + "\n  ".join(bench.failures))

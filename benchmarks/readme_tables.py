@@ -155,6 +155,40 @@ def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]
                       "GB/s", "of copy bw", speed_key or "speedup"], body))
 
 
+def static_gpu_table() -> List[str]:
+    """The issue-bound ceilings of benchmarks/static_gpu.py (compile-only figures): per weight
+    and backend, the ceiling against the H200's copy bandwidth and the warp instructions per
+    512 B of weights, at M = 1 and 16, fp16 activations."""
+    data = _load("static_gpu.json")
+    if data is None:
+        return []
+    rows = [r for r in data["rows"] if r.get("ceiling_vs_copy") is not None
+            and r.get("dtype", "float16") == "float16"]
+    columns = []
+    for r in rows:
+        col = ("cuda" if r["backend"] == "cuda" else f"triton {r['triton']}", r["M"])
+        if col not in columns:
+            columns.append(col)
+    columns.sort(key=lambda c: (c[0] != "cuda", c[0], c[1]))
+    weights = sorted({r["weight"] for r in rows}, key=lambda w: (w.startswith("planes"),
+                                                                  -int(w[-1])))
+    cell = {(r["weight"], "cuda" if r["backend"] == "cuda" else f"triton {r['triton']}", r["M"]):
+            f"{r['ceiling_vs_copy']:.2f}x ({r['warp_instructions_per_512B']:.0f})" for r in rows}
+    body = [[w] + [cell.get((w, b, m), "") for b, m in columns] for w in weights]
+    meta = data["meta"]
+    target = meta["target"]
+    return ([f"**Static issue-bound ceilings of the GPU decode kernels** (compiled for "
+             f"{target['gpu']}, not run: the ceiling is {target['sms']} SMs x "
+             f"{target['schedulers']} schedulers x {target['clock_ghz']} GHz of warp "
+             f"instructions over the steady-state loop's warp instructions per weight byte, "
+             f"against {target['copy_bandwidth_bytes_per_s'] / 1e12:.1f} TB/s; in brackets the "
+             f"warp instructions per 512 B of weights; fp16 activations, "
+             f"{meta['shape']['N']}x{meta['shape']['K']}, group {meta['shape']['group_size']}; "
+             f"`benchmarks/results/static_gpu.json`, {meta['date']}, commit {meta['commit']})",
+             ""]
+            + _table(["weight"] + [f"{b} M={m}" for b, m in columns], body))
+
+
 def gpu_files() -> List[str]:
     """Result files of GPU runs (kernel benchmarks are named per device)."""
     return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
@@ -167,7 +201,8 @@ def sections() -> List[Callable[[], List[str]]]:
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_avx2.json")]
             + [lambda name=name: kernel_table(name, "GPU kernels") for name in gpu_files()]
-            + [lambda: kernel_table("cpu_kernels.json", "CPU kernels", (1, 8))])
+            + [lambda: kernel_table("cpu_kernels.json", "CPU kernels", (1, 8)),
+               static_gpu_table])
 
 
 def generate() -> str:

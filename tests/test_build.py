@@ -1,16 +1,16 @@
 """The installed build: what it reports, and that importing pyengine stays cheap and safe."""
 
-import os
-import shutil
+import runpy
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import pyengine
 
-DEFAULT_CUDA_ARCHS = {"sm_80", "sm_86", "sm_89", "sm_90a"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_python(code: str) -> str:
@@ -31,12 +31,56 @@ def test_build_info_reports_the_build():
     assert "generic" in info["cpu_isas"]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_cuda_kernels_are_built_when_nvcc_is_present():
+def test_cuda_kernels_and_archs_agree():
     info = pyengine.build_info()
-    assert info["cuda_kernels"], "nvcc is present but the extension has no CUDA kernels"
-    if not os.environ.get("PYENGINE_CUDA_ARCHS"):
-        assert DEFAULT_CUDA_ARCHS <= set(info["cuda_archs"])
+    assert info["cuda_kernels"] == bool(info["cuda_archs"]), info
+    assert all(a.startswith("sm_") for a in info["cuda_archs"])
+
+
+# ---- which CUDA archs a build compiles for (setup.py) -------------------------------------------
+
+@pytest.fixture
+def setup_py(monkeypatch, tmp_path):
+    """setup.py's functions (its setup() call runs only as __main__), with a PATH whose
+    nvidia-smi the test writes: fake_smi(stdout, rc) or none at all."""
+    funcs = runpy.run_path(str(ROOT / "setup.py"), run_name="pyengine_setup")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+    def fake_smi(stdout: str, rc: int = 0) -> None:
+        script = bin_dir / "nvidia-smi"
+        # printf and exit are shell builtins: the script needs nothing else on PATH
+        script.write_text(f"#!/bin/sh\nprintf '%s\\n' '{stdout}'\nexit {rc}\n")
+        script.chmod(0o755)
+
+    funcs["fake_smi"] = fake_smi
+    return funcs
+
+
+def test_default_archs_are_the_gpus_present(setup_py):
+    setup_py["fake_smi"]("9.0\n8.6\n9.0")
+    assert setup_py["gpu_cuda_archs"]() == ["90a", "86"]
+    archs, why = setup_py["cuda_arch_choice"]({})
+    assert archs == "90a;86" and "GPUs found" in why
+
+
+def test_no_gpu_builds_no_cuda_kernels_and_says_so_in_one_line(setup_py):
+    assert setup_py["gpu_cuda_archs"]() == []             # no nvidia-smi on PATH
+    archs, why = setup_py["cuda_arch_choice"]({})
+    assert archs is None and "\n" not in why and "no GPU found" in why
+    setup_py["fake_smi"]("NVIDIA-SMI has failed because it could not communicate with the "
+                         "NVIDIA driver", rc=9)
+    assert setup_py["gpu_cuda_archs"]() == []
+    assert setup_py["cuda_arch_choice"]({})[0] is None
+
+
+def test_explicit_arch_lists_win(setup_py):
+    setup_py["fake_smi"]("8.0")
+    choice = setup_py["cuda_arch_choice"]
+    assert choice({"PYENGINE_CUDA_ARCHS": "80,90a"})[0] == "80;90a"
+    assert choice({"PYENGINE_CUDA_ARCHS": "all"})[0] == "80;86;89;90a"
+    assert choice({"PYENGINE_CUDA_ARCHS": "all", "PYENGINE_NO_CUDA": "1"})[0] is None
 
 
 def test_import_does_not_initialise_cuda():

@@ -17,9 +17,11 @@
 // Block of NW = WR * WK warps: WR warps along N (RB = WR * 4 rows per block) times WK warps along
 //   K (warp wk takes passes wk, wk + WK, ...; the WK partial sums meet in shared memory at the
 //   end: split-K inside the block, no workspace and no atomics, deterministic).
-// Activation rows: MT of them per block (MT in {1, 2, 3, 4, 6, 8}), grid.y = ceil(M / MT)
-//   tiles; M = 9..16 takes at least two (each tile reads the weight again, which at these M is
-//   cheaper than the FMA work the tiles share).
+// Activation rows: MT of them per block (MT in {1, 2, 3, 4, 6, 8}, at most Src::kMaxTileM),
+//   grid.y = ceil(M / MT) tiles; M = 9..16 takes at least two (each tile reads the weight
+//   again, which at these M is cheaper than the FMA work the tiles share). Bit-plane sources
+//   stop at MT = 4: their three planes' words per row, two passes deep, leave no registers for
+//   6 or 8 rows (sm_90a: 255 registers and spills at MT = 6 and 8).
 //
 // Heuristic (host, qmatmul_decode), from N, K, M and the SM count:
 //   RB = the largest of 32, 16, 8 rows with ceil(N / RB) * grid.y >= 2 * SMs, else 4:
@@ -112,7 +114,7 @@ constexpr int kMaxWarps = 8;         // warps per block
 constexpr int kPassBlocks = 32;      // packing blocks per pass (one per lane)
 constexpr int kPassCodes = 32 * kPassBlocks;
 constexpr int kSlabFloats = 10240;   // staged activations per block: 40 KiB
-constexpr int kMaxTileM = 8;         // activation rows per block (grid.y tiles M = 9..16)
+constexpr int kMaxTileM = 8;         // activation rows per block, the most any source takes
 
 // What the host decided; the same for every block of a launch.
 struct DecodePlan {
@@ -341,11 +343,12 @@ inline int floor_pow2(int64_t v) {
   return p;
 }
 
-// Activation rows per block for `need` rows: the smallest compiled tile that holds them.
-inline int pick_tile_m(int64_t need) {
+// Activation rows per block for `need` rows: the smallest compiled tile that holds them, at
+// most max_tile (a source's kMaxTileM).
+inline int pick_tile_m(int64_t need, int max_tile) {
   for (int mt : {1, 2, 3, 4, 6, 8})
-    if (need <= mt) return mt;
-  return kMaxTileM;
+    if (mt <= max_tile && need <= mt) return mt;
+  return max_tile;
 }
 
 template <class Src>
@@ -355,9 +358,19 @@ void launch_tile(int mt, const typename Src::Args& a, const DecodePlan& p, dim3 
     case 1: decode_gemv_kernel<Src, 1><<<grid, block, smem, s>>>(a, p); break;
     case 2: decode_gemv_kernel<Src, 2><<<grid, block, smem, s>>>(a, p); break;
     case 3: decode_gemv_kernel<Src, 3><<<grid, block, smem, s>>>(a, p); break;
-    case 4: decode_gemv_kernel<Src, 4><<<grid, block, smem, s>>>(a, p); break;
-    case 6: decode_gemv_kernel<Src, 6><<<grid, block, smem, s>>>(a, p); break;
-    default: decode_gemv_kernel<Src, 8><<<grid, block, smem, s>>>(a, p); break;
+    default:
+      if constexpr (Src::kMaxTileM == 4) {
+        decode_gemv_kernel<Src, 4><<<grid, block, smem, s>>>(a, p);
+      } else {
+        static_assert(Src::kMaxTileM == 8, "a source's tile limit is 4 or 8 rows");
+        if (mt == 4)
+          decode_gemv_kernel<Src, 4><<<grid, block, smem, s>>>(a, p);
+        else if (mt == 6)
+          decode_gemv_kernel<Src, 6><<<grid, block, smem, s>>>(a, p);
+        else
+          decode_gemv_kernel<Src, 8><<<grid, block, smem, s>>>(a, p);
+      }
+      break;
   }
 }
 
@@ -380,10 +393,11 @@ void launch_decode_gemv(const char* op, const typename Src::Args& a, int device,
   if (passes > (int64_t)1 << 30) throw std::invalid_argument(describe(op, a) + ": K too large");
   // Tiling (heuristic in the header): M tile, rows per block, K split.
   const int64_t target_blocks = 2 * (int64_t)sms, target_warps = 4 * (int64_t)sms;
-  int split = (int)((a.M + kMaxTileM - 1) / kMaxTileM);  // M tiles wanted
+  constexpr int max_tile = Src::kMaxTileM;
+  int split = (int)((a.M + max_tile - 1) / max_tile);  // M tiles wanted
   int mt = 0, wr = 0, tiles_m = 0;
   for (;;) {
-    mt = pick_tile_m((a.M + split - 1) / split);
+    mt = pick_tile_m((a.M + split - 1) / split, max_tile);
     tiles_m = (int)((a.M + mt - 1) / mt);  // no tile past M
     p.RB = kRows;
     for (int rb : {8 * kRows, 4 * kRows, 2 * kRows}) {

@@ -18,6 +18,8 @@
 //   kUnit                         U with  c * 2^m = (v - 1) * U  (the weight in parent units:
 //                                 w = ((v - 1) * U - z) * s; canonical U = 2^BITS, m = 0);
 //   kSymmetricZero                the zero point of a symmetric weight;
+//   kMaxTileM                     the most activation rows one decode block takes (4 or 8:
+//                                 the registers its words leave for accumulators);
 //   vector_loads(a)               whether its vector loads are aligned for these arguments.
 // Folded into a block's scale s and zero z (x_j its activations):
 //   sum_j x_j w_j = S * sum_j x_j v_j + C * sum_j x_j,   S = s * U,  C = -s * (z + U).
@@ -58,27 +60,27 @@ template <int BITS>
 __device__ __forceinline__ void load_block_words(const uint32_t* p, bool vec, uint32_t (&w)[BITS]) {
   if constexpr (BITS == 4) {
     if (vec) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));  // static-gpu: weight load
       w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
       return;
     }
   } else if constexpr (BITS == 8) {
     if (vec) {
-      const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(p));
-      const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+      const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(p));  // static-gpu: weight load
+      const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(p) + 1);  // static-gpu: weight load
       w[0] = v0.x; w[1] = v0.y; w[2] = v0.z; w[3] = v0.w;
       w[4] = v1.x; w[5] = v1.y; w[6] = v1.z; w[7] = v1.w;
       return;
     }
   } else if constexpr (BITS == 2) {
     if (vec) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));  // static-gpu: weight load
       w[0] = v.x; w[1] = v.y;
       return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+  for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);  // static-gpu: weight load
 }
 
 // Code j (0..31, a compile-time constant after unrolling) of a packing block, as the float
@@ -111,6 +113,7 @@ struct PackedSource {
   };
   static constexpr float kUnit = (float)(1 << BITS);
   static constexpr float kSymmetricZero = (float)(1 << (BITS - 1));
+  static constexpr int kMaxTileM = 8;
 
   __device__ static __forceinline__ void load(const Args& a, int64_t n, int64_t b, bool vec,
                                               Words& out) {
@@ -152,6 +155,7 @@ struct PlaneSource {
   };
   static constexpr float kUnit = R == 2 ? 512.f : 256.f;
   static constexpr float kSymmetricZero = 128.f;
+  static constexpr int kMaxTileM = 4;   // 6 and 8 spill on sm_90a (decode_gemv.cuh)
 
   __device__ static __forceinline__ void load(const Args& a, int64_t n, int64_t b, bool vec,
                                               Words& out) {

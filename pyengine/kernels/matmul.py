@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 
-from .matmul_decode import launch_decode
-from .matmul_prefill import launch_prefill
-from .problem import MatmulConfig, MatmulProblem, describe, dummy_for
+from .matmul_decode import decode_launches
+from .matmul_prefill import prefill_launches
+from .problem import (KernelLaunch, MatmulConfig, MatmulProblem, describe, dummy_for,
+                      run_launches)
 
 # How the kernels of this package were decorated: True when TRITON_INTERPRET was on at import
 # time, i.e. they run CPU tensors under the interpreter (and are not compiled for a GPU).
@@ -68,10 +69,13 @@ def m_bucket(M: int) -> int:
     return 0
 
 
-def select_config(M: int, bits: int, dtype: torch.dtype) -> Tuple[str, MatmulConfig]:
+def select_config(M: int, bits: int, dtype: torch.dtype,
+                  interpreted: bool = INTERPRETED) -> Tuple[str, MatmulConfig]:
     """("decode" or "prefill", config) for M rows of ``dtype`` activations and a weight of
-    ``bits`` (0: dense)."""
-    if INTERPRETED:
+    ``bits`` (0: dense). ``interpreted``: the interpreter's small configs (the default when the
+    kernels were loaded for the interpreter) or the GPU tables (False: what a GPU runs; the
+    ahead-of-time compiler asks for these)."""
+    if interpreted:
         if M == 1:
             return "decode", _INTERP_GEMV
         if M <= DECODE_MAX_M:
@@ -80,7 +84,7 @@ def select_config(M: int, bits: int, dtype: torch.dtype) -> Tuple[str, MatmulCon
     if M == 1:
         return "decode", MatmulConfig(1, 16, _GEMV_BLOCK_K[bits], num_warps=4, num_stages=2)
     if M <= DECODE_MAX_M:
-        return "decode", MatmulConfig(16, 32, 128 if dtype != torch.float32 else 64,
+        return "decode", MatmulConfig(16, 32, 128 if dtype != torch.float32 else 32,
                                       num_warps=4, num_stages=3)
     bucket = m_bucket(M)
     cfg = next(c for bound, c in _PREFILL if bound == (bucket or None))
@@ -163,8 +167,9 @@ def check_common(c: Checker, x, n, k, bias, residual, shortcut, out) -> Tuple[in
     return M, out
 
 
-def _problem(x, out, M, n, k, weight, bits, group_size, scales, zeros, bias, residual, shortcut):
-    dot_fp32 = INTERPRETED and x.dtype == torch.bfloat16
+def _problem(x, out, M, n, k, weight, bits, group_size, scales, zeros, bias, residual, shortcut,
+             interpreted: bool):
+    dot_fp32 = interpreted and x.dtype == torch.bfloat16
     return MatmulProblem(
         x=x, out=out, M=M, N=n, K=k, weight=weight, bits=bits, group_size=group_size,
         scales=dummy_for(x, scales), zeros=dummy_for(x, zeros), has_zeros=zeros is not None,
@@ -175,18 +180,44 @@ def _problem(x, out, M, n, k, weight, bits, group_size, scales, zeros, bias, res
         dot_precision="ieee" if (x.dtype == torch.float32 or dot_fp32) else "tf32")
 
 
-def _run(p: MatmulProblem, config: Optional[MatmulConfig]) -> torch.Tensor:
-    if p.M == 0:
-        return p.out
-    path, cfg = select_config(p.M, p.bits, p.x.dtype)
+def quant_problem(x, qweight, scales, zeros, bits: int, group_size: int, n: int, k: int,
+                  bias, residual, shortcut, out: torch.Tensor,
+                  interpreted: bool = INTERPRETED) -> MatmulProblem:
+    """The problem of a validated :func:`quant_matmul` call (out allocated)."""
+    # All of the used K in group 0 (per-channel weights, or k <= group_size): one scale per row.
+    kernel_group_size = 0 if k <= group_size else group_size
+    return _problem(x, out, x.shape[0], n, k, qweight, bits, kernel_group_size, scales, zeros,
+                    bias, residual, shortcut, interpreted)
+
+
+def dense_problem(x, weight, n: int, k: int, bias, residual, shortcut, out: torch.Tensor,
+                  interpreted: bool = INTERPRETED) -> MatmulProblem:
+    """The problem of a validated :func:`dense_matmul` call (out allocated)."""
+    return _problem(x, out, x.shape[0], n, k, weight, 0, 0, None, None, bias, residual,
+                    shortcut, interpreted)
+
+
+def plan_launches(p: MatmulProblem, config: Optional[MatmulConfig], target_programs: int,
+                  interpreted: bool = INTERPRETED) -> List[KernelLaunch]:
+    """The launches that compute p (M >= 1): path and config from :func:`select_config` (or
+    ``config``, which replaces the tile sizes), decode or prefill. ``target_programs``: the
+    decode grid's goal (split-K fills up to it)."""
+    path, cfg = select_config(p.M, p.bits, p.x.dtype, interpreted)
     if config is not None:
         cfg = config
     if path == "decode" and cfg.block_m == 1 and p.M != 1:
         raise ValueError(f"config {cfg} (GEMV) needs M == 1, got M={p.M}")
+    if path == "decode":
+        return decode_launches(p, cfg, target_programs)
+    return prefill_launches(p, cfg)
+
+
+def _run(p: MatmulProblem, config: Optional[MatmulConfig]) -> torch.Tensor:
+    if p.M == 0:
+        return p.out
     with torch.cuda.device(p.x.device) if p.x.device.type == "cuda" else contextlib.nullcontext():
-        if path == "decode":
-            return launch_decode(p, cfg, target_programs(p.x.device))
-        return launch_prefill(p, cfg)
+        run_launches(plan_launches(p, config, target_programs(p.x.device)))
+    return p.out
 
 
 # ---- public entry points ------------------------------------------------------------------------
@@ -217,7 +248,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         c.fail(f"bits must be one of {SUPPORTED_BITS}")
     if group_size < 32 or group_size % 32:
         c.fail("the effective group size must be a positive multiple of 32")
-    M, out = check_common(c, x, n, k, bias, residual, shortcut, out)
+    out = check_common(c, x, n, k, bias, residual, shortcut, out)[1]
     c.tensor("qweight", qweight, 2, (torch.int32,))
     if qweight.shape[0] < n or qweight.shape[1] % bits or qweight.shape[1] * 32 // bits < k:
         c.fail(f"qweight {tuple(qweight.shape)} does not hold [{n}, {k}] {bits}-bit codes in "
@@ -229,10 +260,8 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         c.tensor("zeros", zeros, 2, ACTIVATION_DTYPES)
         if zeros.shape[0] < n or zeros.shape[1] < triton.cdiv(k, group_size):
             c.fail(f"zeros {tuple(zeros.shape)} do not cover [{n}, {k}] in groups of {group_size}")
-    # All of the used K in group 0 (per-channel weights, or k <= group_size): one scale per row.
-    kernel_group_size = 0 if k <= group_size else group_size
-    p = _problem(x, out, M, n, k, qweight, bits, kernel_group_size, scales, zeros, bias,
-                 residual, shortcut)
+    p = quant_problem(x, qweight, scales, zeros, bits, group_size, n, k, bias, residual, shortcut,
+                      out)
     return _run(p, config)
 
 
@@ -251,9 +280,9 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, n: int, k: int,
         out.
     """
     c = Checker(x, n, k, 0, 0)
-    M, out = check_common(c, x, n, k, bias, residual, shortcut, out)
+    out = check_common(c, x, n, k, bias, residual, shortcut, out)[1]
     c.tensor("weight", weight, 2, ACTIVATION_DTYPES)
     if weight.shape[0] < n or weight.shape[1] < k:
         c.fail(f"weight {tuple(weight.shape)} is smaller than [{n}, {k}]")
-    p = _problem(x, out, M, n, k, weight, 0, 0, None, None, bias, residual, shortcut)
+    p = dense_problem(x, weight, n, k, bias, residual, shortcut, out)
     return _run(p, config)

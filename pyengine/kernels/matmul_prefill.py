@@ -10,11 +10,12 @@ tiles one after the other, so a dequantized weight tile's packed bytes are reuse
 
 from __future__ import annotations
 
-import torch
+from typing import List
+
 import triton
 import triton.language as tl
 
-from .problem import MatmulConfig, MatmulProblem
+from .problem import KernelLaunch, MatmulConfig, MatmulProblem
 from .tiles import dot_acc, finish_tile, grouped_tile, weight_tile
 
 
@@ -49,14 +50,15 @@ def _prefill_kernel(
                 BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
 
 
-def launch_prefill(p: MatmulProblem, cfg: MatmulConfig) -> torch.Tensor:
-    """Runs the prefill path for p and returns p.out."""
+def prefill_launches(p: MatmulProblem, cfg: MatmulConfig) -> List[KernelLaunch]:
+    """The launch of the prefill path for p: one program per [BLOCK_M, BLOCK_N] output tile."""
     if cfg.block_m < 16:
         raise ValueError(f"prefill path: block_m={cfg.block_m} must be >= 16 (tl.dot)")
     grid = (triton.cdiv(p.M, cfg.block_m) * triton.cdiv(p.N, cfg.block_n),)
-    _prefill_kernel[grid](
-        p.x, p.x.stride(0), *p.weight_args(), *p.epilogue_args(), p.out, p.out.stride(0),
-        p.M, p.N, p.K, **p.flags(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return p.out
+    return [KernelLaunch(
+        _prefill_kernel, grid,
+        (p.x, p.x.stride(0), *p.weight_args(), *p.epilogue_args(), p.out, p.out.stride(0),
+         p.M, p.N, p.K),
+        dict(**p.flags(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+             BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+             num_stages=cfg.num_stages))]

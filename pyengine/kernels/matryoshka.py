@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -52,8 +52,8 @@ import triton.language as tl
 
 from ..matryoshka.weight import PLANE_BITS, PLANES_READ, PRECISIONS
 from .matmul import INTERPRETED, Checker, check_common, select_config, target_programs
-from .matmul_decode import launch_split_k_reduce, split_k_slices
-from .problem import MatmulConfig
+from .matmul_decode import split_k_reduce_launch, split_k_slices
+from .problem import KernelLaunch, MatmulConfig, run_launches
 from .tiles import (block_code, codes_to_float, dot_acc, finish_tile, group_params, grouped_tile,
                     unpack_code_blocks, unpack_codes)
 
@@ -64,6 +64,16 @@ PARENT_BITS = 8
 # (160..256 bytes) per row: r = 8 and 6 read 8 words per 32 codes, r = 4 and 3 read 5, r = 2
 # reads 3. Not tuned on a GPU yet.
 _GEMV_BLOCK_K = {8: 256, 6: 256, 4: 256, 3: 256, 2: 512}
+# GPU, 2 <= M <= 16: at most this many codes per tl.dot step, on 8 warps. Three planes' codes
+# are live at once while a tile is assembled: at the canonical kernels' 128 codes and 4 warps
+# the sm_90 build needs 255 registers and spills (triton 3.6, symmetric weights with a
+# shortcut); at 64 codes 4 warps still spill with fp32 activations on sm_80 (triton 3.6) and
+# for int4 slices with a shortcut on sm_90 (triton 3.9). fp32 activations (32 codes per step
+# from the canonical table) on 4 warps: on 8 warps the sm_80 build of the per-channel 6-bit
+# slice with a bias spills 3 words (triton 3.6); on 4 warps none of the fp32 cases spill.
+_DOT_BLOCK_K_MAX = 64
+_DOT_WARPS = 8
+_DOT_WARPS_FP32 = 4
 # Interpreter, M == 1: wider and longer steps than the canonical GEMV's (1, 16, 64): the
 # interpreter pays per operation, and the 32-code loop is the costly part. Small test shapes
 # still get several N tiles and split-K.
@@ -98,7 +108,8 @@ def _plane_words(ptr, stride_n, offs_n, n_lim, first_word, seg_k0, k_lim):
     """uint32 words [BLOCK_N, SEGS] at ptr[offs_n, first_word]; 0 outside the used block."""
     mask = (offs_n < n_lim)[:, None] & (seg_k0 < k_lim)[None, :]
     ptrs = ptr + (offs_n.to(tl.int64) * stride_n)[:, None] + first_word[None, :]
-    return tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    words = tl.load(ptrs, mask=mask, other=0)  # static-gpu: weight load
+    return words.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -106,7 +117,9 @@ def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
                s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
                PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum over k in [k0, k0 + BLOCK_K) of x[0, k] * W_r[offs_n, k]: fp32 [BLOCK_N].
+    """Partial sums over k in [k0, k0 + BLOCK_K) of x[0, k] * W_r[offs_n, k], per 32-code
+    block: fp32 [BLOCK_N, BLOCK_K // 32] (the caller adds them up over K and reduces over
+    blocks once, after its loop).
 
     Segment a of the step is the 32-code packing block starting at seg_k0[a] = k0 + 32 a, i.e.
     block b = seg_k0[a] / 32 of every plane: plane_hi and plane_lo words 3b .. 3b + 2,
@@ -150,7 +163,7 @@ def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
     # BITS = 8 (the parent's): a symmetric parent's zero point is 2^(8-1) = 128
     scale, zero = group_params(s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, seg_k0, K,
                                8, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
-    return tl.sum(scale * (xc * STEP - zero * x_sum[None, :]), axis=1)
+    return scale * (xc * STEP - zero * x_sum[None, :])
 
 
 @triton.jit
@@ -206,13 +219,18 @@ def _plane_decode_kernel(
     # K_PER_SPLIT is a multiple of BLOCK_K, so no step crosses into the next slice.
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        if BLOCK_M == 1:
-            acc += _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
-                              s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
-                              PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)[None, :]
-        else:
+    if BLOCK_M == 1:
+        # per-block partial sums ([BLOCK_N, blocks per step]), reduced over blocks once after
+        # the loop
+        part = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            part += _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
+                               s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
+                               PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+        acc = tl.sum(part, axis=1)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -266,15 +284,20 @@ def _plane_prefill_kernel(
 
 # ---- launch -------------------------------------------------------------------------------------
 
-def select_plane_config(M: int, precision: int, dtype: torch.dtype) -> Tuple[str, MatmulConfig]:
+def select_plane_config(M: int, precision: int, dtype: torch.dtype,
+                        interpreted: bool = INTERPRETED) -> Tuple[str, MatmulConfig]:
     """("decode" or "prefill", config) for M rows: the canonical kernels' tables
     (kernels.matmul.select_config, as for an 8-bit weight), except for M == 1: on a GPU the
     GEMV step length is chosen by the bytes an r-bit slice reads per code; under the
-    interpreter a larger tile (_INTERP_GEMV)."""
-    path, cfg = select_config(M, PARENT_BITS, dtype)
+    interpreter a larger tile (_INTERP_GEMV). ``interpreted`` as in select_config."""
+    path, cfg = select_config(M, PARENT_BITS, dtype, interpreted)
     if path == "decode" and cfg.block_m == 1:
-        cfg = (_INTERP_GEMV if INTERPRETED
+        cfg = (_INTERP_GEMV if interpreted
                else dataclasses.replace(cfg, block_k=_GEMV_BLOCK_K[precision]))
+    elif path == "decode" and not interpreted:
+        cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX),
+                                  num_warps=(_DOT_WARPS_FP32 if dtype == torch.float32
+                                             else _DOT_WARPS))
     return path, cfg
 
 
@@ -362,15 +385,47 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
                    f"{effective_group}")
     if M == 0:
         return out
+    # The path follows M (decode for M <= 16); a given config replaces the tile sizes only.
+    path, cfg = select_plane_config(M, precision, x.dtype)
+    if config is not None:
+        cfg = config
+    if path == "decode" and (cfg.block_m not in (1, 16) or (cfg.block_m == 1 and M != 1)):
+        c.fail(f"decode config {cfg} does not fit M={M} (block_m 1 for M = 1, or 16)")
+    if path == "prefill" and cfg.block_m < 16:
+        c.fail(f"prefill config {cfg}: block_m must be >= 16 (tl.dot)")
+    device_ctx = (torch.cuda.device(x.device) if x.device.type == "cuda"
+                  else contextlib.nullcontext())
+    with device_ctx:
+        run_launches(plane_launches(x, plane_hi, plane_mid, plane_lo, scales, zeros, bias,
+                                    precision, group_size, n, k, out, config, residual,
+                                    shortcut, target_programs(x.device)))
+    return out
 
+
+def plane_launches(x: torch.Tensor, plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
+                   plane_lo: Optional[torch.Tensor], scales: torch.Tensor,
+                   zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], precision: int,
+                   group_size: int, n: int, k: int, out: torch.Tensor,
+                   config: Optional[MatmulConfig], residual: Optional[torch.Tensor],
+                   shortcut: Optional[torch.Tensor], target_programs: int,
+                   interpreted: bool = INTERPRETED) -> List[KernelLaunch]:
+    """The launches of a validated :func:`matryoshka_matmul_triton` call (M >= 1, out
+    allocated; arguments as there): the decode kernel (and the split-K reduce when there are
+    several K slices) for M <= 16, the prefill kernel above. ``interpreted`` picks the
+    interpreter's configs and bf16 upcast (default: how the kernels were loaded) or a GPU's
+    (False: what the ahead-of-time compiler compiles)."""
+    M = x.shape[0]
     # Planes the precision does not read go to the kernel as None (stride 0).
+    reads = PLANES_READ[precision]
     mid = plane_mid if "plane_mid" in reads else None
     lo = plane_lo if "plane_lo" in reads else None
     plane_args = (plane_hi, plane_hi.stride(0), mid, 0 if mid is None else mid.stride(0),
                   lo, 0 if lo is None else lo.stride(0))
+    kp = plane_hi.shape[1] * 32 // PLANE_BITS["plane_hi"]
+    effective_group = kp if group_size == -1 else group_size
     # All of the used K in group 0 (per-channel weights, or k <= group size): GROUP_SIZE = 0.
     kernel_group = 0 if k <= effective_group else effective_group
-    dot_fp32 = INTERPRETED and x.dtype == torch.bfloat16   # the interpreter's bf16 dot is wrong
+    dot_fp32 = interpreted and x.dtype == torch.bfloat16   # the interpreter's bf16 dot is wrong
     flags = dict(PRECISION=int(precision), GROUP_SIZE=kernel_group, HAS_ZEROS=zeros is not None,
                  HAS_BIAS=bias is not None, HAS_SHORTCUT=residual is not None, DOT_FP32=dot_fp32,
                  DOT_PRECISION="ieee" if (x.dtype == torch.float32 or dot_fp32) else "tf32")
@@ -384,45 +439,38 @@ def matryoshka_matmul_triton(x: torch.Tensor, plane_hi: torch.Tensor,
          shortcut.stride(1), residual.shape[1]))
 
     # The path follows M (decode for M <= 16); a given config replaces the tile sizes only.
-    path, cfg = select_plane_config(M, precision, x.dtype)
+    path, cfg = select_plane_config(M, precision, x.dtype, interpreted)
     if config is not None:
         cfg = config
-    if path == "decode" and (cfg.block_m not in (1, 16) or (cfg.block_m == 1 and M != 1)):
-        c.fail(f"decode config {cfg} does not fit M={M} (block_m 1 for M = 1, or 16)")
-    if path == "prefill" and cfg.block_m < 16:
-        c.fail(f"prefill config {cfg}: block_m must be >= 16 (tl.dot)")
-    device_ctx = (torch.cuda.device(x.device) if x.device.type == "cuda"
-                  else contextlib.nullcontext())
-    with device_ctx:
-        if path == "decode":
-            _launch_decode(x, plane_args, scale_args, epilogue_args, out, M, n, k, flags, cfg)
-        else:
-            grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-            _plane_prefill_kernel[grid](
-                x, x.stride(0), *plane_args, *scale_args, *epilogue_args, out, out.stride(0),
-                M, n, k, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
-
-
-def _launch_decode(x, plane_args, scale_args, epilogue_args, out, M, n, k, flags, cfg) -> None:
-    """The decode kernel over (N tiles, K slices), then the split-K reduce when there are
-    several slices (it adds the epilogue and writes out)."""
+    if path == "prefill":
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        return [KernelLaunch(
+            _plane_prefill_kernel, grid,
+            (x, x.stride(0), *plane_args, *scale_args, *epilogue_args, out, out.stride(0),
+             M, n, k),
+            dict(**flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages))]
+    # decode: (N tiles, K slices), then the split-K reduce when there are several slices (it
+    # adds the epilogue and writes out)
     n_tiles = triton.cdiv(n, cfg.block_n)
     split_k, k_per_split = split_k_slices(k, cfg.block_k, n_tiles, cfg.split_k,
-                                          target_programs(x.device))
+                                          target_programs)
     part = (torch.empty((split_k, M, n), dtype=torch.float32, device=x.device)
             if split_k > 1 else out)
-    _plane_decode_kernel[(n_tiles, split_k)](
-        x, x.stride(0), *plane_args, *scale_args, *epilogue_args, out, out.stride(0), part,
-        M, n, k, k_per_split, **flags,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launches = [KernelLaunch(
+        _plane_decode_kernel, (n_tiles, split_k),
+        (x, x.stride(0), *plane_args, *scale_args, *epilogue_args, out, out.stride(0), part,
+         M, n, k, k_per_split),
+        dict(**flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+             BLOCK_R=cfg.block_r, WRITE_PARTIAL=split_k > 1, num_warps=cfg.num_warps,
+             num_stages=cfg.num_stages))]
     if split_k > 1:
-        launch_split_k_reduce(part, split_k, epilogue_args, out, M, n, cfg.block_m, cfg.block_r,
-                              flags["HAS_BIAS"], flags["HAS_SHORTCUT"], flags["DOT_FP32"],
-                              flags["DOT_PRECISION"])
+        launches.append(split_k_reduce_launch(
+            part, split_k, epilogue_args, out, M, n, cfg.block_m, cfg.block_r,
+            flags["HAS_BIAS"], flags["HAS_SHORTCUT"], flags["DOT_FP32"],
+            flags["DOT_PRECISION"]))
+    return launches
 
 
-__all__ = ["matryoshka_matmul_triton", "select_plane_config"]
+__all__ = ["matryoshka_matmul_triton", "plane_launches", "select_plane_config"]

@@ -3,8 +3,8 @@ launch configuration. Plain Python (no triton import): pyengine.kernels.matmul b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -74,6 +74,39 @@ class MatmulProblem:
         return dict(BITS=self.bits, GROUP_SIZE=self.group_size, HAS_ZEROS=self.has_zeros,
                     HAS_BIAS=self.has_bias, HAS_SHORTCUT=self.has_shortcut,
                     DOT_FP32=self.dot_fp32, DOT_PRECISION=self.dot_precision)
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One planned Triton launch: ``kernel[grid](*args, **kwargs)``.
+
+    The launchers plan their launches as a list of these and then run them, so that the
+    ahead-of-time compiler (pyengine/kernels/aot.py) can compile exactly what a call would launch
+    (same kernel, arguments, constexprs and options) without a GPU.
+
+    kernel: a ``@triton.jit`` function. grid: the launch grid (1 to 3 ints).
+    args: positional arguments (tensors, ints, None). kwargs: constexpr arguments and launch
+    options (``num_warps``, ``num_stages``).
+    """
+
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The kernel's function name (e.g. ``_decode_kernel``)."""
+        return self.kernel.fn.__name__
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def run_launches(launches) -> None:
+    """Runs planned launches in order."""
+    for launch in launches:
+        launch.run()
 
 
 def describe(op: str, M: int, N: int, K: int, bits: int, group_size: int) -> str:

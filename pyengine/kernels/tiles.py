@@ -50,9 +50,12 @@ def unpack_codes(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim,
         block = seg_k0 // 32
         mask = n_ok[:, None] & (seg_k0 < k_lim)[None, :]
         base = q_ptr + rows[:, None] + (block * 3)[None, :]
-        w0 = tl.load(base, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
-        w1 = tl.load(base + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
-        w2 = tl.load(base + 2, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w0 = tl.load(base, mask=mask, other=0)  # static-gpu: weight load
+        w1 = tl.load(base + 1, mask=mask, other=0)  # static-gpu: weight load
+        w2 = tl.load(base + 2, mask=mask, other=0)  # static-gpu: weight load
+        w0 = w0.to(tl.uint32, bitcast=True)[:, :, None]
+        w1 = w1.to(tl.uint32, bitcast=True)[:, :, None]
+        w2 = w2.to(tl.uint32, bitcast=True)[:, :, None]
         bit = tl.arange(0, 32) * 3
         word_of_code = (bit // 32)[None, None, :]            # 0, 1 or 2
         shift = (bit % 32).to(tl.uint32)[None, None, :]
@@ -70,7 +73,8 @@ def unpack_codes(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim,
         word = k0 // CODES_PER_WORD + tl.arange(0, SEGS)
         seg_k0 = word * CODES_PER_WORD
         mask = n_ok[:, None] & (seg_k0 < k_lim)[None, :]
-        words = tl.load(q_ptr + rows[:, None] + word[None, :], mask=mask, other=0)
+        word_ptrs = q_ptr + rows[:, None] + word[None, :]
+        words = tl.load(word_ptrs, mask=mask, other=0)  # static-gpu: weight load
         words = words.to(tl.uint32, bitcast=True)
         shift = (tl.arange(0, CODES_PER_WORD) * BITS).to(tl.uint32)
         codes = (words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
@@ -134,7 +138,7 @@ def dense_tile(w_ptr, stride_wn, offs_n, n_lim, k0, k_lim, BLOCK_K: tl.constexpr
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n < n_lim)[:, None] & (offs_k < k_lim)[None, :]
     ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load(ptrs, mask=mask, other=0.0)  # static-gpu: weight load
 
 
 @triton.jit
@@ -266,10 +270,12 @@ def unpack_code_blocks(q_ptr, stride_qn, offs_n, n_lim, k0, k_lim,
         word_of_code = (lane // CODES_PER_WORD)[None, None, :]
         shift = ((lane % CODES_PER_WORD) * BITS).to(tl.uint32)[None, None, :]
         # words[:, a, b]: the word holding code b of block a ([BLOCK_N, SEGS, 32] throughout)
-        first = tl.load(base, mask=mask, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        first = tl.load(base, mask=mask, other=0)  # static-gpu: weight load
+        first = first.to(tl.uint32, bitcast=True)[:, :, None]
         words = tl.where(word_of_code == 0, first, 0)
         for w in tl.static_range(1, BITS):
-            next_words = tl.load(base + w, mask=mask, other=0).to(tl.uint32, bitcast=True)
+            next_words = tl.load(base + w, mask=mask, other=0)  # static-gpu: weight load
+            next_words = next_words.to(tl.uint32, bitcast=True)
             words = tl.where(word_of_code == w, next_words[:, :, None], words)
         codes = (words >> shift) & ((1 << BITS) - 1)
     return codes, seg_k0
