@@ -121,3 +121,20 @@ def test_pyengine_works_without_the_extension():
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def test_gpu_check_budget_tests_exist():
+    """Every test the GPU check's budget mode runs (benchmarks/gpu_check.sh BUDGET_TESTS) exists,
+    so a lent GPU's minutes are not lost to a renamed file or test."""
+    import re
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    match = re.search(r"^BUDGET_TESTS=\(([^)]*)\)", script, re.M)
+    assert match, "BUDGET_TESTS not found in gpu_check.sh"
+    entries = match.group(1).split()
+    assert entries
+    for entry in entries:
+        path, _, test = entry.partition("::")
+        source = ROOT / path
+        assert source.is_file(), entry
+        if test:
+            assert re.search(rf"^def {re.escape(test)}\(", source.read_text(), re.M), entry
