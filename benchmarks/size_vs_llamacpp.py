@@ -47,6 +47,10 @@ CONFIGS: Dict[str, Dict] = {
     # 128 pads every row to 640 codes
     "int4_g64_gptq_row_table": dict(quant={"_default": QuantConfig(4, 64, method="gptq")},
                                     embeddings=QuantConfig(8, -1)),
+    # GPTQ at 4/3/2 bits with and without the random rotations of Recipe.rotate
+    **{f"int{bits}_g64_gptq{'_rot' if rotate else ''}":
+       dict(quant={"_default": QuantConfig(bits, 64, method="gptq")}, rotate=rotate)
+       for bits in (4, 3, 2) for rotate in (False, True) if (bits, rotate) != (4, False)},
 }
 LLAMA_TYPES = ("Q8_0", "Q4_0", "Q2_K")
 
@@ -69,6 +73,7 @@ def pyengine_row(config: str, tokenizer, calib, eval_kwargs, workdir: Path) -> D
                           dtype=torch.float16)
     else:
         kwargs = {} if "embeddings" not in spec else {"embeddings": spec["embeddings"]}
+        kwargs["rotate"] = spec.get("rotate", False)
         pyengine.compress(model, Recipe(spec["quant"], **kwargs), calib, show_progress=False,
                           dtype=spec.get("dtype"))
     seconds = time.perf_counter() - t0

@@ -87,7 +87,10 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     """Compresses ``model`` in place and returns it.
 
     Slicing (``recipe.slicing``) runs first, on the dense model: the residual stream of each
-    layer is rotated by PCA of calibration activations and cut to its kept width. Then every
+    layer is rotated by PCA of calibration activations and cut to its kept width. With
+    ``recipe.rotate`` the residual streams (each kept subspace, when sliced) and the attention
+    value heads are then turned by random orthogonal matrices merged into the weights
+    (pyengine.quantizers.rotation). Then every
     linear layer the recipe names is quantized (RTN, or GPTQ with calibration data). Layers
     whose QuantConfig has ``matryoshka=True`` become MatryoshkaLinear layers holding an int8
     parent (RTN, or MatQuant with calibration data) and serving its int8 slice until
@@ -135,6 +138,8 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     scale_dtype = dtype if scale_dtype is None else scale_dtype
     if recipe.slicing is not None:
         _apply_slicing(model, recipe, calibration, show_progress)
+    if recipe.rotate:
+        _apply_rotation(model, recipe)
 
     # a tied table and head quantized alike stay one tensor: the embedding's (below)
     head_cfg = recipe.config_for(adapter.head, is_head=True)
@@ -238,6 +243,9 @@ def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress:
         raise ValueError(f"Recipe.slicing has {len(recipe.slicing)} widths but the model has "
                          f"{n_layers} layers")
     if is_folded(model) and layer_widths(model) == list(recipe.slicing):
+        if recipe.rotate:
+            raise ValueError("Recipe.rotate with slicing: the model is already sliced (without "
+                             "the rotation); compress the original dense model")
         return  # already sliced to these widths
     if is_folded(model):
         raise ValueError("the model is already sliced to other widths; slice the original model")
@@ -248,7 +256,15 @@ def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress:
         raise ValueError("slicing needs calibration data to compute its PCA bases "
                          "(pass calibration=pyengine.calibration_data(...))")
     from .slicing.pca import slice_model
-    slice_model(model, list(recipe.slicing), calibration, show_progress=show_progress)
+    slice_model(model, list(recipe.slicing), calibration, show_progress=show_progress,
+                rotation_seed=recipe.rotation_seed if recipe.rotate else None)
+
+
+def _apply_rotation(model: nn.Module, recipe: Recipe) -> None:
+    """Recipe.rotate: the residual rotation (done by _apply_slicing for a sliced recipe) and
+    the value heads' rotation."""
+    from .quantizers.rotation import rotate_model
+    rotate_model(model, recipe.rotation_seed, residual=recipe.slicing is None)
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

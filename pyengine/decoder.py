@@ -22,9 +22,10 @@ and sizes bound once, the output accumulated into the residual stream by the ker
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
-Supported: the llama, mistral, qwen2, qwen3 and phi3 families (pyengine.models.adapters), full
-rotary embeddings of any static scaling (default, linear, llama3, yarn), batches of equal-length
-prompts, greedy generation. Anything else (sliced models, gemma2, sliding windows shorter than
+Supported: the llama, mistral, qwen2, qwen3 and phi3 families (pyengine.models.adapters), also
+rotated (Recipe.rotate: scale-free norms, a tied table's projections), full rotary embeddings of
+any static scaling (default, linear, llama3, yarn), batches of equal-length prompts, greedy
+generation. Anything else (sliced models, gemma2, sliding windows shorter than
 the cache, position-dependent rope scaling) is named by :func:`decoder_blocker`;
 :func:`pyengine.generate` then falls back to transformers' ``generate``.
 """
@@ -53,22 +54,47 @@ class DecoderUnsupported(ValueError):
 
 # ---- what the decoder can run ---------------------------------------------------------------
 
-def _norm_params(norm: nn.Module) -> Optional[tuple]:
-    """(weight, eps) of an RMSNorm of the transformers kind (y = w * x / rms(x)), else None."""
+def _norm_params(norm: nn.Module, hidden: int) -> Optional[tuple]:
+    """(weight or None, eps, projection or None) of a norm the decoder runs, else None: an
+    RMSNorm of the transformers kind (y = w * x / rms(x)), or a rotated model's scale-free
+    :class:`~pyengine.modules.SlicedRMSNorm` at full width (weight None: the scale is folded
+    into the next linears; projection [D, D]: the final norm of a tied model maps the stream
+    back to the table's basis)."""
+    from .modules.sliced import SlicedRMSNorm
+    if isinstance(norm, SlicedRMSNorm):
+        if norm.width != hidden or norm.normalizer_dim != hidden:
+            return None
+        projection = norm.projection
+        if projection is not None and tuple(projection.shape) != (hidden, hidden):
+            return None
+        return None, float(norm.eps), projection
     weight = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(weight, Tensor) or eps is None or getattr(norm, "bias", None) is not None:
         return None
     if "RMSNorm" not in type(norm).__name__:
         return None
-    return weight, float(eps)
+    return weight, float(eps), None
 
 
-def _norm_in(norm: nn.Module, dtype: torch.dtype) -> tuple:
-    """(weight in ``dtype``, eps) of an RMSNorm (a copy when the dtype differs: norms are
-    small)."""
-    weight, eps = _norm_params(norm)
+def _norm_in(norm: nn.Module, hidden: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """(weight in ``dtype``, eps) of a norm :func:`_norm_params` accepts (a copy when the dtype
+    differs: norms are small; ones for a scale-free norm)."""
+    weight, eps, _ = _norm_params(norm, hidden)
+    if weight is None:
+        return torch.ones(hidden, dtype=dtype, device=device), eps
     return weight.detach().to(dtype), eps
+
+
+def _rotated_layer_blocker(layer: nn.Module, hidden: int) -> str:
+    """Why a folded decoder layer (rotated or sliced) cannot run in the decoder, or ""."""
+    from .modules.sliced import SlicedDecoderLayer
+    if not isinstance(layer, SlicedDecoderLayer):
+        return ""
+    for out in (layer.attn_out, layer.mlp_out):
+        if out.shortcut is not None or out.out_features != hidden:
+            return "it is sliced (per-layer widths and shortcut matrices)"
+    return ""
 
 
 def decoder_blocker(model: nn.Module, max_len: Optional[int] = None) -> str:
@@ -81,14 +107,19 @@ def decoder_blocker(model: nn.Module, max_len: Optional[int] = None) -> str:
         return (f"the lean decoder runs the {', '.join(DECODER_FAMILIES)} families, not "
                 f"{adapter.family}")
     config = model.config
+    hidden = int(config.hidden_size)
     layers = adapter.decoder_layers(model)
     for i, layer in enumerate(layers):
+        why = _rotated_layer_blocker(layer, hidden)
+        if why:
+            return why
         for name in (adapter.attn_norm, adapter.mlp_norm):
-            if _norm_params(layer.get_submodule(name)) is None:
+            norm_params = _norm_params(layer.get_submodule(name), hidden)
+            if norm_params is None or norm_params[2] is not None:
                 return (f"layer {i}'s {name} is a {type(layer.get_submodule(name)).__name__}, "
-                        f"not an RMSNorm with a scale (a sliced or otherwise rewritten model)")
-    if _norm_params(model.get_submodule(adapter.final_norm)) is None:
-        return "the final norm is not an RMSNorm with a scale"
+                        f"not an RMSNorm (a sliced or otherwise rewritten model)")
+    if _norm_params(model.get_submodule(adapter.final_norm), hidden) is None:
+        return "the final norm is not an RMSNorm over the full hidden size"
     rotary = getattr(model.get_submodule(adapter.layers.rsplit(".", 1)[0]), "rotary_emb", None)
     if rotary is None:
         return "the model has no shared rotary embedding module"
@@ -106,6 +137,19 @@ def decoder_blocker(model: nn.Module, max_len: Optional[int] = None) -> str:
         return (f"the sliding window ({window} tokens) is shorter than the cache ({max_len}); "
                 f"use max_len <= {window}")
     return ""
+
+
+def _model_dtype_and_device(model: nn.Module, final_norm: nn.Module) -> tuple:
+    """The dtype the model computes in and its device: the final norm's weight's, or for a
+    rotated model (scale-free norms) the config's dtype and the first parameter's device."""
+    weight = getattr(final_norm, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight.dtype, weight.device
+    device = next(model.parameters()).device
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return (dtype if isinstance(dtype, torch.dtype) else torch.float32), device
 
 
 def _native_step_ops(device: torch.device, dtype: torch.dtype):
@@ -225,20 +269,28 @@ def _run_inputs(calls: List[_Linear], x: Tensor) -> Tensor:
 class _Layer:
     """One decoder layer's prepared pieces."""
 
-    def __init__(self, layer: nn.Module, adapter, device, dtype) -> None:
+    def __init__(self, layer: nn.Module, adapter, hidden: int, device, dtype) -> None:
+        from .modules.sliced import ResidualProjection
         attn = layer.get_submodule(adapter.attn)
         mlp = layer.get_submodule(adapter.mlp)
-        self.attn_norm = _norm_in(layer.get_submodule(adapter.attn_norm), dtype)
-        self.mlp_norm = _norm_in(layer.get_submodule(adapter.mlp_norm), dtype)
+
+        def output(module: nn.Module) -> nn.Module:  # a rotated model's projections add x
+            return module.proj if isinstance(module, ResidualProjection) else module
+
+        self.attn_norm = _norm_in(layer.get_submodule(adapter.attn_norm), hidden, dtype, device)
+        self.mlp_norm = _norm_in(layer.get_submodule(adapter.mlp_norm), hidden, dtype, device)
         self.qkv = _prepare_inputs([attn.get_submodule(n) for n in adapter.attn_inputs],
                                    device, dtype)
-        self.o_proj = _prepare_linear(attn.get_submodule(adapter.attn_output), device, dtype)
+        self.o_proj = _prepare_linear(output(attn.get_submodule(adapter.attn_output)), device,
+                                      dtype)
         self.gate_up = _prepare_inputs([mlp.get_submodule(n) for n in adapter.mlp_inputs],
                                        device, dtype)
-        self.down = _prepare_linear(mlp.get_submodule(adapter.mlp_output), device, dtype)
+        self.down = _prepare_linear(output(mlp.get_submodule(adapter.mlp_output)), device, dtype)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm = None if q_norm is None else _norm_in(q_norm, dtype)
-        self.k_norm = None if k_norm is None else _norm_in(k_norm, dtype)
+        self.q_norm = None if q_norm is None else _norm_in(q_norm, q_norm.weight.numel(), dtype,
+                                                           device)
+        self.k_norm = None if k_norm is None else _norm_in(k_norm, k_norm.weight.numel(), dtype,
+                                                           device)
 
     def bind_native(self) -> None:
         """(pointer, dtype code, eps) of the norms for the native step operations."""
@@ -262,7 +314,8 @@ class Decoder:
     sequences, through prepared calls (see the module docstring).
 
     Args:
-        model: a supported transformers causal LM, dense or compressed by pyengine (not sliced),
+        model: a supported transformers causal LM, dense or compressed by pyengine (rotated or
+            not; not sliced),
             in eval mode; its modules and weights are used in place.
         max_len: positions of the cache (prompt and generated tokens).
         batch: sequences decoded together (equal-length prompts, no padding).
@@ -287,15 +340,19 @@ class Decoder:
         config = model.config
         embed = model.get_submodule(adapter.embed)
         final_norm = model.get_submodule(adapter.final_norm)
-        model_dtype, self.device = final_norm.weight.dtype, final_norm.weight.device
+        hidden = int(config.hidden_size)
+        model_dtype, self.device = _model_dtype_and_device(model, final_norm)
         if dtype is None:  # float32 on a CPU: its kernels compute in float32 whatever they read
             dtype = torch.float32 if self.device.type == "cpu" else model_dtype
         if dtype not in DTYPE_CODES:
             raise ValueError(f"Decoder: dtype must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = dtype
-        self.final_norm = _norm_in(final_norm, dtype)
+        self.final_norm = _norm_in(final_norm, hidden, dtype, self.device)
+        projection = _norm_params(final_norm, hidden)[2]
+        # a rotated tied model's final norm maps the stream back to the table's basis
+        self.final_projection = None if projection is None else projection.to(dtype)
         self.embed = embed
-        self.layers = [_Layer(layer, adapter, self.device, self.dtype)
+        self.layers = [_Layer(layer, adapter, hidden, self.device, self.dtype)
                        for layer in adapter.decoder_layers(model)]
         self.head = _prepare_linear(model.get_submodule(adapter.head), self.device, self.dtype)
         self.n_heads = int(config.num_attention_heads)
@@ -373,6 +430,8 @@ class Decoder:
         self.position = end
         last = x.view(b, m, self.hidden)[:, -1]
         h = self._rms_norm(last.contiguous(), self.final_norm)
+        if self.final_projection is not None:
+            h = h @ self.final_projection
         return self.head(h)
 
     # ---- the layers through torch ops (any device; prefill on the CPU) ------------------------

@@ -196,7 +196,7 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
          group_size: int = 128, slicing: Optional[float] = None, slice_schedule: str = "dynamic",
          slice_base: Optional[float] = None, symmetric: bool = False, seed: int = 0,
          layer_scores: Optional[Dict[str, List[float]]] = None, show_progress: bool = True,
-         act_bits: int = 0) -> Recipe:
+         act_bits: int = 0, rotate: bool = False) -> Recipe:
     """A Recipe from measurements of ``model`` on ``calibration``.
 
     Args:
@@ -211,6 +211,9 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
         layer_scores: precomputed pyengine.scores(...) output (skips the calibration pass).
         act_bits: 8 gives the 2- and 4-bit layers int8 activations (QuantConfig.act_bits: the
             CPU kernels' integer path); 0 (default) keeps every layer's input as it is.
+        rotate: Recipe.rotate (random orthogonal rotations before quantizing; the scores are
+            measured on the model as it is: LIM and slicing's redundancy do not change under
+            them).
     Returns:
         A Recipe; its ``info`` holds the scores, the importance used, per-layer bits and widths,
         and the achieved average bits.
@@ -224,6 +227,8 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
                           slice_schedule)
     from .ops.act_quant import check_act_bits
     check_act_bits(act_bits, "plan: act_bits")
+    if not isinstance(rotate, bool):
+        raise ValueError(f"plan: rotate must be True or False, got {rotate!r}")
     if calibration is not None:
         from .calibrate import check_calibration
         check_calibration(model, calibration)
@@ -278,4 +283,4 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
         info["slice_base"] = (slicing / 2 if slice_base is None else slice_base) \
             if slice_schedule == "dynamic" else None
         info["achieved_mean_slice"] = 1.0 - sum(widths) / (n_layers * model.config.hidden_size)
-    return Recipe(quant=quant, slicing=widths, info=info)
+    return Recipe(quant=quant, slicing=widths, info=info, rotate=rotate)

@@ -281,6 +281,19 @@ def test_compress_writes_a_checkpoint_with_its_tokenizer(compressed_dir):
     assert qcfg["layers"]["lm_head"]["bits"] == 8
 
 
+def test_compress_with_rotate_records_it_and_the_checkpoint_runs(tiny_model_dir, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "rotated"
+    code, stdout, _ = run_cli(capsys, "compress", tiny_model_dir, "--out", out, "--method", "rtn",
+                              "--bit-choices", "4", "--group-size", "32", "--rotate",
+                              "--n-samples", "2", "--seqlen", "32")
+    assert code == 0 and "rotated (seed 0)" in stdout
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
+    assert recipe["rotate"] is True and recipe["slicing"] is None
+    code, stdout, _ = run_cli(capsys, "eval", out, "--max-windows", "1", "--seqlen", "32")
+    assert code == 0 and "perplexity" in stdout
+
+
 def test_compress_again_is_refused(compressed_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "compress", compressed_dir, "--out", tmp_path / "again")
     assert_one_line_error(code, err, "already compressed")

@@ -17,13 +17,14 @@ over every calibration token; a basis keeps the leading ``width`` eigenvectors.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..calibrate import LayerInputs, LayerwiseRunner
 from ..models.adapters import get_adapter
+from ..quantizers.rotation import random_orthogonal
 from ..utils import progress
 from . import structure
 
@@ -61,13 +62,18 @@ def _mlp_half(layer, hidden: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def slice_model(model: nn.Module, widths: Sequence[int], calibration: torch.Tensor,
-                batch_size: int = 1, show_progress: bool = True) -> nn.Module:
+                batch_size: int = 1, show_progress: bool = True,
+                rotation_seed: Optional[int] = None) -> nn.Module:
     """Rotates every residual stream of ``model`` by PCA and cuts layer i's to ``widths[i]``
     (in place). The last layer's output and the head keep ``widths[-1]``.
 
     Args:
         widths: one kept width per decoder layer (<= hidden size).
         calibration: token ids [n_samples, seqlen].
+        rotation_seed: when given, each kept subspace is also turned by a random orthogonal
+            matrix of its width (drawn in order from a generator with this seed): the same
+            subspace is kept, in a basis whose coordinates mix the principal directions, which
+            spreads outlier channels before quantizing (pyengine.quantizers.rotation).
     """
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
@@ -77,8 +83,16 @@ def slice_model(model: nn.Module, widths: Sequence[int], calibration: torch.Tens
         raise ValueError(f"need {len(layers)} widths in 1..{hidden}, got {widths}")
     if not structure.is_folded(model):
         structure.fold_norms(model, structure.keeps_tied_table(model, widths[0], widths[-1]))
+    generator = None if rotation_seed is None else torch.Generator().manual_seed(int(rotation_seed))
+
+    def kept(signals, width: int) -> torch.Tensor:
+        basis = principal_basis(signals)[:, :width]
+        if generator is not None:
+            basis = basis @ random_orthogonal(width, generator).to(basis)
+        return basis
+
     runner = LayerwiseRunner(model, calibration, batch_size)
-    basis = principal_basis(runner.inputs.hidden)[:, :widths[0]]
+    basis = kept(runner.inputs.hidden, widths[0])
     structure.rotate_embedding(model, basis)
     runner.inputs.hidden = _project(runner.inputs.hidden, basis)
 
@@ -88,11 +102,11 @@ def slice_model(model: nn.Module, widths: Sequence[int], calibration: torch.Tens
         next_width = widths[index + 1] if index + 1 < len(layers) else widths[-1]
         structure.rotate_inputs(model, index, "attn", basis)
         mid = _attention_half(layer, inputs)                      # original basis
-        mid_basis = principal_basis(mid)[:, :width]
+        mid_basis = kept(mid, width)
         structure.rotate_output(model, index, "attn", mid_basis)
         structure.rotate_inputs(model, index, "mlp", mid_basis)
         out = _mlp_half(layer, _project(mid, mid_basis))          # original basis
-        basis = principal_basis(out)[:, :next_width]
+        basis = kept(out, next_width)
         structure.rotate_output(model, index, "mlp", basis)
         runner.advance(LayerInputs(_project(out, basis), inputs.kwargs))
     structure.rotate_head(model, basis)

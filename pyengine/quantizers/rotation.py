@@ -1,0 +1,164 @@
+"""Random orthogonal rotations that make weights easier to quantize at 2 and 3 bits.
+
+A weight matrix with a few large columns or rows (outlier channels) quantizes badly: each group's
+scale is set by its largest entries, and the rest round to few levels. Rotating the spaces a
+layer reads and writes by a random orthogonal matrix spreads those channels over all
+coordinates without changing what the model computes (incoherence processing, as in QuIP and
+QuaRot); GPTQ, which weighs errors by the calibration inputs, then carries low bit widths much
+better. Plain round-to-nearest does not gain: the norms' scales, folded into the weights by the
+rotation, no longer shape where its error falls.
+
+Two rotations, both merged into the weights (nothing runs at inference that did not before):
+
+* **The residual stream** (:func:`rotate_residual`): every norm's scale is folded into the linear
+  layers that read it and every residual stream is expressed in one random basis Q [D, D]
+  (pyengine.slicing.structure, the transforms SliceGPT uses, here at full width with no
+  shortcut). A sliced model is rotated while it is sliced instead: pyengine.slicing.pca's
+  ``slice_model(..., rotation_seed=)`` turns each kept subspace by a random rotation of its width.
+* **Attention values** (:func:`rotate_value_heads`): each key/value head's value vectors are
+  expressed in a random basis R_h [d, d] (d = head_dim): v_proj's rows of head h become
+  R_h^T W, o_proj's columns of every query head that reads head h become W R_h. Attention
+  mixes value vectors across positions only, so the product is unchanged.
+
+Rotations are drawn from a seeded generator (Haar-distributed: QR of a Gaussian matrix with the
+signs of R's diagonal folded in), so a recipe's seed reproduces them.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..models.adapters import get_adapter
+from ..modules.quant_linear import QuantLinear
+from ..modules.sliced import ResidualProjection, SlicedDecoderLayer
+from ..slicing import structure
+
+
+class RotationError(ValueError):
+    """The model cannot be rotated (family, quantized layers, already rotated or sliced)."""
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal matrix [n, n], float64 on the CPU, drawn from ``generator``."""
+    gaussian = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Folds the norms of ``model`` into the linear layers and rotates every residual stream
+    by one random orthogonal matrix [D, D] (in place; the model computes the same function up to
+    rounding). Must run on the dense model, before quantizing.
+
+    A head tied to the embeddings stays tied: the table keeps the original basis and the
+    rotation is applied after the lookup and undone in the final norm (two [D, D] products per
+    token), as for sliced models (pyengine.slicing.structure).
+
+    Raises:
+        RotationError: the family cannot be rotated (pyengine.slicing's blocker), the model is
+            already folded (rotated or sliced), or a layer is already quantized.
+    """
+    adapter = get_adapter(model)
+    if not adapter.supports_slicing:
+        raise RotationError(f"{adapter.family} models cannot be rotated: {adapter.slicing_blocker}")
+    if structure.is_folded(model):
+        raise RotationError("the model's norms are already folded (it is rotated or sliced); "
+                            "rotate the original dense model")
+    try:
+        hidden = model.config.hidden_size
+        q = random_orthogonal(hidden, _generator(seed))
+        n_layers = len(adapter.decoder_layers(model))
+        structure.apply_bases(model, [q] * n_layers, [q] * n_layers, q)
+    except structure.SlicingError as exc:
+        raise RotationError(str(exc)) from None
+    # every block reads and writes the same basis: its shortcut Q^T Q is the identity
+    for layer in adapter.decoder_layers(model):
+        layer.attn_out.shortcut = None
+        layer.mlp_out.shortcut = None
+    return model
+
+
+def _value_rows(attn: nn.Module, adapter, n_heads: int, n_kv: int,
+                head_dim: int) -> Tuple[nn.Linear, int]:
+    """The linear layer that computes the values and the row where they start in it."""
+    if "v_proj" in adapter.attn_inputs:
+        return attn.get_submodule("v_proj"), 0
+    if "qkv_proj" in adapter.attn_inputs:  # rows: queries, keys, values
+        return attn.get_submodule("qkv_proj"), (n_heads + n_kv) * head_dim
+    raise RotationError(f"{adapter.family}: no value projection to rotate")
+
+
+def _dense(module: nn.Module, what: str) -> nn.Linear:
+    if isinstance(module, QuantLinear) or not isinstance(module, nn.Linear):
+        raise RotationError(f"{what} must be a dense nn.Linear to be rotated (rotate before "
+                            f"quantizing), got {type(module).__name__}")
+    return module
+
+
+@torch.no_grad()
+def rotate_value_heads(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Expresses every attention value head in a random orthogonal basis [head_dim, head_dim]
+    (one per layer and key/value head), merged into v_proj's rows and o_proj's columns (in
+    place; the model computes the same function up to rounding). Works on dense models,
+    folded or sliced or not; must run before quantizing.
+
+    Raises:
+        RotationError: the family's attention does not allow it (gemma2: see slicing), or a
+            projection is already quantized.
+    """
+    adapter = get_adapter(model)
+    if not adapter.supports_slicing:
+        raise RotationError(f"{adapter.family} models cannot be rotated: {adapter.slicing_blocker}")
+    config = model.config
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    group = n_heads // n_kv
+    generator = _generator(seed)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        attn = (layer.attn_block if isinstance(layer, SlicedDecoderLayer)
+                else layer.get_submodule(adapter.attn))
+        values, start = _value_rows(attn, adapter, n_heads, n_kv, head_dim)
+        values = _dense(values, f"layer {index} value projection")
+        out = attn.get_submodule(adapter.attn_output)
+        out = _dense(out.proj if isinstance(out, ResidualProjection) else out,
+                     f"layer {index} {adapter.attn_output}")
+        v_weight = values.weight.detach().to(torch.float64)
+        v_bias = None if values.bias is None else values.bias.detach().to(torch.float64)
+        o_weight = out.weight.detach().to(torch.float64)
+        for kv_head in range(n_kv):
+            r = random_orthogonal(head_dim, generator).to(v_weight.device)
+            rows = slice(start + kv_head * head_dim, start + (kv_head + 1) * head_dim)
+            # v_h' = v_h R  <=>  W_v,h' = R^T W_v,h and b_h' = R^T b_h
+            v_weight[rows] = r.T @ v_weight[rows]
+            if v_bias is not None:
+                v_bias[rows] = r.T @ v_bias[rows]
+            # query heads kv_head * group ... read this value head: W_o,j' = W_o,j R
+            for q_head in range(kv_head * group, (kv_head + 1) * group):
+                cols = slice(q_head * head_dim, (q_head + 1) * head_dim)
+                o_weight[:, cols] = o_weight[:, cols] @ r
+        values.weight.copy_(v_weight.to(values.weight.dtype))
+        if v_bias is not None:
+            values.bias.copy_(v_bias.to(values.bias.dtype))
+        out.weight.copy_(o_weight.to(out.weight.dtype))
+    return model
+
+
+def rotate_model(model: nn.Module, seed: int = 0, residual: bool = True,
+                 values: bool = True) -> nn.Module:
+    """:func:`rotate_residual` (unless ``residual`` is False, e.g. for a model sliced with its
+    own rotation) and :func:`rotate_value_heads`, seeded by ``seed``; returns ``model``."""
+    if residual:
+        rotate_residual(model, seed)
+    if values:
+        rotate_value_heads(model, seed + 1)
+    return model
+
