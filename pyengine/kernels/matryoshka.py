@@ -68,12 +68,12 @@ _GEMV_BLOCK_K = {8: 256, 6: 256, 4: 256, 3: 256, 2: 512}
 # are live at once while a tile is assembled: at the canonical kernels' 128 codes and 4 warps
 # the sm_90 build needs 255 registers and spills (triton 3.6, symmetric weights with a
 # shortcut); at 64 codes 4 warps still spill with fp32 activations on sm_80 (triton 3.6) and
-# for int4 slices with a shortcut on sm_90 (triton 3.9). fp32 activations (32 codes per step
-# from the canonical table) on 4 warps: on 8 warps the sm_80 build of the per-channel 6-bit
-# slice with a bias spills 3 words (triton 3.6); on 4 warps none of the fp32 cases spill.
+# for int4 slices with a shortcut on sm_90 (triton 3.9). fp32 activations (32 codes a step): 4
+# warps, 2 stages (8 warps spill on sm_80 for the 6-bit slice with a bias, 3 stages with a
+# shortcut at odd shapes, triton 3.6; 16-row tiles spill on sm_90, triton 3.9).
 _DOT_BLOCK_K_MAX = 64
 _DOT_WARPS = 8
-_DOT_WARPS_FP32 = 4
+_DOT_WARPS_FP32, _DOT_STAGES_FP32 = 4, 2
 # Interpreter, M == 1: wider and longer steps than the canonical GEMV's (1, 16, 64): the
 # interpreter pays per operation, and the 32-code loop is the costly part. Small test shapes
 # still get several N tiles and split-K.
@@ -295,9 +295,12 @@ def select_plane_config(M: int, precision: int, dtype: torch.dtype,
         cfg = (_INTERP_GEMV if interpreted
                else dataclasses.replace(cfg, block_k=_GEMV_BLOCK_K[precision]))
     elif path == "decode" and not interpreted:
-        cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX),
-                                  num_warps=(_DOT_WARPS_FP32 if dtype == torch.float32
-                                             else _DOT_WARPS))
+        if dtype == torch.float32:
+            cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX),
+                                      num_warps=_DOT_WARPS_FP32, num_stages=_DOT_STAGES_FP32)
+        else:
+            cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, _DOT_BLOCK_K_MAX),
+                                      num_warps=_DOT_WARPS)
     return path, cfg
 
 
