@@ -189,13 +189,44 @@ def static_gpu_table() -> List[str]:
             + _table(["weight"] + [f"{b} M={m}" for b, m in columns], body))
 
 
+def rotation_table() -> List[str]:
+    """GPTQ with and without Recipe.rotate at 4/3/2 bits, beside llama.cpp's files of the same
+    GGUF (benchmarks/size_vs_llamacpp.py --json rotation_smollm2.json)."""
+    data = _load("rotation_smollm2.json")
+    if data is None:
+        return []
+    meta = data["meta"]
+    source = next((r for r in data["rows"] if str(r["config"]).startswith("source")), None)
+    base = None if source is None else float(source["perplexity"])
+
+    def change(ppl: float) -> str:
+        return "" if base is None else f"{100 * (ppl / base - 1):+.0f}%"
+
+    body = []
+    for r in data["rows"]:
+        ppl = float(r["perplexity"])
+        label = str(r["config"])
+        if r["engine"] == "pyengine":
+            label = label.replace("_gptq_rot", " GPTQ, rotated").replace("_gptq", " GPTQ")
+            label = label.replace("_g64", " g64")
+        body.append([r["engine"], label, f"{r['bits_per_weight']:.2f}", f"{ppl:.2f}",
+                     change(ppl), str(r.get("compress_s", ""))])
+    return ([f"**Random rotations before GPTQ (`Recipe.rotate`)** on SmolLM2-135M (held-out "
+             f"perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, the same "
+             f"code for both engines; bits per weight over the whole file; "
+             f"{meta.get('calib_samples')} x 512 calibration tokens; "
+             f"{_source('rotation_smollm2.json', meta)})", ""]
+            + _table(["engine", "config", "bits/weight", "perplexity", "vs source",
+                      "compress s"], body))
+
+
 def gpu_files() -> List[str]:
     """Result files of GPU runs (kernel benchmarks are named per device)."""
     return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
 
 
 def sections() -> List[Callable[[], List[str]]]:
-    return ([seeds_table, engine_table, matryoshka_table,
+    return ([seeds_table, engine_table, matryoshka_table, rotation_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),

@@ -15,6 +15,12 @@ minutes on 2 cores); ``--no-llama`` runs the pyengine side alone.
 
     python benchmarks/size_vs_llamacpp.py --no-llama
     python benchmarks/size_vs_llamacpp.py --configs int8,int4,int4_g64_gptq --llama-types Q8_0,Q4_0,Q2_K
+
+GPTQ with and without ``Recipe.rotate`` (``rotation_smollm2.json``, a README table):
+
+    python benchmarks/size_vs_llamacpp.py --configs int4_g64_gptq,int4_g64_gptq_rot,\
+        int3_g64_gptq,int3_g64_gptq_rot,int2_g64_gptq,int2_g64_gptq_rot \
+        --llama-types Q4_0,Q3_K_M,Q2_K --json benchmarks/results/rotation_smollm2.json
 """
 
 from __future__ import annotations
