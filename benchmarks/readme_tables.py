@@ -210,14 +210,13 @@ def rotation_table() -> List[str]:
             label = label.replace("_gptq_rot", " GPTQ, rotated").replace("_gptq", " GPTQ")
             label = label.replace("_g64", " g64")
         body.append([r["engine"], label, f"{r['bits_per_weight']:.2f}", f"{ppl:.2f}",
-                     change(ppl), str(r.get("compress_s", ""))])
+                     change(ppl)])
     return ([f"**Random rotations before GPTQ (`Recipe.rotate`)** on SmolLM2-135M (held-out "
              f"perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, the same "
              f"code for both engines; bits per weight over the whole file; "
              f"{meta.get('calib_samples')} x 512 calibration tokens; "
              f"{_source('rotation_smollm2.json', meta)})", ""]
-            + _table(["engine", "config", "bits/weight", "perplexity", "vs source",
-                      "compress s"], body))
+            + _table(["engine", "config", "bits/weight", "perplexity", "vs source"], body))
 
 
 def gpu_files() -> List[str]:

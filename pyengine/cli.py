@@ -126,7 +126,8 @@ def _add_device(parser: argparse.ArgumentParser,
 
 def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_choices: str,
                 method: str, slice_default: Optional[float], n_samples: int,
-                seqlen: int, head_default: Optional[int] = None, act_bits: int = 0) -> None:
+                seqlen: int, head_default: Optional[int] = None, act_bits: int = 0,
+                rotate: bool = False) -> None:
     g = parser.add_argument_group("recipe (pyengine.plan)")
     g.add_argument("--avg-bits", type=_avg_bits, default=avg_bits,
                    help="target average bits per weight of the decoder's linear layers, scales "
@@ -146,10 +147,11 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
                    help="8: int8 activations (per block of 32) for the 2- and 4-bit layers, "
                         "which the CPU kernels multiply as integers: faster decoding, slightly "
                         f"less accurate (default: {act_bits})")
-    g.add_argument("--rotate", action="store_true",
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=rotate,
                    help="random orthogonal rotations of the residual stream and the attention "
                         "values before quantizing, merged into the weights (same function; "
-                        "GPTQ keeps much more quality at 2 and 3 bits)")
+                        "GPTQ keeps more quality at 4 and 3 bits) (default: "
+                        f"{'on' if rotate else 'off'})")
     g.add_argument("--slice", type=_slice_fraction, default=slice_default, metavar="FRACTION",
                    help="mean fraction of the residual width deleted per layer, 0 for none "
                         f"(default: {slice_default or 0:g})")
