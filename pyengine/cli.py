@@ -263,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress SmolLM2-135M and compare it with the original",
                        description="Loads the embedded default model, SmolLM2-135M, compresses "
-                                   "it with a mixed-precision recipe (8 and 4 bits per layer, "
-                                   "8-bit head) planned "
+                                   "it with a mixed-precision recipe (8 and 4 bits per layer by "
+                                   "GPTQ after random rotations, 8-bit head) planned "
                                    "from its own measurements, and prints perplexity, weight "
                                    "size and decode speed before and after, and a sample "
                                    "generation. A few minutes on a 2-core CPU.")
     _add_device(p)
     _add_recipe(p, avg_bits=5.5, bit_choices="8,4", method="gptq", slice_default=None,
-                n_samples=32, seqlen=512, head_default=8)
+                n_samples=32, seqlen=512, head_default=8, rotate=True)
     p.add_argument("--eval-seqlen", type=int_at_least(2), default=512,
                    help="tokens per perplexity window (default: 512)")
     p.add_argument("--max-windows", type=_positive_int, default=4,
