@@ -152,6 +152,23 @@ def _model_dtype_and_device(model: nn.Module, final_norm: nn.Module) -> tuple:
     return (dtype if isinstance(dtype, torch.dtype) else torch.float32), device
 
 
+def _embedding_lookup(embed: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """ids [B, T] -> rows [B, T, D]. A rotated tied model's table is looked up in its own basis
+    and projected in the decoder's dtype (the module would multiply in the table's dtype: a
+    16-bit GEMV is slow on a CPU)."""
+    projection = getattr(embed, "projection", None)
+    if projection is None:
+        return embed
+    projection = projection.detach().to(dtype)
+    from .modules.quant_embedding import QuantEmbedding
+    if isinstance(embed, QuantEmbedding):
+        from .ops.embedding import qembedding
+        weight = embed.quantized_weight
+        return lambda ids: qembedding(ids, weight, dtype=dtype) @ projection
+    table = embed.weight
+    return lambda ids: F.embedding(ids, table).to(dtype) @ projection
+
+
 def _native_step_ops(device: torch.device, dtype: torch.dtype):
     """pyengine._C when it has the CPU step operations and the model runs on the CPU, else
     None (torch ops are used)."""
@@ -351,7 +368,7 @@ class Decoder:
         projection = _norm_params(final_norm, hidden)[2]
         # a rotated tied model's final norm maps the stream back to the table's basis
         self.final_projection = None if projection is None else projection.to(dtype)
-        self.embed = embed
+        self.embed = _embedding_lookup(embed, dtype)
         self.layers = [_Layer(layer, adapter, hidden, self.device, self.dtype)
                        for layer in adapter.decoder_layers(model)]
         self.head = _prepare_linear(model.get_submodule(adapter.head), self.device, self.dtype)

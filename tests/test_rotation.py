@@ -123,31 +123,36 @@ def _recipe(bits=8, **kw):
     return Recipe(quant={"_default": QuantConfig(bits=bits, group_size=32)}, **kw)
 
 
+@pytest.mark.parametrize("table", ["int8", "dense"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_compress_with_rotation_checkpoint_and_decoder(tied, rng, tmp_path):
+def test_compress_with_rotation_checkpoint_and_decoder(tied, table, rng, tmp_path):
     """An 8-bit rotated model is close to the original; saved and loaded it gives the same
-    logits; the lean decoder runs it and matches its forward."""
+    logits; the lean decoder runs it and matches its forward (a tied table, quantized or
+    dense, keeps its basis and is projected after the lookup)."""
     model = _model("llama", tied)
     ids = _ids(rng, length=10)
     original = _logits(model, ids)
-    pyengine.compress(model, _recipe(rotate=True, rotation_seed=2), show_progress=False,
-                      dtype=torch.float32)
-    out = _logits(model, ids)
+    extra = {} if table == "int8" else {"embeddings": None}
+    pyengine.compress(model, _recipe(rotate=True, rotation_seed=2, **extra), show_progress=False,
+                      dtype=torch.float16 if table == "dense" else torch.float32)
+    out = _logits(model, ids).float()
     assert rel_err(out, original) < 2e-2
     pyengine.save(model, tmp_path / "ckpt")
     loaded = pyengine.load(tmp_path / "ckpt")
     assert loaded.pyengine_recipe.rotate and loaded.pyengine_recipe.rotation_seed == 2
-    assert rel_err(_logits(loaded, ids), out) < 1e-6
+    assert rel_err(_logits(loaded, ids).float(), out) < 1e-6
     assert decoder_blocker(loaded, 16) == ""
     decoder = Decoder(loaded, max_len=16, batch=2)
     decoder.prefill(ids[:, :6])
     for t in range(6, 10):
         last = decoder.forward(ids[:, t:t + 1])
-    assert rel_err(last, out[:, -1]) < 1e-4
-    greedy = pyengine.generate(loaded, ids[:, :4], 5)
-    with torch.no_grad():
-        want = loaded.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
-    assert torch.equal(greedy, want)
+    # the decoder runs float32 on a CPU; the float16 model rounds its activations
+    assert rel_err(last, out[:, -1]) < (1e-4 if table == "int8" else 5e-3)
+    if table == "int8":  # float32 both ways: the same greedy tokens
+        greedy = pyengine.generate(loaded, ids[:, :4], 5)
+        with torch.no_grad():
+            want = loaded.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
+        assert torch.equal(greedy, want)
 
 
 def test_rotation_inside_slicing_keeps_the_sliced_function(rng):
