@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from ..models.adapters import get_adapter
-from ..modules.quant_linear import QuantLinear
 from ..modules.sliced import ResidualProjection, SlicedDecoderLayer
 from ..slicing import structure
 
@@ -98,10 +97,7 @@ def _value_rows(attn: nn.Module, adapter, n_heads: int, n_kv: int,
 
 
 def _dense(module: nn.Module, what: str) -> nn.Linear:
-    if isinstance(module, QuantLinear) or not isinstance(module, nn.Linear):
-        raise RotationError(f"{what} must be a dense nn.Linear to be rotated (rotate before "
-                            f"quantizing), got {type(module).__name__}")
-    return module
+    return structure._dense(module, what, RotationError, "rotate")
 
 
 @torch.no_grad()

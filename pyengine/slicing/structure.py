@@ -40,10 +40,13 @@ def _norm_eps(norm: nn.Module) -> float:
     raise SlicingError(f"cannot find the epsilon of norm {type(norm).__name__}")
 
 
-def _dense(linear: nn.Module, what: str) -> nn.Linear:
+def _dense(linear: nn.Module, what: str, error: type = SlicingError,
+           step: str = "slice") -> nn.Linear:
+    """``linear`` when it is a dense nn.Linear (the transforms rewrite its weight), else
+    ``error`` saying to ``step`` before quantizing."""
     if isinstance(linear, QuantLinear) or not isinstance(linear, nn.Linear):
-        raise SlicingError(f"{what} must be a dense nn.Linear to be rotated (slice before "
-                           f"quantizing), got {type(linear).__name__}")
+        raise error(f"{what} must be a dense nn.Linear to be rotated ({step} before "
+                    f"quantizing), got {type(linear).__name__}")
     return linear
 
 
