@@ -44,6 +44,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must be [N, Kp] with Kp a multiple of {BLOCK_CODES}, "
                          f"got shape {tuple(codes.shape)}")
     n, kp = codes.shape
+    # rows in chunks: the int64 temporaries below take 16 bytes per code
+    rows = max(1, _PACK_CHUNK_CODES // kp)
+    if n > rows:
+        return torch.cat([_pack_rows(codes[r:r + rows], bits) for r in range(0, n, rows)])
+    return _pack_rows(codes, bits)
+
+
+# Codes packed at once by pack_codes (bounds its temporary memory to ~16 bytes per code).
+_PACK_CHUNK_CODES = 1 << 21
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    n, kp = codes.shape
     c = codes.to(torch.int64).reshape(n, kp // BLOCK_CODES, BLOCK_CODES)
     if bits == 3:
         words = torch.zeros(n, kp // BLOCK_CODES, 3, dtype=torch.int64, device=codes.device)

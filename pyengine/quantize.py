@@ -19,7 +19,7 @@ from .utils import is_int
 QUANT_METHODS = ("rtn",)
 
 # Elements of the weight processed at once by the clip search (bounds temporary memory).
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
@@ -60,22 +60,23 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
     n_groups = kp // gs
     factors = (torch.linspace(1.0, min_clip, clip_grid).tolist() if clip_search else [1.0])
 
-    codes = torch.empty(n, kp, dtype=torch.uint8, device=weight.device)
+    packed = torch.empty(n, kp * bits // 32, dtype=torch.int32, device=weight.device)
     scales = torch.empty(n, n_groups, dtype=scale_dtype, device=weight.device)
     zeros = None if symmetric else torch.empty(n, n_groups, dtype=scale_dtype, device=weight.device)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // kp)
-    for r0 in range(0, n, rows_per_chunk):
+    for r0 in range(0, n, rows_per_chunk):  # rows in chunks: temporary memory stays small
         r1 = min(n, r0 + rows_per_chunk)
         w = torch.zeros(r1 - r0, kp, dtype=torch.float32, device=weight.device)
         w[:, :k] = weight[r0:r1].to(torch.float32)
         q, s, z = _rtn_groups(w.view(r1 - r0, n_groups, gs), k, bits, symmetric, scale_dtype, factors)
-        codes[r0:r1] = q.view(r1 - r0, kp)
+        codes = q.view(r1 - r0, kp)
+        codes[:, k:] = 0  # padding codes are stored as 0 (docs/FORMAT.md)
+        packed[r0:r1] = pack_codes(codes, bits)
         scales[r0:r1] = s
         if zeros is not None:
             zeros[r0:r1] = z
-    codes[:, k:] = 0  # padding codes are stored as 0 (docs/FORMAT.md)
-    return QuantizedWeight(pack_codes(codes, bits), scales, zeros, bits=bits,
-                           group_size=group_size, shape=(n, k), method=method)
+    return QuantizedWeight(packed, scales, zeros, bits=bits, group_size=group_size, shape=(n, k),
+                           method=method)
 
 
 def _check_arguments(weight, bits, group_size, method, clip_grid, min_clip) -> None:
@@ -102,8 +103,16 @@ def _check_arguments(weight, bits, group_size, method, clip_grid, min_clip) -> N
                          f"{method!r} (GPTQ needs calibration inputs: use the model-level API)")
     if not is_int(clip_grid) or clip_grid < 1 or not 0.0 < min_clip <= 1.0:
         raise ValueError(f"clip_grid must be >= 1 and min_clip in (0, 1], got {clip_grid}, {min_clip}")
-    if not bool(torch.isfinite(weight).all()):
-        bad = int((~torch.isfinite(weight)).sum())
+    _check_finite(weight)
+
+
+def _check_finite(weight: torch.Tensor) -> None:
+    """ValueError when ``weight`` holds NaN or Inf (checked by rows in chunks: isfinite of a
+    whole 16-bit matrix would take 6 bytes per element)."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[-1]))
+    bad = sum(int((~torch.isfinite(weight[r:r + rows])).sum())
+              for r in range(0, weight.shape[0], rows))
+    if bad:
         raise ValueError(f"weight has {bad} non-finite values (NaN or Inf); cannot quantize")
 
 
@@ -131,11 +140,16 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
     best_err = torch.full((r, g), float("inf"), device=w.device)
     best_scale = torch.ones(r, g, device=w.device)
     best_zero = torch.zeros(r, g, device=w.device)
+    work = torch.empty_like(w)
     for p in factors:
         scale, zero = _scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny)
-        q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
-        err = torch.where(valid, (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - w, 0.0)
-        err = err.square().sum(dim=-1)
+        scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        # err = (clamp(round(w / s) + z, 0, maxq) - z) * s - w, in place in one buffer. The
+        # padding (w = 0 past column k) contributes exactly 0: round(0) + z is the integer z
+        # in [0, maxq], so the clamp keeps it and (z - z) * s - 0 = 0.
+        torch.div(w, scale3, out=work)
+        work.round_().add_(zero3).clamp_(0, maxq).sub_(zero3).mul_(scale3).sub_(w)
+        err = work.square_().sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
