@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -84,10 +84,13 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
     }
 
 
-def _state_for_saving(model: nn.Module):
-    """The state dict with tied duplicates removed: {key: tensor}, {dropped key: kept key}."""
+def _state_for_saving(model: nn.Module, include: Optional[Callable[[str], bool]] = None):
+    """The state dict (the keys ``include`` accepts, default all) with tied duplicates removed:
+    {key: tensor}, {dropped key: kept key}."""
     tensors, aliases, seen = {}, {}, {}
     for key, t in model.state_dict().items():
+        if include is not None and not include(key):
+            continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in seen:
             aliases[key] = seen[ident]
@@ -115,23 +118,7 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
         if old.exists():
             old.unlink()
     tensors, aliases = _state_for_saving(model)
-    meta = quantization_metadata(model)
-    meta["tied"] = aliases
-
-    config = model.config
-    previous = getattr(config, "quantization_config", None)
-    config.quantization_config = meta
-    try:
-        config.save_pretrained(out)
-    finally:
-        if previous is None:
-            del config.quantization_config
-        else:
-            config.quantization_config = previous
-    _add_transformers_guard(out / "config.json")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(out)
+    write_config(model, out, aliases)
 
     shards, current, size = [], {}, 0
     for key, t in tensors.items():
@@ -152,9 +139,44 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
             _save_safetensors(shard, out / name, file_meta)
             weight_map.update({key: name for key in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / INDEX_NAME).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        write_index(out, weight_map, total)
     return out
+
+
+def write_config(model: nn.Module, out: Path, aliases: Dict[str, str],
+                 layers: Optional[Dict[str, Any]] = None) -> None:
+    """Writes ``config.json`` (the model's config with its ``quantization_config`` and the
+    :data:`TRANSFORMERS_GUARD`) and ``generation_config.json`` when the model has one.
+    ``aliases``: {tied key not stored: the stored key holding its tensor}. The quantized
+    layers may sit on the meta device (only their formats are read). ``layers``: entries of
+    ``quantization_config.layers`` for modules the model no longer holds quantized (layers a
+    resumed sequential run wrote before), merged in module order."""
+    meta = quantization_metadata(model)
+    if layers:
+        merged = {**meta["layers"], **layers}
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        meta["layers"] = dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], -1)))
+    meta["tied"] = dict(aliases)
+    config = model.config
+    previous = getattr(config, "quantization_config", None)
+    config.quantization_config = meta
+    try:
+        config.save_pretrained(out)
+    finally:
+        if previous is None:
+            del config.quantization_config
+        else:
+            config.quantization_config = previous
+    _add_transformers_guard(out / "config.json")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
+
+
+def write_index(out: Path, weight_map: Dict[str, str], total_bytes: int) -> None:
+    """Writes the index of a sharded checkpoint: {key: shard file name} and the bytes in all."""
+    (out / INDEX_NAME).write_text(json.dumps(
+        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=1))
 
 
 def _add_transformers_guard(config_file: Path) -> None:

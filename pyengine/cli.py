@@ -196,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory to write the compressed checkpoint to")
     _add_recipe(p, avg_bits=None, bit_choices="4,2", method="gptq", slice_default=None,
                 n_samples=32, seqlen=512)
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="read, compress and write one decoder layer at a time (memory: one "
+                        "layer, the calibration activations, embeddings and head; an "
+                        "interrupted run resumes) instead of loading the whole model; the "
+                        "checkpoint is the same (default: on for a local directory of "
+                        "safetensors files when the recipe neither slices nor rotates)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the layers are compressed (with --sequential: one layer at a "
+                        "time is moved there) (default: cpu)")
     p.set_defaults(handler=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity and weight bytes of a model",
@@ -468,7 +477,8 @@ def calibration(tokenizer: Any, source: str, n_samples: int, seqlen: int) -> tor
         raise UsageError(f"calibration text {source!r}: {exc}") from None
 
 
-def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace):
+def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
+                layer_scores: Optional[Dict[str, List[float]]] = None):
     """pyengine.plan from the recipe options of ``args``, plus the optional head config."""
     from .plan import plan
     from .recipe import QuantConfig
@@ -477,7 +487,7 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace)
                       importance=args.importance, method=args.method,
                       group_size=args.group_size, slicing=args.slice,
                       slice_schedule=args.slice_schedule, act_bits=args.act_bits,
-                      rotate=args.rotate)
+                      rotate=args.rotate, layer_scores=layer_scores)
     except ValueError as exc:
         raise UsageError(f"recipe: {exc}") from None
     if args.quantize_head == 0:
@@ -560,8 +570,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if source.is_dir() and _is_checkpoint(source):
         raise UsageError(f"{args.model} is already compressed by pyengine; compress the "
                          f"original model")
+    check_device(args.device)
+    readable = source.is_dir() and any(source.glob("*.safetensors"))
+    sequential = args.sequential
+    if sequential is None:
+        sequential = readable and not args.rotate and not args.slice
+    if sequential:
+        if not readable:
+            raise UsageError(f"--sequential reads a local Hugging Face directory of "
+                             f"safetensors files; {args.model} is not one")
+        if args.rotate or args.slice:
+            raise UsageError("--sequential: slicing and rotation transform the whole model "
+                             "and run in memory; drop --sequential")
+        return _compress_sequential(args, source, out)
     _status(f"loading {args.model}")
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     if loaded.compressed:
         raise UsageError(f"{args.model} is already compressed by pyengine; compress the "
                          f"original model")
@@ -580,6 +603,42 @@ def cmd_compress(args: argparse.Namespace) -> int:
     after = storage_bytes(model)
     print(f"compressed {loaded.name} in {seconds:.0f} s: {describe_recipe(recipe)}")
     print(f"weights: {_mib(dense_bytes)} -> {_mib(after)} ({dense_bytes / after:.2f}x smaller)")
+    print(f"saved to {out}")
+    return 0
+
+
+def _compress_sequential(args: argparse.Namespace, source: Path, out: Path) -> int:
+    """cmd_compress, one decoder layer at a time (pyengine.streaming)."""
+    from .streaming import (SourceCheckpoint, StreamingError, compress_checkpoint,
+                            stream_scores)
+    try:
+        src = SourceCheckpoint(source)
+        skeleton = src.skeleton()
+    except StreamingError as exc:
+        raise UsageError(str(exc)) from None
+    _require_supported(skeleton)
+    tokenizer = _tokenizer_or_none(str(source))
+    if tokenizer is None:
+        raise UsageError(f"{source.name} has no tokenizer, which calibration needs (save one "
+                         f"next to the model: tokenizer.save_pretrained(DIR))")
+    calib = calibration(tokenizer, args.calib, args.n_samples, args.seqlen)
+    _status(f"compressing {source.name} layer by layer ({len(src.stored)} tensors in "
+            f"{src.dtype}, {_mib(src.nbytes)})")
+    t0 = time.perf_counter()
+    layer_scores = None
+    if args.avg_bits is not None and args.importance in ("lim", "zd"):
+        layer_scores = stream_scores(source, calib, device=args.device)
+    recipe = plan_recipe(skeleton, calib, args, layer_scores=layer_scores)
+    _status(f"recipe: {describe_recipe(recipe)}")
+    try:
+        compress_checkpoint(source, out, recipe, calib, device=args.device)
+    except ValueError as exc:  # StreamingError included
+        raise UsageError(f"cannot compress with this recipe: {exc}") from None
+    seconds = time.perf_counter() - t0
+    tokenizer.save_pretrained(str(out))
+    after = SourceCheckpoint.tensor_bytes(out)
+    print(f"compressed {source.name} in {seconds:.0f} s: {describe_recipe(recipe)}")
+    print(f"weights: {_mib(src.nbytes)} -> {_mib(after)} ({src.nbytes / after:.2f}x smaller)")
     print(f"saved to {out}")
     return 0
 

@@ -120,7 +120,39 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
             pyengine.compress / pyengine.load), calibration that is not token ids of the model's
             vocabulary, or a recipe the model cannot take (slicing without calibration data, ...).
     """
-    adapter = get_adapter(model)
+    dtype, scale_dtype = check_compress_arguments(model, recipe, calibration, dtype,
+                                                  scale_dtype)
+    if recipe.slicing is not None:
+        _apply_slicing(model, recipe, calibration, show_progress)
+    if recipe.rotate:
+        _apply_rotation(model, recipe)
+
+    targets = quantization_targets(model, recipe)
+    check_calibration_needs(targets, calibration)
+    if any(t[4].method == "gptq" for t in targets):
+        from .quantizers.gptq import gptq_quantize_model
+        gptq_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "gptq"},
+                            calibration, show_progress=show_progress, scale_dtype=scale_dtype)
+    if any(t[4].method == "matquant" for t in targets):
+        from .quantizers.matquant import matquant_quantize_model
+        matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
+                                calibration, show_progress=show_progress, scale_dtype=scale_dtype,
+                                **dict(matquant_options or {}))
+    rtn_quantize(targets, scale_dtype, show_progress)
+    quantize_embeddings(model, recipe, scale_dtype)
+    setattr(model, RECIPE_ATTR, recipe)
+    _untie_if_head_quantized(model)
+    hold_dense_in(model, dtype)
+    if fuse:
+        fuse_projections(model)
+    return model
+
+
+def check_compress_arguments(model: nn.Module, recipe: Recipe, calibration, dtype, scale_dtype
+                             ) -> Tuple[torch.dtype, torch.dtype]:
+    """The checks compress runs before changing anything; returns (dtype, scale_dtype) with
+    their defaults filled in."""
+    get_adapter(model)  # UnsupportedModelError first
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a pyengine.Recipe, got {type(recipe).__name__}")
     already = compressed_reason(model)
@@ -135,55 +167,67 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got "
                          f"{dtype}")
-    scale_dtype = dtype if scale_dtype is None else scale_dtype
-    if recipe.slicing is not None:
-        _apply_slicing(model, recipe, calibration, show_progress)
-    if recipe.rotate:
-        _apply_rotation(model, recipe)
+    return dtype, (dtype if scale_dtype is None else scale_dtype)
 
-    # a tied table and head quantized alike stay one tensor: the embedding's (below)
+
+QuantTarget = Tuple[str, nn.Module, nn.Module, str, Any]  # name, linear, parent, attr, config
+
+
+def shares_head_with_table(model: nn.Module, recipe: Recipe) -> bool:
+    """A tied table and head quantized alike stay one tensor: the embedding's."""
+    adapter = get_adapter(model)
     head_cfg = recipe.config_for(adapter.head, is_head=True)
-    shared_head = (adapter.tied_embeddings(model) and recipe.embeddings is not None
-                   and head_cfg == recipe.embeddings)
+    return (adapter.tied_embeddings(model) and recipe.embeddings is not None
+            and head_cfg == recipe.embeddings)
+
+
+def quantization_targets(model: nn.Module, recipe: Recipe) -> List[QuantTarget]:
+    """The dense linear layers ``recipe`` quantizes, in model order, with their configs (a
+    head that shares the quantized table is left to :func:`quantize_embeddings`)."""
+    adapter = get_adapter(model)
+    shared_head = shares_head_with_table(model, recipe)
     targets = []
     for name, linear, parent, attr in quantizable_linears(model):
         cfg = recipe.config_for(name, is_head=(name == adapter.head))
         if cfg is None or isinstance(linear, QuantLinear) or (shared_head and name == adapter.head):
             continue
         targets.append((name, linear, parent, attr, cfg))
+    return targets
+
+
+def check_calibration_needs(targets: List[QuantTarget], calibration) -> None:
+    """ValueError when a target's method needs calibration data and there is none."""
     needs_calibration = [t[0] for t in targets if t[4].method in ("gptq", "matquant")]
     if needs_calibration and calibration is None:
         method = next(t[4].method for t in targets if t[0] == needs_calibration[0])
         raise ValueError(f"method {method!r} needs calibration data (pyengine.calibration_data); "
                          f"layers: {needs_calibration[:3]}{'...' if len(needs_calibration) > 3 else ''}")
-    if any(t[4].method == "gptq" for t in targets):
-        from .quantizers.gptq import gptq_quantize_model
-        gptq_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "gptq"},
-                            calibration, show_progress=show_progress, scale_dtype=scale_dtype)
-    if any(t[4].method == "matquant" for t in targets):
-        from .quantizers.matquant import matquant_quantize_model
-        matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
-                                calibration, show_progress=show_progress, scale_dtype=scale_dtype,
-                                **dict(matquant_options or {}))
-    targets = [t for t in targets if t[4].method == "rtn"]
 
+
+def rtn_quantize(targets: List[QuantTarget], scale_dtype: Optional[torch.dtype],
+                 show_progress: bool = False) -> None:
+    """Replaces each target whose method is RTN by its QuantLinear (or MatryoshkaLinear)."""
+    targets = [t for t in targets if t[4].method == "rtn"]
     for name, linear, parent, attr, cfg in progress(targets, desc="quantizing",
-                                                    enabled=show_progress):
+                                                    enabled=show_progress and bool(targets)):
         layer_class = MatryoshkaLinear if cfg.matryoshka else QuantLinear
         setattr(parent, attr, layer_class.from_linear(linear, cfg, scale_dtype=scale_dtype))
-    if recipe.embeddings is not None:
-        embed = model.get_submodule(adapter.embed)
-        table = QuantEmbedding.from_embedding(embed, recipe.embeddings, scale_dtype=scale_dtype)
-        head = model.get_submodule(adapter.head)
-        _set_module(model, adapter.embed, table)
-        if shared_head:
-            _set_module(model, adapter.head, table.tied_head(head.bias))
-    setattr(model, RECIPE_ATTR, recipe)
-    _untie_if_head_quantized(model)
-    hold_dense_in(model, dtype)
-    if fuse:
-        fuse_projections(model)
-    return model
+
+
+def quantize_embeddings(model: nn.Module, recipe: Recipe,
+                        scale_dtype: Optional[torch.dtype]) -> None:
+    """Recipe.embeddings: the token table becomes a QuantEmbedding (and a tied head quantized
+    alike the QuantLinear that shares its tensors)."""
+    if recipe.embeddings is None:
+        return
+    adapter = get_adapter(model)
+    shared_head = shares_head_with_table(model, recipe)
+    embed = model.get_submodule(adapter.embed)
+    table = QuantEmbedding.from_embedding(embed, recipe.embeddings, scale_dtype=scale_dtype)
+    head = model.get_submodule(adapter.head)
+    _set_module(model, adapter.embed, table)
+    if shared_head:
+        _set_module(model, adapter.head, table.tied_head(head.bias))
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -197,8 +241,19 @@ def hold_dense_in(model: nn.Module, dtype: torch.dtype) -> None:
     except the scales and zeros of quantized layers (tied tensors stay one tensor;
     non-persistent buffers such as rotary frequencies keep their precision) and makes ``dtype`` the dtype of the model's activations (its config's dtype and
     the rows its quantized embedding returns)."""
+    hold_module_dense_in(model, dtype)
+    for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if cfg is not None:
+            cfg.dtype = dtype
+
+
+@torch.no_grad()
+def hold_module_dense_in(root: nn.Module, dtype: torch.dtype) -> None:
+    """The tensor part of :func:`hold_dense_in` for ``root`` and its submodules (a decoder
+    layer compressed on its own): every floating-point parameter and persistent buffer but
+    the quantized layers' scales and zeros in ``dtype``, quantized embeddings' rows too."""
     converted: Dict[int, torch.Tensor] = {}
-    for module in model.modules():
+    for module in root.modules():
         quantized = isinstance(module, (QuantLinear, QuantEmbedding))
         for name, p in list(module._parameters.items()):
             if (p is None or not p.is_floating_point() or p.dtype == dtype
@@ -219,9 +274,6 @@ def hold_dense_in(model: nn.Module, dtype: torch.dtype) -> None:
             module.dtype = dtype
         if quantized:
             module._refresh_weight()
-    for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
-        if cfg is not None:
-            cfg.dtype = dtype
 
 
 def _untie_if_head_quantized(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .calibrate import LayerwiseRunner, check_calibration
+from .calibrate import LayerInputs, LayerwiseRunner, check_calibration
 from .compress import quantizable_linears
 from .models.adapters import get_adapter
 from .modules.quant_linear import QuantLinear
@@ -31,8 +31,9 @@ SCORE_NAMES = ("lim", "zd", "lr")
 
 
 @torch.no_grad()
-def zd_scores(model: nn.Module) -> List[float]:
-    """Per decoder layer, the share of its linear weights with |z| > 1."""
+def zd_scores(model: nn.Module, only_layer: Optional[int] = None) -> List[float]:
+    """Per decoder layer, the share of its linear weights with |z| > 1 (``only_layer``: that
+    layer's value alone, in a one-element list; the other layers' weights may be absent)."""
     adapter = get_adapter(model)
     prefix = adapter.layers + "."
     per_layer: Dict[int, List[torch.Tensor]] = {}
@@ -40,14 +41,28 @@ def zd_scores(model: nn.Module) -> List[float]:
         if not name.startswith(prefix):
             continue
         index = int(name[len(prefix):].split(".")[0])
+        if only_layer is not None and index != only_layer:
+            continue
         w = linear.dequantize(torch.float32) if isinstance(linear, QuantLinear) else linear.weight
         per_layer.setdefault(index, []).append(w.detach().reshape(-1).to(torch.float32))
+    indices = (range(len(adapter.decoder_layers(model))) if only_layer is None
+               else [only_layer])
     scores = []
-    for index in range(len(adapter.decoder_layers(model))):
+    for index in indices:
         w = torch.cat(per_layer[index])
         mean, std = w.mean(), w.std(correction=0)
         scores.append(float(((w - mean).abs() > std).to(torch.float64).mean()))
     return scores
+
+
+def mean_cosine(inputs: LayerInputs, outputs: LayerInputs) -> float:
+    """cos(layer input, layer output) averaged over every calibration token (the LR score)."""
+    total, count = 0.0, 0
+    for x, y in zip(inputs.hidden, outputs.hidden):
+        cos = nn.functional.cosine_similarity(x.to(torch.float32), y.to(torch.float32), dim=-1)
+        total += float(cos.sum(dtype=torch.float64))
+        count += cos.numel()
+    return total / count
 
 
 @torch.no_grad()
@@ -70,13 +85,7 @@ def scores(model: nn.Module, calibration: torch.Tensor, batch_size: int = 1,
     lr = []
     for index, layer, inputs in progress(runner, desc="scores", enabled=show_progress,
                                          total=len(runner), unit="layer"):
-        outputs = runner.advance()
-        total, count = 0.0, 0
-        for x, y in zip(inputs.hidden, outputs.hidden):
-            cos = nn.functional.cosine_similarity(x.to(torch.float32), y.to(torch.float32), dim=-1)
-            total += float(cos.sum(dtype=torch.float64))
-            count += cos.numel()
-        lr.append(total / count)
+        lr.append(mean_cosine(inputs, runner.advance()))
     return {"lim": [-v for v in lr], "zd": zd_scores(model), "lr": lr}
 
 

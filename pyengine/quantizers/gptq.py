@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..calibrate import LayerwiseRunner
+from ..calibrate import LayerInputs, LayerwiseRunner
 from .layerwise import group_by_layer, input_hessians, linear_holder
 from ..modules.quant_linear import QuantLinear
 from ..packing import pack_codes
@@ -152,14 +152,23 @@ def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
     runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
     for index, layer, inputs in progress(runner, desc="gptq", enabled=show_progress,
                                          total=len(runner), unit="layer"):
-        targets = by_layer.get(index, {})
-        hessians, _ = input_hessians(model, layer, inputs, targets, runner.compute_device)
-        for name, cfg in targets.items():
-            holder, attr = linear_holder(model, name)
-            linear = getattr(holder, attr)
-            qw = gptq_quantize(linear.weight, hessians.pop(name), cfg.bits, cfg.group_size,
-                               cfg.symmetric, act_order=cfg.act_order, damp=damp,
-                               scale_dtype=scale_dtype or linear.weight.dtype)
-            setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias, act_bits=cfg.act_bits))
+        gptq_quantize_layer(model, layer, inputs, by_layer.get(index, {}), damp=damp,
+                            scale_dtype=scale_dtype, compute_device=runner.compute_device)
         runner.advance()
     return model
+
+
+@torch.no_grad()
+def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                        targets: Dict[str, QuantConfig], damp: float = 0.01,
+                        scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
+    """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
+    in ``model``), from one pass of the layer over ``inputs``, in place."""
+    hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
+    for name, cfg in targets.items():
+        holder, attr = linear_holder(model, name)
+        linear = getattr(holder, attr)
+        qw = gptq_quantize(linear.weight, hessians.pop(name), cfg.bits, cfg.group_size,
+                           cfg.symmetric, act_order=cfg.act_order, damp=damp,
+                           scale_dtype=scale_dtype or linear.weight.dtype)
+        setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias, act_bits=cfg.act_bits))

@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..calibrate import LayerwiseRunner
+from ..calibrate import LayerInputs, LayerwiseRunner
 from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
 from ..modules.matryoshka_linear import MatryoshkaLinear
 from ..packing import unpack_codes
@@ -488,20 +488,39 @@ def matquant_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
     runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
     for index, layer, inputs in progress(runner, desc="matquant", enabled=show_progress,
                                          total=len(runner), unit="layer"):
-        targets = by_layer.get(index, {})
-        hessians, counts = input_hessians(model, layer, inputs, targets, runner.compute_device)
-        for name, cfg in targets.items():
-            holder, attr = linear_holder(model, name)
-            linear = getattr(holder, attr)
-            with torch.enable_grad():
-                mw, info = matquant_quantize(
-                    linear.weight, hessians.pop(name) / max(counts[name], 1), cfg.group_size,
-                    cfg.symmetric, weights, grid=grid, min_clip=min_clip,
-                    error_feedback=error_feedback, damp=damp, steps=steps, lr=lr,
-                    learn_codes=learn_codes, code_lr=code_lr,
-                    scale_dtype=scale_dtype or linear.weight.dtype)
-            setattr(holder, attr, MatryoshkaLinear.from_weight(mw, linear.bias))
-            if report is not None:
-                report[name] = info
+        matquant_quantize_layer(model, layer, inputs, by_layer.get(index, {}),
+                                weights=weights, grid=grid, min_clip=min_clip,
+                                error_feedback=error_feedback, damp=damp, steps=steps, lr=lr,
+                                learn_codes=learn_codes, code_lr=code_lr,
+                                scale_dtype=scale_dtype, compute_device=runner.compute_device,
+                                report=report)
         runner.advance()
     return model
+
+
+@torch.no_grad()
+def matquant_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                            targets: Dict[str, QuantConfig], *,
+                            weights: Optional[Mapping[int, float]] = None, grid: int = 10,
+                            min_clip: float = 0.3, error_feedback: bool = True,
+                            damp: float = 0.01, steps: int = 0, lr: float = 2e-3,
+                            learn_codes: bool = False, code_lr: float = 0.05,
+                            scale_dtype: Optional[torch.dtype] = None, compute_device=None,
+                            report: Optional[Dict[str, Any]] = None) -> None:
+    """Replaces the linears of decoder ``layer`` named in ``targets`` by MatQuant
+    MatryoshkaLinear layers, from one pass of the layer over ``inputs`` (arguments as
+    :func:`matquant_quantize_model`)."""
+    hessians, counts = input_hessians(model, layer, inputs, targets, compute_device)
+    for name, cfg in targets.items():
+        holder, attr = linear_holder(model, name)
+        linear = getattr(holder, attr)
+        with torch.enable_grad():
+            mw, info = matquant_quantize(
+                linear.weight, hessians.pop(name) / max(counts[name], 1), cfg.group_size,
+                cfg.symmetric, weights, grid=grid, min_clip=min_clip,
+                error_feedback=error_feedback, damp=damp, steps=steps, lr=lr,
+                learn_codes=learn_codes, code_lr=code_lr,
+                scale_dtype=scale_dtype or linear.weight.dtype)
+        setattr(holder, attr, MatryoshkaLinear.from_weight(mw, linear.bias))
+        if report is not None:
+            report[name] = info
