@@ -219,13 +219,58 @@ def rotation_table() -> List[str]:
             + _table(["engine", "config", "bits/weight", "perplexity", "vs source"], body))
 
 
+def scale_table() -> List[str]:
+    """Compression and loading at real sizes (benchmarks/bench_scale.py)."""
+    data = _load("scale_cpu.json")
+    if data is None:
+        return []
+    meta = data["meta"]
+
+    def compress_cells(step: Dict[str, object], bound: float) -> List[str]:
+        if "seconds" not in step:
+            return [str(step.get("skipped") or step.get("error", "?"))[:60], "", ""]
+        own = float(step["peak_rss_mib"]) - float(step["base_rss_mib"])
+        return [f"{float(step['seconds']):.0f} s ({float(step['seconds_per_billion']):.0f} s/B)",
+                f"{float(step['peak_rss_mib']):.0f} MiB", f"{own / bound:.2f}x"]
+
+    body = []
+    for r in data["rows"]:
+        bound = float(r["bound_mib"])
+        load, int4, dense = r["load"], r["decode_int4"], r["decode_dense"]
+        for name in ("sequential", "in_memory"):
+            body.append([f"{r['shape']} ({float(r['params']) / 1e9:.2f} B, "
+                         f"{r['checkpoint_mib']} MiB bf16, bound {r['bound_mib']} MiB)",
+                         name.replace("_", "-")] + compress_cells(r[name], bound))
+        cells = []
+        if "first_seconds" in load:
+            cells.append(f"load of the {r['output_mib']} MiB int4 checkpoint: "
+                         f"{float(load['first_seconds']):.1f} s first (imports included), "
+                         f"{float(load['second_seconds']):.2f} s again, files read in "
+                         f"{float(load['read_files_seconds']):.2f} s; peak "
+                         f"{float(load['peak_rss_mib']):.0f} MiB resident, "
+                         f"{float(load['peak_anon_mib']):.0f} MiB anonymous")
+        if "tokens_per_s" in int4:
+            dense_text = (f"{float(dense['tokens_per_s']):.2f}" if "tokens_per_s" in dense
+                          else str(dense.get("skipped", dense.get("error", "?"))))
+            cells.append(f"decode int4 {float(int4['tokens_per_s']):.2f} tokens/s, dense "
+                         f"float32 {dense_text} ({int4['threads']} threads)")
+        if cells:
+            body.append([r["shape"], "load, decode", "; ".join(cells), "", ""])
+    return ([f"**Compressing and loading at real sizes** (random weights of the real shapes "
+             f"written as bf16 safetensors shards; RTN int4 g128, embeddings and head int8; each "
+             f"step in a fresh process; *own memory* is the step's peak resident memory over "
+             f"what the process held after its imports, divided by the largest decoder layer "
+             f"plus embeddings and head; {_source('scale_cpu.json', meta)})", ""]
+            + _table(["model", "path", "time", "peak resident", "own memory / bound"], body))
+
+
 def gpu_files() -> List[str]:
     """Result files of GPU runs (kernel benchmarks are named per device)."""
     return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
 
 
 def sections() -> List[Callable[[], List[str]]]:
-    return ([seeds_table, engine_table, matryoshka_table, rotation_table,
+    return ([seeds_table, engine_table, matryoshka_table, rotation_table, scale_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),

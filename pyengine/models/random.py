@@ -3,6 +3,8 @@ for speed measurements (never for quality)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -71,3 +73,70 @@ def random_model(family: str = "llama", shape: str = "tiny", dtype: torch.dtype 
                 base = 0.0 if family == "gemma2" else 1.0
                 p.copy_(base + 0.2 * torch.randn_like(p))
     return model.eval()
+
+
+@torch.no_grad()
+def save_random_checkpoint(path: "str | os.PathLike", family: str = "llama", shape: str = "tiny",
+                           dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                           max_shard_bytes: int = 2 << 30, **overrides) -> Path:
+    """Writes a random-weight model of ``family`` and ``shape`` as a Hugging Face directory
+    (config.json and sharded safetensors with an index) without holding the model in memory:
+    one decoder layer at a time is made (weights N(0, 0.02), norm scales 1 + 0.2 N(0, 1) as in
+    :func:`random_model`), written and dropped. For speed and memory measurements of models
+    larger than memory (never for quality). Returns the directory."""
+    import json
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; shapes: {sorted(SHAPES)}")
+    config = _config(family, {**SHAPES[shape], **overrides})
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    layers = model.get_submodule("model.layers")
+    groups = [(f"model.layers.{i}.", layer) for i, layer in enumerate(layers)]
+    groups.append(("", model))  # what is left: embeddings, final norm, head
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    weight_map, shard, shard_bytes, total, files = {}, {}, 0, 0, []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"part-{len(files):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            files.append((name, list(shard)))
+            shard, shard_bytes = {}, 0
+
+    for prefix, module in groups:
+        for name, p in module.named_parameters():
+            key = prefix + name
+            if prefix == "" and key.startswith("model.layers."):
+                continue
+            if tied and key == "lm_head.weight":
+                continue
+            t = torch.empty(p.shape, dtype=torch.float32)
+            if "norm" in name:
+                t.normal_(generator=gen).mul_(0.2).add_(0.0 if family == "gemma2" else 1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            t = t.to(dtype)
+            nbytes = t.numel() * t.element_size()
+            if shard and shard_bytes + nbytes > max_shard_bytes:
+                flush()
+            shard[key] = t
+            shard_bytes += nbytes
+            total += nbytes
+    flush()
+    for i, (name, keys) in enumerate(files, 1):  # Hugging Face's shard names
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(out / name, out / final)
+        weight_map.update({key: final for key in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.dtype = dtype
+    config.save_pretrained(out)
+    return out
