@@ -108,8 +108,8 @@ class SourceCheckpoint:
         real), in eval mode, in the source dtype.
 
         Raises:
-            StreamingError: when the files do not hold exactly the tensors the model has (a
-                checkpoint whose names transformers converts while loading it).
+            StreamingError: when the files lack tensors the model has (a checkpoint whose
+                names transformers converts while loading it) or hold them in other shapes.
         """
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,7 +131,8 @@ class SourceCheckpoint:
         return model
 
     def _check_keys(self, model: nn.Module) -> None:
-        wanted = set(model.state_dict().keys())
+        state = model.state_dict()
+        wanted = set(state.keys())
         self.aliases = _tied_keys(model)
         missing = sorted(wanted - set(self.stored) - set(self.aliases))
         if missing:
@@ -141,7 +142,7 @@ class SourceCheckpoint:
                 f"memory instead (pyengine.compress, or `pyengine compress` without "
                 f"--sequential)")
         for key in wanted & set(self.stored):
-            shape = tuple(model.state_dict()[key].shape)
+            shape = tuple(state[key].shape)
             if tuple(self.stored[key].shape) != shape:
                 raise StreamingError(f"{self.path}: {key!r} is stored with shape "
                                      f"{list(self.stored[key].shape)}, the model's config "
