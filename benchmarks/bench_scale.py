@@ -163,7 +163,6 @@ def shape_facts(source: Path) -> Dict[str, Any]:
     """Parameters, bytes, and the sequential pipeline's least memory (largest layer in its
     source dtype + the tensors outside the layers) of the checkpoint in ``source``."""
     from pyengine.checkpoint_checks import checkpoint_files, stored_tensors
-    from pyengine.streaming import _nbytes
     stored = stored_tensors(checkpoint_files(source)[0])
     per_layer: Dict[str, int] = {}
     outside, params = 0, 0
@@ -174,10 +173,10 @@ def shape_facts(source: Path) -> Dict[str, Any]:
         params += n
         if key.startswith("model.layers."):
             layer = key.split(".")[2]
-            per_layer[layer] = per_layer.get(layer, 0) + _nbytes(info)
+            per_layer[layer] = per_layer.get(layer, 0) + info.nbytes
         else:
-            outside += _nbytes(info)
-    total = sum(_nbytes(info) for info in stored.values())
+            outside += info.nbytes
+    total = sum(info.nbytes for info in stored.values())
     return dict(params=params, checkpoint_mib=round(total / 2**20),
                 bound_mib=round((max(per_layer.values()) + outside) / 2**20))
 

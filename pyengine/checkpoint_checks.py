@@ -35,7 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # safetensors' dtype names (as its headers spell them) and the torch dtypes they load as.
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
@@ -250,6 +250,14 @@ class StoredTensor:
     shape: Tuple[int, ...]
     dtype: str
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * torch.empty((), dtype=SAFETENSORS_DTYPES[self.dtype]).element_size()
+
 
 def stored_tensors(files: Sequence["str | Path"]) -> Dict[str, StoredTensor]:
     """{key: StoredTensor} of safetensors ``files``, read from their headers (no tensor data).
@@ -387,7 +395,7 @@ def check_tensors(model: nn.Module, stored: Mapping[str, StoredTensor],
         if t.shape != tuple(want.shape):
             raise CheckpointError(f"checkpoint {where}: {t.file}: {_describe(key)} has the wrong "
                                   f"shape {t.shape}: the metadata says {tuple(want.shape)}")
-        got = _SAFETENSORS_DTYPES.get(t.dtype)
+        got = SAFETENSORS_DTYPES.get(t.dtype)
         if got is None or (got != want.dtype and (key in exact or not want.is_floating_point()
                                                   or not got.is_floating_point)):
             shown = t.dtype if got is None else str(got).replace("torch.", "")

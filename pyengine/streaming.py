@@ -34,7 +34,8 @@ from torch import nn
 
 from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibration, run_layer
 from .checkpoint import _save_safetensors, _state_for_saving, write_config, write_index
-from .checkpoint_checks import INDEX_NAME, CheckpointError, checkpoint_files, stored_tensors
+from .checkpoint_checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
+                                stored_tensors)
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, check_calibration_needs,
                        check_compress_arguments, hold_dense_in, hold_module_dense_in,
                        quantization_targets, quantize_embeddings, rtn_quantize)
@@ -49,7 +50,7 @@ __all__ = ["PROGRESS_NAME", "SourceCheckpoint", "StreamingError", "compress_chec
 PROGRESS_NAME = ".pyengine-compress-progress.json"
 _ACTIVATIONS_NAME = ".pyengine-compress-activations.safetensors"
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {name: SAFETENSORS_DTYPES[name] for name in ("F32", "F16", "BF16")}  # computable
 
 
 class StreamingError(ValueError):
@@ -87,13 +88,13 @@ class SourceCheckpoint:
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors stored in the files."""
-        return sum(_nbytes(info) for info in self.stored.values())
+        return sum(info.nbytes for info in self.stored.values())
 
     @staticmethod
     def tensor_bytes(path: "str | os.PathLike") -> int:
         """Bytes of the tensors stored in the safetensors files of directory ``path``."""
         files, _ = checkpoint_files(Path(path))
-        return sum(_nbytes(info) for info in stored_tensors(files).values())
+        return sum(info.nbytes for info in stored_tensors(files).values())
 
     def fingerprint(self) -> Dict[str, Any]:
         """What identifies the source files (names, sizes, modification times)."""
@@ -375,7 +376,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     write_config(model, out, aliases, layers=written_layers)
     written = stored_tensors([out / name for name in shard])
     write_index(out, {key: info.file for key, info in written.items()},
-                sum(_nbytes(info) for info in written.values()))
+                sum(info.nbytes for info in written.values()))
     _finish(out)
     return out
 
@@ -456,16 +457,6 @@ def _read_activations(out: Path, inputs: LayerInputs, device: torch.device) -> L
         raise StreamingError(f"{out / _ACTIVATIONS_NAME} does not match the calibration data; "
                              f"run again with resume=False")
     return LayerInputs([saved[str(b)] for b in range(len(saved))], inputs.kwargs)
-
-
-def _nbytes(info) -> int:
-    """Bytes of a stored tensor from its safetensors header entry."""
-    size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1,
-            "I8": 1, "BOOL": 1}[info.dtype]
-    count = 1
-    for d in info.shape:
-        count *= d
-    return count * size
 
 
 @torch.no_grad()
