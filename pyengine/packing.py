@@ -57,7 +57,8 @@ _PACK_CHUNK_CODES = 1 << 21
 
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n, kp = codes.shape
-    c = codes.to(torch.int64).reshape(n, kp // BLOCK_CODES, BLOCK_CODES)
+    # contiguous first: elementwise results keep a transposed input's strides
+    c = codes.contiguous().to(torch.int64).reshape(n, kp // BLOCK_CODES, BLOCK_CODES)
     if bits == 3:
         words = torch.zeros(n, kp // BLOCK_CODES, 3, dtype=torch.int64, device=codes.device)
         for j in range(BLOCK_CODES):

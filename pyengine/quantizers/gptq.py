@@ -21,7 +21,7 @@ inputs; the quantized layer then produces the next layer's inputs.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,9 +51,29 @@ def _group_params(w: torch.Tensor, valid: int, bits: int, symmetric: bool,
 
 
 @torch.no_grad()
+def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp: float,
+                    device: "torch.device | None" = None) -> Tuple[torch.Tensor, ...]:
+    """What GPTQ derives from a Hessian [K, K] alone, shared by the linears that read one
+    input: (dead inputs [K] bool, visiting order [K], its inverse [K], the upper Cholesky
+    factor of the damped inverse Hessian in visiting order [K, K] fp32)."""
+    k = hessian.shape[0]
+    h = hessian.detach().to(device=device or hessian.device, dtype=torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = (torch.argsort(torch.diag(h), descending=True) if act_order
+            else torch.arange(k, device=h.device))
+    inv_perm = torch.argsort(perm)
+    h = h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return dead, perm, inv_perm, h_inv
+
+
+@torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
                   symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
-                  block_size: int = 128, scale_dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+                  block_size: int = 128, scale_dtype: Optional[torch.dtype] = None,
+                  prepared: Optional[Tuple[torch.Tensor, ...]] = None) -> QuantizedWeight:
     """GPTQ of one weight.
 
     Args:
@@ -63,6 +83,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         bits, group_size, symmetric: as in pyengine.quantize.
         act_order: visit columns by decreasing diag(H) (groups stay static, see the module doc).
         damp: fraction of the mean diagonal added to it.
+        prepared: :func:`prepare_hessian` of ``hessian`` with the same act_order and damp
+            (computed here when None).
     Returns:
         The QuantizedWeight (method "gptq").
     """
@@ -78,65 +100,66 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     gs = kp if group_size == -1 else group_size
     n_groups = kp // gs
 
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    if prepared is None:
+        prepared = prepare_hessian(hessian, act_order, damp, device)
+    dead, perm, inv_perm, h_inv = prepared
 
-    scales = torch.empty(n, n_groups, dtype=torch.float32, device=device)
-    zeros = torch.empty(n, n_groups, dtype=torch.float32, device=device)
+    # The weight is worked on transposed, [K, N] in visiting order: a column of W is a
+    # contiguous row, so the per-column steps and the rank-1 updates run on contiguous memory.
+    w_orig = weight.detach().to(torch.float32)
+    wt = w_orig.t()[perm].contiguous()
+    wt[dead[perm]] = 0.0
+    scales_t = torch.empty(n_groups, n, dtype=torch.float32, device=device)  # [group, row]
+    zeros_t = torch.empty(n_groups, n, dtype=torch.float32, device=device)
     known = torch.zeros(n_groups, dtype=torch.bool)
 
-    def fill_group(g: int, source: torch.Tensor) -> None:
+    def fill_group(g: int, rows_of: "callable") -> None:
+        """Scale and zero of group g from its columns' values as rows_of(positions) gives
+        them ([len, N], positions in visiting order)."""
         start = g * gs
         stop = min(start + gs, k)
         cols = torch.zeros(n, gs, dtype=torch.float32, device=device)
-        cols[:, : stop - start] = source[:, start:stop]
-        scales[:, g], zeros[:, g] = _group_params(cols, stop - start, bits, symmetric, scale_dtype)
+        cols[:, : stop - start] = rows_of(inv_perm[start:stop]).t()
+        scales_t[g], zeros_t[g] = _group_params(cols, stop - start, bits, symmetric, scale_dtype)
         known[g] = True
 
-    perm = torch.arange(k, device=device)
     if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
         for g in range(n_groups):          # static groups from the original weights
-            fill_group(g, w)
-    inv_perm = torch.argsort(perm)
-    w = w[:, perm]
-    h = h[perm][:, perm]
+            fill_group(g, lambda positions: wt[positions])
 
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=device)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    codes = torch.zeros(n, k, dtype=torch.int64, device=device)
+    codes_t = torch.zeros(kp, n, dtype=torch.uint8, device=device)  # [original column, row]
     block_size = max(block_size, 1)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.empty_like(w1)
         h_inv1 = h_inv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // gs
             if not known[g]:
-                # the group's columns as they are now: updated ones in this block, the rest in w
-                current = w.clone()
-                current[:, i1:i2] = w1
-                fill_group(g, current[:, inv_perm])
-            s, z = scales[:, g], zeros[:, g]
-            x = w1[:, i]
+                # the group's columns as they are now: updated ones in this block, the rest in wt
+                def rows_of(positions, i1=i1, i2=i2, w1=w1):
+                    rows = wt[positions]
+                    inside = (positions >= i1) & (positions < i2)
+                    rows[inside] = w1[positions[inside] - i1]
+                    return rows
+                fill_group(g, rows_of)
+            s, z = scales_t[g], zeros_t[g]
+            x = w1[i]
             q = torch.clamp(torch.round(x / s) + z, 0, maxq)
-            codes[:, col] = q.to(torch.int64)
-            deq = (q - z) * s
-            e = (x - deq) / h_inv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * h_inv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+            codes_t[col] = q.to(torch.uint8)
+            e = (x - (q - z) * s) / h_inv1[i, i]
+            w1[i:].addr_(h_inv1[i, i:], e, alpha=-1.0)  # w1[i:] -= h_inv1[i, i:] (x) e
+            err1[i] = e
+        wt[i2:].addmm_(h_inv[i1:i2, i2:].t(), err1, alpha=-1.0)
 
-    padded = torch.zeros(n, kp, dtype=torch.int64, device=device)
-    padded[:, :k] = codes
-    zeros_out = None if symmetric else zeros.to(scale_dtype)
-    return QuantizedWeight(pack_codes(padded, bits), scales.to(scale_dtype), zeros_out, bits=bits,
+    def rows_first(t: torch.Tensor) -> torch.Tensor:  # [group, row] -> a fresh [row, group]
+        # (not .contiguous(): with one group torch calls the transposed view contiguous)
+        return torch.empty(n, n_groups, dtype=scale_dtype, device=device).copy_(t.t())
+
+    return QuantizedWeight(pack_codes(codes_t.t(), bits), rows_first(scales_t),
+                           None if symmetric else rows_first(zeros_t), bits=bits,
                            group_size=group_size, shape=(n, k), method="gptq")
 
 
@@ -165,10 +188,19 @@ def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
     """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
     in ``model``), from one pass of the layer over ``inputs``, in place."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
+    # one factorisation per Hessian that linears share (the Hessian is kept with it, so its
+    # id stays its own)
+    prepared: Dict[Tuple[int, bool], Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]] = {}
     for name, cfg in targets.items():
         holder, attr = linear_holder(model, name)
         linear = getattr(holder, attr)
-        qw = gptq_quantize(linear.weight, hessians.pop(name), cfg.bits, cfg.group_size,
+        hessian = hessians.pop(name)
+        key = (id(hessian), bool(cfg.act_order))
+        if key not in prepared:
+            prepared[key] = (hessian, prepare_hessian(hessian, cfg.act_order, damp,
+                                                      linear.weight.device))
+        qw = gptq_quantize(linear.weight, hessian, cfg.bits, cfg.group_size,
                            cfg.symmetric, act_order=cfg.act_order, damp=damp,
-                           scale_dtype=scale_dtype or linear.weight.dtype)
+                           scale_dtype=scale_dtype or linear.weight.dtype,
+                           prepared=prepared[key][1])
         setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias, act_bits=cfg.act_bits))

@@ -4,7 +4,7 @@ a named linear sits so it can be replaced."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Tuple, TypeVar
+from typing import Dict, Iterable, Mapping, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -36,17 +36,30 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     The hook sits on the named module: for a sliced block's output projection that is the
     ResidualProjection, whose forward receives the projection's input even when the layer then
     runs the projection fused with its shortcut (never calling the linear itself).
+
+    Linears that read the very same input tensor (q/k/v, gate/up) share one product per
+    batch, and, when they shared it in every batch, one returned tensor.
     """
     names = list(names)
     hessians: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
+    shares_with: Dict[str, Optional[str]] = {}  # name -> the name whose product it took
+    last: Dict[str, object] = {}  # the input the latest product was computed for, and it
     handles = []
     for name in names:
         def hook(mod, args, out, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-            h = x.T @ x
+            x_in = args[0]
+            if last.get("input") is x_in:  # the same tensor as the previous linear's input
+                h, leader = last["h"], last["name"]
+            else:
+                x = x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)
+                h, leader = x.T @ x, None
+                last.update(input=x_in, h=h, name=name)
             hessians[name] = h if name not in hessians else hessians[name] + h
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            counts[name] = counts.get(name, 0) + x_in.reshape(-1, x_in.shape[-1]).shape[0]
+            if shares_with.get(name, leader) != leader:
+                leader = None  # shared in one batch, not in another: keep its own sum
+            shares_with[name] = leader
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
@@ -55,6 +68,10 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
+    for name, leader in shares_with.items():
+        if leader is not None and shares_with.get(leader) is None:
+            hessians[name] = hessians[leader]  # equal sums of the same products: one tensor
     return hessians, counts
 
 
