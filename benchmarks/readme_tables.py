@@ -264,6 +264,25 @@ def scale_table() -> List[str]:
             + _table(["model", "path", "time", "peak resident", "own memory / bound"], body))
 
 
+def gptq_peers_table() -> List[str]:
+    """pyengine's GPTQ against llm-compressor's (benchmarks/bench_gptq_peers.py)."""
+    data = _load("gptq_peers.json")
+    if data is None:
+        return []
+    meta = data["meta"]
+    body = [[r["engine"], f"{r['version']}", r["config"],
+             f"{float(r['seconds']):.0f} s ({', '.join(f'{s:.0f}' for s in r['all_seconds'])})",
+             f"{float(r['perplexity']):.2f} (source {float(r['source_perplexity']):.2f})"]
+            for r in data["rows"]]
+    return ([f"**GPTQ against llm-compressor** on SmolLM2-135M (float32, the same "
+             f"{meta.get('calib')} calibration tensor for both, head and embeddings dense, no "
+             f"activation order, damping 0.01; median of {meta.get('rounds')} alternating "
+             f"rounds in one process, {meta.get('threads')} threads; held-out perplexity on "
+             f"{meta.get('eval')}; {_source('gptq_peers.json', meta)})", ""]
+            + _table(["engine", "version", "config", "seconds (each round)", "perplexity"],
+                     body))
+
+
 def gpu_files() -> List[str]:
     """Result files of GPU runs (kernel benchmarks are named per device)."""
     return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
@@ -271,6 +290,7 @@ def gpu_files() -> List[str]:
 
 def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table, rotation_table, scale_table,
+             gptq_peers_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
