@@ -228,7 +228,7 @@ def scale_table() -> List[str]:
 
     def compress_cells(step: Dict[str, object], bound: float) -> List[str]:
         if "seconds" not in step:
-            return [str(step.get("skipped") or step.get("error", "?"))[:60], "", ""]
+            return [f"not run: {step.get('skipped') or step.get('error', '?')}", "", ""]
         own = float(step["peak_rss_mib"]) - float(step["base_rss_mib"])
         return [f"{float(step['seconds']):.0f} s ({float(step['seconds_per_billion']):.0f} s/B)",
                 f"{float(step['peak_rss_mib']):.0f} MiB", f"{own / bound:.2f}x"]
@@ -251,7 +251,7 @@ def scale_table() -> List[str]:
                          f"{float(load['peak_anon_mib']):.0f} MiB anonymous")
         if "tokens_per_s" in int4:
             dense_text = (f"{float(dense['tokens_per_s']):.2f}" if "tokens_per_s" in dense
-                          else str(dense.get("skipped", dense.get("error", "?"))))
+                          else f"not run ({dense.get('skipped', dense.get('error', '?'))})")
             cells.append(f"decode int4 {float(int4['tokens_per_s']):.2f} tokens/s, dense "
                          f"float32 {dense_text} ({int4['threads']} threads)")
         if cells:
@@ -274,8 +274,8 @@ def gptq_peers_table() -> List[str]:
              f"{float(r['seconds']):.0f} s ({', '.join(f'{s:.0f}' for s in r['all_seconds'])})",
              f"{float(r['perplexity']):.2f} (source {float(r['source_perplexity']):.2f})"]
             for r in data["rows"]]
-    return ([f"**GPTQ against llm-compressor** on SmolLM2-135M (float32, the same "
-             f"{meta.get('calib')} calibration tensor for both, head and embeddings dense, no "
+    return ([f"**GPTQ against llm-compressor** on SmolLM2-135M (float32; one calibration "
+             f"tensor for both: {meta.get('calib')}; head and embeddings dense, no "
              f"activation order, damping 0.01; median of {meta.get('rounds')} alternating "
              f"rounds in one process, {meta.get('threads')} threads; held-out perplexity on "
              f"{meta.get('eval')}; {_source('gptq_peers.json', meta)})", ""]
