@@ -250,6 +250,60 @@ def _read_tensors(path: Path, keys: Dict[str, str], device: torch.device) -> Dic
     return tensors
 
 
+def _fused_buffers(model: nn.Module, stored: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """{key: the rows of a fused buffer it is read into} for the tensors of every layer group
+    pyengine.fuse_projections will fuse in ``model`` (a skeleton on the meta device): each
+    group's qweight, scales, zeros and bias get one buffer, members' rows back to back."""
+    from .checkpoint_checks import SAFETENSORS_DTYPES
+    from .modules.fusion import fusable_groups
+    names = {id(m): name for name, m in model.named_modules()}
+    views: Dict[str, torch.Tensor] = {}
+    for members in fusable_groups(model):
+        for attr in ("qweight", "scales", "zeros", "bias"):
+            keys = [f"{names[id(m)]}.{attr}" for m in members]
+            if not all(key in stored for key in keys):
+                continue
+            shapes = [tuple(stored[key].shape) for key in keys]
+            dtypes = {stored[key].dtype for key in keys}
+            if len(dtypes) != 1 or len({shape[1:] for shape in shapes}) != 1:
+                continue  # check_checkpoint has refused this already; read it plainly
+            rows = sum(shape[0] for shape in shapes)
+            buffer = torch.empty((rows,) + shapes[0][1:],
+                                 dtype=SAFETENSORS_DTYPES[dtypes.pop()])
+            start = 0
+            for key, shape in zip(keys, shapes):
+                views[key] = buffer[start:start + shape[0]]
+                start += shape[0]
+    return views
+
+
+def _read_into(path: Path, targets: Dict[str, "tuple[str, torch.Tensor]"]) -> None:
+    """Reads tensors of safetensors files straight into given contiguous CPU tensors:
+    {key: (file name in ``path``, destination)}, with plain reads (no memory map)."""
+    import struct
+    by_file: Dict[str, list] = {}
+    for key, (file, dest) in targets.items():
+        by_file.setdefault(file, []).append((key, dest))
+    for file, entries in by_file.items():
+        full = path / file
+        try:
+            with open(full, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+                entries.sort(key=lambda e: header[e[0]]["data_offsets"][0])
+                for key, dest in entries:
+                    begin, end = header[key]["data_offsets"]
+                    raw = dest.view(torch.uint8).reshape(-1)
+                    if end - begin != raw.numel():
+                        raise ValueError(f"{key} holds {end - begin} bytes, expected "
+                                         f"{raw.numel()}")
+                    f.seek(8 + header_len + begin)
+                    if f.readinto(memoryview(raw.numpy())) != raw.numel():
+                        raise ValueError(f"{key} is cut short")
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            raise CheckpointError(f"cannot read {full} (truncated or corrupt?): {exc}") from None
+
+
 def _skeleton(config, qmeta: Dict[str, Any], where: str) -> nn.Module:
     """The model's module tree with parameters on the meta device, compressed structure applied."""
     from accelerate import init_empty_weights
@@ -378,7 +432,14 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
     model = _skeleton(config, qmeta, str(config_file))
     aliases = qmeta["tied"]
     stored = check_checkpoint(model, path, aliases)
-    tensors = _read_tensors(path, {key: t.file for key, t in stored.items()}, device)
+    # the layers fusion will serve as one op are read straight into their fused buffers (so
+    # fusing copies nothing); the other tensors are memory-mapped
+    direct = (_fused_buffers(model, stored) if fuse and device.type == "cpu" and dtype is None
+              else {})
+    tensors = _read_tensors(path, {key: t.file for key, t in stored.items()
+                                   if key not in direct}, device)
+    _read_into(path, {key: (stored[key].file, t) for key, t in direct.items()})
+    tensors.update(direct)
     if dtype is not None:
         tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
     for alias, source in aliases.items():

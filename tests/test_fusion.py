@@ -191,3 +191,48 @@ def test_inference_mode_inputs(rng):
         x = torch.randn(2, 64, generator=rng)
         for f, p in zip(fused, plain):
             assert torch.equal(f(x), p(x))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])  # phi3's are fused modules
+def test_load_reads_each_group_into_its_fused_buffer(family, tmp_path, rng, monkeypatch):
+    """pyengine.load reads a fused group's members back to back into one buffer per tensor:
+    fusing then copies nothing, and the model computes what the saved one did."""
+    model = random_model(family)
+    pyengine.compress(model, UNIFORM, show_progress=False)
+    pyengine.save(model, tmp_path / "ckpt")
+    cat_calls = []
+    original_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cat_calls.append(1) or original_cat(*a, **k))
+    loaded = pyengine.load(tmp_path / "ckpt")
+    monkeypatch.setattr(torch, "cat", original_cat)
+    groups = fused_groups(loaded)
+    assert groups and len(groups) == len(fused_groups(model))
+    assert not cat_calls  # every group was bound on the buffers it was read into
+    for group in groups:
+        start = group.weight.qweight.data_ptr()
+        for member, offset in zip(group.members, group.offsets):
+            row_bytes = member.qweight.shape[1] * member.qweight.element_size()
+            assert member.qweight.data_ptr() == start + offset * row_bytes
+            assert member.scales.untyped_storage().data_ptr() == \
+                group.weight.scales.untyped_storage().data_ptr()
+    ids = _ids(rng)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    unfused = pyengine.load(tmp_path / "ckpt", fuse=False)
+    assert not fused_groups(unfused)
+    with torch.no_grad():
+        assert torch.equal(unfused(ids).logits, model(ids).logits)
+
+
+def test_concatenated_copies_only_parts_that_are_not_back_to_back():
+    from pyengine.modules.fusion import _concatenated
+    whole = torch.arange(60, dtype=torch.int32).reshape(10, 6)
+    parts = [whole[0:3], whole[3:4], whole[4:10]]
+    joined = _concatenated(parts)
+    assert joined.data_ptr() == whole.data_ptr() and torch.equal(joined, whole)
+    for shuffled in ([whole[3:4], whole[0:3], whole[4:10]],     # out of order
+                     [whole[0:3], whole[4:10]],                 # a gap
+                     [whole[0:3], whole[3:4].clone()]):         # another storage
+        got = _concatenated(shuffled)
+        assert torch.equal(got, torch.cat(shuffled))
+        assert got.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()

@@ -64,12 +64,14 @@ class ProjectionGroup:
 
     def bind(self) -> None:
         """Concatenates the members' rows into one set of tensors and makes every member's
-        buffers views of its rows. Peak memory: one extra copy of this group's weights, briefly."""
+        buffers views of its rows. Peak memory: one extra copy of this group's weights, briefly
+        (none when the members already lie back to back in one buffer, as pyengine.load
+        reads them)."""
         ms = self.members
-        qweight = torch.cat([m.qweight for m in ms])
-        scales = torch.cat([m.scales for m in ms])
-        zeros = None if ms[0].zeros is None else torch.cat([m.zeros for m in ms])
-        bias = None if ms[0].bias is None else torch.cat([m.bias.detach() for m in ms])
+        qweight = _concatenated([m.qweight for m in ms])
+        scales = _concatenated([m.scales for m in ms])
+        zeros = None if ms[0].zeros is None else _concatenated([m.zeros for m in ms])
+        bias = None if ms[0].bias is None else _concatenated([m.bias.detach() for m in ms])
         self.weight = None  # members' refresh below must not invalidate a half-built group
         for m, start in zip(ms, self.offsets):
             rows = slice(start, start + m.out_features)
@@ -117,6 +119,46 @@ class ProjectionGroup:
         return pending[2].narrow(-1, self.offsets[index], member.out_features)
 
 
+def _concatenated(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts) along dim 0; without a copy when the parts already lie back to back in
+    one storage (pyengine.load reads a group's members into one buffer)."""
+    first = parts[0]
+    adjacent = all(p.is_contiguous() and p.dtype == first.dtype and p.device == first.device
+                   and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   for p in parts)
+    if adjacent:
+        end = first.data_ptr()
+        for p in parts:
+            adjacent = adjacent and p.data_ptr() == end
+            end = p.data_ptr() + p.numel() * p.element_size()
+    if not adjacent:
+        return torch.cat(list(parts))
+    rows = sum(p.shape[0] for p in parts)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                   (rows,) + tuple(first.shape[1:]))
+
+
+def fusable_groups(model: nn.Module) -> List[List[QuantLinear]]:
+    """The layers :func:`fuse_projections` would fuse (the same rule; the layers may be on the
+    meta device), per group in output order."""
+    from ..models.adapters import get_adapter
+    adapter = get_adapter(model)
+    groups = []
+    for layer in adapter.decoder_layers(model):
+        for block, names in ((adapter.attn, adapter.attn_inputs),
+                             (adapter.mlp, adapter.mlp_inputs)):
+            if len(names) < 2:
+                continue
+            try:
+                parent = layer.get_submodule(block)
+                members = [parent.get_submodule(n) for n in names]
+            except AttributeError:
+                continue
+            if not fusion_blocker(members):
+                groups.append(members)
+    return groups
+
+
 def _version(x: torch.Tensor) -> int:
     """The in-place version counter of ``x``; -1 for inference-mode tensors, which have none
     (an inference tensor changed in place between two members' calls is not detected)."""
@@ -151,23 +193,10 @@ def fuse_projections(model: nn.Module) -> int:
     unchanged. Layers already fused, dense layers and Matryoshka layers are left alone.
     Returns the number of groups fused by this call.
     """
-    from ..models.adapters import get_adapter
-    adapter = get_adapter(model)
-    fused = 0
-    for layer in adapter.decoder_layers(model):
-        for block, names in ((adapter.attn, adapter.attn_inputs),
-                             (adapter.mlp, adapter.mlp_inputs)):
-            if len(names) < 2:
-                continue
-            try:
-                parent = layer.get_submodule(block)
-                members = [parent.get_submodule(n) for n in names]
-            except AttributeError:
-                continue
-            if not fusion_blocker(members):
-                ProjectionGroup(members)
-                fused += 1
-    return fused
+    groups = fusable_groups(model)
+    for members in groups:
+        ProjectionGroup(members)
+    return len(groups)
 
 
 def fused_groups(model: nn.Module) -> List[ProjectionGroup]:
