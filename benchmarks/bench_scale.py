@@ -16,7 +16,8 @@ own fresh process so that peak memory is the step's own:
 Memory is reported two ways: ``peak_rss_mib`` (VmHWM: everything resident, memory-mapped file
 pages included, which the kernel can drop and re-read) and ``peak_anon_mib`` (anonymous memory,
 sampled every 5 ms: what the process itself allocates). ``base_*`` are the same figures after
-the imports, before the step; the step's own memory is peak - base. ``bound_mib`` is what the
+the imports (torch, transformers, pyengine and the model family's code), before the step; the
+step's own memory is peak - base. ``bound_mib`` is what the
 sequential pipeline must hold at least: the largest decoder layer in its source dtype plus the
 embedding table and head.
 
@@ -96,6 +97,9 @@ def child(step: str, source: str, out: str) -> Dict[str, Any]:
 
     import pyengine
     from pyengine.streaming import compress_checkpoint
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source))]  # imports its code
     result: Dict[str, Any] = {}
     if step == "sequential":
         with MemoryWatch() as watch:

@@ -244,7 +244,7 @@ def scale_table() -> List[str]:
         cells = []
         if "first_seconds" in load:
             cells.append(f"load of the {r['output_mib']} MiB int4 checkpoint: "
-                         f"{float(load['first_seconds']):.1f} s first (imports included), "
+                         f"{float(load['first_seconds']):.1f} s first, "
                          f"{float(load['second_seconds']):.2f} s again, files read in "
                          f"{float(load['read_files_seconds']):.2f} s; peak "
                          f"{float(load['peak_rss_mib']):.0f} MiB resident, "
