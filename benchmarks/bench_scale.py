@@ -92,7 +92,7 @@ def _recipe():
 
 
 def child(step: str, source: str, out: str) -> Dict[str, Any]:
-    import torch  # noqa: F401 - imported before the base figures are taken
+    import torch
     import transformers  # noqa: F401
 
     import pyengine
@@ -130,7 +130,6 @@ def child(step: str, source: str, out: str) -> Dict[str, Any]:
                     pass
         result["read_files_seconds"] = time.perf_counter() - t0
     elif step in ("decode_int4", "decode_dense"):
-        import torch
         from bench_decode import measure_decode
         if step == "decode_int4":
             model = pyengine.load(out, dtype=torch.float32)

@@ -51,8 +51,23 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
     """The ``quantization_config`` entry describing a compressed model."""
     from .slicing.structure import describe_structure
     recipe = getattr(model, RECIPE_ATTR, None) or Recipe()
-    layers = {}
-    for name, module in model.named_modules():
+    layers = layer_entries(model)
+    # the lowest format version that describes the checkpoint, so older readers take it
+    version = 2 if any("embedding" in entry for entry in layers.values()) else 1
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": version,
+        "recipe": recipe.to_dict(),
+        "layers": layers,
+        "structure": describe_structure(model),
+    }
+
+
+def layer_entries(root: nn.Module, prefix: str = "") -> Dict[str, Dict[str, Any]]:
+    """``quantization_config.layers`` entries of the quantized modules under ``root``, named
+    as in the model when ``root`` is its submodule ``prefix``."""
+    layers: Dict[str, Dict[str, Any]] = {}
+    for name, module in root.named_modules(prefix=prefix):
         if isinstance(module, QuantLinear):
             layers[name] = {
                 "bits": module.bits, "group_size": module.group_size,
@@ -73,15 +88,7 @@ def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
                 "method": module.method, "bias": False,
                 "embedding": {"dtype": str(module.dtype).replace("torch.", "")},
             }
-    # the lowest format version that describes the checkpoint, so older readers take it
-    version = 2 if any("embedding" in entry for entry in layers.values()) else 1
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": version,
-        "recipe": recipe.to_dict(),
-        "layers": layers,
-        "structure": describe_structure(model),
-    }
+    return layers
 
 
 def _state_for_saving(model: nn.Module, include: Optional[Callable[[str], bool]] = None):

@@ -617,10 +617,8 @@ def _compress_sequential(args: argparse.Namespace, source: Path, out: Path) -> i
     except StreamingError as exc:
         raise UsageError(str(exc)) from None
     _require_supported(skeleton)
-    tokenizer = _tokenizer_or_none(str(source))
-    if tokenizer is None:
-        raise UsageError(f"{source.name} has no tokenizer, which calibration needs (save one "
-                         f"next to the model: tokenizer.save_pretrained(DIR))")
+    tokenizer = _require_tokenizer(
+        LoadedModel(skeleton, _tokenizer_or_none(str(source)), source.name, False), "calibration")
     calib = calibration(tokenizer, args.calib, args.n_samples, args.seqlen)
     _status(f"compressing {source.name} layer by layer ({len(src.stored)} tensors in "
             f"{src.dtype}, {_mib(src.nbytes)})")
@@ -708,9 +706,10 @@ def layer_table(model: nn.Module) -> List[Dict[str, Any]]:
     rows = [dict(layer=i, bits=0.0, bit_widths=[], attn_width=hidden, mlp_width=hidden,
                  bytes=0, weights=0) for i in range(n_layers)]
     for entry in layer_report(model):
-        if not entry["name"].startswith(prefix):
+        index = adapter.layer_index(entry["name"])
+        if index is None:
             continue
-        row = rows[int(entry["name"][len(prefix):].split(".")[0])]
+        row = rows[index]
         n, k = entry["shape"]
         row["bits"] += entry["bits"] * n * k
         row["weights"] += n * k
@@ -720,7 +719,7 @@ def layer_table(model: nn.Module) -> List[Dict[str, Any]]:
     for name, module in model.named_modules():
         if isinstance(module, ResidualProjection) and module.shortcut is not None \
                 and name.startswith(prefix):
-            rows[int(name[len(prefix):].split(".")[0])]["bytes"] += \
+            rows[adapter.layer_index(name)]["bytes"] += \
                 module.shortcut.numel() * module.shortcut.element_size()
     if structure:
         for row, desc in zip(rows, structure["layers"]):

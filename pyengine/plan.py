@@ -39,11 +39,10 @@ MAX_SLICE = 0.9
 def _layer_linears(model: nn.Module) -> Dict[int, List[Tuple[int, int]]]:
     """{layer index: [(out_features, in_features), ...]} of the decoder's linear layers."""
     adapter = get_adapter(model)
-    prefix = adapter.layers + "."
     shapes: Dict[int, List[Tuple[int, int]]] = {}
     for name, linear, _, _ in quantizable_linears(model):
-        if name.startswith(prefix):
-            index = int(name[len(prefix):].split(".")[0])
+        index = adapter.layer_index(name)
+        if index is not None:
             shapes.setdefault(index, []).append((linear.out_features, linear.in_features))
     return shapes
 

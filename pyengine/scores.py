@@ -35,13 +35,10 @@ def zd_scores(model: nn.Module, only_layer: Optional[int] = None) -> List[float]
     """Per decoder layer, the share of its linear weights with |z| > 1 (``only_layer``: that
     layer's value alone, in a one-element list; the other layers' weights may be absent)."""
     adapter = get_adapter(model)
-    prefix = adapter.layers + "."
     per_layer: Dict[int, List[torch.Tensor]] = {}
     for name, linear, _, _ in quantizable_linears(model):
-        if not name.startswith(prefix):
-            continue
-        index = int(name[len(prefix):].split(".")[0])
-        if only_layer is not None and index != only_layer:
+        index = adapter.layer_index(name)
+        if index is None or (only_layer is not None and index != only_layer):
             continue
         w = linear.dequantize(torch.float32) if isinstance(linear, QuantLinear) else linear.weight
         per_layer.setdefault(index, []).append(w.detach().reshape(-1).to(torch.float32))

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibration, run_layer
-from .checkpoint import _save_safetensors, _state_for_saving, write_config, write_index
+from .checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
+                         write_index)
 from .checkpoint_checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
                                 stored_tensors)
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, check_calibration_needs,
@@ -236,10 +237,6 @@ def _calibration_digest(calibration: Optional[torch.Tensor]) -> Optional[str]:
     return hashlib.sha256(ids.numpy().tobytes() + str(tuple(ids.shape)).encode()).hexdigest()
 
 
-def _layer_index(name: str, prefix: str) -> int:
-    return int(name[len(prefix):].split(".")[0])
-
-
 @torch.no_grad()
 def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", recipe: Recipe,
                         calibration: Optional[torch.Tensor] = None, *,
@@ -288,8 +285,9 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     layer_targets: Dict[int, list] = {}
     other_targets = []
     for target in targets:
-        if target[0].startswith(layers_prefix):
-            layer_targets.setdefault(_layer_index(target[0], layers_prefix), []).append(target)
+        index = adapter.layer_index(target[0])
+        if index is not None:
+            layer_targets.setdefault(index, []).append(target)
         else:
             other_targets.append(target)
     methods = {t[4].method for t in targets}
@@ -348,7 +346,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
                    _state_for_saving(layer)[0].items()}
         _save_safetensors({k: t.cpu() for k, t in tensors.items()}, out / shard[i],
                           {"format": "pt", "producer": "pyengine"})
-        written_layers.update(_layer_entries(model, f"{adapter.layers}.{i}."))
+        written_layers.update(layer_entries(layer, f"{adapter.layers}.{i}"))
         _release(layer)
         for target in here:  # the dense linears the quantized ones replaced
             _release(target[1])
@@ -415,13 +413,6 @@ def _record(out: Path, run: Dict[str, Any], layers_written: int,
     tmp.write_text(json.dumps({"run": run, "layers_written": layers_written,
                                "layers": entries}, indent=1))
     os.replace(tmp, out / PROGRESS_NAME)
-
-
-def _layer_entries(model: nn.Module, prefix: str) -> Dict[str, Any]:
-    """The ``quantization_config.layers`` entries of the modules under ``prefix``."""
-    from .checkpoint import quantization_metadata
-    return {name: entry for name, entry in quantization_metadata(model)["layers"].items()
-            if name.startswith(prefix)}
 
 
 def _finish(out: Path) -> None:

@@ -3,7 +3,6 @@ native step operations (csrc/cpu/decode_ops.cpp) against torch."""
 
 from __future__ import annotations
 
-import copy
 import zlib
 
 import pytest

@@ -8,7 +8,7 @@ pre-norm block whose norms can be folded into the following linears).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -40,6 +40,12 @@ class ModelAdapter:
     # ---- module access ----------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
+
+    def layer_index(self, name: str) -> Optional[int]:
+        """The decoder layer a module name belongs to (3 for ``model.layers.3.mlp.up_proj``);
+        None for a module outside the decoder layers."""
+        prefix = self.layers + "."
+        return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
 
     def layer_linear_names(self) -> List[str]:
         """Names of the linear layers inside one decoder layer, in execution order."""

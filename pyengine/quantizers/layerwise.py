@@ -18,13 +18,14 @@ T = TypeVar("T")
 
 def group_by_layer(model: nn.Module, configs: Mapping[str, T], method: str) -> Dict[int, Dict[str, T]]:
     """{decoder layer index: {module name: config}}; ValueError for a name outside the layers."""
-    prefix = get_adapter(model).layers + "."
+    adapter = get_adapter(model)
     by_layer: Dict[int, Dict[str, T]] = {}
     for name, cfg in configs.items():
-        if not name.startswith(prefix):
+        index = adapter.layer_index(name)
+        if index is None:
             raise ValueError(f"{method} runs on decoder layers; {name!r} is outside them "
                              f"(use method='rtn')")
-        by_layer.setdefault(int(name[len(prefix):].split(".")[0]), {})[name] = cfg
+        by_layer.setdefault(index, {})[name] = cfg
     return by_layer
 
 
