@@ -161,12 +161,14 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq, uintptr_t scales,
          uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
          int out_dtype, int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
-         int64_t group_size, int num_threads, const std::string& isa, int act_bits) {
+         int64_t group_size, int num_threads, const std::string& isa, int act_bits,
+         int interleave) {
         QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
                                   bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
                                   bits, group_size);
         a.num_threads = num_threads;
         a.act_bits = act_bits;
+        a.interleave = interleave;
         py::gil_scoped_release release;
         if (isa.empty())
           pyengine::cpu::qmatmul(a);
@@ -178,9 +180,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
       py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
       py::arg("group_size"), py::arg("num_threads") = 0, py::arg("isa") = "",
-      py::arg("act_bits") = 0,
+      py::arg("act_bits") = 0, py::arg("interleave") = 0,
       "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on the CPU; pointers are integers. "
-      "act_bits=8: with x quantized to int8 per block of 32 along K first (common.h).");
+      "act_bits=8: with x quantized to int8 per block of 32 along K first (common.h). "
+      "interleave=8: W, scales and zeros in the row-interleaved layout (common.h).");
 
   m.def(
       "plane_matmul_cpu",

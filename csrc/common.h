@@ -60,6 +60,10 @@ struct QMatmulArgs : MatmulProblem {
   bool accumulate = false;        // out += result instead of out = result
   int bits = 4;
   int act_bits = 0;               // 0 or 8
+  // 0: rows as above. 8: rows interleaved by eights (docs/FORMAT.md, "CPU row-interleaved
+  // layout"): word w of row 8o + r at qweight + (8o) * ldq + 8w + r, and group g's scale / zero
+  // of that row at + (8o) * lds + 8g + r; N must be a multiple of 8.
+  int interleave = 0;
 };
 
 constexpr int64_t kActBlock = 32;  // activation elements per int8 scale (act_bits = 8)
@@ -132,6 +136,8 @@ inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
   check_problem(a, fail);
   if (a.M > 0 && a.N > 0 && !a.qweight) fail("null pointer");
   if (a.ldq < (a.K + 31) / 32 * a.bits) fail("ldq is smaller than the packed length of K");
+  if (a.interleave != 0 && a.interleave != 8) fail("interleave must be 0 or 8");
+  if (a.interleave && a.N % a.interleave) fail("N must be a multiple of the row interleave");
 }
 
 // Checks that the plane kernels rely on; raises std::invalid_argument naming the problem.

@@ -18,7 +18,9 @@ and runs, per layer and step::
 
 Linear layers run through pyengine.ops (every weight kind, every backend); a quantized layer on
 the ``cpu`` backend is called through a prepared kernel call (pyengine.ops.bind_linear: pointers
-and sizes bound once, the output accumulated into the residual stream by the kernel). The result
+and sizes bound once, the output accumulated into the residual stream by the kernel);
+int8-activation layers on the AVX2 and AVX-512 builds read a copy of their weight with rows
+interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports. The result
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
@@ -404,6 +406,15 @@ class Decoder:
             for layer in self.layers:
                 layer.bind_native()
         self.position = 0
+
+    @property
+    def prepared_bytes(self) -> int:
+        """Bytes of weight copies the decoder's prepared calls hold besides the model's own
+        weights: the CPU row-interleaved layout of the int8-activation layers
+        (pyengine.backends.cpu.interleave_rows), 0 when none is prepared."""
+        calls = [self.head] + [c for layer in self.layers
+                               for c in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down)]
+        return sum(getattr(c.kernel, "prepared_bytes", 0) for c in calls)
 
     def reset(self) -> None:
         """Forgets the cached sequence (the cache is overwritten, not cleared)."""

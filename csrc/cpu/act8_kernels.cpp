@@ -7,14 +7,16 @@
 //             - sum_g z[n,g] * s[n,g] * sum_{b in g} d[m,b] * sum_{k in b} q[m,k]
 //
 // with c the weight's codes. The inner sums are integer dot products: int8 activations times
-// the 2- or 4-bit codes as unsigned bytes, by vpmaddubsw (u8 x s8 -> pairs of s16) and
+// the 2-, 4- or 8-bit codes as unsigned bytes, by vpmaddubsw (u8 x s8 -> pairs of s16) and
 // vpmaddwd (-> s32), 32 (AVX2) or 64 (AVX-512) code bytes per instruction, instead of one
 // fp32 FMA per code: this is the decode path that keeps up with memory bandwidth.
 //
-// Compiled once per instruction set like qmatmul_kernels.cpp. The integer path is built for
-// AVX2 and AVX-512 (BW) and taken for 2- and 4-bit weights at M <= kDecodeMaxM; every other
-// case (3 or 8 bits, larger M, the generic build) quantizes the activations the same way into
-// an fp32 copy and runs the exact kernels on it, so every path computes the same product.
+// Compiled once per instruction set like qmatmul_kernels.cpp. The integer paths are built for
+// AVX2 and AVX-512 (BW) and taken for 2-, 4- and 8-bit weights at M <= kDecodeMaxM: on the
+// canonical rows (act8_row, one row at a time) or on rows interleaved by eights
+// (QMatmulArgs::interleave, rows8_octet: eight rows' dot products in the lanes of one vector).
+// Every other case (3 bits, larger M, the generic build) quantizes the activations the same way
+// into an fp32 copy and runs the exact kernels on it, so every path computes the same product.
 //
 // Byte layout. A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
 // AVX-512) of a row. Byte i of a step holds codes cpb * i + j, j < cpb = 8 / BITS, at bits
@@ -97,10 +99,13 @@ template <int S>
 inline VI vsrl16(VI a) { return _mm512_srli_epi16(a, S); }
 inline VI vmaddubs(VI u8, VI s8) { return _mm512_maddubs_epi16(u8, s8); }
 inline VI vadd16(VI a, VI b) { return _mm512_add_epi16(a, b); }
+inline VI vadd32(VI a, VI b) { return _mm512_add_epi32(a, b); }
 inline VI vmadd16(VI a, VI b) { return _mm512_madd_epi16(a, b); }
 inline VF vcvt(VI a) { return _mm512_cvtepi32_ps(a); }
 inline VF vloadf(const float* p) { return _mm512_loadu_ps(p); }
+inline VF vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline VF vpermute(VF v, VI idx) { return _mm512_permutexvar_ps(idx, v); }
+inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 inline VF vzero() { return _mm512_setzero_ps(); }
 inline float vsum(VF v) { return _mm512_reduce_add_ps(v); }
@@ -116,10 +121,13 @@ template <int S>
 inline VI vsrl16(VI a) { return _mm256_srli_epi16(a, S); }
 inline VI vmaddubs(VI u8, VI s8) { return _mm256_maddubs_epi16(u8, s8); }
 inline VI vadd16(VI a, VI b) { return _mm256_add_epi16(a, b); }
+inline VI vadd32(VI a, VI b) { return _mm256_add_epi32(a, b); }
 inline VI vmadd16(VI a, VI b) { return _mm256_madd_epi16(a, b); }
 inline VF vcvt(VI a) { return _mm256_cvtepi32_ps(a); }
 inline VF vloadf(const float* p) { return _mm256_loadu_ps(p); }
+inline VF vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline VF vpermute(VF v, VI idx) { return _mm256_permutevar8x32_ps(v, idx); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 inline VF vzero() { return _mm256_setzero_ps(); }
 inline float vsum(VF v) {
@@ -133,17 +141,20 @@ constexpr int kMaxRowBlock = 4;  // activation rows per pass over a weight row
 
 template <int BITS>
 struct Act8Layout {
-  static constexpr int kCodesPerByte = 8 / BITS;            // also the number of planes
+  static constexpr int kCodesPerByte = 8 / BITS;            // 1 for 8-bit codes
+  static constexpr int kPlanes = kCodesPerByte;             // activation planes per step
   static constexpr int kStepCodes = kVB * kCodesPerByte;
   static constexpr int kStepWords = kVB / 4;
   static constexpr int kLaneCodes = 4 * kCodesPerByte;       // codes per 32-bit lane (a word)
-  static constexpr int kMask = (1 << BITS) - 1;
+  // Field mask of a plane; 8-bit codes are split into two nibbles (see step_dot).
+  static constexpr int kMask = BITS == 8 ? 0x0F : (1 << BITS) - 1;
 };
 
 // Per call: the quantized activations in step order and what each step's lanes are scaled by.
 struct Act8Plan {
   int64_t Kp;            // K rounded up to whole 32-code blocks
   int64_t steps;         // steps per row (the last may reach past Kp: zero activations there)
+  int64_t full_steps;    // steps whose words lie within every row (the rest: the last one)
   int64_t row_words;     // packed words of a row's Kp codes
   int64_t G;             // weight groups covering Kp
   int64_t in_place_rows; // rows n < this read their last step in place (see qmatmul_kernels)
@@ -161,6 +172,7 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
   p.Kp = (a.K + 31) / 32 * 32;
   p.steps = (p.Kp + L::kStepCodes - 1) / L::kStepCodes;
   p.row_words = p.Kp * BITS / 32;
+  p.full_steps = p.row_words / L::kStepWords;
   p.G = (p.Kp + a.group_size - 1) / a.group_size;
   const int64_t chunk_end = p.steps * L::kStepWords;
   const int64_t data_end = (a.N - 1) * a.ldq + p.row_words;
@@ -182,10 +194,9 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
     }
     int8_t* xm = p.xp.data() + m * codes;
     for (int64_t s = 0; s < p.steps; ++s) {
-      for (int j = 0; j < L::kCodesPerByte; ++j)
+      for (int j = 0; j < L::kPlanes; ++j)
         for (int i = 0; i < kVB; ++i)
-          xm[(s * L::kCodesPerByte + j) * kVB + i] =
-              q[s * L::kStepCodes + L::kCodesPerByte * i + j];
+          xm[(s * L::kPlanes + j) * kVB + i] = q[s * L::kStepCodes + L::kCodesPerByte * i + j];
       for (int u = 0; u < kLanes; ++u)
         p.lane_d[(m * p.steps + s) * kLanes + u] =
             d[(s * L::kStepCodes + L::kLaneCodes * u) / kActBlock];
@@ -202,64 +213,355 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
   return p;
 }
 
-// Rows [lo, hi) of the output for the activation rows [m0, m0 + MB).
-template <int BITS, int MB>
-void act8_rows(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t lo, int64_t hi,
-               float* sf, float* bf, float* out32) {
+// The integer dot products of one step of one weight row: 32-bit lane u = sum of c[k] * q[k]
+// over the codes of the step's packed word u. xv: the step's activation planes.
+//  * 2 and 4 bits: plane j = (bytes >> BITS * j) & mask; vpmaddubsw (u8 codes x s8
+//    activations -> s16 pairs) per plane, summed, then vpmaddwd by ones (-> s32 lanes).
+//  * 8 bits: c = 16 * hi + lo with nibbles <= 15, so that the s16 pairs of vpmaddubsw stay in
+//    range (2 * 255 * 127 would not); hi's pairs are weighted by 16 in vpmaddwd.
+template <int BITS>
+PYENGINE_INLINE inline VI step_dot(VI bytes, const VI* xv, VI mask, VI ones, VI sixteens) {
   using L = Act8Layout<BITS>;
-  constexpr int P = L::kCodesPerByte;
-  const VI mask = vset8(L::kMask);
-  const VI ones = vset16(1);
-  const int64_t codes = p.steps * L::kStepCodes;
-  alignas(64) uint8_t tail[kVB] = {};
-  for (int64_t n = lo; n < hi; ++n) {
-    group_params(a, n, p.G, 1.f, (float)(1 << (BITS - 1)), sf, bf);
-    const uint32_t* wrow = a.qweight + n * a.ldq;
-    const bool in_place = n < p.in_place_rows;
-    VF acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = vzero();
-    for (int64_t s = 0; s < p.steps; ++s) {
-      const uint32_t* words = wrow + s * L::kStepWords;
-      if (!in_place && (s + 1) * L::kStepWords > p.row_words) {  // the row's last step: copy
-        std::memcpy(tail, words, (size_t)(p.row_words - s * L::kStepWords) * 4);
-        words = reinterpret_cast<const uint32_t*>(tail);
-      }
-      const VI bytes = vload(words);
-      VI plane[P];
-      unroll<P>([&](auto j) PYENGINE_INLINE {
-        plane[j] = vand(vsrl16<BITS * decltype(j)::value>(bytes), mask);
-      });
-      const VF scale = vpermute(vloadf(sf + p.group0[s]), vload(p.offset.data() + s * kLanes));
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* xs = p.xp.data() + (m0 + m) * codes + s * P * kVB;
-        VI pairs = vmaddubs(plane[0], vload(xs));
-        unroll<P - 1>([&](auto j) PYENGINE_INLINE {
-          constexpr int J = decltype(j)::value + 1;
-          pairs = vadd16(pairs, vmaddubs(plane[J], vload(xs + J * kVB)));
-        });
-        const VF lane_d = vloadf(p.lane_d.data() + ((m0 + m) * p.steps + s) * kLanes);
-        acc[m] = vfma(vcvt(vmadd16(pairs, ones)), lane_d * scale, acc[m]);
-      }
-    }
-    for (int m = 0; m < MB; ++m)
-      out32[(m0 + m) * a.N + n] = vsum(acc[m]) + dot(bf, p.xsum.data() + (m0 + m) * p.G, p.G);
+  if constexpr (BITS == 8) {
+    const VI lo = vmaddubs(vand(bytes, mask), xv[0]);
+    const VI hi = vmaddubs(vand(vsrl16<4>(bytes), mask), xv[0]);
+    return vadd32(vmadd16(lo, ones), vmadd16(hi, sixteens));
+  } else {
+    VI pairs = vmaddubs(vand(bytes, mask), xv[0]);
+    unroll<L::kPlanes - 1>([&](auto j) PYENGINE_INLINE {
+      constexpr int J = decltype(j)::value + 1;
+      pairs = vadd16(pairs, vmaddubs(vand(vsrl16<BITS * J>(bytes), mask), xv[J]));
+    });
+    return vmadd16(pairs, ones);
   }
 }
 // The s16 pair sums stay in range: P planes of codes <= 2^BITS - 1 times |q| <= 127, two per
-// pair: 2 * P * (2^BITS - 1) * 127 <= 7620 for BITS = 4 and 3048 for BITS = 2.
-static_assert(2 * 2 * 15 * 127 < 32767 && 2 * 4 * 3 * 127 < 32767, "vpmaddubsw pair sums");
+// pair: 2 * P * (2^BITS - 1) * 127 <= 7620 for BITS = 4, 3048 for BITS = 2 and 3810 per nibble
+// for BITS = 8.
+static_assert(2 * 2 * 15 * 127 < 32767 && 2 * 4 * 3 * 127 < 32767 && 2 * 15 * 127 < 32767,
+              "vpmaddubsw pair sums");
+
+// sum_g bf[g] * xsum[g] over g < G added to the lanes of acc (masked vector loads: no
+// horizontal sum of its own; the caller's sum of acc's lanes takes it).
+inline VF add_dot(VF acc, const float* bf, const float* xsum, int64_t G) {
+  int64_t g = 0;
+  for (; g + kLanes <= G; g += kLanes) acc = vfma(vloadf(bf + g), vloadf(xsum + g), acc);
+  if (g < G) {
+#if defined(__AVX512BW__)
+    const __mmask16 m = (__mmask16)((1u << (G - g)) - 1u);
+    acc = vfma(_mm512_maskz_loadu_ps(m, bf + g), _mm512_maskz_loadu_ps(m, xsum + g), acc);
+#else
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(G - g)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    acc = vfma(_mm256_maskload_ps(bf + g, m), _mm256_maskload_ps(xsum + g, m), acc);
+#endif
+  }
+  return acc;
+}
+
+// Weight row n against activation rows [m0, m0 + MB): out32[m][n]. sf, bf: the row's group
+// parameters (sf readable kLanes floats past its G; see group_params: w = c * sf + bf). tail:
+// zeroed scratch for a last step that reaches past the call's last row.
+//
+// GROUP_STEPS: every step lies within one weight group (the group size a multiple of the step's
+// codes, or one group per row): the lane sums of a group's steps are scaled by the activation
+// scales only, and the group's sum by its weight scale once (a broadcast). Otherwise each step's
+// lane scales come from one permutation of consecutive group scales (Act8Plan::offset).
+//
+// One row at a time, its words read in order: weights come from memory as one sequential
+// stream (reading several rows side by side was slower from DRAM on AMD Zen 4, though faster
+// from the caches).
+template <int BITS, int MB, bool GROUP_STEPS>
+void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
+              const float* __restrict sf, const float* __restrict bf, uint8_t* tail,
+              float* out32) {
+  using L = Act8Layout<BITS>;
+  constexpr int P = L::kPlanes;
+  const VI mask = vset8(L::kMask), ones = vset16(1), sixteens = vset16(16);
+  const int64_t steps = p.steps, full_steps = p.full_steps;
+  const int8_t* __restrict xbase = p.xp.data() + m0 * steps * L::kStepCodes;
+  const float* __restrict dbase = p.lane_d.data() + m0 * steps * kLanes;
+  const int32_t* __restrict offsets = p.offset.data();
+  const int32_t* __restrict group0 = p.group0.data();
+  const uint32_t* __restrict wrow = a.qweight + n * a.ldq;
+  // The accumulators are indexed by compile-time constants only (unroll), so that they live in
+  // registers: a loop over an array of vectors keeps them in memory.
+  VF acc[MB], gacc[MB];
+  unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = vzero(); });
+  // One step s: into gacc (GROUP_STEPS: lane sums scaled by the activation scales) or acc (by
+  // activation and weight scales). `last`: the row's last step, copied to tail when the row
+  // is past Act8Plan::in_place_rows.
+  auto step = [&](int64_t s, bool last) PYENGINE_INLINE {
+    const uint32_t* words = wrow + s * L::kStepWords;
+    if (last && n >= p.in_place_rows) {
+      std::memcpy(tail, words, (size_t)(p.row_words - s * L::kStepWords) * 4);
+      words = reinterpret_cast<const uint32_t*>(tail);
+    }
+    const VI bytes = vload(words);
+    VF scale;
+    if constexpr (!GROUP_STEPS) scale = vpermute(vloadf(sf + group0[s]), vload(offsets + s * kLanes));
+    unroll<MB>([&](auto m) PYENGINE_INLINE {
+      VI xv[P];
+      unroll<P>([&](auto j) PYENGINE_INLINE {
+        xv[j] = vload(xbase + ((m * steps + s) * P + j) * kVB);
+      });
+      const VF d = vloadf(dbase + (m * steps + s) * kLanes);
+      const VF lanes = vcvt(step_dot<BITS>(bytes, xv, mask, ones, sixteens));
+      if constexpr (GROUP_STEPS) gacc[m] = vfma(lanes, d, gacc[m]);
+      else acc[m] = vfma(lanes, vmul(d, scale), acc[m]);
+    });
+  };
+  if constexpr (GROUP_STEPS) {
+    const int64_t per_group = p.G == 1 ? steps : a.group_size / L::kStepCodes;
+    for (int64_t s0 = 0, g = 0; s0 < steps; s0 += per_group, ++g) {
+      const int64_t s1 = std::min(steps, s0 + per_group);
+      unroll<MB>([&](auto m) PYENGINE_INLINE { gacc[m] = vzero(); });
+      const int64_t s_full = std::min(s1, full_steps);
+      for (int64_t s = s0; s < s_full; ++s) step(s, false);
+      for (int64_t s = s_full; s < s1; ++s) step(s, true);
+      const VF scale = vbroadcast(sf + g);
+      unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = vfma(gacc[m], scale, acc[m]); });
+    }
+  } else {
+    for (int64_t s = 0; s < full_steps; ++s) step(s, false);
+    for (int64_t s = full_steps; s < steps; ++s) step(s, true);
+  }
+  unroll<MB>([&](auto m) PYENGINE_INLINE {
+    out32[(m0 + m) * a.N + n] = vsum(add_dot(acc[m], bf, p.xsum.data() + (m0 + m) * p.G, p.G));
+  });
+}
+
+// Weight rows [lo, hi) for the activation rows [m0, m0 + MB). The group parameters of up to
+// kParamRows rows are converted in one pass when the rows' scales lie back to back.
+constexpr int64_t kParamRows = 16;
+
+template <int BITS, int MB, bool GROUP_STEPS>
+void act8_rows(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t lo, int64_t hi,
+               float* sf, float* bf, uint8_t* tail, float* out32) {
+  const int64_t G = p.G;
+  const float symmetric_zero = (float)(1 << (BITS - 1));
+  for (int64_t n0 = lo; n0 < hi; n0 += kParamRows) {
+    const int64_t rows = std::min(kParamRows, hi - n0);
+    if (a.lds == G) {
+      group_params(a, n0, rows * G, 1.f, symmetric_zero, sf, bf);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        group_params(a, n0 + r, G, 1.f, symmetric_zero, sf + r * G, bf + r * G);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      act8_row<BITS, MB, GROUP_STEPS>(a, p, m0, n0 + r, sf + r * G, bf + r * G, tail, out32);
+  }
+}
+
+template <int BITS, bool GROUP_STEPS>
+void act8_decode_with(const QMatmulArgs& a, const Act8Plan& p, float* out32) {
+  parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
+    // group parameters of kParamRows rows; sf padded: a permutation reads kLanes floats
+    std::vector<float> sf(kParamRows * p.G + kLanes, 0.f), bf(kParamRows * p.G);
+    alignas(64) uint8_t tail[kVB] = {};
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowBlock) {
+      switch (std::min<int64_t>(kMaxRowBlock, a.M - m0)) {
+        case 1: act8_rows<BITS, 1, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(), bf.data(), tail,
+                                                out32); break;
+        case 2: act8_rows<BITS, 2, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(), bf.data(), tail,
+                                                out32); break;
+        case 3: act8_rows<BITS, 3, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(), bf.data(), tail,
+                                                out32); break;
+        default: act8_rows<BITS, kMaxRowBlock, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(),
+                                                            bf.data(), tail, out32);
+      }
+    }
+  });
+}
 
 template <int BITS>
 void act8_decode(const QMatmulArgs& a, float* out32) {
+  using L = Act8Layout<BITS>;
   const Act8Plan p = plan_act8<BITS>(a);
-  parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sf(p.G + kLanes, 0.f), bf(p.G);  // sf padded: a permutation's reach
+  if (p.G == 1 || a.group_size % L::kStepCodes == 0)
+    act8_decode_with<BITS, true>(a, p, out32);
+  else
+    act8_decode_with<BITS, false>(a, p, out32);
+}
+
+// ---- the row-interleaved layout (QMatmulArgs::interleave = 8) ---------------------------------
+// Eight weight rows side by side: a 256-bit load of 8 consecutive words holds word w of each of
+// the eight rows, one per 32-bit lane, so that the eight dot products of an octet of rows
+// accumulate in the lanes of one vector (no horizontal sums, one group-parameter vector per
+// group for all eight rows) while the weights stream from memory in order. Code j of word w of
+// a row is k = w * c + j (c = 32 / BITS), so byte i of plane p = (word >> BITS * p) & mask is
+// code c / 4 * i + p: each (word, plane) meets 4 activation bytes, broadcast to every lane.
+// 256-bit vectors in both the AVX2 and the AVX-512 builds (AMD Zen 4 runs 512-bit operations at
+// the same width per cycle).
+template <int BITS>
+struct Rows8Layout {
+  static constexpr int kCodesPerWord = 32 / BITS;
+  static constexpr int kCodesPerByte = 8 / BITS;
+  static constexpr int kPlanes = kCodesPerByte;
+  static constexpr int kBlockWords = (int)kActBlock / kCodesPerWord;  // words per act block
+  static constexpr int kMask = BITS == 8 ? 0x0F : (1 << BITS) - 1;
+};
+constexpr int kInterleave = 8;
+
+struct Rows8Plan {
+  int64_t blocks;          // activation blocks of 32 codes covering K
+  int64_t G;               // weight groups
+  int64_t group_blocks;    // activation blocks per weight group (all of them when G == 1)
+  std::vector<int32_t> xq; // [M][words][planes] the 4 activation bytes of each (word, plane)
+  std::vector<float> d;    // [M][blocks] activation scales
+  std::vector<float> xsum; // [M][G] sum over the group of x^ = d * q
+};
+
+template <int BITS>
+Rows8Plan plan_rows8(const QMatmulArgs& a) {
+  using L = Rows8Layout<BITS>;
+  Rows8Plan p;
+  p.blocks = (a.K + kActBlock - 1) / kActBlock;
+  const int64_t Kp = p.blocks * kActBlock;
+  p.G = (Kp + a.group_size - 1) / a.group_size;
+  p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
+  const int64_t words = p.blocks * L::kBlockWords;
+  std::vector<int8_t> q(Kp);
+  p.xq.assign((size_t)(a.M * words * L::kPlanes), 0);
+  p.d.assign((size_t)(a.M * p.blocks), 0.f);
+  p.xsum.assign((size_t)(a.M * p.G), 0.f);
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* d = p.d.data() + m * p.blocks;
+    quantize_row(a, m, Kp, q.data(), d);
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      int32_t bsum = 0;
+      for (int i = 0; i < kActBlock; ++i) bsum += q[b * kActBlock + i];
+      p.xsum[m * p.G + std::min<int64_t>(p.G - 1, b * kActBlock / a.group_size)] +=
+          d[b] * (float)bsum;
+    }
+    int8_t* xm = reinterpret_cast<int8_t*>(p.xq.data() + m * words * L::kPlanes);
+    for (int64_t w = 0; w < words; ++w)
+      for (int pl = 0; pl < L::kPlanes; ++pl)
+        for (int i = 0; i < 4; ++i)
+          xm[(w * L::kPlanes + pl) * 4 + i] =
+              q[w * L::kCodesPerWord + L::kCodesPerByte * i + pl];
+  }
+  return p;
+}
+
+// Eight lanes of group parameters: row 8o + r's scale and -zero * scale of group g.
+inline void rows8_params(const QMatmulArgs& a, const float symmetric_zero, int64_t offset,
+                         __m256* s, __m256* b) {
+  __m256 z;
+  switch (a.sz_dtype) {
+    case kFloat32:
+      *s = _mm256_loadu_ps(static_cast<const float*>(a.scales) + offset);
+      z = a.zeros ? _mm256_loadu_ps(static_cast<const float*>(a.zeros) + offset)
+                  : _mm256_set1_ps(symmetric_zero);
+      break;
+    case kFloat16:
+      *s = _mm256_cvtph_ps(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + offset)));
+      z = a.zeros ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                        static_cast<const uint16_t*>(a.zeros) + offset)))
+                  : _mm256_set1_ps(symmetric_zero);
+      break;
+    default: {  // bfloat16: the top half of a float32
+      auto widen = [](const void* base, int64_t off) {
+        const __m128i h =
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      };
+      *s = widen(a.scales, offset);
+      z = a.zeros ? widen(a.zeros, offset) : _mm256_set1_ps(symmetric_zero);
+    }
+  }
+  *b = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), *s);
+}
+
+// Octet o of weight rows against activation rows [m0, m0 + MB): out32[m][8o .. 8o + 8).
+template <int BITS, int MB>
+void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o,
+                 float* out32) {
+  using L = Rows8Layout<BITS>;
+  constexpr int P = L::kPlanes;
+  const __m256i mask = _mm256_set1_epi8((char)L::kMask), ones = _mm256_set1_epi16(1);
+  const __m256i sixteens = _mm256_set1_epi16(16);
+  const int64_t words = p.blocks * L::kBlockWords;
+  const uint32_t* __restrict wbase = a.qweight + o * kInterleave * a.ldq;
+  const int32_t* __restrict xq = p.xq.data() + m0 * words * P;
+  const float* __restrict dm = p.d.data() + m0 * p.blocks;
+  const float symmetric_zero = (float)(1 << (BITS - 1));
+  __m256 acc[MB];
+  unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = _mm256_setzero_ps(); });
+  for (int64_t g = 0, b0 = 0; g < p.G; ++g, b0 += p.group_blocks) {
+    const int64_t b1 = std::min(p.blocks, b0 + p.group_blocks);
+    __m256 sacc[MB];
+    unroll<MB>([&](auto m) PYENGINE_INLINE { sacc[m] = _mm256_setzero_ps(); });
+    for (int64_t b = b0; b < b1; ++b) {
+      // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
+      // block adds 2 * 4 planes x words (int4: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of
+      // at most 2 * 15 * 127 (int2: 2 * 3 * 127)
+      __m256i lo[MB], hi[MB];
+      unroll<MB>([&](auto m) PYENGINE_INLINE {
+        lo[m] = _mm256_setzero_si256();
+        hi[m] = _mm256_setzero_si256();
+      });
+      unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
+        const int64_t w = b * L::kBlockWords + v;
+        const __m256i word = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
+        if constexpr (BITS == 8) {
+          const __m256i low = _mm256_and_si256(word, mask);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
+          unroll<MB>([&](auto m) PYENGINE_INLINE {
+            const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P]);
+            lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(low, xb));
+            hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(high, xb));
+          });
+        } else {
+          unroll<P>([&](auto pl) PYENGINE_INLINE {
+            const __m256i plane =
+                _mm256_and_si256(_mm256_srli_epi16(word, BITS * decltype(pl)::value), mask);
+            unroll<MB>([&](auto m) PYENGINE_INLINE {
+              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
+              lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(plane, xb));
+            });
+          });
+        }
+      });
+      unroll<MB>([&](auto m) PYENGINE_INLINE {
+        __m256i lanes = _mm256_madd_epi16(lo[m], ones);
+        if constexpr (BITS == 8) lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(hi[m], sixteens));
+        sacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes),
+                                  _mm256_broadcast_ss(dm + m * p.blocks + b), sacc[m]);
+      });
+    }
+    __m256 scale, bias;
+    rows8_params(a, symmetric_zero, o * kInterleave * a.lds + g * kInterleave, &scale, &bias);
+    unroll<MB>([&](auto m) PYENGINE_INLINE {
+      acc[m] = _mm256_fmadd_ps(sacc[m], scale, acc[m]);
+      acc[m] = _mm256_fmadd_ps(bias, _mm256_broadcast_ss(p.xsum.data() + (m0 + m) * p.G + g),
+                               acc[m]);
+    });
+  }
+  unroll<MB>([&](auto m) PYENGINE_INLINE {
+    _mm256_storeu_ps(out32 + (m0 + m) * a.N + o * kInterleave, acc[m]);
+  });
+}
+static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 3 * 127 < 32767 && 2 * 8 * 15 * 127 < 32767,
+              "rows8 s16 pair sums of one activation block");
+
+template <int BITS>
+void rows8_decode(const QMatmulArgs& a, float* out32) {
+  const Rows8Plan p = plan_rows8<BITS>(a);
+  MatmulProblem octets = a;  // threads split octets of rows
+  octets.N = a.N / kInterleave;
+  parallel_rows(octets, kInterleave * p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowBlock) {
-      switch (std::min<int64_t>(kMaxRowBlock, a.M - m0)) {
-        case 1: act8_rows<BITS, 1>(a, p, m0, lo, hi, sf.data(), bf.data(), out32); break;
-        case 2: act8_rows<BITS, 2>(a, p, m0, lo, hi, sf.data(), bf.data(), out32); break;
-        case 3: act8_rows<BITS, 3>(a, p, m0, lo, hi, sf.data(), bf.data(), out32); break;
-        default: act8_rows<BITS, kMaxRowBlock>(a, p, m0, lo, hi, sf.data(), bf.data(), out32);
+      const int64_t mb = std::min<int64_t>(kMaxRowBlock, a.M - m0);
+      for (int64_t o = lo; o < hi; ++o) {
+        switch (mb) {
+          case 1: rows8_octet<BITS, 1>(a, p, m0, o, out32); break;
+          case 2: rows8_octet<BITS, 2>(a, p, m0, o, out32); break;
+          case 3: rows8_octet<BITS, 3>(a, p, m0, o, out32); break;
+          default: rows8_octet<BITS, kMaxRowBlock>(a, p, m0, o, out32);
+        }
       }
     }
   });
@@ -268,9 +570,35 @@ void act8_decode(const QMatmulArgs& a, float* out32) {
 
 }  // namespace
 
+bool rows8_native(const QMatmulArgs& a) {
+#if defined(__AVX2__)
+  return a.interleave == kInterleaveRows && a.act_bits == 8 &&
+         (a.bits == 2 || a.bits == 4 || a.bits == 8) && a.M <= kDecodeMaxM;
+#else
+  (void)a;
+  return false;
+#endif
+}
+
+void qmatmul_rows8(const QMatmulArgs& a) {
+#if defined(__AVX2__)
+  std::vector<float> out32((size_t)(a.M * a.N), 0.f);
+  if (a.K > 0) {
+    switch (a.bits) {
+      case 2: rows8_decode<2>(a, out32.data()); break;
+      case 4: rows8_decode<4>(a, out32.data()); break;
+      default: rows8_decode<8>(a, out32.data()); break;
+    }
+  }
+  store_result(a, out32.data());
+#else
+  (void)a;
+#endif
+}
+
 bool act8_native(const QMatmulArgs& a) {
 #if defined(__AVX2__)
-  return (a.bits == 2 || a.bits == 4) && a.M <= kDecodeMaxM;
+  return (a.bits == 2 || a.bits == 4 || a.bits == 8) && a.M <= kDecodeMaxM;
 #else
   (void)a;
   return false;
@@ -285,10 +613,11 @@ void qmatmul_act8(const QMatmulArgs& a) {
 #if defined(__AVX2__)
   std::vector<float> out32((size_t)(a.M * a.N), 0.f);
   if (a.K > 0) {
-    if (a.bits == 4)
-      act8_decode<4>(a, out32.data());
-    else
-      act8_decode<2>(a, out32.data());
+    switch (a.bits) {
+      case 2: act8_decode<2>(a, out32.data()); break;
+      case 4: act8_decode<4>(a, out32.data()); break;
+      default: act8_decode<8>(a, out32.data()); break;
+    }
   }
   store_result(a, out32.data());
 #endif

@@ -143,7 +143,8 @@ inline void group_params_typed(const T* s, const T* z, int64_t G, float value_sc
 // Row n's group parameters for lane values v with w = (v / value_scale - z) * s, i.e.
 // w = v * sf[g] + bf[g]: sf = s * value_scale and bf = -(z + value_scale) * s (value_scale != 1:
 // the lane values carry a +1, see the kernels) or -z * s. A symmetric weight (zeros == nullptr) has
-// z = symmetric_zero. One fused pass per row, typed by the scale dtype.
+// z = symmetric_zero. One fused pass per row, typed by the scale dtype. G may also be the
+// groups of several rows when their scales lie back to back (a.lds == groups per row).
 inline void group_params(const MatmulProblem& a, int64_t n, int64_t G, float value_scale,
                          float symmetric_zero, float* sf, float* bf) {
   const int64_t o = n * a.lds;
@@ -247,6 +248,34 @@ inline void store_result(const QMatmulArgs& a, const float* out32) {
       store_from_float(a.out, a.out_dtype, m * a.ldo + n, v);
     }
   }
+}
+
+// The arguments of a row-interleaved call (QMatmulArgs::interleave) on canonical copies of its
+// rows: words, scales and zeros are filled with rows [0, N) in the plain layout; the result
+// reads them (and must not outlive them).
+inline QMatmulArgs deinterleaved(const QMatmulArgs& a, std::vector<uint32_t>& words,
+                                 std::vector<uint8_t>& scales, std::vector<uint8_t>& zeros) {
+  const int64_t R = a.interleave;
+  QMatmulArgs c = a;
+  c.interleave = 0;
+  words.resize((size_t)(a.N * a.ldq));
+  for (int64_t n = 0; n < a.N; ++n)
+    for (int64_t w = 0; w < a.ldq; ++w)
+      words[n * a.ldq + w] = a.qweight[(n / R) * R * a.ldq + w * R + n % R];
+  c.qweight = words.data();
+  const size_t elem = a.sz_dtype == kFloat32 ? 4 : 2;
+  auto plain = [&](const void* src, std::vector<uint8_t>& dst) {
+    dst.resize((size_t)(a.N * a.lds) * elem);
+    const uint8_t* s = static_cast<const uint8_t*>(src);
+    for (int64_t n = 0; n < a.N; ++n)
+      for (int64_t g = 0; g < a.lds; ++g)
+        std::memcpy(dst.data() + (n * a.lds + g) * elem,
+                    s + ((n / R) * R * a.lds + g * R + n % R) * elem, elem);
+    return static_cast<const void*>(dst.data());
+  };
+  c.scales = plain(a.scales, scales);
+  if (a.zeros) c.zeros = plain(a.zeros, zeros);
+  return c;
 }
 
 // ---- prefill: a panel of rows dequantized over the whole K, dot-product micro-kernel ---------

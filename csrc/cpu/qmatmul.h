@@ -19,6 +19,8 @@ namespace cpu {
   void qmatmul(const QMatmulArgs& args);           \
   void qmatmul_act8(const QMatmulArgs& args);      \
   bool act8_native(const QMatmulArgs& args);       \
+  bool rows8_native(const QMatmulArgs& args);      \
+  void qmatmul_rows8(const QMatmulArgs& args);     \
   void plane_matmul(const PlaneMatmulArgs& args);  \
   }
 
@@ -45,6 +47,9 @@ const char* selected_isa();
 // tiled_path in qmatmul_kernels.cpp).
 constexpr int64_t kDecodeMaxM = 8;
 constexpr int64_t kTiledMaxM = 16;
+
+// Rows per group of QMatmulArgs::interleave (the CPU row-interleaved layout).
+constexpr int kInterleaveRows = 8;
 
 // The Matryoshka plane-layout matmul on the best instruction set (validates args first).
 void plane_matmul(const PlaneMatmulArgs& args);

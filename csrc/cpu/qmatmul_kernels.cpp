@@ -568,6 +568,16 @@ void run(const QMatmulArgs& a, float* out32) {
 
 void qmatmul(const QMatmulArgs& a) {
   if (a.M == 0 || a.N == 0) return;
+  if (a.interleave) {  // row-interleaved weights: the decode kernel, else a canonical copy
+    if (rows8_native(a)) {
+      qmatmul_rows8(a);
+    } else {
+      std::vector<uint32_t> words;
+      std::vector<uint8_t> scales, zeros;
+      qmatmul(deinterleaved(a, words, scales, zeros));
+    }
+    return;
+  }
   if (a.act_bits == 8) {  // int8 activations: act8_kernels.cpp
     qmatmul_act8(a);
     return;

@@ -23,6 +23,27 @@ from .base import Backend, LinearCase, PackedOperand
 
 
 ISA_VARIABLE = "PYENGINE_CPU_ISA"
+INTERLEAVE_ROWS = 8  # rows side by side in the row-interleaved layout (QMatmulArgs::interleave)
+
+
+def interleave_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    n: int, k: int, bits: int) -> tuple:
+    """The first ``n`` rows of a packed weight in the CPU row-interleaved layout (csrc/common.h,
+    docs/FORMAT.md): (words int32 [n / 8, W, 8], scales [n / 8, G, 8], zeros like scales or
+    None), W = ceil(k / 32) * bits words per row (the words past them, padding of the stored
+    rows, are left out so that a call reads one unbroken stream), G the stored groups. Word w of
+    row 8o + r is words[o, w, r]; n must be a multiple of 8."""
+    if n % INTERLEAVE_ROWS:
+        raise ValueError(f"interleave_rows: {n} rows are not a multiple of {INTERLEAVE_ROWS}")
+    words = -(-k // 32) * bits
+
+    def side_by_side(t: torch.Tensor, cols: int) -> torch.Tensor:
+        return (t[:n, :cols].reshape(n // INTERLEAVE_ROWS, INTERLEAVE_ROWS, cols)
+                .transpose(1, 2).contiguous())
+
+    groups = scales.shape[1]
+    return (side_by_side(qweight, words), side_by_side(scales, groups),
+            None if zeros is None else side_by_side(zeros, groups))
 
 
 class CpuBackend(Backend):
@@ -67,6 +88,19 @@ class CpuBackend(Backend):
         # weights at decode sizes, the exact kernels on the quantized activations otherwise
         return isinstance(weight, PackedOperand)
 
+    def selected_isa(self) -> str:
+        """The instruction-set build this backend's calls run."""
+        ext = extension()
+        return self.isa or (ext.build_info().get("cpu_isa_selected", "") if ext else "")
+
+    def interleaves(self, weight, n, act_bits) -> bool:
+        """Whether :meth:`bind` prepares ``weight`` in the row-interleaved layout: int8
+        activations on 2-, 4- or 8-bit weights with a multiple of 8 rows, on the AVX2 and
+        AVX-512 builds (whose decode kernel reads it; elsewhere it would only be converted
+        back)."""
+        return (act_bits == 8 and isinstance(weight, PackedOperand) and weight.bits in (2, 4, 8)
+                and n % INTERLEAVE_ROWS == 0 and self.selected_isa() in ("avx2", "avx512"))
+
     def bind(self, weight, n, k, bias, act_bits=0):
         if not isinstance(weight, PackedOperand):
             return None
@@ -74,19 +108,35 @@ class CpuBackend(Backend):
         qmatmul = ext.qmatmul_cpu
         if bias is not None:
             bias = bias.contiguous()
-        # the weight's part of packed_kernel_args, built once
-        x0 = torch.empty(1, k, dtype=torch.float32)
-        wargs = packed_kernel_args(x0, weight, bias, x0, False, n, k)[3:11]
+        interleave = INTERLEAVE_ROWS if self.interleaves(weight, n, act_bits) else 0
+        prepared = ()
+        if interleave:
+            # decode reads the rows in eights side by side: a copy in that layout
+            prepared = interleave_rows(weight.qweight, weight.scales, weight.zeros, n, k,
+                                       weight.bits)
+            words, scales, zeros = prepared
+            wargs = (words.data_ptr(), words.shape[1], scales.data_ptr(),
+                     0 if zeros is None else zeros.data_ptr(), DTYPE_CODES[scales.dtype],
+                     scales.shape[1])
+        else:
+            # the weight's part of packed_kernel_args, built once
+            x0 = torch.empty(1, k, dtype=torch.float32)
+            wargs = packed_kernel_args(x0, weight, bias, x0, False, n, k)[3:9]
+        bias_args = (0 if bias is None else bias.data_ptr(),
+                     DTYPE_CODES[bias.dtype] if bias is not None else 0)
         bits, group_size = weight.bits, weight.group_size
         get_threads = torch.get_num_threads
 
         def kernel(x, target, accumulate):
             # keeps bias alive with the closure; x, target: [M, k] / [M, n], contiguous
-            qmatmul(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *wargs,
+            qmatmul(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *wargs, *bias_args,
                     target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
-                    x.shape[0], n, k, bits, group_size, get_threads(), isa, act_bits)
+                    x.shape[0], n, k, bits, group_size, get_threads(), isa, act_bits, interleave)
 
-        kernel.keep = (weight, bias)
+        kernel.keep = (weight, bias, prepared)
+        # memory the prepared call holds besides the weight itself
+        kernel.prepared_bytes = sum(t.numel() * t.element_size() for t in prepared
+                                    if t is not None)
         return kernel
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):

@@ -1,0 +1,109 @@
+"""The CPU row-interleaved layout (QMatmulArgs::interleave = 8): the layout itself, qmatmul_cpu on
+it on every instruction-set build (the decode kernel for int8 activations on 2-, 4- and 8-bit
+weights at M <= 8, a canonical copy everywhere else) against the reference product, and the
+prepared calls of bind_linear that use it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import pyengine
+from pyengine import ops
+from pyengine._ext import DTYPE_CODES, extension
+from pyengine.backends import CpuBackend, get_backend
+from pyengine.backends.cpu import INTERLEAVE_ROWS, interleave_rows
+from pyengine.ops.act_quant import quantize_activations
+
+from helpers import BITS, DTYPES, assert_matches, packed_operand, poisoned, random_weight
+
+pytestmark = pytest.mark.skipif(get_backend("cpu").unavailable_reason() is not None,
+                                reason="pyengine._C (the cpu backend) is not built")
+
+USABLE_ISAS = pyengine.build_info().get("cpu_isas_usable", [])
+
+
+def test_interleave_rows_puts_eight_rows_side_by_side(rng):
+    qw = pyengine.quantize(random_weight(16, 200, rng), 4, 64, clip_search=False)
+    words, scales, zeros = interleave_rows(qw.qweight, qw.scales, qw.zeros, 16, 200, 4)
+    assert words.shape == (2, 7 * 4, 8)      # ceil(200 / 32) blocks of 4 words; padding left out
+    assert scales.shape == zeros.shape == (2, qw.scales.shape[1], 8)
+    for n, w in itertools.product(range(16), range(words.shape[1])):
+        assert words[n // 8, w, n % 8] == qw.qweight[n, w]
+    for n, g in itertools.product(range(16), range(qw.scales.shape[1])):
+        assert scales[n // 8, g, n % 8] == qw.scales[n, g]
+        assert zeros[n // 8, g, n % 8] == qw.zeros[n, g]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        interleave_rows(qw.qweight[:12], qw.scales[:12], qw.zeros[:12], 12, 200, 4)
+
+
+def _interleaved_call(x, qw, n, k, out, act_bits, isa, bias=None, accumulate=False):
+    words, scales, zeros = interleave_rows(qw.qweight, qw.scales, qw.zeros, n, k, qw.bits)
+    extension().qmatmul_cpu(
+        x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), words.data_ptr(), words.shape[1],
+        scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(), DTYPE_CODES[scales.dtype],
+        scales.shape[1], 0 if bias is None else bias.data_ptr(),
+        DTYPE_CODES[bias.dtype] if bias is not None else 0, out.data_ptr(),
+        DTYPE_CODES[out.dtype], out.stride(0), accumulate, x.shape[0], n, k, qw.bits,
+        qw.effective_group_size, 0, isa, act_bits, INTERLEAVE_ROWS)
+
+
+@pytest.mark.parametrize("isa", USABLE_ISAS)
+@pytest.mark.parametrize("bits", BITS)
+def test_qmatmul_on_interleaved_rows_matches_the_reference(isa, bits, rng):
+    """bits x group x scale dtype x symmetry, odd K, M from decode sizes (the interleaved
+    kernel with int8 activations) to prefill sizes (a canonical copy), fp32 activations too,
+    bias and accumulation, into NaN-poisoned outputs."""
+    cases = itertools.product((32, 64, 128, -1), DTYPES, (False, True))
+    for case, (group_size, dtype, symmetric) in enumerate(cases):
+        n, k = ((24, 200), (40, 576), (8, 1000))[case % 3]
+        qw = pyengine.quantize(random_weight(n, k, rng), bits, group_size, symmetric=symmetric,
+                               scale_dtype=dtype, clip_search=False)
+        dense = qw.dequantize(torch.float32)
+        for m, act_bits in ((1, 8), (3, 8), (8, 8), (12, 8), (1, 0)):
+            x = (torch.randn(m, k, generator=rng) * 2).to(dtype)
+            bias = torch.randn(n, generator=rng).to(dtype) if m % 2 else None
+            xq = quantize_activations(x.float()) if act_bits else x.float()
+            want = xq @ dense.T + (0 if bias is None else bias.float())
+            what = f"{isa} {bits}-bit g{group_size} {dtype} sym={symmetric} M={m} a{act_bits}"
+            out = poisoned((m, n), dtype, "cpu")
+            _interleaved_call(x, qw, n, k, out, act_bits, isa, bias)
+            assert_matches(out.float(), want, dtype, what)
+            if m == 3:  # accumulating into the output
+                start = torch.randn(m, n, generator=rng).to(dtype)
+                acc = start.clone()
+                _interleaved_call(x, qw, n, k, acc, act_bits, isa, bias, accumulate=True)
+                assert_matches(acc.float(), want + start.float(), dtype, what + " accumulate")
+
+
+def test_interleaved_rows_must_be_a_multiple_of_eight(rng):
+    qw = pyengine.quantize(random_weight(16, 64, rng), 4, 32, clip_search=False)
+    x, out = torch.randn(1, 64), torch.empty(1, 12)
+    with pytest.raises(ValueError, match="multiple of the row interleave"):
+        extension().qmatmul_cpu(x.data_ptr(), 0, 64, qw.qweight.data_ptr(), 8,
+                                qw.scales.data_ptr(), qw.zeros.data_ptr(), 0, 2, 0, 0,
+                                out.data_ptr(), 0, 12, False, 1, 12, 64, 4, 32, 0, "", 8, 8)
+
+
+@pytest.mark.parametrize("isa", [i for i in USABLE_ISAS if i != "generic"])
+def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
+    """bind_linear with act_bits=8 on the AVX2 / AVX-512 builds prepares the interleaved copy
+    (and says how many bytes it holds); its calls equal qlinear's, at decode and prefill M;
+    rows that are not a multiple of 8 keep the canonical layout."""
+    backend = CpuBackend(isa=isa)
+    for bits, n in ((4, 48), (8, 40), (2, 16), (3, 24), (4, 20)):
+        k = 300
+        qw = pyengine.quantize(random_weight(n, k, rng), bits, 64, clip_search=False,
+                               scale_dtype=torch.float16)
+        bias = torch.randn(n, generator=rng)
+        kernel = backend.bind(packed_operand(qw), n, k, bias, act_bits=8)
+        interleaved = bits in (2, 4, 8) and n % 8 == 0
+        assert (kernel.prepared_bytes > 0) == interleaved, (bits, n)
+        for m in (1, 5, 11):
+            x = torch.randn(m, k, generator=rng)
+            out = poisoned((m, n), torch.float32, "cpu")
+            kernel(x, out, False)
+            want = ops.qlinear(x, qw, bias, act_bits=8, backend="torch")
+            assert_matches(out, want, torch.float32, f"{isa} bound {bits}-bit N={n} M={m}")
