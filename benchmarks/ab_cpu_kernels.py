@@ -35,6 +35,7 @@ import pyengine  # noqa: E402
 from pyengine import MatryoshkaWeight  # noqa: E402
 from pyengine._ext import DTYPE_CODES, extension  # noqa: E402
 from pyengine.matryoshka import PLANES_READ  # noqa: E402
+from pyengine.ops.act_quant import quantize_activations  # noqa: E402
 
 DEFAULT_SHAPES = "576x576,1536x576,576x1536,4096x4096,14336x4096"  # N x K
 
@@ -56,17 +57,25 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _qmatmul_call(w, bits, group_size, x, out, threads, isa=""):
-    """(call(ext), dense reference weight) of the canonical kernel on an int-`bits` weight."""
+def _qmatmul_call(w, bits, group_size, x, out, threads, isa="", act_bits=0, copies=1):
+    """(call(ext), dense reference weight) of the canonical kernel on an int-`bits` weight.
+    copies > 1: the calls cycle through that many copies of the weight's codes and scales (in
+    memory of their own), so that a call reads them from DRAM rather than from the caches."""
     qw = pyengine.quantize(w, bits, group_size, clip_search=False, scale_dtype=torch.float16)
     m, k = x.shape
     n = w.shape[0]
+    stored = [(qw.qweight, qw.scales, qw.zeros)] + [
+        (qw.qweight.clone(), qw.scales.clone(), None if qw.zeros is None else qw.zeros.clone())
+        for _ in range(copies - 1)]
+    turn = [0]
 
     def call(ext):
-        ext.qmatmul_cpu(x.data_ptr(), 0, x.stride(0), qw.qweight.data_ptr(), qw.qweight.stride(0),
-                        qw.scales.data_ptr(), _ptr(qw.zeros), DTYPE_CODES[qw.scales.dtype],
-                        qw.scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), False, m, n,
-                        k, bits, qw.effective_group_size, threads, isa)
+        qweight, scales, zeros = stored[turn[0] % len(stored)]
+        turn[0] += 1
+        ext.qmatmul_cpu(x.data_ptr(), 0, x.stride(0), qweight.data_ptr(), qweight.stride(0),
+                        scales.data_ptr(), _ptr(zeros), DTYPE_CODES[scales.dtype],
+                        scales.stride(0), 0, 0, out.data_ptr(), 0, out.stride(0), False, m, n,
+                        k, bits, qw.effective_group_size, threads, isa, act_bits)
     return call, qw.dequantize(torch.float32)
 
 
@@ -88,7 +97,8 @@ def _plane_call(parent, r, x, out, threads, isa=""):
 
 
 def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds,
-            ops=("qmatmul", "plane_matmul"), isa: str = "") -> List[Dict[str, object]]:
+            ops=("qmatmul", "plane_matmul"), isa: str = "", act_bits: int = 0,
+            stream_mb: float = 0.0) -> List[Dict[str, object]]:
     this = extension()
     rows: List[Dict[str, object]] = []
     gen = torch.Generator().manual_seed(0)
@@ -104,17 +114,21 @@ def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds,
                     continue
                 x = torch.randn(m, k, generator=gen)
                 out = torch.empty(m, n)
-                call, dense = (_qmatmul_call(w, bits, group_size, x, out, threads, isa)
+                weight_bytes = n * k * bits / 8 + n * -(-k // group_size) * 4
+                copies = max(1, int(stream_mb * 2**20 // weight_bytes) + 1) if stream_mb else 1
+                call, dense = (_qmatmul_call(w, bits, group_size, x, out, threads, isa,
+                                             act_bits, copies)
                                if op == "qmatmul"
                                else _plane_call(parent, bits, x, out, threads, isa))
-                ref = x @ dense.T
+                xq = quantize_activations(x) if act_bits and op == "qmatmul" else x
+                ref = xq @ dense.T
                 for name, ext in (("base", base), ("this", this)):
                     call(ext)
                     err = ((out - ref).norm() / ref.norm()).item()
                     if not err <= 1e-5:
                         raise SystemExit(f"ab_cpu_kernels: {name} build is wrong on {op} "
                                          f"{n}x{k} {bits}-bit g{group_size} M={m}: {err:.2e}")
-                reps = max(3, int(2e7 / (n * k)))
+                reps = max(3, int(2e7 / (n * k)), copies)
 
                 def timed(ext, call=call, reps=reps):
                     return lambda: [call(ext) for _ in range(reps)]
@@ -123,10 +137,14 @@ def ab_rows(base, shapes, bits_list, group_sizes, ms, threads, rounds,
                                                 rounds=rounds)
                 base_us, this_us = (ms_by[side] * 1e3 / reps for side in ("base", "this"))
                 rows.append(dict(op=op, N=n, K=k, bits=bits, group_size=group_size, M=m,
-                                 threads=threads, base_us=round(base_us, 3),
+                                 threads=threads, act_bits=act_bits if op == "qmatmul" else 0,
+                                 weight_copies=copies,
+                                 gbps_this=round(weight_bytes / this_us / 1e3, 2),
+                                 base_us=round(base_us, 3),
                                  this_us=round(this_us, 3), speedup=round(base_us / this_us, 3)))
                 print(f"{op:<12} {n:>6}x{k:<5} {bits}-bit g{group_size:<4} M={m}: base "
-                      f"{base_us:9.1f} us  this {this_us:9.1f} us  x{base_us / this_us:.2f}",
+                      f"{base_us:9.1f} us  this {this_us:9.1f} us  x{base_us / this_us:.2f}"
+                      f"  ({weight_bytes / this_us / 1e3:.1f} GB/s)",
                       flush=True)
     return rows
 
@@ -147,6 +165,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "default: each module's own choice)")
     parser.add_argument("--base-label", default="",
                         help="what the base build is (e.g. 'commit abc1234'), kept in the meta")
+    parser.add_argument("--act-bits", type=int, choices=(0, 8), default=0,
+                        help="8: int8 activations (qmatmul only; the reference product is on "
+                             "the quantized activations)")
+    parser.add_argument("--stream-mb", type=float, default=0.0,
+                        help="cycle each qmatmul case through copies of its weight totalling "
+                             "more than this many MiB, so that weights stream from DRAM (e.g. "
+                             "96 with a 32 MiB L3); 0: one copy, cache-resident at small sizes")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if not args.base.is_file():
@@ -161,12 +186,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         parser.error(f"--ops: unknown {bad}")
     rows = ab_rows(base, shapes, args.bits, args.group_sizes, args.m, args.threads, args.rounds,
-                   ops, args.isa)
+                   ops, args.isa, args.act_bits, args.stream_mb)
     if args.json:
         meta = common.metadata("cpu")
         meta.update(base=str(args.base), base_label=args.base_label, isa=args.isa or "default",
                     scale_dtype="float16",
-                    activations="float32",
+                    activations="int8 (act_bits=8)" if args.act_bits else "float32",
+                    stream_mb=args.stream_mb,
                     plane_matmul_parent="int8 RTN parent, bits = the slice precision r",
                     timing="median of round-robin rounds, each `reps` calls of one build")
         common.write_results(args.json, meta, rows)

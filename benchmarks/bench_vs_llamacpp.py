@@ -12,7 +12,10 @@ pyengine's dense model holds.
 pyengine: the model loaded from the same GGUF (pyengine.models.smollm2), compressed by RTN
 (group 128) per config with the tied output head at 8 bits (as llama.cpp keeps its output
 matrix at 8 bits in its 4- and 2-bit types), decoded through pyengine.Decoder (the lean loop,
-static KV cache) as benchmarks/bench_decode.py does, batch 1.
+static KV cache) as benchmarks/bench_decode.py does, batch 1. The ``*_a8`` configs run every
+linear, head included, on int8 activations (as llama.cpp's quantized types do with their Q8
+activations): on the AVX2 / AVX-512 builds through a copy of those weights with rows
+interleaved by eights, whose size the rows report as ``prepared_bytes``.
 
 Both engines decode ``--new-tokens`` tokens after a short prompt; each round runs every
 engine/config once per thread count; the JSON keeps every round's tokens/s and the medians.
@@ -45,7 +48,7 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
-PYENGINE_CONFIGS = ("dense", "int8", "int4", "int4_a8", "int2_a8")
+PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int2_a8")
 TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
 ISA_FLAGS = {
     "native": ["-DGGML_NATIVE=ON"],
@@ -130,12 +133,15 @@ def llama_tokens_per_s(bin_dir: Path, model: Path, threads: int, new_tokens: int
 def pyengine_model(config: str) -> torch.nn.Module:
     from pyengine.models.smollm2 import load_smollm2
     model, _ = load_smollm2()
-    head = QuantConfig(8, 128)  # int8 activations run natively on 2- and 4-bit weights only
+    # the head at 8 bits; the *_a8 configs (int8 activations, as llama.cpp's Q8_0 activations)
+    # run it on int8 activations too
+    head, head_a8 = QuantConfig(8, 128), QuantConfig(8, 128, act_bits=8)
     recipes = {
         "int8": Recipe({"lm_head": head, "_default": QuantConfig(8, 128)}),
         "int4": Recipe({"lm_head": head, "_default": QuantConfig(4, 128)}),
-        "int4_a8": Recipe({"lm_head": head, "_default": QuantConfig(4, 128, act_bits=8)}),
-        "int2_a8": Recipe({"lm_head": head, "_default": QuantConfig(2, 128, act_bits=8)}),
+        "int8_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(8, 128, act_bits=8)}),
+        "int4_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(4, 128, act_bits=8)}),
+        "int2_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(2, 128, act_bits=8)}),
     }
     if config != "dense":
         pyengine.compress(model, recipes[config], show_progress=False)
@@ -191,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = sum(p.numel() for p in pyengine_model("dense").parameters())
     sizes = {("llama.cpp", t): p.stat().st_size for t, p in llama.items()}
     sizes.update({("pyengine", c): pyengine.storage_bytes(m) for c, m in models.items()})
+    # weight copies the decoder prepares (the CPU row-interleaved layout of int8-activation
+    # layers), held while it decodes
+    prepared = {c: pyengine.Decoder(m, max_len=8).prepared_bytes for c, m in models.items()}
 
     runs: Dict[tuple, List[float]] = {}
     for r in range(args.rounds):
@@ -209,7 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(dict(op="decode_vs_llamacpp", engine=engine, config=config, threads=threads,
                          batch=1, tokens_per_s=round(statistics.median(values), 2),
                          runs=[round(v, 2) for v in values], bytes=size,
-                         bits_per_weight=round(8 * size / params, 2)))
+                         bits_per_weight=round(8 * size / params, 2),
+                         prepared_bytes=prepared.get(config, 0) if engine == "pyengine" else 0))
     for row in rows:
         print(f"{row['engine']:>9} {row['config']:>8} t={row['threads']}: "
               f"{row['tokens_per_s']:8.1f} tok/s  {row['bits_per_weight']:5.2f} bits/weight")
