@@ -68,6 +68,74 @@ QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, 
   return a;
 }
 
+void check_step_dtype(const char* op, int d) {
+  if (d != pyengine::kFloat32 && d != pyengine::kFloat16 && d != pyengine::kBFloat16)
+    throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(d));
+}
+
+// The checked arguments of the decode-step operations (csrc/cpu/decode_ops.h), shared by the
+// one-call functions and StepProgram.
+pyengine::cpu::RmsNormArgs rms_norm_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w,
+                                         int w_dtype, uintptr_t out, int out_dtype, int64_t ldo,
+                                         int64_t rows, int64_t dim, double eps) {
+  for (int d : {x_dtype, w_dtype, out_dtype}) check_step_dtype("rms_norm_cpu", d);
+  if (rows < 0 || dim < 1 || ldx < dim || ldo < dim || !x || !w || !out)
+    throw std::invalid_argument("rms_norm_cpu: bad sizes, strides or pointers");
+  pyengine::cpu::RmsNormArgs a;
+  a.x = reinterpret_cast<const void*>(x); a.x_dtype = x_dtype; a.ldx = ldx;
+  a.w = reinterpret_cast<const void*>(w); a.w_dtype = w_dtype;
+  a.out = reinterpret_cast<void*>(out); a.out_dtype = out_dtype; a.ldo = ldo;
+  a.rows = rows; a.dim = dim; a.eps = static_cast<float>(eps);
+  return a;
+}
+
+pyengine::cpu::SiluMulArgs silu_mul_args(uintptr_t gate_up, int64_t ld_in, uintptr_t out,
+                                         int64_t ld_out, int dtype, int64_t rows,
+                                         int64_t width) {
+  check_step_dtype("silu_mul_cpu", dtype);
+  if (rows < 0 || width < 1 || ld_in < 2 * width || ld_out < width || !gate_up || !out)
+    throw std::invalid_argument("silu_mul_cpu: bad sizes, strides or pointers");
+  pyengine::cpu::SiluMulArgs a;
+  a.gate_up = reinterpret_cast<const void*>(gate_up); a.ld_in = ld_in;
+  a.out = reinterpret_cast<void*>(out); a.ld_out = ld_out; a.dtype = dtype;
+  a.rows = rows; a.width = width;
+  return a;
+}
+
+// positions: how many cache positions the step reads (position + 1 for one call; the cache
+// length for a StepProgram, whose position comes with each run).
+pyengine::cpu::AttentionStepArgs attention_args(
+    uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
+    int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos, uintptr_t signed_sin,
+    uintptr_t q_norm, uintptr_t k_norm, int norm_dtype, double norm_eps, uintptr_t out,
+    int64_t ld_out, int dtype, int64_t batch, int64_t n_heads, int64_t n_kv_heads,
+    int64_t head_dim, int64_t positions, double scale) {
+  check_step_dtype("attention_step_cpu", dtype);
+  check_step_dtype("attention_step_cpu", norm_dtype);
+  if (head_dim < 2 || head_dim > 1024 || head_dim % 2 || n_kv_heads < 1 ||
+      n_heads % n_kv_heads || batch < 0 || positions < 1)
+    throw std::invalid_argument("attention_step_cpu: bad head counts, head_dim (even, "
+                                "<= 1024), batch or position");
+  if (ld_qkv < (n_heads + 2 * n_kv_heads) * head_dim || ld_out < n_heads * head_dim ||
+      cache_head_stride < positions * head_dim ||
+      cache_batch_stride < n_kv_heads * cache_head_stride || !qkv || !k_cache || !v_cache ||
+      !cos || !signed_sin || !out || ((q_norm == 0) != (k_norm == 0)))
+    throw std::invalid_argument("attention_step_cpu: bad strides or pointers");
+  pyengine::cpu::AttentionStepArgs a;
+  a.qkv = reinterpret_cast<const void*>(qkv); a.ld_qkv = ld_qkv;
+  a.k_cache = reinterpret_cast<void*>(k_cache); a.v_cache = reinterpret_cast<void*>(v_cache);
+  a.cache_batch_stride = cache_batch_stride; a.cache_head_stride = cache_head_stride;
+  a.cos = reinterpret_cast<const void*>(cos);
+  a.signed_sin = reinterpret_cast<const void*>(signed_sin);
+  a.q_norm = reinterpret_cast<const void*>(q_norm);
+  a.k_norm = reinterpret_cast<const void*>(k_norm);
+  a.norm_dtype = norm_dtype; a.norm_eps = static_cast<float>(norm_eps);
+  a.out = reinterpret_cast<void*>(out); a.ld_out = ld_out; a.dtype = dtype;
+  a.batch = batch; a.n_heads = n_heads; a.n_kv_heads = n_kv_heads; a.head_dim = head_dim;
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
 PlaneMatmulArgs make_plane_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi,
                                 int64_t ld_hi, uintptr_t plane_mid, int64_t ld_mid,
                                 uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
@@ -213,72 +281,34 @@ PYBIND11_MODULE(_C, m) {
       "int8 parent read from its bit planes (only those the slice needs; the others may be 0). "
       "Pointers are integers.");
   // ---- the small operations of a CPU decode step (csrc/cpu/decode_ops.h) ----
-  auto check_dtype = [](const char* op, int d) {
-    if (d != pyengine::kFloat32 && d != pyengine::kFloat16 && d != pyengine::kBFloat16)
-      throw std::invalid_argument(std::string(op) + ": unsupported dtype code " +
-                                  std::to_string(d));
-  };
   m.def(
       "rms_norm_cpu",
-      [check_dtype](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int w_dtype,
-                    uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,
-                    double eps) {
-        for (int d : {x_dtype, w_dtype, out_dtype}) check_dtype("rms_norm_cpu", d);
-        if (rows < 0 || dim < 1 || ldx < dim || ldo < dim || !x || !w || !out)
-          throw std::invalid_argument("rms_norm_cpu: bad sizes, strides or pointers");
-        pyengine::cpu::RmsNormArgs a;
-        a.x = reinterpret_cast<const void*>(x); a.x_dtype = x_dtype; a.ldx = ldx;
-        a.w = reinterpret_cast<const void*>(w); a.w_dtype = w_dtype;
-        a.out = reinterpret_cast<void*>(out); a.out_dtype = out_dtype; a.ldo = ldo;
-        a.rows = rows; a.dim = dim; a.eps = static_cast<float>(eps);
-        pyengine::cpu::rms_norm(a);
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int w_dtype, uintptr_t out,
+         int out_dtype, int64_t ldo, int64_t rows, int64_t dim, double eps) {
+        pyengine::cpu::rms_norm(
+            rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps));
       },
       "out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (pointers are integers).");
   m.def(
       "silu_mul_cpu",
-      [check_dtype](uintptr_t gate_up, int64_t ld_in, uintptr_t out, int64_t ld_out, int dtype,
-                    int64_t rows, int64_t width) {
-        check_dtype("silu_mul_cpu", dtype);
-        if (rows < 0 || width < 1 || ld_in < 2 * width || ld_out < width || !gate_up || !out)
-          throw std::invalid_argument("silu_mul_cpu: bad sizes, strides or pointers");
-        pyengine::cpu::SiluMulArgs a;
-        a.gate_up = reinterpret_cast<const void*>(gate_up); a.ld_in = ld_in;
-        a.out = reinterpret_cast<void*>(out); a.ld_out = ld_out; a.dtype = dtype;
-        a.rows = rows; a.width = width;
-        pyengine::cpu::silu_mul(a);
+      [](uintptr_t gate_up, int64_t ld_in, uintptr_t out, int64_t ld_out, int dtype,
+         int64_t rows, int64_t width) {
+        pyengine::cpu::silu_mul(silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width));
       },
       "out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i] (pointers are integers).");
   m.def(
       "attention_step_cpu",
-      [check_dtype](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
-                    int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos,
-                    uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm, int norm_dtype,
-                    double norm_eps, uintptr_t out, int64_t ld_out, int dtype, int64_t batch,
-                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t position,
-                    double scale, int num_threads) {
-        check_dtype("attention_step_cpu", dtype);
-        check_dtype("attention_step_cpu", norm_dtype);
-        if (head_dim < 2 || head_dim > 1024 || head_dim % 2 || n_kv_heads < 1 ||
-            n_heads % n_kv_heads || batch < 0 || position < 0)
-          throw std::invalid_argument("attention_step_cpu: bad head counts, head_dim (even, "
-                                      "<= 1024), batch or position");
-        if (ld_qkv < (n_heads + 2 * n_kv_heads) * head_dim || ld_out < n_heads * head_dim ||
-            cache_head_stride < (position + 1) * head_dim ||
-            cache_batch_stride < n_kv_heads * cache_head_stride || !qkv || !k_cache ||
-            !v_cache || !cos || !signed_sin || !out || ((q_norm == 0) != (k_norm == 0)))
-          throw std::invalid_argument("attention_step_cpu: bad strides or pointers");
-        pyengine::cpu::AttentionStepArgs a;
-        a.qkv = reinterpret_cast<const void*>(qkv); a.ld_qkv = ld_qkv;
-        a.k_cache = reinterpret_cast<void*>(k_cache); a.v_cache = reinterpret_cast<void*>(v_cache);
-        a.cache_batch_stride = cache_batch_stride; a.cache_head_stride = cache_head_stride;
-        a.cos = reinterpret_cast<const void*>(cos);
-        a.signed_sin = reinterpret_cast<const void*>(signed_sin);
-        a.q_norm = reinterpret_cast<const void*>(q_norm);
-        a.k_norm = reinterpret_cast<const void*>(k_norm);
-        a.norm_dtype = norm_dtype; a.norm_eps = static_cast<float>(norm_eps);
-        a.out = reinterpret_cast<void*>(out); a.ld_out = ld_out; a.dtype = dtype;
-        a.batch = batch; a.n_heads = n_heads; a.n_kv_heads = n_kv_heads; a.head_dim = head_dim;
-        a.position = position; a.scale = static_cast<float>(scale);
+      [](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
+         int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos,
+         uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm, int norm_dtype,
+         double norm_eps, uintptr_t out, int64_t ld_out, int dtype, int64_t batch,
+         int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t position, double scale,
+         int num_threads) {
+        pyengine::cpu::AttentionStepArgs a = attention_args(
+            qkv, ld_qkv, k_cache, v_cache, cache_batch_stride, cache_head_stride, cos,
+            signed_sin, q_norm, k_norm, norm_dtype, norm_eps, out, ld_out, dtype, batch, n_heads,
+            n_kv_heads, head_dim, position + 1, scale);
+        a.position = position;
         a.num_threads = num_threads < 1 ? 1 : num_threads;
         py::gil_scoped_release release;
         pyengine::cpu::attention_step(a);
@@ -286,6 +316,61 @@ PYBIND11_MODULE(_C, m) {
       "One decode position of attention on the CPU: rope (and optional per-head q/k norms), "
       "KV-cache append at `position`, softmax(q K^T * scale) V over positions 0..position "
       "(grouped-query heads). Pointers are integers; see csrc/cpu/decode_ops.h.");
+  py::class_<pyengine::cpu::StepProgram>(
+      m, "StepProgram",
+      "A CPU decode step as a list of operations on fixed buffers, run in order by one call "
+      "(csrc/cpu/decode_ops.h). The add_* methods take the arguments of qmatmul_cpu, "
+      "rms_norm_cpu, silu_mul_cpu and attention_step_cpu (threads and position: per run).")
+      .def(py::init<>())
+      .def("add_qmatmul",
+           [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx,
+              uintptr_t qweight, int64_t ldq, uintptr_t scales, uintptr_t zeros, int sz_dtype,
+              int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
+              int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
+              int64_t group_size, int /*num_threads: per run*/, const std::string& isa,
+              int act_bits, int interleave) {
+             QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype,
+                                       lds, bias, bias_dtype, out, out_dtype, ldo, accumulate,
+                                       M, N, K, bits, group_size);
+             a.act_bits = act_bits;
+             a.interleave = interleave;
+             p.add_qmatmul(a, isa);
+           })
+      .def("add_rms_norm",
+           [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w,
+              int w_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,
+              double eps) {
+             p.add_rms_norm(
+                 rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps));
+           })
+      .def("add_silu_mul",
+           [](pyengine::cpu::StepProgram& p, uintptr_t gate_up, int64_t ld_in, uintptr_t out,
+              int64_t ld_out, int dtype, int64_t rows, int64_t width) {
+             p.add_silu_mul(silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width));
+           })
+      .def("add_attention",
+           [](pyengine::cpu::StepProgram& p, uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache,
+              uintptr_t v_cache, int64_t cache_batch_stride, int64_t cache_head_stride,
+              uintptr_t cos, uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm,
+              int norm_dtype, double norm_eps, uintptr_t out, int64_t ld_out, int dtype,
+              int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+              int64_t max_positions, double scale) {
+             p.add_attention(
+                 attention_args(qkv, ld_qkv, k_cache, v_cache, cache_batch_stride,
+                                cache_head_stride, cos, signed_sin, q_norm, k_norm, norm_dtype,
+                                norm_eps, out, ld_out, dtype, batch, n_heads, n_kv_heads,
+                                head_dim, max_positions, scale),
+                 max_positions);
+           })
+      .def(
+          "run",
+          [](pyengine::cpu::StepProgram& p, int64_t position, int num_threads) {
+            py::gil_scoped_release release;
+            p.run(position, num_threads);
+          },
+          py::arg("position"), py::arg("num_threads") = 0,
+          "Runs the operations in order; attention at `position`.")
+      .def("__len__", &pyengine::cpu::StepProgram::size);
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;
   m.attr("act_quant_block") = pyengine::kActBlock;
 

@@ -20,7 +20,10 @@ Linear layers run through pyengine.ops (every weight kind, every backend); a qua
 the ``cpu`` backend is called through a prepared kernel call (pyengine.ops.bind_linear: pointers
 and sizes bound once, the output accumulated into the residual stream by the kernel);
 int8-activation layers on the AVX2 and AVX-512 builds read a copy of their weight with rows
-interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports. The result
+interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports. When every linear of
+every layer is such a call, the whole step of the layers is recorded once as a native
+``StepProgram`` (csrc/cpu/decode_ops.h: the matmuls, norms and attention in order on buffers of
+its own) and a decode step costs one native call plus the embedding and the head. The result
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
@@ -405,6 +408,7 @@ class Decoder:
         if self.native is not None:
             for layer in self.layers:
                 layer.bind_native()
+        self.program = self._step_program()
         self.position = 0
 
     @property
@@ -497,7 +501,63 @@ class Decoder:
         return x
 
     # ---- one position through the native step operations (CPU) --------------------------------
+    def _step_program(self):
+        """Every layer's step as one pyengine._C.StepProgram on buffers of its own (the
+        residual stream included), when the native step operations run and every linear of
+        every layer is a prepared kernel call; else None (the step then calls them one by
+        one from Python)."""
+        ext = self.native
+        if ext is None or not hasattr(ext, "StepProgram"):
+            return None
+        calls = [c for layer in self.layers
+                 for c in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down)]
+        if any(getattr(c.kernel, "call_args", None) is None for c in calls):
+            return None
+        code = DTYPE_CODES[self.dtype]
+        b, d = self.batch, self.hidden
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        width = sum(c.out_features for c in self.layers[0].gate_up) // 2
+        new = lambda cols: torch.empty(b, cols, dtype=self.dtype, device=self.device)  # noqa: E731
+        x, h, attn, act = new(d), new(d), new(nh * hd), new(width)
+        qkv = new(sum(c.out_features for c in self.layers[0].qkv))
+        gate_up = new(2 * width)
+        program = ext.StepProgram()
+
+        def add_linears(linears, source, target):  # outputs side by side in target
+            start = 0
+            for c in linears:
+                program.add_qmatmul(*c.kernel.call_args(
+                    source, target[:, start:start + c.out_features], False))
+                start += c.out_features
+
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            w_ptr, w_code, eps = layer.attn_norm_native
+            program.add_rms_norm(x.data_ptr(), code, d, w_ptr, w_code, h.data_ptr(), code, d, b,
+                                 d, eps)
+            add_linears(layer.qkv, h, qkv)
+            qn_ptr, kn_ptr, norm_code, norm_eps = layer.qk_norm_native
+            program.add_attention(qkv.data_ptr(), qkv.stride(0), k_cache.data_ptr(),
+                                  v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+                                  self.cos.data_ptr(), self.signed_sin.data_ptr(), qn_ptr, kn_ptr,
+                                  norm_code, norm_eps, attn.data_ptr(), nh * hd, code, b, nh,
+                                  nkv, hd, self.max_len, self.scale)
+            program.add_qmatmul(*layer.o_proj.kernel.call_args(attn, x, True))
+            w_ptr, w_code, eps = layer.mlp_norm_native
+            program.add_rms_norm(x.data_ptr(), code, d, w_ptr, w_code, h.data_ptr(), code, d, b,
+                                 d, eps)
+            add_linears(layer.gate_up, h, gate_up)
+            program.add_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(), width,
+                                 code, b, width)
+            program.add_qmatmul(*layer.down.kernel.call_args(act, x, True))
+        self._program_buffers = (x, h, attn, act, qkv, gate_up)
+        return program
+
     def _native_step(self, x: Tensor, position: int) -> Tensor:
+        if self.program is not None:  # one native call for every layer
+            stream = self._program_buffers[0]
+            stream.copy_(x)
+            self.program.run(position, torch.get_num_threads())
+            return stream
         ext = self.native
         code = DTYPE_CODES[self.dtype]
         b, d = self.batch, self.hidden

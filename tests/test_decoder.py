@@ -72,6 +72,9 @@ def test_decoder_logits_match_the_model(family, recipe):
     # the int8-activation layers run on rows interleaved by eights where the build reads them
     interleaves = recipe == "mixed" and get_backend("cpu").selected_isa() in ("avx2", "avx512")
     assert (decoder.prepared_bytes > 0) == interleaves, (family, recipe)
+    # a model whose every layer linear is a prepared kernel call steps in one native call
+    if hasattr(extension(), "StepProgram"):
+        assert (decoder.program is not None) == (recipe in ("int4", "mixed")), (family, recipe)
     for cache in decoder.k_cache + decoder.v_cache:
         cache.fill_(float("nan"))  # positions not yet written must never be read
     got = _decoded_logits(decoder, ids, prompt=6)
@@ -325,3 +328,14 @@ def test_decoder_on_a_gpu_matches_the_model(recipe):
     decoder = Decoder(model, max_len=16, batch=2)
     assert decoder.native is None and decoder.k_cache[0].device.type == "cuda"
     assert rel_err(_decoded_logits(decoder, ids, prompt=6).float(), want) < 1e-2
+
+
+@native_ops
+def test_step_program_refuses_positions_outside_its_caches():
+    model = _model("llama", "int4")
+    decoder = Decoder(model, max_len=8)
+    assert decoder.program is not None and len(decoder.program) > 0
+    with pytest.raises(ValueError, match="outside the caches"):
+        decoder.program.run(8, 1)
+    with pytest.raises(ValueError, match="outside the caches"):
+        decoder.program.run(-1, 1)

@@ -5,6 +5,12 @@
 
 #include "cpu/decode_ops.h"
 
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/qmatmul.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -162,6 +168,63 @@ void attention_step(const AttentionStepArgs& a) {
     const float inv = 1.f / total;
     for (int64_t i = 0; i < hd; ++i) acc[i] *= inv;
     store_row(a.out, a.dtype, b * a.ld_out + h * hd, acc.data(), hd);
+  }
+}
+
+
+// ---- StepProgram -------------------------------------------------------------------------------
+
+void StepProgram::add_qmatmul(const QMatmulArgs& a, const std::string& isa) {
+  check_qmatmul_args("StepProgram.add_qmatmul", a);
+  ops_.push_back({Kind::kQMatmul, qmatmuls_.size()});
+  qmatmuls_.push_back(a);
+  isas_.push_back(isa);
+}
+
+void StepProgram::add_rms_norm(const RmsNormArgs& a) {
+  ops_.push_back({Kind::kRmsNorm, norms_.size()});
+  norms_.push_back(a);
+}
+
+void StepProgram::add_silu_mul(const SiluMulArgs& a) {
+  ops_.push_back({Kind::kSiluMul, silu_muls_.size()});
+  silu_muls_.push_back(a);
+}
+
+void StepProgram::add_attention(const AttentionStepArgs& a, int64_t max_positions) {
+  if (max_positions < 1 || a.cache_head_stride < max_positions * a.head_dim)
+    throw std::invalid_argument("StepProgram.add_attention: the caches do not hold "
+                                "max_positions positions");
+  ops_.push_back({Kind::kAttention, attentions_.size()});
+  attentions_.push_back(a);
+  max_positions_ = max_positions_ < 0 ? max_positions : std::min(max_positions_, max_positions);
+}
+
+void StepProgram::run(int64_t position, int num_threads) {
+  if (position < 0 || (max_positions_ >= 0 && position >= max_positions_))
+    throw std::invalid_argument("StepProgram.run: position " + std::to_string(position) +
+                                " is outside the caches (" + std::to_string(max_positions_) +
+                                " positions)");
+  for (const Op& op : ops_) {
+    switch (op.kind) {
+      case Kind::kQMatmul: {
+        QMatmulArgs a = qmatmuls_[op.index];
+        a.num_threads = num_threads;
+        const std::string& isa = isas_[op.index];
+        if (isa.empty()) qmatmul(a);
+        else qmatmul_with_isa(a, isa);
+        break;
+      }
+      case Kind::kRmsNorm: rms_norm(norms_[op.index]); break;
+      case Kind::kSiluMul: silu_mul(silu_muls_[op.index]); break;
+      case Kind::kAttention: {
+        AttentionStepArgs a = attentions_[op.index];
+        a.position = position;
+        a.num_threads = num_threads < 1 ? 1 : num_threads;
+        attention_step(a);
+        break;
+      }
+    }
   }
 }
 

@@ -3,6 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.h"
 
 namespace pyengine {
 namespace cpu {
@@ -60,6 +64,39 @@ struct AttentionStepArgs {
   int num_threads = 1;
 };
 void attention_step(const AttentionStepArgs& a);
+
+// A decode step written down once as the list of its operations (quantized matmuls of
+// qmatmul.h and the operations above, on buffers that live as long as the program) and run
+// in order by one call: a step of a small model is a few hundred operations, each of which
+// would otherwise pay a round trip through the interpreter.
+class StepProgram {
+ public:
+  // Appends one operation (copied). A matmul runs on the build named isa ("": the best this
+  // CPU runs); num_threads of the matmuls and attentions are set per run.
+  void add_qmatmul(const QMatmulArgs& a, const std::string& isa);
+  void add_rms_norm(const RmsNormArgs& a);
+  void add_silu_mul(const SiluMulArgs& a);
+  // An attention step at the position given to run(); the caches must hold max_positions.
+  void add_attention(const AttentionStepArgs& a, int64_t max_positions);
+  // Runs every operation in order, attention at `position` (< every attention's
+  // max_positions, else std::invalid_argument before anything runs).
+  void run(int64_t position, int num_threads);
+  size_t size() const { return ops_.size(); }
+
+ private:
+  enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kAttention };
+  struct Op {
+    Kind kind;
+    size_t index;  // into the vector of its kind
+  };
+  std::vector<Op> ops_;
+  std::vector<QMatmulArgs> qmatmuls_;
+  std::vector<std::string> isas_;
+  std::vector<RmsNormArgs> norms_;
+  std::vector<SiluMulArgs> silu_muls_;
+  std::vector<AttentionStepArgs> attentions_;
+  int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
+};
 
 }  // namespace cpu
 }  // namespace pyengine

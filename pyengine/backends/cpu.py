@@ -127,12 +127,18 @@ class CpuBackend(Backend):
         bits, group_size = weight.bits, weight.group_size
         get_threads = torch.get_num_threads
 
-        def kernel(x, target, accumulate):
-            # keeps bias alive with the closure; x, target: [M, k] / [M, n], contiguous
-            qmatmul(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *wargs, *bias_args,
+        def call_args(x, target, accumulate):
+            """The arguments of qmatmul_cpu for x [M, k] and target [M, n] (rows contiguous,
+            any row stride)."""
+            return (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *wargs, *bias_args,
                     target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
                     x.shape[0], n, k, bits, group_size, get_threads(), isa, act_bits, interleave)
 
+        def kernel(x, target, accumulate):
+            # keeps bias alive with the closure; x, target: [M, k] / [M, n], contiguous
+            qmatmul(*call_args(x, target, accumulate))
+
+        kernel.call_args = call_args  # what a decode-step program records (decoder.py)
         kernel.keep = (weight, bias, prepared)
         # memory the prepared call holds besides the weight itself
         kernel.prepared_bytes = sum(t.numel() * t.element_size() for t in prepared
