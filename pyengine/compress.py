@@ -8,6 +8,7 @@ Patching swaps module *instances*: each nn.Linear the recipe names becomes a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -174,11 +175,13 @@ QuantTarget = Tuple[str, nn.Module, nn.Module, str, Any]  # name, linear, parent
 
 
 def shares_head_with_table(model: nn.Module, recipe: Recipe) -> bool:
-    """A tied table and head quantized alike stay one tensor: the embedding's."""
+    """A tied table and head stored alike stay one tensor: the embedding's. The head may
+    still compute on int8 activations (act_bits changes its product, not its storage)."""
     adapter = get_adapter(model)
     head_cfg = recipe.config_for(adapter.head, is_head=True)
     return (adapter.tied_embeddings(model) and recipe.embeddings is not None
-            and head_cfg == recipe.embeddings)
+            and head_cfg is not None
+            and dataclasses.replace(head_cfg, act_bits=0) == recipe.embeddings)
 
 
 def quantization_targets(model: nn.Module, recipe: Recipe) -> List[QuantTarget]:
@@ -227,7 +230,8 @@ def quantize_embeddings(model: nn.Module, recipe: Recipe,
     head = model.get_submodule(adapter.head)
     _set_module(model, adapter.embed, table)
     if shared_head:
-        _set_module(model, adapter.head, table.tied_head(head.bias))
+        head_cfg = recipe.config_for(adapter.head, is_head=True)
+        _set_module(model, adapter.head, table.tied_head(head.bias, act_bits=head_cfg.act_bits))
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -139,3 +139,30 @@ def test_gradient_passes_the_rounding_straight_through(rng):
     (gx,) = torch.autograd.grad(y.sum(), [x])
     assert_matches(gx, torch.ones(3, 12) @ qw.dequantize(torch.float32), torch.float32,
                    "straight-through gradient")
+
+
+def test_a_tied_head_on_int8_activations_shares_the_table(tmp_path, rng):
+    """act_bits changes the head's product, not its storage: a tied head stored like the table
+    stays the table's tensors (one copy in memory and on disk) and computes on int8
+    activations, also after a save and load."""
+    from pyengine.models.random import random_model
+    model = random_model("llama", tie_word_embeddings=True)
+    recipe = Recipe({"lm_head": QuantConfig(8, 32, act_bits=8),
+                     "_default": QuantConfig(4, 32, act_bits=8)},
+                    embeddings=QuantConfig(8, 32))
+    pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
+    table, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(table, pyengine.QuantEmbedding) and head.act_bits == 8
+    assert head.qweight.data_ptr() == table.qweight.data_ptr()
+    ids = torch.randint(3, 160, (2, 9), generator=rng)
+    with torch.no_grad():
+        logits = model(ids).logits
+        h = torch.randn(3, head.in_features, generator=rng)
+        want = quantize_activations(h) @ head.dequantize(torch.float32).T
+        assert_matches(head(h), want, torch.float32, "tied head act_bits=8")
+    pyengine.save(model, tmp_path / "ck")
+    loaded = pyengine.load(tmp_path / "ck")
+    assert loaded.lm_head.act_bits == 8
+    assert loaded.lm_head.qweight.data_ptr() == loaded.model.embed_tokens.qweight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)

@@ -89,9 +89,10 @@ class QuantEmbedding(nn.Module):
         projection = getattr(embedding, "projection", None)
         return cls.from_weight(qw, embedding.padding_idx, projection, output_dtype=weight.dtype)
 
-    def tied_head(self, bias: Optional[torch.Tensor] = None) -> QuantLinear:
-        """A QuantLinear [V, D] holding this table's very tensors (the tied output head)."""
-        return QuantLinear.from_weight(self._qw, bias)
+    def tied_head(self, bias: Optional[torch.Tensor] = None, act_bits: int = 0) -> QuantLinear:
+        """A QuantLinear [V, D] holding this table's very tensors (the tied output head),
+        computing on int8 activations when ``act_bits`` is 8."""
+        return QuantLinear.from_weight(self._qw, bias, act_bits=act_bits)
 
     def _refresh_weight(self) -> None:
         self._qw = QuantizedWeight(self.qweight, self.scales, self.zeros, bits=self.bits,
