@@ -339,3 +339,24 @@ def test_step_program_refuses_positions_outside_its_caches():
         decoder.program.run(8, 1)
     with pytest.raises(ValueError, match="outside the caches"):
         decoder.program.run(-1, 1)
+
+
+@native_ops
+def test_step_program_gives_the_same_logits_on_any_number_of_threads():
+    """The step program cuts each matmul into per-thread row slices inside one parallel
+    region: every row is computed alike, so the logits do not depend on the thread count."""
+    model = _model("qwen2", "mixed")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            decoder = Decoder(model, max_len=16, batch=2)
+            assert decoder.program is not None
+            got.append(_decoded_logits(decoder, ids, prompt=4))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(got[0]).all()
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])

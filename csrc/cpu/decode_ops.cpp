@@ -6,6 +6,8 @@
 #include "cpu/decode_ops.h"
 
 #include <algorithm>
+#include <exception>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -200,32 +202,105 @@ void StepProgram::add_attention(const AttentionStepArgs& a, int64_t max_position
   max_positions_ = max_positions_ < 0 ? max_positions : std::min(max_positions_, max_positions);
 }
 
+namespace {
+
+size_t dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// Rows [lo, hi) of a matmul as a call of its own on one thread: the weight's rows (canonical or
+// interleaved alike: row lo starts at lo * ldq words and lo * lds scales; lo is a multiple of
+// the interleave), the bias and the output columns shifted.
+QMatmulArgs row_slice(const QMatmulArgs& a, int64_t lo, int64_t hi) {
+  QMatmulArgs s = a;
+  s.N = hi - lo;
+  s.num_threads = 1;
+  s.qweight = a.qweight + lo * a.ldq;
+  const size_t sz = dtype_bytes(a.sz_dtype);
+  s.scales = static_cast<const char*>(a.scales) + lo * a.lds * sz;
+  if (a.zeros) s.zeros = static_cast<const char*>(a.zeros) + lo * a.lds * sz;
+  if (a.bias) s.bias = static_cast<const char*>(a.bias) + lo * dtype_bytes(a.bias_dtype);
+  s.out = static_cast<char*>(a.out) + lo * dtype_bytes(a.out_dtype);
+  return s;
+}
+
+}  // namespace
+
 void StepProgram::run(int64_t position, int num_threads) {
   if (position < 0 || (max_positions_ >= 0 && position >= max_positions_))
     throw std::invalid_argument("StepProgram.run: position " + std::to_string(position) +
                                 " is outside the caches (" + std::to_string(max_positions_) +
                                 " positions)");
-  for (const Op& op : ops_) {
+  auto run_small = [&](const Op& op) {
     switch (op.kind) {
-      case Kind::kQMatmul: {
-        QMatmulArgs a = qmatmuls_[op.index];
-        a.num_threads = num_threads;
-        const std::string& isa = isas_[op.index];
-        if (isa.empty()) qmatmul(a);
-        else qmatmul_with_isa(a, isa);
-        break;
-      }
       case Kind::kRmsNorm: rms_norm(norms_[op.index]); break;
       case Kind::kSiluMul: silu_mul(silu_muls_[op.index]); break;
       case Kind::kAttention: {
         AttentionStepArgs a = attentions_[op.index];
         a.position = position;
-        a.num_threads = num_threads < 1 ? 1 : num_threads;
+        a.num_threads = 1;
         attention_step(a);
         break;
       }
+      default: break;
+    }
+  };
+  auto matmul = [&](const QMatmulArgs& a, const std::string& isa) {
+    if (isa.empty()) qmatmul(a);
+    else qmatmul_with_isa(a, isa);
+  };
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  if (threads <= 1) {
+    for (const Op& op : ops_) {
+      if (op.kind != Kind::kQMatmul) {
+        run_small(op);
+        continue;
+      }
+      QMatmulArgs a = qmatmuls_[op.index];
+      a.num_threads = 1;
+      matmul(a, isas_[op.index]);
+    }
+    return;
+  }
+#ifdef _OPENMP
+  // One parallel region for the whole step (a region per operation would fork and join a few
+  // hundred times per token): each matmul's rows are cut into `threads` slices that the
+  // threads take in turn from a counter (a thread held up by the machine leaves its slice to
+  // the others), the small operations run on one thread, and a barrier separates operations.
+  std::vector<std::atomic<int64_t>> next(ops_.size());
+  for (auto& n : next) n.store(0, std::memory_order_relaxed);
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(threads)
+  {
+    const bool first = omp_get_thread_num() == 0;
+    for (size_t i = 0; i < ops_.size(); ++i) {
+      const Op& op = ops_[i];
+      if (!failed.load(std::memory_order_relaxed)) {
+        try {
+          if (op.kind == Kind::kQMatmul) {
+            const QMatmulArgs& a = qmatmuls_[op.index];
+            const int64_t unit = a.interleave ? a.interleave : 4;
+            const int64_t units = (a.N + unit - 1) / unit;
+            const int64_t per = (units + threads - 1) / threads * unit;  // rows per slice
+            for (int64_t lo; (lo = next[i].fetch_add(1) * per) < a.N;)
+              matmul(row_slice(a, lo, std::min(a.N, lo + per)), isas_[op.index]);
+          } else if (first) {
+            run_small(op);
+          }
+        } catch (...) {
+#pragma omp critical(pyengine_step_error)
+          if (!error) error = std::current_exception();
+          failed.store(true);
+        }
+      }
+#pragma omp barrier
     }
   }
+  if (error) std::rethrow_exception(error);
+#endif
 }
 
 }  // namespace cpu
