@@ -316,61 +316,68 @@ PYBIND11_MODULE(_C, m) {
       "One decode position of attention on the CPU: rope (and optional per-head q/k norms), "
       "KV-cache append at `position`, softmax(q K^T * scale) V over positions 0..position "
       "(grouped-query heads). Pointers are integers; see csrc/cpu/decode_ops.h.");
-  py::class_<pyengine::cpu::StepProgram>(
-      m, "StepProgram",
-      "A CPU decode step as a list of operations on fixed buffers, run in order by one call "
-      "(csrc/cpu/decode_ops.h). The add_* methods take the arguments of qmatmul_cpu, "
-      "rms_norm_cpu, silu_mul_cpu and attention_step_cpu (threads and position: per run).")
-      .def(py::init<>())
-      .def("add_qmatmul",
-           [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx,
-              uintptr_t qweight, int64_t ldq, uintptr_t scales, uintptr_t zeros, int sz_dtype,
-              int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
-              int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
-              int64_t group_size, int /*num_threads: per run*/, const std::string& isa,
-              int act_bits, int interleave) {
-             QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype,
-                                       lds, bias, bias_dtype, out, out_dtype, ldo, accumulate,
-                                       M, N, K, bits, group_size);
-             a.act_bits = act_bits;
-             a.interleave = interleave;
-             p.add_qmatmul(a, isa);
-           })
-      .def("add_rms_norm",
-           [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w,
-              int w_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,
-              double eps) {
-             p.add_rms_norm(
-                 rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps));
-           })
-      .def("add_silu_mul",
-           [](pyengine::cpu::StepProgram& p, uintptr_t gate_up, int64_t ld_in, uintptr_t out,
-              int64_t ld_out, int dtype, int64_t rows, int64_t width) {
-             p.add_silu_mul(silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width));
-           })
-      .def("add_attention",
-           [](pyengine::cpu::StepProgram& p, uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache,
-              uintptr_t v_cache, int64_t cache_batch_stride, int64_t cache_head_stride,
-              uintptr_t cos, uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm,
-              int norm_dtype, double norm_eps, uintptr_t out, int64_t ld_out, int dtype,
-              int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-              int64_t max_positions, double scale) {
-             p.add_attention(
-                 attention_args(qkv, ld_qkv, k_cache, v_cache, cache_batch_stride,
-                                cache_head_stride, cos, signed_sin, q_norm, k_norm, norm_dtype,
-                                norm_eps, out, ld_out, dtype, batch, n_heads, n_kv_heads,
-                                head_dim, max_positions, scale),
-                 max_positions);
-           })
-      .def(
-          "run",
-          [](pyengine::cpu::StepProgram& p, int64_t position, int num_threads) {
-            py::gil_scoped_release release;
-            p.run(position, num_threads);
-          },
-          py::arg("position"), py::arg("num_threads") = 0,
-          "Runs the operations in order; attention at `position`.")
-      .def("__len__", &pyengine::cpu::StepProgram::size);
+  // module_local: another build of this module loaded into the same process (an A/B of two
+  // builds, benchmarks/ab_cpu_kernels.py) registers its own type; this very file loaded
+  // again under another name reuses the type it registered the first time
+  if (auto* known = py::detail::get_local_type_info(typeid(pyengine::cpu::StepProgram))) {
+    m.attr("StepProgram") = py::handle(reinterpret_cast<PyObject*>(known->type));
+  } else {
+    py::class_<pyengine::cpu::StepProgram>(
+        m, "StepProgram", py::module_local(),
+        "A CPU decode step as a list of operations on fixed buffers, run in order by one call "
+        "(csrc/cpu/decode_ops.h). The add_* methods take the arguments of qmatmul_cpu, "
+        "rms_norm_cpu, silu_mul_cpu and attention_step_cpu (threads and position: per run).")
+        .def(py::init<>())
+        .def("add_qmatmul",
+             [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx,
+                uintptr_t qweight, int64_t ldq, uintptr_t scales, uintptr_t zeros, int sz_dtype,
+                int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
+                int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
+                int64_t group_size, int /*num_threads: per run*/, const std::string& isa,
+                int act_bits, int interleave) {
+               QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype,
+                                         lds, bias, bias_dtype, out, out_dtype, ldo, accumulate,
+                                         M, N, K, bits, group_size);
+               a.act_bits = act_bits;
+               a.interleave = interleave;
+               p.add_qmatmul(a, isa);
+             })
+        .def("add_rms_norm",
+             [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w,
+                int w_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,
+                double eps) {
+               p.add_rms_norm(
+                   rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps));
+             })
+        .def("add_silu_mul",
+             [](pyengine::cpu::StepProgram& p, uintptr_t gate_up, int64_t ld_in, uintptr_t out,
+                int64_t ld_out, int dtype, int64_t rows, int64_t width) {
+               p.add_silu_mul(silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width));
+             })
+        .def("add_attention",
+             [](pyengine::cpu::StepProgram& p, uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache,
+                uintptr_t v_cache, int64_t cache_batch_stride, int64_t cache_head_stride,
+                uintptr_t cos, uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm,
+                int norm_dtype, double norm_eps, uintptr_t out, int64_t ld_out, int dtype,
+                int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                int64_t max_positions, double scale) {
+               p.add_attention(
+                   attention_args(qkv, ld_qkv, k_cache, v_cache, cache_batch_stride,
+                                  cache_head_stride, cos, signed_sin, q_norm, k_norm, norm_dtype,
+                                  norm_eps, out, ld_out, dtype, batch, n_heads, n_kv_heads,
+                                  head_dim, max_positions, scale),
+                   max_positions);
+             })
+        .def(
+            "run",
+            [](pyengine::cpu::StepProgram& p, int64_t position, int num_threads) {
+              py::gil_scoped_release release;
+              p.run(position, num_threads);
+            },
+            py::arg("position"), py::arg("num_threads") = 0,
+            "Runs the operations in order; attention at `position`.")
+        .def("__len__", &pyengine::cpu::StepProgram::size);
+  }
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;
   m.attr("act_quant_block") = pyengine::kActBlock;
 
