@@ -202,8 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     prepared = {c: pyengine.Decoder(m, max_len=8).prepared_bytes for c, m in models.items()}
 
     runs: Dict[tuple, List[float]] = {}
+    copy_gbps: Dict[int, List[float]] = {}  # a copy's bandwidth (read + write) per thread count
     for r in range(args.rounds):
         for threads in args.threads:
+            torch.set_num_threads(threads)
+            copy_gbps.setdefault(threads, []).append(common.copy_bandwidth_gbps("cpu"))
             for t, path in llama.items():
                 runs.setdefault(("llama.cpp", t, threads), []).append(
                     llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))
@@ -213,19 +216,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     rows = []
+    bandwidth = {t: statistics.median(v) for t, v in copy_gbps.items()}
     for (engine, config, threads), values in runs.items():
         size = sizes[(engine, config)]
+        tokens_per_s = statistics.median(values)
+        # the roofline: every byte of the model read once per token (a lower bound of the
+        # traffic: activations, the KV cache and the embedding row are left out)
+        weight_gbps = size * tokens_per_s / 1e9
         rows.append(dict(op="decode_vs_llamacpp", engine=engine, config=config, threads=threads,
-                         batch=1, tokens_per_s=round(statistics.median(values), 2),
+                         batch=1, tokens_per_s=round(tokens_per_s, 2),
                          runs=[round(v, 2) for v in values], bytes=size,
                          bits_per_weight=round(8 * size / params, 2),
-                         prepared_bytes=prepared.get(config, 0) if engine == "pyengine" else 0))
+                         prepared_bytes=prepared.get(config, 0) if engine == "pyengine" else 0,
+                         weight_gbps=round(weight_gbps, 2),
+                         pct_of_copy_bw=round(100 * weight_gbps / bandwidth[threads], 1)))
     for row in rows:
         print(f"{row['engine']:>9} {row['config']:>8} t={row['threads']}: "
               f"{row['tokens_per_s']:8.1f} tok/s  {row['bits_per_weight']:5.2f} bits/weight")
     meta = common.metadata("cpu")
-    meta.update(llama_cpp_isa=args.isa, pyengine_cpu_isa=pyengine_isa, llama_cpp_tools=str(bin_dir), rounds=args.rounds,
-                new_tokens=args.new_tokens, params=params)
+    meta.update(llama_cpp_isa=args.isa, pyengine_cpu_isa=pyengine_isa,
+                llama_cpp_tools=str(bin_dir), rounds=args.rounds, new_tokens=args.new_tokens,
+                params=params,
+                copy_gbps_by_threads={t: round(v, 1) for t, v in bandwidth.items()})
     out = args.json or common.RESULTS / f"vs_llamacpp_{args.isa}.json"
     common.write_results(out, meta, rows)
     print(f"wrote {out}")

@@ -103,8 +103,8 @@ def decode_table(name: str) -> List[str]:
 
 
 # pyengine config -> the llama.cpp type of about the same bits per decoder weight
-LLAMA_PEERS = {"dense": "F32", "int8": "Q8_0", "int4": "Q4_0", "int4_a8": "Q4_0",
-               "int2_a8": "Q2_K"}
+LLAMA_PEERS = {"dense": "F32", "int8": "Q8_0", "int4": "Q4_0", "int8_a8": "Q8_0",
+               "int4_a8": "Q4_0", "int2_a8": "Q2_K"}
 
 
 def vs_llamacpp_table(name: str) -> List[str]:
@@ -120,17 +120,26 @@ def vs_llamacpp_table(name: str) -> List[str]:
             continue
         peer = speed.get(("llama.cpp", LLAMA_PEERS.get(r["config"], ""), r["threads"]))
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else ""
+        roofline = r.get("pct_of_copy_bw")
         body.append([r["config"], str(r["threads"]), f"{r['tokens_per_s']:.1f}",
-                     f"{r['bits_per_weight']:.2f}", peer["config"] if peer else "",
+                     f"{r['bits_per_weight']:.2f}",
+                     "" if roofline is None else f"{roofline:.0f}%",
+                     peer["config"] if peer else "",
                      f"{peer['tokens_per_s']:.1f}" if peer else "",
                      f"{peer['bits_per_weight']:.2f}" if peer else "", ratio])
+    copy = meta.get("copy_gbps_by_threads", {})
+    copy_text = ", ".join(f"{v} GB/s with {t} thread{'s' if str(t) != '1' else ''}"
+                          for t, v in copy.items())
     return ([f"**Decode against llama.cpp**, SmolLM2-135M from the same GGUF, batch 1, "
              f"{meta.get('new_tokens')} tokens, medians of {meta.get('rounds')} alternating "
              f"rounds; llama.cpp built for {meta.get('llama_cpp_isa')}, pyengine's "
              f"{meta.get('pyengine_cpu_isa', '?')} kernels through pyengine.Decoder; bits per "
-             f"weight of the whole file / model ({_source(name, meta)})", ""]
-            + _table(["pyengine", "threads", "tokens/s", "bits/weight", "llama.cpp",
-                      "tokens/s", "bits/weight", "pyengine / llama.cpp"], body))
+             f"weight of the whole file / model; roofline: the model's bytes per token times "
+             f"tokens/s against a copy's bandwidth with as many threads ({copy_text}, "
+             f"measured in the run) "
+             f"({_source(name, meta)})", ""]
+            + _table(["pyengine", "threads", "tokens/s", "bits/weight", "of roofline",
+                      "llama.cpp", "tokens/s", "bits/weight", "pyengine / llama.cpp"], body))
 
 
 def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]:
