@@ -144,7 +144,7 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
     g.add_argument("--group-size", type=_group_size, default=128,
                    help="weights per scale: 32, 64, 128 or -1 per channel (default: 128)")
     g.add_argument("--act-bits", type=int, choices=(0, 8), default=act_bits,
-                   help="8: int8 activations (per block of 32) for the 2- and 4-bit layers, "
+                   help="8: int8 activations (per block of 32) for the 2-, 4- and 8-bit layers, "
                         "which the CPU kernels multiply as integers: faster decoding, slightly "
                         f"less accurate (default: {act_bits})")
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=rotate,

@@ -166,3 +166,15 @@ def test_a_tied_head_on_int8_activations_shares_the_table(tmp_path, rng):
     assert loaded.lm_head.qweight.data_ptr() == loaded.model.embed_tokens.qweight.data_ptr()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_plan_gives_int8_activations_where_the_integer_path_serves_the_bits():
+    from pyengine.models.random import random_model
+    model = random_model("llama", num_hidden_layers=4)
+    recipe = pyengine.plan(model, avg_bits=4.5, bit_choices=(8, 4, 3, 2), importance="random",
+                           method="rtn", act_bits=8, show_progress=False)
+    configs = [c for c in recipe.quant.values() if c is not None]
+    assert {c.bits for c in configs} - {3}  # some layers on the integer path
+    for c in configs:
+        assert c.act_bits == (8 if c.bits in (2, 4, 8) else 0), c
+    assert recipe.info["act_bits"] == 8
