@@ -45,6 +45,12 @@ CONFIGS: Dict[str, Dict] = {
     "dense_fp16": dict(quant=None),
     "int8": dict(quant={"_default": QuantConfig(8, 128)}),
     "int4": dict(quant={"_default": QuantConfig(4, 128)}),
+    # int8 activations on every linear and the head (bench_vs_llamacpp's *_a8 configs): the
+    # quality side of the integer kernels
+    "int8_a8": dict(quant={"lm_head": QuantConfig(8, 128, act_bits=8),
+                           "_default": QuantConfig(8, 128, act_bits=8)}),
+    "int4_a8": dict(quant={"lm_head": QuantConfig(8, 128, act_bits=8),
+                           "_default": QuantConfig(4, 128, act_bits=8)}),
     "int4_fp32_scales_dense_table": dict(quant={"_default": QuantConfig(4, 128)},
                                         dtype=torch.float32, embeddings=None),
     "int4_g64_gptq": dict(quant={"_default": QuantConfig(4, 64, method="gptq")}),
