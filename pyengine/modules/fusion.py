@@ -97,8 +97,10 @@ class ProjectionGroup:
         self._pending = None
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Member ``index``'s output for input ``x``: [..., members[index].out_features], a view
-        of the fused product (computed once per input)."""
+        """Member ``index``'s output for input ``x``: [..., members[index].out_features], its
+        columns of the fused product (computed once per input), copied to a contiguous tensor:
+        what follows (an activation, a reshape) then runs exactly as on the member's own
+        output (PyTorch's element-wise kernels may round differently on a strided view)."""
         member = self.members[index]
         if torch.compiler.is_compiling():
             # No Python-side state while tracing: the member's own op on its row view. (Tracing
@@ -116,7 +118,7 @@ class ProjectionGroup:
         waiting.discard(index)
         if not waiting:
             self._pending = None  # every member served: do not keep x and y alive
-        return pending[2].narrow(-1, self.offsets[index], member.out_features)
+        return pending[2].narrow(-1, self.offsets[index], member.out_features).contiguous()
 
 
 def _concatenated(parts: Sequence[torch.Tensor]) -> torch.Tensor:
