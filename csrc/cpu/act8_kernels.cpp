@@ -598,7 +598,11 @@ void qmatmul_rows8(const QMatmulArgs& a) {
 
 bool act8_native(const QMatmulArgs& a) {
 #if defined(__AVX2__)
-  return (a.bits == 2 || a.bits == 4 || a.bits == 8) && a.M <= kDecodeMaxM;
+  // 8-bit codes cost twice the integer work per byte of the narrower ones: from M = 5 (a second
+  // pass over the weight) the exact kernels on the quantized activations were faster (AMD Zen 4,
+  // benchmarks/bench_cpu_kernels.py, 14336 x 4096 at M = 8: 10.8 ms against 7.7 ms)
+  if (a.bits == 8) return a.M <= kMaxRowBlock;
+  return (a.bits == 2 || a.bits == 4) && a.M <= kDecodeMaxM;
 #else
   (void)a;
   return false;
