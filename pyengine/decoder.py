@@ -516,11 +516,13 @@ class Decoder:
         code = DTYPE_CODES[self.dtype]
         b, d = self.batch, self.hidden
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        width = sum(c.out_features for c in self.layers[0].gate_up) // 2
+        # buffers wide enough for every layer (each layer's own widths are recorded)
+        widest = lambda group: max(sum(c.out_features for c in getattr(layer, group))  # noqa: E731
+                                   for layer in self.layers)
         new = lambda cols: torch.empty(b, cols, dtype=self.dtype, device=self.device)  # noqa: E731
-        x, h, attn, act = new(d), new(d), new(nh * hd), new(width)
-        qkv = new(sum(c.out_features for c in self.layers[0].qkv))
-        gate_up = new(2 * width)
+        x, h, attn = new(d), new(d), new(nh * hd)
+        qkv, gate_up = new(widest("qkv")), new(widest("gate_up"))
+        act = new(widest("gate_up") // 2)
         program = ext.StepProgram()
 
         def add_linears(linears, source, target):  # outputs side by side in target
@@ -546,9 +548,10 @@ class Decoder:
             program.add_rms_norm(x.data_ptr(), code, d, w_ptr, w_code, h.data_ptr(), code, d, b,
                                  d, eps)
             add_linears(layer.gate_up, h, gate_up)
-            program.add_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(), width,
-                                 code, b, width)
-            program.add_qmatmul(*layer.down.kernel.call_args(act, x, True))
+            width = sum(c.out_features for c in layer.gate_up) // 2
+            program.add_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(),
+                                 act.stride(0), code, b, width)
+            program.add_qmatmul(*layer.down.kernel.call_args(act[:, :width], x, True))
         self._program_buffers = (x, h, attn, act, qkv, gate_up)
         return program
 
