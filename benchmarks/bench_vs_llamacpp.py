@@ -23,6 +23,8 @@ engine/config once per thread count; the JSON keeps every round's tokens/s and t
     python benchmarks/bench_vs_llamacpp.py --build-only            # build (about 10 min on 2 cores)
     python benchmarks/bench_vs_llamacpp.py --threads 1,2 --rounds 3
     python benchmarks/bench_vs_llamacpp.py --isa avx2 --json benchmarks/results/vs_llamacpp_avx2.json
+    python benchmarks/bench_vs_llamacpp.py --competing-load 2 --configs int4_a8 --llama-types Q4_0 \
+        --json benchmarks/results/vs_llamacpp_busy.json     # a busy machine: 1 vs 2 threads
 """
 
 from __future__ import annotations
@@ -156,6 +158,23 @@ def pyengine_tokens_per_s(model: torch.nn.Module, threads: int, new_tokens: int)
     return 1e3 / m["ms_per_step"]
 
 
+def _rounds(args, llama: Dict[str, Path], bin_dir: Path, models: Dict[str, torch.nn.Module],
+            runs: Dict[tuple, List[float]], copy_gbps: Dict[int, List[float]]) -> None:
+    """The timed rounds: per round and thread count, a copy's bandwidth, then every llama.cpp
+    file and every pyengine model once, in turn."""
+    for r in range(args.rounds):
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            copy_gbps.setdefault(threads, []).append(common.copy_bandwidth_gbps("cpu"))
+            for t, path in llama.items():
+                runs.setdefault(("llama.cpp", t, threads), []).append(
+                    llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))
+            for c, model in models.items():
+                runs.setdefault(("pyengine", c, threads), []).append(
+                    pyengine_tokens_per_s(model, threads, args.new_tokens))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+
 def _int_list(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -172,6 +191,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--llama-types", default=",".join(LLAMA_TYPES))
     parser.add_argument("--configs", default=",".join(PYENGINE_CONFIGS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs")
+    parser.add_argument("--competing-load", type=int, default=0, metavar="N",
+                        help="run N busy-loop processes during the timed rounds (a machine that "
+                             "is also running other work); the JSON says so")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--json", type=Path, default=None,
                         help="default benchmarks/results/vs_llamacpp_<isa>.json")
@@ -203,17 +225,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     runs: Dict[tuple, List[float]] = {}
     copy_gbps: Dict[int, List[float]] = {}  # a copy's bandwidth (read + write) per thread count
-    for r in range(args.rounds):
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            copy_gbps.setdefault(threads, []).append(common.copy_bandwidth_gbps("cpu"))
-            for t, path in llama.items():
-                runs.setdefault(("llama.cpp", t, threads), []).append(
-                    llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))
-            for c, model in models.items():
-                runs.setdefault(("pyengine", c, threads), []).append(
-                    pyengine_tokens_per_s(model, threads, args.new_tokens))
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.competing_load)]
+    try:
+        _rounds(args, llama, bin_dir, models, runs, copy_gbps)
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
 
     rows = []
     bandwidth = {t: statistics.median(v) for t, v in copy_gbps.items()}
@@ -237,7 +256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta.update(llama_cpp_isa=args.isa, pyengine_cpu_isa=pyengine_isa,
                 llama_cpp_tools=str(bin_dir), rounds=args.rounds, new_tokens=args.new_tokens,
                 params=params,
-                copy_gbps_by_threads={t: round(v, 1) for t, v in bandwidth.items()})
+                copy_gbps_by_threads={t: round(v, 1) for t, v in bandwidth.items()},
+                competing_load=args.competing_load)
     out = args.json or common.RESULTS / f"vs_llamacpp_{args.isa}.json"
     common.write_results(out, meta, rows)
     print(f"wrote {out}")
