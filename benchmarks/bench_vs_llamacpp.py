@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pyengine.backends.cpu import CpuBackend
     if args.isa != "native":  # pyengine's kernels of the same instruction set
         register_backend(CpuBackend(args.isa))
-    pyengine_isa = get_backend("cpu").isa or pyengine.build_info()["cpu_isa_selected"]
+    pyengine_isa = get_backend("cpu").selected_isa()
 
     bin_dir = llama_tools(args.isa, args.jobs, needed=("llama-bench", "llama-quantize"))
     source = gguf_path()

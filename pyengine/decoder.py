@@ -314,6 +314,10 @@ class _Layer:
         self.k_norm = None if k_norm is None else _norm_in(k_norm, k_norm.weight.numel(), dtype,
                                                            device)
 
+    def linears(self) -> List[_Linear]:
+        """The layer's linear steps in the order they run."""
+        return [*self.qkv, self.o_proj, *self.gate_up, self.down]
+
     def bind_native(self) -> None:
         """(pointer, dtype code, eps) of the norms for the native step operations."""
         def native(norm):
@@ -416,8 +420,7 @@ class Decoder:
         """Bytes of weight copies the decoder's prepared calls hold besides the model's own
         weights: the CPU row-interleaved layout of the int8-activation layers
         (pyengine.backends.cpu.interleave_rows), 0 when none is prepared."""
-        calls = [self.head] + [c for layer in self.layers
-                               for c in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down)]
+        calls = [self.head] + [c for layer in self.layers for c in layer.linears()]
         return sum(getattr(c.kernel, "prepared_bytes", 0) for c in calls)
 
     def reset(self) -> None:
@@ -509,8 +512,7 @@ class Decoder:
         ext = self.native
         if ext is None or not hasattr(ext, "StepProgram"):
             return None
-        calls = [c for layer in self.layers
-                 for c in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down)]
+        calls = [c for layer in self.layers for c in layer.linears()]
         if any(getattr(c.kernel, "call_args", None) is None for c in calls):
             return None
         code = DTYPE_CODES[self.dtype]

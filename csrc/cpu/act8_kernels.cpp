@@ -66,6 +66,17 @@ inline void quantize_row(const QMatmulArgs& a, int64_t m, int64_t Kq, int8_t* q,
   }
 }
 
+// xsum[g] += sum of x^ = d * q over group g (< G) for the first Kp codes of a quantized row (a
+// block's codes lie in one group; the decode paths add b * xsum per group, see the top).
+inline void add_group_sums(const int8_t* q, const float* d, int64_t Kp, int64_t group_size,
+                           int64_t G, float* xsum) {
+  for (int64_t b = 0; b * kActBlock < Kp; ++b) {
+    int32_t bsum = 0;
+    for (int i = 0; i < kActBlock; ++i) bsum += q[b * kActBlock + i];
+    xsum[std::min<int64_t>(G - 1, b * kActBlock / group_size)] += d[b] * (float)bsum;
+  }
+}
+
 // The fallback: x^ = d * q in fp32, then the exact kernels.
 void fake_quantized_matmul(const QMatmulArgs& a) {
   const int64_t Kq = (a.K + kActBlock - 1) / kActBlock * kActBlock;
@@ -187,11 +198,7 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
   auto group_of = [&](int64_t k) { return std::min<int64_t>(p.G - 1, k / a.group_size); };
   for (int64_t m = 0; m < a.M; ++m) {
     quantize_row(a, m, codes, q.data(), d.data());
-    for (int64_t b = 0; b < blocks && b * kActBlock < p.Kp; ++b) {
-      int32_t bsum = 0;
-      for (int i = 0; i < kActBlock; ++i) bsum += q[b * kActBlock + i];
-      p.xsum[m * p.G + group_of(b * kActBlock)] += d[b] * (float)bsum;
-    }
+    add_group_sums(q.data(), d.data(), p.Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
     int8_t* xm = p.xp.data() + m * codes;
     for (int64_t s = 0; s < p.steps; ++s) {
       for (int j = 0; j < L::kPlanes; ++j)
@@ -428,12 +435,7 @@ Rows8Plan plan_rows8(const QMatmulArgs& a) {
   for (int64_t m = 0; m < a.M; ++m) {
     float* d = p.d.data() + m * p.blocks;
     quantize_row(a, m, Kp, q.data(), d);
-    for (int64_t b = 0; b < p.blocks; ++b) {
-      int32_t bsum = 0;
-      for (int i = 0; i < kActBlock; ++i) bsum += q[b * kActBlock + i];
-      p.xsum[m * p.G + std::min<int64_t>(p.G - 1, b * kActBlock / a.group_size)] +=
-          d[b] * (float)bsum;
-    }
+    add_group_sums(q.data(), d, Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
     int8_t* xm = reinterpret_cast<int8_t*>(p.xq.data() + m * words * L::kPlanes);
     for (int64_t w = 0; w < words; ++w)
       for (int pl = 0; pl < L::kPlanes; ++pl)
@@ -566,6 +568,21 @@ void rows8_decode(const QMatmulArgs& a, float* out32) {
     }
   });
 }
+
+// An integer path's call: decode(bits, out32) for a.bits in {2, 4, 8} (bits as a compile-time
+// constant) into fp32 products [M, N], then the epilogue (bias, accumulation, output dtype).
+template <class Decode>
+void integer_path(const QMatmulArgs& a, Decode decode) {
+  std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
+  if (a.K > 0) {
+    switch (a.bits) {
+      case 2: decode(std::integral_constant<int, 2>{}, out32.data()); break;
+      case 4: decode(std::integral_constant<int, 4>{}, out32.data()); break;
+      default: decode(std::integral_constant<int, 8>{}, out32.data()); break;
+    }
+  }
+  store_result(a, out32.data());
+}
 #endif  // __AVX2__
 
 }  // namespace
@@ -582,15 +599,9 @@ bool rows8_native(const QMatmulArgs& a) {
 
 void qmatmul_rows8(const QMatmulArgs& a) {
 #if defined(__AVX2__)
-  std::vector<float> out32((size_t)(a.M * a.N), 0.f);
-  if (a.K > 0) {
-    switch (a.bits) {
-      case 2: rows8_decode<2>(a, out32.data()); break;
-      case 4: rows8_decode<4>(a, out32.data()); break;
-      default: rows8_decode<8>(a, out32.data()); break;
-    }
-  }
-  store_result(a, out32.data());
+  integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
+    rows8_decode<decltype(bits)::value>(a, out32);
+  });
 #else
   (void)a;
 #endif
@@ -615,15 +626,9 @@ void qmatmul_act8(const QMatmulArgs& a) {
     return;
   }
 #if defined(__AVX2__)
-  std::vector<float> out32((size_t)(a.M * a.N), 0.f);
-  if (a.K > 0) {
-    switch (a.bits) {
-      case 2: act8_decode<2>(a, out32.data()); break;
-      case 4: act8_decode<4>(a, out32.data()); break;
-      default: act8_decode<8>(a, out32.data()); break;
-    }
-  }
-  store_result(a, out32.data());
+  integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
+    act8_decode<decltype(bits)::value>(a, out32);
+  });
 #endif
 }
 
