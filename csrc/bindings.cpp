@@ -68,6 +68,46 @@ QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, 
   return a;
 }
 
+// qmatmul_cpu on `isa` ("" for the widest this CPU runs).
+void run_qmatmul(const QMatmulArgs& a, const std::string& isa) {
+  if (isa.empty())
+    pyengine::cpu::qmatmul(a);
+  else
+    pyengine::cpu::qmatmul_with_isa(a, isa);
+}
+
+// A qmatmul_cpu call with everything but the activations and the output bound once: weight,
+// bias, dtypes, sizes, layout and instruction set (a prepared kernel call,
+// pyengine.backends.cpu.CpuBackend.bind). A call then passes two pointers, two row strides, M
+// and the thread count instead of qmatmul_cpu's 24 arguments; a StepProgram records it the same
+// way (StepProgram.add_call).
+struct QMatmulCall {
+  QMatmulArgs args;  // x, ldx, out, ldo, M and accumulate are set per call
+  std::string isa;
+
+  QMatmulArgs at(uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo, int64_t M,
+                 bool accumulate) const {
+    QMatmulArgs a = args;
+    a.x = reinterpret_cast<const void*>(x);
+    a.ldx = ldx;
+    a.out = reinterpret_cast<void*>(out);
+    a.ldo = ldo;
+    a.M = M;
+    a.accumulate = accumulate;
+    return a;
+  }
+};
+
+// A pybind11 class registers per shared object; this very file loaded again under another
+// name (an A/B of two builds in one process, benchmarks/ab_cpu_kernels.py) reuses the type it
+// registered the first time. True when T was registered already (and is now bound as `name`).
+template <class T>
+bool bind_registered_type(py::module_& m, const char* name) {
+  auto* known = py::detail::get_local_type_info(typeid(T));
+  if (known) m.attr(name) = py::handle(reinterpret_cast<PyObject*>(known->type));
+  return known != nullptr;
+}
+
 void check_step_dtype(const char* op, int d) {
   if (d != pyengine::kFloat32 && d != pyengine::kFloat16 && d != pyengine::kBFloat16)
     throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(d));
@@ -238,10 +278,7 @@ PYBIND11_MODULE(_C, m) {
         a.act_bits = act_bits;
         a.interleave = interleave;
         py::gil_scoped_release release;
-        if (isa.empty())
-          pyengine::cpu::qmatmul(a);
-        else
-          pyengine::cpu::qmatmul_with_isa(a, isa);
+        run_qmatmul(a, isa);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("qweight"), py::arg("ldq"),
       py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
@@ -316,32 +353,61 @@ PYBIND11_MODULE(_C, m) {
       "One decode position of attention on the CPU: rope (and optional per-head q/k norms), "
       "KV-cache append at `position`, softmax(q K^T * scale) V over positions 0..position "
       "(grouped-query heads). Pointers are integers; see csrc/cpu/decode_ops.h.");
-  // module_local: another build of this module loaded into the same process (an A/B of two
-  // builds, benchmarks/ab_cpu_kernels.py) registers its own type; this very file loaded
-  // again under another name reuses the type it registered the first time
-  if (auto* known = py::detail::get_local_type_info(typeid(pyengine::cpu::StepProgram))) {
-    m.attr("StepProgram") = py::handle(reinterpret_cast<PyObject*>(known->type));
-  } else {
+  // The classes are module_local: another build of this module loaded into the same process
+  // (an A/B of two builds, benchmarks/ab_cpu_kernels.py) registers types of its own
+  // (bind_registered_type: this very file loaded twice reuses its first registration).
+  if (!bind_registered_type<QMatmulCall>(m, "QMatmulCall")) {
+    py::class_<QMatmulCall>(
+        m, "QMatmulCall", py::module_local(),
+        "qmatmul_cpu with the weight, bias, dtypes, sizes, layout and instruction set bound once "
+        "(the arguments of qmatmul_cpu but x, ldx, out, ldo, accumulate and M); call it with "
+        "those (pointers as integers) and the thread count.")
+        .def(py::init([](uintptr_t qweight, int64_t ldq, uintptr_t scales, uintptr_t zeros,
+                         int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, int x_dtype,
+                         int out_dtype, int64_t N, int64_t K, int bits, int64_t group_size,
+                         const std::string& isa, int act_bits, int interleave) {
+               QMatmulCall c;
+               c.args = make_args(0, x_dtype, K, qweight, ldq, scales, zeros, sz_dtype, lds, bias,
+                                  bias_dtype, 0, out_dtype, N, false, 0, N, K, bits, group_size);
+               c.args.act_bits = act_bits;
+               c.args.interleave = interleave;
+               c.isa = isa;
+               pyengine::check_qmatmul_args("QMatmulCall", c.args);  // M = 0: no pointer read
+               return c;
+             }),
+             py::arg("qweight"), py::arg("ldq"), py::arg("scales"), py::arg("zeros"),
+             py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"), py::arg("bias_dtype"),
+             py::arg("x_dtype"), py::arg("out_dtype"), py::arg("N"), py::arg("K"),
+             py::arg("bits"), py::arg("group_size"), py::arg("isa") = "",
+             py::arg("act_bits") = 0, py::arg("interleave") = 0)
+        .def(
+            "__call__",
+            [](const QMatmulCall& c, uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo,
+               int64_t M, bool accumulate, int num_threads) {
+              QMatmulArgs a = c.at(x, ldx, out, ldo, M, accumulate);
+              a.num_threads = num_threads;
+              py::gil_scoped_release release;
+              run_qmatmul(a, c.isa);
+            },
+            py::arg("x"), py::arg("ldx"), py::arg("out"), py::arg("ldo"), py::arg("M"),
+            py::arg("accumulate"), py::arg("num_threads") = 0,
+            "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), as qmatmul_cpu.");
+  }
+  if (!bind_registered_type<pyengine::cpu::StepProgram>(m, "StepProgram")) {
     py::class_<pyengine::cpu::StepProgram>(
         m, "StepProgram", py::module_local(),
         "A CPU decode step as a list of operations on fixed buffers, run in order by one call "
-        "(csrc/cpu/decode_ops.h). The add_* methods take the arguments of qmatmul_cpu, "
-        "rms_norm_cpu, silu_mul_cpu and attention_step_cpu (threads and position: per run).")
+        "(csrc/cpu/decode_ops.h). add_call takes a QMatmulCall and its per-call arguments; the "
+        "other add_* methods take the arguments of rms_norm_cpu, silu_mul_cpu and "
+        "attention_step_cpu (threads and position: per run).")
         .def(py::init<>())
-        .def("add_qmatmul",
-             [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx,
-                uintptr_t qweight, int64_t ldq, uintptr_t scales, uintptr_t zeros, int sz_dtype,
-                int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
-                int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
-                int64_t group_size, int /*num_threads: per run*/, const std::string& isa,
-                int act_bits, int interleave) {
-               QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype,
-                                         lds, bias, bias_dtype, out, out_dtype, ldo, accumulate,
-                                         M, N, K, bits, group_size);
-               a.act_bits = act_bits;
-               a.interleave = interleave;
-               p.add_qmatmul(a, isa);
-             })
+        .def("add_call",
+             [](pyengine::cpu::StepProgram& p, const QMatmulCall& c, uintptr_t x, int64_t ldx,
+                uintptr_t out, int64_t ldo, int64_t M, bool accumulate) {
+               p.add_qmatmul(c.at(x, ldx, out, ldo, M, accumulate), c.isa);
+             },
+             py::arg("call"), py::arg("x"), py::arg("ldx"), py::arg("out"), py::arg("ldo"),
+             py::arg("M"), py::arg("accumulate"))
         .def("add_rms_norm",
              [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w,
                 int w_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,

@@ -513,7 +513,7 @@ class Decoder:
         if ext is None or not hasattr(ext, "StepProgram"):
             return None
         calls = [c for layer in self.layers for c in layer.linears()]
-        if any(getattr(c.kernel, "call_args", None) is None for c in calls):
+        if any(getattr(c.kernel, "native_call", None) is None for c in calls):
             return None
         code = DTYPE_CODES[self.dtype]
         b, d = self.batch, self.hidden
@@ -527,11 +527,14 @@ class Decoder:
         act = new(widest("gate_up") // 2)
         program = ext.StepProgram()
 
+        def add_linear(kernel, source, target, accumulate):
+            program.add_call(kernel.native_call, source.data_ptr(), source.stride(0),
+                             target.data_ptr(), target.stride(0), source.shape[0], accumulate)
+
         def add_linears(linears, source, target):  # outputs side by side in target
             start = 0
             for c in linears:
-                program.add_qmatmul(*c.kernel.call_args(
-                    source, target[:, start:start + c.out_features], False))
+                add_linear(c.kernel, source, target[:, start:start + c.out_features], False)
                 start += c.out_features
 
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
@@ -545,7 +548,7 @@ class Decoder:
                                   self.cos.data_ptr(), self.signed_sin.data_ptr(), qn_ptr, kn_ptr,
                                   norm_code, norm_eps, attn.data_ptr(), nh * hd, code, b, nh,
                                   nkv, hd, self.max_len, self.scale)
-            program.add_qmatmul(*layer.o_proj.kernel.call_args(attn, x, True))
+            add_linear(layer.o_proj.kernel, attn, x, True)
             w_ptr, w_code, eps = layer.mlp_norm_native
             program.add_rms_norm(x.data_ptr(), code, d, w_ptr, w_code, h.data_ptr(), code, d, b,
                                  d, eps)
@@ -553,7 +556,7 @@ class Decoder:
             width = sum(c.out_features for c in layer.gate_up) // 2
             program.add_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(),
                                  act.stride(0), code, b, width)
-            program.add_qmatmul(*layer.down.kernel.call_args(act[:, :width], x, True))
+            add_linear(layer.down.kernel, act[:, :width], x, True)
         self._program_buffers = (x, h, attn, act, qkv, gate_up)
         return program
 

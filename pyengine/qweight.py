@@ -50,7 +50,27 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: Option
     return (codes - z) * s
 
 
-class QuantizedWeight:
+class OpCacheNotCopied:
+    """Base of the weight classes whose ``_op_cache`` holds what pyengine's ops derive from
+    their tensors (pointers into them, prepared native calls): a copy (copy, deepcopy, pickle)
+    starts with a fresh cache, ``self._fresh_op_cache()``, instead of the original's."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _fresh_op_cache():
+        return None
+
+    def __getstate__(self):
+        return None, {name: getattr(self, name) for name in self.__slots__ if name != "_op_cache"}
+
+    def __setstate__(self, state) -> None:
+        for name, value in state[1].items():
+            setattr(self, name, value)
+        self._op_cache = self._fresh_op_cache()
+
+
+class QuantizedWeight(OpCacheNotCopied):
     """A quantized linear weight in the canonical packed format.
 
     Tensors (all on one device):

@@ -107,3 +107,19 @@ def test_llamacpp_comparison_script_parses(capsys):
     assert exit_info.value.code == 0
     assert "llama.cpp" in capsys.readouterr().out
     assert set(bench_vs_llamacpp.ISA_FLAGS) == {"native", "avx2"}
+
+
+def test_call_overhead_bench_times_every_call_kind(tmp_path):
+    """bench_call_overhead: one row per shape, thread count and call kind (F.linear, qlinear
+    with float32 and int8 activations, the prepared calls), each checked inside the script."""
+    import bench_call_overhead
+    from pyengine import available_backends
+    if "cpu" not in available_backends():
+        pytest.skip("needs the compiled cpu backend")
+    out = tmp_path / "call_overhead.json"
+    assert bench_call_overhead.main(["--shapes", "40x96", "--threads", "1", "--inner", "2",
+                                     "--rounds", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["call"] for r in rows} == {"F.linear fp32", "qlinear int4", "qlinear int4 a8",
+                                         "prepared int4", "prepared int4 a8"}
+    assert all(r["us"] > 0 and r["N"] == 40 and r["K"] == 96 for r in rows)

@@ -87,6 +87,26 @@ def test_interleaved_rows_must_be_a_multiple_of_eight(rng):
                                 out.data_ptr(), 0, 12, False, 1, 12, 64, 4, 32, 0, "", 8, 8)
 
 
+def test_a_prepared_qmatmul_call_checks_what_it_binds(rng):
+    """_C.QMatmulCall raises on a bad weight description when it is made, not at a call."""
+    qw = pyengine.quantize(random_weight(12, 64, rng), 4, 32, clip_search=False)
+
+    def make(n=12, bits=4, interleave=0, act_bits=0):
+        return extension().QMatmulCall(qw.qweight.data_ptr(), 8, qw.scales.data_ptr(),
+                                       qw.zeros.data_ptr(), 0, 2, 0, 0, 0, 0, n, 64, bits, 32,
+                                       "", act_bits, interleave)
+
+    x, out = torch.randn(2, 64), poisoned((2, 12), torch.float32, "cpu")
+    make()(x.data_ptr(), 64, out.data_ptr(), 12, 2, False, 1)
+    assert_matches(out, ops.qlinear(x, qw, backend="torch"), torch.float32, "QMatmulCall")
+    with pytest.raises(ValueError, match="multiple of the row interleave"):
+        make(interleave=8)
+    with pytest.raises(ValueError, match="bits must be"):
+        make(bits=5)
+    with pytest.raises(ValueError, match="act_bits must be"):
+        make(act_bits=4)
+
+
 @pytest.mark.parametrize("isa", [i for i in USABLE_ISAS if i != "generic"])
 def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
     """bind_linear with act_bits=8 on the AVX2 / AVX-512 builds prepares the interleaved copy

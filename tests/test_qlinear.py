@@ -262,6 +262,117 @@ def test_bind_linear_writes_and_accumulates_what_qlinear_computes(bits, dtype, r
         assert_matches(out, ops.qlinear(x, qw, act_bits=8), dtype, "bind_linear act_bits=8")
 
 
+# ---- repeated eager calls through the weight's prepared call (ops.linear._prepared_call) ----
+
+def _count_full_path(monkeypatch):
+    """A list that grows by one each time a call runs the op's full path (linear._execute)."""
+    from pyengine.ops import linear
+    calls = []
+    full = linear._execute
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "_execute", counted)
+    return calls
+
+
+@pytest.mark.parametrize("act_bits", [0, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_repeated_eager_calls_skip_the_full_path_with_the_same_result(act_bits, dtype, rng,
+                                                                      monkeypatch):
+    if get_backend("cpu").unavailable_reason() is not None:
+        pytest.skip("no cpu backend in this build")
+    n, k = 77, 200
+    qw = pyengine.quantize(random_weight(n, k, rng), 4, 64, scale_dtype=dtype)
+    bias = random_weight(1, n, rng, dtype)[0]
+    full_path = _count_full_path(monkeypatch)
+    ops.qlinear(random_weight(2, k, rng, dtype), qw, bias, act_bits=act_bits)
+    assert len(full_path) == 1 and qw._op_cache.bound, "the first call validates, then binds"
+    for lead in ((1,), (3,), (2, 5)):
+        x = random_weight(int(torch.tensor(lead).prod()), k, rng, dtype).view(*lead, k)
+        got = ops.qlinear(x, qw, bias, act_bits=act_bits)
+        # out= takes the full path: the same kernel, so the same bits
+        want = poisoned((*lead, n), dtype, "cpu")
+        ops.qlinear(x, qw, bias, act_bits=act_bits, out=want)
+        assert got.shape == (*lead, n) and got.dtype == dtype
+        assert torch.equal(got, want), f"prepared call != full path for x {tuple(x.shape)}"
+    assert len(full_path) == 1 + 3, "only the out= calls ran the full path"
+
+
+def test_calls_unlike_the_bound_one_take_the_full_path(rng, monkeypatch):
+    if get_backend("cpu").unavailable_reason() is not None:
+        pytest.skip("no cpu backend in this build")
+    n, k = 40, 128
+    qw = pyengine.quantize(random_weight(n, k, rng), 4, 32)
+    bias = random_weight(1, n, rng)[0]
+    x = random_weight(3, k, rng)
+    ops.qlinear(x, qw, bias)
+    full_path = _count_full_path(monkeypatch)
+    want = ops.qlinear(x, qw, bias, backend="torch")  # (full path)
+    # another bias object: the full path, which binds the new bias
+    other = bias.clone() * 2
+    assert_matches(ops.qlinear(x, qw, other), ops.qlinear(x, qw, other, backend="torch"),
+                   torch.float32, "another bias")
+    assert len(full_path) == 3
+    # non-contiguous activations
+    wide = random_weight(3, 2 * k, rng)
+    assert_matches(ops.qlinear(wide[:, :k], qw, bias),
+                   ops.qlinear(wide[:, :k].contiguous(), qw, bias, backend="torch"),
+                   torch.float32, "strided x")
+    # activations that need autograd: the op, with a gradient
+    xg = x.clone().requires_grad_(True)
+    y = ops.qlinear(xg, qw, bias)
+    assert y.requires_grad
+    y.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    # a backend chosen through the environment after binding
+    before = len(full_path)
+    monkeypatch.setenv("PYENGINE_BACKEND", "torch")
+    assert_matches(ops.qlinear(x, qw, bias), want, torch.float32, "$PYENGINE_BACKEND=torch")
+    assert len(full_path) == before + 1
+    monkeypatch.delenv("PYENGINE_BACKEND")
+    # wrong shapes still raise the op's own errors
+    with pytest.raises(ValueError, match="qlinear"):
+        ops.qlinear(random_weight(2, k + 1, rng), qw, bias)
+    with pytest.raises(TypeError, match="qlinear"):
+        ops.qlinear(torch.zeros(2, k, dtype=torch.int32), qw, bias)
+
+
+def test_a_reloaded_layer_computes_with_its_new_weights(rng):
+    if get_backend("cpu").unavailable_reason() is not None:
+        pytest.skip("no cpu backend in this build")
+    from pyengine.modules import QuantLinear
+    n, k = 24, 64
+    layer = QuantLinear.from_weight(pyengine.quantize(random_weight(n, k, rng), 4, 32))
+    other = QuantLinear.from_weight(pyengine.quantize(random_weight(n, k, rng), 4, 32))
+    x = random_weight(1, k, rng)
+    layer(x), layer(x)  # bound, then through the prepared call
+    layer.load_state_dict(other.state_dict())  # copies into the same buffers
+    assert_matches(layer(x), ops.qlinear(x, other.quantized_weight, backend="torch"),
+                   torch.float32, "after load_state_dict")
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_copies_of_a_used_weight_compute_with_their_own_tensors(copier, rng):
+    """What the ops keep on a weight (pointers into its tensors, prepared calls) is not copied
+    with it: a copy computes from its own tensors, whatever later happens to the original's."""
+    import copy
+    import pickle
+    qw = pyengine.quantize(random_weight(24, 64, rng), 4, 32)
+    mw = random_parent(24, 64, 32, False, rng, torch.float32)
+    x = random_weight(1, 64, rng)
+    for weight, tensors in ((qw, (qw.qweight,)), (mw.at(4), (mw.plane_hi, mw.plane_mid))):
+        want = ops.qlinear(x, weight)
+        ops.qlinear(x, weight)  # through whatever the ops derived and kept
+        twin = (copy.deepcopy(weight) if copier == "deepcopy"
+                else pickle.loads(pickle.dumps(weight)))
+        for t in tensors:
+            t.zero_()  # the original changes; the copy must not see it
+        assert torch.equal(ops.qlinear(x, twin), want), copier
+
+
 def test_bind_linear_has_no_prepared_form_for_other_weights(rng):
     w = random_weight(16, 32, rng)
     assert ops.bind_linear(w) is None                                   # dense

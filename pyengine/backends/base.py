@@ -49,10 +49,11 @@ class PackedOperand:
 
     ``native`` is free for the backend that runs it to cache what it derives from the tensors
     (pointers, strides): an operand is immutable, and the ops keep one per weight object for
-    eager calls (see pyengine.ops.linear), so that work is done once per weight.
+    eager calls (see pyengine.ops.linear), so that work is done once per weight. ``bound``: the
+    ops' prepared calls of it for plain eager calls (pyengine.ops.linear._prepared_call).
     """
 
-    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "native")
+    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "native", "bound")
     kind = "packed"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
@@ -63,6 +64,7 @@ class PackedOperand:
         self.bits = bits
         self.group_size = group_size    # effective codes per scale (the padded row if per channel)
         self.native = None
+        self.bound = {}
 
 
 class PlaneOperand:
@@ -124,10 +126,14 @@ class Backend:
         return False
 
     def bind(self, weight: Operand, n: int, k: int, bias: Optional[torch.Tensor],
-             act_bits: int = 0) -> Optional["BoundKernel"]:
-        """A prepared call of this backend's kernel on ``weight`` (everything but the
-        activations and the output bound once), for loops that call one layer many times
-        (pyengine.Decoder); None when the backend has none (callers use :meth:`matmul`)."""
+             act_bits: int = 0, dtype: torch.dtype = torch.float32,
+             layout_copy: bool = True) -> Optional["BoundKernel"]:
+        """A prepared call of this backend's kernel on ``weight`` for activations and targets of
+        ``dtype`` (everything but the activations and the output bound once), for loops that
+        call one layer many times (pyengine.Decoder, eager pyengine.ops.qlinear calls); None
+        when the backend has none (callers use :meth:`matmul`). ``layout_copy``: the call may
+        hold a copy of the weight in a layout of its own where its kernel reads that faster
+        (more memory; the copy's bytes are the kernel's ``prepared_bytes``)."""
         return None
 
     def matmul(self, x: torch.Tensor, weight: Operand, n: int, k: int,

@@ -101,14 +101,14 @@ class CpuBackend(Backend):
         return (act_bits == 8 and isinstance(weight, PackedOperand) and weight.bits in (2, 4, 8)
                 and n % INTERLEAVE_ROWS == 0 and self.selected_isa() in ("avx2", "avx512"))
 
-    def bind(self, weight, n, k, bias, act_bits=0):
+    def bind(self, weight, n, k, bias, act_bits=0, dtype=torch.float32, layout_copy=True):
         if not isinstance(weight, PackedOperand):
             return None
-        ext, isa = extension(), self.isa
-        qmatmul = ext.qmatmul_cpu
+        ext = extension()
         if bias is not None:
             bias = bias.contiguous()
-        interleave = INTERLEAVE_ROWS if self.interleaves(weight, n, act_bits) else 0
+        interleave = (INTERLEAVE_ROWS if layout_copy and self.interleaves(weight, n, act_bits)
+                      else 0)
         prepared = ()
         if interleave:
             # decode reads the rows in eights side by side: a copy in that layout
@@ -122,24 +122,20 @@ class CpuBackend(Backend):
             # the weight's part of packed_kernel_args, built once
             x0 = torch.empty(1, k, dtype=torch.float32)
             wargs = packed_kernel_args(x0, weight, bias, x0, False, n, k)[3:9]
-        bias_args = (0 if bias is None else bias.data_ptr(),
-                     DTYPE_CODES[bias.dtype] if bias is not None else 0)
-        bits, group_size = weight.bits, weight.group_size
+        code = DTYPE_CODES[dtype]
+        call = ext.QMatmulCall(*wargs, 0 if bias is None else bias.data_ptr(),
+                               DTYPE_CODES[bias.dtype] if bias is not None else 0, code, code,
+                               n, k, weight.bits, weight.group_size, self.isa, act_bits,
+                               interleave)
         get_threads = torch.get_num_threads
 
-        def call_args(x, target, accumulate):
-            """The arguments of qmatmul_cpu for x [M, k] and target [M, n] (rows contiguous,
-            any row stride)."""
-            return (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *wargs, *bias_args,
-                    target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
-                    x.shape[0], n, k, bits, group_size, get_threads(), isa, act_bits, interleave)
-
         def kernel(x, target, accumulate):
-            # keeps bias alive with the closure; x, target: [M, k] / [M, n], contiguous
-            qmatmul(*call_args(x, target, accumulate))
+            # x, target: [M, k] / [M, n] in dtype, rows contiguous (any row stride)
+            call(x.data_ptr(), x.stride(0), target.data_ptr(), target.stride(0), x.shape[0],
+                 accumulate, get_threads())
 
-        kernel.call_args = call_args  # what a decode-step program records (decoder.py)
-        kernel.keep = (weight, bias, prepared)
+        kernel.native_call = call  # what a decode-step program records (decoder.py)
+        kernel.keep = (weight, bias, prepared)  # the memory the pointers in `call` read
         # memory the prepared call holds besides the weight itself
         kernel.prepared_bytes = sum(t.numel() * t.element_size() for t in prepared
                                     if t is not None)

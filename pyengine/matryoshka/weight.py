@@ -33,7 +33,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..packing import pack_codes, unpack_codes
-from ..qweight import (SCALE_DTYPES, SUPPORTED_GROUP_SIZES, QuantizedWeight, padded_in_features)
+from ..qweight import (SCALE_DTYPES, SUPPORTED_GROUP_SIZES, OpCacheNotCopied, QuantizedWeight,
+                       padded_in_features)
 
 PARENT_BITS = 8
 PRECISIONS = (8, 6, 4, 3, 2)
@@ -199,7 +200,7 @@ def canonical_slice(planes: Dict[str, Optional[torch.Tensor]], scales: torch.Ten
                            group_size=group_size, shape=(n, k), method=method)
 
 
-class MatryoshkaWeight:
+class MatryoshkaWeight(OpCacheNotCopied):
     """An int8 parent weight W[N, K] stored as three bit planes, served at r in (8, 6, 4, 3, 2).
 
     Tensors (one device):
@@ -248,6 +249,8 @@ class MatryoshkaWeight:
         self.shape = torch.Size((n, k))
         self.method = str(method)
         self._op_cache = {}
+
+    _fresh_op_cache = staticmethod(dict)  # copies start with an empty cache (OpCacheNotCopied)
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod

@@ -21,7 +21,11 @@ shortcut and a dense weight; packed codes, planes, scales and zeros get none.
 The public functions validate their arguments with errors that name the function and the shapes,
 then either call the op or, for a plain eager call with nothing needing autograd, its
 implementation directly (the same result without the dispatcher's few microseconds, which add up
-over the hundreds of small matmuls of one decoding step).
+over the hundreds of small matmuls of one decoding step). A plain eager call of a quantized weight
+on a backend with prepared calls (the cpu backend) is bound once, after its first validated call,
+and later calls with the same activation dtype, act_bits, bias and backend go straight to that
+prepared kernel call (:func:`_prepared_call`: a few attribute checks instead of the validation and
+argument assembly).
 """
 
 from __future__ import annotations
@@ -259,8 +263,12 @@ def _linear(op: str, x: Tensor, weight: Weight, bias: Optional[Tensor],
     if eager_call_ok(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, out):
         operand = _eager_operand(weight, kind, w, scales, zeros, plane_mid, plane_lo, bits,
                                  group_size)
-        return _execute(x, operand, kind, bits, group_size, n, k, bias, residual, shortcut,
-                        backend, out, act_bits)
+        y = _execute(x, operand, kind, bits, group_size, n, k, bias, residual, shortcut,
+                     backend, out, act_bits)
+        if (kind == "packed" and not sliced and residual is None and out is None
+                and x.device.type == "cpu"):
+            _bind_validated(x, weight, bias, backend, act_bits)
+        return y
     y = _qlinear_op(x, w, scales, zeros, plane_mid, plane_lo, bias, residual, shortcut, kind,
                     bits, group_size, n, k, backend, act_bits)
     if out is None:
@@ -269,6 +277,67 @@ def _linear(op: str, x: Tensor, weight: Weight, bias: Optional[Tensor],
         raise RuntimeError(f"{op}: out= does not support automatic differentiation (an input "
                            f"requires grad); call it without out=")
     return out.copy_(y)
+
+
+def _prepared_key(x: Tensor, bits: int, backend: Optional[str], act_bits: int) -> tuple:
+    """What a prepared call of a packed weight is bound to besides its bias: the backend the
+    call selects (the request, else $PYENGINE_BACKEND, else the best), the activation dtype and
+    act_bits."""
+    return (select_backend(("cpu", x.dtype, "packed", bits), backend), x.dtype, act_bits)
+
+
+def _prepared_call(x: Tensor, weight: Weight, bias: Optional[Tensor], backend: Optional[str],
+                   act_bits: int) -> Optional[Tensor]:
+    """y = x W^T + bias through the weight's prepared kernel call when this is a plain eager CPU
+    call like one already validated (see :func:`_bind_validated`): same activation dtype,
+    act_bits, bias object and selected backend, x contiguous with K columns, nothing needing
+    autograd, no tracing or transform. None otherwise: the caller then runs the full path, which
+    validates the call (and raises what it raises)."""
+    if type(weight) is not QuantizedWeight or type(x) is not Tensor or not x.is_cpu:
+        return None
+    operand = weight._op_cache
+    if operand is None or not operand.bound or not x.is_contiguous() or x.ndim < 1:
+        return None
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    entry = operand.bound.get(_prepared_key(x, weight.bits, backend, act_bits))
+    if entry is None or entry[0] is not bias:
+        return None
+    call = entry[1]
+    x2 = x if x.ndim == 2 else x.view(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return None
+    y = torch.empty(m, n, dtype=x.dtype)
+    call(x2.data_ptr(), k, y.data_ptr(), n, m, False, torch.get_num_threads())
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], n)
+
+
+def _bind_validated(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor],
+                    backend: Optional[str], act_bits: int) -> None:
+    """After a validated plain eager call of a whole quantized weight on the CPU: binds the
+    weight's prepared kernel call for calls like it (:func:`_prepared_call`), once per selected
+    backend, activation dtype and act_bits (the latest bias wins). The call holds no copy of the
+    weight (no layout of its own: an eager caller keeps the weight it passes)."""
+    operand = weight._op_cache
+    key = _prepared_key(x, weight.bits, backend, act_bits)
+    entry = operand.bound.get(key)
+    if entry is not None and entry[0] is bias:
+        return
+    impl = key[0]
+    if act_bits and not impl.native_act_bits(operand, act_bits):
+        return
+    n, k = weight.shape
+    kernel = impl.bind(operand, n, k, bias, act_bits, dtype=x.dtype, layout_copy=False)
+    call = getattr(kernel, "native_call", None)
+    if call is not None:
+        operand.bound[key] = (bias, call, kernel.keep)
 
 
 def qlinear(x: Tensor, weight: Weight, bias: Optional[Tensor] = None, *,
@@ -298,6 +367,11 @@ def qlinear(x: Tensor, weight: Weight, bias: Optional[Tensor] = None, *,
     Returns:
         y: [..., out_dims] in x's dtype (``out`` when given).
     """
+    if residual is None and shortcut is None and in_dims is None and out_dims is None \
+            and out is None:
+        y = _prepared_call(x, weight, bias, backend, act_bits)
+        if y is not None:
+            return y
     return _linear("qlinear", x, weight, bias, residual, shortcut, in_dims, out_dims, out,
                    backend, act_bits)
 
@@ -403,7 +477,7 @@ def bind_linear(weight: Weight, bias: Optional[Tensor] = None, *, act_bits: int 
     if bias is not None:
         checks.check_bias("bind_linear", bias, n, torch.empty(0, k, dtype=dtype, device=device),
                           exact=True)
-    return impl.bind(operand, n, k, bias, act_bits)
+    return impl.bind(operand, n, k, bias, act_bits, dtype=dtype)
 
 
 def backend_for(x: Tensor, weight: Weight, backend: Optional[str] = None) -> str:
