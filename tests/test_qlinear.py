@@ -373,6 +373,26 @@ def test_copies_of_a_used_weight_compute_with_their_own_tensors(copier, rng):
         assert torch.equal(ops.qlinear(x, twin), want), copier
 
 
+def test_a_used_weight_is_freed_when_its_owner_drops_it(rng):
+    """What the ops keep on a weight refers to its tensors but not back to the weight object
+    (no reference cycle): dropping the last reference frees the codes at once."""
+    import gc
+    import weakref
+    qw = pyengine.quantize(random_weight(24, 64, rng), 4, 32)
+    bias = random_weight(1, 24, rng)[0]
+    x = random_weight(1, 64, rng)
+    for act_bits in (0, 8):
+        ops.qlinear(x, qw, bias, act_bits=act_bits)
+        ops.qlinear(x, qw, bias, act_bits=act_bits)
+    codes = weakref.ref(qw.qweight)
+    gc.disable()
+    try:
+        del qw
+        assert codes() is None
+    finally:
+        gc.enable()
+
+
 def test_bind_linear_has_no_prepared_form_for_other_weights(rng):
     w = random_weight(16, 32, rng)
     assert ops.bind_linear(w) is None                                   # dense

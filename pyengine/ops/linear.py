@@ -331,13 +331,17 @@ def _bind_validated(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor],
     if entry is not None and entry[0] is bias:
         return
     impl = key[0]
-    if act_bits and not impl.native_act_bits(operand, act_bits):
+    if (act_bits and not impl.native_act_bits(operand, act_bits)) or (
+            bias is not None and not bias.is_contiguous()):
         return
     n, k = weight.shape
     kernel = impl.bind(operand, n, k, bias, act_bits, dtype=x.dtype, layout_copy=False)
     call = getattr(kernel, "native_call", None)
     if call is not None:
-        operand.bound[key] = (bias, call, kernel.keep)
+        # the call points into the operand's tensors and the bias (contiguous: itself), which
+        # the operand and the entry keep alive; the kernel (which refers to the operand) is not
+        # kept, so that a weight dropped by its owner is freed at once, not by the cycle GC
+        operand.bound[key] = (bias, call)
 
 
 def qlinear(x: Tensor, weight: Weight, bias: Optional[Tensor] = None, *,
