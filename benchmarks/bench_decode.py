@@ -174,11 +174,13 @@ def make_step(model: torch.nn.Module, cache) -> Callable[[torch.Tensor, torch.Te
 
 @torch.inference_mode()
 def measure_decoder(model: torch.nn.Module, batch: int, prompt_len: int,
-                    new_tokens: int) -> Dict[str, object]:
-    """Like :func:`measure_decode`, through pyengine.Decoder (the lean loop)."""
+                    new_tokens: int, layout_copy: bool = True) -> Dict[str, object]:
+    """Like :func:`measure_decode`, through pyengine.Decoder (the lean loop; ``layout_copy``
+    as the Decoder takes it)."""
     cfg = model.config
     warmup = 3
-    decoder = pyengine.Decoder(model, max_len=prompt_len + warmup + new_tokens + 1, batch=batch)
+    decoder = pyengine.Decoder(model, max_len=prompt_len + warmup + new_tokens + 1, batch=batch,
+                               layout_copy=layout_copy)
     gen = torch.Generator().manual_seed(batch)
     prompt = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
     ids = decoder.prefill(prompt).argmax(dim=-1, keepdim=True)

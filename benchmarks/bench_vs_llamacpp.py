@@ -15,7 +15,9 @@ matrix at 8 bits in its 4- and 2-bit types), decoded through pyengine.Decoder (t
 static KV cache) as benchmarks/bench_decode.py does, batch 1. The ``*_a8`` configs run every
 linear, head included, on int8 activations (as llama.cpp's quantized types do with their Q8
 activations): on the AVX2 / AVX-512 builds through a copy of those weights with rows
-interleaved by eights, whose size the rows report as ``prepared_bytes``.
+interleaved by eights, whose size the rows report as ``prepared_bytes``; ``int4_a8_nocopy``
+decodes the int4_a8 model without that copy (``Decoder(layout_copy=False)``: the model's bytes
+only, on its canonical rows).
 
 Both engines decode ``--new-tokens`` tokens after a short prompt; each round runs every
 engine/config once per thread count; the JSON keeps every round's tokens/s and the medians.
@@ -50,7 +52,8 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
-PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int2_a8")
+PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int2_a8", "int4_a8_nocopy")
+NO_COPY = "_nocopy"  # the config's model, decoded without layout copies (Decoder(layout_copy=False))
 TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
 ISA_FLAGS = {
     "native": ["-DGGML_NATIVE=ON"],
@@ -146,15 +149,16 @@ def pyengine_model(config: str) -> torch.nn.Module:
         "int2_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(2, 128, act_bits=8)}),
     }
     if config != "dense":
-        pyengine.compress(model, recipes[config], show_progress=False)
+        pyengine.compress(model, recipes[config.removesuffix(NO_COPY)], show_progress=False)
     return model.eval()
 
 
-def pyengine_tokens_per_s(model: torch.nn.Module, threads: int, new_tokens: int) -> float:
-    from bench_decode import measure_decode
+def pyengine_tokens_per_s(model: torch.nn.Module, threads: int, new_tokens: int,
+                          layout_copy: bool = True) -> float:
+    from bench_decode import measure_decoder
     torch.set_num_threads(threads)
-    m = measure_decode(model, batch=1, prompt_len=8, new_tokens=new_tokens, graphs="none",
-                       device="cpu", runner="decoder")
+    m = measure_decoder(model, batch=1, prompt_len=8, new_tokens=new_tokens,
+                        layout_copy=layout_copy)
     return 1e3 / m["ms_per_step"]
 
 
@@ -171,7 +175,8 @@ def _rounds(args, llama: Dict[str, Path], bin_dir: Path, models: Dict[str, torch
                     llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))
             for c, model in models.items():
                 runs.setdefault(("pyengine", c, threads), []).append(
-                    pyengine_tokens_per_s(model, threads, args.new_tokens))
+                    pyengine_tokens_per_s(model, threads, args.new_tokens,
+                                          layout_copy=not c.endswith(NO_COPY)))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
 
@@ -221,7 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sizes.update({("pyengine", c): pyengine.storage_bytes(m) for c, m in models.items()})
     # weight copies the decoder prepares (the CPU row-interleaved layout of int8-activation
     # layers), held while it decodes
-    prepared = {c: pyengine.Decoder(m, max_len=8).prepared_bytes for c, m in models.items()}
+    prepared = {c: pyengine.Decoder(m, max_len=8, layout_copy=not c.endswith(NO_COPY))
+                .prepared_bytes for c, m in models.items()}
 
     runs: Dict[tuple, List[float]] = {}
     copy_gbps: Dict[int, List[float]] = {}  # a copy's bandwidth (read + write) per thread count

@@ -104,7 +104,7 @@ def decode_table(name: str) -> List[str]:
 
 # pyengine config -> the llama.cpp type of about the same bits per decoder weight
 LLAMA_PEERS = {"dense": "F32", "int8": "Q8_0", "int4": "Q4_0", "int8_a8": "Q8_0",
-               "int4_a8": "Q4_0", "int2_a8": "Q2_K"}
+               "int4_a8": "Q4_0", "int2_a8": "Q2_K", "int4_a8_nocopy": "Q4_0"}
 
 
 def vs_llamacpp_table(name: str) -> List[str]:
@@ -121,8 +121,9 @@ def vs_llamacpp_table(name: str) -> List[str]:
         peer = speed.get(("llama.cpp", LLAMA_PEERS.get(r["config"], ""), r["threads"]))
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else ""
         roofline = r.get("pct_of_copy_bw")
+        held = r["bytes"] + r.get("prepared_bytes", 0)
         body.append([r["config"], str(r["threads"]), f"{r['tokens_per_s']:.1f}",
-                     f"{r['bits_per_weight']:.2f}",
+                     f"{r['bits_per_weight']:.2f}", f"{held / 1e6:.0f}",
                      "" if roofline is None else f"{roofline:.0f}%",
                      peer["config"] if peer else "",
                      f"{peer['tokens_per_s']:.1f}" if peer else "",
@@ -134,11 +135,12 @@ def vs_llamacpp_table(name: str) -> List[str]:
              f"{meta.get('new_tokens')} tokens, medians of {meta.get('rounds')} alternating "
              f"rounds; llama.cpp built for {meta.get('llama_cpp_isa')}, pyengine's "
              f"{meta.get('pyengine_cpu_isa', '?')} kernels through pyengine.Decoder; bits per "
-             f"weight of the whole file / model; roofline: the model's bytes per token times "
+             f"weight of the whole file / model; MB held: the model and the decoder's weight "
+             f"copies (prepared_bytes); roofline: the model's bytes per token times "
              f"tokens/s against a copy's bandwidth with as many threads ({copy_text}, "
              f"measured in the run) "
              f"({_source(name, meta)})", ""]
-            + _table(["pyengine", "threads", "tokens/s", "bits/weight", "of roofline",
+            + _table(["pyengine", "threads", "tokens/s", "bits/weight", "MB held", "of roofline",
                       "llama.cpp", "tokens/s", "bits/weight", "pyengine / llama.cpp"], body))
 
 

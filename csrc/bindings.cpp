@@ -436,12 +436,28 @@ PYBIND11_MODULE(_C, m) {
              })
         .def(
             "run",
-            [](pyengine::cpu::StepProgram& p, int64_t position, int num_threads) {
+            [](pyengine::cpu::StepProgram& p, int64_t position, int num_threads,
+               bool adaptive) {
               py::gil_scoped_release release;
-              p.run(position, num_threads);
+              p.run(position, num_threads, adaptive);
             },
-            py::arg("position"), py::arg("num_threads") = 0,
-            "Runs the operations in order; attention at `position`.")
+            py::arg("position"), py::arg("num_threads") = 0, py::arg("adaptive") = true,
+            "Runs the operations in order; attention at `position`. With several threads and "
+            "adaptive, on whichever of the parallel and the one-thread schedule has been faster "
+            "lately (the other is tried every 32 runs; csrc/cpu/decode_ops.h).")
+        .def_property_readonly(
+            "step_times",
+            [](const pyengine::cpu::StepProgram& p) {
+              const auto& t = p.step_times();
+              py::dict d;
+              d["parallel_ms"] = t.parallel_ms;
+              d["serial_ms"] = t.serial_ms;
+              d["parallel_runs"] = t.parallel_runs;
+              d["serial_runs"] = t.serial_runs;
+              return d;
+            },
+            "Recent step times of the parallel and one-thread schedules (ms, averages; -1: not "
+            "measured yet) and how many runs took each.")
         .def("__len__", &pyengine::cpu::StepProgram::size);
   }
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;

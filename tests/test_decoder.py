@@ -87,6 +87,22 @@ def test_decoder_logits_match_the_model(family, recipe):
     assert rel_err(_decoded_logits(decoder, ids, prompt=6), want) < tol
 
 
+def test_a_decoder_without_layout_copies_holds_only_the_model_and_matches_it():
+    """layout_copy=False: the int8-activation layers read the model's canonical rows (no
+    prepared copy), in the same one-call step, and the logits still match the model's."""
+    model = _model("llama", "mixed")
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
+    with torch.inference_mode():
+        want = model(ids).logits[:, 5:]
+    decoder = Decoder(model, max_len=24, batch=2, layout_copy=False)
+    assert decoder.prepared_bytes == 0
+    if hasattr(extension(), "StepProgram"):
+        assert decoder.program is not None
+    got = _decoded_logits(decoder, ids, prompt=6)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 5e-3
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_the_torch_path_matches_the_native_step(family):
     """The torch-op path (other devices, or a build without the step operations) computes the
@@ -360,3 +376,30 @@ def test_step_program_gives_the_same_logits_on_any_number_of_threads():
         torch.set_num_threads(threads)
     assert torch.isfinite(got[0]).all()
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
+@native_ops
+def test_step_program_times_both_schedules_and_runs_either_alike():
+    """With several threads a run takes the parallel or the one-thread schedule, whichever has
+    been faster lately, and tries the other every 32 runs: both get measured, every run is
+    counted, and a schedule forced either way gives the same hidden state bit for bit."""
+    model = _model("llama", "int4")
+    decoder = Decoder(model, max_len=48)
+    program, stream = decoder.program, decoder._program_buffers[0]
+    assert program is not None
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(stream.shape, generator=gen)
+    runs = 40
+    for position in range(runs):
+        stream.copy_(start)
+        program.run(position, 2)
+    times = program.step_times
+    assert times["parallel_runs"] + times["serial_runs"] == runs
+    assert times["parallel_runs"] >= 1 and times["serial_runs"] >= 1
+    assert times["parallel_ms"] > 0 and times["serial_ms"] > 0
+    results = []
+    for threads, adaptive in ((2, False), (1, False)):
+        stream.copy_(start)
+        program.run(runs, threads, adaptive)
+        results.append(stream.clone())
+    assert torch.equal(results[0], results[1])

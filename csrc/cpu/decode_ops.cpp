@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <exception>
 #include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -224,46 +225,49 @@ QMatmulArgs row_slice(const QMatmulArgs& a, int64_t lo, int64_t hi) {
 
 }  // namespace
 
-void StepProgram::run(int64_t position, int num_threads) {
-  if (position < 0 || (max_positions_ >= 0 && position >= max_positions_))
-    throw std::invalid_argument("StepProgram.run: position " + std::to_string(position) +
-                                " is outside the caches (" + std::to_string(max_positions_) +
-                                " positions)");
-  auto run_small = [&](const Op& op) {
-    switch (op.kind) {
-      case Kind::kRmsNorm: rms_norm(norms_[op.index]); break;
-      case Kind::kSiluMul: silu_mul(silu_muls_[op.index]); break;
-      case Kind::kAttention: {
-        AttentionStepArgs a = attentions_[op.index];
-        a.position = position;
-        a.num_threads = 1;
-        attention_step(a);
-        break;
-      }
-      default: break;
-    }
-  };
-  auto matmul = [&](const QMatmulArgs& a, const std::string& isa) {
-    if (isa.empty()) qmatmul(a);
-    else qmatmul_with_isa(a, isa);
-  };
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
-  if (threads <= 1) {
-    for (const Op& op : ops_) {
-      if (op.kind != Kind::kQMatmul) {
-        run_small(op);
-        continue;
-      }
-      QMatmulArgs a = qmatmuls_[op.index];
+namespace {
+
+void run_matmul(const QMatmulArgs& a, const std::string& isa) {
+  if (isa.empty()) qmatmul(a);
+  else qmatmul_with_isa(a, isa);
+}
+
+// The schedule choice of StepProgram::run: the faster of the two by their recent step times,
+// and every kProbeEvery runs the other one once, so that a change (the machine gets busy or
+// quiet) is noticed. On a quiet machine the probe costs one slower step in kProbeEvery.
+constexpr int64_t kProbeEvery = 32;
+constexpr double kTimeWeight = 0.25;  // weight of the newest step in the averages
+
+}  // namespace
+
+void StepProgram::run_small(const Op& op, int64_t position) {
+  switch (op.kind) {
+    case Kind::kRmsNorm: rms_norm(norms_[op.index]); break;
+    case Kind::kSiluMul: silu_mul(silu_muls_[op.index]); break;
+    case Kind::kAttention: {
+      AttentionStepArgs a = attentions_[op.index];
+      a.position = position;
       a.num_threads = 1;
-      matmul(a, isas_[op.index]);
+      attention_step(a);
+      break;
     }
-    return;
+    default: break;
   }
+}
+
+void StepProgram::run_serial(int64_t position) {
+  for (const Op& op : ops_) {
+    if (op.kind != Kind::kQMatmul) {
+      run_small(op, position);
+      continue;
+    }
+    QMatmulArgs a = qmatmuls_[op.index];
+    a.num_threads = 1;
+    run_matmul(a, isas_[op.index]);
+  }
+}
+
+void StepProgram::run_parallel(int64_t position, int threads) {
 #ifdef _OPENMP
   // One parallel region for the whole step (a region per operation would fork and join a few
   // hundred times per token): each matmul's rows are cut into `threads` slices that the
@@ -286,9 +290,9 @@ void StepProgram::run(int64_t position, int num_threads) {
             const int64_t units = (a.N + unit - 1) / unit;
             const int64_t per = (units + threads - 1) / threads * unit;  // rows per slice
             for (int64_t lo; (lo = next[i].fetch_add(1) * per) < a.N;)
-              matmul(row_slice(a, lo, std::min(a.N, lo + per)), isas_[op.index]);
+              run_matmul(row_slice(a, lo, std::min(a.N, lo + per)), isas_[op.index]);
           } else if (first) {
-            run_small(op);
+            run_small(op, position);
           }
         } catch (...) {
 #pragma omp critical(pyengine_step_error)
@@ -300,7 +304,47 @@ void StepProgram::run(int64_t position, int num_threads) {
     }
   }
   if (error) std::rethrow_exception(error);
+#else
+  (void)threads;
+  run_serial(position);
 #endif
+}
+
+void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
+  if (position < 0 || (max_positions_ >= 0 && position >= max_positions_))
+    throw std::invalid_argument("StepProgram.run: position " + std::to_string(position) +
+                                " is outside the caches (" + std::to_string(max_positions_) +
+                                " positions)");
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  if (threads <= 1) {
+    run_serial(position);
+    return;
+  }
+  if (!adaptive) {
+    run_parallel(position, threads);
+    return;
+  }
+  // The faster schedule lately, each measured at least once; the other one every kProbeEvery.
+  bool parallel;
+  if (times_.parallel_ms < 0) parallel = true;
+  else if (times_.serial_ms < 0) parallel = false;
+  else parallel = times_.parallel_ms <= times_.serial_ms;
+  if (++runs_since_probe_ >= kProbeEvery) {
+    runs_since_probe_ = 0;
+    parallel = !parallel;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  if (parallel) run_parallel(position, threads);
+  else run_serial(position);
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  double& average = parallel ? times_.parallel_ms : times_.serial_ms;
+  average = average < 0 ? ms : (1 - kTimeWeight) * average + kTimeWeight * ms;
+  ++(parallel ? times_.parallel_runs : times_.serial_runs);
 }
 
 }  // namespace cpu

@@ -79,9 +79,23 @@ class StepProgram {
   // An attention step at the position given to run(); the caches must hold max_positions.
   void add_attention(const AttentionStepArgs& a, int64_t max_positions);
   // Runs every operation in order, attention at `position` (< every attention's
-  // max_positions, else std::invalid_argument before anything runs).
-  void run(int64_t position, int num_threads);
+  // max_positions, else std::invalid_argument before anything runs), on up to num_threads
+  // threads (0: OpenMP's default). With more than one thread and `adaptive`, each run takes
+  // whichever of the parallel and the one-thread schedule has been faster lately (see
+  // StepTimes): on a machine whose cores are busy with other work, the threads of a parallel
+  // step wait at every barrier for a thread that has lost its core, and one thread is then
+  // several times faster. The result is the same either way (each matmul slice computes its
+  // rows as a whole call would).
+  void run(int64_t position, int num_threads, bool adaptive = true);
   size_t size() const { return ops_.size(); }
+
+  // Recent step times of the two schedules (exponential averages, ms; < 0: not measured yet)
+  // and how many runs took each.
+  struct StepTimes {
+    double parallel_ms = -1, serial_ms = -1;
+    int64_t parallel_runs = 0, serial_runs = 0;
+  };
+  const StepTimes& step_times() const { return times_; }
 
  private:
   enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kAttention };
@@ -96,6 +110,12 @@ class StepProgram {
   std::vector<SiluMulArgs> silu_muls_;
   std::vector<AttentionStepArgs> attentions_;
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
+  StepTimes times_;
+  int64_t runs_since_probe_ = 0;
+
+  void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
+  void run_serial(int64_t position);
+  void run_parallel(int64_t position, int threads);
 };
 
 }  // namespace cpu

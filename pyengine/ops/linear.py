@@ -459,13 +459,15 @@ def matryoshka_matmul(x: Tensor, weight: MatryoshkaWeight, precision: int,
 
 def bind_linear(weight: Weight, bias: Optional[Tensor] = None, *, act_bits: int = 0,
                 device: "torch.device | str" = "cpu", dtype: torch.dtype = torch.float32,
-                backend: Optional[str] = None):
+                backend: Optional[str] = None, layout_copy: bool = True):
     """A prepared call of the kernel :func:`qlinear` would run for activations of ``dtype`` on
     ``device``: ``kernel(x, target, accumulate)`` with x [M, K] and target [M, N] contiguous in
     ``dtype``, writing ``x W^T + bias`` into target (or adding it when ``accumulate``). Pointers,
     strides and sizes of the weight are bound once, so a call costs one native call; nothing is
     validated per call (the caller owns the shapes). None when the selected backend has no
-    prepared form for this weight (then call :func:`qlinear`)."""
+    prepared form for this weight (then call :func:`qlinear`). ``layout_copy``: the call may
+    hold a copy of the weight in a layout its kernel reads faster (the cpu backend's
+    row-interleaved int8-activation layers; its bytes are ``kernel.prepared_bytes``)."""
     checks.check_weight("bind_linear", weight)
     kind, w, scales, zeros, plane_mid, plane_lo, bits, group_size = _weight_fields(weight)
     if kind != "packed" or not eager_call_ok(w, scales, zeros, bias):
@@ -481,7 +483,7 @@ def bind_linear(weight: Weight, bias: Optional[Tensor] = None, *, act_bits: int 
     if bias is not None:
         checks.check_bias("bind_linear", bias, n, torch.empty(0, k, dtype=dtype, device=device),
                           exact=True)
-    return impl.bind(operand, n, k, bias, act_bits, dtype=dtype)
+    return impl.bind(operand, n, k, bias, act_bits, dtype=dtype, layout_copy=layout_copy)
 
 
 def backend_for(x: Tensor, weight: Weight, backend: Optional[str] = None) -> str:
