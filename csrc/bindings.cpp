@@ -444,20 +444,19 @@ PYBIND11_MODULE(_C, m) {
             py::arg("position"), py::arg("num_threads") = 0, py::arg("adaptive") = true,
             "Runs the operations in order; attention at `position`. With several threads and "
             "adaptive, on whichever of the parallel and the one-thread schedule has been faster "
-            "lately (the other is tried every 32 runs; csrc/cpu/decode_ops.h).")
+            "lately (the other is tried now and then; csrc/cpu/decode_ops.h).")
         .def_property_readonly(
             "step_times",
             [](const pyengine::cpu::StepProgram& p) {
-              const auto& t = p.step_times();
               py::dict d;
-              d["parallel_ms"] = t.parallel_ms;
-              d["serial_ms"] = t.serial_ms;
-              d["parallel_runs"] = t.parallel_runs;
-              d["serial_runs"] = t.serial_runs;
+              d["parallel_ms"] = p.parallel_times().mean_ms();
+              d["serial_ms"] = p.serial_times().mean_ms();
+              d["parallel_runs"] = p.parallel_times().runs;
+              d["serial_runs"] = p.serial_times().runs;
               return d;
             },
-            "Recent step times of the parallel and one-thread schedules (ms, averages; -1: not "
-            "measured yet) and how many runs took each.")
+            "Recent step times of the parallel and one-thread schedules (ms, means of the last "
+            "runs of each; -1: not run yet) and how many runs took each.")
         .def("__len__", &pyengine::cpu::StepProgram::size);
   }
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;

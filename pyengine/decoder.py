@@ -422,6 +422,9 @@ class Decoder:
             for layer in self.layers:
                 layer.bind_native()
         self.program = self._step_program()
+        # with several threads, each step program run takes whichever of the parallel and the
+        # one-thread schedule has been faster lately (StepProgram.run); False: always parallel
+        self.adaptive_schedule = True
         self.position = 0
 
     @property
@@ -573,7 +576,7 @@ class Decoder:
         if self.program is not None:  # one native call for every layer
             stream = self._program_buffers[0]
             stream.copy_(x)
-            self.program.run(position, torch.get_num_threads())
+            self.program.run(position, torch.get_num_threads(), self.adaptive_schedule)
             return stream
         ext = self.native
         code = DTYPE_CODES[self.dtype]

@@ -381,7 +381,7 @@ def test_step_program_gives_the_same_logits_on_any_number_of_threads():
 @native_ops
 def test_step_program_times_both_schedules_and_runs_either_alike():
     """With several threads a run takes the parallel or the one-thread schedule, whichever has
-    been faster lately, and tries the other every 32 runs: both get measured, every run is
+    been faster lately, and tries the other now and then: both get measured, every run is
     counted, and a schedule forced either way gives the same hidden state bit for bit."""
     model = _model("llama", "int4")
     decoder = Decoder(model, max_len=48)
@@ -389,7 +389,7 @@ def test_step_program_times_both_schedules_and_runs_either_alike():
     assert program is not None
     gen = torch.Generator().manual_seed(5)
     start = torch.randn(stream.shape, generator=gen)
-    runs = 40
+    runs = 40  # the first two runs try each schedule
     for position in range(runs):
         stream.copy_(start)
         program.run(position, 2)

@@ -232,11 +232,13 @@ void run_matmul(const QMatmulArgs& a, const std::string& isa) {
   else qmatmul_with_isa(a, isa);
 }
 
-// The schedule choice of StepProgram::run: the faster of the two by their recent step times,
-// and every kProbeEvery runs the other one once, so that a change (the machine gets busy or
-// quiet) is noticed. On a quiet machine the probe costs one slower step in kProbeEvery.
-constexpr int64_t kProbeEvery = 32;
-constexpr double kTimeWeight = 0.25;  // weight of the newest step in the averages
+// The schedule choice of StepProgram::run: the faster of the two by the means of their recent
+// step times (a mean, not a median: on a busy machine a parallel step is now and then a hundred
+// times slower, and those steps are what it costs), and the other one once in a while, so that
+// a change (the machine gets busy or quiet) is noticed: after the chosen schedule has run for
+// kProbeRatio times the other's mean step time, which bounds the time lost to tries near
+// 1 / kProbeRatio.
+constexpr double kProbeRatio = 32;
 
 }  // namespace
 
@@ -328,23 +330,35 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
     run_parallel(position, threads);
     return;
   }
-  // The faster schedule lately, each measured at least once; the other one every kProbeEvery.
+  // The faster schedule lately (each run at least once), the other one now and then.
   bool parallel;
-  if (times_.parallel_ms < 0) parallel = true;
-  else if (times_.serial_ms < 0) parallel = false;
-  else parallel = times_.parallel_ms <= times_.serial_ms;
-  if (++runs_since_probe_ >= kProbeEvery) {
-    runs_since_probe_ = 0;
-    parallel = !parallel;
+  if (parallel_.runs == 0) {
+    parallel = true;
+  } else if (serial_.runs == 0) {
+    parallel = false;
+  } else {
+    parallel = parallel_.mean_ms() <= serial_.mean_ms();
+    const ScheduleTimes& other = parallel ? serial_ : parallel_;
+    if (ms_since_probe_ >= kProbeRatio * other.mean_ms()) {
+      parallel = !parallel;
+      ms_since_probe_ = 0;
+    }
   }
   const auto start = std::chrono::steady_clock::now();
   if (parallel) run_parallel(position, threads);
   else run_serial(position);
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  double& average = parallel ? times_.parallel_ms : times_.serial_ms;
-  average = average < 0 ? ms : (1 - kTimeWeight) * average + kTimeWeight * ms;
-  ++(parallel ? times_.parallel_runs : times_.serial_runs);
+  (parallel ? parallel_ : serial_).add(ms);
+  ms_since_probe_ += ms;
+}
+
+double StepProgram::ScheduleTimes::mean_ms() const {
+  if (runs == 0) return -1;
+  const int n = (int)std::min<int64_t>(runs, kRecentSteps);
+  double total = 0;
+  for (int i = 0; i < n; ++i) total += recent_ms[i];
+  return total / n;
 }
 
 }  // namespace cpu

@@ -82,20 +82,24 @@ class StepProgram {
   // max_positions, else std::invalid_argument before anything runs), on up to num_threads
   // threads (0: OpenMP's default). With more than one thread and `adaptive`, each run takes
   // whichever of the parallel and the one-thread schedule has been faster lately (see
-  // StepTimes): on a machine whose cores are busy with other work, the threads of a parallel
+  // ScheduleTimes): on a machine whose cores are busy with other work, the threads of a parallel
   // step wait at every barrier for a thread that has lost its core, and one thread is then
   // several times faster. The result is the same either way (each matmul slice computes its
   // rows as a whole call would).
   void run(int64_t position, int num_threads, bool adaptive = true);
   size_t size() const { return ops_.size(); }
 
-  // Recent step times of the two schedules (exponential averages, ms; < 0: not measured yet)
-  // and how many runs took each.
-  struct StepTimes {
-    double parallel_ms = -1, serial_ms = -1;
-    int64_t parallel_runs = 0, serial_runs = 0;
+  // The step times of each schedule: the mean of its last kRecentSteps runs (ms; < 0: not
+  // run yet), and how many runs took it.
+  static constexpr int kRecentSteps = 8;
+  struct ScheduleTimes {
+    double recent_ms[kRecentSteps] = {};
+    int64_t runs = 0;
+    double mean_ms() const;
+    void add(double ms) { recent_ms[runs++ % kRecentSteps] = ms; }
   };
-  const StepTimes& step_times() const { return times_; }
+  const ScheduleTimes& parallel_times() const { return parallel_; }
+  const ScheduleTimes& serial_times() const { return serial_; }
 
  private:
   enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kAttention };
@@ -110,8 +114,8 @@ class StepProgram {
   std::vector<SiluMulArgs> silu_muls_;
   std::vector<AttentionStepArgs> attentions_;
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
-  StepTimes times_;
-  int64_t runs_since_probe_ = 0;
+  ScheduleTimes parallel_, serial_;
+  double ms_since_probe_ = 0;  // time spent in the chosen schedule since the other was tried
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
   void run_serial(int64_t position);
