@@ -457,6 +457,10 @@ PYBIND11_MODULE(_C, m) {
             },
             "Recent step times of the parallel and one-thread schedules (ms, means of the last "
             "runs of each; -1: not run yet) and how many runs took each.")
+        .def_property_readonly("last_run_threads",
+                               &pyengine::cpu::StepProgram::last_run_threads,
+                               "Threads of the last run (1 when it took the one-thread "
+                               "schedule; 0 before the first run).")
         .def("__len__", &pyengine::cpu::StepProgram::size);
   }
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;

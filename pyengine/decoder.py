@@ -205,10 +205,11 @@ class _Linear:
         self.kernel = kernel
         self.run = run
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, threads: Optional[int] = None) -> Tensor:
+        """f(x); a prepared kernel call on at most ``threads`` threads (None: torch's)."""
         if self.kernel is not None:
             y = x.new_empty(x.shape[0], self.out_features)
-            self.kernel(x, y, False)
+            self.kernel(x, y, False, threads)
             return y
         return self.run(x)
 
@@ -460,8 +461,11 @@ class Decoder:
         x = torch.empty(b * m, self.hidden, dtype=self.dtype, device=self.device)
         x.copy_(self.embed(ids).reshape(b * m, self.hidden))
         end = start + m
+        head_threads = None
         if self.native is not None and m == 1:
             x = self._native_step(x, start)
+            if self.program is not None:  # the head on as many threads as the step took
+                head_threads = self.program.last_run_threads
         else:  # rope rows and the attention mask of the torch path
             cos = self.cos[start:start + m].unsqueeze(1)                 # [m, 1, hd]
             sin = self.signed_sin[start:start + m].unsqueeze(1)
@@ -479,7 +483,7 @@ class Decoder:
         h = self._rms_norm(last.contiguous(), self.final_norm)
         if self.final_projection is not None:
             h = h @ self.final_projection
-        return self.head(h)
+        return self.head(h, head_threads)
 
     # ---- the layers through torch ops (any device; prefill on the CPU) ------------------------
     def _torch_layers(self, x: Tensor, b: int, m: int, start: int, cos: Tensor, sin: Tensor,

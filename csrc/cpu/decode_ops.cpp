@@ -240,6 +240,12 @@ void run_matmul(const QMatmulArgs& a, const std::string& isa) {
 // 1 / kProbeRatio.
 constexpr double kProbeRatio = 32;
 
+// What the process has learned of the machine: parallel / one-thread step time of the last
+// program that ran both (0: none yet). A new program (pyengine.Decoder makes one per decoder)
+// estimates its parallel step time from it until it has run one itself, so that on a busy
+// machine a fresh decoder does not open with a parallel step (up to a second under load).
+std::atomic<double> g_parallel_over_serial{0.0};
+
 }  // namespace
 
 void StepProgram::run_small(const Op& op, int64_t position) {
@@ -322,28 +328,37 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
 #else
   const int threads = 1;
 #endif
+  last_run_threads_ = 1;
   if (threads <= 1) {
     run_serial(position);
     return;
   }
   if (!adaptive) {
+    last_run_threads_ = threads;
     run_parallel(position, threads);
     return;
   }
-  // The faster schedule lately (each run at least once), the other one now and then.
+  // The one-thread schedule first (never slow), then the faster one lately, the other one now
+  // and then. Until this program has run a parallel step, its time is estimated from what the
+  // process has learned (g_parallel_over_serial); with nothing learned yet, it is tried.
   bool parallel;
-  if (parallel_.runs == 0) {
-    parallel = true;
-  } else if (serial_.runs == 0) {
+  const double serial_ms = serial_.mean_ms();
+  const double learned = g_parallel_over_serial.load(std::memory_order_relaxed);
+  const double parallel_ms = parallel_.runs > 0 ? parallel_.mean_ms()
+                             : learned > 0 && serial_.runs > 0 ? learned * serial_ms
+                                                               : -1;
+  if (serial_.runs == 0) {
     parallel = false;
+  } else if (parallel_ms < 0) {
+    parallel = true;
   } else {
-    parallel = parallel_.mean_ms() <= serial_.mean_ms();
-    const ScheduleTimes& other = parallel ? serial_ : parallel_;
-    if (ms_since_probe_ >= kProbeRatio * other.mean_ms()) {
+    parallel = parallel_ms <= serial_ms;
+    if (ms_since_probe_ >= kProbeRatio * (parallel ? serial_ms : parallel_ms)) {
       parallel = !parallel;
       ms_since_probe_ = 0;
     }
   }
+  last_run_threads_ = parallel ? threads : 1;
   const auto start = std::chrono::steady_clock::now();
   if (parallel) run_parallel(position, threads);
   else run_serial(position);
@@ -351,6 +366,9 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   (parallel ? parallel_ : serial_).add(ms);
   ms_since_probe_ += ms;
+  if (parallel_.runs > 0 && serial_.runs > 0)
+    g_parallel_over_serial.store(parallel_.mean_ms() / serial_.mean_ms(),
+                                 std::memory_order_relaxed);
 }
 
 double StepProgram::ScheduleTimes::mean_ms() const {

@@ -100,6 +100,9 @@ class StepProgram {
   };
   const ScheduleTimes& parallel_times() const { return parallel_; }
   const ScheduleTimes& serial_times() const { return serial_; }
+  // Threads of the last run (1 when it took the one-thread schedule; 0 before the first run):
+  // what the caller's own work around the step (a decoder's head) had better use too.
+  int last_run_threads() const { return last_run_threads_; }
 
  private:
   enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kAttention };
@@ -116,6 +119,7 @@ class StepProgram {
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
   ScheduleTimes parallel_, serial_;
   double ms_since_probe_ = 0;  // time spent in the chosen schedule since the other was tried
+  int last_run_threads_ = 0;
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
   void run_serial(int64_t position);

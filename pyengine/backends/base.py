@@ -97,9 +97,10 @@ def operand_kind(weight: Operand) -> str:
     return "dense" if isinstance(weight, torch.Tensor) else weight.kind
 
 
-# kernel(x [M, k] contiguous, target [M, n] contiguous, accumulate): target = x W^T + bias, or
-# target += x W^T + bias when accumulate (activations and target in one dtype)
-BoundKernel = Callable[[torch.Tensor, torch.Tensor, bool], None]
+# kernel(x [M, k] contiguous, target [M, n] contiguous, accumulate, threads=None): target =
+# x W^T + bias, or target += x W^T + bias when accumulate (activations and target in one dtype),
+# on at most `threads` threads (None: torch.get_num_threads())
+BoundKernel = Callable[..., None]
 
 
 class Backend:

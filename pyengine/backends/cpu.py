@@ -129,10 +129,11 @@ class CpuBackend(Backend):
                                interleave)
         get_threads = torch.get_num_threads
 
-        def kernel(x, target, accumulate):
-            # x, target: [M, k] / [M, n] in dtype, rows contiguous (any row stride)
+        def kernel(x, target, accumulate, threads=None):
+            # x, target: [M, k] / [M, n] in dtype, rows contiguous (any row stride); threads:
+            # at most this many (default: torch's)
             call(x.data_ptr(), x.stride(0), target.data_ptr(), target.stride(0), x.shape[0],
-                 accumulate, get_threads())
+                 accumulate, get_threads() if threads is None else threads)
 
         kernel.native_call = call  # what a decode-step program records (decoder.py)
         kernel.keep = (weight, bias, prepared)  # the memory the pointers in `call` read
