@@ -330,9 +330,14 @@ def test_calls_unlike_the_bound_one_take_the_full_path(rng, monkeypatch):
     # a backend chosen through the environment after binding
     before = len(full_path)
     monkeypatch.setenv("PYENGINE_BACKEND", "torch")
-    assert_matches(ops.qlinear(x, qw, bias), want, torch.float32, "$PYENGINE_BACKEND=torch")
-    assert len(full_path) == before + 1
+    for _ in range(2):  # a backend without prepared calls: the full path every time
+        assert_matches(ops.qlinear(x, qw, bias), want, torch.float32, "$PYENGINE_BACKEND=torch")
+    assert len(full_path) == before + 2
     monkeypatch.delenv("PYENGINE_BACKEND")
+    # dequant_matmul takes the prepared call too
+    before = len(full_path)
+    assert torch.equal(ops.dequant_matmul(x, qw, bias), ops.qlinear(x, qw, bias))
+    assert len(full_path) == before
     # wrong shapes still raise the op's own errors
     with pytest.raises(ValueError, match="qlinear"):
         ops.qlinear(random_weight(2, k + 1, rng), qw, bias)

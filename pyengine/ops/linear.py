@@ -307,7 +307,7 @@ def _prepared_call(x: Tensor, weight: Weight, bias: Optional[Tensor], backend: O
             or torch._C._are_functorch_transforms_active()):
         return None
     entry = operand.bound.get(_prepared_key(x, weight.bits, backend, act_bits))
-    if entry is None or entry[0] is not bias:
+    if entry is None or entry[0] is not bias or entry[1] is None:
         return None
     call = entry[1]
     x2 = x if x.ndim == 2 else x.view(-1, k)
@@ -330,18 +330,17 @@ def _bind_validated(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor],
     entry = operand.bound.get(key)
     if entry is not None and entry[0] is bias:
         return
-    impl = key[0]
-    if (act_bits and not impl.native_act_bits(operand, act_bits)) or (
-            bias is not None and not bias.is_contiguous()):
-        return
-    n, k = weight.shape
-    kernel = impl.bind(operand, n, k, bias, act_bits, dtype=x.dtype, layout_copy=False)
-    call = getattr(kernel, "native_call", None)
-    if call is not None:
-        # the call points into the operand's tensors and the bias (contiguous: itself), which
-        # the operand and the entry keep alive; the kernel (which refers to the operand) is not
-        # kept, so that a weight dropped by its owner is freed at once, not by the cycle GC
-        operand.bound[key] = (bias, call)
+    impl, call = key[0], None
+    if not (act_bits and not impl.native_act_bits(operand, act_bits)) and (
+            bias is None or bias.is_contiguous()):
+        n, k = weight.shape
+        kernel = impl.bind(operand, n, k, bias, act_bits, dtype=x.dtype, layout_copy=False)
+        call = getattr(kernel, "native_call", None)
+    # The call points into the operand's tensors and the bias (contiguous: itself), which the
+    # operand and the entry keep alive; the kernel (which refers to the operand) is not kept, so
+    # that a weight dropped by its owner is freed at once, not by the cycle collector. No call
+    # (a backend without prepared calls): remembered too, so that it is not asked again.
+    operand.bound[key] = (bias, call)
 
 
 def qlinear(x: Tensor, weight: Weight, bias: Optional[Tensor] = None, *,
@@ -395,6 +394,9 @@ def dequant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] =
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"dequant_matmul: qweight must be a pyengine.QuantizedWeight, got "
                         f"{type(qweight).__name__} (dense weights: use torch.nn.functional.linear)")
+    y = _prepared_call(x, qweight, bias, backend, 0)
+    if y is not None:
+        return y
     return _linear("dequant_matmul", x, qweight, bias, None, None, None, None, None, backend)
 
 
@@ -461,8 +463,9 @@ def bind_linear(weight: Weight, bias: Optional[Tensor] = None, *, act_bits: int 
                 device: "torch.device | str" = "cpu", dtype: torch.dtype = torch.float32,
                 backend: Optional[str] = None, layout_copy: bool = True):
     """A prepared call of the kernel :func:`qlinear` would run for activations of ``dtype`` on
-    ``device``: ``kernel(x, target, accumulate)`` with x [M, K] and target [M, N] contiguous in
-    ``dtype``, writing ``x W^T + bias`` into target (or adding it when ``accumulate``). Pointers,
+    ``device``: ``kernel(x, target, accumulate, threads=None)`` with x [M, K] and target [M, N]
+    contiguous in ``dtype``, writing ``x W^T + bias`` into target (or adding it when
+    ``accumulate``), on at most ``threads`` threads (None: torch.get_num_threads()). Pointers,
     strides and sizes of the weight are bound once, so a call costs one native call; nothing is
     validated per call (the caller owns the shapes). None when the selected backend has no
     prepared form for this weight (then call :func:`qlinear`). ``layout_copy``: the call may
