@@ -20,10 +20,13 @@ Linear layers run through pyengine.ops (every weight kind, every backend); a qua
 the ``cpu`` backend is called through a prepared kernel call (pyengine.ops.bind_linear: pointers
 and sizes bound once, the output accumulated into the residual stream by the kernel);
 int8-activation layers on the AVX2 and AVX-512 builds read a copy of their weight with rows
-interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports. When every linear of
-every layer is such a call, the whole step of the layers is recorded once as a native
-``StepProgram`` (csrc/cpu/decode_ops.h: the matmuls, norms and attention in order on buffers of
-its own) and a decode step costs one native call plus the embedding and the head. The result
+interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports (``layout_copy=False``:
+no copy, the canonical rows). When every linear of every layer is such a call, the whole step of
+the layers is recorded once as a native ``StepProgram`` (csrc/cpu/decode_ops.h: the matmuls,
+norms and attention in order on buffers of its own) and a decode step costs one native call plus
+the embedding and the head; with several threads each run takes the parallel or the one-thread
+schedule, whichever has been faster lately (:attr:`Decoder.adaptive_schedule`: on a busy machine,
+one thread), and the head follows the step's choice. The result
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
