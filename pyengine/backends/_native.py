@@ -43,11 +43,9 @@ def run_native(launch: Launch, x: torch.Tensor, n: int, residual: Optional[torch
     return out.copy_(product)
 
 
-def packed_kernel_args(x: torch.Tensor, w: PackedOperand, bias: Optional[torch.Tensor],
-                       target: torch.Tensor, accumulate: bool, n: int, k: int) -> tuple:
-    """The arguments of ``qmatmul_cpu`` / ``qmatmul_cuda`` up to group_size (pointers,
-    strides, dtype codes, sizes) for a packed weight; the weight's part is derived once per
-    operand (PackedOperand.native)."""
+def packed_weight_args(w: PackedOperand) -> tuple:
+    """The weight's part of the ``qmatmul_cpu`` / ``qmatmul_cuda`` arguments (qweight, ldq,
+    scales, zeros, sz_dtype, lds), derived once per operand (PackedOperand.native)."""
     weight_args = w.native
     if weight_args is None:
         for t in (w.qweight, w.scales, w.zeros):
@@ -56,7 +54,14 @@ def packed_kernel_args(x: torch.Tensor, w: PackedOperand, bias: Optional[torch.T
         weight_args = w.native = (
             w.qweight.data_ptr(), w.qweight.stride(0), w.scales.data_ptr(), _ptr(w.zeros),
             DTYPE_CODES[w.scales.dtype], w.scales.stride(0))
-    q_ptr, ldq, s_ptr, z_ptr, sz_dtype, lds = weight_args
+    return weight_args
+
+
+def packed_kernel_args(x: torch.Tensor, w: PackedOperand, bias: Optional[torch.Tensor],
+                       target: torch.Tensor, accumulate: bool, n: int, k: int) -> tuple:
+    """The arguments of ``qmatmul_cpu`` / ``qmatmul_cuda`` up to group_size (pointers,
+    strides, dtype codes, sizes) for a packed weight (its part: :func:`packed_weight_args`)."""
+    q_ptr, ldq, s_ptr, z_ptr, sz_dtype, lds = packed_weight_args(w)
     return (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), q_ptr, ldq, s_ptr, z_ptr, sz_dtype,
             lds, _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
             target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from .._ext import DTYPE_CODES, extension, extension_error
-from ._native import (dense_matmul_blas, packed_kernel_args, plane_kernel_call,
-                      plane_kernel_unavailable_reason, plane_matmul_cpu, run_native)
+from ._native import (dense_matmul_blas, packed_kernel_args, packed_weight_args,
+                      plane_kernel_call, plane_kernel_unavailable_reason, plane_matmul_cpu,
+                      run_native)
 from .base import Backend, LinearCase, PackedOperand
 
 
@@ -119,9 +120,7 @@ class CpuBackend(Backend):
                      0 if zeros is None else zeros.data_ptr(), DTYPE_CODES[scales.dtype],
                      scales.shape[1])
         else:
-            # the weight's part of packed_kernel_args, built once
-            x0 = torch.empty(1, k, dtype=torch.float32)
-            wargs = packed_kernel_args(x0, weight, bias, x0, False, n, k)[3:9]
+            wargs = packed_weight_args(weight)
         code = DTYPE_CODES[dtype]
         call = ext.QMatmulCall(*wargs, 0 if bias is None else bias.data_ptr(),
                                DTYPE_CODES[bias.dtype] if bias is not None else 0, code, code,
