@@ -142,6 +142,22 @@ pyengine::cpu::SiluMulArgs silu_mul_args(uintptr_t gate_up, int64_t ld_in, uintp
   return a;
 }
 
+pyengine::cpu::HadamardArgs hadamard_args(uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo,
+                                          int dtype, int64_t rows, int64_t n, int64_t block,
+                                          int threads) {
+  check_step_dtype("hadamard_cpu", dtype);
+  if (rows < 0 || n < 1 || ldx < n || ldo < n || !x || !out)
+    throw std::invalid_argument("hadamard_cpu: bad sizes, strides or pointers");
+  if (block < 1 || (block & (block - 1)) != 0 || n % block != 0)
+    throw std::invalid_argument("hadamard_cpu: block must be a power of two dividing n, got " +
+                                std::to_string(block) + " for n = " + std::to_string(n));
+  pyengine::cpu::HadamardArgs a;
+  a.x = reinterpret_cast<const void*>(x); a.ldx = ldx;
+  a.out = reinterpret_cast<void*>(out); a.ldo = ldo; a.dtype = dtype;
+  a.rows = rows; a.n = n; a.block = block; a.num_threads = threads < 1 ? 1 : threads;
+  return a;
+}
+
 // positions: how many cache positions the step reads (position + 1 for one call; the cache
 // length for a StepProgram, whose position comes with each run).
 pyengine::cpu::AttentionStepArgs attention_args(
@@ -334,6 +350,16 @@ PYBIND11_MODULE(_C, m) {
       },
       "out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i] (pointers are integers).");
   m.def(
+      "hadamard_cpu",
+      [](uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo, int dtype, int64_t rows,
+         int64_t n, int64_t block, int threads) {
+        auto a = hadamard_args(x, ldx, out, ldo, dtype, rows, n, block, threads);
+        py::gil_scoped_release release;
+        pyengine::cpu::hadamard(a);
+      },
+      "out[r, :n] = the orthonormal Walsh-Hadamard transform of each block of `block` elements "
+      "of x[r, :n] (pointers are integers; in place allowed; rows over up to `threads` threads).");
+  m.def(
       "attention_step_cpu",
       [](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
          int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos,
@@ -419,6 +445,11 @@ PYBIND11_MODULE(_C, m) {
              [](pyengine::cpu::StepProgram& p, uintptr_t gate_up, int64_t ld_in, uintptr_t out,
                 int64_t ld_out, int dtype, int64_t rows, int64_t width) {
                p.add_silu_mul(silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width));
+             })
+        .def("add_hadamard",
+             [](pyengine::cpu::StepProgram& p, uintptr_t x, int64_t ldx, uintptr_t out,
+                int64_t ldo, int dtype, int64_t rows, int64_t n, int64_t block) {
+               p.add_hadamard(hadamard_args(x, ldx, out, ldo, dtype, rows, n, block, 1));
              })
         .def("add_attention",
              [](pyengine::cpu::StepProgram& p, uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache,

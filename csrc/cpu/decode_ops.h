@@ -37,6 +37,22 @@ struct SiluMulArgs {
 };
 void silu_mul(const SiluMulArgs& a);
 
+// out[r, :n] = the orthonormal Walsh-Hadamard transform of each block of `block` consecutive
+// elements of x[r, :n]: block c of the output is H (block c of x) / sqrt(block), H the Sylvester
+// Hadamard matrix (H[i][j] = (-1)^popcount(i & j): symmetric, H H = block I, so the transform is
+// its own inverse). n a multiple of block, block a power of two; one dtype for x and out; in
+// place allowed (out == x). Rows are split over up to num_threads threads.
+struct HadamardArgs {
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  void* out = nullptr;
+  int64_t ldo = 0;
+  int dtype = 0;
+  int64_t rows = 0, n = 0, block = 0;
+  int num_threads = 1;
+};
+void hadamard(const HadamardArgs& a);
+
 // One decode position p for `batch` sequences: each row of qkv holds [q heads | k heads | v heads]
 // (head_dim each). Per sequence: q and k get the optional per-head RMS norms (q_norm / k_norm,
 // [head_dim]) and the rotary embedding of position p (cos / signed_sin rows [max_len, head_dim],
@@ -76,6 +92,7 @@ class StepProgram {
   void add_qmatmul(const QMatmulArgs& a, const std::string& isa);
   void add_rms_norm(const RmsNormArgs& a);
   void add_silu_mul(const SiluMulArgs& a);
+  void add_hadamard(const HadamardArgs& a);
   // An attention step at the position given to run(); the caches must hold max_positions.
   void add_attention(const AttentionStepArgs& a, int64_t max_positions);
   // Runs every operation in order, attention at `position` (< every attention's
@@ -105,7 +122,7 @@ class StepProgram {
   int last_run_threads() const { return last_run_threads_; }
 
  private:
-  enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kAttention };
+  enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kHadamard, kAttention };
   struct Op {
     Kind kind;
     size_t index;  // into the vector of its kind
@@ -115,6 +132,7 @@ class StepProgram {
   std::vector<std::string> isas_;
   std::vector<RmsNormArgs> norms_;
   std::vector<SiluMulArgs> silu_muls_;
+  std::vector<HadamardArgs> hadamards_;
   std::vector<AttentionStepArgs> attentions_;
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
   ScheduleTimes parallel_, serial_;
