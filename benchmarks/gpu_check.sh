@@ -62,6 +62,7 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_BENCH_ARGS=(--shapes 14336x4096 --m 1,16,1024 --bits 8,4,3,2)
 BUDGET_TESTS=(tests/test_cuda_decode.py tests/test_cuda_tc.py tests/test_cuda_matryoshka.py
               tests/test_triton_kernels.py tests/test_triton_matryoshka.py
+              tests/test_hadamard.py::test_triton_on_a_gpu
               tests/test_decoder.py::test_decoder_on_a_gpu_matches_the_model)
 TRITON_CACHE="$PWD/.triton-cache"
 

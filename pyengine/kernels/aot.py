@@ -25,6 +25,10 @@ constexprs come from ``select_config`` / ``select_plane_config`` and the launche
          both a single K slice and several (with the split-K reduce kernel) are planned on
          every target (checked, :func:`check_coverage`)
 
+and the online Walsh-Hadamard transform (``kind="hadamard"``, pyengine/kernels/hadamard.py) for
+every block a rotated model's MLP can use (rotation.MLP_HADAMARD_MIN_BLOCK to
+MLP_HADAMARD_MAX_BLOCK) in every activation dtype;
+
 with the epilogue flags (symmetric weights, bias, shortcut) rotated so that every combination
 occurs for every (kind, dtype), and for packed and plane weights for every (dtype, M bucket,
 shape) too (each such cell holds 16 or 20 (width, group) cases); and an odd-shape sweep (the
@@ -105,7 +109,8 @@ FLAG_COMBOS = tuple(itertools.product((False, True), repeat=3))
 class Case:
     """One call the dispatch can receive.
 
-    kind: "packed", "dense" or "planes". bits: packed 2/3/4/8, planes the precision r,
+    kind: "packed", "dense", "planes" or "hadamard" (group_size: the transform's block; M rows
+    of N = K features). bits: packed 2/3/4/8, planes the precision r,
     dense 0. group_size: as stored (32/64/128, -1 per channel; dense 0). dtype: the activation
     dtype's name. M, N, K: the call's rows, output and input features. symmetric: no zero
     points. bias, shortcut: the fused epilogue terms present. sweep: "dispatch", "odd" or
@@ -131,6 +136,8 @@ class Case:
 
     @property
     def label(self) -> str:
+        if self.kind == "hadamard":
+            return f"hadamard b={self.group_size} {self.dtype} M={self.M} n={self.N}"
         what = {"packed": f"int{self.bits}", "dense": "dense",
                 "planes": f"planes-r{self.bits}"}[self.kind]
         group = "" if self.kind == "dense" else (
@@ -194,6 +201,21 @@ def dispatch_cases(archs: Sequence[int] = DEFAULT_ARCHS) -> List[Case]:
                 sym, bias, shortcut = FLAG_COMBOS[i % len(FLAG_COMBOS)]
                 cases.append(Case(kind, bits, group, DTYPE_NAMES[dtype], lo_m, *ODD_SHAPE,
                                   sym and kind != "dense", bias, shortcut, sweep="odd"))
+    cases.extend(hadamard_cases())
+    return cases
+
+
+def hadamard_cases() -> List[Case]:
+    """The online Walsh-Hadamard transform at every block rotate_mlp_inner can choose, in every
+    activation dtype (rows of three blocks, like SmolLM2's 1536 = 3 x 512)."""
+    from ..quantizers.rotation import MLP_HADAMARD_MAX_BLOCK, MLP_HADAMARD_MIN_BLOCK
+    from .matmul import ACTIVATION_DTYPES
+    cases = []
+    block = MLP_HADAMARD_MIN_BLOCK
+    while block <= MLP_HADAMARD_MAX_BLOCK:
+        for dtype in ACTIVATION_DTYPES:
+            cases.append(Case("hadamard", 0, block, DTYPE_NAMES[dtype], 1, 3 * block, 3 * block))
+        block *= 2
     return cases
 
 
@@ -216,6 +238,9 @@ def case_launches(case: Case, arch: int) -> list:
     shortcut = torch.empty((width, N), dtype=dtype, **meta) if case.shortcut else None
     target_programs = 4 * SM_COUNTS[arch]     # matmul.target_programs on that GPU
 
+    if case.kind == "hadamard":
+        from .hadamard import hadamard_launches
+        return hadamard_launches(x, torch.empty((M, K), dtype=dtype, **meta), case.group_size)
     if case.kind == "dense":
         weight = torch.empty((NS, KS), dtype=dtype, **meta)
         p = matmul.dense_problem(x, weight, N, K, bias, residual, shortcut, out,
