@@ -234,6 +234,10 @@ def _validate_structure(structure: Any, field: str) -> None:
             if key not in layer:
                 raise CheckpointError(f"{where}.{key} is missing")
             _check_structure_value(layer[key], kind, f"{where}.{key}")
+        block = layer.get("mlp_hadamard_block", 0)  # optional: 0 or a power of two
+        if not (is_int(block) and block >= 0 and block & (block - 1) == 0):
+            raise CheckpointError(f"{where}.mlp_hadamard_block must be 0 or a power of two, "
+                                  f"got {block!r}")
         for key in ("attn_width", "mlp_width"):
             if layer[key] > hidden:
                 raise CheckpointError(f"{where}.{key} is {layer[key]}, more than hidden_size "

@@ -317,10 +317,11 @@ def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress:
 
 
 def _apply_rotation(model: nn.Module, recipe: Recipe) -> None:
-    """Recipe.rotate: the residual rotation (done by _apply_slicing for a sliced recipe) and
-    the value heads' rotation."""
+    """Recipe.rotate: the residual rotation (done by _apply_slicing for a sliced recipe), the
+    value heads' rotation and, with Recipe.online_hadamard, the MLPs' inner rotation."""
     from .quantizers.rotation import rotate_model
-    rotate_model(model, recipe.rotation_seed, residual=recipe.slicing is None)
+    rotate_model(model, recipe.rotation_seed, residual=recipe.slicing is None,
+                 mlp_inner=recipe.online_hadamard)
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -14,7 +14,9 @@ and runs, per layer and step::
     a = attention(q, cache[:pos + 1])       scaled_dot_product_attention (GQA)
     x += o_proj(a)                          accumulated in place by the kernel
     h = rms_norm(x)
-    x += down_proj(silu(gate(h)) * up(h))   gate/up fused when the layers are
+    x += down_proj(silu(gate(h)) * up(h))   gate/up fused when the layers are; a rotated MLP
+                                            turns down_proj's input by its online Walsh-Hadamard
+                                            transform first (pyengine.ops.hadamard)
 
 Linear layers run through pyengine.ops (every weight kind, every backend); a quantized layer on
 the ``cpu`` backend is called through a prepared kernel call (pyengine.ops.bind_linear: pointers
@@ -48,6 +50,7 @@ from torch import nn
 
 from ._ext import DTYPE_CODES, extension
 from .models.adapters import UnsupportedModelError, get_adapter
+from .ops.hadamard import hadamard_transform
 from .ops.linear import bind_linear
 
 Tensor = torch.Tensor
@@ -313,8 +316,10 @@ class _Layer:
                                       dtype, layout_copy)
         self.gate_up = _prepare_inputs([mlp.get_submodule(n) for n in adapter.mlp_inputs],
                                        device, dtype, layout_copy)
-        self.down = _prepare_linear(output(mlp.get_submodule(adapter.mlp_output)), device, dtype,
-                                    layout_copy)
+        down = mlp.get_submodule(adapter.mlp_output)
+        self.down = _prepare_linear(output(down), device, dtype, layout_copy)
+        # the block of down_proj's online Walsh-Hadamard transform (0: none)
+        self.down_hadamard = getattr(down, "hadamard_block", 0)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.q_norm = None if q_norm is None else _norm_in(q_norm, q_norm.weight.numel(), dtype,
                                                            device)
@@ -519,6 +524,8 @@ class Decoder:
             gate_up = _run_inputs(layer.gate_up, h)
             width = gate_up.shape[-1] // 2
             act = F.silu(gate_up[:, :width]).mul_(gate_up[:, width:])
+            if layer.down_hadamard:
+                act = hadamard_transform(act, layer.down_hadamard)
             layer.down.accumulate(act, x)
         return x
 
@@ -575,6 +582,9 @@ class Decoder:
             width = sum(c.out_features for c in layer.gate_up) // 2
             program.add_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(),
                                  act.stride(0), code, b, width)
+            if layer.down_hadamard:  # in place
+                program.add_hadamard(act.data_ptr(), act.stride(0), act.data_ptr(),
+                                     act.stride(0), code, b, width, layer.down_hadamard)
             add_linear(layer.down.kernel, act[:, :width], x, True)
         self._program_buffers = (x, h, attn, act, qkv, gate_up)
         return program
@@ -615,6 +625,9 @@ class Decoder:
             act = x.new_empty(b, width)
             silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(), width, code, b,
                      width)
+            if layer.down_hadamard:  # in place
+                ext.hadamard_cpu(act.data_ptr(), width, act.data_ptr(), width, code, b, width,
+                                 layer.down_hadamard, 1)
             layer.down.accumulate(act, x)
         return x
 

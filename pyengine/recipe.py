@@ -23,8 +23,10 @@ from .utils import is_int
 QUANT_METHODS = ("rtn", "gptq", "matquant")
 MATRYOSHKA_METHODS = ("rtn", "matquant")
 DEFAULT_KEY = "_default"
-RECIPE_VERSION = 3  # 2: the ``embeddings`` field (version-1 recipes kept the embeddings dense);
-                    # 3: ``rotate`` and ``rotation_seed`` (earlier recipes do not rotate)
+RECIPE_VERSION = 4  # 2: the ``embeddings`` field (version-1 recipes kept the embeddings dense);
+                    # 3: ``rotate`` and ``rotation_seed`` (earlier recipes do not rotate);
+                    # 4: ``online_hadamard`` (earlier rotated recipes did not turn the MLP's
+                    #    inner activation)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,11 @@ class Recipe:
             function; GPTQ then keeps much more quality at 4 and 3 bits. Needs a family that
             can be sliced.
         rotation_seed: seed of those random bases.
+        online_hadamard: with ``rotate``, also turn each MLP's inner activation (down_proj's
+            input) by a random permutation and signs merged into gate/up and a block
+            Walsh-Hadamard transform applied online (pyengine.ops.hadamard_transform, a few
+            microseconds per layer and token; rotation.rotate_mlp_inner). Ignored without
+            ``rotate``.
         info: JSON-able notes (what pyengine.plan measured and decided); not used to compress.
     """
 
@@ -142,11 +149,14 @@ class Recipe:
     embeddings: Optional[QuantConfig] = field(default_factory=default_embeddings)
     rotate: bool = False
     rotation_seed: int = 0
+    online_hadamard: bool = True
 
     def __post_init__(self) -> None:
         _check_embeddings(self.embeddings)
-        if not isinstance(self.rotate, bool):
-            raise ValueError(f"Recipe.rotate must be True or False, got {self.rotate!r}")
+        for name in ("rotate", "online_hadamard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Recipe.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
         if not is_int(self.rotation_seed) or self.rotation_seed < 0:
             raise ValueError(f"Recipe.rotation_seed must be an integer >= 0, got "
                              f"{self.rotation_seed!r}")
@@ -187,6 +197,7 @@ class Recipe:
             "embeddings": None if self.embeddings is None else self.embeddings.to_dict(),
             "rotate": self.rotate,
             "rotation_seed": self.rotation_seed,
+            "online_hadamard": self.online_hadamard,
             "info": dict(self.info),
         }
 
@@ -220,7 +231,8 @@ class Recipe:
             embeddings = None if emb is None else QuantConfig.from_dict(emb)
         return cls(quant=quant, slicing=d.get("slicing"), info=dict(d.get("info") or {}),
                    embeddings=embeddings, rotate=d.get("rotate", False),
-                   rotation_seed=d.get("rotation_seed", 0))
+                   rotation_seed=d.get("rotation_seed", 0),
+                   online_hadamard=d.get("online_hadamard", version >= 4))
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -287,11 +287,21 @@ def test_compress_with_rotate_records_it_and_the_checkpoint_runs(tiny_model_dir,
     code, stdout, _ = run_cli(capsys, "compress", tiny_model_dir, "--out", out, "--method", "rtn",
                               "--bit-choices", "4", "--group-size", "32", "--rotate",
                               "--n-samples", "2", "--seqlen", "32")
-    assert code == 0 and "rotated (seed 0)" in stdout
-    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]
-    assert recipe["rotate"] is True and recipe["slicing"] is None
+    assert code == 0 and "rotated (seed 0, online Walsh-Hadamard in the MLPs)" in stdout
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    recipe = qcfg["recipe"]
+    assert recipe["rotate"] is True and recipe["slicing"] is None and recipe["online_hadamard"]
+    assert all(layer["mlp_hadamard_block"] > 0 for layer in qcfg["structure"]["layers"])
     code, stdout, _ = run_cli(capsys, "eval", out, "--max-windows", "1", "--seqlen", "32")
     assert code == 0 and "perplexity" in stdout
+    merged = tmp_path / "merged"
+    code, stdout, _ = run_cli(capsys, "compress", tiny_model_dir, "--out", merged, "--method",
+                              "rtn", "--bit-choices", "4", "--group-size", "32", "--rotate",
+                              "--no-online-hadamard", "--n-samples", "2", "--seqlen", "32")
+    assert code == 0 and "rotated (seed 0)\n" in stdout
+    qcfg = json.loads((merged / "config.json").read_text())["quantization_config"]
+    assert qcfg["recipe"]["online_hadamard"] is False
+    assert all(layer["mlp_hadamard_block"] == 0 for layer in qcfg["structure"]["layers"])
 
 
 def test_compress_again_is_refused(compressed_dir, tmp_path, capsys):

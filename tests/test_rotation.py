@@ -9,9 +9,10 @@ import pyengine
 from pyengine import QuantConfig, Recipe
 from pyengine.decoder import Decoder, decoder_blocker
 from pyengine.models.random import random_model
+from pyengine.ops.hadamard import hadamard_transform
 from pyengine.modules import SlicedDecoderLayer
-from pyengine.quantizers.rotation import (RotationError, random_orthogonal, rotate_model,
-                                          rotate_residual, rotate_value_heads)
+from pyengine.quantizers.rotation import (RotationError, random_orthogonal, rotate_mlp_inner,
+                                          rotate_model, rotate_residual, rotate_value_heads)
 
 from helpers import rel_err
 
@@ -190,3 +191,116 @@ def test_rotation_spreads_outlier_channels():
     rotate_model(model, seed=0)
     after = column_peak(model.model.layers[0].mlp.gate_proj.weight)
     assert before > 5 and after < 2, (before, after)
+
+
+# ---- the MLP's inner activation, rotated online ---------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_inner_rotation_keeps_the_function(family, rng):
+    """Permutation and signs merged into gate/up (phi3: the fused gate_up rows), the block
+    Walsh-Hadamard transform applied online before down_proj and held by its columns."""
+    model = _model(family, mlp_bias=True) if family == "llama" else _model(family)
+    ids = _ids(rng)
+    original = _logits(model, ids)
+    rotate_residual(model, seed=1)
+    mlp = model.model.layers[0].mlp
+    inputs = [mlp.get_submodule(n).weight.detach().clone()
+              for n in ("gate_up_proj",) if family == "phi3"] or \
+        [mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()]
+    down = mlp.down_proj.proj.weight.detach().clone()
+    rotate_mlp_inner(model, seed=4)
+    assert rel_err(_logits(model, ids), original) < 1e-5
+    width = model.config.intermediate_size
+    assert mlp.down_proj.hadamard_block == 32 and width % 32 == 0   # 96 = 3 x 32
+    assert not torch.allclose(mlp.down_proj.proj.weight, down, atol=1e-3)
+    after = ([mlp.gate_up_proj.weight] if family == "phi3"
+             else [mlp.gate_proj.weight, mlp.up_proj.weight])
+    for old, new in zip(inputs, after):
+        assert not torch.equal(old, new)
+        # rows are permuted (and sign-flipped): the same set of row norms
+        assert torch.allclose(old.norm(dim=1).sort().values, new.norm(dim=1).sort().values,
+                              atol=1e-5)
+
+
+def test_the_online_transform_is_needed(rng):
+    """The check can fail: without the online transform the rotated MLP computes something
+    else."""
+    model = _model("llama")
+    ids = _ids(rng)
+    original = _logits(model, ids)
+    rotate_model(model, seed=0, mlp_inner=True)
+    assert rel_err(_logits(model, ids), original) < 1e-5
+    for layer in model.model.layers:
+        layer.mlp.down_proj.hadamard_block = 0
+    assert rel_err(_logits(model, ids), original) > 1e-2
+
+
+def test_mlp_inner_rotation_refuses_what_it_cannot_do():
+    with pytest.raises(RotationError, match="needs a folded model"):
+        rotate_mlp_inner(_model("llama"))
+    model = _model("llama")
+    rotate_model(model, mlp_inner=True)
+    with pytest.raises(RotationError, match="already rotated"):
+        rotate_mlp_inner(model)
+    odd = _model("llama", intermediate_size=72)                  # 72 = 8 x 9: blocks of 8
+    rotate_residual(odd)
+    with pytest.raises(RotationError, match="width 72 has no power-of-two factor of at least 16"):
+        rotate_mlp_inner(odd)
+    with pytest.raises(RotationError, match="gemma2 models cannot be rotated"):
+        rotate_mlp_inner(random_model("gemma2"))
+
+
+def test_gptq_sees_the_transformed_input(rng):
+    """The Hessian of a rotated down projection is that of the input its linear really reads
+    (after the online transform), not of the MLP's raw output."""
+    from pyengine.calibrate import capture_first_layer_inputs
+    from pyengine.quantizers.layerwise import input_hessians
+    model = _model("llama")
+    rotate_model(model, seed=0, mlp_inner=True)
+    layer = model.model.layers[0]
+    inputs = capture_first_layer_inputs(model, torch.randint(3, VOCAB, (2, 7), generator=rng))
+    seen = []
+    handle = layer.mlp.down_proj.proj.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    name = "model.layers.0.mlp.down_proj"
+    try:
+        hessians, counts = input_hessians(model, layer, inputs, [name], torch.device("cpu"))
+    finally:
+        handle.remove()
+    x = torch.cat(seen).to(torch.float32)
+    assert counts[name] == x.shape[0] == 14
+    assert torch.allclose(hessians[name], x.T @ x, rtol=1e-5, atol=1e-4)
+    raw = torch.cat([hadamard_transform(v, 32) for v in seen])      # the MLP's own output
+    assert not torch.allclose(hessians[name], raw.T @ raw, rtol=1e-3, atol=1e-2)
+
+
+def test_recipe_online_hadamard_field():
+    recipe = Recipe(quant={}, rotate=True)
+    assert recipe.online_hadamard is True
+    assert Recipe.from_json(recipe.to_json()).online_hadamard is True
+    off = Recipe(quant={}, rotate=True, online_hadamard=False)
+    assert Recipe.from_dict(off.to_dict()) == off
+    old = recipe.to_dict()
+    del old["online_hadamard"]
+    old["version"] = 3                   # rotated before the field existed: no online transform
+    assert Recipe.from_dict(old).online_hadamard is False
+    with pytest.raises(ValueError, match="Recipe.online_hadamard must be True or False"):
+        Recipe(online_hadamard="yes")
+
+
+def test_checkpoint_metadata_of_the_transform_is_checked(rng, tmp_path):
+    import json
+
+    from pyengine.checkpoint_checks import CheckpointError
+    model = _model("llama")
+    pyengine.compress(model, _recipe(rotate=True), show_progress=False, dtype=torch.float32)
+    pyengine.save(model, tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    layers = config["quantization_config"]["structure"]["layers"]
+    assert [layer["mlp_hadamard_block"] for layer in layers] == [32] * len(layers)
+    for bad, message in ((12, "must be 0 or a power of two"), (64, "does not divide")):
+        layers[0]["mlp_hadamard_block"] = bad
+        config_file.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=message):
+            pyengine.load(tmp_path / "ckpt")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops import qlinear, shortcut_matmul
+from ..ops.hadamard import hadamard_transform
 from .quant_linear import QuantLinear
 
 
@@ -80,17 +81,25 @@ class ProjectedEmbedding(nn.Embedding):
 class ResidualProjection(nn.Module):
     """A block's output projection, applied by the decoder layer together with the residual.
 
-    Sits where the attention's ``o_proj`` or the MLP's ``down_proj`` was; its forward is the
-    identity, so the attention / MLP module returns the projection's input and the layer calls
-    :meth:`project` with the residual. ``proj`` is an nn.Linear or a QuantLinear [N, K];
-    ``shortcut`` is None (the residual is already in the output basis and width) or a dense
-    [R, N] matrix mapping the residual (width R) into the output basis.
+    Sits where the attention's ``o_proj`` or the MLP's ``down_proj`` was; its forward turns the
+    block's output into the projection's input (the identity, or the online Walsh-Hadamard
+    transform below), so the attention / MLP module returns the projection's input and the
+    layer calls :meth:`project` with the residual. ``proj`` is an nn.Linear or a QuantLinear
+    [N, K]; ``shortcut`` is None (the residual is already in the output basis and width) or a
+    dense [R, N] matrix mapping the residual (width R) into the output basis.
+
+    ``hadamard_block`` (0: none): the projection reads its input through the orthonormal
+    Walsh-Hadamard transform of each block of that many features (pyengine.ops.hadamard;
+    a rotated MLP's inner activation, pyengine.quantizers.rotation.rotate_mlp_inner), which
+    ``proj``'s columns hold too.
     """
 
-    def __init__(self, proj: nn.Module, shortcut: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, proj: nn.Module, shortcut: Optional[torch.Tensor] = None,
+                 hadamard_block: int = 0) -> None:
         super().__init__()
         self.proj = proj
         self.register_buffer("shortcut", shortcut)
+        self.hadamard_block = int(hadamard_block)
 
     @property
     def in_features(self) -> int:
@@ -105,6 +114,9 @@ class ResidualProjection(nn.Module):
         return self.out_features if self.shortcut is None else self.shortcut.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output [..., K] -> the projection's input [..., K]."""
+        if self.hadamard_block:
+            return hadamard_transform(x, self.hadamard_block)
         return x
 
     def project(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -119,7 +131,8 @@ class ResidualProjection(nn.Module):
 
     def extra_repr(self) -> str:
         s = "none" if self.shortcut is None else f"{tuple(self.shortcut.shape)}"
-        return f"shortcut={s}"
+        hadamard = f", hadamard_block={self.hadamard_block}" if self.hadamard_block else ""
+        return f"shortcut={s}{hadamard}"
 
 
 class SlicedDecoderLayer(nn.Module):
@@ -127,6 +140,9 @@ class SlicedDecoderLayer(nn.Module):
 
         h   = attn_out.project(attn(attn_norm(x)), residual=x)
         out = mlp_out.project(mlp(mlp_norm(h)), residual=h)
+
+    (attn and mlp end in their ResidualProjection's forward, so they return the projections'
+    inputs.)
 
     It keeps the Hugging Face attention and MLP modules (and their attribute names, so module
     names such as ``model.layers.3.self_attn.q_proj`` do not change); their output projections

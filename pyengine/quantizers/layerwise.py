@@ -35,8 +35,9 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     its input rows x [tokens, K], and the number of rows.
 
     The hook sits on the named module: for a sliced block's output projection that is the
-    ResidualProjection, whose forward receives the projection's input even when the layer then
-    runs the projection fused with its shortcut (never calling the linear itself).
+    ResidualProjection, whose forward returns the projection's input (after its online
+    transform, if any) even when the layer then runs the projection fused with its shortcut
+    (never calling the linear itself).
 
     Linears that read the very same input tensor (q/k/v, gate/up) share one product per
     batch, and, when they shared it in every batch, one returned tensor.
@@ -49,7 +50,7 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     handles = []
     for name in names:
         def hook(mod, args, out, name=name):
-            x_in = args[0]
+            x_in = out if isinstance(mod, ResidualProjection) else args[0]
             if last.get("input") is x_in:  # the same tensor as the previous linear's input
                 h, leader = last["h"], last["name"]
             else:

@@ -9,7 +9,8 @@ and 3 bits (SmolLM2: benchmarks/results/rotation_smollm2.json). Plain round-to-n
 gain: the norms' scales, folded into the weights by the rotation, no longer shape where its
 error falls.
 
-Two rotations, both merged into the weights (nothing runs at inference that did not before):
+Two rotations merged into the weights (nothing runs at inference that did not before), and a
+third one applied online:
 
 * **The residual stream** (:func:`rotate_residual`): every norm's scale is folded into the linear
   layers that read it and every residual stream is expressed in one random basis Q [D, D]
@@ -20,6 +21,13 @@ Two rotations, both merged into the weights (nothing runs at inference that did 
   expressed in a random basis R_h [d, d] (d = head_dim): v_proj's rows of head h become
   R_h^T W, o_proj's columns of every query head that reads head h become W R_h. Attention
   mixes value vectors across positions only, so the product is unchanged.
+* **The MLP's inner activation** (:func:`rotate_mlp_inner`): down_proj reads
+  h = act(gate(x)) * up(x), whose few huge channels make it the hardest weight to quantize at
+  3 and 2 bits (QuaRot). No weight before it can absorb a rotation (the product is
+  elementwise), so h is turned online by a block Walsh-Hadamard transform T (blocks of the
+  largest power of two dividing the width; pyengine.ops.hadamard, a few microseconds per token)
+  after a random permutation and random signs, which up/gate's rows absorb; down_proj's columns
+  hold the inverse. Its cost is the transform (O(n log n) per token), not a matrix.
 
 Rotations are drawn from a seeded generator (Haar-distributed: QR of a Gaussian matrix with the
 signs of R's diagonal folded in), so a recipe's seed reproduces them.
@@ -149,13 +157,102 @@ def rotate_value_heads(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+# The largest Walsh-Hadamard block of the MLP's online rotation (pyengine.ops.hadamard's Triton
+# kernel holds blocks of up to 16384; 4096 spreads an outlier over as many channels as needed).
+MLP_HADAMARD_MAX_BLOCK = 4096
+# Below this block the online rotation would spread outliers too little to pay; such widths
+# (an odd factor larger than width / 16) are refused.
+MLP_HADAMARD_MIN_BLOCK = 16
+
+
+def _mlp_input_rows(mlp: nn.Module, adapter, width: int, index: int):
+    """(gate linear, gate's first row, up linear, up's first row) of one MLP: two linears, or
+    phi3's fused gate_up_proj whose first ``width`` rows are the gate's."""
+    if len(adapter.mlp_inputs) == 2:
+        gate, up = (_dense(mlp.get_submodule(n), f"layer {index} {n}") for n in adapter.mlp_inputs)
+        return gate, 0, up, 0
+    fused = _dense(mlp.get_submodule(adapter.mlp_inputs[0]),
+                   f"layer {index} {adapter.mlp_inputs[0]}")
+    return fused, 0, fused, width
+
+
+@torch.no_grad()
+def rotate_mlp_inner(model: nn.Module, seed: int = 0,
+                     max_block: int = MLP_HADAMARD_MAX_BLOCK) -> nn.Module:
+    """Expresses every MLP's inner activation h [n] in a random orthogonal basis applied
+    partly in the weights, partly online (in place; the model computes the same function up to
+    rounding). Per layer, with a random permutation p and random signs s drawn from ``seed``:
+
+        gate' = gate[p]            up' = s * up[p]            (rows; biases alike)
+        h'    = s * h[p]           (what gate' and up' produce)
+        z     = T h'               (online: the down projection's hadamard_block)
+        down' = T (down[:, p] * s) (each row transformed: T is symmetric and its own inverse)
+
+    so down' z = down h. T is the orthonormal block Walsh-Hadamard transform with blocks of
+    b = the largest power of two dividing n, at most ``max_block``.
+
+    The model must be folded (rotated or sliced first: the down projection is a
+    ResidualProjection) and dense.
+
+    Raises:
+        RotationError: the family does not allow it, the model is not folded, a projection is
+            quantized or already transformed, or n has no power-of-two factor of at least
+            MLP_HADAMARD_MIN_BLOCK.
+    """
+    from ..ops.hadamard import butterfly_transform, hadamard_block_for
+    adapter = get_adapter(model)
+    if not adapter.supports_slicing:
+        raise RotationError(f"{adapter.family} models cannot be rotated: {adapter.slicing_blocker}")
+    if not structure.is_folded(model):
+        raise RotationError("rotate_mlp_inner needs a folded model (rotate the residual stream "
+                            "or slice it first)")
+    generator = _generator(seed)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        mlp = layer.mlp_block
+        out = layer.mlp_out
+        if out.hadamard_block:
+            raise RotationError(f"layer {index}: the MLP's inner activation is already rotated")
+        down = _dense(out.proj, f"layer {index} {adapter.mlp_output}")
+        width = down.in_features
+        block = hadamard_block_for(width, max_block)
+        if block < MLP_HADAMARD_MIN_BLOCK:
+            raise RotationError(f"the MLP width {width} has no power-of-two factor of at least "
+                                f"{MLP_HADAMARD_MIN_BLOCK} for its online Walsh-Hadamard blocks")
+        gate, gate_row, up, up_row = _mlp_input_rows(mlp, adapter, width, index)
+        perm = torch.randperm(width, generator=generator)
+        signs = torch.randint(0, 2, (width,), generator=generator).to(torch.float64) * 2 - 1
+
+        def permute_rows(linear: nn.Linear, first: int, scale=None) -> None:
+            rows = slice(first, first + width)
+            moved = perm.to(linear.weight.device) + first
+            w = linear.weight.detach()[moved].to(torch.float64)
+            b = None if linear.bias is None else linear.bias.detach()[moved].to(torch.float64)
+            if scale is not None:
+                w = w * scale.to(w.device).unsqueeze(1)
+                b = None if b is None else b * scale.to(b.device)
+            linear.weight[rows] = w.to(linear.weight.dtype)
+            if b is not None:
+                linear.bias[rows] = b.to(linear.bias.dtype)
+
+        permute_rows(gate, gate_row)
+        permute_rows(up, up_row, signs)
+        w = down.weight.detach().to(torch.float64)[:, perm.to(down.weight.device)]
+        w = butterfly_transform(w * signs.to(w.device), block, torch.float64)  # T on each row
+        down.weight.copy_(w.to(down.weight.dtype))
+        out.hadamard_block = block
+    return model
+
+
 def rotate_model(model: nn.Module, seed: int = 0, residual: bool = True,
-                 values: bool = True) -> nn.Module:
+                 values: bool = True, mlp_inner: bool = False) -> nn.Module:
     """:func:`rotate_residual` (unless ``residual`` is False, e.g. for a model sliced with its
-    own rotation) and :func:`rotate_value_heads`, seeded by ``seed``; returns ``model``."""
+    own rotation), :func:`rotate_value_heads` and, when ``mlp_inner``, :func:`rotate_mlp_inner`,
+    seeded by ``seed``; returns ``model``."""
     if residual:
         rotate_residual(model, seed)
     if values:
         rotate_value_heads(model, seed + 1)
+    if mlp_inner:
+        rotate_mlp_inner(model, seed + 2)
     return model
 

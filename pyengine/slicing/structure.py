@@ -308,6 +308,7 @@ def describe_structure(model: nn.Module) -> Optional[dict]:
             "attn_shortcut": layer.attn_out.shortcut is not None,
             "mlp_shortcut": layer.mlp_out.shortcut is not None,
             "attn_eps": layer.attn_norm.eps, "mlp_eps": layer.mlp_norm.eps,
+            "mlp_hadamard_block": layer.mlp_out.hadamard_block,
         })
     final = model.get_submodule(adapter.final_norm)
     embed = model.get_submodule(adapter.embed)
@@ -362,6 +363,11 @@ def build_skeleton(model: nn.Module, desc: dict) -> nn.Module:
             _set_weight(lin, _meta_like(lin.weight, (out_width, lin.weight.shape[1])), bias)
             out.shortcut = (torch.empty(width, out_width, dtype=lin.weight.dtype, device="meta")
                             if has_shortcut else None)
+        block = int(d.get("mlp_hadamard_block", 0))
+        if block and layer.mlp_out.in_features % block:
+            raise SlicingError(f"mlp_hadamard_block {block} does not divide the MLP width "
+                               f"{layer.mlp_out.in_features}")
+        layer.mlp_out.hadamard_block = block
     final = model.get_submodule(adapter.final_norm)
     final.width, final.eps = desc["head_width"], desc["final_eps"]
     if projected:
