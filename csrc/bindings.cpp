@@ -352,13 +352,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "hadamard_cpu",
       [](uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo, int dtype, int64_t rows,
-         int64_t n, int64_t block, int threads) {
+         int64_t n, int64_t block, int threads, const std::string& isa) {
         auto a = hadamard_args(x, ldx, out, ldo, dtype, rows, n, block, threads);
+        a.isa = isa.c_str();
+        pyengine::cpu::walsh_hadamard_fn(isa);  // an unknown or unusable isa raises here
         py::gil_scoped_release release;
         pyengine::cpu::hadamard(a);
       },
+      py::arg("x"), py::arg("ldx"), py::arg("out"), py::arg("ldo"), py::arg("dtype"),
+      py::arg("rows"), py::arg("n"), py::arg("block"), py::arg("threads") = 1,
+      py::arg("isa") = "",
       "out[r, :n] = the orthonormal Walsh-Hadamard transform of each block of `block` elements "
-      "of x[r, :n] (pointers are integers; in place allowed; rows over up to `threads` threads).");
+      "of x[r, :n] (pointers are integers; in place allowed; rows over up to `threads` threads; "
+      "isa: the build, \"\" for the best this CPU runs).");
   m.def(
       "attention_step_cpu",
       [](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,

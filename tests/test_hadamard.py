@@ -5,6 +5,8 @@ outputs; its algebra (orthonormal, its own inverse); gradients; errors."""
 import pytest
 import torch
 
+import pyengine
+
 from pyengine.ops import hadamard as hadamard_ops
 from pyengine.ops.hadamard import (HadamardBackendError, hadamard_block_for, hadamard_matrix,
                                    hadamard_transform, reference_hadamard)
@@ -176,6 +178,28 @@ def test_empty_rows_are_fine():
     assert hadamard_transform(x, 16).shape == (0, 32)
 
 
+@pytest.mark.parametrize("isa", pyengine.build_info().get("cpu_isas_usable", []) or ["none"])
+def test_every_cpu_build(isa, rng):
+    """Each instruction-set build of the C++ transform (the default picks the widest this CPU
+    runs; the others run on other CPUs), threads over rows, in place."""
+    ext = hadamard_ops._native()
+    if ext is None:
+        pytest.skip("pyengine._C is not built")
+    from pyengine._ext import DTYPE_CODES
+    for (rows, n), block in (((5, 1536), 512), ((3, 14336), 2048), ((9, 64), 8), ((2, 4), 4),
+                             ((40, 1024), 1024)):
+        for dtype in DTYPES:
+            x = torch.randn(rows, n, generator=rng).to(dtype)
+            want = reference_hadamard(x, block)
+            out = torch.full_like(x, float("nan"))
+            ext.hadamard_cpu(x.data_ptr(), n, out.data_ptr(), n, DTYPE_CODES[dtype], rows, n,
+                             block, 2, isa)
+            assert _close(out, want) <= TOLERANCE[dtype], (isa, n, block, dtype)
+            ext.hadamard_cpu(x.data_ptr(), n, x.data_ptr(), n, DTYPE_CODES[dtype], rows, n,
+                             block, 1, isa)                       # in place
+            assert torch.equal(x, out)
+
+
 def test_native_binding_checks_its_arguments():
     ext = hadamard_ops._native()
     if ext is None:
@@ -185,3 +209,5 @@ def test_native_binding_checks_its_arguments():
         ext.hadamard_cpu(x.data_ptr(), 24, x.data_ptr(), 24, 0, 2, 24, 16, 1)
     with pytest.raises(ValueError, match="bad sizes, strides or pointers"):
         ext.hadamard_cpu(x.data_ptr(), 12, x.data_ptr(), 24, 0, 2, 24, 8, 1)
+    with pytest.raises(ValueError, match="no kernels for instruction set 'sse9'"):
+        ext.hadamard_cpu(x.data_ptr(), 24, x.data_ptr(), 24, 0, 2, 24, 8, 1, "sse9")

@@ -41,7 +41,8 @@ void silu_mul(const SiluMulArgs& a);
 // elements of x[r, :n]: block c of the output is H (block c of x) / sqrt(block), H the Sylvester
 // Hadamard matrix (H[i][j] = (-1)^popcount(i & j): symmetric, H H = block I, so the transform is
 // its own inverse). n a multiple of block, block a power of two; one dtype for x and out; in
-// place allowed (out == x). Rows are split over up to num_threads threads.
+// place allowed (out == x). Rows are split over up to num_threads threads. isa: the build of
+// the transform (qmatmul.h's walsh_hadamard_fn; nullptr or "": the best this CPU runs).
 struct HadamardArgs {
   const void* x = nullptr;
   int64_t ldx = 0;
@@ -50,6 +51,7 @@ struct HadamardArgs {
   int dtype = 0;
   int64_t rows = 0, n = 0, block = 0;
   int num_threads = 1;
+  const char* isa = nullptr;
 };
 void hadamard(const HadamardArgs& a);
 

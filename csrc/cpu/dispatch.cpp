@@ -13,10 +13,12 @@ namespace {
 using KernelFn = void (*)(const QMatmulArgs&);
 using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 
-// One instruction-set build: its canonical and plane-layout kernels.
+// One instruction-set build: its canonical and plane-layout kernels, its Walsh-Hadamard
+// transform.
 struct Build {
   KernelFn fn;
   PlaneKernelFn plane_fn;
+  WalshHadamardFn walsh_fn;
   const char* name;
 };
 
@@ -38,12 +40,12 @@ bool cpu_has(const std::string& isa) {
 const std::vector<Build>& compiled() {
   static const std::vector<Build> builds = {
 #if defined(PYENGINE_HAVE_ISA_avx512)
-      {&avx512::qmatmul, &avx512::plane_matmul, "avx512"},
+      {&avx512::qmatmul, &avx512::plane_matmul, &avx512::walsh_hadamard, "avx512"},
 #endif
 #if defined(PYENGINE_HAVE_ISA_avx2)
-      {&avx2::qmatmul, &avx2::plane_matmul, "avx2"},
+      {&avx2::qmatmul, &avx2::plane_matmul, &avx2::walsh_hadamard, "avx2"},
 #endif
-      {&generic::qmatmul, &generic::plane_matmul, "generic"},
+      {&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard, "generic"},
   };
   return builds;
 }
@@ -52,7 +54,7 @@ const Build& selected() {
   static const Build best = [] {
     for (const Build& b : compiled())
       if (cpu_has(b.name)) return b;
-    return Build{&generic::qmatmul, &generic::plane_matmul, "generic"};
+    return Build{&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard, "generic"};
   }();
   return best;
 }
@@ -91,6 +93,10 @@ void plane_matmul(const PlaneMatmulArgs& args) {
 void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa) {
   check_plane_matmul_args("plane_matmul_cpu", args);
   build_named(isa, "plane_matmul_cpu").plane_fn(args);
+}
+
+WalshHadamardFn walsh_hadamard_fn(const std::string& isa) {
+  return isa.empty() ? selected().walsh_fn : build_named(isa, "hadamard_cpu").walsh_fn;
 }
 
 std::vector<std::string> usable_isas() {
