@@ -11,7 +11,7 @@ Two measurements in one run, each interleaved (round-robin samples, medians):
 2. **Decoding**: a SmolLM2-135M-shaped model (random weights: speed only) rotated
    (Recipe.rotate) and quantized int4 g64 RTN, with and without the online transform
    (``online_hadamard``), through pyengine.Decoder at batch 1: tokens/s, alternating the two
-   models over ``--rounds`` rounds.
+   models over ``--rounds`` / 3 rounds (at least 3) of ``--tokens`` steps.
 
     python benchmarks/bench_hadamard.py [--threads 1,2] [--json FILE]
 """
@@ -38,7 +38,8 @@ from pyengine.benchmarking import metadata, time_interleaved, write_json  # noqa
 from pyengine.models.random import random_model  # noqa: E402
 from pyengine.ops.hadamard import reference_hadamard  # noqa: E402
 
-SHAPES = ((1536, 512, 576), (14336, 2048, 4096))   # (MLP width, block, hidden: down's outputs)
+# MLP width : block : hidden size (the down projection's outputs)
+SHAPES = "1536:512:576,14336:2048:4096"
 
 
 def _repeated(fn: Callable[[], object], inner: int) -> Callable[[], None]:
@@ -48,11 +49,11 @@ def _repeated(fn: Callable[[], object], inner: int) -> Callable[[], None]:
     return run
 
 
-def op_rows(threads: int, inner: int, rounds: int, gen: torch.Generator) -> List[Dict]:
+def op_rows(shapes, threads: int, inner: int, rounds: int, gen: torch.Generator) -> List[Dict]:
     ext = extension()
     isas = pyengine.build_info().get("cpu_isas_usable", []) if ext is not None else []
     rows = []
-    for n, block, hidden in SHAPES:
+    for n, block, hidden in shapes:
         for m in (1, 64):
             x = torch.randn(m, n, generator=gen)
             out = torch.empty_like(x)
@@ -79,7 +80,7 @@ def op_rows(threads: int, inner: int, rounds: int, gen: torch.Generator) -> List
                 if kernel is not None:
                     fns["down_proj int4 g64 (prepared call)"] = lambda: kernel(x, y, False,
                                                                               threads)
-            reps = max(1, inner // (m * n // 1536))
+            reps = max(1, inner * 1536 // (m * n))
             ms = time_interleaved({k: _repeated(f, reps) for k, f in fns.items()}, rounds=rounds)
             for name, value in ms.items():
                 us = value * 1e3 / reps
@@ -90,10 +91,11 @@ def op_rows(threads: int, inner: int, rounds: int, gen: torch.Generator) -> List
     return rows
 
 
-def decode_rows(threads: int, rounds: int, tokens: int) -> List[Dict]:
+def decode_rows(shape: str, threads: int, rounds: int, tokens: int) -> List[Dict]:
     gen = torch.Generator().manual_seed(0)
-    base = random_model("llama", shape="smollm2-135m")
-    calib = torch.randint(3, base.config.vocab_size, (2, 64), generator=gen)
+    base = random_model("llama", shape=shape)
+    vocab = base.config.vocab_size
+    calib = torch.randint(3, vocab, (2, 64), generator=gen)
     models = {}
     for online in (True, False):
         model = copy.deepcopy(base)
@@ -105,7 +107,7 @@ def decode_rows(threads: int, rounds: int, tokens: int) -> List[Dict]:
     del base
     decoders = {name: pyengine.Decoder(m, max_len=8 + tokens * (rounds + 1) + 4)
                 for name, m in models.items()}
-    prompt = torch.randint(3, 49152, (1, 8), generator=gen)
+    prompt = torch.randint(3, vocab, (1, 8), generator=gen)
     state = {}
     for name, dec in decoders.items():
         state[name] = dec.prefill(prompt).argmax(dim=-1, keepdim=True)
@@ -123,7 +125,7 @@ def decode_rows(threads: int, rounds: int, tokens: int) -> List[Dict]:
     rows = []
     for name, values in samples.items():
         rate = statistics.median(values)
-        rows.append(dict(op="decode", model="smollm2-135m shapes (random weights)", config=name,
+        rows.append(dict(op="decode", model=f"{shape} shapes (random weights)", config=name,
                          threads=threads, tokens_per_s=round(rate, 1),
                          native_program=decoders[name].program is not None))
         print(f"decode threads={threads} {name:<34} {rate:7.1f} tokens/s")
@@ -132,6 +134,10 @@ def decode_rows(threads: int, rounds: int, tokens: int) -> List[Dict]:
 
 def main(argv: "List[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=SHAPES,
+                        help="MLP width:block:hidden list, comma separated")
+    parser.add_argument("--decode-shape", default="smollm2-135m",
+                        help="pyengine.models.random shape of the decoded model")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--inner", type=int, default=200, help="calls per timed sample (M=1)")
     parser.add_argument("--rounds", type=int, default=15)
@@ -139,11 +145,12 @@ def main(argv: "List[str] | None" = None) -> int:
     parser.add_argument("--json", type=Path, default=common.RESULTS / "hadamard_cpu.json")
     args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
+    shapes = [tuple(int(v) for v in shape.split(":")) for shape in args.shapes.split(",")]
     rows: List[Dict] = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        rows += op_rows(threads, args.inner, args.rounds, gen)
-        rows += decode_rows(threads, max(3, args.rounds // 3), args.tokens)
+        rows += op_rows(shapes, threads, args.inner, args.rounds, gen)
+        rows += decode_rows(args.decode_shape, threads, max(3, args.rounds // 3), args.tokens)
     write_json(args.json, {**metadata("cpu"), "inner": args.inner, "rounds": args.rounds}, rows)
     print(f"wrote {args.json}")
     return 0

@@ -123,3 +123,25 @@ def test_call_overhead_bench_times_every_call_kind(tmp_path):
     assert {r["call"] for r in rows} == {"F.linear fp32", "qlinear int4", "qlinear int4 a8",
                                          "prepared int4", "prepared int4 a8"}
     assert all(r["us"] > 0 and r["N"] == 40 and r["K"] == 96 for r in rows)
+
+
+def test_hadamard_bench_times_the_op_and_decoding(tmp_path):
+    """bench_hadamard: rows for every CPU build, both backends and the down projection, and the
+    two decoded models (online transform and merged rotations only), each call checked inside
+    the script."""
+    import bench_hadamard
+    import pyengine
+    if "cpu" not in pyengine.available_backends():
+        pytest.skip("needs the compiled cpu backend")
+    out = tmp_path / "hadamard.json"
+    assert bench_hadamard.main(["--shapes", "96:32:64", "--decode-shape", "tiny", "--threads",
+                                "1", "--inner", "2", "--rounds", "2", "--tokens", "2",
+                                "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    calls = {r["call"] for r in rows if r["op"] == "hadamard"}
+    isas = pyengine.build_info()["cpu_isas_usable"]
+    assert calls == ({f"hadamard_cpu {isa}" for isa in isas}
+                     | {"hadamard_transform cpu", "hadamard_transform torch",
+                        "down_proj int4 g64 (prepared call)"})
+    decode = [r for r in rows if r["op"] == "decode"]
+    assert len(decode) == 2 and all(r["tokens_per_s"] > 0 for r in decode)
