@@ -117,11 +117,14 @@ def _check_finite(weight: torch.Tensor) -> None:
 
 
 def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-                factors) -> tuple:
-    """RTN with clip search on grouped weights.
+                factors, column_weights: Optional[torch.Tensor] = None) -> tuple:
+    """RTN with clip search on grouped weights: each group takes the clipping factor (1.0, no
+    clipping, among them) with the smallest squared rounding error, each column's error weighed
+    by ``column_weights`` (what an error in that input costs the layer's output; None: 1).
 
     Args:
         w: fp32 [R, G, gs], zero-padded past column k of the flattened row.
+        column_weights: fp32 broadcastable to [R, G, gs] (e.g. [1, G, gs]), >= 0, or None.
     Returns:
         codes uint8 [R, G, gs], scales [R, G] and zeros [R, G] (None if symmetric) in scale_dtype.
     """
@@ -149,7 +152,10 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
         # in [0, maxq], so the clamp keeps it and (z - z) * s - 0 = 0.
         torch.div(w, scale3, out=work)
         work.round_().add_(zero3).clamp_(0, maxq).sub_(zero3).mul_(scale3).sub_(w)
-        err = work.square_().sum(dim=-1)
+        work.square_()
+        if column_weights is not None:
+            work.mul_(column_weights)
+        err = work.sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -47,6 +47,8 @@ class QuantConfig:
         act_bits: 0 (the layer's input as it is) or 8: the layer quantizes its input to int8
             per block of 32 at run time (pyengine.ops.act_quant), which the CPU kernels turn
             into integer dot products. Not for Matryoshka parents.
+        damp: GPTQ only: the fraction of the mean Hessian diagonal added to the diagonal
+            (0 < damp <= 1; larger is more stable with little calibration data).
     """
 
     bits: int
@@ -56,6 +58,7 @@ class QuantConfig:
     matryoshka: bool = False
     act_order: bool = False
     act_bits: int = 0
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         # `4.0 in (2, 3, 4, 8)` is True in Python, so the type is checked as well as the value
@@ -77,6 +80,9 @@ class QuantConfig:
         if self.matryoshka and self.method not in MATRYOSHKA_METHODS:
             raise ValueError(f"a Matryoshka parent is made by method {MATRYOSHKA_METHODS}, got "
                              f"{self.method!r}")
+        if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
+                or not 0.0 < self.damp <= 1.0):
+            raise ValueError(f"QuantConfig.damp must be a number in (0, 1], got {self.damp!r}")
         from .ops.act_quant import check_act_bits
         check_act_bits(self.act_bits, "QuantConfig.act_bits")
         if self.act_bits and self.matryoshka:
@@ -92,7 +98,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
         unknown = set(d) - {"bits", "group_size", "symmetric", "method", "matryoshka", "act_order",
-                            "act_bits"}
+                            "act_bits", "damp"}
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {sorted(unknown)}")
         return cls(**d)

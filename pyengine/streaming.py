@@ -244,13 +244,14 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
                         scale_dtype: Optional[torch.dtype] = None,
                         device: Optional["str | torch.device"] = None,
                         matquant_options: Optional[Mapping[str, Any]] = None,
-                        batch_size: int = 1, damp: float = 0.01, resume: bool = True,
+                        batch_size: int = 1, damp: Optional[float] = None, resume: bool = True,
                         show_progress: bool = True) -> Path:
     """Compresses the model in directory ``source`` into checkpoint directory ``out`` one
     decoder layer at a time, and returns ``out``.
 
     Every argument means what it means for pyengine.compress (``dtype``, ``scale_dtype``,
-    ``matquant_options``; ``damp`` is GPTQ's damping); ``out`` is what pyengine.save writes
+    ``matquant_options``; ``damp`` is GPTQ's damping of every layer, None: each QuantConfig's
+    ``damp``); ``out`` is what pyengine.save writes
     (one shard per decoder layer and one for the rest, with an index), loadable with
     pyengine.load.
 

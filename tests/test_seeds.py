@@ -176,6 +176,43 @@ def test_gptq_act_order_and_symmetric_store_the_canonical_layout(rng):
         assert rel_err(y, x @ qw.dequantize().T) < 1e-4
 
 
+def test_gptq_clips_by_output_error(rng):
+    """Group parameters are judged by what their rounding costs the output: an input that the
+    calibration activations never use (a dead column) no longer sets its group's range, so the
+    other columns of the group keep finer steps, and the output error falls."""
+    from pyengine.quantize import _rtn_groups
+    w = torch.randn(16, 1, 8, generator=rng)
+    w[:, :, 0] = 30.0                                   # one large column per group
+    cost = torch.ones(1, 1, 8)
+    cost[..., 0] = 0.0                                  # ... that costs nothing
+    _, plain, _ = _rtn_groups(w, 8, 3, False, torch.float32, [1.0, 0.5, 0.1])
+    _, weighted, _ = _rtn_groups(w, 8, 3, False, torch.float32, [1.0, 0.5, 0.1], cost)
+    assert (weighted < plain).all()
+    # end to end: the first column dead in the Hessian
+    w2 = torch.randn(32, 128, generator=rng) * 0.05
+    w2[:, 0] = 2.0
+    x = torch.randn(400, 128, generator=rng)
+    x[:, 0] = 0.0
+    qw = gptq_quantize(w2, x.T @ x, 3, 64)
+    assert qw.scales[:, 0].max() < 0.5 * (2.0 / 7)      # not stretched to reach 2.0
+
+
+def test_gptq_damping_comes_from_the_quant_config(rng):
+    model_a, model_b = random_model("llama"), random_model("llama")
+    calib = _calib(rng)
+    for model, damp in ((model_a, 0.01), (model_b, 0.5)):
+        recipe = Recipe({"_default": QuantConfig(3, 32, method="gptq", damp=damp)},
+                        embeddings=None)
+        pyengine.compress(model, recipe, calib, show_progress=False, dtype=torch.float32)
+    codes_a = model_a.model.layers[0].mlp.up_proj.qweight
+    codes_b = model_b.model.layers[0].mlp.up_proj.qweight
+    assert not torch.equal(codes_a, codes_b)
+    assert QuantConfig.from_dict(QuantConfig(4, damp=0.1).to_dict()).damp == 0.1
+    for bad in (0, -0.1, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="QuantConfig.damp must be a number in"):
+            QuantConfig(4, damp=bad)
+
+
 def test_compress_with_gptq_recipe(rng):
     model = random_model("qwen2")
     recipe = Recipe({"_default": QuantConfig(4, 32, method="gptq"),

@@ -6,7 +6,10 @@ Written for pyengine's canonical format:
 
 * groups of ``group_size`` consecutive inputs share a scale and zero point; each group's
   parameters come from the RTN clipping search (pyengine.quantize) applied to the group's
-  weights as they are when GPTQ reaches the group (already updated by earlier errors);
+  weights as they are when GPTQ reaches the group (already updated by earlier errors), judged
+  by what the rounding costs the layer's output: column i's squared error weighed by
+  1 / [H^-1]_ii (the loss GPTQ's own update leaves for it: an input the calibration activations
+  barely use may be clipped harder);
 * ``act_order=True`` visits columns by decreasing Hessian diagonal. Its groups stay contiguous in
   the original order ("static groups": their parameters come from the original weights before
   the pass), so the stored layout is the canonical one and kernels need no permutation (nor the
@@ -39,11 +42,13 @@ CLIP_FACTORS = torch.linspace(1.0, 0.4, 24).tolist()
 
 
 def _group_params(w: torch.Tensor, valid: int, bits: int, symmetric: bool,
-                  scale_dtype: torch.dtype):
+                  scale_dtype: torch.dtype, column_weights: Optional[torch.Tensor] = None):
     """Scale and zero point (fp32 [N], zero is None-free: symmetric gives the midpoint) of one
-    group w [N, g] whose first ``valid`` columns are real."""
+    group w [N, g] whose first ``valid`` columns are real; ``column_weights`` [g]: the cost of
+    an error in each column (None: 1)."""
+    weights = None if column_weights is None else column_weights.view(1, 1, -1)
     _, scales, zeros = _rtn_groups(w.unsqueeze(1), valid, bits, symmetric, scale_dtype,
-                                   CLIP_FACTORS)
+                                   CLIP_FACTORS, weights)
     scale = scales[:, 0].to(torch.float32)
     zero = (torch.full_like(scale, float(1 << (bits - 1))) if zeros is None
             else zeros[:, 0].to(torch.float32))
@@ -113,14 +118,23 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     zeros_t = torch.empty(n_groups, n, dtype=torch.float32, device=device)
     known = torch.zeros(n_groups, dtype=torch.bool)
 
+    # what an error in each column (visiting order) costs the output: 1 / [H^-1]_ii, the
+    # squared diagonal of the inverse's Cholesky factor (a dead column: nothing)
+    error_cost = h_inv.diagonal().square().reciprocal()
+    error_cost[dead[perm]] = 0.0
+
     def fill_group(g: int, rows_of: "callable") -> None:
         """Scale and zero of group g from its columns' values as rows_of(positions) gives
         them ([len, N], positions in visiting order)."""
         start = g * gs
         stop = min(start + gs, k)
+        positions = inv_perm[start:stop]
         cols = torch.zeros(n, gs, dtype=torch.float32, device=device)
-        cols[:, : stop - start] = rows_of(inv_perm[start:stop]).t()
-        scales_t[g], zeros_t[g] = _group_params(cols, stop - start, bits, symmetric, scale_dtype)
+        cols[:, : stop - start] = rows_of(positions).t()
+        cost = torch.zeros(gs, dtype=torch.float32, device=device)
+        cost[: stop - start] = error_cost[positions]
+        scales_t[g], zeros_t[g] = _group_params(cols, stop - start, bits, symmetric, scale_dtype,
+                                                cost)
         known[g] = True
 
     if act_order:
@@ -165,11 +179,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
-                        calibration: torch.Tensor, batch_size: int = 1, damp: float = 0.01, show_progress: bool = True,
+                        calibration: torch.Tensor, batch_size: int = 1,
+                        damp: Optional[float] = None, show_progress: bool = True,
                         scale_dtype: Optional[torch.dtype] = None,
                         compute_device=None) -> nn.Module:
     """Quantizes the linear layers named in ``configs`` (module name -> QuantConfig) with GPTQ,
-    decoder layer by decoder layer, in place."""
+    decoder layer by decoder layer, in place. ``damp``: every layer's damping (None: each
+    QuantConfig's ``damp``)."""
     by_layer = group_by_layer(model, configs, "GPTQ")
 
     runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
@@ -183,24 +199,27 @@ def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
 
 @torch.no_grad()
 def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
-                        targets: Dict[str, QuantConfig], damp: float = 0.01,
+                        targets: Dict[str, QuantConfig], damp: Optional[float] = None,
                         scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
     """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
-    in ``model``), from one pass of the layer over ``inputs``, in place."""
+    in ``model``), from one pass of the layer over ``inputs``, in place. ``damp``: as in
+    :func:`gptq_quantize_model`."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
     # one factorisation per Hessian that linears share (the Hessian is kept with it, so its
     # id stays its own)
-    prepared: Dict[Tuple[int, bool], Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]] = {}
+    prepared: Dict[Tuple[int, bool, float],
+                   Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]] = {}
     for name, cfg in targets.items():
         holder, attr = linear_holder(model, name)
         linear = getattr(holder, attr)
         hessian = hessians.pop(name)
-        key = (id(hessian), bool(cfg.act_order))
+        layer_damp = cfg.damp if damp is None else damp
+        key = (id(hessian), bool(cfg.act_order), layer_damp)
         if key not in prepared:
-            prepared[key] = (hessian, prepare_hessian(hessian, cfg.act_order, damp,
+            prepared[key] = (hessian, prepare_hessian(hessian, cfg.act_order, layer_damp,
                                                       linear.weight.device))
         qw = gptq_quantize(linear.weight, hessian, cfg.bits, cfg.group_size,
-                           cfg.symmetric, act_order=cfg.act_order, damp=damp,
+                           cfg.symmetric, act_order=cfg.act_order, damp=layer_damp,
                            scale_dtype=scale_dtype or linear.weight.dtype,
                            prepared=prepared[key][1])
         setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias, act_bits=cfg.act_bits))
