@@ -501,12 +501,17 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
         recipe = dataclasses.replace(recipe, info={**recipe.info, "head_bits": 0},
                                      embeddings=None)
     elif args.quantize_head:
-        from .models.adapters import get_adapter
-        head = re.escape(get_adapter(model).head)
-        recipe = dataclasses.replace(
-            recipe, quant={head: QuantConfig(args.quantize_head, args.group_size, method="rtn"),
-                           **recipe.quant},
-            info={**recipe.info, "head_bits": args.quantize_head})
+        info = {**recipe.info, "head_bits": args.quantize_head}
+        if recipe.embeddings is not None and args.quantize_head == recipe.embeddings.bits:
+            # the head follows Recipe.embeddings: a tied head keeps sharing the table
+            recipe = dataclasses.replace(recipe, info=info)
+        else:
+            from .models.adapters import get_adapter
+            head = re.escape(get_adapter(model).head)
+            recipe = dataclasses.replace(
+                recipe, info=info,
+                quant={head: QuantConfig(args.quantize_head, args.group_size, method="rtn"),
+                       **recipe.quant})
     return recipe
 
 

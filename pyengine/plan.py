@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .compress import quantizable_linears
+from .compress import default_dtype, quantizable_linears
 from .models.adapters import get_adapter
 from .qweight import padded_in_features
 from .recipe import QuantConfig, Recipe
@@ -195,7 +195,8 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
          group_size: int = 128, slicing: Optional[float] = None, slice_schedule: str = "dynamic",
          slice_base: Optional[float] = None, symmetric: bool = False, seed: int = 0,
          layer_scores: Optional[Dict[str, List[float]]] = None, show_progress: bool = True,
-         act_bits: int = 0, rotate: bool = False) -> Recipe:
+         act_bits: int = 0, rotate: bool = False,
+         scale_dtype: Optional[torch.dtype] = None) -> Recipe:
     """A Recipe from measurements of ``model`` on ``calibration``.
 
     Args:
@@ -213,6 +214,9 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
         rotate: Recipe.rotate (random orthogonal rotations before quantizing; the scores are
             measured on the model as it is: LIM and slicing's redundancy do not change under
             them).
+        scale_dtype: the dtype the scales and zeros will be stored in, counted in every
+            layer's bits; default what pyengine.compress stores them in by default
+            (compress.default_dtype: float16 unless the model is bfloat16).
     Returns:
         A Recipe; its ``info`` holds the scores, the importance used, per-layer bits and widths,
         and the achieved average bits.
@@ -241,7 +245,7 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
                              "(pyengine.calibration_data)")
         layer_scores = compute_scores(model, calibration, show_progress=show_progress)
 
-    scale_bytes = next(model.parameters()).element_size()
+    scale_bytes = torch.empty(0, dtype=scale_dtype or default_dtype(model)).element_size()
     shapes = _layer_linears(model)
 
     def cost(index, bits):

@@ -304,6 +304,26 @@ def test_compress_with_rotate_records_it_and_the_checkpoint_runs(tiny_model_dir,
     assert all(layer["mlp_hadamard_block"] == 0 for layer in qcfg["structure"]["layers"])
 
 
+def test_a_tied_head_stays_tied_and_bits_count_16_bit_scales(tmp_path, capsys):
+    """--quantize-head 8 with another group size than the embeddings' keeps a tied head on the
+    table (the head follows Recipe.embeddings); the planned bits count the float16 scales and
+    zeros compress stores for a float32 model (int4 g32: 4 + 32 / 32 = 5 bits)."""
+    from pyengine.models.random import random_model
+    tokenizer = char_tokenizer()
+    model = random_model("llama", vocab_size=max(160, len(tokenizer)), tie_word_embeddings=True)
+    src = tmp_path / "tied"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(capsys, "compress", src, "--out", out, "--method", "rtn",
+                              "--bit-choices", "4", "--group-size", "32", "--quantize-head", "8",
+                              "--n-samples", "2", "--seqlen", "32")
+    assert code == 0 and "5.00 bits/weight with scales" in stdout
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["tied"], "the head no longer shares the embedding table"
+    assert qcfg["layers"]["lm_head"]["group_size"] == 128
+
+
 def test_compress_again_is_refused(compressed_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "compress", compressed_dir, "--out", tmp_path / "again")
     assert_one_line_error(code, err, "already compressed")
