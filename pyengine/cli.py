@@ -127,7 +127,7 @@ def _add_device(parser: argparse.ArgumentParser,
 def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_choices: str,
                 method: str, slice_default: Optional[float], n_samples: int,
                 seqlen: int, head_default: Optional[int] = None, act_bits: int = 0,
-                rotate: bool = False) -> None:
+                rotate: bool = False, group_size: int = 128) -> None:
     g = parser.add_argument_group("recipe (pyengine.plan)")
     g.add_argument("--avg-bits", type=_avg_bits, default=avg_bits,
                    help="target average bits per weight of the decoder's linear layers, scales "
@@ -141,8 +141,9 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
                    help="layer order of the bit allocation (default: lim)")
     g.add_argument("--method", choices=("gptq", "rtn"), default=method,
                    help=f"quantizer (default: {method})")
-    g.add_argument("--group-size", type=_group_size, default=128,
-                   help="weights per scale: 32, 64, 128 or -1 per channel (default: 128)")
+    g.add_argument("--group-size", type=_group_size, default=group_size,
+                   help="weights per scale: 32, 64, 128 or -1 per channel (default: "
+                        f"{group_size})")
     g.add_argument("--act-bits", type=int, choices=(0, 8), default=act_bits,
                    help="8: int8 activations (per block of 32) for the 2-, 4- and 8-bit layers, "
                         "which the CPU kernels multiply as integers: faster decoding, slightly "
@@ -277,14 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress SmolLM2-135M and compare it with the original",
                        description="Loads the embedded default model, SmolLM2-135M, compresses "
-                                   "it with a mixed-precision recipe (8 and 4 bits per layer by "
-                                   "GPTQ after random rotations, 8-bit head) planned "
-                                   "from its own measurements, and prints perplexity, weight "
+                                   "it with a recipe planned from its own measurements (4.5 bits "
+                                   "per weight with scales: 8 or 4 bits per layer by LIM, GPTQ "
+                                   "groups of 64 after random rotations, 8-bit head), and "
+                                   "prints perplexity, weight "
                                    "size and decode speed before and after, and a sample "
                                    "generation. A few minutes on a 2-core CPU.")
     _add_device(p)
-    _add_recipe(p, avg_bits=5.5, bit_choices="8,4", method="gptq", slice_default=None,
-                n_samples=32, seqlen=512, head_default=8, rotate=True)
+    _add_recipe(p, avg_bits=4.5, bit_choices="8,4", method="gptq", slice_default=None,
+                n_samples=32, seqlen=512, head_default=8, rotate=True, group_size=64)
     p.add_argument("--eval-seqlen", type=int_at_least(2), default=512,
                    help="tokens per perplexity window (default: 512)")
     p.add_argument("--max-windows", type=_positive_int, default=4,

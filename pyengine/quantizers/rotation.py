@@ -160,8 +160,8 @@ def rotate_value_heads(model: nn.Module, seed: int = 0) -> nn.Module:
 # The largest Walsh-Hadamard block of the MLP's online rotation (pyengine.ops.hadamard's Triton
 # kernel holds blocks of up to 16384; 4096 spreads an outlier over as many channels as needed).
 MLP_HADAMARD_MAX_BLOCK = 4096
-# Below this block the online rotation would spread outliers too little to pay; such widths
-# (an odd factor larger than width / 16) are refused.
+# Below this block the online rotation would spread outliers too little to pay: a width whose
+# largest power-of-two factor is smaller is refused.
 MLP_HADAMARD_MIN_BLOCK = 16
 
 
@@ -174,6 +174,22 @@ def _mlp_input_rows(mlp: nn.Module, adapter, width: int, index: int):
     fused = _dense(mlp.get_submodule(adapter.mlp_inputs[0]),
                    f"layer {index} {adapter.mlp_inputs[0]}")
     return fused, 0, fused, width
+
+
+def _permute_rows(linear: nn.Linear, first: int, perm: torch.Tensor,
+                  signs: "torch.Tensor | None" = None) -> None:
+    """Rows first + i of ``linear`` (weight and bias) become rows first + perm[i], times
+    signs[i] when given (in place; the product in float64)."""
+    rows = slice(first, first + perm.numel())
+    moved = perm.to(linear.weight.device) + first
+    w = linear.weight.detach()[moved].to(torch.float64)
+    b = None if linear.bias is None else linear.bias.detach()[moved].to(torch.float64)
+    if signs is not None:
+        w = w * signs.to(w.device).unsqueeze(1)
+        b = None if b is None else b * signs.to(b.device)
+    linear.weight[rows] = w.to(linear.weight.dtype)
+    if b is not None:
+        linear.bias[rows] = b.to(linear.bias.dtype)
 
 
 @torch.no_grad()
@@ -222,20 +238,8 @@ def rotate_mlp_inner(model: nn.Module, seed: int = 0,
         perm = torch.randperm(width, generator=generator)
         signs = torch.randint(0, 2, (width,), generator=generator).to(torch.float64) * 2 - 1
 
-        def permute_rows(linear: nn.Linear, first: int, scale=None) -> None:
-            rows = slice(first, first + width)
-            moved = perm.to(linear.weight.device) + first
-            w = linear.weight.detach()[moved].to(torch.float64)
-            b = None if linear.bias is None else linear.bias.detach()[moved].to(torch.float64)
-            if scale is not None:
-                w = w * scale.to(w.device).unsqueeze(1)
-                b = None if b is None else b * scale.to(b.device)
-            linear.weight[rows] = w.to(linear.weight.dtype)
-            if b is not None:
-                linear.bias[rows] = b.to(linear.bias.dtype)
-
-        permute_rows(gate, gate_row)
-        permute_rows(up, up_row, signs)
+        _permute_rows(gate, gate_row, perm)
+        _permute_rows(up, up_row, perm, signs)
         w = down.weight.detach().to(torch.float64)[:, perm.to(down.weight.device)]
         w = butterfly_transform(w * signs.to(w.device), block, torch.float64)  # T on each row
         down.weight.copy_(w.to(down.weight.dtype))
