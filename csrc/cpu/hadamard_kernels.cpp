@@ -18,6 +18,30 @@ namespace PYENGINE_ISA {
 // (inside each 8-element chunk) run as one 8-point transform per chunk; the later stages go two
 // at a time (a 4-point transform of j, j + h, j + 2h, j + 3h: one pass over memory for two
 // stages) and vectorise over j.
+namespace {
+
+// Two stages at once, h and 2h: the 4-point transform of (j, j + h, j + 2h, j + 3h) for every
+// run of 4h elements. H > 0 fixes h at compile time (a short run the vectoriser would otherwise
+// leave to its scalar remainder loop in the 512-bit build).
+template <int H>
+inline void radix4_pass(float* v, int64_t b, int64_t h_runtime) {
+  const int64_t h = H > 0 ? H : h_runtime;
+  for (int64_t i = 0; i < b; i += 4 * h) {
+    float* p0 = v + i;
+    float* p1 = p0 + h;
+    float* p2 = p1 + h;
+    float* p3 = p2 + h;
+#pragma omp simd
+    for (int64_t j = 0; j < h; ++j) {
+      const float a = p0[j] + p1[j], c = p0[j] - p1[j];
+      const float e = p2[j] + p3[j], f = p2[j] - p3[j];
+      p0[j] = a + e; p1[j] = c + f; p2[j] = a - e; p3[j] = c - f;
+    }
+  }
+}
+
+}  // namespace
+
 void walsh_hadamard(float* v, int64_t b) {
   int64_t h = 1;
   if (b >= 8) {
@@ -32,20 +56,11 @@ void walsh_hadamard(float* v, int64_t b) {
     }
     h = 8;
   }
-  for (; 4 * h <= b; h *= 4) {
-    for (int64_t i = 0; i < b; i += 4 * h) {
-      float* p0 = v + i;
-      float* p1 = p0 + h;
-      float* p2 = p1 + h;
-      float* p3 = p2 + h;
-#pragma omp simd
-      for (int64_t j = 0; j < h; ++j) {
-        const float a = p0[j] + p1[j], c = p0[j] - p1[j];
-        const float e = p2[j] + p3[j], f = p2[j] - p3[j];
-        p0[j] = a + e; p1[j] = c + f; p2[j] = a - e; p3[j] = c - f;
-      }
-    }
+  if (h == 8 && 32 <= b) {  // a compile-time trip count: one 256-bit register per run
+    radix4_pass<8>(v, b, 8);
+    h = 32;
   }
+  for (; 4 * h <= b; h *= 4) radix4_pass<0>(v, b, h);
   for (; h < b; h *= 2) {
     for (int64_t i = 0; i < b; i += 2 * h) {
       float* lo = v + i;
