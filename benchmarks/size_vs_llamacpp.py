@@ -16,10 +16,12 @@ minutes on 2 cores); ``--no-llama`` runs the pyengine side alone.
     python benchmarks/size_vs_llamacpp.py --no-llama
     python benchmarks/size_vs_llamacpp.py --configs int8,int4,int4_g64_gptq --llama-types Q8_0,Q4_0,Q2_K
 
-GPTQ with and without ``Recipe.rotate`` (``rotation_smollm2.json``, a README table):
+GPTQ with and without ``Recipe.rotate``, and rotated without the online Walsh-Hadamard transform
+of the MLPs (``_rot_merged``) (``rotation_smollm2.json``, a README table):
 
     python benchmarks/size_vs_llamacpp.py --configs int4_g64_gptq,int4_g64_gptq_rot,\
-        int3_g64_gptq,int3_g64_gptq_rot,int2_g64_gptq,int2_g64_gptq_rot \
+        int4_g64_gptq_rot_merged,int3_g64_gptq,int3_g64_gptq_rot,int3_g64_gptq_rot_merged,\
+        int2_g64_gptq,int2_g64_gptq_rot,int2_g64_gptq_rot_merged \
         --llama-types Q4_0,Q3_K_M,Q2_K --json benchmarks/results/rotation_smollm2.json
 """
 
@@ -59,10 +61,15 @@ CONFIGS: Dict[str, Dict] = {
     # 128 pads every row to 640 codes
     "int4_g64_gptq_row_table": dict(quant={"_default": QuantConfig(4, 64, method="gptq")},
                                     embeddings=QuantConfig(8, -1)),
-    # GPTQ at 4/3/2 bits with and without the random rotations of Recipe.rotate
-    **{f"int{bits}_g64_gptq{'_rot' if rotate else ''}":
-       dict(quant={"_default": QuantConfig(bits, 64, method="gptq")}, rotate=rotate)
-       for bits in (4, 3, 2) for rotate in (False, True) if (bits, rotate) != (4, False)},
+    # GPTQ at 4/3/2 bits with and without the random rotations of Recipe.rotate (``_rot``: with
+    # the MLPs' online Walsh-Hadamard transform, ``_rot_merged``: the merged rotations alone)
+    **{f"int{bits}_g64_gptq{suffix}":
+       dict(quant={"_default": QuantConfig(bits, 64, method="gptq")}, rotate=rotate,
+            online_hadamard=online)
+       for bits in (4, 3, 2)
+       for suffix, rotate, online in (("", False, False), ("_rot", True, True),
+                                      ("_rot_merged", True, False))
+       if (bits, rotate) != (4, False)},
 }
 LLAMA_TYPES = ("Q8_0", "Q4_0", "Q2_K")
 
@@ -86,6 +93,7 @@ def pyengine_row(config: str, tokenizer, calib, eval_kwargs, workdir: Path) -> D
     else:
         kwargs = {} if "embeddings" not in spec else {"embeddings": spec["embeddings"]}
         kwargs["rotate"] = spec.get("rotate", False)
+        kwargs["online_hadamard"] = spec.get("online_hadamard", True)
         pyengine.compress(model, Recipe(spec["quant"], **kwargs), calib, show_progress=False,
                           dtype=spec.get("dtype"))
     seconds = time.perf_counter() - t0
