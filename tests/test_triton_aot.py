@@ -101,6 +101,12 @@ def test_cases_span_every_dispatch_dimension():
     want |= set(itertools.product(["dense"], [0], [0], dtypes, buckets))
     assert want - got == set(), sorted(want - got)[:10]
     assert {c.sweep for c in cases} == {"dispatch", "odd"}
+    # the online Walsh-Hadamard transform: every block a rotated MLP can use, every dtype
+    from pyengine.quantizers.rotation import MLP_HADAMARD_MAX_BLOCK, MLP_HADAMARD_MIN_BLOCK
+    blocks = [1 << e for e in range(MLP_HADAMARD_MIN_BLOCK.bit_length() - 1,
+                                    MLP_HADAMARD_MAX_BLOCK.bit_length())]
+    assert {(c.group_size, c.dtype) for c in cases if c.kind == "hadamard"} == \
+        set(itertools.product(blocks, dtypes))
 
 
 @pytest.mark.parametrize("arch", sorted(aot.SM_COUNTS))
@@ -147,7 +153,7 @@ def _check_report(report: dict, version: str) -> None:
         assert sum(status.values()) == target["specializations"] > 500, (name, status)
         assert set(target["kernels"]) == {"_decode_kernel", "split_k_reduce_kernel",
                                           "_prefill_kernel", "_plane_decode_kernel",
-                                          "_plane_prefill_kernel"}
+                                          "_plane_prefill_kernel", "_hadamard_kernel"}
         # the sample re-compiled from the ledger's entries
         in_ledger = status.get("ledger", 0) + status.get("verified", 0)
         assert status.get("verified", 0) == min(VERIFY_SAMPLE, in_ledger), (name, status)
