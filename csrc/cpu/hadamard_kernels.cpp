@@ -3,21 +3,13 @@
 // dispatch.cpp picks the build (decode_ops.cpp: hadamard()).
 #include <cstdint>
 
+#include "cpu/kernel_util.h"  // also checks that PYENGINE_ISA names the build's namespace
 #include "cpu/qmatmul.h"
-
-#ifndef PYENGINE_ISA
-#error "PYENGINE_ISA must name the instruction-set namespace"
-#endif
 
 namespace pyengine {
 namespace cpu {
 namespace PYENGINE_ISA {
 
-// In-place fast Walsh-Hadamard transform of v[0, b) (b a power of two), unnormalised. Stage h
-// adds and subtracts the pairs (j, j + h) inside each run of 2h elements. The stages h = 1, 2, 4
-// (inside each 8-element chunk) run as one 8-point transform per chunk; the later stages go two
-// at a time (a 4-point transform of j, j + h, j + 2h, j + 3h: one pass over memory for two
-// stages) and vectorise over j.
 namespace {
 
 // Two stages at once, h and 2h: the 4-point transform of (j, j + h, j + 2h, j + 3h) for every
@@ -42,6 +34,11 @@ inline void radix4_pass(float* v, int64_t b, int64_t h_runtime) {
 
 }  // namespace
 
+// In-place fast Walsh-Hadamard transform of v[0, b) (b a power of two), unnormalised. Stage h
+// adds and subtracts the pairs (j, j + h) inside each run of 2h elements. The stages h = 1, 2, 4
+// (inside each 8-element chunk) run as one 8-point transform per chunk; the later stages go two
+// at a time (a 4-point transform of j, j + h, j + 2h, j + 3h: one pass over memory for two
+// stages) and vectorise over j.
 void walsh_hadamard(float* v, int64_t b) {
   int64_t h = 1;
   if (b >= 8) {
