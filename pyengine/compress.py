@@ -92,7 +92,9 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     ``recipe.rotate`` the residual streams (each kept subspace, when sliced) and the attention
     value heads are then turned by random orthogonal matrices merged into the weights
     (pyengine.quantizers.rotation). Then every
-    linear layer the recipe names is quantized (RTN, or GPTQ with calibration data). Layers
+    linear layer the recipe names is quantized (RTN, or GPTQ with calibration data; given
+    calibration data, RTN weighs each input's rounding errors by the input's mean square on it,
+    layer by layer, so the inputs the model uses most keep the finest steps). Layers
     whose QuantConfig has ``matryoshka=True`` become MatryoshkaLinear layers holding an int8
     parent (RTN, or MatQuant with calibration data) and serving its int8 slice until
     pyengine.set_precision says otherwise. The token embedding table and the output head are
@@ -106,7 +108,9 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     Args:
         model: a Hugging Face causal LM of a supported family (pyengine.supported_architectures()).
         recipe: what to do (pyengine.Recipe).
-        calibration: token batches (pyengine.calibration_data) for slicing and GPTQ.
+        calibration: token batches (pyengine.calibration_data) for slicing, GPTQ, MatQuant,
+            and the input weights of RTN (the decoder layers' linears; without it RTN minimises
+            the plain weight error).
         dtype: float16, bfloat16 or float32; default (:func:`default_dtype`) the model's dtype
             when it is 16-bit, else float16. float32 only on request.
         scale_dtype: dtype of the quantization scales and zeros; default ``dtype``.
@@ -130,16 +134,21 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
 
     targets = quantization_targets(model, recipe)
     check_calibration_needs(targets, calibration)
-    if any(t[4].method == "gptq" for t in targets):
-        from .quantizers.gptq import gptq_quantize_model
-        gptq_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "gptq"},
-                            calibration, show_progress=show_progress, scale_dtype=scale_dtype)
+    gptq = {t[0]: t[4] for t in targets if t[4].method == "gptq"}
+    measured = calibrated_rtn_names(model, targets) if calibration is not None else []
+    input_weights: Dict[str, torch.Tensor] = {}
+    if gptq:  # GPTQ's pass also measures the RTN linears' inputs
+        input_weights = layerwise_quantize(model, calibration, gptq, measured, scale_dtype,
+                                           show_progress)
     if any(t[4].method == "matquant" for t in targets):
         from .quantizers.matquant import matquant_quantize_model
         matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
                                 calibration, show_progress=show_progress, scale_dtype=scale_dtype,
                                 **dict(matquant_options or {}))
-    rtn_quantize(targets, scale_dtype, show_progress)
+    if measured and not gptq:
+        input_weights = layerwise_quantize(model, calibration, {}, measured, scale_dtype,
+                                           show_progress)
+    rtn_quantize(targets, scale_dtype, show_progress, input_weights)
     quantize_embeddings(model, recipe, scale_dtype)
     setattr(model, RECIPE_ATTR, recipe)
     _untie_if_head_quantized(model)
@@ -207,14 +216,59 @@ def check_calibration_needs(targets: List[QuantTarget], calibration) -> None:
                          f"layers: {needs_calibration[:3]}{'...' if len(needs_calibration) > 3 else ''}")
 
 
+def calibrated_rtn_names(model: nn.Module, targets: List[QuantTarget]) -> List[str]:
+    """The RTN targets whose inputs calibration data can weigh: plain (not Matryoshka) linears
+    inside the decoder layers. The head and Matryoshka parents are quantized unweighed."""
+    adapter = get_adapter(model)
+    return [t[0] for t in targets if t[4].method == "rtn" and not t[4].matryoshka
+            and adapter.layer_index(t[0]) is not None]
+
+
+def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
+                       gptq: Mapping[str, Any], measured: List[str],
+                       scale_dtype: Optional[torch.dtype], show_progress: bool = False,
+                       damp: Optional[float] = None,
+                       compute_device=None) -> Dict[str, torch.Tensor]:
+    """One pass over the decoder layers with the calibration data: in each layer, the linears
+    of ``gptq`` (name -> QuantConfig) are quantized by GPTQ, then the inputs of the
+    ``measured`` linears are measured (their mean squares, fp32 [K]: calibrated RTN's input
+    weights, returned by name); the layer's outputs feed the next layer."""
+    from .calibrate import LayerwiseRunner
+    from .quantizers.gptq import gptq_quantize_layer
+    from .quantizers.layerwise import group_by_layer, input_mean_squares
+    gptq_by_layer = group_by_layer(model, gptq, "GPTQ")
+    measured_by_layer = group_by_layer(model, dict.fromkeys(measured), "calibrated RTN")
+    input_weights: Dict[str, torch.Tensor] = {}
+    runner = LayerwiseRunner(model, calibration, 1, compute_device)
+    for index, layer, inputs in progress(runner, desc="gptq" if gptq else "measuring inputs",
+                                         enabled=show_progress, total=len(runner), unit="layer"):
+        if gptq_by_layer.get(index):
+            gptq_quantize_layer(model, layer, inputs, gptq_by_layer[index], damp=damp,
+                                scale_dtype=scale_dtype, compute_device=runner.compute_device)
+        if measured_by_layer.get(index):
+            input_weights.update(input_mean_squares(model, layer, inputs,
+                                                    measured_by_layer[index],
+                                                    runner.compute_device))
+        runner.advance()
+    return input_weights
+
+
 def rtn_quantize(targets: List[QuantTarget], scale_dtype: Optional[torch.dtype],
-                 show_progress: bool = False) -> None:
-    """Replaces each target whose method is RTN by its QuantLinear (or MatryoshkaLinear)."""
+                 show_progress: bool = False,
+                 input_weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Replaces each target whose method is RTN by its QuantLinear (or MatryoshkaLinear);
+    ``input_weights``: name -> [in_features], the inputs' costs of the linears that have them
+    (pyengine.quantize's ``input_weights``)."""
     targets = [t for t in targets if t[4].method == "rtn"]
+    input_weights = input_weights or {}
     for name, linear, parent, attr, cfg in progress(targets, desc="quantizing",
                                                     enabled=show_progress and bool(targets)):
-        layer_class = MatryoshkaLinear if cfg.matryoshka else QuantLinear
-        setattr(parent, attr, layer_class.from_linear(linear, cfg, scale_dtype=scale_dtype))
+        if cfg.matryoshka:
+            setattr(parent, attr, MatryoshkaLinear.from_linear(linear, cfg,
+                                                               scale_dtype=scale_dtype))
+        else:
+            setattr(parent, attr, QuantLinear.from_linear(linear, cfg, scale_dtype=scale_dtype,
+                                                          input_weights=input_weights.get(name)))
 
 
 def quantize_embeddings(model: nn.Module, recipe: Recipe,

@@ -2,8 +2,10 @@
 
 RTN picks, per group, the clipping range that minimises the squared reconstruction error of
 that group: the group's range [min, max] (asymmetric) or [-absmax, absmax] (symmetric) is
-shrunk by each factor of a grid, and the factor with the smallest error wins. Scales are rounded
-to their storage dtype *before* the codes are chosen, so the stored weight is the one evaluated.
+shrunk by each factor of a grid, and the factor with the smallest error wins; a least-squares
+refit of the scale and zero point for the chosen codes follows (kept where it lowers the
+error). Zero points are not rounded to integers. Scales and zeros are rounded to their storage
+dtype *before* the codes are chosen, so the stored weight is the one evaluated.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ _CHUNK_ELEMENTS = 1 << 20
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
              method: str = "rtn", *, scale_dtype: Optional[torch.dtype] = None,
-             clip_search: bool = True, clip_grid: int = 24, min_clip: float = 0.4) -> QuantizedWeight:
+             clip_search: bool = True, clip_grid: int = 24, min_clip: float = 0.4,
+             input_weights: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Quantizes a linear weight.
 
     Args:
@@ -36,9 +39,15 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
             (GPTQ) run through the model-level API, which has the calibration inputs.
         scale_dtype: dtype of scales and zeros; default: the weight's dtype when it is fp32,
             fp16 or bf16, else fp32.
-        clip_search: search a clipping range per group (default) instead of plain min-max.
+        clip_search: search a clipping range per group and refit its scale and zero by least
+            squares (default) instead of plain min-max.
         clip_grid: number of clipping factors tried, evenly spaced from 1 down to ``min_clip``.
         min_clip: smallest clipping factor tried.
+        input_weights: float [K], finite and >= 0: what an error in each input costs the
+            layer's output, e.g. the mean square of each input over calibration activations
+            (pyengine.compress passes that when it has calibration data). The clip search and
+            the refit then minimise sum_k input_weights[k] * (w[n, k] - w_q[n, k])^2 per group
+            instead of the plain squared error. None: every input weighs 1.
 
     Returns:
         The :class:`QuantizedWeight` on the weight's device.
@@ -46,9 +55,10 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
     Raises:
         ValueError: on unsupported bits / group size / method (an integer is required: 4.0 is
             refused), a weight that is not 2-D, empty, not floating point, on the meta device or
-            not finite.
+            not finite, or input_weights that are not [K], finite and >= 0.
     """
     _check_arguments(weight, bits, group_size, method, clip_grid, min_clip)
+    _check_input_weights(input_weights, weight.shape[1])
     if scale_dtype is None:
         scale_dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float32
     elif scale_dtype not in SCALE_DTYPES:
@@ -59,6 +69,11 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
     gs = kp if group_size == -1 else group_size
     n_groups = kp // gs
     factors = (torch.linspace(1.0, min_clip, clip_grid).tolist() if clip_search else [1.0])
+    column_weights = None
+    if input_weights is not None:  # [1, G, gs], padding columns weigh 0
+        column_weights = torch.zeros(kp, dtype=torch.float32, device=weight.device)
+        column_weights[:k] = input_weights.to(device=weight.device, dtype=torch.float32)
+        column_weights = column_weights.view(1, n_groups, gs)
 
     packed = torch.empty(n, kp * bits // 32, dtype=torch.int32, device=weight.device)
     scales = torch.empty(n, n_groups, dtype=scale_dtype, device=weight.device)
@@ -68,7 +83,9 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
         r1 = min(n, r0 + rows_per_chunk)
         w = torch.zeros(r1 - r0, kp, dtype=torch.float32, device=weight.device)
         w[:, :k] = weight[r0:r1].to(torch.float32)
-        q, s, z = _rtn_groups(w.view(r1 - r0, n_groups, gs), k, bits, symmetric, scale_dtype, factors)
+        q, s, z = _rtn_groups(w.view(r1 - r0, n_groups, gs), k, bits, symmetric, scale_dtype,
+                              factors, column_weights,
+                              refit_rounds=REFIT_ROUNDS if clip_search else 0)
         codes = q.view(r1 - r0, kp)
         codes[:, k:] = 0  # padding codes are stored as 0 (docs/FORMAT.md)
         packed[r0:r1] = pack_codes(codes, bits)
@@ -106,6 +123,20 @@ def _check_arguments(weight, bits, group_size, method, clip_grid, min_clip) -> N
     _check_finite(weight)
 
 
+def _check_input_weights(input_weights: Optional[torch.Tensor], k: int) -> None:
+    if input_weights is None:
+        return
+    if not isinstance(input_weights, torch.Tensor) or tuple(input_weights.shape) != (k,):
+        shape = (tuple(input_weights.shape) if isinstance(input_weights, torch.Tensor)
+                 else type(input_weights).__name__)
+        raise ValueError(f"input_weights must be a tensor of shape ({k},) (one weight per "
+                         f"input), got {shape}")
+    if not input_weights.is_floating_point():
+        raise ValueError(f"input_weights must be floating point, got {input_weights.dtype}")
+    if not bool(torch.isfinite(input_weights).all()) or bool((input_weights < 0).any()):
+        raise ValueError("input_weights must be finite and >= 0")
+
+
 def _check_finite(weight: torch.Tensor) -> None:
     """ValueError when ``weight`` holds NaN or Inf (checked by rows in chunks: isfinite of a
     whole 16-bit matrix would take 6 bytes per element)."""
@@ -116,27 +147,49 @@ def _check_finite(weight: torch.Tensor) -> None:
         raise ValueError(f"weight has {bad} non-finite values (NaN or Inf); cannot quantize")
 
 
+# Least-squares refits of each group's scale and zero after the clip search (see _rtn_groups).
+REFIT_ROUNDS = 2
+
+
 def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-                factors, column_weights: Optional[torch.Tensor] = None) -> tuple:
-    """RTN with clip search on grouped weights: each group takes the clipping factor (1.0, no
-    clipping, among them) with the smallest squared rounding error, each column's error weighed
-    by ``column_weights`` (what an error in that input costs the layer's output; None: 1).
+                factors, column_weights: Optional[torch.Tensor] = None,
+                refit_rounds: int = REFIT_ROUNDS) -> tuple:
+    """RTN with clip search on grouped weights, then a least-squares refit.
+
+    1. Clip search: each group takes the clipping factor (1.0, no clipping, among them) with the
+       smallest squared rounding error, each column's error weighed by ``column_weights`` (what
+       an error in that input costs the layer's output; None: 1).
+    2. Refit, ``refit_rounds`` times: with the group's codes q fixed, the scale s and zero z
+       that minimise the weighed error sum_j c_j ((q_j - z) s - w_j)^2 are a weighed linear
+       regression of w on q (slope s, intercept -z s; symmetric: the slope alone, z fixed);
+       the codes are then re-rounded with them. A group keeps a refit only where it lowers
+       its error, so the result is never worse than the clip search's.
+
+    Zero points are not rounded to integers (docs/FORMAT.md: any finite value): an integer
+    zero moves the grid by up to half a step, which at 2 bits clips a sixth of the range.
+    Scales and zeros are rounded to ``scale_dtype`` before the codes are chosen.
 
     Args:
         w: fp32 [R, G, gs], zero-padded past column k of the flattened row.
         column_weights: fp32 broadcastable to [R, G, gs] (e.g. [1, G, gs]), >= 0, or None.
     Returns:
-        codes uint8 [R, G, gs], scales [R, G] and zeros [R, G] (None if symmetric) in scale_dtype.
+        codes uint8 [R, G, gs] (padding columns: whatever rounding gives, callers store 0),
+        scales [R, G] and zeros [R, G] (None if symmetric) in scale_dtype.
     """
     r, g, gs = w.shape
     maxq = (1 << bits) - 1
     valid = (torch.arange(g * gs, device=w.device) < k).view(1, g, gs)
+    # each column's weight in the error; padding columns weigh nothing (their inputs are 0)
+    cost = valid.to(torch.float32)
+    if column_weights is not None:
+        cost = cost * column_weights
     tiny = torch.finfo(scale_dtype).tiny
     if symmetric:
         absmax = torch.where(valid, w.abs(), 0.0).amax(dim=-1)
         lo_full, hi_full = -absmax, absmax
     else:
-        # The range always contains 0, so the zero point is an integer in [0, maxq].
+        # the range always contains 0: a group of one sign is clipped toward 0 (where its
+        # small values are), and an all-zero group gets a positive scale
         lo_full = torch.where(valid, w, float("inf")).amin(dim=-1).clamp(max=0.0)
         hi_full = torch.where(valid, w, float("-inf")).amax(dim=-1).clamp(min=0.0)
 
@@ -144,29 +197,70 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
     best_scale = torch.ones(r, g, device=w.device)
     best_zero = torch.zeros(r, g, device=w.device)
     work = torch.empty_like(w)
-    for p in factors:
-        scale, zero = _scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny)
+
+    def weighed_error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """sum_j c_j ((clamp(round(w_j / s + z), 0, maxq) - z) s - w_j)^2 per group [R, G],
+        computed in place in one buffer."""
         scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        # err = (clamp(round(w / s) + z, 0, maxq) - z) * s - w, in place in one buffer. The
-        # padding (w = 0 past column k) contributes exactly 0: round(0) + z is the integer z
-        # in [0, maxq], so the clamp keeps it and (z - z) * s - 0 = 0.
         torch.div(w, scale3, out=work)
-        work.round_().add_(zero3).clamp_(0, maxq).sub_(zero3).mul_(scale3).sub_(w)
-        work.square_()
-        if column_weights is not None:
-            work.mul_(column_weights)
-        err = work.sum(dim=-1)
+        work.add_(zero3).round_().clamp_(0, maxq).sub_(zero3).mul_(scale3).sub_(w)
+        return work.square_().mul_(cost).sum(dim=-1)
+
+    def keep_better(scale: torch.Tensor, zero: torch.Tensor) -> None:
+        nonlocal best_err, best_scale, best_zero
+        err = weighed_error(scale, zero)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
-    q = torch.clamp(torch.round(w / best_scale.unsqueeze(-1)) + best_zero.unsqueeze(-1), 0, maxq)
+
+    for p in factors:
+        keep_better(*_scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny))
+    for _ in range(refit_rounds):
+        keep_better(*_refit(w, cost, best_scale, best_zero, maxq, symmetric, scale_dtype, tiny))
+
+    q = _codes(w, best_scale, best_zero, maxq)
     zeros = None if symmetric else best_zero.to(scale_dtype)
     return q.to(torch.uint8), best_scale.to(scale_dtype), zeros
 
 
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """clamp(round(w / s + z), 0, maxq) (fp32 [R, G, gs]) for per-group s, z [R, G]."""
+    return torch.clamp(torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)), 0, maxq)
+
+
+def _refit(w, cost, scale, zero, maxq, symmetric, scale_dtype, tiny):
+    """The scale and zero [R, G] that minimise sum_j c_j ((q_j - z) s - w_j)^2 for the codes
+    q that (scale, zero) give w (a weighed least-squares line through (q_j, w_j); symmetric:
+    through (2^(bits-1), 0)), rounded to ``scale_dtype``. A group whose codes are all equal,
+    or whose fitted slope is not positive, keeps its scale (and zero)."""
+    q = _codes(w, scale, zero, maxq)
+    total = cost.sum(dim=-1).clamp(min=1e-30)
+    if symmetric:
+        centred = q - zero.unsqueeze(-1)
+        spread = (cost * centred.square()).sum(dim=-1)
+        slope = (cost * centred * w).sum(dim=-1) / spread.clamp(min=1e-30)
+        fitted = spread > 0
+        intercept_code = zero
+    else:
+        q_mean = (cost * q).sum(dim=-1) / total
+        w_mean = (cost * w).sum(dim=-1) / total
+        centred = q - q_mean.unsqueeze(-1)
+        spread = (cost * centred.square()).sum(dim=-1)
+        slope = (cost * centred * w).sum(dim=-1) / spread.clamp(min=1e-30)
+        fitted = spread > 0
+        # w = s q + b with b = w_mean - s q_mean, and b = -z s: z = q_mean - w_mean / s
+        intercept_code = q_mean - w_mean / torch.where(slope > 0, slope, 1.0)
+    fitted = fitted & (slope > 0)
+    new_scale = torch.where(fitted, slope, scale).clamp(min=tiny).to(scale_dtype).to(torch.float32)
+    new_zero = (zero if symmetric
+                else torch.where(fitted, intercept_code, zero).to(scale_dtype).to(torch.float32))
+    return new_scale, new_zero
+
+
 def _scale_zero(lo, hi, maxq, symmetric, scale_dtype, tiny):
-    """Scale (rounded to its storage dtype, never below its smallest normal) and zero point."""
+    """Scale (rounded to its storage dtype, never below its smallest normal) and zero point
+    (asymmetric: -lo / s rounded to the storage dtype, not to an integer)."""
     if symmetric:
         # Codes q - 2^(bits-1) span [-2^(bits-1), 2^(bits-1) - 1]: map +-absmax to
         # +-(2^(bits-1) - 1) so that both signs reach the clipping range.
@@ -175,5 +269,5 @@ def _scale_zero(lo, hi, maxq, symmetric, scale_dtype, tiny):
         zero = torch.full_like(scale, float(mid))
     else:
         scale = ((hi - lo) / maxq).clamp(min=tiny).to(scale_dtype).to(torch.float32)
-        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+        zero = (-lo / scale).to(scale_dtype).to(torch.float32)
     return scale, zero

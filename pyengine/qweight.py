@@ -79,7 +79,7 @@ class QuantizedWeight(OpCacheNotCopied):
                  and never contribute to a product.
         scales:  float [N, G] in ``dtype`` (fp32, fp16 or bf16), G = Kp / group_size, or 1 for a
                  per-channel weight (group_size = -1).
-        zeros:   float [N, G], same dtype, integer-valued zero points for RTN; None when
+        zeros:   float [N, G], same dtype, zero points (any finite value); None when
                  symmetric (zero point 2^(bits-1)).
     """
 

@@ -4,7 +4,8 @@
 shards with an index) without loading the model: the module tree is built on the meta device,
 and each decoder layer is read from the files, compressed, written to its own output shard and
 dropped before the next one is read. The calibration activations (when the recipe has GPTQ or
-MatQuant layers) go from layer to layer as in pyengine.compress. Peak memory is one decoder
+MatQuant layers, or RTN layers and calibration data: their inputs weigh RTN's errors) go from
+layer to layer as in pyengine.compress. Peak memory is one decoder
 layer in its source dtype, the calibration activations, and the embedding table and head.
 
 :func:`stream_scores` measures pyengine.scores the same way (one streamed pass), so a recipe
@@ -33,13 +34,15 @@ import torch
 from torch import nn
 
 from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibration, run_layer
+from .quantizers.layerwise import input_mean_squares
 from .checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
                          write_index)
 from .checkpoint_checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
                                 stored_tensors)
-from .compress import (RECIPE_ATTR, _untie_if_head_quantized, check_calibration_needs,
-                       check_compress_arguments, hold_dense_in, hold_module_dense_in,
-                       quantization_targets, quantize_embeddings, rtn_quantize)
+from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_names,
+                       check_calibration_needs, check_compress_arguments, hold_dense_in,
+                       hold_module_dense_in, quantization_targets, quantize_embeddings,
+                       rtn_quantize)
 from .models.adapters import get_adapter
 from .recipe import Recipe
 from .utils import progress
@@ -259,7 +262,8 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
         source: a Hugging Face model directory of safetensors files.
         out: the output directory (created; earlier weights files in it are replaced).
         recipe: a Recipe without slicing and rotation (those run in memory: pyengine.compress).
-        calibration: token ids [n_samples, seqlen] for GPTQ or MatQuant layers.
+        calibration: token ids [n_samples, seqlen] for GPTQ or MatQuant layers (and, given,
+            the input weights of RTN layers, as in pyengine.compress).
         device: where each decoder layer is computed (e.g. "cuda": one layer at a time is
             moved there; the activations stay there too); default CPU.
         resume: continue an interrupted run of the same source, recipe and calibration from
@@ -296,8 +300,11 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     if {"gptq", "matquant"} <= methods:
         raise StreamingError("a recipe with both GPTQ and MatQuant layers runs in memory "
                              "(pyengine.compress): each method takes its own pass there")
+    # calibrated RTN: with calibration data, RTN layers weigh their inputs (as compress does)
+    measured = (set(calibrated_rtn_names(model, [t for ts in layer_targets.values() for t in ts]))
+                if calibration is not None else set())
     calibrated = [i for i, ts in layer_targets.items()
-                  if any(t[4].method in ("gptq", "matquant") for t in ts)]
+                  if any(t[4].method in ("gptq", "matquant") or t[0] in measured for t in ts)]
     last_calibrated = max(calibrated, default=-1)
     compute = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -339,9 +346,12 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
             from .quantizers.matquant import matquant_quantize_layer
             matquant_quantize_layer(model, layer, inputs, matquant, scale_dtype=scale_dtype,
                                     compute_device=compute, **dict(matquant_options or {}))
+        measured_here = [t[0] for t in here if t[0] in measured]
+        input_weights = (input_mean_squares(model, layer, inputs, measured_here, compute)
+                         if measured_here else None)
         if i < last_calibrated:  # the next calibrated layer needs this one's outputs
             inputs = run_layer(layer, inputs, compute)
-        rtn_quantize(here, scale_dtype)
+        rtn_quantize(here, scale_dtype, input_weights=input_weights)
         hold_module_dense_in(layer, dtype)
         tensors = {f"{adapter.layers}.{i}.{key}": t for key, t in
                    _state_for_saving(layer)[0].items()}

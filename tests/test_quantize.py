@@ -154,3 +154,63 @@ def test_to_changes_scale_dtype_and_keeps_codes(rng):
     assert half.scales.dtype == torch.float16 and half.qweight is qw.qweight
     assert qw.to() is qw
     assert rel_err(half.dequantize(torch.float32), qw.dequantize()) < 1e-3
+
+
+# ---- input weights (calibrated RTN) ------------------------------------------------------------
+
+def _weighted_error(qw, w, input_weights):
+    return float(((qw.dequantize().float() - w) ** 2 * input_weights).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_input_weights_lower_the_weighted_error(bits, symmetric, rng):
+    """Quantizing with input weights lowers the error they measure (inputs 0..7 carry 100x
+    the signal of the rest, as outlier channels do), and the heavy inputs' own error falls."""
+    n, k = 64, 200  # K not a multiple of the group: padding columns weigh nothing
+    w = random_weight(n, k, rng)
+    input_weights = torch.ones(k)
+    input_weights[:8] = 100.0
+    plain = pyengine.quantize(w, bits, 64, symmetric)
+    weighted = pyengine.quantize(w, bits, 64, symmetric, input_weights=input_weights)
+    assert _weighted_error(weighted, w, input_weights) < 0.9 * _weighted_error(plain, w,
+                                                                                input_weights)
+    heavy = slice(0, 8)
+    assert (rel_err(weighted.dequantize()[:, heavy], w[:, heavy])
+            < rel_err(plain.dequantize()[:, heavy], w[:, heavy]))
+
+
+@pytest.mark.parametrize("uniform", [1.0, 4.0])  # powers of two: the sums scale exactly
+def test_uniform_input_weights_change_nothing(uniform, rng):
+    w = random_weight(48, 96, rng)
+    plain = pyengine.quantize(w, 3, 32)
+    same = pyengine.quantize(w, 3, 32, input_weights=torch.full((96,), uniform))
+    assert torch.equal(plain.qweight, same.qweight) and torch.equal(plain.scales, same.scales)
+    assert torch.equal(plain.zeros, same.zeros)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.ones(95), r"shape \(96,\)"),
+    (torch.ones(96, 1), r"shape \(96,\)"),
+    ([1.0] * 96, r"shape \(96,\)"),
+    (torch.ones(96, dtype=torch.int32), "floating point"),
+    (torch.full((96,), -1.0), "finite and >= 0"),
+    (torch.full((96,), float("nan")), "finite and >= 0"),
+    (torch.full((96,), float("inf")), "finite and >= 0"),
+])
+def test_bad_input_weights(bad, match, rng):
+    with pytest.raises(ValueError, match=match):
+        pyengine.quantize(random_weight(8, 96, rng), 4, 32, input_weights=bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_points_are_not_rounded(bits, rng):
+    """RTN's zero points are fractional (docs/FORMAT.md): an integer zero moves the grid by
+    up to half a step. They are stored exactly as the codes were chosen with them."""
+    w = random_weight(64, 256, rng)
+    qw = pyengine.quantize(w, bits, 64, scale_dtype=torch.float32)
+    assert (qw.zeros != qw.zeros.round()).float().mean() > 0.5
+    codes = unpack_codes(qw.qweight, bits)[:, :256].float().view(64, 4, 64)
+    want = torch.clamp(torch.round(w.view(64, 4, 64) / qw.scales[..., None]
+                                   + qw.zeros[..., None]), 0, (1 << bits) - 1)
+    assert torch.equal(codes, want)

@@ -185,16 +185,25 @@ def test_gptq_clips_by_output_error(rng):
     from pyengine.quantizers.gptq import CLIP_FACTORS
     w = torch.randn(16, 2, 32, generator=rng)
     cost = torch.rand(1, 2, 32, generator=rng) ** 4
-    codes, scales, zeros = _rtn_groups(w, 64, 3, False, torch.float32, CLIP_FACTORS, cost)
 
     def weighted_error(scale, zero):
-        q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 7)
+        q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, 7)
         return (((q - zero[..., None]) * scale[..., None] - w) ** 2 * cost).sum(-1)
     lo = w.amin(-1).clamp(max=0.0)
     hi = w.amax(-1).clamp(min=0.0)
     best = torch.stack([weighted_error(*_scale_zero(lo * p, hi * p, 7, False, torch.float32,
                                                     1e-30)) for p in CLIP_FACTORS]).amin(0)
+    # the clip search alone takes the best candidate
+    _, scales, zeros = _rtn_groups(w, 64, 3, False, torch.float32, CLIP_FACTORS, cost,
+                                   refit_rounds=0)
     assert torch.allclose(weighted_error(scales, zeros), best, rtol=1e-5)
+    # the least-squares refit never loses to it, and wins in most groups
+    codes, scales, zeros = _rtn_groups(w, 64, 3, False, torch.float32, CLIP_FACTORS, cost)
+    refit = weighted_error(scales, zeros)
+    assert (refit <= best * (1 + 1e-6)).all()
+    assert (refit < best * 0.999).float().mean() > 0.5
+    assert torch.equal(codes.float(), torch.clamp(torch.round(w / scales[..., None]
+                                                              + zeros[..., None]), 0, 7))
     # GPTQ: input 0 carries 1000x less signal; its weights are large
     w2 = torch.randn(32, 128, generator=rng) * 0.05
     w2[:, 0] = 2.0
@@ -203,6 +212,93 @@ def test_gptq_clips_by_output_error(rng):
     qw = gptq_quantize(w2, x.T @ x, 3, 64)
     plain = pyengine.quantize(w2, 3, 64)
     assert (qw.scales[:, 0] / plain.scales[:, 0]).median() < 0.6
+
+
+def test_compress_weighs_rtn_by_the_calibration_inputs(rng, monkeypatch):
+    """With calibration data, compress gives each decoder-layer RTN linear the mean square of
+    its inputs (layer 0's, measured here on the dense model, must match); the head stays
+    unweighed; without calibration data nothing is weighed."""
+    from pyengine.modules.quant_linear import QuantLinear
+    calib = _calib(rng)
+    recipe = Recipe({"_default": QuantConfig(3, 32), "lm_head": QuantConfig(8, 32)},
+                    embeddings=None)
+    for calibration in (calib, None):
+        model = random_model("llama")
+        names = {id(m): n for n, m in model.named_modules()}
+        first = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+        squares = {n: 0 for n in first}
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda mod, args, out, n=n: squares.__setitem__(
+                n, squares[n] + args[0].reshape(-1, args[0].shape[-1]).square().sum(0)))
+            for n in first]
+        _logits(model, calib)
+        for hook in hooks:
+            hook.remove()
+        seen = {}
+        original = QuantLinear.from_linear.__func__
+
+        def spy(cls, linear, config, scale_dtype=None, input_weights=None):
+            seen[names[id(linear)]] = input_weights
+            return original(cls, linear, config, scale_dtype, input_weights)
+        monkeypatch.setattr(QuantLinear, "from_linear", classmethod(spy))
+        pyengine.compress(model, recipe, calibration, show_progress=False, dtype=torch.float32)
+        monkeypatch.undo()
+        # every decoder linear (7 per layer), and the head
+        assert len(seen) == 7 * model.config.num_hidden_layers + 1
+        assert seen["lm_head"] is None
+        layer_linears = [n for n in seen if n != "lm_head"]
+        if calibration is None:
+            assert all(seen[n] is None for n in layer_linears)
+            continue
+        assert all(seen[n] is not None and seen[n].shape == (model.get_submodule(n).in_features,)
+                   for n in layer_linears)
+        tokens = calib.numel()
+        for n in first:
+            assert torch.allclose(seen[n], squares[n] / tokens, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_refit_solves_the_output_least_squares(symmetric, rng):
+    """refit_group_params: for fixed codes, each row's scales and zeros reach the minimum of
+    (w - w_q) H (w - w_q)^T (checked against a dense least-squares solve of the same problem),
+    with K not a multiple of the group and a dead input."""
+    from pyengine.quantizers.gptq import hessian_for_refit, refit_group_params
+    n, k, gs, bits = 12, 80, 32, 3
+    x = torch.randn(300, k, generator=rng) * (torch.rand(k, generator=rng) + 0.2)
+    x[:, 7] = 0.0  # dead input
+    hessian = x.T @ x
+    dead = torch.diag(hessian) == 0
+    w = torch.randn(n, k, generator=rng) * 0.05
+    qw = gptq_quantize(w, hessian, bits, gs, symmetric, refit=False, scale_dtype=torch.float32)
+    codes = pyengine.packing.unpack_codes(qw.qweight, bits)[:, :k].float()
+    groups = qw.scales.shape[1]
+    zeros = (torch.full_like(qw.scales, 2.0 ** (bits - 1)) if symmetric else qw.zeros).float()
+    h = hessian_for_refit(hessian, dead, 0.01)
+    scales, new_zeros = refit_group_params(w, codes, qw.scales.float(), zeros, h, gs, symmetric,
+                                           torch.float32)
+
+    def loss(s, z):
+        deq = (codes - z.repeat_interleave(gs, 1)[:, :k]) * s.repeat_interleave(gs, 1)[:, :k]
+        e = (w - deq).double()
+        return ((e @ h.double()) * e).sum(1)
+    # the optimum, row by row: least squares in the H-norm over (s_g, b_g) (symmetric: s_g)
+    chol = torch.linalg.cholesky(h.double()).T  # h = chol^T chol
+    group_of = torch.arange(k) // gs
+    best = []
+    for row in range(n):
+        one_hot = torch.nn.functional.one_hot(group_of, groups).double()  # [k, G]
+        q = codes[row].double()
+        columns = ([(q - zeros[row, 0].double()).unsqueeze(1) * one_hot] if symmetric
+                   else [q.unsqueeze(1) * one_hot, one_hot])
+        a = torch.cat(columns, dim=1)
+        theta = torch.linalg.lstsq(chol @ a, chol @ w[row].double().unsqueeze(1)).solution
+        e = w[row].double() - (a @ theta).squeeze(1)
+        best.append(e @ h.double() @ e)
+    best = torch.stack(best)
+    before, after = loss(qw.scales.float(), zeros), loss(scales, new_zeros)
+    assert (after <= before * (1 + 1e-6)).all()
+    assert torch.allclose(after, best, rtol=1e-3)
+    assert (after < before * 0.999).any()
 
 
 def test_gptq_damping_comes_from_the_quant_config(rng):

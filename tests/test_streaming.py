@@ -33,6 +33,9 @@ RTN2 = Recipe(quant={"_default": QuantConfig(2, 32, symmetric=True)})
 GPTQ4 = Recipe(quant={"_default": QuantConfig(4, 32, method="gptq")})
 GPTQ3 = Recipe(quant={"_default": QuantConfig(3, 32, method="gptq", act_order=True)})
 MATQUANT = Recipe(quant={"_default": QuantConfig(8, 32, method="matquant", matryoshka=True)})
+# GPTQ on the MLPs, calibrated RTN on attention: one pass does both in memory
+GPTQ_MLP_RTN_ATTN = Recipe(quant={r".*\.mlp\..*": QuantConfig(3, 32, method="gptq"),
+                                  "_default": QuantConfig(3, 32)})
 
 
 def _calibration(seed: int = 0) -> torch.Tensor:
@@ -233,6 +236,7 @@ CASES = {
     "llama-single-file-f32-f16-scales": ("llama-single", "rtn",
                                          {"dtype": torch.float32, "scale_dtype": torch.float16}),
     "llama-bf16-source-gptq": ("llama-bf16", GPTQ3, {}),
+    "llama-gptq-and-calibrated-rtn": ("llama", GPTQ_MLP_RTN_ATTN, {}),
 }
 
 

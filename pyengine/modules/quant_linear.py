@@ -85,13 +85,15 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig,
-                    scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
-        """Quantizes ``linear`` with RTN (scales in the weight's dtype unless given)."""
+                    scale_dtype: Optional[torch.dtype] = None,
+                    input_weights: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Quantizes ``linear`` with RTN (scales in the weight's dtype unless given;
+        ``input_weights`` [in_features]: each input's cost, as in pyengine.quantize)."""
         if config.method != "rtn":
             raise ValueError(f"QuantLinear.from_linear does RTN only; method {config.method!r} "
                              f"runs through pyengine.compress with calibration data")
         qw = quantize(linear.weight.detach(), config.bits, config.group_size, config.symmetric,
-                      scale_dtype=scale_dtype)
+                      scale_dtype=scale_dtype, input_weights=input_weights)
         return cls.from_weight(qw, linear.bias, act_bits=config.act_bits)
 
     # ---- the weight object --------------------------------------------------------------------

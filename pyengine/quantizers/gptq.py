@@ -15,7 +15,10 @@ Written for pyengine's canonical format:
   the pass), so the stored layout is the canonical one and kernels need no permutation (nor the
   visiting order) at run time;
 * damping adds ``damp * mean(diag(H))`` to the diagonal; lazy batch updates apply the
-  accumulated error of a block of ``block_size`` columns to the rest in one matrix product.
+  accumulated error of a block of ``block_size`` columns to the rest in one matrix product;
+* once every code is chosen, each row's scales and zeros are refit to its codes by least
+  squares in the layer's output error (:func:`refit_group_params`; kept per row only where it
+  lowers that error). Zero points are fractional, as in pyengine.quantize.
 
 Models are processed layer by layer (pyengine.calibrate): every linear layer of a decoder
 layer gets its Hessian from one pass of the not-yet-quantized layer over the calibration
@@ -29,14 +32,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..calibrate import LayerInputs, LayerwiseRunner
-from .layerwise import group_by_layer, input_hessians, linear_holder
+from ..calibrate import LayerInputs
+from .layerwise import input_hessians, linear_holder
 from ..modules.quant_linear import QuantLinear
 from ..packing import pack_codes
 from ..qweight import QuantizedWeight, padded_in_features
 from ..quantize import _rtn_groups
 from ..recipe import QuantConfig
-from ..utils import progress
 
 CLIP_FACTORS = torch.linspace(1.0, 0.4, 24).tolist()
 
@@ -78,7 +80,8 @@ def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp: float,
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
                   symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
                   block_size: int = 128, scale_dtype: Optional[torch.dtype] = None,
-                  prepared: Optional[Tuple[torch.Tensor, ...]] = None) -> QuantizedWeight:
+                  prepared: Optional[Tuple[torch.Tensor, ...]] = None,
+                  refit: bool = True) -> QuantizedWeight:
     """GPTQ of one weight.
 
     Args:
@@ -90,6 +93,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         damp: fraction of the mean diagonal added to it.
         prepared: :func:`prepare_hessian` of ``hessian`` with the same act_order and damp
             (computed here when None).
+        refit: after the codes are chosen, refit every row's scales and zeros to them by
+            least squares in the layer's output error (:func:`refit_group_params`).
     Returns:
         The QuantizedWeight (method "gptq").
     """
@@ -161,12 +166,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 fill_group(g, rows_of)
             s, z = scales_t[g], zeros_t[g]
             x = w1[i]
-            q = torch.clamp(torch.round(x / s) + z, 0, maxq)
+            q = torch.clamp(torch.round(x / s + z), 0, maxq)
             codes_t[col] = q.to(torch.uint8)
             e = (x - (q - z) * s) / h_inv1[i, i]
             w1[i:].addr_(h_inv1[i, i:], e, alpha=-1.0)  # w1[i:] -= h_inv1[i, i:] (x) e
             err1[i] = e
         wt[i2:].addmm_(h_inv[i1:i2, i2:].t(), err1, alpha=-1.0)
+
+    if refit:
+        scales_t, zeros_t = refit_group_params(w_orig, codes_t[:k].t(), scales_t.t(),
+                                               zeros_t.t(), hessian_for_refit(hessian, dead, damp),
+                                               gs, symmetric, scale_dtype)
+        scales_t, zeros_t = scales_t.t(), zeros_t.t()
 
     def rows_first(t: torch.Tensor) -> torch.Tensor:  # [group, row] -> a fresh [row, group]
         # (not .contiguous(): with one group torch calls the transposed view contiguous)
@@ -177,24 +188,104 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                            group_size=group_size, shape=(n, k), method="gptq")
 
 
-@torch.no_grad()
-def gptq_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
-                        calibration: torch.Tensor, batch_size: int = 1,
-                        damp: Optional[float] = None, show_progress: bool = True,
-                        scale_dtype: Optional[torch.dtype] = None,
-                        compute_device=None) -> nn.Module:
-    """Quantizes the linear layers named in ``configs`` (module name -> QuantConfig) with GPTQ,
-    decoder layer by decoder layer, in place. ``damp``: every layer's damping (None: each
-    QuantConfig's ``damp``)."""
-    by_layer = group_by_layer(model, configs, "GPTQ")
+def hessian_for_refit(hessian: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """The damped Hessian [K, K] fp32 the refit weighs errors with (GPTQ's own damping; a dead
+    input keeps only the damping)."""
+    h = hessian.detach().to(device=dead.device, dtype=torch.float32).clone()
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    diagonal = torch.diagonal(h)
+    diagonal += damp * torch.mean(torch.diag(hessian.to(torch.float32)).to(h.device)) + 1e-30
+    return h
 
-    runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
-    for index, layer, inputs in progress(runner, desc="gptq", enabled=show_progress,
-                                         total=len(runner), unit="layer"):
-        gptq_quantize_layer(model, layer, inputs, by_layer.get(index, {}), damp=damp,
-                            scale_dtype=scale_dtype, compute_device=runner.compute_device)
-        runner.advance()
-    return model
+
+@torch.no_grad()
+def refit_group_params(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor, hessian: torch.Tensor, group_size: int,
+                       symmetric: bool, scale_dtype: torch.dtype,
+                       chunk_elements: int = 1 << 24) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The scales and zeros [N, G] that minimise each row's output error for fixed codes.
+
+    With row n's codes q fixed, its dequantized weight is linear in the group parameters:
+    w_q[k] = s_g q_k + b_g for k in group g (b_g = -z_g s_g; symmetric: w_q[k] = s_g (q_k - z)
+    with z fixed). The error (w - w_q) H (w - w_q)^T is then a quadratic in theta = (s, b) whose
+    minimum solves the 2G x 2G normal equations (A^T H A) theta = A^T H w, A [K, 2G] holding
+    q and 1 on each group's columns. Groups are coupled through H: a group's offset can take
+    up what its neighbours' rounding left. The solution is rounded to ``scale_dtype`` and kept
+    for a row only where its scales are positive and its error is lower than the old one's.
+
+    Args:
+        weight: [N, K] fp32, the layer's original weight.
+        codes: [N, K] integer codes (the padding past K excluded).
+        scales, zeros: [N, G] fp32 (zeros: the symmetric midpoint when symmetric).
+        hessian: [K, K] fp32, positive definite (:func:`hessian_for_refit`).
+    Returns:
+        (scales, zeros) [N, G] fp32, rounded to ``scale_dtype``.
+    """
+    n, k = weight.shape
+    groups = scales.shape[1]
+    kp = groups * group_size
+    device = weight.device
+    h = torch.zeros(kp, kp, dtype=torch.float32, device=device)
+    h[:k, :k] = hessian.to(device)
+    # block sums of H: h_block[k, g] = sum of H[k, l] over l in group g; h_groups [G, G]
+    h_block = h.view(kp, groups, group_size).sum(dim=2)
+    h_groups = h_block.view(groups, group_size, groups).sum(dim=1)
+    new_scales, new_zeros = scales.clone(), zeros.clone()
+    tiny = torch.finfo(scale_dtype).tiny
+    # rows per chunk: the largest temporary is [rows, G, G, group_size] fp32
+    rows_per_chunk = max(1, chunk_elements // (groups * kp))
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        rows = r1 - r0
+        w = torch.zeros(rows, kp, dtype=torch.float32, device=device)
+        w[:, :k] = weight[r0:r1]
+        q = torch.zeros(rows, kp, dtype=torch.float32, device=device)
+        q[:, :k] = codes[r0:r1].to(torch.float32)
+        s_old, z_old = scales[r0:r1], zeros[r0:r1]
+        if symmetric:
+            q = q - z_old.repeat_interleave(group_size, dim=1)  # the fixed zero moves into q
+            q[:, k:] = 0.0
+        # the "q" column of group g as a [rows, G, kp] mask-free product: (q H) restricted to g
+        qg = q.view(rows, groups, group_size)
+        # m_qq[n, g, h] = sum_{k in g, l in h} q_k H_kl q_l
+        qh = torch.einsum("rgi,gihj->rghj", qg, h.view(groups, group_size, groups, group_size))
+        m_qq = torch.einsum("rghj,rhj->rgh", qh, qg)
+        hw = (w @ h).view(rows, groups, group_size)              # (H w)[k], by group
+        r_q = (qg * hw).sum(dim=2)                              # [rows, G]
+        if symmetric:
+            matrix, rhs = m_qq, r_q
+            theta_old = s_old
+        else:
+            # m_q1[n, g, h] = sum_{k in g} q_k sum_{l in h} H_kl
+            m_q1 = torch.einsum("rgi,gih->rgh", qg, h_block.view(groups, group_size, groups))
+            matrix = torch.cat([torch.cat([m_qq, m_q1], dim=2),
+                                torch.cat([m_q1.transpose(1, 2),
+                                           h_groups.expand(rows, groups, groups)], dim=2)], dim=1)
+            rhs = torch.cat([r_q, hw.sum(dim=2)], dim=1)
+            theta_old = torch.cat([s_old, -z_old * s_old], dim=1)
+        # a small ridge toward the old parameters: a group whose codes are all equal leaves
+        # its scale and offset undetermined
+        ridge = 1e-6 * torch.diagonal(matrix, dim1=1, dim2=2).mean(dim=1, keepdim=True) + 1e-30
+        matrix = matrix + torch.diag_embed(ridge.expand(rows, matrix.shape[1]))
+        theta = torch.linalg.solve(matrix.to(torch.float64),
+                                   (rhs + ridge * theta_old).to(torch.float64)).to(torch.float32)
+        s_new = theta[:, :groups]
+        ok = (s_new > tiny).all(dim=1) & torch.isfinite(theta).all(dim=1)
+        s_new = torch.where(s_new > tiny, s_new, s_old).to(scale_dtype).to(torch.float32)
+        z_new = (z_old if symmetric
+                 else (-theta[:, groups:] / s_new).to(scale_dtype).to(torch.float32))
+
+        def error(s_, z_):  # (w - w_q) H (w - w_q)^T per row
+            zq = z_.repeat_interleave(group_size, dim=1)
+            codes_ = q + (z_old.repeat_interleave(group_size, dim=1) if symmetric else 0.0)
+            e = w - (codes_ - zq) * s_.repeat_interleave(group_size, dim=1)
+            e[:, k:] = 0.0
+            return ((e @ h) * e).sum(dim=1)
+        better = ok & (error(s_new, z_new) < error(s_old, z_old))
+        new_scales[r0:r1] = torch.where(better.unsqueeze(1), s_new, s_old)
+        new_zeros[r0:r1] = torch.where(better.unsqueeze(1), z_new, z_old)
+    return new_scales, new_zeros
 
 
 @torch.no_grad()
@@ -202,8 +293,9 @@ def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
                         targets: Dict[str, QuantConfig], damp: Optional[float] = None,
                         scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
     """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
-    in ``model``), from one pass of the layer over ``inputs``, in place. ``damp``: as in
-    :func:`gptq_quantize_model`."""
+    in ``model``), from one pass of the layer over ``inputs``, in place. ``damp``: every
+    linear's damping (None: each QuantConfig's ``damp``). pyengine.compress.layerwise_quantize
+    walks a model's layers with it."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
     # one factorisation per Hessian that linears share (the Hessian is kept with it, so its
     # id stays its own)

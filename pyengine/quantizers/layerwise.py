@@ -1,6 +1,6 @@
-"""What the calibrated quantizers (GPTQ, MatQuant) share: grouping the named linears by decoder
-layer, collecting each linear's input Hessian sum(x^T x) while the layer runs, and finding where
-a named linear sits so it can be replaced."""
+"""What the calibrated quantizers (GPTQ, MatQuant, calibrated RTN) share: grouping the named
+linears by decoder layer, collecting each linear's input Hessian sum(x^T x) (or its diagonal)
+while the layer runs, and finding where a named linear sits so it can be replaced."""
 
 from __future__ import annotations
 
@@ -75,6 +75,34 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
         if leader is not None and shares_with.get(leader) is None:
             hessians[name] = hessians[leader]  # equal sums of the same products: one tensor
     return hessians, counts
+
+
+def input_mean_squares(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                       names: Iterable[str], compute_device) -> Dict[str, torch.Tensor]:
+    """Runs ``layer`` on ``inputs`` and returns, per named linear, the mean over its input
+    rows x [tokens, K] of x * x: fp32 [K], the diagonal of :func:`input_hessians`' product
+    divided by the number of rows (what an error in each input costs the output, to first
+    order: calibrated RTN's input weights). Hooks as in :func:`input_hessians`."""
+    names = list(names)
+    sums: Dict[str, torch.Tensor] = {}
+    rows: Dict[str, int] = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, out, name=name):
+            x_in = out if isinstance(mod, ResidualProjection) else args[0]
+            x = x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)
+            square_sum = x.square().sum(dim=0)
+            sums[name] = square_sum if name not in sums else sums[name] + square_sum
+            rows[name] = rows.get(name, 0) + x.shape[0]
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        if names:
+            run_layer(layer, inputs, compute_device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / max(rows[name], 1) for name in sums}
 
 
 def linear_holder(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
