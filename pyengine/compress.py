@@ -232,10 +232,11 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
     """One pass over the decoder layers with the calibration data: in each layer, the linears
     of ``gptq`` (name -> QuantConfig) are quantized by GPTQ, then the inputs of the
     ``measured`` linears are measured (their mean squares, fp32 [K]: calibrated RTN's input
-    weights, returned by name); the layer's outputs feed the next layer."""
+    weights, returned by name, recorded while the layer computes its outputs); the layer's
+    outputs feed the next layer."""
     from .calibrate import LayerwiseRunner
     from .quantizers.gptq import gptq_quantize_layer
-    from .quantizers.layerwise import group_by_layer, input_mean_squares
+    from .quantizers.layerwise import group_by_layer, recording_input_mean_squares
     gptq_by_layer = group_by_layer(model, gptq, "GPTQ")
     measured_by_layer = group_by_layer(model, dict.fromkeys(measured), "calibrated RTN")
     input_weights: Dict[str, torch.Tensor] = {}
@@ -245,11 +246,9 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
         if gptq_by_layer.get(index):
             gptq_quantize_layer(model, layer, inputs, gptq_by_layer[index], damp=damp,
                                 scale_dtype=scale_dtype, compute_device=runner.compute_device)
-        if measured_by_layer.get(index):
-            input_weights.update(input_mean_squares(model, layer, inputs,
-                                                    measured_by_layer[index],
-                                                    runner.compute_device))
-        runner.advance()
+        with recording_input_mean_squares(model, measured_by_layer.get(index, [])) as means:
+            runner.advance()
+        input_weights.update(means)
     return input_weights
 
 

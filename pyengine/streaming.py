@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibration, run_layer
-from .quantizers.layerwise import input_mean_squares
+from .quantizers.layerwise import input_mean_squares, recording_input_mean_squares
 from .checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
                          write_index)
 from .checkpoint_checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
@@ -347,10 +347,11 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
             matquant_quantize_layer(model, layer, inputs, matquant, scale_dtype=scale_dtype,
                                     compute_device=compute, **dict(matquant_options or {}))
         measured_here = [t[0] for t in here if t[0] in measured]
-        input_weights = (input_mean_squares(model, layer, inputs, measured_here, compute)
-                         if measured_here else None)
         if i < last_calibrated:  # the next calibrated layer needs this one's outputs
-            inputs = run_layer(layer, inputs, compute)
+            with recording_input_mean_squares(model, measured_here) as input_weights:
+                inputs = run_layer(layer, inputs, compute)
+        else:
+            input_weights = input_mean_squares(model, layer, inputs, measured_here, compute)
         rtn_quantize(here, scale_dtype, input_weights=input_weights)
         hold_module_dense_in(layer, dtype)
         tensors = {f"{adapter.layers}.{i}.{key}": t for key, t in

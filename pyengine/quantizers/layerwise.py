@@ -4,7 +4,8 @@ while the layer runs, and finding where a named linear sits so it can be replace
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Tuple, TypeVar
+import contextlib
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -77,13 +78,14 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     return hessians, counts
 
 
-def input_mean_squares(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
-                       names: Iterable[str], compute_device) -> Dict[str, torch.Tensor]:
-    """Runs ``layer`` on ``inputs`` and returns, per named linear, the mean over its input
-    rows x [tokens, K] of x * x: fp32 [K], the diagonal of :func:`input_hessians`' product
-    divided by the number of rows (what an error in each input costs the output, to first
-    order: calibrated RTN's input weights). Hooks as in :func:`input_hessians`."""
-    names = list(names)
+@contextlib.contextmanager
+def recording_input_mean_squares(model: nn.Module,
+                                 names: Iterable[str]) -> Iterator[Dict[str, torch.Tensor]]:
+    """While the block runs, records the inputs of the named linears; on leaving it, the dict
+    it yields holds, per linear that ran, the mean over its input rows x [tokens, K] of x * x:
+    fp32 [K], the diagonal of :func:`input_hessians`' product divided by the number of rows
+    (what an error in each input costs the output, to first order: calibrated RTN's input
+    weights). Hooks as in :func:`input_hessians`."""
     sums: Dict[str, torch.Tensor] = {}
     rows: Dict[str, int] = {}
     handles = []
@@ -96,13 +98,24 @@ def input_mean_squares(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
             rows[name] = rows.get(name, 0) + x.shape[0]
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
+    means: Dict[str, torch.Tensor] = {}
     try:
-        if names:
-            run_layer(layer, inputs, compute_device)
+        yield means
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / max(rows[name], 1) for name in sums}
+    means.update({name: sums[name] / max(rows[name], 1) for name in sums})
+
+
+def input_mean_squares(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                       names: Iterable[str], compute_device) -> Dict[str, torch.Tensor]:
+    """Runs ``layer`` on ``inputs`` and returns what :func:`recording_input_mean_squares`
+    records of the named linears."""
+    names = list(names)
+    with recording_input_mean_squares(model, names) as means:
+        if names:
+            run_layer(layer, inputs, compute_device)
+    return means
 
 
 def linear_holder(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
