@@ -231,31 +231,26 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) 
 
 def _refit(w, cost, scale, zero, maxq, symmetric, scale_dtype, tiny):
     """The scale and zero [R, G] that minimise sum_j c_j ((q_j - z) s - w_j)^2 for the codes
-    q that (scale, zero) give w (a weighed least-squares line through (q_j, w_j); symmetric:
-    through (2^(bits-1), 0)), rounded to ``scale_dtype``. A group whose codes are all equal,
-    or whose fitted slope is not positive, keeps its scale (and zero)."""
+    q that (scale, zero) give w: a weighed least-squares line through the points (q_j, w_j)
+    (symmetric: through (z, 0), z fixed), rounded to ``scale_dtype``. A group whose codes are
+    all equal, or whose fitted slope is not positive, keeps its scale and zero."""
     q = _codes(w, scale, zero, maxq)
-    total = cost.sum(dim=-1).clamp(min=1e-30)
-    if symmetric:
-        centred = q - zero.unsqueeze(-1)
-        spread = (cost * centred.square()).sum(dim=-1)
-        slope = (cost * centred * w).sum(dim=-1) / spread.clamp(min=1e-30)
-        fitted = spread > 0
-        intercept_code = zero
-    else:
+    if symmetric:  # w = s (q - z): a line through the origin in x = q - z
+        x = q - zero.unsqueeze(-1)
+    else:  # w = s q + b, b = -z s: centre q on its weighed mean
+        total = cost.sum(dim=-1).clamp(min=1e-30)
         q_mean = (cost * q).sum(dim=-1) / total
         w_mean = (cost * w).sum(dim=-1) / total
-        centred = q - q_mean.unsqueeze(-1)
-        spread = (cost * centred.square()).sum(dim=-1)
-        slope = (cost * centred * w).sum(dim=-1) / spread.clamp(min=1e-30)
-        fitted = spread > 0
-        # w = s q + b with b = w_mean - s q_mean, and b = -z s: z = q_mean - w_mean / s
-        intercept_code = q_mean - w_mean / torch.where(slope > 0, slope, 1.0)
-    fitted = fitted & (slope > 0)
+        x = q - q_mean.unsqueeze(-1)
+    spread = (cost * x.square()).sum(dim=-1)
+    slope = (cost * x * w).sum(dim=-1) / spread.clamp(min=1e-30)
+    fitted = (spread > 0) & (slope > 0)
     new_scale = torch.where(fitted, slope, scale).clamp(min=tiny).to(scale_dtype).to(torch.float32)
-    new_zero = (zero if symmetric
-                else torch.where(fitted, intercept_code, zero).to(scale_dtype).to(torch.float32))
-    return new_scale, new_zero
+    if symmetric:
+        return new_scale, zero
+    # the intercept b = w_mean - s q_mean gives z = -b / s = q_mean - w_mean / s
+    new_zero = torch.where(fitted, q_mean - w_mean / torch.where(fitted, slope, 1.0), zero)
+    return new_scale, new_zero.to(scale_dtype).to(torch.float32)
 
 
 def _scale_zero(lo, hi, maxq, symmetric, scale_dtype, tiny):
