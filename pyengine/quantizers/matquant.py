@@ -30,8 +30,9 @@ version of that idea, written for pyengine's canonical groups:
   a per-weight offset of the rounded value, through straight-through estimators of every
   rounding (the parent's and each slice's, clamps kept differentiable);
 * the result is the best of {plain RTN parent, stage 1, stage 2, stage 3} under the exact
-  objective (scales rounded to their storage dtype, integer zero points), so it is never
-  worse than the plain parent on the calibration objective.
+  objective (scales and zeros rounded to their storage dtype; the searched stages use integer
+  zero points, the plain parent pyengine.quantize's fractional ones), so it is never worse
+  than the plain parent on the calibration objective.
 
 Models are processed decoder layer by decoder layer (pyengine.calibrate.LayerwiseRunner), as GPTQ
 is: one pass of the not-yet-quantized layer gives every target linear its H; the layer is then
