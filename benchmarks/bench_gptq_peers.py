@@ -1,18 +1,30 @@
-"""GPTQ against llm-compressor's on the same model, calibration, held-out text and machine.
+"""pyengine's quantizers against llm-compressor's GPTQ and HQQ on the same model, calibration,
+held-out text and machine.
 
 SmolLM2-135M (the embedded model, float32), 16 x 512 calibration tokens from pyengine's offline
-corpus (one tensor, given to both), group 64 asymmetric at each of ``--bits`` (default 4), no
-activation order, damping 0.01, the head and embeddings dense in both. Rounds alternate
-pyengine, llm-compressor, pyengine, llm-compressor (each on a fresh copy of the model, in one
-process); the table reports the median seconds and the held-out perplexity (pyengine.perplexity
-on both models, 8 windows of 512 tokens of the offline evaluation split). ``--rotated`` adds
-pyengine with Recipe.rotate (the merged rotations and the MLPs' online Walsh-Hadamard
-transform), timed in the same rounds.
+corpus (one tensor, given to every engine that takes calibration), group 64 asymmetric at each
+of ``--bits`` (default 4), the decoder layers' linears quantized, the head and embeddings dense
+in all. Engines (``--engines``, in this order in every round):
 
-llm-compressor is not a dependency: run this with a Python that has it (e.g. a virtual
-environment made with ``--system-site-packages`` plus ``pip install llmcompressor``)::
+* ``pyengine``: GPTQ (no activation order, damping 0.01);
+* ``pyengine-rotated``: GPTQ with Recipe.rotate (merged rotations and the MLPs' online
+  Walsh-Hadamard transform; ``--rotated`` adds it);
+* ``pyengine-rtn``: RTN with the clip search and refit, each input's errors weighed by its
+  mean square on the calibration tokens;
+* ``pyengine-rtn-plain``: the same RTN without calibration data (plain weight error);
+* ``llm-compressor``: its GPTQModifier (sequential pipeline, no activation order, damping 0.01);
+* ``hqq``: HQQ (half-quadratic, no calibration; axis 1, its default optimiser), each layer
+  replaced by HQQ's dequantized weight, so its quality is measured apart from its kernels.
 
-    PYTHONPATH=. /path/to/venv/bin/python benchmarks/bench_gptq_peers.py
+Rounds alternate the engines (each on a fresh copy of the model, in one process); the table
+reports the median seconds and the held-out perplexity (pyengine.perplexity on every model,
+8 windows of 512 tokens of the offline evaluation split).
+
+llm-compressor and HQQ are not dependencies: run this with a Python that has them (e.g. a
+virtual environment made with ``--system-site-packages`` plus ``pip install llmcompressor hqq``)::
+
+    PYTHONPATH=. /path/to/venv/bin/python benchmarks/bench_gptq_peers.py --engines \
+        pyengine,pyengine-rtn,llm-compressor,hqq --bits 4,3,2
 """
 
 from __future__ import annotations
@@ -30,17 +42,36 @@ import torch
 import common  # noqa: E402  (benchmarks/ is the script's directory)
 
 
-def run_pyengine(model, calib: torch.Tensor, bits: int, group_size: int,
-                 rotate: bool = False) -> None:
+def run_pyengine(model, calib: Optional[torch.Tensor], bits: int, group_size: int,
+                 rotate: bool = False, method: str = "gptq") -> None:
     import pyengine
     from pyengine.recipe import QuantConfig, Recipe
-    recipe = Recipe(quant={"_default": QuantConfig(bits, group_size, method="gptq")},
+    recipe = Recipe(quant={"_default": QuantConfig(bits, group_size, method=method)},
                     embeddings=None, rotate=rotate)
     pyengine.compress(model, recipe, calib, dtype=torch.float32, show_progress=False)
 
 
 def run_pyengine_rotated(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
     run_pyengine(model, calib, bits, group_size, rotate=True)
+
+
+def run_pyengine_rtn(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
+    run_pyengine(model, calib, bits, group_size, method="rtn")
+
+
+def run_pyengine_rtn_plain(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
+    run_pyengine(model, None, bits, group_size, method="rtn")
+
+
+@torch.no_grad()
+def run_hqq(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
+    for name, linear in list(model.model.layers.named_modules()):
+        if isinstance(linear, torch.nn.Linear):
+            quantized = HQQLinear(linear, quant_config=config, compute_dtype=torch.float32,
+                                  device="cpu", del_orig=False)
+            linear.weight.copy_(quantized.dequantize().reshape(linear.weight.shape))
 
 
 def run_llmcompressor(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
@@ -57,18 +88,44 @@ def run_llmcompressor(model, calib: torch.Tensor, bits: int, group_size: int) ->
             max_seq_length=calib.shape[1], pipeline="sequential")
 
 
+# engine name: (run function, the method as the table names it)
+ENGINES = {
+    "pyengine": (run_pyengine, "GPTQ"),
+    "pyengine-rotated": (run_pyengine_rotated, "GPTQ, rotated"),
+    "pyengine-rtn": (run_pyengine_rtn, "RTN, calibrated"),
+    "pyengine-rtn-plain": (run_pyengine_rtn_plain, "RTN, no calibration"),
+    "llm-compressor": (run_llmcompressor, "GPTQ"),
+    "hqq": (run_hqq, "HQQ, no calibration"),
+}
+
+
+def _version(engine: str) -> str:
+    """The engine's package version (ImportError when the peer is not installed)."""
+    if engine == "llm-compressor":
+        import llmcompressor
+        return llmcompressor.__version__
+    if engine == "hqq":
+        from importlib.metadata import version
+        import hqq  # noqa: F401  (fails early when missing)
+        return version("hqq")
+    import pyengine
+    return pyengine.__version__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bits", default="4", help="bit widths, comma separated")
+    parser.add_argument("--engines", default="pyengine,llm-compressor",
+                        help=f"comma separated, from {','.join(ENGINES)}")
     parser.add_argument("--rotated", action="store_true",
-                        help="also pyengine with Recipe.rotate")
+                        help="also pyengine with Recipe.rotate (engine pyengine-rotated)")
     parser.add_argument("--shared-machine", default="",
                         help="a note for the table when other jobs ran alongside (the seconds "
                              "are then indicative only)")
     parser.add_argument("--group-size", type=int, default=64,
                         help="64 by default: llm-compressor refuses 128 on SmolLM2 (576 and 1536 columns are not multiples of it)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS / "gptq_peers.json")
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "quant_peers.json")
     args = parser.parse_args(argv)
 
     import pyengine
@@ -76,10 +133,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     base, tokenizer = load_smollm2(dtype=torch.float32)
     calib = pyengine.calibration_data(tokenizer, n_samples=16, seqlen=512)
     source_ppl = pyengine.perplexity(base, tokenizer, seqlen=512, max_windows=8)
-    engines = {"pyengine": run_pyengine, "llm-compressor": run_llmcompressor}
-    if args.rotated:
-        engines["pyengine rotated"] = run_pyengine_rotated
-    import llmcompressor
+    names = [e for e in args.engines.split(",") if e]
+    if args.rotated and "pyengine-rotated" not in names:
+        names.append("pyengine-rotated")
+    unknown = sorted(set(names) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engines {unknown}; choose from {list(ENGINES)}")
+    engines = {name: ENGINES[name][0] for name in names}
+    versions = {name: _version(name) for name in names}
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         seconds: Dict[str, List[float]] = {name: [] for name in engines}
@@ -95,11 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"int{bits} round {round_ + 1} {name}: {seconds[name][-1]:.1f} s, "
                       f"perplexity {ppl[name]:.2f}", flush=True)
                 del model
-        rows += [dict(engine=name, config=f"int{bits} g{args.group_size} GPTQ",
+        rows += [dict(engine=name, config=f"int{bits} g{args.group_size} {ENGINES[name][1]}",
                       seconds=statistics.median(seconds[name]), all_seconds=seconds[name],
                       perplexity=ppl[name], source_perplexity=source_ppl,
-                      version=(llmcompressor.__version__ if name == "llm-compressor"
-                               else pyengine.__version__))
+                      version=versions[name])
                  for name in engines]
     for row in rows:
         print(row)

@@ -201,9 +201,9 @@ def static_gpu_table() -> List[str]:
 
 
 def rotation_table() -> List[str]:
-    """GPTQ with and without Recipe.rotate at 4/3/2 bits (rotated: with the MLPs' online
-    Walsh-Hadamard transform, and without it), beside llama.cpp's files of the same GGUF
-    (benchmarks/size_vs_llamacpp.py --json rotation_smollm2.json)."""
+    """Calibrated RTN, and GPTQ with and without Recipe.rotate at 4/3/2 bits (rotated: with the
+    MLPs' online Walsh-Hadamard transform, and without it), beside llama.cpp's files of the
+    same GGUF (benchmarks/size_vs_llamacpp.py --json rotation_smollm2.json)."""
     data = _load("rotation_smollm2.json")
     if data is None:
         return []
@@ -219,12 +219,16 @@ def rotation_table() -> List[str]:
         ppl = float(r["perplexity"])
         label = str(r["config"])
         if r["engine"] == "pyengine":
+            if "_gptq" not in label:
+                label = (label.replace("_rot", "") + " RTN (calibrated)"
+                         + (", rotated" if label.endswith("_rot") else ""))
             label = (label.replace("_gptq_rot_merged", " GPTQ, rotated (merged rotations only)")
                      .replace("_gptq_rot", " GPTQ, rotated").replace("_gptq", " GPTQ"))
             label = label.replace("_g64", " g64")
         body.append([r["engine"], label, f"{r['bits_per_weight']:.2f}", f"{ppl:.2f}",
                      change(ppl)])
-    return ([f"**Random rotations before GPTQ (`Recipe.rotate`)** on SmolLM2-135M (held-out "
+    return ([f"**RTN, GPTQ and random rotations before GPTQ (`Recipe.rotate`)** on SmolLM2-135M "
+             f"(held-out "
              f"perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, the same "
              f"code for both engines; bits per weight over the whole file; "
              f"{meta.get('calib_samples')} x 512 calibration tokens; "
@@ -277,8 +281,9 @@ def scale_table() -> List[str]:
             + _table(["model", "path", "time", "peak resident", "own memory / bound"], body))
 
 
-def gptq_peers_table(name: str = "gptq_peers.json") -> List[str]:
-    """pyengine's GPTQ against llm-compressor's (benchmarks/bench_gptq_peers.py)."""
+def quant_peers_table(name: str = "quant_peers.json") -> List[str]:
+    """pyengine's quantizers against llm-compressor's GPTQ and HQQ
+    (benchmarks/bench_gptq_peers.py)."""
     data = _load(name)
     if data is None:
         return []
@@ -288,9 +293,13 @@ def gptq_peers_table(name: str = "gptq_peers.json") -> List[str]:
              f"{float(r['perplexity']):.2f} (source {float(r['source_perplexity']):.2f})"]
             for r in data["rows"]]
     shared = (f"; {meta['shared_machine']}" if meta.get("shared_machine") else "")
-    return ([f"**GPTQ against llm-compressor** on SmolLM2-135M (float32; one calibration "
-             f"tensor for both: {meta.get('calib')}; head and embeddings dense, no "
-             f"activation order, damping 0.01; median of {meta.get('rounds')} alternating "
+    peers = sorted({r["engine"] for r in data["rows"] if not r["engine"].startswith("pyengine")})
+    title = ("GPTQ against llm-compressor" if peers == ["llm-compressor"]
+             else f"pyengine's quantizers against {' and '.join(peers)}")
+    return ([f"**{title}** on SmolLM2-135M (float32; one calibration "
+             f"tensor for all that take one: {meta.get('calib')}; asymmetric groups; head "
+             f"and embeddings dense; GPTQ: no activation order, damping 0.01; HQQ: its "
+             f"dequantized weights; median of {meta.get('rounds')} alternating "
              f"rounds in one process, {meta.get('threads')} threads; held-out perplexity on "
              f"{meta.get('eval')}{shared}; {_source(name, meta)})", ""]
             + _table(["engine", "version", "config", "seconds (each round)", "perplexity"],
@@ -304,7 +313,7 @@ def gpu_files() -> List[str]:
 
 def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table, rotation_table, scale_table,
-             gptq_peers_table, lambda: gptq_peers_table("gptq_peers_lowbits.json"),
+             quant_peers_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),

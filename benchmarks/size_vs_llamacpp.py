@@ -16,10 +16,13 @@ minutes on 2 cores); ``--no-llama`` runs the pyengine side alone.
     python benchmarks/size_vs_llamacpp.py --no-llama
     python benchmarks/size_vs_llamacpp.py --configs int8,int4,int4_g64_gptq --llama-types Q8_0,Q4_0,Q2_K
 
-GPTQ with and without ``Recipe.rotate``, and rotated without the online Walsh-Hadamard transform
-of the MLPs (``_rot_merged``) (``rotation_smollm2.json``, a README table):
+Calibrated RTN, GPTQ with and without ``Recipe.rotate``, and rotated without the online
+Walsh-Hadamard transform of the MLPs (``_rot_merged``) (``rotation_smollm2.json``, a README
+table):
 
-    python benchmarks/size_vs_llamacpp.py --configs int4_g64_gptq,int4_g64_gptq_rot,\
+    python benchmarks/size_vs_llamacpp.py --configs int4_g64,int3_g64,int2_g64,\
+        int4_g64_rot,int3_g64_rot,int2_g64_rot,\
+        int4_g64_gptq,int4_g64_gptq_rot,\
         int4_g64_gptq_rot_merged,int3_g64_gptq,int3_g64_gptq_rot,int3_g64_gptq_rot_merged,\
         int2_g64_gptq,int2_g64_gptq_rot,int2_g64_gptq_rot_merged \
         --llama-types Q4_0,Q3_K_M,Q2_K --json benchmarks/results/rotation_smollm2.json
@@ -55,6 +58,11 @@ CONFIGS: Dict[str, Dict] = {
                            "_default": QuantConfig(4, 128, act_bits=8)}),
     "int4_fp32_scales_dense_table": dict(quant={"_default": QuantConfig(4, 128)},
                                         dtype=torch.float32, embeddings=None),
+    # RTN at group 64 (calibrated: each input's errors weighed by its mean square on the
+    # calibration text)
+    **{f"int{bits}_g64{suffix}": dict(quant={"_default": QuantConfig(bits, 64)}, rotate=rotate,
+                                      online_hadamard=rotate)
+       for bits in (4, 3, 2) for suffix, rotate in (("", False), ("_rot", True))},
     "int4_g64_gptq": dict(quant={"_default": QuantConfig(4, 64, method="gptq")}),
     "int4_g128_gptq": dict(quant={"_default": QuantConfig(4, 128, method="gptq")}),
     # the table (and tied head) with one scale per row: 576 is not a multiple of 128, so group
