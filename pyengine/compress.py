@@ -140,12 +140,13 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     if gptq:  # GPTQ's pass also measures the RTN linears' inputs
         input_weights = layerwise_quantize(model, calibration, gptq, measured, scale_dtype,
                                            show_progress)
+        measured = []
     if any(t[4].method == "matquant" for t in targets):
         from .quantizers.matquant import matquant_quantize_model
         matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
                                 calibration, show_progress=show_progress, scale_dtype=scale_dtype,
                                 **dict(matquant_options or {}))
-    if measured and not gptq:
+    if measured:  # after MatQuant: its layers feed the measured ones, as when streaming
         input_weights = layerwise_quantize(model, calibration, {}, measured, scale_dtype,
                                            show_progress)
     rtn_quantize(targets, scale_dtype, show_progress, input_weights)

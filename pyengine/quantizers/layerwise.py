@@ -30,6 +30,12 @@ def group_by_layer(model: nn.Module, configs: Mapping[str, T], method: str) -> D
     return by_layer
 
 
+def _linear_input(module: nn.Module, args: tuple, out) -> torch.Tensor:
+    """What a hooked linear reads: its input, or for a ResidualProjection its output (the
+    projection's input after its online transform, if any)."""
+    return out if isinstance(module, ResidualProjection) else args[0]
+
+
 def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, names: Iterable[str],
                    compute_device) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
     """Runs ``layer`` on ``inputs`` and returns, per named linear, sum(x^T x) [K, K] (fp32) over
@@ -51,7 +57,7 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     handles = []
     for name in names:
         def hook(mod, args, out, name=name):
-            x_in = out if isinstance(mod, ResidualProjection) else args[0]
+            x_in = _linear_input(mod, args, out)
             if last.get("input") is x_in:  # the same tensor as the previous linear's input
                 h, leader = last["h"], last["name"]
             else:
@@ -91,7 +97,7 @@ def recording_input_mean_squares(model: nn.Module,
     handles = []
     for name in names:
         def hook(mod, args, out, name=name):
-            x_in = out if isinstance(mod, ResidualProjection) else args[0]
+            x_in = _linear_input(mod, args, out)
             x = x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)
             square_sum = x.square().sum(dim=0)
             sums[name] = square_sum if name not in sums else sums[name] + square_sum
