@@ -313,7 +313,7 @@ def gpu_files() -> List[str]:
 
 def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table, rotation_table, scale_table,
-             quant_peers_table,
+             quant_peers_table, lambda: quant_peers_table("quant_peers_g128.json"),
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
