@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -42,25 +43,16 @@ import torch
 import common  # noqa: E402  (benchmarks/ is the script's directory)
 
 
-def run_pyengine(model, calib: Optional[torch.Tensor], bits: int, group_size: int,
-                 rotate: bool = False, method: str = "gptq") -> None:
+def run_pyengine(model, calib: torch.Tensor, bits: int, group_size: int,
+                 rotate: bool = False, method: str = "gptq", calibrated: bool = True) -> None:
+    """pyengine.compress with one QuantConfig for every decoder linear (``calibrated=False``:
+    without the calibration data)."""
     import pyengine
     from pyengine.recipe import QuantConfig, Recipe
     recipe = Recipe(quant={"_default": QuantConfig(bits, group_size, method=method)},
                     embeddings=None, rotate=rotate)
-    pyengine.compress(model, recipe, calib, dtype=torch.float32, show_progress=False)
-
-
-def run_pyengine_rotated(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
-    run_pyengine(model, calib, bits, group_size, rotate=True)
-
-
-def run_pyengine_rtn(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
-    run_pyengine(model, calib, bits, group_size, method="rtn")
-
-
-def run_pyengine_rtn_plain(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
-    run_pyengine(model, None, bits, group_size, method="rtn")
+    pyengine.compress(model, recipe, calib if calibrated else None, dtype=torch.float32,
+                      show_progress=False)
 
 
 @torch.no_grad()
@@ -91,9 +83,10 @@ def run_llmcompressor(model, calib: torch.Tensor, bits: int, group_size: int) ->
 # engine name: (run function, the method as the table names it)
 ENGINES = {
     "pyengine": (run_pyengine, "GPTQ"),
-    "pyengine-rotated": (run_pyengine_rotated, "GPTQ, rotated"),
-    "pyengine-rtn": (run_pyengine_rtn, "RTN, calibrated"),
-    "pyengine-rtn-plain": (run_pyengine_rtn_plain, "RTN, no calibration"),
+    "pyengine-rotated": (functools.partial(run_pyengine, rotate=True), "GPTQ, rotated"),
+    "pyengine-rtn": (functools.partial(run_pyengine, method="rtn"), "RTN, calibrated"),
+    "pyengine-rtn-plain": (functools.partial(run_pyengine, method="rtn", calibrated=False),
+                           "RTN, no calibration"),
     "llm-compressor": (run_llmcompressor, "GPTQ"),
     "hqq": (run_hqq, "HQQ, no calibration"),
 }
