@@ -25,6 +25,12 @@ virtual environment made with ``--system-site-packages`` plus ``pip install llmc
 
     PYTHONPATH=. /path/to/venv/bin/python benchmarks/bench_gptq_peers.py --engines \
         pyengine,pyengine-rtn,llm-compressor,hqq --bits 4,3,2
+
+Mixed plans: a ``--bits`` entry ``4/2@4.0`` is a per-layer plan from ``pyengine.plan`` (LIM
+importance measured on the dense model with the same calibration tensor, bit choices 4 and 2,
+an average of 4.0 bits per weight with float16 scales and zeros counted). Every engine then
+quantizes each decoder layer at the plan's bits for that layer: the plan is shared, the
+quantizers differ. Such rows name the plan, its per-layer bits and the average it achieved.
 """
 
 from __future__ import annotations
@@ -32,52 +38,84 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 import common  # noqa: E402  (benchmarks/ is the script's directory)
 
 
-def run_pyengine(model, calib: torch.Tensor, bits: int, group_size: int,
+def run_pyengine(model, calib: torch.Tensor, layer_bits: List[int], group_size: int,
                  rotate: bool = False, method: str = "gptq", calibrated: bool = True) -> None:
-    """pyengine.compress with one QuantConfig for every decoder linear (``calibrated=False``:
-    without the calibration data)."""
+    """pyengine.compress with decoder layer i's linears at ``layer_bits[i]`` bits
+    (``calibrated=False``: without the calibration data)."""
     import pyengine
     from pyengine.recipe import QuantConfig, Recipe
-    recipe = Recipe(quant={"_default": QuantConfig(bits, group_size, method=method)},
-                    embeddings=None, rotate=rotate)
+    quant = {re.escape(f"model.layers.{i}.") + ".*": QuantConfig(bits, group_size, method=method)
+             for i, bits in enumerate(layer_bits)}
+    quant["_default"] = QuantConfig(max(layer_bits), group_size, method=method)
+    recipe = Recipe(quant=quant, embeddings=None, rotate=rotate)
     pyengine.compress(model, recipe, calib if calibrated else None, dtype=torch.float32,
                       show_progress=False)
 
 
 @torch.no_grad()
-def run_hqq(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
+def run_hqq(model, calib: torch.Tensor, layer_bits: List[int], group_size: int) -> None:
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-    config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
-    for name, linear in list(model.model.layers.named_modules()):
-        if isinstance(linear, torch.nn.Linear):
-            quantized = HQQLinear(linear, quant_config=config, compute_dtype=torch.float32,
-                                  device="cpu", del_orig=False)
-            linear.weight.copy_(quantized.dequantize().reshape(linear.weight.shape))
+    for layer, bits in zip(model.model.layers, layer_bits):
+        config = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
+        for linear in layer.modules():
+            if isinstance(linear, torch.nn.Linear):
+                quantized = HQQLinear(linear, quant_config=config, compute_dtype=torch.float32,
+                                      device="cpu", del_orig=False)
+                linear.weight.copy_(quantized.dequantize().reshape(linear.weight.shape))
 
 
-def run_llmcompressor(model, calib: torch.Tensor, bits: int, group_size: int) -> None:
+def run_llmcompressor(model, calib: torch.Tensor, layer_bits: List[int], group_size: int) -> None:
+    """llm-compressor's GPTQModifier with one config group per bit width, each targeting the
+    projections of the decoder layers at that width (regexes over module names)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    scheme = {"weights": {"num_bits": bits, "type": "int", "symmetric": False,
-                          "strategy": "group", "group_size": group_size}}
-    modifier = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], **scheme}},
-                            ignore=["lm_head"], actorder=None, dampening_frac=0.01)
+    groups = {}
+    for bits in sorted(set(layer_bits)):
+        layers = "|".join(str(i) for i, b in enumerate(layer_bits) if b == bits)
+        groups[f"group_int{bits}"] = {
+            "targets": [rf"re:model\.layers\.({layers})\..*_proj$"],
+            "weights": {"num_bits": bits, "type": "int", "symmetric": False,
+                        "strategy": "group", "group_size": group_size}}
+    modifier = GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=None,
+                            dampening_frac=0.01)
     data = Dataset.from_dict({"input_ids": calib.tolist(),
                               "attention_mask": torch.ones_like(calib).tolist()})
     oneshot(model=model, dataset=data, recipe=modifier, num_calibration_samples=len(calib),
             max_seq_length=calib.shape[1], pipeline="sequential")
+
+
+def layer_plan(spec: str, model, calib: torch.Tensor, group_size: int
+               ) -> Tuple[str, List[int], Optional[float]]:
+    """(config name, per-layer bits, achieved average bits or None) of one ``--bits`` entry:
+    ``"4"`` is every layer at 4 bits; ``"4/2@4.0"`` a LIM plan from pyengine.plan (bit
+    choices 4 and 2, 4.0 bits per weight on average, float16 scales and zeros counted)."""
+    n_layers = len(model.model.layers)
+    if "@" not in spec:
+        return f"int{int(spec)} g{group_size}", [int(spec)] * n_layers, None
+    choices, avg = spec.split("@")
+    import pyengine
+    recipe = pyengine.plan(model, calib, avg_bits=float(avg),
+                           bit_choices=tuple(int(b) for b in choices.split("/")),
+                           importance="lim", group_size=group_size, show_progress=False,
+                           scale_dtype=torch.float16)
+    layer_bits = list(recipe.info["layer_bits"])
+    counts = ", ".join(f"{layer_bits.count(b)} x int{b}"
+                       for b in sorted(set(layer_bits), reverse=True))
+    return (f"mixed {choices} LIM ({counts}) g{group_size}", layer_bits,
+            float(recipe.info["achieved_avg_bits"]))
 
 
 # engine name: (run function, the method as the table names it)
@@ -108,7 +146,9 @@ def _version(engine: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--bits", default="4", help="bit widths, comma separated")
+    parser.add_argument("--bits", default="4",
+                        help="comma separated: bit widths (4) or mixed plans (4/2@4.0: LIM, "
+                             "bit choices 4 and 2, 4.0 bits per weight with scales)")
     parser.add_argument("--engines", default="pyengine,llm-compressor",
                         help=f"comma separated, from {','.join(ENGINES)}")
     parser.add_argument("--rotated", action="store_true",
@@ -135,24 +175,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     engines = {name: ENGINES[name][0] for name in names}
     versions = {name: _version(name) for name in names}
     rows = []
-    for bits in (int(b) for b in args.bits.split(",")):
+    for spec in (b for b in args.bits.split(",") if b):
+        config, layer_bits, avg_bits = layer_plan(spec, base, calib, args.group_size)
         seconds: Dict[str, List[float]] = {name: [] for name in engines}
         ppl: Dict[str, float] = {}
         for round_ in range(args.rounds):
             for name, run in engines.items():
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
-                run(model, calib, bits, args.group_size)
+                run(model, calib, layer_bits, args.group_size)
                 seconds[name].append(time.perf_counter() - t0)
                 if round_ == 0:
                     ppl[name] = pyengine.perplexity(model, tokenizer, seqlen=512, max_windows=8)
-                print(f"int{bits} round {round_ + 1} {name}: {seconds[name][-1]:.1f} s, "
+                print(f"{config} round {round_ + 1} {name}: {seconds[name][-1]:.1f} s, "
                       f"perplexity {ppl[name]:.2f}", flush=True)
                 del model
-        rows += [dict(engine=name, config=f"int{bits} g{args.group_size} {ENGINES[name][1]}",
+        plan_fields = ({} if avg_bits is None
+                       else dict(layer_bits=layer_bits, plan_avg_bits=avg_bits))
+        rows += [dict(engine=name, config=f"{config} {ENGINES[name][1]}",
                       seconds=statistics.median(seconds[name]), all_seconds=seconds[name],
                       perplexity=ppl[name], source_perplexity=source_ppl,
-                      version=versions[name])
+                      version=versions[name], **plan_fields)
                  for name in engines]
     for row in rows:
         print(row)

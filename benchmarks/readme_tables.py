@@ -288,7 +288,9 @@ def quant_peers_table(name: str = "quant_peers.json") -> List[str]:
     if data is None:
         return []
     meta = data["meta"]
-    body = [[r["engine"], f"{r['version']}", r["config"],
+    body = [[r["engine"], f"{r['version']}",
+             r["config"] + (f" ({float(r['plan_avg_bits']):.2f} bits/weight)"
+                            if "plan_avg_bits" in r else ""),
              f"{float(r['seconds']):.0f} s ({', '.join(f'{s:.0f}' for s in r['all_seconds'])})",
              f"{float(r['perplexity']):.2f} (source {float(r['source_perplexity']):.2f})"]
             for r in data["rows"]]
@@ -296,6 +298,9 @@ def quant_peers_table(name: str = "quant_peers.json") -> List[str]:
     peers = sorted({r["engine"] for r in data["rows"] if not r["engine"].startswith("pyengine")})
     title = ("GPTQ against llm-compressor" if peers == ["llm-compressor"]
              else f"pyengine's quantizers against {' and '.join(peers)}")
+    if any("layer_bits" in r for r in data["rows"]):
+        title += (", on mixed-precision plans (each plan's per-layer bits from pyengine.plan by "
+                  "LIM, the same for every engine)")
     return ([f"**{title}** on SmolLM2-135M (float32; one calibration "
              f"tensor for all that take one: {meta.get('calib')}; asymmetric groups; head "
              f"and embeddings dense; GPTQ: no activation order, damping 0.01; HQQ: its "
@@ -314,6 +319,7 @@ def gpu_files() -> List[str]:
 def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table, rotation_table, scale_table,
              quant_peers_table, lambda: quant_peers_table("quant_peers_g128.json"),
+             lambda: quant_peers_table("quant_peers_mixed.json"),
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
