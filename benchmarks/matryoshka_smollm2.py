@@ -34,6 +34,7 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 from pyengine.matryoshka import PLANES_READ, get_precision  # noqa: E402
 from pyengine.matryoshka.weight import PLANE_BITS  # noqa: E402
+from pyengine.modules.matryoshka_linear import MatryoshkaLinear  # noqa: E402
 from pyengine.models.smollm2 import load_smollm2  # noqa: E402
 
 SLICES = (8, 4, 2)
@@ -103,9 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 eval_text="offline corpus, evaluation split", seqlen=args.seqlen,
                 max_windows=args.max_windows, group_size=args.group_size,
                 calibration=f"{args.calib_samples} x {args.calib_seqlen} tokens, offline corpus "
-                            f"calibration split", matquant_weights=weights,
-                activations="float32", served_by="pyengine.matryoshka_matmul (torch reference "
-                                                  "on the bit planes)")
+                            f"calibration split", matquant_weights=weights)
     rows: List[Dict[str, Any]] = []
     out_json = args.out.with_suffix(".json")
 
@@ -142,6 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Recipe({"_default": QuantConfig(8, args.group_size, matryoshka=True, method="matquant")}),
         calib, show_progress=True, matquant_options=dict(weights=weights, report=report))
     meta["matquant_s"] = time.perf_counter() - t0
+    # what the parents compute in (pyengine.compress's default dtype) and which backend serves
+    # their slices
+    dtype = next(t.dtype for t in parents["rtn"].parameters() if t.is_floating_point())
+    meta["activations"] = str(dtype).replace("torch.", "")
+    probe = next(m for m in parents["rtn"].modules() if isinstance(m, MatryoshkaLinear))
+    x = torch.zeros(1, probe.in_features, dtype=dtype)
+    meta["served_by"] = ("pyengine.ops.qlinear, backend "
+                         + pyengine.ops.backend_for(x, probe.matryoshka_weight.at(4)))
     chosen: Dict[str, int] = {}
     rel: Dict[str, List[float]] = {str(r): [] for r in weights}
     for info in report.values():
@@ -170,14 +177,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         avg_bits=float(r), ppl=ppl(parent), code_bytes_read=plane_share(r),
                         eval_s=time.perf_counter() - t0))
 
-    for r in (4, 2):
+    # direct RTN at r bits, with and without the calibration data (given it, RTN weighs each
+    # input's rounding error by the input's mean square on it)
+    for r, calibrated in ((4, False), (2, False), (4, True), (2, True)):
         direct = pyengine.compress(copy.deepcopy(model),
                                    Recipe({"_default": QuantConfig(r, args.group_size)}),
-                                   show_progress=False)
+                                   calib if calibrated else None, show_progress=False)
         t0 = time.perf_counter()
-        record(dict(config=f"direct RTN int{r} (reference)", parent=None, schedule=f"uniform {r}",
-                    avg_bits=float(r), ppl=ppl(direct), code_bytes_read=None,
-                    eval_s=time.perf_counter() - t0))
+        label = "calibrated RTN" if calibrated else "RTN"
+        record(dict(config=f"direct {label} int{r} (reference)", parent=None,
+                    schedule=f"uniform {r}", avg_bits=float(r), ppl=ppl(direct),
+                    code_bytes_read=None, eval_s=time.perf_counter() - t0))
         del direct
 
     # ---- Mix'n'Match --------------------------------------------------------------------------
@@ -254,10 +264,12 @@ def plot(out: Path, rows: List[Dict[str, Any]]) -> None:
             ax.scatter([x], [r["ppl"]], color=color, marker="*", s=90)
             ax.annotate(r["schedule"], (x, r["ppl"]), textcoords="offset points",
                         xytext=(5, 3), fontsize=7, color=color)
-    direct = sorted((r["avg_bits"], r["ppl"]) for r in rows if r["config"].startswith("direct"))
-    if direct:
-        ax.plot([b for b, _ in direct], [p for _, p in direct], color="gray", marker="^",
-                ls="--", label="direct RTN (reference)")
+    for prefix, style in (("direct RTN", "--"), ("direct calibrated RTN", ":")):
+        direct = sorted((r["avg_bits"], r["ppl"]) for r in rows
+                        if r["config"].startswith(prefix + " "))
+        if direct:
+            ax.plot([b for b, _ in direct], [p for _, p in direct], color="gray", marker="^",
+                    ls=style, label=f"{prefix} (reference)")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (* = Mix'n'Match at 4 bits on average, drawn right of 4)")
     ax.set_ylabel("perplexity (held-out, log scale)")
