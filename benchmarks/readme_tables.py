@@ -311,6 +311,34 @@ def quant_peers_table(name: str = "quant_peers.json") -> List[str]:
                      body))
 
 
+def vllm_table(name: str) -> List[str]:
+    """Decode tokens/s of vLLM with the pyengine plugin, vLLM dense and pyengine alone
+    (benchmarks/bench_vllm.py)."""
+    data = _load(name)
+    if data is None:
+        return []
+    meta = data["meta"]
+    by = {(r["engine"], r["threads"]): r for r in data["rows"]}
+    threads = sorted({r["threads"] for r in data["rows"]})
+    engines = [e for e in ("vllm-pyengine", "vllm-dense", "vllm-pyengine-compiled",
+                           "vllm-dense-compiled", "pyengine") if any(k[0] == e for k in by)]
+    body = []
+    for engine in engines:
+        cells = []
+        for t in threads:
+            row = by.get((engine, t))
+            cells.append("" if row is None else
+                         f"{float(row['tokens_per_s']):.1f} "
+                         f"({', '.join(f'{v:.1f}' for v in row['per_round'])})")
+        body.append([engine, by[next(k for k in by if k[0] == engine)]["model"]] + cells)
+    return ([f"**vLLM serving a pyengine checkpoint** (batch-1 greedy decode tokens/s, median of "
+             f"{meta.get('rounds')} alternating rounds, each a fresh process; {meta.get('vllm')}, "
+             f"{meta.get('vllm_mode')}; {meta.get('dtype')}; pyengine's CPU kernels: "
+             f"{meta.get('cpu_isa')} build; {_source(name, meta)})", ""]
+            + _table(["engine", "model"] + [f"{t} thread{'s' if t > 1 else ''}"
+                                            for t in threads], body))
+
+
 def gpu_files() -> List[str]:
     """Result files of GPU runs (kernel benchmarks are named per device)."""
     return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
@@ -320,6 +348,7 @@ def sections() -> List[Callable[[], List[str]]]:
     return ([seeds_table, engine_table, matryoshka_table, rotation_table, scale_table,
              quant_peers_table, lambda: quant_peers_table("quant_peers_g128.json"),
              lambda: quant_peers_table("quant_peers_mixed.json"),
+             lambda: vllm_table("vllm_cpu.json"), lambda: vllm_table("vllm_cpu_avx2.json"),
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),

@@ -1,0 +1,27 @@
+"""Serving pyengine checkpoints with vLLM (``pip install pyengine[vllm]``).
+
+vLLM loads this plugin through the ``vllm.general_plugins`` entry point that pyengine's package
+declares; :func:`register` adds the quantization method ``"pyengine"`` (pyengine.vllm.methods),
+which vLLM then picks for any checkpoint directory written by ``pyengine.save`` (its
+``config.json`` names ``quant_method: "pyengine"``)::
+
+    vllm serve ./smollm2-pyengine          # or LLM("./smollm2-pyengine") in Python
+
+Each quantized linear layer, the token table and the head run on pyengine's ops (the CPU C++,
+Triton or CUDA backend pyengine selects for the device), with mixed bits per layer, any group
+size, fused q/k/v and gate/up, tensor-parallel shards (pyengine.vllm.sharding) and Matryoshka
+layers served at the precision their checkpoint names, or at $PYENGINE_MATRYOSHKA_PRECISION.
+
+``import pyengine`` never imports this package (nor vLLM); only vLLM's plugin loader (or an
+explicit ``import pyengine.vllm``) does.
+"""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+
+def register() -> None:
+    """vLLM's general-plugin hook: registers the ``"pyengine"`` quantization method (idempotent:
+    vLLM calls it in every process it starts)."""
+    from . import methods  # noqa: F401  (the import registers the method)
