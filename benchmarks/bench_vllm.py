@@ -54,10 +54,8 @@ def _prompt_ids(tokenizer) -> List[int]:
 
 def child_vllm(model_dir: str, prompt: List[int], compiled: bool) -> Dict[str, object]:
     """In the Python with vLLM: load ``model_dir`` and time decoding (see the docstring)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from pyengine.vllm.verify import ensure_registered
-    plugin = ensure_registered()
+    from pyengine.vllm.verify import in_process_engine
+    plugin = in_process_engine()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     t0 = time.perf_counter()

@@ -10,8 +10,9 @@ package index cannot provide it) serves SmolLM2-135M checkpoints through the plu
 ``python -m pyengine.vllm.verify`` compares vLLM's greedy tokens (32 steps, 3 prompts, fp32)
 and first-step log-probabilities with pyengine's own: a mixed 8/4/3/2-bit checkpoint (fused
 layers whose parts differ in bits, every group size, a symmetric layer, fp16 scales, an int8
-tied table and head; eager and compiled by vLLM), int8-activation layers, a Matryoshka one served at the precision its config names and at
-an overriding one; a sliced checkpoint is refused with one line.
+tied table and head; eager and compiled by vLLM), int8-activation layers, a Matryoshka one
+served at the precision its config names and at an overriding one; a sliced checkpoint is
+refused with one line.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _fields(weight) -> dict:
     return {name: getattr(weight, name) for name in names if getattr(weight, name) is not None}
 
 
-# ---- sharding (no vLLM) ---------------------------------------------------------------------------
+# ---- sharding (no vLLM) --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)

@@ -18,7 +18,10 @@ explicit ``import pyengine.vllm``) does.
 
 from __future__ import annotations
 
-__all__ = ["register"]
+__all__ = ["PRECISION_ENV", "register"]
+
+# The environment variable that overrides the precision Matryoshka layers serve.
+PRECISION_ENV = "PYENGINE_MATRYOSHKA_PRECISION"
 
 
 def register() -> None:

@@ -51,9 +51,9 @@ from ..checkpoint_checks import QUANT_METHOD, SCALE_DTYPES, validate_metadata
 from ..matryoshka.weight import MatryoshkaWeight, check_precision
 from ..ops import qembedding, qlinear
 from ..qweight import QuantizedWeight
+from . import PRECISION_ENV
 from .sharding import check_input_split, qkv_rows, shard_inputs, shard_rows
 
-PRECISION_ENV = "PYENGINE_MATRYOSHKA_PRECISION"
 PLANE_FIELDS = ("plane_hi", "plane_mid", "plane_lo")
 
 
@@ -213,7 +213,7 @@ class PyengineConfig(QuantizationConfig):
                                              for shard, entry in entries])
 
 
-# ---- loading --------------------------------------------------------------------------------------
+# ---- loading -------------------------------------------------------------------------------------
 
 def _source_rows(layer: Module, shard_id: Any, fmt: LayerFormat) -> Tuple[int, int, int]:
     """(first row, rows, rows with padding) of the checkpoint tensor of ``shard_id`` that this
@@ -241,6 +241,18 @@ def _input_split(layer: Module, prefix: str, fmt: LayerFormat) -> Tuple[int, int
         per_rank = check_input_split(prefix, fmt.in_features, layer.tp_size, fmt.group_size)
         return layer.tp_rank * per_rank, per_rank
     return 0, fmt.in_features
+
+
+def _mergeable_runs(shards: List[Tuple[Any, LayerFormat]]) -> List[List[Tuple[Any, LayerFormat]]]:
+    """Consecutive shards of one format, in order: each run becomes one weight (the rows of its
+    shards stacked), so a fused layer whose parts share a format is one kernel call."""
+    runs: List[List[Tuple[Any, LayerFormat]]] = []
+    for shard, fmt in shards:
+        if runs and runs[-1][0][1].merge_key() == fmt.merge_key():
+            runs[-1].append((shard, fmt))
+        else:
+            runs.append([(shard, fmt)])
+    return runs
 
 
 class _ShardedMethod(QuantizeMethodBase):
@@ -306,15 +318,9 @@ class _ShardedMethod(QuantizeMethodBase):
                                            f"{', '.join(missing)} for shard {shard!r}")
         for name in {f for _, fmt in self.shards for f in fmt.fields}:
             delattr(layer, name)
-        runs: List[List[Tuple[Any, LayerFormat]]] = []
-        for shard, fmt in self.shards:
-            if runs and runs[-1][0][1].merge_key() == fmt.merge_key():
-                runs[-1].append((shard, fmt))
-            else:
-                runs.append([(shard, fmt)])
         k_size = layer.pyengine_input_range[1]
         weights = []
-        for i, run in enumerate(runs):
+        for i, run in enumerate(_mergeable_runs(self.shards)):
             fmt = run[0][1]
             tensors = {f: torch.cat([loaded[shard][f] for shard, _ in run])
                        if len(run) > 1 else loaded[run[0][0]][f] for f in fmt.fields}
@@ -416,6 +422,6 @@ class PyengineEmbeddingMethod(_ShardedMethod):
         return qlinear(x, self._weight(layer), bias)
 
 
-__all__ = ["LayerFormat", "PRECISION_ENV", "PyengineConfig", "PyengineEmbeddingMethod",
+__all__ = ["LayerFormat", "PyengineConfig", "PyengineEmbeddingMethod",
            "PyengineLinearMethod", "PyengineServingError", "check_servable",
            "served_precision"]

@@ -86,7 +86,8 @@ def check_input_split(layer: str, in_features: int, ranks: int, group_size: int)
 
 
 def qkv_rows(shard: str, rank: int, heads_per_rank: int, kv_heads_per_rank: int,
-             kv_replicas: int, head_size: int, v_head_size: Optional[int] = None) -> Tuple[int, int]:
+             kv_replicas: int, head_size: int,
+             v_head_size: Optional[int] = None) -> Tuple[int, int]:
     """(first row, rows) of the q, k or v projection that tensor-parallel rank ``rank`` holds.
 
     q is split by heads: rank r holds heads [r h, r h + h). k and v are split by kv heads; with

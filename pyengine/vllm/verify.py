@@ -23,6 +23,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import PRECISION_ENV
+
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):",
                    "Once upon a time, in a small village,")
 ENTRY_POINT_GROUP = "vllm.general_plugins"
@@ -44,14 +46,21 @@ def ensure_registered() -> str:
     return "registered"
 
 
+def in_process_engine() -> str:
+    """Prepares this process to run vLLM's engine in it (not in a child process, which would
+    need a ``__main__`` guard and loses an explicit registration) with a small CPU KV cache, and
+    makes sure the plugin is registered (:func:`ensure_registered`'s answer)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: enough for a few short prompts
+    return ensure_registered()
+
+
 def vllm_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int, dtype: str = "float32",
                 enforce_eager: bool = True, tokenizer: Optional[str] = None,
                 max_model_len: int = 512) -> Dict[str, Any]:
     """vLLM's greedy continuation of each prompt: {"tokens": [[ids]], "first_logprobs": [..],
     "load_seconds", "generate_seconds", "plugin"}."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")          # GiB: enough for 512 tokens
-    plugin = ensure_registered()
+    plugin = in_process_engine()
     from vllm import LLM, SamplingParams
     t0 = time.perf_counter()
     llm = LLM(checkpoint, tokenizer=tokenizer, dtype=dtype, enforce_eager=enforce_eager,
@@ -83,7 +92,7 @@ def pyengine_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int,
     from pyengine.modules.matryoshka_linear import MatryoshkaLinear
     tok = AutoTokenizer.from_pretrained(tokenizer or checkpoint)
     model = pyengine.load(checkpoint, dtype=getattr(torch, dtype))  # vLLM's activation dtype
-    override = os.environ.get("PYENGINE_MATRYOSHKA_PRECISION")
+    override = os.environ.get(PRECISION_ENV)
     if override and any(isinstance(m, MatryoshkaLinear) for m in model.modules()):
         pyengine.set_precision(model, int(override))  # what the plugin serves then
     config = copy.deepcopy(model.generation_config)
