@@ -292,3 +292,55 @@ def test_vllm_refuses_a_sliced_checkpoint_with_one_line(vllm_python, smollm2, tm
     lines = [line for line in run["stderr"].splitlines()
              if "changes the model's structure" in line]
     assert lines and "pyengine.load" in lines[-1], run["stderr"][-3000:]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_vllm_openai_server_loads_the_plugin_by_its_entry_point(vllm_python, smollm2, tmp_path):
+    """What a user runs: vLLM's OpenAI-compatible server, whose engine runs in a child process
+    that finds the plugin through the installed package's entry point only."""
+    from pyengine.vllm.verify import plugin_entry_point_installed, pyengine_greedy
+    if not plugin_entry_point_installed():
+        pytest.skip("pyengine is not installed here (pip install -e .): vLLM's server finds "
+                    "the plugin through the package's entry point")
+    import socket
+    import time
+    import urllib.request
+    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
+    pyengine.compress(model, pyengine.Recipe(quant={"_default": pyengine.QuantConfig(4, 64)}),
+                      show_progress=False, dtype=torch.float32)
+    checkpoint = _save(model, tokenizer, tmp_path / "served")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("PYTHONPATH", None)  # the installed pyengine, as a user has it
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(vllm_python), "-m", "vllm.entrypoints.openai.api_server",
+                               "--model", str(checkpoint), "--dtype", "float32", "--port",
+                               str(port), "--max-model-len", "256"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        for _ in range(240):
+            if server.poll() is not None:
+                break
+            try:
+                urllib.request.urlopen(base + "/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+        prompt = "The capital of France is"
+        body = json.dumps({"model": str(checkpoint), "prompt": prompt, "max_tokens": 12,
+                           "temperature": 0, "ignore_eos": True,
+                           "return_token_ids": True}).encode()
+        request = urllib.request.Request(base + "/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        choice = json.loads(urllib.request.urlopen(request, timeout=300).read())["choices"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    expected = pyengine_greedy(str(checkpoint), [prompt], 12)["tokens"][0]
+    assert choice["token_ids"] == expected, (choice["text"], tokenizer.decode(expected))
