@@ -349,6 +349,7 @@ def sections() -> List[Callable[[], List[str]]]:
              quant_peers_table, lambda: quant_peers_table("quant_peers_g128.json"),
              lambda: quant_peers_table("quant_peers_mixed.json"),
              lambda: vllm_table("vllm_cpu.json"), lambda: vllm_table("vllm_cpu_avx2.json"),
+             lambda: vllm_table("vllm_cpu_generic.json"),
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
