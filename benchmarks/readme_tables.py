@@ -228,8 +228,7 @@ def rotation_table() -> List[str]:
         body.append([r["engine"], label, f"{r['bits_per_weight']:.2f}", f"{ppl:.2f}",
                      change(ppl)])
     return ([f"**RTN, GPTQ and random rotations before GPTQ (`Recipe.rotate`)** on SmolLM2-135M "
-             f"(held-out "
-             f"perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, the same "
+             f"(held-out perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, the same "
              f"code for both engines; bits per weight over the whole file; "
              f"{meta.get('calib_samples')} x 512 calibration tokens; "
              f"{_source('rotation_smollm2.json', meta)})", ""]

@@ -40,11 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fields(weight) -> dict:
-    if isinstance(weight, MatryoshkaWeight):
-        names = ("plane_hi", "plane_mid", "plane_lo", "scales", "zeros")
-    else:
-        names = ("qweight", "scales", "zeros")
-    return {name: getattr(weight, name) for name in names if getattr(weight, name) is not None}
+    """The stored tensors of a weight, named as in a checkpoint."""
+    return weight.to_dict()[0]
 
 
 # ---- sharding (no vLLM) --------------------------------------------------------------------------

@@ -48,13 +48,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..checkpoint_checks import QUANT_METHOD, SCALE_DTYPES, validate_metadata
-from ..matryoshka.weight import MatryoshkaWeight, check_precision
+from ..matryoshka.weight import PLANE_NAMES, MatryoshkaWeight, check_precision
 from ..ops import qembedding, qlinear
 from ..qweight import QuantizedWeight
 from . import PRECISION_ENV
 from .sharding import check_input_split, qkv_rows, shard_inputs, shard_rows
 
-PLANE_FIELDS = ("plane_hi", "plane_mid", "plane_lo")
 
 
 class PyengineServingError(ValueError):
@@ -112,7 +111,7 @@ class LayerFormat:
 
     @property
     def fields(self) -> Tuple[str, ...]:
-        codes = PLANE_FIELDS if self.matryoshka else ("qweight",)
+        codes = PLANE_NAMES if self.matryoshka else ("qweight",)
         return codes + ("scales",) + (() if self.symmetric else ("zeros",))
 
     def field_dtype(self, field: str) -> torch.dtype:
@@ -330,7 +329,7 @@ class _ShardedMethod(QuantizeMethodBase):
                                          Parameter(tensor, requires_grad=False))
             zeros = tensors.get("zeros")
             if fmt.matryoshka:
-                parent = MatryoshkaWeight(*(tensors[f] for f in PLANE_FIELDS), tensors["scales"],
+                parent = MatryoshkaWeight(*(tensors[f] for f in PLANE_NAMES), tensors["scales"],
                                           zeros, group_size=fmt.group_size, shape=(rows, k_size))
                 weights.append((parent.at(fmt.precision), fmt.act_bits))
             else:

@@ -27,11 +27,10 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..matryoshka.weight import PLANE_BITS
 from ..packing import BLOCK_CODES
 from ..qweight import padded_in_features
 
-# Bits per code of each packed field; the other fields (scales, zeros) hold one value per group.
-PLANE_FIELD_BITS = {"plane_hi": 3, "plane_mid": 2, "plane_lo": 3}
 GROUP_FIELDS = ("scales", "zeros")
 
 
@@ -44,8 +43,8 @@ def field_bits(field: str, bits: int) -> Optional[int]:
     field (scales, zeros)."""
     if field == "qweight":
         return bits
-    if field in PLANE_FIELD_BITS:
-        return PLANE_FIELD_BITS[field]
+    if field in PLANE_BITS:
+        return PLANE_BITS[field]
     if field in GROUP_FIELDS:
         return None
     raise ShardingError(f"unknown stored field {field!r} (expected qweight, plane_hi, plane_mid, "
