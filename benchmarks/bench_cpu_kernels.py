@@ -14,9 +14,9 @@ the --group-size) against the cpu backend's int4 at that group size, and
 per-channel int8. Each is checked against the dequantized weight before it is timed.
 
 The cpu backend also runs with int8 activations (``act_bits=8``, rows with activations
-"int8": the integer dot-product path for 2- and 4-bit weights at decode sizes). Every weight is
-held in enough copies that one pass over all of them exceeds ``--rotate-mb`` (default 256 MB,
-beyond the last-level cache), and consecutive calls take the next copy, so that the rows
+"int8": the integer dot-product path for 2-, 3-, 4- and 8-bit weights at decode sizes). Every
+weight is held in enough copies that one pass over all of them exceeds ``--rotate-mb`` (default
+256 MB, beyond the last-level cache), and consecutive calls take the next copy, so that the rows
 measure streaming from memory, as decoding a model does. ``--isa`` runs the cpu backend's build
 for one instruction set (e.g. avx2 on an AVX-512 machine).
 
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
                     "dequant_matmul", "cpu", bits, args.group_size, "float32", qw.nbytes,
                     _rotating(q_copies[bits],
                               lambda q: pyengine.ops.dequant_matmul(x, q, backend="cpu")))
-                if args.act8 and bits in (2, 4, 8):
+                if args.act8:
                     _check(f"cpu int{bits} act8",
                            pyengine.ops.qlinear(x, qw, act_bits=8, backend="cpu"),
                            quantize_activations(x), qw.dequantize(torch.float32))

@@ -145,7 +145,7 @@ def _add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_
                    help="weights per scale: 32, 64, 128 or -1 per channel (default: "
                         f"{group_size})")
     g.add_argument("--act-bits", type=int, choices=(0, 8), default=act_bits,
-                   help="8: int8 activations (per block of 32) for the 2-, 4- and 8-bit layers, "
+                   help="8: int8 activations (per block of 32) for the quantized layers, "
                         "which the CPU kernels multiply as integers: faster decoding, slightly "
                         f"less accurate (default: {act_bits})")
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=rotate,

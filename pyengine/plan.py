@@ -209,8 +209,9 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
         slice_schedule: "dynamic" (per-layer widths from redundancy) or "constant".
         slice_base: the smallest per-layer fraction of dynamic slicing (default slicing / 2).
         layer_scores: precomputed pyengine.scores(...) output (skips the calibration pass).
-        act_bits: 8 gives the 2-, 4- and 8-bit layers int8 activations (QuantConfig.act_bits:
-            the CPU kernels' integer path); 0 (default) keeps every layer's input as it is.
+        act_bits: 8 gives every quantized layer int8 activations (QuantConfig.act_bits: the
+            CPU kernels' integer path, for 2, 3, 4 and 8 bits); 0 (default) keeps every
+            layer's input as it is.
         rotate: Recipe.rotate (random orthogonal rotations before quantizing; the scores are
             measured on the model as it is: LIM and slicing's redundancy do not change under
             them).
@@ -265,9 +266,8 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
     info["layer_bits"] = bits
     info["achieved_avg_bits"] = achieved
 
-    def config(b: int) -> QuantConfig:  # int8 activations where the integer path serves b
-        return QuantConfig(b, group_size, symmetric, method,
-                           act_bits=act_bits if b in (2, 4, 8) else 0)
+    def config(b: int) -> QuantConfig:
+        return QuantConfig(b, group_size, symmetric, method, act_bits=act_bits)
 
     quant: Dict[str, Optional[QuantConfig]] = {}
     for i, b in enumerate(bits):

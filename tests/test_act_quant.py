@@ -1,5 +1,5 @@
-"""Int8 activations (act_bits=8): the reference quantizer, the CPU kernels' integer path (2 and 4
-bits at decode sizes) and exact fallback on every instruction-set build against the reference
+"""Int8 activations (act_bits=8): the reference quantizer, the CPU kernels' integer path (2, 3, 4
+and 8 bits at decode sizes) and exact fallback on every instruction-set build against the reference
 product on the quantized activations, every other backend through the op, the layers, the
 recipe and checkpoint fields, and the errors."""
 
@@ -48,7 +48,7 @@ def _operand(qw):
 @pytest.mark.parametrize("backend", CPU_BUILDS, ids=[b.isa for b in CPU_BUILDS])
 @pytest.mark.parametrize("bits", BITS)
 def test_cpu_kernels_match_the_product_on_quantized_activations(backend, bits, rng):
-    """Every ISA build, bits x group x dtype, decode M (the integer path for 2 and 4 bits) and
+    """Every ISA build, bits x group x dtype, decode M (the integer path) and
     larger M (the exact kernels on the quantized activations), odd N and K, bias and the
     shortcut epilogue, into NaN-poisoned outputs."""
     for case, (group_size, dtype) in enumerate(itertools.product(GROUP_SIZES, DTYPES)):
@@ -66,6 +66,24 @@ def test_cpu_kernels_match_the_product_on_quantized_activations(backend, bits, r
             ref = reference_matmul(quantize_activations(x), operand, n, k, bias, res, sc)
             assert_matches(out.float(), ref, dtype,
                            f"{backend.isa} {bits}-bit g{group_size} {dtype} M={m} [{n}, {k}]")
+
+
+@pytest.mark.parametrize("backend", CPU_BUILDS, ids=[b.isa for b in CPU_BUILDS])
+def test_cpu_3bit_integer_path_at_step_and_row_edges(backend, rng):
+    """3-bit codes on the integer path read a step of 2 (AVX2) or 4 (AVX-512) blocks of 32
+    codes and a few packed words past it: K from one block to just over a step's multiple, a
+    single row, and the last rows, whose last step the kernel reads from a copy."""
+    for k, n, group_size in ((32, 1, 32), (96, 7, -1), (128, 17, 64), (136, 3, 32),
+                             (352, 9, 128), (4000, 5, 64)):
+        qw = pyengine.quantize(random_weight(n, k, rng), 3, group_size, clip_search=False)
+        operand = _operand(qw)
+        for m in (1, 2, 5, 8):
+            x = torch.randn(m, k, generator=rng) * 3
+            out = poisoned((m, n), torch.float32, "cpu")
+            backend.matmul(x, operand, n, k, None, None, None, out=out, act_bits=8)
+            ref = reference_matmul(quantize_activations(x), operand, n, k, None, None, None)
+            assert_matches(out, ref, torch.float32, f"{backend.isa} 3-bit g{group_size} M={m} "
+                                                    f"[{n}, {k}]")
 
 
 def test_every_backend_serves_act_bits_through_the_op(rng):
@@ -168,13 +186,15 @@ def test_a_tied_head_on_int8_activations_shares_the_table(tmp_path, rng):
         assert torch.equal(loaded(ids).logits, logits)
 
 
-def test_plan_gives_int8_activations_where_the_integer_path_serves_the_bits():
+def test_plan_gives_every_quantized_layer_int8_activations():
     from pyengine.models.random import random_model
     model = random_model("llama", num_hidden_layers=4)
-    recipe = pyengine.plan(model, avg_bits=4.5, bit_choices=(8, 4, 3, 2), importance="random",
+    # avg_bits counts scales and zeros: the small random model's layers store several bits per
+    # weight of them
+    recipe = pyengine.plan(model, avg_bits=7.0, bit_choices=(4, 3), importance="random",
                            method="rtn", act_bits=8, show_progress=False)
     configs = [c for c in recipe.quant.values() if c is not None]
-    assert {c.bits for c in configs} - {3}  # some layers on the integer path
+    assert {c.bits for c in configs} == {3, 4}  # the 3-bit layers too: integer path
     for c in configs:
-        assert c.act_bits == (8 if c.bits in (2, 4, 8) else 0), c
+        assert c.act_bits == 8, c
     assert recipe.info["act_bits"] == 8

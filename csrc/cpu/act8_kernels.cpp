@@ -7,15 +7,16 @@
 //             - sum_g z[n,g] * s[n,g] * sum_{b in g} d[m,b] * sum_{k in b} q[m,k]
 //
 // with c the weight's codes. The inner sums are integer dot products: int8 activations times
-// the 2-, 4- or 8-bit codes as unsigned bytes, by vpmaddubsw (u8 x s8 -> pairs of s16) and
+// the 2-, 3-, 4- or 8-bit codes as unsigned bytes, by vpmaddubsw (u8 x s8 -> pairs of s16) and
 // vpmaddwd (-> s32), 32 (AVX2) or 64 (AVX-512) code bytes per instruction, instead of one
 // fp32 FMA per code: this is the decode path that keeps up with memory bandwidth.
 //
 // Compiled once per instruction set like qmatmul_kernels.cpp. The integer paths are built for
-// AVX2 and AVX-512 (BW) and taken for 2-, 4- and 8-bit weights at M <= kDecodeMaxM: on the
-// canonical rows (act8_row, one row at a time) or on rows interleaved by eights
-// (QMatmulArgs::interleave, rows8_octet: eight rows' dot products in the lanes of one vector).
-// Every other case (3 bits, larger M, the generic build) quantizes the activations the same way
+// AVX2 and AVX-512 (BW) and taken for 2-, 3-, 4- and 8-bit weights at M <= kDecodeMaxM: on the
+// canonical rows (act8_row, one row at a time; 3-bit codes decoded to bytes first, decode3) or,
+// for 2, 4 and 8 bits, on rows interleaved by eights (QMatmulArgs::interleave, rows8_octet:
+// eight rows' dot products in the lanes of one vector).
+// Every other case (larger M, the generic build) quantizes the activations the same way
 // into an fp32 copy and runs the exact kernels on it, so every path computes the same product.
 //
 // Byte layout. A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
@@ -150,32 +151,107 @@ inline float vsum(VF v) {
 constexpr int kLanes = kVB / 4;  // 32-bit lanes per step (one packed word each)
 constexpr int kMaxRowBlock = 4;  // activation rows per pass over a weight row
 
+// The step of BITS-bit codes. 2, 4 and 8 bits: kVB packed code bytes, read as kCodesPerByte
+// planes. 3 bits: 2 * kVB codes, decoded (decode3) from the 3 * kVB / 4 packed bytes that hold
+// them into two vectors of one code per byte, the step's two planes.
 template <int BITS>
 struct Act8Layout {
-  static constexpr int kCodesPerByte = 8 / BITS;            // 1 for 8-bit codes
-  static constexpr int kPlanes = kCodesPerByte;             // activation planes per step
-  static constexpr int kStepCodes = kVB * kCodesPerByte;
-  static constexpr int kStepWords = kVB / 4;
-  static constexpr int kLaneCodes = 4 * kCodesPerByte;       // codes per 32-bit lane (a word)
+  static constexpr int kCodesPerByte = BITS == 3 ? 1 : 8 / BITS;  // of a plane
+  static constexpr int kPlanes = BITS == 3 ? 2 : kCodesPerByte;  // activation planes per step
+  static constexpr int kStepCodes = kVB * kPlanes;
+  static constexpr int kStepWords = kStepCodes * BITS / 32;  // packed words of a step
+  // Words a step's load reads: its own, and for 3 bits a few after them (see decode3)
+  static constexpr int kLoadWords = BITS == 3 ? kVB / 4 : kStepWords;
+  static constexpr int kLaneCodes = 4 * kPlanes;  // codes per 32-bit lane (over the planes)
   // Field mask of a plane; 8-bit codes are split into two nibbles (see step_dot).
   static constexpr int kMask = BITS == 8 ? 0x0F : (1 << BITS) - 1;
+  // The code that byte i of plane j of a step holds, relative to the step's first code: the
+  // canonical packing for 2, 4 and 8 bits (see the top); for 3 bits decode3's order, codes
+  // 16j .. 16j + 15 of block i / 16 in pairs swapped.
+  static constexpr int code_of(int i, int j) {
+    return BITS == 3 ? 32 * (i / 16) + 16 * j + ((i % 16) ^ 1) : kCodesPerByte * i + j;
+  }
 };
+
+// ---- 3-bit codes to bytes ----------------------------------------------------------------------
+// A 3-bit step is kVB / 16 blocks of 32 codes (2 with AVX2, 4 with AVX-512), 12 packed bytes
+// each: the stream of docs/FORMAT.md (code c of a block at bits [3c, 3c + 3) of its bytes read
+// as one little-endian number). decode3 gives 128-bit lane L of both planes block L's codes,
+// codes 0 .. 15 to plane 0 and 16 .. 31 to plane 1, so that a 32-bit lane of the two planes
+// together (8 codes) lies in one activation block and one weight group, as the wider codes'
+// lanes do. Three moves:
+//  1. dword permutation: lane L receives the step's dwords 3L .. 3L + 3, block L's 12 bytes
+//     and 4 after them (a 32-byte load with AVX2, 64 bytes with AVX-512).
+//  2. per plane j, a byte shuffle builds for 16-bit word t of a lane (t < 8) the little-endian
+//     value of the two bytes from stream byte (48j + 6t) / 8: the block's codes 16j + 2t (the
+//     even one) and 16j + 2t + 1 (the odd one) at bits e = 6t mod 8 and e + 3 of it (e <= 6,
+//     so both lie within the two bytes; 48j is a multiple of 8).
+//  3. unsigned multiplies move each code into place within the word: the low 16 bits of the
+//     value times 2^(8 - e) put the even code at bits 8..10; the high 16 bits of the value
+//     times 2^(13 - e) shift it right by e + 3, the odd code to bits 0..2; masks clear the
+//     rest (one ternary logic operation with AVX-512).
+// So byte 2t of a plane's lane holds the odd code and byte 2t + 1 the even one (the
+// activations are permuted to match, Act8Layout::code_of). The shuffles read at most byte
+// 6 + 5 + 1 = 12 of a lane.
+struct Decode3 {
+  VI lane_dwords;     // move 1
+  VI word_bytes[2];   // move 2, per plane
+  VI even_mul, odd_mul, even_mask, odd_mask;  // move 3
+};
+
+inline Decode3 decode3_constants() {
+  constexpr int lanes = kVB / 16;
+  alignas(64) int32_t dwords[kVB / 4];
+  alignas(64) int8_t word_bytes[2][kVB];
+  alignas(64) uint16_t even_mul[kVB / 2], odd_mul[kVB / 2];
+  for (int lane = 0; lane < lanes; ++lane) {
+    for (int d = 0; d < 4; ++d) dwords[4 * lane + d] = 3 * lane + d;
+    for (int t = 0; t < 8; ++t) {
+      for (int j = 0; j < 2; ++j)
+        for (int h = 0; h < 2; ++h)
+          word_bytes[j][16 * lane + 2 * t + h] = (int8_t)((48 * j + 6 * t) / 8 + h);
+      const int e = 6 * t % 8;
+      even_mul[8 * lane + t] = (uint16_t)(1u << (8 - e));
+      odd_mul[8 * lane + t] = (uint16_t)(1u << (13 - e));
+    }
+  }
+  return Decode3{vload(dwords), {vload(word_bytes[0]), vload(word_bytes[1])},
+                 vload(even_mul), vload(odd_mul), vset16(0x0700), vset16(0x0007)};
+}
+
+// The two planes of code bytes of the 3-bit step at `words` (reads kLoadWords words).
+PYENGINE_INLINE inline void decode3(const uint32_t* words, const Decode3& c, VI* planes) {
+#if defined(__AVX512BW__)
+  const VI src = _mm512_permutexvar_epi32(c.lane_dwords, vload(words));
+  for (int j = 0; j < 2; ++j) {
+    const VI pair = _mm512_shuffle_epi8(src, c.word_bytes[j]);
+    const VI odd = _mm512_and_si512(_mm512_mulhi_epu16(pair, c.odd_mul), c.odd_mask);
+    planes[j] = _mm512_ternarylogic_epi32(_mm512_mullo_epi16(pair, c.even_mul), c.even_mask,
+                                          odd, 0xEA);  // (even & even_mask) | odd
+  }
+#else
+  const VI src = _mm256_permutevar8x32_epi32(vload(words), c.lane_dwords);
+  for (int j = 0; j < 2; ++j) {
+    const VI pair = _mm256_shuffle_epi8(src, c.word_bytes[j]);
+    planes[j] = _mm256_or_si256(
+        _mm256_and_si256(_mm256_mullo_epi16(pair, c.even_mul), c.even_mask),
+        _mm256_and_si256(_mm256_mulhi_epu16(pair, c.odd_mul), c.odd_mask));
+  }
+#endif
+}
 
 // Per call: the quantized activations in step order and what each step's lanes are scaled by.
 struct Act8Plan {
   int64_t Kp;            // K rounded up to whole 32-code blocks
   int64_t steps;         // steps per row (the last may reach past Kp: zero activations there)
-  int64_t full_steps;    // steps whose words lie within every row (the rest: the last one)
+  int64_t full_steps;    // steps whose load lies within every row (the rest: the last one)
   int64_t row_words;     // packed words of a row's Kp codes
   int64_t G;             // weight groups covering Kp
   int64_t in_place_rows; // rows n < this read their last step in place (see qmatmul_kernels)
   std::vector<int8_t> xp;       // [M][steps][planes][kVB] permuted int8 activations
-  // [M][row_blocks] activation scale of each block of kActBlock codes (row_blocks: the steps'
-  // blocks plus kLanes of padding, so that a step's vector load stays within its row); a
-  // step's lane scales are one permutation of its first kLanes blocks (lane_block)
-  std::vector<float> block_d;
-  int64_t row_blocks;
-  std::vector<int32_t> lane_block;  // [kLanes] block of lane u relative to the step's first
+  // [M][steps][kLanes] the activation scale of each lane of a step: d of the block that holds
+  // the lane's codes (written out per lane: one load per step instead of a permutation)
+  std::vector<float> lane_d;
   std::vector<float> xsum;      // [M][G] sum over the group of x^ = d * q
   std::vector<int32_t> group0;  // [steps] weight group of the step's first lane
   std::vector<int32_t> offset;  // [steps][kLanes] lane's group - group0 (< kLanes)
@@ -188,9 +264,11 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
   p.Kp = (a.K + 31) / 32 * 32;
   p.steps = (p.Kp + L::kStepCodes - 1) / L::kStepCodes;
   p.row_words = p.Kp * BITS / 32;
-  p.full_steps = p.row_words / L::kStepWords;
+  // steps whose load lies within the row (3 bits: a load reads past the step's own words)
+  p.full_steps = p.row_words >= L::kLoadWords
+                     ? (p.row_words - L::kLoadWords) / L::kStepWords + 1 : 0;
   p.G = (p.Kp + a.group_size - 1) / a.group_size;
-  const int64_t chunk_end = p.steps * L::kStepWords;
+  const int64_t chunk_end = (p.steps - 1) * L::kStepWords + L::kLoadWords;  // the last load's end
   const int64_t data_end = (a.N - 1) * a.ldq + p.row_words;
   p.in_place_rows = chunk_end <= data_end ? (data_end - chunk_end) / a.ldq + 1 : 0;
   const int64_t codes = p.steps * L::kStepCodes;  // a multiple of kActBlock
@@ -198,10 +276,7 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
   std::vector<int8_t> q(codes);
   std::vector<float> d(blocks);
   p.xp.assign((size_t)(a.M * codes), 0);
-  p.row_blocks = blocks + kLanes;
-  p.block_d.assign((size_t)(a.M * p.row_blocks), 0.f);
-  p.lane_block.resize(kLanes);
-  for (int u = 0; u < kLanes; ++u) p.lane_block[u] = (int32_t)(L::kLaneCodes * u / kActBlock);
+  p.lane_d.resize((size_t)(a.M * p.steps * kLanes));
   p.xsum.assign((size_t)(a.M * p.G), 0.f);
   auto group_of = [&](int64_t k) { return std::min<int64_t>(p.G - 1, k / a.group_size); };
   for (int64_t m = 0; m < a.M; ++m) {
@@ -211,9 +286,13 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
     for (int64_t s = 0; s < p.steps; ++s) {
       for (int j = 0; j < L::kPlanes; ++j)
         for (int i = 0; i < kVB; ++i)
-          xm[(s * L::kPlanes + j) * kVB + i] = q[s * L::kStepCodes + L::kCodesPerByte * i + j];
+          xm[(s * L::kPlanes + j) * kVB + i] = q[s * L::kStepCodes + L::code_of(i, j)];
     }
-    std::copy(d.begin(), d.end(), p.block_d.begin() + m * p.row_blocks);
+    // lane u of step s: codes s * kStepCodes + kLaneCodes * u + [0, kLaneCodes), one block
+    float* dm = p.lane_d.data() + m * p.steps * kLanes;
+    for (int64_t s = 0; s < p.steps; ++s)
+      for (int u = 0; u < kLanes; ++u)
+        dm[s * kLanes + u] = d[(s * L::kStepCodes + L::kLaneCodes * u) / kActBlock];
   }
   p.group0.resize(p.steps);
   p.offset.resize(p.steps * kLanes);
@@ -232,27 +311,31 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
 //    activations -> s16 pairs) per plane, summed, then vpmaddwd by ones (-> s32 lanes).
 //  * 8 bits: c = 16 * hi + lo with nibbles <= 15, so that the s16 pairs of vpmaddubsw stay in
 //    range (2 * 255 * 127 would not); hi's pairs are weighted by 16 in vpmaddwd.
+//  * 3 bits: bytes[0], bytes[1] are the step's decoded planes (decode3).
 template <int BITS>
-PYENGINE_INLINE inline VI step_dot(VI bytes, const VI* xv, VI mask, VI ones, VI sixteens) {
+PYENGINE_INLINE inline VI step_dot(const VI* bytes, const VI* xv, VI mask, VI ones,
+                                   VI sixteens) {
   using L = Act8Layout<BITS>;
-  if constexpr (BITS == 8) {
-    const VI lo = vmaddubs(vand(bytes, mask), xv[0]);
-    const VI hi = vmaddubs(vand(vsrl16<4>(bytes), mask), xv[0]);
+  if constexpr (BITS == 3) {
+    return vmadd16(vadd16(vmaddubs(bytes[0], xv[0]), vmaddubs(bytes[1], xv[1])), ones);
+  } else if constexpr (BITS == 8) {
+    const VI lo = vmaddubs(vand(bytes[0], mask), xv[0]);
+    const VI hi = vmaddubs(vand(vsrl16<4>(bytes[0]), mask), xv[0]);
     return vadd32(vmadd16(lo, ones), vmadd16(hi, sixteens));
   } else {
-    VI pairs = vmaddubs(vand(bytes, mask), xv[0]);
+    VI pairs = vmaddubs(vand(bytes[0], mask), xv[0]);
     unroll<L::kPlanes - 1>([&](auto j) PYENGINE_INLINE {
       constexpr int J = decltype(j)::value + 1;
-      pairs = vadd16(pairs, vmaddubs(vand(vsrl16<BITS * J>(bytes), mask), xv[J]));
+      pairs = vadd16(pairs, vmaddubs(vand(vsrl16<BITS * J>(bytes[0]), mask), xv[J]));
     });
     return vmadd16(pairs, ones);
   }
 }
 // The s16 pair sums stay in range: P planes of codes <= 2^BITS - 1 times |q| <= 127, two per
-// pair: 2 * P * (2^BITS - 1) * 127 <= 7620 for BITS = 4, 3048 for BITS = 2 and 3810 per nibble
-// for BITS = 8.
-static_assert(2 * 2 * 15 * 127 < 32767 && 2 * 4 * 3 * 127 < 32767 && 2 * 15 * 127 < 32767,
-              "vpmaddubsw pair sums");
+// pair: 2 * P * (2^BITS - 1) * 127 <= 7620 for BITS = 4, 3048 for BITS = 2, 3556 for BITS = 3
+// and 3810 per nibble for BITS = 8.
+static_assert(2 * 2 * 15 * 127 < 32767 && 2 * 4 * 3 * 127 < 32767 && 2 * 2 * 7 * 127 < 32767 &&
+              2 * 15 * 127 < 32767, "vpmaddubsw pair sums");
 
 // sum_g bf[g] * xsum[g] over g < G added to the lanes of acc (masked vector loads: no
 // horizontal sum of its own; the caller's sum of acc's lanes takes it).
@@ -286,16 +369,14 @@ inline VF add_dot(VF acc, const float* bf, const float* xsum, int64_t G) {
 // from the caches).
 template <int BITS, int MB, bool GROUP_STEPS>
 void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
-              const float* __restrict sf, const float* __restrict bf, uint8_t* tail,
-              float* out32) {
+              const float* __restrict sf, const float* __restrict bf, const Decode3& dec3,
+              uint8_t* tail, float* out32) {
   using L = Act8Layout<BITS>;
   constexpr int P = L::kPlanes;
   const VI mask = vset8(L::kMask), ones = vset16(1), sixteens = vset16(16);
   const int64_t steps = p.steps, full_steps = p.full_steps;
   const int8_t* __restrict xbase = p.xp.data() + m0 * steps * L::kStepCodes;
-  const float* __restrict dbase = p.block_d.data() + m0 * p.row_blocks;
-  constexpr int kStepBlocks = L::kStepCodes / (int)kActBlock;  // activation blocks per step
-  const VI lane_block = vload(p.lane_block.data());
+  const float* __restrict dbase = p.lane_d.data() + m0 * steps * kLanes;
   const int32_t* __restrict offsets = p.offset.data();
   const int32_t* __restrict group0 = p.group0.data();
   const uint32_t* __restrict wrow = a.qweight + n * a.ldq;
@@ -312,7 +393,9 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
       std::memcpy(tail, words, (size_t)(p.row_words - s * L::kStepWords) * 4);
       words = reinterpret_cast<const uint32_t*>(tail);
     }
-    const VI bytes = vload(words);
+    VI bytes[BITS == 3 ? 2 : 1];
+    if constexpr (BITS == 3) decode3(words, dec3, bytes);
+    else bytes[0] = vload(words);
     VF scale;
     if constexpr (!GROUP_STEPS) scale = vpermute(vloadf(sf + group0[s]), vload(offsets + s * kLanes));
     unroll<MB>([&](auto m) PYENGINE_INLINE {
@@ -320,7 +403,7 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
       unroll<P>([&](auto j) PYENGINE_INLINE {
         xv[j] = vload(xbase + ((m * steps + s) * P + j) * kVB);
       });
-      const VF d = vpermute(vloadf(dbase + m * p.row_blocks + s * kStepBlocks), lane_block);
+      const VF d = vloadf(dbase + (m * steps + s) * kLanes);
       const VF lanes = vcvt(step_dot<BITS>(bytes, xv, mask, ones, sixteens));
       if constexpr (GROUP_STEPS) gacc[m] = vfma(lanes, d, gacc[m]);
       else acc[m] = vfma(lanes, vmul(d, scale), acc[m]);
@@ -328,6 +411,16 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
   };
   if constexpr (GROUP_STEPS) {
     const int64_t per_group = p.G == 1 ? steps : a.group_size / L::kStepCodes;
+    if (per_group == 1) {  // a step per group: one loop (the nest below costs more per step)
+      auto group_step = [&](int64_t s, bool last) PYENGINE_INLINE {
+        unroll<MB>([&](auto m) PYENGINE_INLINE { gacc[m] = vzero(); });
+        step(s, last);
+        const VF scale = vbroadcast(sf + s);
+        unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = vfma(gacc[m], scale, acc[m]); });
+      };
+      for (int64_t s = 0; s < full_steps; ++s) group_step(s, false);
+      for (int64_t s = full_steps; s < steps; ++s) group_step(s, true);
+    } else {
     for (int64_t s0 = 0, g = 0; s0 < steps; s0 += per_group, ++g) {
       const int64_t s1 = std::min(steps, s0 + per_group);
       unroll<MB>([&](auto m) PYENGINE_INLINE { gacc[m] = vzero(); });
@@ -336,6 +429,7 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
       for (int64_t s = s_full; s < s1; ++s) step(s, true);
       const VF scale = vbroadcast(sf + g);
       unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = vfma(gacc[m], scale, acc[m]); });
+    }
     }
   } else {
     for (int64_t s = 0; s < full_steps; ++s) step(s, false);
@@ -352,7 +446,7 @@ constexpr int64_t kParamRows = 16;
 
 template <int BITS, int MB, bool GROUP_STEPS>
 void act8_rows(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t lo, int64_t hi,
-               float* sf, float* bf, uint8_t* tail, float* out32) {
+               float* sf, float* bf, const Decode3& dec3, uint8_t* tail, float* out32) {
   const int64_t G = p.G;
   const float symmetric_zero = (float)(1 << (BITS - 1));
   for (int64_t n0 = lo; n0 < hi; n0 += kParamRows) {
@@ -364,26 +458,28 @@ void act8_rows(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t lo, 
         group_params(a, n0 + r, G, 1.f, symmetric_zero, sf + r * G, bf + r * G);
     }
     for (int64_t r = 0; r < rows; ++r)
-      act8_row<BITS, MB, GROUP_STEPS>(a, p, m0, n0 + r, sf + r * G, bf + r * G, tail, out32);
+      act8_row<BITS, MB, GROUP_STEPS>(a, p, m0, n0 + r, sf + r * G, bf + r * G, dec3, tail,
+                                      out32);
   }
 }
 
 template <int BITS, bool GROUP_STEPS>
 void act8_decode_with(const QMatmulArgs& a, const Act8Plan& p, float* out32) {
+  const Decode3 dec3 = BITS == 3 ? decode3_constants() : Decode3{};
   parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
     // group parameters of kParamRows rows; sf padded: a permutation reads kLanes floats
     std::vector<float> sf(kParamRows * p.G + kLanes, 0.f), bf(kParamRows * p.G);
     alignas(64) uint8_t tail[kVB] = {};
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowBlock) {
+      auto rows = [&](auto mb) PYENGINE_INLINE {
+        act8_rows<BITS, decltype(mb)::value, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(),
+                                                          bf.data(), dec3, tail, out32);
+      };
       switch (std::min<int64_t>(kMaxRowBlock, a.M - m0)) {
-        case 1: act8_rows<BITS, 1, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(), bf.data(), tail,
-                                                out32); break;
-        case 2: act8_rows<BITS, 2, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(), bf.data(), tail,
-                                                out32); break;
-        case 3: act8_rows<BITS, 3, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(), bf.data(), tail,
-                                                out32); break;
-        default: act8_rows<BITS, kMaxRowBlock, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(),
-                                                            bf.data(), tail, out32);
+        case 1: rows(std::integral_constant<int, 1>{}); break;
+        case 2: rows(std::integral_constant<int, 2>{}); break;
+        case 3: rows(std::integral_constant<int, 3>{}); break;
+        default: rows(std::integral_constant<int, kMaxRowBlock>{});
       }
     }
   });
@@ -577,14 +673,16 @@ void rows8_decode(const QMatmulArgs& a, float* out32) {
   });
 }
 
-// An integer path's call: decode(bits, out32) for a.bits in {2, 4, 8} (bits as a compile-time
-// constant) into fp32 products [M, N], then the epilogue (bias, accumulation, output dtype).
+// An integer path's call: decode(bits, out32) for a.bits in {2, 3, 4, 8} (bits as a
+// compile-time constant) into fp32 products [M, N], then the epilogue (bias, accumulation,
+// output dtype).
 template <class Decode>
 void integer_path(const QMatmulArgs& a, Decode decode) {
   std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
   if (a.K > 0) {
     switch (a.bits) {
       case 2: decode(std::integral_constant<int, 2>{}, out32.data()); break;
+      case 3: decode(std::integral_constant<int, 3>{}, out32.data()); break;
       case 4: decode(std::integral_constant<int, 4>{}, out32.data()); break;
       default: decode(std::integral_constant<int, 8>{}, out32.data()); break;
     }
@@ -608,7 +706,7 @@ bool rows8_native(const QMatmulArgs& a) {
 void qmatmul_rows8(const QMatmulArgs& a) {
 #if defined(__AVX2__)
   integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
-    rows8_decode<decltype(bits)::value>(a, out32);
+    if constexpr (decltype(bits)::value != 3) rows8_decode<decltype(bits)::value>(a, out32);
   });
 #else
   (void)a;
@@ -621,7 +719,7 @@ bool act8_native(const QMatmulArgs& a) {
   // pass over the weight) the exact kernels on the quantized activations were faster (AMD Zen 4,
   // benchmarks/bench_cpu_kernels.py, 14336 x 4096 at M = 8: 10.8 ms against 7.7 ms)
   if (a.bits == 8) return a.M <= kMaxRowBlock;
-  return (a.bits == 2 || a.bits == 4) && a.M <= kDecodeMaxM;
+  return (a.bits == 2 || a.bits == 3 || a.bits == 4) && a.M <= kDecodeMaxM;
 #else
   (void)a;
   return false;

@@ -85,8 +85,8 @@ class CpuBackend(Backend):
         return 10.0
 
     def native_act_bits(self, weight, act_bits):
-        # qmatmul_cpu quantizes the activations itself: integer dot products for 2- and 4-bit
-        # weights at decode sizes, the exact kernels on the quantized activations otherwise
+        # qmatmul_cpu quantizes the activations itself: integer dot products for 2-, 3-, 4- and
+        # 8-bit weights at decode sizes, the exact kernels on the quantized activations otherwise
         return isinstance(weight, PackedOperand)
 
     def selected_isa(self) -> str:
