@@ -249,9 +249,12 @@ struct Act8Plan {
   int64_t G;             // weight groups covering Kp
   int64_t in_place_rows; // rows n < this read their last step in place (see qmatmul_kernels)
   std::vector<int8_t> xp;       // [M][steps][planes][kVB] permuted int8 activations
-  // [M][steps][kLanes] the activation scale of each lane of a step: d of the block that holds
-  // the lane's codes (written out per lane: one load per step instead of a permutation)
-  std::vector<float> lane_d;
+  // [M][row_blocks] activation scale of each block of kActBlock codes (row_blocks: the steps'
+  // blocks plus kLanes of padding, so that a step's vector load stays within its row); a
+  // step's lane scales are one permutation of its first kLanes blocks (lane_block)
+  std::vector<float> block_d;
+  int64_t row_blocks;
+  std::vector<int32_t> lane_block;  // [kLanes] block of lane u relative to the step's first
   std::vector<float> xsum;      // [M][G] sum over the group of x^ = d * q
   std::vector<int32_t> group0;  // [steps] weight group of the step's first lane
   std::vector<int32_t> offset;  // [steps][kLanes] lane's group - group0 (< kLanes)
@@ -276,7 +279,10 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
   std::vector<int8_t> q(codes);
   std::vector<float> d(blocks);
   p.xp.assign((size_t)(a.M * codes), 0);
-  p.lane_d.resize((size_t)(a.M * p.steps * kLanes));
+  p.row_blocks = blocks + kLanes;
+  p.block_d.assign((size_t)(a.M * p.row_blocks), 0.f);
+  p.lane_block.resize(kLanes);
+  for (int u = 0; u < kLanes; ++u) p.lane_block[u] = (int32_t)(L::kLaneCodes * u / kActBlock);
   p.xsum.assign((size_t)(a.M * p.G), 0.f);
   auto group_of = [&](int64_t k) { return std::min<int64_t>(p.G - 1, k / a.group_size); };
   for (int64_t m = 0; m < a.M; ++m) {
@@ -288,11 +294,7 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
         for (int i = 0; i < kVB; ++i)
           xm[(s * L::kPlanes + j) * kVB + i] = q[s * L::kStepCodes + L::code_of(i, j)];
     }
-    // lane u of step s: codes s * kStepCodes + kLaneCodes * u + [0, kLaneCodes), one block
-    float* dm = p.lane_d.data() + m * p.steps * kLanes;
-    for (int64_t s = 0; s < p.steps; ++s)
-      for (int u = 0; u < kLanes; ++u)
-        dm[s * kLanes + u] = d[(s * L::kStepCodes + L::kLaneCodes * u) / kActBlock];
+    std::copy(d.begin(), d.end(), p.block_d.begin() + m * p.row_blocks);
   }
   p.group0.resize(p.steps);
   p.offset.resize(p.steps * kLanes);
@@ -376,7 +378,9 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
   const VI mask = vset8(L::kMask), ones = vset16(1), sixteens = vset16(16);
   const int64_t steps = p.steps, full_steps = p.full_steps;
   const int8_t* __restrict xbase = p.xp.data() + m0 * steps * L::kStepCodes;
-  const float* __restrict dbase = p.lane_d.data() + m0 * steps * kLanes;
+  const float* __restrict dbase = p.block_d.data() + m0 * p.row_blocks;
+  constexpr int kStepBlocks = L::kStepCodes / (int)kActBlock;  // activation blocks per step
+  const VI lane_block = vload(p.lane_block.data());
   const int32_t* __restrict offsets = p.offset.data();
   const int32_t* __restrict group0 = p.group0.data();
   const uint32_t* __restrict wrow = a.qweight + n * a.ldq;
@@ -403,7 +407,7 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
       unroll<P>([&](auto j) PYENGINE_INLINE {
         xv[j] = vload(xbase + ((m * steps + s) * P + j) * kVB);
       });
-      const VF d = vloadf(dbase + (m * steps + s) * kLanes);
+      const VF d = vpermute(vloadf(dbase + m * p.row_blocks + s * kStepBlocks), lane_block);
       const VF lanes = vcvt(step_dot<BITS>(bytes, xv, mask, ones, sixteens));
       if constexpr (GROUP_STEPS) gacc[m] = vfma(lanes, d, gacc[m]);
       else acc[m] = vfma(lanes, vmul(d, scale), acc[m]);
