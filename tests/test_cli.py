@@ -17,6 +17,7 @@ import torch
 
 import pyengine
 from pyengine import cli
+from pyengine.models import sources
 
 COMMANDS = ("compress", "eval", "inspect", "bench", "demo")
 KERNEL_KEYS = {"op", "backend", "bits", "group_size", "M", "N", "K", "ms", "gbps", "pct_copy_bw",
@@ -146,7 +147,7 @@ def test_cuda_without_a_gpu(command, capsys):
 
 
 def test_unreachable_hub_id(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: False)
     code, _, err = run_cli(capsys, "eval", "nobody-here/no-such-model-3141")
     assert_one_line_error(code, err, "unreachable")
 
@@ -180,7 +181,7 @@ def test_outputs_are_checked_before_any_work(command, flag, tiny_model_dir, tmp_
                                              capsys):
     """An output path that cannot be written is one line and exit code 2 before the model is
     even loaded (before: a traceback after minutes of planning and compression)."""
-    monkeypatch.setattr(cli, "load_model", _no_work)
+    monkeypatch.setattr(sources, "load_model", _no_work)
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     argv = [part.format(model=tiny_model_dir, file=a_file, tmp=tmp_path) for part in command]
@@ -195,12 +196,12 @@ def test_an_unwritable_output_directory_is_refused(tmp_path, monkeypatch, capsys
     directory without write permission or on a read-only file system."""
     import tempfile
 
-    from pyengine import cli_checks
+    from pyengine.cli import checks as cli_checks
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli, "load_model", _no_work)
+    monkeypatch.setattr(sources, "load_model", _no_work)
     monkeypatch.setattr(cli_checks.tempfile, "mkstemp", refuse)
     code, _, err = run_cli(capsys, "compress", "smollm2", "--out", tmp_path / "new" / "out")
     assert_one_line_error(code, err, "--out", f"cannot write in {tmp_path}", "Permission denied")
@@ -211,7 +212,7 @@ def test_an_unwritable_output_directory_is_refused(tmp_path, monkeypatch, capsys
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root may write into read-only directories")
 def test_a_read_only_directory_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_model", _no_work)
+    monkeypatch.setattr(sources, "load_model", _no_work)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
