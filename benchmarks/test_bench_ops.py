@@ -68,7 +68,7 @@ import pyengine
 from pyengine.backends import LinearCase, get_backend
 from pyengine.benchmarking import device_name
 
-# Relative Frobenius error allowed against the reference (DESIGN.md, tests/helpers.py).
+# Relative Frobenius error allowed against the reference (docs/DESIGN.md, tests/helpers.py).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 MAX_ROUNDS = 200       # rounds per benchmark when the calls are short enough
 MIN_ROUNDS = 5         # rounds per benchmark however slow the call

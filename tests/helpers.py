@@ -12,7 +12,7 @@ import pyengine
 from pyengine.backends import Backend, CpuBackend, get_backend
 from pyengine.backends import PackedOperand
 
-# Relative Frobenius error allowed against the fp32 reference (DESIGN.md).
+# Relative Frobenius error allowed against the fp32 reference (docs/DESIGN.md).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BITS = (2, 3, 4, 8)
