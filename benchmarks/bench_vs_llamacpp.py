@@ -14,10 +14,11 @@ pyengine: the model loaded from the same GGUF (pyengine.models.smollm2), compres
 matrix at 8 bits in its 4- and 2-bit types), decoded through pyengine.Decoder (the lean loop,
 static KV cache) as benchmarks/bench_decode.py does, batch 1. The ``*_a8`` configs run every
 linear, head included, on int8 activations (as llama.cpp's quantized types do with their Q8
-activations): on the AVX2 / AVX-512 builds through a copy of those weights with rows
-interleaved by eights, whose size the rows report as ``prepared_bytes``; ``int4_a8_nocopy``
-decodes the int4_a8 model without that copy (``Decoder(layout_copy=False)``: the model's bytes
-only, on its canonical rows).
+activations): on the AVX2 / AVX-512 builds the 2-, 4- and 8-bit layers through a copy of
+their weights with rows interleaved by eights, whose size the rows report as
+``prepared_bytes``, the 3-bit ones (``int3_a8``, next to Q3_K_M) on their own rows;
+``int4_a8_nocopy`` decodes the int4_a8 model without that copy (``Decoder(layout_copy=False)``:
+the model's bytes only, on its canonical rows).
 
 Both engines decode ``--new-tokens`` tokens after a short prompt; each round runs every
 engine/config once per thread count; the JSON keeps every round's tokens/s and the medians.
@@ -52,7 +53,8 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
-PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int2_a8", "int4_a8_nocopy")
+PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int3_a8", "int2_a8",
+                    "int4_a8_nocopy")
 NO_COPY = "_nocopy"  # the config's model, decoded without layout copies (Decoder(layout_copy=False))
 TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
 ISA_FLAGS = {
@@ -144,8 +146,10 @@ def pyengine_model(config: str) -> torch.nn.Module:
     recipes = {
         "int8": Recipe({"lm_head": head, "_default": QuantConfig(8, 128)}),
         "int4": Recipe({"lm_head": head, "_default": QuantConfig(4, 128)}),
+        "int3": Recipe({"lm_head": head, "_default": QuantConfig(3, 128)}),
         "int8_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(8, 128, act_bits=8)}),
         "int4_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(4, 128, act_bits=8)}),
+        "int3_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(3, 128, act_bits=8)}),
         "int2_a8": Recipe({"lm_head": head_a8, "_default": QuantConfig(2, 128, act_bits=8)}),
     }
     if config != "dense":
