@@ -19,7 +19,8 @@
 // Every other case (larger M, the generic build) quantizes the activations the same way
 // into an fp32 copy and runs the exact kernels on it, so every path computes the same product.
 //
-// Byte layout. A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
+// Byte layout (2, 4 and 8 bits; 3-bit steps are decoded to bytes first, see "3-bit codes to
+// bytes" below). A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
 // AVX-512) of a row. Byte i of a step holds codes cpb * i + j, j < cpb = 8 / BITS, at bits
 // [BITS * j, BITS * (j + 1)) (the canonical LSB-first packing, docs/FORMAT.md). Plane j of a
 // step is (bytes >> BITS * j) & mask: byte i of plane j is code cpb * i + j, so the
@@ -148,7 +149,7 @@ inline float vsum(VF v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 #endif
-constexpr int kLanes = kVB / 4;  // 32-bit lanes per step (one packed word each)
+constexpr int kLanes = kVB / 4;  // 32-bit lanes per step (2, 4, 8 bits: a packed word each)
 constexpr int kMaxRowBlock = 4;  // activation rows per pass over a weight row
 
 // The step of BITS-bit codes. 2, 4 and 8 bits: kVB packed code bytes, read as kCodesPerByte
@@ -425,15 +426,15 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
       for (int64_t s = 0; s < full_steps; ++s) group_step(s, false);
       for (int64_t s = full_steps; s < steps; ++s) group_step(s, true);
     } else {
-    for (int64_t s0 = 0, g = 0; s0 < steps; s0 += per_group, ++g) {
-      const int64_t s1 = std::min(steps, s0 + per_group);
-      unroll<MB>([&](auto m) PYENGINE_INLINE { gacc[m] = vzero(); });
-      const int64_t s_full = std::min(s1, full_steps);
-      for (int64_t s = s0; s < s_full; ++s) step(s, false);
-      for (int64_t s = s_full; s < s1; ++s) step(s, true);
-      const VF scale = vbroadcast(sf + g);
-      unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = vfma(gacc[m], scale, acc[m]); });
-    }
+      for (int64_t s0 = 0, g = 0; s0 < steps; s0 += per_group, ++g) {
+        const int64_t s1 = std::min(steps, s0 + per_group);
+        unroll<MB>([&](auto m) PYENGINE_INLINE { gacc[m] = vzero(); });
+        const int64_t s_full = std::min(s1, full_steps);
+        for (int64_t s = s0; s < s_full; ++s) step(s, false);
+        for (int64_t s = s_full; s < s1; ++s) step(s, true);
+        const VF scale = vbroadcast(sf + g);
+        unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = vfma(gacc[m], scale, acc[m]); });
+      }
     }
   } else {
     for (int64_t s = 0; s < full_steps; ++s) step(s, false);
