@@ -104,7 +104,8 @@ def decode_table(name: str) -> List[str]:
 
 # pyengine config -> the llama.cpp type of about the same bits per decoder weight
 LLAMA_PEERS = {"dense": "F32", "int8": "Q8_0", "int4": "Q4_0", "int8_a8": "Q8_0",
-               "int4_a8": "Q4_0", "int2_a8": "Q2_K", "int4_a8_nocopy": "Q4_0"}
+               "int4_a8": "Q4_0", "int3_a8": "Q3_K_M", "int2_a8": "Q2_K",
+               "int4_a8_nocopy": "Q4_0"}
 
 
 def vs_llamacpp_table(name: str) -> List[str]:
