@@ -24,6 +24,12 @@ if not torch.cuda.is_available():
         os.environ.pop("TRITON_INTERPRET", None)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None, metavar="N",
+                     help="seed of every test's rng fixture (default: a fresh seed per test, "
+                          "printed with the test's output)")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped (and say so) where torch sees no CUDA device."""
     if torch.cuda.is_available():
@@ -42,9 +48,11 @@ def _no_backend_override(monkeypatch):
 
 
 @pytest.fixture
-def rng():
-    """A CPU generator with a fresh seed per test; the seed is printed, so a failing test's
-    captured output says how to reproduce it."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"rng seed: {seed}")
+def rng(request):
+    """A CPU generator with a fresh seed per test (``--seed N``: that seed); the seed is
+    printed, so a failing test's captured output says how to reproduce it."""
+    seed = request.config.getoption("--seed")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed: {seed} (rerun with --seed {seed})")
     return torch.Generator().manual_seed(seed)
