@@ -28,8 +28,6 @@ from .qweight import QuantizedWeight
 from .utils import progress
 
 FP16 = torch.float16
-DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
-                                  "bfloat16": torch.bfloat16}
 
 # Layer shapes (N x K) timed when no model is given: SmolLM2-135M on a CPU (small, quick),
 # Llama-3-8B on a GPU.

@@ -23,15 +23,15 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from .checkpoint_checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, SCALE_DTYPES,
-                                WEIGHTS_NAME, CheckpointError, check_checkpoint,
-                                validate_metadata)
+from .checkpoint_checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, WEIGHTS_NAME,
+                                CheckpointError, check_checkpoint, validate_metadata)
 from .compress import RECIPE_ATTR
 from .models.adapters import get_adapter
 from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .modules.quant_embedding import QuantEmbedding
 from .modules.quant_linear import QuantLinear
+from .qweight import FLOAT_DTYPES
 from .recipe import Recipe
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMERS_GUARD",
@@ -365,7 +365,7 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
         else:
             layer = QuantLinear(
                 k, n, bias=info["bias"], bits=info["bits"], group_size=info["group_size"],
-                symmetric=info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
+                symmetric=info["symmetric"], dtype=FLOAT_DTYPES[info["scale_dtype"]],
                 device="meta", method=info["method"], act_bits=info["act_bits"])
         setattr(parent, attr, layer)
     setattr(model, RECIPE_ATTR, Recipe.from_dict(qmeta["recipe"]))
@@ -382,9 +382,9 @@ def _embedding_skeleton(module: nn.Module, info: Dict[str, Any], field: str) -> 
         raise CheckpointError(f"{field}.shape is {info['shape']}, but the model's embedding "
                               f"table is {want}")
     table = QuantEmbedding(want[0], want[1], info["bits"], info["group_size"],
-                           info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
+                           info["symmetric"], dtype=FLOAT_DTYPES[info["scale_dtype"]],
                            device="meta", method=info["method"], padding_idx=module.padding_idx,
-                           output_dtype=SCALE_DTYPES[info["embedding"]["dtype"]])
+                           output_dtype=FLOAT_DTYPES[info["embedding"]["dtype"]])
     table.projection = getattr(module, "projection", None)  # a sliced model's ProjectedEmbedding
     return table
 
@@ -393,7 +393,7 @@ def _matryoshka_skeleton(info: Dict[str, Any]) -> MatryoshkaLinear:
     from .matryoshka.weight import PARENT_BITS
     n, k = info["shape"]
     return MatryoshkaLinear(k, n, bias=info["bias"], group_size=info["group_size"],
-                            symmetric=info["symmetric"], dtype=SCALE_DTYPES[info["scale_dtype"]],
+                            symmetric=info["symmetric"], dtype=FLOAT_DTYPES[info["scale_dtype"]],
                             device="meta", method=info["method"],
                             precision=info["matryoshka"].get("precision", PARENT_BITS))
 

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .qweight import FLOAT_DTYPES
 from .utils import is_int
 
 QUANT_METHOD = "pyengine"
@@ -32,7 +33,6 @@ QUANT_METHOD = "pyengine"
 CHECKPOINT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # safetensors' dtype names (as its headers spell them) and the torch dtypes they load as.
 SAFETENSORS_DTYPES = {
@@ -154,8 +154,8 @@ def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
             or not all(is_int(d) and d >= 1 for d in shape)):
         raise CheckpointError(f"{field}.shape must be [out_features, in_features] (two positive "
                               f"integers), got {shape!r}")
-    if entry["scale_dtype"] not in SCALE_DTYPES:
-        raise CheckpointError(f"{field}.scale_dtype must be one of {sorted(SCALE_DTYPES)}, got "
+    if entry["scale_dtype"] not in FLOAT_DTYPES:
+        raise CheckpointError(f"{field}.scale_dtype must be one of {sorted(FLOAT_DTYPES)}, got "
                               f"{entry['scale_dtype']!r}")
     method = entry.get("method", "rtn")
     if method not in QUANT_METHODS:
@@ -174,9 +174,9 @@ def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
         if not isinstance(emb, Mapping) or set(emb) != {"dtype"}:
             raise CheckpointError(f"{field}.embedding must be a mapping with one field, dtype "
                                   f"(the dtype of the rows it returns), got {emb!r:.80}")
-        if emb["dtype"] not in SCALE_DTYPES:
+        if emb["dtype"] not in FLOAT_DTYPES:
             raise CheckpointError(f"{field}.embedding.dtype must be one of "
-                                  f"{sorted(SCALE_DTYPES)}, got {emb['dtype']!r}")
+                                  f"{sorted(FLOAT_DTYPES)}, got {emb['dtype']!r}")
         if entry["bias"] or act_bits or "matryoshka" in entry or method != "rtn":
             raise CheckpointError(f"{field}: a quantized embedding table has no bias, act_bits "
                                   f"or Matryoshka parent and is made by method 'rtn'")

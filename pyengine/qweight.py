@@ -21,9 +21,11 @@ from .packing import BLOCK_CODES, SUPPORTED_BITS, padded_length, unpack_codes
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 FORMAT_NAME = "pyengine.quantized_weight"
 FORMAT_VERSION = 1
-SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The float dtypes of scales, zeros and activations, by the names checkpoints and options use
+FLOAT_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                        "bfloat16": torch.bfloat16}
+DTYPE_NAMES: Dict[torch.dtype, str] = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
+SCALE_DTYPES = tuple(FLOAT_DTYPES.values())
 
 
 def padded_in_features(k: int, group_size: int) -> int:
@@ -169,7 +171,7 @@ class QuantizedWeight(OpCacheNotCopied):
     def __repr__(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
         return (f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, "
-                f"group_size={self.group_size}, {kind}, scales={_DTYPE_NAMES[self.dtype]}, "
+                f"group_size={self.group_size}, {kind}, scales={DTYPE_NAMES[self.dtype]}, "
                 f"device={self.device}, method={self.method!r})")
 
     # ---- conversions ------------------------------------------------------------------------
@@ -211,7 +213,7 @@ class QuantizedWeight(OpCacheNotCopied):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "shape": [int(self.shape[0]), int(self.shape[1])],
-            "scale_dtype": _DTYPE_NAMES[self.dtype],
+            "scale_dtype": DTYPE_NAMES[self.dtype],
             "method": self.method,
         }
         json.dumps(meta)  # metadata must stay JSON-able

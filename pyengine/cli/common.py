@@ -37,8 +37,8 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = No
 
 
 def dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
-    from ..benchmarking import DTYPES
-    return None if name is None else DTYPES[name]
+    from ..qweight import FLOAT_DTYPES
+    return None if name is None else FLOAT_DTYPES[name]
 
 
 def require_tokenizer(loaded: LoadedModel, why: str) -> Any:

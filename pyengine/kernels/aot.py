@@ -77,6 +77,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..qweight import DTYPE_NAMES
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LEDGER = ROOT / "tests" / "data" / "triton_aot_ledger.json"
 
@@ -100,7 +102,6 @@ LEDGER_HASH_CHARS = 24           # hex digits of a cache hash kept in the ledger
 # weight is their whole job, and a spill in the loop costs issue slots and latency per step.
 DECODE_KERNELS = ("_decode_kernel", "split_k_reduce_kernel", "_plane_decode_kernel")
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # (symmetric, bias, shortcut): rotated over the cells of a kind so each occurs everywhere
 FLAG_COMBOS = tuple(itertools.product((False, True), repeat=3))
 

@@ -33,8 +33,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..packing import pack_codes, unpack_codes
-from ..qweight import (SCALE_DTYPES, SUPPORTED_GROUP_SIZES, OpCacheNotCopied, QuantizedWeight,
-                       padded_in_features)
+from ..qweight import (DTYPE_NAMES, SCALE_DTYPES, SUPPORTED_GROUP_SIZES, OpCacheNotCopied,
+                       QuantizedWeight, padded_in_features)
 
 PARENT_BITS = 8
 PRECISIONS = (8, 6, 4, 3, 2)
@@ -53,8 +53,6 @@ PLANES_READ: Dict[int, Tuple[str, ...]] = {
     6: ("plane_hi", "plane_mid", "plane_lo"),
     8: ("plane_hi", "plane_mid", "plane_lo"),
 }
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def check_precision(precision: object) -> int:
@@ -336,7 +334,7 @@ class MatryoshkaWeight(OpCacheNotCopied):
     def __repr__(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
         return (f"MatryoshkaWeight(shape={tuple(self.shape)}, parent_bits=8, "
-                f"group_size={self.group_size}, {kind}, scales={_DTYPE_NAMES[self.dtype]}, "
+                f"group_size={self.group_size}, {kind}, scales={DTYPE_NAMES[self.dtype]}, "
                 f"device={self.device}, method={self.method!r})")
 
     # ---- conversions ------------------------------------------------------------------------
@@ -413,7 +411,7 @@ class MatryoshkaWeight(OpCacheNotCopied):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "shape": [int(self.shape[0]), int(self.shape[1])],
-            "scale_dtype": _DTYPE_NAMES[self.dtype],
+            "scale_dtype": DTYPE_NAMES[self.dtype],
             "method": self.method,
         }
         json.dumps(meta)
