@@ -47,10 +47,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
                                                                  VocabParallelEmbedding)
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..checkpoint_checks import QUANT_METHOD, SCALE_DTYPES, validate_metadata
+from ..checkpoint_checks import QUANT_METHOD, validate_metadata
 from ..matryoshka.weight import PLANE_NAMES, MatryoshkaWeight, check_precision
 from ..ops import qembedding, qlinear
-from ..qweight import QuantizedWeight
+from ..qweight import FLOAT_DTYPES, QuantizedWeight
 from . import PRECISION_ENV
 from .sharding import check_input_split, qkv_rows, shard_inputs, shard_rows
 
@@ -103,7 +103,7 @@ class LayerFormat:
         bits = int(entry["bits"])
         return cls(bits=bits, group_size=int(entry["group_size"]),
                    symmetric=bool(entry["symmetric"]),
-                   scale_dtype=SCALE_DTYPES[entry["scale_dtype"]],
+                   scale_dtype=FLOAT_DTYPES[entry["scale_dtype"]],
                    out_features=int(entry["shape"][0]), in_features=int(entry["shape"][1]),
                    matryoshka=matryoshka,
                    precision=served_precision(entry) if matryoshka else bits,
