@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..models import sources
 from ..models.sources import LoadedModel
+from ..qweight import FLOAT_DTYPES
 from .args import DATASET_NAMES
 from .checks import UsageError
 
@@ -28,16 +30,13 @@ def check_device(device: str) -> None:
 
 def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
     """pyengine.models.sources.load_model, its ModelSourceError as UsageError."""
-    from ..models.sources import ModelSourceError
-    from ..models.sources import load_model as load
     try:
-        return load(spec, device, dtype)
-    except ModelSourceError as exc:
+        return sources.load_model(spec, device, dtype)
+    except sources.ModelSourceError as exc:
         raise UsageError(str(exc)) from None
 
 
 def dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
-    from ..qweight import FLOAT_DTYPES
     return None if name is None else FLOAT_DTYPES[name]
 
 

@@ -31,7 +31,7 @@ class LoadedModel:
     compressed: bool  # a checkpoint written by pyengine.save
 
 
-def first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -106,7 +106,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = No
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
         except (OSError, ValueError, KeyError) as exc:
-            raise ModelSourceError(f"cannot load {spec}: {first_line(exc)}") from None
+            raise ModelSourceError(f"cannot load {spec}: {_first_line(exc)}") from None
         return LoadedModel(model.to(device).eval(), tokenizer_or_none(str(path)), path.name, False)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -120,7 +120,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = No
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                          dtype=torch.float32)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelSourceError(f"cannot load {spec}: {first_line(exc)}") from None
+            raise ModelSourceError(f"cannot load {spec}: {_first_line(exc)}") from None
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:  # the weights are dense now; drop the GGUF loading state
             quantizer.remove_quantization_config(model)
@@ -150,6 +150,6 @@ def _load_from_hub(spec: str, device: str, dtype: Optional[torch.dtype]) -> Load
         model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         raise ModelSourceError(f"cannot load {spec} from the Hugging Face hub: "
-                               f"{first_line(exc)}") from None
+                               f"{_first_line(exc)}") from None
     return LoadedModel(model.to(device).eval(), tokenizer_or_none(spec), spec, False)
 

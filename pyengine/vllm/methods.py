@@ -55,7 +55,6 @@ from . import PRECISION_ENV
 from .sharding import check_input_split, qkv_rows, shard_inputs, shard_rows
 
 
-
 class PyengineServingError(ValueError):
     """A pyengine checkpoint (or a layer of it) that the vLLM plugin cannot serve."""
 
