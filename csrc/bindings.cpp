@@ -11,6 +11,7 @@
 #include "code_bits.h"
 #include "common.h"
 #include "cpu/decode_ops.h"
+#include "cpu/mma_emulate.h"
 #include "cpu/qmatmul.h"
 #if defined(PYENGINE_WITH_CUDA)
 #include "cuda/qmatmul.h"
@@ -241,6 +242,38 @@ std::vector<uint32_t> plane_int2_block(const std::vector<uint32_t>& hi) {
   std::vector<uint32_t> out(3);
   pyengine::int2_block_from_hi(hi.data(), out.data());
   return out;
+}
+
+// The fragment-native decode call (csrc/mma_frag.h) from the binding's integers.
+pyengine::mma::MmaDecodeArgs make_mma_args(uintptr_t frag, uintptr_t params, uintptr_t x,
+                                           int x_dtype, int64_t ldx, uintptr_t bias,
+                                           int bias_dtype, uintptr_t out, int out_dtype,
+                                           int64_t ldo, bool accumulate, int64_t M, int64_t N,
+                                           int64_t K, int bits, int64_t tiles,
+                                           int64_t iterations, int64_t groups, int gshift,
+                                           int units) {
+  pyengine::mma::MmaDecodeArgs a;
+  a.frag = reinterpret_cast<const uint32_t*>(frag);
+  a.params = reinterpret_cast<const float*>(params);
+  a.x = reinterpret_cast<const void*>(x);
+  a.x_dtype = x_dtype;
+  a.ldx = ldx;
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.bias_dtype = bias_dtype;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.ldo = ldo;
+  a.accumulate = accumulate;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.bits = bits;
+  a.tiles = tiles;
+  a.iterations = iterations;
+  a.groups = groups;
+  a.gshift = gshift;
+  a.units = units;
+  return a;
 }
 
 py::dict build_info() {
@@ -511,6 +544,54 @@ PYBIND11_MODULE(_C, m) {
         "One block of plane_hi (3 words) turned into int2 slice codes in 3-bit fields, as the "
         "CUDA int2 plane kernel does (csrc/code_bits.h).");
 
+  m.def("mma_code_positions", &pyengine::mma::code_positions, py::arg("bits"),
+        "Where the fragment-native layout (csrc/mma_frag.h) stores every code bit: entry "
+        "((s * 4 + r) * 2 + h) * bits + b is word * 32 + bit (within a lane's words of one "
+        "iteration) of bit b of the code of A register r, half h, step s.");
+  m.def(
+      "mma_fragment_coordinates",
+      []() {
+        namespace mm = pyengine::mma;
+        py::dict d;
+        py::list a, b, c;
+        for (int lane = 0; lane < 32; ++lane) {
+          for (int r = 0; r < 4; ++r)
+            for (int h = 0; h < 2; ++h)
+              a.append(py::make_tuple(lane, r, h, mm::a_row(lane, r), mm::a_col(lane, r, h)));
+          for (int r = 0; r < 2; ++r)
+            for (int h = 0; h < 2; ++h)
+              b.append(py::make_tuple(lane, r, h, mm::b_k(lane, r, h), mm::b_token(lane)));
+          for (int i = 0; i < 4; ++i)
+            c.append(py::make_tuple(lane, i, mm::c_row(lane, i), mm::c_token(lane, i)));
+        }
+        d["a"] = a;
+        d["b"] = b;
+        d["c"] = c;
+        return d;
+      },
+      "The mma.m16n8k16 fragment coordinates csrc/mma_frag.h uses: a (lane, register, half, "
+      "row, col), b (lane, register, half, k, token), c (lane, element, row, token).");
+  m.def(
+      "mma_decode_emulate",
+      [](uintptr_t frag, uintptr_t params, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t bias,
+         int bias_dtype, uintptr_t out, int64_t ldo, bool accumulate, int64_t M, int64_t N,
+         int64_t K, int bits, int64_t tiles, int64_t iterations, int64_t groups, int gshift,
+         int units) {
+        auto a = make_mma_args(frag, params, x, x_dtype, ldx, bias, bias_dtype, out, pyengine::kFloat32,
+                               ldo, accumulate, M, N, K, bits, tiles, iterations, groups, gshift,
+                               units);
+        py::gil_scoped_release release;
+        pyengine::mma::decode_emulate(a, reinterpret_cast<float*>(out));
+      },
+      py::arg("frag"), py::arg("params"), py::arg("x"), py::arg("x_dtype"), py::arg("ldx"),
+      py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("ldo"),
+      py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
+      py::arg("tiles"), py::arg("iterations"), py::arg("groups"), py::arg("gshift"),
+      py::arg("units"),
+      "The tensor-core decode kernel (csrc/cuda/decode_mma.cuh) replayed on the host, warp by "
+      "warp, from the same layout and bit tricks (csrc/mma_frag.h): out (float32 [M, N]) (+)= "
+      "x @ W^T (+ bias). For tests.");
+
 #if defined(PYENGINE_WITH_CUDA)
   m.def(
       "qmatmul_cuda",
@@ -544,6 +625,27 @@ PYBIND11_MODULE(_C, m) {
       "kernel: '' or 'auto' (decode GEMV for M <= 16; above, the tensor-core GEMM for fp16/bf16 "
       "x and the simple kernel for fp32 x), 'simple', 'decode', 'tc'.");
   m.attr("cuda_decode_max_m") = pyengine::cuda::kDecodeMaxM;
+  m.def(
+      "qmatmul_cuda_mma",
+      [](uintptr_t frag, uintptr_t params, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t bias,
+         int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, bool accumulate, int64_t M,
+         int64_t N, int64_t K, int bits, int64_t tiles, int64_t iterations, int64_t groups,
+         int gshift, int units, int device, uintptr_t stream) {
+        auto a = make_mma_args(frag, params, x, x_dtype, ldx, bias, bias_dtype, out, out_dtype,
+                               ldo, accumulate, M, N, K, bits, tiles, iterations, groups, gshift,
+                               units);
+        py::gil_scoped_release release;
+        pyengine::cuda::qmatmul_mma(a, device, stream);
+      },
+      py::arg("frag"), py::arg("params"), py::arg("x"), py::arg("x_dtype"), py::arg("ldx"),
+      py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("ldo"), py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"),
+      py::arg("bits"), py::arg("tiles"), py::arg("iterations"), py::arg("groups"),
+      py::arg("gshift"), py::arg("units"), py::arg("device"), py::arg("stream"),
+      "out[M, N] (+)= x[M, K] @ W^T (+ bias) on a CUDA device and stream, W in the "
+      "fragment-native layout of csrc/mma_frag.h (the tensor-core decode kernel: fp16 / bf16 "
+      "activations, M <= 16, sm_80+).");
+
 
   m.def(
       "plane_matmul_cuda",

@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "mma_frag.h"
+
 namespace pyengine {
 
 // Dtype codes shared with pyengine/_ext.py (DTYPE_CODES). Keep both in sync.
@@ -138,6 +140,42 @@ inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
   if (a.ldq < (a.K + 31) / 32 * a.bits) fail("ldq is smaller than the packed length of K");
   if (a.interleave != 0 && a.interleave != 8) fail("interleave must be 0 or 8");
   if (a.interleave && a.N % a.interleave) fail("N must be a multiple of the row interleave");
+}
+
+// The fragment-native decode call (csrc/mma_frag.h: MmaDecodeArgs).
+inline std::string describe(const char* op, const mma::MmaDecodeArgs& a) {
+  std::ostringstream s;
+  s << op << "(M=" << a.M << ", N=" << a.N << ", K=" << a.K << ", bits=" << a.bits
+    << ", units=" << a.units << ", x=" << dtype_name(a.x_dtype)
+    << ", out=" << dtype_name(a.out_dtype) << ")";
+  return s.str();
+}
+
+// Checks that the fragment-native decode kernel and its emulator rely on; raises
+// std::invalid_argument naming the problem.
+inline void check_mma_decode_args(const char* op, const mma::MmaDecodeArgs& a) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument(describe(op, a) + ": " + why);
+  };
+  if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) fail("bits must be 2, 3, 4 or 8");
+  if (a.x_dtype != kFloat16 && a.x_dtype != kBFloat16)
+    fail("the activations must be float16 or bfloat16");
+  for (int d : {a.bias_dtype, a.out_dtype})
+    if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
+  if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
+  if (a.M > 2 * mma::kTokens) fail("M must be at most 16");
+  const int ik = mma::iteration_k(a.bits);
+  if (a.units != 1 && a.units != 2 && a.units != 4 && a.units != 8) fail("units must be 1, 2, 4 or 8");
+  if (ik / a.units < 32 || ik % a.units) fail("units leave fewer than 32 inputs per unit");
+  if (a.gshift < 0 || a.gshift > 62) fail("gshift out of range");
+  if (a.gshift < 62 && ((int64_t)1 << a.gshift) < ik / a.units)
+    fail("a group is smaller than a unit");
+  if (a.tiles * mma::kTileRows < a.N) fail("tiles do not cover N");
+  if (a.iterations * ik < a.K) fail("iterations do not cover K");
+  if (a.groups < 1 || (a.gshift < 62 && a.groups < (a.iterations * ik + (((int64_t)1 << a.gshift) - 1)) >> a.gshift))
+    fail("params hold too few groups");
+  if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");
+  if (a.M > 0 && a.N > 0 && (!a.frag || !a.params || !a.x || !a.out)) fail("null pointer");
 }
 
 // Checks that the plane kernels rely on; raises std::invalid_argument naming the problem.

@@ -36,6 +36,12 @@ inline void qmatmul(const QMatmulArgs& args, int device, uintptr_t stream) {
     qmatmul_simple(args, device, stream);
 }
 
+// The tensor-core decode kernel (csrc/cuda/qmatmul_mma.cu) on a weight repacked into the
+// fragment-native layout of csrc/mma_frag.h: float16 / bfloat16 activations, M <= 16, sm_80 or
+// newer. Raises std::invalid_argument for anything else (check_mma_decode_args, common.h) and
+// std::runtime_error when a CUDA call fails.
+void qmatmul_mma(const mma::MmaDecodeArgs& args, int device, uintptr_t stream);
+
 // The Matryoshka plane-layout matmul (csrc/cuda/plane_matmul.cu): out = x @ W_r^T (+ bias), W_r
 // the r-bit slice of an int8 parent read from its bit planes (PlaneMatmulArgs, csrc/common.h;
 // only the planes the slice needs are read). kernel: "decode" (the decode GEMV, M <= kDecodeMaxM;

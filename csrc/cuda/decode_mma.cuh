@@ -1,0 +1,413 @@
+// Tensor-core decode kernel for small M (1..16), fp16 / bf16 activations: packed 2, 3, 4 and 8-bit
+// weights repacked once into the fragment-native layout of csrc/mma_frag.h (its header gives the
+// product, the fragments, the layout and the bit tricks). out[m, n] (+)= sum_k x[m, k] W[n, k]
+// (+ bias[n]).
+//
+// ---- Work split ---------------------------------------------------------------------------------
+// A warp owns one 16-row tile and walks its iterations (S inputs each, mma_frag.h); a block has
+// WR tiles x WK warps per tile: warp wk of a tile takes iterations wk, wk + WK, ... and the WK
+// partial sums meet in shared memory at the end (fixed order: deterministic, no atomics). All
+// tokens (M <= 8: one n8 tile, M <= 16: two) are in one block, so the weight is read once.
+// Heuristic (host): WR = the largest of 8, 4, 2 with ceil(tiles / WR) >= 2 * SMs, else 1;
+// WK = min(8 / WR, iterations rounded down to a power of two).
+//
+// ---- Activations ----------------------------------------------------------------------------------
+// Slabs of slab_iters iterations (a multiple of WK, about 2048 / NT inputs) are staged in shared
+// memory as B fragments (mma_frag.h: one 16-byte entry per lane and step pair, conflict-free),
+// then the sum of x over every unit is read back from them. Every warp crosses the same slab boundaries at the same loop step, so the
+// barriers match.
+//
+// ---- Steady state (per lane, per iteration) ----------------------------------------------------------
+// the next iteration's words are loaded (one 16-byte load, three for 3 bits) before this one is
+// computed; per unit: the unit's scale pair (one 16-byte load), then per step the dequantized A
+// fragment (one shift-and-mask with the magic exponent and one HFMA2 per register, shared shifts
+// between registers), one 16-byte shared load of B per step pair and token tile and one mma per
+// token tile; then 8 FFMA per token tile apply the unit's scale and zero.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "cuda/device_util.cuh"
+#include "mma_frag.h"
+
+namespace pyengine {
+namespace cuda {
+namespace decode_mma {
+
+using namespace pyengine::mma;
+
+constexpr int kMaxWarps = 8;
+constexpr int kSlabInputs = 2048;  // inputs staged per slab with one token tile (half with two)
+
+struct Plan {
+  int WR;          // row tiles per block
+  int WK;          // warps per row tile (split of the iterations)
+  int slab_iters;  // iterations per staged slab (a multiple of WK)
+  bool x32;        // activation rows allow 4-byte loads of element pairs
+};
+
+__device__ __forceinline__ uint32_t load_x16(const MmaDecodeArgs& a, int64_t m, int64_t k) {
+  if (m >= a.M || k >= a.K) return 0u;
+  return static_cast<const uint16_t*>(a.x)[m * a.ldx + k];
+}
+
+template <bool BF16>
+__device__ __forceinline__ float half_bits_to_float(uint32_t h) {
+  if constexpr (BF16) return __uint_as_float(h << 16);
+  else return __half2float(__ushort_as_half((unsigned short)h));
+}
+
+// Stages `pairs` step pairs (32 inputs each) starting at input k0 for the NT token tiles as
+// bfrag entries (mma_frag.h). Every thread takes part; the caller synchronises around it.
+template <int NT>
+__device__ __forceinline__ void stage_slab(const MmaDecodeArgs& a, const Plan& p, int64_t k0,
+                                           int pairs, int slab_pairs, uint4* bfrag) {
+  const int items = NT * pairs * 32;
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    const int lane = item & 31, q = (item >> 5) % pairs, tt = (item >> 5) / pairs;
+    const int64_t m = tt * kTokens + b_token(lane);
+    uint32_t reg[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // step 2q + e / 2, B register e % 2
+      const int64_t k = k0 + staged_k(2 * q + e / 2, lane, e % 2, 0);  // even; h = 1 at k + 1
+      if (p.x32 && m < a.M && k + 1 < a.K) {
+        reg[e] = *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.x) +
+                                                    m * a.ldx + k);
+      } else {
+        reg[e] = load_x16(a, m, k) | (load_x16(a, m, k + 1) << 16);
+      }
+    }
+    bfrag[(tt * slab_pairs + q) * 32 + lane] = make_uint4(reg[0], reg[1], reg[2], reg[3]);
+  }
+}
+
+// X of every unit of the staged slab: xunit[(tt * slab_units + u) * 8 + token] = the sum of the
+// token's inputs in unit u, read back from the B fragments (a token's 32 inputs of pair q are
+// the 4 entries of lanes 4 * token .. 4 * token + 3). Every thread takes part.
+template <int NT, bool BF16>
+__device__ __forceinline__ void unit_sums(int units_here, int pairs_per_unit, int slab_pairs,
+                                          int slab_units, const uint4* bfrag, float* xunit) {
+  for (int item = threadIdx.x; item < NT * units_here * kTokens; item += blockDim.x) {
+    const int tok = item % kTokens, u = (item / kTokens) % units_here,
+              tt = item / (kTokens * units_here);
+    float sum = 0.f;
+    for (int q = u * pairs_per_unit; q < (u + 1) * pairs_per_unit; ++q)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const uint4 v = bfrag[(tt * slab_pairs + q) * 32 + 4 * tok + t];
+        for (uint32_t w : {v.x, v.y, v.z, v.w})
+          sum += half_bits_to_float<BF16>(w & 0xFFFFu) + half_bits_to_float<BF16>(w >> 16);
+      }
+    xunit[(tt * slab_units + u) * kTokens + tok] = sum;
+  }
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (BF16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the host refuses devices below sm_80 before launching
+#endif
+}
+
+// (a & b) | c in one LOP3 (b an immediate, c a register: SASS LOP3 takes one immediate, so
+// the compiler's own and-then-or of two constants costs two instructions).
+template <uint32_t B>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(B), "r"(c));
+  return d;
+}
+
+// extract_pair (mma_frag.h) with one LOP3 per term; `magic` holds the magic exponent pair.
+template <int BITS, bool BF16, int S, int R>
+__device__ __forceinline__ uint32_t extract_pair_lop3(const uint32_t* w, uint32_t magic) {
+  constexpr PairExtract e = pair_extract(BITS, BF16, S, R);
+  uint32_t v = and_or<e.mask0>(w[e.word0] >> e.shift0, magic);
+  if constexpr (e.parts == 3) {
+    v = and_or<e.mask1>(w[e.word1] >> e.shift1, v);
+    v = and_or<e.mask2>(w[e.word2] >> e.shift2, v);
+  }
+  return v;
+}
+
+// Register r of step s of the A fragment: two exact codes as fp16 / bf16 (mma_frag.h).
+template <int BITS, bool BF16, int S, int R>
+__device__ __forceinline__ uint32_t a_register(const uint32_t* w, uint32_t magic) {
+  if constexpr (BITS == 8 && BF16) {
+    constexpr int word = 2 * S + R / 2, byte = R % 2;
+    const float lo = __uint_as_float(fp32_magic_byte(w[word], byte)) - 8388608.f;
+    const float hi = __uint_as_float(fp32_magic_byte(w[word], byte + 2)) - 8388608.f;
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    constexpr PairExtract e = pair_extract(BITS, BF16, S, R);
+    const uint32_t raw = extract_pair_lop3<BITS, BF16, S, R>(w, magic);
+    constexpr uint32_t mul = half_pair(normalize_mul_bits(BF16, e.f));
+    constexpr uint32_t add = half_pair(normalize_add_bits(BF16, e.f));
+    if constexpr (BF16) {
+      const __nv_bfloat162 v = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&raw),
+                                       *reinterpret_cast<const __nv_bfloat162*>(&mul),
+                                       *reinterpret_cast<const __nv_bfloat162*>(&add));
+      return *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+      const __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&raw),
+                                *reinterpret_cast<const __half2*>(&mul),
+                                *reinterpret_cast<const __half2*>(&add));
+      return *reinterpret_cast<const uint32_t*>(&v);
+    }
+  }
+}
+
+template <int BITS, bool BF16, int S>
+__device__ __forceinline__ void a_fragment(const uint32_t* w, uint32_t magic, uint32_t (&a)[4]) {
+  a[0] = a_register<BITS, BF16, S, 0>(w, magic);
+  a[1] = a_register<BITS, BF16, S, 1>(w, magic);
+  a[2] = a_register<BITS, BF16, S, 2>(w, magic);
+  a[3] = a_register<BITS, BF16, S, 3>(w, magic);
+}
+
+// A lane's words of one iteration (always a valid address: callers clamp instead of branching).
+template <int WORDS>
+__device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[WORDS]) {
+#pragma unroll
+  for (int i = 0; i < WORDS / 4; ++i) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);  // static-gpu: weight load
+    w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+  }
+}
+
+// Steps [S0, S0 + COUNT) of one unit into part[NT][4].
+// bq: this lane's entry of the iteration's first step pair; tile_stride: entries per token tile.
+template <int BITS, bool BF16, int NT, int S0, int COUNT>
+__device__ __forceinline__ void unit_steps(const uint32_t* w, uint32_t magic, const uint4* bq,
+                                           int tile_stride, float (&part)[NT][4]) {
+  if constexpr (COUNT > 0) {
+    uint32_t a[4];
+    a_fragment<BITS, BF16, S0>(w, magic, a);
+#pragma unroll
+    for (int tt = 0; tt < NT; ++tt) {
+      const uint4 b = bq[tt * tile_stride + (S0 / 2) * 32];
+      if constexpr (S0 % 2 == 0) mma16816<BF16>(part[tt], a, b.x, b.y);
+      else mma16816<BF16>(part[tt], a, b.z, b.w);
+    }
+    unit_steps<BITS, BF16, NT, S0 + 1, COUNT - 1>(w, magic, bq, tile_stride, part);
+  }
+}
+
+// xu: the unit sums of this lane's tokens 2t, 2t + 1 for the iteration's first unit; xu_stride:
+// floats per token tile. sc: the units' (s, -s z, s, -s z) of rows g, g + 8.
+template <int BITS, bool BF16, int NT, int UNITS, int U = 0>
+__device__ __forceinline__ void iteration_units(const uint32_t* w, uint32_t magic,
+                                                const uint4* bq, const float* xu,
+                                                const float4* sc, int tile_stride,
+                                                int xu_stride, float (&acc)[NT][4]) {
+  if constexpr (U < UNITS) {
+    constexpr int SPU = steps_per_iteration(BITS) / UNITS;
+    float part[NT][4];
+#pragma unroll
+    for (int tt = 0; tt < NT; ++tt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
+    unit_steps<BITS, BF16, NT, U * SPU, SPU>(w, magic, bq, tile_stride, part);
+    const float4 s = sc[U];
+#pragma unroll
+    for (int tt = 0; tt < NT; ++tt) {
+      const float2 xs = *reinterpret_cast<const float2*>(xu + tt * xu_stride + U * kTokens);
+      acc[tt][0] = fmaf(s.x, part[tt][0], fmaf(s.y, xs.x, acc[tt][0]));
+      acc[tt][1] = fmaf(s.x, part[tt][1], fmaf(s.y, xs.y, acc[tt][1]));
+      acc[tt][2] = fmaf(s.z, part[tt][2], fmaf(s.w, xs.x, acc[tt][2]));
+      acc[tt][3] = fmaf(s.z, part[tt][3], fmaf(s.w, xs.y, acc[tt][3]));
+    }
+    iteration_units<BITS, BF16, NT, UNITS, U + 1>(w, magic, bq, xu, sc, tile_stride, xu_stride,
+                                                  acc);
+  }
+}
+
+// Shared memory of a launch: B fragments and unit sums of one slab; the split-K exchange reuses
+// the start afterwards.
+struct SmemLayout {
+  int slab_pairs, slab_units;
+  size_t bfrag_bytes, xunit_bytes, total;
+};
+
+inline SmemLayout smem_layout(int bits, int nt, int units, const Plan& p) {
+  SmemLayout L;
+  L.slab_pairs = p.slab_iters * steps_per_iteration(bits) / 2;
+  L.slab_units = p.slab_iters * units;
+  L.bfrag_bytes = (size_t)nt * L.slab_pairs * 32 * 16;
+  L.xunit_bytes = (size_t)nt * L.slab_units * kTokens * 4;
+  const size_t red = (size_t)kMaxWarps * nt * 4 * 32 * 4;
+  L.total = std::max(L.bfrag_bytes + L.xunit_bytes, red);
+  return L;
+}
+
+template <int BITS, bool BF16, int NT, int UNITS>
+__global__ void __launch_bounds__(kMaxWarps * 32, 1)
+decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
+  constexpr int STEPS = steps_per_iteration(BITS), WORDS = words_per_lane(BITS);
+  constexpr int IK = iteration_k(BITS), UK = IK / UNITS;
+  extern __shared__ uint4 smem[];
+  const int slab_pairs = p.slab_iters * STEPS / 2, slab_units = p.slab_iters * UNITS;
+  uint4* bfrag = smem;
+  float* xunit = reinterpret_cast<float*>(bfrag + NT * slab_pairs * 32);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wr = warp / p.WK, wk = warp - wr * p.WK;
+  const int64_t tile = (int64_t)blockIdx.x * p.WR + wr;
+  const bool tile_ok = tile < a.tiles;
+  const int iterations = (int)a.iterations;  // < 2^31 (host check)
+  // This warp's words: iteration i of its tile at wsrc + i * 32 * WORDS (a row past N reads
+  // tile 0 and stores nothing).
+  const uint32_t* wsrc = a.frag + ((tile_ok ? tile : 0) * a.iterations * 32 + lane) * WORDS;
+  // (a tile past N computes on tile 0 and stores nothing: no branch in the loop)
+  const float4* params = reinterpret_cast<const float4*>(a.params) +
+                         (tile_ok ? tile : 0) * a.groups * 8 + b_token(lane);
+  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
+  const int gshift = min(a.gshift, 31);      // inputs < 2^31 (host check): 31 = one group
+
+  float acc[NT][4];
+#pragma unroll
+  for (int tt = 0; tt < NT; ++tt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[tt][i] = 0.f;
+
+  // Slabs of slab_iters iterations (a multiple of WK, the same for every warp, so the barriers
+  // match); inside one, warp wk computes iterations wk, wk + WK, ... The next iteration's words
+  // are loaded before the current one is computed, across slab boundaries too; past a tile's
+  // last iteration that load reads the next tile's words or the layout's tail (kFragTail
+  // iterations after the last tile), which nothing uses: no branch around the load.
+  const uint32_t* wp = wsrc + wk * 32 * WORDS;
+  const int stride = p.WK * 32 * WORDS;
+  uint32_t cur[WORDS], nxt[WORDS];
+  load_words<WORDS>(wp, cur);
+  int k0 = wk * IK;  // first input of the warp's current iteration
+  for (int slab_base = 0; slab_base < iterations; slab_base += p.slab_iters) {
+    const int iters_here = min(p.slab_iters, iterations - slab_base);
+    __syncthreads();  // every warp is done with the previous slab
+    stage_slab<NT>(a, p, (int64_t)slab_base * IK, iters_here * STEPS / 2, slab_pairs, bfrag);
+    __syncthreads();
+    unit_sums<NT, BF16>(iters_here * UNITS, UK / 32, slab_pairs, slab_units, bfrag, xunit);
+    __syncthreads();
+    const uint4* bq = bfrag + wk * (STEPS / 2) * 32 + lane;
+    const float* xu = xunit + wk * UNITS * kTokens + c_token(lane, 0);
+#pragma unroll 2
+    for (int j = wk; j < iters_here; j += p.WK) {
+      wp += stride;
+      load_words<WORDS>(wp, nxt);
+      float4 sc[UNITS];
+#pragma unroll
+      for (int u = 0; u < UNITS; ++u) sc[u] = __ldg(params + (((k0 + u * UK) >> gshift) << 3));
+      iteration_units<BITS, BF16, NT, UNITS>(cur, magic, bq, xu, sc, slab_pairs * 32,
+                                             slab_units * kTokens, acc);
+#pragma unroll
+      for (int i = 0; i < WORDS; ++i) cur[i] = nxt[i];
+      bq += p.WK * (STEPS / 2) * 32;
+      xu += p.WK * UNITS * kTokens;
+      k0 += p.WK * IK;
+    }
+  }
+
+  // Split-K: the WK warps of a tile add up in shared memory, in warp order.
+  float* red = reinterpret_cast<float*>(smem);
+  __syncthreads();
+  if (p.WK > 1) {
+#pragma unroll
+    for (int tt = 0; tt < NT; ++tt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[((warp * NT + tt) * 4 + i) * 32 + lane] = acc[tt][i];
+    __syncthreads();
+    if (wk == 0)
+      for (int k = 1; k < p.WK; ++k)
+#pragma unroll
+        for (int tt = 0; tt < NT; ++tt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[tt][i] += red[(((warp + k) * NT + tt) * 4 + i) * 32 + lane];
+  }
+  if (wk != 0 || !tile_ok) return;
+#pragma unroll
+  for (int tt = 0; tt < NT; ++tt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t n = tile * kTileRows + c_row(lane, i);
+      const int64_t m = tt * kTokens + c_token(lane, i);
+      if (n >= a.N || m >= a.M) continue;
+      float v = acc[tt][i];
+      if (a.bias) v += load_f(a.bias, a.bias_dtype, n);
+      const int64_t o = m * a.ldo + n;
+      if (a.accumulate) v += load_f(a.out, a.out_dtype, o);
+      store_f(a.out, a.out_dtype, o, v);
+    }
+}
+
+inline int floor_pow2(int64_t v) {
+  int p = 1;
+  while (p * 2 <= v && p < (1 << 20)) p *= 2;
+  return p;
+}
+
+template <int BITS, bool BF16, int NT, int UNITS>
+void launch_units(const MmaDecodeArgs& a, const Plan& p, dim3 grid, cudaStream_t s) {
+  const SmemLayout L = smem_layout(BITS, NT, UNITS, p);
+  auto kernel = decode_mma_kernel<BITS, BF16, NT, UNITS>;
+  if (L.total > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)L.total),
+               "qmatmul_cuda_mma", "cudaFuncSetAttribute", a);
+  kernel<<<grid, dim3(p.WR * p.WK * 32), L.total, s>>>(a, p);
+}
+
+// Units per iteration: iteration_k / min(iteration_k, group size); the compiled cases.
+template <int BITS, bool BF16, int NT>
+void launch_nt(const MmaDecodeArgs& a, const Plan& p, dim3 grid, cudaStream_t s) {
+  switch (a.units) {
+    case 1: launch_units<BITS, BF16, NT, 1>(a, p, grid, s); break;
+    case 2:
+      if constexpr (steps_per_iteration(BITS) % 2 == 0 && iteration_k(BITS) >= 64)
+        launch_units<BITS, BF16, NT, 2>(a, p, grid, s);
+      break;
+    case 4:
+      if constexpr (iteration_k(BITS) >= 128) launch_units<BITS, BF16, NT, 4>(a, p, grid, s);
+      break;
+    default:
+      if constexpr (iteration_k(BITS) >= 256) launch_units<BITS, BF16, NT, 8>(a, p, grid, s);
+      break;
+  }
+}
+
+template <int BITS>
+void launch_bits(const MmaDecodeArgs& a, const Plan& p, dim3 grid, cudaStream_t s) {
+  const bool bf16 = a.x_dtype == kBFloat16;
+  const bool two = a.M > kTokens;
+  if (bf16) {
+    if (two) launch_nt<BITS, true, 2>(a, p, grid, s);
+    else launch_nt<BITS, true, 1>(a, p, grid, s);
+  } else {
+    if (two) launch_nt<BITS, false, 2>(a, p, grid, s);
+    else launch_nt<BITS, false, 1>(a, p, grid, s);
+  }
+}
+
+}  // namespace decode_mma
+}  // namespace cuda
+}  // namespace pyengine
