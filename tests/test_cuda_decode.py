@@ -1,6 +1,8 @@
-"""The CUDA decode GEMV (csrc/cuda/qmatmul_decode.cu, M <= 16) against the pure-torch reference,
-and the simple CUDA kernel forced on the same inputs (PYENGINE_CUDA_KERNEL=simple /
-CudaBackend(kernel="simple")).
+"""The CUDA decode kernels for M <= 16 against the pure-torch reference: the decode GEMV
+(csrc/cuda/qmatmul_decode.cu), the tensor-core decode kernel on the fragment-native layout
+(csrc/cuda/qmatmul_mma.cu, float16 / bfloat16 activations; its layout and arithmetic are also
+checked without a GPU through its host emulation: tests/test_mma_layout.py), and the simple CUDA
+kernel forced on the same inputs (PYENGINE_CUDA_KERNEL=simple / CudaBackend(kernel="simple")).
 
 The GPU tests are marked ``gpu`` (skipped without a CUDA device). Outputs are poisoned with NaN
 before every call. The few tests at the end need only the compiled extension: they check the
@@ -31,23 +33,29 @@ _cuda_built = bool(pyengine.build_info().get("cuda_kernels"))
 needs_cuda_build = pytest.mark.skipif(not _cuda_built, reason="pyengine._C has no CUDA kernels")
 
 
-def _backends():
-    return {"decode": CudaBackend(kernel="decode"), "simple": CudaBackend(kernel="simple")}
+def _backends(dtype=torch.float32):
+    """The kernels forced by name; "mma" only for the activations it takes."""
+    kernels = {"decode": CudaBackend(kernel="decode"), "simple": CudaBackend(kernel="simple")}
+    if dtype in (torch.float16, torch.bfloat16):
+        kernels["mma"] = CudaBackend(kernel="mma")
+    return kernels
 
 
 _SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def _check_both(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=None):
-    """decode and simple against the reference, and against each other."""
+    """decode, simple and (fp16 / bf16) mma against the reference, and against each other."""
     dtype = x.dtype
     ref = _ref(x, w_ref, n, k, bias, residual, shortcut)
     outs = {}
-    for name, backend in _backends().items():
+    for name, backend in _backends(dtype).items():
         outs[name] = _run(backend, x, qt, n, k, bias, residual, shortcut)
         assert_matches(outs[name].float(), ref, dtype, f"{name}: {what}")
-    err = rel_err(outs["decode"].float(), outs["simple"].float())
-    assert err <= 2 * TOLERANCE[dtype], f"decode vs simple: {what}: {err:.3e}"
+    for name in outs:
+        if name != "simple":
+            err = rel_err(outs[name].float(), outs["simple"].float())
+            assert err <= 2 * TOLERANCE[dtype], f"{name} vs simple: {what}: {err:.3e}"
     return outs
 
 
@@ -128,15 +136,17 @@ def test_decode_shortcut(dtype, bits, rng):
 
 @pytest.mark.gpu
 def test_default_route_and_environment_override(monkeypatch, rng):
-    """The default cuda backend runs the decode kernel for M <= 16, the tensor-core kernel above
-    for fp16/bf16 activations and the simple kernel for fp32 ones (bit-identical results: each
-    kernel is deterministic); PYENGINE_CUDA_KERNEL=simple forces the simple kernel."""
+    """The default cuda backend runs the tensor-core decode kernel for M <= 16 with fp16/bf16
+    activations, the decode GEMV for fp32 ones, the tensor-core GEMM above M = 16 for fp16/bf16
+    activations and the simple kernel for fp32 ones (bit-identical results: each kernel is
+    deterministic); PYENGINE_CUDA_KERNEL=simple forces the simple kernel."""
     n, k = 1536, 576
     qt, w_ref = _weight(n, k, 4, 128, False, torch.float16, _SEED)
     default = get_backend("cuda")
     monkeypatch.delenv(ENV_KERNEL, raising=False)
-    kernels = {**_backends(), "tc": CudaBackend(kernel="tc")}
-    for m, dtype, expected in ((1, torch.float16, "decode"), (16, torch.float16, "decode"),
+    kernels = {**_backends(torch.float16), "tc": CudaBackend(kernel="tc")}
+    for m, dtype, expected in ((1, torch.float16, "mma"), (16, torch.bfloat16, "mma"),
+                               (3, torch.float32, "decode"),
                                (17, torch.float16, "tc"), (40, torch.bfloat16, "tc"),
                                (40, torch.float32, "simple")):
         x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
@@ -148,6 +158,41 @@ def test_default_route_and_environment_override(monkeypatch, rng):
     monkeypatch.setenv(ENV_KERNEL, "simple")
     via_env = _run(default, x, qt, n, k)
     assert torch.equal(via_env, _run(_backends()["simple"], x, qt, n, k))
+
+
+@pytest.mark.gpu
+def test_mma_refuses_what_it_does_not_serve(rng):
+    """kernel="mma" forced: fp32 activations, M > 16 and a group size that is no power of two
+    raise one line naming the reason; the default route falls back to the decode GEMV."""
+    n, k = 64, 384
+    qt, w_ref = _weight(n, k, 4, 32, False, torch.float16, _SEED)
+    mma = CudaBackend(kernel="mma")
+    for m, dtype, reason in ((1, torch.float32, "float16 / bfloat16"), (17, torch.float16,
+                                                                         "M <= 16")):
+        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
+        with pytest.raises(ValueError, match=f"does not serve this call: .*{reason}"):
+            _run(mma, x, qt, n, k)
+    odd = type(qt)(qt.qweight, qt.scales, qt.zeros, qt.bits, 96)  # 96: not a power of two
+    x = torch.randn(2, k, generator=rng).to(device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="power-of-two group sizes"):
+        _run(mma, x, odd, n, k)
+
+
+@pytest.mark.gpu
+def test_mma_layout_copy_is_made_once_per_shape(rng):
+    """The fragment-native copy is made on the first call and kept with the operand, one per
+    (n, k) of the calls (a sliced call gets its own)."""
+    n, k = 256, 512
+    qt, w_ref = _weight(n, k, 4, 128, False, torch.float16, _SEED)
+    mma = CudaBackend(kernel="mma")
+    x = torch.randn(3, k, generator=rng).to(device="cuda", dtype=torch.float16)
+    _run(mma, x, qt, n, k)
+    first = qt.layouts[("mma", n, k)]
+    _run(mma, x, qt, n, k)
+    assert qt.layouts[("mma", n, k)] is first
+    out = _run(mma, x, qt, 100, 300)
+    assert ("mma", 100, 300) in qt.layouts
+    assert_matches(out.float(), _ref(x, w_ref, 100, 300), torch.float16, "sliced mma")
 
 
 @pytest.mark.gpu
@@ -181,6 +226,7 @@ def test_kernel_choice_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="kernel"):
         CudaBackend(kernel="fastest")
     assert CudaBackend(kernel="simple").kernel_name() == "simple"
+    assert CudaBackend(kernel="mma").kernel_name() == "mma"
     b = CudaBackend()
     monkeypatch.delenv(ENV_KERNEL, raising=False)
     assert b.kernel_name() == "auto"

@@ -51,9 +51,12 @@ class PackedOperand:
     (pointers, strides): an operand is immutable, and the ops keep one per weight object for
     eager calls (see pyengine.ops.linear), so that work is done once per weight. ``bound``: the
     ops' prepared calls of it for plain eager calls (pyengine.ops.linear._prepared_call).
+    ``layouts``: copies of the weight in a backend's own layout (docs/FORMAT.md allows them), made
+    once and kept with the operand, keyed by the backend's choice (e.g. ("mma", n, k)).
     """
 
-    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "native", "bound")
+    __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "native", "bound",
+                 "layouts")
     kind = "packed"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
@@ -65,6 +68,7 @@ class PackedOperand:
         self.group_size = group_size    # effective codes per scale (the padded row if per channel)
         self.native = None
         self.bound = {}
+        self.layouts = {}
 
 
 class PlaneOperand:
