@@ -4,7 +4,9 @@ In one run: the device's copy bandwidth, cuBLAS fp16 ``F.linear`` and each avail
 ``dequant_matmul`` on real layer shapes at several M and bit widths; ``sliced_matmul`` at 75% of
 each dimension against the full call; ``shortcut_matmul`` against the unfused pair (the
 quantized matmul, then ``addmm`` of residual @ shortcut). Each kernel's result is checked once
-against the dequantized weight (rel_err in the row). Timings are medians over CUDA events with
+against the dequantized weight (rel_err in the row). The cuda backend runs its default route
+(backend "cuda") and, at M <= 16, each kernel of --cuda-kernels forced by name (backends
+"cuda:decode", the decode GEMV, and "cuda:mma", the tensor-core decode kernel). Timings are medians over CUDA events with
 the L2 cache flushed before every repetition (--warm-l2: no flush, common.time_cuda), so
 weights that fit in L2 are not read from cache.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -38,6 +41,7 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine.backends import LinearCase, get_backend  # noqa: E402
+from pyengine.backends.cuda import ENV_KERNEL  # noqa: E402
 
 DEFAULT_SHAPES = "14336x4096,4096x4096,1024x4096,4096x14336,28672x8192"  # N x K
 FP16 = torch.float16
@@ -193,25 +197,55 @@ class Bench:
                 dense = qw.dequantize(FP16)
                 ref = F.linear(x, dense)
                 for b in backends:
-                    what = f"{b} {bits}-bit {n}x{k} M={m}"
-                    self.attempt(what, lambda: self._one(b, bits, qw, dense, ref, x, xs, m, n,
-                                                         k, in_dims, out_dims, residual,
-                                                         shortcut, fp16_ms, fp16_sliced_ms, act))
+                    for label, kernel in self.variants(b, m):
+                        what = f"{label} {bits}-bit {n}x{k} M={m}"
+                        self.attempt(what, lambda: self._forced(
+                            kernel, lambda: self._one(b, bits, qw, dense, ref, x, xs, m, n, k,
+                                                      in_dims, out_dims, residual, shortcut,
+                                                      fp16_ms, fp16_sliced_ms, act, label)))
+
+    def variants(self, backend: str, m: int) -> List[tuple]:
+        """(row label, PYENGINE_CUDA_KERNEL value or None) for one backend at M: the cuda
+        backend's default route, and each kernel of --cuda-kernels that serves M (the decode
+        kernels only M <= 16)."""
+        out = [(backend, None)]
+        if backend == "cuda":
+            for kernel in self.args.cuda_kernels:
+                if kernel in ("decode", "mma") and m > 16:
+                    continue
+                out.append((f"cuda:{kernel}", kernel))
+        return out
+
+    @staticmethod
+    def _forced(kernel: Optional[str], fn: Callable[[], None]) -> None:
+        """fn() with PYENGINE_CUDA_KERNEL=kernel (unchanged when None), restored after."""
+        if kernel is None:
+            return fn()
+        old = os.environ.get(ENV_KERNEL)
+        os.environ[ENV_KERNEL] = kernel
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ[ENV_KERNEL]
+            else:
+                os.environ[ENV_KERNEL] = old
 
     def _one(self, b, bits, qw, dense, ref, x, xs, m, n, k, in_dims, out_dims, residual,
-             shortcut, fp16_ms, fp16_sliced_ms, act) -> None:
+             shortcut, fp16_ms, fp16_sliced_ms, act, label=None) -> None:
+        label = label or b
         gs, ops = self.args.group_size, pyengine.ops
         full = lambda: ops.dequant_matmul(x, qw, backend=b)  # noqa: E731
-        err = self.check(f"dequant_matmul {b} {bits}b {n}x{k} M={m}", full(), ref)
+        err = self.check(f"dequant_matmul {label} {bits}b {n}x{k} M={m}", full(), ref)
         ms = self.time(full)
-        self.row("dequant_matmul", b, bits, gs, m, n, k, ms, quant_bytes(qw, n, k) + act,
+        self.row("dequant_matmul", label, bits, gs, m, n, k, ms, quant_bytes(qw, n, k) + act,
                  fp16_ms, rel_err=err)
 
         sliced = lambda: ops.sliced_matmul(xs, qw, in_dims, out_dims, backend=b)  # noqa: E731
-        err = self.check(f"sliced_matmul {b} {bits}b {n}x{k} M={m}", sliced(),
+        err = self.check(f"sliced_matmul {label} {bits}b {n}x{k} M={m}", sliced(),
                          F.linear(xs, dense[:out_dims, :in_dims]))
         ms_sliced = self.time(sliced)
-        self.row("sliced_matmul", b, bits, gs, m, out_dims, in_dims, ms_sliced,
+        self.row("sliced_matmul", label, bits, gs, m, out_dims, in_dims, ms_sliced,
                  quant_bytes(qw, out_dims, in_dims) + (m * in_dims + m * out_dims) * 2,
                  fp16_sliced_ms, rel_err=err, ms_full=round(ms, 5),
                  time_vs_full=round(ms_sliced / ms, 3))
@@ -222,11 +256,11 @@ class Bench:
         fused = lambda: ops.shortcut_matmul(x, qw, residual, shortcut, backend=b)  # noqa: E731
         unfused = lambda: (ops.dequant_matmul(x, qw, backend=b)  # noqa: E731
                            .addmm_(residual, shortcut))
-        err = self.check(f"shortcut_matmul {b} {bits}b {n}x{k} M={m}", fused(),
+        err = self.check(f"shortcut_matmul {label} {bits}b {n}x{k} M={m}", fused(),
                          torch.addmm(ref, residual, shortcut))
         ms_fused, ms_unfused = self.time(fused), self.time(unfused)
         fp16_pair_ms = self.time(lambda: F.linear(x, dense).addmm_(residual, shortcut))
-        self.row("shortcut_matmul", b, bits, gs, m, n, k, ms_fused,
+        self.row("shortcut_matmul", label, bits, gs, m, n, k, ms_fused,
                  quant_bytes(qw, n, k) + act + (m * r + r * n) * 2, fp16_pair_ms, R=r,
                  rel_err=err, ms_unfused=round(ms_unfused, 5),
                  speedup_vs_unfused=round(ms_unfused / ms_fused, 3))
@@ -244,6 +278,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--backends", default="",
                         help="comma separated (default: every available CUDA backend but torch)")
+    parser.add_argument("--cuda-kernels", type=lambda t: [v for v in t.split(",") if v],
+                        default=["decode", "mma"],
+                        help="cuda kernels also timed by name (PYENGINE_CUDA_KERNEL) beside the "
+                             "default route, comma separated; decode and mma at M <= 16 only "
+                             "(default: decode,mma; '' for none)")
     parser.add_argument("--with-torch", action="store_true",
                         help="also time the torch reference backend (dequantizes every call)")
     parser.add_argument("--reps", type=int, default=50)

@@ -167,24 +167,29 @@ def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]
                       "GB/s", "of copy bw", speed_key or "speedup"], body))
 
 
+def _static_backend(r: dict) -> str:
+    """The column family of a static_gpu.json row: the CUDA decode GEMV, the CUDA tensor-core
+    decode kernel, or Triton at its version."""
+    if r["backend"] != "cuda":
+        return f"triton {r['triton']}"
+    return "cuda mma" if "decode_mma" in r["kernel"] else "cuda gemv"
+
+
 def static_gpu_table() -> List[str]:
     """The issue-bound ceilings of benchmarks/static_gpu.py (compile-only figures): per weight
-    and backend, the ceiling against the H200's copy bandwidth and the warp instructions per
+    and kernel, the ceiling against the H200's copy bandwidth and the warp instructions per
     512 B of weights, at M = 1 and 16, fp16 activations."""
     data = _load("static_gpu.json")
     if data is None:
         return []
-    rows = [r for r in data["rows"] if r.get("ceiling_vs_copy") is not None
+    rows = [r for r in data["rows"] if r.get("ceiling_vs_copy") is not None and "M" in r
             and r.get("dtype", "float16") == "float16"]
-    columns = []
-    for r in rows:
-        col = ("cuda" if r["backend"] == "cuda" else f"triton {r['triton']}", r["M"])
-        if col not in columns:
-            columns.append(col)
-    columns.sort(key=lambda c: (c[0] != "cuda", c[0], c[1]))
+    order = {"cuda mma": 0, "cuda gemv": 1}
+    columns = sorted({(_static_backend(r), r["M"]) for r in rows},
+                     key=lambda c: (order.get(c[0], 2), c[0], c[1]))
     weights = sorted({r["weight"] for r in rows}, key=lambda w: (w.startswith("planes"),
                                                                   -int(w[-1])))
-    cell = {(r["weight"], "cuda" if r["backend"] == "cuda" else f"triton {r['triton']}", r["M"]):
+    cell = {(r["weight"], _static_backend(r), r["M"]):
             f"{r['ceiling_vs_copy']:.2f}x ({r['warp_instructions_per_512B']:.0f})" for r in rows}
     body = [[w] + [cell.get((w, b, m), "") for b, m in columns] for w in weights]
     meta = data["meta"]
@@ -196,6 +201,8 @@ def static_gpu_table() -> List[str]:
              f"against {target['copy_bandwidth_bytes_per_s'] / 1e12:.1f} TB/s; in brackets the "
              f"warp instructions per 512 B of weights; fp16 activations, "
              f"{meta['shape']['N']}x{meta['shape']['K']}, group {meta['shape']['group_size']}; "
+             f"cuda mma: the tensor-core decode kernel (fragment-native layout), cuda gemv: "
+             f"the decode GEMV on the canonical layout; "
              f"`benchmarks/results/static_gpu.json`, {meta['date']}, commit {meta['commit']})",
              ""]
             + _table(["weight"] + [f"{b} M={m}" for b, m in columns], body))

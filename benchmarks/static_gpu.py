@@ -57,7 +57,13 @@ TARGET_RATIO = 1.3                                 # the issue's goal: ceiling >
 
 SHAPE = (14336, 4096)           # N x K of the kernel benchmark (Llama-3-8B gate/up)
 DECODE_MS = (1, 16)
-CUDA_SOURCES = ("qmatmul_decode.cu", "plane_matmul.cu", "qmatmul_tc.cu", "qmatmul_simple.cu")
+CUDA_SOURCES = ("qmatmul_decode.cu", "plane_matmul.cu", "qmatmul_tc.cu", "qmatmul_simple.cu",
+                "qmatmul_mma.cu")
+# The tensor-core decode kernel (csrc/cuda/decode_mma.cuh): weight bytes one warp streams per
+# iteration (32 lanes x words_per_lane(bits) words, csrc/mma_frag.h) and, per SHAPE's group
+# size 128, the units per iteration its instantiation must have to serve that group.
+MMA_WORDS = {2: 4, 3: 12, 4: 4, 8: 4}
+MMA_UNITS_AT_GROUP_128 = {2: 1, 3: 2, 4: 1, 8: 1}
 CUDA_ARCH = "90a"
 
 
@@ -145,6 +151,7 @@ def demangle(names: Sequence[str]) -> Dict[str, str]:
     return dict(zip(names, proc.stdout.splitlines()))
 
 
+_MMA_NAME = re.compile(r"decode_mma_kernel<(\d), (true|false), (\d), (\d)>")
 _DECODE_NAME = re.compile(r"decode_gemv_kernel<pyengine::cuda::(PackedSource|PlaneSource)<(\d)>,"
                           r" (\d)>")
 
@@ -165,6 +172,28 @@ def cuda_rows(jobs: int) -> List[dict]:
                 row = dict(backend="cuda", source=b["source"], kernel=short, **res,
                            local_memory_instructions=(
                                sass.local_memory_instructions(func) if func else None))
+                mma = _MMA_NAME.search(pretty)
+                if mma and func is not None:
+                    bits, bf16, nt, units = (int(mma.group(1)), mma.group(2) == "true",
+                                             int(mma.group(3)), int(mma.group(4)))
+                    row.update(weight=f"int{bits}", dtype="bfloat16" if bf16 else "float16",
+                               token_tiles=nt, units=units,
+                               group_sizes="group >= iteration" if units == 1 else
+                               f"group = iteration / {units}")
+                    st = sass.steady_state(func)
+                    # The loop is unrolled: a trip streams as many iterations as its path has
+                    # 16-byte weight loads per MMA_WORDS / 4 (the loads are never predicated).
+                    per_load = 32 * 16
+                    trips = max(1, (st.weight_loads if st else 0) // (MMA_WORDS[bits] // 4))
+                    per_warp = trips * 32 * MMA_WORDS[bits] * 4
+                    row.update(_loop_fields(st, per_warp, threads=32), iterations_per_trip=trips)
+                    assert per_load * (MMA_WORDS[bits] // 4) == 32 * MMA_WORDS[bits] * 4
+                    if st is not None and units == MMA_UNITS_AT_GROUP_128[bits]:
+                        row["M"] = 1 if nt == 1 else 16
+                        row.update(ceiling(st.instructions, per_warp))
+                    elif st is not None:
+                        row.update({"M (not at group 128)": "1..8" if nt == 1 else "9..16"},
+                                   **ceiling(st.instructions, per_warp))
                 m = _DECODE_NAME.search(pretty)
                 if m and func is not None:
                     src, width, mt = m.group(1), int(m.group(2)), int(m.group(3))

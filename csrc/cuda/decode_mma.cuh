@@ -130,6 +130,14 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// v in a register the compiler cannot rematerialize (an opaque move): for constants used in
+// every loop trip.
+__device__ __forceinline__ uint32_t pinned(uint32_t v) {
+  uint32_t r;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(r) : "r"(v));
+  return r;
+}
+
 // (a & b) | c in one LOP3 (b an immediate, c a register: SASS LOP3 takes one immediate, so
 // the compiler's own and-then-or of two constants costs two instructions).
 template <uint32_t B>
@@ -153,7 +161,8 @@ __device__ __forceinline__ uint32_t extract_pair_lop3(const uint32_t* w, uint32_
 
 // Register r of step s of the A fragment: two exact codes as fp16 / bf16 (mma_frag.h).
 template <int BITS, bool BF16, int S, int R>
-__device__ __forceinline__ uint32_t a_register(const uint32_t* w, uint32_t magic) {
+__device__ __forceinline__ uint32_t a_register(const uint32_t* w, uint32_t magic,
+                                               const uint32_t (&mulc)[10]) {
   if constexpr (BITS == 8 && BF16) {
     constexpr int word = 2 * S + R / 2, byte = R % 2;
     const float lo = __uint_as_float(fp32_magic_byte(w[word], byte)) - 8388608.f;
@@ -163,7 +172,7 @@ __device__ __forceinline__ uint32_t a_register(const uint32_t* w, uint32_t magic
   } else {
     constexpr PairExtract e = pair_extract(BITS, BF16, S, R);
     const uint32_t raw = extract_pair_lop3<BITS, BF16, S, R>(w, magic);
-    constexpr uint32_t mul = half_pair(normalize_mul_bits(BF16, e.f));
+    const uint32_t mul = mulc[e.f];
     constexpr uint32_t add = half_pair(normalize_add_bits(BF16, e.f));
     if constexpr (BF16) {
       const __nv_bfloat162 v = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&raw),
@@ -180,11 +189,12 @@ __device__ __forceinline__ uint32_t a_register(const uint32_t* w, uint32_t magic
 }
 
 template <int BITS, bool BF16, int S>
-__device__ __forceinline__ void a_fragment(const uint32_t* w, uint32_t magic, uint32_t (&a)[4]) {
-  a[0] = a_register<BITS, BF16, S, 0>(w, magic);
-  a[1] = a_register<BITS, BF16, S, 1>(w, magic);
-  a[2] = a_register<BITS, BF16, S, 2>(w, magic);
-  a[3] = a_register<BITS, BF16, S, 3>(w, magic);
+__device__ __forceinline__ void a_fragment(const uint32_t* w, uint32_t magic,
+                                           const uint32_t (&mulc)[10], uint32_t (&a)[4]) {
+  a[0] = a_register<BITS, BF16, S, 0>(w, magic, mulc);
+  a[1] = a_register<BITS, BF16, S, 1>(w, magic, mulc);
+  a[2] = a_register<BITS, BF16, S, 2>(w, magic, mulc);
+  a[3] = a_register<BITS, BF16, S, 3>(w, magic, mulc);
 }
 
 // A lane's words of one iteration (always a valid address: callers clamp instead of branching).
@@ -200,18 +210,19 @@ __device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[WO
 // Steps [S0, S0 + COUNT) of one unit into part[NT][4].
 // bq: this lane's entry of the iteration's first step pair; tile_stride: entries per token tile.
 template <int BITS, bool BF16, int NT, int S0, int COUNT>
-__device__ __forceinline__ void unit_steps(const uint32_t* w, uint32_t magic, const uint4* bq,
+__device__ __forceinline__ void unit_steps(const uint32_t* w, uint32_t magic,
+                                           const uint32_t (&mulc)[10], const uint4* bq,
                                            int tile_stride, float (&part)[NT][4]) {
   if constexpr (COUNT > 0) {
     uint32_t a[4];
-    a_fragment<BITS, BF16, S0>(w, magic, a);
+    a_fragment<BITS, BF16, S0>(w, magic, mulc, a);
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
       const uint4 b = bq[tt * tile_stride + (S0 / 2) * 32];
       if constexpr (S0 % 2 == 0) mma16816<BF16>(part[tt], a, b.x, b.y);
       else mma16816<BF16>(part[tt], a, b.z, b.w);
     }
-    unit_steps<BITS, BF16, NT, S0 + 1, COUNT - 1>(w, magic, bq, tile_stride, part);
+    unit_steps<BITS, BF16, NT, S0 + 1, COUNT - 1>(w, magic, mulc, bq, tile_stride, part);
   }
 }
 
@@ -219,6 +230,7 @@ __device__ __forceinline__ void unit_steps(const uint32_t* w, uint32_t magic, co
 // floats per token tile. sc: the units' (s, -s z, s, -s z) of rows g, g + 8.
 template <int BITS, bool BF16, int NT, int UNITS, int U = 0>
 __device__ __forceinline__ void iteration_units(const uint32_t* w, uint32_t magic,
+                                                const uint32_t (&mulc)[10],
                                                 const uint4* bq, const float* xu,
                                                 const float4* sc, int tile_stride,
                                                 int xu_stride, float (&acc)[NT][4]) {
@@ -229,7 +241,7 @@ __device__ __forceinline__ void iteration_units(const uint32_t* w, uint32_t magi
     for (int tt = 0; tt < NT; ++tt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
-    unit_steps<BITS, BF16, NT, U * SPU, SPU>(w, magic, bq, tile_stride, part);
+    unit_steps<BITS, BF16, NT, U * SPU, SPU>(w, magic, mulc, bq, tile_stride, part);
     const float4 s = sc[U];
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
@@ -239,8 +251,8 @@ __device__ __forceinline__ void iteration_units(const uint32_t* w, uint32_t magi
       acc[tt][2] = fmaf(s.z, part[tt][2], fmaf(s.w, xs.x, acc[tt][2]));
       acc[tt][3] = fmaf(s.z, part[tt][3], fmaf(s.w, xs.y, acc[tt][3]));
     }
-    iteration_units<BITS, BF16, NT, UNITS, U + 1>(w, magic, bq, xu, sc, tile_stride, xu_stride,
-                                                  acc);
+    iteration_units<BITS, BF16, NT, UNITS, U + 1>(w, magic, mulc, bq, xu, sc, tile_stride,
+                                                  xu_stride, acc);
   }
 }
 
@@ -283,7 +295,12 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   // (a tile past N computes on tile 0 and stores nothing: no branch in the loop)
   const float4* params = reinterpret_cast<const float4*>(a.params) +
                          (tile_ok ? tile : 0) * a.groups * 8 + b_token(lane);
-  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
+  const uint32_t magic = pinned(BF16 ? 0x43004300u : 0x64006400u);
+  // The normalizing multipliers 2^-f of every field position f, held in registers for the
+  // whole loop (HFMA2 takes one immediate; left to itself the compiler rebuilds them per trip).
+  uint32_t mulc[10];
+#pragma unroll
+  for (int f = 0; f < 10; ++f) mulc[f] = pinned(half_pair(normalize_mul_bits(BF16, f)));
   const int gshift = min(a.gshift, 31);      // inputs < 2^31 (host check): 31 = one group
 
   float acc[NT][4];
@@ -311,20 +328,30 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
     __syncthreads();
     const uint4* bq = bfrag + wk * (STEPS / 2) * 32 + lane;
     const float* xu = xunit + wk * UNITS * kTokens + c_token(lane, 0);
-#pragma unroll 2
-    for (int j = wk; j < iters_here; j += p.WK) {
+    // One iteration: compute the words in `w` while the next iteration's load into `into` is in
+    // flight. Two per loop trip with the buffers' roles swapped: no register copies.
+    auto iteration = [&](const uint32_t (&w)[WORDS], uint32_t (&into)[WORDS]) {
       wp += stride;
-      load_words<WORDS>(wp, nxt);
+      load_words<WORDS>(wp, into);
       float4 sc[UNITS];
 #pragma unroll
-      for (int u = 0; u < UNITS; ++u) sc[u] = __ldg(params + (((k0 + u * UK) >> gshift) << 3));
-      iteration_units<BITS, BF16, NT, UNITS>(cur, magic, bq, xu, sc, slab_pairs * 32,
+      for (int u = 0; u < UNITS; ++u)
+        sc[u] = __ldg(params + ((uint32_t)(k0 + u * UK) >> gshift) * 8u);
+      iteration_units<BITS, BF16, NT, UNITS>(w, magic, mulc, bq, xu, sc, slab_pairs * 32,
                                              slab_units * kTokens, acc);
-#pragma unroll
-      for (int i = 0; i < WORDS; ++i) cur[i] = nxt[i];
       bq += p.WK * (STEPS / 2) * 32;
       xu += p.WK * UNITS * kTokens;
       k0 += p.WK * IK;
+    };
+    int j = wk;
+    for (; j + p.WK < iters_here; j += 2 * p.WK) {
+      iteration(cur, nxt);
+      iteration(nxt, cur);
+    }
+    if (j < iters_here) {  // one left: its successor arrives in nxt
+      iteration(cur, nxt);
+#pragma unroll
+      for (int i = 0; i < WORDS; ++i) cur[i] = nxt[i];
     }
   }
 
