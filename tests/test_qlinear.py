@@ -171,10 +171,12 @@ def test_a_sliced_matryoshka_projection_reads_the_planes(monkeypatch, rng):
 
 
 def test_dispatch_key_and_errors(rng):
-    """The dispatch key holds device, dtype, weight kind and bits only; errors from selection
-    name the call's M, N, K, bits and group size; bad weights say what to pass."""
+    """The dispatch key holds device, dtype, weight kind, bits and whether the call is a decode
+    call (M <= 16) only; errors from selection name the call's M, N, K, bits and group size; bad
+    weights say what to pass."""
     qw, _ = _weight("packed", 24, 64, rng, torch.float32, group_size=32, bits=4)
-    assert LinearCase._fields == ("device_type", "dtype", "kind", "bits")
+    assert LinearCase._fields == ("device_type", "dtype", "kind", "bits", "decode")
+    assert LinearCase("cpu", torch.float32, "packed", 4).decode is False
     case = LinearCase("cpu", torch.float32, "packed", 4)
     assert select_backend(case) is select_backend(tuple(case))  # one memo, tuples accepted
     x = torch.randn(3, 64)

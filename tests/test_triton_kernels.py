@@ -234,6 +234,11 @@ def test_selection_priorities(kernels):
     if ON_GPU:
         assert backend.priority(case) == 20.0
         assert select_backend(case).name == "triton"
+        # decode calls with half activations go to the cuda backend's tensor-core decode kernel
+        # when the extension has it (its static figures rank it first; pyengine/backends/cuda.py)
+        decode = case._replace(decode=True)
+        has_mma = hasattr(pyengine._ext.extension(), "qmatmul_cuda_mma")
+        assert select_backend(decode).name == ("cuda" if has_mma else "triton")
     else:
         assert backend.priority(case) < 0, "the interpreter must never be picked automatically"
         assert select_backend(case).name != "triton"

@@ -23,16 +23,20 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 WEIGHT_KINDS = ("dense", "packed", "planes")
+DECODE_MAX_M = 16  # LinearCase.decode: calls with at most this many activation rows
 
 
 class LinearCase(NamedTuple):
     """The dispatch key: what backends read to say whether (and how well) they serve a call.
-    Shapes are not part of it (no backend's choice depends on them); errors name them."""
+    Sizes are not part of it, but for ``decode``: whether the call has at most DECODE_MAX_M
+    activation rows (the cuda backend's tensor-core decode kernel serves those and ranks itself
+    by it); errors name the sizes."""
 
     device_type: str            # "cpu", "cuda", ...
     dtype: torch.dtype          # activation dtype
     kind: str                   # "dense", "packed" or "planes"
     bits: int                   # packed: 2/3/4/8; planes: the slice's precision; dense: 0
+    decode: bool = False        # M <= DECODE_MAX_M
 
     def describe(self) -> str:
         if self.kind == "dense":

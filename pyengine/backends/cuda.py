@@ -110,6 +110,13 @@ class CudaBackend(Backend):
         return None
 
     def priority(self, case: LinearCase) -> float:
+        # Decode calls on packed weights with fp16 / bf16 activations run the tensor-core decode
+        # kernel, whose static ceilings (benchmarks/static_gpu.py) beat the Triton decode
+        # kernels' at every width: ranked above Triton (20) until GPU measurements say
+        # otherwise. Everything else: below Triton.
+        if (case.decode and case.kind == "packed" and case.dtype in (torch.float16, torch.bfloat16)
+                and hasattr(extension(), "qmatmul_cuda_mma")):
+            return 30.0
         return 10.0
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):

@@ -36,6 +36,7 @@ import torch
 
 from ..backends import (BackendError, Operand, PackedOperand, PlaneOperand, reference_weight,
                         select_backend)
+from ..backends.base import DECODE_MAX_M
 from ..matryoshka.weight import MatryoshkaView, MatryoshkaWeight
 from ..qweight import QuantizedWeight
 from . import checks
@@ -125,7 +126,7 @@ def _execute(x: Tensor, operand: Operand, kind: str, bits: int, group_size: int,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     try:
-        impl = select_backend((x.device.type, x.dtype, kind, bits), backend)
+        impl = select_backend((x.device.type, x.dtype, kind, bits, m <= DECODE_MAX_M), backend)
     except BackendError as exc:
         raise BackendError(f"{_describe_call(kind, bits, group_size, m, n, k, act_bits)}: "
                            f"{exc}") from None
@@ -494,7 +495,9 @@ def backend_for(x: Tensor, weight: Weight, backend: Optional[str] = None) -> str
     with ``backend`` ($PYENGINE_BACKEND when None); BackendError as the call would raise."""
     checks.check_weight("backend_for", weight)
     kind, _, _, _, _, _, bits, _ = _weight_fields(weight)
-    return select_backend((x.device.type, x.dtype, kind, bits), backend).name
+    rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+    return select_backend((x.device.type, x.dtype, kind, bits, rows <= DECODE_MAX_M),
+                          backend).name
 
 
 __all__ = ["backend_for", "bind_linear", "dequant_matmul", "eager_call_ok", "matryoshka_matmul", "qlinear",
