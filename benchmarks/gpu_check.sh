@@ -12,8 +12,9 @@
 #           Triton kernels with every core (pyengine.kernels.aot, with the cache `prepare` made
 #           carried in .triton-cache: cache hits compile nothing); runs the key kernel rows
 #           (bench_gpu_kernels.py --incremental: int2/3/4/8 at M = 1, 16, 1024 on 14336 x 4096
-#           against cuBLAS fp16, copy bandwidth in the same run; JSON rewritten after every
-#           row); then the kernel test files (CUDA decode / tensor-core / Matryoshka, Triton
+#           against cuBLAS fp16, the cuda backend's default route (the tensor-core decode
+#           kernel at M <= 16) and its decode GEMV forced beside it, copy bandwidth in the same
+#           run; JSON rewritten after every row); then the kernel test files (CUDA decode / tensor-core / Matryoshka, Triton
 #           kernels / Matryoshka) in parallel (pytest-xdist, per-test timeout). Leaves 8 files
 #           in $OUT: summary.txt (environment first), build.log, aot_warm.log, aot_warm.json,
 #           bench.log, gpu_kernels_budget.json, tests.log, pytest_budget.xml.
@@ -59,7 +60,7 @@ STAGES=("$@")
 status=0
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 # the budget run's benchmark rows (also what `prepare` compiles ahead of time)
-BUDGET_BENCH_ARGS=(--shapes 14336x4096 --m 1,16,1024 --bits 8,4,3,2)
+BUDGET_BENCH_ARGS=(--shapes 14336x4096 --m 1,16,1024 --bits 8,4,3,2 --cuda-kernels decode)
 BUDGET_TESTS=(tests/test_cuda_decode.py tests/test_cuda_tc.py tests/test_cuda_matryoshka.py
               tests/test_triton_kernels.py tests/test_triton_matryoshka.py
               tests/test_hadamard.py::test_triton_on_a_gpu
