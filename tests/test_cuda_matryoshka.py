@@ -12,6 +12,7 @@ kernels, with NaN-poisoned outputs.
 from __future__ import annotations
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -117,6 +118,15 @@ def test_planes_on_cuda_tensors_select_triton_then_cuda_then_the_reference(monke
     case = LinearCase("cuda", torch.float16, "planes", 4)
     assert select_backend(case).name == "triton"
     assert select_backend(case, "cuda").name == "cuda"
+    # decode calls (M <= 16) with half activations: the cuda backend's tensor-core decode
+    # kernel ranks first where the extension has it
+    has_mma = types.SimpleNamespace(qmatmul_cuda_mma=None)
+    monkeypatch.setattr(cuda_module, "extension", lambda: has_mma)
+    backends._SELECTED.clear()
+    assert select_backend(case._replace(decode=True)).name == "cuda"
+    assert select_backend(case._replace(decode=True, dtype=torch.float32)).name == "triton"
+    monkeypatch.setattr(cuda_module, "extension", extension)
+    backends._SELECTED.clear()
     monkeypatch.setattr(triton, "unavailable_reason", lambda: "no triton")
     backends._SELECTED.clear()
     assert select_backend(case).name == "cuda"
@@ -225,6 +235,26 @@ def test_real_layer_shapes(r, rng):
                 x = torch.randn(m, k, generator=rng).to("cuda", dtype)
                 _check(x, mw, r, None, "decode", f"{n}x{k} r={r} M={m} {dtype}")
         torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", PRECISIONS)
+def test_slices_on_the_tensor_core_decode_kernel(r, monkeypatch, rng):
+    """PYENGINE_CUDA_KERNEL=mma: the slice repacked into the fragment-native layout (codes of r
+    bits, or 8 for r = 6, 8) against the plane reference, every group size, fp16 and bf16,
+    M = 1, 5, 16, into NaN-poisoned outputs."""
+    monkeypatch.setenv(cuda_module.ENV_KERNEL, "mma")
+    for g in GROUP_SIZES:
+        mw = random_parent(45, 200, g, g % 64 == 0, rng, torch.float16, "cuda")
+        for dtype in (torch.float16, torch.bfloat16):
+            for m in (1, 5, 16):
+                x = torch.randn(m, 200, generator=rng).to("cuda", dtype)
+                out = poisoned((m, 45), dtype, "cuda")
+                pyengine.ops.qlinear(x, mw.at(r), backend="cuda", out=out)
+                ref = plane_reference_matmul(x, mw.plane_hi, mw.plane_mid, mw.plane_lo,
+                                             mw.scales, mw.zeros, None, r, mw.group_size, 45,
+                                             200)
+                assert_matches(out.float(), ref, dtype, f"mma r={r} g={g} M={m} {dtype}")
 
 
 @pytest.mark.gpu

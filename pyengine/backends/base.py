@@ -77,11 +77,11 @@ class PackedOperand:
 
 class PlaneOperand:
     """The r-bit slice of a Matryoshka parent stored as bit planes (docs/FORMAT.md): the planes
-    the slice does not read are None, so no backend can touch their bytes. ``native``: as for
-    PackedOperand."""
+    the slice does not read are None, so no backend can touch their bytes. ``native`` and
+    ``layouts``: as for PackedOperand."""
 
     __slots__ = ("plane_hi", "plane_mid", "plane_lo", "scales", "zeros", "precision",
-                 "group_size", "native")
+                 "group_size", "native", "layouts")
     kind = "planes"
 
     def __init__(self, plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
@@ -95,6 +95,7 @@ class PlaneOperand:
         self.precision = precision      # r in 8, 6, 4, 3, 2
         self.group_size = group_size    # effective codes per scale
         self.native = None
+        self.layouts = {}
 
 
 Operand = Union[torch.Tensor, PackedOperand, PlaneOperand]

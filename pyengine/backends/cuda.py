@@ -1,19 +1,20 @@
 """The ``cuda`` backend: CUDA kernels of pyengine._C, launched on torch's current stream.
 
-Packed weights run on the native kernels (``kernel="auto"``): for M <= 16 the tensor-core decode
-kernel ("mma": float16 / bfloat16 activations on sm_80 or newer, power-of-two group sizes or one
-group per row; it reads a copy of the weight in its fragment-native layout, made on the first
-call and kept with the operand: pyengine/backends/cuda_layout.py), else the decode GEMV (float32
-activations, other group sizes); above M = 16 the tensor-core GEMM for float16 / bfloat16
-activations and the simple kernel for float32 ones. The choice of "mma" follows the kernels'
-static figures (benchmarks/static_gpu.py); no GPU has measured it yet.
+Packed weights run on the native kernels (``kernel="auto"``): for M <= 16 the tensor-core
+decode kernel ("mma": float16 / bfloat16 activations on sm_80 or newer, power-of-two group sizes
+or one group per row; it reads a copy of the weight in its fragment-native layout, made on the
+first call and kept with the operand: pyengine/backends/cuda_layout.py), else the decode GEMV
+(float32 activations, other group sizes); above M = 16 the tensor-core GEMM for float16 /
+bfloat16 activations and the simple kernel for float32 ones. The choice of "mma" follows the
+kernels' static figures (benchmarks/static_gpu.py); no GPU has measured it yet.
 ``CudaBackend(kernel="simple" | "decode" | "tc" | "mma")`` or the environment variable
-``PYENGINE_CUDA_KERNEL`` (read at each call when the backend names no kernel) forces one of them,
-so they can be compared; "decode" raises for M > 16, "tc" for float32 activations, "mma" for
-whatever it does not serve. Matryoshka
-slices run on the plane kernels (``plane_matmul_cuda``: the decode GEMV for M <= 16, the simple
-kernel above; "decode" and "simple" force one, "tc" has no plane variant and raises). Dense
-weights go to cuBLAS through torch on a strided view of the weight.
+``PYENGINE_CUDA_KERNEL`` (read at each call when the backend names no kernel) forces one of
+them, so they can be compared; "decode" raises for M > 16, "tc" for float32 activations, "mma"
+for whatever it does not serve. Matryoshka slices take the same tensor-core decode kernel where
+it serves them (the slice's codes repacked as codes of r bits, or 8 for r = 6 and 8), else the
+plane kernels (``plane_matmul_cuda``: the decode GEMV for M <= 16, the simple kernel above;
+"decode" and "simple" force one, "tc" has no plane variant and raises). Dense weights go to
+cuBLAS through torch on a strided view of the weight.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 from .._ext import DTYPE_CODES, extension, extension_error
 from ._native import (cuda_plane_kernel_unavailable_reason, dense_matmul_blas,
                       packed_kernel_args, plane_kernel_call, plane_matmul_cuda, run_native)
-from .base import Backend, LinearCase, PackedOperand
-from .cuda_layout import MAX_M, MmaWeight, mma_call_args, mma_unsupported_reason, repack_mma
+from .base import Backend, LinearCase, PackedOperand, PlaneOperand
+from .cuda_layout import (MAX_M, MmaWeight, mma_call_args, mma_unsupported_reason, repack_mma,
+                          repack_mma_planes)
 
 
 ENV_KERNEL = "PYENGINE_CUDA_KERNEL"
@@ -40,13 +42,22 @@ def _compute_capability(device_index: int) -> tuple:
     return torch.cuda.get_device_capability(device_index)
 
 
-def mma_refusal(x: torch.Tensor, weight: PackedOperand, n: int, k: int) -> Optional[str]:
-    """None when the tensor-core decode kernel serves this call, else why not (one line)."""
+def _layout_bits(weight) -> int:
+    """The code width of the operand in the fragment-native layout: a packed weight's bits; a
+    Matryoshka slice's precision r for r = 2, 3, 4, else 8 (r = 6, 8)."""
+    if isinstance(weight, PlaneOperand):
+        return weight.precision if weight.precision in (2, 3, 4) else 8
+    return weight.bits
+
+
+def mma_refusal(x: torch.Tensor, weight, n: int, k: int) -> Optional[str]:
+    """None when the tensor-core decode kernel serves this call (a PackedOperand or a
+    PlaneOperand), else why not (one line)."""
     if x.shape[0] > MAX_M:
         return f"it serves M <= {MAX_M}, got M={x.shape[0]}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"it takes float16 / bfloat16 activations, got {x.dtype}"
-    why = mma_unsupported_reason(weight.bits, weight.group_size, k)
+    why = mma_unsupported_reason(_layout_bits(weight), weight.group_size, k)
     if why is not None:
         return why
     if not hasattr(extension(), "qmatmul_cuda_mma"):
@@ -58,14 +69,20 @@ def mma_refusal(x: torch.Tensor, weight: PackedOperand, n: int, k: int) -> Optio
     return None
 
 
-def mma_weight(weight: PackedOperand, n: int, k: int) -> MmaWeight:
-    """The operand's first n rows and k inputs in the fragment-native layout, repacked on the
-    first call and kept in ``weight.layouts``."""
+def mma_weight(weight, n: int, k: int) -> MmaWeight:
+    """The operand's (PackedOperand or PlaneOperand) first n rows and k inputs in the
+    fragment-native layout, repacked on the first call and kept in ``weight.layouts``."""
     key = ("mma", n, k)
     cached = weight.layouts.get(key)
     if cached is None:
-        cached = weight.layouts[key] = repack_mma(weight.qweight, weight.scales, weight.zeros,
-                                                  weight.bits, weight.group_size, n, k)
+        if isinstance(weight, PlaneOperand):
+            cached = repack_mma_planes(weight.plane_hi, weight.plane_mid, weight.plane_lo,
+                                       weight.scales, weight.zeros, weight.precision,
+                                       weight.group_size, n, k)
+        else:
+            cached = repack_mma(weight.qweight, weight.scales, weight.zeros, weight.bits,
+                                weight.group_size, n, k)
+        weight.layouts[key] = cached
     return cached
 
 
@@ -110,11 +127,12 @@ class CudaBackend(Backend):
         return None
 
     def priority(self, case: LinearCase) -> float:
-        # Decode calls on packed weights with fp16 / bf16 activations run the tensor-core decode
-        # kernel, whose static ceilings (benchmarks/static_gpu.py) beat the Triton decode
-        # kernels' at every width: ranked above Triton (20) until GPU measurements say
-        # otherwise. Everything else: below Triton.
-        if (case.decode and case.kind == "packed" and case.dtype in (torch.float16, torch.bfloat16)
+        # Decode calls on packed weights and Matryoshka slices with fp16 / bf16 activations run
+        # the tensor-core decode kernel, whose static ceilings (benchmarks/static_gpu.py) beat
+        # the Triton decode kernels' at every width: ranked above Triton (20) until GPU
+        # measurements say otherwise. Everything else: below Triton.
+        if (case.decode and case.kind in ("packed", "planes")
+                and case.dtype in (torch.float16, torch.bfloat16)
                 and hasattr(extension(), "qmatmul_cuda_mma")):
             return 30.0
         return 10.0
@@ -126,30 +144,30 @@ class CudaBackend(Backend):
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(x.device).cuda_stream
         which = self.kernel_name()
+        refusal = mma_refusal(x, weight, n, k) if which in ("auto", "mma") else "not chosen"
+        if which == "mma" and refusal is not None:
+            raise ValueError(f"cuda backend: the tensor-core decode kernel ({ENV_KERNEL}=mma) "
+                             f"does not serve this call: {refusal}")
+        if refusal is None:
+            mw = mma_weight(weight, n, k)
+            b = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+
+            def launch_mma(target, accumulate):
+                ext.qmatmul_cuda_mma(*mma_call_args(x, mw, b, target, accumulate),
+                                     device=device, stream=stream)
+
+            return run_native(launch_mma, x, n, residual, shortcut, out, accumulates=True)
+
         if isinstance(weight, PackedOperand):
-            refusal = mma_refusal(x, weight, n, k) if which in ("auto", "mma") else "not chosen"
-            if which == "mma" and refusal is not None:
-                raise ValueError(f"cuda backend: the tensor-core decode kernel ({ENV_KERNEL}=mma) "
-                                 f"does not serve this call: {refusal}")
-            if refusal is None:
-                mw = mma_weight(weight, n, k)
-                b = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
-
-                def launch_mma(target, accumulate):
-                    ext.qmatmul_cuda_mma(*mma_call_args(x, mw, b, target, accumulate),
-                                         device=device, stream=stream)
-
-                return run_native(launch_mma, x, n, residual, shortcut, out, accumulates=True)
-
             def launch(target, accumulate):
                 ext.qmatmul_cuda(*packed_kernel_args(x, weight, bias, target, accumulate, n, k),
                                  device=device, stream=stream, kernel=which)
 
             return run_native(launch, x, n, residual, shortcut, out, accumulates=True)
 
-        if which in ("tc", "mma"):
-            raise ValueError(f"cuda backend: the tensor-core kernel ({ENV_KERNEL}={which}) has no "
-                             f"plane-layout (Matryoshka) variant; use auto, decode or simple")
+        if which == "tc":
+            raise ValueError(f"cuda backend: the tensor-core kernel ({ENV_KERNEL}=tc) has no "
+                             f"plane-layout (Matryoshka) variant; use auto, mma, decode or simple")
         kernel = functools.partial(plane_matmul_cuda, kernel=which)
         return run_native(lambda target, _: plane_kernel_call(kernel, x, weight, bias, target, n,
                                                               k),

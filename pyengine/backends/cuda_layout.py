@@ -103,8 +103,44 @@ def repack_mma(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
     if n < 1 or k < 1 or n > qweight.shape[0] or k > qweight.shape[1] * 32 // bits:
         raise ValueError(f"repack_mma: n={n}, k={k} outside the stored weight "
                          f"{tuple(qweight.shape)} of {bits}-bit codes")
+    s = scales[:n].to(torch.float32)
+    z = None if zeros is None else zeros[:n].to(torch.float32)
+    return _repack(lambda r0, r1: unpack_codes(qweight[r0:r1], bits, k), s, z,
+                   float(2 ** (bits - 1)), bits, group_size, n, k)
+
+
+def repack_mma_planes(plane_hi: torch.Tensor, plane_mid: Optional[torch.Tensor],
+                      plane_lo: Optional[torch.Tensor], scales: torch.Tensor,
+                      zeros: Optional[torch.Tensor], precision: int, group_size: int, n: int,
+                      k: int) -> MmaWeight:
+    """The r-bit slice of a Matryoshka parent (bit planes, docs/FORMAT.md) in the
+    fragment-native layout: W_r = (c_r * 2^(8-r) - z) * s = (c_r - z / 2^(8-r)) * (s * 2^(8-r)),
+    so the slice codes c_r are stored as codes of r bits (r = 2, 3, 4) or 8 bits (r = 6, 8)
+    with fp32 scale s * 2^(8-r) and zero z / 2^(8-r). Only the planes the slice needs are read
+    (the others may be None)."""
+    from ..matryoshka.weight import PARENT_BITS, slice_codes_from_planes
+    bits = precision if precision in (2, 3, 4) else 8
+    why = mma_unsupported_reason(bits, group_size, k)
+    if why is not None:
+        raise ValueError(f"repack_mma_planes: {why}")
+    unit = float(1 << (PARENT_BITS - precision))
+    planes = {"plane_hi": plane_hi, "plane_mid": plane_mid, "plane_lo": plane_lo}
+    s = scales[:n].to(torch.float32) * unit
+    z = None if zeros is None else zeros[:n].to(torch.float32) / unit
+
+    def codes(r0: int, r1: int) -> torch.Tensor:
+        rows = {name: (None if p is None else p[r0:r1]) for name, p in planes.items()}
+        return slice_codes_from_planes(rows, precision, k)
+
+    return _repack(codes, s, z, float(1 << (PARENT_BITS - 1)) / unit, bits, group_size, n, k)
+
+
+def _repack(codes_of, s: torch.Tensor, z: Optional[torch.Tensor], symmetric_zero: float,
+            bits: int, group_size: int, n: int, k: int) -> MmaWeight:
+    """The layout from ``codes_of(r0, r1)`` (int64 [r1 - r0, k], codes of rows r0..r1) and the
+    fp32 scales s / zeros z ([n, >= groups]; z None: ``symmetric_zero`` everywhere)."""
     ext = extension()
-    device = qweight.device
+    device = s.device
     steps, words, ik = STEPS[bits], WORDS[bits], iteration_k(bits)
     iterations = math.ceil(k / ik)
     kp = iterations * ik
@@ -130,7 +166,7 @@ def repack_mma(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
         t1 = min(tiles, t0 + chunk_tiles)
         r0, r1 = t0 * TILE_ROWS, min(n, t1 * TILE_ROWS)
         codes = torch.zeros((t1 - t0) * TILE_ROWS, kp, dtype=torch.int64, device=device)
-        codes[: r1 - r0, :k] = unpack_codes(qweight[r0:r1], bits, k)
+        codes[: r1 - r0, :k] = codes_of(r0, r1)
         block = (codes.view(t1 - t0, TILE_ROWS, iterations, steps * 16)
                  .permute(0, 2, 1, 3).reshape(t1 - t0, iterations, TILE_ROWS * steps * 16))
         lane_codes = block[:, :, index]                       # [t, it, 32, steps * 8]
@@ -140,9 +176,8 @@ def repack_mma(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
         frag[t0:t1] = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
 
     used = 1 if one_group else math.ceil(k / group_size)
-    s = scales[:n, :used].to(torch.float32)
-    z = (zeros[:n, :used].to(torch.float32) if zeros is not None
-         else torch.full_like(s, float(2 ** (bits - 1))))
+    s = s[:, :used]
+    z = z[:, :used] if z is not None else torch.full_like(s, symmetric_zero)
     pairs = torch.zeros(tiles * TILE_ROWS, groups, 2, dtype=torch.float32, device=device)
     pairs[:n, :used, 0] = s
     pairs[:n, :used, 1] = -(s * z)
