@@ -130,14 +130,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// v in a register the compiler cannot rematerialize (an opaque move): for constants used in
-// every loop trip.
-__device__ __forceinline__ uint32_t pinned(uint32_t v) {
-  uint32_t r;
-  asm volatile("mov.b32 %0, %1;\n" : "=r"(r) : "r"(v));
-  return r;
-}
-
 // (a & b) | c in one LOP3 (b an immediate, c a register: SASS LOP3 takes one immediate, so
 // the compiler's own and-then-or of two constants costs two instructions).
 template <uint32_t B>
@@ -295,12 +287,12 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   // (a tile past N computes on tile 0 and stores nothing: no branch in the loop)
   const float4* params = reinterpret_cast<const float4*>(a.params) +
                          (tile_ok ? tile : 0) * a.groups * 8 + b_token(lane);
-  const uint32_t magic = pinned(BF16 ? 0x43004300u : 0x64006400u);
-  // The normalizing multipliers 2^-f of every field position f, held in registers for the
-  // whole loop (HFMA2 takes one immediate; left to itself the compiler rebuilds them per trip).
+  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
+  // The normalizing multipliers 2^-f of every field position f (HFMA2 takes one immediate: the
+  // multiplier comes from a register).
   uint32_t mulc[10];
 #pragma unroll
-  for (int f = 0; f < 10; ++f) mulc[f] = pinned(half_pair(normalize_mul_bits(BF16, f)));
+  for (int f = 0; f < 10; ++f) mulc[f] = half_pair(normalize_mul_bits(BF16, f));
   const int gshift = min(a.gshift, 31);      // inputs < 2^31 (host check): 31 = one group
 
   float acc[NT][4];
