@@ -31,7 +31,7 @@
 #           only, unless PYENGINE_CUDA_ARCHS is set), then build_info
 #   test    pytest -m "gpu or interpreter or not slow" on the GPU, then the Triton tests once
 #           more under the interpreter with the GPU hidden (CUDA_VISIBLE_DEVICES=)
-#   cuda    only tests/test_cuda_decode.py, tests/test_cuda_tc.py and tests/test_cuda_matryoshka.py
+#   cuda    only tests/backends/test_cuda_decode.py, tests/backends/test_cuda_tc.py and tests/backends/test_cuda_matryoshka.py
 #           (the CUDA decode GEMV, tensor-core GEMM and Matryoshka plane kernels against the
 #           reference and the simple CUDA kernel), for a run too short for the whole test stage
 #   decode  benchmarks/bench_decode.py: end-to-end decode of a Llama-3-8B-shaped model, dense fp16
@@ -61,9 +61,9 @@ status=0
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 # the budget run's benchmark rows (also what `prepare` compiles ahead of time)
 BUDGET_BENCH_ARGS=(--shapes 14336x4096 --m 1,16,1024 --bits 8,4,3,2 --cuda-kernels decode)
-BUDGET_TESTS=(tests/test_cuda_decode.py tests/test_cuda_tc.py tests/test_cuda_matryoshka.py
-              tests/test_triton_kernels.py tests/test_triton_matryoshka.py
-              tests/test_hadamard.py::test_triton_on_a_gpu
+BUDGET_TESTS=(tests/backends/test_cuda_decode.py tests/backends/test_cuda_tc.py tests/backends/test_cuda_matryoshka.py
+              tests/kernels/test_triton_kernels.py tests/kernels/test_triton_matryoshka.py
+              tests/ops/test_hadamard.py::test_triton_on_a_gpu
               tests/test_decoder.py::test_decoder_on_a_gpu_matches_the_model)
 TRITON_CACHE="$PWD/.triton-cache"
 
@@ -209,13 +209,13 @@ for stage in "${STAGES[@]}"; do
                 -m "gpu or interpreter or not slow" -rs --durations=25 \
                 --junitxml="$OUT/pytest_gpu.xml"
             run_logged pytest_interpreter 300 env CUDA_VISIBLE_DEVICES= \
-                "$PY" -m pytest tests/test_triton_kernels.py -q -rs \
+                "$PY" -m pytest tests/kernels/test_triton_kernels.py -q -rs \
                 --junitxml="$OUT/pytest_interpreter.xml"
             ;;
         cuda)
             ensure_built
-            run_logged pytest_cuda_kernels 420 "$PY" -m pytest tests/test_cuda_decode.py \
-                tests/test_cuda_tc.py tests/test_cuda_matryoshka.py -q -rs --durations=10 \
+            run_logged pytest_cuda_kernels 420 "$PY" -m pytest tests/backends/test_cuda_decode.py \
+                tests/backends/test_cuda_tc.py tests/backends/test_cuda_matryoshka.py -q -rs --durations=10 \
                 --junitxml="$OUT/pytest_cuda_kernels.xml"
             ;;
         decode)

@@ -46,7 +46,7 @@ def good_checkpoint(tmp_path_factory) -> Path:
     structure.apply_bases(model, [_basis(64, w, gen) for w in widths],
                           [_basis(64, w, gen) for w in widths], _basis(64, 44, gen))
     # the table kept dense (and tied): quantized tables' entries are checked in
-    # tests/test_quant_embedding.py
+    # tests/modules/test_quant_embedding.py
     pyengine.compress(model, Recipe(RECIPE, slicing=widths, embeddings=None), show_progress=False)
     path = tmp_path_factory.mktemp("good") / "ckpt"
     pyengine.save(model, path)

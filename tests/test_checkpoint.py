@@ -60,7 +60,7 @@ def test_save_load_is_exact_both_ways(family, sliced, tmp_path, rng):
 def test_sliced_tied_models_round_trip(head, tmp_path, rng):
     """Sliced models with tied embeddings kept dense keep one table (ProjectedEmbedding +
     final-norm projection); a quantized head on such a model reads the original basis
-    (quantized tables: tests/test_quant_embedding.py)."""
+    (quantized tables: tests/modules/test_quant_embedding.py)."""
     from pyengine.modules.sliced import ProjectedEmbedding
     model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)  # table > layers
     d = model.config.hidden_size

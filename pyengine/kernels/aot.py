@@ -459,7 +459,7 @@ def load_ledger(path: Path) -> dict:
         return json.loads(path.read_text())
     return {"about": "Triton cache hashes of the kernel specializations that compiled, per "
                      "Triton build and target; written by python -m pyengine.kernels.aot "
-                     "--update-ledger, read by tests/test_triton_aot.py", "entries": {}}
+                     "--update-ledger, read by tests/kernels/test_triton_aot.py", "entries": {}}
 
 
 def _ledger_key(arch: int) -> str:

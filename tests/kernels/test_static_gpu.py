@@ -2,7 +2,7 @@
 on a listing written here, and the CUDA kernels of csrc/cuda compiled for sm_90a
 (benchmarks/static_gpu.py): every source compiles, no decode kernel spills, and every decode
 kernel's steady-state loop is found. The Triton decode kernels' spill check runs with their
-ahead-of-time compilation (tests/test_triton_aot.py)."""
+ahead-of-time compilation (tests/kernels/test_triton_aot.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from pyengine.kernels import sass
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _listing(src: Path) -> str:

@@ -36,7 +36,7 @@ from pyengine.vllm.sharding import (ShardingError, check_input_split, qkv_rows, 
 
 from helpers import BITS, GROUP_SIZES, assert_matches, poisoned
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fields(weight) -> dict:

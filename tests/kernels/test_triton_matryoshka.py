@@ -393,7 +393,7 @@ def test_matryoshka_matmul_routes_cuda_tensors_to_the_plane_kernel(mq, r, rng):
 def test_gpu_benchmark_script_parses_and_needs_cuda(capsys, tmp_path):
     """benchmarks/bench_matryoshka_gpu.py imports and parses --help everywhere; without CUDA it
     stops with one line on stderr and writes nothing."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     bench = importlib.import_module("bench_matryoshka_gpu")
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])

@@ -6,7 +6,7 @@ layout of csrc/mma_frag.h; pyengine._C.mma_decode_emulate replays the CUDA kerne
 coordinates (PTX ISA, mma.m16n8k16) and epilogue arithmetic. These tests compare that replay with
 the pure-torch reference on fresh random data, odd shapes and every width, group size and
 activation dtype the kernel takes, into NaN-poisoned outputs. The GPU runs of the kernel itself
-are in tests/test_cuda_decode.py (marked gpu).
+are in tests/backends/test_cuda_decode.py (marked gpu).
 """
 
 from __future__ import annotations

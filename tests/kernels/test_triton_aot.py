@@ -31,7 +31,7 @@ from pyengine.kernels.matryoshka import select_plane_config  # noqa: E402
 from pyengine.matryoshka.weight import PRECISIONS  # noqa: E402
 from pyengine.qweight import SUPPORTED_GROUP_SIZES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEVICE_TRITON = "3.6.0"      # benchmarks/gpu_check.sh's machines run this version
 VERIFY_SAMPLE = 2            # ledger entries compiled again per target and version
 AOT_TIMEOUT_S = 75 * 60      # a run with an empty ledger compiles ~2000 specializations
