@@ -14,8 +14,8 @@
 #           (bench_gpu_kernels.py --incremental: int2/3/4/8 at M = 1, 16, 1024 on 14336 x 4096
 #           against cuBLAS fp16, the cuda backend's default route (the tensor-core decode
 #           kernel at M <= 16) and its decode GEMV forced beside it, copy bandwidth in the same
-#           run; JSON rewritten after every row); then the kernel test files (CUDA decode / tensor-core / Matryoshka, Triton
-#           kernels / Matryoshka) in parallel (pytest-xdist, per-test timeout). Leaves 8 files
+#           run; JSON rewritten after every row); then the kernel test files (CUDA decode /
+#           tensor-core / Matryoshka, Triton kernels / Matryoshka) in parallel (pytest-xdist, per-test timeout). Leaves 8 files
 #           in $OUT: summary.txt (environment first), build.log, aot_warm.log, aot_warm.json,
 #           bench.log, gpu_kernels_budget.json, tests.log, pytest_budget.xml.
 #   prepare on this machine, no GPU needed: the Triton cache `budget` carries. Compiles the
@@ -31,7 +31,7 @@
 #           only, unless PYENGINE_CUDA_ARCHS is set), then build_info
 #   test    pytest -m "gpu or interpreter or not slow" on the GPU, then the Triton tests once
 #           more under the interpreter with the GPU hidden (CUDA_VISIBLE_DEVICES=)
-#   cuda    only tests/backends/test_cuda_decode.py, tests/backends/test_cuda_tc.py and tests/backends/test_cuda_matryoshka.py
+#   cuda    only tests/backends/test_cuda_decode.py, test_cuda_tc.py and test_cuda_matryoshka.py
 #           (the CUDA decode GEMV, tensor-core GEMM and Matryoshka plane kernels against the
 #           reference and the simple CUDA kernel), for a run too short for the whole test stage
 #   decode  benchmarks/bench_decode.py: end-to-end decode of a Llama-3-8B-shaped model, dense fp16
@@ -61,8 +61,9 @@ status=0
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 # the budget run's benchmark rows (also what `prepare` compiles ahead of time)
 BUDGET_BENCH_ARGS=(--shapes 14336x4096 --m 1,16,1024 --bits 8,4,3,2 --cuda-kernels decode)
-BUDGET_TESTS=(tests/backends/test_cuda_decode.py tests/backends/test_cuda_tc.py tests/backends/test_cuda_matryoshka.py
-              tests/kernels/test_triton_kernels.py tests/kernels/test_triton_matryoshka.py
+BUDGET_TESTS=(tests/backends/test_cuda_decode.py tests/backends/test_cuda_tc.py
+              tests/backends/test_cuda_matryoshka.py tests/kernels/test_triton_kernels.py
+              tests/kernels/test_triton_matryoshka.py
               tests/ops/test_hadamard.py::test_triton_on_a_gpu
               tests/test_decoder.py::test_decoder_on_a_gpu_matches_the_model)
 TRITON_CACHE="$PWD/.triton-cache"
@@ -214,8 +215,9 @@ for stage in "${STAGES[@]}"; do
             ;;
         cuda)
             ensure_built
-            run_logged pytest_cuda_kernels 420 "$PY" -m pytest tests/backends/test_cuda_decode.py \
-                tests/backends/test_cuda_tc.py tests/backends/test_cuda_matryoshka.py -q -rs --durations=10 \
+            run_logged pytest_cuda_kernels 420 "$PY" -m pytest \
+                tests/backends/test_cuda_decode.py tests/backends/test_cuda_tc.py \
+                tests/backends/test_cuda_matryoshka.py -q -rs --durations=10 \
                 --junitxml="$OUT/pytest_cuda_kernels.xml"
             ;;
         decode)

@@ -21,9 +21,14 @@ does: it runs out of instruction issue first. The ceiling leaves out the work ou
 bytes, so it is an upper bound, not a prediction. **No figure here is measured on a GPU.**
 
 Weight bytes per iteration follow from each kernel's work split: a Triton decode program
-streams BLOCK_N x BLOCK_K codes per iteration with num_warps warps; a CUDA decode warp streams
-kRows rows x 32 lanes x one 32-code packing block (decode_gemv.cuh). The weight loads found on
-the path are checked against that figure (their bytes must cover it).
+streams BLOCK_N x BLOCK_K codes per iteration with num_warps warps; a CUDA decode GEMV warp
+streams kRows rows x 32 lanes x one 32-code packing block (decode_gemv.cuh); a warp of the CUDA
+tensor-core decode kernel (decode_mma.cuh) streams 32 lanes x words_per_lane words per
+iteration (csrc/mma_frag.h), two iterations per loop trip (counted from its weight loads, which
+are never predicated). The weight loads found on the path are checked against that figure
+(their bytes must cover it). The tensor-core decode kernel is compiled once per activation
+dtype, token tiles (M <= 8, M <= 16) and units per iteration (which the group size sets); the
+rows at group 128 carry M (1 or 16), the others the M range they serve.
 
 Writes benchmarks/results/static_gpu.json (rows + meta) and prints a table.
 """
