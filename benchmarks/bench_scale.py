@@ -165,7 +165,7 @@ def run_step(step: str, source: Path, out: Path, timeout: float) -> Dict[str, An
 def shape_facts(source: Path) -> Dict[str, Any]:
     """Parameters, bytes, and the sequential pipeline's least memory (largest layer in its
     source dtype + the tensors outside the layers) of the checkpoint in ``source``."""
-    from pyengine.checkpoint_checks import checkpoint_files, stored_tensors
+    from pyengine.io.checks import checkpoint_files, stored_tensors
     stored = stored_tensors(checkpoint_files(source)[0])
     per_layer: Dict[str, int] = {}
     outside, params = 0, 0

@@ -11,20 +11,20 @@ from . import ops
 from ._ext import build_info
 from ._version import __version__
 from .backends import BackendError, available_backends, known_backends
-from .checkpoint import CheckpointError, load, save
+from .io.checkpoint import CheckpointError, load, save
 from .compress import (bits_per_weight, compress, dequantize_model, layer_report, predicted_bytes,
                        storage_bytes)
 from .data import calibration_data
 from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity
-from .hf_integration import install as _install_hf_integration
+from .io.hf import install as _install_hf_integration
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
 from .models.adapters import UnsupportedModelError, supported_architectures
 from .modules import QuantEmbedding, QuantLinear
 from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
 from .plan import plan
-from .qweight import QuantizedWeight
+from .format.qweight import QuantizedWeight
 from .quantize import quantize
 from .recipe import QuantConfig, Recipe
 from .scores import scores

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qweight import QuantizedWeight
+from .format.qweight import QuantizedWeight
 from .utils import progress
 
 FP16 = torch.float16

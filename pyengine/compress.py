@@ -21,7 +21,7 @@ from .modules.fusion import fuse_projections
 from .modules.quant_embedding import QuantEmbedding
 from .modules.quant_linear import QuantLinear
 from .modules.sliced import ResidualProjection
-from .qweight import padded_in_features
+from .format.qweight import padded_in_features
 from .recipe import Recipe
 from .utils import progress
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .compress import default_dtype, quantizable_linears
 from .models.adapters import get_adapter
-from .qweight import padded_in_features
+from .format.qweight import padded_in_features
 from .recipe import QuantConfig, Recipe
 from .scores import importance as importance_values
 from .scores import scores as compute_scores
@@ -152,8 +152,8 @@ def _check_plan_arguments(model: nn.Module, avg_bits, bit_choices, method, group
                           slice_schedule) -> None:
     """ValueError on arguments plan cannot use, before any measurement is made."""
     from .compress import compressed_reason
-    from .packing import SUPPORTED_BITS
-    from .qweight import SUPPORTED_GROUP_SIZES
+    from .format.packing import SUPPORTED_BITS
+    from .format.qweight import SUPPORTED_GROUP_SIZES
     from .slicing.structure import is_folded, layer_widths
     from .utils import is_int
     already = compressed_reason(model)

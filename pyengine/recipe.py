@@ -16,8 +16,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from .packing import SUPPORTED_BITS
-from .qweight import SUPPORTED_GROUP_SIZES
+from .format.packing import SUPPORTED_BITS
+from .format.qweight import SUPPORTED_GROUP_SIZES
 from .utils import is_int
 
 QUANT_METHODS = ("rtn", "gptq", "matquant")

@@ -35,9 +35,9 @@ from torch import nn
 
 from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibration, run_layer
 from .quantizers.layerwise import input_mean_squares, recording_input_mean_squares
-from .checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
+from .io.checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
                          write_index)
-from .checkpoint_checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
+from .io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
                                 stored_tensors)
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_names,
                        check_calibration_needs, check_compress_arguments, hold_dense_in,

@@ -79,7 +79,7 @@ def random_parent(n: int, k: int, group_size: int, symmetric: bool, gen: torch.G
     """A MatryoshkaWeight [n, k] on ``device`` with uniformly random parent codes (0 and 255
     included), positive scales and integer zero points (exact in every scale dtype)."""
     from pyengine import MatryoshkaWeight
-    from pyengine.qweight import padded_in_features
+    from pyengine.format.qweight import padded_in_features
     codes = torch.randint(0, 256, (n, k), generator=gen)
     codes[0, 0], codes[-1, -1] = 0, 255
     kp = padded_in_features(k, group_size)

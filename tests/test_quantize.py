@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyengine
-from pyengine.packing import unpack_codes
+from pyengine.format.packing import unpack_codes
 
 from helpers import BITS, GROUP_SIZES, random_weight, rel_err
 

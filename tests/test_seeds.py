@@ -270,7 +270,7 @@ def test_gptq_refit_solves_the_output_least_squares(symmetric, rng):
     dead = torch.diag(hessian) == 0
     w = torch.randn(n, k, generator=rng) * 0.05
     qw = gptq_quantize(w, hessian, bits, gs, symmetric, refit=False, scale_dtype=torch.float32)
-    codes = pyengine.packing.unpack_codes(qw.qweight, bits)[:, :k].float()
+    codes = pyengine.format.packing.unpack_codes(qw.qweight, bits)[:, :k].float()
     groups = qw.scales.shape[1]
     zeros = (torch.full_like(qw.scales, 2.0 ** (bits - 1)) if symmetric else qw.zeros).float()
     h = hessian_for_refit(hessian, dead, 0.01)

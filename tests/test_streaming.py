@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import pyengine
 import pyengine.quantizers.gptq as gptq_module
 import pyengine.streaming as streaming
-from pyengine.checkpoint_checks import INDEX_NAME, WEIGHTS_NAME
+from pyengine.io.checks import INDEX_NAME, WEIGHTS_NAME
 from pyengine.models.random import random_model
 from pyengine.recipe import QuantConfig, Recipe
 from pyengine.streaming import (PROGRESS_NAME, SourceCheckpoint, StreamingError,

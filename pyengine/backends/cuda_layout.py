@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._ext import DTYPE_CODES, extension
-from ..packing import unpack_codes
+from ..format.packing import unpack_codes
 
 MMA_BITS = (2, 3, 4, 8)
 TILE_ROWS = 16

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..matryoshka.weight import dequantize_planes
-from ..qweight import dequantize_packed
+from ..format.qweight import dequantize_packed
 from .base import Backend, LinearCase, Operand, PackedOperand, PlaneOperand
 
 

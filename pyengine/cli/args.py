@@ -32,7 +32,7 @@ def parse_int_list(text: str) -> List[int]:
 
 
 def parse_bit_choices(text: str) -> List[int]:
-    from ..packing import SUPPORTED_BITS
+    from ..format.packing import SUPPORTED_BITS
     values = parse_int_list(text)
     bad = [v for v in values if v not in SUPPORTED_BITS]
     if bad:
@@ -73,7 +73,7 @@ def parse_avg_bits(text: str) -> float:
 
 
 def parse_group_size(text: str) -> int:
-    from ..qweight import SUPPORTED_GROUP_SIZES
+    from ..format.qweight import SUPPORTED_GROUP_SIZES
     try:
         value = int(text)
     except ValueError:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models import sources
 from ..models.sources import LoadedModel
-from ..qweight import FLOAT_DTYPES
+from ..format.qweight import FLOAT_DTYPES
 from .args import DATASET_NAMES
 from .checks import UsageError
 

@@ -14,7 +14,7 @@ from .common import (calibration, check_device, compress_model, describe_recipe,
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyengine compress MODEL --out DIR``: plan, compress and save (with the tokenizer)."""
-    from ..checkpoint import save
+    from ..io.checkpoint import save
     from ..compress import storage_bytes
     out = check_output_dir(args.out, "--out")
     source = Path(args.model).expanduser()

@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             result["text"] = sample_text(tokenizer, m, out[0, prompt.shape[1]:])
     del original
     if args.save:
-        from ..checkpoint import save
+        from ..io.checkpoint import save
         save(model, args.save)
         tokenizer.save_pretrained(str(args.save))
 

@@ -77,7 +77,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..qweight import DTYPE_NAMES
+from ..format.qweight import DTYPE_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LEDGER = ROOT / "tests" / "data" / "triton_aot_ledger.json"
@@ -166,7 +166,7 @@ def m_bucket_ranges(limit: int = OPEN_BUCKET_M) -> List[Tuple[int, int]]:
 def _kinds():
     """(kind, bit widths or precisions, group sizes) of the weights the dispatch serves."""
     from ..matryoshka.weight import PRECISIONS
-    from ..qweight import SUPPORTED_GROUP_SIZES
+    from ..format.qweight import SUPPORTED_GROUP_SIZES
     from .matmul import SUPPORTED_BITS
     return (("packed", SUPPORTED_BITS, SUPPORTED_GROUP_SIZES), ("dense", (0,), (0,)),
             ("planes", PRECISIONS, SUPPORTED_GROUP_SIZES))
@@ -224,7 +224,7 @@ def case_launches(case: Case, arch: int) -> list:
     """The KernelLaunch list the dispatch plans for ``case`` on a GPU of compute capability
     ``arch`` (SM_COUNTS[arch] multiprocessors), with meta tensors (no memory) of the case's
     shapes; nothing is launched."""
-    from ..qweight import padded_in_features
+    from ..format.qweight import padded_in_features
     from . import matmul, matryoshka
 
     dtype = getattr(torch, case.dtype)

@@ -32,8 +32,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..packing import pack_codes, unpack_codes
-from ..qweight import (DTYPE_NAMES, SCALE_DTYPES, SUPPORTED_GROUP_SIZES, OpCacheNotCopied,
+from ..format.packing import pack_codes, unpack_codes
+from ..format.qweight import (DTYPE_NAMES, SCALE_DTYPES, SUPPORTED_GROUP_SIZES, OpCacheNotCopied,
                        QuantizedWeight, padded_in_features)
 
 PARENT_BITS = 8

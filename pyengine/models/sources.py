@@ -40,7 +40,7 @@ def is_checkpoint(path: Path) -> bool:
     """Whether directory ``path`` holds a pyengine checkpoint (its quantization_config, or the
     guard pyengine.save writes, so that a checkpoint with damaged metadata is still read, and
     reported on, by pyengine.load rather than by transformers)."""
-    from ..checkpoint import TRANSFORMERS_GUARD
+    from ..io.checkpoint import TRANSFORMERS_GUARD
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -84,7 +84,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = No
     ModelSourceError."""
     from transformers import AutoModelForCausalLM
     if spec == SMOLLM2:
-        from ..models.smollm2 import ModelNotAvailableError, load_smollm2
+        from .smollm2 import ModelNotAvailableError, load_smollm2
         try:
             model, tokenizer = load_smollm2(dtype=dtype or torch.float32)
         except ModelNotAvailableError as exc:

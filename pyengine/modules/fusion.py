@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..ops import qlinear
-from ..qweight import QuantizedWeight
+from ..format.qweight import QuantizedWeight
 from .quant_linear import QuantLinear
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..matryoshka.weight import (LAYOUT, PARENT_BITS, PLANE_BITS, PLANE_NAMES, MatryoshkaView,
                                  MatryoshkaWeight, check_precision)
 from ..ops import qlinear
-from ..qweight import QuantizedWeight, padded_in_features
+from ..format.qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
 from .quant_linear import QuantLinear, register_group_params

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.embedding import qembedding
-from ..qweight import QuantizedWeight, padded_in_features
+from ..format.qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
 from .quant_linear import QuantLinear, register_group_params

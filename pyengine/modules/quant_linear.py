@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import qlinear
 from ..ops.act_quant import check_act_bits
-from ..qweight import QuantizedWeight, padded_in_features
+from ..format.qweight import QuantizedWeight, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
 

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..matryoshka.weight import MatryoshkaView, MatryoshkaWeight
-from ..qweight import QuantizedWeight
+from ..format.qweight import QuantizedWeight
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What the ops take as a weight: dense, packed, or a Matryoshka slice read from its bit planes.

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from ..packing import BLOCK_CODES, padded_length, unpack_codes
-from ..qweight import QuantizedWeight
+from ..format.packing import BLOCK_CODES, padded_length, unpack_codes
+from ..format.qweight import QuantizedWeight
 from .checks import ACTIVATION_DTYPES
 
 Tensor = torch.Tensor

@@ -38,7 +38,7 @@ from ..backends import (BackendError, Operand, PackedOperand, PlaneOperand, refe
                         select_backend)
 from ..backends.base import DECODE_MAX_M
 from ..matryoshka.weight import MatryoshkaView, MatryoshkaWeight
-from ..qweight import QuantizedWeight
+from ..format.qweight import QuantizedWeight
 from . import checks
 from .act_quant import check_act_bits, quantize_activations
 

@@ -35,8 +35,8 @@ from torch import nn
 from ..calibrate import LayerInputs
 from .layerwise import input_hessians, linear_holder
 from ..modules.quant_linear import QuantLinear
-from ..packing import pack_codes
-from ..qweight import QuantizedWeight, padded_in_features
+from ..format.packing import pack_codes
+from ..format.qweight import QuantizedWeight, padded_in_features
 from ..quantize import _rtn_groups
 from ..recipe import QuantConfig
 

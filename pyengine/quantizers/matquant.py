@@ -49,8 +49,8 @@ from torch import nn
 from ..calibrate import LayerInputs, LayerwiseRunner
 from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
 from ..modules.matryoshka_linear import MatryoshkaLinear
-from ..packing import unpack_codes
-from ..qweight import SCALE_DTYPES, padded_in_features
+from ..format.packing import unpack_codes
+from ..format.qweight import SCALE_DTYPES, padded_in_features
 from ..quantize import quantize
 from ..recipe import QuantConfig
 from ..utils import progress

@@ -47,10 +47,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
                                                                  VocabParallelEmbedding)
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..checkpoint_checks import QUANT_METHOD, validate_metadata
+from ..io.checks import QUANT_METHOD, validate_metadata
 from ..matryoshka.weight import PLANE_NAMES, MatryoshkaWeight, check_precision
 from ..ops import qembedding, qlinear
-from ..qweight import FLOAT_DTYPES, QuantizedWeight
+from ..format.qweight import FLOAT_DTYPES, QuantizedWeight
 from . import PRECISION_ENV
 from .sharding import check_input_split, qkv_rows, shard_inputs, shard_rows
 

@@ -28,8 +28,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..matryoshka.weight import PLANE_BITS
-from ..packing import BLOCK_CODES
-from ..qweight import padded_in_features
+from ..format.packing import BLOCK_CODES
+from ..format.qweight import padded_in_features
 
 GROUP_FIELDS = ("scales", "zeros")
 

@@ -18,7 +18,7 @@ import pyengine
 from pyengine._ext import extension
 from pyengine.backends import reference_weight
 from pyengine.backends.base import PackedOperand
-from pyengine.packing import pack_codes
+from pyengine.format.packing import pack_codes
 from pyengine.backends.cuda_layout import (FRAG_TAIL, ONE_GROUP_SHIFT, STEPS, WORDS,
                                            iteration_k, mma_decode_emulate,
                                            mma_unsupported_reason, repack_mma,

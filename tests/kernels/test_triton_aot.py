@@ -29,7 +29,7 @@ from pyengine.kernels import aot  # noqa: E402  (needs triton)
 from pyengine.kernels import matmul  # noqa: E402
 from pyengine.kernels.matryoshka import select_plane_config  # noqa: E402
 from pyengine.matryoshka.weight import PRECISIONS  # noqa: E402
-from pyengine.qweight import SUPPORTED_GROUP_SIZES  # noqa: E402
+from pyengine.format.qweight import SUPPORTED_GROUP_SIZES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_TRITON = "3.6.0"      # benchmarks/gpu_check.sh's machines run this version

@@ -18,7 +18,7 @@ import torch
 
 from pyengine import MatryoshkaWeight
 from pyengine.matryoshka import PLANES_READ, PRECISIONS
-from pyengine.packing import pack_codes
+from pyengine.format.packing import pack_codes
 
 from helpers import (DTYPES, GROUP_SIZES, assert_matches, plane_reference_matmul, poisoned,
                      random_parent)

@@ -16,8 +16,8 @@ from pyengine.matryoshka import PLANES_READ, PRECISIONS, matryoshka_matmul, slic
 from pyengine.matryoshka.weight import (PLANE_BITS, PLANE_NAMES, slice_codes_from_planes,
                                         split_planes)
 from pyengine.models.random import random_model
-from pyengine.packing import pack_codes, unpack_codes
-from pyengine.qweight import padded_in_features
+from pyengine.format.packing import pack_codes, unpack_codes
+from pyengine.format.qweight import padded_in_features
 from pyengine.slicing import structure
 
 from helpers import TOLERANCE, assert_matches, rel_err

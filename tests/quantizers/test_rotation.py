@@ -291,7 +291,7 @@ def test_recipe_online_hadamard_field():
 def test_checkpoint_metadata_of_the_transform_is_checked(rng, tmp_path):
     import json
 
-    from pyengine.checkpoint_checks import CheckpointError
+    from pyengine.io.checks import CheckpointError
     model = _model("llama")
     pyengine.compress(model, _recipe(rotate=True), show_progress=False, dtype=torch.float32)
     pyengine.save(model, tmp_path / "ckpt")

@@ -30,7 +30,7 @@ import torch
 
 import pyengine
 from pyengine.matryoshka.weight import MatryoshkaWeight
-from pyengine.qweight import QuantizedWeight
+from pyengine.format.qweight import QuantizedWeight
 from pyengine.vllm.sharding import (ShardingError, check_input_split, qkv_rows, shard_inputs,
                                     shard_rows, stored_columns)
 

@@ -9,8 +9,8 @@ entry adds ``"matryoshka": {"layout", "parent_bits", "precision"}``, the precisi
 ``config.json`` also holds, as ``transformers_weights``, a sentence that names no weights file
 (:data:`TRANSFORMERS_GUARD`): transformers without pyengine imported refuses the checkpoint.
 
-Both load paths, :func:`load` and ``from_pretrained`` (pyengine.hf_integration), check the
-checkpoint with pyengine.checkpoint_checks before reading any weight.
+Both load paths, :func:`load` and ``from_pretrained`` (pyengine.io.hf), check the
+checkpoint with pyengine.io.checks before reading any weight.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from .checkpoint_checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, WEIGHTS_NAME,
+from .checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, WEIGHTS_NAME,
                                 CheckpointError, check_checkpoint, validate_metadata)
-from .compress import RECIPE_ATTR
-from .models.adapters import get_adapter
-from .modules.fusion import fuse_projections
-from .modules.matryoshka_linear import MatryoshkaLinear
-from .modules.quant_embedding import QuantEmbedding
-from .modules.quant_linear import QuantLinear
-from .qweight import FLOAT_DTYPES
-from .recipe import Recipe
+from ..compress import RECIPE_ATTR
+from ..models.adapters import get_adapter
+from ..modules.fusion import fuse_projections
+from ..modules.matryoshka_linear import MatryoshkaLinear
+from ..modules.quant_embedding import QuantEmbedding
+from ..modules.quant_linear import QuantLinear
+from ..format.qweight import FLOAT_DTYPES
+from ..recipe import Recipe
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMERS_GUARD",
            "apply_compressed_structure", "load", "quantization_metadata", "retie", "save"]
@@ -49,7 +49,7 @@ TRANSFORMERS_GUARD = ("this is a pyengine checkpoint: run `import pyengine` befo
 
 def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
     """The ``quantization_config`` entry describing a compressed model."""
-    from .slicing.structure import describe_structure
+    from ..slicing.structure import describe_structure
     recipe = getattr(model, RECIPE_ATTR, None) or Recipe()
     layers = layer_entries(model)
     # the lowest format version that describes the checkpoint, so older readers take it
@@ -261,8 +261,8 @@ def _fused_buffers(model: nn.Module, stored: Dict[str, Any]) -> Dict[str, torch.
     """{key: the rows of a fused buffer it is read into} for the tensors of every layer group
     pyengine.fuse_projections will fuse in ``model`` (a skeleton on the meta device): each
     group's qweight, scales, zeros and bias get one buffer, members' rows back to back."""
-    from .checkpoint_checks import SAFETENSORS_DTYPES
-    from .modules.fusion import fusable_groups
+    from .checks import SAFETENSORS_DTYPES
+    from ..modules.fusion import fusable_groups
     names = {id(m): name for name, m in model.named_modules()}
     views: Dict[str, torch.Tensor] = {}
     for members in fusable_groups(model):
@@ -328,12 +328,12 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
     """Rebuilds, on a model whose weights are still on the meta device, the sliced structure and
     the QuantLinear modules a checkpoint's metadata describes.
 
-    ``qmeta`` is checked first (checkpoint_checks.validate_metadata); ``where`` names the config
+    ``qmeta`` is checked first (checks.validate_metadata); ``where`` names the config
     file in messages (default: the model's ``config.name_or_path``/config.json). Raises
     CheckpointError on metadata that is malformed or does not fit the model.
     """
-    from .modules.sliced import ResidualProjection
-    from .slicing.structure import SlicingError, build_skeleton
+    from ..modules.sliced import ResidualProjection
+    from ..slicing.structure import SlicingError, build_skeleton
     if where is None:
         where = f"{getattr(model.config, 'name_or_path', '') or 'checkpoint'}/config.json"
     qmeta = validate_metadata(qmeta, where)
@@ -390,7 +390,7 @@ def _embedding_skeleton(module: nn.Module, info: Dict[str, Any], field: str) -> 
 
 
 def _matryoshka_skeleton(info: Dict[str, Any]) -> MatryoshkaLinear:
-    from .matryoshka.weight import PARENT_BITS
+    from ..matryoshka.weight import PARENT_BITS
     n, k = info["shape"]
     return MatryoshkaLinear(k, n, bias=info["bias"], group_size=info["group_size"],
                             symmetric=info["symmetric"], dtype=FLOAT_DTYPES[info["scale_dtype"]],
@@ -413,7 +413,7 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
         CheckpointError: before any model is returned, on a missing, truncated or malformed
             checkpoint: metadata that is malformed or newer than this pyengine, tensors missing,
             unexpected, or of another shape or dtype than the metadata says (the checks of
-            pyengine.checkpoint_checks, which from_pretrained runs too).
+            pyengine.io.checks, which from_pretrained runs too).
     """
     from transformers import AutoConfig
     path = Path(path)

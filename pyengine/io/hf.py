@@ -3,12 +3,12 @@
 pyengine registers a quantization config and an HfQuantizer under the method name "pyengine".
 From the checkpoint's metadata the quantizer rebuilds, on the meta-device model that
 transformers creates, the sliced structure and the QuantLinear modules, and checks the
-checkpoint's metadata and tensors exactly as pyengine.load does (pyengine.checkpoint_checks:
+checkpoint's metadata and tensors exactly as pyengine.load does (pyengine.io.checks:
 format version, missing, unexpected and misshapen tensors are errors); transformers then loads
 the tensors into them.
 
 A pyengine checkpoint's config.json carries a ``transformers_weights`` guard
-(pyengine.checkpoint.TRANSFORMERS_GUARD) that transformers rejects, so loading one without
+(pyengine.io.checkpoint.TRANSFORMERS_GUARD) that transformers rejects, so loading one without
 pyengine imported fails with a message saying so; the quantizer removes the guard from the
 config before transformers looks for the weights (with a transformers that lacks the hook used
 for this, the guard stays and from_pretrained fails loudly: pyengine.load still works).
@@ -39,7 +39,7 @@ def register_with_transformers() -> None:
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from .checkpoint import QUANT_METHOD, TRANSFORMERS_GUARD, apply_compressed_structure, retie
-    from .checkpoint_checks import CheckpointError, check_checkpoint, validate_metadata
+    from .checks import CheckpointError, check_checkpoint, validate_metadata
 
     class PyengineConfig(QuantizationConfigMixin):
         """The ``quantization_config`` of a pyengine checkpoint (the dict pyengine.save wrote)."""
@@ -91,9 +91,9 @@ def register_with_transformers() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .modules.fusion import fuse_projections
-            from .modules.quant_embedding import QuantEmbedding
-            from .modules.quant_linear import QuantLinear
+            from ..modules.fusion import fuse_projections
+            from ..modules.quant_embedding import QuantEmbedding
+            from ..modules.quant_linear import QuantLinear
             for module in model.modules():
                 if isinstance(module, (QuantLinear, QuantEmbedding)):
                     module._refresh_weight()

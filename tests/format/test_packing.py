@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyengine.packing import pack_codes, unpack_codes
+from pyengine.format.packing import pack_codes, unpack_codes
 
 
 def _as_uint32(t: torch.Tensor) -> list:

@@ -1,7 +1,7 @@
 """Validation of pyengine checkpoints, shared by both load paths.
 
 ``pyengine.load(DIR)`` and ``AutoModelForCausalLM.from_pretrained(DIR)`` (through the HfQuantizer
-of pyengine.hf_integration) run the same checks before any weight is read:
+of pyengine.io.hf) run the same checks before any weight is read:
 
 1. :func:`validate_metadata`: the ``quantization_config`` of ``config.json`` (format version,
    every layer entry's fields and their types, the tied aliases, the recipe, the sliced
@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .qweight import FLOAT_DTYPES
-from .utils import is_int
+from ..format.qweight import FLOAT_DTYPES
+from ..utils import is_int
 
 QUANT_METHOD = "pyengine"
 # 1: quantized linear layers; 2: also quantized embedding tables (layer entries with an
@@ -109,7 +109,7 @@ def validate_metadata(qmeta: Any, where: str) -> Dict[str, Any]:
     recipe = qmeta.get("recipe", {})
     if recipe is None:
         recipe = {}
-    from .recipe import Recipe
+    from ..recipe import Recipe
     try:
         if not isinstance(recipe, Mapping):
             raise TypeError(f"a mapping is expected, got {type(recipe).__name__}")
@@ -125,9 +125,9 @@ def validate_metadata(qmeta: Any, where: str) -> Dict[str, Any]:
 
 
 def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
-    from .packing import SUPPORTED_BITS
-    from .qweight import SUPPORTED_GROUP_SIZES
-    from .recipe import QUANT_METHODS
+    from ..format.packing import SUPPORTED_BITS
+    from ..format.qweight import SUPPORTED_GROUP_SIZES
+    from ..recipe import QUANT_METHODS
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{field}: layer names must be non-empty strings")
     if not isinstance(entry, Mapping):
@@ -184,7 +184,7 @@ def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
 
 
 def _validate_matryoshka(mat: Any, bits: int, field: str) -> None:
-    from .matryoshka.weight import LAYOUT, PARENT_BITS, PRECISIONS
+    from ..matryoshka.weight import LAYOUT, PARENT_BITS, PRECISIONS
     if not isinstance(mat, Mapping):
         raise CheckpointError(f"{field} must be a mapping, got {type(mat).__name__}")
     if mat.get("layout") != LAYOUT or mat.get("parent_bits") != PARENT_BITS:
@@ -360,8 +360,8 @@ def check_tensors(model: nn.Module, stored: Mapping[str, StoredTensor],
         CheckpointError: a tensor missing, unexpected, of the wrong shape or dtype, or a tied
             alias naming a tensor the model or the checkpoint does not have.
     """
-    from .modules.quant_embedding import QuantEmbedding
-    from .modules.quant_linear import QuantLinear
+    from ..modules.quant_embedding import QuantEmbedding
+    from ..modules.quant_linear import QuantLinear
     expected = model.state_dict()
     for alias, source in aliases.items():
         field = f"{where}/config.json: quantization_config.tied[{alias!r}]"
