@@ -56,7 +56,7 @@ def random_slicing(model: torch.nn.Module, target: float = 0.25, seed: int = 0) 
     """Slices ``model`` to per-layer widths of the dynamic schedule (mean deletion ``target``)
     with random orthonormal bases. Speed depends on the widths only, not on the bases, so the
     PCA of calibration data (pyengine.plan) is not needed here."""
-    from pyengine.plan import kept_widths, slice_fractions
+    from pyengine.pipeline.plan import kept_widths, slice_fractions
     from pyengine.slicing import structure
     n, d = model.config.num_hidden_layers, model.config.hidden_size
     gen = torch.Generator().manual_seed(seed)

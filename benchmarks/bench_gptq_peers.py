@@ -55,7 +55,7 @@ def run_pyengine(model, calib: torch.Tensor, layer_bits: List[int], group_size: 
     """pyengine.compress with decoder layer i's linears at ``layer_bits[i]`` bits
     (``calibrated=False``: without the calibration data)."""
     import pyengine
-    from pyengine.recipe import QuantConfig, Recipe
+    from pyengine.quant.recipe import QuantConfig, Recipe
     quant = {re.escape(f"model.layers.{i}.") + ".*": QuantConfig(bits, group_size, method=method)
              for i, bits in enumerate(layer_bits)}
     quant["_default"] = QuantConfig(max(layer_bits), group_size, method=method)

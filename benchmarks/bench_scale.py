@@ -4,7 +4,7 @@ For each shape (random weights of a real model's shapes, written as sharded bf16
 without holding the model in memory: pyengine.models.random.save_random_checkpoint), each in its
 own fresh process so that peak memory is the step's own:
 
-* ``sequential``: `pyengine.streaming.compress_checkpoint` (one decoder layer at a time) with RTN
+* ``sequential``: `pyengine.pipeline.streaming.compress_checkpoint` (one decoder layer at a time) with RTN
   int4 g128 (embeddings and head int8): seconds, seconds per billion parameters, peak memory;
 * ``in_memory``: the whole model loaded (from_pretrained), pyengine.compress, pyengine.save:
   the same figures (skipped where the model would not fit in this machine's memory);
@@ -87,7 +87,7 @@ class MemoryWatch:
 
 
 def _recipe():
-    from pyengine.recipe import QuantConfig, Recipe
+    from pyengine.quant.recipe import QuantConfig, Recipe
     return Recipe(quant={"_default": QuantConfig(4, 128)})
 
 
@@ -96,7 +96,7 @@ def child(step: str, source: str, out: str) -> Dict[str, Any]:
     import transformers  # noqa: F401
 
     import pyengine
-    from pyengine.streaming import compress_checkpoint
+    from pyengine.pipeline.streaming import compress_checkpoint
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source))]  # imports its code

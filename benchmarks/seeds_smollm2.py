@@ -29,7 +29,7 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 from pyengine.models.smollm2 import load_smollm2  # noqa: E402
 from pyengine.modules.sliced import ResidualProjection  # noqa: E402
-from pyengine.scores import importance as importance_values  # noqa: E402
+from pyengine.pipeline.scores import importance as importance_values  # noqa: E402
 
 SECTIONS = ("slicing", "mixed", "quant", "combined")
 SLICE_TARGETS = (0.15, 0.25, 0.35)

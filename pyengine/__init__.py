@@ -12,9 +12,9 @@ from ._ext import build_info
 from ._version import __version__
 from .backends import BackendError, available_backends, known_backends
 from .io.checkpoint import CheckpointError, load, save
-from .compress import (bits_per_weight, compress, dequantize_model, layer_report, predicted_bytes,
+from .pipeline.compress import (bits_per_weight, compress, dequantize_model, layer_report, predicted_bytes,
                        storage_bytes)
-from .data import calibration_data
+from .pipeline.data import calibration_data
 from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity
 from .io.hf import install as _install_hf_integration
@@ -23,11 +23,11 @@ from .models.adapters import UnsupportedModelError, supported_architectures
 from .modules import QuantEmbedding, QuantLinear
 from .modules.fusion import fuse_projections
 from .modules.matryoshka_linear import MatryoshkaLinear
-from .plan import plan
+from .pipeline.plan import plan
 from .format.qweight import QuantizedWeight
-from .quantize import quantize
-from .recipe import QuantConfig, Recipe
-from .scores import scores
+from .quant.rtn import quantize
+from .quant.recipe import QuantConfig, Recipe
+from .pipeline.scores import scores
 
 _install_hf_integration()
 

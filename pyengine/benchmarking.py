@@ -201,7 +201,7 @@ def model_kernel_cases(model: nn.Module) -> List[Tuple[KernelCase, QuantizedWeig
 def random_kernel_cases(shapes: Sequence[Tuple[int, int]], bits: Sequence[int], group_size: int,
                         seed: int = 0) -> List[Tuple[KernelCase, QuantizedWeight]]:
     """Random weights of ``shapes`` (N, K) quantized (RTN) at each of ``bits``."""
-    from .quantize import quantize
+    from .quant.rtn import quantize
     gen = torch.Generator().manual_seed(seed)
     cases = []
     for n, k in shapes:
@@ -376,7 +376,7 @@ def end_to_end_row(model: nn.Module, label: str, prompt_len: int = 64, new_token
                    batch: int = 1, seed: int = 0, runner: str = "auto") -> Dict[str, object]:
     """Prefill tokens/s, decode tokens/s (batch ``batch``, greedy, through ``runner``: see
     :func:`pick_runner`) and peak memory of ``model``."""
-    from .compress import storage_bytes
+    from .pipeline.compress import storage_bytes
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

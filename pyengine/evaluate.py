@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .calibrate import check_token_ids
-from .data import load_text, tokenize
+from .pipeline.calibrate import check_token_ids
+from .pipeline.data import load_text, tokenize
 from .utils import is_int, module_device, progress
 
 

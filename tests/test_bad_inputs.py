@@ -408,7 +408,7 @@ def test_bad_calibration_is_refused_before_any_work(entry, calibration, fragment
     (dict(slicing=0.2, slice_schedule="random"), ["slice_schedule", "'random'"]),
 ])
 def test_bad_plan_arguments_fail_before_measuring(kwargs, fragments, monkeypatch):
-    plan_module = sys.modules["pyengine.plan"]  # pyengine.plan is the function
+    plan_module = sys.modules["pyengine.pipeline.plan"]  # pyengine.plan is the function
     monkeypatch.setattr(plan_module, "compute_scores",
                         lambda *a, **k: pytest.fail("scores computed before the arguments were checked"))
     with pytest.raises(ValueError) as info:

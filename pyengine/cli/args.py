@@ -51,7 +51,7 @@ def parse_positive_int(text: str) -> int:
 
 
 def parse_slice_fraction(text: str) -> Optional[float]:
-    from ..plan import MAX_SLICE
+    from ..pipeline.plan import MAX_SLICE
     try:
         value = float(text)
     except ValueError:

@@ -28,9 +28,9 @@ def _shapes(text: str) -> List[tuple]:
 def _dense_linear_cases(model: nn.Module, bits: Sequence[int], group_size: int):
     """Kernel cases from an uncompressed model's decoder linear shapes, quantized at ``bits``."""
     from ..benchmarking import KernelCase
-    from ..compress import quantizable_linears
+    from ..pipeline.compress import quantizable_linears
     from ..models.adapters import get_adapter
-    from ..quantize import quantize
+    from ..quant.rtn import quantize
     prefix = get_adapter(model).layers + "."
     seen, cases = set(), []
     for name, linear, _, _ in quantizable_linears(model):
@@ -50,7 +50,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``pyengine bench [DIR]``: kernel rows and, with a model, end-to-end rows."""
     from .. import benchmarking as bm
     from ..backends import BackendError, available_backends, known_backends
-    from ..compress import dequantize_model
+    from ..pipeline.compress import dequantize_model
     check_device(args.device)
     args.json = check_output_file(args.json, "--json")
     device = args.device

@@ -64,7 +64,7 @@ def text_source(spec: str) -> Dict[str, Optional[str]]:
 
 def calibration(tokenizer: Any, source: str, n_samples: int, seqlen: int) -> torch.Tensor:
     """Calibration token ids [n_samples, seqlen]; UsageError when the text cannot serve."""
-    from ..data import calibration_data
+    from ..pipeline.data import calibration_data
     try:
         return calibration_data(tokenizer, n_samples=n_samples, seqlen=seqlen,
                                 **text_source(source))
@@ -75,8 +75,8 @@ def calibration(tokenizer: Any, source: str, n_samples: int, seqlen: int) -> tor
 def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
                 layer_scores: Optional[Dict[str, List[float]]] = None):
     """pyengine.plan from the recipe options of ``args``, plus the optional head config."""
-    from ..plan import plan
-    from ..recipe import QuantConfig
+    from ..pipeline.plan import plan
+    from ..quant.recipe import QuantConfig
     try:
         recipe = plan(model, calib, avg_bits=args.avg_bits, bit_choices=tuple(args.bit_choices),
                       importance=args.importance, method=args.method,
@@ -107,7 +107,7 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
 
 def compress_model(model: nn.Module, recipe, calib: torch.Tensor) -> nn.Module:
     """pyengine.compress; recipes the model cannot take become UsageError."""
-    from ..compress import compress
+    from ..pipeline.compress import compress
     try:
         return compress(model, recipe, calib)
     except ValueError as exc:

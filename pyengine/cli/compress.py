@@ -15,7 +15,7 @@ from .common import (calibration, check_device, compress_model, describe_recipe,
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyengine compress MODEL --out DIR``: plan, compress and save (with the tokenizer)."""
     from ..io.checkpoint import save
-    from ..compress import storage_bytes
+    from ..pipeline.compress import storage_bytes
     out = check_output_dir(args.out, "--out")
     source = Path(args.model).expanduser()
     if source.exists() and out.exists() and out.resolve() == (source if source.is_dir()
@@ -66,8 +66,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _compress_sequential(args: argparse.Namespace, source: Path, out: Path) -> int:
-    """cmd_compress, one decoder layer at a time (pyengine.streaming)."""
-    from ..streaming import (SourceCheckpoint, StreamingError, compress_checkpoint,
+    """cmd_compress, one decoder layer at a time (pyengine.pipeline.streaming)."""
+    from ..pipeline.streaming import (SourceCheckpoint, StreamingError, compress_checkpoint,
                             stream_scores)
     try:
         src = SourceCheckpoint(source)

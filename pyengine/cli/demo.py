@@ -46,7 +46,7 @@ def prompt_ids(tokenizer: Any, text: str) -> torch.Tensor:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``pyengine demo``: SmolLM2-135M before and after compression, side by side."""
     from .. import benchmarking as bm
-    from ..compress import storage_bytes
+    from ..pipeline.compress import storage_bytes
     from ..utils import progress
     check_device(args.device)
     args.save = check_output_dir(args.save, "--save")

@@ -15,7 +15,7 @@ from .common import (check_device, dtype_of, load_model, mib, perplexity_of, req
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``pyengine eval DIR``: perplexity and weight bytes."""
-    from ..compress import predicted_bytes, storage_bytes
+    from ..pipeline.compress import predicted_bytes, storage_bytes
     check_device(args.device)
     args.json = check_output_file(args.json, "--json")
     source = None if args.no_ppl else text_source(args.ppl)
@@ -43,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def bits_per_weight_or_none(model: nn.Module) -> Optional[Dict[str, float]]:
     """pyengine.bits_per_weight, or None for a model of a family pyengine does not support."""
-    from ..compress import bits_per_weight
+    from ..pipeline.compress import bits_per_weight
     from ..models.adapters import UnsupportedModelError
     try:
         return {k: round(v, 4) for k, v in bits_per_weight(model).items()}

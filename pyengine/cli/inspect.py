@@ -17,7 +17,7 @@ from .eval import bits_per_weight_or_none, describe_bits
 def layer_table(model: nn.Module) -> List[Dict[str, Any]]:
     """One row per decoder layer: index, scores (when the recipe holds them), bits (weighted
     mean over the layer's linears), the bit widths present, kept widths and bytes."""
-    from ..compress import RECIPE_ATTR, layer_report
+    from ..pipeline.compress import RECIPE_ATTR, layer_report
     from ..models.adapters import get_adapter
     from ..modules.sliced import ResidualProjection
     from ..slicing.structure import describe_structure
@@ -102,7 +102,7 @@ def plot_layers(rows: Sequence[Dict[str, Any]], hidden: int, path: Path, title: 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``pyengine inspect DIR``: per-layer table and an optional plot."""
-    from ..compress import RECIPE_ATTR, layer_report, predicted_bytes, storage_bytes
+    from ..pipeline.compress import RECIPE_ATTR, layer_report, predicted_bytes, storage_bytes
     from ..models.adapters import get_adapter
     args.plot = check_plot_file(args.plot, "--plot")
     args.json = check_output_file(args.json, "--json")

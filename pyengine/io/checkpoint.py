@@ -25,14 +25,14 @@ from torch import nn
 
 from .checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, WEIGHTS_NAME,
                                 CheckpointError, check_checkpoint, validate_metadata)
-from ..compress import RECIPE_ATTR
+from ..pipeline.compress import RECIPE_ATTR
 from ..models.adapters import get_adapter
 from ..modules.fusion import fuse_projections
 from ..modules.matryoshka_linear import MatryoshkaLinear
 from ..modules.quant_embedding import QuantEmbedding
 from ..modules.quant_linear import QuantLinear
 from ..format.qweight import FLOAT_DTYPES
-from ..recipe import Recipe
+from ..quant.recipe import Recipe
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMERS_GUARD",
            "apply_compressed_structure", "load", "quantization_metadata", "retie", "save"]

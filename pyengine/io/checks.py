@@ -109,7 +109,7 @@ def validate_metadata(qmeta: Any, where: str) -> Dict[str, Any]:
     recipe = qmeta.get("recipe", {})
     if recipe is None:
         recipe = {}
-    from ..recipe import Recipe
+    from ..quant.recipe import Recipe
     try:
         if not isinstance(recipe, Mapping):
             raise TypeError(f"a mapping is expected, got {type(recipe).__name__}")
@@ -127,7 +127,7 @@ def validate_metadata(qmeta: Any, where: str) -> Dict[str, Any]:
 def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
     from ..format.packing import SUPPORTED_BITS
     from ..format.qweight import SUPPORTED_GROUP_SIZES
-    from ..recipe import QUANT_METHODS
+    from ..quant.recipe import QUANT_METHODS
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{field}: layer names must be non-empty strings")
     if not isinstance(entry, Mapping):

@@ -209,7 +209,7 @@ def dispatch_cases(archs: Sequence[int] = DEFAULT_ARCHS) -> List[Case]:
 def hadamard_cases() -> List[Case]:
     """The online Walsh-Hadamard transform at every block rotate_mlp_inner can choose, in every
     activation dtype (rows of three blocks, like SmolLM2's 1536 = 3 x 512)."""
-    from ..quantizers.rotation import MLP_HADAMARD_MAX_BLOCK, MLP_HADAMARD_MIN_BLOCK
+    from ..quant.rotation import MLP_HADAMARD_MAX_BLOCK, MLP_HADAMARD_MIN_BLOCK
     from .matmul import ACTIVATION_DTYPES
     cases = []
     block = MLP_HADAMARD_MIN_BLOCK

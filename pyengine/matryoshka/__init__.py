@@ -8,7 +8,7 @@ The matmul is pyengine's one linear op (``pyengine.ops.qlinear(x, weight.at(r))`
 :func:`matryoshka_matmul` is its wrapper, re-exported here). The layer is
 :class:`pyengine.modules.matryoshka_linear.MatryoshkaLinear`; parents are made by
 ``pyengine.compress`` with ``QuantConfig(bits=8, matryoshka=True, method="rtn" | "matquant")``
-(MatQuant: pyengine.quantizers.matquant). docs/FORMAT.md specifies slices and storage.
+(MatQuant: pyengine.quant.matquant). docs/FORMAT.md specifies slices and storage.
 """
 
 from .precision import get_precision, matryoshka_layers, set_precision

@@ -18,8 +18,8 @@ from ..matryoshka.weight import (LAYOUT, PARENT_BITS, PLANE_BITS, PLANE_NAMES, M
                                  MatryoshkaWeight, check_precision)
 from ..ops import qlinear
 from ..format.qweight import QuantizedWeight, padded_in_features
-from ..quantize import quantize
-from ..recipe import QuantConfig
+from ..quant.rtn import quantize
+from ..quant.recipe import QuantConfig
 from .quant_linear import QuantLinear, register_group_params
 
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..ops.embedding import qembedding
 from ..format.qweight import QuantizedWeight, padded_in_features
-from ..quantize import quantize
-from ..recipe import QuantConfig
+from ..quant.rtn import quantize
+from ..quant.recipe import QuantConfig
 from .quant_linear import QuantLinear, register_group_params
 
 

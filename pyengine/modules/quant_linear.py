@@ -10,8 +10,8 @@ from torch import nn
 from ..ops import qlinear
 from ..ops.act_quant import check_act_bits
 from ..format.qweight import QuantizedWeight, padded_in_features
-from ..quantize import quantize
-from ..recipe import QuantConfig
+from ..quant.rtn import quantize
+from ..quant.recipe import QuantConfig
 
 
 def register_group_params(layer: nn.Module, kp: int, bias: bool, dtype: torch.dtype,

@@ -90,7 +90,7 @@ class ResidualProjection(nn.Module):
 
     ``hadamard_block`` (0: none): the projection reads its input through the orthonormal
     Walsh-Hadamard transform of each block of that many features (pyengine.ops.hadamard;
-    a rotated MLP's inner activation, pyengine.quantizers.rotation.rotate_mlp_inner), which
+    a rotated MLP's inner activation, pyengine.quant.rotation.rotate_mlp_inner), which
     ``proj``'s columns hold too.
     """
 

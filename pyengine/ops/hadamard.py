@@ -5,7 +5,7 @@
 H_b is the Sylvester Hadamard matrix of order b (a power of two; H[i][j] = (-1)^popcount(i & j)),
 so the transform is orthonormal, symmetric and its own inverse. A rotated model applies it to an
 activation no weight can absorb (the MLP's inner activation, after the nonlinearity: see
-pyengine.quantizers.rotation); the weight that reads the activation holds the same transform of
+pyengine.quant.rotation); the weight that reads the activation holds the same transform of
 its columns, so the product is unchanged while outlier channels are spread over the block.
 
 Backends (``backend=``, or $PYENGINE_BACKEND when it names one of these; otherwise the

@@ -22,9 +22,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..calibrate import LayerInputs, LayerwiseRunner
+from ..pipeline.calibrate import LayerInputs, LayerwiseRunner
 from ..models.adapters import get_adapter
-from ..quantizers.rotation import random_orthogonal
+from ..quant.rotation import random_orthogonal
 from ..utils import progress
 from . import structure
 
@@ -73,7 +73,7 @@ def slice_model(model: nn.Module, widths: Sequence[int], calibration: torch.Tens
         rotation_seed: when given, each kept subspace is also turned by a random orthogonal
             matrix of its width (drawn in order from a generator with this seed): the same
             subspace is kept, in a basis whose coordinates mix the principal directions, which
-            spreads outlier channels before quantizing (pyengine.quantizers.rotation).
+            spreads outlier channels before quantizing (pyengine.quant.rotation).
     """
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)

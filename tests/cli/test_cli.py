@@ -44,7 +44,7 @@ def char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from pyengine.data import offline_text
+    from pyengine.pipeline.data import offline_text
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(set(offline_text("calibration") + offline_text("evaluation"))):
         vocab.setdefault(ch, len(vocab))

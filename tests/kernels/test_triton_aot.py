@@ -102,7 +102,7 @@ def test_cases_span_every_dispatch_dimension():
     assert want - got == set(), sorted(want - got)[:10]
     assert {c.sweep for c in cases} == {"dispatch", "odd"}
     # the online Walsh-Hadamard transform: every block a rotated MLP can use, every dtype
-    from pyengine.quantizers.rotation import MLP_HADAMARD_MAX_BLOCK, MLP_HADAMARD_MIN_BLOCK
+    from pyengine.quant.rotation import MLP_HADAMARD_MAX_BLOCK, MLP_HADAMARD_MIN_BLOCK
     blocks = [1 << e for e in range(MLP_HADAMARD_MIN_BLOCK.bit_length() - 1,
                                     MLP_HADAMARD_MAX_BLOCK.bit_length())]
     assert {(c.group_size, c.dtype) for c in cases if c.kind == "hadamard"} == \

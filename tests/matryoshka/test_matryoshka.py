@@ -406,7 +406,7 @@ def test_matquant_lowers_the_int2_error_and_keeps_int8(rng):
 
 
 def test_matquant_options_are_checked():
-    from pyengine.quantizers.matquant import matquant_quantize
+    from pyengine.quant.matquant import matquant_quantize
     w, h = torch.randn(8, 32), torch.eye(32)
     with pytest.raises(ValueError, match="precisions"):
         matquant_quantize(w, h, 32, weights={5: 1.0})

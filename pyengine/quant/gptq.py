@@ -20,7 +20,7 @@ Written for pyengine's canonical format:
   squares in the layer's output error (:func:`refit_group_params`; kept per row only where it
   lowers that error). Zero points are fractional, as in pyengine.quantize.
 
-Models are processed layer by layer (pyengine.calibrate): every linear layer of a decoder
+Models are processed layer by layer (pyengine.pipeline.calibrate): every linear layer of a decoder
 layer gets its Hessian from one pass of the not-yet-quantized layer over the calibration
 inputs; the quantized layer then produces the next layer's inputs.
 """
@@ -32,13 +32,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..calibrate import LayerInputs
+from ..pipeline.calibrate import LayerInputs
 from .layerwise import input_hessians, linear_holder
 from ..modules.quant_linear import QuantLinear
 from ..format.packing import pack_codes
 from ..format.qweight import QuantizedWeight, padded_in_features
-from ..quantize import _rtn_groups
-from ..recipe import QuantConfig
+from .rtn import _rtn_groups
+from .recipe import QuantConfig
 
 CLIP_FACTORS = torch.linspace(1.0, 0.4, 24).tolist()
 
@@ -294,7 +294,7 @@ def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
                         scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
     """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
     in ``model``), from one pass of the layer over ``inputs``, in place. ``damp``: every
-    linear's damping (None: each QuantConfig's ``damp``). pyengine.compress.layerwise_quantize
+    linear's damping (None: each QuantConfig's ``damp``). pyengine.pipeline.compress.layerwise_quantize
     walks a model's layers with it."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
     # one factorisation per Hessian that linears share (the Hessian is kept with it, so its

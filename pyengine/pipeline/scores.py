@@ -23,9 +23,9 @@ from torch import nn
 
 from .calibrate import LayerInputs, LayerwiseRunner, check_calibration
 from .compress import quantizable_linears
-from .models.adapters import get_adapter
-from .modules.quant_linear import QuantLinear
-from .utils import is_int, progress
+from ..models.adapters import get_adapter
+from ..modules.quant_linear import QuantLinear
+from ..utils import is_int, progress
 
 SCORE_NAMES = ("lim", "zd", "lr")
 

@@ -34,18 +34,18 @@ import torch
 from torch import nn
 
 from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibration, run_layer
-from .quantizers.layerwise import input_mean_squares, recording_input_mean_squares
-from .io.checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
+from ..quant.layerwise import input_mean_squares, recording_input_mean_squares
+from ..io.checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
                          write_index)
-from .io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
+from ..io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
                                 stored_tensors)
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_names,
                        check_calibration_needs, check_compress_arguments, hold_dense_in,
                        hold_module_dense_in, quantization_targets, quantize_embeddings,
                        rtn_quantize)
-from .models.adapters import get_adapter
-from .recipe import Recipe
-from .utils import progress
+from ..models.adapters import get_adapter
+from ..quant.recipe import Recipe
+from ..utils import progress
 
 __all__ = ["PROGRESS_NAME", "SourceCheckpoint", "StreamingError", "compress_checkpoint",
            "stream_scores"]
@@ -339,11 +339,11 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
         gptq = {t[0]: t[4] for t in here if t[4].method == "gptq"}
         matquant = {t[0]: t[4] for t in here if t[4].method == "matquant"}
         if gptq:
-            from .quantizers.gptq import gptq_quantize_layer
+            from ..quant.gptq import gptq_quantize_layer
             gptq_quantize_layer(model, layer, inputs, gptq, damp=damp, scale_dtype=scale_dtype,
                                 compute_device=compute)
         if matquant:
-            from .quantizers.matquant import matquant_quantize_layer
+            from ..quant.matquant import matquant_quantize_layer
             matquant_quantize_layer(model, layer, inputs, matquant, scale_dtype=scale_dtype,
                                     compute_device=compute, **dict(matquant_options or {}))
         measured_here = [t[0] for t in here if t[0] in measured]

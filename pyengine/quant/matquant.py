@@ -34,7 +34,7 @@ version of that idea, written for pyengine's canonical groups:
   zero points, the plain parent pyengine.quantize's fractional ones), so it is never worse
   than the plain parent on the calibration objective.
 
-Models are processed decoder layer by decoder layer (pyengine.calibrate.LayerwiseRunner), as GPTQ
+Models are processed decoder layer by decoder layer (pyengine.pipeline.calibrate.LayerwiseRunner), as GPTQ
 is: one pass of the not-yet-quantized layer gives every target linear its H; the layer is then
 quantized and run (serving its int8 slice) to produce the next layer's inputs.
 """
@@ -46,13 +46,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..calibrate import LayerInputs, LayerwiseRunner
+from ..pipeline.calibrate import LayerInputs, LayerwiseRunner
 from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
 from ..modules.matryoshka_linear import MatryoshkaLinear
 from ..format.packing import unpack_codes
 from ..format.qweight import SCALE_DTYPES, padded_in_features
-from ..quantize import quantize
-from ..recipe import QuantConfig
+from .rtn import quantize
+from .recipe import QuantConfig
 from ..utils import progress
 from .layerwise import group_by_layer, input_hessians, linear_holder
 

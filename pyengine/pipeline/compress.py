@@ -15,15 +15,15 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .models.adapters import get_adapter
-from .modules.matryoshka_linear import MatryoshkaLinear
-from .modules.fusion import fuse_projections
-from .modules.quant_embedding import QuantEmbedding
-from .modules.quant_linear import QuantLinear
-from .modules.sliced import ResidualProjection
-from .format.qweight import padded_in_features
-from .recipe import Recipe
-from .utils import progress
+from ..models.adapters import get_adapter
+from ..modules.matryoshka_linear import MatryoshkaLinear
+from ..modules.fusion import fuse_projections
+from ..modules.quant_embedding import QuantEmbedding
+from ..modules.quant_linear import QuantLinear
+from ..modules.sliced import ResidualProjection
+from ..format.qweight import padded_in_features
+from ..quant.recipe import Recipe
+from ..utils import progress
 
 RECIPE_ATTR = "pyengine_recipe"
 
@@ -91,7 +91,7 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     layer is rotated by PCA of calibration activations and cut to its kept width. With
     ``recipe.rotate`` the residual streams (each kept subspace, when sliced) and the attention
     value heads are then turned by random orthogonal matrices merged into the weights
-    (pyengine.quantizers.rotation). Then every
+    (pyengine.quant.rotation). Then every
     linear layer the recipe names is quantized (RTN, or GPTQ with calibration data; given
     calibration data, RTN weighs each input's rounding errors by the input's mean square on it,
     layer by layer, so the inputs the model uses most keep the finest steps). Layers
@@ -115,7 +115,7 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
             when it is 16-bit, else float16. float32 only on request.
         scale_dtype: dtype of the quantization scales and zeros; default ``dtype``.
         matquant_options: keyword arguments of
-            pyengine.quantizers.matquant.matquant_quantize_model (``weights`` = the slice
+            pyengine.quant.matquant.matquant_quantize_model (``weights`` = the slice
             weights lambda, ``steps``, ``lr``, ``grid``, ``learn_codes``, ``compute_device``...).
         fuse: serve the quantized layers that read one input (q/k/v, gate/up) with one op per
             group where they share a format (pyengine.fuse_projections; no weight is copied).
@@ -142,7 +142,7 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
                                            show_progress)
         measured = []
     if any(t[4].method == "matquant" for t in targets):
-        from .quantizers.matquant import matquant_quantize_model
+        from ..quant.matquant import matquant_quantize_model
         matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
                                 calibration, show_progress=show_progress, scale_dtype=scale_dtype,
                                 **dict(matquant_options or {}))
@@ -236,8 +236,8 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
     weights, returned by name, recorded while the layer computes its outputs); the layer's
     outputs feed the next layer."""
     from .calibrate import LayerwiseRunner
-    from .quantizers.gptq import gptq_quantize_layer
-    from .quantizers.layerwise import group_by_layer, recording_input_mean_squares
+    from ..quant.gptq import gptq_quantize_layer
+    from ..quant.layerwise import group_by_layer, recording_input_mean_squares
     gptq_by_layer = group_by_layer(model, gptq, "GPTQ")
     measured_by_layer = group_by_layer(model, dict.fromkeys(measured), "calibrated RTN")
     input_weights: Dict[str, torch.Tensor] = {}
@@ -346,7 +346,7 @@ def _untie_if_head_quantized(model: nn.Module) -> None:
 
 
 def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress: bool) -> None:
-    from .slicing.structure import is_folded, layer_widths
+    from ..slicing.structure import is_folded, layer_widths
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     if len(recipe.slicing) != n_layers:
@@ -365,7 +365,7 @@ def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress:
     if calibration is None:
         raise ValueError("slicing needs calibration data to compute its PCA bases "
                          "(pass calibration=pyengine.calibration_data(...))")
-    from .slicing.pca import slice_model
+    from ..slicing.pca import slice_model
     slice_model(model, list(recipe.slicing), calibration, show_progress=show_progress,
                 rotation_seed=recipe.rotation_seed if recipe.rotate else None)
 
@@ -373,7 +373,7 @@ def _apply_slicing(model: nn.Module, recipe: Recipe, calibration, show_progress:
 def _apply_rotation(model: nn.Module, recipe: Recipe) -> None:
     """Recipe.rotate: the residual rotation (done by _apply_slicing for a sliced recipe), the
     value heads' rotation and, with Recipe.online_hadamard, the MLPs' inner rotation."""
-    from .quantizers.rotation import rotate_model
+    from ..quant.rotation import rotate_model
     rotate_model(model, recipe.rotation_seed, residual=recipe.slicing is None,
                  mlp_inner=recipe.online_hadamard)
 

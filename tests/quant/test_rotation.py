@@ -1,4 +1,4 @@
-"""Random orthogonal rotations (pyengine.quantizers.rotation, Recipe.rotate): they keep the
+"""Random orthogonal rotations (pyengine.quant.rotation, Recipe.rotate): they keep the
 model's function exactly, compose with slicing and quantization, survive a checkpoint, and run
 in the lean decoder."""
 
@@ -11,7 +11,7 @@ from pyengine.decoder import Decoder, decoder_blocker
 from pyengine.models.random import random_model
 from pyengine.ops.hadamard import hadamard_transform
 from pyengine.modules import SlicedDecoderLayer
-from pyengine.quantizers.rotation import (RotationError, random_orthogonal, rotate_mlp_inner,
+from pyengine.quant.rotation import (RotationError, random_orthogonal, rotate_mlp_inner,
                                           rotate_model, rotate_residual, rotate_value_heads)
 
 from helpers import rel_err
@@ -253,8 +253,8 @@ def test_mlp_inner_rotation_refuses_what_it_cannot_do():
 def test_gptq_sees_the_transformed_input(rng):
     """The Hessian of a rotated down projection is that of the input its linear really reads
     (after the online transform), not of the MLP's raw output."""
-    from pyengine.calibrate import capture_first_layer_inputs
-    from pyengine.quantizers.layerwise import input_hessians
+    from pyengine.pipeline.calibrate import capture_first_layer_inputs
+    from pyengine.quant.layerwise import input_hessians
     model = _model("llama")
     rotate_model(model, seed=0, mlp_inner=True)
     layer = model.model.layers[0]

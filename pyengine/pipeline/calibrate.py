@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .models.adapters import get_adapter
-from .utils import module_device
+from ..models.adapters import get_adapter
+from ..utils import module_device
 
 
 class _StopForward(Exception):

@@ -16,9 +16,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from .format.packing import SUPPORTED_BITS
-from .format.qweight import SUPPORTED_GROUP_SIZES
-from .utils import is_int
+from ..format.packing import SUPPORTED_BITS
+from ..format.qweight import SUPPORTED_GROUP_SIZES
+from ..utils import is_int
 
 QUANT_METHODS = ("rtn", "gptq", "matquant")
 MATRYOSHKA_METHODS = ("rtn", "matquant")
@@ -83,7 +83,7 @@ class QuantConfig:
         if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
                 or not 0.0 < self.damp <= 1.0):
             raise ValueError(f"QuantConfig.damp must be a number in (0, 1], got {self.damp!r}")
-        from .ops.act_quant import check_act_bits
+        from ..ops.act_quant import check_act_bits
         check_act_bits(self.act_bits, "QuantConfig.act_bits")
         if self.act_bits and self.matryoshka:
             raise ValueError("QuantConfig.act_bits applies to plain quantized layers; Matryoshka "
@@ -136,7 +136,7 @@ class Recipe:
             pattern of ``quant`` naming the head overrides this for the head (a tied pair is
             then untied when the two differ).
         rotate: before quantizing, express the residual stream and the attention value heads in
-            random orthogonal bases merged into the weights (pyengine.quantizers.rotation; with
+            random orthogonal bases merged into the weights (pyengine.quant.rotation; with
             ``slicing``, each kept subspace is turned instead). The model computes the same
             function; GPTQ then keeps much more quality at 4 and 3 bits. Needs a family that
             can be sliced.

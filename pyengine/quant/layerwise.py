@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, TypeVar
 import torch
 from torch import nn
 
-from ..calibrate import LayerInputs, run_layer
+from ..pipeline.calibrate import LayerInputs, run_layer
 from ..models.adapters import get_adapter
 from ..modules.sliced import ResidualProjection
 

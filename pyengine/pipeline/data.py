@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .utils import is_int
+from ..utils import is_int
 
 OFFLINE = "offline"
 HUB_DATASETS = {

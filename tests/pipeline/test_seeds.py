@@ -5,11 +5,11 @@ import torch
 
 import pyengine
 from pyengine import QuantConfig, Recipe
-from pyengine.calibrate import LayerwiseRunner
+from pyengine.pipeline.calibrate import LayerwiseRunner
 from pyengine.models.random import random_model
-from pyengine.plan import allocate_bits, kept_widths, slice_fractions
-from pyengine.quantizers.gptq import gptq_quantize
-from pyengine.scores import importance, zd_scores
+from pyengine.pipeline.plan import allocate_bits, kept_widths, slice_fractions
+from pyengine.quant.gptq import gptq_quantize
+from pyengine.pipeline.scores import importance, zd_scores
 from pyengine.slicing.pca import slice_model
 
 from helpers import rel_err
@@ -181,8 +181,8 @@ def test_gptq_clips_by_output_error(rng):
     takes, per group, the candidate with the least weighted error; and in GPTQ an input the
     calibration activations hardly use no longer sets its group's range, so the other columns
     keep finer steps than a plain clip search gives them."""
-    from pyengine.quantize import _rtn_groups, _scale_zero
-    from pyengine.quantizers.gptq import CLIP_FACTORS
+    from pyengine.quant.rtn import _rtn_groups, _scale_zero
+    from pyengine.quant.gptq import CLIP_FACTORS
     w = torch.randn(16, 2, 32, generator=rng)
     cost = torch.rand(1, 2, 32, generator=rng) ** 4
 
@@ -262,7 +262,7 @@ def test_gptq_refit_solves_the_output_least_squares(symmetric, rng):
     """refit_group_params: for fixed codes, each row's scales and zeros reach the minimum of
     (w - w_q) H (w - w_q)^T (checked against a dense least-squares solve of the same problem),
     with K not a multiple of the group and a dead input."""
-    from pyengine.quantizers.gptq import hessian_for_refit, refit_group_params
+    from pyengine.quant.gptq import hessian_for_refit, refit_group_params
     n, k, gs, bits = 12, 80, 32, 3
     x = torch.randn(300, k, generator=rng) * (torch.rand(k, generator=rng) + 0.2)
     x[:, 7] = 0.0  # dead input
@@ -365,7 +365,7 @@ def test_pca_captures_a_low_rank_stream_exactly(rng):
     with torch.no_grad():
         q, _ = torch.linalg.qr(torch.randn(64, 32, generator=rng))
         model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ q @ q.T)
-    from pyengine.calibrate import capture_first_layer_inputs
+    from pyengine.pipeline.calibrate import capture_first_layer_inputs
     from pyengine.slicing.pca import principal_basis
     x = capture_first_layer_inputs(model, _calib(rng)).hidden
     basis = principal_basis(x)[:, :32]

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from .compress import default_dtype, quantizable_linears
-from .models.adapters import get_adapter
-from .format.qweight import padded_in_features
-from .recipe import QuantConfig, Recipe
+from ..models.adapters import get_adapter
+from ..format.qweight import padded_in_features
+from ..quant.recipe import QuantConfig, Recipe
 from .scores import importance as importance_values
 from .scores import scores as compute_scores
 
@@ -152,10 +152,10 @@ def _check_plan_arguments(model: nn.Module, avg_bits, bit_choices, method, group
                           slice_schedule) -> None:
     """ValueError on arguments plan cannot use, before any measurement is made."""
     from .compress import compressed_reason
-    from .format.packing import SUPPORTED_BITS
-    from .format.qweight import SUPPORTED_GROUP_SIZES
-    from .slicing.structure import is_folded, layer_widths
-    from .utils import is_int
+    from ..format.packing import SUPPORTED_BITS
+    from ..format.qweight import SUPPORTED_GROUP_SIZES
+    from ..slicing.structure import is_folded, layer_widths
+    from ..utils import is_int
     already = compressed_reason(model)
     if already:
         raise ValueError(f"plan measures the original model, and this one is already compressed "
@@ -229,7 +229,7 @@ def plan(model: nn.Module, calibration: Optional[torch.Tensor] = None,
     adapter = get_adapter(model)
     _check_plan_arguments(model, avg_bits, bit_choices, method, group_size, slicing,
                           slice_schedule)
-    from .ops.act_quant import check_act_bits
+    from ..ops.act_quant import check_act_bits
     check_act_bits(act_bits, "plan: act_bits")
     if not isinstance(rotate, bool):
         raise ValueError(f"plan: rotate must be True or False, got {rotate!r}")

@@ -1,4 +1,4 @@
-"""pyengine.streaming: compress_checkpoint writes, layer by layer from the files, exactly the
+"""pyengine.pipeline.streaming: compress_checkpoint writes, layer by layer from the files, exactly the
 checkpoint pyengine.compress + pyengine.save write in memory; stream_scores equals
 pyengine.scores; an interrupted run resumes without recomputing written layers; sources and
 recipes the streamed pipeline cannot take are refused with StreamingError."""
@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import pyengine
-import pyengine.quantizers.gptq as gptq_module
-import pyengine.streaming as streaming
+import pyengine.quant.gptq as gptq_module
+import pyengine.pipeline.streaming as streaming
 from pyengine.io.checks import INDEX_NAME, WEIGHTS_NAME
 from pyengine.models.random import random_model
-from pyengine.recipe import QuantConfig, Recipe
-from pyengine.streaming import (PROGRESS_NAME, SourceCheckpoint, StreamingError,
+from pyengine.quant.recipe import QuantConfig, Recipe
+from pyengine.pipeline.streaming import (PROGRESS_NAME, SourceCheckpoint, StreamingError,
                                 compress_checkpoint, stream_scores)
 
 ACTIVATIONS_NAME = streaming._ACTIVATIONS_NAME
@@ -141,7 +141,7 @@ def _interrupt(monkeypatch, at_save: int, *args, **kwargs) -> None:
 
 
 def _count_rtn(monkeypatch) -> List[str]:
-    """Names of the linears pyengine.streaming's rtn_quantize is asked to quantize by RTN."""
+    """Names of the linears pyengine.pipeline.streaming's rtn_quantize is asked to quantize by RTN."""
     names: List[str] = []
     original = streaming.rtn_quantize
 
@@ -155,7 +155,7 @@ def _count_rtn(monkeypatch) -> List[str]:
 
 def _count_gptq(monkeypatch) -> List[str]:
     """Names of the linears gptq_quantize_layer quantizes (streaming imports it at call time
-    from pyengine.quantizers.gptq)."""
+    from pyengine.quant.gptq)."""
     names: List[str] = []
     original = gptq_module.gptq_quantize_layer
 

@@ -2,7 +2,7 @@
 
 A child process imports everything, starts its thread pool, then caps its own address space
 (RLIMIT_AS) at what it already maps plus ``MARGIN``: less than the checkpoint it compresses.
-pyengine.streaming.compress_checkpoint must finish under the cap and write what the in-memory
+pyengine.pipeline.streaming.compress_checkpoint must finish under the cap and write what the in-memory
 path (run here without a cap) writes; the in-memory path itself must fail under the same cap,
 which shows the cap binds.
 """
@@ -27,9 +27,9 @@ MARGIN = 100 << 20  # address space the capped child may add to what it maps aft
 CHILD = textwrap.dedent('''
     import json, resource, sys
     import torch, pyengine
-    from pyengine.quantize import quantize
-    from pyengine.recipe import QuantConfig, Recipe
-    from pyengine.streaming import SourceCheckpoint, compress_checkpoint
+    from pyengine.quant.rtn import quantize
+    from pyengine.quant.recipe import QuantConfig, Recipe
+    from pyengine.pipeline.streaming import SourceCheckpoint, compress_checkpoint
     source, out, mode, margin = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     SourceCheckpoint(source).skeleton()       # imports the model's code
     quantize(torch.randn(256, 256), 4, 64)    # starts the thread pool
@@ -58,7 +58,7 @@ CHILD = textwrap.dedent('''
 def run_capped(tmp_path: Path, source: Path, out: Path, mode: str) -> dict:
     script = tmp_path / "capped_child.py"
     script.write_text(CHILD)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     # RLIMIT_AS counts address space, not memory: glibc keeps freed blocks of a few MB in
     # its heap (released to the kernel by malloc_trim, but still mapped) unless they come
     # from their own mappings, which a fixed 1 MiB mmap threshold and one arena ensure
@@ -83,7 +83,7 @@ def read_tensors(path: Path) -> dict:
 def test_sequential_compression_fits_under_a_cap_smaller_than_the_checkpoint(tmp_path):
     import pyengine
     from pyengine.models.random import save_random_checkpoint
-    from pyengine.recipe import QuantConfig, Recipe
+    from pyengine.quant.recipe import QuantConfig, Recipe
     from transformers import AutoModelForCausalLM
 
     source = save_random_checkpoint(

@@ -1,1 +1,0 @@
-"""Calibration-based quantizers (GPTQ, MatQuant) and what they share (layerwise.py)."""
