@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
-from pyengine.models.random import SHAPES, random_model  # noqa: E402
+from pyengine.model.random import SHAPES, random_model  # noqa: E402
 
 CONFIGS = ("dense", "int4", "int4_a8", "mixed3", "sliced25_mixed3")
 PEERS = ("torchao_int4", "gemlite_int4")

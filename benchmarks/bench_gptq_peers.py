@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     import pyengine
-    from pyengine.models.smollm2 import load_smollm2
+    from pyengine.model.smollm2 import load_smollm2
     base, tokenizer = load_smollm2(dtype=torch.float32)
     calib = pyengine.calibration_data(tokenizer, n_samples=16, seqlen=512)
     source_ppl = pyengine.perplexity(base, tokenizer, seqlen=512, max_windows=8)

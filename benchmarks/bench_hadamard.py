@@ -35,7 +35,7 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe, ops  # noqa: E402
 from pyengine._ext import DTYPE_CODES, extension  # noqa: E402
 from pyengine.benchmarking import metadata, time_interleaved, write_json  # noqa: E402
-from pyengine.models.random import random_model  # noqa: E402
+from pyengine.model.random import random_model  # noqa: E402
 from pyengine.ops.hadamard import reference_hadamard  # noqa: E402
 
 # MLP width : block : hidden size (the down projection's outputs)
@@ -137,7 +137,7 @@ def main(argv: "List[str] | None" = None) -> int:
     parser.add_argument("--shapes", default=SHAPES,
                         help="MLP width:block:hidden list, comma separated")
     parser.add_argument("--decode-shape", default="smollm2-135m",
-                        help="pyengine.models.random shape of the decoded model")
+                        help="pyengine.model.random shape of the decoded model")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--inner", type=int, default=200, help="calls per timed sample (M=1)")
     parser.add_argument("--rounds", type=int, default=15)

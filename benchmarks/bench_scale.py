@@ -1,7 +1,7 @@
 """Models people run: compression and loading at real sizes, in bounded memory.
 
 For each shape (random weights of a real model's shapes, written as sharded bf16 safetensors
-without holding the model in memory: pyengine.models.random.save_random_checkpoint), each in its
+without holding the model in memory: pyengine.model.random.save_random_checkpoint), each in its
 own fresh process so that peak memory is the step's own:
 
 * ``sequential``: `pyengine.pipeline.streaming.compress_checkpoint` (one decoder layer at a time) with RTN
@@ -187,7 +187,7 @@ def shape_facts(source: Path) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="tinyllama-1.1b",
-                        help="comma-separated keys of pyengine.models.random.SHAPES")
+                        help="comma-separated keys of pyengine.model.random.SHAPES")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pyengine-scale"),
                         help="where the random checkpoints and outputs are written (kept for "
                              "re-runs: a source already there is reused)")
@@ -200,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(child(*args.child)))
         return 0
 
-    from pyengine.models.random import save_random_checkpoint
+    from pyengine.model.random import save_random_checkpoint
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = []
     for shape in args.shapes.split(","):

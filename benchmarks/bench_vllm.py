@@ -113,7 +113,7 @@ def _make_models(work: Path) -> Tuple[Dict[str, Path], object]:
     """({"dense": dir, "int4": dir}: the dense model and its pyengine checkpoint, each with the
     tokenizer; the tokenizer)."""
     import pyengine
-    from pyengine.models.smollm2 import load_smollm2
+    from pyengine.model.smollm2 import load_smollm2
     dense, tokenizer = load_smollm2(dtype=torch.float32)
     dense.save_pretrained(work / "dense")
     tokenizer.save_pretrained(str(work / "dense"))

@@ -9,7 +9,7 @@ CPUs people have without it). The embedded GGUF (Q4_1 weights) is requantized to
 type once (cached next to the build); F32 is the same weights dequantized, which is what
 pyengine's dense model holds.
 
-pyengine: the model loaded from the same GGUF (pyengine.models.smollm2), compressed by RTN
+pyengine: the model loaded from the same GGUF (pyengine.model.smollm2), compressed by RTN
 (group 128) per config with the tied output head at 8 bits (as llama.cpp keeps its output
 matrix at 8 bits in its 4- and 2-bit types), decoded through pyengine.Decoder (the lean loop,
 static KV cache) as benchmarks/bench_decode.py does, batch 1. The ``*_a8`` configs run every
@@ -138,7 +138,7 @@ def llama_tokens_per_s(bin_dir: Path, model: Path, threads: int, new_tokens: int
 # ---- pyengine ----------------------------------------------------------------------------------
 
 def pyengine_model(config: str) -> torch.nn.Module:
-    from pyengine.models.smollm2 import load_smollm2
+    from pyengine.model.smollm2 import load_smollm2
     model, _ = load_smollm2()
     # the head at 8 bits; the *_a8 configs (int8 activations, as llama.cpp's Q8_0 activations)
     # run it on int8 activations too
@@ -207,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None,
                         help="default benchmarks/results/vs_llamacpp_<isa>.json")
     args = parser.parse_args(argv)
-    from pyengine.models.smollm2 import gguf_path
+    from pyengine.model.smollm2 import gguf_path
     from pyengine.backends import get_backend, register_backend
     from pyengine.backends.cpu import CpuBackend
     if args.isa != "native":  # pyengine's kernels of the same instruction set

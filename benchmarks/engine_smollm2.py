@@ -22,7 +22,7 @@ import common  # noqa: E402
 import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 from pyengine.evaluate import perplexity  # noqa: E402
-from pyengine.models.smollm2 import load_smollm2  # noqa: E402
+from pyengine.model.smollm2 import load_smollm2  # noqa: E402
 
 CONFIGS = [(8, 128), (4, 128), (4, 64), (4, 32), (3, 128), (3, 64)]
 

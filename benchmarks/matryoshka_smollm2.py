@@ -34,8 +34,8 @@ import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
 from pyengine.matryoshka import PLANES_READ, get_precision  # noqa: E402
 from pyengine.matryoshka.weight import PLANE_BITS  # noqa: E402
-from pyengine.modules.matryoshka_linear import MatryoshkaLinear  # noqa: E402
-from pyengine.models.smollm2 import load_smollm2  # noqa: E402
+from pyengine.nn.matryoshka_linear import MatryoshkaLinear  # noqa: E402
+from pyengine.model.smollm2 import load_smollm2  # noqa: E402
 
 SLICES = (8, 4, 2)
 # Mix'n'Match schedules at an average of 4 bits: {precision: share of layers}, the most

@@ -27,8 +27,8 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
-from pyengine.models.smollm2 import load_smollm2  # noqa: E402
-from pyengine.modules.sliced import ResidualProjection  # noqa: E402
+from pyengine.model.smollm2 import load_smollm2  # noqa: E402
+from pyengine.nn.sliced import ResidualProjection  # noqa: E402
 from pyengine.pipeline.scores import importance as importance_values  # noqa: E402
 
 SECTIONS = ("slicing", "mixed", "quant", "combined")

@@ -91,7 +91,7 @@ def _file_bytes(directory: Path) -> int:
 
 
 def pyengine_row(config: str, tokenizer, calib, eval_kwargs, workdir: Path) -> Dict:
-    from pyengine.models.smollm2 import load_smollm2
+    from pyengine.model.smollm2 import load_smollm2
     spec = CONFIGS[config]
     model, _ = load_smollm2()
     t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
 
-    from pyengine.models.smollm2 import gguf_path, load_smollm2
+    from pyengine.model.smollm2 import gguf_path, load_smollm2
     torch.manual_seed(0)
     reference, tokenizer = load_smollm2()
     params = _params(reference)

@@ -19,10 +19,10 @@ from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity
 from .io.hf import install as _install_hf_integration
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
-from .models.adapters import UnsupportedModelError, supported_architectures
-from .modules import QuantEmbedding, QuantLinear
-from .modules.fusion import fuse_projections
-from .modules.matryoshka_linear import MatryoshkaLinear
+from .model.adapters import UnsupportedModelError, supported_architectures
+from .nn import QuantEmbedding, QuantLinear
+from .nn.fusion import fuse_projections
+from .nn.matryoshka_linear import MatryoshkaLinear
 from .pipeline.plan import plan
 from .format.qweight import QuantizedWeight
 from .quant.rtn import quantize

@@ -188,7 +188,7 @@ class KernelCase:
 
 def model_kernel_cases(model: nn.Module) -> List[Tuple[KernelCase, QuantizedWeight]]:
     """The distinct quantized layer shapes of ``model`` (one of its own weights for each)."""
-    from .modules.quant_linear import QuantLinear
+    from .nn.quant_linear import QuantLinear
     found: Dict[KernelCase, QuantizedWeight] = {}
     for module in model.modules():
         if isinstance(module, QuantLinear):

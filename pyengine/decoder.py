@@ -32,7 +32,7 @@ one thread), and the head follows the step's choice. The result
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
-Supported: the llama, mistral, qwen2, qwen3 and phi3 families (pyengine.models.adapters), also
+Supported: the llama, mistral, qwen2, qwen3 and phi3 families (pyengine.model.adapters), also
 rotated (Recipe.rotate: scale-free norms, a tied table's projections), full rotary embeddings of
 any static scaling (default, linear, llama3, yarn), batches of equal-length prompts, greedy
 generation. Anything else (sliced models, gemma2, sliding windows shorter than
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._ext import DTYPE_CODES, extension
-from .models.adapters import UnsupportedModelError, get_adapter
+from .model.adapters import UnsupportedModelError, get_adapter
 from .ops.hadamard import hadamard_transform
 from .ops.linear import bind_linear
 
@@ -68,10 +68,10 @@ class DecoderUnsupported(ValueError):
 def _norm_params(norm: nn.Module, hidden: int) -> Optional[tuple]:
     """(weight or None, eps, projection or None) of a norm the decoder runs, else None: an
     RMSNorm of the transformers kind (y = w * x / rms(x)), or a rotated model's scale-free
-    :class:`~pyengine.modules.SlicedRMSNorm` at full width (weight None: the scale is folded
+    :class:`~pyengine.nn.SlicedRMSNorm` at full width (weight None: the scale is folded
     into the next linears; projection [D, D]: the final norm of a tied model maps the stream
     back to the table's basis)."""
-    from .modules.sliced import SlicedRMSNorm
+    from .nn.sliced import SlicedRMSNorm
     if isinstance(norm, SlicedRMSNorm):
         if norm.width != hidden or norm.normalizer_dim != hidden:
             return None
@@ -99,7 +99,7 @@ def _norm_in(norm: nn.Module, hidden: int, dtype: torch.dtype, device: torch.dev
 
 def _rotated_layer_blocker(layer: nn.Module, hidden: int) -> str:
     """Why a folded decoder layer (rotated or sliced) cannot run in the decoder, or ""."""
-    from .modules.sliced import SlicedDecoderLayer
+    from .nn.sliced import SlicedDecoderLayer
     if not isinstance(layer, SlicedDecoderLayer):
         return ""
     for out in (layer.attn_out, layer.mlp_out):
@@ -171,7 +171,7 @@ def _embedding_lookup(embed: nn.Module, dtype: torch.dtype) -> Callable[[Tensor]
     if projection is None:
         return embed
     projection = projection.detach().to(dtype)
-    from .modules.quant_embedding import QuantEmbedding
+    from .nn.quant_embedding import QuantEmbedding
     if isinstance(embed, QuantEmbedding):
         from .ops.embedding import qembedding
         weight = embed.quantized_weight
@@ -247,7 +247,7 @@ def _in_dtype(run: Callable[[Tensor], Tensor], module_dtype: Optional[torch.dtyp
 
 def _prepare_linear(module: nn.Module, device: torch.device, dtype: torch.dtype,
                     layout_copy: bool = True) -> _Linear:
-    from .modules.quant_linear import QuantLinear
+    from .nn.quant_linear import QuantLinear
     if isinstance(module, QuantLinear) and type(module).op_weight is QuantLinear.op_weight:
         # the kernel reads activations and writes outputs in the decoder's dtype whatever the
         # dtype of the scales
@@ -301,7 +301,7 @@ class _Layer:
 
     def __init__(self, layer: nn.Module, adapter, hidden: int, device, dtype,
                  layout_copy: bool = True) -> None:
-        from .modules.sliced import ResidualProjection
+        from .nn.sliced import ResidualProjection
         attn = layer.get_submodule(adapter.attn)
         mlp = layer.get_submodule(adapter.mlp)
 

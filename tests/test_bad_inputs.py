@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import pyengine
 from pyengine import CheckpointError, QuantConfig, Recipe
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.slicing import structure
 
 Q = "model.layers.0.self_attn.q_proj"      # a plain 4-bit asymmetric layer
@@ -46,7 +46,7 @@ def good_checkpoint(tmp_path_factory) -> Path:
     structure.apply_bases(model, [_basis(64, w, gen) for w in widths],
                           [_basis(64, w, gen) for w in widths], _basis(64, 44, gen))
     # the table kept dense (and tied): quantized tables' entries are checked in
-    # tests/modules/test_quant_embedding.py
+    # tests/nn/test_quant_embedding.py
     pyengine.compress(model, Recipe(RECIPE, slicing=widths, embeddings=None), show_progress=False)
     path = tmp_path_factory.mktemp("good") / "ckpt"
     pyengine.save(model, path)

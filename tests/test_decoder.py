@@ -13,7 +13,7 @@ import pyengine
 from pyengine import Decoder, DecoderUnsupported, QuantConfig, Recipe, decoder_blocker
 from pyengine._ext import DTYPE_CODES, extension
 from pyengine.backends import get_backend
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 
 from helpers import rel_err
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import pyengine
 from pyengine import QuantConfig, Recipe
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 
 from helpers import rel_err
 

@@ -10,7 +10,7 @@ the traceback instead. Long steps show progress bars on stderr (``--no-progress`
 One module per command (compress, eval, inspect, bench, demo: each a ``cmd_*`` function), the
 parser (parser.py) and its shared option groups (args.py), what the commands share
 (common.py) and the input and output checks (checks.py). Loading a model spec is library code:
-pyengine.models.sources.
+pyengine.model.sources.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def _dense_linear_cases(model: nn.Module, bits: Sequence[int], group_size: int):
     """Kernel cases from an uncompressed model's decoder linear shapes, quantized at ``bits``."""
     from ..benchmarking import KernelCase
     from ..pipeline.compress import quantizable_linears
-    from ..models.adapters import get_adapter
+    from ..model.adapters import get_adapter
     from ..quant.rtn import quantize
     prefix = get_adapter(model).layers + "."
     seen, cases = set(), []

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..models import sources
-from ..models.sources import LoadedModel
+from ..model import sources
+from ..model.sources import LoadedModel
 from ..format.qweight import FLOAT_DTYPES
 from .args import DATASET_NAMES
 from .checks import UsageError
@@ -29,7 +29,7 @@ def check_device(device: str) -> None:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
-    """pyengine.models.sources.load_model, its ModelSourceError as UsageError."""
+    """pyengine.model.sources.load_model, its ModelSourceError as UsageError."""
     try:
         return sources.load_model(spec, device, dtype)
     except sources.ModelSourceError as exc:
@@ -48,7 +48,7 @@ def require_tokenizer(loaded: LoadedModel, why: str) -> Any:
 
 
 def require_supported(model: nn.Module) -> None:
-    from ..models.adapters import UnsupportedModelError, get_adapter
+    from ..model.adapters import UnsupportedModelError, get_adapter
     try:
         get_adapter(model)
     except UnsupportedModelError as exc:
@@ -96,7 +96,7 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
             # the head follows Recipe.embeddings: a tied head keeps sharing the table
             recipe = dataclasses.replace(recipe, info=info)
         else:
-            from ..models.adapters import get_adapter
+            from ..model.adapters import get_adapter
             head = re.escape(get_adapter(model).head)
             recipe = dataclasses.replace(
                 recipe, info=info,

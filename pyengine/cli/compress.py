@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..models.sources import LoadedModel, is_checkpoint, tokenizer_or_none
+from ..model.sources import LoadedModel, is_checkpoint, tokenizer_or_none
 from .checks import UsageError, check_output_dir
 from .common import (calibration, check_device, compress_model, describe_recipe, load_model,
                      mib, plan_recipe, require_supported, require_tokenizer, status)

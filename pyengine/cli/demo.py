@@ -10,7 +10,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from ..models.sources import SMOLLM2
+from ..model.sources import SMOLLM2
 from .checks import UsageError, check_output_dir
 from .common import (calibration, check_device, compress_model, describe_recipe, dtype_of,
                      load_model, mib, perplexity_of, plan_recipe, status)

@@ -44,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def bits_per_weight_or_none(model: nn.Module) -> Optional[Dict[str, float]]:
     """pyengine.bits_per_weight, or None for a model of a family pyengine does not support."""
     from ..pipeline.compress import bits_per_weight
-    from ..models.adapters import UnsupportedModelError
+    from ..model.adapters import UnsupportedModelError
     try:
         return {k: round(v, 4) for k, v in bits_per_weight(model).items()}
     except UnsupportedModelError:

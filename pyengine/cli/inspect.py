@@ -18,8 +18,8 @@ def layer_table(model: nn.Module) -> List[Dict[str, Any]]:
     """One row per decoder layer: index, scores (when the recipe holds them), bits (weighted
     mean over the layer's linears), the bit widths present, kept widths and bytes."""
     from ..pipeline.compress import RECIPE_ATTR, layer_report
-    from ..models.adapters import get_adapter
-    from ..modules.sliced import ResidualProjection
+    from ..model.adapters import get_adapter
+    from ..nn.sliced import ResidualProjection
     from ..slicing.structure import describe_structure
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
@@ -103,7 +103,7 @@ def plot_layers(rows: Sequence[Dict[str, Any]], hidden: int, path: Path, title: 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``pyengine inspect DIR``: per-layer table and an optional plot."""
     from ..pipeline.compress import RECIPE_ATTR, layer_report, predicted_bytes, storage_bytes
-    from ..models.adapters import get_adapter
+    from ..model.adapters import get_adapter
     args.plot = check_plot_file(args.plot, "--plot")
     args.json = check_output_file(args.json, "--json")
     loaded = load_model(args.model)

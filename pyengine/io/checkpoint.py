@@ -26,11 +26,11 @@ from torch import nn
 from .checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, WEIGHTS_NAME,
                                 CheckpointError, check_checkpoint, validate_metadata)
 from ..pipeline.compress import RECIPE_ATTR
-from ..models.adapters import get_adapter
-from ..modules.fusion import fuse_projections
-from ..modules.matryoshka_linear import MatryoshkaLinear
-from ..modules.quant_embedding import QuantEmbedding
-from ..modules.quant_linear import QuantLinear
+from ..model.adapters import get_adapter
+from ..nn.fusion import fuse_projections
+from ..nn.matryoshka_linear import MatryoshkaLinear
+from ..nn.quant_embedding import QuantEmbedding
+from ..nn.quant_linear import QuantLinear
 from ..format.qweight import FLOAT_DTYPES
 from ..quant.recipe import Recipe
 
@@ -262,7 +262,7 @@ def _fused_buffers(model: nn.Module, stored: Dict[str, Any]) -> Dict[str, torch.
     pyengine.fuse_projections will fuse in ``model`` (a skeleton on the meta device): each
     group's qweight, scales, zeros and bias get one buffer, members' rows back to back."""
     from .checks import SAFETENSORS_DTYPES
-    from ..modules.fusion import fusable_groups
+    from ..nn.fusion import fusable_groups
     names = {id(m): name for name, m in model.named_modules()}
     views: Dict[str, torch.Tensor] = {}
     for members in fusable_groups(model):
@@ -332,7 +332,7 @@ def apply_compressed_structure(model: nn.Module, qmeta: Dict[str, Any],
     file in messages (default: the model's ``config.name_or_path``/config.json). Raises
     CheckpointError on metadata that is malformed or does not fit the model.
     """
-    from ..modules.sliced import ResidualProjection
+    from ..nn.sliced import ResidualProjection
     from ..slicing.structure import SlicingError, build_skeleton
     if where is None:
         where = f"{getattr(model.config, 'name_or_path', '') or 'checkpoint'}/config.json"

@@ -360,8 +360,8 @@ def check_tensors(model: nn.Module, stored: Mapping[str, StoredTensor],
         CheckpointError: a tensor missing, unexpected, of the wrong shape or dtype, or a tied
             alias naming a tensor the model or the checkpoint does not have.
     """
-    from ..modules.quant_embedding import QuantEmbedding
-    from ..modules.quant_linear import QuantLinear
+    from ..nn.quant_embedding import QuantEmbedding
+    from ..nn.quant_linear import QuantLinear
     expected = model.state_dict()
     for alias, source in aliases.items():
         field = f"{where}/config.json: quantization_config.tied[{alias!r}]"

@@ -91,9 +91,9 @@ def register_with_transformers() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from ..modules.fusion import fuse_projections
-            from ..modules.quant_embedding import QuantEmbedding
-            from ..modules.quant_linear import QuantLinear
+            from ..nn.fusion import fuse_projections
+            from ..nn.quant_embedding import QuantEmbedding
+            from ..nn.quant_linear import QuantLinear
             for module in model.modules():
                 if isinstance(module, (QuantLinear, QuantEmbedding)):
                     module._refresh_weight()

@@ -6,7 +6,7 @@
 
 The matmul is pyengine's one linear op (``pyengine.ops.qlinear(x, weight.at(r))``;
 :func:`matryoshka_matmul` is its wrapper, re-exported here). The layer is
-:class:`pyengine.modules.matryoshka_linear.MatryoshkaLinear`; parents are made by
+:class:`pyengine.nn.matryoshka_linear.MatryoshkaLinear`; parents are made by
 ``pyengine.compress`` with ``QuantConfig(bits=8, matryoshka=True, method="rtn" | "matquant")``
 (MatQuant: pyengine.quant.matquant). docs/FORMAT.md specifies slices and storage.
 """

@@ -20,8 +20,8 @@ DEFAULT_KEY = "_default"
 def _named_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(recipe-style name, module) of every linear-like module: nn.Linear and QuantLinear (a
     module held by a sliced model's residual projection is named after the projection)."""
-    from ..modules.quant_linear import QuantLinear
-    from ..modules.sliced import ResidualProjection
+    from ..nn.quant_linear import QuantLinear
+    from ..nn.sliced import ResidualProjection
     holders = {id(m.proj): name for name, m in model.named_modules()
                if isinstance(m, ResidualProjection)}
     found = []
@@ -33,7 +33,7 @@ def _named_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def matryoshka_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """{name: MatryoshkaLinear} of the model, in module order."""
-    from ..modules.matryoshka_linear import MatryoshkaLinear
+    from ..nn.matryoshka_linear import MatryoshkaLinear
     return {name: m for name, m in _named_linears(model) if isinstance(m, MatryoshkaLinear)}
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..models.adapters import get_adapter
+from ..model.adapters import get_adapter
 from ..utils import module_device
 
 

@@ -1,7 +1,7 @@
 """Compress Hugging Face decoder models in place: slice (optional), then quantize per layer.
 
 Patching swaps module *instances*: each nn.Linear the recipe names becomes a
-:class:`~pyengine.modules.QuantLinear`; nothing global is changed, and
+:class:`~pyengine.nn.QuantLinear`; nothing global is changed, and
 :func:`dequantize_model` gives back a plain model with dense (dequantized) weights.
 """
 
@@ -15,12 +15,12 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..models.adapters import get_adapter
-from ..modules.matryoshka_linear import MatryoshkaLinear
-from ..modules.fusion import fuse_projections
-from ..modules.quant_embedding import QuantEmbedding
-from ..modules.quant_linear import QuantLinear
-from ..modules.sliced import ResidualProjection
+from ..model.adapters import get_adapter
+from ..nn.matryoshka_linear import MatryoshkaLinear
+from ..nn.fusion import fuse_projections
+from ..nn.quant_embedding import QuantEmbedding
+from ..nn.quant_linear import QuantLinear
+from ..nn.sliced import ResidualProjection
 from ..format.qweight import padded_in_features
 from ..quant.recipe import Recipe
 from ..utils import progress

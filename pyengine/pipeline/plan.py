@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .compress import default_dtype, quantizable_linears
-from ..models.adapters import get_adapter
+from ..model.adapters import get_adapter
 from ..format.qweight import padded_in_features
 from ..quant.recipe import QuantConfig, Recipe
 from .scores import importance as importance_values

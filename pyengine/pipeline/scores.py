@@ -23,8 +23,8 @@ from torch import nn
 
 from .calibrate import LayerInputs, LayerwiseRunner, check_calibration
 from .compress import quantizable_linears
-from ..models.adapters import get_adapter
-from ..modules.quant_linear import QuantLinear
+from ..model.adapters import get_adapter
+from ..nn.quant_linear import QuantLinear
 from ..utils import is_int, progress
 
 SCORE_NAMES = ("lim", "zd", "lr")

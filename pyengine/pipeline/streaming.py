@@ -43,7 +43,7 @@ from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_nam
                        check_calibration_needs, check_compress_arguments, hold_dense_in,
                        hold_module_dense_in, quantization_targets, quantize_embeddings,
                        rtn_quantize)
-from ..models.adapters import get_adapter
+from ..model.adapters import get_adapter
 from ..quant.recipe import Recipe
 from ..utils import progress
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..pipeline.calibrate import LayerInputs
 from .layerwise import input_hessians, linear_holder
-from ..modules.quant_linear import QuantLinear
+from ..nn.quant_linear import QuantLinear
 from ..format.packing import pack_codes
 from ..format.qweight import QuantizedWeight, padded_in_features
 from .rtn import _rtn_groups

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..pipeline.calibrate import LayerInputs, run_layer
-from ..models.adapters import get_adapter
-from ..modules.sliced import ResidualProjection
+from ..model.adapters import get_adapter
+from ..nn.sliced import ResidualProjection
 
 T = TypeVar("T")
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..pipeline.calibrate import LayerInputs, LayerwiseRunner
 from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
-from ..modules.matryoshka_linear import MatryoshkaLinear
+from ..nn.matryoshka_linear import MatryoshkaLinear
 from ..format.packing import unpack_codes
 from ..format.qweight import SCALE_DTYPES, padded_in_features
 from .rtn import quantize

@@ -40,8 +40,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..models.adapters import get_adapter
-from ..modules.sliced import ResidualProjection, SlicedDecoderLayer
+from ..model.adapters import get_adapter
+from ..nn.sliced import ResidualProjection, SlicedDecoderLayer
 from ..slicing import structure
 
 

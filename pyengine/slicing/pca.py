@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..pipeline.calibrate import LayerInputs, LayerwiseRunner
-from ..models.adapters import get_adapter
+from ..model.adapters import get_adapter
 from ..quant.rotation import random_orthogonal
 from ..utils import progress
 from . import structure

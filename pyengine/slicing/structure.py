@@ -24,9 +24,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..models.adapters import ModelAdapter, get_adapter
-from ..modules.quant_linear import QuantLinear
-from ..modules.sliced import ProjectedEmbedding, ResidualProjection, SlicedDecoderLayer, SlicedRMSNorm
+from ..model.adapters import ModelAdapter, get_adapter
+from ..nn.quant_linear import QuantLinear
+from ..nn.sliced import ProjectedEmbedding, ResidualProjection, SlicedDecoderLayer, SlicedRMSNorm
 
 
 class SlicingError(ValueError):

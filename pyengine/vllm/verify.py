@@ -89,7 +89,7 @@ def pyengine_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int,
     from transformers import AutoTokenizer
 
     import pyengine
-    from pyengine.modules.matryoshka_linear import MatryoshkaLinear
+    from pyengine.nn.matryoshka_linear import MatryoshkaLinear
     tok = AutoTokenizer.from_pretrained(tokenizer or checkpoint)
     model = pyengine.load(checkpoint, dtype=getattr(torch, dtype))  # vLLM's activation dtype
     override = os.environ.get(PRECISION_ENV)

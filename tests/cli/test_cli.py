@@ -17,7 +17,7 @@ import torch
 
 import pyengine
 from pyengine import cli
-from pyengine.models import sources
+from pyengine.model import sources
 
 COMMANDS = ("compress", "eval", "inspect", "bench", "demo")
 KERNEL_KEYS = {"op", "backend", "bits", "group_size", "M", "N", "K", "ms", "gbps", "pct_copy_bw",
@@ -58,7 +58,7 @@ def char_tokenizer():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (3 layers, hidden 64) with a tokenizer, as a Hugging Face directory."""
-    from pyengine.models.random import random_model
+    from pyengine.model.random import random_model
     tokenizer = char_tokenizer()
     model = random_model("llama", vocab_size=max(160, len(tokenizer)))
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
@@ -254,7 +254,7 @@ def test_out_of_reach_average_bits(tiny_model_dir, tmp_path, capsys):
 
 
 def test_compress_needs_a_tokenizer(tmp_path, capsys):
-    from pyengine.models.random import random_model
+    from pyengine.model.random import random_model
     random_model("llama").save_pretrained(tmp_path / "no-tokenizer")
     code, _, err = run_cli(capsys, "compress", tmp_path / "no-tokenizer", "--out",
                            tmp_path / "out")
@@ -309,7 +309,7 @@ def test_a_tied_head_stays_tied_and_bits_count_16_bit_scales(tmp_path, capsys):
     """--quantize-head 8 with another group size than the embeddings' keeps a tied head on the
     table (the head follows Recipe.embeddings); the planned bits count the float16 scales and
     zeros compress stores for a float32 model (int4 g32: 4 + 32 / 32 = 5 bits)."""
-    from pyengine.models.random import random_model
+    from pyengine.model.random import random_model
     tokenizer = char_tokenizer()
     model = random_model("llama", vocab_size=max(160, len(tokenizer)), tie_word_embeddings=True)
     src = tmp_path / "tied"

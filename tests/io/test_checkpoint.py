@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import pyengine
 from pyengine import QuantConfig, Recipe
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.slicing import structure
 
 RECIPE = Recipe({
@@ -60,8 +60,8 @@ def test_save_load_is_exact_both_ways(family, sliced, tmp_path, rng):
 def test_sliced_tied_models_round_trip(head, tmp_path, rng):
     """Sliced models with tied embeddings kept dense keep one table (ProjectedEmbedding +
     final-norm projection); a quantized head on such a model reads the original basis
-    (quantized tables: tests/modules/test_quant_embedding.py)."""
-    from pyengine.modules.sliced import ProjectedEmbedding
+    (quantized tables: tests/nn/test_quant_embedding.py)."""
+    from pyengine.nn.sliced import ProjectedEmbedding
     model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)  # table > layers
     d = model.config.hidden_size
     q = lambda w: torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=rng))[0][:, :w]

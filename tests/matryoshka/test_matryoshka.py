@@ -15,7 +15,7 @@ from pyengine import MatryoshkaLinear, MatryoshkaWeight, QuantConfig, Recipe
 from pyengine.matryoshka import PLANES_READ, PRECISIONS, matryoshka_matmul, slice_codes
 from pyengine.matryoshka.weight import (PLANE_BITS, PLANE_NAMES, slice_codes_from_planes,
                                         split_planes)
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.format.packing import pack_codes, unpack_codes
 from pyengine.format.qweight import padded_in_features
 from pyengine.slicing import structure

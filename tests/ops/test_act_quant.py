@@ -110,7 +110,7 @@ def test_every_backend_serves_act_bits_through_the_op(rng):
 
 
 def test_layers_recipes_and_checkpoints_keep_act_bits(tmp_path, rng):
-    from pyengine.models.random import random_model
+    from pyengine.model.random import random_model
     model = random_model("llama")
     recipe = Recipe({"_default": QuantConfig(bits=4, group_size=32, act_bits=8)})
     pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
@@ -163,7 +163,7 @@ def test_a_tied_head_on_int8_activations_shares_the_table(tmp_path, rng):
     """act_bits changes the head's product, not its storage: a tied head stored like the table
     stays the table's tensors (one copy in memory and on disk) and computes on int8
     activations, also after a save and load."""
-    from pyengine.models.random import random_model
+    from pyengine.model.random import random_model
     model = random_model("llama", tie_word_embeddings=True)
     recipe = Recipe({"lm_head": QuantConfig(8, 32, act_bits=8),
                      "_default": QuantConfig(4, 32, act_bits=8)},
@@ -187,7 +187,7 @@ def test_a_tied_head_on_int8_activations_shares_the_table(tmp_path, rng):
 
 
 def test_plan_gives_every_quantized_layer_int8_activations():
-    from pyengine.models.random import random_model
+    from pyengine.model.random import random_model
     model = random_model("llama", num_hidden_layers=4)
     # avg_bits counts scales and zeros: the small random model's layers store several bits per
     # weight of them

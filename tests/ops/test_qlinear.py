@@ -151,8 +151,8 @@ def test_a_sliced_matryoshka_projection_reads_the_planes(monkeypatch, rng):
     """The fused residual projection of a sliced model with a Matryoshka layer serves the planes
     directly: no canonical slice is assembled on the forward."""
     from pyengine.matryoshka import weight as weight_module
-    from pyengine.modules.matryoshka_linear import MatryoshkaLinear
-    from pyengine.modules.sliced import ResidualProjection
+    from pyengine.nn.matryoshka_linear import MatryoshkaLinear
+    from pyengine.nn.sliced import ResidualProjection
 
     layer = MatryoshkaLinear.from_weight(random_parent(32, 64, 32, True, rng), precision=4)
     shortcut = torch.randn(24, 32, generator=rng) * 0.1
@@ -350,7 +350,7 @@ def test_calls_unlike_the_bound_one_take_the_full_path(rng, monkeypatch):
 def test_a_reloaded_layer_computes_with_its_new_weights(rng):
     if get_backend("cpu").unavailable_reason() is not None:
         pytest.skip("no cpu backend in this build")
-    from pyengine.modules import QuantLinear
+    from pyengine.nn import QuantLinear
     n, k = 24, 64
     layer = QuantLinear.from_weight(pyengine.quantize(random_weight(n, k, rng), 4, 32))
     other = QuantLinear.from_weight(pyengine.quantize(random_weight(n, k, rng), 4, 32))

@@ -6,7 +6,7 @@ import torch
 import pyengine
 from pyengine import QuantConfig, Recipe
 from pyengine.pipeline.calibrate import LayerwiseRunner
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.pipeline.plan import allocate_bits, kept_widths, slice_fractions
 from pyengine.quant.gptq import gptq_quantize
 from pyengine.pipeline.scores import importance, zd_scores
@@ -218,7 +218,7 @@ def test_compress_weighs_rtn_by_the_calibration_inputs(rng, monkeypatch):
     """With calibration data, compress gives each decoder-layer RTN linear the mean square of
     its inputs (layer 0's, measured here on the dense model, must match); the head stays
     unweighed; without calibration data nothing is weighed."""
-    from pyengine.modules.quant_linear import QuantLinear
+    from pyengine.nn.quant_linear import QuantLinear
     calib = _calib(rng)
     recipe = Recipe({"_default": QuantConfig(3, 32), "lm_head": QuantConfig(8, 32)},
                     embeddings=None)

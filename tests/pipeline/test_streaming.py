@@ -19,7 +19,7 @@ import pyengine
 import pyengine.quant.gptq as gptq_module
 import pyengine.pipeline.streaming as streaming
 from pyengine.io.checks import INDEX_NAME, WEIGHTS_NAME
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.quant.recipe import QuantConfig, Recipe
 from pyengine.pipeline.streaming import (PROGRESS_NAME, SourceCheckpoint, StreamingError,
                                 compress_checkpoint, stream_scores)

@@ -82,7 +82,7 @@ def read_tensors(path: Path) -> dict:
 
 def test_sequential_compression_fits_under_a_cap_smaller_than_the_checkpoint(tmp_path):
     import pyengine
-    from pyengine.models.random import save_random_checkpoint
+    from pyengine.model.random import save_random_checkpoint
     from pyengine.quant.recipe import QuantConfig, Recipe
     from transformers import AutoModelForCausalLM
 

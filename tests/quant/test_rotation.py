@@ -8,9 +8,9 @@ import torch
 import pyengine
 from pyengine import QuantConfig, Recipe
 from pyengine.decoder import Decoder, decoder_blocker
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.ops.hadamard import hadamard_transform
-from pyengine.modules import SlicedDecoderLayer
+from pyengine.nn import SlicedDecoderLayer
 from pyengine.quant.rotation import (RotationError, random_orthogonal, rotate_mlp_inner,
                                           rotate_model, rotate_residual, rotate_value_heads)
 

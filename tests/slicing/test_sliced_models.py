@@ -6,8 +6,8 @@ import torch
 
 import pyengine
 from pyengine import QuantConfig, Recipe
-from pyengine.models.random import random_model
-from pyengine.modules import ResidualProjection, SlicedDecoderLayer
+from pyengine.model.random import random_model
+from pyengine.nn import ResidualProjection, SlicedDecoderLayer
 from pyengine.slicing import structure
 
 from helpers import rel_err
@@ -40,7 +40,7 @@ def test_folding_and_rotating_keep_the_function(family, rng):
 
 
 def test_tied_embeddings_stay_tied_and_are_stored_once(rng):
-    from pyengine.modules.sliced import ProjectedEmbedding
+    from pyengine.nn.sliced import ProjectedEmbedding
     model = random_model("llama", tie_word_embeddings=True, vocab_size=1000)
     untied = random_model("llama", tie_word_embeddings=True, vocab_size=1000)
     ids = torch.randint(3, 1000, (2, 10), generator=rng)

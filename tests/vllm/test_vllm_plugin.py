@@ -179,7 +179,7 @@ def vllm_python() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pyengine.models.smollm2 import load_smollm2
+    from pyengine.model.smollm2 import load_smollm2
     return load_smollm2(dtype=torch.float32)
 
 

@@ -5,9 +5,9 @@ import torch
 
 import pyengine
 from pyengine import QuantConfig, Recipe
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.ops import linear as linear_module
-from pyengine.modules.fusion import ProjectionGroup, fused_groups, fusion_blocker
+from pyengine.nn.fusion import ProjectionGroup, fused_groups, fusion_blocker
 
 from helpers import rel_err
 
@@ -225,7 +225,7 @@ def test_load_reads_each_group_into_its_fused_buffer(family, tmp_path, rng, monk
 
 
 def test_concatenated_copies_only_parts_that_are_not_back_to_back():
-    from pyengine.modules.fusion import _concatenated
+    from pyengine.nn.fusion import _concatenated
     whole = torch.arange(60, dtype=torch.int32).reshape(10, 6)
     parts = [whole[0:3], whole[3:4], whole[4:10]]
     joined = _concatenated(parts)

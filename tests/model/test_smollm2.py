@@ -24,7 +24,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pyengine.models.smollm2 import load_smollm2
+    from pyengine.model.smollm2 import load_smollm2
     return load_smollm2()
 
 

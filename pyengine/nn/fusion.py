@@ -143,7 +143,7 @@ def _concatenated(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 def fusable_groups(model: nn.Module) -> List[List[QuantLinear]]:
     """The layers :func:`fuse_projections` would fuse (the same rule; the layers may be on the
     meta device), per group in output order."""
-    from ..models.adapters import get_adapter
+    from ..model.adapters import get_adapter
     adapter = get_adapter(model)
     groups = []
     for layer in adapter.decoder_layers(model):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import pyengine
 from pyengine import QuantConfig, QuantEmbedding, Recipe
-from pyengine.models.random import random_model
+from pyengine.model.random import random_model
 from pyengine.ops import qembedding, reference_qembedding
 from pyengine.slicing import structure
 
