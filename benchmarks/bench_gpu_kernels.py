@@ -6,9 +6,9 @@ each dimension against the full call; ``shortcut_matmul`` against the unfused pa
 quantized matmul, then ``addmm`` of residual @ shortcut). Each kernel's result is checked once
 against the dequantized weight (rel_err in the row). The cuda backend runs its default route
 (backend "cuda") and, at M <= 16, each kernel of --cuda-kernels forced by name (backends
-"cuda:decode", the decode GEMV, and "cuda:mma", the tensor-core decode kernel). Timings are medians over CUDA events with
-the L2 cache flushed before every repetition (--warm-l2: no flush, common.time_cuda), so
-weights that fit in L2 are not read from cache.
+"cuda:decode", the decode GEMV, and "cuda:mma", the tensor-core decode kernel). Timings are medians
+over CUDA events with the L2 cache flushed before every repetition (--warm-l2: no flush,
+common.time_cuda), so weights that fit in L2 are not read from cache.
 
 Writes JSON rows (op, backend, bits, group_size, M, N, K, ms, gbps, pct_copy_bw,
 speedup_vs_fp16, ...) to benchmarks/results/gpu_kernels_<device>.json (with --incremental

@@ -4,8 +4,9 @@ For each shape (random weights of a real model's shapes, written as sharded bf16
 without holding the model in memory: pyengine.model.random.save_random_checkpoint), each in its
 own fresh process so that peak memory is the step's own:
 
-* ``sequential``: `pyengine.pipeline.streaming.compress_checkpoint` (one decoder layer at a time) with RTN
-  int4 g128 (embeddings and head int8): seconds, seconds per billion parameters, peak memory;
+* ``sequential``: `pyengine.pipeline.streaming.compress_checkpoint` (one decoder layer at a time)
+  with RTN int4 g128 (embeddings and head int8): seconds, seconds per billion parameters, peak
+  memory;
 * ``in_memory``: the whole model loaded (from_pretrained), pyengine.compress, pyengine.save:
   the same figures (skipped where the model would not fit in this machine's memory);
 * ``load``: pyengine.load of the written checkpoint: seconds of a first load (imports included)

@@ -15,9 +15,10 @@
 #           against cuBLAS fp16, the cuda backend's default route (the tensor-core decode
 #           kernel at M <= 16) and its decode GEMV forced beside it, copy bandwidth in the same
 #           run; JSON rewritten after every row); then the kernel test files (CUDA decode /
-#           tensor-core / Matryoshka, Triton kernels / Matryoshka) in parallel (pytest-xdist, per-test timeout). Leaves 8 files
-#           in $OUT: summary.txt (environment first), build.log, aot_warm.log, aot_warm.json,
-#           bench.log, gpu_kernels_budget.json, tests.log, pytest_budget.xml.
+#           tensor-core / Matryoshka, Triton kernels / Matryoshka) in parallel (pytest-xdist,
+#           per-test timeout). Leaves 8 files in $OUT: summary.txt (environment first), build.log,
+#           aot_warm.log, aot_warm.json, bench.log, gpu_kernels_budget.json, tests.log,
+#           pytest_budget.xml.
 #   prepare on this machine, no GPU needed: the Triton cache `budget` carries. Compiles the
 #           benchmark's Triton calls (bench_gpu_kernels.py --plan-aot) for sm_90 with triton
 #           $DEVICE_TRITON (default 3.6.0, the GPU machines' version, installed into a folder of

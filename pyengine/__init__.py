@@ -12,8 +12,8 @@ from ._ext import build_info
 from ._version import __version__
 from .backends import BackendError, available_backends, known_backends
 from .io.checkpoint import CheckpointError, load, save
-from .pipeline.compress import (bits_per_weight, compress, dequantize_model, layer_report, predicted_bytes,
-                       storage_bytes)
+from .pipeline.compress import (bits_per_weight, compress, dequantize_model, layer_report,
+                                predicted_bytes, storage_bytes)
 from .pipeline.data import calibration_data
 from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity

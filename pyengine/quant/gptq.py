@@ -294,8 +294,8 @@ def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
                         scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
     """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
     in ``model``), from one pass of the layer over ``inputs``, in place. ``damp``: every
-    linear's damping (None: each QuantConfig's ``damp``). pyengine.pipeline.compress.layerwise_quantize
-    walks a model's layers with it."""
+    linear's damping (None: each QuantConfig's ``damp``).
+    pyengine.pipeline.compress.layerwise_quantize walks a model's layers with it."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
     # one factorisation per Hessian that linears share (the Hessian is kept with it, so its
     # id stays its own)

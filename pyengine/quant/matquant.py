@@ -34,9 +34,9 @@ version of that idea, written for pyengine's canonical groups:
   zero points, the plain parent pyengine.quantize's fractional ones), so it is never worse
   than the plain parent on the calibration objective.
 
-Models are processed decoder layer by decoder layer (pyengine.pipeline.calibrate.LayerwiseRunner), as GPTQ
-is: one pass of the not-yet-quantized layer gives every target linear its H; the layer is then
-quantized and run (serving its int8 slice) to produce the next layer's inputs.
+Models are processed decoder layer by decoder layer (pyengine.pipeline.calibrate.LayerwiseRunner),
+as GPTQ is: one pass of the not-yet-quantized layer gives every target linear its H; the layer is
+then quantized and run (serving its int8 slice) to produce the next layer's inputs.
 """
 
 from __future__ import annotations

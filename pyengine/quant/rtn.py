@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from ..format.packing import SUPPORTED_BITS, pack_codes
-from ..format.qweight import SCALE_DTYPES, SUPPORTED_GROUP_SIZES, QuantizedWeight, padded_in_features
+from ..format.qweight import (SCALE_DTYPES, SUPPORTED_GROUP_SIZES, QuantizedWeight,
+                              padded_in_features)
 from ..utils import is_int
 
 QUANT_METHODS = ("rtn",)

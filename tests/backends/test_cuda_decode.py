@@ -1,8 +1,8 @@
 """The CUDA decode kernels for M <= 16 against the pure-torch reference: the decode GEMV
 (csrc/cuda/qmatmul_decode.cu), the tensor-core decode kernel on the fragment-native layout
 (csrc/cuda/qmatmul_mma.cu, float16 / bfloat16 activations; its layout and arithmetic are also
-checked without a GPU through its host emulation: tests/backends/test_mma_layout.py), and the simple CUDA
-kernel forced on the same inputs (PYENGINE_CUDA_KERNEL=simple / CudaBackend(kernel="simple")).
+checked without a GPU through its host emulation: tests/backends/test_mma_layout.py), and the simple
+CUDA kernel forced on the same inputs (PYENGINE_CUDA_KERNEL=simple / CudaBackend(kernel="simple")).
 
 The GPU tests are marked ``gpu`` (skipped without a CUDA device). Outputs are poisoned with NaN
 before every call. The few tests at the end need only the compiled extension: they check the

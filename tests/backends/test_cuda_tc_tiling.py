@@ -1,7 +1,7 @@
 """The tiling plan of the CUDA tensor-core kernel (csrc/cuda/qmatmul_tc.cu), replayed in numpy.
 
-This does not run the compiled kernel (tests/backends/test_cuda_tc.py does, on a GPU): it replays the
-kernel's index math with its constants -- which thread stages which activations and weight codes
+This does not run the compiled kernel (tests/backends/test_cuda_tc.py does, on a GPU): it replays
+the kernel's index math with its constants -- which thread stages which activations and weight codes
 into which shared-memory tile, the masking of rows past M / N and codes past K, the group of a
 32-code block, the 2 x 2 warps' WMMA sub-tiles and the epilogue -- and checks that the result is
 the reference product. Keep the constants and the staging below in step with the kernel.

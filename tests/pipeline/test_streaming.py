@@ -1,5 +1,5 @@
-"""pyengine.pipeline.streaming: compress_checkpoint writes, layer by layer from the files, exactly the
-checkpoint pyengine.compress + pyengine.save write in memory; stream_scores equals
+"""pyengine.pipeline.streaming: compress_checkpoint writes, layer by layer from the files,
+exactly the checkpoint pyengine.compress + pyengine.save write in memory; stream_scores equals
 pyengine.scores; an interrupted run resumes without recomputing written layers; sources and
 recipes the streamed pipeline cannot take are refused with StreamingError."""
 
@@ -141,7 +141,8 @@ def _interrupt(monkeypatch, at_save: int, *args, **kwargs) -> None:
 
 
 def _count_rtn(monkeypatch) -> List[str]:
-    """Names of the linears pyengine.pipeline.streaming's rtn_quantize is asked to quantize by RTN."""
+    """Names of the linears pyengine.pipeline.streaming's rtn_quantize is asked to quantize by
+    RTN."""
     names: List[str] = []
     original = streaming.rtn_quantize
 

@@ -2,9 +2,9 @@
 
 A child process imports everything, starts its thread pool, then caps its own address space
 (RLIMIT_AS) at what it already maps plus ``MARGIN``: less than the checkpoint it compresses.
-pyengine.pipeline.streaming.compress_checkpoint must finish under the cap and write what the in-memory
-path (run here without a cap) writes; the in-memory path itself must fail under the same cap,
-which shows the cap binds.
+pyengine.pipeline.streaming.compress_checkpoint must finish under the cap and write what the
+in-memory path (run here without a cap) writes; the in-memory path itself must fail under the same
+cap, which shows the cap binds.
 """
 
 from __future__ import annotations
