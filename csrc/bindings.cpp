@@ -577,9 +577,9 @@ PYBIND11_MODULE(_C, m) {
          int bias_dtype, uintptr_t out, int64_t ldo, bool accumulate, int64_t M, int64_t N,
          int64_t K, int bits, int64_t tiles, int64_t iterations, int64_t groups, int gshift,
          int units) {
-        auto a = make_mma_args(frag, params, x, x_dtype, ldx, bias, bias_dtype, out, pyengine::kFloat32,
-                               ldo, accumulate, M, N, K, bits, tiles, iterations, groups, gshift,
-                               units);
+        auto a = make_mma_args(frag, params, x, x_dtype, ldx, bias, bias_dtype, out,
+                               pyengine::kFloat32, ldo, accumulate, M, N, K, bits, tiles,
+                               iterations, groups, gshift, units);
         py::gil_scoped_release release;
         pyengine::mma::decode_emulate(a, reinterpret_cast<float*>(out));
       },

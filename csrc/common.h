@@ -165,14 +165,16 @@ inline void check_mma_decode_args(const char* op, const mma::MmaDecodeArgs& a) {
   if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
   if (a.M > 2 * mma::kTokens) fail("M must be at most 16");
   const int ik = mma::iteration_k(a.bits);
-  if (a.units != 1 && a.units != 2 && a.units != 4 && a.units != 8) fail("units must be 1, 2, 4 or 8");
+  if (a.units != 1 && a.units != 2 && a.units != 4 && a.units != 8)
+    fail("units must be 1, 2, 4 or 8");
   if (ik / a.units < 32 || ik % a.units) fail("units leave fewer than 32 inputs per unit");
   if (a.gshift < 0 || a.gshift > 62) fail("gshift out of range");
   if (a.gshift < 62 && ((int64_t)1 << a.gshift) < ik / a.units)
     fail("a group is smaller than a unit");
   if (a.tiles * mma::kTileRows < a.N) fail("tiles do not cover N");
   if (a.iterations * ik < a.K) fail("iterations do not cover K");
-  if (a.groups < 1 || (a.gshift < 62 && a.groups < (a.iterations * ik + (((int64_t)1 << a.gshift) - 1)) >> a.gshift))
+  const int64_t group_len = a.gshift < 62 ? (int64_t)1 << a.gshift : 0;
+  if (a.groups < 1 || (group_len && a.groups < (a.iterations * ik + group_len - 1) / group_len))
     fail("params hold too few groups");
   if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");
   if (a.M > 0 && a.N > 0 && (!a.frag || !a.params || !a.x || !a.out)) fail("null pointer");

@@ -22,15 +22,16 @@
 // B: 2 registers; element e = 2 * r + h at  k = 2 * t + h + 8 * r,  n (token) = g.
 // C/D: 4 fp32; element i at  row = g + 8 * (i >> 1),  col (token) = 2 * t + (i & 1).
 //
-// ---- The layout ----------------------------------------------------------------------------------
+// ---- The layout ---------------------------------------------------------------------------------
 // Rows are cut into tiles of 16 (N padded with zero rows), K into iterations of S = 16 * STEPS
 // inputs (K padded with zero codes): STEPS = 2 (8 bits), 4 (4 bits), 8 (2 bits), 16 (3 bits). For
 // tile T, iteration i and lane l the kernel loads WORDS consecutive 32-bit words (WORDS = 4: one
 // 16-byte load; 3 bits: 12, three 16-byte loads) at
 //   frag + ((T * iterations + i) * 32 + l) * WORDS,
 // and kFragTail more iterations of words after the last tile must be readable (the kernel
-// prefetches up to kFragTail iterations past a tile's end instead of branching), so a warp streams 512 (3 bits: 1536) contiguous bytes per load instruction. The words hold the
-// codes of lane l's A fragments for the iteration's steps. Each register r of step s (two codes,
+// prefetches up to kFragTail iterations past a tile's end instead of branching); a warp streams
+// 512 (3 bits: 1536) contiguous bytes per load instruction. The words hold the codes of lane l's
+// A fragments for the iteration's steps. Each register r of step s (two codes,
 // h = 0, 1: the same row, consecutive k) is built from one field per 16-bit half of a word, so
 // one shift + one and-or (LOP3) with a magic exponent makes both halves at once:
 //   8 bits: word 2s + r/2, bits 8(r%2) of each half (fp16: 1024 + q after or-ing 0x6400).
@@ -147,7 +148,8 @@ PYENGINE_MMA_HD constexpr int code_bit_position(int bits, int s, int r, int h, i
 PYENGINE_MMA_HD uint32_t extract_pair(const uint32_t* w, const PairExtract& e, bool bf16) {
   const uint32_t magic = bf16 ? 0x43004300u : 0x64006400u;
   uint32_t v = ((w[e.word0] >> e.shift0) & e.mask0) | magic;
-  if (e.parts == 3) v |= ((w[e.word1] >> e.shift1) & e.mask1) | ((w[e.word2] >> e.shift2) & e.mask2);
+  if (e.parts == 3)
+    v |= ((w[e.word1] >> e.shift1) & e.mask1) | ((w[e.word2] >> e.shift2) & e.mask2);
   return v;
 }
 
@@ -166,7 +168,7 @@ PYENGINE_MMA_HD constexpr uint32_t fp32_magic_byte(uint32_t word, int byte) {
   return 0x4B000000u | ((word >> (8 * byte)) & 0xFFu);
 }
 
-// ---- The call --------------------------------------------------------------------------------------
+// ---- The call -----------------------------------------------------------------------------------
 // out[m, n] (+)= sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= 16, n < N, k < K, W in the layout
 // above (pyengine/backends/cuda_layout.py makes it from a canonical packed weight).
 struct MmaDecodeArgs {
@@ -191,7 +193,7 @@ struct MmaDecodeArgs {
   int units = 1;                    // iteration_k / min(iteration_k, group size): 1, 2, 4, 8
 };
 
-// ---- Activations in shared memory ----------------------------------------------------------------
+// ---- Activations in shared memory ---------------------------------------------------------------
 // The B fragments of two consecutive steps for one lane are one 16-byte entry: step pair q of a
 // slab, token tile tt, lane l at  bfrag[(tt * pairs + q) * 32 + l]  (uint4 of 4 x 2 halves):
 //   .x = B register 0 of step 2q, .y = register 1 of step 2q, .z, .w = registers 0, 1 of 2q + 1.

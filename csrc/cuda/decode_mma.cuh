@@ -11,18 +11,19 @@
 // Heuristic (host): WR = the largest of 8, 4, 2 with ceil(tiles / WR) >= 2 * SMs, else 1;
 // WK = min(8 / WR, iterations rounded down to a power of two).
 //
-// ---- Activations ----------------------------------------------------------------------------------
+// ---- Activations --------------------------------------------------------------------------------
 // Slabs of slab_iters iterations (a multiple of WK, about 2048 / NT inputs) are staged in shared
 // memory as B fragments (mma_frag.h: one 16-byte entry per lane and step pair, conflict-free),
-// then the sum of x over every unit is read back from them. Every warp crosses the same slab boundaries at the same loop step, so the
-// barriers match.
+// then the sum of x over every unit is read back from them. Every warp crosses the same slab
+// boundaries at the same loop step, so the barriers match.
 //
-// ---- Steady state (per lane, per iteration) ----------------------------------------------------------
-// the next iteration's words are loaded (one 16-byte load, three for 3 bits) before this one is
-// computed; per unit: the unit's scale pair (one 16-byte load), then per step the dequantized A
-// fragment (one shift-and-mask with the magic exponent and one HFMA2 per register, shared shifts
-// between registers), one 16-byte shared load of B per step pair and token tile and one mma per
-// token tile; then 8 FFMA per token tile apply the unit's scale and zero.
+// ---- Steady state (per lane, per iteration) -----------------------------------------------------
+// two iterations per loop trip, the word buffers swapping roles; the next iteration's words are
+// loaded (one 16-byte load, three for 3 bits) before this one is computed; per unit: the unit's
+// scale pair (one 16-byte load), then per step the dequantized A fragment (one shift-and-mask
+// with the magic exponent and one HFMA2 per register, shared shifts between registers), one
+// 16-byte shared load of B per step pair and token tile and one mma per token tile; then 8 FFMA
+// per token tile apply the unit's scale and zero.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -361,7 +362,8 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
 #pragma unroll
         for (int tt = 0; tt < NT; ++tt)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[tt][i] += red[(((warp + k) * NT + tt) * 4 + i) * 32 + lane];
+          for (int i = 0; i < 4; ++i)
+            acc[tt][i] += red[(((warp + k) * NT + tt) * 4 + i) * 32 + lane];
   }
   if (wk != 0 || !tile_ok) return;
 #pragma unroll
