@@ -72,7 +72,37 @@ class OpCacheNotCopied:
         self._op_cache = self._fresh_op_cache()
 
 
-class QuantizedWeight(OpCacheNotCopied):
+class GroupedWeight(OpCacheNotCopied):
+    """What the grouped quantized weights (QuantizedWeight, the Matryoshka parent) say of
+    themselves alike: ``shape`` [N, K], per-group ``scales`` and ``zeros`` (None: symmetric),
+    ``group_size`` (-1: one group per row); subclasses give ``padded_in_features``."""
+
+    __slots__ = ()
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def effective_group_size(self) -> int:
+        """Codes per scale: group_size, or the padded row length for per-channel weights."""
+        return self.padded_in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the scales (and zeros)."""
+        return self.scales.dtype
+
+
+class QuantizedWeight(GroupedWeight):
     """A quantized linear weight in the canonical packed format.
 
     Tensors (all on one device):
@@ -121,28 +151,12 @@ class QuantizedWeight(OpCacheNotCopied):
         self.method = str(method)
         self._op_cache = None
 
-    # ---- descriptive properties -------------------------------------------------------------
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
+    # ---- descriptive properties (symmetric, in / out_features, effective_group_size, dtype:
+    # GroupedWeight) ---------------------------------------------------------------------------
     @property
     def padded_in_features(self) -> int:
         """Stored codes per row (K padded to the packing block and group size)."""
         return self.qweight.shape[1] * 32 // self.bits
-
-    @property
-    def effective_group_size(self) -> int:
-        """Codes per scale: group_size, or the padded row length for per-channel weights."""
-        return self.padded_in_features if self.group_size == -1 else self.group_size
 
     @property
     def num_groups(self) -> int:
@@ -151,11 +165,6 @@ class QuantizedWeight(OpCacheNotCopied):
     @property
     def device(self) -> torch.device:
         return self.qweight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the scales (and zeros)."""
-        return self.scales.dtype
 
     @property
     def nbytes(self) -> int:

@@ -33,8 +33,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..format.packing import pack_codes, unpack_codes
-from ..format.qweight import (DTYPE_NAMES, SCALE_DTYPES, SUPPORTED_GROUP_SIZES, OpCacheNotCopied,
-                       QuantizedWeight, padded_in_features)
+from ..format.qweight import (DTYPE_NAMES, SCALE_DTYPES, SUPPORTED_GROUP_SIZES, GroupedWeight,
+                              QuantizedWeight, padded_in_features)
 
 PARENT_BITS = 8
 PRECISIONS = (8, 6, 4, 3, 2)
@@ -198,7 +198,7 @@ def canonical_slice(planes: Dict[str, Optional[torch.Tensor]], scales: torch.Ten
                            group_size=group_size, shape=(n, k), method=method)
 
 
-class MatryoshkaWeight(OpCacheNotCopied):
+class MatryoshkaWeight(GroupedWeight):
     """An int8 parent weight W[N, K] stored as three bit planes, served at r in (8, 6, 4, 3, 2).
 
     Tensors (one device):
@@ -280,38 +280,17 @@ class MatryoshkaWeight(OpCacheNotCopied):
         return cls(planes["plane_hi"], planes["plane_mid"], planes["plane_lo"], scales, zeros,
                    group_size=group_size, shape=(n, k), method=method)
 
-    # ---- descriptive properties -------------------------------------------------------------
+    # ---- descriptive properties (symmetric, in / out_features, effective_group_size, dtype:
+    # GroupedWeight) ---------------------------------------------------------------------------
     bits = PARENT_BITS  # stored bits per code
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
 
     @property
     def padded_in_features(self) -> int:
         return self.plane_mid.shape[1] * 16
 
     @property
-    def effective_group_size(self) -> int:
-        """Codes per scale: group_size, or the padded row length for per-channel weights."""
-        return self.padded_in_features if self.group_size == -1 else self.group_size
-
-    @property
     def device(self) -> torch.device:
         return self.plane_hi.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the scales (and zeros)."""
-        return self.scales.dtype
 
     def planes(self) -> Dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in PLANE_NAMES}
