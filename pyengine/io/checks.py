@@ -127,7 +127,7 @@ def validate_metadata(qmeta: Any, where: str) -> Dict[str, Any]:
 def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
     from ..format.packing import SUPPORTED_BITS
     from ..format.qweight import SUPPORTED_GROUP_SIZES
-    from ..quant.recipe import QUANT_METHODS
+    from ..quant.methods import method_names
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{field}: layer names must be non-empty strings")
     if not isinstance(entry, Mapping):
@@ -158,8 +158,8 @@ def _validate_layer(name: Any, entry: Any, field: str) -> Dict[str, Any]:
         raise CheckpointError(f"{field}.scale_dtype must be one of {sorted(FLOAT_DTYPES)}, got "
                               f"{entry['scale_dtype']!r}")
     method = entry.get("method", "rtn")
-    if method not in QUANT_METHODS:
-        raise CheckpointError(f"{field}.method must be one of {QUANT_METHODS}, got {method!r}")
+    if method not in method_names():
+        raise CheckpointError(f"{field}.method must be one of {method_names()}, got {method!r}")
     act_bits = entry.get("act_bits", 0)
     if not is_int(act_bits) or act_bits not in (0, 8):
         raise CheckpointError(f"{field}.act_bits must be 0 or 8, got {act_bits!r}")

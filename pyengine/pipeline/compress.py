@@ -22,6 +22,8 @@ from ..nn.quant_embedding import QuantEmbedding
 from ..nn.quant_linear import QuantLinear
 from ..nn.sliced import ResidualProjection
 from ..format.qweight import padded_in_features
+from ..quant.methods import (MethodOptions, QuantMethod, RTNOptions, get_method, method_names,
+                             replace_linear, resolve_options)
 from ..quant.recipe import Recipe
 from ..utils import progress
 
@@ -84,6 +86,7 @@ def default_dtype(model: nn.Module) -> torch.dtype:
 
 def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progress: bool = True,
              dtype: Optional[torch.dtype] = None, scale_dtype: Optional[torch.dtype] = None,
+             options: Optional[Mapping[str, Any]] = None,
              matquant_options: Optional[Mapping[str, Any]] = None, fuse: bool = True) -> nn.Module:
     """Compresses ``model`` in place and returns it.
 
@@ -114,9 +117,13 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
         dtype: float16, bfloat16 or float32; default (:func:`default_dtype`) the model's dtype
             when it is 16-bit, else float16. float32 only on request.
         scale_dtype: dtype of the quantization scales and zeros; default ``dtype``.
-        matquant_options: keyword arguments of
-            pyengine.quant.matquant.matquant_quantize_model (``weights`` = the slice
-            weights lambda, ``steps``, ``lr``, ``grid``, ``learn_codes``, ``compute_device``...).
+        options: {method name: its options} (pyengine.quant.methods: RTNOptions, GPTQOptions,
+            MatQuantOptions, or a mapping of their fields); methods not named run with their
+            defaults.
+        matquant_options: MatQuant's options as a mapping (the fields of MatQuantOptions:
+            ``weights`` = the slice weights lambda, ``steps``, ``lr``, ``grid``,
+            ``learn_codes``, ...; plus ``report``, a dict filled with each parent's
+            matquant_quantize info, and ``compute_device``); not with ``options["matquant"]``.
         fuse: serve the quantized layers that read one input (q/k/v, gate/up) with one op per
             group where they share a format (pyengine.fuse_projections; no weight is copied).
     Raises:
@@ -134,22 +141,11 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
 
     targets = quantization_targets(model, recipe)
     check_calibration_needs(targets, calibration)
-    gptq = {t[0]: t[4] for t in targets if t[4].method == "gptq"}
+    resolved, runtime = split_options(options, matquant_options)
     measured = calibrated_rtn_names(model, targets) if calibration is not None else []
-    input_weights: Dict[str, torch.Tensor] = {}
-    if gptq:  # GPTQ's pass also measures the RTN linears' inputs
-        input_weights = layerwise_quantize(model, calibration, gptq, measured, scale_dtype,
-                                           show_progress)
-        measured = []
-    if any(t[4].method == "matquant" for t in targets):
-        from ..quant.matquant import matquant_quantize_model
-        matquant_quantize_model(model, {t[0]: t[4] for t in targets if t[4].method == "matquant"},
-                                calibration, show_progress=show_progress, scale_dtype=scale_dtype,
-                                **dict(matquant_options or {}))
-    if measured:  # after MatQuant: its layers feed the measured ones, as when streaming
-        input_weights = layerwise_quantize(model, calibration, {}, measured, scale_dtype,
-                                           show_progress)
-    rtn_quantize(targets, scale_dtype, show_progress, input_weights)
+    input_weights = quantize_calibrated(model, calibration, targets, measured, resolved,
+                                        scale_dtype, show_progress, **runtime)
+    rtn_quantize(targets, scale_dtype, show_progress, input_weights, resolved["rtn"])
     quantize_embeddings(model, recipe, scale_dtype)
     setattr(model, RECIPE_ATTR, recipe)
     _untie_if_head_quantized(model)
@@ -210,11 +206,59 @@ def quantization_targets(model: nn.Module, recipe: Recipe) -> List[QuantTarget]:
 
 def check_calibration_needs(targets: List[QuantTarget], calibration) -> None:
     """ValueError when a target's method needs calibration data and there is none."""
-    needs_calibration = [t[0] for t in targets if t[4].method in ("gptq", "matquant")]
+    needs_calibration = [t[0] for t in targets if get_method(t[4].method).needs_calibration]
     if needs_calibration and calibration is None:
         method = next(t[4].method for t in targets if t[0] == needs_calibration[0])
         raise ValueError(f"method {method!r} needs calibration data (pyengine.calibration_data); "
                          f"layers: {needs_calibration[:3]}{'...' if len(needs_calibration) > 3 else ''}")
+
+
+_RUNTIME_KEYS = ("report", "compute_device")  # matquant_options entries that are not options
+
+
+def split_options(options: Optional[Mapping[str, Any]],
+                  matquant_options: Optional[Mapping[str, Any]] = None
+                  ) -> Tuple[Dict[str, MethodOptions], Dict[str, Any]]:
+    """({method name: its options} for every registered method, {"report": ...,
+    "compute_device": ...} of the calibrated passes) from compress's ``options`` and its older
+    ``matquant_options`` mapping."""
+    options = dict(options or {})
+    runtime: Dict[str, Any] = {}
+    if matquant_options is not None:
+        if "matquant" in options:
+            raise ValueError("MatQuant's options are given twice: options['matquant'] and "
+                             "matquant_options; give one")
+        if not isinstance(matquant_options, Mapping):
+            raise ValueError(f"matquant_options must be a mapping, got "
+                             f"{type(matquant_options).__name__}")
+        fields = dict(matquant_options)
+        runtime = {k: fields.pop(k) for k in _RUNTIME_KEYS if k in fields}
+        options["matquant"] = fields
+    return resolve_options(options), runtime
+
+
+def quantize_calibrated(model: nn.Module, calibration, targets: List[QuantTarget],
+                        measured: List[str], options: Mapping[str, MethodOptions],
+                        scale_dtype: Optional[torch.dtype], show_progress: bool = False,
+                        report: Optional[Dict[str, Any]] = None,
+                        compute_device=None) -> Dict[str, torch.Tensor]:
+    """Runs each calibrated method the targets use, one layerwise pass per method in the
+    registry's order, and measures the inputs of the ``measured`` linears (calibrated RTN) in
+    the last pass (after every calibrated layer is in place, as when streaming), or in a pass
+    of its own; returns those inputs' mean squares by name."""
+    passes = [(m, {t[0]: t[4] for t in targets if t[4].method == m.name})
+              for m in map(get_method, method_names()) if m.needs_calibration]
+    passes = [(m, configs) for m, configs in passes if configs]
+    if measured and not passes:
+        passes = [(None, {})]
+    input_weights: Dict[str, torch.Tensor] = {}
+    for i, (method, configs) in enumerate(passes):
+        last = i == len(passes) - 1
+        input_weights = layerwise_quantize(
+            model, calibration, method, configs, measured if last else [], scale_dtype,
+            show_progress, options=options.get(method.name) if method else None,
+            compute_device=compute_device, report=report)
+    return input_weights
 
 
 def calibrated_rtn_names(model: nn.Module, targets: List[QuantTarget]) -> List[str]:
@@ -226,27 +270,34 @@ def calibrated_rtn_names(model: nn.Module, targets: List[QuantTarget]) -> List[s
 
 
 def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
-                       gptq: Mapping[str, Any], measured: List[str],
-                       scale_dtype: Optional[torch.dtype], show_progress: bool = False,
-                       damp: Optional[float] = None,
-                       compute_device=None) -> Dict[str, torch.Tensor]:
+                       method: Optional[QuantMethod], configs: Mapping[str, Any],
+                       measured: List[str], scale_dtype: Optional[torch.dtype],
+                       show_progress: bool = False, options: Optional[MethodOptions] = None,
+                       compute_device=None,
+                       report: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """One pass over the decoder layers with the calibration data: in each layer, the linears
-    of ``gptq`` (name -> QuantConfig) are quantized by GPTQ, then the inputs of the
-    ``measured`` linears are measured (their mean squares, fp32 [K]: calibrated RTN's input
-    weights, returned by name, recorded while the layer computes its outputs); the layer's
-    outputs feed the next layer."""
+    of ``configs`` (name -> QuantConfig) are quantized by the calibrated ``method`` (None:
+    none) and put in place, then the inputs of the ``measured`` linears are measured (their
+    mean squares, fp32 [K]: calibrated RTN's input weights, returned by name, recorded while
+    the layer computes its outputs); the layer's outputs feed the next layer. ``options``: the
+    method's (default: its defaults; a ``batch_size`` field sets the pass's batch size)."""
     from .calibrate import LayerwiseRunner
-    from ..quant.gptq import gptq_quantize_layer
     from ..quant.layerwise import group_by_layer, recording_input_mean_squares
-    gptq_by_layer = group_by_layer(model, gptq, "GPTQ")
+    from ..quant.methods import quantize_layer
+    if method is not None:
+        options = method.options_type.coerce(options)
+    by_layer = group_by_layer(model, configs, method.name if method else "")
     measured_by_layer = group_by_layer(model, dict.fromkeys(measured), "calibrated RTN")
     input_weights: Dict[str, torch.Tensor] = {}
-    runner = LayerwiseRunner(model, calibration, 1, compute_device)
-    for index, layer, inputs in progress(runner, desc="gptq" if gptq else "measuring inputs",
-                                         enabled=show_progress, total=len(runner), unit="layer"):
-        if gptq_by_layer.get(index):
-            gptq_quantize_layer(model, layer, inputs, gptq_by_layer[index], damp=damp,
-                                scale_dtype=scale_dtype, compute_device=runner.compute_device)
+    runner = LayerwiseRunner(model, calibration, getattr(options, "batch_size", 1),
+                             compute_device)
+    desc = method.name if method is not None else "measuring inputs"
+    for index, layer, inputs in progress(runner, desc=desc, enabled=show_progress,
+                                         total=len(runner), unit="layer"):
+        if by_layer.get(index):
+            quantize_layer(model, layer, inputs, method, by_layer[index], options,
+                           scale_dtype=scale_dtype, compute_device=runner.compute_device,
+                           report=report)
         with recording_input_mean_squares(model, measured_by_layer.get(index, [])) as means:
             runner.advance()
         input_weights.update(means)
@@ -255,20 +306,19 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
 
 def rtn_quantize(targets: List[QuantTarget], scale_dtype: Optional[torch.dtype],
                  show_progress: bool = False,
-                 input_weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-    """Replaces each target whose method is RTN by its QuantLinear (or MatryoshkaLinear);
-    ``input_weights``: name -> [in_features], the inputs' costs of the linears that have them
-    (pyengine.quantize's ``input_weights``)."""
-    targets = [t for t in targets if t[4].method == "rtn"]
+                 input_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                 options: Optional[RTNOptions] = None) -> None:
+    """Replaces each target of an uncalibrated method (RTN) by its QuantLinear (or
+    MatryoshkaLinear); ``input_weights``: name -> [in_features], the inputs' costs of the
+    linears that have them (pyengine.quantize's ``input_weights``)."""
+    targets = [t for t in targets if not get_method(t[4].method).needs_calibration]
     input_weights = input_weights or {}
     for name, linear, parent, attr, cfg in progress(targets, desc="quantizing",
                                                     enabled=show_progress and bool(targets)):
-        if cfg.matryoshka:
-            setattr(parent, attr, MatryoshkaLinear.from_linear(linear, cfg,
-                                                               scale_dtype=scale_dtype))
-        else:
-            setattr(parent, attr, QuantLinear.from_linear(linear, cfg, scale_dtype=scale_dtype,
-                                                          input_weights=input_weights.get(name)))
+        method = get_method(cfg.method)
+        weight = method.quantize_linear(linear, cfg, method.options_type.coerce(options),
+                                        scale_dtype, input_weights.get(name))
+        replace_linear(parent, attr, weight, cfg)
 
 
 def quantize_embeddings(model: nn.Module, recipe: Recipe,

@@ -42,8 +42,9 @@ from ..io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkp
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_names,
                        check_calibration_needs, check_compress_arguments, hold_dense_in,
                        hold_module_dense_in, quantization_targets, quantize_embeddings,
-                       rtn_quantize)
+                       rtn_quantize, split_options)
 from ..model.adapters import get_adapter
+from ..quant.methods import GPTQOptions, get_method, quantize_layer
 from ..quant.recipe import Recipe
 from ..utils import progress
 
@@ -246,6 +247,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
                         dtype: Optional[torch.dtype] = None,
                         scale_dtype: Optional[torch.dtype] = None,
                         device: Optional["str | torch.device"] = None,
+                        options: Optional[Mapping[str, Any]] = None,
                         matquant_options: Optional[Mapping[str, Any]] = None,
                         batch_size: int = 1, damp: Optional[float] = None, resume: bool = True,
                         show_progress: bool = True) -> Path:
@@ -253,10 +255,10 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     decoder layer at a time, and returns ``out``.
 
     Every argument means what it means for pyengine.compress (``dtype``, ``scale_dtype``,
-    ``matquant_options``; ``damp`` is GPTQ's damping of every layer, None: each QuantConfig's
-    ``damp``); ``out`` is what pyengine.save writes
-    (one shard per decoder layer and one for the rest, with an index), loadable with
-    pyengine.load.
+    ``options``, ``matquant_options``; ``damp`` is GPTQ's damping of every layer, None: each
+    QuantConfig's ``damp``, the same as ``options={"gptq": GPTQOptions(damp=...)}``); ``out``
+    is what pyengine.save writes (one shard per decoder layer and one for the rest, with an
+    index), loadable with pyengine.load.
 
     Args:
         source: a Hugging Face model directory of safetensors files.
@@ -295,17 +297,26 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
             layer_targets.setdefault(index, []).append(target)
         else:
             other_targets.append(target)
-    methods = {t[4].method for t in targets}
+    calibrated_methods = sorted({t[4].method for t in targets
+                                 if get_method(t[4].method).needs_calibration})
     del targets  # each layer's linears are dropped with the layer (layer_targets.pop below)
-    if {"gptq", "matquant"} <= methods:
-        raise StreamingError("a recipe with both GPTQ and MatQuant layers runs in memory "
-                             "(pyengine.compress): each method takes its own pass there")
+    if len(calibrated_methods) > 1:
+        raise StreamingError(f"a recipe with layers of several calibrated methods "
+                             f"({', '.join(calibrated_methods)}) runs in memory "
+                             f"(pyengine.compress): each method takes its own pass there")
+    if damp is not None:
+        if options is not None and "gptq" in options:
+            raise ValueError("GPTQ's damping is given twice: damp and options['gptq']; give one")
+        options = {**dict(options or {}), "gptq": GPTQOptions(damp=damp)}
+    resolved, runtime = split_options(options, matquant_options)
     # calibrated RTN: with calibration data, RTN layers weigh their inputs (as compress does)
     measured = (set(calibrated_rtn_names(model, [t for ts in layer_targets.values() for t in ts]))
                 if calibration is not None else set())
     calibrated = [i for i, ts in layer_targets.items()
-                  if any(t[4].method in ("gptq", "matquant") or t[0] in measured for t in ts)]
+                  if any(get_method(t[4].method).needs_calibration or t[0] in measured
+                         for t in ts)]
     last_calibrated = max(calibrated, default=-1)
+    device = runtime.get("compute_device", device)
     compute = torch.device(device) if device is not None else torch.device("cpu")
 
     out = Path(out)
@@ -316,8 +327,8 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     run = {"source": src.fingerprint(), "recipe": recipe.to_dict(),
            "dtype": str(dtype), "scale_dtype": str(scale_dtype),
            "calibration": _calibration_digest(calibration),
-           "matquant_options": {k: repr(v) for k, v in dict(matquant_options or {}).items()},
-           "damp": damp, "batch_size": batch_size}
+           "options": {name: o.to_dict() for name, o in resolved.items()},
+           "batch_size": batch_size}
     done, written_layers = _start(out, run, shard, resume, last_calibrated)
     if done and show_progress:
         print(f"resuming: {done} of {n_layers} layers already written in {out}",
@@ -336,23 +347,19 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
         layer = layers[i]
         src.materialize(model, f"{adapter.layers}.{i}", compute)
         here = layer_targets.pop(i, [])
-        gptq = {t[0]: t[4] for t in here if t[4].method == "gptq"}
-        matquant = {t[0]: t[4] for t in here if t[4].method == "matquant"}
-        if gptq:
-            from ..quant.gptq import gptq_quantize_layer
-            gptq_quantize_layer(model, layer, inputs, gptq, damp=damp, scale_dtype=scale_dtype,
-                                compute_device=compute)
-        if matquant:
-            from ..quant.matquant import matquant_quantize_layer
-            matquant_quantize_layer(model, layer, inputs, matquant, scale_dtype=scale_dtype,
-                                    compute_device=compute, **dict(matquant_options or {}))
+        for name in calibrated_methods:
+            configs = {t[0]: t[4] for t in here if t[4].method == name}
+            if configs:
+                quantize_layer(model, layer, inputs, get_method(name), configs, resolved[name],
+                               scale_dtype=scale_dtype, compute_device=compute,
+                               report=runtime.get("report"))
         measured_here = [t[0] for t in here if t[0] in measured]
         if i < last_calibrated:  # the next calibrated layer needs this one's outputs
             with recording_input_mean_squares(model, measured_here) as input_weights:
                 inputs = run_layer(layer, inputs, compute)
         else:
             input_weights = input_mean_squares(model, layer, inputs, measured_here, compute)
-        rtn_quantize(here, scale_dtype, input_weights=input_weights)
+        rtn_quantize(here, scale_dtype, input_weights=input_weights, options=resolved["rtn"])
         hold_module_dense_in(layer, dtype)
         tensors = {f"{adapter.layers}.{i}.{key}": t for key, t in
                    _state_for_saving(layer)[0].items()}
@@ -370,7 +377,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     inputs = None
 
     src.materialize(model, None)
-    rtn_quantize(other_targets, scale_dtype)
+    rtn_quantize(other_targets, scale_dtype, options=resolved["rtn"])
     for target in other_targets:
         _release(target[1])
     del other_targets

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..pipeline.calibrate import LayerInputs
 from .layerwise import input_hessians, linear_holder
-from ..nn.quant_linear import QuantLinear
+from .methods import replace_linears
 from ..format.packing import pack_codes
 from ..format.qweight import QuantizedWeight, padded_in_features
 from .rtn import _rtn_groups
@@ -289,18 +289,20 @@ def refit_group_params(weight: torch.Tensor, codes: torch.Tensor, scales: torch.
 
 
 @torch.no_grad()
-def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
-                        targets: Dict[str, QuantConfig], damp: Optional[float] = None,
-                        scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
-    """Quantizes with GPTQ the linears of decoder ``layer`` named in ``targets`` (module names
-    in ``model``), from one pass of the layer over ``inputs``, in place. ``damp``: every
-    linear's damping (None: each QuantConfig's ``damp``).
-    pyengine.pipeline.compress.layerwise_quantize walks a model's layers with it."""
+def gptq_layer_weights(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                       targets: Dict[str, QuantConfig], damp: Optional[float] = None,
+                       scale_dtype: Optional[torch.dtype] = None,
+                       compute_device=None) -> Dict[str, QuantizedWeight]:
+    """GPTQ weights of the linears of decoder ``layer`` named in ``targets`` (module names in
+    ``model``), from one pass of the layer over ``inputs``; the model is not changed.
+    ``damp``: every linear's damping (None: each QuantConfig's ``damp``). The registered
+    method "gptq" (pyengine.quant.methods) runs it."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
     # one factorisation per Hessian that linears share (the Hessian is kept with it, so its
     # id stays its own)
     prepared: Dict[Tuple[int, bool, float],
                    Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]] = {}
+    weights: Dict[str, QuantizedWeight] = {}
     for name, cfg in targets.items():
         holder, attr = linear_holder(model, name)
         linear = getattr(holder, attr)
@@ -310,8 +312,18 @@ def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
         if key not in prepared:
             prepared[key] = (hessian, prepare_hessian(hessian, cfg.act_order, layer_damp,
                                                       linear.weight.device))
-        qw = gptq_quantize(linear.weight, hessian, cfg.bits, cfg.group_size,
-                           cfg.symmetric, act_order=cfg.act_order, damp=layer_damp,
-                           scale_dtype=scale_dtype or linear.weight.dtype,
-                           prepared=prepared[key][1])
-        setattr(holder, attr, QuantLinear.from_weight(qw, linear.bias, act_bits=cfg.act_bits))
+        weights[name] = gptq_quantize(linear.weight, hessian, cfg.bits, cfg.group_size,
+                                      cfg.symmetric, act_order=cfg.act_order, damp=layer_damp,
+                                      scale_dtype=scale_dtype or linear.weight.dtype,
+                                      prepared=prepared[key][1])
+    return weights
+
+
+def gptq_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                        targets: Dict[str, QuantConfig], damp: Optional[float] = None,
+                        scale_dtype: Optional[torch.dtype] = None, compute_device=None) -> None:
+    """:func:`gptq_layer_weights`, each weight then put in place of its linear
+    (pyengine.quant.methods.replace_linears)."""
+    weights = gptq_layer_weights(model, layer, inputs, targets, damp, scale_dtype,
+                                 compute_device)
+    replace_linears(model, weights, targets)

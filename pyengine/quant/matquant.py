@@ -46,15 +46,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..pipeline.calibrate import LayerInputs, LayerwiseRunner
+from ..pipeline.calibrate import LayerInputs
 from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
-from ..nn.matryoshka_linear import MatryoshkaLinear
 from ..format.packing import unpack_codes
 from ..format.qweight import SCALE_DTYPES, padded_in_features
 from .rtn import quantize
 from .recipe import QuantConfig
-from ..utils import progress
-from .layerwise import group_by_layer, input_hessians, linear_holder
+from .layerwise import input_hessians, linear_holder
+from .methods import MatQuantOptions, get_method, replace_linears
 
 # Default slice weights lambda_r (of relative errors): int8 and int4 at 1, int2 weighted up.
 DEFAULT_WEIGHTS: Dict[int, float] = {8: 1.0, 4: 1.0, 2: 10.0}
@@ -62,7 +61,7 @@ MAXQ = (1 << PARENT_BITS) - 1
 MID = (MAXQ + 1) // 2  # symmetric zero point, 128
 
 
-def _check_weights(weights: Optional[Mapping[int, float]]) -> Dict[int, float]:
+def check_slice_weights(weights: Optional[Mapping[int, float]]) -> Dict[int, float]:
     """{precision: lambda}, highest precision first; ValueError on bad keys or values."""
     weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
     if not weights:
@@ -381,7 +380,7 @@ def matquant_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: i
         ("matquant"), the weighted objective of every candidate ("objective") and the winner
         ("chosen": "rtn", "ranges", "error_feedback" or "adam").
     """
-    lam_by_r = _check_weights(weights)
+    lam_by_r = check_slice_weights(weights)
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}] for a weight of shape {(n, k)}, got "
@@ -468,60 +467,71 @@ def matquant_quantize_model(model: nn.Module, configs: Dict[str, QuantConfig],
                             report: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Replaces the linear layers named in ``configs`` (module name -> QuantConfig with
     matryoshka=True) by MatQuant MatryoshkaLinear layers, decoder layer by decoder layer, in
-    place.
+    place (pyengine.pipeline.compress.layerwise_quantize with the method "matquant").
 
     Args:
         calibration: token ids [n_samples, seqlen] (pyengine.calibration_data).
         weights, grid, min_clip, error_feedback, damp, steps, lr, learn_codes, code_lr: see
-            :func:`matquant_quantize`.
+            :func:`matquant_quantize` (pyengine.quant.methods.MatQuantOptions); a bad value
+            raises ValueError before any layer runs.
         compute_device: run each decoder layer and its optimisation there (e.g. "cuda") while
             the model stays where it is (default: where the layer is).
         report: if given, filled with {module name: info of matquant_quantize}.
     Returns:
         The model; every new layer serves its int8 slice.
     """
-    _check_weights(weights)
-    for name, cfg in configs.items():
-        if not cfg.matryoshka:
-            raise ValueError(f"matquant makes Matryoshka parents; {name!r} has {cfg}")
-    by_layer = group_by_layer(model, configs, "matquant")
-
-    runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
-    for index, layer, inputs in progress(runner, desc="matquant", enabled=show_progress,
-                                         total=len(runner), unit="layer"):
-        matquant_quantize_layer(model, layer, inputs, by_layer.get(index, {}),
-                                weights=weights, grid=grid, min_clip=min_clip,
-                                error_feedback=error_feedback, damp=damp, steps=steps, lr=lr,
-                                learn_codes=learn_codes, code_lr=code_lr,
-                                scale_dtype=scale_dtype, compute_device=runner.compute_device,
-                                report=report)
-        runner.advance()
+    from ..pipeline.compress import layerwise_quantize
+    _check_parents(configs)
+    options = MatQuantOptions(weights=weights, grid=grid, min_clip=min_clip,
+                              error_feedback=error_feedback, damp=damp, steps=steps, lr=lr,
+                              learn_codes=learn_codes, code_lr=code_lr, batch_size=batch_size)
+    layerwise_quantize(model, calibration, get_method("matquant"), configs, [], scale_dtype,
+                       show_progress, options=options, compute_device=compute_device,
+                       report=report)
     return model
 
 
+def _check_parents(configs: Mapping[str, QuantConfig]) -> None:
+    for name, cfg in configs.items():
+        if not cfg.matryoshka:
+            raise ValueError(f"matquant makes Matryoshka parents; {name!r} has {cfg}")
+
+
 @torch.no_grad()
-def matquant_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
-                            targets: Dict[str, QuantConfig], *,
-                            weights: Optional[Mapping[int, float]] = None, grid: int = 10,
-                            min_clip: float = 0.3, error_feedback: bool = True,
-                            damp: float = 0.01, steps: int = 0, lr: float = 2e-3,
-                            learn_codes: bool = False, code_lr: float = 0.05,
-                            scale_dtype: Optional[torch.dtype] = None, compute_device=None,
-                            report: Optional[Dict[str, Any]] = None) -> None:
-    """Replaces the linears of decoder ``layer`` named in ``targets`` by MatQuant
-    MatryoshkaLinear layers, from one pass of the layer over ``inputs`` (arguments as
-    :func:`matquant_quantize_model`)."""
+def matquant_layer_weights(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                           targets: Dict[str, QuantConfig], *,
+                           weights: Optional[Mapping[int, float]] = None, grid: int = 10,
+                           min_clip: float = 0.3, error_feedback: bool = True,
+                           damp: float = 0.01, steps: int = 0, lr: float = 2e-3,
+                           learn_codes: bool = False, code_lr: float = 0.05,
+                           scale_dtype: Optional[torch.dtype] = None, compute_device=None,
+                           report: Optional[Dict[str, Any]] = None
+                           ) -> Dict[str, MatryoshkaWeight]:
+    """MatQuant parents of the linears of decoder ``layer`` named in ``targets`` (QuantConfigs
+    with matryoshka=True), from one pass of the layer over ``inputs``; the model is not
+    changed (arguments as :func:`matquant_quantize_model`). The registered method "matquant"
+    (pyengine.quant.methods) runs it."""
+    _check_parents(targets)
     hessians, counts = input_hessians(model, layer, inputs, targets, compute_device)
+    parents: Dict[str, MatryoshkaWeight] = {}
     for name, cfg in targets.items():
         holder, attr = linear_holder(model, name)
         linear = getattr(holder, attr)
         with torch.enable_grad():
-            mw, info = matquant_quantize(
+            parents[name], info = matquant_quantize(
                 linear.weight, hessians.pop(name) / max(counts[name], 1), cfg.group_size,
                 cfg.symmetric, weights, grid=grid, min_clip=min_clip,
                 error_feedback=error_feedback, damp=damp, steps=steps, lr=lr,
                 learn_codes=learn_codes, code_lr=code_lr,
                 scale_dtype=scale_dtype or linear.weight.dtype)
-        setattr(holder, attr, MatryoshkaLinear.from_weight(mw, linear.bias))
         if report is not None:
             report[name] = info
+    return parents
+
+
+def matquant_quantize_layer(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
+                            targets: Dict[str, QuantConfig], **kwargs) -> None:
+    """:func:`matquant_layer_weights` (same keyword arguments), each parent then put in place
+    of its linear as a MatryoshkaLinear (pyengine.quant.methods.replace_linears)."""
+    replace_linears(model, matquant_layer_weights(model, layer, inputs, targets, **kwargs),
+                    targets)

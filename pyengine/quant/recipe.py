@@ -19,9 +19,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from ..format.packing import SUPPORTED_BITS
 from ..format.qweight import SUPPORTED_GROUP_SIZES
 from ..utils import is_int
+from .methods import get_method, method_names
 
-QUANT_METHODS = ("rtn", "gptq", "matquant")
-MATRYOSHKA_METHODS = ("rtn", "matquant")
 DEFAULT_KEY = "_default"
 RECIPE_VERSION = 4  # 2: the ``embeddings`` field (version-1 recipes kept the embeddings dense);
                     # 3: ``rotate`` and ``rotation_seed`` (earlier recipes do not rotate);
@@ -39,7 +38,8 @@ class QuantConfig:
         symmetric: zero point fixed at 2^(bits-1) instead of one per group.
         method: "rtn" (round to nearest with clipping search), "gptq" (needs calibration) or,
             for Matryoshka parents only, "matquant" (the parent's quantization parameters
-            optimised for its 8/4/2-bit slices at once; needs calibration).
+            optimised for its 8/4/2-bit slices at once; needs calibration); any method
+            registered with pyengine.quant.methods.register_method.
         matryoshka: store an int8 parent whose top bits serve lower precisions (bits must be 8,
             method "rtn" or "matquant"); pyengine.set_precision picks the slice served.
         act_order: GPTQ only: visit columns by decreasing Hessian diagonal (groups stay static
@@ -72,13 +72,16 @@ class QuantConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantConfig.{flag} must be True or False, got "
                                  f"{getattr(self, flag)!r}")
-        if self.method not in QUANT_METHODS:
-            raise ValueError(f"QuantConfig.method must be one of {QUANT_METHODS}, got {self.method!r}")
+        if not isinstance(self.method, str) or self.method not in method_names():
+            raise ValueError(f"QuantConfig.method must be one of {method_names()}, got "
+                             f"{self.method!r}")
+        method = get_method(self.method)
         if self.matryoshka and self.bits != 8:
             raise ValueError("a Matryoshka parent is stored at 8 bits (QuantConfig(bits=8, "
                              "matryoshka=True))")
-        if self.matryoshka and self.method not in MATRYOSHKA_METHODS:
-            raise ValueError(f"a Matryoshka parent is made by method {MATRYOSHKA_METHODS}, got "
+        if self.matryoshka and not method.matryoshka:
+            makers = tuple(n for n in method_names() if get_method(n).matryoshka)
+            raise ValueError(f"a Matryoshka parent is made by method {makers}, got "
                              f"{self.method!r}")
         if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
                 or not 0.0 < self.damp <= 1.0):
@@ -88,9 +91,9 @@ class QuantConfig:
         if self.act_bits and self.matryoshka:
             raise ValueError("QuantConfig.act_bits applies to plain quantized layers; Matryoshka "
                              "parents serve their activations as they are")
-        if self.method == "matquant" and not self.matryoshka:
-            raise ValueError("method 'matquant' makes Matryoshka parents: use QuantConfig(bits=8, "
-                             "matryoshka=True, method='matquant')")
+        if not self.matryoshka and not method.plain:
+            raise ValueError(f"method {self.method!r} makes Matryoshka parents: use "
+                             f"QuantConfig(bits=8, matryoshka=True, method={self.method!r})")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -218,13 +218,14 @@ def test_compress_weighs_rtn_by_the_calibration_inputs(rng, monkeypatch):
     """With calibration data, compress gives each decoder-layer RTN linear the mean square of
     its inputs (layer 0's, measured here on the dense model, must match); the head stays
     unweighed; without calibration data nothing is weighed."""
-    from pyengine.nn.quant_linear import QuantLinear
+    from pyengine.quant import rtn as rtn_module
     calib = _calib(rng)
     recipe = Recipe({"_default": QuantConfig(3, 32), "lm_head": QuantConfig(8, 32)},
                     embeddings=None)
     for calibration in (calib, None):
         model = random_model("llama")
-        names = {id(m): n for n, m in model.named_modules()}
+        names = {m.weight.data_ptr(): n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear)}
         first = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
         squares = {n: 0 for n in first}
         hooks = [model.get_submodule(n).register_forward_hook(
@@ -235,12 +236,12 @@ def test_compress_weighs_rtn_by_the_calibration_inputs(rng, monkeypatch):
         for hook in hooks:
             hook.remove()
         seen = {}
-        original = QuantLinear.from_linear.__func__
+        original = rtn_module.quantize
 
-        def spy(cls, linear, config, scale_dtype=None, input_weights=None):
-            seen[names[id(linear)]] = input_weights
-            return original(cls, linear, config, scale_dtype, input_weights)
-        monkeypatch.setattr(QuantLinear, "from_linear", classmethod(spy))
+        def spy(weight, *args, input_weights=None, **kwargs):  # RTN of one linear's weight
+            seen[names[weight.data_ptr()]] = input_weights
+            return original(weight, *args, input_weights=input_weights, **kwargs)
+        monkeypatch.setattr(rtn_module, "quantize", spy)
         pyengine.compress(model, recipe, calibration, show_progress=False, dtype=torch.float32)
         monkeypatch.undo()
         # every decoder linear (7 per layer), and the head

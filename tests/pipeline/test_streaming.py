@@ -155,16 +155,16 @@ def _count_rtn(monkeypatch) -> List[str]:
 
 
 def _count_gptq(monkeypatch) -> List[str]:
-    """Names of the linears gptq_quantize_layer quantizes (streaming imports it at call time
-    from pyengine.quant.gptq)."""
+    """Names of the linears gptq_layer_weights quantizes (the registered method "gptq" looks
+    it up in pyengine.quant.gptq at call time)."""
     names: List[str] = []
-    original = gptq_module.gptq_quantize_layer
+    original = gptq_module.gptq_layer_weights
 
     def counting(model, layer, inputs, targets, *args, **kwargs):
         names.extend(targets)
         return original(model, layer, inputs, targets, *args, **kwargs)
 
-    monkeypatch.setattr(gptq_module, "gptq_quantize_layer", counting)
+    monkeypatch.setattr(gptq_module, "gptq_layer_weights", counting)
     return names
 
 
@@ -417,7 +417,8 @@ def test_completed_run_is_redone(sources, tmp_path, monkeypatch):
     (Recipe(quant={"_default": QuantConfig(4, 32)}, rotate=True), "rotation"),
     (Recipe(quant={r"model\.layers\.0\..*": QuantConfig(8, 32, method="matquant",
                                                        matryoshka=True),
-                   "_default": QuantConfig(4, 32, method="gptq")}), "GPTQ and MatQuant"),
+                   "_default": QuantConfig(4, 32, method="gptq")}),
+     "several calibrated methods \\(gptq, matquant\\)"),
 ], ids=["slicing", "rotate", "gptq+matquant"])
 def test_refused_recipes(recipe, match, sources, calib, tmp_path):
     out = tmp_path / "out"
