@@ -17,7 +17,8 @@ from .pipeline.compress import (bits_per_weight, compress, dequantize_model, lay
 from .pipeline.data import calibration_data
 from .decoder import Decoder, DecoderUnsupported, decoder_blocker, generate
 from .evaluate import perplexity
-from .io.hf import install as _install_hf_integration
+from .io.hf import register_if_transformers_imported as _register_if_transformers_imported
+from .io.hf import register_with_transformers
 from .matryoshka import MatryoshkaWeight, get_precision, set_precision
 from .model.adapters import UnsupportedModelError, supported_architectures
 from .nn import QuantEmbedding, QuantLinear
@@ -29,7 +30,7 @@ from .quant.rtn import quantize
 from .quant.recipe import QuantConfig, Recipe
 from .pipeline.scores import scores
 
-_install_hf_integration()
+_register_if_transformers_imported()
 
 __all__ = [
     "BackendError", "CheckpointError", "Decoder", "DecoderUnsupported", "MatryoshkaLinear",
@@ -37,7 +38,6 @@ __all__ = [
     "Recipe", "UnsupportedModelError", "__version__", "available_backends", "bits_per_weight",
     "build_info", "calibration_data", "compress", "decoder_blocker", "dequantize_model",
     "fuse_projections", "generate", "get_precision", "known_backends", "layer_report", "load",
-    "ops", "perplexity", "plan",
-    "predicted_bytes", "quantize", "save", "scores", "set_precision", "storage_bytes",
-    "supported_architectures",
+    "ops", "perplexity", "plan", "predicted_bytes", "quantize", "register_with_transformers",
+    "save", "scores", "set_precision", "storage_bytes", "supported_architectures",
 ]

@@ -301,7 +301,53 @@ def test_from_pretrained_without_pyengine_fails_loudly(good_checkpoint):
                             timeout=300, env=env, cwd="/")
     assert result.returncode == 0, result.stderr
     assert "REFUSED:" in result.stdout, result.stdout + result.stderr
-    assert "import pyengine" in result.stdout and "pyengine.load" in result.stdout
+    assert "pyengine.register_with_transformers()" in result.stdout
+    assert "pyengine.load" in result.stdout
+
+
+def _fresh_interpreter(script: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(Path(pyengine.__file__).parents[1])  # this pyengine, built or not
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                            text=True, timeout=300, env=env, cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_registration_is_explicit(good_checkpoint, tmp_path):
+    """Registration with transformers: ``import pyengine`` registers when transformers is
+    already imported and never imports it itself; otherwise from_pretrained is refused (the
+    guard says what to call) until pyengine.register_with_transformers(); a checkpoint with
+    the guard an earlier pyengine wrote loads the same."""
+    earlier = tmp_path / "earlier"
+    shutil.copytree(good_checkpoint, earlier)
+    _edit_config(earlier, transformers_weights=(
+        "this is a pyengine checkpoint: run `import pyengine` before from_pretrained, or load "
+        "it with pyengine.load(DIR)"))
+    out = _fresh_interpreter(f"""
+        import sys
+        import pyengine
+        print("TRANSFORMERS_IMPORTED:", "transformers" in sys.modules)
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(good_checkpoint)!r})
+        except ValueError as exc:
+            print("REFUSED:", "register_with_transformers" in str(exc))
+        pyengine.register_with_transformers()
+        for path in ({str(good_checkpoint)!r}, {str(earlier)!r}):
+            model = AutoModelForCausalLM.from_pretrained(path)
+            print("LOADED:", type(model.model.layers[0].mlp.up_proj).__name__)
+    """)
+    assert "TRANSFORMERS_IMPORTED: False" in out
+    assert "REFUSED: True" in out
+    assert out.count("LOADED: QuantLinear") == 2, out
+    out = _fresh_interpreter(f"""
+        from transformers import AutoModelForCausalLM
+        import pyengine
+        print("LOADED:", type(AutoModelForCausalLM.from_pretrained(
+            {str(good_checkpoint)!r}).model.layers[0].mlp.up_proj).__name__)
+    """)
+    assert "LOADED: QuantLinear" in out
 
 
 # ---- compress twice, file modes ------------------------------------------------------------------

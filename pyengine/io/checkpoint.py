@@ -7,7 +7,7 @@ and the tensors in ``model.safetensors`` (or shards with an index, as Hugging Fa
 A Matryoshka layer stores its int8 parent once (three bit planes, scales, zeros); its layer
 entry adds ``"matryoshka": {"layout", "parent_bits", "precision"}``, the precision it serves.
 ``config.json`` also holds, as ``transformers_weights``, a sentence that names no weights file
-(:data:`TRANSFORMERS_GUARD`): transformers without pyengine imported refuses the checkpoint.
+(:data:`TRANSFORMERS_GUARD`): transformers without pyengine registered refuses the checkpoint.
 
 Both load paths, :func:`load` and ``from_pretrained`` (pyengine.io.hf), check the
 checkpoint with pyengine.io.checks before reading any weight.
@@ -35,7 +35,8 @@ from ..format.qweight import FLOAT_DTYPES
 from ..quant.recipe import Recipe
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMERS_GUARD",
-           "apply_compressed_structure", "load", "quantization_metadata", "retie", "save"]
+           "apply_compressed_structure", "finish_loading", "is_guard", "load",
+           "quantization_metadata", "retie", "save"]
 
 # Written as ``transformers_weights`` (the weights file transformers should read) into
 # config.json. transformers refuses a value that names no .safetensors file, with a ValueError
@@ -43,8 +44,17 @@ __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMER
 # instead of loading random weights into plain nn.Linear layers (transformers skips quantization
 # methods it does not know). pyengine's HfQuantizer removes the field before transformers looks
 # for the weights; pyengine.load ignores it.
-TRANSFORMERS_GUARD = ("this is a pyengine checkpoint: run `import pyengine` before "
-                      "from_pretrained, or load it with pyengine.load(DIR)")
+TRANSFORMERS_GUARD = ("this is a pyengine checkpoint: run `import pyengine; "
+                      "pyengine.register_with_transformers()` before from_pretrained, or load "
+                      "it with pyengine.load(DIR)")
+# The guards earlier pyengine versions wrote (recognised, and removed, like the current one).
+_EARLIER_GUARDS = ("this is a pyengine checkpoint: run `import pyengine` before "
+                   "from_pretrained, or load it with pyengine.load(DIR)",)
+
+
+def is_guard(value: Any) -> bool:
+    """Whether ``value`` (a config's ``transformers_weights``) is a guard pyengine.save wrote."""
+    return value == TRANSFORMERS_GUARD or value in _EARLIER_GUARDS
 
 
 def quantization_metadata(model: nn.Module) -> Dict[str, Any]:
@@ -214,6 +224,19 @@ def _save_safetensors(tensors: Dict[str, torch.Tensor], file: Path,
     from safetensors.torch import save_file
     save_file(tensors, str(file), metadata=metadata)
     os.chmod(file, 0o666 & ~_umask())
+
+
+def finish_loading(model: nn.Module, aliases: Dict[str, str], fuse: bool = True) -> None:
+    """What both load paths (pyengine.load and from_pretrained's HfQuantizer) do once the
+    tensors are in the model: each quantized layer's weight view is rebuilt from its buffers,
+    tied keys hold their source's very tensor again (:func:`retie`), and the projections that
+    read one input are fused (``fuse``; pyengine.fuse_projections)."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            module._refresh_weight()
+    retie(model, aliases)
+    if fuse:
+        fuse_projections(model)
 
 
 def retie(model: nn.Module, aliases: Dict[str, str]) -> None:
@@ -416,6 +439,8 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
             pyengine.io.checks, which from_pretrained runs too).
     """
     from transformers import AutoConfig
+    from .hf import register_with_transformers
+    register_with_transformers()  # from_pretrained works in this process from now on
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -452,10 +477,8 @@ def load(path: "str | os.PathLike", device: Optional["str | torch.device"] = Non
     for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     model.load_state_dict(tensors, strict=True, assign=True)
-    retie(model, aliases)
     model.to(device)
-    if fuse:
-        fuse_projections(model)
+    finish_loading(model, aliases, fuse)
     if dtype is not None:
         model.config.dtype = dtype
         for module in model.modules():

@@ -9,18 +9,19 @@ the tensors into them.
 
 A pyengine checkpoint's config.json carries a ``transformers_weights`` guard
 (pyengine.io.checkpoint.TRANSFORMERS_GUARD) that transformers rejects, so loading one without
-pyengine imported fails with a message saying so; the quantizer removes the guard from the
+pyengine registered fails with a message saying so; the quantizer removes the guard from the
 config before transformers looks for the weights (with a transformers that lacks the hook used
 for this, the guard stays and from_pretrained fails loudly: pyengine.load still works).
 
-Registration needs transformers imported; ``import pyengine`` does it at once when transformers
-is already imported, and otherwise right after transformers is first imported (a one-shot
-import hook), so that importing pyengine stays cheap.
+Registration is explicit: :func:`register_with_transformers`
+(``pyengine.register_with_transformers()``) registers, and ``import pyengine`` calls it when
+transformers is already imported (importing transformers' quantizer machinery costs seconds, so
+``import pyengine`` never does it on its own); pyengine.load registers too. The guard's message
+says what to call.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 import threading
 
@@ -38,7 +39,7 @@ def register_with_transformers() -> None:
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from .checkpoint import QUANT_METHOD, TRANSFORMERS_GUARD, apply_compressed_structure, retie
+    from .checkpoint import QUANT_METHOD, apply_compressed_structure, finish_loading, is_guard
     from .checks import CheckpointError, check_checkpoint, validate_metadata
 
     class PyengineConfig(QuantizationConfigMixin):
@@ -68,7 +69,7 @@ def register_with_transformers() -> None:
         def update_attn_implementation(self, config):
             # The one hook that sees the model config before transformers resolves the weights
             # files: take the guard out so that it reads model.safetensors (or the index).
-            if getattr(config, "transformers_weights", None) == TRANSFORMERS_GUARD:
+            if is_guard(getattr(config, "transformers_weights", None)):
                 del config.transformers_weights
             return super().update_attn_implementation(config)
 
@@ -91,16 +92,8 @@ def register_with_transformers() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from ..nn.fusion import fuse_projections
-            from ..nn.quant_embedding import QuantEmbedding
-            from ..nn.quant_linear import QuantLinear
-            for module in model.modules():
-                if isinstance(module, (QuantLinear, QuantEmbedding)):
-                    module._refresh_weight()
-            # tied keys hold their source's very tensor, as in the model saved (pyengine.load
-            # does the same)
-            retie(model, self.quantization_config.to_dict().get("tied") or {})
-            fuse_projections(model)
+            # the tail pyengine.load runs too: weight views rebuilt, tied keys tied, fused
+            finish_loading(model, self.quantization_config.to_dict().get("tied") or {})
             return model
 
         def is_serializable(self, safe_serialization=None):
@@ -114,34 +107,8 @@ def register_with_transformers() -> None:
     register_quantizer(QUANT_METHOD)(PyengineHfQuantizer)
 
 
-class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):
-    """Wraps the loader of the top-level ``transformers`` package so that pyengine registers
-    itself right after transformers has been imported; removes itself after firing."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
-            return None
-        sys.meta_path.remove(self)
-        import importlib.util
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        original_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            try:
-                register_with_transformers()
-            except Exception:  # never break the user's import of transformers
-                pass
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def install() -> None:
-    """Registers now if transformers is imported, else once it is."""
+def register_if_transformers_imported() -> None:
+    """:func:`register_with_transformers` when transformers is already imported (what
+    ``import pyengine`` runs); nothing otherwise."""
     if "transformers" in sys.modules:
         register_with_transformers()
-    elif not any(isinstance(f, _RegisterAfterTransformersImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterTransformersImport())

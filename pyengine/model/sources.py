@@ -40,7 +40,7 @@ def is_checkpoint(path: Path) -> bool:
     """Whether directory ``path`` holds a pyengine checkpoint (its quantization_config, or the
     guard pyengine.save writes, so that a checkpoint with damaged metadata is still read, and
     reported on, by pyengine.load rather than by transformers)."""
-    from ..io.checkpoint import TRANSFORMERS_GUARD
+    from ..io.checkpoint import is_guard
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -49,7 +49,7 @@ def is_checkpoint(path: Path) -> bool:
         return False
     qcfg = config.get("quantization_config")
     return ((isinstance(qcfg, dict) and qcfg.get("quant_method") == "pyengine")
-            or config.get("transformers_weights") == TRANSFORMERS_GUARD)
+            or is_guard(config.get("transformers_weights")))
 
 
 def tokenizer_or_none(source: str, **kwargs: Any) -> Any:
