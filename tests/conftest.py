@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -25,9 +26,10 @@ if not torch.cuda.is_available():
 
 
 def pytest_addoption(parser):
-    parser.addoption("--seed", type=int, default=None, metavar="N",
-                     help="seed of every test's rng fixture (default: a fresh seed per test, "
-                          "printed with the test's output)")
+    parser.addoption("--seed", default=None, metavar="N|random",
+                     help="seed of every test's rng fixture: N for that seed; 'random' for a "
+                          "fresh seed per test (printed with the test's output); default: a "
+                          "fixed seed per test, derived from its name")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,12 +49,24 @@ def _no_backend_override(monkeypatch):
     monkeypatch.delenv("PYENGINE_BACKEND", raising=False)
 
 
+def rng_seed(option: "str | None", node_id: str) -> int:
+    """The rng fixture's seed: the ``--seed`` option's value when it is a number, a fresh one
+    for ``random``, else a fixed one per test (a CRC of the test's node id), so that a plain
+    run is reproducible and tests draw different data."""
+    if option is None:
+        return zlib.crc32(node_id.encode())
+    if option == "random":
+        return int.from_bytes(os.urandom(4), "little")
+    try:
+        return int(option)
+    except ValueError:
+        raise pytest.UsageError(f"--seed takes an integer or 'random', got {option!r}") from None
+
+
 @pytest.fixture
 def rng(request):
-    """A CPU generator with a fresh seed per test (``--seed N``: that seed); the seed is
-    printed, so a failing test's captured output says how to reproduce it."""
-    seed = request.config.getoption("--seed")
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
+    """A CPU generator seeded by :func:`rng_seed`; the seed is printed, so a failing test's
+    captured output says how to reproduce it."""
+    seed = rng_seed(request.config.getoption("--seed"), request.node.nodeid)
     print(f"rng seed: {seed} (rerun with --seed {seed})")
     return torch.Generator().manual_seed(seed)
