@@ -8,33 +8,21 @@ int: instant, no re-quantization, no copy of any weight.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Tuple, Union
+from typing import Dict, Mapping, Union
 
 from torch import nn
 
+from ..model.walk import linear_sites
 from .weight import PRECISIONS, check_precision
 
 DEFAULT_KEY = "_default"
 
 
-def _named_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(recipe-style name, module) of every linear-like module: nn.Linear and QuantLinear (a
-    module held by a sliced model's residual projection is named after the projection)."""
-    from ..nn.quant_linear import QuantLinear
-    from ..nn.sliced import ResidualProjection
-    holders = {id(m.proj): name for name, m in model.named_modules()
-               if isinstance(m, ResidualProjection)}
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, QuantLinear)):
-            found.append((holders.get(id(module), name), module))
-    return found
-
-
 def matryoshka_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """{name: MatryoshkaLinear} of the model, in module order."""
     from ..nn.matryoshka_linear import MatryoshkaLinear
-    return {name: m for name, m in _named_linears(model) if isinstance(m, MatryoshkaLinear)}
+    return {site.name: site.linear for site in linear_sites(model)
+            if isinstance(site.linear, MatryoshkaLinear)}
 
 
 def get_precision(model: nn.Module) -> Dict[str, int]:
@@ -81,7 +69,7 @@ def set_precision(model: nn.Module, bits: Union[int, Mapping[str, int]]) -> Dict
             raise ValueError(f"set_precision pattern {key!r} is not a valid regex: {exc}") from None
     for key, pattern, _ in patterns:
         if not any(pattern.fullmatch(name) for name in layers):
-            others = [name for name, _m in _named_linears(model) if pattern.fullmatch(name)]
+            others = [site.name for site in linear_sites(model) if pattern.fullmatch(site.name)]
             why = (f"it names {others[:3]}{'...' if len(others) > 3 else ''}, which "
                    f"{'is' if len(others) == 1 else 'are'} not Matryoshka (fixed bit width or "
                    f"dense)") if others else "it matches no layer"

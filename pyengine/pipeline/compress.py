@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ..model.adapters import get_adapter
+from ..model.walk import LinearSite, linear_sites
 from ..nn.matryoshka_linear import MatryoshkaLinear
 from ..nn.fusion import fuse_projections
 from ..nn.quant_embedding import QuantEmbedding
 from ..nn.quant_linear import QuantLinear
-from ..nn.sliced import ResidualProjection
 from ..format.qweight import padded_in_features
 from ..quant.methods import (MethodOptions, QuantMethod, RTNOptions, get_method, method_names,
                              replace_linear, resolve_options)
@@ -30,27 +30,15 @@ from ..utils import progress
 RECIPE_ATTR = "pyengine_recipe"
 
 
-def quantizable_linears(model: nn.Module) -> Iterator[Tuple[str, nn.Module, nn.Module, str]]:
-    """(name, linear, parent, attribute) for every linear layer of the decoder layers and the head.
-
-    ``name`` is the module name users write recipes against (for a sliced block's output
-    projection, the name of its ResidualProjection, e.g. ``model.layers.0.self_attn.o_proj``);
-    ``parent.attribute`` is where the linear (dense or already quantized) sits.
-    """
+def quantizable_linears(model: nn.Module) -> Iterator[LinearSite]:
+    """(name, linear, parent, attribute) for every linear layer of the decoder layers and the
+    head (pyengine.model.walk.linear_sites: a sliced block's output projection goes by the
+    name of its ResidualProjection, e.g. ``model.layers.0.self_attn.o_proj``)."""
     adapter = get_adapter(model)
     layers_prefix = adapter.layers + "."
-    for name, module in model.named_modules():
-        if not (name.startswith(layers_prefix) or name == adapter.head):
-            continue
-        if isinstance(module, ResidualProjection):
-            yield name, module.proj, module, "proj"
-            continue
-        if isinstance(module, (nn.Linear, QuantLinear)):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            if isinstance(parent, ResidualProjection):
-                continue  # reported under the projection's name above
-            yield name, module, parent, attr
+    for site in linear_sites(model):
+        if site.name.startswith(layers_prefix) or site.name == adapter.head:
+            yield site
 
 
 def _check_recipe_names(model: nn.Module, recipe: Recipe) -> None:

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..pipeline.calibrate import LayerInputs
-from .layerwise import input_hessians, linear_holder
+from .layerwise import input_hessians
+from ..model.walk import linear_holder
 from .methods import replace_linears
 from ..format.packing import pack_codes
 from ..format.qweight import QuantizedWeight, padded_in_features

@@ -122,13 +122,3 @@ def input_mean_squares(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
         if names:
             run_layer(layer, inputs, compute_device)
     return means
-
-
-def linear_holder(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
-    """(parent module, attribute) where the linear named ``name`` sits (``proj`` of a
-    ResidualProjection for a sliced block's output projection)."""
-    module = model.get_submodule(name)
-    if isinstance(module, ResidualProjection):
-        return module, "proj"
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr

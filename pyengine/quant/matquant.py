@@ -51,8 +51,10 @@ from ..matryoshka.weight import PARENT_BITS, PRECISIONS, MatryoshkaWeight
 from ..format.packing import unpack_codes
 from ..format.qweight import SCALE_DTYPES, padded_in_features
 from .rtn import quantize
+from ..utils import keep_better
 from .recipe import QuantConfig
-from .layerwise import input_hessians, linear_holder
+from .layerwise import input_hessians
+from ..model.walk import linear_holder
 from .methods import MatQuantOptions, get_method, replace_linears
 
 # Default slice weights lambda_r (of relative errors): int8 and int4 at 1, int2 weighted up.
@@ -206,11 +208,8 @@ def _search_ranges(problem: _Problem, precisions: List[int], lam: List[float], g
 
     def consider(p_lo, p_hi):
         nonlocal best, best_lo, best_hi
-        cost = score(p_lo, p_hi)
-        better = cost < best
-        best = torch.where(better, cost, best)
-        best_lo = torch.where(better, p_lo, best_lo)
-        best_hi = torch.where(better, p_hi, best_hi)
+        best, best_lo, best_hi = keep_better(score(p_lo, p_hi), best, (p_lo, p_hi),
+                                             (best_lo, best_hi))
 
     for p in shared:
         full = torch.full(shape, p, device=device)

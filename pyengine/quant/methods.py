@@ -266,7 +266,7 @@ def replace_linear(parent: nn.Module, attr: str, weight: "Weight",
 def replace_linears(model: nn.Module, weights: Mapping[str, "Weight"],
                     configs: Mapping[str, "QuantConfig"]) -> None:
     """:func:`replace_linear` for each named linear of ``model`` (names as recipes write them)."""
-    from .layerwise import linear_holder
+    from ..model.walk import linear_holder
     for name, weight in weights.items():
         parent, attr = linear_holder(model, name)
         replace_linear(parent, attr, weight, configs[name])
