@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Iterable, Iterator, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -39,3 +39,13 @@ def module_device(module, default=None):
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu") if default is None else torch.device(default)
+
+
+def keep_better(cost, best_cost, candidates: Tuple, bests: Tuple) -> Tuple:
+    """Elementwise search step: where ``cost < best_cost``, each of ``candidates`` replaces the
+    matching one of ``bests``; returns (new best cost, *new bests). Tensors of one shape (or
+    broadcastable to the costs')."""
+    import torch
+    better = cost < best_cost
+    return (torch.where(better, cost, best_cost),
+            *(torch.where(better, new, old) for new, old in zip(candidates, bests)))

@@ -20,7 +20,7 @@ from ..ops import qlinear
 from ..format.qweight import QuantizedWeight, padded_in_features
 from ..quant.rtn import quantize
 from ..quant.recipe import QuantConfig
-from .quant_linear import QuantLinear, register_group_params
+from .quant_linear import QuantLinear, adopt_group_params, register_group_params
 
 
 class MatryoshkaLinear(QuantLinear):
@@ -75,12 +75,7 @@ class MatryoshkaLinear(QuantLinear):
                     device="meta", method=weight.method, precision=precision)
         for name in PLANE_NAMES:
             setattr(layer, name, getattr(weight, name))
-        layer.scales = weight.scales
-        if weight.zeros is not None:
-            layer.zeros = weight.zeros
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
-        layer._refresh_weight()
+        adopt_group_params(layer, weight, bias)
         return layer
 
     @classmethod

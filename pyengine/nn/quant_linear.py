@@ -31,6 +31,18 @@ def register_group_params(layer: nn.Module, kp: int, bias: bool, dtype: torch.dt
         layer.register_parameter("bias", None)
 
 
+def adopt_group_params(layer: nn.Module, weight, bias: Optional[torch.Tensor]) -> None:
+    """Gives a quantized layer built on the meta device ``weight``'s scales and zeros (the very
+    tensors) and a frozen copy of ``bias`` in the weight's dtype (None: none), then rebuilds
+    its weight view; ``weight``: a QuantizedWeight or MatryoshkaWeight of the layer's shape."""
+    layer.scales = weight.scales
+    if weight.zeros is not None:
+        layer.zeros = weight.zeros
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+    layer._refresh_weight()
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(W)^T + bias, computed by pyengine's one linear op (pyengine.ops.qlinear).
 
@@ -75,12 +87,7 @@ class QuantLinear(nn.Module):
         layer = cls(k, n, bias is not None, qw.bits, qw.group_size, qw.symmetric, qw.dtype,
                     device="meta", method=qw.method, act_bits=act_bits)
         layer.qweight = qw.qweight
-        layer.scales = qw.scales
-        if qw.zeros is not None:
-            layer.zeros = qw.zeros
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(qw.dtype), requires_grad=False)
-        layer._refresh_weight()
+        adopt_group_params(layer, qw, bias)
         return layer
 
     @classmethod
@@ -126,10 +133,6 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh_weight()
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.scales.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fusion = self._fusion

@@ -17,7 +17,7 @@ import torch
 from ..format.packing import SUPPORTED_BITS, pack_codes
 from ..format.qweight import (SCALE_DTYPES, SUPPORTED_GROUP_SIZES, QuantizedWeight,
                               padded_in_features)
-from ..utils import is_int
+from ..utils import is_int, keep_better
 
 QUANT_METHODS = ("rtn",)
 
@@ -207,18 +207,15 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
         work.add_(zero3).round_().clamp_(0, maxq).sub_(zero3).mul_(scale3).sub_(w)
         return work.square_().mul_(cost).sum(dim=-1)
 
-    def keep_better(scale: torch.Tensor, zero: torch.Tensor) -> None:
+    def consider(scale: torch.Tensor, zero: torch.Tensor) -> None:
         nonlocal best_err, best_scale, best_zero
-        err = weighed_error(scale, zero)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+        best_err, best_scale, best_zero = keep_better(weighed_error(scale, zero), best_err,
+                                                      (scale, zero), (best_scale, best_zero))
 
     for p in factors:
-        keep_better(*_scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny))
+        consider(*_scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny))
     for _ in range(refit_rounds):
-        keep_better(*_refit(w, cost, best_scale, best_zero, maxq, symmetric, scale_dtype, tiny))
+        consider(*_refit(w, cost, best_scale, best_zero, maxq, symmetric, scale_dtype, tiny))
 
     q = _codes(w, best_scale, best_zero, maxq)
     zeros = None if symmetric else best_zero.to(scale_dtype)
