@@ -14,12 +14,12 @@ The matmul is pyengine's one linear op (``pyengine.ops.qlinear(x, weight.at(r))`
 from .precision import get_precision, matryoshka_layers, set_precision
 from .weight import (LAYOUT, PARENT_BITS, PLANES_READ, PRECISIONS, MatryoshkaView,
                      MatryoshkaWeight, canonical_slice, check_precision, slice_codes,
-                     sliced_parent_codes, split_planes)
+                     split_planes)
 
 __all__ = [
     "LAYOUT", "PARENT_BITS", "PLANES_READ", "PRECISIONS", "MatryoshkaView", "MatryoshkaWeight",
     "canonical_slice", "check_precision", "get_precision", "matryoshka_layers",
-    "matryoshka_matmul", "set_precision", "slice_codes", "sliced_parent_codes", "split_planes",
+    "matryoshka_matmul", "set_precision", "slice_codes", "split_planes",
 ]
 
 

@@ -78,13 +78,6 @@ def slice_codes(q: torch.Tensor, precision: int) -> torch.Tensor:
     return torch.clamp(((q >> (7 - r)) + 1) >> 1, max=(1 << r) - 1)
 
 
-def sliced_parent_codes(q: torch.Tensor, precision: int) -> torch.Tensor:
-    """The slice in parent units, ``c_r(q) * 2^(8-r)`` (int64, q's shape): the code an 8-bit
-    reader dequantizes with the parent's scale and zero to get the r-bit slice's weight."""
-    r = check_precision(precision)
-    return slice_codes(q, r) << (PARENT_BITS - r)
-
-
 def split_planes(q: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Parent codes [N, Kp] (Kp a multiple of 32) -> {plane name: packed int32 plane}."""
     q = q.to(torch.int64)

@@ -47,11 +47,6 @@ class ModelAdapter:
         prefix = self.layers + "."
         return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
 
-    def layer_linear_names(self) -> List[str]:
-        """Names of the linear layers inside one decoder layer, in execution order."""
-        return ([f"{self.attn}.{n}" for n in self.attn_inputs] + [f"{self.attn}.{self.attn_output}"]
-                + [f"{self.mlp}.{n}" for n in self.mlp_inputs] + [f"{self.mlp}.{self.mlp_output}"])
-
     def tied_embeddings(self, model: nn.Module) -> bool:
         head = model.get_submodule(self.head)
         embed = model.get_submodule(self.embed)

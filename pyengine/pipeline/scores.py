@@ -27,9 +27,6 @@ from ..model.adapters import get_adapter
 from ..nn.quant_linear import QuantLinear
 from ..utils import is_int, progress
 
-SCORE_NAMES = ("lim", "zd", "lr")
-
-
 @torch.no_grad()
 def zd_scores(model: nn.Module, only_layer: Optional[int] = None) -> List[float]:
     """Per decoder layer, the share of its linear weights with |z| > 1 (``only_layer``: that
