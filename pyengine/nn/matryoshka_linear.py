@@ -17,10 +17,10 @@ from torch import nn
 from ..matryoshka.weight import (LAYOUT, PARENT_BITS, PLANE_BITS, PLANE_NAMES, MatryoshkaView,
                                  MatryoshkaWeight, check_precision)
 from ..ops import qlinear
-from ..format.qweight import QuantizedWeight, padded_in_features
+from ..format.qweight import QuantizedWeight
 from ..quant.rtn import quantize
 from ..quant.recipe import QuantConfig
-from .quant_linear import QuantLinear, adopt_group_params, register_group_params
+from .quant_linear import QuantLinear, adopt_group_params
 
 
 class MatryoshkaLinear(QuantLinear):
@@ -46,21 +46,16 @@ class MatryoshkaLinear(QuantLinear):
                  symmetric: bool = False, dtype: torch.dtype = torch.float16,
                  device: Optional[torch.device | str] = None, method: str = "rtn",
                  precision: int = PARENT_BITS) -> None:
-        nn.Module.__init__(self)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.bits = PARENT_BITS
-        self.group_size = int(group_size)
-        self.symmetric = bool(symmetric)
-        self.method = method
-        self.precision = check_precision(precision)
-        self.act_bits = 0  # a parent serves its input as it is (QuantConfig.act_bits)
-        kp = padded_in_features(self.in_features, self.group_size)
+        precision = check_precision(precision)
+        # a parent serves its input as it is (QuantConfig.act_bits)
+        super().__init__(in_features, out_features, bias, PARENT_BITS, group_size, symmetric,
+                         dtype, device, method, act_bits=0)
+        self.precision = precision
+
+    def _register_codes(self, kp: int, device) -> None:
         for name in PLANE_NAMES:
             self.register_buffer(name, torch.empty(self.out_features, kp * PLANE_BITS[name] // 32,
                                                    dtype=torch.int32, device=device))
-        register_group_params(self, kp, bias, dtype, device)
-        self._refresh_weight()
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod

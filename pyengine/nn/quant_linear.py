@@ -73,10 +73,15 @@ class QuantLinear(nn.Module):
         # that read the same input (see modules/fusion.py); None otherwise.
         self._fusion = None
         kp = padded_in_features(self.in_features, self.group_size)
-        self.register_buffer("qweight", torch.empty(self.out_features, kp * self.bits // 32,
-                                                    dtype=torch.int32, device=device))
+        self._register_codes(kp, device)
         register_group_params(self, kp, bias, dtype, device)
         self._refresh_weight()
+
+    def _register_codes(self, kp: int, device) -> None:
+        """Registers the code buffers of a weight whose rows are padded to ``kp`` codes (here
+        ``qweight``; MatryoshkaLinear: its bit planes)."""
+        self.register_buffer("qweight", torch.empty(self.out_features, kp * self.bits // 32,
+                                                    dtype=torch.int32, device=device))
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
