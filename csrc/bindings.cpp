@@ -10,6 +10,7 @@
 
 #include "code_bits.h"
 #include "common.h"
+#include "kernel_args.h"
 #include "cpu/decode_ops.h"
 #include "cpu/mma_emulate.h"
 #include "cpu/qmatmul.h"
@@ -32,42 +33,13 @@ std::vector<std::string> split_commas(const std::string& s) {
   return out;
 }
 
-// The fields every matmul shares (MatmulProblem, csrc/common.h); pointers arrive as integers.
-void fill_problem(pyengine::MatmulProblem& a, uintptr_t x, int x_dtype, int64_t ldx,
-                  uintptr_t scales, uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
-                  int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
-                  int64_t K, int64_t group_size) {
-  a.x = reinterpret_cast<const void*>(x);
-  a.x_dtype = x_dtype;
-  a.ldx = ldx;
-  a.scales = reinterpret_cast<const void*>(scales);
-  a.zeros = reinterpret_cast<const void*>(zeros);
-  a.sz_dtype = sz_dtype;
-  a.lds = lds;
-  a.bias = reinterpret_cast<const void*>(bias);
-  a.bias_dtype = bias_dtype;
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.ldo = ldo;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.group_size = group_size;
-}
+// The argument lists of the kernels (csrc/kernel_args.h) as pybind11 arguments:
+// `py::arg("x"), py::arg("x_dtype"), ...`.
+#define PYENGINE_PY_ARG_(type, name) , py::arg(#name)
+#define PYENGINE_PY_ARGS(LIST) PYENGINE_DROP_FIRST(LIST(PYENGINE_PY_ARG_))
 
-QMatmulArgs make_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq,
-                      uintptr_t scales, uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
-                      int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, bool accumulate,
-                      int64_t M, int64_t N, int64_t K, int bits, int64_t group_size) {
-  QMatmulArgs a;
-  fill_problem(a, x, x_dtype, ldx, scales, zeros, sz_dtype, lds, bias, bias_dtype, out,
-               out_dtype, ldo, M, N, K, group_size);
-  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  a.ldq = ldq;
-  a.accumulate = accumulate;
-  a.bits = bits;
-  return a;
-}
+// A list's names as a Python tuple (exported as pyengine._C.<LIST>_NAMES).
+#define PYENGINE_NAMES_TUPLE(LIST) py::make_tuple(PYENGINE_ARG_STRINGS(LIST))
 
 // qmatmul_cpu on `isa` ("" for the widest this CPU runs).
 void run_qmatmul(const QMatmulArgs& a, const std::string& isa) {
@@ -86,15 +58,9 @@ struct QMatmulCall {
   QMatmulArgs args;  // x, ldx, out, ldo, M and accumulate are set per call
   std::string isa;
 
-  QMatmulArgs at(uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo, int64_t M,
-                 bool accumulate) const {
+  QMatmulArgs at(PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_PER_CALL_ARGS)) const {
     QMatmulArgs a = args;
-    a.x = reinterpret_cast<const void*>(x);
-    a.ldx = ldx;
-    a.out = reinterpret_cast<void*>(out);
-    a.ldo = ldo;
-    a.M = M;
-    a.accumulate = accumulate;
+    PYENGINE_SET_ARGS(PYENGINE_QMATMUL_PER_CALL_ARGS, a);
     return a;
   }
 };
@@ -193,26 +159,6 @@ pyengine::cpu::AttentionStepArgs attention_args(
   return a;
 }
 
-PlaneMatmulArgs make_plane_args(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi,
-                                int64_t ld_hi, uintptr_t plane_mid, int64_t ld_mid,
-                                uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
-                                uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias,
-                                int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo,
-                                int64_t M, int64_t N, int64_t K, int precision,
-                                int64_t group_size) {
-  PlaneMatmulArgs a;
-  fill_problem(a, x, x_dtype, ldx, scales, zeros, sz_dtype, lds, bias, bias_dtype, out,
-               out_dtype, ldo, M, N, K, group_size);
-  a.plane_hi = reinterpret_cast<const uint32_t*>(plane_hi);
-  a.ld_hi = ld_hi;
-  a.plane_mid = reinterpret_cast<const uint32_t*>(plane_mid);
-  a.ld_mid = ld_mid;
-  a.plane_lo = reinterpret_cast<const uint32_t*>(plane_lo);
-  a.ld_lo = ld_lo;
-  a.precision = precision;
-  return a;
-}
-
 // The 32 slice codes of one packing block (code_bits.h): the host build of the functions the
 // CUDA plane kernels run, so that tests check their bit manipulation on the CPU.
 std::vector<uint32_t> plane_block_codes(const std::vector<uint32_t>& hi,
@@ -242,38 +188,6 @@ std::vector<uint32_t> plane_int2_block(const std::vector<uint32_t>& hi) {
   std::vector<uint32_t> out(3);
   pyengine::int2_block_from_hi(hi.data(), out.data());
   return out;
-}
-
-// The fragment-native decode call (csrc/mma_frag.h) from the binding's integers.
-pyengine::mma::MmaDecodeArgs make_mma_args(uintptr_t frag, uintptr_t params, uintptr_t x,
-                                           int x_dtype, int64_t ldx, uintptr_t bias,
-                                           int bias_dtype, uintptr_t out, int out_dtype,
-                                           int64_t ldo, bool accumulate, int64_t M, int64_t N,
-                                           int64_t K, int bits, int64_t tiles,
-                                           int64_t iterations, int64_t groups, int gshift,
-                                           int units) {
-  pyengine::mma::MmaDecodeArgs a;
-  a.frag = reinterpret_cast<const uint32_t*>(frag);
-  a.params = reinterpret_cast<const float*>(params);
-  a.x = reinterpret_cast<const void*>(x);
-  a.x_dtype = x_dtype;
-  a.ldx = ldx;
-  a.bias = reinterpret_cast<const void*>(bias);
-  a.bias_dtype = bias_dtype;
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.ldo = ldo;
-  a.accumulate = accumulate;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.bits = bits;
-  a.tiles = tiles;
-  a.iterations = iterations;
-  a.groups = groups;
-  a.gshift = gshift;
-  a.units = units;
-  return a;
 }
 
 py::dict build_info() {
@@ -313,27 +227,27 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", &build_info, "What this extension was built with.");
 
+  // The kernels' positional argument lists (csrc/kernel_args.h), by name, for the Python side
+  // that builds them per call (tests/backends/test_native_args.py compares).
+  m.attr("QMATMUL_ARG_NAMES") = PYENGINE_NAMES_TUPLE(PYENGINE_QMATMUL_ARGS);
+  m.attr("QMATMUL_BOUND_ARG_NAMES") = PYENGINE_NAMES_TUPLE(PYENGINE_QMATMUL_BOUND_ARGS);
+  m.attr("QMATMUL_PER_CALL_ARG_NAMES") = PYENGINE_NAMES_TUPLE(PYENGINE_QMATMUL_PER_CALL_ARGS);
+  m.attr("PLANE_ARG_NAMES") = PYENGINE_NAMES_TUPLE(PYENGINE_PLANE_ARGS);
+  m.attr("MMA_DECODE_ARG_NAMES") = PYENGINE_NAMES_TUPLE(PYENGINE_MMA_DECODE_ARGS);
+
   m.def(
       "qmatmul_cpu",
-      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq, uintptr_t scales,
-         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
-         int out_dtype, int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
-         int64_t group_size, int num_threads, const std::string& isa, int act_bits,
-         int interleave) {
-        QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
-                                  bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
-                                  bits, group_size);
+      [](PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_ARGS), int num_threads, const std::string& isa,
+         int act_bits, int interleave) {
+        QMatmulArgs a;
+        PYENGINE_SET_ARGS(PYENGINE_QMATMUL_ARGS, a);
         a.num_threads = num_threads;
         a.act_bits = act_bits;
         a.interleave = interleave;
         py::gil_scoped_release release;
         run_qmatmul(a, isa);
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("qweight"), py::arg("ldq"),
-      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
-      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
-      py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
-      py::arg("group_size"), py::arg("num_threads") = 0, py::arg("isa") = "",
+      PYENGINE_PY_ARGS(PYENGINE_QMATMUL_ARGS), py::arg("num_threads") = 0, py::arg("isa") = "",
       py::arg("act_bits") = 0, py::arg("interleave") = 0,
       "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on the CPU; pointers are integers. "
       "act_bits=8: with x quantized to int8 per block of 32 along K first (common.h). "
@@ -341,15 +255,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "plane_matmul_cpu",
-      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi, int64_t ld_hi,
-         uintptr_t plane_mid, int64_t ld_mid, uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
-         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
-         int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int precision,
-         int64_t group_size, int num_threads, const std::string& isa) {
-        PlaneMatmulArgs a = make_plane_args(x, x_dtype, ldx, plane_hi, ld_hi, plane_mid, ld_mid,
-                                            plane_lo, ld_lo, scales, zeros, sz_dtype, lds, bias,
-                                            bias_dtype, out, out_dtype, ldo, M, N, K, precision,
-                                            group_size);
+      [](PYENGINE_ARG_PARAMS(PYENGINE_PLANE_ARGS), int num_threads, const std::string& isa) {
+        PlaneMatmulArgs a;
+        PYENGINE_SET_ARGS(PYENGINE_PLANE_ARGS, a);
         a.num_threads = num_threads;
         py::gil_scoped_release release;
         if (isa.empty())
@@ -357,12 +265,7 @@ PYBIND11_MODULE(_C, m) {
         else
           pyengine::cpu::plane_matmul_with_isa(a, isa);
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("plane_hi"), py::arg("ld_hi"),
-      py::arg("plane_mid"), py::arg("ld_mid"), py::arg("plane_lo"), py::arg("ld_lo"),
-      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
-      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"), py::arg("M"),
-      py::arg("N"), py::arg("K"), py::arg("precision"), py::arg("group_size"),
-      py::arg("num_threads") = 0, py::arg("isa") = "",
+      PYENGINE_PY_ARGS(PYENGINE_PLANE_ARGS), py::arg("num_threads") = 0, py::arg("isa") = "",
       "out[M, N] = x[M, K] @ W_r[N, K]^T (+ bias) on the CPU, W_r the r-bit slice of a Matryoshka "
       "int8 parent read from its bit planes (only those the slice needs; the others may be 0). "
       "Pointers are integers.");
@@ -427,35 +330,30 @@ PYBIND11_MODULE(_C, m) {
         "qmatmul_cpu with the weight, bias, dtypes, sizes, layout and instruction set bound once "
         "(the arguments of qmatmul_cpu but x, ldx, out, ldo, accumulate and M); call it with "
         "those (pointers as integers) and the thread count.")
-        .def(py::init([](uintptr_t qweight, int64_t ldq, uintptr_t scales, uintptr_t zeros,
-                         int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, int x_dtype,
-                         int out_dtype, int64_t N, int64_t K, int bits, int64_t group_size,
+        .def(py::init([](PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_BOUND_ARGS),
                          const std::string& isa, int act_bits, int interleave) {
                QMatmulCall c;
-               c.args = make_args(0, x_dtype, K, qweight, ldq, scales, zeros, sz_dtype, lds, bias,
-                                  bias_dtype, 0, out_dtype, N, false, 0, N, K, bits, group_size);
+               PYENGINE_SET_ARGS(PYENGINE_QMATMUL_BOUND_ARGS, c.args);
+               c.args.ldx = K;  // x, out and M come with each call: strides that pass the checks
+               c.args.ldo = N;
                c.args.act_bits = act_bits;
                c.args.interleave = interleave;
                c.isa = isa;
                pyengine::check_qmatmul_args("QMatmulCall", c.args);  // M = 0: no pointer read
                return c;
              }),
-             py::arg("qweight"), py::arg("ldq"), py::arg("scales"), py::arg("zeros"),
-             py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"), py::arg("bias_dtype"),
-             py::arg("x_dtype"), py::arg("out_dtype"), py::arg("N"), py::arg("K"),
-             py::arg("bits"), py::arg("group_size"), py::arg("isa") = "",
+             PYENGINE_PY_ARGS(PYENGINE_QMATMUL_BOUND_ARGS), py::arg("isa") = "",
              py::arg("act_bits") = 0, py::arg("interleave") = 0)
         .def(
             "__call__",
-            [](const QMatmulCall& c, uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo,
-               int64_t M, bool accumulate, int num_threads) {
-              QMatmulArgs a = c.at(x, ldx, out, ldo, M, accumulate);
+            [](const QMatmulCall& c, PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_PER_CALL_ARGS),
+               int num_threads) {
+              QMatmulArgs a = c.at(PYENGINE_ARG_NAMES(PYENGINE_QMATMUL_PER_CALL_ARGS));
               a.num_threads = num_threads;
               py::gil_scoped_release release;
               run_qmatmul(a, c.isa);
             },
-            py::arg("x"), py::arg("ldx"), py::arg("out"), py::arg("ldo"), py::arg("M"),
-            py::arg("accumulate"), py::arg("num_threads") = 0,
+            PYENGINE_PY_ARGS(PYENGINE_QMATMUL_PER_CALL_ARGS), py::arg("num_threads") = 0,
             "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), as qmatmul_cpu.");
   }
   if (!bind_registered_type<pyengine::cpu::StepProgram>(m, "StepProgram")) {
@@ -467,12 +365,11 @@ PYBIND11_MODULE(_C, m) {
         "attention_step_cpu (threads and position: per run).")
         .def(py::init<>())
         .def("add_call",
-             [](pyengine::cpu::StepProgram& p, const QMatmulCall& c, uintptr_t x, int64_t ldx,
-                uintptr_t out, int64_t ldo, int64_t M, bool accumulate) {
-               p.add_qmatmul(c.at(x, ldx, out, ldo, M, accumulate), c.isa);
+             [](pyengine::cpu::StepProgram& p, const QMatmulCall& c,
+                PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_PER_CALL_ARGS)) {
+               p.add_qmatmul(c.at(PYENGINE_ARG_NAMES(PYENGINE_QMATMUL_PER_CALL_ARGS)), c.isa);
              },
-             py::arg("call"), py::arg("x"), py::arg("ldx"), py::arg("out"), py::arg("ldo"),
-             py::arg("M"), py::arg("accumulate"))
+             py::arg("call"), PYENGINE_PY_ARGS(PYENGINE_QMATMUL_PER_CALL_ARGS))
         .def("add_rms_norm",
              [](pyengine::cpu::StepProgram& p, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w,
                 int w_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t rows, int64_t dim,
@@ -573,35 +470,27 @@ PYBIND11_MODULE(_C, m) {
       "row, col), b (lane, register, half, k, token), c (lane, element, row, token).");
   m.def(
       "mma_decode_emulate",
-      [](uintptr_t frag, uintptr_t params, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t bias,
-         int bias_dtype, uintptr_t out, int64_t ldo, bool accumulate, int64_t M, int64_t N,
-         int64_t K, int bits, int64_t tiles, int64_t iterations, int64_t groups, int gshift,
-         int units) {
-        auto a = make_mma_args(frag, params, x, x_dtype, ldx, bias, bias_dtype, out,
-                               pyengine::kFloat32, ldo, accumulate, M, N, K, bits, tiles,
-                               iterations, groups, gshift, units);
+      [](PYENGINE_ARG_PARAMS(PYENGINE_MMA_DECODE_ARGS)) {
+        pyengine::mma::MmaDecodeArgs a;
+        PYENGINE_SET_ARGS(PYENGINE_MMA_DECODE_ARGS, a);
+        if (out_dtype != pyengine::kFloat32)
+          throw std::invalid_argument(pyengine::describe("mma_decode_emulate", a) +
+                                      ": the emulator writes float32 (out_dtype 0)");
         py::gil_scoped_release release;
         pyengine::mma::decode_emulate(a, reinterpret_cast<float*>(out));
       },
-      py::arg("frag"), py::arg("params"), py::arg("x"), py::arg("x_dtype"), py::arg("ldx"),
-      py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("ldo"),
-      py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
-      py::arg("tiles"), py::arg("iterations"), py::arg("groups"), py::arg("gshift"),
-      py::arg("units"),
+      PYENGINE_PY_ARGS(PYENGINE_MMA_DECODE_ARGS),
       "The tensor-core decode kernel (csrc/cuda/decode_mma.cuh) replayed on the host, warp by "
       "warp, from the same layout and bit tricks (csrc/mma_frag.h): out (float32 [M, N]) (+)= "
-      "x @ W^T (+ bias). For tests.");
+      "x @ W^T (+ bias). The arguments of qmatmul_cuda_mma (out_dtype: float32). For tests.");
 
 #if defined(PYENGINE_WITH_CUDA)
   m.def(
       "qmatmul_cuda",
-      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t qweight, int64_t ldq, uintptr_t scales,
-         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
-         int out_dtype, int64_t ldo, bool accumulate, int64_t M, int64_t N, int64_t K, int bits,
-         int64_t group_size, int device, uintptr_t stream, const std::string& kernel) {
-        QMatmulArgs a = make_args(x, x_dtype, ldx, qweight, ldq, scales, zeros, sz_dtype, lds,
-                                  bias, bias_dtype, out, out_dtype, ldo, accumulate, M, N, K,
-                                  bits, group_size);
+      [](PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_ARGS), int device, uintptr_t stream,
+         const std::string& kernel) {
+        QMatmulArgs a;
+        PYENGINE_SET_ARGS(PYENGINE_QMATMUL_ARGS, a);
         if (!kernel.empty() && kernel != "auto" && kernel != "simple" && kernel != "decode" &&
             kernel != "tc")
           throw std::invalid_argument("qmatmul_cuda: kernel must be 'auto', 'simple', "
@@ -616,32 +505,21 @@ PYBIND11_MODULE(_C, m) {
         else
           pyengine::cuda::qmatmul(a, device, stream);
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("qweight"), py::arg("ldq"),
-      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
-      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
-      py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bits"),
-      py::arg("group_size"), py::arg("device"), py::arg("stream"), py::arg("kernel") = "",
+      PYENGINE_PY_ARGS(PYENGINE_QMATMUL_ARGS), py::arg("device"), py::arg("stream"),
+      py::arg("kernel") = "",
       "out[M, N] (+)= x[M, K] @ dequant(W)[N, K]^T (+ bias) on a CUDA device and stream. "
       "kernel: '' or 'auto' (decode GEMV for M <= 16; above, the tensor-core GEMM for fp16/bf16 "
       "x and the simple kernel for fp32 x), 'simple', 'decode', 'tc'.");
   m.attr("cuda_decode_max_m") = pyengine::cuda::kDecodeMaxM;
   m.def(
       "qmatmul_cuda_mma",
-      [](uintptr_t frag, uintptr_t params, uintptr_t x, int x_dtype, int64_t ldx, uintptr_t bias,
-         int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, bool accumulate, int64_t M,
-         int64_t N, int64_t K, int bits, int64_t tiles, int64_t iterations, int64_t groups,
-         int gshift, int units, int device, uintptr_t stream) {
-        auto a = make_mma_args(frag, params, x, x_dtype, ldx, bias, bias_dtype, out, out_dtype,
-                               ldo, accumulate, M, N, K, bits, tiles, iterations, groups, gshift,
-                               units);
+      [](PYENGINE_ARG_PARAMS(PYENGINE_MMA_DECODE_ARGS), int device, uintptr_t stream) {
+        pyengine::mma::MmaDecodeArgs a;
+        PYENGINE_SET_ARGS(PYENGINE_MMA_DECODE_ARGS, a);
         py::gil_scoped_release release;
         pyengine::cuda::qmatmul_mma(a, device, stream);
       },
-      py::arg("frag"), py::arg("params"), py::arg("x"), py::arg("x_dtype"), py::arg("ldx"),
-      py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("ldo"), py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K"),
-      py::arg("bits"), py::arg("tiles"), py::arg("iterations"), py::arg("groups"),
-      py::arg("gshift"), py::arg("units"), py::arg("device"), py::arg("stream"),
+      PYENGINE_PY_ARGS(PYENGINE_MMA_DECODE_ARGS), py::arg("device"), py::arg("stream"),
       "out[M, N] (+)= x[M, K] @ W^T (+ bias) on a CUDA device and stream, W in the "
       "fragment-native layout of csrc/mma_frag.h (the tensor-core decode kernel: fp16 / bf16 "
       "activations, M <= 16, sm_80+).");
@@ -649,24 +527,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "plane_matmul_cuda",
-      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t plane_hi, int64_t ld_hi,
-         uintptr_t plane_mid, int64_t ld_mid, uintptr_t plane_lo, int64_t ld_lo, uintptr_t scales,
-         uintptr_t zeros, int sz_dtype, int64_t lds, uintptr_t bias, int bias_dtype, uintptr_t out,
-         int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int precision,
-         int64_t group_size, int device, uintptr_t stream, const std::string& kernel) {
-        PlaneMatmulArgs a = make_plane_args(x, x_dtype, ldx, plane_hi, ld_hi, plane_mid, ld_mid,
-                                            plane_lo, ld_lo, scales, zeros, sz_dtype, lds, bias,
-                                            bias_dtype, out, out_dtype, ldo, M, N, K, precision,
-                                            group_size);
+      [](PYENGINE_ARG_PARAMS(PYENGINE_PLANE_ARGS), int device, uintptr_t stream,
+         const std::string& kernel) {
+        PlaneMatmulArgs a;
+        PYENGINE_SET_ARGS(PYENGINE_PLANE_ARGS, a);
         py::gil_scoped_release release;
         pyengine::cuda::plane_matmul(a, device, stream, kernel);
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("plane_hi"), py::arg("ld_hi"),
-      py::arg("plane_mid"), py::arg("ld_mid"), py::arg("plane_lo"), py::arg("ld_lo"),
-      py::arg("scales"), py::arg("zeros"), py::arg("sz_dtype"), py::arg("lds"), py::arg("bias"),
-      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"), py::arg("M"),
-      py::arg("N"), py::arg("K"), py::arg("precision"), py::arg("group_size"), py::arg("device"),
-      py::arg("stream"), py::arg("kernel") = "",
+      PYENGINE_PY_ARGS(PYENGINE_PLANE_ARGS), py::arg("device"), py::arg("stream"),
+      py::arg("kernel") = "",
       "out[M, N] = x[M, K] @ W_r[N, K]^T (+ bias) on a CUDA device and stream, W_r the r-bit "
       "slice of a Matryoshka int8 parent read from its bit planes (only those the slice needs). "
       "kernel: '' or 'auto' (decode GEMV for M <= 16, simple kernel above), 'decode', 'simple'.");

@@ -43,6 +43,10 @@ def run_native(launch: Launch, x: torch.Tensor, n: int, residual: Optional[torch
     return out.copy_(product)
 
 
+# The builders of the kernels' positional arguments below return plain tuples (a call packs and
+# unpacks no names), in the order of the lists of csrc/kernel_args.h, which pyengine._C exports
+# as QMATMUL_ARG_NAMES, PLANE_ARG_NAMES, ...; tests/backends/test_native_args.py checks each
+# builder's values against those names.
 def packed_weight_args(w: PackedOperand) -> tuple:
     """The weight's part of the ``qmatmul_cpu`` / ``qmatmul_cuda`` arguments (qweight, ldq,
     scales, zeros, sz_dtype, lds), derived once per operand (PackedOperand.native)."""
@@ -60,7 +64,8 @@ def packed_weight_args(w: PackedOperand) -> tuple:
 def packed_kernel_args(x: torch.Tensor, w: PackedOperand, bias: Optional[torch.Tensor],
                        target: torch.Tensor, accumulate: bool, n: int, k: int) -> tuple:
     """The arguments of ``qmatmul_cpu`` / ``qmatmul_cuda`` up to group_size (pointers,
-    strides, dtype codes, sizes) for a packed weight (its part: :func:`packed_weight_args`)."""
+    strides, dtype codes, sizes: ``_C.QMATMUL_ARG_NAMES``) for a packed weight (its part:
+    :func:`packed_weight_args`)."""
     q_ptr, ldq, s_ptr, z_ptr, sz_dtype, lds = packed_weight_args(w)
     return (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), q_ptr, ldq, s_ptr, z_ptr, sz_dtype,
             lds, _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
@@ -133,7 +138,7 @@ def _plane_pointer_args(op: str, device_type: str, x: torch.Tensor, plane_hi: to
                         k: int, out: Optional[torch.Tensor]) -> tuple:
     """Checks the tensors of a plane-layout call (every tensor on x's device, which must be of
     ``device_type``) and returns (out, the pointer/stride/size arguments of the _C kernels up to
-    group_size)."""
+    group_size: ``_C.PLANE_ARG_NAMES``)."""
     def fail(exc, why):
         raise exc(f"{op}(M={x.shape[0] if x.dim() == 2 else '?'}, N={n}, K={k}, "
                   f"precision={precision}, group_size={group_size}): {why}")

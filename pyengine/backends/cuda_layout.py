@@ -193,8 +193,9 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 def mma_call_args(x: torch.Tensor, w: MmaWeight, bias: Optional[torch.Tensor],
                   target: torch.Tensor, accumulate: bool) -> tuple:
-    """The arguments of ``qmatmul_cuda_mma`` up to ``units`` (pointers, strides, dtype codes,
-    sizes) for x [M, >= k] (stride(-1) == 1) into target [M, n]."""
+    """The arguments of ``qmatmul_cuda_mma`` and ``mma_decode_emulate`` up to ``units``
+    (pointers, strides, dtype codes, sizes: ``_C.MMA_DECODE_ARG_NAMES``) for x [M, >= k]
+    (stride(-1) == 1) into target [M, n]."""
     return (w.frag.data_ptr(), w.params.data_ptr(), x.data_ptr(), DTYPE_CODES[x.dtype],
             x.stride(0), _ptr(bias), DTYPE_CODES[bias.dtype] if bias is not None else 0,
             target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), accumulate,
@@ -206,14 +207,13 @@ def mma_decode_emulate(x: torch.Tensor, w: MmaWeight, bias: Optional[torch.Tenso
                        accumulate: bool = False) -> torch.Tensor:
     """The tensor-core decode kernel replayed on the host (pyengine._C.mma_decode_emulate): out
     (float32 [M, n], allocated when None) (+)= x[:, :k] @ W^T (+ bias). x: CPU float16 / bfloat16
-    [M <= 16, >= k]; w: an MmaWeight on the CPU."""
+    [M <= 16, >= k]; w: an MmaWeight on the CPU. Returns out."""
     if x.dtype not in (torch.float16, torch.bfloat16) or x.device.type != "cpu":
         raise ValueError(f"mma_decode_emulate: x must be a CPU float16 / bfloat16 tensor, got "
                          f"{x.dtype} on {x.device}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty(x.shape[0], w.n, dtype=torch.float32)
-    args = list(mma_call_args(x, w, bias, out, accumulate))
-    del args[8]  # the emulator writes float32: no out dtype
-    extension().mma_decode_emulate(*args)
+    # the emulator takes the kernel's arguments; it writes float32 (out_dtype must say so)
+    extension().mma_decode_emulate(*mma_call_args(x, w, bias, out, accumulate))
     return out

@@ -209,9 +209,9 @@ def test_unsupported_groupings_and_bad_calls_are_refused(rng):
     x = torch.randn(17, 256).half()
     out = torch.empty(17, 32)
     args = dict(frag=mw.frag.data_ptr(), params=mw.params.data_ptr(), x=x.data_ptr(), x_dtype=1,
-                ldx=256, bias=0, bias_dtype=0, out=out.data_ptr(), ldo=32, accumulate=False,
-                M=17, N=32, K=256, bits=4, tiles=mw.tiles, iterations=mw.iterations,
-                groups=mw.groups, gshift=mw.gshift, units=mw.units)
+                ldx=256, bias=0, bias_dtype=0, out=out.data_ptr(), out_dtype=0, ldo=32,
+                accumulate=False, M=17, N=32, K=256, bits=4, tiles=mw.tiles,
+                iterations=mw.iterations, groups=mw.groups, gshift=mw.gshift, units=mw.units)
     with pytest.raises(ValueError, match=r"mma_decode_emulate\(M=17.*M must be at most 16"):
         ext.mma_decode_emulate(**args)
     with pytest.raises(ValueError, match="iterations do not cover K"):
