@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pyengine.backends.cuda_layout import WORDS, mma_units  # noqa: E402
 from pyengine.kernels import sass  # noqa: E402
 
 # H200 (SXM): the issue model of the ceiling and the bandwidth it is compared with.
@@ -64,11 +65,9 @@ SHAPE = (14336, 4096)           # N x K of the kernel benchmark (Llama-3-8B gate
 DECODE_MS = (1, 16)
 CUDA_SOURCES = ("qmatmul_decode.cu", "plane_matmul.cu", "qmatmul_tc.cu", "qmatmul_simple.cu",
                 "qmatmul_mma.cu")
-# The tensor-core decode kernel (csrc/cuda/decode_mma.cuh): weight bytes one warp streams per
-# iteration (32 lanes x words_per_lane(bits) words, csrc/mma_frag.h) and, per SHAPE's group
-# size 128, the units per iteration its instantiation must have to serve that group.
-MMA_WORDS = {2: 4, 3: 12, 4: 4, 8: 4}
-MMA_UNITS_AT_GROUP_128 = {2: 1, 3: 2, 4: 1, 8: 1}
+# The tensor-core decode kernel (csrc/cuda/decode_mma.cuh) takes its layout's sizes from
+# pyengine/backends/cuda_layout.py: a warp streams 32 lanes x WORDS[bits] words per iteration,
+# and the instantiation serving SHAPE's group size 128 has mma_units(bits, 128, K) units.
 CUDA_ARCH = "90a"
 
 
@@ -187,13 +186,11 @@ def cuda_rows(jobs: int) -> List[dict]:
                                f"group = iteration / {units}")
                     st = sass.steady_state(func)
                     # The loop is unrolled: a trip streams as many iterations as its path has
-                    # 16-byte weight loads per MMA_WORDS / 4 (the loads are never predicated).
-                    per_load = 32 * 16
-                    trips = max(1, (st.weight_loads if st else 0) // (MMA_WORDS[bits] // 4))
-                    per_warp = trips * 32 * MMA_WORDS[bits] * 4
+                    # 16-byte weight loads per WORDS / 4 (the loads are never predicated).
+                    trips = max(1, (st.weight_loads if st else 0) // (WORDS[bits] // 4))
+                    per_warp = trips * 32 * WORDS[bits] * 4
                     row.update(_loop_fields(st, per_warp, threads=32), iterations_per_trip=trips)
-                    assert per_load * (MMA_WORDS[bits] // 4) == 32 * MMA_WORDS[bits] * 4
-                    if st is not None and units == MMA_UNITS_AT_GROUP_128[bits]:
+                    if st is not None and units == mma_units(bits, 128, SHAPE[1]):
                         row["M"] = 1 if nt == 1 else 16
                         row.update(ceiling(st.instructions, per_warp))
                     elif st is not None:

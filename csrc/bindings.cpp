@@ -190,6 +190,29 @@ std::vector<uint32_t> plane_int2_block(const std::vector<uint32_t>& hi) {
   return out;
 }
 
+// The layout's sizes (csrc/mma_frag.h) for pyengine/backends/cuda_layout.py: per code width
+// the mma steps and the words per lane of one iteration, and the sizes shared by every width.
+py::dict mma_layout_constants() {
+  namespace mm = pyengine::mma;
+  py::dict steps, words;
+  py::list widths;
+  for (int bits : mm::kBitWidths) {
+    widths.append(bits);
+    steps[py::int_(bits)] = mm::steps_per_iteration(bits);
+    words[py::int_(bits)] = mm::words_per_lane(bits);
+  }
+  py::dict d;
+  d["bits"] = py::tuple(widths);
+  d["steps"] = steps;
+  d["words"] = words;
+  d["step_k"] = mm::kStepK;
+  d["tile_rows"] = mm::kTileRows;
+  d["max_m"] = mm::kMaxM;
+  d["frag_tail"] = mm::kFragTail;
+  d["one_group_shift"] = mm::kOneGroupShift;
+  return d;
+}
+
 py::dict build_info() {
   py::dict d;
   d["cpu_kernels"] = true;
@@ -483,6 +506,10 @@ PYBIND11_MODULE(_C, m) {
       "The tensor-core decode kernel (csrc/cuda/decode_mma.cuh) replayed on the host, warp by "
       "warp, from the same layout and bit tricks (csrc/mma_frag.h): out (float32 [M, N]) (+)= "
       "x @ W^T (+ bias). The arguments of qmatmul_cuda_mma (out_dtype: float32). For tests.");
+  m.def("mma_layout_constants", &mma_layout_constants,
+        "The fragment-native layout's sizes (csrc/mma_frag.h): 'bits' (the code widths it "
+        "holds), 'steps' and 'words' (per width: mma steps and 32-bit words per lane of one "
+        "iteration), 'step_k', 'tile_rows', 'max_m', 'frag_tail', 'one_group_shift'.");
 
 #if defined(PYENGINE_WITH_CUDA)
   m.def(

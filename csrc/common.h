@@ -163,17 +163,17 @@ inline void check_mma_decode_args(const char* op, const mma::MmaDecodeArgs& a) {
   for (int d : {a.bias_dtype, a.out_dtype})
     if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
   if (a.M < 0 || a.N < 0 || a.K < 0) fail("negative size");
-  if (a.M > 2 * mma::kTokens) fail("M must be at most 16");
+  if (a.M > mma::kMaxM) fail("M must be at most " + std::to_string(mma::kMaxM));
   const int ik = mma::iteration_k(a.bits);
   if (a.units != 1 && a.units != 2 && a.units != 4 && a.units != 8)
     fail("units must be 1, 2, 4 or 8");
   if (ik / a.units < 32 || ik % a.units) fail("units leave fewer than 32 inputs per unit");
-  if (a.gshift < 0 || a.gshift > 62) fail("gshift out of range");
-  if (a.gshift < 62 && ((int64_t)1 << a.gshift) < ik / a.units)
+  if (a.gshift < 0 || a.gshift > mma::kOneGroupShift) fail("gshift out of range");
+  if (a.gshift < mma::kOneGroupShift && ((int64_t)1 << a.gshift) < ik / a.units)
     fail("a group is smaller than a unit");
   if (a.tiles * mma::kTileRows < a.N) fail("tiles do not cover N");
   if (a.iterations * ik < a.K) fail("iterations do not cover K");
-  const int64_t group_len = a.gshift < 62 ? (int64_t)1 << a.gshift : 0;
+  const int64_t group_len = a.gshift < mma::kOneGroupShift ? (int64_t)1 << a.gshift : 0;
   if (a.groups < 1 || (group_len && a.groups < (a.iterations * ik + group_len - 1) / group_len))
     fail("params hold too few groups");
   if (a.ldx < a.K || a.ldo < a.N) fail("row stride smaller than the row");

@@ -63,8 +63,11 @@ constexpr int kTileRows = 16;   // weight rows per tile (the m16 of mma.m16n8k16
 constexpr int kStepK = 16;      // inputs per mma step (the k16)
 constexpr int kTokens = 8;      // tokens per mma (the n8)
 constexpr int kMaxTokenTiles = 2;  // M <= 16
+constexpr int kMaxM = kTokens * kMaxTokenTiles;  // the most tokens one call takes
 constexpr int kFragTail = 8;       // readable iterations after the last tile (the most warps
                                    // splitting one tile's iterations)
+constexpr int kBitWidths[] = {2, 3, 4, 8};  // the code widths the layout holds
+constexpr int kOneGroupShift = 62;          // MmaDecodeArgs::gshift when one group covers K
 
 PYENGINE_MMA_HD constexpr int steps_per_iteration(int bits) {
   return bits == 8 ? 2 : bits == 4 ? 4 : bits == 2 ? 8 : 16;
@@ -189,7 +192,7 @@ struct MmaDecodeArgs {
   int64_t tiles = 0;                // ceil(N / 16) (at least)
   int64_t iterations = 0;           // ceil(K / iteration_k(bits)) (at least)
   int64_t groups = 0;               // groups per tile in params
-  int gshift = 62;                  // group of input k: k >> gshift (62: one group)
+  int gshift = kOneGroupShift;      // group of input k: k >> gshift (kOneGroupShift: one)
   int units = 1;                    // iteration_k / min(iteration_k, group size): 1, 2, 4, 8
 };
 

@@ -29,7 +29,8 @@ from .._ext import DTYPE_CODES, extension, extension_error
 from ._native import (cuda_plane_kernel_unavailable_reason, dense_matmul_blas,
                       packed_kernel_args, plane_kernel_call, plane_matmul_cuda, run_native)
 from .base import Backend, LinearCase, PackedOperand, PlaneOperand
-from .cuda_layout import (MAX_M, MmaWeight, mma_call_args, mma_unsupported_reason, repack_mma,
+from . import cuda_layout
+from .cuda_layout import (MmaWeight, mma_call_args, mma_unsupported_reason, repack_mma,
                           repack_mma_planes)
 
 
@@ -53,8 +54,9 @@ def _layout_bits(weight) -> int:
 def mma_refusal(x: torch.Tensor, weight, n: int, k: int) -> Optional[str]:
     """None when the tensor-core decode kernel serves this call (a PackedOperand or a
     PlaneOperand), else why not (one line)."""
-    if x.shape[0] > MAX_M:
-        return f"it serves M <= {MAX_M}, got M={x.shape[0]}"
+    max_m = cuda_layout.MAX_M  # read from _C on first use (cuda_layout.__getattr__)
+    if x.shape[0] > max_m:
+        return f"it serves M <= {max_m}, got M={x.shape[0]}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"it takes float16 / bfloat16 activations, got {x.dtype}"
     why = mma_unsupported_reason(_layout_bits(weight), weight.group_size, k)

@@ -10,27 +10,72 @@ the CPU and check the layout through the kernel's host emulation,
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
 from .._ext import DTYPE_CODES, extension
 from ..format.packing import unpack_codes
 
-MMA_BITS = (2, 3, 4, 8)
-TILE_ROWS = 16
-MAX_M = 16
-STEPS = {8: 2, 4: 4, 2: 8, 3: 16}          # mma steps (16 inputs each) per iteration
-WORDS = {8: 4, 4: 4, 2: 4, 3: 12}          # 32-bit words per lane per iteration
-ONE_GROUP_SHIFT = 62                       # gshift meaning "one group covers K"
-FRAG_TAIL = 8                              # readable iterations after the last tile (mma_frag.h)
+# The layout's sizes as csrc/mma_frag.h sets them, the keys of pyengine._C.mma_layout_constants():
+# code widths it holds, mma steps (16 inputs each) per iteration and 32-bit words per lane per
+# iteration (per width), weight rows per tile, most tokens per call, readable iterations after
+# the last tile, and the gshift meaning "one group covers K". _C's values are read when it
+# loads; this copy stands in without it (tests/backends/test_native_args.py checks the two
+# agree).
+FALLBACK_LAYOUT_CONSTANTS: Dict[str, Any] = {
+    "bits": (2, 3, 4, 8),
+    "steps": {2: 8, 3: 16, 4: 4, 8: 2},
+    "words": {2: 4, 3: 12, 4: 4, 8: 4},
+    "step_k": 16,
+    "tile_rows": 16,
+    "max_m": 16,
+    "frag_tail": 8,
+    "one_group_shift": 62,
+}
+# Module attributes read from layout_constants() on first use (``__getattr__`` below), so that
+# importing this module does not load the extension.
+_CONSTANT_NAMES = {"MMA_BITS": "bits", "STEPS": "steps", "WORDS": "words",
+                   "TILE_ROWS": "tile_rows", "MAX_M": "max_m", "FRAG_TAIL": "frag_tail",
+                   "ONE_GROUP_SHIFT": "one_group_shift"}
 _CHUNK_CODE_BITS = 1 << 24                 # repack in row chunks of about this many code bits
+
+
+@functools.lru_cache(maxsize=None)
+def layout_constants() -> Dict[str, Any]:
+    """The layout's sizes (keys as :data:`FALLBACK_LAYOUT_CONSTANTS`): from
+    ``pyengine._C.mma_layout_constants()`` when the extension loads, else the fallback copy."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "mma_layout_constants"):
+        return FALLBACK_LAYOUT_CONSTANTS
+    return ext.mma_layout_constants()
+
+
+def __getattr__(name: str) -> Any:
+    """MMA_BITS, STEPS, WORDS, TILE_ROWS, MAX_M, FRAG_TAIL, ONE_GROUP_SHIFT: the entries of
+    :func:`layout_constants`, kept as plain module attributes after the first read."""
+    key = _CONSTANT_NAMES.get(name)
+    if key is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = layout_constants()[key]
+    globals()[name] = value
+    return value
 
 
 def iteration_k(bits: int) -> int:
     """Inputs per iteration of the kernel: 16 * STEPS[bits]."""
-    return 16 * STEPS[bits]
+    c = layout_constants()
+    return c["step_k"] * c["steps"][bits]
+
+
+def mma_units(bits: int, group_size: int, k: int) -> int:
+    """Units per iteration (MmaDecodeArgs::units) of a ``bits``-wide weight of ``k`` inputs in
+    groups of ``group_size``: 1 when a group spans an iteration or covers k, else the groups
+    one iteration holds."""
+    ik = iteration_k(bits)
+    return 1 if group_size >= k else ik // min(ik, group_size)
 
 
 class MmaWeight(NamedTuple):
@@ -62,8 +107,9 @@ class MmaWeight(NamedTuple):
 
 def mma_unsupported_reason(bits: int, group_size: int, k: int) -> Optional[str]:
     """None when the layout holds a weight of this width and grouping, else why not."""
-    if bits not in MMA_BITS:
-        return f"bits must be one of {MMA_BITS}, got {bits}"
+    widths = layout_constants()["bits"]
+    if bits not in widths:
+        return f"bits must be one of {widths}, got {bits}"
     if group_size >= k:
         return None  # one group covers the inputs (per channel, or a short sliced call)
     if group_size < 32 or group_size & (group_size - 1):
@@ -76,7 +122,7 @@ def _lane_code_index(bits: int, device: torch.device) -> torch.Tensor:
     """[32, STEPS * 8]: for lane l and entry ((s * 4 + r) * 2 + h) the index of its code in a
     16 x (16 * STEPS) block of one iteration (row * 16 * STEPS + column), from the PTX A
     fragment coordinates (csrc/mma_frag.h: a_row, a_col)."""
-    steps = STEPS[bits]
+    steps = layout_constants()["steps"][bits]
     lane = torch.arange(32).view(32, 1, 1, 1)
     s = torch.arange(steps).view(1, steps, 1, 1)
     r = torch.arange(4).view(1, 1, 4, 1)
@@ -140,14 +186,16 @@ def _repack(codes_of, s: torch.Tensor, z: Optional[torch.Tensor], symmetric_zero
     """The layout from ``codes_of(r0, r1)`` (int64 [r1 - r0, k], codes of rows r0..r1) and the
     fp32 scales s / zeros z ([n, >= groups]; z None: ``symmetric_zero`` everywhere)."""
     ext = extension()
+    c = layout_constants()
+    tile_rows = c["tile_rows"]
     device = s.device
-    steps, words, ik = STEPS[bits], WORDS[bits], iteration_k(bits)
+    steps, words, ik = c["steps"][bits], c["words"][bits], iteration_k(bits)
     iterations = math.ceil(k / ik)
     kp = iterations * ik
-    tiles = math.ceil(n / TILE_ROWS)
+    tiles = math.ceil(n / tile_rows)
     one_group = group_size >= k
-    gshift = ONE_GROUP_SHIFT if one_group else group_size.bit_length() - 1
-    units = 1 if one_group else ik // min(ik, group_size)
+    gshift = c["one_group_shift"] if one_group else group_size.bit_length() - 1
+    units = mma_units(bits, group_size, k)
     groups = 1 if one_group else math.ceil(kp / group_size)
 
     index = _lane_code_index(bits, device)
@@ -158,17 +206,17 @@ def _repack(codes_of, s: torch.Tensor, z: Optional[torch.Tensor], symmetric_zero
     bit_index = torch.arange(bits, device=device, dtype=torch.int64)
 
     # The kernel prefetches up to FRAG_TAIL iterations past a tile's end: the buffer has them.
-    storage = torch.zeros(tiles * iterations + FRAG_TAIL, 32, words, dtype=torch.int32,
+    storage = torch.zeros(tiles * iterations + c["frag_tail"], 32, words, dtype=torch.int32,
                           device=device)
     frag = storage[: tiles * iterations].view(tiles, iterations, 32, words)
-    chunk_tiles = max(1, _CHUNK_CODE_BITS // (TILE_ROWS * kp * bits))
+    chunk_tiles = max(1, _CHUNK_CODE_BITS // (tile_rows * kp * bits))
     for t0 in range(0, tiles, chunk_tiles):
         t1 = min(tiles, t0 + chunk_tiles)
-        r0, r1 = t0 * TILE_ROWS, min(n, t1 * TILE_ROWS)
-        codes = torch.zeros((t1 - t0) * TILE_ROWS, kp, dtype=torch.int64, device=device)
+        r0, r1 = t0 * tile_rows, min(n, t1 * tile_rows)
+        codes = torch.zeros((t1 - t0) * tile_rows, kp, dtype=torch.int64, device=device)
         codes[: r1 - r0, :k] = codes_of(r0, r1)
-        block = (codes.view(t1 - t0, TILE_ROWS, iterations, steps * 16)
-                 .permute(0, 2, 1, 3).reshape(t1 - t0, iterations, TILE_ROWS * steps * 16))
+        block = (codes.view(t1 - t0, tile_rows, iterations, ik)
+                 .permute(0, 2, 1, 3).reshape(t1 - t0, iterations, tile_rows * ik))
         lane_codes = block[:, :, index]                       # [t, it, 32, steps * 8]
         bit_values = ((lane_codes.unsqueeze(-1) >> bit_index) & 1) << shift_of
         packed = torch.zeros(t1 - t0, iterations, 32, words, dtype=torch.int64, device=device)
@@ -178,7 +226,7 @@ def _repack(codes_of, s: torch.Tensor, z: Optional[torch.Tensor], symmetric_zero
     used = 1 if one_group else math.ceil(k / group_size)
     s = s[:, :used]
     z = z[:, :used] if z is not None else torch.full_like(s, symmetric_zero)
-    pairs = torch.zeros(tiles * TILE_ROWS, groups, 2, dtype=torch.float32, device=device)
+    pairs = torch.zeros(tiles * tile_rows, groups, 2, dtype=torch.float32, device=device)
     pairs[:n, :used, 0] = s
     pairs[:n, :used, 1] = -(s * z)
     # row 16t + 8 * half + g  ->  params[t, group, g, 2 * half + (0: s, 1: -s z)]

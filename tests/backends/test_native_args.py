@@ -5,7 +5,8 @@ MMA_DECODE_ARG_NAMES, QMatmulCall's QMATMUL_BOUND_ARG_NAMES and QMATMUL_PER_CALL
 the Python code that builds those arguments as plain tuples per call (pyengine/backends/
 _native.py, cpu.py, cuda_layout.py) puts each value where its name says: every builder runs on
 tensors whose pointers, strides, sizes and dtype codes tell the arguments apart, and its tuple,
-read through _C's names, must hold what each name means.
+read through _C's names, must hold what each name means. Also: the fragment-native layout's sizes
+cuda_layout.py falls back on equal _C's.
 """
 
 from __future__ import annotations
@@ -184,3 +185,26 @@ def test_emulator_takes_the_kernel_arguments_and_writes_float32():
     args = dict(zip(EXT.MMA_DECODE_ARG_NAMES, mma_call_args(x, mw, None, out, False)))
     with pytest.raises(ValueError, match="writes float32"):
         EXT.mma_decode_emulate(**{**args, "out_dtype": DTYPE_CODES[torch.float16]})
+
+
+def test_layout_constants_fallback_matches_the_extension(monkeypatch):
+    """cuda_layout's own copy of the layout's sizes (used when _C is missing) equals
+    _C.mma_layout_constants(), which cuda_layout reads when _C loads; its module constants
+    come from there."""
+    assert EXT.mma_layout_constants() == cuda_layout.FALLBACK_LAYOUT_CONSTANTS
+    assert cuda_layout.layout_constants() == cuda_layout.FALLBACK_LAYOUT_CONSTANTS
+    c = cuda_layout.layout_constants()
+    assert (cuda_layout.STEPS, cuda_layout.WORDS, cuda_layout.FRAG_TAIL) == (
+        c["steps"], c["words"], c["frag_tail"])
+    assert (cuda_layout.MMA_BITS, cuda_layout.TILE_ROWS, cuda_layout.MAX_M,
+            cuda_layout.ONE_GROUP_SHIFT) == (c["bits"], c["tile_rows"], c["max_m"],
+                                             c["one_group_shift"])
+    with pytest.raises(AttributeError):
+        cuda_layout.NO_SUCH_CONSTANT
+    # without the extension: the fallback copy
+    monkeypatch.setattr(cuda_layout, "extension", lambda: None)
+    assert cuda_layout.layout_constants.__wrapped__() is cuda_layout.FALLBACK_LAYOUT_CONSTANTS
+    # the units per iteration the kernel's instantiations serve at group size 128
+    assert {b: cuda_layout.mma_units(b, 128, 4096) for b in (2, 3, 4, 8)} == {
+        2: 1, 3: 2, 4: 1, 8: 1}
+    assert cuda_layout.mma_units(3, 128, 128) == 1      # one group covers k
