@@ -56,7 +56,9 @@ class PackedOperand:
     eager calls (see pyengine.ops.linear), so that work is done once per weight. ``bound``: the
     ops' prepared calls of it for plain eager calls (pyengine.ops.linear._prepared_call).
     ``layouts``: copies of the weight in a backend's own layout (docs/FORMAT.md allows them), made
-    once and kept with the operand, keyed by the backend's choice (e.g. ("mma", n, k)).
+    once and kept with the operand, keyed by the backend's choice (e.g. ("mma", n, k)); also
+    small answers that follow from the operand alone (e.g. ("mma refusal", k): whether the cuda
+    backend's tensor-core decode kernel takes its width and grouping).
     """
 
     __slots__ = ("qweight", "scales", "zeros", "bits", "group_size", "native", "bound",

@@ -51,21 +51,30 @@ def _layout_bits(weight) -> int:
     return weight.bits
 
 
+_NO_ANSWER = object()  # layouts.get's default: a cached answer may be None
+
+
 def mma_refusal(x: torch.Tensor, weight, n: int, k: int) -> Optional[str]:
     """None when the tensor-core decode kernel serves this call (a PackedOperand or a
-    PlaneOperand), else why not (one line)."""
+    PlaneOperand), else why not (one line). What depends on the operand and k alone (its code
+    width and grouping) is worked out once per operand and k and kept in ``weight.layouts``;
+    the checks of x, the extension and the device run each call."""
     max_m = cuda_layout.MAX_M  # read from _C on first use (cuda_layout.__getattr__)
     if x.shape[0] > max_m:
         return f"it serves M <= {max_m}, got M={x.shape[0]}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"it takes float16 / bfloat16 activations, got {x.dtype}"
-    why = mma_unsupported_reason(_layout_bits(weight), weight.group_size, k)
+    key = ("mma refusal", k)  # n plays no part
+    why = weight.layouts.get(key, _NO_ANSWER)
+    if why is _NO_ANSWER:
+        why = weight.layouts[key] = mma_unsupported_reason(_layout_bits(weight),
+                                                           weight.group_size, k)
     if why is not None:
         return why
     if not hasattr(extension(), "qmatmul_cuda_mma"):
         return "pyengine._C was built without it"
-    major = _compute_capability(x.device.index if x.device.index is not None
-                                else torch.cuda.current_device())[0]
+    index = x.device.index
+    major = _compute_capability(index if index is not None else torch.cuda.current_device())[0]
     if major < 8:
         return f"it needs sm_80 or newer, this device is sm_{major}x"
     return None

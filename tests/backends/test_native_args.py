@@ -6,7 +6,8 @@ the Python code that builds those arguments as plain tuples per call (pyengine/b
 _native.py, cpu.py, cuda_layout.py) puts each value where its name says: every builder runs on
 tensors whose pointers, strides, sizes and dtype codes tell the arguments apart, and its tuple,
 read through _C's names, must hold what each name means. Also: the fragment-native layout's sizes
-cuda_layout.py falls back on equal _C's.
+cuda_layout.py falls back on equal _C's, and the cuda backend's per-operand answer whether its
+tensor-core decode kernel takes a weight is cached without hiding the checks of x.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from pyengine._ext import DTYPE_CODES, extension
 from pyengine.backends import cpu as cpu_module
+from pyengine.backends import cuda as cuda_module
 from pyengine.backends import cuda_layout
 from pyengine.backends._native import _plane_pointer_args, packed_kernel_args
 from pyengine.backends.base import PackedOperand
@@ -208,3 +210,32 @@ def test_layout_constants_fallback_matches_the_extension(monkeypatch):
     assert {b: cuda_layout.mma_units(b, 128, 4096) for b in (2, 3, 4, 8)} == {
         2: 1, 3: 2, 4: 1, 8: 1}
     assert cuda_layout.mma_units(3, 128, 128) == 1      # one group covers k
+
+
+def test_mma_refusal_caches_the_operand_part(monkeypatch):
+    """The answer that depends on the weight and k is worked out once per operand and k;
+    the checks of x (M, dtype) and of the extension still run at every call."""
+    monkeypatch.setattr(cuda_module, "extension", lambda: types.SimpleNamespace())
+    asked = []
+
+    def counting(bits, group_size, k):
+        asked.append((bits, group_size, k))
+        return cuda_layout.mma_unsupported_reason(bits, group_size, k)
+
+    monkeypatch.setattr(cuda_module, "mma_unsupported_reason", counting)
+    qweight = torch.zeros(32, 512 * 4 // 32, dtype=torch.int32)
+    odd = PackedOperand(qweight, torch.ones(32, 6), None, 4, 96)
+    x = torch.zeros(1, 512, dtype=torch.float16)
+    for _ in range(3):
+        assert "power-of-two" in cuda_module.mma_refusal(x, odd, 32, 512)
+    assert asked == [(4, 96, 512)]
+    # one group covers k = 96: the weight is served, this (stand-in) build lacks the kernel
+    assert "built without it" in cuda_module.mma_refusal(x, odd, 32, 96)
+    assert len(asked) == 2
+    # x's checks come first, whatever is cached
+    assert "M <= 16" in cuda_module.mma_refusal(torch.zeros(17, 512).half(), odd, 32, 512)
+    assert "float16 / bfloat16" in cuda_module.mma_refusal(torch.zeros(1, 512), odd, 32, 512)
+    good = PackedOperand(qweight, torch.ones(32, 4), None, 4, 128)
+    for _ in range(2):
+        assert "built without it" in cuda_module.mma_refusal(x, good, 32, 512)
+    assert len(asked) == 3
