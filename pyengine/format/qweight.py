@@ -12,7 +12,7 @@ Symmetric weights store no zeros: their zero point is 2^(bits-1).
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,12 +73,52 @@ class OpCacheNotCopied:
 
 
 class GroupedWeight(OpCacheNotCopied):
-    """What the grouped quantized weights (QuantizedWeight, the Matryoshka parent) say of
-    themselves alike: ``shape`` [N, K], per-group ``scales`` and ``zeros`` (None: symmetric),
-    ``group_size`` (-1: one group per row); subclasses give ``padded_in_features``."""
+    """What the grouped quantized weights (QuantizedWeight, the Matryoshka parent) have alike:
+    ``shape`` [N, K], per-group ``scales`` and ``zeros`` (None: symmetric), ``group_size`` (-1:
+    one group per row) and ``method``, checked and kept by :meth:`_set_groups`, with the
+    descriptive properties, ``repr``, the scales' conversion and serialisation built on them.
+    Subclasses give ``padded_in_features``, ``device``, ``bits`` and ``_BITS_FIELD`` (the
+    name ``repr`` gives ``bits``)."""
 
     __slots__ = ()
 
+    _BITS_FIELD = "bits"
+
+    # ---- construction ---------------------------------------------------------------------
+    @staticmethod
+    def _grouping(shape: Tuple[int, int], group_size: int) -> Tuple[int, int, int, int]:
+        """(N, K, Kp, G) of a weight of ``shape`` stored in groups of ``group_size``: Kp the
+        stored row length (:func:`padded_in_features`), G the groups per row. ValueError for a
+        group size not in SUPPORTED_GROUP_SIZES."""
+        n, k = (int(d) for d in shape)
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+        kp = padded_in_features(k, group_size)
+        return n, k, kp, 1 if group_size == -1 else kp // group_size
+
+    def _set_groups(self, codes_name: str, codes: Sequence[torch.Tensor], scales: torch.Tensor,
+                    zeros: Optional[torch.Tensor], group_size: int, n: int, k: int, n_groups: int,
+                    method: str) -> None:
+        """Checks the scales (float [n, n_groups] in a SCALE_DTYPES dtype), the zeros (None, or
+        the scales' dtype and shape) and that they and the packed ``codes`` (``codes_name`` in
+        the message) are on one device, then keeps scales, zeros, group_size, shape [n, k] and
+        method. ValueError naming what is wrong."""
+        if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (n, n_groups):
+            raise ValueError(f"scales must be float32/float16/bfloat16 of shape {(n, n_groups)}, "
+                             f"got {scales.dtype} {tuple(scales.shape)}")
+        if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape):
+            raise ValueError(f"zeros must match scales ({scales.dtype} {tuple(scales.shape)}), "
+                             f"got {zeros.dtype} {tuple(zeros.shape)}")
+        devices = {t.device for t in (*codes, scales, zeros) if t is not None}
+        if len(devices) != 1:
+            raise ValueError(f"{codes_name}, scales and zeros must be on one device, got {devices}")
+        self.scales = scales
+        self.zeros = zeros
+        self.group_size = int(group_size)
+        self.shape = torch.Size((n, k))
+        self.method = str(method)
+
+    # ---- descriptive properties -----------------------------------------------------------
     @property
     def symmetric(self) -> bool:
         return self.zeros is None
@@ -101,6 +141,39 @@ class GroupedWeight(OpCacheNotCopied):
         """Dtype of the scales (and zeros)."""
         return self.scales.dtype
 
+    def __repr__(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (f"{type(self).__name__}(shape={tuple(self.shape)}, "
+                f"{self._BITS_FIELD}={self.bits}, group_size={self.group_size}, {kind}, "
+                f"scales={DTYPE_NAMES[self.dtype]}, device={self.device}, "
+                f"method={self.method!r})")
+
+    # ---- conversions and serialisation ----------------------------------------------------
+    def _scales_to(self, device: Optional[torch.device | str],
+                   dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(scales, zeros) on ``device`` in ``dtype`` (None: unchanged; the same tensors when
+        nothing changes), for ``to``. ValueError for a dtype not in SCALE_DTYPES."""
+        if dtype is not None and dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale dtype must be one of {SCALE_DTYPES}, got {dtype}")
+        s = self.scales.to(device=device, dtype=dtype)
+        z = None if self.zeros is None else self.zeros.to(device=device, dtype=dtype)
+        return s, z
+
+    def _groups_dict(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The tensors ("scales", and "zeros" when asymmetric) and the metadata (group_size,
+        symmetric, shape, scale_dtype, method) that every grouped weight's ``to_dict`` holds."""
+        tensors = {"scales": self.scales}
+        if self.zeros is not None:
+            tensors["zeros"] = self.zeros
+        meta = {
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "shape": [int(self.shape[0]), int(self.shape[1])],
+            "scale_dtype": DTYPE_NAMES[self.dtype],
+            "method": self.method,
+        }
+        return tensors, meta
+
 
 class QuantizedWeight(GroupedWeight):
     """A quantized linear weight in the canonical packed format.
@@ -122,37 +195,20 @@ class QuantizedWeight(GroupedWeight):
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                  *, bits: int, group_size: int, shape: Tuple[int, int], method: str = "rtn") -> None:
-        n, k = (int(d) for d in shape)
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-        if group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
-        kp = padded_in_features(k, group_size)
-        n_groups = 1 if group_size == -1 else kp // group_size
+        n, k, kp, n_groups = self._grouping(shape, group_size)
         if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, kp * bits // 32):
             raise ValueError(f"qweight must be int32 of shape {(n, kp * bits // 32)} for a "
                              f"{bits}-bit weight of shape {(n, k)}, got {qweight.dtype} "
                              f"{tuple(qweight.shape)}")
-        if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (n, n_groups):
-            raise ValueError(f"scales must be float32/float16/bfloat16 of shape {(n, n_groups)}, "
-                             f"got {scales.dtype} {tuple(scales.shape)}")
-        if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape):
-            raise ValueError(f"zeros must match scales ({scales.dtype} {tuple(scales.shape)}), "
-                             f"got {zeros.dtype} {tuple(zeros.shape)}")
-        devices = {t.device for t in (qweight, scales, zeros) if t is not None}
-        if len(devices) != 1:
-            raise ValueError(f"qweight, scales and zeros must be on one device, got {devices}")
+        self._set_groups("qweight", (qweight,), scales, zeros, group_size, n, k, n_groups, method)
         self.qweight = qweight
-        self.scales = scales
-        self.zeros = zeros
         self.bits = int(bits)
-        self.group_size = int(group_size)
-        self.shape = torch.Size((n, k))
-        self.method = str(method)
         self._op_cache = None
 
-    # ---- descriptive properties (symmetric, in / out_features, effective_group_size, dtype:
-    # GroupedWeight) ---------------------------------------------------------------------------
+    # ---- descriptive properties (symmetric, in / out_features, effective_group_size, dtype,
+    # repr: GroupedWeight) -----------------------------------------------------------------------
     @property
     def padded_in_features(self) -> int:
         """Stored codes per row (K padded to the packing block and group size)."""
@@ -177,12 +233,6 @@ class QuantizedWeight(GroupedWeight):
         """Stored bits per weight of the unpadded [N, K] matrix, scales and zeros included."""
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
-    def __repr__(self) -> str:
-        kind = "symmetric" if self.symmetric else "asymmetric"
-        return (f"QuantizedWeight(shape={tuple(self.shape)}, bits={self.bits}, "
-                f"group_size={self.group_size}, {kind}, scales={DTYPE_NAMES[self.dtype]}, "
-                f"device={self.device}, method={self.method!r})")
-
     # ---- conversions ------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """Unpacked codes, int64 [N, K]."""
@@ -198,11 +248,8 @@ class QuantizedWeight(GroupedWeight):
     def to(self, device: Optional[torch.device | str] = None,
            dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
         """A copy on ``device`` with scales/zeros in ``dtype`` (self when nothing changes)."""
-        if dtype is not None and dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale dtype must be one of {SCALE_DTYPES}, got {dtype}")
+        s, z = self._scales_to(device, dtype)
         q = self.qweight.to(device) if device is not None else self.qweight
-        s = self.scales.to(device=device, dtype=dtype)
-        z = None if self.zeros is None else self.zeros.to(device=device, dtype=dtype)
         if q is self.qweight and s is self.scales and z is self.zeros:
             return self
         return QuantizedWeight(q, s, z, bits=self.bits, group_size=self.group_size,
@@ -212,19 +259,9 @@ class QuantizedWeight(GroupedWeight):
     def to_dict(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """A flat dict of tensors ("qweight", "scales", and "zeros" when asymmetric) and
         JSON-able metadata; :meth:`from_dict` inverts it."""
-        tensors = {"qweight": self.qweight, "scales": self.scales}
-        if self.zeros is not None:
-            tensors["zeros"] = self.zeros
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "shape": [int(self.shape[0]), int(self.shape[1])],
-            "scale_dtype": DTYPE_NAMES[self.dtype],
-            "method": self.method,
-        }
+        groups, group_meta = self._groups_dict()
+        tensors = {"qweight": self.qweight, **groups}
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "bits": self.bits, **group_meta}
         json.dumps(meta)  # metadata must stay JSON-able
         return tensors, meta
 

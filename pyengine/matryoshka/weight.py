@@ -33,8 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..format.packing import pack_codes, unpack_codes
-from ..format.qweight import (DTYPE_NAMES, SCALE_DTYPES, SUPPORTED_GROUP_SIZES, GroupedWeight,
-                              QuantizedWeight, padded_in_features)
+from ..format.qweight import GroupedWeight, QuantizedWeight, padded_in_features
 
 PARENT_BITS = 8
 PRECISIONS = (8, 6, 4, 3, 2)
@@ -212,33 +211,17 @@ class MatryoshkaWeight(GroupedWeight):
     def __init__(self, plane_hi: torch.Tensor, plane_mid: torch.Tensor, plane_lo: torch.Tensor,
                  scales: torch.Tensor, zeros: Optional[torch.Tensor], *, group_size: int,
                  shape: Tuple[int, int], method: str = "rtn") -> None:
-        n, k = (int(d) for d in shape)
-        if group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
-        kp = padded_in_features(k, group_size)
-        n_groups = 1 if group_size == -1 else kp // group_size
-        for name, plane in zip(PLANE_NAMES, (plane_hi, plane_mid, plane_lo)):
+        n, k, kp, n_groups = self._grouping(shape, group_size)
+        planes = (plane_hi, plane_mid, plane_lo)
+        for name, plane in zip(PLANE_NAMES, planes):
             want = (n, kp * PLANE_BITS[name] // 32)
             if plane.dtype != torch.int32 or tuple(plane.shape) != want:
                 raise ValueError(f"{name} must be int32 of shape {want} for a Matryoshka weight of "
                                  f"shape {(n, k)}, got {plane.dtype} {tuple(plane.shape)}")
-        if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (n, n_groups):
-            raise ValueError(f"scales must be float32/float16/bfloat16 of shape {(n, n_groups)}, "
-                             f"got {scales.dtype} {tuple(scales.shape)}")
-        if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape):
-            raise ValueError(f"zeros must match scales ({scales.dtype} {tuple(scales.shape)}), "
-                             f"got {zeros.dtype} {tuple(zeros.shape)}")
-        devices = {t.device for t in (plane_hi, plane_mid, plane_lo, scales, zeros) if t is not None}
-        if len(devices) != 1:
-            raise ValueError(f"planes, scales and zeros must be on one device, got {devices}")
+        self._set_groups("planes", planes, scales, zeros, group_size, n, k, n_groups, method)
         self.plane_hi = plane_hi
         self.plane_mid = plane_mid
         self.plane_lo = plane_lo
-        self.scales = scales
-        self.zeros = zeros
-        self.group_size = int(group_size)
-        self.shape = torch.Size((n, k))
-        self.method = str(method)
         self._op_cache = {}
 
     _fresh_op_cache = staticmethod(dict)  # copies start with an empty cache (OpCacheNotCopied)
@@ -273,9 +256,10 @@ class MatryoshkaWeight(GroupedWeight):
         return cls(planes["plane_hi"], planes["plane_mid"], planes["plane_lo"], scales, zeros,
                    group_size=group_size, shape=(n, k), method=method)
 
-    # ---- descriptive properties (symmetric, in / out_features, effective_group_size, dtype:
-    # GroupedWeight) ---------------------------------------------------------------------------
+    # ---- descriptive properties (symmetric, in / out_features, effective_group_size, dtype,
+    # repr: GroupedWeight) -----------------------------------------------------------------------
     bits = PARENT_BITS  # stored bits per code
+    _BITS_FIELD = "parent_bits"
 
     @property
     def padded_in_features(self) -> int:
@@ -302,12 +286,6 @@ class MatryoshkaWeight(GroupedWeight):
     def code_bytes_read(self, precision: int) -> int:
         """Bytes of packed codes an r-bit forward reads (the planes of PLANES_READ[r])."""
         return sum(p.numel() * p.element_size() for p in self.planes_for(precision).values())
-
-    def __repr__(self) -> str:
-        kind = "symmetric" if self.symmetric else "asymmetric"
-        return (f"MatryoshkaWeight(shape={tuple(self.shape)}, parent_bits=8, "
-                f"group_size={self.group_size}, {kind}, scales={DTYPE_NAMES[self.dtype]}, "
-                f"device={self.device}, method={self.method!r})")
 
     # ---- conversions ------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -354,12 +332,9 @@ class MatryoshkaWeight(GroupedWeight):
     def to(self, device: Optional[torch.device | str] = None,
            dtype: Optional[torch.dtype] = None) -> "MatryoshkaWeight":
         """A copy on ``device`` with scales/zeros in ``dtype`` (self when nothing changes)."""
-        if dtype is not None and dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale dtype must be one of {SCALE_DTYPES}, got {dtype}")
+        s, z = self._scales_to(device, dtype)
         planes = [getattr(self, name).to(device) if device is not None else getattr(self, name)
                   for name in PLANE_NAMES]
-        s = self.scales.to(device=device, dtype=dtype)
-        z = None if self.zeros is None else self.zeros.to(device=device, dtype=dtype)
         if all(p is getattr(self, name) for p, name in zip(planes, PLANE_NAMES)) and \
                 s is self.scales and z is self.zeros:
             return self
@@ -371,21 +346,10 @@ class MatryoshkaWeight(GroupedWeight):
         """A flat dict of tensors (the three planes, "scales", and "zeros" when asymmetric) and
         JSON-able metadata; :meth:`from_dict` inverts it. There is one parent: no per-precision
         tensors."""
-        tensors = dict(self.planes())
-        tensors["scales"] = self.scales
-        if self.zeros is not None:
-            tensors["zeros"] = self.zeros
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "parent_bits": PARENT_BITS,
-            "layout": LAYOUT,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "shape": [int(self.shape[0]), int(self.shape[1])],
-            "scale_dtype": DTYPE_NAMES[self.dtype],
-            "method": self.method,
-        }
+        groups, group_meta = self._groups_dict()
+        tensors = {**self.planes(), **groups}
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "parent_bits": PARENT_BITS,
+                "layout": LAYOUT, **group_meta}
         json.dumps(meta)
         return tensors, meta
 
