@@ -28,6 +28,16 @@ def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def _check_rows(bits: int, name: str, rows: torch.Tensor, multiple: int, layout: str) -> None:
+    """ValueError unless ``bits`` is one of SUPPORTED_BITS and ``rows`` (called ``name``) is 2-D
+    with a last dimension that is a multiple of ``multiple`` (``layout`` describes that shape
+    in the message)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if rows.dim() != 2 or rows.shape[1] % multiple:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(rows.shape)}")
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs integer codes along the last dimension.
 
@@ -38,11 +48,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     Returns:
         int32 tensor [N, Kp * bits / 32] (the unsigned words' bit patterns).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if codes.dim() != 2 or codes.shape[1] % BLOCK_CODES:
-        raise ValueError(f"codes must be [N, Kp] with Kp a multiple of {BLOCK_CODES}, "
-                         f"got shape {tuple(codes.shape)}")
+    _check_rows(bits, "codes", codes, BLOCK_CODES, f"[N, Kp] with Kp a multiple of {BLOCK_CODES}")
     n, kp = codes.shape
     # rows in chunks: the int64 temporaries below take 16 bytes per code
     rows = max(1, _PACK_CHUNK_CODES // kp)
@@ -86,11 +92,7 @@ def unpack_codes(qweight: torch.Tensor, bits: int, k: Optional[int] = None) -> t
     Returns:
         int64 tensor [N, 32 * W / bits] (or [N, k]) of codes in [0, 2^bits).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if qweight.dim() != 2 or qweight.shape[1] % bits:
-        raise ValueError(f"qweight must be [N, W] with W a multiple of bits={bits}, "
-                         f"got shape {tuple(qweight.shape)}")
+    _check_rows(bits, "qweight", qweight, bits, f"[N, W] with W a multiple of bits={bits}")
     n, n_words = qweight.shape
     words = qweight.to(torch.int64) & 0xFFFFFFFF
     if bits == 3:
