@@ -8,6 +8,7 @@ speedup against the dense baseline measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Dict, List
 
@@ -26,3 +27,12 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
 
 def write_results(path: Path, meta: Dict[str, object], rows: List[Dict[str, object]]) -> None:
     write_json(path, meta, rows)
+
+
+def add_report_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of a script whose results are NAME.json, .md and .png: --out (their path
+    without the suffix, default benchmarks/results/NAME) and --report-only (rewrite the
+    markdown and the plot from the JSON, measure nothing)."""
+    parser.add_argument("--out", type=Path, default=RESULTS / name)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the markdown and the plot from the JSON, measure nothing")

@@ -83,9 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="MatQuant slice weights lambda, e.g. 8:1,4:1,2:10")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is faster on a busy machine")
-    parser.add_argument("--out", type=Path, default=common.RESULTS / "matryoshka_smollm2")
-    parser.add_argument("--report-only", action="store_true",
-                        help="only redo the markdown and the plot from the JSON")
+    common.add_report_args(parser, "matryoshka_smollm2")
     args = parser.parse_args(argv)
     if args.report_only:
         data = json.loads(args.out.with_suffix(".json").read_text())

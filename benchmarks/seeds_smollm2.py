@@ -76,9 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="quantizer of the mixed-precision section")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only these sections (repeatable); default: all")
-    parser.add_argument("--out", type=Path, default=common.RESULTS / "seeds_smollm2")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the markdown and the plot from the JSON, measure nothing")
+    common.add_report_args(parser, "seeds_smollm2")
     args = parser.parse_args(argv)
     if args.report_only:
         saved = json.loads(args.out.with_suffix(".json").read_text())
