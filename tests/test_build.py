@@ -1,23 +1,15 @@
 """The installed build: what it reports, and that importing pyengine stays cheap and safe."""
 
 import runpy
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 import pyengine
 
+from helpers import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run_python(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 def test_build_info_reports_the_build():
@@ -84,7 +76,7 @@ def test_explicit_arch_lists_win(setup_py):
 
 
 def test_import_does_not_initialise_cuda():
-    out = _run_python("""
+    out = run_python("""
         import torch
         import pyengine
         pyengine.quantize(torch.randn(4, 32), 4, 32)
@@ -94,16 +86,7 @@ def test_import_does_not_initialise_cuda():
 
 
 def test_pyengine_works_without_the_extension():
-    out = _run_python("""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "pyengine._C":
-                    raise ImportError("pyengine._C blocked by the test")
-                return None
-
-        sys.meta_path.insert(0, Block())
+    out = run_python("""
         import torch, pyengine
         info = pyengine.build_info()
         assert info["cpu_kernels"] is False and "blocked" in info["extension_error"]
@@ -119,7 +102,7 @@ def test_pyengine_works_without_the_extension():
         else:
             raise AssertionError("asking for the cpu backend without _C must fail")
         print("ok")
-    """)
+    """, without_extension=True)
     assert out.strip() == "ok"
 
 

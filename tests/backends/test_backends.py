@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import pyengine
-from pyengine.backends import reference_matmul
 
-from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, native_backends, poisoned,
-                     packed_operand, random_weight)
+from helpers import (BITS, QUANT_CASE_IDS, QUANT_CASES, check_against_reference, native_backends,
+                     packed_operand, random_weight, shortcut_inputs)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = [pytest.param(b, d, id=label) for d in DEVICES for label, b in native_backends(d)]
@@ -43,30 +42,24 @@ def _quantized(n, k, bits, group_size, symmetric, scale_dtype, seed):
 _SESSION_SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def _check(backend, device, x, weight, n, k, dtype, what, bias=None, residual=None, shortcut=None):
-    m = x.shape[0]
-    out = poisoned((m, n), dtype, device)
-    got = backend.matmul(x, weight, n, k, bias, residual, shortcut, out=out)
-    assert got.data_ptr() == out.data_ptr(), f"{what}: result not written into the given output"
-    ref = reference_matmul(x, weight, n, k, bias, residual, shortcut)
-    assert_matches(out.float(), ref, dtype, what)
-
-
-CASES = list(itertools.product(BITS, GROUP_SIZES, DTYPES))
+def _check(backend, x, weight, n, k, dtype, what, bias=None, residual=None, shortcut=None):
+    """backend.matmul into a NaN-poisoned output against the reference."""
+    check_against_reference(
+        lambda out: backend.matmul(x, weight, n, k, bias, residual, shortcut, out=out),
+        x, weight, n, k, dtype, what, bias, residual, shortcut)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("case", range(len(CASES)),
-                         ids=[f"b{b}-g{g}-{str(d)[6:]}" for b, g, d in CASES])
+@pytest.mark.parametrize("case", range(len(QUANT_CASES)), ids=QUANT_CASE_IDS)
 def test_quantized_matmul_matches_reference(backend, device, case, rng):
-    bits, group_size, dtype = CASES[case]
+    bits, group_size, dtype = QUANT_CASES[case]
     symmetric = case % 2 == 1
     scale_dtype = (torch.float16, torch.bfloat16, torch.float32)[case % 3]
     for m, k, n in _shapes_for(case):
         qw = _quantized(n, k, bits, group_size, symmetric, scale_dtype, _SESSION_SEED).to(device)
         x = torch.randn(m, k, generator=rng).to(device=device, dtype=dtype)
         bias = torch.randn(n, generator=rng).to(device=device, dtype=dtype) if m % 2 else None
-        _check(backend, device, x, packed_operand(qw), n, k, dtype,
+        _check(backend, x, packed_operand(qw), n, k, dtype,
                f"M={m} K={k} N={n} bits={bits} g={group_size} sym={symmetric} {dtype}", bias)
 
 
@@ -76,7 +69,7 @@ def test_every_shape_of_the_grid(backend, device, bits, group_size, symmetric, r
     for m, k, n in SHAPE_GRID:
         qw = _quantized(n, k, bits, group_size, symmetric, torch.float16, _SESSION_SEED).to(device)
         x = torch.randn(m, k, generator=rng).to(device=device, dtype=torch.float16)
-        _check(backend, device, x, packed_operand(qw), n, k, torch.float16,
+        _check(backend, x, packed_operand(qw), n, k, torch.float16,
                f"M={m} K={k} N={n} bits={bits} g={group_size}")
 
 
@@ -91,7 +84,7 @@ def test_every_decode_batch_size(backend, device, bits, rng):
         for m in list(range(1, 10)) + [16, 17]:
             x = torch.randn(m, k, generator=rng).to(device)
             bias = torch.randn(n, generator=rng).to(device) if m % 3 == 0 else None
-            _check(backend, device, x, packed_operand(qw), n, k, torch.float32,
+            _check(backend, x, packed_operand(qw), n, k, torch.float32,
                    f"M={m} K={k} N={n} bits={bits} g={group_size}", bias)
 
 
@@ -105,7 +98,7 @@ def test_sliced_block_of_a_quantized_weight(backend, device, bits, group_size, r
     for m, out_dims in ((1, 150), (5, 200), (33, 77)):
         x = torch.randn(m, in_dims, generator=rng).to(device=device, dtype=torch.bfloat16)
         bias = torch.randn(n, generator=rng).to(device=device, dtype=torch.bfloat16)
-        _check(backend, device, x, packed_operand(qw), out_dims, in_dims, torch.bfloat16,
+        _check(backend, x, packed_operand(qw), out_dims, in_dims, torch.bfloat16,
                f"slice [{out_dims}, {in_dims}] of {bits}-bit [{n}, {k}] M={m}", bias)
 
 
@@ -118,11 +111,8 @@ def test_shortcut_matmul(backend, device, quantized, rng):
             weight = packed_operand(_quantized(n, k, 4, 32, False, dtype, _SESSION_SEED).to(device))
         else:
             weight = random_weight(n, k, rng, dtype).to(device)
-        x = torch.randn(m, k, generator=rng).to(device=device, dtype=dtype)
-        residual = torch.randn(m, r, generator=rng).to(device=device, dtype=dtype)
-        shortcut = (torch.randn(r, n, generator=rng) * 0.1).to(device=device, dtype=dtype)
-        bias = torch.randn(n, generator=rng).to(device=device, dtype=dtype)
-        _check(backend, device, x, weight, n, k, dtype, f"shortcut M={m} {dtype}", bias,
+        x, residual, shortcut, bias = shortcut_inputs(rng, m, n, k, r, dtype, device)
+        _check(backend, x, weight, n, k, dtype, f"shortcut M={m} {dtype}", bias,
                residual, shortcut)
 
 
@@ -131,7 +121,7 @@ def test_dense_sliced_matmul(backend, device, rng):
     w = random_weight(300, 260, rng).to(device)
     for m, out_dims, in_dims in ((1, 300, 260), (7, 123, 45), (64, 1, 1)):
         x = torch.randn(m, in_dims, generator=rng).to(device)
-        _check(backend, device, x, w, out_dims, in_dims, torch.float32,
+        _check(backend, x, w, out_dims, in_dims, torch.float32,
                f"dense slice [{out_dims}, {in_dims}] M={m}")
 
 

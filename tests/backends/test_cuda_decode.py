@@ -14,12 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pyengine
 from pyengine._ext import extension
 from pyengine.backends import get_backend
 from pyengine.backends.cuda import ENV_KERNEL, CudaBackend
 
-from helpers import (BITS, DTYPES, GROUP_SIZES, TOLERANCE, assert_matches, rel_err)
+from helpers import (BITS, DTYPES, TOLERANCE, assert_matches, check_shortcut, check_sliced_blocks,
+                     needs_cuda_build, rel_err, unaligned_x, weight_cases)
 from helpers import cuda_weight as _weight
 from helpers import reference_product as _ref
 from helpers import run_poisoned as _run
@@ -28,9 +28,6 @@ DECODE_M = (1, 3, 8, 16)
 # (N, K): SmolLM2 and Llama-3-8B layer shapes, odd ones (K not a multiple of the group or of 32).
 SHAPES = [(1536, 576), (4096, 4096), (14336, 4096), (130, 200), (3, 40)]
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-_cuda_built = bool(pyengine.build_info().get("cuda_kernels"))
-needs_cuda_build = pytest.mark.skipif(not _cuda_built, reason="pyengine._C has no CUDA kernels")
 
 
 def _backends(dtype=torch.float32):
@@ -59,14 +56,11 @@ def _check_both(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=Non
     return outs
 
 
-CASES = [(s, b, g, sym) for s in range(len(SHAPES)) for b in BITS for g in GROUP_SIZES
-         for sym in (False, True)]
+CASES, CASE_IDS = weight_cases(SHAPES)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,bits,group_size,symmetric", CASES,
-                         ids=[f"{SHAPES[s][0]}x{SHAPES[s][1]}-b{b}-g{g}-{'sym' if sym else 'asym'}"
-                              for s, b, g, sym in CASES])
+@pytest.mark.parametrize("shape,bits,group_size,symmetric", CASES, ids=CASE_IDS)
 def test_decode_matches_reference(shape, bits, group_size, symmetric, rng):
     n, k = SHAPES[shape]
     scale_dtype = SCALE_DTYPES[(bits + group_size + symmetric) % 3]
@@ -86,16 +80,8 @@ def test_decode_matches_reference(shape, bits, group_size, symmetric, rng):
 def test_decode_sliced_block(bits, group_size, rng):
     """A sub-block [out_dims, in_dims] of a stored weight, x wider than in_dims (row stride > K,
     also an odd stride that rules out the 16-byte activation loads)."""
-    n, k = 300, 1100
-    qt, w_ref = _weight(n, k, bits, group_size, False, torch.float16, _SEED)
-    for m, out_dims, in_dims, pad in ((1, 257, 640, 0), (3, 300, 1000, 3), (8, 33, 200, 8),
-                                      (16, 129, 1024, 1)):
-        for dtype in (torch.float16, torch.bfloat16):
-            xw = torch.randn(m, in_dims + pad, generator=rng).to(device="cuda", dtype=dtype)
-            bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype)
-            _check_both(xw, qt, w_ref, out_dims, in_dims,
-                        f"slice [{out_dims}, {in_dims}] of {bits}-bit [{n}, {k}] g={group_size} "
-                        f"M={m} ldx={in_dims + pad} {dtype}", bias)
+    check_sliced_blocks(_check_both, rng, bits, group_size, (1, 3, 8, 16),
+                        (torch.float16, torch.bfloat16), _SEED)
 
 
 @pytest.mark.gpu
@@ -112,9 +98,7 @@ def test_decode_unaligned_tensors(bits, rng):
     assert shifted.data_ptr() % 16 != 0
     qt_shifted = type(qt)(shifted, qt.scales, qt.zeros, qt.bits, qt.group_size)
     for m in (1, 5, 16):
-        xb = torch.randn(m, k + 1, generator=rng).to(device="cuda", dtype=torch.float16)
-        x = xb[:, 1:]
-        assert x.data_ptr() % 16 != 0
+        x = unaligned_x(rng, m, k)
         _check_both(x, qt_shifted, w_ref, n, k, f"unaligned {bits}-bit M={m}")
 
 
@@ -123,15 +107,7 @@ def test_decode_unaligned_tensors(bits, rng):
 @pytest.mark.parametrize("bits", BITS)
 def test_decode_shortcut(dtype, bits, rng):
     """out = x @ W^T + bias + residual @ shortcut: the kernel accumulates into the fp32 product."""
-    n, k, r = 576, 1536, 384
-    qt, w_ref = _weight(n, k, bits, 128, False, dtype, _SEED)
-    for m in DECODE_M:
-        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
-        residual = torch.randn(m, r, generator=rng).to(device="cuda", dtype=dtype)
-        shortcut = (torch.randn(r, n, generator=rng) * 0.1).to(device="cuda", dtype=dtype)
-        bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype)
-        _check_both(x, qt, w_ref, n, k, f"shortcut {bits}-bit M={m} {dtype}", bias, residual,
-                    shortcut)
+    check_shortcut(_check_both, rng, bits, dtype, DECODE_M, _SEED)
 
 
 @pytest.mark.gpu

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pyengine
 from pyengine._ext import extension
 from pyengine.backends.cuda import CudaBackend
 
-from helpers import BITS, GROUP_SIZES, TOLERANCE, assert_matches, rel_err
+from helpers import (BITS, TOLERANCE, assert_matches, check_shortcut, check_sliced_blocks,
+                     needs_cuda_build, rel_err, unaligned_x, weight_cases)
 from helpers import cuda_weight as _weight
 from helpers import reference_product as _ref
 from helpers import run_poisoned as _run
@@ -24,15 +24,7 @@ PREFILL_M = (17, 64, 123, 1024)
 # (N, K): SmolLM2 and Llama-3-8B layer shapes, odd ones (K not a multiple of 32 or of the group)
 SHAPES = [(1536, 576), (4096, 4096), (14336, 4096), (1024, 4096), (130, 200), (45, 40)]
 
-_cuda_built = bool(pyengine.build_info().get("cuda_kernels"))
-needs_cuda_build = pytest.mark.skipif(not _cuda_built, reason="pyengine._C has no CUDA kernels")
 _SEED = int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
-
-
-
-
 
 
 def _check(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=None, against_simple=True):
@@ -45,14 +37,11 @@ def _check(x, qt, w_ref, n, k, what, bias=None, residual=None, shortcut=None, ag
         assert err <= 2 * TOLERANCE[x.dtype], f"tc vs simple: {what}: {err:.3e}"
 
 
-CASES = [(s, b, g, sym) for s in range(len(SHAPES)) for b in BITS for g in GROUP_SIZES
-         for sym in (False, True)]
+CASES, CASE_IDS = weight_cases(SHAPES)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,bits,group_size,symmetric", CASES,
-                         ids=[f"{SHAPES[s][0]}x{SHAPES[s][1]}-b{b}-g{g}-{'sym' if sym else 'asym'}"
-                              for s, b, g, sym in CASES])
+@pytest.mark.parametrize("shape,bits,group_size,symmetric", CASES, ids=CASE_IDS)
 def test_tc_matches_reference(shape, bits, group_size, symmetric, rng):
     n, k = SHAPES[shape]
     scale_dtype = (torch.float16, torch.bfloat16, torch.float32)[(bits + group_size + symmetric) % 3]
@@ -73,16 +62,7 @@ def test_tc_matches_reference(shape, bits, group_size, symmetric, rng):
 def test_tc_sliced_block_and_odd_strides(bits, group_size, rng):
     """A sub-block [out_dims, in_dims] of a stored weight, x rows wider than in_dims (an odd
     stride rules out the 16-byte activation loads)."""
-    n, k = 300, 1100
-    qt, w_ref = _weight(n, k, bits, group_size, False, torch.float16, _SEED)
-    for m, out_dims, in_dims, pad in ((17, 257, 640, 0), (70, 300, 1000, 3), (129, 33, 200, 8),
-                                      (64, 129, 1024, 1)):
-        for dtype in HALF_DTYPES:
-            xw = torch.randn(m, in_dims + pad, generator=rng).to(device="cuda", dtype=dtype)
-            bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype)
-            _check(xw, qt, w_ref, out_dims, in_dims,
-                   f"slice [{out_dims}, {in_dims}] of {bits}-bit [{n}, {k}] g={group_size} "
-                   f"M={m} ldx={in_dims + pad} {dtype}", bias)
+    check_sliced_blocks(_check, rng, bits, group_size, (17, 70, 129, 64), HALF_DTYPES, _SEED)
 
 
 @pytest.mark.gpu
@@ -90,9 +70,7 @@ def test_tc_sliced_block_and_odd_strides(bits, group_size, rng):
 def test_tc_unaligned_activations(bits, rng):
     n, k = 200, 1536
     qt, w_ref = _weight(n, k, bits, 64, False, torch.float16, _SEED)
-    xb = torch.randn(40, k + 1, generator=rng).to(device="cuda", dtype=torch.float16)
-    x = xb[:, 1:]
-    assert x.data_ptr() % 16 != 0
+    x = unaligned_x(rng, 40, k)
     _check(x, qt, w_ref, n, k, f"unaligned x, {bits}-bit")
 
 
@@ -100,14 +78,7 @@ def test_tc_unaligned_activations(bits, rng):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("bits", BITS)
 def test_tc_shortcut(dtype, bits, rng):
-    n, k, r = 576, 1536, 384
-    qt, w_ref = _weight(n, k, bits, 128, False, dtype, _SEED)
-    for m in (17, 100):
-        x = torch.randn(m, k, generator=rng).to(device="cuda", dtype=dtype)
-        residual = torch.randn(m, r, generator=rng).to(device="cuda", dtype=dtype)
-        shortcut = (torch.randn(r, n, generator=rng) * 0.1).to(device="cuda", dtype=dtype)
-        bias = torch.randn(n, generator=rng).to(device="cuda", dtype=dtype)
-        _check(x, qt, w_ref, n, k, f"shortcut {bits}-bit M={m} {dtype}", bias, residual, shortcut)
+    check_shortcut(_check, rng, bits, dtype, (17, 100), _SEED)
 
 
 @pytest.mark.gpu

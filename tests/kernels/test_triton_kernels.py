@@ -11,9 +11,6 @@ torch sees no CUDA device.
 
 import functools
 import importlib
-import itertools
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,8 +20,9 @@ from pyengine import ops
 from pyengine.backends import (LinearCase, PackedOperand, get_backend,
                                reference_matmul, select_backend)
 
-from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, poisoned, packed_operand,
-                     random_weight)
+from helpers import (BITS, DTYPES, GROUP_SIZES, QUANT_CASE_IDS, QUANT_CASES, assert_matches,
+                     check_against_reference, packed_operand, poison_groups_outside, poisoned,
+                     random_weight, randn, run_python, shortcut_inputs)
 
 pytest.importorskip("triton")
 
@@ -66,38 +64,34 @@ def _quantized(n, k, bits, group_size, symmetric, scale_dtype, rng, device):
     return _quantized_cpu(n, k, bits, group_size, symmetric, scale_dtype, seed).to(device)
 
 
-def _randn(rng, *shape, dtype=torch.float32, device=DEVICE, scale=1.0):
-    return (torch.randn(*shape, generator=rng) * scale).to(device=device, dtype=dtype)
+# _randn(rng, *shape, dtype=..., device=DEVICE, scale=...)
+_randn = functools.partial(randn, device=DEVICE)
 
 
 def _check(kernels, x, weight, n, k, dtype, what, bias=None, residual=None, shortcut=None,
            config=None):
     """Runs the launcher on a NaN-poisoned output and compares with the fp32 reference."""
-    out = poisoned((x.shape[0], n), dtype, x.device)
     if isinstance(weight, PackedOperand):
-        got = kernels.quant_matmul(x, weight.qweight, weight.scales, weight.zeros, weight.bits,
-                                   weight.group_size, n, k, bias=bias, residual=residual,
-                                   shortcut=shortcut, out=out, config=config)
+        def call(out):
+            return kernels.quant_matmul(x, weight.qweight, weight.scales, weight.zeros,
+                                        weight.bits, weight.group_size, n, k, bias=bias,
+                                        residual=residual, shortcut=shortcut, out=out,
+                                        config=config)
     else:
-        got = kernels.dense_matmul(x, weight, n, k, bias=bias, residual=residual,
-                                   shortcut=shortcut, out=out, config=config)
-    assert got.data_ptr() == out.data_ptr(), f"{what}: result not written into the given out"
-    ref = reference_matmul(x, weight, n, k, bias, residual, shortcut)
-    assert_matches(out.float(), ref, dtype, what)
+        def call(out):
+            return kernels.dense_matmul(x, weight, n, k, bias=bias, residual=residual,
+                                        shortcut=shortcut, out=out, config=config)
+    check_against_reference(call, x, weight, n, k, dtype, what, bias, residual, shortcut)
 
 
 # ---- quantized weights: every bits x group size x dtype x symmetric ----------------------------
 
-CASES = list(itertools.product(BITS, GROUP_SIZES, DTYPES))
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(len(CASES)),
-                         ids=[f"b{b}-g{g}-{str(d)[6:]}" for b, g, d in CASES])
+@pytest.mark.parametrize("case", range(len(QUANT_CASES)), ids=QUANT_CASE_IDS)
 def test_quantized_matmul_matches_reference(kernels, device, case, rng):
     """Each (bits, group, dtype) runs asymmetric and symmetric, each on a decode and a prefill
     M; shapes, scale dtypes and bias rotate with the case number."""
-    bits, group_size, dtype = CASES[case]
+    bits, group_size, dtype = QUANT_CASES[case]
     for symmetric in (False, True):
         i = 2 * case + symmetric
         scale_dtype = (torch.float16, torch.bfloat16, torch.float32)[i % 3]
@@ -134,16 +128,7 @@ def _poison_outside(qw: pyengine.QuantizedWeight, n: int, k: int) -> PackedOpera
     """A copy whose scales/zeros outside the block [:n, :k] are NaN and whose codes outside it
     are random: a kernel that reads past the block produces NaN or a wrong result."""
     t = packed_operand(qw)
-    gs = t.group_size
-    used_groups = -(-k // gs)
-    scales = t.scales.clone()
-    scales[n:] = float("nan")
-    scales[:, used_groups:] = float("nan")
-    zeros = None
-    if t.zeros is not None:
-        zeros = t.zeros.clone()
-        zeros[n:] = float("nan")
-        zeros[:, used_groups:] = float("nan")
+    scales, zeros = poison_groups_outside(t.scales, t.zeros, n, k, t.group_size)
     qweight = t.qweight.clone()
     qweight[n:] = torch.randint(-2**31, 2**31 - 1, qweight[n:].shape, dtype=torch.int32,
                                 device=qweight.device)
@@ -195,10 +180,7 @@ def test_shortcut_fusion(kernels, device, quantized, rng):
             weight = packed_operand(_quantized(n, k, 3, 32, False, dtype, rng, device))
         else:
             weight = random_weight(n, k, rng, dtype).to(device)
-        x = _randn(rng, m, k, dtype=dtype, device=device)
-        residual = _randn(rng, m, r, dtype=dtype, device=device)
-        shortcut = _randn(rng, r, n, dtype=dtype, device=device, scale=0.1)
-        bias = _randn(rng, n, dtype=dtype, device=device)
+        x, residual, shortcut, bias = shortcut_inputs(rng, m, n, k, r, dtype, device)
         _check(kernels, x, weight, n, k, dtype, f"shortcut M={m} {dtype}", bias, residual,
                shortcut)
         # a transposed (non-contiguous) shortcut, no bias
@@ -314,13 +296,11 @@ def test_launcher_rejects_bad_inputs(kernels, rng):
 
 
 def test_importing_the_kernel_package_does_not_import_triton():
-    code = ("import sys, pyengine, pyengine.kernels\n"
-            "assert 'triton' not in sys.modules, 'triton imported'\n"
-            "pyengine.available_backends()\n"
-            "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    out = run_python("import sys, pyengine, pyengine.kernels\n"
+                     "assert 'triton' not in sys.modules, 'triton imported'\n"
+                     "pyengine.available_backends()\n"
+                     "print('ok')\n")
+    assert out.strip() == "ok", out
 
 
 # ---- GPU: real layer shapes ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ and scale dtype rotating; the ``gpu`` test runs every precision x group x dtype 
 layer shapes where CUDA is present.
 """
 
+import functools
 import importlib
 import itertools
 import sys
@@ -20,8 +21,8 @@ from pyengine import MatryoshkaWeight
 from pyengine.matryoshka import PLANES_READ, PRECISIONS
 from pyengine.format.packing import pack_codes
 
-from helpers import (DTYPES, GROUP_SIZES, assert_matches, plane_reference_matmul, poisoned,
-                     random_parent)
+from helpers import (DTYPES, GROUP_SIZES, assert_matches, into_poisoned, plane_reference_matmul,
+                     poison_groups_outside, poisoned, random_parent, randn)
 
 pytest.importorskip("triton")
 
@@ -56,8 +57,8 @@ def _parent(n, k, group_size, symmetric, scale_dtype, gen, device=DEVICE):
     return random_parent(n, k, group_size, symmetric, gen, scale_dtype, device)
 
 
-def _randn(gen, *shape, dtype=torch.float32, device=DEVICE):
-    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+# _randn(gen, *shape, dtype=..., device=DEVICE)
+_randn = functools.partial(randn, device=DEVICE)
 
 
 def _needed_planes(mw, r):
@@ -84,10 +85,9 @@ def _check(mq, x, mw, r, bias, what, n=None, k=None, planes=None, config=None, d
     n = mw.shape[0] if n is None else n
     k = mw.shape[1] if k is None else k
     hi, mid, lo = _needed_planes(mw, r) if planes is None else planes
-    out = poisoned((x.shape[0], n), x.dtype, x.device)
-    got = mq.matryoshka_matmul_triton(x, hi, mid, lo, mw.scales, mw.zeros, bias, r,
-                                      mw.group_size, n, k, out=out, config=config)
-    assert got.data_ptr() == out.data_ptr(), f"{what}: result not written into the given out"
+    out = into_poisoned(lambda out: mq.matryoshka_matmul_triton(
+        x, hi, mid, lo, mw.scales, mw.zeros, bias, r, mw.group_size, n, k, out=out,
+        config=config), (x.shape[0], n), x.dtype, x.device, what)
     ref32, ref64 = _references(x, mw, r, bias, n, k, dense64)
     assert_matches(out.float(), ref32, x.dtype, f"{what} vs plane_reference_matmul")
     assert_matches(out.double(), ref64, x.dtype, f"{what} vs float64 dequantize-then-matmul")
@@ -250,16 +250,7 @@ def _poison_outside(mw, n, k):
     """A copy whose scales/zeros outside the groups of [:n, :k] are NaN and whose plane words
     in rows >= n or in 32-code blocks starting at >= k are random: a kernel reading past the
     block gets NaN or a wrong result."""
-    eff = mw.effective_group_size
-    used_groups = -(-k // eff)
-    scales = mw.scales.clone()
-    scales[n:] = float("nan")
-    scales[:, used_groups:] = float("nan")
-    zeros = None
-    if mw.zeros is not None:
-        zeros = mw.zeros.clone()
-        zeros[n:] = float("nan")
-        zeros[:, used_groups:] = float("nan")
+    scales, zeros = poison_groups_outside(mw.scales, mw.zeros, n, k, mw.effective_group_size)
     used_blocks = -(-k // 32)
     planes = []
     for name in PLANES:

@@ -6,9 +6,6 @@ parents; plus exact slice values for every parent code, the planes a slice may l
 errors for bad inputs, and how matryoshka_matmul dispatches to the kernel.
 """
 
-import subprocess
-import sys
-import textwrap
 import types
 
 import pytest
@@ -22,7 +19,7 @@ from pyengine.matryoshka import PLANES_READ, PRECISIONS
 from pyengine.ops import backend_for, matryoshka_matmul
 
 from helpers import (DTYPES, GROUP_SIZES, assert_matches, plane_reference_matmul, poisoned,
-                     random_parent)
+                     random_parent, run_python)
 
 INFO = pyengine.build_info()
 pytestmark = pytest.mark.skipif(
@@ -326,16 +323,7 @@ def test_without_the_kernel_the_reference_serves(monkeypatch, stand_in, rng):
 def test_a_process_without_the_extension_runs_the_reference():
     """pyengine imported with pyengine._C blocked: matryoshka_matmul serves CPU tensors on the torch
     reference (and backend="cpu" says the cpu backend is unavailable)."""
-    code = textwrap.dedent("""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "pyengine._C":
-                    raise ImportError("pyengine._C blocked by the test")
-                return None
-
-        sys.meta_path.insert(0, Block())
+    out = run_python("""
         import torch, pyengine
         from pyengine import MatryoshkaWeight
         from pyengine.matryoshka import matryoshka_matmul
@@ -354,10 +342,8 @@ def test_a_process_without_the_extension_runs_the_reference():
         else:
             raise AssertionError("backend='cpu' without pyengine._C must fail")
         print("ok")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    """, without_extension=True)
+    assert out.strip() == "ok", out
 
 
 def test_custom_op_contract_on_the_kernel_path(rng):
