@@ -24,17 +24,8 @@ import triton
 import triton.language as tl
 
 from .problem import KernelLaunch, MatmulConfig, MatmulProblem
-from .tiles import (block_code, codes_to_float, dense_tile, dot_acc, finish_tile, group_params,
-                    weight_tile)
-
-
-@triton.jit
-def _load_words(q_ptr, stride_qn, offs_n, n_lim, word, word_k0, k_lim):
-    """uint32 words [BLOCK_N, len(word)] of rows offs_n; 0 outside the used block."""
-    mask = (offs_n < n_lim)[:, None] & (word_k0 < k_lim)[None, :]
-    ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + word[None, :]
-    words = tl.load(ptrs, mask=mask, other=0)  # static-gpu: weight load
-    return words.to(tl.uint32, bitcast=True)
+from .tiles import (block_code, codes_to_float, dense_tile, dot_loop, finish_split, finish_tile,
+                    group_params, load_words, split_k_program)
 
 
 @triton.jit
@@ -87,9 +78,9 @@ def _gemv_step(x_ptr, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs
             SEGS: tl.constexpr = BLOCK_K // 32
             seg_k0 = k0 + tl.arange(0, SEGS) * 32
             word0 = (seg_k0 // 32) * 3
-            w0 = _load_words(w_ptr, stride_wn, offs_n, N, word0, seg_k0, K)
-            w1 = _load_words(w_ptr, stride_wn, offs_n, N, word0 + 1, seg_k0, K)
-            w2 = _load_words(w_ptr, stride_wn, offs_n, N, word0 + 2, seg_k0, K)
+            w0 = load_words(w_ptr, stride_wn, offs_n, N, word0, seg_k0, K)
+            w1 = load_words(w_ptr, stride_wn, offs_n, N, word0 + 1, seg_k0, K)
+            w2 = load_words(w_ptr, stride_wn, offs_n, N, word0 + 2, seg_k0, K)
             xq = tl.zeros((BLOCK_N, SEGS), dtype=tl.float32)     # sum_j x * q per segment
             x_sum = tl.zeros((SEGS,), dtype=tl.float32)           # sum_j x per segment
             for j in tl.static_range(32):
@@ -106,7 +97,7 @@ def _gemv_step(x_ptr, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs
             SEGS: tl.constexpr = BLOCK_K // SEG_LEN
             word = k0 // SEG_LEN + tl.arange(0, SEGS)
             seg_k0 = word * SEG_LEN
-            w0 = _load_words(w_ptr, stride_wn, offs_n, N, word, seg_k0, K)
+            w0 = load_words(w_ptr, stride_wn, offs_n, N, word, seg_k0, K)
             # x[seg_k0[a] + j] at [a, j]: one contiguous run of BLOCK_K activations
             offs_k = seg_k0[:, None] + tl.arange(0, SEG_LEN)[None, :]
             x3 = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
@@ -131,13 +122,8 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, offs_n, k_begin, k_end = split_k_program(K, K_PER_SPLIT, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    # K_PER_SPLIT is a multiple of BLOCK_K, so no step crosses into the next slice.
-    k_begin = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     if BLOCK_M == 1:
         # per-segment partial sums ([BLOCK_N, segments per step], see _gemv_step), reduced
         # over segments once after the loop
@@ -152,23 +138,12 @@ def _decode_kernel(
                                offs_n, N, k0, K, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
         acc = tl.sum(part, axis=1)[None, :]
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0,
-                            K, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
-            acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32,
-                          DOT_PRECISION)
-    if not WRITE_PARTIAL:
-        finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
-                    sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
-                    BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
-    else:
-        # workspace [split_k, M, N] fp32, contiguous
-        ptrs = part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
-        tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        acc = dot_loop(x_ptr, stride_xm, offs_m, M, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr,
+                       stride_zn, offs_n, N, k_begin, k_end, K, BITS, GROUP_SIZE, HAS_ZEROS,
+                       DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    finish_split(acc, pid_k, offs_m, offs_n, M, N, part_ptr, bias_ptr, stride_b, res_ptr,
+                 stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om,
+                 HAS_BIAS, HAS_SHORTCUT, BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION, WRITE_PARTIAL)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .problem import KernelLaunch, MatmulConfig, MatmulProblem
-from .tiles import dot_acc, finish_tile, grouped_tile, weight_tile
+from .tiles import dot_loop, finish_tile, grouped_tile
 
 
 @triton.jit
@@ -32,19 +32,10 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    m_ok = (offs_m < M)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_ok & (offs_k < K)[None, :], other=0.0)
-        w = weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
-                        BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
-        acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32, DOT_PRECISION)
+    offs_m, offs_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = dot_loop(x_ptr, stride_xm, offs_m, M, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr,
+                   stride_zn, offs_n, N, 0, K, K, BITS, GROUP_SIZE, HAS_ZEROS, DOT_FP32,
+                   DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
                 sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
                 BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)

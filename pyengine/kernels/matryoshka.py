@@ -54,8 +54,9 @@ from ..matryoshka.weight import PLANE_BITS, PLANES_READ, PRECISIONS
 from .matmul import INTERPRETED, Checker, check_common, select_config, target_programs
 from .matmul_decode import split_k_reduce_launch, split_k_slices
 from .problem import KernelLaunch, MatmulConfig, run_launches
-from .tiles import (block_code, codes_to_float, dot_acc, finish_tile, group_params, grouped_tile,
-                    unpack_code_blocks, unpack_codes)
+from .tiles import (block_code, codes_to_float, dot_wt, finish_split, finish_tile, group_params,
+                    grouped_tile, load_words, split_k_program, unpack_code_blocks, unpack_codes,
+                    x_tile)
 
 PARENT_BITS = 8
 
@@ -104,15 +105,6 @@ def _slice_code(hi, mid, lo, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _plane_words(ptr, stride_n, offs_n, n_lim, first_word, seg_k0, k_lim):
-    """uint32 words [BLOCK_N, SEGS] at ptr[offs_n, first_word]; 0 outside the used block."""
-    mask = (offs_n < n_lim)[:, None] & (seg_k0 < k_lim)[None, :]
-    ptrs = ptr + (offs_n.to(tl.int64) * stride_n)[:, None] + first_word[None, :]
-    words = tl.load(ptrs, mask=mask, other=0)  # static-gpu: weight load
-    return words.to(tl.uint32, bitcast=True)
-
-
-@triton.jit
 def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
                s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
                PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -130,9 +122,9 @@ def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
     STEP: tl.constexpr = 256 >> PRECISION   # 2^(8-r): slice code -> parent units
     seg_k0 = k0 + tl.arange(0, SEGS) * 32
     block = seg_k0 // 32
-    h0 = _plane_words(hi_ptr, stride_hn, offs_n, N, block * 3, seg_k0, K)
-    h1 = _plane_words(hi_ptr, stride_hn, offs_n, N, block * 3 + 1, seg_k0, K)
-    h2 = _plane_words(hi_ptr, stride_hn, offs_n, N, block * 3 + 2, seg_k0, K)
+    h0 = load_words(hi_ptr, stride_hn, offs_n, N, block * 3, seg_k0, K)
+    h1 = load_words(hi_ptr, stride_hn, offs_n, N, block * 3 + 1, seg_k0, K)
+    h2 = load_words(hi_ptr, stride_hn, offs_n, N, block * 3 + 2, seg_k0, K)
     # placeholders for the planes this precision does not read (never used by _slice_code)
     m0 = h0
     m1 = h0
@@ -140,12 +132,12 @@ def _gemv_step(x_ptr, hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
     l1 = h0
     l2 = h0
     if PRECISION >= 3:
-        m0 = _plane_words(mid_ptr, stride_mn, offs_n, N, block * 2, seg_k0, K)
-        m1 = _plane_words(mid_ptr, stride_mn, offs_n, N, block * 2 + 1, seg_k0, K)
+        m0 = load_words(mid_ptr, stride_mn, offs_n, N, block * 2, seg_k0, K)
+        m1 = load_words(mid_ptr, stride_mn, offs_n, N, block * 2 + 1, seg_k0, K)
     if PRECISION >= 6:
-        l0 = _plane_words(lo_ptr, stride_ln, offs_n, N, block * 3, seg_k0, K)
-        l1 = _plane_words(lo_ptr, stride_ln, offs_n, N, block * 3 + 1, seg_k0, K)
-        l2 = _plane_words(lo_ptr, stride_ln, offs_n, N, block * 3 + 2, seg_k0, K)
+        l0 = load_words(lo_ptr, stride_ln, offs_n, N, block * 3, seg_k0, K)
+        l1 = load_words(lo_ptr, stride_ln, offs_n, N, block * 3 + 1, seg_k0, K)
+        l2 = load_words(lo_ptr, stride_ln, offs_n, N, block * 3 + 2, seg_k0, K)
     xc = tl.zeros((BLOCK_N, SEGS), dtype=tl.float32)      # sum_j x_j * c_j per block
     x_sum = tl.zeros((SEGS,), dtype=tl.float32)            # sum_j x_j per block
     for j in tl.static_range(32):
@@ -195,6 +187,26 @@ def _plane_tile(hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
 
 
 @triton.jit
+def _plane_dot_loop(x_ptr, stride_xm, offs_m, m_lim,
+                    hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
+                    s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k_begin, k_end, k_lim,
+                    PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tl.dot loop of the 16-row decode form and of the prefill kernel (tiles.dot_loop on
+    the slice's tiles, _plane_tile): x[offs_m, k_begin:k_end] @ W_r[offs_n, k_begin:k_end]^T,
+    fp32 [BLOCK_M, BLOCK_N], in steps of BLOCK_K codes."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        x = x_tile(x_ptr, stride_xm, offs_m, m_lim, k0, k_lim, BLOCK_K)
+        w = _plane_tile(hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
+                        s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0, k_lim,
+                        PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+        acc = dot_wt(x, w, acc, DOT_FP32, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _plane_decode_kernel(
     x_ptr, stride_xm,
     hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
@@ -212,13 +224,8 @@ def _plane_decode_kernel(
     all M rows. With one slice it writes out (+ bias + residual @ shortcut); with several it
     writes its fp32 partial sum to part[s, :M, :N] (contiguous [split_k, M, N]) for the reduce
     kernel, which adds the epilogue."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, offs_n, k_begin, k_end = split_k_program(K, K_PER_SPLIT, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    # K_PER_SPLIT is a multiple of BLOCK_K, so no step crosses into the next slice.
-    k_begin = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     if BLOCK_M == 1:
         # per-block partial sums ([BLOCK_N, blocks per step]), reduced over blocks once after
         # the loop
@@ -229,23 +236,13 @@ def _plane_decode_kernel(
                                PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
         acc = tl.sum(part, axis=1)[None, :]
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = _plane_tile(hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
-                            s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
-                            PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
-            acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32,
-                          DOT_PRECISION)
-    if not WRITE_PARTIAL:
-        finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
-                    sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
-                    BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
-    else:
-        ptrs = part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
-        tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        acc = _plane_dot_loop(x_ptr, stride_xm, offs_m, M, hi_ptr, stride_hn, mid_ptr, stride_mn,
+                              lo_ptr, stride_ln, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N,
+                              k_begin, k_end, K, PRECISION, GROUP_SIZE, HAS_ZEROS, DOT_FP32,
+                              DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    finish_split(acc, pid_k, offs_m, offs_n, M, N, part_ptr, bias_ptr, stride_b, res_ptr,
+                 stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om,
+                 HAS_BIAS, HAS_SHORTCUT, BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION, WRITE_PARTIAL)
 
 
 @triton.jit
@@ -263,20 +260,11 @@ def _plane_prefill_kernel(
 ):
     """Prefill path (M > 16): one [BLOCK_M, BLOCK_N] output tile per program, K walked in
     BLOCK_K steps of x tile @ dequantized plane tile^T (fp32 accumulation)."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    m_ok = (offs_m < M)[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_ok & (offs_k < K)[None, :], other=0.0)
-        w = _plane_tile(hi_ptr, stride_hn, mid_ptr, stride_mn, lo_ptr, stride_ln,
-                        s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, k0, K,
-                        PRECISION, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
-        acc = dot_acc(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32, DOT_PRECISION)
+    offs_m, offs_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _plane_dot_loop(x_ptr, stride_xm, offs_m, M, hi_ptr, stride_hn, mid_ptr, stride_mn,
+                          lo_ptr, stride_ln, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, N, 0, K,
+                          K, PRECISION, GROUP_SIZE, HAS_ZEROS, DOT_FP32, DOT_PRECISION, BLOCK_M,
+                          BLOCK_N, BLOCK_K)
     finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
                 sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
                 BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)

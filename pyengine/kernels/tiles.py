@@ -142,6 +142,17 @@ def dense_tile(w_ptr, stride_wn, offs_n, n_lim, k0, k_lim, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def load_words(q_ptr, stride_qn, offs_n, n_lim, word, seg_k0, k_lim):
+    """uint32 words [BLOCK_N, SEGS] q[offs_n, word] of a packed int32 tensor (word: [SEGS] word
+    indices, the word of segment a starting at K index seg_k0[a]); 0 in rows >= n_lim and in
+    segments starting at >= k_lim."""
+    mask = (offs_n < n_lim)[:, None] & (seg_k0 < k_lim)[None, :]
+    ptrs = q_ptr + (offs_n.to(tl.int64) * stride_qn)[:, None] + word[None, :]
+    words = tl.load(ptrs, mask=mask, other=0)  # static-gpu: weight load
+    return words.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0, k_lim,
                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -155,9 +166,9 @@ def weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row tile, column tile) of an [M, N] output: groups of GROUP_M row tiles;
-    inside a group the row tile varies fastest, so consecutive programs share a column tile of
-    W (L2 reuse)."""
+    """Program id -> (offs_m [BLOCK_M], offs_n [BLOCK_N]): the rows and columns of its output
+    tile of an [M, N] output. Programs go in groups of GROUP_M row tiles; inside a group the row
+    tile varies fastest, so consecutive programs share a column tile of W (L2 reuse)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     programs_per_group = GROUP_M * tiles_n
@@ -165,7 +176,31 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % programs_per_group) % rows_in_group
     pid_n = (pid % programs_per_group) // rows_in_group
-    return pid_m, pid_n
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def split_k_program(K, K_PER_SPLIT, BLOCK_N: tl.constexpr):
+    """The work of a program of a split-K decode grid (cdiv(N, BLOCK_N), split_k): program
+    (i, s) owns output columns offs_n = [i BLOCK_N, (i + 1) BLOCK_N) and the K slice
+    [k_begin, k_end) = [s K_PER_SPLIT, (s + 1) K_PER_SPLIT) clipped to K. Returns
+    (pid_k = s, offs_n, k_begin, k_end); K_PER_SPLIT is a multiple of BLOCK_K, so no K step
+    crosses into the next slice."""
+    pid_k = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    return pid_k, offs_n, k_begin, k_end
+
+
+@triton.jit
+def x_tile(x_ptr, stride_xm, offs_m, m_lim, k0, k_lim, BLOCK_K: tl.constexpr):
+    """x[offs_m, k0:k0+BLOCK_K] of a row-major activation (unit stride along K), in its dtype,
+    [BLOCK_M, BLOCK_K]; outside x[:m_lim, :k_lim] it is 0."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_m < m_lim)[:, None] & (offs_k < k_lim)[None, :]
+    return tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=mask,
+                   other=0.0)
 
 
 @triton.jit
@@ -177,6 +212,32 @@ def dot_acc(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dot_wt(x, w, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w^T for an x tile [BLOCK_M, BLOCK_K] and a weight tile w [BLOCK_N, BLOCK_K]
+    (fp32 dequantized, or dense), w rounded to x's dtype first (the tl.dot operands' dtype)."""
+    return dot_acc(x, tl.trans(w.to(x.dtype)), acc, DOT_FP32, DOT_PRECISION)
+
+
+@triton.jit
+def dot_loop(x_ptr, stride_xm, offs_m, m_lim, w_ptr, stride_wn, s_ptr, stride_sn, z_ptr,
+             stride_zn, offs_n, n_lim, k_begin, k_end, k_lim,
+             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+             DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tl.dot loop of the 16-row decode form and of the prefill kernel over a canonical
+    weight (weight_tile: packed BITS, or dense for BITS = 0): x[offs_m, k_begin:k_end] @
+    W[offs_n, k_begin:k_end]^T, fp32 [BLOCK_M, BLOCK_N], in steps of BLOCK_K codes (k_begin a
+    multiple of BLOCK_K; x and W are masked at m_lim, n_lim and k_lim)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        x = x_tile(x_ptr, stride_xm, offs_m, m_lim, k0, k_lim, BLOCK_K)
+        w = weight_tile(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, offs_n, n_lim, k0,
+                        k_lim, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)
+        acc = dot_wt(x, w, acc, DOT_FP32, DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -210,6 +271,26 @@ def finish_tile(acc, offs_m, offs_n, m_lim, n_lim,
                               axis=1)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def finish_split(acc, pid_k, offs_m, offs_n, M, N, part_ptr,
+                 bias_ptr, stride_b, res_ptr, stride_rm, stride_rr, sc_ptr, stride_sr, stride_sc,
+                 R, out_ptr, stride_om,
+                 HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 WRITE_PARTIAL: tl.constexpr):
+    """The end of a split-K decode program (see split_k_program) with its fp32 sum acc
+    [BLOCK_M, BLOCK_N] over its K slice: with one slice (WRITE_PARTIAL off) the epilogue
+    (finish_tile) writes out; with several, acc goes to part[pid_k, offs_m, offs_n] of the fp32
+    workspace [split_k, M, N] (contiguous), whose reduce kernel adds the epilogue."""
+    if not WRITE_PARTIAL:
+        finish_tile(acc, offs_m, offs_n, M, N, bias_ptr, stride_b, res_ptr, stride_rm, stride_rr,
+                    sc_ptr, stride_sr, stride_sc, R, out_ptr, stride_om, HAS_BIAS, HAS_SHORTCUT,
+                    BLOCK_M, BLOCK_R, DOT_FP32, DOT_PRECISION)
+    else:
+        ptrs = part_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :]
+        tl.store(ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 # ---- helpers for layouts made of several packed planes (pyengine/kernels/matryoshka.py) -----------------
