@@ -23,11 +23,6 @@ def _calib(rng, n=4, seqlen=16):
     return torch.randint(3, 160, (n, seqlen), generator=rng)
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 @pytest.fixture
 def registry():
     """Restores the registry after a test that registers a method."""
