@@ -22,7 +22,7 @@ from ..nn.fusion import fuse_projections
 from ..nn.quant_embedding import QuantEmbedding
 from ..nn.quant_linear import QuantLinear
 from ..format.qweight import padded_in_features
-from ..quant.methods import (MethodOptions, QuantMethod, RTNOptions, get_method, method_names,
+from ..quant.methods import (MethodOptions, QuantMethod, get_method, method_names,
                              replace_linear, resolve_options)
 from ..quant.recipe import Recipe
 from ..utils import progress
@@ -133,7 +133,7 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, *, show_progres
     measured = calibrated_rtn_names(model, targets) if calibration is not None else []
     input_weights = quantize_calibrated(model, calibration, targets, measured, resolved,
                                         scale_dtype, show_progress, **runtime)
-    rtn_quantize(targets, scale_dtype, show_progress, input_weights, resolved["rtn"])
+    rtn_quantize(targets, scale_dtype, show_progress, input_weights, resolved)
     quantize_embeddings(model, recipe, scale_dtype)
     setattr(model, RECIPE_ATTR, recipe)
     _untie_if_head_quantized(model)
@@ -295,16 +295,18 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
 def rtn_quantize(targets: List[QuantTarget], scale_dtype: Optional[torch.dtype],
                  show_progress: bool = False,
                  input_weights: Optional[Mapping[str, torch.Tensor]] = None,
-                 options: Optional[RTNOptions] = None) -> None:
+                 options: Optional[Mapping[str, MethodOptions]] = None) -> None:
     """Replaces each target of an uncalibrated method (RTN) by its QuantLinear (or
     MatryoshkaLinear); ``input_weights``: name -> [in_features], the inputs' costs of the
-    linears that have them (pyengine.quantize's ``input_weights``)."""
+    linears that have them (pyengine.quantize's ``input_weights``); ``options``: {method name:
+    its options} (a method not named: its defaults)."""
     targets = [t for t in targets if not get_method(t[4].method).needs_calibration]
-    input_weights = input_weights or {}
+    input_weights, options = input_weights or {}, options or {}
     for name, linear, parent, attr, cfg in progress(targets, desc="quantizing",
                                                     enabled=show_progress and bool(targets)):
         method = get_method(cfg.method)
-        weight = method.quantize_linear(linear, cfg, method.options_type.coerce(options),
+        weight = method.quantize_linear(linear, cfg,
+                                        method.options_type.coerce(options.get(cfg.method)),
                                         scale_dtype, input_weights.get(name))
         replace_linear(parent, attr, weight, cfg)
 

@@ -359,7 +359,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
                 inputs = run_layer(layer, inputs, compute)
         else:
             input_weights = input_mean_squares(model, layer, inputs, measured_here, compute)
-        rtn_quantize(here, scale_dtype, input_weights=input_weights, options=resolved["rtn"])
+        rtn_quantize(here, scale_dtype, input_weights=input_weights, options=resolved)
         hold_module_dense_in(layer, dtype)
         tensors = {f"{adapter.layers}.{i}.{key}": t for key, t in
                    _state_for_saving(layer)[0].items()}
@@ -377,7 +377,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
     inputs = None
 
     src.materialize(model, None)
-    rtn_quantize(other_targets, scale_dtype, options=resolved["rtn"])
+    rtn_quantize(other_targets, scale_dtype, options=resolved)
     for target in other_targets:
         _release(target[1])
     del other_targets

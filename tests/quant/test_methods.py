@@ -4,6 +4,7 @@ QuantConfig accepts, a method registered from outside run by compress, the one m
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from pyengine.model.random import random_model
 from pyengine.nn.matryoshka_linear import MatryoshkaLinear
 from pyengine.nn.quant_linear import QuantLinear
 from pyengine.quant import methods
-from pyengine.quant.methods import (GPTQOptions, MatQuantOptions, QuantMethod, RTNOptions,
-                                    get_method, method_names, register_method, replace_linear,
-                                    resolve_options)
+from pyengine.quant.methods import (GPTQOptions, MatQuantOptions, MethodOptions, QuantMethod,
+                                    RTNOptions, get_method, method_names, register_method,
+                                    replace_linear, resolve_options)
 
 
 def _calib(rng, n=4, seqlen=16):
@@ -173,3 +174,26 @@ def test_replace_linear_is_the_one_swap(rng):
     assert isinstance(layer, MatryoshkaLinear)
     ref = torch.nn.functional.linear(x, parent.dequantize(), layer.bias)
     assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@dataclass(frozen=True)
+class _TaggedOptions(MethodOptions):
+    tag: int = 0
+
+
+def test_a_registered_uncalibrated_method_gets_its_own_options(registry):
+    """compress hands each uncalibrated method its own options (not RTN's)."""
+    got = []
+
+    def tagged_rtn(linear, config, options, scale_dtype=None, input_weights=None):
+        got.append(options)
+        return pyengine.quantize(linear.weight.detach(), config.bits, config.group_size,
+                                 scale_dtype=scale_dtype)
+
+    register_method(QuantMethod("tagged", _TaggedOptions, plain=True, matryoshka=False,
+                                quantize_linear=tagged_rtn))
+    model = random_model("llama", num_hidden_layers=1)
+    pyengine.compress(model, Recipe({"_default": QuantConfig(4, 32, method="tagged")},
+                                    embeddings=None),
+                      show_progress=False, options={"tagged": {"tag": 3}})
+    assert len(got) == 7 and all(o == _TaggedOptions(tag=3) for o in got)
