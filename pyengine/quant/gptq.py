@@ -45,13 +45,14 @@ CLIP_FACTORS = torch.linspace(1.0, 0.4, 24).tolist()
 
 
 def _group_params(w: torch.Tensor, valid: int, bits: int, symmetric: bool,
-                  scale_dtype: torch.dtype, column_weights: Optional[torch.Tensor] = None):
+                  scale_dtype: torch.dtype, column_weights: Optional[torch.Tensor] = None,
+                  integer_zeros: bool = False):
     """Scale and zero point (fp32 [N], zero is None-free: symmetric gives the midpoint) of one
     group w [N, g] whose first ``valid`` columns are real; ``column_weights`` [g]: the cost of
-    an error in each column (None: 1)."""
+    an error in each column (None: 1); ``integer_zeros``: as in pyengine.quantize."""
     weights = None if column_weights is None else column_weights.view(1, 1, -1)
     _, scales, zeros = _rtn_groups(w.unsqueeze(1), valid, bits, symmetric, scale_dtype,
-                                   CLIP_FACTORS, weights)
+                                   CLIP_FACTORS, weights, integer_zeros=integer_zeros)
     scale = scales[:, 0].to(torch.float32)
     zero = (torch.full_like(scale, float(1 << (bits - 1))) if zeros is None
             else zeros[:, 0].to(torch.float32))
@@ -82,7 +83,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                   symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
                   block_size: int = 128, scale_dtype: Optional[torch.dtype] = None,
                   prepared: Optional[Tuple[torch.Tensor, ...]] = None,
-                  refit: bool = True) -> QuantizedWeight:
+                  refit: bool = True, integer_zeros: bool = False) -> QuantizedWeight:
     """GPTQ of one weight.
 
     Args:
@@ -96,6 +97,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             (computed here when None).
         refit: after the codes are chosen, refit every row's scales and zeros to them by
             least squares in the layer's output error (:func:`refit_group_params`).
+        integer_zeros: asymmetric zero points are integers in [0, 2^bits - 1] (as in
+            pyengine.quantize; the refit then moves the scales alone).
     Returns:
         The QuantizedWeight (method "gptq").
     """
@@ -140,7 +143,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         cost = torch.zeros(gs, dtype=torch.float32, device=device)
         cost[: stop - start] = error_cost[positions]
         scales_t[g], zeros_t[g] = _group_params(cols, stop - start, bits, symmetric, scale_dtype,
-                                                cost)
+                                                cost, integer_zeros)
         known[g] = True
 
     if act_order:
@@ -177,7 +180,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if refit:
         scales_t, zeros_t = refit_group_params(w_orig, codes_t[:k].t(), scales_t.t(),
                                                zeros_t.t(), hessian_for_refit(hessian, dead, damp),
-                                               gs, symmetric, scale_dtype)
+                                               gs, symmetric, scale_dtype,
+                                               fixed_zeros=integer_zeros)
         scales_t, zeros_t = scales_t.t(), zeros_t.t()
 
     def rows_first(t: torch.Tensor) -> torch.Tensor:  # [group, row] -> a fresh [row, group]
@@ -204,7 +208,8 @@ def hessian_for_refit(hessian: torch.Tensor, dead: torch.Tensor, damp: float) ->
 def refit_group_params(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor, hessian: torch.Tensor, group_size: int,
                        symmetric: bool, scale_dtype: torch.dtype,
-                       chunk_elements: int = 1 << 24) -> Tuple[torch.Tensor, torch.Tensor]:
+                       chunk_elements: int = 1 << 24,
+                       fixed_zeros: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The scales and zeros [N, G] that minimise each row's output error for fixed codes.
 
     With row n's codes q fixed, its dequantized weight is linear in the group parameters:
@@ -220,12 +225,16 @@ def refit_group_params(weight: torch.Tensor, codes: torch.Tensor, scales: torch.
         codes: [N, K] integer codes (the padding past K excluded).
         scales, zeros: [N, G] fp32 (zeros: the symmetric midpoint when symmetric).
         hessian: [K, K] fp32, positive definite (:func:`hessian_for_refit`).
+        fixed_zeros: keep the zeros as given and refit the scales alone, as for a symmetric
+            weight (integer zero points stay integers).
     Returns:
         (scales, zeros) [N, G] fp32, rounded to ``scale_dtype``.
     """
     n, k = weight.shape
     groups = scales.shape[1]
     kp = groups * group_size
+    # with its zeros fixed a weight refits like a symmetric one: w_q = s_g (q_k - z_g)
+    symmetric = symmetric or fixed_zeros
     device = weight.device
     h = torch.zeros(kp, kp, dtype=torch.float32, device=device)
     h[:k, :k] = hessian.to(device)
@@ -293,11 +302,13 @@ def refit_group_params(weight: torch.Tensor, codes: torch.Tensor, scales: torch.
 def gptq_layer_weights(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
                        targets: Dict[str, QuantConfig], damp: Optional[float] = None,
                        scale_dtype: Optional[torch.dtype] = None,
-                       compute_device=None) -> Dict[str, QuantizedWeight]:
+                       compute_device=None,
+                       integer_zeros: bool = False) -> Dict[str, QuantizedWeight]:
     """GPTQ weights of the linears of decoder ``layer`` named in ``targets`` (module names in
     ``model``), from one pass of the layer over ``inputs``; the model is not changed.
-    ``damp``: every linear's damping (None: each QuantConfig's ``damp``). The registered
-    method "gptq" (pyengine.quant.methods) runs it."""
+    ``damp``: every linear's damping (None: each QuantConfig's ``damp``); ``integer_zeros``:
+    as in :func:`gptq_quantize`. The registered method "gptq" (pyengine.quant.methods) runs
+    it."""
     hessians, _ = input_hessians(model, layer, inputs, targets, compute_device)
     # one factorisation per Hessian that linears share (the Hessian is kept with it, so its
     # id stays its own)
@@ -316,7 +327,7 @@ def gptq_layer_weights(model: nn.Module, layer: nn.Module, inputs: LayerInputs,
         weights[name] = gptq_quantize(linear.weight, hessian, cfg.bits, cfg.group_size,
                                       cfg.symmetric, act_order=cfg.act_order, damp=layer_damp,
                                       scale_dtype=scale_dtype or linear.weight.dtype,
-                                      prepared=prepared[key][1])
+                                      prepared=prepared[key][1], integer_zeros=integer_zeros)
     return weights
 
 

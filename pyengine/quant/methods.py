@@ -98,14 +98,19 @@ def _check_flags(owner: str, options: Any, *names: str) -> None:
 @dataclass(frozen=True)
 class RTNOptions(MethodOptions):
     """Round to nearest (pyengine.quantize): the clipping search over ``clip_grid`` ratios from
-    1 down to ``min_clip`` of each group's range (``clip_search=False``: the full range)."""
+    1 down to ``min_clip`` of each group's range (``clip_search=False``: the full range);
+    ``integer_zeros``: integer zero points, which GPTQ and compressed-tensors checkpoints hold
+    (``pyengine.export`` then writes the weights exactly). Version 2 added ``integer_zeros``."""
+
+    VERSION: ClassVar[int] = 2
 
     clip_search: bool = True
     clip_grid: int = 24
     min_clip: float = 0.4
+    integer_zeros: bool = False
 
     def __post_init__(self) -> None:
-        _check_flags("RTNOptions", self, "clip_search")
+        _check_flags("RTNOptions", self, "clip_search", "integer_zeros")
         _check_number("RTNOptions", "clip_grid", self.clip_grid, 1, 10_000, integer=True,
                       low_open=False)
         _check_number("RTNOptions", "min_clip", self.min_clip, 0.0, 1.0)
@@ -114,11 +119,16 @@ class RTNOptions(MethodOptions):
 @dataclass(frozen=True)
 class GPTQOptions(MethodOptions):
     """GPTQ (pyengine.quant.gptq): ``damp`` overrides every layer's damping (None: each
-    QuantConfig's ``damp``)."""
+    QuantConfig's ``damp``); ``integer_zeros`` as in :class:`RTNOptions`. Version 2 added
+    ``integer_zeros``."""
+
+    VERSION: ClassVar[int] = 2
 
     damp: Optional[float] = None
+    integer_zeros: bool = False
 
     def __post_init__(self) -> None:
+        _check_flags("GPTQOptions", self, "integer_zeros")
         if self.damp is not None:
             _check_number("GPTQOptions", "damp", self.damp, 0.0, 1.0)
 
@@ -298,17 +308,20 @@ def _rtn_linear(linear: nn.Module, config: "QuantConfig", options: RTNOptions,
                 min_clip=options.min_clip)
     if config.matryoshka:  # an int8 parent; its inputs are not weighed
         qw = rtn.quantize(linear.weight.detach(), PARENT_BITS, config.group_size,
-                          config.symmetric, scale_dtype=scale_dtype, **clip)
+                          config.symmetric, scale_dtype=scale_dtype,
+                          integer_zeros=options.integer_zeros, **clip)
         return MatryoshkaWeight.from_quantized(qw)
     return rtn.quantize(linear.weight.detach(), config.bits, config.group_size, config.symmetric,
-                        scale_dtype=scale_dtype, input_weights=input_weights, **clip)
+                        scale_dtype=scale_dtype, input_weights=input_weights,
+                        integer_zeros=options.integer_zeros, **clip)
 
 
 def _gptq_layer(model, layer, inputs, configs, options: GPTQOptions, *, scale_dtype=None,
                 compute_device=None, report=None) -> Dict[str, "Weight"]:
     from . import gptq
     return gptq.gptq_layer_weights(model, layer, inputs, configs, damp=options.damp,
-                                   scale_dtype=scale_dtype, compute_device=compute_device)
+                                   scale_dtype=scale_dtype, compute_device=compute_device,
+                                   integer_zeros=options.integer_zeros)
 
 
 def _matquant_layer(model, layer, inputs, configs, options: MatQuantOptions, *,

@@ -4,8 +4,10 @@ RTN picks, per group, the clipping range that minimises the squared reconstructi
 that group: the group's range [min, max] (asymmetric) or [-absmax, absmax] (symmetric) is
 shrunk by each factor of a grid, and the factor with the smallest error wins; a least-squares
 refit of the scale and zero point for the chosen codes follows (kept where it lowers the
-error). Zero points are not rounded to integers. Scales and zeros are rounded to their storage
-dtype *before* the codes are chosen, so the stored weight is the one evaluated.
+error). Zero points are not rounded to integers unless ``integer_zeros`` asks for it (the
+stock formats pyengine exports to, GPTQ and compressed-tensors, store integer zero points).
+Scales and zeros are rounded to their storage dtype *before* the codes are chosen, so the
+stored weight is the one evaluated.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ _CHUNK_ELEMENTS = 1 << 20
 def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
              method: str = "rtn", *, scale_dtype: Optional[torch.dtype] = None,
              clip_search: bool = True, clip_grid: int = 24, min_clip: float = 0.4,
-             input_weights: Optional[torch.Tensor] = None) -> QuantizedWeight:
+             input_weights: Optional[torch.Tensor] = None,
+             integer_zeros: bool = False) -> QuantizedWeight:
     """Quantizes a linear weight.
 
     Args:
@@ -49,6 +52,9 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
             (pyengine.compress passes that when it has calibration data). The clip search and
             the refit then minimise sum_k input_weights[k] * (w[n, k] - w_q[n, k])^2 per group
             instead of the plain squared error. None: every input weighs 1.
+        integer_zeros: asymmetric zero points are integers in [0, 2^bits - 1] (what GPTQ and
+            compressed-tensors checkpoints can hold: ``pyengine.export`` writes such a weight
+            exactly); the default lets them take any value, which is more accurate.
 
     Returns:
         The :class:`QuantizedWeight` on the weight's device.
@@ -86,7 +92,8 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: 
         w[:, :k] = weight[r0:r1].to(torch.float32)
         q, s, z = _rtn_groups(w.view(r1 - r0, n_groups, gs), k, bits, symmetric, scale_dtype,
                               factors, column_weights,
-                              refit_rounds=REFIT_ROUNDS if clip_search else 0)
+                              refit_rounds=REFIT_ROUNDS if clip_search else 0,
+                              integer_zeros=integer_zeros)
         codes = q.view(r1 - r0, kp)
         codes[:, k:] = 0  # padding codes are stored as 0 (docs/FORMAT.md)
         packed[r0:r1] = pack_codes(codes, bits)
@@ -154,7 +161,7 @@ REFIT_ROUNDS = 2
 
 def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype: torch.dtype,
                 factors, column_weights: Optional[torch.Tensor] = None,
-                refit_rounds: int = REFIT_ROUNDS) -> tuple:
+                refit_rounds: int = REFIT_ROUNDS, integer_zeros: bool = False) -> tuple:
     """RTN with clip search on grouped weights, then a least-squares refit.
 
     1. Clip search: each group takes the clipping factor (1.0, no clipping, among them) with the
@@ -168,7 +175,9 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
 
     Zero points are not rounded to integers (docs/FORMAT.md: any finite value): an integer
     zero moves the grid by up to half a step, which at 2 bits clips a sixth of the range.
-    Scales and zeros are rounded to ``scale_dtype`` before the codes are chosen.
+    ``integer_zeros`` rounds them anyway (into [0, 2^bits - 1]; the refit then fits the scale
+    alone for the rounded zero). Scales and zeros are rounded to ``scale_dtype`` before the
+    codes are chosen.
 
     Args:
         w: fp32 [R, G, gs], zero-padded past column k of the flattened row.
@@ -213,9 +222,11 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
                                                       (scale, zero), (best_scale, best_zero))
 
     for p in factors:
-        consider(*_scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny))
+        consider(*_scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny,
+                              integer_zeros))
     for _ in range(refit_rounds):
-        consider(*_refit(w, cost, best_scale, best_zero, maxq, symmetric, scale_dtype, tiny))
+        consider(*_refit(w, cost, best_scale, best_zero, maxq, symmetric, scale_dtype, tiny,
+                         integer_zeros))
 
     q = _codes(w, best_scale, best_zero, maxq)
     zeros = None if symmetric else best_zero.to(scale_dtype)
@@ -227,33 +238,49 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) 
     return torch.clamp(torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)), 0, maxq)
 
 
-def _refit(w, cost, scale, zero, maxq, symmetric, scale_dtype, tiny):
+def _fixed_zero_slope(w, cost, q, zero):
+    """The weighed least-squares slope s of w = s (q - z) for a fixed zero z [R, G] (a line
+    through (z, 0)), and where it is determined (codes not all at z, slope positive)."""
+    x = q - zero.unsqueeze(-1)
+    spread = (cost * x.square()).sum(dim=-1)
+    slope = (cost * x * w).sum(dim=-1) / spread.clamp(min=1e-30)
+    return slope, (spread > 0) & (slope > 0)
+
+
+def _refit(w, cost, scale, zero, maxq, symmetric, scale_dtype, tiny, integer_zeros=False):
     """The scale and zero [R, G] that minimise sum_j c_j ((q_j - z) s - w_j)^2 for the codes
     q that (scale, zero) give w: a weighed least-squares line through the points (q_j, w_j)
-    (symmetric: through (z, 0), z fixed), rounded to ``scale_dtype``. A group whose codes are
-    all equal, or whose fitted slope is not positive, keeps its scale and zero."""
+    (symmetric: through (z, 0), z fixed), rounded to ``scale_dtype``. With ``integer_zeros``
+    the fitted zero is rounded to an integer in [0, maxq] and the scale refitted for it. A
+    group whose codes are all equal, or whose fitted slope is not positive, keeps its scale
+    and zero."""
     q = _codes(w, scale, zero, maxq)
     if symmetric:  # w = s (q - z): a line through the origin in x = q - z
-        x = q - zero.unsqueeze(-1)
-    else:  # w = s q + b, b = -z s: centre q on its weighed mean
-        total = cost.sum(dim=-1).clamp(min=1e-30)
-        q_mean = (cost * q).sum(dim=-1) / total
-        w_mean = (cost * w).sum(dim=-1) / total
-        x = q - q_mean.unsqueeze(-1)
+        slope, fitted = _fixed_zero_slope(w, cost, q, zero)
+        new_scale = torch.where(fitted, slope, scale).clamp(min=tiny)
+        return new_scale.to(scale_dtype).to(torch.float32), zero
+    # w = s q + b, b = -z s: centre q on its weighed mean
+    total = cost.sum(dim=-1).clamp(min=1e-30)
+    q_mean = (cost * q).sum(dim=-1) / total
+    w_mean = (cost * w).sum(dim=-1) / total
+    x = q - q_mean.unsqueeze(-1)
     spread = (cost * x.square()).sum(dim=-1)
     slope = (cost * x * w).sum(dim=-1) / spread.clamp(min=1e-30)
     fitted = (spread > 0) & (slope > 0)
-    new_scale = torch.where(fitted, slope, scale).clamp(min=tiny).to(scale_dtype).to(torch.float32)
-    if symmetric:
-        return new_scale, zero
     # the intercept b = w_mean - s q_mean gives z = -b / s = q_mean - w_mean / s
     new_zero = torch.where(fitted, q_mean - w_mean / torch.where(fitted, slope, 1.0), zero)
+    if integer_zeros:
+        new_zero = new_zero.round().clamp(0, maxq)
+        slope, fitted = _fixed_zero_slope(w, cost, q, new_zero)
+        new_zero = torch.where(fitted, new_zero, zero)
+    new_scale = torch.where(fitted, slope, scale).clamp(min=tiny).to(scale_dtype).to(torch.float32)
     return new_scale, new_zero.to(scale_dtype).to(torch.float32)
 
 
-def _scale_zero(lo, hi, maxq, symmetric, scale_dtype, tiny):
+def _scale_zero(lo, hi, maxq, symmetric, scale_dtype, tiny, integer_zeros=False):
     """Scale (rounded to its storage dtype, never below its smallest normal) and zero point
-    (asymmetric: -lo / s rounded to the storage dtype, not to an integer)."""
+    (asymmetric: -lo / s rounded to the storage dtype, not to an integer; with
+    ``integer_zeros``, rounded to an integer in [0, maxq])."""
     if symmetric:
         # Codes q - 2^(bits-1) span [-2^(bits-1), 2^(bits-1) - 1]: map +-absmax to
         # +-(2^(bits-1) - 1) so that both signs reach the clipping range.
@@ -262,5 +289,8 @@ def _scale_zero(lo, hi, maxq, symmetric, scale_dtype, tiny):
         zero = torch.full_like(scale, float(mid))
     else:
         scale = ((hi - lo) / maxq).clamp(min=tiny).to(scale_dtype).to(torch.float32)
-        zero = (-lo / scale).to(scale_dtype).to(torch.float32)
+        zero = -lo / scale
+        if integer_zeros:
+            zero = zero.round().clamp(0, maxq)
+        zero = zero.to(scale_dtype).to(torch.float32)
     return scale, zero

@@ -48,7 +48,8 @@ def test_the_built_in_methods():
 
 @pytest.mark.parametrize("options", [
     RTNOptions(), RTNOptions(clip_search=False, clip_grid=5, min_clip=0.5),
-    GPTQOptions(), GPTQOptions(damp=0.05),
+    RTNOptions(integer_zeros=True),
+    GPTQOptions(), GPTQOptions(damp=0.05), GPTQOptions(integer_zeros=True),
     MatQuantOptions(), MatQuantOptions(weights={8: 1.0, 2: 4.0}, steps=3, batch_size=2)])
 def test_options_round_trip_through_json_with_their_version(options):
     d = json.loads(json.dumps(options.to_dict()))
@@ -59,14 +60,16 @@ def test_options_round_trip_through_json_with_their_version(options):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="version 2 is not one"):
-        RTNOptions.from_dict({"version": 2})
+    with pytest.raises(ValueError, match="version 3 is not one"):
+        RTNOptions.from_dict({"version": 3})
+    # a version-1 dict (written before integer_zeros existed) still reads
+    assert RTNOptions.from_dict({"version": 1, "clip_grid": 5}) == RTNOptions(clip_grid=5)
     with pytest.raises(ValueError, match=r"unknown GPTQOptions fields: \['block'\]"):
         GPTQOptions.from_dict({"block": 64})
     with pytest.raises(ValueError, match="expected RTNOptions, got GPTQOptions"):
         RTNOptions.coerce(GPTQOptions())
     for bad in (dict(clip_grid=0), dict(clip_grid=2.0), dict(min_clip=0.0), dict(min_clip=1.5),
-                dict(clip_search=1)):
+                dict(clip_search=1), dict(integer_zeros=1)):
         with pytest.raises(ValueError, match="RTNOptions"):
             RTNOptions(**bad)
     for bad in (0.0, 2.0, True, "0.1"):
