@@ -105,11 +105,21 @@ def plan_recipe(model: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
     return recipe
 
 
-def compress_model(model: nn.Module, recipe, calib: torch.Tensor) -> nn.Module:
-    """pyengine.compress; recipes the model cannot take become UsageError."""
+def method_options(args) -> Optional[Dict[str, Any]]:
+    """The quantizers' options the command line sets ({method: options}), or None."""
+    if not getattr(args, "integer_zeros", False):
+        return None
+    from ..quant.methods import GPTQOptions, RTNOptions
+    return {"rtn": RTNOptions(integer_zeros=True), "gptq": GPTQOptions(integer_zeros=True)}
+
+
+def compress_model(model: nn.Module, recipe, calib: torch.Tensor,
+                   options: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """pyengine.compress (``options``: {method: options}); recipes the model cannot take
+    become UsageError."""
     from ..pipeline.compress import compress
     try:
-        return compress(model, recipe, calib)
+        return compress(model, recipe, calib, options=options)
     except ValueError as exc:
         raise UsageError(f"cannot compress with this recipe: {exc}") from None
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..model.sources import LoadedModel, is_checkpoint, tokenizer_or_none
 from .checks import UsageError, check_output_dir
 from .common import (calibration, check_device, compress_model, describe_recipe, load_model,
-                     mib, plan_recipe, require_supported, require_tokenizer, status)
+                     method_options, mib, plan_recipe, require_supported, require_tokenizer,
+                     status)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     recipe = plan_recipe(model, calib, args)
     status(f"recipe: {describe_recipe(recipe)}")
-    compress_model(model, recipe, calib)
+    compress_model(model, recipe, calib, method_options(args))
     seconds = time.perf_counter() - t0
     save(model, out)
     tokenizer.save_pretrained(str(out))
@@ -87,7 +88,8 @@ def _compress_sequential(args: argparse.Namespace, source: Path, out: Path) -> i
     recipe = plan_recipe(skeleton, calib, args, layer_scores=layer_scores)
     status(f"recipe: {describe_recipe(recipe)}")
     try:
-        compress_checkpoint(source, out, recipe, calib, device=args.device)
+        compress_checkpoint(source, out, recipe, calib, device=args.device,
+                            options=method_options(args))
     except ValueError as exc:  # StreamingError included
         raise UsageError(f"cannot compress with this recipe: {exc}") from None
     seconds = time.perf_counter() - t0

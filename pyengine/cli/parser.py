@@ -12,6 +12,7 @@ from .checks import int_at_least, positive_int_list
 from .compress import cmd_compress
 from .demo import DEMO_PROMPT, cmd_demo
 from .eval import cmd_eval
+from .export import cmd_export
 from .inspect import cmd_inspect
 
 
@@ -47,7 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the layers are compressed (with --sequential: one layer at a "
                         "time is moved there) (default: cpu)")
+    p.add_argument("--integer-zeros", action="store_true",
+                   help="integer zero points, as GPTQ and compressed-tensors checkpoints hold "
+                        "them: 'pyengine export' then writes the weights exactly (default: "
+                        "fractional zero points, slightly more accurate)")
     p.set_defaults(handler=cmd_compress)
+
+    p = sub.add_parser("export", help="write a checkpoint in a format stock engines read",
+                       description="Write a checkpoint of 'pyengine compress' as "
+                                   "compressed-tensors (pack-quantized) or GPTQ (GPTQModel's "
+                                   "layout, per-module overrides for mixed bits), which vLLM "
+                                   "and other engines load with their own kernels. Layers "
+                                   "whose zero points are not integers are fitted to integer "
+                                   "ones (the summary says how far they moved; compress with "
+                                   "--integer-zeros for an exact export). Sliced, rotated and "
+                                   "Matryoshka checkpoints are refused: serve those with "
+                                   "pyengine's vLLM plugin.")
+    p.add_argument("checkpoint", metavar="DIR", type=Path,
+                   help="a checkpoint written by 'pyengine compress' or pyengine.save")
+    p.add_argument("out", metavar="OUT", type=Path, help="a new (or empty) directory")
+    p.add_argument("--format", required=True, choices=("compressed-tensors", "gptq"),
+                   help="compressed-tensors: any bits and group size, asymmetric or "
+                        "symmetric; gptq: inputs a multiple of the group size")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity and weight bytes of a model",
                        description="Perplexity on held-out text (pyengine.perplexity) and the "

