@@ -268,7 +268,7 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
     none) and put in place, then the inputs of the ``measured`` linears are measured (their
     mean squares, fp32 [K]: calibrated RTN's input weights, returned by name, recorded while
     the layer computes its outputs); the layer's outputs feed the next layer. ``options``: the
-    method's (default: its defaults; a ``batch_size`` field sets the pass's batch size)."""
+    method's (default: its defaults; their ``pass_batch_size`` is the pass's batch size)."""
     from .calibrate import LayerwiseRunner
     from ..quant.layerwise import group_by_layer, recording_input_mean_squares
     from ..quant.methods import quantize_layer
@@ -277,8 +277,8 @@ def layerwise_quantize(model: nn.Module, calibration: torch.Tensor,
     by_layer = group_by_layer(model, configs, method.name if method else "")
     measured_by_layer = group_by_layer(model, dict.fromkeys(measured), "calibrated RTN")
     input_weights: Dict[str, torch.Tensor] = {}
-    runner = LayerwiseRunner(model, calibration, getattr(options, "batch_size", 1),
-                             compute_device)
+    batch_size = options.pass_batch_size if isinstance(options, MethodOptions) else 1
+    runner = LayerwiseRunner(model, calibration, batch_size, compute_device)
     desc = method.name if method is not None else "measuring inputs"
     for index, layer, inputs in progress(runner, desc=desc, enabled=show_progress,
                                          total=len(runner), unit="layer"):

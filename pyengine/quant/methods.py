@@ -44,6 +44,12 @@ class MethodOptions:
 
     VERSION: ClassVar[int] = 1
 
+    @property
+    def pass_batch_size(self) -> int:
+        """Calibration windows per forward of the layer-by-layer pass that runs a calibrated
+        method with these options (1 unless the options set it)."""
+        return 1
+
     def to_dict(self) -> Dict[str, Any]:
         return {"version": self.VERSION, **dataclasses.asdict(self)}
 
@@ -76,8 +82,11 @@ class MethodOptions:
         return cls.from_dict(options)
 
 
-def _check_number(owner: str, name: str, value, low: float, high: float,
-                  integer: bool = False, low_open: bool = True) -> None:
+def check_number(owner: str, name: str, value, low: float, high: float,
+                 integer: bool = False, low_open: bool = True) -> None:
+    """ValueError ("<owner>.<name> must be a number in (low, high], got ...") unless ``value``
+    is a number (an integer with ``integer``; never a bool) in the interval, open at ``low``
+    unless ``low_open`` is False. The one check of the quantizers' numeric settings."""
     ok = (is_int(value) if integer else
           (not isinstance(value, bool) and isinstance(value, (int, float))))
     if ok:
@@ -111,9 +120,9 @@ class RTNOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         _check_flags("RTNOptions", self, "clip_search", "integer_zeros")
-        _check_number("RTNOptions", "clip_grid", self.clip_grid, 1, 10_000, integer=True,
+        check_number("RTNOptions", "clip_grid", self.clip_grid, 1, 10_000, integer=True,
                       low_open=False)
-        _check_number("RTNOptions", "min_clip", self.min_clip, 0.0, 1.0)
+        check_number("RTNOptions", "min_clip", self.min_clip, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ class GPTQOptions(MethodOptions):
     def __post_init__(self) -> None:
         _check_flags("GPTQOptions", self, "integer_zeros")
         if self.damp is not None:
-            _check_number("GPTQOptions", "damp", self.damp, 0.0, 1.0)
+            check_number("GPTQOptions", "damp", self.damp, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -162,16 +171,20 @@ class MatQuantOptions(MethodOptions):
                        for r, lam in self.weights.items()}
             object.__setattr__(self, "weights", check_slice_weights(weights))
         _check_flags("MatQuantOptions", self, "error_feedback", "learn_codes")
-        _check_number("MatQuantOptions", "grid", self.grid, 1, 10_000, integer=True,
+        check_number("MatQuantOptions", "grid", self.grid, 1, 10_000, integer=True,
                       low_open=False)
-        _check_number("MatQuantOptions", "min_clip", self.min_clip, 0.0, 1.0)
-        _check_number("MatQuantOptions", "damp", self.damp, 0.0, 1.0)
-        _check_number("MatQuantOptions", "steps", self.steps, 0, 1_000_000, integer=True,
+        check_number("MatQuantOptions", "min_clip", self.min_clip, 0.0, 1.0)
+        check_number("MatQuantOptions", "damp", self.damp, 0.0, 1.0)
+        check_number("MatQuantOptions", "steps", self.steps, 0, 1_000_000, integer=True,
                       low_open=False)
-        _check_number("MatQuantOptions", "lr", self.lr, 0.0, 1e3)
-        _check_number("MatQuantOptions", "code_lr", self.code_lr, 0.0, 1e3)
-        _check_number("MatQuantOptions", "batch_size", self.batch_size, 1, 1 << 20,
+        check_number("MatQuantOptions", "lr", self.lr, 0.0, 1e3)
+        check_number("MatQuantOptions", "code_lr", self.code_lr, 0.0, 1e3)
+        check_number("MatQuantOptions", "batch_size", self.batch_size, 1, 1 << 20,
                       integer=True, low_open=False)
+
+    @property
+    def pass_batch_size(self) -> int:
+        return self.batch_size
 
     def algorithm_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments of matquant_quantize (all fields but ``batch_size``)."""

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from ..format.packing import SUPPORTED_BITS
 from ..format.qweight import SUPPORTED_GROUP_SIZES
 from ..utils import is_int
-from .methods import get_method, method_names
+from .methods import check_number, get_method, method_names
 
 DEFAULT_KEY = "_default"
 RECIPE_VERSION = 4  # 2: the ``embeddings`` field (version-1 recipes kept the embeddings dense);
@@ -83,9 +83,7 @@ class QuantConfig:
             makers = tuple(n for n in method_names() if get_method(n).matryoshka)
             raise ValueError(f"a Matryoshka parent is made by method {makers}, got "
                              f"{self.method!r}")
-        if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
-                or not 0.0 < self.damp <= 1.0):
-            raise ValueError(f"QuantConfig.damp must be a number in (0, 1], got {self.damp!r}")
+        check_number("QuantConfig", "damp", self.damp, 0.0, 1.0)
         from ..ops.act_quant import check_act_bits
         check_act_bits(self.act_bits, "QuantConfig.act_bits")
         if self.act_bits and self.matryoshka:

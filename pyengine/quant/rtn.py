@@ -20,6 +20,7 @@ from ..format.packing import SUPPORTED_BITS, pack_codes
 from ..format.qweight import (SCALE_DTYPES, SUPPORTED_GROUP_SIZES, QuantizedWeight,
                               padded_in_features)
 from ..utils import is_int, keep_better
+from .methods import check_number
 
 QUANT_METHODS = ("rtn",)
 
@@ -126,8 +127,9 @@ def _check_arguments(weight, bits, group_size, method, clip_grid, min_clip) -> N
     if method not in QUANT_METHODS:
         raise ValueError(f"method must be one of {QUANT_METHODS} for a single weight, got "
                          f"{method!r} (GPTQ needs calibration inputs: use the model-level API)")
-    if not is_int(clip_grid) or clip_grid < 1 or not 0.0 < min_clip <= 1.0:
-        raise ValueError(f"clip_grid must be >= 1 and min_clip in (0, 1], got {clip_grid}, {min_clip}")
+    # the same bounds as RTNOptions (pyengine.quant.methods), checked by the same function
+    check_number("quantize", "clip_grid", clip_grid, 1, 10_000, integer=True, low_open=False)
+    check_number("quantize", "min_clip", min_clip, 0.0, 1.0)
     _check_finite(weight)
 
 

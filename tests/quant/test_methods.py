@@ -200,3 +200,10 @@ def test_a_registered_uncalibrated_method_gets_its_own_options(registry):
                                     embeddings=None),
                       show_progress=False, options={"tagged": {"tag": 3}})
     assert len(got) == 7 and all(o == _TaggedOptions(tag=3) for o in got)
+
+
+def test_the_pass_batch_size_comes_from_the_options():
+    """The layer-by-layer pass runs MatQuant's batch_size windows per forward, every other
+    method one."""
+    assert MatQuantOptions(batch_size=3).pass_batch_size == 3
+    assert RTNOptions().pass_batch_size == 1 and GPTQOptions().pass_batch_size == 1
