@@ -283,7 +283,7 @@ def _write(src: _Source, out: Path, fmt: TargetFormat, report: ExportReport,
     names = linears
     if progress:
         from tqdm import tqdm
-        names = tqdm(linears, desc=f"export {format}", unit="layer")
+        names = tqdm(linears, desc=f"export {fmt.name}", unit="layer")
     for name in names:
         e = layer_entries[name]
         layer, keys = _read_layer(src, name, e)

@@ -251,6 +251,12 @@ def test_gptq_integer_zero_one_is_the_lowest_it_stores(rng):
     assert moved == 8 and torch.equal(new_zeros, torch.ones(4, 2))
 
 
+def test_progress_bar_names_the_format(tmp_path, capsys):
+    _, src = _quantized_model(tmp_path)
+    export_checkpoint(src, tmp_path / "g", "gptq", progress=True)
+    assert "export gptq" in capsys.readouterr().err
+
+
 def test_sharded_export_writes_an_index(tmp_path):
     model, src = _quantized_model(tmp_path)
     export_checkpoint(src, tmp_path / "ct", "compressed-tensors", max_shard_bytes=20_000)
@@ -339,18 +345,6 @@ def test_cli_export_and_integer_zeros(tmp_path, capsys):
 
 
 # ---- stock readers ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    from pyengine.vllm.env import VllmUnavailable, vllm_python as make
-    try:
-        return make()
-    except VllmUnavailable as exc:
-        if exc.offline:
-            pytest.skip(f"vLLM's CPU build (and the compressed-tensors library with it) cannot "
-                        f"be installed here: {exc}")
-        raise
-
 
 @pytest.mark.slow
 def test_the_compressed_tensors_library_reads_the_export(vllm_python, tmp_path):
