@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +71,17 @@ def rng(request):
     seed = rng_seed(request.config.getoption("--seed"), request.node.nodeid)
     print(f"rng seed: {seed} (rerun with --seed {seed})")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of vLLM's CPU build in its own environment (pyengine.vllm.env, made once per
+    machine); the test skips, saying why, where the package index cannot provide it."""
+    from pyengine.vllm.env import VllmUnavailable, vllm_python as make
+    try:
+        return make()
+    except VllmUnavailable as exc:
+        if exc.offline:
+            pytest.skip(f"vLLM's CPU build (and the compressed-tensors library it brings) "
+                        f"cannot be installed here: {exc}")
+        raise

@@ -60,14 +60,22 @@ def in_process_engine() -> str:
 
 def vllm_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int, dtype: str = "float32",
                 enforce_eager: bool = True, tokenizer: Optional[str] = None,
-                max_model_len: int = 512) -> Dict[str, Any]:
+                max_model_len: int = 512, tensor_parallel_size: int = 1) -> Dict[str, Any]:
     """vLLM's greedy continuation of each prompt: {"tokens": [[ids]], "first_logprobs": [..],
-    "load_seconds", "generate_seconds", "plugin"}."""
+    "load_seconds", "generate_seconds", "plugin"}. ``tensor_parallel_size`` > 1 runs that many
+    ranks in worker processes (vLLM's "mp" executor; on a CPU its threads are not bound to
+    cores unless $VLLM_CPU_OMP_THREADS_BIND says so, so more ranks than cores still run)."""
     plugin = in_process_engine()
+    parallel: Dict[str, Any] = {}
+    if tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        parallel = dict(tensor_parallel_size=tensor_parallel_size,
+                        distributed_executor_backend="mp")
     from vllm import LLM, SamplingParams
     t0 = time.perf_counter()
     llm = LLM(checkpoint, tokenizer=tokenizer, dtype=dtype, enforce_eager=enforce_eager,
-              max_model_len=max_model_len, max_num_seqs=max(1, len(prompts)), seed=0)
+              max_model_len=max_model_len, max_num_seqs=max(1, len(prompts)), seed=0,
+              **parallel)
     t1 = time.perf_counter()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0,
                             ignore_eos=True)
@@ -99,7 +107,9 @@ def pyengine_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int,
     if override and any(isinstance(m, MatryoshkaLinear) for m in model.modules()):
         pyengine.set_precision(model, int(override))  # what the plugin serves then
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None  # like vLLM's ignore_eos: every prompt runs max_tokens steps
+    # like vLLM's ignore_eos: every prompt runs max_tokens steps (None would not do: generate
+    # then falls back to the model config's end-of-sequence token and stops there)
+    config.eos_token_id = []
     config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     config.update(do_sample=False, max_new_tokens=max_tokens, output_logits=True,
                   return_dict_in_generate=True)
@@ -152,21 +162,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM compile the model (torch.compile, its default) instead "
                              "of running it eagerly")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="vLLM ranks (worker processes) the model is split over "
+                             "(default: 1)")
     parser.add_argument("--vllm-only", action="store_true",
                         help="run vLLM only (no comparison)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
+    if args.tensor_parallel_size < 1:
+        parser.error("--tensor-parallel-size must be at least 1")
     served = args.served or args.checkpoint
     for directory in {args.checkpoint, served}:
         if not Path(directory, "config.json").is_file():
             parser.error(f"{directory} has no config.json: not a checkpoint directory")
     result: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "served": str(served),
                               "prompts": args.prompts, "max_tokens": args.max_tokens,
-                              "dtype": args.dtype}
+                              "dtype": args.dtype,
+                              "tensor_parallel_size": args.tensor_parallel_size}
     result["vllm"] = vllm_greedy(served, args.prompts, args.max_tokens, args.dtype,
-                                 enforce_eager=not args.compile, tokenizer=args.tokenizer)
+                                 enforce_eager=not args.compile, tokenizer=args.tokenizer,
+                                 tensor_parallel_size=args.tensor_parallel_size)
     status = 0
     if not args.vllm_only:
         result["pyengine"] = pyengine_greedy(args.checkpoint, args.prompts, args.max_tokens,
@@ -182,6 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.out.write_text(json.dumps(result, indent=1))
     return status
 
+
+if __name__ == "__mp_main__":
+    # a tensor-parallel worker started by vLLM re-imports this module under this name: without
+    # the entry point installed, the plugin must be registered in the worker too
+    ensure_registered()
 
 if __name__ == "__main__":
     sys.exit(main())
