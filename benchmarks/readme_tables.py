@@ -346,6 +346,32 @@ def vllm_table(name: str) -> List[str]:
                                             for t in threads], body))
 
 
+def export_table() -> List[str]:
+    """Perplexity of fractional, fitted and integer zero points, and the exports' sizes
+    (benchmarks/bench_export.py)."""
+    data = _load("export_smollm2.json")
+    if data is None:
+        return []
+    meta = data["meta"]
+    body = []
+    for r in data["rows"]:
+        if "perplexity" in r:
+            note = (f"largest layer change {100 * r['worst_layer_change']:.2f}%"
+                    if "worst_layer_change" in r else
+                    f"compressed in {r['compress_s']:.0f} s" if "compress_s" in r else "")
+            body.append([r["method"], r["config"], f"{r['perplexity']:.2f}", note])
+        else:
+            body.append([r["method"], r["config"], "",
+                         f"{'exact' if r['exact'] else 'fitted'}, {r['export_s']:.1f} s, "
+                         f"{_mib(r['export_bytes'])} MiB (pyengine's "
+                         f"{_mib(r['pyengine_bytes'])} MiB)"])
+    return ([f"**Exporting to stock formats** ({meta.get('model')}, {meta.get('recipe')}; "
+             f"held-out perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens; "
+             f"{meta.get('calib_samples')} x 512 calibration tokens; "
+             f"{_source('export_smollm2.json', meta)})", ""]
+            + _table(["method", "config", "perplexity", "notes"], body))
+
+
 def gpu_files() -> List[str]:
     """Result files of GPU runs (kernel benchmarks are named per device)."""
     return sorted(p.name for p in RESULTS.glob("gpu_kernels_*.json"))
@@ -356,7 +382,7 @@ def sections() -> List[Callable[[], List[str]]]:
              quant_peers_table, lambda: quant_peers_table("quant_peers_g128.json"),
              lambda: quant_peers_table("quant_peers_mixed.json"),
              lambda: vllm_table("vllm_cpu.json"), lambda: vllm_table("vllm_cpu_avx2.json"),
-             lambda: vllm_table("vllm_cpu_generic.json"),
+             lambda: vllm_table("vllm_cpu_generic.json"), export_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
