@@ -92,7 +92,8 @@ class ExportReport:
                 f"  {len(moved)} layers changed to fit the format (integer zero points"
                 f"{', float16 scales' if self.format == 'gptq' else ''}): at most "
                 f"{100 * worst.relative_change:.2f}% of a layer's weight norm ({worst.name}); "
-                f"compress with --integer-zeros for an exact export")
+                f"this loses more than quantizing with integer zero points does: compress "
+                f"with --integer-zeros for an exact export")
         else:
             lines.append("  every quantized layer written exactly (codes, scales and zeros)")
         if self.dense:
