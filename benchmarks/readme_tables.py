@@ -357,8 +357,7 @@ def export_table() -> List[str]:
     for r in data["rows"]:
         if "perplexity" in r:
             note = (f"largest layer change {100 * r['worst_layer_change']:.2f}%"
-                    if "worst_layer_change" in r else
-                    f"compressed in {r['compress_s']:.0f} s" if "compress_s" in r else "")
+                    if "worst_layer_change" in r else "")
             body.append([r["method"], r["config"], f"{r['perplexity']:.2f}", note])
         else:
             body.append([r["method"], r["config"], "",
@@ -368,7 +367,9 @@ def export_table() -> List[str]:
     return ([f"**Exporting to stock formats** ({meta.get('model')}, {meta.get('recipe')}; "
              f"held-out perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens; "
              f"{meta.get('calib_samples')} x 512 calibration tokens; "
-             f"{_source('export_smollm2.json', meta)})", ""]
+             + (f"seconds indicative only: {meta['shared_machine']}; "
+                if meta.get("shared_machine") else "")
+             + f"{_source('export_smollm2.json', meta)})", ""]
             + _table(["method", "config", "perplexity", "notes"], body))
 
 
