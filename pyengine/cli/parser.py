@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integer-zeros", action="store_true",
                    help="integer zero points, as GPTQ and compressed-tensors checkpoints hold "
                         "them: 'pyengine export' then writes the weights exactly (default: "
-                        "fractional zero points, slightly more accurate)")
+                        "fractional zero points, more accurate; see the README's export "
+                        "table)")
     p.set_defaults(handler=cmd_compress)
 
     p = sub.add_parser("export", help="write a checkpoint in a format stock engines read",
