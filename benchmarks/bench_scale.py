@@ -43,7 +43,7 @@ import common  # noqa: E402  (benchmarks/ is the script's directory)
 RAM_FRACTION = 0.8  # an in-memory step runs only if its expected peak fits in this share
 
 
-# ---- child side: one step in a fresh process ------------------------------------------------------
+# ---- child side: one step in a fresh process ----------------------------------------------------
 
 class MemoryWatch:
     """Samples the process's anonymous memory every 5 ms; VmHWM gives the resident peak."""
@@ -83,8 +83,10 @@ class MemoryWatch:
 
     def figures(self) -> Dict[str, float]:
         mib = 1 << 20
-        return dict(peak_rss_mib=round(self.peak_rss / mib), peak_anon_mib=round(self.peak_anon / mib),
-                    base_rss_mib=round(self.base_rss / mib), base_anon_mib=round(self.base_anon / mib))
+        return dict(peak_rss_mib=round(self.peak_rss / mib),
+                    peak_anon_mib=round(self.peak_anon / mib),
+                    base_rss_mib=round(self.base_rss / mib),
+                    base_anon_mib=round(self.base_anon / mib))
 
 
 def _recipe():
@@ -194,6 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "re-runs: a source already there is reused)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "scale_cpu.json")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per step")
+    parser.add_argument("--shared-machine", default="",
+                        help="a note for the table when other jobs ran alongside (the seconds "
+                             "and tokens/s are then indicative only; memory is not affected)")
     parser.add_argument("--child", nargs=3, metavar=("STEP", "SOURCE", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -241,7 +246,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             row["decode_dense"] = {"skipped": "float32 weights do not fit in memory"}
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
-    common.write_results(args.out, common.metadata("cpu"), rows)
+    meta = common.metadata("cpu")
+    if args.shared_machine:
+        meta["shared_machine"] = args.shared_machine
+    common.write_results(args.out, meta, rows)
     print(f"wrote {args.out}")
     return 0
 

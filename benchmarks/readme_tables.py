@@ -52,8 +52,9 @@ def seeds_table() -> List[str]:
               "RTN int3 g128", "GPTQ int3 g128")
     rows = [r for r in data["rows"] if r["config"] in wanted or r["section"] == "combined"]
     body = [[r["section"], r["config"], f"{r['ppl']:.2f}", _mib(r["weight_bytes"])] for r in rows]
-    return ([f"**Seeds' algorithms on SmolLM2-135M** (perplexity on held-out text, 16 x 512 tokens; "
-             f"{_source('seeds_smollm2.json', data['meta'])}; all rows in `seeds_smollm2.md`)", ""]
+    return ([f"**Seeds' algorithms on SmolLM2-135M** (perplexity on held-out text, 16 x 512 "
+             f"tokens; {_source('seeds_smollm2.json', data['meta'])}; all rows in "
+             f"`seeds_smollm2.md`)", ""]
             + _table(["section", "config", "perplexity", "MiB"], body))
 
 
@@ -236,8 +237,8 @@ def rotation_table() -> List[str]:
         body.append([r["engine"], label, f"{r['bits_per_weight']:.2f}", f"{ppl:.2f}",
                      change(ppl)])
     return ([f"**RTN, GPTQ and random rotations before GPTQ (`Recipe.rotate`)** on SmolLM2-135M "
-             f"(held-out perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, the same "
-             f"code for both engines; bits per weight over the whole file; "
+             f"(held-out perplexity, {meta.get('max_windows')} x {meta.get('seqlen')} tokens, "
+             f"the same code for both engines; bits per weight over the whole file; "
              f"{meta.get('calib_samples')} x 512 calibration tokens; "
              f"{_source('rotation_smollm2.json', meta)})", ""]
             + _table(["engine", "config", "bits/weight", "perplexity", "vs source"], body))
@@ -257,6 +258,7 @@ def scale_table() -> List[str]:
         return [f"{float(step['seconds']):.0f} s ({float(step['seconds_per_billion']):.0f} s/B)",
                 f"{float(step['peak_rss_mib']):.0f} MiB", f"{own / bound:.2f}x"]
 
+    shared = f"; {meta['shared_machine']}" if meta.get("shared_machine") else ""
     body = []
     for r in data["rows"]:
         bound = float(r["bound_mib"])
@@ -284,7 +286,7 @@ def scale_table() -> List[str]:
              f"written as bf16 safetensors shards; RTN int4 g128, embeddings and head int8; each "
              f"step in a fresh process; *own memory* is the step's peak resident memory over "
              f"what the process held after its imports, divided by the largest decoder layer "
-             f"plus embeddings and head; {_source('scale_cpu.json', meta)})", ""]
+             f"plus embeddings and head{shared}; {_source('scale_cpu.json', meta)})", ""]
             + _table(["model", "path", "time", "peak resident", "own memory / bound"], body))
 
 
