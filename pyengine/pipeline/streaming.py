@@ -164,25 +164,12 @@ class SourceCheckpoint:
         keys = [k for k in model.state_dict().keys()
                 if (k.startswith(prefix + ".") if prefix is not None
                     else not k.startswith(layers))]
-        # safetensors maps a file and returns tensors over the mapping: the pages of a tensor
-        # count as resident once touched, and stay so until the mapping is unmapped, which is
-        # when the last tensor read through it is freed. A decoder layer's tensors are freed
-        # together, so they share one mapping per file. Those outside the layers are freed one
-        # by one (compress_checkpoint drops the dense head once it is quantized, then quantizes
-        # the embedding table, and both are often in one file): each is read through a mapping
-        # of its own, so that the pages of a head already quantized leave memory before the
-        # table's are read.
-        stored_keys = [key for key in keys if key in self.stored]  # not the tied aliases
-        reads: List[Tuple[str, List[str]]]  # (file, the keys read through one mapping of it)
-        if prefix is None:
-            reads = [(self.stored[key].file, [key]) for key in stored_keys]
-        else:
-            by_file: Dict[str, List[str]] = {}
-            for key in stored_keys:
+        by_file: Dict[str, List[str]] = {}
+        for key in keys:
+            if key in self.stored:
                 by_file.setdefault(self.stored[key].file, []).append(key)
-            reads = list(by_file.items())
         loaded: Dict[str, torch.Tensor] = {}
-        for file, file_keys in reads:
+        for file, file_keys in by_file.items():
             try:
                 with safe_open(str(self.path / file), framework="pt", device=str(device)) as f:
                     for key in file_keys:
