@@ -268,3 +268,27 @@ def run_poisoned(backend: Backend, x, qt, n, k, bias=None, residual=None, shortc
     return into_poisoned(lambda out: backend.matmul(x, qt, n, k, bias, residual, shortcut,
                                                     out=out),
                          (x.shape[0], n), x.dtype, x.device, f"{backend.name} matmul")
+
+
+def run_vllm_verify(python, checkpoint, out, *, served=None, dtype: str = "float32",
+                    logprob_tol: float = 1e-3, compile: bool = False,
+                    tensor_parallel_size: int = 1, vllm_only: bool = False,
+                    **env_extra) -> dict:
+    """Runs ``python -m pyengine.vllm.verify`` (32 steps) with vLLM's Python ``python`` on
+    ``checkpoint`` (vLLM serving ``served`` when given), writing ``out``:
+    {"returncode", "stderr", "result": the JSON it wrote or None}."""
+    import json
+    import os
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(python), "-m", "pyengine.vllm.verify", str(checkpoint), "--max-tokens", "32",
+           "--dtype", dtype, "--logprob-tol", str(logprob_tol),
+           "--tensor-parallel-size", str(tensor_parallel_size), "--out", str(out)]
+    cmd += (["--served", str(served)] if served is not None else [])
+    cmd += (["--compile"] if compile else []) + (["--vllm-only"] if vllm_only else [])
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root), **env_extra),
+                          capture_output=True, text=True, timeout=1200, cwd=Path(out).parent)
+    print(proc.stdout[-3000:])
+    result = json.loads(Path(out).read_text()) if Path(out).exists() else None
+    return {"returncode": proc.returncode, "stderr": proc.stderr, "result": result}
+

@@ -17,7 +17,7 @@ from typing import Any, Dict, NamedTuple, Optional
 import torch
 
 from .._ext import DTYPE_CODES, extension
-from ..format.packing import unpack_codes
+from ..format.packing import as_int32_bits, unpack_codes
 
 # The layout's sizes as csrc/mma_frag.h sets them, the keys of pyengine._C.mma_layout_constants():
 # code widths it holds, mma steps (16 inputs each) per iteration and 32-bit words per lane per
@@ -221,7 +221,7 @@ def _repack(codes_of, s: torch.Tensor, z: Optional[torch.Tensor], symmetric_zero
         bit_values = ((lane_codes.unsqueeze(-1) >> bit_index) & 1) << shift_of
         packed = torch.zeros(t1 - t0, iterations, 32, words, dtype=torch.int64, device=device)
         packed.index_add_(-1, word_of, bit_values.reshape(t1 - t0, iterations, 32, -1))
-        frag[t0:t1] = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+        frag[t0:t1] = as_int32_bits(packed)
 
     used = 1 if one_group else math.ceil(k / group_size)
     s = s[:, :used]

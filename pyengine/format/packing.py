@@ -23,7 +23,7 @@ def padded_length(k: int, multiple: int = BLOCK_CODES) -> int:
     return -(-k // multiple) * multiple
 
 
-def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
+def as_int32_bits(words: torch.Tensor) -> torch.Tensor:
     """int64 values in [0, 2^32) -> int32 tensor with the same bit pattern."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -73,12 +73,12 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
             words[..., w] |= (c[..., j] << shift) & 0xFFFFFFFF
             if shift > 29:  # the code continues in the next word
                 words[..., w + 1] |= c[..., j] >> (32 - shift)
-        return _to_int32_bits(words.reshape(n, -1))
+        return as_int32_bits(words.reshape(n, -1))
     per_word = 32 // bits
     c = c.reshape(n, kp // per_word, per_word)
     shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
     words = (c << shifts).sum(dim=-1)  # disjoint bit fields: the sum is a bitwise or
-    return _to_int32_bits(words)
+    return as_int32_bits(words)
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, k: Optional[int] = None) -> torch.Tensor:

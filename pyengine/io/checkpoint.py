@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from ..quant.recipe import Recipe
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "QUANT_METHOD", "TRANSFORMERS_GUARD",
            "apply_compressed_structure", "finish_loading", "is_guard", "load",
-           "quantization_metadata", "retie", "save"]
+           "quantization_metadata", "retie", "save", "ShardWriter"]
 
 # Written as ``transformers_weights`` (the weights file transformers should read) into
 # config.json. transformers refuses a value that names no .safetensors file, with a ValueError
@@ -136,28 +136,57 @@ def save(model: nn.Module, path: "str | os.PathLike", max_shard_bytes: int = 4 <
             old.unlink()
     tensors, aliases = _state_for_saving(model)
     write_config(model, out, aliases)
-
-    shards, current, size = [], {}, 0
+    writer = ShardWriter(out, max_shard_bytes)
     for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = t.cpu()
-        size += nbytes
-    shards.append(current)
-    file_meta = {"format": "pt", "producer": "pyengine"}
-    if len(shards) == 1:
-        _save_safetensors(shards[0], out / WEIGHTS_NAME, file_meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _save_safetensors(shard, out / name, file_meta)
-            weight_map.update({key: name for key in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_index(out, weight_map, total)
+        writer.add(key, t)
+    writer.finish()
     return out
+
+
+class ShardWriter:
+    """Writes tensors, in the order added, into safetensors shards of at most ``max_bytes``
+    each (a larger tensor gets a shard of its own), as a shard fills: one file is
+    ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with the index.
+    ``producer`` goes into each file's metadata."""
+
+    def __init__(self, out: Path, max_bytes: int, producer: str = "pyengine") -> None:
+        self.out, self.max_bytes = out, max_bytes
+        self.metadata = {"format": "pt", "producer": producer}
+        self.files: List[Path] = []
+        self.weight_map: Dict[str, str] = {}
+        self.total = 0
+        self._current: Dict[str, torch.Tensor] = {}
+        self._size = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self._size + nbytes > self.max_bytes:
+            self._flush()
+        self._current[key] = tensor.detach().cpu().contiguous()
+        self._size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        # numbered as written; the final names need the count, known once all are written
+        file = self.out / f"model-part-{len(self.files) + 1:05d}.safetensors"
+        _save_safetensors(self._current, file, self.metadata)
+        self.weight_map.update({key: file.name for key in self._current})
+        self.files.append(file)
+        self._current, self._size = {}, 0
+
+    def finish(self) -> None:
+        """Writes the last shard, names the files and writes the index."""
+        if self._current or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            self.files[0].rename(self.out / WEIGHTS_NAME)
+            return
+        renamed = {}
+        for i, file in enumerate(self.files, 1):
+            name = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            file.rename(self.out / name)
+            renamed[file.name] = name
+        write_index(self.out, {k: renamed[v] for k, v in self.weight_map.items()}, self.total)
 
 
 def write_config(model: nn.Module, out: Path, aliases: Dict[str, str],

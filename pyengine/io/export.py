@@ -35,18 +35,18 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..format.packing import pack_codes, unpack_codes
+from ..format.qweight import QuantizedWeight
+from .checkpoint import ShardWriter
 from .checks import (INDEX_NAME, WEIGHTS_NAME, CheckpointError, checkpoint_files,
-                     validate_metadata)
+                     stored_tensors, validate_metadata)
 from .export_formats import (FORMATS, ExportError, GPTQFormat, LayerExport, TargetFormat,
                              UnpackedLayer)
 
-if TYPE_CHECKING:
-    from ..format.qweight import QuantizedWeight
 
 EXPORT_FORMATS = tuple(FORMATS)
 
@@ -120,27 +120,22 @@ class _Source:
         self.config = json.loads(config_file.read_text())
         self.meta = validate_metadata(self.config.get("quantization_config"), str(config_file))
         files, _ = checkpoint_files(path)
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where: Dict[str, Any] = {}
-        for handle in self._handles:
-            for key in handle.keys():
-                self._where[key] = handle
-        tied = self.meta.get("tied", {})
-        self.keys = list(self._where) + [k for k in tied if k not in self._where]
-        self._tied = tied
+        self.stored = stored_tensors(files)  # {key: file, shape, dtype} from the headers
+        self._handles = {f.name: safe_open(str(f), framework="pt") for f in files}
+        self._tied = self.meta.get("tied", {})
+        self.keys = list(self.stored) + [k for k in self._tied if k not in self.stored]
 
     def get(self, key: str) -> torch.Tensor:
         stored = self._tied.get(key, key)
-        if stored not in self._where:
+        if stored not in self.stored:
             raise CheckpointError(f"{self.path}: tensor {key!r} is missing")
-        return self._where[stored].get_tensor(stored)
+        return self._handles[self.stored[stored].file].get_tensor(stored)
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        stored = self._tied.get(key, key)
-        return tuple(self._where[stored].get_slice(stored).get_shape())
+        return self.stored[self._tied.get(key, key)].shape
 
     def has(self, key: str) -> bool:
-        return self._tied.get(key, key) in self._where
+        return self._tied.get(key, key) in self.stored
 
 
 # ---- integer zero points --------------------------------------------------------------------
@@ -279,7 +274,7 @@ def _write(src: _Source, out: Path, fmt: TargetFormat, report: ExportReport,
            max_shard_bytes: int) -> None:
     """The body of :func:`export_checkpoint`: tensors, config and the other files."""
     meta, layer_entries, source = src.meta, src.meta["layers"], src.path
-    writer = _ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, max_shard_bytes, producer="pyengine.export")
     consumed = set()
     names = linears
     if progress:
@@ -299,15 +294,19 @@ def _write(src: _Source, out: Path, fmt: TargetFormat, report: ExportReport,
     dense_dtype = _model_dtype(src.config)
     for name in sorted(embeddings | heads):
         e = layer_entries[name]
-        layer, keys = _read_layer(src, name, e)
+        keys = _layer_keys(name, e)
         consumed.update(keys)
         if name in heads and tied_head:
             continue  # the stock engine ties it to the table again
         dtype = getattr(torch, e["embedding"]["dtype"]) if e.get("embedding") else dense_dtype
-        weight = _dequantize(layer.codes, layer.scales, layer.zeros, layer.bits, layer.shape[1])
-        writer.add(f"{name}.weight", weight.to(dtype))
-        if layer.bias is not None:
-            writer.add(f"{name}.bias", layer.bias)
+        stored = QuantizedWeight(src.get(f"{name}.qweight"), src.get(f"{name}.scales"),
+                                 None if e["symmetric"] else src.get(f"{name}.zeros"),
+                                 bits=e["bits"], group_size=e["group_size"],
+                                 shape=tuple(e["shape"]))
+        writer.add(f"{name}.weight", stored.dequantize(dtype))  # the rows pyengine looks up
+        layer_bias = src.get(f"{name}.bias") if e.get("bias") else None
+        if layer_bias is not None:
+            writer.add(f"{name}.bias", layer_bias)
         report.dense.append(name)
 
     # everything else (norms, dense layers, a dense table) as stored; a tensor pyengine stored
@@ -372,16 +371,17 @@ def _dense_linears(src: _Source, entries: Dict[str, Any]) -> List[str]:
     return sorted(names)
 
 
+def _layer_keys(name: str, entry: Dict[str, Any]) -> List[str]:
+    """The stored keys of quantized layer ``name``."""
+    return ([f"{name}.qweight", f"{name}.scales"]
+            + ([] if entry["symmetric"] else [f"{name}.zeros"])
+            + ([f"{name}.bias"] if entry.get("bias") else []))
+
+
 def _read_layer(src: _Source, name: str, entry: Dict[str, Any]) -> Tuple[UnpackedLayer, List[str]]:
-    keys = [f"{name}.qweight", f"{name}.scales"]
-    zeros = None
-    if not entry["symmetric"]:
-        keys.append(f"{name}.zeros")
-        zeros = src.get(f"{name}.zeros")
-    bias = None
-    if entry.get("bias"):
-        keys.append(f"{name}.bias")
-        bias = src.get(f"{name}.bias")
+    keys = _layer_keys(name, entry)
+    zeros = None if entry["symmetric"] else src.get(f"{name}.zeros")
+    bias = src.get(f"{name}.bias") if entry.get("bias") else None
     if src.has(f"{name}.projection"):
         raise ExportError(f"{name} has a projection (a sliced table): stock engines cannot run "
                           f"it; serve it with pyengine's vLLM plugin")
@@ -406,9 +406,9 @@ def _convert(fmt: TargetFormat, layer: UnpackedLayer, report: ExportReport) -> U
     codes, scales, int_zeros, moved = fit_integer_zeros(layer.codes, layer.scales, zeros,
                                                         layer.bits, zero_range, scale_dtype)
     if moved:
-        k = layer.shape[1]
-        before = _dequantize(layer.codes, layer.scales, zeros, layer.bits, k)
-        after = _dequantize(codes, scales, int_zeros, layer.bits, k)
+        before = _as_weight(layer, layer.codes, layer.scales, layer.zeros).dequantize(
+            torch.float32)
+        after = _as_weight(layer, codes, scales, int_zeros).dequantize(torch.float32)
         record.exact = False
         record.moved_groups = moved
         record.relative_change = float((after - before).norm() / before.norm().clamp(min=1e-30))
@@ -416,35 +416,28 @@ def _convert(fmt: TargetFormat, layer: UnpackedLayer, report: ExportReport) -> U
                          codes, scales, None if layer.symmetric else int_zeros, layer.bias)
 
 
-def fitted_weight(qw: "QuantizedWeight", format: str = "compressed-tensors",
-                  name: str = "") -> Tuple["QuantizedWeight", LayerExport]:
+def fitted_weight(qw: QuantizedWeight, format: str = "compressed-tensors",
+                  name: str = "") -> Tuple[QuantizedWeight, LayerExport]:
     """The weight as ``format`` will hold it (integer zero points, the format's scale dtype:
     what :func:`export_checkpoint` writes for it), in pyengine's format, and the
     :class:`LayerExport` record of the change. Lets a caller measure an export's effect (e.g.
     perplexity) with pyengine's own kernels before writing it."""
-    from ..format.qweight import QuantizedWeight
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose from {EXPORT_FORMATS}")
     layer = UnpackedLayer(name, qw.bits, qw.group_size, qw.symmetric, tuple(qw.shape),
                           unpack_codes(qw.qweight, qw.bits), qw.scales, qw.zeros, None)
     report = ExportReport(format=format, out=Path())
     out = _convert(FORMATS[format](), layer, report)
-    zeros = None if out.zeros is None else out.zeros.to(out.scales.dtype)
-    return (QuantizedWeight(pack_codes(out.codes, qw.bits), out.scales, zeros, bits=qw.bits,
-                            group_size=qw.group_size, shape=tuple(qw.shape), method=qw.method),
-            report.layers[0])
+    return _as_weight(out, out.codes, out.scales, out.zeros, qw.method), report.layers[0]
 
 
-def _dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                bits: int, k: int) -> torch.Tensor:
-    """(q - z) * s, fp32 [N, k], from codes [N, Kp] and per-group scales and zeros [N, G]
-    (zeros None: the symmetric midpoint)."""
-    n, kp = codes.shape
-    g = scales.shape[1]
-    s = scales.to(torch.float32).unsqueeze(-1)
-    z = (float(1 << (bits - 1)) if zeros is None else zeros.to(torch.float32).unsqueeze(-1))
-    w = (codes.view(n, g, kp // g).to(torch.float32) - z) * s
-    return w.view(n, kp)[:, :k]
+def _as_weight(layer: UnpackedLayer, codes: torch.Tensor, scales: torch.Tensor,
+               zeros: Optional[torch.Tensor], method: str = "rtn") -> QuantizedWeight:
+    """pyengine's weight of ``layer``'s format holding these codes [N, Kp], scales and zeros
+    [N, G] (zeros ignored when symmetric)."""
+    return QuantizedWeight(pack_codes(codes, layer.bits), scales,
+                           None if layer.symmetric else zeros.to(scales.dtype), bits=layer.bits,
+                           group_size=layer.group_size, shape=layer.shape, method=method)
 
 
 def _format_notes(fmt: TargetFormat, report: ExportReport) -> List[str]:
@@ -462,47 +455,3 @@ def _format_notes(fmt: TargetFormat, report: ExportReport) -> List[str]:
                          "GPU kernels more); every width is valid compressed-tensors, which "
                          "its library decompresses")
     return notes
-
-
-class _ShardWriter:
-    """Collects tensors into safetensors shards of at most ``max_bytes`` each (a larger tensor
-    gets a shard of its own) and writes the index when there is more than one."""
-
-    def __init__(self, out: Path, max_bytes: int) -> None:
-        self.out, self.max_bytes = out, max_bytes
-        self.files: List[Path] = []
-        self.weight_map: Dict[str, str] = {}
-        self.total = 0
-        self._current: Dict[str, torch.Tensor] = {}
-        self._size = 0
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._current and self._size + nbytes > self.max_bytes:
-            self._flush()
-        self._current[key] = tensor.contiguous()
-        self._size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        from .checkpoint import _save_safetensors
-        file = self.out / f"model-part-{len(self.files) + 1:05d}.safetensors"
-        _save_safetensors(self._current, file, {"format": "pt", "producer": "pyengine.export"})
-        self.weight_map.update({key: file.name for key in self._current})
-        self.files.append(file)
-        self._current, self._size = {}, 0
-
-    def finish(self) -> None:
-        if self._current or not self.files:
-            self._flush()
-        if len(self.files) == 1:
-            self.files[0].rename(self.out / WEIGHTS_NAME)
-            return
-        count = len(self.files)
-        renamed = {}
-        for i, file in enumerate(self.files, 1):
-            name = f"model-{i:05d}-of-{count:05d}.safetensors"
-            file.rename(self.out / name)
-            renamed[file.name] = name
-        from .checkpoint import write_index
-        write_index(self.out, {k: renamed[v] for k, v in self.weight_map.items()}, self.total)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..format.packing import BLOCK_CODES, pack_codes, padded_length
+from ..format.packing import BLOCK_CODES, as_int32_bits, pack_codes, padded_length
 
 
 class ExportError(ValueError):
@@ -75,7 +75,7 @@ def _pack_ct(values: torch.Tensor, bits: int) -> torch.Tensor:
     padded[:, :c] = values
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     packed = (padded.view(r, words, per_word) << shifts).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return as_int32_bits(packed)
 
 
 class TargetFormat:

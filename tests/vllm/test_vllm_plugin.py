@@ -34,7 +34,7 @@ from pyengine.format.qweight import QuantizedWeight
 from pyengine.vllm.sharding import (ShardingError, check_input_split, qkv_rows, shard_inputs,
                                     shard_rows, stored_columns)
 
-from helpers import BITS, GROUP_SIZES, assert_matches, poisoned
+from helpers import BITS, GROUP_SIZES, assert_matches, poisoned, run_vllm_verify
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,19 +178,6 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def _verify(python: Path, checkpoint: Path, out: Path, logprob_tol: float = 1e-3,
-            compile: bool = False, tensor_parallel_size: int = 1, **env_extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
-    proc = subprocess.run([str(python), "-m", "pyengine.vllm.verify", str(checkpoint),
-                           "--max-tokens", "32", "--logprob-tol", str(logprob_tol),
-                           "--tensor-parallel-size", str(tensor_parallel_size),
-                           "--out", str(out)] + (["--compile"] if compile else []),
-                          env=env, capture_output=True, text=True, timeout=1200, cwd=out.parent)
-    print(proc.stdout[-3000:])
-    result = json.loads(out.read_text()) if out.exists() else None
-    return {"returncode": proc.returncode, "stderr": proc.stderr, "result": result}
-
-
 def _assert_equal_to_pyengine(run: dict, logprob_tol: float = 1e-3) -> None:
     assert run["result"] is not None, run["stderr"][-4000:]
     result = run["result"]
@@ -221,10 +208,10 @@ def test_vllm_serves_a_mixed_precision_checkpoint_as_pyengine_does(vllm_python, 
     pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32,
                       scale_dtype=torch.float16)
     checkpoint = _save(model, tokenizer, tmp_path / "mixed")
-    _assert_equal_to_pyengine(_verify(vllm_python, checkpoint, tmp_path / "mixed.json"))
+    _assert_equal_to_pyengine(run_vllm_verify(vllm_python, checkpoint, tmp_path / "mixed.json"))
     # vLLM's default: the model under torch.compile (pyengine's op traced as a custom op)
-    _assert_equal_to_pyengine(_verify(vllm_python, checkpoint, tmp_path / "compiled.json",
-                                      compile=True))
+    _assert_equal_to_pyengine(run_vllm_verify(vllm_python, checkpoint,
+                                              tmp_path / "compiled.json", compile=True))
 
 
 @pytest.mark.slow
@@ -245,7 +232,7 @@ def test_vllm_serves_a_mixed_checkpoint_over_three_tensor_parallel_ranks(vllm_py
     pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32,
                       scale_dtype=torch.float16)
     checkpoint = _save(model, tokenizer, tmp_path / "tp3")
-    run = _verify(vllm_python, checkpoint, tmp_path / "tp3.json", tensor_parallel_size=3)
+    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "tp3.json", tensor_parallel_size=3)
     _assert_equal_to_pyengine(run)
     assert run["result"]["tensor_parallel_size"] == 3
 
@@ -266,7 +253,7 @@ def test_vllm_serves_int8_activation_layers_as_pyengine_does(vllm_python, smollm
                                     "_default": Q(4, 64)})
     pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
     checkpoint = _save(model, tokenizer, tmp_path / "act8")
-    run = _verify(vllm_python, checkpoint, tmp_path / "act8.json", logprob_tol=1e-2)
+    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "act8.json", logprob_tol=1e-2)
     _assert_equal_to_pyengine(run, logprob_tol=1e-2)
 
 
@@ -279,10 +266,10 @@ def test_vllm_serves_a_matryoshka_checkpoint_at_its_precision_or_an_override(vll
     pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
     pyengine.set_precision(model, 4)
     checkpoint = _save(model, tokenizer, tmp_path / "matryoshka")
-    at_config = _verify(vllm_python, checkpoint, tmp_path / "at4.json")
+    at_config = run_vllm_verify(vllm_python, checkpoint, tmp_path / "at4.json")
     _assert_equal_to_pyengine(at_config)
-    overridden = _verify(vllm_python, checkpoint, tmp_path / "at6.json",
-                         PYENGINE_MATRYOSHKA_PRECISION="6")
+    overridden = run_vllm_verify(vllm_python, checkpoint, tmp_path / "at6.json",
+                                 PYENGINE_MATRYOSHKA_PRECISION="6")
     _assert_equal_to_pyengine(overridden)
     assert overridden["result"]["vllm"]["tokens"] != at_config["result"]["vllm"]["tokens"]
 
@@ -296,7 +283,7 @@ def test_vllm_refuses_a_sliced_checkpoint_with_one_line(vllm_python, smollm2, tm
                              slicing=[544] * len(model.model.layers))
     pyengine.compress(model, recipe, calibration, show_progress=False, dtype=torch.float32)
     checkpoint = _save(model, tokenizer, tmp_path / "sliced")
-    run = _verify(vllm_python, checkpoint, tmp_path / "sliced.json")
+    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "sliced.json")
     assert run["returncode"] != 0 and run["result"] is None
     # vLLM's config validation reports the plugin's error as one line of its ValidationError
     lines = [line for line in run["stderr"].splitlines()
