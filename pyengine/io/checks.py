@@ -290,6 +290,40 @@ def stored_tensors(files: Sequence["str | Path"]) -> Dict[str, StoredTensor]:
     return found
 
 
+def tensor_byte_ranges(file: "str | Path") -> Dict[str, Tuple[int, int]]:
+    """{key: (first byte, end byte)} of each tensor's data in safetensors ``file``, as offsets
+    from the start of the file.
+
+    A safetensors file is an 8-byte little-endian header length ``n``, ``n`` bytes of JSON
+    (``{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": ...}``), then the
+    data; ``data_offsets`` count from the first byte after the header, so the file offsets are
+    ``8 + n + begin`` and ``8 + n + end``.
+
+    Raises CheckpointError on a file that is not safetensors or is shorter than its header says.
+    """
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
+            header = json.loads(f.read(header_len))
+        data_start = 8 + header_len
+        ranges: Dict[str, Tuple[int, int]] = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = (int(v) for v in entry["data_offsets"])
+            if not 0 <= begin <= end <= size - data_start:
+                raise ValueError(f"tensor {key!r} ends past the end of the file")
+            ranges[key] = (data_start + begin, data_start + end)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {exc}") from None
+    return ranges
+
+
 def checkpoint_files(path: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
     """The safetensors files of checkpoint directory ``path`` and, when it is sharded, the
     index's {key: file} map (checked: a mapping of names to files inside ``path``)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ from ..quant.layerwise import input_mean_squares, recording_input_mean_squares
 from ..io.checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
                          write_index)
 from ..io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
-                                stored_tensors)
+                                stored_tensors, tensor_byte_ranges)
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_names,
                        check_calibration_needs, check_compress_arguments, hold_dense_in,
                        hold_module_dense_in, quantization_targets, quantize_embeddings,
@@ -89,6 +90,7 @@ class SourceCheckpoint:
                                  f"quantized checkpoint? compress the original model)")
         # the dtype most of the weights are stored in: the dtype the model computes in
         self.dtype = _DTYPES[max(set(floating), key=floating.count)]
+        self._ranges: Dict[str, Dict[str, Tuple[int, int]]] = {}  # {file: tensor_byte_ranges}
 
     @property
     def nbytes(self) -> int:
@@ -154,29 +156,54 @@ class SourceCheckpoint:
                                      f"{list(self.stored[key].shape)}, the model's config "
                                      f"gives {list(shape)}")
 
+    def _map(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` over a private, copy-on-write mapping of its bytes in its file (pages
+        are read when touched; the mapping ends when the tensor and its views are freed)."""
+        info = self.stored[key]
+        file = self.path / info.file
+        if info.file not in self._ranges:
+            try:
+                self._ranges[info.file] = tensor_byte_ranges(file)
+            except CheckpointError as exc:
+                raise StreamingError(str(exc)) from None
+        begin, end = self._ranges[info.file][key]
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        if end - begin != info.nbytes:
+            raise StreamingError(f"cannot read {file} (truncated or corrupt?): {key!r} holds "
+                                 f"{end - begin} bytes, its shape and dtype need {info.nbytes}")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        # mmap offsets are multiples of the allocation granularity (the page size)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(file, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), end - start, offset=start,
+                                   access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise StreamingError(f"cannot read {file}: {exc}") from None
+        # torch.frombuffer holds a reference to the mapping for as long as the tensor lives
+        flat = torch.frombuffer(mapped, dtype=dtype, count=info.nbytes // dtype.itemsize,
+                                offset=begin - start)
+        return flat.view(info.shape)
+
     def materialize(self, model: nn.Module, prefix: Optional[str],
                     device: "str | torch.device" = "cpu") -> None:
         """Reads from the files every tensor of ``model`` whose key starts with ``prefix + "."``
         (``prefix`` None: every tensor outside the decoder layers) and puts it in its module, on
         ``device``, in its stored dtype."""
-        from safetensors import safe_open
         layers = get_adapter(model).layers + "."
         keys = [k for k in model.state_dict().keys()
                 if (k.startswith(prefix + ".") if prefix is not None
                     else not k.startswith(layers))]
-        by_file: Dict[str, List[str]] = {}
-        for key in keys:
-            if key in self.stored:
-                by_file.setdefault(self.stored[key].file, []).append(key)
+        # Each tensor is read through a mapping of its own byte range (not of its whole file, as
+        # safetensors' readers do): a tensor's pages then leave memory when it is freed, though
+        # a neighbour read from the same file lives on (compress_checkpoint drops the dense head
+        # once it is quantized, then quantizes the embedding table, and both are often in one
+        # file), and the address space the run maps is that of the tensors alive, not of files.
         loaded: Dict[str, torch.Tensor] = {}
-        for file, file_keys in by_file.items():
-            try:
-                with safe_open(str(self.path / file), framework="pt", device=str(device)) as f:
-                    for key in file_keys:
-                        loaded[key] = f.get_tensor(key)
-            except Exception as exc:  # safetensors raises its own error types
-                raise StreamingError(f"cannot read {self.path / file} (truncated or corrupt?): "
-                                     f"{exc}") from None
+        for key in keys:
+            if key in self.stored:  # not a tied alias
+                loaded[key] = self._map(key).to(device)
         for key in keys:
             if key not in loaded:  # a tied key: the very tensor of its source
                 continue

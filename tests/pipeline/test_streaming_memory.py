@@ -5,6 +5,11 @@ A child process imports everything, starts its thread pool, then caps its own ad
 pyengine.pipeline.streaming.compress_checkpoint must finish under the cap and write what the
 in-memory path (run here without a cap) writes; the in-memory path itself must fail under the same
 cap, which shows the cap binds.
+
+The tensors outside the decoder layers, freed one by one at the end of the run, must each leave
+resident memory when freed, though they were read from one file (each is read through a mapping
+of its own byte range; a mapping of the whole file would keep every page touched through it
+resident while any tensor read through it lives).
 """
 
 from __future__ import annotations
@@ -111,3 +116,37 @@ def test_sequential_compression_fits_under_a_cap_smaller_than_the_checkpoint(tmp
     got_config = json.loads((tmp_path / "sequential" / "config.json").read_text())
     want_config = json.loads((tmp_path / "reference" / "config.json").read_text())
     assert got_config == want_config
+
+
+def resident_file_bytes() -> int:
+    """Bytes of file pages mapped into this process and resident (RssFile)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_a_dropped_tensor_outside_the_layers_leaves_memory_while_its_file_neighbour_stays(
+        tmp_path):
+    """The table and the head in one file, read for the end of compress_checkpoint: once the
+    head is quantized and dropped, its pages are no longer resident though the table read from
+    the same file still is (each tensor is read through a mapping of its own byte range)."""
+    from pyengine.model.random import save_random_checkpoint
+    from pyengine.pipeline.streaming import SourceCheckpoint, _release
+
+    source = save_random_checkpoint(
+        tmp_path / "source", "llama", "tiny", dtype=torch.float32, max_shard_bytes=1 << 30,
+        vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=4)
+    src = SourceCheckpoint(source)
+    assert src.stored["lm_head.weight"].file == src.stored["model.embed_tokens.weight"].file
+    model = src.skeleton()
+    src.materialize(model, None)
+    head_bytes = src.stored["lm_head.weight"].nbytes
+
+    before = resident_file_bytes()
+    assert torch.isfinite(model.lm_head.weight.sum())  # reads (and maps) every page of it
+    touched = resident_file_bytes()
+    assert touched - before >= 0.9 * head_bytes
+    _release(model.lm_head)
+    assert touched - resident_file_bytes() >= 0.9 * head_bytes
+    table = model.get_submodule("model.embed_tokens").weight
+    assert table.device.type == "cpu" and torch.isfinite(table.sum())
