@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, WEIGHTS_NAME,
-                                CheckpointError, check_checkpoint, validate_metadata)
+from .checks import (CHECKPOINT_VERSION, INDEX_NAME, QUANT_METHOD, STRUCTURED_ARCHITECTURE,
+                                WEIGHTS_NAME, CheckpointError, check_checkpoint, validate_metadata)
 from ..pipeline.compress import RECIPE_ATTR
 from ..model.adapters import get_adapter
 from ..nn.fusion import fuse_projections
@@ -205,10 +205,14 @@ def write_config(model: nn.Module, out: Path, aliases: Dict[str, str],
     meta["tied"] = dict(aliases)
     config = model.config
     previous = getattr(config, "quantization_config", None)
+    previous_architectures = getattr(config, "architectures", None)
     config.quantization_config = meta
+    if meta.get("structure") is not None:  # vLLM builds such models with the plugin's class
+        config.architectures = [STRUCTURED_ARCHITECTURE]
     try:
         config.save_pretrained(out)
     finally:
+        config.architectures = previous_architectures
         if previous is None:
             del config.quantization_config
         else:

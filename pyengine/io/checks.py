@@ -32,6 +32,11 @@ QUANT_METHOD = "pyengine"
 # "embedding" field). pyengine.save writes the lowest version that describes the checkpoint.
 CHECKPOINT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
+# The architecture config.json names for a checkpoint with a structure (sliced, or rotated with
+# an online transform): vLLM's stock model classes cannot hold it, and the vLLM plugin registers
+# its own class (pyengine.vllm.sliced) under this name. transformers builds models from
+# model_type, which keeps the family's.
+STRUCTURED_ARCHITECTURE = "PyengineStructuredForCausalLM"
 INDEX_NAME = "model.safetensors.index.json"
 
 # safetensors' dtype names (as its headers spell them) and the torch dtypes they load as.

@@ -23,7 +23,8 @@ quantizes (its ``quantization_config.layers``), :class:`PyengineLinearMethod` /
 
 Layers the checkpoint keeps dense get vLLM's unquantized methods. Sliced checkpoints (and rotated
 ones with the MLPs' online Walsh-Hadamard transform) change the model's structure, which vLLM's
-stock model classes do not have: :func:`check_servable` refuses them with one line.
+stock model classes do not have: they are built by pyengine.vllm.sliced's class, and
+:func:`check_servable` refuses them, with one line, in any other.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
                                                                  VocabParallelEmbedding)
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..io.checks import QUANT_METHOD, validate_metadata
+from ..io.checks import QUANT_METHOD, STRUCTURED_ARCHITECTURE, validate_metadata
 from ..matryoshka.weight import PLANE_NAMES, MatryoshkaWeight, check_precision
 from ..ops import qembedding, qlinear
 from ..format.qweight import FLOAT_DTYPES, QuantizedWeight
@@ -60,14 +61,18 @@ class PyengineServingError(ValueError):
 
 
 def check_servable(qmeta: Dict[str, Any], where: str = "quantization_config") -> None:
-    """Refuses, with one line, what vLLM's stock model classes cannot hold: a sliced structure
-    (per-layer widths, shortcut matrices) or a rotated model's online transform."""
+    """Refuses, with one line, a checkpoint whose structure (a sliced model's widths and
+    shortcuts, a rotated one's online transform) is served by a stock model class: such
+    checkpoints are built by :class:`pyengine.vllm.sliced.PyengineStructuredForCausalLM`, which
+    vLLM picks when ``config.json`` names its architecture (``pyengine.save`` does)."""
     if qmeta.get("structure") is not None:
         raise PyengineServingError(
             f"{where}: this pyengine checkpoint changes the model's structure (slicing, or "
             f"rotation with the MLPs' online Walsh-Hadamard transform), which vLLM's model "
-            f"classes do not have; serve it with pyengine.load, or compress without slicing "
-            f"and with Recipe(online_hadamard=False)")
+            f"class for its family does not have; config.json must name the architecture "
+            f"{STRUCTURED_ARCHITECTURE} (pyengine.save writes it: re-save the model with "
+            f"pyengine.load and pyengine.save, or pass hf_overrides={{'architectures': "
+            f"['{STRUCTURED_ARCHITECTURE}']}} to vLLM)")
 
 
 def served_precision(entry: Dict[str, Any]) -> int:
@@ -132,6 +137,9 @@ class PyengineConfig(QuantizationConfig):
         self.layers: Dict[str, Dict[str, Any]] = qmeta["layers"]
         self.tied: Dict[str, str] = qmeta.get("tied", {})
         self.built_tables: Dict[str, QuantizedWeight] = {}  # token tables, once loaded
+        self.structure: Optional[Dict[str, Any]] = qmeta.get("structure")
+        # set by PyengineStructuredForCausalLM, whose layers have the structure's shapes
+        self.structure_served = False
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -149,9 +157,7 @@ class PyengineConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "PyengineConfig":
-        qmeta = validate_metadata(config, "config.json")
-        check_servable(qmeta, "config.json: quantization_config")
-        return cls(qmeta)
+        return cls(validate_metadata(config, "config.json"))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: Dict[str, Any], user_quant: Optional[str],
@@ -187,6 +193,8 @@ class PyengineConfig(QuantizationConfig):
         return None
 
     def get_quant_method(self, layer: Module, prefix: str) -> Optional[QuantizeMethodBase]:
+        if self.structure is not None and not self.structure_served:
+            check_servable(self.qmeta, "config.json: quantization_config")
         entries = self.layer_entries(prefix)
         quantized = [entry is not None for _, entry in entries]
         if isinstance(layer, VocabParallelEmbedding):  # the embedding table or the head

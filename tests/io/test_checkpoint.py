@@ -44,9 +44,15 @@ def test_save_load_is_exact_both_ways(family, sliced, tmp_path, rng):
     model = _compressed(family, rng, sliced)
     ids = torch.randint(3, 160, (2, 9), generator=rng)
     expected = _logits(model, ids)
+    own = model.config.architectures  # None for a model built from a config
     pyengine.save(model, tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "model.safetensors" in files and "config.json" in files
+    # a sliced checkpoint names the vLLM plugin's model class (transformers builds from
+    # model_type); the model saved keeps its own config
+    written = json.loads((tmp_path / "config.json").read_text()).get("architectures")
+    assert written == (["PyengineStructuredForCausalLM"] if sliced else own)
+    assert model.config.architectures == own
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
 
     loaded = pyengine.load(tmp_path)

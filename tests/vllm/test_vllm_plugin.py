@@ -11,8 +11,10 @@ package index cannot provide it) serves SmolLM2-135M checkpoints through the plu
 and first-step log-probabilities with pyengine's own: a mixed 8/4/3/2-bit checkpoint (fused
 layers whose parts differ in bits, every group size, a symmetric layer, fp16 scales, an int8
 tied table and head; eager and compiled by vLLM), int8-activation layers, a Matryoshka one
-served at the precision its config names and at an overriding one; a sliced checkpoint is
-refused with one line.
+served at the precision its config names and at an overriding one; a sliced checkpoint with
+per-layer widths (eager and compiled) and a rotated one with the online Walsh-Hadamard transform
+over three tensor-parallel ranks, both on the plugin's model class; a sliced checkpoint that
+names its family's stock class is refused with one line.
 """
 
 from __future__ import annotations
@@ -274,21 +276,77 @@ def test_vllm_serves_a_matryoshka_checkpoint_at_its_precision_or_an_override(vll
     assert overridden["result"]["vllm"]["tokens"] != at_config["result"]["vllm"]["tokens"]
 
 
-@pytest.mark.slow
-@needs_smollm2
-def test_vllm_refuses_a_sliced_checkpoint_with_one_line(vllm_python, smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def sliced_checkpoint(smollm2, tmp_path_factory):
+    """SmolLM2 sliced to per-layer widths 512 / 544 / 576 (so shortcuts change the width from
+    layer to layer), layers at 8, 3, 2 and 4 bits, its tied int8 table kept in the original
+    basis (projections after the lookup and in the final norm)."""
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
     calibration = pyengine.calibration_data(tokenizer, n_samples=2, seqlen=64)
-    recipe = pyengine.Recipe(quant={"_default": pyengine.QuantConfig(4, 64)},
-                             slicing=[544] * len(model.model.layers))
+    Q = pyengine.QuantConfig
+    n_layers = len(model.model.layers)
+    recipe = pyengine.Recipe(quant={r"model\.layers\.1\..*": Q(8, 64),
+                                    r"model\.layers\.2\..*": Q(3, 32),
+                                    r"model\.layers\.3\..*": Q(2, 64),
+                                    "_default": Q(4, 64)},
+                             slicing=[512 + 32 * (i % 3) for i in range(n_layers)])
     pyengine.compress(model, recipe, calibration, show_progress=False, dtype=torch.float32)
-    checkpoint = _save(model, tokenizer, tmp_path / "sliced")
-    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "sliced.json")
+    return _save(model, tokenizer, tmp_path_factory.mktemp("vllm") / "sliced")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_vllm_serves_a_sliced_checkpoint_with_per_layer_widths_as_pyengine_does(
+        vllm_python, sliced_checkpoint, tmp_path):
+    """The plugin's model class (pyengine.vllm.sliced), eager and compiled by vLLM."""
+    config = json.loads((sliced_checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["PyengineStructuredForCausalLM"]
+    widths = {layer["attn_width"] for layer in config["quantization_config"]["structure"]["layers"]}
+    assert widths == {512, 544, 576}
+    _assert_equal_to_pyengine(run_vllm_verify(vllm_python, sliced_checkpoint,
+                                              tmp_path / "sliced.json"))
+    _assert_equal_to_pyengine(run_vllm_verify(vllm_python, sliced_checkpoint,
+                                              tmp_path / "compiled.json", compile=True))
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_vllm_serves_a_rotated_checkpoint_with_the_online_transform_over_three_ranks(
+        vllm_python, smollm2, tmp_path):
+    """Rotated with the MLPs' online Walsh-Hadamard transform (blocks of 512 of the 1536 inner
+    features): over three ranks each transforms its own 512 inner features, its share of
+    down_proj's inputs."""
+    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
+    Q = pyengine.QuantConfig
+    recipe = pyengine.Recipe(quant={r"model\.layers\.2\..*": Q(3, 32),
+                                    r"model\.layers\.3\..*": Q(8, 64), "_default": Q(4, 64)},
+                             rotate=True)
+    pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
+    checkpoint = _save(model, tokenizer, tmp_path / "rotated")
+    layers = json.loads((checkpoint / "config.json").read_text())["quantization_config"][
+        "structure"]["layers"]
+    assert {layer["mlp_hadamard_block"] for layer in layers} == {512}
+    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "tp3.json", tensor_parallel_size=3)
+    _assert_equal_to_pyengine(run)
+    assert run["result"]["tensor_parallel_size"] == 3
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_vllm_refuses_a_sliced_checkpoint_named_as_its_family_with_one_line(
+        vllm_python, sliced_checkpoint, tmp_path):
+    """A sliced checkpoint whose config.json names the stock architecture (written before
+    pyengine named the plugin's class, or edited): the plugin says what to change."""
+    import shutil
+    checkpoint = Path(shutil.copytree(sliced_checkpoint, tmp_path / "stock"))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "stock.json")
     assert run["returncode"] != 0 and run["result"] is None
-    # vLLM's config validation reports the plugin's error as one line of its ValidationError
     lines = [line for line in run["stderr"].splitlines()
              if "changes the model's structure" in line]
-    assert lines and "pyengine.load" in lines[-1], run["stderr"][-3000:]
+    assert lines and "PyengineStructuredForCausalLM" in lines[-1], run["stderr"][-3000:]
 
 
 @pytest.mark.slow
