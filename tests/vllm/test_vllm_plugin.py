@@ -13,7 +13,8 @@ layers whose parts differ in bits, every group size, a symmetric layer, fp16 sca
 tied table and head; eager and compiled by vLLM), int8-activation layers, a Matryoshka one
 served at the precision its config names and at an overriding one; a sliced checkpoint with
 per-layer widths (eager and compiled) and a rotated one with the online Walsh-Hadamard transform
-over three tensor-parallel ranks, both on the plugin's model class; a sliced checkpoint that
+over three tensor-parallel ranks, sliced random-weight qwen2 and qwen3 models, all on the
+plugin's model class; a sliced checkpoint that
 names its family's stock class is refused with one line.
 """
 
@@ -329,6 +330,45 @@ def test_vllm_serves_a_rotated_checkpoint_with_the_online_transform_over_three_r
     run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "tp3.json", tensor_parallel_size=3)
     _assert_equal_to_pyengine(run)
     assert run["result"]["tensor_parallel_size"] == 3
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_vllm_serves_sliced_checkpoints_of_other_families(vllm_python, smollm2, family,
+                                                          tmp_path):
+    """Random weights of the family (q/k/v biases for qwen2, per-head q/k norms for qwen3),
+    sliced to widths 112 / 96 / 120 of 128 with random orthonormal bases, int4 and int3 layers;
+    biases drawn (transformers initialises them to zero) and the head scaled so that the
+    next-token distributions are peaked, not near uniform. SmolLM2's tokenizer (the vocabulary
+    has its size)."""
+    from pyengine.model.random import random_model
+    from pyengine.slicing import structure
+    tokenizer = smollm2[1]
+    model = random_model(family, vocab_size=len(tokenizer), hidden_size=128,
+                         intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512)
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5, generator=rng)
+        model.lm_head.weight.mul_(40)
+
+    def basis(width):
+        return torch.linalg.qr(torch.randn(128, 128, dtype=torch.float64,
+                                           generator=rng))[0][:, :width]
+
+    widths = [112, 96, 120]
+    structure.apply_bases(model, [basis(w) for w in widths], [basis(w) for w in widths],
+                          basis(104))
+    Q = pyengine.QuantConfig
+    pyengine.compress(model, pyengine.Recipe({r".*down_proj.*": Q(3, 32), "_default": Q(4, 32)},
+                                             slicing=widths), show_progress=False)
+    checkpoint = _save(model, tokenizer, tmp_path / family)
+    run = run_vllm_verify(vllm_python, checkpoint, tmp_path / f"{family}.json")
+    _assert_equal_to_pyengine(run)
+    assert max(run["result"]["vllm"]["first_logprobs"]) > -1.5  # peaked, not near uniform
 
 
 @pytest.mark.slow
