@@ -12,10 +12,10 @@ and first-step log-probabilities with pyengine's own: a mixed 8/4/3/2-bit checkp
 layers whose parts differ in bits, every group size, a symmetric layer, fp16 scales, an int8
 tied table and head; eager and compiled by vLLM), int8-activation layers, a Matryoshka one
 served at the precision its config names and at an overriding one; a sliced checkpoint with
-per-layer widths (eager and compiled) and a rotated one with the online Walsh-Hadamard transform
-over three tensor-parallel ranks, sliced random-weight qwen2 and qwen3 models, all on the
-plugin's model class; a sliced checkpoint that
-names its family's stock class is refused with one line.
+per-layer widths (eager and compiled), a rotated one with the online Walsh-Hadamard transform
+over three tensor-parallel ranks and sliced random-weight qwen2 and qwen3 models, all on the
+plugin's model class; a sliced checkpoint that names its family's stock class is refused with
+one line.
 """
 
 from __future__ import annotations
