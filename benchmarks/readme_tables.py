@@ -329,8 +329,9 @@ def vllm_table(name: str) -> List[str]:
     meta = data["meta"]
     by = {(r["engine"], r["threads"]): r for r in data["rows"]}
     threads = sorted({r["threads"] for r in data["rows"]})
-    engines = [e for e in ("vllm-pyengine", "vllm-dense", "vllm-pyengine-compiled",
-                           "vllm-dense-compiled", "pyengine") if any(k[0] == e for k in by)]
+    engines = [e for e in ("vllm-pyengine-sliced", "pyengine-sliced", "vllm-pyengine",
+                           "vllm-dense", "vllm-pyengine-compiled", "vllm-dense-compiled",
+                           "pyengine") if any(k[0] == e for k in by)]
     body = []
     for engine in engines:
         cells = []
@@ -339,8 +340,11 @@ def vllm_table(name: str) -> List[str]:
             cells.append("" if row is None else
                          f"{float(row['tokens_per_s']):.1f} "
                          f"({', '.join(f'{v:.1f}' for v in row['per_round'])})")
-        body.append([engine, by[next(k for k in by if k[0] == engine)]["model"]] + cells)
-    return ([f"**vLLM serving a pyengine checkpoint** (batch-1 greedy decode tokens/s, median of "
+        first = by[next(k for k in by if k[0] == engine)]
+        loop = " (transformers' generate)" if first.get("loop") == "transformers generate" else ""
+        body.append([engine, first["model"] + loop] + cells)
+    what = "a sliced pyengine checkpoint" if "sliced" in name else "a pyengine checkpoint"
+    return ([f"**vLLM serving {what}** (batch-1 greedy decode tokens/s, median of "
              f"{meta.get('rounds')} alternating rounds, each a fresh process; {meta.get('vllm')}, "
              f"{meta.get('vllm_mode')}; {meta.get('dtype')}; pyengine's CPU kernels: "
              f"{meta.get('cpu_isa')} build; {_source(name, meta)})", ""]
@@ -385,7 +389,10 @@ def sections() -> List[Callable[[], List[str]]]:
              quant_peers_table, lambda: quant_peers_table("quant_peers_g128.json"),
              lambda: quant_peers_table("quant_peers_mixed.json"),
              lambda: vllm_table("vllm_cpu.json"), lambda: vllm_table("vllm_cpu_avx2.json"),
-             lambda: vllm_table("vllm_cpu_generic.json"), export_table,
+             lambda: vllm_table("vllm_cpu_generic.json"),
+             lambda: vllm_table("vllm_cpu_sliced.json"),
+             lambda: vllm_table("vllm_cpu_sliced_avx2.json"),
+             lambda: vllm_table("vllm_cpu_sliced_generic.json"), export_table,
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
