@@ -30,14 +30,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model} is already compressed by pyengine; compress the "
                          f"original model")
     check_device(args.device)
-    readable = source.is_dir() and any(source.glob("*.safetensors"))
+    gguf = source.is_file() and source.suffix.lower() == ".gguf"
+    readable = gguf or (source.is_dir() and any(source.glob("*.safetensors")))
     sequential = args.sequential
     if sequential is None:
         sequential = readable and not args.rotate and not args.slice
     if sequential:
         if not readable:
             raise UsageError(f"--sequential reads a local Hugging Face directory of "
-                             f"safetensors files; {args.model} is not one")
+                             f"safetensors files or a .gguf file; {args.model} is neither")
         if args.rotate or args.slice:
             raise UsageError("--sequential: slicing and rotation transform the whole model "
                              "and run in memory; drop --sequential")
@@ -68,16 +69,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _compress_sequential(args: argparse.Namespace, source: Path, out: Path) -> int:
     """cmd_compress, one decoder layer at a time (pyengine.pipeline.streaming)."""
-    from ..pipeline.streaming import (SourceCheckpoint, StreamingError, compress_checkpoint,
-                            stream_scores)
+    from ..pipeline.streaming import (GGUFSource, SourceCheckpoint, StreamingError,
+                                      compress_checkpoint, open_source, stream_scores)
     try:
-        src = SourceCheckpoint(source)
+        src = open_source(source)
         skeleton = src.skeleton()
     except StreamingError as exc:
         raise UsageError(str(exc)) from None
     require_supported(skeleton)
-    tokenizer = require_tokenizer(
-        LoadedModel(skeleton, tokenizer_or_none(str(source)), source.name, False), "calibration")
+    found = (tokenizer_or_none(str(source.parent), gguf_file=source.name)
+             if isinstance(src, GGUFSource) else tokenizer_or_none(str(source)))
+    tokenizer = require_tokenizer(LoadedModel(skeleton, found, source.name, False),
+                                  "calibration")
     calib = calibration(tokenizer, args.calib, args.n_samples, args.seqlen)
     status(f"compressing {source.name} layer by layer ({len(src.stored)} tensors in "
            f"{src.dtype}, {mib(src.nbytes)})")

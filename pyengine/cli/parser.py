@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer, the calibration activations, embeddings and head; an "
                         "interrupted run resumes) instead of loading the whole model; the "
                         "checkpoint is the same (default: on for a local directory of "
-                        "safetensors files when the recipe neither slices nor rotates)")
+                        "safetensors files or a .gguf file when the recipe neither slices nor "
+                        "rotates)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the layers are compressed (with --sequential: one layer at a "
                         "time is moved there) (default: cpu)")

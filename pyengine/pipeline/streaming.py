@@ -1,7 +1,8 @@
 """Compressing a checkpoint on disk one decoder layer at a time, in bounded memory.
 
 :func:`compress_checkpoint` reads a Hugging Face model directory (safetensors, one file or
-shards with an index) without loading the model: the module tree is built on the meta device,
+shards with an index), or a .gguf file (:class:`GGUFSource`: each tensor dequantized to
+float32 on its own, as transformers loads the file whole), without loading the model: the module tree is built on the meta device,
 and each decoder layer is read from the files, compressed, written to its own output shard and
 dropped before the next one is read. The calibration activations (when the recipe has GPTQ or
 MatQuant layers, or RTN layers and calibration data: their inputs weigh RTN's errors) go from
@@ -38,8 +39,8 @@ from .calibrate import LayerInputs, capture_first_layer_inputs, check_calibratio
 from ..quant.layerwise import input_mean_squares, recording_input_mean_squares
 from ..io.checkpoint import (_save_safetensors, _state_for_saving, layer_entries, write_config,
                          write_index)
-from ..io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, checkpoint_files,
-                                stored_tensors, tensor_byte_ranges)
+from ..io.checks import (INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, StoredTensor,
+                        checkpoint_files, stored_tensors, tensor_byte_ranges)
 from .compress import (RECIPE_ATTR, _untie_if_head_quantized, calibrated_rtn_names,
                        check_calibration_needs, check_compress_arguments, hold_dense_in,
                        hold_module_dense_in, quantization_targets, quantize_embeddings,
@@ -49,8 +50,8 @@ from ..quant.methods import GPTQOptions, get_method, quantize_layer
 from ..quant.recipe import Recipe
 from ..utils import progress
 
-__all__ = ["PROGRESS_NAME", "SourceCheckpoint", "StreamingError", "compress_checkpoint",
-           "stream_scores"]
+__all__ = ["GGUFSource", "PROGRESS_NAME", "SourceCheckpoint", "StreamingError",
+           "compress_checkpoint", "open_source", "stream_scores"]
 
 # The file in the output directory that records a run's progress (removed when it completes).
 PROGRESS_NAME = ".pyengine-compress-progress.json"
@@ -120,13 +121,8 @@ class SourceCheckpoint:
                 names transformers converts while loading it) or hold them in other shapes.
         """
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-        try:
-            config = AutoConfig.from_pretrained(str(self.path))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StreamingError(f"{self.path}/config.json: transformers cannot read it: "
-                                 f"{str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
-                                 ) from None
+        from transformers import AutoModelForCausalLM
+        config = self._config()
         if getattr(config, "quantization_config", None) is not None:
             raise StreamingError(f"{self.path} holds a quantized checkpoint "
                                  f"({config.quantization_config.get('quant_method', '?')}); "
@@ -137,6 +133,16 @@ class SourceCheckpoint:
         model.eval()
         self._check_keys(model)
         return model
+
+    def _config(self) -> Any:
+        """The model's transformers config."""
+        from transformers import AutoConfig
+        try:
+            return AutoConfig.from_pretrained(str(self.path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StreamingError(f"{self.path}/config.json: transformers cannot read it: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
+                                 ) from None
 
     def _check_keys(self, model: nn.Module) -> None:
         state = model.state_dict()
@@ -173,17 +179,10 @@ class SourceCheckpoint:
                                  f"{end - begin} bytes, its shape and dtype need {info.nbytes}")
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        # mmap offsets are multiples of the allocation granularity (the page size)
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        try:
-            with open(file, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), end - start, offset=start,
-                                   access=mmap.ACCESS_COPY)
-        except (OSError, ValueError) as exc:
-            raise StreamingError(f"cannot read {file}: {exc}") from None
+        mapped, offset = _map_bytes(file, begin, end)
         # torch.frombuffer holds a reference to the mapping for as long as the tensor lives
         flat = torch.frombuffer(mapped, dtype=dtype, count=info.nbytes // dtype.itemsize,
-                                offset=begin - start)
+                                offset=offset)
         return flat.view(info.shape)
 
     def materialize(self, model: nn.Module, prefix: Optional[str],
@@ -211,6 +210,115 @@ class SourceCheckpoint:
         for alias, source in self.aliases.items():
             if alias in keys or source in keys:
                 _share_tensor(model, alias, source)
+
+
+def _map_bytes(file: Path, begin: int, end: int) -> Tuple[mmap.mmap, int]:
+    """A private, copy-on-write mapping of bytes [begin, end) of ``file`` and the offset of
+    ``begin`` in it (mappings start at a multiple of the allocation granularity)."""
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(file, "rb") as f:
+            return mmap.mmap(f.fileno(), end - start, offset=start,
+                             access=mmap.ACCESS_COPY), begin - start
+    except (OSError, ValueError) as exc:
+        raise StreamingError(f"cannot read {file}: {exc}") from None
+
+
+class GGUFSource(SourceCheckpoint):
+    """A .gguf file read one tensor at a time: each tensor is mapped, dequantized to float32
+    and renamed as transformers does when it loads the file whole
+    (``from_pretrained(dir, gguf_file=...)``: the same names, the same reordering of llama's
+    q/k rows), so that a model built from it computes in float32 like the in-memory path's.
+
+    Args:
+        path: the .gguf file.
+    Raises:
+        StreamingError: no gguf package, a file transformers cannot read, or a tensor it
+            cannot place.
+    """
+
+    def __init__(self, path: "str | os.PathLike") -> None:
+        self.file = Path(path)
+        self.path = self.file.parent
+        self._ranges = {}
+        try:
+            from gguf import GGUFReader
+            from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS,
+                                                                  TensorProcessor,
+                                                                  get_gguf_hf_weights_map,
+                                                                  load_gguf_checkpoint,
+                                                                  read_field)
+        except ImportError:
+            raise StreamingError("reading a .gguf file needs the gguf package (pip install "
+                                 "gguf)") from None
+        try:
+            parsed = load_gguf_checkpoint(str(self.file), return_tensors=False)
+            reader = GGUFReader(str(self.file))
+            architecture = read_field(reader, "general.architecture")[0]
+            # (type, item dtype, item shape, first byte, bytes) of each stored tensor
+            self._gguf = {t.name: (t.tensor_type, t.data.dtype, tuple(t.data.shape),
+                                   int(t.data_offset), int(t.n_bytes),
+                                   tuple(int(d) for d in reversed(t.shape.tolist())))
+                          for t in reader.tensors}
+            del reader  # its mapping of the whole file
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise StreamingError(f"cannot read {self.file}: {exc}") from None
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
+            config=parsed["config"])
+        self._parsed = parsed
+        self.dtype = torch.float32  # dequantized, as the in-memory path loads it
+        model = self._meta_model()
+        hf_names = get_gguf_hf_weights_map(model, self._processor)  # {gguf name: key}
+        self._gguf_names = {key: name for name, key in hf_names.items() if name in self._gguf}
+        self.stored = {key: StoredTensor(self.file.name, self._gguf[name][5], "F32")
+                       for key, name in self._gguf_names.items()}
+        if not self.stored:
+            raise StreamingError(f"{self.file}: no tensor of the file maps to the model "
+                                 f"transformers builds for it")
+
+    def _config(self) -> Any:
+        from transformers import AutoConfig
+        try:
+            return AutoConfig.from_pretrained(str(self.path), gguf_file=self.file.name)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StreamingError(f"{self.file}: transformers cannot read its config: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
+                                 ) from None
+
+    def _meta_model(self) -> nn.Module:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(self._config(), dtype=self.dtype)
+
+    def _map(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, dequantized from its own mapping of the file, float32 [shape]."""
+        import numpy as np
+        from gguf import dequantize
+        name = self._gguf_names[key]
+        qtype, item_dtype, item_shape, begin, nbytes, shape = self._gguf[name]
+        mapped, offset = _map_bytes(self.file, begin, begin + nbytes)
+        items = np.frombuffer(mapped, dtype=item_dtype, count=int(np.prod(item_shape)),
+                              offset=offset).reshape(item_shape)
+        weights = dequantize(items, qtype)
+        weights = self._processor.process(weights=weights, name=name,
+                                          tensor_key_mapping=None,
+                                          parsed_parameters=self._parsed).weights
+        # a copy: float types dequantize to views of the mapping, which is then released
+        tensor = torch.from_numpy(np.array(weights, dtype=np.float32, order="C", copy=True))
+        if tuple(tensor.shape) != shape:
+            raise StreamingError(f"{self.file}: {name} dequantizes to "
+                                 f"{list(tensor.shape)}, not {list(shape)}")
+        return tensor
+
+
+def open_source(path: "str | os.PathLike") -> SourceCheckpoint:
+    """The reader of a model on disk: :class:`GGUFSource` for a .gguf file, else
+    :class:`SourceCheckpoint` (a directory of safetensors files)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return GGUFSource(path)
+    return SourceCheckpoint(path)
 
 
 def _tied_keys(model: nn.Module) -> Dict[str, str]:
@@ -278,7 +386,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
                         matquant_options: Optional[Mapping[str, Any]] = None,
                         batch_size: int = 1, damp: Optional[float] = None, resume: bool = True,
                         show_progress: bool = True) -> Path:
-    """Compresses the model in directory ``source`` into checkpoint directory ``out`` one
+    """Compresses the model in directory (or .gguf file) ``source`` into checkpoint ``out`` one
     decoder layer at a time, and returns ``out``.
 
     Every argument means what it means for pyengine.compress (``dtype``, ``scale_dtype``,
@@ -302,7 +410,7 @@ def compress_checkpoint(source: "str | os.PathLike", out: "str | os.PathLike", r
             rotation, or both GPTQ and MatQuant layers.
         ValueError: what pyengine.compress raises on the recipe and calibration.
     """
-    src = SourceCheckpoint(source)
+    src = open_source(source)
     model = src.skeleton()
     adapter = get_adapter(model)
     if not isinstance(recipe, Recipe):
@@ -500,10 +608,10 @@ def _read_activations(out: Path, inputs: LayerInputs, device: torch.device) -> L
 def stream_scores(source: "str | os.PathLike", calibration: torch.Tensor, batch_size: int = 1,
                   device: Optional["str | torch.device"] = None,
                   show_progress: bool = True) -> Dict[str, List[float]]:
-    """pyengine.scores of the model in directory ``source``, reading one decoder layer at a
-    time: {"lim": [...], "zd": [...], "lr": [...]}, one value per decoder layer."""
+    """pyengine.scores of the model in directory ``source`` (or .gguf file), reading one
+    decoder layer at a time: {"lim": [...], "zd": [...], "lr": [...]}, one value per decoder layer."""
     from .scores import mean_cosine, zd_scores
-    src = SourceCheckpoint(source)
+    src = open_source(source)
     model = src.skeleton()
     check_calibration(model, calibration)
     adapter = get_adapter(model)
