@@ -12,11 +12,11 @@ stock one. Per decoder layer ``i`` (widths from ``structure.layers[i]``)::
     out = down_proj.proj(H(mlp(norm(h))))  + (h @ down_proj.shortcut or h)  # [.., mlp_out_width]
 
 where ``norm`` is RMS normalisation without a scale over the original hidden size (the scales are
-folded into the linears that read it), ``x`` has ``attn_width`` features and ``h``
-``mlp_width``, and ``H`` is the Walsh-Hadamard transform of each block of
-``mlp_hadamard_block`` inner features (none when 0). The token table is looked up, then
-multiplied by ``embed_tokens.projection`` [hidden, embed_width] when the model keeps its tied
-table in the original basis (``projected_embeddings``); the final norm then maps the last
+folded into the linears that read it; pyengine.nn.sliced.SlicedRMSNorm), ``x`` has
+``attn_width`` features and ``h`` ``mlp_width``, and ``H`` is the Walsh-Hadamard transform of
+each block of ``mlp_hadamard_block`` inner features (none when 0). The token table is looked
+up, then multiplied by ``embed_tokens.projection`` [hidden, embed_width] when the model keeps its
+tied table in the original basis (``projected_embeddings``); the final norm then maps the last
 stream back through ``norm.projection`` [head_width, hidden] for the head.
 
 The linears are vLLM's parallel layers (fused q/k/v and gate/up, column- and row-parallel
@@ -51,6 +51,7 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from ..nn.sliced import SlicedRMSNorm
 from ..ops.hadamard import hadamard_transform
 from .methods import PyengineConfig, PyengineServingError
 
@@ -78,25 +79,6 @@ def _dense(shape: Tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     param.weight_loader = default_weight_loader
     return param
-
-
-class ScalelessRMSNorm(nn.Module):
-    """pyengine.nn.sliced.SlicedRMSNorm: ``x / sqrt(sum(x^2) / normalizer_dim + eps)`` over a
-    stream of ``width`` features (normalizer_dim: the original hidden size), in float32, then
-    ``@ projection`` [width, hidden] when it has one (the final norm of a model whose head reads
-    the unrotated table)."""
-
-    def __init__(self, width: int, normalizer_dim: int, eps: float, projected: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.width, self.normalizer_dim, self.eps = width, normalizer_dim, eps
-        self.projection = _dense((width, normalizer_dim), dtype) if projected else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.float32)
-        mean_square = xf.pow(2).sum(-1, keepdim=True) / self.normalizer_dim
-        y = (xf * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
-        return y if self.projection is None else y @ self.projection.to(y.dtype)
 
 
 class ResidualOutput(nn.Module):
@@ -225,11 +207,11 @@ class StructuredDecoderLayer(nn.Module):
                  dtype: torch.dtype, prefix: str) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.input_layernorm = ScalelessRMSNorm(layer["attn_width"], hidden, layer["attn_eps"])
+        self.input_layernorm = SlicedRMSNorm(layer["attn_width"], hidden, layer["attn_eps"])
         self.self_attn = StructuredAttention(config, layer, vllm_config, dtype,
                                              f"{prefix}.self_attn")
-        self.post_attention_layernorm = ScalelessRMSNorm(layer["mlp_width"], hidden,
-                                                         layer["mlp_eps"])
+        self.post_attention_layernorm = SlicedRMSNorm(layer["mlp_width"], hidden,
+                                                      layer["mlp_eps"])
         self.mlp = StructuredMLP(config, layer, vllm_config, dtype, f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -257,8 +239,11 @@ class StructuredModel(nn.Module):
         self.layers = nn.ModuleList(
             StructuredDecoderLayer(config, layer, vllm_config, dtype, f"{prefix}.layers.{i}")
             for i, layer in enumerate(structure["layers"]))
-        self.norm = ScalelessRMSNorm(structure["head_width"], hidden, structure["final_eps"],
-                                     projected=self.projected, dtype=dtype)
+        # [head_width, hidden] back to the original basis for the head, when projected
+        projection = (torch.empty(structure["head_width"], hidden, dtype=dtype)
+                      if self.projected else None)
+        self.norm = SlicedRMSNorm(structure["head_width"], hidden, structure["final_eps"],
+                                  projection=projection)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.embed_tokens(input_ids)
@@ -326,9 +311,14 @@ class PyengineStructuredForCausalLM(nn.Module, SupportsQuant):
         layers, by shard); raises when a shortcut or projection the structure names is
         missing."""
         params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())  # the final norm's projection
         loaded: Set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
+                continue
+            if name in buffers:
+                buffers[name].copy_(tensor)
+                loaded.add(name)
                 continue
             for fused, part, shard_id in _STACKED:
                 if part in name:
@@ -345,7 +335,7 @@ class PyengineStructuredForCausalLM(nn.Module, SupportsQuant):
                 target, param = name, params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
-        dense = [name for name, param in params.items()
+        dense = [name for name in [*params, *buffers]
                  if name.endswith((".shortcut", ".projection")) and name not in loaded]
         if dense:
             raise PyengineServingError(f"the checkpoint has no {dense[0]} (and {len(dense) - 1} "
