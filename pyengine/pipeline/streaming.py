@@ -242,41 +242,48 @@ class GGUFSource(SourceCheckpoint):
         self.path = self.file.parent
         self._ranges = {}
         try:
-            from gguf import GGUFReader
+            from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
             from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS,
-                                                                  TensorProcessor,
-                                                                  get_gguf_hf_weights_map,
-                                                                  load_gguf_checkpoint,
-                                                                  read_field)
+                                                                  TensorProcessor)
         except ImportError:
             raise StreamingError("reading a .gguf file needs the gguf package (pip install "
                                  "gguf)") from None
         try:
-            parsed = load_gguf_checkpoint(str(self.file), return_tensors=False)
             reader = GGUFReader(str(self.file))
-            architecture = read_field(reader, "general.architecture")[0]
-            # (type, item dtype, item shape, first byte, bytes) of each stored tensor
+            field = reader.fields["general.architecture"]
+            architecture = bytes(field.parts[field.data[0]]).decode()
+            # (type, item dtype, item shape, first byte, bytes, shape) of each stored tensor
             self._gguf = {t.name: (t.tensor_type, t.data.dtype, tuple(t.data.shape),
                                    int(t.data_offset), int(t.n_bytes),
                                    tuple(int(d) for d in reversed(t.shape.tolist())))
                           for t in reader.tensors}
-            del reader  # its mapping of the whole file
+            del reader  # and its mapping of the whole file
         except (OSError, ValueError, KeyError, IndexError) as exc:
             raise StreamingError(f"cannot read {self.file}: {exc}") from None
-        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
-            config=parsed["config"])
-        self._parsed = parsed
         self.dtype = torch.float32  # dequantized, as the in-memory path loads it
-        model = self._meta_model()
-        hf_names = get_gguf_hf_weights_map(model, self._processor)  # {gguf name: key}
-        self._gguf_names = {key: name for name, key in hf_names.items() if name in self._gguf}
+        self._hf_config = self._read_config()  # parsed once (the metadata holds the vocabulary)
+        config = self._hf_config.to_dict()
+        self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        self._parsed = {"config": config}
+        # {key: GGUF name}: gguf's own map of the file's architecture, from the model's keys
+        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == architecture), None)
+        if arch is None:
+            raise StreamingError(f"{self.file}: architecture {architecture!r} is unknown to the "
+                                 f"installed gguf package")
+        names = get_tensor_name_map(arch, self._hf_config.num_hidden_layers)
+        self._gguf_names: Dict[str, str] = {}
+        for key in self._meta_model().state_dict():
+            base, dot, suffix = key.rpartition(".")
+            name = names.get_name(base) if suffix in ("weight", "bias") else None
+            if name is not None and f"{name}.{suffix}" in self._gguf:
+                self._gguf_names[key] = f"{name}.{suffix}"
         self.stored = {key: StoredTensor(self.file.name, self._gguf[name][5], "F32")
                        for key, name in self._gguf_names.items()}
         if not self.stored:
             raise StreamingError(f"{self.file}: no tensor of the file maps to the model "
                                  f"transformers builds for it")
 
-    def _config(self) -> Any:
+    def _read_config(self) -> Any:
         from transformers import AutoConfig
         try:
             return AutoConfig.from_pretrained(str(self.path), gguf_file=self.file.name)
@@ -284,6 +291,10 @@ class GGUFSource(SourceCheckpoint):
             raise StreamingError(f"{self.file}: transformers cannot read its config: "
                                  f"{str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
                                  ) from None
+
+    def _config(self) -> Any:
+        import copy
+        return copy.deepcopy(self._hf_config)
 
     def _meta_model(self) -> nn.Module:
         from accelerate import init_empty_weights
