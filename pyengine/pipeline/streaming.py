@@ -2,12 +2,13 @@
 
 :func:`compress_checkpoint` reads a Hugging Face model directory (safetensors, one file or
 shards with an index), or a .gguf file (:class:`GGUFSource`: each tensor dequantized to
-float32 on its own, as transformers loads the file whole), without loading the model: the module tree is built on the meta device,
-and each decoder layer is read from the files, compressed, written to its own output shard and
-dropped before the next one is read. The calibration activations (when the recipe has GPTQ or
-MatQuant layers, or RTN layers and calibration data: their inputs weigh RTN's errors) go from
-layer to layer as in pyengine.compress. Peak memory is one decoder
-layer in its source dtype, the calibration activations, and the embedding table and head.
+float32 on its own, as transformers loads the file whole), without loading the model: the
+module tree is built on the meta device, and each decoder layer is read from the files,
+compressed, written to its own output shard and dropped before the next one is read. The
+calibration activations (when the recipe has GPTQ or MatQuant layers, or RTN layers and
+calibration data: their inputs weigh RTN's errors) go from layer to layer as in
+pyengine.compress. Peak memory is one decoder layer in its source dtype, the calibration
+activations, and the embedding table and head.
 
 :func:`stream_scores` measures pyengine.scores the same way (one streamed pass), so a recipe
 can be planned (pyengine.plan with ``layer_scores=``) on the meta skeleton
@@ -273,7 +274,7 @@ class GGUFSource(SourceCheckpoint):
         names = get_tensor_name_map(arch, self._hf_config.num_hidden_layers)
         self._gguf_names: Dict[str, str] = {}
         for key in self._meta_model().state_dict():
-            base, dot, suffix = key.rpartition(".")
+            base, _, suffix = key.rpartition(".")
             name = names.get_name(base) if suffix in ("weight", "bias") else None
             if name is not None and f"{name}.{suffix}" in self._gguf:
                 self._gguf_names[key] = f"{name}.{suffix}"
@@ -620,7 +621,8 @@ def stream_scores(source: "str | os.PathLike", calibration: torch.Tensor, batch_
                   device: Optional["str | torch.device"] = None,
                   show_progress: bool = True) -> Dict[str, List[float]]:
     """pyengine.scores of the model in directory ``source`` (or .gguf file), reading one
-    decoder layer at a time: {"lim": [...], "zd": [...], "lr": [...]}, one value per decoder layer."""
+    decoder layer at a time: {"lim": [...], "zd": [...], "lr": [...]}, one value per decoder
+    layer."""
     from .scores import mean_cosine, zd_scores
     src = open_source(source)
     model = src.skeleton()
