@@ -241,7 +241,6 @@ class GGUFSource(SourceCheckpoint):
     def __init__(self, path: "str | os.PathLike") -> None:
         self.file = Path(path)
         self.path = self.file.parent
-        self._ranges = {}
         try:
             from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
             from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS,

@@ -127,6 +127,12 @@ class LayerFormat:
                 self.precision, self.act_bits)
 
 
+def shard_ids(fused: str, parts: Sequence[str]) -> Sequence[Any]:
+    """vLLM's shard ids of the parts of fused module ``fused`` (a ``packed_modules_mapping``
+    entry): "q", "k", "v" for q/k/v, else 0, 1, ... (gate/up)."""
+    return ("q", "k", "v") if len(parts) == 3 and fused.startswith("qkv") else range(len(parts))
+
+
 @register_quantization_config(QUANT_METHOD)
 class PyengineConfig(QuantizationConfig):
     """A pyengine checkpoint's ``quantization_config`` (docs/FORMAT.md), validated."""
@@ -174,10 +180,8 @@ class PyengineConfig(QuantizationConfig):
         parts = self.packed_modules_mapping.get(leaf)
         if not parts:
             return [(None, self.layers.get(prefix))]
-        ids: Sequence[Any] = (("q", "k", "v") if len(parts) == 3 and leaf.startswith("qkv")
-                              else range(len(parts)))
         return [(shard_id, self.layers.get(f"{parent}.{part}" if parent else part))
-                for shard_id, part in zip(ids, parts)]
+                for shard_id, part in zip(shard_ids(leaf, parts), parts)]
 
     def token_table(self) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(name, entry) of the checkpoint's quantized token table; (None, None) when dense."""
@@ -430,4 +434,4 @@ class PyengineEmbeddingMethod(_ShardedMethod):
 
 __all__ = ["LayerFormat", "PyengineConfig", "PyengineEmbeddingMethod",
            "PyengineLinearMethod", "PyengineServingError", "check_servable",
-           "served_precision"]
+           "served_precision", "shard_ids"]

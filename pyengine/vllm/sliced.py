@@ -53,18 +53,12 @@ from vllm.sequence import IntermediateTensors
 
 from ..nn.sliced import SlicedRMSNorm
 from ..ops.hadamard import hadamard_transform
-from .methods import PyengineConfig, PyengineServingError
+from .methods import PyengineConfig, PyengineServingError, shard_ids
 
 __all__ = ["PyengineStructuredForCausalLM", "SERVED_FAMILIES"]
 
 # the model_types whose sliced or rotated checkpoints the class builds
 SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-# (vLLM's fused parameter, the checkpoint's part, vLLM's shard id)
-_STACKED = ((".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"),
-            (".qkv_proj", ".v_proj", "v"), (".gate_up_proj", ".gate_proj", 0),
-            (".gate_up_proj", ".up_proj", 1))
-
 
 def _biases(config: Any) -> Tuple[bool, bool]:
     """(q/k/v bias, o_proj bias) of the family, as transformers builds it."""
@@ -310,6 +304,10 @@ class PyengineStructuredForCausalLM(nn.Module, SupportsQuant):
         """Routes each checkpoint tensor to its parameter (q/k/v and gate/up into their fused
         layers, by shard); raises when a shortcut or projection the structure names is
         missing."""
+        # (vLLM's fused parameter, the checkpoint's part, vLLM's shard id)
+        stacked = [(f".{fused}", f".{part}", shard_id)
+                   for fused, parts in self.packed_modules_mapping.items()
+                   for shard_id, part in zip(shard_ids(fused, parts), parts)]
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())  # the final norm's projection
         loaded: Set[str] = set()
@@ -320,7 +318,7 @@ class PyengineStructuredForCausalLM(nn.Module, SupportsQuant):
                 buffers[name].copy_(tensor)
                 loaded.add(name)
                 continue
-            for fused, part, shard_id in _STACKED:
+            for fused, part, shard_id in stacked:
                 if part in name:
                     target = name.replace(part, fused)
                     param = params[target]
