@@ -14,6 +14,7 @@
 #include "cpu/decode_ops.h"
 #include "cpu/mma_emulate.h"
 #include "cpu/qmatmul.h"
+#include "cpu/quant_ops.h"
 #if defined(PYENGINE_WITH_CUDA)
 #include "cuda/qmatmul.h"
 #endif
@@ -324,6 +325,36 @@ PYBIND11_MODULE(_C, m) {
       "out[r, :n] = the orthonormal Walsh-Hadamard transform of each block of `block` elements "
       "of x[r, :n] (pointers are integers; in place allowed; rows over up to `threads` threads; "
       "isa: the build, \"\" for the best this CPU runs).");
+  m.def(
+      "gptq_columns_cpu",
+      [](uintptr_t w, int64_t ldw, uintptr_t h_inv, int64_t ldh, uintptr_t err, int64_t lde,
+         uintptr_t codes, int64_t ldc, uintptr_t code_row, uintptr_t scales, uintptr_t zeros,
+         int64_t lds, uintptr_t group, int64_t start, int64_t stop, int64_t rows, int64_t n,
+         int maxq, int threads, const std::string& isa) {
+        pyengine::cpu::GptqColumnsArgs a;
+        a.w = reinterpret_cast<float*>(w); a.ldw = ldw;
+        a.h_inv = reinterpret_cast<const float*>(h_inv); a.ldh = ldh;
+        a.err = reinterpret_cast<float*>(err); a.lde = lde;
+        a.codes = reinterpret_cast<uint8_t*>(codes); a.ldc = ldc;
+        a.code_row = reinterpret_cast<const int64_t*>(code_row);
+        a.scales = reinterpret_cast<const float*>(scales);
+        a.zeros = reinterpret_cast<const float*>(zeros); a.lds = lds;
+        a.group = reinterpret_cast<const int64_t*>(group);
+        a.start = start; a.stop = stop; a.rows = rows; a.n = n; a.maxq = maxq;
+        a.num_threads = threads < 1 ? 1 : threads;
+        a.isa = isa.c_str();
+        pyengine::cpu::gptq_columns_fn(isa);  // an unknown or unusable isa raises here
+        py::gil_scoped_release release;
+        pyengine::cpu::gptq_columns(a);
+      },
+      py::arg("w"), py::arg("ldw"), py::arg("h_inv"), py::arg("ldh"), py::arg("err"),
+      py::arg("lde"), py::arg("codes"), py::arg("ldc"), py::arg("code_row"), py::arg("scales"),
+      py::arg("zeros"), py::arg("lds"), py::arg("group"), py::arg("start"), py::arg("stop"),
+      py::arg("rows"), py::arg("n"), py::arg("maxq"), py::arg("threads") = 1,
+      py::arg("isa") = "",
+      "GPTQ's column loop over columns [start, stop) of a transposed fp32 block "
+      "(csrc/cpu/quant_ops.h; pointers are integers; code_row and group are int64; output rows "
+      "over up to `threads` threads; isa: the build, \"\" for the best this CPU runs).");
   m.def(
       "attention_step_cpu",
       [](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cpu/qmatmul.h"
+#include "cpu/quant_ops.h"
 
 namespace pyengine {
 namespace cpu {
@@ -14,11 +15,12 @@ using KernelFn = void (*)(const QMatmulArgs&);
 using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 
 // One instruction-set build: its canonical and plane-layout kernels, its Walsh-Hadamard
-// transform.
+// transform, GPTQ's column loop.
 struct Build {
   KernelFn fn;
   PlaneKernelFn plane_fn;
   WalshHadamardFn walsh_fn;
+  GptqColumnsFn gptq_fn;
   const char* name;
 };
 
@@ -40,12 +42,15 @@ bool cpu_has(const std::string& isa) {
 const std::vector<Build>& compiled() {
   static const std::vector<Build> builds = {
 #if defined(PYENGINE_HAVE_ISA_avx512)
-      {&avx512::qmatmul, &avx512::plane_matmul, &avx512::walsh_hadamard, "avx512"},
+      {&avx512::qmatmul, &avx512::plane_matmul, &avx512::walsh_hadamard, &avx512::gptq_columns,
+       "avx512"},
 #endif
 #if defined(PYENGINE_HAVE_ISA_avx2)
-      {&avx2::qmatmul, &avx2::plane_matmul, &avx2::walsh_hadamard, "avx2"},
+      {&avx2::qmatmul, &avx2::plane_matmul, &avx2::walsh_hadamard, &avx2::gptq_columns,
+       "avx2"},
 #endif
-      {&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard, "generic"},
+      {&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard,
+       &generic::gptq_columns, "generic"},
   };
   return builds;
 }
@@ -54,7 +59,8 @@ const Build& selected() {
   static const Build best = [] {
     for (const Build& b : compiled())
       if (cpu_has(b.name)) return b;
-    return Build{&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard, "generic"};
+    return Build{&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard,
+                 &generic::gptq_columns, "generic"};
   }();
   return best;
 }
@@ -97,6 +103,24 @@ void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa) 
 
 WalshHadamardFn walsh_hadamard_fn(const std::string& isa) {
   return isa.empty() ? selected().walsh_fn : build_named(isa, "hadamard_cpu").walsh_fn;
+}
+
+GptqColumnsFn gptq_columns_fn(const std::string& isa) {
+  return isa.empty() ? selected().gptq_fn : build_named(isa, "gptq_columns_cpu").gptq_fn;
+}
+
+void gptq_columns(const GptqColumnsArgs& a) {
+  const char* op = "gptq_columns_cpu";
+  if (!a.w || !a.h_inv || !a.err || !a.codes || !a.code_row || !a.scales || !a.zeros ||
+      !a.group)
+    throw std::invalid_argument(std::string(op) + ": null pointer");
+  if (a.n < 1 || a.rows < 1 || a.start < 0 || a.start > a.stop || a.stop > a.rows ||
+      a.ldw < a.n || a.lde < a.n || a.ldc < a.n || a.lds < a.n || a.ldh < a.rows)
+    throw std::invalid_argument(std::string(op) + ": bad sizes or strides");
+  if (a.maxq < 1 || a.maxq > 255)
+    throw std::invalid_argument(std::string(op) + ": maxq must be in [1, 255], got " +
+                                std::to_string(a.maxq));
+  gptq_columns_fn(a.isa ? a.isa : "")(a);
 }
 
 std::vector<std::string> usable_isas() {

@@ -125,7 +125,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     wt[dead[perm]] = 0.0
     scales_t = torch.empty(n_groups, n, dtype=torch.float32, device=device)  # [group, row]
     zeros_t = torch.empty(n_groups, n, dtype=torch.float32, device=device)
-    known = torch.zeros(n_groups, dtype=torch.bool)
+    known = [False] * n_groups
 
     # what an error in each column (visiting order) costs the output: 1 / [H^-1]_ii, the
     # squared diagonal of the inverse's Cholesky factor (a dead column: nothing)
@@ -151,15 +151,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             fill_group(g, lambda positions: wt[positions])
 
     codes_t = torch.zeros(kp, n, dtype=torch.uint8, device=device)  # [original column, row]
+    visit = perm.tolist()                  # visiting position -> original column
+    native = _native_columns(wt)
+    if native is not None:
+        h_inv = h_inv.contiguous()         # the kernel reads its rows with unit stride
     block_size = max(block_size, 1)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2].clone()
         err1 = torch.empty_like(w1)
         h_inv1 = h_inv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gs
+        i = 0
+        while i < i2 - i1:
+            g = visit[i1 + i] // gs
             if not known[g]:
                 # the group's columns as they are now: updated ones in this block, the rest in wt
                 def rows_of(positions, i1=i1, i2=i2, w1=w1):
@@ -168,13 +172,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                     rows[inside] = w1[positions[inside] - i1]
                     return rows
                 fill_group(g, rows_of)
-            s, z = scales_t[g], zeros_t[g]
-            x = w1[i]
-            q = torch.clamp(torch.round(x / s + z), 0, maxq)
-            codes_t[col] = q.to(torch.uint8)
-            e = (x - (q - z) * s) / h_inv1[i, i]
-            w1[i:].addr_(h_inv1[i, i:], e, alpha=-1.0)  # w1[i:] -= h_inv1[i, i:] (x) e
-            err1[i] = e
+            # the run of columns from i whose groups are all known: GPTQ's steps need nothing
+            # else until the next group to fill
+            stop = i + 1
+            while stop < i2 - i1 and known[visit[i1 + stop] // gs]:
+                stop += 1
+            if native is not None:
+                _columns_native(native, w1, h_inv1, err1, codes_t, visit[i1:i2], gs, scales_t,
+                                zeros_t, i, stop, maxq)
+            else:
+                for c in range(i, stop):
+                    col = visit[i1 + c]
+                    s, z = scales_t[col // gs], zeros_t[col // gs]
+                    x = w1[c]
+                    q = torch.clamp(torch.round(x / s + z), 0, maxq)
+                    codes_t[col] = q.to(torch.uint8)
+                    e = (x - (q - z) * s) / h_inv1[c, c]
+                    w1[c:].addr_(h_inv1[c, c:], e, alpha=-1.0)  # w1[c:] -= h_inv1[c, c:] (x) e
+                    err1[c] = e
+            i = stop
         wt[i2:].addmm_(h_inv[i1:i2, i2:].t(), err1, alpha=-1.0)
 
     if refit:
@@ -191,6 +207,34 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return QuantizedWeight(pack_codes(codes_t.t(), bits), rows_first(scales_t),
                            None if symmetric else rows_first(zeros_t), bits=bits,
                            group_size=group_size, shape=(n, k), method="gptq")
+
+
+def _native_columns(wt: torch.Tensor):
+    """pyengine._C when it can run GPTQ's column loop on ``wt`` (a CPU fp32 tensor), else None
+    (the loop then runs as torch calls: the same steps, one column at a time)."""
+    if wt.device.type != "cpu" or wt.dtype != torch.float32:
+        return None
+    from .._ext import extension
+    ext = extension()
+    return ext if ext is not None and hasattr(ext, "gptq_columns_cpu") else None
+
+
+def _columns_native(ext, w1: torch.Tensor, h_inv1: torch.Tensor, err1: torch.Tensor,
+                    codes_t: torch.Tensor, visit: list, gs: int, scales_t: torch.Tensor,
+                    zeros_t: torch.Tensor, start: int, stop: int, maxq: int) -> None:
+    """GPTQ's steps for block columns [start, stop) in pyengine._C (csrc/cpu/quant_ops.h).
+
+    w1, err1: [B, N] fp32 contiguous (the block, transposed); h_inv1: [B, B] fp32 with unit
+    inner stride (a view of the whole factor); codes_t: [Kp, N] uint8 contiguous; visit: the
+    block's B original column indices; scales_t, zeros_t: [G, N] fp32 contiguous."""
+    rows, n = w1.shape
+    code_row = torch.tensor(visit, dtype=torch.int64)
+    group = torch.div(code_row, gs, rounding_mode="floor")
+    ext.gptq_columns_cpu(w1.data_ptr(), w1.stride(0), h_inv1.data_ptr(), h_inv1.stride(0),
+                         err1.data_ptr(), err1.stride(0), codes_t.data_ptr(), codes_t.stride(0),
+                         code_row.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
+                         scales_t.stride(0), group.data_ptr(), start, stop, rows, n, maxq,
+                         torch.get_num_threads())
 
 
 def hessian_for_refit(hessian: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
