@@ -26,6 +26,8 @@ QUANT_METHODS = ("rtn",)
 
 # Elements of the weight processed at once by the clip search (bounds temporary memory).
 _CHUNK_ELEMENTS = 1 << 20
+# Elements of the clip search's temporary (clipping factors x group elements) at once.
+_CLIP_BATCH_ELEMENTS = 1 << 18
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = False,
@@ -208,27 +210,40 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
     best_err = torch.full((r, g), float("inf"), device=w.device)
     best_scale = torch.ones(r, g, device=w.device)
     best_zero = torch.zeros(r, g, device=w.device)
-    work = torch.empty_like(w)
 
-    def weighed_error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """sum_j c_j ((clamp(round(w_j / s + z), 0, maxq) - z) s - w_j)^2 per group [R, G],
-        computed in place in one buffer."""
-        scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        torch.div(w, scale3, out=work)
-        work.add_(zero3).round_().clamp_(0, maxq).sub_(zero3).mul_(scale3).sub_(w)
-        return work.square_().mul_(cost).sum(dim=-1)
+    def weighed_errors(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """sum_j c_j ((clamp(round(w_j / s + z), 0, maxq) - z) s - w_j)^2 per group, for
+        candidates scale, zero [F, R, G]: [F, R, G] (NaN read as +inf)."""
+        scale4, zero4 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        work = torch.div(w, scale4)
+        work.add_(zero4).round_().clamp_(0, maxq).sub_(zero4).mul_(scale4).sub_(w)
+        err = work.square_().mul_(cost).sum(dim=-1)
+        return err.nan_to_num_(nan=float("inf"))
 
     def consider(scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Keeps, per group, the first candidate (of scale, zero [F, R, G]) whose error is
+        lower than the best so far: the same choice as trying them one by one."""
         nonlocal best_err, best_scale, best_zero
-        best_err, best_scale, best_zero = keep_better(weighed_error(scale, zero), best_err,
-                                                      (scale, zero), (best_scale, best_zero))
+        err = weighed_errors(scale, zero)
+        first_best = err.argmin(dim=0, keepdim=True)  # argmin takes the first of equal minima
+        best_err, best_scale, best_zero = keep_better(
+            err.gather(0, first_best)[0], best_err,
+            (scale.gather(0, first_best)[0], zero.gather(0, first_best)[0]),
+            (best_scale, best_zero))
 
-    for p in factors:
+    # the factors are tried in batches of F candidates whose [F, R, G, gs] temporary stays
+    # within _CLIP_BATCH_ELEMENTS (a small weight: all at once, few calls)
+    per_batch = max(1, _CLIP_BATCH_ELEMENTS // max(1, w.numel()))
+    factors = list(factors)
+    for f0 in range(0, len(factors), per_batch):
+        p = torch.tensor(factors[f0:f0 + per_batch], dtype=torch.float32,
+                         device=w.device).view(-1, 1, 1)
         consider(*_scale_zero(lo_full * p, hi_full * p, maxq, symmetric, scale_dtype, tiny,
                               integer_zeros))
     for _ in range(refit_rounds):
-        consider(*_refit(w, cost, best_scale, best_zero, maxq, symmetric, scale_dtype, tiny,
-                         integer_zeros))
+        refit_scale, refit_zero = _refit(w, cost, best_scale, best_zero, maxq, symmetric,
+                                         scale_dtype, tiny, integer_zeros)
+        consider(refit_scale.unsqueeze(0), refit_zero.unsqueeze(0))
 
     q = _codes(w, best_scale, best_zero, maxq)
     zeros = None if symmetric else best_zero.to(scale_dtype)
