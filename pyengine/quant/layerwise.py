@@ -36,6 +36,10 @@ def _linear_input(module: nn.Module, args: tuple, out) -> torch.Tensor:
     return out if isinstance(module, ResidualProjection) else args[0]
 
 
+class _InputsSeen(Exception):
+    """Raised by input_hessians' hooks once every named linear has read its input."""
+
+
 def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, names: Iterable[str],
                    compute_device) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
     """Runs ``layer`` on ``inputs`` and returns, per named linear, sum(x^T x) [K, K] (fp32) over
@@ -48,32 +52,52 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
 
     Linears that read the very same input tensor (q/k/v, gate/up) share one product per
     batch, and, when they shared it in every batch, one returned tensor.
+
+    A batch stops as soon as every named linear has read its input: the rest of the layer
+    (typically the MLP's down projection and the residual add) does not run, since only the
+    inputs are wanted. Plain linears are hooked before their forward, so the last one's own
+    product is skipped too.
     """
     names = list(names)
     hessians: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
     shares_with: Dict[str, Optional[str]] = {}  # name -> the name whose product it took
     last: Dict[str, object] = {}  # the input the latest product was computed for, and it
+    seen: set = set()  # the names whose input this batch has given
     handles = []
-    for name in names:
-        def hook(mod, args, out, name=name):
-            x_in = _linear_input(mod, args, out)
-            if last.get("input") is x_in:  # the same tensor as the previous linear's input
-                h, leader = last["h"], last["name"]
-            else:
-                x = x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)
-                h, leader = x.T @ x, None
-                last.update(input=x_in, h=h, name=name)
-            hessians[name] = h if name not in hessians else hessians[name] + h
-            counts[name] = counts.get(name, 0) + x_in.reshape(-1, x_in.shape[-1]).shape[0]
-            if shares_with.get(name, leader) != leader:
-                leader = None  # shared in one batch, not in another: keep its own sum
-            shares_with[name] = leader
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    def record(name: str, x_in: torch.Tensor) -> None:
+        if last.get("input") is x_in:  # the same tensor as the previous linear's input
+            h, leader = last["h"], last["name"]
+        else:
+            x = x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)
+            h, leader = x.T @ x, None
+            last.update(input=x_in, h=h, name=name)
+        hessians[name] = h if name not in hessians else hessians[name] + h
+        counts[name] = counts.get(name, 0) + x_in.reshape(-1, x_in.shape[-1]).shape[0]
+        if shares_with.get(name, leader) != leader:
+            leader = None  # shared in one batch, not in another: keep its own sum
+        shares_with[name] = leader
+        seen.add(name)
+        if len(seen) == len(names):
+            raise _InputsSeen
+
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, ResidualProjection):  # what it reads is its output
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: record(name, out)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, name=name: record(name, args[0])))
     try:
-        if names:
-            run_layer(layer, inputs, compute_device)
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
+            last.clear()
+            try:
+                run_layer(layer, LayerInputs([hidden], [kwargs]), compute_device)
+            except _InputsSeen:
+                pass
     finally:
         for handle in handles:
             handle.remove()

@@ -253,7 +253,7 @@ def test_mlp_inner_rotation_refuses_what_it_cannot_do():
 def test_gptq_sees_the_transformed_input(rng):
     """The Hessian of a rotated down projection is that of the input its linear really reads
     (after the online transform), not of the MLP's raw output."""
-    from pyengine.pipeline.calibrate import capture_first_layer_inputs
+    from pyengine.pipeline.calibrate import capture_first_layer_inputs, run_layer
     from pyengine.quant.layerwise import input_hessians
     model = _model("llama")
     rotate_model(model, seed=0, mlp_inner=True)
@@ -263,10 +263,11 @@ def test_gptq_sees_the_transformed_input(rng):
     handle = layer.mlp.down_proj.proj.register_forward_hook(
         lambda mod, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     name = "model.layers.0.mlp.down_proj"
-    try:
-        hessians, counts = input_hessians(model, layer, inputs, [name], torch.device("cpu"))
+    try:  # what the linear reads when the layer runs (input_hessians stops before it runs)
+        run_layer(layer, inputs)
     finally:
         handle.remove()
+    hessians, counts = input_hessians(model, layer, inputs, [name], torch.device("cpu"))
     x = torch.cat(seen).to(torch.float32)
     assert counts[name] == x.shape[0] == 14
     assert rel_err(hessians[name], x.T @ x) < 1e-5

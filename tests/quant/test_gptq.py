@@ -1,5 +1,6 @@
-"""GPTQ's column loop in pyengine._C (csrc/cpu/quant_ops.h): every instruction-set build against
-the same steps written as torch calls, and gptq_quantize with it against gptq_quantize without it."""
+"""GPTQ's machinery: the column loop in pyengine._C (csrc/cpu/quant_ops.h), every instruction-set
+build against the same steps written as torch calls and gptq_quantize with it against
+gptq_quantize without it; the input Hessians of a layer's linears."""
 
 import pytest
 import torch
@@ -123,3 +124,39 @@ def test_gptq_with_the_native_loop_matches_the_torch_loop(rng, monkeypatch, n, k
     codes_torch = unpack_codes(torch_loop.qweight, bits, k)
     assert (codes_native != codes_torch).float().mean() <= 1e-3
     assert _output_error(w, native, h) == pytest.approx(_output_error(w, torch_loop, h), rel=1e-3)
+
+
+def test_input_hessians_stop_once_every_input_is_read(rng):
+    """Each Hessian is the sum of x^T x over the inputs the layer's linears read, q/k/v share
+    one tensor, and a batch stops before the last linear runs (its output is not needed)."""
+    from pyengine.model.random import random_model
+    from pyengine.pipeline.calibrate import capture_first_layer_inputs, run_layer
+    from pyengine.quant.layerwise import input_hessians
+    model = random_model("llama", num_hidden_layers=1)
+    layer = model.model.layers[0]
+    inputs = capture_first_layer_inputs(model, torch.randint(3, 100, (3, 9), generator=rng))
+    modules = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj,
+               "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+    read = {key: [] for key in modules}
+    ran = []
+    handles = [m.register_forward_hook(
+        lambda mod, args, out, key=key: read[key].append(args[0].reshape(-1, args[0].shape[-1])))
+        for key, m in modules.items()]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = {key: f"model.layers.0.{'self_attn' if key in 'qko' else 'mlp'}.{key}_proj"
+             for key in modules}
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))
+    try:
+        hessians, counts = input_hessians(model, layer, inputs, list(names.values()), None)
+    finally:
+        handle.remove()
+    assert not ran  # the last linear never ran
+    for key, name in names.items():
+        x = torch.cat(read[key])
+        assert counts[name] == x.shape[0] == 27
+        torch.testing.assert_close(hessians[name], x.T @ x, rtol=1e-5, atol=1e-4)
+    assert hessians[names["q"]] is hessians[names["k"]]  # one product for one input
