@@ -321,21 +321,23 @@ def refit_group_params(weight: torch.Tensor, codes: torch.Tensor, scales: torch.
         # a small ridge toward the old parameters: a group whose codes are all equal leaves
         # its scale and offset undetermined
         ridge = 1e-6 * torch.diagonal(matrix, dim1=1, dim2=2).mean(dim=1, keepdim=True) + 1e-30
-        matrix = matrix + torch.diag_embed(ridge.expand(rows, matrix.shape[1]))
-        theta = torch.linalg.solve(matrix.to(torch.float64),
-                                   (rhs + ridge * theta_old).to(torch.float64)).to(torch.float32)
+        matrix64, rhs64 = matrix.to(torch.float64), rhs.to(torch.float64)
+        ridged = matrix64 + torch.diag_embed(ridge.to(torch.float64).expand(rows, matrix.shape[1]))
+        theta = torch.linalg.solve(ridged, rhs64 + ridge * theta_old).to(torch.float32)
         s_new = theta[:, :groups]
         ok = (s_new > tiny).all(dim=1) & torch.isfinite(theta).all(dim=1)
         s_new = torch.where(s_new > tiny, s_new, s_old).to(scale_dtype).to(torch.float32)
         z_new = (z_old if symmetric
                  else (-theta[:, groups:] / s_new).to(scale_dtype).to(torch.float32))
 
-        def error(s_, z_):  # (w - w_q) H (w - w_q)^T per row
-            zq = z_.repeat_interleave(group_size, dim=1)
-            codes_ = q + (z_old.repeat_interleave(group_size, dim=1) if symmetric else 0.0)
-            e = w - (codes_ - zq) * s_.repeat_interleave(group_size, dim=1)
-            e[:, k:] = 0.0
-            return ((e @ h) * e).sum(dim=1)
+        def error(s_, z_):
+            """(w - w_q) H (w - w_q)^T per row, less w H w^T (the same for every candidate):
+            theta^T (A^T H A) theta - 2 theta^T A^T H w for the parameters as stored, theta =
+            (s, -z s) (symmetric: s), in float64 from the normal equations' terms."""
+            s64 = s_.to(torch.float64)
+            t = s64 if symmetric else torch.cat([s64, -z_.to(torch.float64) * s64], dim=1)
+            return (torch.einsum("ri,rij,rj->r", t, matrix64, t)
+                    - 2.0 * (t * rhs64).sum(dim=1))
         better = ok & (error(s_new, z_new) < error(s_old, z_old))
         new_scales[r0:r1] = torch.where(better.unsqueeze(1), s_new, s_old)
         new_zeros[r0:r1] = torch.where(better.unsqueeze(1), z_new, z_old)
