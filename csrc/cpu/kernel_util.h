@@ -349,7 +349,9 @@ void run_panels(const MatmulProblem& a, int64_t row_codes, int64_t row_bytes, Pa
     panel(n0, std::min(panel_rows, a.N - n0), panel_rows, zero_row.data(), wbuf);
   };
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads_for(a, row_bytes * a.N))
+  // the products read the panel once per row of x: the work grows with M, not only with the
+  // weight's bytes (a 2-bit 576 x 576 weight is small, its product with 512 rows is not)
+#pragma omp parallel num_threads(threads_for(a, row_bytes * a.N * a.M))
   {
     std::vector<float> wbuf(panel_rows * row_codes);
 #pragma omp for schedule(dynamic, 1)

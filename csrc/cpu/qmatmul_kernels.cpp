@@ -438,13 +438,23 @@ void decode_single(const QMatmulArgs& a, const Plan& p, const float* xp, const f
 }
 
 // ---- prefill: larger M (kernel_util.h: panels and the dot-product micro-kernel) -------------
-// Rows [n0, n0 + nr) of the output: dequantize them (lane order, whole K) into wbuf, then run
-// the micro-kernel over every 4-row block of x. Rows of wbuf past nr are zero.
+// The prefill path's rows are compact: lane order as for decode, but the last chunk's runs of
+// one code index J hold only its lanes that carry codes (Plan::lanes_in), so a row is
+// lanes * lane codes floats and the products skip the last chunk's empty lanes (at 3 bits and
+// K = 576, 1024 positions would be 576). Code J of lane l of chunk ch sits at
+// ch * chunk_codes + J * lanes_in(ch) + l; it is code (ch * 32 + l) * lane codes + J of the row.
+inline int64_t compact_row_codes(const Plan& p, int lane_codes) { return p.lanes * lane_codes; }
+inline int64_t lanes_in(const Plan& p, int64_t ch) {
+  return std::min<int64_t>(kChunkLanes, p.lanes - ch * kChunkLanes);
+}
+
+// Rows [n0, n0 + nr) of the output: dequantize them (compact lane order, whole K) into wbuf,
+// then run the micro-kernel over every 4-row block of x. Rows of wbuf past nr are zero.
 template <int BITS>
 void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const float* zero_row,
                    int64_t n0, int64_t nr, int64_t panel_rows, float* wbuf, float* out32) {
   using L = Layout<BITS>;
-  const int64_t row_codes = p.chunks * p.chunk_codes;
+  const int64_t row_codes = compact_row_codes(p, L::kLaneCodes);
   std::vector<float> sf(p.G), bf(p.G);
   alignas(64) uint32_t tail[L::kChunkWords] = {};
   alignas(64) uint32_t planes3[3 * kChunkLanes];
@@ -459,17 +469,26 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
     for (int64_t ch = 0; ch < p.chunks; ++ch) {
       const uint32_t* planes = chunk_planes<BITS>(wrow, n0 + r, ch, p, tail, planes3);
       const int32_t* lg = p.lane_group.data() + ch * kChunkLanes;
+      const int64_t lanes = lanes_in(p, ch);
       alignas(64) float sl[kChunkLanes], bl[kChunkLanes];
       for (int l = 0; l < kChunkLanes; ++l) {
         sl[l] = sf[lg[l]];
         bl[l] = bf[lg[l]];
       }
       float* dch = dst + ch * p.chunk_codes;
-      unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
-        alignas(64) float qv[kChunkLanes];
-        lane_codes<BITS, J>(planes, qv);
-        for (int l = 0; l < kChunkLanes; ++l) dch[J * kChunkLanes + l] = qv[l] * sl[l] + bl[l];
-      });
+      if (lanes == kChunkLanes) {
+        unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
+          alignas(64) float qv[kChunkLanes];
+          lane_codes<BITS, J>(planes, qv);
+          for (int l = 0; l < kChunkLanes; ++l) dch[J * kChunkLanes + l] = qv[l] * sl[l] + bl[l];
+        });
+      } else {
+        unroll<L::kLaneCodes>([&](auto J) PYENGINE_INLINE {
+          alignas(64) float qv[kChunkLanes];
+          lane_codes<BITS, J>(planes, qv);
+          for (int64_t l = 0; l < lanes; ++l) dch[J * lanes + l] = qv[l] * sl[l] + bl[l];
+        });
+      }
     }
   }
   panel_products(a, xp, zero_row, row_codes, wbuf, n0, nr, out32);
@@ -477,7 +496,7 @@ void prefill_panel(const QMatmulArgs& a, const Plan& p, const float* xp, const f
 
 template <int BITS>
 void prefill(const QMatmulArgs& a, const Plan& p, const float* xp, float* out32) {
-  run_panels(a, p.chunks * p.chunk_codes, p.Kp * BITS / 8,
+  run_panels(a, compact_row_codes(p, Layout<BITS>::kLaneCodes), p.Kp * BITS / 8,
              [&](int64_t n0, int64_t nr, int64_t panel_rows, const float* zero_row, float* wbuf) {
                prefill_panel<BITS>(a, p, xp, zero_row, n0, nr, panel_rows, wbuf, out32);
              });
@@ -514,11 +533,34 @@ void run(const QMatmulArgs& a, float* out32) {
   // Permuted fp32 activations (zero past K). Code J of lane l of chunk ch of row m goes to
   // row_base(m) + (ch * lane codes + J) * code_stride(m) + l: for the tiled path, m's block
   // (RowBlocks) in the order [ch][J][rows of the block][lane]; otherwise the row-major order
-  // xp[m][ch][J][lane].
+  // xp[m][ch][J][lane]. The prefill path takes compact rows instead (see prefill_panel).
   const bool tiled = tiled_path(BITS, M);
   const int64_t row_codes = p.chunks * p.chunk_codes;
-  std::vector<float> xp((size_t)(M * row_codes), 0.f);
   std::vector<float> xrow(row_codes);
+  if (!tiled && M > kDecodeMaxM) {
+    const int64_t compact = compact_row_codes(p, L::kLaneCodes);
+    std::vector<float> xp((size_t)(M * compact));
+    // rows over the call's threads when there are many (M x K of them, once per call)
+#pragma omp parallel num_threads(thread_count(a)) if (M * K >= (1 << 16))
+    {
+      std::vector<float> xrow_t(row_codes, 0.f);
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < K; ++k) xrow_t[k] = load_as_float(a.x, a.x_dtype, m * a.ldx + k);
+        float* dst = xp.data() + m * compact;
+        for (int64_t ch = 0; ch < p.chunks; ++ch) {
+          const int64_t lanes = lanes_in(p, ch);
+          for (int j = 0; j < L::kLaneCodes; ++j)
+            for (int64_t l = 0; l < lanes; ++l)
+              dst[ch * p.chunk_codes + j * lanes + l] =
+                  xrow_t[((ch * kChunkLanes) + l) * L::kLaneCodes + j];
+        }
+      }
+    }
+    prefill<BITS>(a, p, xp.data(), out32);
+    return;
+  }
+  std::vector<float> xp((size_t)(M * row_codes), 0.f);
   const RowBlocks blocks(M);
   for (int64_t b = 0, m = 0; m < M; ++b) {
     const int64_t block_rows = tiled ? blocks.rows(b) : 1;
@@ -533,10 +575,6 @@ void run(const QMatmulArgs& a, float* out32) {
             dst[(ch * L::kLaneCodes + j) * code_stride + l] =
                 xrow[((ch * kChunkLanes) + l) * L::kLaneCodes + j];
     }
-  }
-  if (!tiled && M > kDecodeMaxM) {
-    prefill<BITS>(a, p, xp.data(), out32);
-    return;
   }
   // Group sums of x for the decode paths.
   std::vector<float> xsum((size_t)(M * p.G), 0.f);
