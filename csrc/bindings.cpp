@@ -356,6 +356,30 @@ PYBIND11_MODULE(_C, m) {
       "(csrc/cpu/quant_ops.h; pointers are integers; code_row and group are int64; output rows "
       "over up to `threads` threads; isa: the build, \"\" for the best this CPU runs).");
   m.def(
+      "clip_errors_cpu",
+      [](uintptr_t w, uintptr_t cost, uintptr_t scales, uintptr_t zeros, uintptr_t err,
+         int64_t candidates, int64_t rows, int64_t groups, int64_t group_size, int maxq,
+         int threads, const std::string& isa) {
+        pyengine::cpu::ClipErrorsArgs a;
+        a.w = reinterpret_cast<const float*>(w);
+        a.cost = reinterpret_cast<const float*>(cost);
+        a.scales = reinterpret_cast<const float*>(scales);
+        a.zeros = reinterpret_cast<const float*>(zeros);
+        a.err = reinterpret_cast<float*>(err);
+        a.candidates = candidates; a.rows = rows; a.groups = groups; a.group_size = group_size;
+        a.maxq = maxq; a.num_threads = threads < 1 ? 1 : threads;
+        a.isa = isa.c_str();
+        pyengine::cpu::clip_errors_fn(isa);  // an unknown or unusable isa raises here
+        py::gil_scoped_release release;
+        pyengine::cpu::clip_errors(a);
+      },
+      py::arg("w"), py::arg("cost"), py::arg("scales"), py::arg("zeros"), py::arg("err"),
+      py::arg("candidates"), py::arg("rows"), py::arg("groups"), py::arg("group_size"),
+      py::arg("maxq"), py::arg("threads") = 1, py::arg("isa") = "",
+      "The clip search's weighed error of every candidate scale and zero of every group "
+      "(csrc/cpu/quant_ops.h; fp32 contiguous, pointers are integers; groups over up to "
+      "`threads` threads; isa: the build, \"\" for the best this CPU runs).");
+  m.def(
       "attention_step_cpu",
       [](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
          int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos,

@@ -15,12 +15,13 @@ using KernelFn = void (*)(const QMatmulArgs&);
 using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 
 // One instruction-set build: its canonical and plane-layout kernels, its Walsh-Hadamard
-// transform, GPTQ's column loop.
+// transform, GPTQ's column loop and the clip search's errors.
 struct Build {
   KernelFn fn;
   PlaneKernelFn plane_fn;
   WalshHadamardFn walsh_fn;
   GptqColumnsFn gptq_fn;
+  ClipErrorsFn clip_fn;
   const char* name;
 };
 
@@ -43,14 +44,14 @@ const std::vector<Build>& compiled() {
   static const std::vector<Build> builds = {
 #if defined(PYENGINE_HAVE_ISA_avx512)
       {&avx512::qmatmul, &avx512::plane_matmul, &avx512::walsh_hadamard, &avx512::gptq_columns,
-       "avx512"},
+       &avx512::clip_errors, "avx512"},
 #endif
 #if defined(PYENGINE_HAVE_ISA_avx2)
       {&avx2::qmatmul, &avx2::plane_matmul, &avx2::walsh_hadamard, &avx2::gptq_columns,
-       "avx2"},
+       &avx2::clip_errors, "avx2"},
 #endif
       {&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard,
-       &generic::gptq_columns, "generic"},
+       &generic::gptq_columns, &generic::clip_errors, "generic"},
   };
   return builds;
 }
@@ -60,7 +61,7 @@ const Build& selected() {
     for (const Build& b : compiled())
       if (cpu_has(b.name)) return b;
     return Build{&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard,
-                 &generic::gptq_columns, "generic"};
+                 &generic::gptq_columns, &generic::clip_errors, "generic"};
   }();
   return best;
 }
@@ -121,6 +122,22 @@ void gptq_columns(const GptqColumnsArgs& a) {
     throw std::invalid_argument(std::string(op) + ": maxq must be in [1, 255], got " +
                                 std::to_string(a.maxq));
   gptq_columns_fn(a.isa ? a.isa : "")(a);
+}
+
+ClipErrorsFn clip_errors_fn(const std::string& isa) {
+  return isa.empty() ? selected().clip_fn : build_named(isa, "clip_errors_cpu").clip_fn;
+}
+
+void clip_errors(const ClipErrorsArgs& a) {
+  const char* op = "clip_errors_cpu";
+  if (!a.w || !a.cost || !a.scales || !a.zeros || !a.err)
+    throw std::invalid_argument(std::string(op) + ": null pointer");
+  if (a.candidates < 0 || a.rows < 0 || a.groups < 1 || a.group_size < 1)
+    throw std::invalid_argument(std::string(op) + ": bad sizes");
+  if (a.maxq < 1 || a.maxq > 255)
+    throw std::invalid_argument(std::string(op) + ": maxq must be in [1, 255], got " +
+                                std::to_string(a.maxq));
+  clip_errors_fn(a.isa ? a.isa : "")(a);
 }
 
 std::vector<std::string> usable_isas() {

@@ -1,5 +1,6 @@
 // CPU helpers of the quantizers (pyengine/quant): the sequential inner loop of GPTQ, whose
-// per-column steps are too small for one torch call each. gptq_kernels.cpp is compiled once per
+// per-column steps are too small for one torch call each, and the clip search's error of every
+// candidate scale and zero in one pass over the weights. quant_kernels.cpp is compiled once per
 // instruction set; dispatch.cpp picks the build.
 #pragma once
 
@@ -19,7 +20,7 @@ namespace cpu {
 //   w[j, :] -= h_inv[i, j] * err[i, :]           for every j in (i, rows)
 //
 // h_inv is the block's [rows, rows] part of the upper Cholesky factor of the inverse Hessian.
-// Every step is one IEEE operation per element, in the order written (gptq_kernels.cpp is
+// Every step is one IEEE operation per element, in the order written (quant_kernels.cpp is
 // compiled without floating-point contraction), so every instruction-set build gives the same
 // bits. The torch loop it replaces can differ in the last bit of the update (torch's addr_ may
 // fuse its multiply-add). Output rows n are independent: they are split over up to num_threads
@@ -44,9 +45,43 @@ struct GptqColumnsArgs {
   const char* isa = nullptr;      // the build; null or "": the best this CPU runs
 };
 
-namespace generic { void gptq_columns(const GptqColumnsArgs& a); }
-namespace avx2 { void gptq_columns(const GptqColumnsArgs& a); }
-namespace avx512 { void gptq_columns(const GptqColumnsArgs& a); }
+// The clip search's errors (pyengine/quant/rtn.py: _rtn_groups): for every candidate f < F of
+// every group (r, g) of w [R, G, gs] (contiguous),
+//
+//   err[f, r, g] = sum_j cost[g, j] * ((clamp(round_half_even(w / s + z), 0, maxq) - z) * s - w)^2
+//
+// with s = scales[f, r, g], z = zeros[f, r, g] ([F, R, G] contiguous) and w = w[r, g, j]. Each
+// element's steps round as the torch calls do; the sum over j runs in this build's order (a
+// different order than torch's sum: the last bits may differ). Groups over up to num_threads
+// threads.
+struct ClipErrorsArgs {
+  const float* w = nullptr;       // [R, G, gs]
+  const float* cost = nullptr;    // [G, gs]
+  const float* scales = nullptr;  // [F, R, G]
+  const float* zeros = nullptr;   // [F, R, G]
+  float* err = nullptr;           // [F, R, G]
+  int64_t candidates = 0, rows = 0, groups = 0, group_size = 0;
+  int maxq = 0;
+  int num_threads = 1;
+  const char* isa = nullptr;
+};
+
+void clip_errors(const ClipErrorsArgs& a);
+using ClipErrorsFn = void (*)(const ClipErrorsArgs& a);
+ClipErrorsFn clip_errors_fn(const std::string& isa);
+
+namespace generic {
+void gptq_columns(const GptqColumnsArgs& a);
+void clip_errors(const ClipErrorsArgs& a);
+}
+namespace avx2 {
+void gptq_columns(const GptqColumnsArgs& a);
+void clip_errors(const ClipErrorsArgs& a);
+}
+namespace avx512 {
+void gptq_columns(const GptqColumnsArgs& a);
+void clip_errors(const ClipErrorsArgs& a);
+}
 
 // Checks the arguments (std::invalid_argument naming the op) and runs the loop.
 void gptq_columns(const GptqColumnsArgs& a);

@@ -207,17 +207,31 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
         lo_full = torch.where(valid, w, float("inf")).amin(dim=-1).clamp(max=0.0)
         hi_full = torch.where(valid, w, float("-inf")).amax(dim=-1).clamp(min=0.0)
 
+    factors = list(factors)
     best_err = torch.full((r, g), float("inf"), device=w.device)
     best_scale = torch.ones(r, g, device=w.device)
     best_zero = torch.zeros(r, g, device=w.device)
 
+    native = _native_clip_errors(w, cost)
+    if native is not None:
+        w = w.contiguous()
+        native_cost = cost.expand(1, g, gs).reshape(g, gs).contiguous()
+
     def weighed_errors(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """sum_j c_j ((clamp(round(w_j / s + z), 0, maxq) - z) s - w_j)^2 per group, for
-        candidates scale, zero [F, R, G]: [F, R, G] (NaN read as +inf)."""
-        scale4, zero4 = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        work = torch.div(w, scale4)
-        work.add_(zero4).round_().clamp_(0, maxq).sub_(zero4).mul_(scale4).sub_(w)
-        err = work.square_().mul_(cost).sum(dim=-1)
+        candidates scale, zero [F, R, G]: [F, R, G] (NaN read as +inf). On the CPU in
+        pyengine._C (one pass over w for every candidate), else as torch calls."""
+        if native is not None:
+            err = torch.empty(scale.shape, dtype=torch.float32)
+            scale, zero = scale.contiguous(), zero.contiguous()
+            native.clip_errors_cpu(w.data_ptr(), native_cost.data_ptr(), scale.data_ptr(),
+                                   zero.data_ptr(), err.data_ptr(), scale.shape[0], r, g, gs,
+                                   maxq, torch.get_num_threads())
+        else:
+            scale4, zero4 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+            work = torch.div(w, scale4)
+            work.add_(zero4).round_().clamp_(0, maxq).sub_(zero4).mul_(scale4).sub_(w)
+            err = work.square_().mul_(cost).sum(dim=-1)
         return err.nan_to_num_(nan=float("inf"))
 
     def consider(scale: torch.Tensor, zero: torch.Tensor) -> None:
@@ -232,9 +246,10 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
             (best_scale, best_zero))
 
     # the factors are tried in batches of F candidates whose [F, R, G, gs] temporary stays
-    # within _CLIP_BATCH_ELEMENTS (a small weight: all at once, few calls)
-    per_batch = max(1, _CLIP_BATCH_ELEMENTS // max(1, w.numel()))
-    factors = list(factors)
+    # within _CLIP_BATCH_ELEMENTS (a small weight: all at once, few calls); the native pass
+    # has no such temporary
+    per_batch = (len(factors) if native is not None
+                 else max(1, _CLIP_BATCH_ELEMENTS // max(1, w.numel())))
     for f0 in range(0, len(factors), per_batch):
         p = torch.tensor(factors[f0:f0 + per_batch], dtype=torch.float32,
                          device=w.device).view(-1, 1, 1)
@@ -248,6 +263,17 @@ def _rtn_groups(w: torch.Tensor, k: int, bits: int, symmetric: bool, scale_dtype
     q = _codes(w, best_scale, best_zero, maxq)
     zeros = None if symmetric else best_zero.to(scale_dtype)
     return q.to(torch.uint8), best_scale.to(scale_dtype), zeros
+
+
+def _native_clip_errors(w: torch.Tensor, cost: torch.Tensor):
+    """pyengine._C when it can evaluate the clip search's candidates for w [R, G, gs] (CPU fp32)
+    with costs the same for every row ([1, G, gs]), else None."""
+    if (w.device.type != "cpu" or w.dtype != torch.float32 or cost.dtype != torch.float32
+            or cost.shape[0] != 1):
+        return None
+    from .._ext import extension
+    ext = extension()
+    return ext if ext is not None and hasattr(ext, "clip_errors_cpu") else None
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """GPTQ's machinery: the column loop in pyengine._C (csrc/cpu/quant_ops.h), every instruction-set
 build against the same steps written as torch calls and gptq_quantize with it against
-gptq_quantize without it; the input Hessians of a layer's linears."""
+gptq_quantize without it; the input Hessians of a layer's linears; the clip search's errors
+(RTN's and GPTQ's groups) in pyengine._C against torch's."""
 
 import pytest
 import torch
@@ -160,3 +161,62 @@ def test_input_hessians_stop_once_every_input_is_read(rng):
         assert counts[name] == x.shape[0] == 27
         torch.testing.assert_close(hessians[name], x.T @ x, rtol=1e-5, atol=1e-4)
     assert hessians[names["q"]] is hessians[names["k"]]  # one product for one input
+
+
+# ---- the clip search's errors (RTN and GPTQ's groups) -------------------------------------------
+
+needs_clip_native = pytest.mark.skipif(not ISAS or not hasattr(extension(), "clip_errors_cpu"),
+                                       reason="pyengine._C has no CPU clip search")
+
+
+@needs_clip_native
+@pytest.mark.parametrize("isa", ISAS or ["none"])
+@pytest.mark.parametrize("candidates,rows,groups,group_size,maxq", [
+    (24, 33, 3, 64, 15), (5, 1, 1, 128, 7), (2, 17, 9, 32, 3), (1, 4, 2, 577, 255)])
+def test_clip_errors_match_the_torch_steps(rng, isa, candidates, rows, groups, group_size, maxq):
+    w = torch.randn(rows, groups, group_size, generator=rng)
+    cost = torch.rand(groups, group_size, generator=rng)
+    cost[0, :3] = 0.0                                   # padding columns weigh nothing
+    scales = torch.rand(candidates, rows, groups, generator=rng) * 0.5 + 1e-3
+    zeros = torch.rand(candidates, rows, groups, generator=rng) * maxq
+    err = torch.full((candidates, rows, groups), float("nan"))
+    extension().clip_errors_cpu(w.data_ptr(), cost.data_ptr(), scales.data_ptr(),
+                                zeros.data_ptr(), err.data_ptr(), candidates, rows, groups,
+                                group_size, maxq, 2, isa)
+    s, z = scales.unsqueeze(-1), zeros.unsqueeze(-1)
+    q = torch.clamp(torch.round(w / s + z), 0, maxq)
+    expected = ((((q - z) * s - w) ** 2) * cost).sum(dim=-1)
+    torch.testing.assert_close(err, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_clip_native
+def test_clip_errors_refuse_bad_arguments():
+    t = torch.ones(4)
+    with pytest.raises(ValueError, match="maxq"):
+        extension().clip_errors_cpu(t.data_ptr(), t.data_ptr(), t.data_ptr(), t.data_ptr(),
+                                    t.data_ptr(), 1, 1, 1, 4, 0, 1, "")
+    with pytest.raises(ValueError, match="bad sizes"):
+        extension().clip_errors_cpu(t.data_ptr(), t.data_ptr(), t.data_ptr(), t.data_ptr(),
+                                    t.data_ptr(), 1, 1, 0, 4, 15, 1, "")
+
+
+@needs_clip_native
+@pytest.mark.parametrize("bits,group_size,symmetric,weighed", [
+    (4, 64, False, True), (3, 128, True, False), (2, 32, False, True), (8, -1, False, False)])
+def test_rtn_with_the_native_errors_matches_the_torch_errors(rng, monkeypatch, bits, group_size,
+                                                             symmetric, weighed):
+    """The clip search picks the same candidates (up to near ties, where either costs the
+    same) with the errors from pyengine._C as with torch's."""
+    import pyengine.quant.rtn as rtn
+    w = torch.randn(70, 333, generator=rng) * torch.rand(70, 1, generator=rng)
+    weights = torch.rand(333, generator=rng) if weighed else None
+    native = pyengine.quantize(w, bits, group_size, symmetric, input_weights=weights)
+    monkeypatch.setattr(rtn, "_native_clip_errors", lambda w, cost: None)
+    torch_errors = pyengine.quantize(w, bits, group_size, symmetric, input_weights=weights)
+    same = (native.scales == torch_errors.scales).float().mean()
+    assert same >= 0.98
+    cost = torch.ones(333) if weights is None else weights
+
+    def weighed_error(qw):
+        return float((((qw.dequantize() - w) ** 2) * cost).sum())
+    assert weighed_error(native) == pytest.approx(weighed_error(torch_errors), rel=1e-3)

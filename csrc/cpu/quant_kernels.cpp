@@ -1,6 +1,6 @@
-// GPTQ's column loop (quant_ops.h), compiled once per instruction set with PYENGINE_ISA set to
-// the namespace name and without floating-point contraction (CMakeLists.txt): every build
-// rounds each step alike.
+// The quantizers' CPU helpers (quant_ops.h): GPTQ's column loop and the clip search's errors,
+// compiled once per instruction set with PYENGINE_ISA set to the namespace name and without
+// floating-point contraction (CMakeLists.txt): every build rounds each step alike.
 #include <cmath>
 #include <cstdint>
 
@@ -54,6 +54,30 @@ void gptq_columns(const GptqColumnsArgs& a) {
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * kChunk;
     columns_of_chunk(a, n0, a.n - n0 < kChunk ? a.n - n0 : kChunk);
+  }
+}
+
+void clip_errors(const ClipErrorsArgs& a) {
+  const int64_t groups = a.rows * a.groups, gs = a.group_size;
+  const float maxq = static_cast<float>(a.maxq);
+  const int64_t work = groups * gs * a.candidates;
+  const bool parallel = a.num_threads > 1 && groups > 1 && work >= (1 << 16);
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (parallel)
+  for (int64_t rg = 0; rg < groups; ++rg) {
+    const float* w = a.w + rg * gs;
+    const float* c = a.cost + (rg % a.groups) * gs;
+    for (int64_t f = 0; f < a.candidates; ++f) {
+      const float s = a.scales[f * groups + rg], z = a.zeros[f * groups + rg];
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < gs; ++j) {
+        float q = std::nearbyint(w[j] / s + z);
+        q = q < 0.f ? 0.f : (q > maxq ? maxq : q);
+        const float e = (q - z) * s - w[j];
+        sum += e * e * c[j];
+      }
+      a.err[f * groups + rg] = sum;
+    }
   }
 }
 
