@@ -70,8 +70,7 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
         if last.get("input") is x_in:  # the same tensor as the previous linear's input
             h, leader = last["h"], last["name"]
         else:
-            x = x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)
-            h, leader = x.T @ x, None
+            h, leader = _upper_gram(x_in.reshape(-1, x_in.shape[-1]).to(torch.float32)), None
             last.update(input=x_in, h=h, name=name)
         hessians[name] = h if name not in hessians else hessians[name] + h
         counts[name] = counts.get(name, 0) + x_in.reshape(-1, x_in.shape[-1]).shape[0]
@@ -105,7 +104,29 @@ def input_hessians(model: nn.Module, layer: nn.Module, inputs: LayerInputs, name
     for name, leader in shares_with.items():
         if leader is not None and shares_with.get(leader) is None:
             hessians[name] = hessians[leader]  # equal sums of the same products: one tensor
+    full: Dict[int, torch.Tensor] = {}  # each summed tensor made symmetric once
+    for name, h in hessians.items():
+        if id(h) not in full:
+            full[id(h)] = torch.triu(h) + torch.triu(h, diagonal=1).T
+        hessians[name] = full[id(h)]
     return hessians, counts
+
+
+# Column blocks of _upper_gram: the products above the diagonal blocks are skipped.
+_GRAM_BLOCKS = 4
+
+
+def _upper_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x [K, K] for x [tokens, K], computed on and above the diagonal blocks only (a
+    quarter fewer multiply-adds with 4 blocks); below them the result holds zeros. The sums of
+    such products are made symmetric at the end of input_hessians (from their upper
+    triangle)."""
+    k = x.shape[1]
+    block = max(64, -(-k // _GRAM_BLOCKS))
+    h = torch.zeros(k, k, dtype=x.dtype, device=x.device)
+    for i in range(0, k, block):
+        h[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+    return h
 
 
 @contextlib.contextmanager
