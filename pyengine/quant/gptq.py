@@ -161,6 +161,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         w1 = wt[i1:i2].clone()
         err1 = torch.empty_like(w1)
         h_inv1 = h_inv[i1:i2, i1:i2]
+        block_columns = (perm[i1:i2].to(dtype=torch.int64).contiguous() if native is not None
+                         else None)
         i = 0
         while i < i2 - i1:
             g = visit[i1 + i] // gs
@@ -178,7 +180,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             while stop < i2 - i1 and known[visit[i1 + stop] // gs]:
                 stop += 1
             if native is not None:
-                _columns_native(native, w1, h_inv1, err1, codes_t, visit[i1:i2], gs, scales_t,
+                _columns_native(native, w1, h_inv1, err1, codes_t, block_columns, gs, scales_t,
                                 zeros_t, i, stop, maxq)
             else:
                 for c in range(i, stop):
@@ -220,19 +222,20 @@ def _native_columns(wt: torch.Tensor):
 
 
 def _columns_native(ext, w1: torch.Tensor, h_inv1: torch.Tensor, err1: torch.Tensor,
-                    codes_t: torch.Tensor, visit: list, gs: int, scales_t: torch.Tensor,
-                    zeros_t: torch.Tensor, start: int, stop: int, maxq: int) -> None:
+                    codes_t: torch.Tensor, block_columns: torch.Tensor, gs: int,
+                    scales_t: torch.Tensor, zeros_t: torch.Tensor, start: int, stop: int,
+                    maxq: int) -> None:
     """GPTQ's steps for block columns [start, stop) in pyengine._C (csrc/cpu/quant_ops.h).
 
     w1, err1: [B, N] fp32 contiguous (the block, transposed); h_inv1: [B, B] fp32 with unit
-    inner stride (a view of the whole factor); codes_t: [Kp, N] uint8 contiguous; visit: the
-    block's B original column indices; scales_t, zeros_t: [G, N] fp32 contiguous."""
+    inner stride (a view of the whole factor); codes_t: [Kp, N] uint8 contiguous;
+    block_columns: [B] int64, the block's original column indices; scales_t, zeros_t: [G, N]
+    fp32 contiguous."""
     rows, n = w1.shape
-    code_row = torch.tensor(visit, dtype=torch.int64)
-    group = torch.div(code_row, gs, rounding_mode="floor")
+    group = torch.div(block_columns, gs, rounding_mode="floor")
     ext.gptq_columns_cpu(w1.data_ptr(), w1.stride(0), h_inv1.data_ptr(), h_inv1.stride(0),
                          err1.data_ptr(), err1.stride(0), codes_t.data_ptr(), codes_t.stride(0),
-                         code_row.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
+                         block_columns.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
                          scales_t.stride(0), group.data_ptr(), start, stop, rows, n, maxq,
                          torch.get_num_threads())
 
