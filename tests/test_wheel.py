@@ -65,8 +65,10 @@ def _install_and_check(wheel: Path, venv_dir: Path, work_dir: Path) -> str:
                               check=True, capture_output=True, text=True).stdout.strip()
     torch_parent = Path(torch.__file__).resolve().parents[1]
     Path(site_dir, "borrowed_dependencies.pth").write_text(f"{torch_parent}\n")
+    # from work_dir: pip counts what the current directory holds as installed (a checkout's
+    # pyengine.egg-info would make it skip the wheel)
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", str(wheel)], check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=600, cwd=work_dir)
     proc = subprocess.run([str(python), "-I", "-c", CHECK], cwd=work_dir, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
