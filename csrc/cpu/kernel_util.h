@@ -279,29 +279,44 @@ inline QMatmulArgs deinterleaved(const QMatmulArgs& a, std::vector<uint32_t>& wo
 }
 
 // ---- prefill: a panel of rows dequantized over the whole K, dot-product micro-kernel ---------
-// Each 4 x 4 block of outputs is one pass over K with 16 vector accumulators and one horizontal
-// sum at the end; the panel (rows x K floats) is sized to stay in the L2 cache.
+// Each kMicroM x kMicroN block of outputs is one pass over K with one vector accumulator per
+// output and one horizontal sum at the end; the panel (rows x K floats) is sized to stay in the
+// L2 cache. The accumulators and the operands of one step must fit the build's registers: 4 x 4
+// zmm accumulators + 8 operands of 32 with AVX-512; 2 x 4 ymm (xmm in the generic build)
+// accumulators + 6 operands of 16 otherwise (4 x 4 there spilled to the stack on every step).
+#if defined(__AVX512F__)
+typedef v16f MicroVec;
 constexpr int kMicroM = 4;                     // activation rows per micro-kernel
+#elif defined(__AVX2__)
+typedef v8f MicroVec;
+constexpr int kMicroM = 2;
+#else
+typedef v4f MicroVec;
+constexpr int kMicroM = 2;
+#endif
 constexpr int kMicroN = 4;                     // weight rows per micro-kernel
+constexpr int kMicroLanes = (int)(sizeof(MicroVec) / sizeof(float));
 constexpr int64_t kPanelBytes = 256 * 1024;    // dequantized panel budget
 
-inline v16f load16(const float* p) {
-  v16f v;
+inline MicroVec load_micro(const float* p) {
+  MicroVec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-// c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a 4 x 4 block; the 16
-// accumulators are local vectors so they live in registers.
+inline float hsum(v4f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
+// c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a kMicroM x kMicroN
+// block; the accumulators are local vectors so they live in registers.
 inline void micro_dot(const float* const* x, const float* const* w, int64_t len,
                       float c[kMicroM][kMicroN]) {
-  v16f acc[kMicroM][kMicroN] = {};
-  for (int64_t i = 0; i < len; i += 16) {
-    v16f xv[kMicroM], wv[kMicroN];
+  MicroVec acc[kMicroM][kMicroN] = {};
+  for (int64_t i = 0; i < len; i += kMicroLanes) {
+    MicroVec xv[kMicroM], wv[kMicroN];
 #pragma GCC unroll 4
-    for (int mi = 0; mi < kMicroM; ++mi) xv[mi] = load16(x[mi] + i);
+    for (int mi = 0; mi < kMicroM; ++mi) xv[mi] = load_micro(x[mi] + i);
 #pragma GCC unroll 4
-    for (int ni = 0; ni < kMicroN; ++ni) wv[ni] = load16(w[ni] + i);
+    for (int ni = 0; ni < kMicroN; ++ni) wv[ni] = load_micro(w[ni] + i);
 #pragma GCC unroll 4
     for (int mi = 0; mi < kMicroM; ++mi)
 #pragma GCC unroll 4
