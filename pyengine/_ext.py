@@ -35,6 +35,13 @@ def extension() -> Optional[ModuleType]:
     return _module
 
 
+def extension_with(function: str) -> Optional[ModuleType]:
+    """``pyengine._C`` when it loaded and binds ``function`` (an older build may lack a newer
+    binding), else None."""
+    ext = extension()
+    return ext if ext is not None and hasattr(ext, function) else None
+
+
 def extension_error() -> Optional[str]:
     """Why ``pyengine._C`` could not be loaded (None when it loaded)."""
     extension()

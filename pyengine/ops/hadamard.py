@@ -114,9 +114,8 @@ def _check(x: object, block_size: Optional[int], out: Optional[Tensor]) -> int:
 # ---- backends -----------------------------------------------------------------------------------
 
 def _native():
-    from .._ext import extension
-    ext = extension()
-    return ext if ext is not None and hasattr(ext, "hadamard_cpu") else None
+    from .._ext import extension_with
+    return extension_with("hadamard_cpu")
 
 
 @functools.lru_cache(maxsize=None)

@@ -216,9 +216,8 @@ def _native_columns(wt: torch.Tensor):
     (the loop then runs as torch calls: the same steps, one column at a time)."""
     if wt.device.type != "cpu" or wt.dtype != torch.float32:
         return None
-    from .._ext import extension
-    ext = extension()
-    return ext if ext is not None and hasattr(ext, "gptq_columns_cpu") else None
+    from .._ext import extension_with
+    return extension_with("gptq_columns_cpu")
 
 
 def _columns_native(ext, w1: torch.Tensor, h_inv1: torch.Tensor, err1: torch.Tensor,

@@ -271,9 +271,8 @@ def _native_clip_errors(w: torch.Tensor, cost: torch.Tensor):
     if (w.device.type != "cpu" or w.dtype != torch.float32 or cost.dtype != torch.float32
             or cost.shape[0] != 1):
         return None
-    from .._ext import extension
-    ext = extension()
-    return ext if ext is not None and hasattr(ext, "clip_errors_cpu") else None
+    from .._ext import extension_with
+    return extension_with("clip_errors_cpu")
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
