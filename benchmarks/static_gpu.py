@@ -59,7 +59,7 @@ from pyengine.kernels import sass  # noqa: E402
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9
 ISSUE_RATE = SMS * SCHEDULERS * CLOCK_HZ          # warp instructions per second
 COPY_BANDWIDTH = 4.3e12                            # bytes per second
-TARGET_RATIO = 1.3                                 # the issue's goal: ceiling >= 1.3x copy
+TARGET_RATIO = 1.3                                 # the design target: ceiling >= 1.3x copy
 
 SHAPE = (14336, 4096)           # N x K of the kernel benchmark (Llama-3-8B gate/up)
 DECODE_MS = (1, 16)

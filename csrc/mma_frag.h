@@ -8,12 +8,15 @@
 // out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] is computed as mma.m16n8k16 products
 // with the WEIGHT as operand A (16 rows n x 16 inputs k) and the ACTIVATIONS as operand B (16 k x 8
 // tokens m): one mma covers 16 rows, 16 inputs and up to 8 tokens, so M <= 8 takes one mma per
-// 256 weights and M <= 16 two. A holds the exact codes q (small integers are exact in fp16 and
-// bf16); the accumulator is fp32. Per "unit" (min(group size, iteration span) inputs of one row
-// tile) a lane applies its rows' scale and zero to the unit's partial sum P:
+// 256 weights and M <= 16 two. A holds the codes q exactly, each plus a power-of-two offset E
+// that the bit trick below leaves on it (small integers are exact in fp16 and bf16); the
+// accumulator is fp32 and starts each unit at -X' (the offsets' share, below). Per "unit"
+// (min(group size, iteration span) inputs of one row tile) a lane applies its rows' scale and
+// zero to the unit's partial sum P = sum_k x[m, k] q[n, k]:
 //   acc += s * P - s * z * X,   X = sum over the unit's inputs of x[m, k]
-// (X staged per token beside the activations; s and -s*z stored per row and group in fp32), so
-// fractional zero points cost nothing extra and no fp16 rounding of (q - z) * s ever happens.
+// (X and X' staged per token beside the activations; s and -s*z stored per row and group in
+// fp32), so fractional zero points cost nothing extra and no fp16 rounding of (q - z) * s ever
+// happens.
 //
 // ---- Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type") ---------
 // lane = 4 * g + t (g = groupID = lane >> 2, t = lane % 4). A: 4 registers of 2 halves; element
@@ -24,13 +27,14 @@
 //
 // ---- The layout ---------------------------------------------------------------------------------
 // Rows are cut into tiles of 16 (N padded with zero rows), K into iterations of S = 16 * STEPS
-// inputs (K padded with zero codes): STEPS = 2 (8 bits), 4 (4 bits), 8 (2 bits), 16 (3 bits). For
+// inputs (K padded with zero codes): STEPS = 2 (8 bits), 4 (4 bits), 16 (2 and 3 bits). For
 // tile T, iteration i and lane l the kernel loads WORDS consecutive 32-bit words (WORDS = 4: one
-// 16-byte load; 3 bits: 12, three 16-byte loads) at
+// 16-byte load; 2 bits: 8, two loads; 3 bits: 12, three loads) at
 //   frag + ((T * iterations + i) * 32 + l) * WORDS,
 // and kFragTail more iterations of words after the last tile must be readable (the kernel
 // prefetches up to kFragTail iterations past a tile's end instead of branching); a warp streams
-// 512 (3 bits: 1536) contiguous bytes per load instruction. The words hold the codes of lane l's
+// 512 contiguous bytes per load instruction. (The 2-bit iteration spans 256 inputs, two loads,
+// so that the loop's fixed work per iteration, addresses and scale loads, is spread over 1 KiB.) The words hold the codes of lane l's
 // A fragments for the iteration's steps. Each register r of step s (two codes,
 // h = 0, 1: the same row, consecutive k) is built from one field per 16-bit half of a word, so
 // one shift + one and-or (LOP3) with a magic exponent makes both halves at once:
@@ -40,12 +44,20 @@
 //   3 bits: triple u = s/4 (words 3u..3u+2), pair p = 4(s%4) + r: for p < 15 word 3u + p/5,
 //           3-bit slot p%5 of each half (bits 3(p%5)); pair 15 takes bit 15 of each half of the
 //           three words (word 3u + b gives code bit b). 96 bits hold 32 codes: no bit wasted.
-// A field at bit f of a half or-ed with the magic exponent E (fp16 0x6400 = 1024, 10 mantissa
-// bits; bf16 0x4300 = 128, 7 mantissa bits) is the number E + q * 2^f when f + bits fits the
-// mantissa; one fused multiply-add  v * 2^-f - E * 2^-f  gives q exactly. Fields beyond the
+// A field q at bit f of a half or-ed with the magic exponent of that position, E_f (fp16:
+// 2^(10 - f), 10 mantissa bits; bf16: 2^(7 - f), 7 mantissa bits: the power of two whose mantissa
+// unit is 2^-f), is exactly the number E_f + q when f + bits fits the mantissa. Fields beyond the
 // mantissa are shifted down first (pair_extract lists the shift, mask and f of every pair). The
-// 8-bit codes with bf16 activations exceed bf16's 7 mantissa bits: they go through fp32
-// (0x4B000000 | q = 2^23 + q), one subtraction each and a packed conversion.
+// mma multiplies these raw values, offset included, so no instruction turns them into q: the
+// offsets' share of a unit's product, X'_rh = sum_k x[m, k] E(k, rh) (E depends on the step, the
+// register and so on the input k and the row half rh = r & 1 of the A register), is a property of
+// the activations alone. It is summed once per block with the staged activations and the unit's
+// accumulator starts at -X'_rh (field_offset, below). Cost: the fp32 accumulator sums E + q
+// instead of q (E <= 1024), so its rounding is relative to sum_k |x| (E + q) s rather than
+// sum_k |x| |q - z| s; about 1e-4 of a fp16 output's size at 2 bits, a quarter of that output's
+// own rounding. The 8-bit codes with bf16 activations exceed bf16's 7 mantissa bits: they go
+// through fp32 (0x4B000000 | q = 2^23 + q), one subtraction each and a packed conversion, and
+// carry no offset.
 #pragma once
 
 #include <cstdint>
@@ -70,9 +82,11 @@ constexpr int kBitWidths[] = {2, 3, 4, 8};  // the code widths the layout holds
 constexpr int kOneGroupShift = 62;          // MmaDecodeArgs::gshift when one group covers K
 
 PYENGINE_MMA_HD constexpr int steps_per_iteration(int bits) {
-  return bits == 8 ? 2 : bits == 4 ? 4 : bits == 2 ? 8 : 16;
+  return bits == 8 ? 2 : bits == 4 ? 4 : 16;
 }
-PYENGINE_MMA_HD constexpr int words_per_lane(int bits) { return bits == 3 ? 12 : 4; }
+PYENGINE_MMA_HD constexpr int words_per_lane(int bits) {
+  return bits == 3 ? 12 : bits == 2 ? 8 : 4;
+}
 PYENGINE_MMA_HD constexpr int iteration_k(int bits) { return kStepK * steps_per_iteration(bits); }
 
 // Fragment coordinates (header): A element e = 2r + h, B element e = 2r + h, C element i.
@@ -147,29 +161,56 @@ PYENGINE_MMA_HD constexpr int code_bit_position(int bits, int s, int r, int h, i
   return e.word0 * 32 + 16 * h + e.f + e.shift0 + bit;
 }
 
-// The two raw halves of register r of step s (magic exponent included), from a lane's words.
+// The magic exponent E_f of a field at bit f, as the 16-bit pattern of fp16 / bf16 (header).
+PYENGINE_MMA_HD constexpr uint16_t field_magic_bits(bool bf16, int f) {
+  return bf16 ? (uint16_t)((127 + 7 - f) << 7) : (uint16_t)((15 + 10 - f) << 10);
+}
+
+// The offset E_f a raw half carries on top of its code (header), as a float.
+PYENGINE_MMA_HD constexpr float field_offset(bool bf16, int f) {
+  return (float)(1u << ((bf16 ? 7 : 10) - f));
+}
+
+// The offset carried by register r of step s: E_f of its field, 0 where the codes go through
+// fp32 (8 bits, bf16). The two halves of a register share it.
+PYENGINE_MMA_HD constexpr float register_offset(int bits, bool bf16, int s, int r) {
+  return (bits == 8 && bf16) ? 0.f : field_offset(bf16, pair_extract(bits, bf16, s, r).f);
+}
+
+// The two raw halves of register r of step s (E_f + q each), from a lane's words.
 PYENGINE_MMA_HD uint32_t extract_pair(const uint32_t* w, const PairExtract& e, bool bf16) {
-  const uint32_t magic = bf16 ? 0x43004300u : 0x64006400u;
+  const uint32_t magic = half_pair(field_magic_bits(bf16, e.f));
   uint32_t v = ((w[e.word0] >> e.shift0) & e.mask0) | magic;
   if (e.parts == 3)
     v |= ((w[e.word1] >> e.shift1) & e.mask1) | ((w[e.word2] >> e.shift2) & e.mask2);
   return v;
 }
 
-// The fused multiply-add that turns a raw half (magic + q * 2^f) into q: v * mul + add, as the
-// 16-bit patterns of fp16 / bf16 (2^-f and -E * 2^-f, E = 1024 or 128).
-PYENGINE_MMA_HD constexpr uint16_t normalize_mul_bits(bool bf16, int f) {
-  return bf16 ? (uint16_t)((127 - f) << 7) : (uint16_t)((15 - f) << 10);
-}
-PYENGINE_MMA_HD constexpr uint16_t normalize_add_bits(bool bf16, int f) {
-  return bf16 ? (uint16_t)(0x8000u | ((127 + 7 - f) << 7))
-              : (uint16_t)(0x8000u | ((15 + 10 - f) << 10));
-}
-
 // Byte `byte` (0..3) of a word as 2^23 + byte value in fp32 bits (8-bit codes, bf16).
 PYENGINE_MMA_HD constexpr uint32_t fp32_magic_byte(uint32_t word, int byte) {
   return 0x4B000000u | ((word >> (8 * byte)) & 0xFFu);
 }
+
+// The same in one byte permute: PRMT (prmt.b32, __byte_perm) as the PTX ISA defines its default
+// mode: byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {b, a} (a: bytes 0..3, b: bytes
+// 4..7; a nibble of 8 or more would copy a sign instead, and none is used here). With b =
+// kMagicByteHigh and magic_byte_selector(byte): the word's byte, two zero bytes, then 0x4B.
+constexpr uint32_t kMagicByteHigh = 0x4B000000u;
+PYENGINE_MMA_HD constexpr uint32_t magic_byte_selector(int byte) { return 0x7440u | byte; }
+PYENGINE_MMA_HD constexpr uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
+  uint32_t d = 0;
+  for (int n = 0; n < 4; ++n) {
+    const uint32_t sel = (s >> (4 * n)) & 7u;
+    const uint32_t byte = sel < 4 ? (a >> (8 * sel)) & 0xFFu : (b >> (8 * (sel - 4))) & 0xFFu;
+    d |= byte << (8 * n);
+  }
+  return d;
+}
+static_assert(byte_perm(0xA1B2C3D4u, kMagicByteHigh, magic_byte_selector(0)) ==
+                  fp32_magic_byte(0xA1B2C3D4u, 0) &&
+              byte_perm(0xA1B2C3D4u, kMagicByteHigh, magic_byte_selector(3)) ==
+                  fp32_magic_byte(0xA1B2C3D4u, 3),
+              "the byte permute must build fp32_magic_byte");
 
 // ---- The call -----------------------------------------------------------------------------------
 // out[m, n] (+)= sum_k x[m, k] W[n, k] (+ bias[n]) for m < M <= 16, n < N, k < K, W in the layout

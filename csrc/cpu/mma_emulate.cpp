@@ -25,29 +25,29 @@ float half_bits(uint32_t h, bool bf16) {
   return bf16 ? bf16_to_float((uint16_t)h) : half_to_float((uint16_t)h);
 }
 
-// Register r of step s of one lane, as the kernel builds it, decoded to two floats; checks that
-// both are exact codes.
+// Register r of step s of one lane, as the kernel builds it (E_f + q per half, or q for 8 bits
+// with bf16), decoded to two floats; checks that each is its offset plus an exact code.
 void a_register(const uint32_t* w, int bits, bool bf16, int s, int r, float (&v)[2]) {
   if (bits == 8 && bf16) {
     const int word = 2 * s + r / 2, byte = r % 2;
-    v[0] = bits_to_float(fp32_magic_byte(w[word], byte)) - 8388608.f;
-    v[1] = bits_to_float(fp32_magic_byte(w[word], byte + 2)) - 8388608.f;
+    // the kernel's byte permute, by the PTX ISA's definition (mma_frag.h)
+    v[0] = bits_to_float(byte_perm(w[word], kMagicByteHigh, magic_byte_selector(byte))) -
+           8388608.f;
+    v[1] = bits_to_float(byte_perm(w[word], kMagicByteHigh, magic_byte_selector(byte + 2))) -
+           8388608.f;
   } else {
-    const PairExtract e = pair_extract(bits, bf16, s, r);
-    const uint32_t raw = extract_pair(w, e, bf16);
-    const float mul = half_bits(normalize_mul_bits(bf16, e.f), bf16);
-    const float add = half_bits(normalize_add_bits(bf16, e.f), bf16);
-    for (int h = 0; h < 2; ++h) {
-      // The HFMA2 is exact here (every operand and the result are representable), so a float
-      // fma reproduces it.
-      v[h] = std::fma(half_bits((raw >> (16 * h)) & 0xFFFFu, bf16), mul, add);
-    }
+    const uint32_t raw = extract_pair(w, pair_extract(bits, bf16, s, r), bf16);
+    for (int h = 0; h < 2; ++h) v[h] = half_bits((raw >> (16 * h)) & 0xFFFFu, bf16);
   }
-  for (int h = 0; h < 2; ++h)
-    if (!(v[h] >= 0.f && v[h] < (float)(1 << bits) && v[h] == std::floor(v[h])))
+  const float offset = register_offset(bits, bf16, s, r);
+  for (int h = 0; h < 2; ++h) {
+    const float q = v[h] - offset;  // exact: both are integers below 2^11
+    if (!(q >= 0.f && q < (float)(1 << bits) && q == std::floor(q)))
       throw std::logic_error("mma_decode_emulate: step " + std::to_string(s) + " register " +
                              std::to_string(r) + " decodes to " + std::to_string(v[h]) +
-                             ", not a " + std::to_string(bits) + "-bit code");
+                             ", not " + std::to_string(offset) + " plus a " +
+                             std::to_string(bits) + "-bit code");
+  }
 }
 
 float x_at(const MmaDecodeArgs& a, int64_t m, int64_t k) {
@@ -69,7 +69,20 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
     for (int64_t it = 0; it < a.iterations; ++it) {
       const int64_t k0 = it * ik;
       for (int u = 0; u < a.units; ++u) {
+        // Each accumulator starts at -X'_rh: minus the offsets' share of the unit's product
+        // (row half rh = i >> 1 of C element i; mma_frag.h).
         float part[kMaxTokenTiles][32][4] = {};
+        for (int tt = 0; tt < nt; ++tt)
+          for (int lane = 0; lane < 32; ++lane)
+            for (int i = 0; i < 4; ++i) {
+              const int tok = tt * kTokens + c_token(lane, i), rh = i >> 1;
+              float off = 0.f;
+              for (int s = u * spu; s < (u + 1) * spu; ++s)
+                for (int kk = 0; kk < kStepK; ++kk)
+                  off += register_offset(a.bits, bf16, s, 2 * (kk / 8) + rh) *
+                         x_at(a, tok, k0 + kStepK * s + kk);
+              part[tt][lane][i] = -off;
+            }
         for (int s = u * spu; s < (u + 1) * spu; ++s) {
           // Operand A (16 x 16) gathered from the 32 lanes' registers.
           float A[kTileRows][kStepK];

@@ -16,7 +16,8 @@ std::vector<int> code_positions(int bits);
 
 // out (float32 [M, N], row stride a.ldo) (+)= the kernel's result for the call `a` (a.out is
 // ignored; a.bias, a.accumulate honoured). Raises std::invalid_argument as the kernel does, and
-// std::logic_error when a dequantized code is not an exact integer in [0, 2^bits).
+// std::logic_error when a raw A value is not its field's offset plus an exact integer in
+// [0, 2^bits).
 void decode_emulate(const MmaDecodeArgs& a, float* out);
 
 }  // namespace mma

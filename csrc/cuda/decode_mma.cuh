@@ -13,17 +13,21 @@
 //
 // ---- Activations --------------------------------------------------------------------------------
 // Slabs of slab_iters iterations (a multiple of WK, about 2048 / NT inputs) are staged in shared
-// memory as B fragments (mma_frag.h: one 16-byte entry per lane and step pair, conflict-free),
-// then the sum of x over every unit is read back from them. Every warp crosses the same slab
-// boundaries at the same loop step, so the barriers match.
+// memory as B fragments (mma_frag.h: one 16-byte entry per lane and step pair, conflict-free;
+// the token tiles of a step pair side by side, so a lane reaches both at fixed offsets),
+// then the sums of x over every unit (X, and X' for the offsets the raw codes carry: mma_frag.h)
+// are read back from them, for the tokens below M. Every warp crosses the same slab boundaries
+// at the same loop step, so the barriers match.
 //
 // ---- Steady state (per lane, per iteration) -----------------------------------------------------
 // two iterations per loop trip, the word buffers swapping roles; the next iteration's words are
-// loaded (one 16-byte load, three for 3 bits) before this one is computed; per unit: the unit's
-// scale pair (one 16-byte load), then per step the dequantized A fragment (one shift-and-mask
-// with the magic exponent and one HFMA2 per register, shared shifts between registers), one
-// 16-byte shared load of B per step pair and token tile and one mma per token tile; then 8 FFMA
-// per token tile apply the unit's scale and zero.
+// loaded (one 16-byte load, two for 2 bits, three for 3 bits) before this one is computed; one
+// address per iteration for its units' scales; per unit: the unit's scale pair (one 16-byte
+// load) and per token tile the accumulator's start -X' (one 16-byte shared load) and X (one
+// 8-byte shared load), then per step the A fragment of raw codes (one shift-and-mask with the
+// magic exponent per register, shared shifts between registers), one 16-byte shared load of B
+// per step pair and token tile and one mma per token tile; then 8 FFMA per token tile apply the
+// unit's scale and zero.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,10 +71,10 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t h) {
 }
 
 // Stages `pairs` step pairs (32 inputs each) starting at input k0 for the NT token tiles as
-// bfrag entries (mma_frag.h). Every thread takes part; the caller synchronises around it.
+// bfrag entries (mma_frag.h), entry (q * NT + tt) * 32 + lane for step pair q and token tile tt. Every thread takes part; the caller synchronises around it.
 template <int NT>
 __device__ __forceinline__ void stage_slab(const MmaDecodeArgs& a, const Plan& p, int64_t k0,
-                                           int pairs, int slab_pairs, uint4* bfrag) {
+                                           int pairs, uint4* bfrag) {
   const int items = NT * pairs * 32;
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
     const int lane = item & 31, q = (item >> 5) % pairs, tt = (item >> 5) / pairs;
@@ -86,28 +90,57 @@ __device__ __forceinline__ void stage_slab(const MmaDecodeArgs& a, const Plan& p
         reg[e] = load_x16(a, m, k) | (load_x16(a, m, k + 1) << 16);
       }
     }
-    bfrag[(tt * slab_pairs + q) * 32 + lane] = make_uint4(reg[0], reg[1], reg[2], reg[3]);
+    bfrag[(q * NT + tt) * 32 + lane] = make_uint4(reg[0], reg[1], reg[2], reg[3]);
   }
 }
 
-// X of every unit of the staged slab: xunit[(tt * slab_units + u) * 8 + token] = the sum of the
-// token's inputs in unit u, read back from the B fragments (a token's 32 inputs of pair q are
-// the 4 entries of lanes 4 * token .. 4 * token + 3). Every thread takes part.
-template <int NT, bool BF16>
-__device__ __forceinline__ void unit_sums(int units_here, int pairs_per_unit, int slab_pairs,
-                                          int slab_units, const uint4* bfrag, float* xunit) {
+// The sums of every unit of the staged slab, read back from the B fragments (a token's 32 inputs
+// of pair q are the 4 entries of lanes 4 * token .. 4 * token + 3), into one record of 8 floats
+// per unit u, token tile tt and token pair (2j, 2j + 1), at xrec + ((u * NT + tt) * 4 + j) * 8:
+//   [0..3]  -X'_0(2j), -X'_0(2j + 1), -X'_1(2j), -X'_1(2j + 1): minus the sum of x times the
+//           offset the raw codes of row half rh carry (mma_frag.h): lane 4g + j's accumulator
+//           starts (C elements i: row half i >> 1, token 2j + (i & 1)) in one float4;
+//   [4..5]  X(2j), X(2j + 1): the sum of the token's inputs in the unit;  [6..7] unused.
+// Tokens at or past M are zero and only written. Every thread takes part.
+template <int BITS, bool BF16, int NT>
+__device__ __forceinline__ void unit_sums(int64_t M, int units_here, int pairs_per_unit,
+                                          const uint4* bfrag, float* xrec) {
+  constexpr int STEPS = steps_per_iteration(BITS);
   for (int item = threadIdx.x; item < NT * units_here * kTokens; item += blockDim.x) {
     const int tok = item % kTokens, u = (item / kTokens) % units_here,
               tt = item / (kTokens * units_here);
-    float sum = 0.f;
-    for (int q = u * pairs_per_unit; q < (u + 1) * pairs_per_unit; ++q)
+    float sum = 0.f, off0 = 0.f, off1 = 0.f;
+    if (tt * kTokens + tok < M) {
+      for (int q = u * pairs_per_unit; q < (u + 1) * pairs_per_unit; ++q) {
+        // Entry component c holds B register c % 2 (k half kh = c % 2) of step 2q + c / 2 (a
+        // slab starts at an iteration, so that step's place in its iteration is mod STEPS); its
+        // inputs meet A registers 2 kh (row half 0) and 2 kh + 1 (row half 1).
+        float e0[4], e1[4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const uint4 v = bfrag[(tt * slab_pairs + q) * 32 + 4 * tok + t];
-        for (uint32_t w : {v.x, v.y, v.z, v.w})
-          sum += half_bits_to_float<BF16>(w & 0xFFFFu) + half_bits_to_float<BF16>(w >> 16);
+        for (int c = 0; c < 4; ++c) {
+          const int step = (2 * q + c / 2) % STEPS, kh = c % 2;
+          e0[c] = register_offset(BITS, BF16, step, 2 * kh);
+          e1[c] = register_offset(BITS, BF16, step, 2 * kh + 1);
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const uint4 v = bfrag[(q * NT + tt) * 32 + 4 * tok + t];
+          const uint32_t comp[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float x2 = half_bits_to_float<BF16>(comp[c] & 0xFFFFu) +
+                             half_bits_to_float<BF16>(comp[c] >> 16);
+            sum += x2;
+            off0 = fmaf(e0[c], x2, off0);
+            off1 = fmaf(e1[c], x2, off1);
+          }
+        }
       }
-    xunit[(tt * slab_units + u) * kTokens + tok] = sum;
+    }
+    float* rec = xrec + ((u * NT + tt) * 4 + tok / 2) * 8;
+    rec[tok % 2] = -off0;
+    rec[2 + tok % 2] = -off1;
+    rec[4 + tok % 2] = sum;
   }
 }
 
@@ -140,7 +173,8 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
   return d;
 }
 
-// extract_pair (mma_frag.h) with one LOP3 per term; `magic` holds the magic exponent pair.
+// extract_pair (mma_frag.h) with one LOP3 per term; `magic` holds the field's magic exponent
+// pair.
 template <int BITS, bool BF16, int S, int R>
 __device__ __forceinline__ uint32_t extract_pair_lop3(const uint32_t* w, uint32_t magic) {
   constexpr PairExtract e = pair_extract(BITS, BF16, S, R);
@@ -152,42 +186,33 @@ __device__ __forceinline__ uint32_t extract_pair_lop3(const uint32_t* w, uint32_
   return v;
 }
 
-// Register r of step s of the A fragment: two exact codes as fp16 / bf16 (mma_frag.h).
+// Register r of step s of the A fragment: two codes as fp16 / bf16, each E_f + q (mma_frag.h;
+// 8 bits with bf16: q). magics[f] holds the magic exponent pair of field position f (LOP3 takes
+// one immediate, the mask: the magic comes from a register).
 template <int BITS, bool BF16, int S, int R>
-__device__ __forceinline__ uint32_t a_register(const uint32_t* w, uint32_t magic,
-                                               const uint32_t (&mulc)[10]) {
+__device__ __forceinline__ uint32_t a_register(const uint32_t* w, const uint32_t (&magics)[10]) {
   if constexpr (BITS == 8 && BF16) {
     constexpr int word = 2 * S + R / 2, byte = R % 2;
-    const float lo = __uint_as_float(fp32_magic_byte(w[word], byte)) - 8388608.f;
-    const float hi = __uint_as_float(fp32_magic_byte(w[word], byte + 2)) - 8388608.f;
+    // fp32_magic_byte in one PRMT each (byte_perm, mma_frag.h).
+    const float lo = __uint_as_float(__byte_perm(w[word], kMagicByteHigh,
+                                                 magic_byte_selector(byte))) - 8388608.f;
+    const float hi = __uint_as_float(__byte_perm(w[word], kMagicByteHigh,
+                                                 magic_byte_selector(byte + 2))) - 8388608.f;
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half
     return *reinterpret_cast<const uint32_t*>(&v);
   } else {
     constexpr PairExtract e = pair_extract(BITS, BF16, S, R);
-    const uint32_t raw = extract_pair_lop3<BITS, BF16, S, R>(w, magic);
-    const uint32_t mul = mulc[e.f];
-    constexpr uint32_t add = half_pair(normalize_add_bits(BF16, e.f));
-    if constexpr (BF16) {
-      const __nv_bfloat162 v = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&raw),
-                                       *reinterpret_cast<const __nv_bfloat162*>(&mul),
-                                       *reinterpret_cast<const __nv_bfloat162*>(&add));
-      return *reinterpret_cast<const uint32_t*>(&v);
-    } else {
-      const __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&raw),
-                                *reinterpret_cast<const __half2*>(&mul),
-                                *reinterpret_cast<const __half2*>(&add));
-      return *reinterpret_cast<const uint32_t*>(&v);
-    }
+    return extract_pair_lop3<BITS, BF16, S, R>(w, magics[e.f]);
   }
 }
 
 template <int BITS, bool BF16, int S>
-__device__ __forceinline__ void a_fragment(const uint32_t* w, uint32_t magic,
-                                           const uint32_t (&mulc)[10], uint32_t (&a)[4]) {
-  a[0] = a_register<BITS, BF16, S, 0>(w, magic, mulc);
-  a[1] = a_register<BITS, BF16, S, 1>(w, magic, mulc);
-  a[2] = a_register<BITS, BF16, S, 2>(w, magic, mulc);
-  a[3] = a_register<BITS, BF16, S, 3>(w, magic, mulc);
+__device__ __forceinline__ void a_fragment(const uint32_t* w, const uint32_t (&magics)[10],
+                                           uint32_t (&a)[4]) {
+  a[0] = a_register<BITS, BF16, S, 0>(w, magics);
+  a[1] = a_register<BITS, BF16, S, 1>(w, magics);
+  a[2] = a_register<BITS, BF16, S, 2>(w, magics);
+  a[3] = a_register<BITS, BF16, S, 3>(w, magics);
 }
 
 // A lane's words of one iteration (always a valid address: callers clamp instead of branching).
@@ -201,59 +226,63 @@ __device__ __forceinline__ void load_words(const uint32_t* src, uint32_t (&w)[WO
 }
 
 // Steps [S0, S0 + COUNT) of one unit into part[NT][4].
-// bq: this lane's entry of the iteration's first step pair; tile_stride: entries per token tile.
+// bq: this lane's entry of the iteration's first step pair and token tile 0.
 template <int BITS, bool BF16, int NT, int S0, int COUNT>
-__device__ __forceinline__ void unit_steps(const uint32_t* w, uint32_t magic,
-                                           const uint32_t (&mulc)[10], const uint4* bq,
-                                           int tile_stride, float (&part)[NT][4]) {
+__device__ __forceinline__ void unit_steps(const uint32_t* w, const uint32_t (&magics)[10],
+                                           const uint4* bq,
+                                           float (&part)[NT][4]) {
   if constexpr (COUNT > 0) {
     uint32_t a[4];
-    a_fragment<BITS, BF16, S0>(w, magic, mulc, a);
+    a_fragment<BITS, BF16, S0>(w, magics, a);
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
-      const uint4 b = bq[tt * tile_stride + (S0 / 2) * 32];
+      const uint4 b = bq[((S0 / 2) * NT + tt) * 32];
       if constexpr (S0 % 2 == 0) mma16816<BF16>(part[tt], a, b.x, b.y);
       else mma16816<BF16>(part[tt], a, b.z, b.w);
     }
-    unit_steps<BITS, BF16, NT, S0 + 1, COUNT - 1>(w, magic, mulc, bq, tile_stride, part);
+    unit_steps<BITS, BF16, NT, S0 + 1, COUNT - 1>(w, magics, bq, part);
   }
 }
 
-// xu: the unit sums of this lane's tokens 2t, 2t + 1 for the iteration's first unit; xu_stride:
-// floats per token tile. sc: the units' (s, -s z, s, -s z) of rows g, g + 8.
+// xr: this lane's record (unit_sums) of the iteration's first unit and token tile 0.
+// sc: the units' (s, -s z, s, -s z) of rows g, g + 8.
 template <int BITS, bool BF16, int NT, int UNITS, int U = 0>
-__device__ __forceinline__ void iteration_units(const uint32_t* w, uint32_t magic,
-                                                const uint32_t (&mulc)[10],
-                                                const uint4* bq, const float* xu,
-                                                const float4* sc, int tile_stride,
-                                                int xu_stride, float (&acc)[NT][4]) {
+__device__ __forceinline__ void iteration_units(const uint32_t* w, const uint32_t (&magics)[10],
+                                                const uint4* bq, const float* xr,
+                                                const float4* sc, float (&acc)[NT][4]) {
   if constexpr (U < UNITS) {
     constexpr int SPU = steps_per_iteration(BITS) / UNITS;
     float part[NT][4];
 #pragma unroll
-    for (int tt = 0; tt < NT; ++tt)
+    for (int tt = 0; tt < NT; ++tt) {
+      if constexpr (BITS == 8 && BF16) {  // exact codes: no offset to take back
 #pragma unroll
-      for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
-    unit_steps<BITS, BF16, NT, U * SPU, SPU>(w, magic, mulc, bq, tile_stride, part);
+        for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
+      } else {
+        const float4 start = *reinterpret_cast<const float4*>(xr + (U * NT + tt) * 32);
+        part[tt][0] = start.x; part[tt][1] = start.y;
+        part[tt][2] = start.z; part[tt][3] = start.w;
+      }
+    }
+    unit_steps<BITS, BF16, NT, U * SPU, SPU>(w, magics, bq, part);
     const float4 s = sc[U];
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
-      const float2 xs = *reinterpret_cast<const float2*>(xu + tt * xu_stride + U * kTokens);
+      const float2 xs = *reinterpret_cast<const float2*>(xr + (U * NT + tt) * 32 + 4);
       acc[tt][0] = fmaf(s.x, part[tt][0], fmaf(s.y, xs.x, acc[tt][0]));
       acc[tt][1] = fmaf(s.x, part[tt][1], fmaf(s.y, xs.y, acc[tt][1]));
       acc[tt][2] = fmaf(s.z, part[tt][2], fmaf(s.w, xs.x, acc[tt][2]));
       acc[tt][3] = fmaf(s.z, part[tt][3], fmaf(s.w, xs.y, acc[tt][3]));
     }
-    iteration_units<BITS, BF16, NT, UNITS, U + 1>(w, magic, mulc, bq, xu, sc, tile_stride,
-                                                  xu_stride, acc);
+    iteration_units<BITS, BF16, NT, UNITS, U + 1>(w, magics, bq, xr, sc, acc);
   }
 }
 
-// Shared memory of a launch: B fragments and unit sums of one slab; the split-K exchange reuses
-// the start afterwards.
+// Shared memory of a launch: B fragments and unit records (unit_sums) of one slab; the split-K
+// exchange reuses the start afterwards.
 struct SmemLayout {
   int slab_pairs, slab_units;
-  size_t bfrag_bytes, xunit_bytes, total;
+  size_t bfrag_bytes, xrec_bytes, total;
 };
 
 inline SmemLayout smem_layout(int bits, int nt, int units, const Plan& p) {
@@ -261,9 +290,9 @@ inline SmemLayout smem_layout(int bits, int nt, int units, const Plan& p) {
   L.slab_pairs = p.slab_iters * steps_per_iteration(bits) / 2;
   L.slab_units = p.slab_iters * units;
   L.bfrag_bytes = (size_t)nt * L.slab_pairs * 32 * 16;
-  L.xunit_bytes = (size_t)nt * L.slab_units * kTokens * 4;
+  L.xrec_bytes = (size_t)nt * L.slab_units * 4 * 8 * 4;  // 8 floats per unit, tile, token pair
   const size_t red = (size_t)kMaxWarps * nt * 4 * 32 * 4;
-  L.total = std::max(L.bfrag_bytes + L.xunit_bytes, red);
+  L.total = std::max(L.bfrag_bytes + L.xrec_bytes, red);
   return L;
 }
 
@@ -275,7 +304,7 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   extern __shared__ uint4 smem[];
   const int slab_pairs = p.slab_iters * STEPS / 2, slab_units = p.slab_iters * UNITS;
   uint4* bfrag = smem;
-  float* xunit = reinterpret_cast<float*>(bfrag + NT * slab_pairs * 32);
+  float* xrec = reinterpret_cast<float*>(bfrag + NT * slab_pairs * 32);  // 16-byte aligned
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wr = warp / p.WK, wk = warp - wr * p.WK;
@@ -288,12 +317,10 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   // (a tile past N computes on tile 0 and stores nothing: no branch in the loop)
   const float4* params = reinterpret_cast<const float4*>(a.params) +
                          (tile_ok ? tile : 0) * a.groups * 8 + b_token(lane);
-  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
-  // The normalizing multipliers 2^-f of every field position f (HFMA2 takes one immediate: the
-  // multiplier comes from a register).
-  uint32_t mulc[10];
+  // The magic exponent pairs of every field position f, in registers (a_register).
+  uint32_t magics[10];
 #pragma unroll
-  for (int f = 0; f < 10; ++f) mulc[f] = half_pair(normalize_mul_bits(BF16, f));
+  for (int f = 0; f < 10; ++f) magics[f] = half_pair(field_magic_bits(BF16, f));
   const int gshift = min(a.gshift, 31);      // inputs < 2^31 (host check): 31 = one group
 
   float acc[NT][4];
@@ -315,25 +342,26 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   for (int slab_base = 0; slab_base < iterations; slab_base += p.slab_iters) {
     const int iters_here = min(p.slab_iters, iterations - slab_base);
     __syncthreads();  // every warp is done with the previous slab
-    stage_slab<NT>(a, p, (int64_t)slab_base * IK, iters_here * STEPS / 2, slab_pairs, bfrag);
+    stage_slab<NT>(a, p, (int64_t)slab_base * IK, iters_here * STEPS / 2, bfrag);
     __syncthreads();
-    unit_sums<NT, BF16>(iters_here * UNITS, UK / 32, slab_pairs, slab_units, bfrag, xunit);
+    unit_sums<BITS, BF16, NT>(a.M, iters_here * UNITS, UK / 32, bfrag, xrec);
     __syncthreads();
-    const uint4* bq = bfrag + wk * (STEPS / 2) * 32 + lane;
-    const float* xu = xunit + wk * UNITS * kTokens + c_token(lane, 0);
+    const uint4* bq = bfrag + wk * (STEPS / 2) * NT * 32 + lane;
+    const float* xr = xrec + (wk * UNITS * NT * 4 + (lane & 3)) * 8;
     // One iteration: compute the words in `w` while the next iteration's load into `into` is in
     // flight. Two per loop trip with the buffers' roles swapped: no register copies.
     auto iteration = [&](const uint32_t (&w)[WORDS], uint32_t (&into)[WORDS]) {
       wp += stride;
       load_words<WORDS>(wp, into);
+      // Several units per iteration are consecutive groups (a unit is then a group and an
+      // iteration starts at a group's start): one address, the units at fixed offsets from it.
+      const float4* sc_iter = params + ((uint32_t)k0 >> gshift) * 8u;
       float4 sc[UNITS];
 #pragma unroll
-      for (int u = 0; u < UNITS; ++u)
-        sc[u] = __ldg(params + ((uint32_t)(k0 + u * UK) >> gshift) * 8u);
-      iteration_units<BITS, BF16, NT, UNITS>(w, magic, mulc, bq, xu, sc, slab_pairs * 32,
-                                             slab_units * kTokens, acc);
-      bq += p.WK * (STEPS / 2) * 32;
-      xu += p.WK * UNITS * kTokens;
+      for (int u = 0; u < UNITS; ++u) sc[u] = __ldg(sc_iter + u * 8);
+      iteration_units<BITS, BF16, NT, UNITS>(w, magics, bq, xr, sc, acc);
+      bq += p.WK * (STEPS / 2) * NT * 32;
+      xr += p.WK * UNITS * NT * 4 * 8;
       k0 += p.WK * IK;
     };
     int j = wk;
