@@ -27,8 +27,8 @@ from ..format.packing import as_int32_bits, unpack_codes
 # agree).
 FALLBACK_LAYOUT_CONSTANTS: Dict[str, Any] = {
     "bits": (2, 3, 4, 8),
-    "steps": {2: 8, 3: 16, 4: 4, 8: 2},
-    "words": {2: 4, 3: 12, 4: 4, 8: 4},
+    "steps": {2: 16, 3: 16, 4: 4, 8: 2},
+    "words": {2: 8, 3: 12, 4: 4, 8: 4},
     "step_k": 16,
     "tile_rows": 16,
     "max_m": 16,

@@ -208,7 +208,7 @@ def test_layout_constants_fallback_matches_the_extension(monkeypatch):
     assert cuda_layout.layout_constants.__wrapped__() is cuda_layout.FALLBACK_LAYOUT_CONSTANTS
     # the units per iteration the kernel's instantiations serve at group size 128
     assert {b: cuda_layout.mma_units(b, 128, 4096) for b in (2, 3, 4, 8)} == {
-        2: 1, 3: 2, 4: 1, 8: 1}
+        2: 2, 3: 2, 4: 1, 8: 1}
     assert cuda_layout.mma_units(3, 128, 128) == 1      # one group covers k
 
 
