@@ -536,7 +536,6 @@ void run(const QMatmulArgs& a, float* out32) {
   // xp[m][ch][J][lane]. The prefill path takes compact rows instead (see prefill_panel).
   const bool tiled = tiled_path(BITS, M);
   const int64_t row_codes = p.chunks * p.chunk_codes;
-  std::vector<float> xrow(row_codes);
   if (!tiled && M > kDecodeMaxM) {
     const int64_t compact = compact_row_codes(p, L::kLaneCodes);
     std::vector<float> xp((size_t)(M * compact));
@@ -561,6 +560,7 @@ void run(const QMatmulArgs& a, float* out32) {
     return;
   }
   std::vector<float> xp((size_t)(M * row_codes), 0.f);
+  std::vector<float> xrow(row_codes);
   const RowBlocks blocks(M);
   for (int64_t b = 0, m = 0; m < M; ++b) {
     const int64_t block_rows = tiled ? blocks.rows(b) : 1;
