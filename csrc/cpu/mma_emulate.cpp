@@ -1,9 +1,13 @@
 // Host emulation of the tensor-core decode kernel; see mma_emulate.h.
 #include "cpu/mma_emulate.h"
 
+#include "mma_stage.h"
+
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace pyengine {
 namespace mma {
@@ -50,10 +54,44 @@ void a_register(const uint32_t* w, int bits, bool bf16, int s, int r, float (&v)
   }
 }
 
-float x_at(const MmaDecodeArgs& a, int64_t m, int64_t k) {
-  if (m >= a.M || k >= a.K) return 0.f;
-  const uint16_t h = static_cast<const uint16_t*>(a.x)[m * a.ldx + k];
-  return half_bits(h, a.x_dtype == kBFloat16);
+// The kernel's activation staging (mma_stage.h) over the whole of K as one slab, on one thread.
+struct Staged {
+  std::vector<uint32_t> bfrag;  // B fragment entries
+  std::vector<float> xrec;      // unit records
+};
+
+template <int BITS, bool BF16, int NT>
+void stage_all(const MmaDecodeArgs& a, Staged& st) {
+  const int pairs = (int)(a.iterations * steps_per_iteration(BITS) / 2);
+  const int units = (int)(a.iterations * a.units);
+  const bool x32 = reinterpret_cast<uintptr_t>(a.x) % 4 == 0 && a.ldx % 2 == 0;
+  st.bfrag.assign((size_t)(bfrag_entry(pairs, 0, 0, NT) * kEntryWords), 0xFFFFFFFFu);
+  st.xrec.assign((size_t)unit_record(units, 0, 0, NT), std::nanf(""));
+  stage_pairs<NT>(a, x32, 0, pairs, 0, 1, st.bfrag.data());
+  unit_sums<BITS, BF16, NT>(a.M, units, iteration_k(BITS) / a.units / 32, 0, 1,
+                            st.bfrag.data(), st.xrec.data());
+}
+
+template <int BITS>
+Staged stage_bits(const MmaDecodeArgs& a, bool bf16, int nt) {
+  Staged st;
+  if (bf16) {
+    if (nt == 2) stage_all<BITS, true, 2>(a, st);
+    else stage_all<BITS, true, 1>(a, st);
+  } else {
+    if (nt == 2) stage_all<BITS, false, 2>(a, st);
+    else stage_all<BITS, false, 1>(a, st);
+  }
+  return st;
+}
+
+Staged stage(const MmaDecodeArgs& a, bool bf16, int nt) {
+  switch (a.bits) {
+    case 2: return stage_bits<2>(a, bf16, nt);
+    case 3: return stage_bits<3>(a, bf16, nt);
+    case 4: return stage_bits<4>(a, bf16, nt);
+    default: return stage_bits<8>(a, bf16, nt);
+  }
 }
 
 }  // namespace
@@ -64,25 +102,23 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
   const int steps = steps_per_iteration(a.bits), words = words_per_lane(a.bits);
   const int ik = iteration_k(a.bits), uk = ik / a.units, spu = steps / a.units;
   const int nt = a.M > kTokens ? 2 : 1;
+  // Everything the warps read of the activations comes from the staged slab, by the kernel's
+  // index functions.
+  const Staged st = stage(a, bf16, nt);
+  const bool offsets = !(a.bits == 8 && bf16);
   for (int64_t tile = 0; tile < a.tiles; ++tile) {
     float acc[kMaxTokenTiles][32][4] = {};
     for (int64_t it = 0; it < a.iterations; ++it) {
       const int64_t k0 = it * ik;
       for (int u = 0; u < a.units; ++u) {
-        // Each accumulator starts at -X'_rh: minus the offsets' share of the unit's product
-        // (row half rh = i >> 1 of C element i; mma_frag.h).
+        const int64_t unit = it * a.units + u;
+        // Each accumulator starts at its record's -X'_rh (none for exact codes).
         float part[kMaxTokenTiles][32][4] = {};
         for (int tt = 0; tt < nt; ++tt)
           for (int lane = 0; lane < 32; ++lane)
-            for (int i = 0; i < 4; ++i) {
-              const int tok = tt * kTokens + c_token(lane, i), rh = i >> 1;
-              float off = 0.f;
-              for (int s = u * spu; s < (u + 1) * spu; ++s)
-                for (int kk = 0; kk < kStepK; ++kk)
-                  off += register_offset(a.bits, bf16, s, 2 * (kk / 8) + rh) *
-                         x_at(a, tok, k0 + kStepK * s + kk);
-              part[tt][lane][i] = -off;
-            }
+            for (int i = 0; i < 4; ++i)
+              part[tt][lane][i] =
+                  offsets ? st.xrec[unit_record(unit, tt, lane & 3, nt) + i] : 0.f;
         for (int s = u * spu; s < (u + 1) * spu; ++s) {
           // Operand A (16 x 16) gathered from the 32 lanes' registers.
           float A[kTileRows][kStepK];
@@ -94,14 +130,17 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
               for (int h = 0; h < 2; ++h) A[a_row(lane, r)][a_col(lane, r, h)] = v[h];
             }
           }
+          const int64_t q = (it * steps + s) / 2;  // the step's pair in the slab
           for (int tt = 0; tt < nt; ++tt) {
-            // Operand B (16 x 8) from the lanes' staged registers.
+            // Operand B (16 x 8) from the lanes' staged entries: words 2 (s % 2) + r.
             float B[kStepK][kTokens];
-            for (int lane = 0; lane < 32; ++lane)
+            for (int lane = 0; lane < 32; ++lane) {
+              const uint32_t* e = st.bfrag.data() + bfrag_entry(q, tt, lane, nt) * kEntryWords;
               for (int r = 0; r < 2; ++r)
                 for (int h = 0; h < 2; ++h)
                   B[b_k(lane, r, h)][b_token(lane)] =
-                      x_at(a, tt * kTokens + b_token(lane), k0 + staged_k(s, lane, r, h));
+                      half_bits((e[2 * (s % 2) + r] >> (16 * h)) & 0xFFFFu, bf16);
+            }
             for (int lane = 0; lane < 32; ++lane)
               for (int i = 0; i < 4; ++i) {
                 const int row = c_row(lane, i), tok = c_token(lane, i);
@@ -111,22 +150,16 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
               }
           }
         }
-        // The unit's epilogue, lane by lane.
+        // The unit's epilogue, lane by lane: X from the record.
         const int64_t group = (k0 + (int64_t)u * uk) >> a.gshift;
         for (int tt = 0; tt < nt; ++tt)
           for (int lane = 0; lane < 32; ++lane) {
             const float* sc = a.params + ((tile * a.groups + group) * 8 + b_token(lane)) * 4;
-            float xs[2];
-            for (int c = 0; c < 2; ++c) {
-              float sum = 0.f;
-              for (int kk = 0; kk < uk; ++kk)
-                sum += x_at(a, tt * kTokens + c_token(lane, c), k0 + (int64_t)u * uk + kk);
-              xs[c] = sum;
-            }
+            const float* rec = st.xrec.data() + unit_record(unit, tt, lane & 3, nt);
             for (int i = 0; i < 4; ++i) {
               const float s = sc[2 * (i >> 1)], nsz = sc[2 * (i >> 1) + 1];
               acc[tt][lane][i] =
-                  std::fma(s, part[tt][lane][i], std::fma(nsz, xs[i & 1], acc[tt][lane][i]));
+                  std::fma(s, part[tt][lane][i], std::fma(nsz, rec[4 + (i & 1)], acc[tt][lane][i]));
             }
           }
       }

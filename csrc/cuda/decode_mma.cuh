@@ -42,6 +42,7 @@
 #include "common.h"
 #include "cuda/device_util.cuh"
 #include "mma_frag.h"
+#include "mma_stage.h"
 
 namespace pyengine {
 namespace cuda {
@@ -58,91 +59,6 @@ struct Plan {
   int slab_iters;  // iterations per staged slab (a multiple of WK)
   bool x32;        // activation rows allow 4-byte loads of element pairs
 };
-
-__device__ __forceinline__ uint32_t load_x16(const MmaDecodeArgs& a, int64_t m, int64_t k) {
-  if (m >= a.M || k >= a.K) return 0u;
-  return static_cast<const uint16_t*>(a.x)[m * a.ldx + k];
-}
-
-template <bool BF16>
-__device__ __forceinline__ float half_bits_to_float(uint32_t h) {
-  if constexpr (BF16) return __uint_as_float(h << 16);
-  else return __half2float(__ushort_as_half((unsigned short)h));
-}
-
-// Stages `pairs` step pairs (32 inputs each) starting at input k0 for the NT token tiles as
-// bfrag entries (mma_frag.h), entry (q * NT + tt) * 32 + lane for step pair q and token tile tt. Every thread takes part; the caller synchronises around it.
-template <int NT>
-__device__ __forceinline__ void stage_slab(const MmaDecodeArgs& a, const Plan& p, int64_t k0,
-                                           int pairs, uint4* bfrag) {
-  const int items = NT * pairs * 32;
-  for (int item = threadIdx.x; item < items; item += blockDim.x) {
-    const int lane = item & 31, q = (item >> 5) % pairs, tt = (item >> 5) / pairs;
-    const int64_t m = tt * kTokens + b_token(lane);
-    uint32_t reg[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {  // step 2q + e / 2, B register e % 2
-      const int64_t k = k0 + staged_k(2 * q + e / 2, lane, e % 2, 0);  // even; h = 1 at k + 1
-      if (p.x32 && m < a.M && k + 1 < a.K) {
-        reg[e] = *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.x) +
-                                                    m * a.ldx + k);
-      } else {
-        reg[e] = load_x16(a, m, k) | (load_x16(a, m, k + 1) << 16);
-      }
-    }
-    bfrag[(q * NT + tt) * 32 + lane] = make_uint4(reg[0], reg[1], reg[2], reg[3]);
-  }
-}
-
-// The sums of every unit of the staged slab, read back from the B fragments (a token's 32 inputs
-// of pair q are the 4 entries of lanes 4 * token .. 4 * token + 3), into one record of 8 floats
-// per unit u, token tile tt and token pair (2j, 2j + 1), at xrec + ((u * NT + tt) * 4 + j) * 8:
-//   [0..3]  -X'_0(2j), -X'_0(2j + 1), -X'_1(2j), -X'_1(2j + 1): minus the sum of x times the
-//           offset the raw codes of row half rh carry (mma_frag.h): lane 4g + j's accumulator
-//           starts (C elements i: row half i >> 1, token 2j + (i & 1)) in one float4;
-//   [4..5]  X(2j), X(2j + 1): the sum of the token's inputs in the unit;  [6..7] unused.
-// Tokens at or past M are zero and only written. Every thread takes part.
-template <int BITS, bool BF16, int NT>
-__device__ __forceinline__ void unit_sums(int64_t M, int units_here, int pairs_per_unit,
-                                          const uint4* bfrag, float* xrec) {
-  constexpr int STEPS = steps_per_iteration(BITS);
-  for (int item = threadIdx.x; item < NT * units_here * kTokens; item += blockDim.x) {
-    const int tok = item % kTokens, u = (item / kTokens) % units_here,
-              tt = item / (kTokens * units_here);
-    float sum = 0.f, off0 = 0.f, off1 = 0.f;
-    if (tt * kTokens + tok < M) {
-      for (int q = u * pairs_per_unit; q < (u + 1) * pairs_per_unit; ++q) {
-        // Entry component c holds B register c % 2 (k half kh = c % 2) of step 2q + c / 2 (a
-        // slab starts at an iteration, so that step's place in its iteration is mod STEPS); its
-        // inputs meet A registers 2 kh (row half 0) and 2 kh + 1 (row half 1).
-        float e0[4], e1[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int step = (2 * q + c / 2) % STEPS, kh = c % 2;
-          e0[c] = register_offset(BITS, BF16, step, 2 * kh);
-          e1[c] = register_offset(BITS, BF16, step, 2 * kh + 1);
-        }
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const uint4 v = bfrag[(q * NT + tt) * 32 + 4 * tok + t];
-          const uint32_t comp[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const float x2 = half_bits_to_float<BF16>(comp[c] & 0xFFFFu) +
-                             half_bits_to_float<BF16>(comp[c] >> 16);
-            sum += x2;
-            off0 = fmaf(e0[c], x2, off0);
-            off1 = fmaf(e1[c], x2, off1);
-          }
-        }
-      }
-    }
-    float* rec = xrec + ((u * NT + tt) * 4 + tok / 2) * 8;
-    rec[tok % 2] = -off0;
-    rec[2 + tok % 2] = -off1;
-    rec[4 + tok % 2] = sum;
-  }
-}
 
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -236,7 +152,7 @@ __device__ __forceinline__ void unit_steps(const uint32_t* w, const uint32_t (&m
     a_fragment<BITS, BF16, S0>(w, magics, a);
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
-      const uint4 b = bq[((S0 / 2) * NT + tt) * 32];
+      const uint4 b = bq[bfrag_entry(S0 / 2, tt, 0, NT)];
       if constexpr (S0 % 2 == 0) mma16816<BF16>(part[tt], a, b.x, b.y);
       else mma16816<BF16>(part[tt], a, b.z, b.w);
     }
@@ -259,7 +175,7 @@ __device__ __forceinline__ void iteration_units(const uint32_t* w, const uint32_
 #pragma unroll
         for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
       } else {
-        const float4 start = *reinterpret_cast<const float4*>(xr + (U * NT + tt) * 32);
+        const float4 start = *reinterpret_cast<const float4*>(xr + unit_record(U, tt, 0, NT));
         part[tt][0] = start.x; part[tt][1] = start.y;
         part[tt][2] = start.z; part[tt][3] = start.w;
       }
@@ -268,7 +184,7 @@ __device__ __forceinline__ void iteration_units(const uint32_t* w, const uint32_
     const float4 s = sc[U];
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
-      const float2 xs = *reinterpret_cast<const float2*>(xr + (U * NT + tt) * 32 + 4);
+      const float2 xs = *reinterpret_cast<const float2*>(xr + unit_record(U, tt, 0, NT) + 4);
       acc[tt][0] = fmaf(s.x, part[tt][0], fmaf(s.y, xs.x, acc[tt][0]));
       acc[tt][1] = fmaf(s.x, part[tt][1], fmaf(s.y, xs.y, acc[tt][1]));
       acc[tt][2] = fmaf(s.z, part[tt][2], fmaf(s.w, xs.x, acc[tt][2]));
@@ -289,8 +205,8 @@ inline SmemLayout smem_layout(int bits, int nt, int units, const Plan& p) {
   SmemLayout L;
   L.slab_pairs = p.slab_iters * steps_per_iteration(bits) / 2;
   L.slab_units = p.slab_iters * units;
-  L.bfrag_bytes = (size_t)nt * L.slab_pairs * 32 * 16;
-  L.xrec_bytes = (size_t)nt * L.slab_units * 4 * 8 * 4;  // 8 floats per unit, tile, token pair
+  L.bfrag_bytes = (size_t)bfrag_entry(L.slab_pairs, 0, 0, nt) * kEntryWords * 4;
+  L.xrec_bytes = (size_t)unit_record(L.slab_units, 0, 0, nt) * 4;
   const size_t red = (size_t)kMaxWarps * nt * 4 * 32 * 4;
   L.total = std::max(L.bfrag_bytes + L.xrec_bytes, red);
   return L;
@@ -304,7 +220,7 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   extern __shared__ uint4 smem[];
   const int slab_pairs = p.slab_iters * STEPS / 2, slab_units = p.slab_iters * UNITS;
   uint4* bfrag = smem;
-  float* xrec = reinterpret_cast<float*>(bfrag + NT * slab_pairs * 32);  // 16-byte aligned
+  float* xrec = reinterpret_cast<float*>(bfrag + bfrag_entry(slab_pairs, 0, 0, NT));
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wr = warp / p.WK, wk = warp - wr * p.WK;
@@ -342,12 +258,16 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
   for (int slab_base = 0; slab_base < iterations; slab_base += p.slab_iters) {
     const int iters_here = min(p.slab_iters, iterations - slab_base);
     __syncthreads();  // every warp is done with the previous slab
-    stage_slab<NT>(a, p, (int64_t)slab_base * IK, iters_here * STEPS / 2, bfrag);
+    stage_pairs<NT>(a, p.x32, (int64_t)slab_base * IK, iters_here * STEPS / 2, threadIdx.x,
+                    blockDim.x, reinterpret_cast<uint32_t*>(bfrag));
     __syncthreads();
-    unit_sums<BITS, BF16, NT>(a.M, iters_here * UNITS, UK / 32, bfrag, xrec);
+    unit_sums<BITS, BF16, NT>(a.M, iters_here * UNITS, UK / 32, threadIdx.x, blockDim.x,
+                              reinterpret_cast<const uint32_t*>(bfrag), xrec);
     __syncthreads();
-    const uint4* bq = bfrag + wk * (STEPS / 2) * NT * 32 + lane;
-    const float* xr = xrec + (wk * UNITS * NT * 4 + (lane & 3)) * 8;
+    // this lane's entry of the warp's first iteration's first step pair and token tile 0, and
+    // its record of that iteration's first unit (mma_stage.h)
+    const uint4* bq = bfrag + bfrag_entry(wk * (STEPS / 2), 0, lane, NT);
+    const float* xr = xrec + unit_record(wk * UNITS, 0, lane & 3, NT);
     // One iteration: compute the words in `w` while the next iteration's load into `into` is in
     // flight. Two per loop trip with the buffers' roles swapped: no register copies.
     auto iteration = [&](const uint32_t (&w)[WORDS], uint32_t (&into)[WORDS]) {
@@ -360,8 +280,8 @@ decode_mma_kernel(const MmaDecodeArgs a, const Plan p) {
 #pragma unroll
       for (int u = 0; u < UNITS; ++u) sc[u] = __ldg(sc_iter + u * 8);
       iteration_units<BITS, BF16, NT, UNITS>(w, magics, bq, xr, sc, acc);
-      bq += p.WK * (STEPS / 2) * NT * 32;
-      xr += p.WK * UNITS * NT * 4 * 8;
+      bq += bfrag_entry(p.WK * (STEPS / 2), 0, 0, NT);  // WK iterations on
+      xr += unit_record(p.WK * UNITS, 0, 0, NT);
       k0 += p.WK * IK;
     };
     int j = wk;

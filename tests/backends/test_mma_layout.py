@@ -3,7 +3,9 @@
 pyengine/backends/cuda_layout.py repacks a canonical packed weight (docs/FORMAT.md) into the
 layout of csrc/mma_frag.h; pyengine._C.mma_decode_emulate replays the CUDA kernel
 (csrc/cuda/decode_mma.cuh) warp by warp on the host with the same bit extraction, fragment
-coordinates (PTX ISA, mma.m16n8k16) and epilogue arithmetic. These tests compare that replay with
+coordinates (PTX ISA, mma.m16n8k16), activation staging and its indexing (csrc/mma_stage.h: the
+B fragments and unit records every operand and accumulator start is read from) and epilogue
+arithmetic. These tests compare that replay with
 the pure-torch reference on fresh random data, odd shapes and every width, group size and
 activation dtype the kernel takes, into NaN-poisoned outputs. The GPU runs of the kernel itself
 are in tests/backends/test_cuda_decode.py (marked gpu).
