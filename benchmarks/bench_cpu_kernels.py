@@ -14,7 +14,10 @@ the --group-size) against the cpu backend's int4 at that group size, and
 per-channel int8. Each is checked against the dequantized weight before it is timed.
 
 The cpu backend also runs with int8 activations (``act_bits=8``, rows with activations
-"int8": the integer dot-product path for 2-, 3-, 4- and 8-bit weights at decode sizes). Every
+"int8": the integer dot-product path for 2-, 3-, 4- and 8-bit weights at decode sizes), on the
+weight's canonical rows (what ``ops.qlinear`` runs) and, for 2, 4 and 8 bits, on the copy in
+the row-interleaved layout that ``pyengine.Decoder`` prepares by default (backend "cpu rows8",
+``CpuBackend.bind(..., layout_copy=True)``; the bytes streamed are the copy's). Every
 weight is held in enough copies that one pass over all of them exceeds ``--rotate-mb`` (default
 256 MB, beyond the last-level cache), and consecutive calls take the next copy, so that the rows
 measure streaming from memory, as decoding a model does. ``--isa`` runs the cpu backend's build
@@ -117,6 +120,28 @@ def _copy_peer(pw: PeerWeights) -> PeerWeights:
     return PeerWeights(pw.group_size, _copy_qweight(pw.q4), pw.packed4.clone(),
                        pw.scale_and_zero.clone(), _copy_qweight(pw.q8), pw.w8.clone(),
                        pw.s8.clone())
+
+
+def rows8_kernel(copies: list, x: torch.Tensor, n: int, k: int) -> Optional[Kernel]:
+    """The int8-activation decode on the row-interleaved copy the decoder prepares (one per
+    weight copy, taken in turn), checked against the quantized activations times the
+    dequantized weight; None where the cpu backend does not interleave this weight."""
+    from pyengine.backends import get_backend
+    from pyengine.backends.base import PackedOperand
+    backend = get_backend("cpu")
+    qw = copies[0]
+    ops = [PackedOperand(q.qweight, q.scales, q.zeros, q.bits, q.effective_group_size)
+           for q in copies]
+    if not backend.interleaves(ops[0], n, 8):
+        return None
+    calls = [backend.bind(op, n, k, None, act_bits=8, dtype=torch.float32, layout_copy=True)
+             for op in ops]
+    out = torch.empty(x.shape[0], n)
+    calls[0](x, out, False)
+    _check(f"cpu rows8 int{qw.bits}", out, quantize_activations(x), qw.dequantize(torch.float32))
+    return Kernel("dequant_matmul", "cpu rows8", qw.bits, qw.group_size, "int8",
+                  calls[0].prepared_bytes,
+                  _rotating(calls, lambda call: call(x, out, False) or out))
 
 
 def peer_kernels(pws: List[PeerWeights], x: torch.Tensor) -> List[Kernel]:
@@ -223,6 +248,9 @@ def main(argv=None) -> int:
                         "dequant_matmul", "cpu", bits, args.group_size, "int8", qw.nbytes,
                         _rotating(q_copies[bits], lambda q: pyengine.ops.qlinear(
                             x, q, act_bits=8, backend="cpu")))
+                    rows8 = rows8_kernel(q_copies[bits], x, n, k)
+                    if rows8 is not None:
+                        kernels[f"int{bits} a8 rows8"] = rows8
             if peers_for_shape is not None:
                 try:
                     peers = peer_kernels(peers_for_shape, x)
