@@ -3,6 +3,7 @@
 
 #include "mma_stage.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -100,7 +101,7 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
   check_mma_decode_args("mma_decode_emulate", a);
   const bool bf16 = a.x_dtype == kBFloat16;
   const int steps = steps_per_iteration(a.bits), words = words_per_lane(a.bits);
-  const int ik = iteration_k(a.bits), uk = ik / a.units, spu = steps / a.units;
+  const int ik = iteration_k(a.bits), spu = steps / a.units;
   const int nt = a.M > kTokens ? 2 : 1;
   // Everything the warps read of the activations comes from the staged slab, by the kernel's
   // index functions.
@@ -150,8 +151,10 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
               }
           }
         }
-        // The unit's epilogue, lane by lane: X from the record.
-        const int64_t group = (k0 + (int64_t)u * uk) >> a.gshift;
+        // The unit's epilogue, lane by lane: X from the record; the unit's scales as the kernel
+        // addresses them, one group index per iteration and the units at the groups after it
+        // (units > 1 only when a unit is a group).
+        const int64_t group = (k0 >> std::min(a.gshift, 31)) + u;
         for (int tt = 0; tt < nt; ++tt)
           for (int lane = 0; lane < 32; ++lane) {
             const float* sc = a.params + ((tile * a.groups + group) * 8 + b_token(lane)) * 4;
