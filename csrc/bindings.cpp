@@ -220,6 +220,8 @@ py::dict build_info() {
   d["cpu_isas"] = split_commas(PYENGINE_CPU_ISAS);
   d["cpu_isa_selected"] = std::string(pyengine::cpu::selected_isa());
   d["cpu_isas_usable"] = pyengine::cpu::usable_isas();
+  // the AVX-512 build's int8-activation kernels take vpdpbusd (PYENGINE_CPU_VNNI=0: they do not)
+  d["cpu_vnni"] = pyengine::cpu::vnni_enabled();
   d["cpu_plane_kernels"] = true;  // plane_matmul_cpu: Matryoshka bit planes read directly
 #if defined(PYENGINE_OPENMP)
   d["openmp"] = true;

@@ -2,10 +2,13 @@
 sizes; here they must produce well-formed rows and plots)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+import pyengine
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -88,14 +91,35 @@ def test_cpu_kernel_bench_times_ours_and_pytorchs_kernels(tmp_path):
                                    "--reps", "2", "--rotate-mb", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     got = {(r["backend"], r["bits"], r["group_size"], r["activations"], r["M"]) for r in rows}
+    # the decoder's row-interleaved copy: on the AVX2 and AVX-512 builds (96 rows: 12 octets)
+    interleaved = pyengine.build_info()["cpu_isa_selected"] in ("avx2", "avx512")
     for m in (1, 5):
+        rows8 = ({("cpu rows8", 4, 128, "int8", m), ("cpu rows8", 2, 128, "int8", m)}
+                 if interleaved else set())
         assert {("torch", 32, 0, "float32", m), ("cpu", 4, 128, "float32", m),
                 ("cpu", 2, 128, "float32", m), ("aten-int4pack", 4, 128, "bfloat16", m),
                 ("cpu", 4, 128, "bfloat16", m), ("aten-int8pack", 8, -1, "bfloat16", m),
                 ("cpu", 8, -1, "bfloat16", m), ("cpu", 4, 128, "int8", m),
-                ("cpu", 2, 128, "int8", m)} == {g for g in got if g[-1] == m}
+                ("cpu", 2, 128, "int8", m)} | rows8 == {g for g in got if g[-1] == m}
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["speedup_vs_fp32"] > 0
+
+
+def test_vnni_bench_times_both_paths_of_every_layout(tmp_path):
+    """bench_cpu_vnni: per width, the canonical rows (and the interleaved copy for 2, 4, 8 bits)
+    timed with and without vpdpbusd; only on the AVX-512 build of a CPU with AVX512_VNNI."""
+    info = pyengine.build_info()
+    if info.get("cpu_isa_selected") != "avx512" or not info.get("cpu_vnni"):
+        pytest.skip("needs the avx512 build on a CPU with AVX512_VNNI")
+    import bench_cpu_vnni
+    out = tmp_path / "vnni.json"
+    assert bench_cpu_vnni.main(["--shapes", "96x256", "--bits", "4,3", "--rounds", "2",
+                                "--rotate-mb", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["layout"], r["bits"]) for r in rows} == {("canonical", 4), ("rows8", 4),
+                                                       ("canonical", 3)}
+    assert all(r["ms_vnni"] > 0 and r["ms_pairs"] > 0 and r["speedup_vnni"] > 0 for r in rows)
+    assert "PYENGINE_CPU_VNNI" not in os.environ or os.environ["PYENGINE_CPU_VNNI"] != "0"
 
 
 def test_llamacpp_comparison_script_parses(capsys):

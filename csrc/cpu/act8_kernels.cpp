@@ -100,11 +100,32 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
 #if defined(__AVX2__)
 // ---- the integer path (AVX2, AVX-512) ---------------------------------------------------------
 
+// vpdpbusd (AVX512_VNNI, also on 256-bit vectors with AVX512VL): acc.s32[i] += sum over j < 4 of
+// u8.u8[4i + j] * s8.s8[4i + j], without saturation. One instruction for vpmaddubsw + the s16
+// add + vpmaddwd, and no s16 pair sums to keep in range. In inline assembly, so that the build
+// needs no VNNI flag: the kernels take it only where vnni_enabled() (dispatch.cpp) says the CPU
+// has it; the AVX2 build (AMD Zen 3 has no VNNI) never does.
+#if defined(__AVX512BW__)
+constexpr bool kVnniBuild = true;
+template <class V>
+PYENGINE_INLINE inline V dpbusd(V acc, V u8, V s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+#else
+constexpr bool kVnniBuild = false;
+template <class V>
+PYENGINE_INLINE inline V dpbusd(V acc, V, V) {
+  return acc;  // never called: no VNNI path in this build
+}
+#endif
+
 #if defined(__AVX512BW__)
 typedef __m512i VI;
 typedef __m512 VF;
 constexpr int kVB = 64;  // code bytes per step
 inline VI vload(const void* p) { return _mm512_loadu_si512(p); }
+inline VI vzeroi() { return _mm512_setzero_si512(); }
 inline VI vset8(int v) { return _mm512_set1_epi8((char)v); }
 inline VI vset16(int v) { return _mm512_set1_epi16((short)v); }
 inline VI vand(VI a, VI b) { return _mm512_and_si512(a, b); }
@@ -127,6 +148,7 @@ typedef __m256i VI;
 typedef __m256 VF;
 constexpr int kVB = 32;
 inline VI vload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline VI vzeroi() { return _mm256_setzero_si256(); }
 inline VI vset8(int v) { return _mm256_set1_epi8((char)v); }
 inline VI vset16(int v) { return _mm256_set1_epi16((short)v); }
 inline VI vand(VI a, VI b) { return _mm256_and_si256(a, b); }
@@ -315,11 +337,25 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
 //  * 8 bits: c = 16 * hi + lo with nibbles <= 15, so that the s16 pairs of vpmaddubsw stay in
 //    range (2 * 255 * 127 would not); hi's pairs are weighted by 16 in vpmaddwd.
 //  * 3 bits: bytes[0], bytes[1] are the step's decoded planes (decode3).
-template <int BITS>
+// VNNI: the same sums by vpdpbusd (dpbusd), 8-bit codes whole.
+template <int BITS, bool VNNI>
 PYENGINE_INLINE inline VI step_dot(const VI* bytes, const VI* xv, VI mask, VI ones,
                                    VI sixteens) {
   using L = Act8Layout<BITS>;
-  if constexpr (BITS == 3) {
+  if constexpr (VNNI) {
+    if constexpr (BITS == 3) {
+      return dpbusd(dpbusd(vzeroi(), bytes[0], xv[0]), bytes[1], xv[1]);
+    } else if constexpr (BITS == 8) {
+      return dpbusd(vzeroi(), bytes[0], xv[0]);
+    } else {
+      VI lanes = dpbusd(vzeroi(), vand(bytes[0], mask), xv[0]);
+      unroll<L::kPlanes - 1>([&](auto j) PYENGINE_INLINE {
+        constexpr int J = decltype(j)::value + 1;
+        lanes = dpbusd(lanes, vand(vsrl16<BITS * J>(bytes[0]), mask), xv[J]);
+      });
+      return lanes;
+    }
+  } else if constexpr (BITS == 3) {
     return vmadd16(vadd16(vmaddubs(bytes[0], xv[0]), vmaddubs(bytes[1], xv[1])), ones);
   } else if constexpr (BITS == 8) {
     const VI lo = vmaddubs(vand(bytes[0], mask), xv[0]);
@@ -370,7 +406,7 @@ inline VF add_dot(VF acc, const float* bf, const float* xsum, int64_t G) {
 // One row at a time, its words read in order: weights come from memory as one sequential
 // stream (reading several rows side by side was slower from DRAM on AMD Zen 4, though faster
 // from the caches).
-template <int BITS, int MB, bool GROUP_STEPS>
+template <int BITS, int MB, bool GROUP_STEPS, bool VNNI>
 void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
               const float* __restrict sf, const float* __restrict bf, const Decode3& dec3,
               uint8_t* tail, float* out32) {
@@ -409,7 +445,7 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
         xv[j] = vload(xbase + ((m * steps + s) * P + j) * kVB);
       });
       const VF d = vpermute(vloadf(dbase + m * p.row_blocks + s * kStepBlocks), lane_block);
-      const VF lanes = vcvt(step_dot<BITS>(bytes, xv, mask, ones, sixteens));
+      const VF lanes = vcvt(step_dot<BITS, VNNI>(bytes, xv, mask, ones, sixteens));
       if constexpr (GROUP_STEPS) gacc[m] = vfma(lanes, d, gacc[m]);
       else acc[m] = vfma(lanes, vmul(d, scale), acc[m]);
     });
@@ -449,7 +485,7 @@ void act8_row(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t n,
 // kParamRows rows are converted in one pass when the rows' scales lie back to back.
 constexpr int64_t kParamRows = 16;
 
-template <int BITS, int MB, bool GROUP_STEPS>
+template <int BITS, int MB, bool GROUP_STEPS, bool VNNI>
 void act8_rows(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t lo, int64_t hi,
                float* sf, float* bf, const Decode3& dec3, uint8_t* tail, float* out32) {
   const int64_t G = p.G;
@@ -463,12 +499,12 @@ void act8_rows(const QMatmulArgs& a, const Act8Plan& p, int64_t m0, int64_t lo, 
         group_params(a, n0 + r, G, 1.f, symmetric_zero, sf + r * G, bf + r * G);
     }
     for (int64_t r = 0; r < rows; ++r)
-      act8_row<BITS, MB, GROUP_STEPS>(a, p, m0, n0 + r, sf + r * G, bf + r * G, dec3, tail,
-                                      out32);
+      act8_row<BITS, MB, GROUP_STEPS, VNNI>(a, p, m0, n0 + r, sf + r * G, bf + r * G, dec3,
+                                            tail, out32);
   }
 }
 
-template <int BITS, bool GROUP_STEPS>
+template <int BITS, bool GROUP_STEPS, bool VNNI>
 void act8_decode_with(const QMatmulArgs& a, const Act8Plan& p, float* out32) {
   const Decode3 dec3 = BITS == 3 ? decode3_constants() : Decode3{};
   parallel_rows(a, p.Kp * BITS / 8, [&](int64_t lo, int64_t hi) {
@@ -477,8 +513,8 @@ void act8_decode_with(const QMatmulArgs& a, const Act8Plan& p, float* out32) {
     alignas(64) uint8_t tail[kVB] = {};
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowBlock) {
       auto rows = [&](auto mb) PYENGINE_INLINE {
-        act8_rows<BITS, decltype(mb)::value, GROUP_STEPS>(a, p, m0, lo, hi, sf.data(),
-                                                          bf.data(), dec3, tail, out32);
+        act8_rows<BITS, decltype(mb)::value, GROUP_STEPS, VNNI>(a, p, m0, lo, hi, sf.data(),
+                                                                bf.data(), dec3, tail, out32);
       };
       switch (std::min<int64_t>(kMaxRowBlock, a.M - m0)) {
         case 1: rows(std::integral_constant<int, 1>{}); break;
@@ -494,10 +530,14 @@ template <int BITS>
 void act8_decode(const QMatmulArgs& a, float* out32) {
   using L = Act8Layout<BITS>;
   const Act8Plan p = plan_act8<BITS>(a);
-  if (p.G == 1 || a.group_size % L::kStepCodes == 0)
-    act8_decode_with<BITS, true>(a, p, out32);
-  else
-    act8_decode_with<BITS, false>(a, p, out32);
+  const bool group_steps = p.G == 1 || a.group_size % L::kStepCodes == 0;
+  if (kVnniBuild && vnni_enabled()) {
+    if (group_steps) act8_decode_with<BITS, true, kVnniBuild>(a, p, out32);
+    else act8_decode_with<BITS, false, kVnniBuild>(a, p, out32);
+  } else {
+    if (group_steps) act8_decode_with<BITS, true, false>(a, p, out32);
+    else act8_decode_with<BITS, false, false>(a, p, out32);
+  }
 }
 
 // ---- the row-interleaved layout (QMatmulArgs::interleave = 8) ---------------------------------
@@ -586,7 +626,8 @@ inline void rows8_params(const QMatmulArgs& a, const float symmetric_zero, int64
 }
 
 // Octet o of weight rows against activation rows [m0, m0 + MB): out32[m][8o .. 8o + 8).
-template <int BITS, int MB>
+// VNNI: the dot products by vpdpbusd into s32 lanes (8-bit codes whole, not in nibbles).
+template <int BITS, int MB, bool VNNI>
 void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o,
                  float* out32) {
   using L = Rows8Layout<BITS>;
@@ -605,6 +646,25 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
     __m256 sacc[MB];
     unroll<MB>([&](auto m) PYENGINE_INLINE { sacc[m] = _mm256_setzero_ps(); });
     for (int64_t b = b0; b < b1; ++b) {
+      __m256i lanes[MB];
+      if constexpr (VNNI) {
+        unroll<MB>([&](auto m) PYENGINE_INLINE { lanes[m] = _mm256_setzero_si256(); });
+        unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
+          const int64_t w = b * L::kBlockWords + v;
+          const __m256i word = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
+          unroll<P>([&](auto pl) PYENGINE_INLINE {
+            const __m256i plane =
+                BITS == 8 ? word
+                          : _mm256_and_si256(_mm256_srli_epi16(word, BITS * decltype(pl)::value),
+                                             mask);
+            unroll<MB>([&](auto m) PYENGINE_INLINE {
+              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
+              lanes[m] = dpbusd(lanes[m], plane, xb);
+            });
+          });
+        });
+      } else {
       // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
       // block adds 2 * 4 planes x words (int4: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of
       // at most 2 * 15 * 127 (int2: 2 * 3 * 127)
@@ -637,9 +697,13 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
         }
       });
       unroll<MB>([&](auto m) PYENGINE_INLINE {
-        __m256i lanes = _mm256_madd_epi16(lo[m], ones);
-        if constexpr (BITS == 8) lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(hi[m], sixteens));
-        sacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes),
+        lanes[m] = _mm256_madd_epi16(lo[m], ones);
+        if constexpr (BITS == 8)
+          lanes[m] = _mm256_add_epi32(lanes[m], _mm256_madd_epi16(hi[m], sixteens));
+      });
+      }
+      unroll<MB>([&](auto m) PYENGINE_INLINE {
+        sacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[m]),
                                   _mm256_broadcast_ss(dm + m * p.blocks + b), sacc[m]);
       });
     }
@@ -658,8 +722,8 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
 static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 3 * 127 < 32767 && 2 * 8 * 15 * 127 < 32767,
               "rows8 s16 pair sums of one activation block");
 
-template <int BITS>
-void rows8_decode(const QMatmulArgs& a, float* out32) {
+template <int BITS, bool VNNI>
+void rows8_decode_with(const QMatmulArgs& a, float* out32) {
   const Rows8Plan p = plan_rows8<BITS>(a);
   MatmulProblem octets = a;  // threads split octets of rows
   octets.N = a.N / kInterleave;
@@ -668,14 +732,20 @@ void rows8_decode(const QMatmulArgs& a, float* out32) {
       const int64_t mb = std::min<int64_t>(kMaxRowBlock, a.M - m0);
       for (int64_t o = lo; o < hi; ++o) {
         switch (mb) {
-          case 1: rows8_octet<BITS, 1>(a, p, m0, o, out32); break;
-          case 2: rows8_octet<BITS, 2>(a, p, m0, o, out32); break;
-          case 3: rows8_octet<BITS, 3>(a, p, m0, o, out32); break;
-          default: rows8_octet<BITS, kMaxRowBlock>(a, p, m0, o, out32);
+          case 1: rows8_octet<BITS, 1, VNNI>(a, p, m0, o, out32); break;
+          case 2: rows8_octet<BITS, 2, VNNI>(a, p, m0, o, out32); break;
+          case 3: rows8_octet<BITS, 3, VNNI>(a, p, m0, o, out32); break;
+          default: rows8_octet<BITS, kMaxRowBlock, VNNI>(a, p, m0, o, out32);
         }
       }
     }
   });
+}
+
+template <int BITS>
+void rows8_decode(const QMatmulArgs& a, float* out32) {
+  if (kVnniBuild && vnni_enabled()) rows8_decode_with<BITS, kVnniBuild>(a, out32);
+  else rows8_decode_with<BITS, false>(a, out32);
 }
 
 // An integer path's call: decode(bits, out32) for a.bits in {2, 3, 4, 8} (bits as a

@@ -1,5 +1,6 @@
 // Run-time choice of the CPU kernel build: the widest instruction set that both this binary was
 // built with and the running CPU supports.
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,28 @@ bool cpu_has(const std::string& isa) {
 #endif
   return isa == "generic";
 }
+
+}  // namespace
+
+bool vnni_usable() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool usable = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+bool vnni_enabled() {
+  if (!vnni_usable()) return false;
+  const char* env = std::getenv("PYENGINE_CPU_VNNI");
+  return env == nullptr || std::string(env) != "0";
+}
+
+namespace {
 
 // The builds compiled into this binary, widest first.
 const std::vector<Build>& compiled() {

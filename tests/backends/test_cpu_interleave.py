@@ -15,6 +15,7 @@ from pyengine import ops
 from pyengine._ext import DTYPE_CODES, extension
 from pyengine.backends import CpuBackend, get_backend
 from pyengine.backends.cpu import INTERLEAVE_ROWS, interleave_rows
+from pyengine.format.packing import pack_codes
 from pyengine.ops.act_quant import quantize_activations
 
 from helpers import BITS, DTYPES, assert_matches, packed_operand, poisoned, random_weight
@@ -127,3 +128,38 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
             kernel(x, out, False)
             want = ops.qlinear(x, qw, bias, act_bits=8, backend="torch")
             assert_matches(out, want, torch.float32, f"{isa} bound {bits}-bit N={n} M={m}")
+
+
+@pytest.mark.skipif("avx512" not in USABLE_ISAS or not pyengine.build_info().get("cpu_vnni"),
+                    reason="the AVX-512 build's vpdpbusd path needs a CPU with AVX512_VNNI")
+@pytest.mark.parametrize("bits", BITS)
+def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
+    """The AVX-512 build's int8-activation kernels with vpdpbusd (the default on a VNNI CPU) and
+    without (PYENGINE_CPU_VNNI=0: vpmaddubsw pair sums) compute the same integer dot products:
+    the outputs agree bit for bit, on the canonical rows (every width) and on the interleaved
+    copy (2, 4, 8 bits), with codes at both extremes and the largest activations."""
+    n, k = 48, 1000
+    for group_size, m in ((32, 1), (128, 3), (-1, 8)):
+        w = random_weight(n, k, rng)
+        qw = pyengine.quantize(w, bits, group_size, clip_search=False)
+        codes = qw.codes()                                  # [n, k]; packed rows pad to 32
+        codes[:, : k // 4] = (2 ** bits - 1) * (codes[:, : k // 4] % 2)   # 0 and 2^bits - 1
+        qweight = pack_codes(torch.nn.functional.pad(codes, (0, -k % 32)), bits)
+        assert qweight.shape == qw.qweight.shape
+        qw = pyengine.QuantizedWeight(qweight, qw.scales, qw.zeros, bits=bits,
+                                      group_size=group_size, shape=tuple(qw.shape),
+                                      method=qw.method)
+        x = torch.randn(m, k, generator=rng) * 3
+        outs = {}
+        for vnni in ("1", "0"):
+            monkeypatch.setenv("PYENGINE_CPU_VNNI", vnni)
+            assert pyengine.build_info()["cpu_vnni"] == (vnni == "1")
+            outs[vnni] = [ops.qlinear(x, qw, act_bits=8, backend="cpu")]
+            if bits != 3:
+                inter = poisoned((m, n), torch.float32, "cpu")
+                _interleaved_call(x, qw, n, k, inter, 8, "avx512")
+                outs[vnni].append(inter)
+        for a, b in zip(outs["1"], outs["0"]):
+            assert torch.isfinite(a).all() and torch.equal(a, b), (bits, group_size, m)
+        ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
+        assert_matches(outs["1"][0], ref, torch.float32, f"int{bits} g{group_size} M={m}")
