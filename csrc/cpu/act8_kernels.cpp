@@ -101,10 +101,12 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
 // ---- the integer path (AVX2, AVX-512) ---------------------------------------------------------
 
 // vpdpbusd (AVX512_VNNI, also on 256-bit vectors with AVX512VL): acc.s32[i] += sum over j < 4 of
-// u8.u8[4i + j] * s8.s8[4i + j], without saturation. One instruction for vpmaddubsw + the s16
-// add + vpmaddwd, and no s16 pair sums to keep in range. In inline assembly, so that the build
-// needs no VNNI flag: the kernels take it only where vnni_enabled() (dispatch.cpp) says the CPU
-// has it; the AVX2 build (AMD Zen 3 has no VNNI) never does.
+// u8.u8[4i + j] * s8.s8[4i + j], without saturation: no s16 pair sums to keep in range, so 8-bit
+// codes are multiplied whole instead of as two nibbles. Taken for 8-bit codes only: for 2, 3 and
+// 4 bits (one vpdpbusd per plane instead of vpmaddubsw and an s16 add) it measured between 2.5%
+// slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster. In inline
+// assembly, so that the build needs no VNNI flag: the kernels take it only where vnni_enabled()
+// (dispatch.cpp) says the CPU has it; the AVX2 build (AMD Zen 3 has no VNNI) never does.
 #if defined(__AVX512BW__)
 constexpr bool kVnniBuild = true;
 template <class V>
@@ -337,24 +339,14 @@ Act8Plan plan_act8(const QMatmulArgs& a) {
 //  * 8 bits: c = 16 * hi + lo with nibbles <= 15, so that the s16 pairs of vpmaddubsw stay in
 //    range (2 * 255 * 127 would not); hi's pairs are weighted by 16 in vpmaddwd.
 //  * 3 bits: bytes[0], bytes[1] are the step's decoded planes (decode3).
-// VNNI: the same sums by vpdpbusd (dpbusd), 8-bit codes whole.
+// VNNI (8-bit codes): the same sums by one vpdpbusd (dpbusd), the codes whole.
 template <int BITS, bool VNNI>
 PYENGINE_INLINE inline VI step_dot(const VI* bytes, const VI* xv, VI mask, VI ones,
                                    VI sixteens) {
   using L = Act8Layout<BITS>;
   if constexpr (VNNI) {
-    if constexpr (BITS == 3) {
-      return dpbusd(dpbusd(vzeroi(), bytes[0], xv[0]), bytes[1], xv[1]);
-    } else if constexpr (BITS == 8) {
-      return dpbusd(vzeroi(), bytes[0], xv[0]);
-    } else {
-      VI lanes = dpbusd(vzeroi(), vand(bytes[0], mask), xv[0]);
-      unroll<L::kPlanes - 1>([&](auto j) PYENGINE_INLINE {
-        constexpr int J = decltype(j)::value + 1;
-        lanes = dpbusd(lanes, vand(vsrl16<BITS * J>(bytes[0]), mask), xv[J]);
-      });
-      return lanes;
-    }
+    static_assert(BITS == 8, "vpdpbusd is taken for 8-bit codes only");
+    return dpbusd(vzeroi(), bytes[0], xv[0]);
   } else if constexpr (BITS == 3) {
     return vmadd16(vadd16(vmaddubs(bytes[0], xv[0]), vmaddubs(bytes[1], xv[1])), ones);
   } else if constexpr (BITS == 8) {
@@ -531,9 +523,10 @@ void act8_decode(const QMatmulArgs& a, float* out32) {
   using L = Act8Layout<BITS>;
   const Act8Plan p = plan_act8<BITS>(a);
   const bool group_steps = p.G == 1 || a.group_size % L::kStepCodes == 0;
-  if (kVnniBuild && vnni_enabled()) {
-    if (group_steps) act8_decode_with<BITS, true, kVnniBuild>(a, p, out32);
-    else act8_decode_with<BITS, false, kVnniBuild>(a, p, out32);
+  constexpr bool kVnni = BITS == 8 && kVnniBuild;  // see dpbusd
+  if (kVnni && vnni_enabled()) {
+    if (group_steps) act8_decode_with<BITS, true, kVnni>(a, p, out32);
+    else act8_decode_with<BITS, false, kVnni>(a, p, out32);
   } else {
     if (group_steps) act8_decode_with<BITS, true, false>(a, p, out32);
     else act8_decode_with<BITS, false, false>(a, p, out32);
@@ -626,7 +619,7 @@ inline void rows8_params(const QMatmulArgs& a, const float symmetric_zero, int64
 }
 
 // Octet o of weight rows against activation rows [m0, m0 + MB): out32[m][8o .. 8o + 8).
-// VNNI: the dot products by vpdpbusd into s32 lanes (8-bit codes whole, not in nibbles).
+// VNNI (8-bit codes): the dot products by vpdpbusd into s32 lanes, the codes whole.
 template <int BITS, int MB, bool VNNI>
 void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o,
                  float* out32) {
@@ -647,21 +640,15 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
     unroll<MB>([&](auto m) PYENGINE_INLINE { sacc[m] = _mm256_setzero_ps(); });
     for (int64_t b = b0; b < b1; ++b) {
       __m256i lanes[MB];
-      if constexpr (VNNI) {
+      if constexpr (VNNI) {  // 8-bit codes whole (see dpbusd)
+        static_assert(BITS == 8, "vpdpbusd is taken for 8-bit codes only");
         unroll<MB>([&](auto m) PYENGINE_INLINE { lanes[m] = _mm256_setzero_si256(); });
         unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
           const int64_t w = b * L::kBlockWords + v;
           const __m256i word = _mm256_loadu_si256(
               reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
-          unroll<P>([&](auto pl) PYENGINE_INLINE {
-            const __m256i plane =
-                BITS == 8 ? word
-                          : _mm256_and_si256(_mm256_srli_epi16(word, BITS * decltype(pl)::value),
-                                             mask);
-            unroll<MB>([&](auto m) PYENGINE_INLINE {
-              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
-              lanes[m] = dpbusd(lanes[m], plane, xb);
-            });
+          unroll<MB>([&](auto m) PYENGINE_INLINE {
+            lanes[m] = dpbusd(lanes[m], word, _mm256_set1_epi32(xq[(m * words + w) * P]));
           });
         });
       } else {
@@ -744,7 +731,8 @@ void rows8_decode_with(const QMatmulArgs& a, float* out32) {
 
 template <int BITS>
 void rows8_decode(const QMatmulArgs& a, float* out32) {
-  if (kVnniBuild && vnni_enabled()) rows8_decode_with<BITS, kVnniBuild>(a, out32);
+  constexpr bool kVnni = BITS == 8 && kVnniBuild;  // see dpbusd
+  if (kVnni && vnni_enabled()) rows8_decode_with<BITS, kVnni>(a, out32);
   else rows8_decode_with<BITS, false>(a, out32);
 }
 

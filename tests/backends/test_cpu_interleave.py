@@ -134,10 +134,11 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
                     reason="the AVX-512 build's vpdpbusd path needs a CPU with AVX512_VNNI")
 @pytest.mark.parametrize("bits", BITS)
 def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
-    """The AVX-512 build's int8-activation kernels with vpdpbusd (the default on a VNNI CPU) and
-    without (PYENGINE_CPU_VNNI=0: vpmaddubsw pair sums) compute the same integer dot products:
-    the outputs agree bit for bit, on the canonical rows (every width) and on the interleaved
-    copy (2, 4, 8 bits), with codes at both extremes and the largest activations."""
+    """The AVX-512 build's int8-activation kernels with vpdpbusd (the default on a VNNI CPU, for
+    8-bit codes) and without (PYENGINE_CPU_VNNI=0: vpmaddubsw pair sums of nibbles) compute the
+    same integer dot products: the outputs agree bit for bit, on the canonical rows and on the
+    interleaved copy, with codes at both extremes and the largest activations. (2, 3 and 4 bits
+    take the pair sums either way: the switch must not change them either.)"""
     n, k = 48, 1000
     for group_size, m in ((32, 1), (128, 3), (-1, 8)):
         w = random_weight(n, k, rng)
