@@ -34,10 +34,11 @@
 // and kFragTail more iterations of words after the last tile must be readable (the kernel
 // prefetches up to kFragTail iterations past a tile's end instead of branching); a warp streams
 // 512 contiguous bytes per load instruction. (The 2-bit iteration spans 256 inputs, two loads,
-// so that the loop's fixed work per iteration, addresses and scale loads, is spread over 1 KiB.) The words hold the codes of lane l's
-// A fragments for the iteration's steps. Each register r of step s (two codes,
-// h = 0, 1: the same row, consecutive k) is built from one field per 16-bit half of a word, so
-// one shift + one and-or (LOP3) with a magic exponent makes both halves at once:
+// so that the loop's fixed work per iteration, addresses and scale loads, is spread over
+// 1 KiB.) The words hold the codes of lane l's A fragments for the iteration's steps. Each
+// register r of step s (two codes, h = 0, 1: the same row, consecutive k) is built from one
+// field per 16-bit half of a word, so one shift + one and-or (LOP3) with a magic exponent makes
+// both halves at once:
 //   8 bits: word 2s + r/2, bits 8(r%2) of each half (fp16: 1024 + q after or-ing 0x6400).
 //   4 bits: word s, bits 4r of each half.
 //   2 bits: word s/2, 2-bit slot j = 4(s%2) + r of each half (bits 2j).

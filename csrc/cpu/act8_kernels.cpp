@@ -104,9 +104,10 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
 // u8.u8[4i + j] * s8.s8[4i + j], without saturation: no s16 pair sums to keep in range, so 8-bit
 // codes are multiplied whole instead of as two nibbles. Taken for 8-bit codes only: for 2, 3 and
 // 4 bits (one vpdpbusd per plane instead of vpmaddubsw and an s16 add) it measured between 2.5%
-// slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster. In inline
-// assembly, so that the build needs no VNNI flag: the kernels take it only where vnni_enabled()
-// (dispatch.cpp) says the CPU has it; the AVX2 build (AMD Zen 3 has no VNNI) never does.
+// slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster.
+// In inline assembly, so that the build needs no VNNI flag: the kernels take it only where
+// vnni_enabled() (dispatch.cpp) says the CPU has it; the AVX2 build (AMD Zen 3 has no VNNI)
+// never does.
 #if defined(__AVX512BW__)
 constexpr bool kVnniBuild = true;
 template <class V>
@@ -652,42 +653,42 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
           });
         });
       } else {
-      // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
-      // block adds 2 * 4 planes x words (int4: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of
-      // at most 2 * 15 * 127 (int2: 2 * 3 * 127)
-      __m256i lo[MB], hi[MB];
-      unroll<MB>([&](auto m) PYENGINE_INLINE {
-        lo[m] = _mm256_setzero_si256();
-        hi[m] = _mm256_setzero_si256();
-      });
-      unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
-        const int64_t w = b * L::kBlockWords + v;
-        const __m256i word = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
-        if constexpr (BITS == 8) {
-          const __m256i low = _mm256_and_si256(word, mask);
-          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
-          unroll<MB>([&](auto m) PYENGINE_INLINE {
-            const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P]);
-            lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(low, xb));
-            hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(high, xb));
-          });
-        } else {
-          unroll<P>([&](auto pl) PYENGINE_INLINE {
-            const __m256i plane =
-                _mm256_and_si256(_mm256_srli_epi16(word, BITS * decltype(pl)::value), mask);
+        // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
+        // block adds 2 * 4 planes x words (int4: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of
+        // at most 2 * 15 * 127 (int2: 2 * 3 * 127)
+        __m256i lo[MB], hi[MB];
+        unroll<MB>([&](auto m) PYENGINE_INLINE {
+          lo[m] = _mm256_setzero_si256();
+          hi[m] = _mm256_setzero_si256();
+        });
+        unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
+          const int64_t w = b * L::kBlockWords + v;
+          const __m256i word = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
+          if constexpr (BITS == 8) {
+            const __m256i low = _mm256_and_si256(word, mask);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
             unroll<MB>([&](auto m) PYENGINE_INLINE {
-              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
-              lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(plane, xb));
+              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P]);
+              lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(low, xb));
+              hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(high, xb));
             });
-          });
-        }
-      });
-      unroll<MB>([&](auto m) PYENGINE_INLINE {
-        lanes[m] = _mm256_madd_epi16(lo[m], ones);
-        if constexpr (BITS == 8)
-          lanes[m] = _mm256_add_epi32(lanes[m], _mm256_madd_epi16(hi[m], sixteens));
-      });
+          } else {
+            unroll<P>([&](auto pl) PYENGINE_INLINE {
+              const __m256i plane =
+                  _mm256_and_si256(_mm256_srli_epi16(word, BITS * decltype(pl)::value), mask);
+              unroll<MB>([&](auto m) PYENGINE_INLINE {
+                const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
+                lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(plane, xb));
+              });
+            });
+          }
+        });
+        unroll<MB>([&](auto m) PYENGINE_INLINE {
+          lanes[m] = _mm256_madd_epi16(lo[m], ones);
+          if constexpr (BITS == 8)
+            lanes[m] = _mm256_add_epi32(lanes[m], _mm256_madd_epi16(hi[m], sixteens));
+        });
       }
       unroll<MB>([&](auto m) PYENGINE_INLINE {
         sacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[m]),
