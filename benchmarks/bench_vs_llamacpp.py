@@ -76,8 +76,10 @@ def _download_sdist(into: Path) -> Path:
     found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
     if found:
         return found[-1]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--dest", str(into), "llama-cpp-python"], check=True)
+    # the sdist of llama-cpp-python only: ":all:" would also build its build dependencies
+    # (cmake among them) from source to prepare the sdist's metadata
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                    "llama-cpp-python", "--dest", str(into), "llama-cpp-python"], check=True)
     found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         raise SystemExit("bench_vs_llamacpp: pip downloaded no llama-cpp-python sdist")
