@@ -173,10 +173,16 @@ PYENGINE_MMA_HD constexpr float field_offset(bool bf16, int f) {
   return (float)(1u << ((bf16 ? 7 : 10) - f));
 }
 
-// The offset carried by register r of step s: E_f of its field, 0 where the codes go through
-// fp32 (8 bits, bf16). The two halves of a register share it.
+// Whether the raw codes carry offsets: all but the 8-bit codes with bf16, which go through fp32.
+PYENGINE_MMA_HD constexpr bool carries_offsets(int bits, bool bf16) {
+  return !(bits == 8 && bf16);
+}
+
+// The offset carried by register r of step s: E_f of its field, 0 where the codes carry none.
+// The two halves of a register share it.
 PYENGINE_MMA_HD constexpr float register_offset(int bits, bool bf16, int s, int r) {
-  return (bits == 8 && bf16) ? 0.f : field_offset(bf16, pair_extract(bits, bf16, s, r).f);
+  return carries_offsets(bits, bf16) ? field_offset(bf16, pair_extract(bits, bf16, s, r).f)
+                                     : 0.f;
 }
 
 // The two raw halves of register r of step s (E_f + q each), from a lane's words.

@@ -1,6 +1,7 @@
 // Run-time choice of the CPU kernel build: the widest instruction set that both this binary was
 // built with and the running CPU supports.
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -40,8 +41,6 @@ bool cpu_has(const std::string& isa) {
   return isa == "generic";
 }
 
-}  // namespace
-
 bool vnni_usable() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool usable = [] {
@@ -54,10 +53,13 @@ bool vnni_usable() {
 #endif
 }
 
+}  // namespace
+
 bool vnni_enabled() {
   if (!vnni_usable()) return false;
+  // read at every 8-bit int8-activation call: no allocation, one environment lookup
   const char* env = std::getenv("PYENGINE_CPU_VNNI");
-  return env == nullptr || std::string(env) != "0";
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 namespace {

@@ -191,6 +191,9 @@ inline void spread_over_lanes(const float* per_group, int64_t G, int64_t lanes_p
 // 15 dependent scalar ones.
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
+// The sum of the 4 lanes of v, pairwise.
+inline float hsum(v4f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
 inline float hsum(v16f v) {
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   const v8f s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -207,7 +210,7 @@ inline float hsum(v16f v) {
   std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
   const v4f s4 = a + b;
 #endif
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+  return hsum(s4);
 }
 
 // The sum of the 8 lanes of v (8 -> 4 -> 1).
@@ -215,8 +218,7 @@ inline float hsum(v8f v) {
   v4f a, b;
   std::memcpy(&a, &v, sizeof(a));
   std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
-  const v4f s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+  return hsum(a + b);
 }
 
 // sum_i a[i] * b[i] with 16 partial sums (vectorised; the order differs from a plain loop).
@@ -303,8 +305,6 @@ inline MicroVec load_micro(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-
-inline float hsum(v4f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
 // c[mi][ni] = sum_i x_mi[i] * w_ni[i] over len (a multiple of 16) for a kMicroM x kMicroN
 // block; the accumulators are local vectors so they live in registers.

@@ -106,7 +106,7 @@ void decode_emulate(const MmaDecodeArgs& a, float* out) {
   // Everything the warps read of the activations comes from the staged slab, by the kernel's
   // index functions.
   const Staged st = stage(a, bf16, nt);
-  const bool offsets = !(a.bits == 8 && bf16);
+  const bool offsets = carries_offsets(a.bits, bf16);
   for (int64_t tile = 0; tile < a.tiles; ++tile) {
     float acc[kMaxTokenTiles][32][4] = {};
     for (int64_t it = 0; it < a.iterations; ++it) {

@@ -30,10 +30,9 @@ PYENGINE_DECLARE_ISA(avx2)
 PYENGINE_DECLARE_ISA(avx512)
 #undef PYENGINE_DECLARE_ISA
 
-// Whether the int8-activation kernels of the AVX-512 build take vpdpbusd (AVX512_VNNI): the CPU
-// has it and the environment does not set PYENGINE_CPU_VNNI=0 (read at every call, so that tests
-// and benchmarks can run both paths in one process).
-bool vnni_usable();
+// Whether the int8-activation kernels of the AVX-512 build take vpdpbusd (AVX512_VNNI) for 8-bit
+// codes: the CPU has it and the environment does not set PYENGINE_CPU_VNNI=0 (read at every
+// call, so that tests and benchmarks can run both paths in one process).
 bool vnni_enabled();
 
 // Runs the quantized matmul on the best instruction set of this CPU (validates args first).

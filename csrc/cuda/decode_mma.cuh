@@ -171,13 +171,13 @@ __device__ __forceinline__ void iteration_units(const uint32_t* w, const uint32_
     float part[NT][4];
 #pragma unroll
     for (int tt = 0; tt < NT; ++tt) {
-      if constexpr (BITS == 8 && BF16) {  // exact codes: no offset to take back
-#pragma unroll
-        for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
-      } else {
+      if constexpr (carries_offsets(BITS, BF16)) {
         const float4 start = *reinterpret_cast<const float4*>(xr + unit_record(U, tt, 0, NT));
         part[tt][0] = start.x; part[tt][1] = start.y;
         part[tt][2] = start.z; part[tt][3] = start.w;
+      } else {  // exact codes: no offset to take back
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[tt][i] = 0.f;
       }
     }
     unit_steps<BITS, BF16, NT, U * SPU, SPU>(w, magics, bq, part);
