@@ -15,8 +15,8 @@ per-channel int8. Each is checked against the dequantized weight before it is ti
 
 The cpu backend also runs with int8 activations (``act_bits=8``, rows with activations
 "int8": the integer dot-product path for 2-, 3-, 4- and 8-bit weights at decode sizes), on the
-weight's canonical rows (what ``ops.qlinear`` runs) and, for 2, 4 and 8 bits, on the copy in
-the row-interleaved layout that ``pyengine.Decoder`` prepares by default (backend "cpu rows8",
+weight's canonical rows (what ``ops.qlinear`` runs) and on the copy in the row-interleaved
+layout that ``pyengine.Decoder`` prepares by default (backend "cpu rows8",
 ``CpuBackend.bind(..., layout_copy=True)``; the bytes streamed are the copy's). Every
 weight is held in enough copies that one pass over all of them exceeds ``--rotate-mb`` (default
 256 MB, beyond the last-level cache), and consecutive calls take the next copy, so that the rows

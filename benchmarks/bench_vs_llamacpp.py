@@ -14,11 +14,10 @@ pyengine: the model loaded from the same GGUF (pyengine.model.smollm2), compress
 matrix at 8 bits in its 4- and 2-bit types), decoded through pyengine.Decoder (the lean loop,
 static KV cache) as benchmarks/bench_decode.py does, batch 1. The ``*_a8`` configs run every
 linear, head included, on int8 activations (as llama.cpp's quantized types do with their Q8
-activations): on the AVX2 / AVX-512 builds the 2-, 4- and 8-bit layers through a copy of
-their weights with rows interleaved by eights, whose size the rows report as
-``prepared_bytes``, the 3-bit ones (``int3_a8``, next to Q3_K_M) on their own rows;
-``int4_a8_nocopy`` decodes the int4_a8 model without that copy (``Decoder(layout_copy=False)``:
-the model's bytes only, on its canonical rows).
+activations): on the AVX2 / AVX-512 builds through a copy of their weights with rows
+interleaved by eights, whose size the rows report as ``prepared_bytes``; ``int4_a8_nocopy``
+decodes the int4_a8 model without that copy (``Decoder(layout_copy=False)``: the model's bytes
+only, on its canonical rows).
 
 Both engines decode ``--new-tokens`` tokens after a short prompt; each round runs every
 engine/config once per thread count; the JSON keeps every round's tokens/s and the medians.

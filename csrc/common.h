@@ -63,10 +63,19 @@ struct QMatmulArgs : MatmulProblem {
   int bits = 4;
   int act_bits = 0;               // 0 or 8
   // 0: rows as above. 8: rows interleaved by eights (docs/FORMAT.md, "CPU row-interleaved
-  // layout"): word w of row 8o + r at qweight + (8o) * ldq + 8w + r, and group g's scale / zero
-  // of that row at + (8o) * lds + 8g + r; N must be a multiple of 8.
+  // layout"): word w of row 8o + r at qweight + (8o) * ldq + 8w + r (3 bits: the split blocks
+  // of split3_high_bit), and group g's scale / zero of that row at + (8o) * lds + 8g + r; N
+  // must be a multiple of 8.
   int interleave = 0;
 };
+
+// 3-bit codes in the row-interleaved layout (docs/FORMAT.md; split_3bit_blocks in
+// pyengine/backends/cpu.py): a block of 32 codes c = 16t + 4i + p (t < 2, i < 4, p < 4) keeps
+// three words: word t holds the low two bits of codes 16t .. 16t + 15 at bits [2(4i + p),
+// 2(4i + p) + 2), word 2 their high bits, code c's at bit split3_high_bit(c).
+constexpr int split3_high_bit(int c) {
+  return 8 * (c % 16 / 4) + 2 * (c / 16) + (c % 4 & 1) + 4 * (c % 4 >> 1);
+}
 
 constexpr int64_t kActBlock = 32;  // activation elements per int8 scale (act_bits = 8)
 

@@ -13,9 +13,9 @@
 //
 // Compiled once per instruction set like qmatmul_kernels.cpp. The integer paths are built for
 // AVX2 and AVX-512 (BW) and taken for 2-, 3-, 4- and 8-bit weights at M <= kDecodeMaxM: on the
-// canonical rows (act8_row, one row at a time; 3-bit codes decoded to bytes first, decode3) or,
-// for 2, 4 and 8 bits, on rows interleaved by eights (QMatmulArgs::interleave, rows8_octet:
-// eight rows' dot products in the lanes of one vector).
+// canonical rows (act8_row, one row at a time; 3-bit codes decoded to bytes first, decode3) or
+// on rows interleaved by eights (QMatmulArgs::interleave, rows8_octet: eight rows' dot products
+// in the lanes of one vector; 3-bit codes in split blocks merged into nibbles, rows8_nibbles3).
 // Every other case (larger M, the generic build) quantizes the activations the same way
 // into an fp32 copy and runs the exact kernels on it, so every path computes the same product.
 //
@@ -545,19 +545,50 @@ void act8_decode(const QMatmulArgs& a, float* out32) {
 // the same width per cycle).
 template <int BITS>
 struct Rows8Layout {
-  static constexpr int kCodesPerWord = 32 / BITS;
-  static constexpr int kCodesPerByte = 8 / BITS;
-  static constexpr int kPlanes = kCodesPerByte;
-  static constexpr int kBlockWords = (int)kActBlock / kCodesPerWord;  // words per act block
-  static constexpr int kMask = BITS == 8 ? 0x0F : (1 << BITS) - 1;
+  static constexpr int kBlockWords = BITS;  // words of a row per activation block (32 codes)
+  // Words of plane bytes per block: the loaded words (2, 4, 8 bits) or, for 3 bits, the four
+  // nibble words rows8_nibbles3 builds from a block's three
+  static constexpr int kPlaneWords = BITS == 3 ? 4 : BITS;
+  static constexpr int kPlanes = BITS == 3 ? 2 : 8 / BITS;  // planes per plane word
+  static constexpr int kPlaneShift = BITS == 3 ? 4 : BITS;  // plane p = (word >> shift * p) & mask
+  // 8-bit codes are split into nibbles (see rows8_octet); 3-bit nibbles carry a junk bit 3
+  static constexpr int kMask = BITS == 8 ? 0x0F : BITS == 3 ? 0x07 : (1 << BITS) - 1;
+  // The code (within its block) that byte i of plane p of plane word v meets: the canonical
+  // packing for 2, 4 and 8 bits; for 3 bits that of rows8_nibbles3.
+  static constexpr int code_of(int v, int p, int i) {
+    return BITS == 3 ? 16 * (v >> 1) + 4 * i + (v & 1) + 2 * p
+                     : v * (32 / BITS) + (8 / BITS) * i + p;
+  }
 };
 constexpr int kInterleave = 8;
+
+// 3-bit blocks (split3_high_bit in common.h: low words t = 0, 1, high word h): nibble word v =
+// 2t + q holds in byte i the codes 16t + 4i + q (low nibble) and 16t + 4i + q + 2 (high
+// nibble): the low bits (word t >> 2q) at bits 0-1 and 4-5 and the high bits at bits 2 and 6,
+// where h's bits v and v + 4 land when h is shifted by 2 - v (within each byte for |2 - v| <= 2
+// and these positions). Bits 3 and 7 take whatever h has there: the planes' mask (0x07)
+// drops them.
+template <int V>
+PYENGINE_INLINE inline __m256i rows8_nibbles3(__m256i low0, __m256i low1, __m256i high) {
+  constexpr int kShift = 2 - V;
+  const __m256i low = _mm256_srli_epi16(V >> 1 ? low1 : low0, 2 * (V & 1));
+  __m256i hi = high;
+  if constexpr (kShift > 0) hi = _mm256_slli_epi16(high, kShift);
+  if constexpr (kShift < 0) hi = _mm256_srli_epi16(high, -kShift);
+  const __m256i from_low = _mm256_set1_epi8(0x33);  // bits 0-1 and 4-5: low, the rest: high
+#if defined(__AVX512VL__)
+  // imm 0xE4: c ? a : b bitwise, a = low, b = hi, c = from_low
+  return _mm256_ternarylogic_epi32(low, hi, from_low, 0xE4);
+#else
+  return _mm256_xor_si256(_mm256_and_si256(_mm256_xor_si256(low, hi), from_low), hi);
+#endif
+}
 
 struct Rows8Plan {
   int64_t blocks;          // activation blocks of 32 codes covering K
   int64_t G;               // weight groups
   int64_t group_blocks;    // activation blocks per weight group (all of them when G == 1)
-  std::vector<int32_t> xq; // [M][words][planes] the 4 activation bytes of each (word, plane)
+  std::vector<int32_t> xq; // [M][plane words][planes] the 4 activation bytes of each
   std::vector<float> d;    // [M][blocks] activation scales
   std::vector<float> xsum; // [M][G] sum over the group of x^ = d * q
 };
@@ -570,7 +601,7 @@ Rows8Plan plan_rows8(const QMatmulArgs& a) {
   const int64_t Kp = p.blocks * kActBlock;
   p.G = (Kp + a.group_size - 1) / a.group_size;
   p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
-  const int64_t words = p.blocks * L::kBlockWords;
+  const int64_t words = p.blocks * L::kPlaneWords;
   std::vector<int8_t> q(Kp);
   p.xq.assign((size_t)(a.M * words * L::kPlanes), 0);
   p.d.assign((size_t)(a.M * p.blocks), 0.f);
@@ -584,7 +615,7 @@ Rows8Plan plan_rows8(const QMatmulArgs& a) {
       for (int pl = 0; pl < L::kPlanes; ++pl)
         for (int i = 0; i < 4; ++i)
           xm[(w * L::kPlanes + pl) * 4 + i] =
-              q[w * L::kCodesPerWord + L::kCodesPerByte * i + pl];
+              q[w / L::kPlaneWords * kActBlock + L::code_of(w % L::kPlaneWords, pl, i)];
   }
   return p;
 }
@@ -628,11 +659,15 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
   constexpr int P = L::kPlanes;
   const __m256i mask = _mm256_set1_epi8((char)L::kMask), ones = _mm256_set1_epi16(1);
   const __m256i sixteens = _mm256_set1_epi16(16);
-  const int64_t words = p.blocks * L::kBlockWords;
+  const int64_t words = p.blocks * L::kPlaneWords;  // plane words of a row (xq's)
   const uint32_t* __restrict wbase = a.qweight + o * kInterleave * a.ldq;
   const int32_t* __restrict xq = p.xq.data() + m0 * words * P;
   const float* __restrict dm = p.d.data() + m0 * p.blocks;
   const float symmetric_zero = (float)(1 << (BITS - 1));
+  // stored word w of the octet's eight rows, one per lane
+  auto load = [&](int64_t w) PYENGINE_INLINE {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
+  };
   __m256 acc[MB];
   unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = _mm256_setzero_ps(); });
   for (int64_t g = 0, b0 = 0; g < p.G; ++g, b0 += p.group_blocks) {
@@ -646,44 +681,55 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
         unroll<MB>([&](auto m) PYENGINE_INLINE { lanes[m] = _mm256_setzero_si256(); });
         unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
           const int64_t w = b * L::kBlockWords + v;
-          const __m256i word = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
+          const __m256i word = load(w);
           unroll<MB>([&](auto m) PYENGINE_INLINE {
             lanes[m] = dpbusd(lanes[m], word, _mm256_set1_epi32(xq[(m * words + w) * P]));
           });
         });
       } else {
         // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
-        // block adds 2 * 4 planes x words (int4: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of
-        // at most 2 * 15 * 127 (int2: 2 * 3 * 127)
+        // block adds planes x plane words (int4: 2 x 4, int3: 2 x 4, int2: 4 x 2, int8: 8 per
+        // nibble) pairs of at most 2 * 15 * 127 (int3: 2 * 7 * 127, int2: 2 * 3 * 127)
         __m256i lo[MB], hi[MB];
         unroll<MB>([&](auto m) PYENGINE_INLINE {
           lo[m] = _mm256_setzero_si256();
           hi[m] = _mm256_setzero_si256();
         });
-        unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
-          const int64_t w = b * L::kBlockWords + v;
-          const __m256i word = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
-          if constexpr (BITS == 8) {
-            const __m256i low = _mm256_and_si256(word, mask);
-            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
+        // the planes of plane word w (its bytes in `word`) against the activations, into lo
+        auto add_planes = [&](int64_t w, __m256i word) PYENGINE_INLINE {
+          unroll<P>([&](auto pl) PYENGINE_INLINE {
+            const __m256i plane = _mm256_and_si256(
+                _mm256_srli_epi16(word, L::kPlaneShift * decltype(pl)::value), mask);
             unroll<MB>([&](auto m) PYENGINE_INLINE {
-              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P]);
-              lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(low, xb));
-              hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(high, xb));
+              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
+              lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(plane, xb));
             });
-          } else {
-            unroll<P>([&](auto pl) PYENGINE_INLINE {
-              const __m256i plane =
-                  _mm256_and_si256(_mm256_srli_epi16(word, BITS * decltype(pl)::value), mask);
+          });
+        };
+        if constexpr (BITS == 3) {
+          const int64_t w0 = b * L::kBlockWords;
+          const __m256i low0 = load(w0), low1 = load(w0 + 1), high = load(w0 + 2);
+          unroll<L::kPlaneWords>([&](auto v) PYENGINE_INLINE {
+            add_planes(b * L::kPlaneWords + v,
+                       rows8_nibbles3<decltype(v)::value>(low0, low1, high));
+          });
+        } else {
+          unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
+            const int64_t w = b * L::kBlockWords + v;
+            const __m256i word = load(w);
+            if constexpr (BITS == 8) {
+              const __m256i low = _mm256_and_si256(word, mask);
+              const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
               unroll<MB>([&](auto m) PYENGINE_INLINE {
-                const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
-                lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(plane, xb));
+                const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P]);
+                lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(low, xb));
+                hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(high, xb));
               });
-            });
-          }
-        });
+            } else {
+              add_planes(w, word);
+            }
+          });
+        }
         unroll<MB>([&](auto m) PYENGINE_INLINE {
           lanes[m] = _mm256_madd_epi16(lo[m], ones);
           if constexpr (BITS == 8)
@@ -707,7 +753,8 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
     _mm256_storeu_ps(out32 + (m0 + m) * a.N + o * kInterleave, acc[m]);
   });
 }
-static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 3 * 127 < 32767 && 2 * 8 * 15 * 127 < 32767,
+static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 7 * 127 < 32767 && 2 * 8 * 3 * 127 < 32767 &&
+                  2 * 8 * 15 * 127 < 32767,
               "rows8 s16 pair sums of one activation block");
 
 template <int BITS, bool VNNI>
@@ -759,8 +806,7 @@ void integer_path(const QMatmulArgs& a, Decode decode) {
 
 bool rows8_native(const QMatmulArgs& a) {
 #if defined(__AVX2__)
-  return a.interleave == kInterleaveRows && a.act_bits == 8 &&
-         (a.bits == 2 || a.bits == 4 || a.bits == 8) && a.M <= kDecodeMaxM;
+  return a.interleave == kInterleaveRows && a.act_bits == 8 && a.M <= kDecodeMaxM;
 #else
   (void)a;
   return false;
@@ -770,7 +816,7 @@ bool rows8_native(const QMatmulArgs& a) {
 void qmatmul_rows8(const QMatmulArgs& a) {
 #if defined(__AVX2__)
   integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
-    if constexpr (decltype(bits)::value != 3) rows8_decode<decltype(bits)::value>(a, out32);
+    rows8_decode<decltype(bits)::value>(a, out32);
   });
 #else
   (void)a;

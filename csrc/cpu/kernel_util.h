@@ -264,6 +264,21 @@ inline QMatmulArgs deinterleaved(const QMatmulArgs& a, std::vector<uint32_t>& wo
   for (int64_t n = 0; n < a.N; ++n)
     for (int64_t w = 0; w < a.ldq; ++w)
       words[n * a.ldq + w] = a.qweight[(n / R) * R * a.ldq + w * R + n % R];
+  if (a.bits == 3) {  // each block's split words (split3_high_bit) back to the 3-bit stream
+    for (int64_t n = 0; n < a.N; ++n) {
+      for (int64_t b = 0; b + 3 <= a.ldq; b += 3) {
+        uint32_t* block = words.data() + n * a.ldq + b;
+        uint32_t stream[3] = {0, 0, 0};
+        for (int c = 0; c < 32; ++c) {
+          const uint32_t code = (block[c / 16] >> (2 * (c % 16)) & 3u) |
+                                (block[2] >> split3_high_bit(c) & 1u) << 2;
+          for (int j = 0; j < 3; ++j)  // code c at bits [3c, 3c + 3) of the stream
+            stream[(3 * c + j) / 32] |= (code >> j & 1u) << ((3 * c + j) % 32);
+        }
+        std::memcpy(block, stream, sizeof(stream));
+      }
+    }
+  }
   c.qweight = words.data();
   const size_t elem = a.sz_dtype == kFloat32 ? 4 : 2;
   auto plain = [&](const void* src, std::vector<uint8_t>& dst) {

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .._ext import DTYPE_CODES, extension, extension_error
+from ..format.packing import BLOCK_CODES, as_int32_bits, unpack_codes
 from ._native import (dense_matmul_blas, packed_kernel_args, packed_weight_args,
                       plane_kernel_call, plane_kernel_unavailable_reason, plane_matmul_cpu,
                       run_native)
@@ -27,23 +28,47 @@ ISA_VARIABLE = "PYENGINE_CPU_ISA"
 INTERLEAVE_ROWS = 8  # rows side by side in the row-interleaved layout (QMatmulArgs::interleave)
 
 
+def split_3bit_blocks(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """The 3-bit codes of packed rows in the interleaved copy's block layout (docs/FORMAT.md,
+    "CPU row-interleaved layout"): int32 [n, W], W = ceil(k / 32) * 3, from canonical 3-bit
+    words ``qweight`` int32 [n, >= W]. Each block of 32 codes c = 16t + 4i + p (t < 2, i < 4,
+    p < 4) keeps its three words, now: word t (t = 0, 1) the low two bits of codes 16t .. 16t +
+    15 at bits [2(4i + p), 2(4i + p) + 2) (the 2-bit packing), word 2 their high bits, that of
+    code c at bit 8i + 2t + (p & 1) + 4(p >> 1), so that the decode kernel can merge a low
+    word's fields and the high bits into nibbles with one shift of each (act8_kernels.cpp,
+    rows8_nibbles3)."""
+    n = qweight.shape[0]
+    blocks = -(-k // BLOCK_CODES)
+    codes = unpack_codes(qweight[:, : 3 * blocks], 3).reshape(n, blocks, 2, 16)
+    field = torch.arange(16, dtype=torch.int64)          # 4i + p within a low word
+    low = ((codes & 3) << (2 * field)).sum(-1)           # [n, blocks, 2]: words 0 and 1
+    t = torch.arange(2, dtype=torch.int64).unsqueeze(-1)
+    i, p = field // 4, field % 4
+    high_bit = 8 * i + 2 * t + (p & 1) + 4 * (p >> 1)    # [2, 16]: bit of code 16t + 4i + p
+    high = ((codes >> 2) << high_bit).sum((-2, -1))      # [n, blocks]: word 2
+    words = torch.cat([low, high.unsqueeze(-1)], -1).reshape(n, 3 * blocks)
+    return as_int32_bits(words)
+
+
 def interleave_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                     n: int, k: int, bits: int) -> tuple:
     """The first ``n`` rows of a packed weight in the CPU row-interleaved layout (csrc/common.h,
     docs/FORMAT.md): (words int32 [n / 8, W, 8], scales [n / 8, G, 8], zeros like scales or
     None), W = ceil(k / 32) * bits words per row (the words past them, padding of the stored
     rows, are left out so that a call reads one unbroken stream), G the stored groups. Word w of
-    row 8o + r is words[o, w, r]; n must be a multiple of 8."""
+    row 8o + r is words[o, w, r]: that of the packed row for 2, 4 and 8 bits, of
+    :func:`split_3bit_blocks` for 3 bits; n must be a multiple of 8."""
     if n % INTERLEAVE_ROWS:
         raise ValueError(f"interleave_rows: {n} rows are not a multiple of {INTERLEAVE_ROWS}")
     words = -(-k // 32) * bits
+    rows = split_3bit_blocks(qweight[:n], k) if bits == 3 else qweight
 
     def side_by_side(t: torch.Tensor, cols: int) -> torch.Tensor:
         return (t[:n, :cols].reshape(n // INTERLEAVE_ROWS, INTERLEAVE_ROWS, cols)
                 .transpose(1, 2).contiguous())
 
     groups = scales.shape[1]
-    return (side_by_side(qweight, words), side_by_side(scales, groups),
+    return (side_by_side(rows, words), side_by_side(scales, groups),
             None if zeros is None else side_by_side(zeros, groups))
 
 
@@ -96,10 +121,10 @@ class CpuBackend(Backend):
 
     def interleaves(self, weight, n, act_bits) -> bool:
         """Whether :meth:`bind` prepares ``weight`` in the row-interleaved layout: int8
-        activations on 2-, 4- or 8-bit weights with a multiple of 8 rows, on the AVX2 and
-        AVX-512 builds (whose decode kernel reads it; elsewhere it would only be converted
+        activations on packed weights (2, 3, 4 or 8 bits) with a multiple of 8 rows, on the AVX2
+        and AVX-512 builds (whose decode kernel reads it; elsewhere it would only be converted
         back)."""
-        return (act_bits == 8 and isinstance(weight, PackedOperand) and weight.bits in (2, 4, 8)
+        return (act_bits == 8 and isinstance(weight, PackedOperand)
                 and n % INTERLEAVE_ROWS == 0 and self.selected_isa() in ("avx2", "avx512"))
 
     def bind(self, weight, n, k, bias, act_bits=0, dtype=torch.float32, layout_copy=True):

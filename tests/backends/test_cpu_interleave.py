@@ -1,6 +1,6 @@
 """The CPU row-interleaved layout (QMatmulArgs::interleave = 8): the layout itself, qmatmul_cpu on
-it on every instruction-set build (the decode kernel for int8 activations on 2-, 4- and 8-bit
-weights at M <= 8, a canonical copy everywhere else) against the reference product, and the
+it on every instruction-set build (the decode kernel for int8 activations on 2-, 3-, 4- and
+8-bit weights at M <= 8, a canonical copy everywhere else) against the reference product, and the
 prepared calls of bind_linear that use it."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pyengine
 from pyengine import ops
 from pyengine._ext import DTYPE_CODES, extension
 from pyengine.backends import CpuBackend, get_backend
-from pyengine.backends.cpu import INTERLEAVE_ROWS, interleave_rows
-from pyengine.format.packing import pack_codes
+from pyengine.backends.cpu import INTERLEAVE_ROWS, interleave_rows, split_3bit_blocks
+from pyengine.format.packing import pack_codes, unpack_codes
 from pyengine.ops.act_quant import quantize_activations
 
 from helpers import BITS, DTYPES, assert_matches, packed_operand, poisoned, random_weight
@@ -38,6 +38,30 @@ def test_interleave_rows_puts_eight_rows_side_by_side(rng):
         assert zeros[n // 8, g, n % 8] == qw.zeros[n, g]
     with pytest.raises(ValueError, match="multiple of 8"):
         interleave_rows(qw.qweight[:12], qw.scales[:12], qw.zeros[:12], 12, 200, 4)
+
+
+def test_3bit_rows_are_split_into_low_and_high_bit_words(rng):
+    """Each block of 32 3-bit codes c = 16t + 4i + p: words t = 0, 1 hold the low two bits of
+    codes 16t + f at bits 2f, word 2 the high bit of code c at bit 8i + 2t + (p & 1) +
+    4(p >> 1); interleave_rows interleaves those words."""
+    k = 200                                   # 7 blocks, the last one padded
+    qw = pyengine.quantize(random_weight(16, k, rng), 3, 32, clip_search=False)
+    codes = unpack_codes(qw.qweight, 3)       # [16, 224]
+    split = split_3bit_blocks(qw.qweight, k).to(torch.int64) & 0xFFFFFFFF
+    assert split.shape == (16, 7 * 3)
+    for n, c in itertools.product(range(16), range(224)):
+        block, t, i, p = c // 32, c % 32 // 16, c % 16 // 4, c % 4
+        low = int(split[n, 3 * block + t]) >> 2 * (4 * i + p) & 3
+        high = int(split[n, 3 * block + 2]) >> 8 * i + 2 * t + (p & 1) + 4 * (p >> 1) & 1
+        assert low | high << 2 == codes[n, c], (n, c)
+    words, _, _ = interleave_rows(qw.qweight, qw.scales, qw.zeros, 16, k, 3)
+    assert words.shape == (2, 7 * 3, 8)
+    for n, w in itertools.product(range(16), range(words.shape[1])):
+        assert words[n // 8, w, n % 8] == as_int32(split[n, w])
+
+
+def as_int32(v: torch.Tensor) -> int:
+    return int(v) - 2**32 if int(v) >= 2**31 else int(v)
 
 
 def _interleaved_call(x, qw, n, k, out, act_bits, isa, bias=None, accumulate=False):
@@ -120,7 +144,7 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
                                scale_dtype=torch.float16)
         bias = torch.randn(n, generator=rng)
         kernel = backend.bind(packed_operand(qw), n, k, bias, act_bits=8)
-        interleaved = bits in (2, 4, 8) and n % 8 == 0
+        interleaved = n % 8 == 0
         assert (kernel.prepared_bytes > 0) == interleaved, (bits, n)
         for m in (1, 5, 11):
             x = torch.randn(m, k, generator=rng)
@@ -156,11 +180,11 @@ def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
             monkeypatch.setenv("PYENGINE_CPU_VNNI", vnni)
             assert pyengine.build_info()["cpu_vnni"] == (vnni == "1")
             outs[vnni] = [ops.qlinear(x, qw, act_bits=8, backend="cpu")]
-            if bits != 3:
-                inter = poisoned((m, n), torch.float32, "cpu")
-                _interleaved_call(x, qw, n, k, inter, 8, "avx512")
-                outs[vnni].append(inter)
+            inter = poisoned((m, n), torch.float32, "cpu")
+            _interleaved_call(x, qw, n, k, inter, 8, "avx512")
+            outs[vnni].append(inter)
         for a, b in zip(outs["1"], outs["0"]):
             assert torch.isfinite(a).all() and torch.equal(a, b), (bits, group_size, m)
         ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
-        assert_matches(outs["1"][0], ref, torch.float32, f"int{bits} g{group_size} M={m}")
+        for out in outs["1"]:
+            assert_matches(out, ref, torch.float32, f"int{bits} g{group_size} M={m}")
