@@ -275,7 +275,8 @@ def main(argv=None) -> int:
                 print(f"{shape:>12} {m:>4} {name:>26} {ms:8.3f} {gbps:7.1f} "
                       f"{100 * gbps / copy_bw:6.1f} {speedup:8.2f}")
                 if (m == 1 and (n, k) == (14336, 4096) and args.group_size == 128
-                        and kn.backend == "cpu" and kn.activations == "float32"):
+                        and kn.backend in ("cpu", "cpu rows8")
+                        and kn.activations in ("float32", "int8")):
                     floor = FLOORS_M1.get(kn.bits)
                     if floor and speedup < floor:
                         failures.append(f"{name}: {speedup:.2f}x < {floor}x")

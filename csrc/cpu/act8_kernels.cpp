@@ -16,8 +16,10 @@
 // canonical rows (act8_row, one row at a time; 3-bit codes decoded to bytes first, decode3) or
 // on rows interleaved by eights (QMatmulArgs::interleave, rows8_octet: eight rows' dot products
 // in the lanes of one vector; 3-bit codes in split blocks merged into nibbles, rows8_nibbles3).
-// Every other case (larger M, the generic build) quantizes the activations the same way
-// into an fp32 copy and runs the exact kernels on it, so every path computes the same product.
+// The generic build has a portable integer path for 2-, 4- and 8-bit weights at M <=
+// kDecodeMaxM (portable_rows: GCC / Clang vectors, int16 products). Every other case (larger M,
+// 3-bit codes in the generic build) quantizes the activations the same way into an fp32 copy and
+// runs the exact kernels on it, so every path computes the same product.
 //
 // Byte layout (2, 4 and 8 bits; 3-bit steps are decoded to bytes first, see "3-bit codes to
 // bytes" below). A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
@@ -800,6 +802,202 @@ void integer_path(const QMatmulArgs& a, Decode decode) {
   }
   store_result(a, out32.data());
 }
+#else  // !__AVX2__
+// ---- the portable integer path (the generic build) --------------------------------------------
+// Plain loops of fixed trip count that compilers vectorize into integer dot products: codes
+// widened to int16 times int16 activations, summed in int32 (pmaddwd with SSE2, smlal on
+// AArch64). A block of 32 codes is 4 * BITS bytes of its row (2, 4 and 8 bits; the canonical
+// packing, docs/FORMAT.md): plane j of a block is (byte i >> BITS * j) & mask, code
+// cpb * i + j (cpb = 8 / BITS), so each activation block is stored in plane order,
+// xp[m][b][j * 4 * BITS + i] = q[m][32 b + cpb * i + j].
+template <int BITS>
+struct PortableLayout {
+  static constexpr int kBlockBytes = 4 * BITS;
+  static constexpr int kPlanes = 8 / BITS;
+  static constexpr int kMask = (1 << BITS) - 1;
+};
+
+constexpr int kPortableRowBlock = 4;  // activation rows per pass over a weight row
+
+struct PortablePlan {
+  int64_t blocks;           // activation blocks of 32 codes covering K
+  int64_t G;                // weight groups
+  int64_t group_blocks;     // activation blocks per weight group (all of them when G == 1)
+  std::vector<int16_t> xp;  // [M][blocks][32] activations in plane order
+  std::vector<float> d;     // [M][blocks] activation scales
+  std::vector<float> xsum;  // [M][G] sum over the group of x^ = d * q
+};
+
+template <int BITS>
+PortablePlan plan_portable(const QMatmulArgs& a) {
+  using L = PortableLayout<BITS>;
+  PortablePlan p;
+  p.blocks = (a.K + kActBlock - 1) / kActBlock;
+  const int64_t Kp = p.blocks * kActBlock;
+  p.G = (Kp + a.group_size - 1) / a.group_size;
+  p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
+  std::vector<int8_t> q(Kp);
+  p.xp.assign((size_t)(a.M * Kp), 0);
+  p.d.assign((size_t)(a.M * p.blocks), 0.f);
+  p.xsum.assign((size_t)(a.M * p.G), 0.f);
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* d = p.d.data() + m * p.blocks;
+    quantize_row(a, m, Kp, q.data(), d);
+    add_group_sums(q.data(), d, Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
+    int16_t* xm = p.xp.data() + m * Kp;
+    for (int64_t b = 0; b < p.blocks; ++b)
+      for (int j = 0; j < L::kPlanes; ++j)
+        for (int i = 0; i < L::kBlockBytes; ++i)
+          xm[b * kActBlock + j * L::kBlockBytes + i] = q[b * kActBlock + L::kPlanes * i + j];
+  }
+  return p;
+}
+
+// GCC / Clang vectors of the portable path (SSE2 registers on x86-64, NEON on AArch64).
+typedef uint8_t pv16u8 __attribute__((vector_size(16)));
+typedef uint64_t pv2u64 __attribute__((vector_size(16)));
+typedef int16_t pv8i16 __attribute__((vector_size(16)));
+typedef int32_t pv4i32 __attribute__((vector_size(16)));
+typedef float pv4f __attribute__((vector_size(16)));
+
+// 8-bit codes: sum over the block's codes c of c * q (bytes: its 32 code bytes; x: its
+// activations), in a loop of the form the compilers' dot-product idiom recognizes.
+PYENGINE_INLINE inline int32_t portable_dot8(const uint8_t* __restrict bytes,
+                                             const int16_t* __restrict x) {
+  int32_t s = 0;
+  for (int i = 0; i < (int)kActBlock; ++i) s += (int16_t)bytes[i] * x[i];
+  return s;
+}
+
+// Bytes [8h, 8h + 8) of v zero-extended to int16 lanes (an interleave with zeros: punpcklbw /
+// punpckhbw; little-endian, the byte is the lane's low half).
+template <int H>
+PYENGINE_INLINE inline pv8i16 widen_half(pv16u8 v) {
+  const pv16u8 zero = {};
+  constexpr int b = 8 * H;  // byte i of the half goes to byte 2i, zero byte 16 + i to 2i + 1
+#if defined(__clang__)
+  const pv16u8 r = __builtin_shufflevector(v, zero, b, 16, b + 1, 17, b + 2, 18, b + 3, 19,
+                                           b + 4, 20, b + 5, 21, b + 6, 22, b + 7, 23);
+#else  // GCC (__builtin_shufflevector only from GCC 12)
+  const pv16u8 r = __builtin_shuffle(
+      v, zero, pv16u8{b, 16, b + 1, 17, b + 2, 18, b + 3, 19, b + 4, 20, b + 5, 21, b + 6, 22,
+                      b + 7, 23});
+#endif
+  pv8i16 w;
+  std::memcpy(&w, &r, sizeof(w));
+  return w;
+}
+
+// 2- and 4-bit codes: eight int16 lanes whose sum is that of c * q over the block (bytes: its
+// 4 * BITS code bytes; x: its activations in plane order). The bytes are widened to int16
+// lanes first, where the planes are a shift and a mask (SSE2 has no byte shifts). Each lane
+// sums 4 products of at most (2^BITS - 1) * 127 (int4: 4 * 15 * 127 = 7620): int16 holds them.
+template <int BITS>
+PYENGINE_INLINE inline pv8i16 portable_lanes(const uint8_t* __restrict bytes,
+                                             const int16_t* __restrict x) {
+  using L = PortableLayout<BITS>;
+  pv16u8 b;
+  if constexpr (L::kBlockBytes == 16) {
+    std::memcpy(&b, bytes, 16);
+  } else {  // 8 bytes (int2) into the low half, by value: no partial store to reload
+    uint64_t low;
+    std::memcpy(&low, bytes, 8);
+    const pv2u64 halves = {low, 0};
+    std::memcpy(&b, &halves, 16);
+  }
+  pv8i16 sum = {};
+  unroll<L::kBlockBytes / 8>([&](auto h) PYENGINE_INLINE {  // halves of 8 bytes
+    const pv8i16 w = widen_half<decltype(h)::value>(b);
+    unroll<L::kPlanes>([&](auto j) PYENGINE_INLINE {
+      constexpr int J = decltype(j)::value;
+      const pv8i16 shifted = w >> (BITS * J);  // the top plane needs no mask
+      const pv8i16 plane = J + 1 == L::kPlanes ? shifted : shifted & (int16_t)L::kMask;
+      pv8i16 xv;
+      std::memcpy(&xv, x + J * L::kBlockBytes + 8 * decltype(h)::value, sizeof(xv));
+      sum += plane * xv;
+    });
+  });
+  return sum;
+}
+static_assert(4 * 15 * 127 < 32767 && 4 * 3 * 127 < 32767, "portable int16 lanes");
+
+// Sums of the int16 lanes 2i and 2i + 1 of v as float lanes i (the lanes read as int32: the
+// low half sign-extended by a shift up and an arithmetic shift down, the high half by the
+// arithmetic shift alone; what pmaddwd by ones does, in operations every target has).
+PYENGINE_INLINE inline pv4f pair_sums(pv8i16 v) {
+  pv4i32 w;
+  std::memcpy(&w, &v, sizeof(w));
+  return __builtin_convertvector(((w << 16) >> 16) + (w >> 16), pv4f);
+}
+
+inline float portable_hsum(pv4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+// Weight rows [lo, hi) against activation rows [m0, m0 + MB): out32[m][n].
+template <int BITS, int MB>
+void portable_rows(const QMatmulArgs& a, const PortablePlan& p, int64_t m0, int64_t lo,
+                   int64_t hi, float* sf, float* bf, float* out32) {
+  using L = PortableLayout<BITS>;
+  const float symmetric_zero = (float)(1 << (BITS - 1));
+  for (int64_t n = lo; n < hi; ++n) {
+    group_params(a, n, p.G, 1.f, symmetric_zero, sf, bf);  // w = c * sf + bf
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(a.qweight + n * a.ldq);
+    pv4f acc[MB];           // lanes of sum_g sf[g] * sum_b d[b] * (codes . q over block b)
+    float offsets[MB] = {};  // sum_g bf[g] * xsum[g]
+    for (int m = 0; m < MB; ++m) acc[m] = pv4f{};
+    for (int64_t g = 0, b0 = 0; g < p.G; ++g, b0 += p.group_blocks) {
+      const int64_t b1 = std::min(p.blocks, b0 + p.group_blocks);
+      pv4f gacc[MB];
+      for (int m = 0; m < MB; ++m) gacc[m] = pv4f{};
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* bytes = row + b * L::kBlockBytes;
+        for (int m = 0; m < MB; ++m) {
+          const int64_t mb = (m0 + m) * p.blocks + b;
+          const int16_t* x = p.xp.data() + mb * kActBlock;
+          if constexpr (BITS == 8) {
+            gacc[m][0] += p.d[mb] * (float)portable_dot8(bytes, x);
+          } else {
+            gacc[m] += p.d[mb] * pair_sums(portable_lanes<BITS>(bytes, x));
+          }
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        acc[m] += sf[g] * gacc[m];
+        offsets[m] += bf[g] * p.xsum[(m0 + m) * p.G + g];
+      }
+    }
+    for (int m = 0; m < MB; ++m) out32[(m0 + m) * a.N + n] = portable_hsum(acc[m]) + offsets[m];
+  }
+}
+
+template <int BITS>
+void portable_decode(const QMatmulArgs& a, float* out32) {
+  const PortablePlan p = plan_portable<BITS>(a);
+  parallel_rows(a, p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sf(p.G), bf(p.G);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kPortableRowBlock) {
+      switch (std::min<int64_t>(kPortableRowBlock, a.M - m0)) {
+        case 1: portable_rows<BITS, 1>(a, p, m0, lo, hi, sf.data(), bf.data(), out32); break;
+        case 2: portable_rows<BITS, 2>(a, p, m0, lo, hi, sf.data(), bf.data(), out32); break;
+        case 3: portable_rows<BITS, 3>(a, p, m0, lo, hi, sf.data(), bf.data(), out32); break;
+        default:
+          portable_rows<BITS, kPortableRowBlock>(a, p, m0, lo, hi, sf.data(), bf.data(), out32);
+      }
+    }
+  });
+}
+
+// The call's products into out32 [M, N] by portable_decode, then the epilogue.
+void portable_path(const QMatmulArgs& a) {
+  std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
+  if (a.K > 0) {
+    switch (a.bits) {
+      case 2: portable_decode<2>(a, out32.data()); break;
+      case 4: portable_decode<4>(a, out32.data()); break;
+      default: portable_decode<8>(a, out32.data()); break;
+    }
+  }
+  store_result(a, out32.data());
+}
 #endif  // __AVX2__
 
 }  // namespace
@@ -831,8 +1029,8 @@ bool act8_native(const QMatmulArgs& a) {
   if (a.bits == 8) return a.M <= kMaxRowBlock;
   return (a.bits == 2 || a.bits == 3 || a.bits == 4) && a.M <= kDecodeMaxM;
 #else
-  (void)a;
-  return false;
+  // the portable path: 2, 4 and 8 bits (3-bit codes cross bytes: the exact kernels)
+  return (a.bits == 2 || a.bits == 4 || a.bits == 8) && a.M <= kDecodeMaxM;
 #endif
 }
 
@@ -845,6 +1043,8 @@ void qmatmul_act8(const QMatmulArgs& a) {
   integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
     act8_decode<decltype(bits)::value>(a, out32);
   });
+#else
+  portable_path(a);
 #endif
 }
 

@@ -13,6 +13,7 @@ import torch
 import pyengine
 from pyengine import QuantConfig, Recipe, ops
 from pyengine.backends import CpuBackend, PackedOperand, get_backend, reference_matmul
+from pyengine.format.packing import pack_codes
 from pyengine.ops.act_quant import ACT_BLOCK, quantize_activations
 
 from helpers import (BITS, DTYPES, GROUP_SIZES, assert_matches, native_backends, poisoned,
@@ -84,6 +85,29 @@ def test_cpu_3bit_integer_path_at_step_and_row_edges(backend, rng):
             ref = reference_matmul(quantize_activations(x), operand, n, k, None, None, None)
             assert_matches(out, ref, torch.float32, f"{backend.isa} 3-bit g{group_size} M={m} "
                                                     f"[{n}, {k}]")
+
+
+@pytest.mark.parametrize("backend", CPU_BUILDS, ids=[b.isa for b in CPU_BUILDS])
+@pytest.mark.parametrize("bits", BITS)
+def test_cpu_integer_paths_at_extreme_codes(backend, bits, rng):
+    """The integer sums at their largest: codes 0 and 2^bits - 1 side by side and activation
+    blocks of +-127 (each block's max), where an int16 lane or pair sum too narrow for them
+    would wrap (the portable path of the generic build sums four products per int16 lane)."""
+    n, k = 24, 640
+    qw = pyengine.quantize(random_weight(n, k, rng), bits, 64, clip_search=False)
+    codes = qw.codes()
+    codes[:, ::2] = 2 ** bits - 1
+    codes[: n // 2, 1::2] = 0
+    qw = pyengine.QuantizedWeight(pack_codes(codes, bits), qw.scales, qw.zeros, bits=bits,
+                                  group_size=64, shape=tuple(qw.shape), method=qw.method)
+    operand = _operand(qw)
+    for m in (1, 4, 8):
+        x = torch.where(torch.rand(m, k, generator=rng) < 0.9, 1.0, -1.0) * 5.0
+        x[:, 1::2] = x[:, ::2]          # the same sign across each pair: no cancellation
+        out = poisoned((m, n), torch.float32, "cpu")
+        backend.matmul(x, operand, n, k, None, None, None, out=out, act_bits=8)
+        ref = reference_matmul(quantize_activations(x), operand, n, k, None, None, None)
+        assert_matches(out, ref, torch.float32, f"{backend.isa} {bits}-bit extremes M={m}")
 
 
 def test_every_backend_serves_act_bits_through_the_op(rng):
