@@ -1,9 +1,10 @@
 """The AVX-512 build's int8-activation decode with and without vpdpbusd (AVX512_VNNI), in one run.
 
 For each shape and width, at M = 1 with group 128: the kernels on the canonical rows
-(``ops.qlinear(..., act_bits=8)``) and on the decoder's row-interleaved copy, each timed with ``PYENGINE_CPU_VNNI=1`` (vpdpbusd) and ``=0`` (vpmaddubsw pair sums),
-alternating (pyengine.benchmarking.time_interleaved: medians), weights in rotated copies beyond
-the last-level cache as in bench_cpu_kernels.py. Both paths give the same bits
+(``ops.qlinear(..., act_bits=8)``) and on the decoder's row-interleaved copy, each timed with
+``PYENGINE_CPU_VNNI=1`` (vpdpbusd) and ``=0`` (vpmaddubsw pair sums), alternating
+(pyengine.benchmarking.time_interleaved: medians), weights in rotated copies beyond the
+last-level cache as in bench_cpu_kernels.py. Both paths give the same bits
 (tests/backends/test_cpu_interleave.py); this measures only their speed. Needs a CPU with
 AVX512_VNNI.
 

@@ -804,9 +804,11 @@ void integer_path(const QMatmulArgs& a, Decode decode) {
 }
 #else  // !__AVX2__
 // ---- the portable integer path (the generic build) --------------------------------------------
-// Plain loops of fixed trip count that compilers vectorize into integer dot products: codes
-// widened to int16 times int16 activations, summed in int32 (pmaddwd with SSE2, smlal on
-// AArch64). A block of 32 codes is 4 * BITS bytes of its row (2, 4 and 8 bits; the canonical
+// GCC / Clang vector code that every target compiles to its integer vector instructions (SSE2
+// on x86-64, NEON on AArch64): codes widened to int16 times int16 activations; for 2 and 4 bits
+// int16 products summed in int16 lanes over a block, then in pairs in int32 (portable_lanes,
+// pair_sums); for 8 bits a loop of the form the compilers' dot-product idiom turns into
+// pmaddwd (portable_dot8). A block of 32 codes is 4 * BITS bytes of its row (the canonical
 // packing, docs/FORMAT.md): plane j of a block is (byte i >> BITS * j) & mask, code
 // cpb * i + j (cpb = 8 / BITS), so each activation block is stored in plane order,
 // xp[m][b][j * 4 * BITS + i] = q[m][32 b + cpb * i + j].
@@ -858,6 +860,7 @@ typedef uint8_t pv16u8 __attribute__((vector_size(16)));
 typedef uint64_t pv2u64 __attribute__((vector_size(16)));
 typedef int16_t pv8i16 __attribute__((vector_size(16)));
 typedef int32_t pv4i32 __attribute__((vector_size(16)));
+typedef uint32_t pv4u32 __attribute__((vector_size(16)));
 typedef float pv4f __attribute__((vector_size(16)));
 
 // 8-bit codes: sum over the block's codes c of c * q (bytes: its 32 code bytes; x: its
@@ -925,9 +928,10 @@ static_assert(4 * 15 * 127 < 32767 && 4 * 3 * 127 < 32767, "portable int16 lanes
 // low half sign-extended by a shift up and an arithmetic shift down, the high half by the
 // arithmetic shift alone; what pmaddwd by ones does, in operations every target has).
 PYENGINE_INLINE inline pv4f pair_sums(pv8i16 v) {
-  pv4i32 w;
-  std::memcpy(&w, &v, sizeof(w));
-  return __builtin_convertvector(((w << 16) >> 16) + (w >> 16), pv4f);
+  pv4u32 u;  // shifted up unsigned: a signed left shift of a negative value is undefined
+  std::memcpy(&u, &v, sizeof(u));
+  const pv4i32 low = (pv4i32)(u << 16) >> 16, high = (pv4i32)u >> 16;
+  return __builtin_convertvector(low + high, pv4f);
 }
 
 inline float portable_hsum(pv4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }

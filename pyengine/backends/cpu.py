@@ -26,6 +26,7 @@ from .base import Backend, LinearCase, PackedOperand
 
 ISA_VARIABLE = "PYENGINE_CPU_ISA"
 INTERLEAVE_ROWS = 8  # rows side by side in the row-interleaved layout (QMatmulArgs::interleave)
+SPLIT_ROWS = 256  # rows per pass of split_3bit_blocks
 
 
 def split_3bit_blocks(qweight: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,18 +37,23 @@ def split_3bit_blocks(qweight: torch.Tensor, k: int) -> torch.Tensor:
     15 at bits [2(4i + p), 2(4i + p) + 2) (the 2-bit packing), word 2 their high bits, that of
     code c at bit 8i + 2t + (p & 1) + 4(p >> 1), so that the decode kernel can merge a low
     word's fields and the high bits into nibbles with one shift of each (act8_kernels.cpp,
-    rows8_nibbles3)."""
+    rows8_nibbles3). Rows are converted SPLIT_ROWS at a time (the codes as int64 of a whole
+    large weight would take 8 bytes per weight)."""
     n = qweight.shape[0]
     blocks = -(-k // BLOCK_CODES)
-    codes = unpack_codes(qweight[:, : 3 * blocks], 3).reshape(n, blocks, 2, 16)
     field = torch.arange(16, dtype=torch.int64)          # 4i + p within a low word
-    low = ((codes & 3) << (2 * field)).sum(-1)           # [n, blocks, 2]: words 0 and 1
     t = torch.arange(2, dtype=torch.int64).unsqueeze(-1)
     i, p = field // 4, field % 4
     high_bit = 8 * i + 2 * t + (p & 1) + 4 * (p >> 1)    # [2, 16]: bit of code 16t + 4i + p
-    high = ((codes >> 2) << high_bit).sum((-2, -1))      # [n, blocks]: word 2
-    words = torch.cat([low, high.unsqueeze(-1)], -1).reshape(n, 3 * blocks)
-    return as_int32_bits(words)
+    out = torch.empty(n, 3 * blocks, dtype=torch.int32)
+    for r0 in range(0, n, SPLIT_ROWS):
+        codes = unpack_codes(qweight[r0:r0 + SPLIT_ROWS, : 3 * blocks], 3)
+        codes = codes.reshape(-1, blocks, 2, 16)
+        low = ((codes & 3) << (2 * field)).sum(-1)       # [rows, blocks, 2]: words 0 and 1
+        high = ((codes >> 2) << high_bit).sum((-2, -1))  # [rows, blocks]: word 2
+        words = torch.cat([low, high.unsqueeze(-1)], -1).reshape(-1, 3 * blocks)
+        out[r0:r0 + SPLIT_ROWS] = as_int32_bits(words)
+    return out
 
 
 def interleave_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

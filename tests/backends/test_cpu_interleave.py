@@ -1,7 +1,7 @@
 """The CPU row-interleaved layout (QMatmulArgs::interleave = 8): the layout itself, qmatmul_cpu on
-it on every instruction-set build (the decode kernel for int8 activations on 2-, 3-, 4- and
-8-bit weights at M <= 8, a canonical copy everywhere else) against the reference product, and the
-prepared calls of bind_linear that use it."""
+it on every instruction-set build (the decode kernel for int8 activations at M <= 8, a canonical
+copy everywhere else) against the reference product, and the prepared calls of bind_linear that
+use it."""
 
 from __future__ import annotations
 
@@ -40,28 +40,26 @@ def test_interleave_rows_puts_eight_rows_side_by_side(rng):
         interleave_rows(qw.qweight[:12], qw.scales[:12], qw.zeros[:12], 12, 200, 4)
 
 
-def test_3bit_rows_are_split_into_low_and_high_bit_words(rng):
+def test_3bit_rows_are_split_into_low_and_high_bit_words(rng, monkeypatch):
     """Each block of 32 3-bit codes c = 16t + 4i + p: words t = 0, 1 hold the low two bits of
     codes 16t + f at bits 2f, word 2 the high bit of code c at bit 8i + 2t + (p & 1) +
-    4(p >> 1); interleave_rows interleaves those words."""
+    4(p >> 1); interleave_rows interleaves those words (rows converted a few at a time)."""
+    monkeypatch.setattr(pyengine.backends.cpu, "SPLIT_ROWS", 5)
     k = 200                                   # 7 blocks, the last one padded
     qw = pyengine.quantize(random_weight(16, k, rng), 3, 32, clip_search=False)
     codes = unpack_codes(qw.qweight, 3)       # [16, 224]
-    split = split_3bit_blocks(qw.qweight, k).to(torch.int64) & 0xFFFFFFFF
-    assert split.shape == (16, 7 * 3)
+    split = split_3bit_blocks(qw.qweight, k)
+    assert split.shape == (16, 7 * 3) and split.dtype == torch.int32
+    bits = split.to(torch.int64) & 0xFFFFFFFF
     for n, c in itertools.product(range(16), range(224)):
         block, t, i, p = c // 32, c % 32 // 16, c % 16 // 4, c % 4
-        low = int(split[n, 3 * block + t]) >> 2 * (4 * i + p) & 3
-        high = int(split[n, 3 * block + 2]) >> 8 * i + 2 * t + (p & 1) + 4 * (p >> 1) & 1
+        low = int(bits[n, 3 * block + t]) >> 2 * (4 * i + p) & 3
+        high = int(bits[n, 3 * block + 2]) >> 8 * i + 2 * t + (p & 1) + 4 * (p >> 1) & 1
         assert low | high << 2 == codes[n, c], (n, c)
     words, _, _ = interleave_rows(qw.qweight, qw.scales, qw.zeros, 16, k, 3)
     assert words.shape == (2, 7 * 3, 8)
     for n, w in itertools.product(range(16), range(words.shape[1])):
-        assert words[n // 8, w, n % 8] == as_int32(split[n, w])
-
-
-def as_int32(v: torch.Tensor) -> int:
-    return int(v) - 2**32 if int(v) >= 2**31 else int(v)
+        assert words[n // 8, w, n % 8] == split[n, w]
 
 
 def _interleaved_call(x, qw, n, k, out, act_bits, isa, bias=None, accumulate=False):
