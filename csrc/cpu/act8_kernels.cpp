@@ -81,6 +81,35 @@ inline void add_group_sums(const int8_t* q, const float* d, int64_t Kp, int64_t 
   }
 }
 
+// Per call, what the block-wise integer paths (rows8_octet, portable_rows) scale their sums by.
+struct BlockPlan {
+  int64_t blocks;           // activation blocks of 32 codes covering K
+  int64_t G;                // weight groups
+  int64_t group_blocks;     // activation blocks per weight group (all of them when G == 1)
+  std::vector<float> d;     // [M][blocks] activation scales
+  std::vector<float> xsum;  // [M][G] sum over the group of x^ = d * q
+};
+
+// Quantizes the call's activation rows into p (blocks, groups, scales and group sums) and hands
+// each row's codes to store(m, q) (q: int8 [p.blocks * kActBlock], zero past K), which lays
+// them out as its kernel reads them.
+template <class Store>
+void plan_blocks(const QMatmulArgs& a, BlockPlan& p, Store store) {
+  p.blocks = (a.K + kActBlock - 1) / kActBlock;
+  const int64_t Kp = p.blocks * kActBlock;
+  p.G = (Kp + a.group_size - 1) / a.group_size;
+  p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
+  std::vector<int8_t> q(Kp);
+  p.d.assign((size_t)(a.M * p.blocks), 0.f);
+  p.xsum.assign((size_t)(a.M * p.G), 0.f);
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* d = p.d.data() + m * p.blocks;
+    quantize_row(a, m, Kp, q.data(), d);
+    add_group_sums(q.data(), d, Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
+    store(m, q.data());
+  }
+}
+
 // The fallback: x^ = d * q in fp32, then the exact kernels.
 void fake_quantized_matmul(const QMatmulArgs& a) {
   const int64_t Kq = (a.K + kActBlock - 1) / kActBlock * kActBlock;
@@ -586,39 +615,24 @@ PYENGINE_INLINE inline __m256i rows8_nibbles3(__m256i low0, __m256i low1, __m256
 #endif
 }
 
-struct Rows8Plan {
-  int64_t blocks;          // activation blocks of 32 codes covering K
-  int64_t G;               // weight groups
-  int64_t group_blocks;    // activation blocks per weight group (all of them when G == 1)
-  std::vector<int32_t> xq; // [M][plane words][planes] the 4 activation bytes of each
-  std::vector<float> d;    // [M][blocks] activation scales
-  std::vector<float> xsum; // [M][G] sum over the group of x^ = d * q
+struct Rows8Plan : BlockPlan {
+  std::vector<int32_t> xq;  // [M][plane words][planes] the 4 activation bytes of each
 };
 
 template <int BITS>
 Rows8Plan plan_rows8(const QMatmulArgs& a) {
   using L = Rows8Layout<BITS>;
   Rows8Plan p;
-  p.blocks = (a.K + kActBlock - 1) / kActBlock;
-  const int64_t Kp = p.blocks * kActBlock;
-  p.G = (Kp + a.group_size - 1) / a.group_size;
-  p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
-  const int64_t words = p.blocks * L::kPlaneWords;
-  std::vector<int8_t> q(Kp);
+  const int64_t words = (a.K + kActBlock - 1) / kActBlock * L::kPlaneWords;
   p.xq.assign((size_t)(a.M * words * L::kPlanes), 0);
-  p.d.assign((size_t)(a.M * p.blocks), 0.f);
-  p.xsum.assign((size_t)(a.M * p.G), 0.f);
-  for (int64_t m = 0; m < a.M; ++m) {
-    float* d = p.d.data() + m * p.blocks;
-    quantize_row(a, m, Kp, q.data(), d);
-    add_group_sums(q.data(), d, Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
+  plan_blocks(a, p, [&](int64_t m, const int8_t* q) {
     int8_t* xm = reinterpret_cast<int8_t*>(p.xq.data() + m * words * L::kPlanes);
     for (int64_t w = 0; w < words; ++w)
       for (int pl = 0; pl < L::kPlanes; ++pl)
         for (int i = 0; i < 4; ++i)
           xm[(w * L::kPlanes + pl) * 4 + i] =
               q[w / L::kPlaneWords * kActBlock + L::code_of(w % L::kPlaneWords, pl, i)];
-  }
+  });
   return p;
 }
 
@@ -821,37 +835,23 @@ struct PortableLayout {
 
 constexpr int kPortableRowBlock = 4;  // activation rows per pass over a weight row
 
-struct PortablePlan {
-  int64_t blocks;           // activation blocks of 32 codes covering K
-  int64_t G;                // weight groups
-  int64_t group_blocks;     // activation blocks per weight group (all of them when G == 1)
+struct PortablePlan : BlockPlan {
   std::vector<int16_t> xp;  // [M][blocks][32] activations in plane order
-  std::vector<float> d;     // [M][blocks] activation scales
-  std::vector<float> xsum;  // [M][G] sum over the group of x^ = d * q
 };
 
 template <int BITS>
 PortablePlan plan_portable(const QMatmulArgs& a) {
   using L = PortableLayout<BITS>;
   PortablePlan p;
-  p.blocks = (a.K + kActBlock - 1) / kActBlock;
-  const int64_t Kp = p.blocks * kActBlock;
-  p.G = (Kp + a.group_size - 1) / a.group_size;
-  p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
-  std::vector<int8_t> q(Kp);
+  const int64_t Kp = (a.K + kActBlock - 1) / kActBlock * kActBlock;
   p.xp.assign((size_t)(a.M * Kp), 0);
-  p.d.assign((size_t)(a.M * p.blocks), 0.f);
-  p.xsum.assign((size_t)(a.M * p.G), 0.f);
-  for (int64_t m = 0; m < a.M; ++m) {
-    float* d = p.d.data() + m * p.blocks;
-    quantize_row(a, m, Kp, q.data(), d);
-    add_group_sums(q.data(), d, Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
+  plan_blocks(a, p, [&](int64_t m, const int8_t* q) {
     int16_t* xm = p.xp.data() + m * Kp;
-    for (int64_t b = 0; b < p.blocks; ++b)
+    for (int64_t b = 0; b < Kp / kActBlock; ++b)
       for (int j = 0; j < L::kPlanes; ++j)
         for (int i = 0; i < L::kBlockBytes; ++i)
           xm[b * kActBlock + j * L::kBlockBytes + i] = q[b * kActBlock + L::kPlanes * i + j];
-  }
+  });
   return p;
 }
 
