@@ -855,13 +855,13 @@ PortablePlan plan_portable(const QMatmulArgs& a) {
   return p;
 }
 
-// GCC / Clang vectors of the portable path (SSE2 registers on x86-64, NEON on AArch64).
+// GCC / Clang vectors of the portable path (SSE2 registers on x86-64, NEON on AArch64; v4f and
+// hsum from kernel_util.h).
 typedef uint8_t pv16u8 __attribute__((vector_size(16)));
 typedef uint64_t pv2u64 __attribute__((vector_size(16)));
 typedef int16_t pv8i16 __attribute__((vector_size(16)));
 typedef int32_t pv4i32 __attribute__((vector_size(16)));
 typedef uint32_t pv4u32 __attribute__((vector_size(16)));
-typedef float pv4f __attribute__((vector_size(16)));
 
 // 8-bit codes: sum over the block's codes c of c * q (bytes: its 32 code bytes; x: its
 // activations), in a loop of the form the compilers' dot-product idiom recognizes.
@@ -927,14 +927,12 @@ static_assert(4 * 15 * 127 < 32767 && 4 * 3 * 127 < 32767, "portable int16 lanes
 // Sums of the int16 lanes 2i and 2i + 1 of v as float lanes i (the lanes read as int32: the
 // low half sign-extended by a shift up and an arithmetic shift down, the high half by the
 // arithmetic shift alone; what pmaddwd by ones does, in operations every target has).
-PYENGINE_INLINE inline pv4f pair_sums(pv8i16 v) {
+PYENGINE_INLINE inline v4f pair_sums(pv8i16 v) {
   pv4u32 u;  // shifted up unsigned: a signed left shift of a negative value is undefined
   std::memcpy(&u, &v, sizeof(u));
   const pv4i32 low = (pv4i32)(u << 16) >> 16, high = (pv4i32)u >> 16;
-  return __builtin_convertvector(low + high, pv4f);
+  return __builtin_convertvector(low + high, v4f);
 }
-
-inline float portable_hsum(pv4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 // Weight rows [lo, hi) against activation rows [m0, m0 + MB): out32[m][n].
 template <int BITS, int MB>
@@ -945,13 +943,13 @@ void portable_rows(const QMatmulArgs& a, const PortablePlan& p, int64_t m0, int6
   for (int64_t n = lo; n < hi; ++n) {
     group_params(a, n, p.G, 1.f, symmetric_zero, sf, bf);  // w = c * sf + bf
     const uint8_t* row = reinterpret_cast<const uint8_t*>(a.qweight + n * a.ldq);
-    pv4f acc[MB];           // lanes of sum_g sf[g] * sum_b d[b] * (codes . q over block b)
+    v4f acc[MB];            // lanes of sum_g sf[g] * sum_b d[b] * (codes . q over block b)
     float offsets[MB] = {};  // sum_g bf[g] * xsum[g]
-    for (int m = 0; m < MB; ++m) acc[m] = pv4f{};
+    for (int m = 0; m < MB; ++m) acc[m] = v4f{};
     for (int64_t g = 0, b0 = 0; g < p.G; ++g, b0 += p.group_blocks) {
       const int64_t b1 = std::min(p.blocks, b0 + p.group_blocks);
-      pv4f gacc[MB];
-      for (int m = 0; m < MB; ++m) gacc[m] = pv4f{};
+      v4f gacc[MB];
+      for (int m = 0; m < MB; ++m) gacc[m] = v4f{};
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* bytes = row + b * L::kBlockBytes;
         for (int m = 0; m < MB; ++m) {
@@ -969,7 +967,7 @@ void portable_rows(const QMatmulArgs& a, const PortablePlan& p, int64_t m0, int6
         offsets[m] += bf[g] * p.xsum[(m0 + m) * p.G + g];
       }
     }
-    for (int m = 0; m < MB; ++m) out32[(m0 + m) * a.N + n] = portable_hsum(acc[m]) + offsets[m];
+    for (int m = 0; m < MB; ++m) out32[(m0 + m) * a.N + n] = hsum(acc[m]) + offsets[m];
   }
 }
 
