@@ -409,21 +409,35 @@ PYBIND11_MODULE(_C, m) {
         m, "QMatmulCall", py::module_local(),
         "qmatmul_cpu with the weight, bias, dtypes, sizes, layout and instruction set bound once "
         "(the arguments of qmatmul_cpu but x, ldx, out, ldo, accumulate and M); call it with "
-        "those (pointers as integers) and the thread count.")
+        "those (pointers as integers) and the thread count. With interleave=8, canonical_*: the "
+        "same weight in the canonical layout (qweight, ldq, scales, zeros, lds), read by the "
+        "calls the interleaved kernel does not serve (otherwise each converts the rows back).")
         .def(py::init([](PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_BOUND_ARGS),
-                         const std::string& isa, int act_bits, int interleave) {
+                         const std::string& isa, int act_bits, int interleave,
+                         uintptr_t canonical_qweight, int64_t canonical_ldq,
+                         uintptr_t canonical_scales, uintptr_t canonical_zeros,
+                         int64_t canonical_lds) {
                QMatmulCall c;
                PYENGINE_SET_ARGS(PYENGINE_QMATMUL_BOUND_ARGS, c.args);
                c.args.ldx = K;  // x, out and M come with each call: strides that pass the checks
                c.args.ldo = N;
                c.args.act_bits = act_bits;
                c.args.interleave = interleave;
+               QMatmulArgs::CanonicalRows& rows = c.args.canonical;
+               pyengine::set_arg(rows.qweight, canonical_qweight);
+               rows.ldq = canonical_ldq;
+               pyengine::set_arg(rows.scales, canonical_scales);
+               pyengine::set_arg(rows.zeros, canonical_zeros);
+               rows.lds = canonical_lds;
                c.isa = isa;
                pyengine::check_qmatmul_args("QMatmulCall", c.args);  // M = 0: no pointer read
                return c;
              }),
              PYENGINE_PY_ARGS(PYENGINE_QMATMUL_BOUND_ARGS), py::arg("isa") = "",
-             py::arg("act_bits") = 0, py::arg("interleave") = 0)
+             py::arg("act_bits") = 0, py::arg("interleave") = 0,
+             py::arg("canonical_qweight") = 0, py::arg("canonical_ldq") = 0,
+             py::arg("canonical_scales") = 0, py::arg("canonical_zeros") = 0,
+             py::arg("canonical_lds") = 0)
         .def(
             "__call__",
             [](const QMatmulCall& c, PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_PER_CALL_ARGS),

@@ -67,7 +67,32 @@ struct QMatmulArgs : MatmulProblem {
   // of split3_high_bit), and group g's scale / zero of that row at + (8o) * lds + 8g + r; N
   // must be a multiple of 8.
   int interleave = 0;
+  // With interleave: the same rows in the canonical layout (qweight, ldq, scales, zeros and lds
+  // as above with interleave 0), read by the calls the interleaved kernel does not serve (M
+  // above the decode sizes, float activations, the generic build). Null: those calls convert
+  // the interleaved rows back on every call (cpu/kernel_util.h: deinterleaved).
+  struct CanonicalRows {
+    const uint32_t* qweight = nullptr;
+    int64_t ldq = 0;
+    const void* scales = nullptr;
+    const void* zeros = nullptr;
+    int64_t lds = 0;
+  } canonical;
 };
+
+// An interleaved call's arguments on its canonical rows (QMatmulArgs::canonical, which must be
+// set): the same problem with interleave 0.
+inline QMatmulArgs on_canonical_rows(const QMatmulArgs& a) {
+  QMatmulArgs c = a;
+  c.interleave = 0;
+  c.qweight = a.canonical.qweight;
+  c.ldq = a.canonical.ldq;
+  c.scales = a.canonical.scales;
+  c.zeros = a.canonical.zeros;
+  c.lds = a.canonical.lds;
+  c.canonical = QMatmulArgs::CanonicalRows();
+  return c;
+}
 
 // 3-bit codes in the row-interleaved layout (docs/FORMAT.md; split_3bit_blocks in
 // pyengine/backends/cpu.py): a block of 32 codes c = 16t + 4i + p (t < 2, i < 4, p < 4) keeps
@@ -149,6 +174,16 @@ inline void check_qmatmul_args(const char* op, const QMatmulArgs& a) {
   if (a.ldq < (a.K + 31) / 32 * a.bits) fail("ldq is smaller than the packed length of K");
   if (a.interleave != 0 && a.interleave != 8) fail("interleave must be 0 or 8");
   if (a.interleave && a.N % a.interleave) fail("N must be a multiple of the row interleave");
+  const QMatmulArgs::CanonicalRows& c = a.canonical;
+  if (c.qweight || c.scales || c.zeros) {
+    if (!a.interleave) fail("canonical rows are given for a call that is not interleaved");
+    if (!c.qweight || !c.scales) fail("canonical rows without their words or scales");
+    if (!c.zeros != !a.zeros) fail("canonical rows and interleaved rows differ in zero points");
+    if (c.ldq < (a.K + 31) / 32 * a.bits)
+      fail("the canonical ldq is smaller than the packed length of K");
+    if (c.lds < (a.K + a.group_size - 1) / a.group_size)
+      fail("the canonical lds is smaller than the number of groups of K");
+  }
 }
 
 // The fragment-native decode call (csrc/mma_frag.h: MmaDecodeArgs).

@@ -234,7 +234,8 @@ size_t dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // Rows [lo, hi) of a matmul as a call of its own on one thread: the weight's rows (canonical or
 // interleaved alike: row lo starts at lo * ldq words and lo * lds scales; lo is a multiple of
-// the interleave), the bias and the output columns shifted.
+// the interleave; an interleaved call's canonical rows too), the bias and the output columns
+// shifted.
 QMatmulArgs row_slice(const QMatmulArgs& a, int64_t lo, int64_t hi) {
   QMatmulArgs s = a;
   s.N = hi - lo;
@@ -243,6 +244,12 @@ QMatmulArgs row_slice(const QMatmulArgs& a, int64_t lo, int64_t hi) {
   const size_t sz = dtype_bytes(a.sz_dtype);
   s.scales = static_cast<const char*>(a.scales) + lo * a.lds * sz;
   if (a.zeros) s.zeros = static_cast<const char*>(a.zeros) + lo * a.lds * sz;
+  if (a.canonical.qweight) {  // the canonical rows of an interleaved call: row lo likewise
+    s.canonical.qweight = a.canonical.qweight + lo * a.canonical.ldq;
+    s.canonical.scales = static_cast<const char*>(a.canonical.scales) + lo * a.canonical.lds * sz;
+    if (a.canonical.zeros)
+      s.canonical.zeros = static_cast<const char*>(a.canonical.zeros) + lo * a.canonical.lds * sz;
+  }
   if (a.bias) s.bias = static_cast<const char*>(a.bias) + lo * dtype_bytes(a.bias_dtype);
   s.out = static_cast<char*>(a.out) + lo * dtype_bytes(a.out_dtype);
   return s;

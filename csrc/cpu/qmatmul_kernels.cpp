@@ -606,10 +606,12 @@ void run(const QMatmulArgs& a, float* out32) {
 
 void qmatmul(const QMatmulArgs& a) {
   if (a.M == 0 || a.N == 0) return;
-  if (a.interleave) {  // row-interleaved weights: the decode kernel, else a canonical copy
+  if (a.interleave) {  // row-interleaved weights: the decode kernel, else the canonical rows
     if (rows8_native(a)) {
       qmatmul_rows8(a);
-    } else {
+    } else if (a.canonical.qweight) {
+      qmatmul(on_canonical_rows(a));
+    } else {  // none given: a canonical copy for this call
       std::vector<uint32_t> words;
       std::vector<uint8_t> scales, zeros;
       qmatmul(deinterleaved(a, words, scales, zeros));

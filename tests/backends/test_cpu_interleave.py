@@ -1,7 +1,7 @@
 """The CPU row-interleaved layout (QMatmulArgs::interleave = 8): the layout itself, qmatmul_cpu on
 it on every instruction-set build (the decode kernel for int8 activations at M <= 8, a canonical
 copy everywhere else) against the reference product, and the prepared calls of bind_linear that
-use it."""
+use it (with the weight's canonical rows for the other calls)."""
 
 from __future__ import annotations
 
@@ -150,6 +150,65 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
             kernel(x, out, False)
             want = ops.qlinear(x, qw, bias, act_bits=8, backend="torch")
             assert_matches(out, want, torch.float32, f"{isa} bound {bits}-bit N={n} M={m}")
+
+
+@pytest.mark.parametrize("isa", [i for i in USABLE_ISAS if i != "generic"])
+def test_bound_calls_off_the_decode_kernel_read_the_canonical_rows(isa, rng):
+    """A prepared interleaved call hands the calls its decode kernel does not serve (M > 8) the
+    weight's own canonical rows instead of converting the interleaved copy back on each call:
+    with the copy overwritten, the decode sizes go wrong and the prefill sizes stay right, both
+    when called and when run by a StepProgram on two threads (whose row slices shift the
+    canonical rows as well)."""
+    backend = CpuBackend(isa=isa)
+    ext = extension()
+    for bits in BITS:
+        n, k = 40, 300
+        qw = pyengine.quantize(random_weight(n, k, rng), bits, 64, clip_search=False)
+        bias = torch.randn(n, generator=rng)
+        kernel = backend.bind(packed_operand(qw), n, k, bias, act_bits=8)
+        words = kernel.keep[2][0]
+        assert words.data_ptr() != qw.qweight.data_ptr()
+        words.fill_(-1)                                    # every interleaved code at its top
+        for m, program in itertools.product((1, 11), (False, True)):
+            x = torch.randn(m, k, generator=rng)
+            out = poisoned((m, n), torch.float32, "cpu")
+            if program:
+                step = ext.StepProgram()
+                step.add_call(kernel.native_call, x.data_ptr(), k, out.data_ptr(), n, m, False)
+                step.run(0, 2, False)
+            else:
+                kernel(x, out, False)
+            want = ops.qlinear(x, qw, bias, act_bits=8, backend="torch")
+            what = f"{isa} {bits}-bit M={m} program={program}"
+            if m == 1:  # the decode kernel reads the overwritten copy
+                assert not torch.allclose(out, want, rtol=1e-2, atol=1e-2), what
+            else:
+                assert_matches(out, want, torch.float32, what)
+
+
+def test_a_prepared_call_checks_its_canonical_rows(rng):
+    """QMatmulCall's canonical_* arguments are checked when the call is made."""
+    qw = pyengine.quantize(random_weight(16, 64, rng), 4, 32, clip_search=False)
+    q, s, z = qw.qweight.data_ptr(), qw.scales.data_ptr(), qw.zeros.data_ptr()
+
+    def make(interleave=8, **canonical):
+        rows = dict(canonical_qweight=q, canonical_ldq=8, canonical_scales=s,
+                    canonical_zeros=z, canonical_lds=2)
+        rows.update(canonical)
+        return extension().QMatmulCall(q, 8, s, z, 0, 2, 0, 0, 0, 0, 16, 64, 4, 32, "", 8,
+                                       interleave, **rows)
+
+    make()
+    with pytest.raises(ValueError, match="not interleaved"):
+        make(interleave=0)
+    with pytest.raises(ValueError, match="without their words or scales"):
+        make(canonical_scales=0)
+    with pytest.raises(ValueError, match="differ in zero points"):
+        make(canonical_zeros=0)
+    with pytest.raises(ValueError, match="canonical ldq"):
+        make(canonical_ldq=7)
+    with pytest.raises(ValueError, match="canonical lds"):
+        make(canonical_lds=1)
 
 
 @pytest.mark.skipif("avx512" not in USABLE_ISAS or not pyengine.build_info().get("cpu_vnni"),

@@ -70,8 +70,9 @@ def test_bound_functions_take_the_exported_lists():
                                                       "interleave"]
     assert _parameters(EXT.plane_matmul_cpu) == plane + ["num_threads", "isa"]
     assert _parameters(EXT.mma_decode_emulate) == mma
-    assert _parameters(EXT.QMatmulCall.__init__) == ["self"] + bound + ["isa", "act_bits",
-                                                                         "interleave"]
+    assert _parameters(EXT.QMatmulCall.__init__) == ["self"] + bound + [
+        "isa", "act_bits", "interleave", "canonical_qweight", "canonical_ldq", "canonical_scales",
+        "canonical_zeros", "canonical_lds"]
     assert _parameters(EXT.QMatmulCall.__call__) == ["self"] + per_call + ["num_threads"]
     assert _parameters(EXT.StepProgram.add_call) == ["self", "call"] + per_call
     if hasattr(EXT, "qmatmul_cuda"):
