@@ -10,8 +10,9 @@ AVX512_VNNI.
 
     python benchmarks/bench_cpu_vnni.py [--shapes 14336x4096,4096x14336] [--bits 8]
 
-The kernels take vpdpbusd for 8-bit codes only (act8_kernels.cpp: dpbusd); the other widths
-ignore the switch (their rows show the noise of two identical paths).
+On the canonical rows the kernels take vpdpbusd for 8-bit codes only (act8_kernels.cpp:
+dpbusd): the other widths' canonical rows ignore the switch (they show the noise of two
+identical paths). The interleaved copy takes it for every width.
 """
 
 from __future__ import annotations

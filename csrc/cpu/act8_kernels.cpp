@@ -133,9 +133,13 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
 
 // vpdpbusd (AVX512_VNNI, also on 256-bit vectors with AVX512VL): acc.s32[i] += sum over j < 4 of
 // u8.u8[4i + j] * s8.s8[4i + j], without saturation: no s16 pair sums to keep in range, so 8-bit
-// codes are multiplied whole instead of as two nibbles. Taken for 8-bit codes only: for 2, 3 and
-// 4 bits (one vpdpbusd per plane instead of vpmaddubsw and an s16 add) it measured between 2.5%
-// slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster.
+// codes are multiplied whole instead of as two nibbles, and narrower planes need not be shifted
+// down (rows8_octet). The canonical-row kernels take it for 8-bit codes only: for 2, 3 and 4 bits
+// there (one vpdpbusd per plane instead of vpmaddubsw and an s16 add) it measured between 2.5%
+// slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster. The
+// interleaved kernel takes it for every width, with the activations broadcast by the instruction
+// (dpbusd_broadcast) and the planes scaled: fewer instructions per weight byte, which is what
+// bounds its 2- and 3-bit codes.
 // In inline assembly, so that the build needs no VNNI flag: the kernels take it only where
 // vnni_enabled() (dispatch.cpp) says the CPU has it; the AVX2 build (AMD Zen 3 has no VNNI)
 // never does.
@@ -146,11 +150,20 @@ PYENGINE_INLINE inline V dpbusd(V acc, V u8, V s8) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
   return acc;
 }
+// The same with the four activation bytes read from memory and broadcast to every lane by the
+// instruction itself ({1to8}): one instruction where a broadcast load and vpdpbusd would be two.
+PYENGINE_INLINE inline __m256i dpbusd_broadcast(__m256i acc, __m256i u8, const int32_t* s8x4) {
+  asm("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*s8x4));
+  return acc;
+}
 #else
 constexpr bool kVnniBuild = false;
 template <class V>
 PYENGINE_INLINE inline V dpbusd(V acc, V, V) {
   return acc;  // never called: no VNNI path in this build
+}
+PYENGINE_INLINE inline __m256i dpbusd_broadcast(__m256i acc, __m256i, const int32_t*) {
+  return acc;
 }
 #endif
 
@@ -667,7 +680,8 @@ inline void rows8_params(const QMatmulArgs& a, const float symmetric_zero, int64
 }
 
 // Octet o of weight rows against activation rows [m0, m0 + MB): out32[m][8o .. 8o + 8).
-// VNNI (8-bit codes): the dot products by vpdpbusd into s32 lanes, the codes whole.
+// VNNI: the dot products by vpdpbusd into s32 lanes (8-bit codes whole, narrower ones as scaled
+// planes); otherwise by vpmaddubsw s16 pair sums of planes shifted down.
 template <int BITS, int MB, bool VNNI>
 void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o,
                  float* out32) {
@@ -692,15 +706,57 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
     unroll<MB>([&](auto m) PYENGINE_INLINE { sacc[m] = _mm256_setzero_ps(); });
     for (int64_t b = b0; b < b1; ++b) {
       __m256i lanes[MB];
-      if constexpr (VNNI) {  // 8-bit codes whole (see dpbusd)
-        static_assert(BITS == 8, "vpdpbusd is taken for 8-bit codes only");
+      if constexpr (VNNI && BITS == 8) {  // 8-bit codes whole (see dpbusd)
         unroll<MB>([&](auto m) PYENGINE_INLINE { lanes[m] = _mm256_setzero_si256(); });
         unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
           const int64_t w = b * L::kBlockWords + v;
           const __m256i word = load(w);
           unroll<MB>([&](auto m) PYENGINE_INLINE {
-            lanes[m] = dpbusd(lanes[m], word, _mm256_set1_epi32(xq[(m * words + w) * P]));
+            lanes[m] = dpbusd_broadcast(lanes[m], word, xq + (m * words + w) * P);
           });
+        });
+      } else if constexpr (VNNI) {
+        // Scaled planes: vpdpbusd sums in s32 without saturation, so a plane need not be
+        // shifted down to bits 0.. of its bytes: (word & mask << s) holds 2^s times the codes,
+        // and each power of two accumulates apart (exactly: every product is a multiple of it)
+        // and is shifted down once per block. 2 bits: planes 0 and 2 at x1 (the second after
+        // one 16-bit shift by 4), 1 and 3 at x4; 3 bits (nibble words, junk bit 3 masked) and
+        // 4 bits: the low nibble at x1, the high one at x16.
+        constexpr int kScaleShift = BITS == 2 ? 2 : 4;
+        const __m256i low_mask = _mm256_set1_epi8((char)L::kMask);
+        const __m256i high_mask = _mm256_set1_epi8((char)(L::kMask << kScaleShift));
+        __m256i unscaled[MB], scaled[MB];
+        unroll<MB>([&](auto m) PYENGINE_INLINE {
+          unscaled[m] = _mm256_setzero_si256();
+          scaled[m] = _mm256_setzero_si256();
+        });
+        // plane word w's low / high plane pair (pl, pl + 1) in `bytes` against the activations
+        auto add_pair = [&](int64_t w, int pl, __m256i bytes) PYENGINE_INLINE {
+          const __m256i low = _mm256_and_si256(bytes, low_mask);
+          const __m256i high = _mm256_and_si256(bytes, high_mask);
+          unroll<MB>([&](auto m) PYENGINE_INLINE {
+            const int32_t* x = xq + (m * words + w) * P + pl;
+            unscaled[m] = dpbusd_broadcast(unscaled[m], low, x);
+            scaled[m] = dpbusd_broadcast(scaled[m], high, x + 1);
+          });
+        };
+        if constexpr (BITS == 3) {
+          const int64_t w0 = b * L::kBlockWords;
+          const __m256i low0 = load(w0), low1 = load(w0 + 1), high = load(w0 + 2);
+          unroll<L::kPlaneWords>([&](auto v) PYENGINE_INLINE {
+            add_pair(b * L::kPlaneWords + v, 0,
+                     rows8_nibbles3<decltype(v)::value>(low0, low1, high));
+          });
+        } else {
+          unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
+            const int64_t w = b * L::kBlockWords + v;
+            const __m256i word = load(w);
+            add_pair(w, 0, word);
+            if constexpr (BITS == 2) add_pair(w, 2, _mm256_srli_epi16(word, 4));
+          });
+        }
+        unroll<MB>([&](auto m) PYENGINE_INLINE {
+          lanes[m] = _mm256_add_epi32(unscaled[m], _mm256_srai_epi32(scaled[m], kScaleShift));
         });
       } else {
         // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
@@ -795,7 +851,7 @@ void rows8_decode_with(const QMatmulArgs& a, float* out32) {
 
 template <int BITS>
 void rows8_decode(const QMatmulArgs& a, float* out32) {
-  constexpr bool kVnni = BITS == 8 && kVnniBuild;  // see dpbusd
+  constexpr bool kVnni = kVnniBuild;  // see dpbusd and rows8_octet
   if (kVnni && vnni_enabled()) rows8_decode_with<BITS, kVnni>(a, out32);
   else rows8_decode_with<BITS, false>(a, out32);
 }

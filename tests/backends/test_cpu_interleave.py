@@ -215,11 +215,12 @@ def test_a_prepared_call_checks_its_canonical_rows(rng):
                     reason="the AVX-512 build's vpdpbusd path needs a CPU with AVX512_VNNI")
 @pytest.mark.parametrize("bits", BITS)
 def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
-    """The AVX-512 build's int8-activation kernels with vpdpbusd (the default on a VNNI CPU, for
-    8-bit codes) and without (PYENGINE_CPU_VNNI=0: vpmaddubsw pair sums of nibbles) compute the
-    same integer dot products: the outputs agree bit for bit, on the canonical rows and on the
-    interleaved copy, with codes at both extremes and the largest activations. (2, 3 and 4 bits
-    take the pair sums either way: the switch must not change them either.)"""
+    """The AVX-512 build's int8-activation kernels with vpdpbusd (the default on a VNNI CPU: for
+    8-bit codes on the canonical rows, for every width on the interleaved copy) and without
+    (PYENGINE_CPU_VNNI=0: vpmaddubsw pair sums of planes) compute the same integer dot products:
+    the outputs agree bit for bit, on the canonical rows and on the interleaved copy, with codes
+    at both extremes and the largest activations. (The canonical rows of 2, 3 and 4 bits take the
+    pair sums either way: the switch must not change them either.)"""
     n, k = 48, 1000
     for group_size, m in ((32, 1), (128, 3), (-1, 8)):
         w = random_weight(n, k, rng)
