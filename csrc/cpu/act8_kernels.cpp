@@ -689,6 +689,7 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
   constexpr int P = L::kPlanes;
   const __m256i mask = _mm256_set1_epi8((char)L::kMask), ones = _mm256_set1_epi16(1);
   const __m256i sixteens = _mm256_set1_epi16(16);
+  const __m256i scaled_mask = _mm256_set1_epi8((char)(L::kMask << 2));  // 2 bits: see below
   const int64_t words = p.blocks * L::kPlaneWords;  // plane words of a row (xq's)
   const uint32_t* __restrict wbase = a.qweight + o * kInterleave * a.ldq;
   const int32_t* __restrict xq = p.xq.data() + m0 * words * P;
@@ -759,9 +760,10 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
           lanes[m] = _mm256_add_epi32(unscaled[m], _mm256_srai_epi32(scaled[m], kScaleShift));
         });
       } else {
-        // s16 pair sums of the block (8-bit codes: low and high nibbles apart); in range: a
-        // block adds planes x plane words (int4: 2 x 4, int3: 2 x 4, int2: 4 x 2, int8: 8 per
-        // nibble) pairs of at most 2 * 15 * 127 (int3: 2 * 7 * 127, int2: 2 * 3 * 127)
+        // s16 pair sums of the block (8-bit codes: low and high nibbles apart; 2-bit codes:
+        // planes at x1 and x4 apart); in range: a block adds planes x plane words (int4: 2 x 4,
+        // int3: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of at most 2 * 15 * 127 (int3:
+        // 2 * 7 * 127, int2: 2 * 3 * 127 at x1 and 2 * 12 * 127 at x4)
         __m256i lo[MB], hi[MB];
         unroll<MB>([&](auto m) PYENGINE_INLINE {
           lo[m] = _mm256_setzero_si256();
@@ -789,7 +791,21 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
           unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
             const int64_t w = b * L::kBlockWords + v;
             const __m256i word = load(w);
-            if constexpr (BITS == 8) {
+            if constexpr (BITS == 2) {
+              // planes 1 and 3 masked in place at x4 (one shift instead of three): their pair
+              // sums go to hi, shifted down once per block below (exactly: multiples of 4)
+              const __m256i shifted = _mm256_srli_epi16(word, 4);
+              const __m256i planes[4] = {
+                  _mm256_and_si256(word, mask), _mm256_and_si256(word, scaled_mask),
+                  _mm256_and_si256(shifted, mask), _mm256_and_si256(shifted, scaled_mask)};
+              unroll<4>([&](auto pl) PYENGINE_INLINE {
+                unroll<MB>([&](auto m) PYENGINE_INLINE {
+                  const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
+                  __m256i& sums = decltype(pl)::value & 1 ? hi[m] : lo[m];
+                  sums = _mm256_add_epi16(sums, _mm256_maddubs_epi16(planes[pl], xb));
+                });
+              });
+            } else if constexpr (BITS == 8) {
               const __m256i low = _mm256_and_si256(word, mask);
               const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
               unroll<MB>([&](auto m) PYENGINE_INLINE {
@@ -803,6 +819,7 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
           });
         }
         unroll<MB>([&](auto m) PYENGINE_INLINE {
+          if constexpr (BITS == 2) lo[m] = _mm256_add_epi16(lo[m], _mm256_srai_epi16(hi[m], 2));
           lanes[m] = _mm256_madd_epi16(lo[m], ones);
           if constexpr (BITS == 8)
             lanes[m] = _mm256_add_epi32(lanes[m], _mm256_madd_epi16(hi[m], sixteens));
@@ -825,7 +842,7 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
     _mm256_storeu_ps(out32 + (m0 + m) * a.N + o * kInterleave, acc[m]);
   });
 }
-static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 7 * 127 < 32767 && 2 * 8 * 3 * 127 < 32767 &&
+static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 7 * 127 < 32767 && 2 * 4 * 12 * 127 < 32767 &&
                   2 * 8 * 15 * 127 < 32767,
               "rows8 s16 pair sums of one activation block");
 
