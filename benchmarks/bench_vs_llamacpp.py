@@ -50,6 +50,7 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
+from pyengine.backends import huge_pages  # noqa: E402
 
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int3_a8", "int2_a8",
@@ -168,13 +169,18 @@ def pyengine_tokens_per_s(model: torch.nn.Module, threads: int, new_tokens: int,
 
 
 def _rounds(args, llama: Dict[str, Path], bin_dir: Path, models: Dict[str, torch.nn.Module],
-            runs: Dict[tuple, List[float]], copy_gbps: Dict[int, List[float]]) -> None:
-    """The timed rounds: per round and thread count, a copy's bandwidth, then every llama.cpp
-    file and every pyengine model once, in turn."""
+            runs: Dict[tuple, List[float]], copy_gbps: Dict[tuple, List[float]]) -> None:
+    """The timed rounds: per round and thread count, a copy's bandwidth (in ordinary memory and,
+    where the OS has them, in the huge pages that hold the decoder's weight copies), then every
+    llama.cpp file and every pyengine model once, in turn."""
+    huge = huge_pages.unavailable_reason() is None
     for r in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
-            copy_gbps.setdefault(threads, []).append(common.copy_bandwidth_gbps("cpu"))
+            copy_gbps.setdefault((threads, False), []).append(common.copy_bandwidth_gbps("cpu"))
+            if huge:
+                copy_gbps.setdefault((threads, True), []).append(
+                    common.copy_bandwidth_gbps("cpu", huge_pages=True))
             for t, path in llama.items():
                 runs.setdefault(("llama.cpp", t, threads), []).append(
                     llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))
@@ -235,7 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 .prepared_bytes for c, m in models.items()}
 
     runs: Dict[tuple, List[float]] = {}
-    copy_gbps: Dict[int, List[float]] = {}  # a copy's bandwidth (read + write) per thread count
+    # a copy's bandwidth (read + write) per thread count and memory (True: huge pages)
+    copy_gbps: Dict[tuple, List[float]] = {}
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(args.competing_load)]
     try:
@@ -246,7 +253,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             proc.wait()
 
     rows = []
-    bandwidth = {t: statistics.median(v) for t, v in copy_gbps.items()}
+    # the roofline's bandwidth: the faster memory's (a harder reference than the slower one)
+    medians = {key: statistics.median(v) for key, v in copy_gbps.items()}
+    bandwidth = {t: max(v for (tt, _), v in medians.items() if tt == t) for t, _ in medians}
     for (engine, config, threads), values in runs.items():
         size = sizes[(engine, config)]
         tokens_per_s = statistics.median(values)
@@ -268,6 +277,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 llama_cpp_tools=str(bin_dir), rounds=args.rounds, new_tokens=args.new_tokens,
                 params=params,
                 copy_gbps_by_threads={t: round(v, 1) for t, v in bandwidth.items()},
+                copy_gbps_ordinary_memory={t: round(v, 1) for (t, h), v in medians.items()
+                                           if not h},
+                copy_gbps_huge_pages={t: round(v, 1) for (t, h), v in medians.items() if h},
                 competing_load=args.competing_load)
     out = args.json or common.RESULTS / f"vs_llamacpp_{args.isa}.json"
     common.write_results(out, meta, rows)

@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
-    """Copy bandwidth of ``device`` in GB/s over a 256 MiB copy (the scripts' fixed size)."""
-    return _copy_bandwidth_gbps(device, nbytes)
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28, huge_pages: bool = False) -> float:
+    """Copy bandwidth of ``device`` in GB/s over a 256 MiB copy (the scripts' fixed size);
+    ``huge_pages``: in the memory of the prepared weight copies (pyengine.backends.huge_pages)."""
+    return _copy_bandwidth_gbps(device, nbytes, huge_pages)
 
 
 def write_results(path: Path, meta: Dict[str, object], rows: List[Dict[str, object]]) -> None:

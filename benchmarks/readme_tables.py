@@ -133,6 +133,10 @@ def vs_llamacpp_table(name: str) -> List[str]:
     copy = meta.get("copy_gbps_by_threads", {})
     copy_text = ", ".join(f"{v} GB/s with {t} thread{'s' if str(t) != '1' else ''}"
                           for t, v in copy.items())
+    huge, plain = meta.get("copy_gbps_huge_pages"), meta.get("copy_gbps_ordinary_memory")
+    huge_text = (f"; the faster of a copy in ordinary memory ({', '.join(map(str, plain.values()))}"
+                 f" GB/s) and in huge pages ({', '.join(map(str, huge.values()))} GB/s), which "
+                 f"hold the decoder's weight copies" if huge and plain else "")
     return ([f"**Decode against llama.cpp**, SmolLM2-135M from the same GGUF, batch 1, "
              f"{meta.get('new_tokens')} tokens, medians of {meta.get('rounds')} alternating "
              f"rounds; llama.cpp built for {meta.get('llama_cpp_isa')}, pyengine's "
@@ -140,7 +144,7 @@ def vs_llamacpp_table(name: str) -> List[str]:
              f"weight of the whole file / model; MB held: the model and the decoder's weight "
              f"copies (prepared_bytes); roofline: the model's bytes per token times "
              f"tokens/s against a copy's bandwidth with as many threads ({copy_text}, "
-             f"measured in the run) "
+             f"measured in the run{huge_text}) "
              f"({_source(name, meta)})", ""]
             + _table(["pyengine", "threads", "tokens/s", "bits/weight", "MB held", "of roofline",
                       "llama.cpp", "tokens/s", "bits/weight", "pyengine / llama.cpp"], body))
@@ -162,8 +166,11 @@ def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]
              f"{r['pct_copy_bw']:.0f}%", "" if speed_key is None else f"{r[speed_key]:.2f}x"]
             for r in rows]
     at = " and ".join(str(m) for m in ms)
+    huge = data["meta"].get("copy_bandwidth_huge_pages_gbps")
+    huge_note = (f", {huge} GB/s in huge pages, against which the rows8 rows (the decoder's "
+                 f"interleaved copies, held in huge pages) are measured" if huge else "")
     return ([f"**{title}** at M = {at} (copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} "
-             f"GB/s; {_source(name, data['meta'])})", ""]
+             f"GB/s{huge_note}; {_source(name, data['meta'])})", ""]
             + _table(["op", "backend", "bits", "group", "activations", "M", "N x K", "ms",
                       "GB/s", "of copy bw", speed_key or "speedup"], body))
 

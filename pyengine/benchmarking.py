@@ -93,12 +93,18 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", 
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
-def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None) -> float:
+def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None,
+                        huge_pages: bool = False) -> float:
     """Measured copy bandwidth of ``device``: (bytes read + bytes written) / time of a large
-    copy (64 MiB on a CPU, 256 MiB on a GPU unless ``nbytes`` is given)."""
+    copy (64 MiB on a CPU, 256 MiB on a GPU unless ``nbytes`` is given). ``huge_pages`` (CPU):
+    both buffers in the huge-page memory of the prepared weight copies
+    (pyengine.backends.huge_pages; ordinary memory where the OS has none)."""
     nbytes = nbytes or ((256 << 20) if device == "cuda" else (64 << 20))
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
+    if huge_pages and device == "cpu":
+        from .backends.huge_pages import huge_page_copy
+        src, dst = huge_page_copy(src), huge_page_copy(dst)
     if device == "cuda":
         ms = time_cuda(lambda: dst.copy_(src), warmup=3, reps=20)
     else:

@@ -22,6 +22,7 @@ from ._native import (dense_matmul_blas, packed_kernel_args, packed_weight_args,
                       plane_kernel_call, plane_kernel_unavailable_reason, plane_matmul_cpu,
                       run_native)
 from .base import Backend, LinearCase, PackedOperand
+from .huge_pages import huge_page_copy
 
 
 ISA_VARIABLE = "PYENGINE_CPU_ISA"
@@ -144,8 +145,9 @@ class CpuBackend(Backend):
         prepared, canonical = (), {}
         if interleave:
             # decode reads the rows in eights side by side: a copy in that layout
-            prepared = interleave_rows(weight.qweight, weight.scales, weight.zeros, n, k,
-                                       weight.bits)
+            # (in huge pages where the OS has them: the decode kernel streams it, huge_pages.py)
+            prepared = tuple(None if t is None else huge_page_copy(t) for t in interleave_rows(
+                weight.qweight, weight.scales, weight.zeros, n, k, weight.bits))
             words, scales, zeros = prepared
             wargs = (words.data_ptr(), words.shape[1], scales.data_ptr(),
                      0 if zeros is None else zeros.data_ptr(), DTYPE_CODES[scales.dtype],
