@@ -514,10 +514,13 @@ PYBIND11_MODULE(_C, m) {
               d["serial_ms"] = p.serial_times().mean_ms();
               d["parallel_runs"] = p.parallel_times().runs;
               d["serial_runs"] = p.serial_times().runs;
+              d["parallel_timed"] = p.parallel_times().timed;
+              d["serial_timed"] = p.serial_times().timed;
               return d;
             },
             "Recent step times of the parallel and one-thread schedules (ms, means of the last "
-            "runs of each; -1: not run yet) and how many runs took each.")
+            "timed runs of each; -1: none yet), how many runs took each and how many of them "
+            "were timed (not the first run after a switch of schedule).")
         .def_property_readonly("last_run_threads",
                                &pyengine::cpu::StepProgram::last_run_threads,
                                "Threads of the last run (1 when it took the one-thread "

@@ -269,8 +269,10 @@ void run_matmul(const QMatmulArgs& a, const std::string& isa) {
 // times slower, and those steps are what it costs), and the other one once in a while, so that
 // a change (the machine gets busy or quiet) is noticed: after the chosen schedule has run for
 // kProbeRatio times the other's mean step time, which bounds the time lost to tries near
-// 1 / kProbeRatio.
+// kProbeSteps / kProbeRatio. A try is kProbeSteps steps: the first after a switch is not timed
+// (ScheduleTimes), the others are.
 constexpr double kProbeRatio = 32;
+constexpr int kProbeSteps = 3;
 
 // What the process has learned of the machine: parallel / one-thread step time of the last
 // program that ran both (0: none yet). A new program (pyengine.Decoder makes one per decoder)
@@ -377,36 +379,42 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   bool parallel;
   const double serial_ms = serial_.mean_ms();
   const double learned = g_parallel_over_serial.load(std::memory_order_relaxed);
-  const double parallel_ms = parallel_.runs > 0 ? parallel_.mean_ms()
-                             : learned > 0 && serial_.runs > 0 ? learned * serial_ms
-                                                               : -1;
-  if (serial_.runs == 0) {
+  const double parallel_ms = parallel_.timed > 0 ? parallel_.mean_ms()
+                             : learned > 0 && serial_.timed > 0 ? learned * serial_ms
+                                                                : -1;
+  if (serial_.timed == 0) {
     parallel = false;
   } else if (parallel_ms < 0) {
     parallel = true;
+  } else if (probe_steps_left_ > 0) {  // trying the other schedule: its steps in a row
+    parallel = last_schedule_ == 1;
+    --probe_steps_left_;
   } else {
     parallel = parallel_ms <= serial_ms;
     if (ms_since_probe_ >= kProbeRatio * (parallel ? serial_ms : parallel_ms)) {
       parallel = !parallel;
       ms_since_probe_ = 0;
+      probe_steps_left_ = kProbeSteps - 1;
     }
   }
+  const bool switched = last_schedule_ >= 0 && last_schedule_ != (int)parallel;
+  last_schedule_ = parallel ? 1 : 0;
   last_run_threads_ = parallel ? threads : 1;
   const auto start = std::chrono::steady_clock::now();
   if (parallel) run_parallel(position, threads);
   else run_serial(position);
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  (parallel ? parallel_ : serial_).add(ms);
+  (parallel ? parallel_ : serial_).add(ms, !switched);
   ms_since_probe_ += ms;
-  if (parallel_.runs > 0 && serial_.runs > 0)
+  if (parallel_.timed > 0 && serial_.timed > 0)
     g_parallel_over_serial.store(parallel_.mean_ms() / serial_.mean_ms(),
                                  std::memory_order_relaxed);
 }
 
 double StepProgram::ScheduleTimes::mean_ms() const {
-  if (runs == 0) return -1;
-  const int n = (int)std::min<int64_t>(runs, kRecentSteps);
+  if (timed == 0) return -1;
+  const int n = (int)std::min<int64_t>(timed, kRecentSteps);
   double total = 0;
   for (int i = 0; i < n; ++i) total += recent_ms[i];
   return total / n;

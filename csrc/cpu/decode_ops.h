@@ -108,14 +108,21 @@ class StepProgram {
   void run(int64_t position, int num_threads, bool adaptive = true);
   size_t size() const { return ops_.size(); }
 
-  // The step times of each schedule: the mean of its last kRecentSteps runs (ms; < 0: not
-  // run yet), and how many runs took it.
+  // The step times of each schedule: the mean of its last kRecentSteps timed runs (ms; < 0:
+  // none yet), how many runs took it and how many of them were timed. A run right after a
+  // switch of schedule is not timed: the threads of a parallel step wake from sleep and find
+  // their slices' caches cold then, and one such step would stand for the schedule (a probe
+  // that always looked slow would never switch back).
   static constexpr int kRecentSteps = 8;
   struct ScheduleTimes {
     double recent_ms[kRecentSteps] = {};
     int64_t runs = 0;
+    int64_t timed = 0;
     double mean_ms() const;
-    void add(double ms) { recent_ms[runs++ % kRecentSteps] = ms; }
+    void add(double ms, bool timed_run) {
+      ++runs;
+      if (timed_run) recent_ms[timed++ % kRecentSteps] = ms;
+    }
   };
   const ScheduleTimes& parallel_times() const { return parallel_; }
   const ScheduleTimes& serial_times() const { return serial_; }
@@ -139,6 +146,8 @@ class StepProgram {
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
   ScheduleTimes parallel_, serial_;
   double ms_since_probe_ = 0;  // time spent in the chosen schedule since the other was tried
+  int probe_steps_left_ = 0;   // steps the schedule being tried still takes
+  int last_schedule_ = -1;     // of the last adaptive run: 1 parallel, 0 one thread, -1 none
   int last_run_threads_ = 0;
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
