@@ -107,17 +107,6 @@ def _copy_qweight(qw):
         bits=qw.bits, group_size=qw.group_size, shape=tuple(qw.shape), method=qw.method)
 
 
-def _rotating(items: list, fn: Callable) -> Callable[[], torch.Tensor]:
-    """A call that applies fn to the next of items each time (round robin)."""
-    state = {"i": 0}
-
-    def call():
-        item = items[state["i"]]
-        state["i"] = (state["i"] + 1) % len(items)
-        return fn(item)
-    return call
-
-
 def _copy_peer(pw: PeerWeights) -> PeerWeights:
     return PeerWeights(pw.group_size, _copy_qweight(pw.q4), pw.packed4.clone(),
                        pw.scale_and_zero.clone(), _copy_qweight(pw.q8), pw.w8.clone(),
@@ -144,7 +133,7 @@ def rows8_kernel(copies: list, x: torch.Tensor, n: int, k: int) -> Optional[Kern
     words = calls[0].keep[2][0]  # the interleaved copy (CpuBackend.bind)
     return Kernel("dequant_matmul", "cpu rows8", qw.bits, qw.group_size, "int8",
                   calls[0].prepared_bytes,
-                  _rotating(calls, lambda call: call(x, out, False) or out),
+                  common.rotating(calls, lambda call: call(x, out, False) or out),
                   huge_pages=bool(huge_pages.huge_pages_eligible(words)))
 
 
@@ -160,16 +149,18 @@ def peer_kernels(pws: List[PeerWeights], x: torch.Tensor) -> List[Kernel]:
                + pw.scale_and_zero.numel() * pw.scale_and_zero.element_size())
     kernels = [
         (Kernel("dequant_matmul", "aten-int4pack", 4, pw.group_size, "bfloat16", nbytes4,
-                _rotating(pws, lambda p: aten._weight_int4pack_mm_for_cpu(
+                common.rotating(pws, lambda p: aten._weight_int4pack_mm_for_cpu(
                     xb, p.packed4, gs, p.scale_and_zero))), pw.q4),
         (Kernel("dequant_matmul", "cpu", 4, pw.group_size, "bfloat16", pw.q4.nbytes,
-                _rotating(pws, lambda p: pyengine.ops.dequant_matmul(xb, p.q4, backend="cpu"))),
+                common.rotating(pws, lambda p: pyengine.ops.dequant_matmul(xb, p.q4,
+                                                                           backend="cpu"))),
          pw.q4),
         (Kernel("dequant_matmul", "aten-int8pack", 8, -1, "bfloat16",
                 pw.w8.numel() + pw.s8.numel() * pw.s8.element_size(),
-                _rotating(pws, lambda p: aten._weight_int8pack_mm(xb, p.w8, p.s8))), pw.q8),
+                common.rotating(pws, lambda p: aten._weight_int8pack_mm(xb, p.w8, p.s8))), pw.q8),
         (Kernel("dequant_matmul", "cpu", 8, -1, "bfloat16", pw.q8.nbytes,
-                _rotating(pws, lambda p: pyengine.ops.dequant_matmul(xb, p.q8, backend="cpu"))),
+                common.rotating(pws, lambda p: pyengine.ops.dequant_matmul(xb, p.q8,
+                                                                           backend="cpu"))),
          pw.q8),
     ]
     for kernel, qw in kernels:
@@ -244,11 +235,11 @@ def main(argv=None) -> int:
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
             kernels = {"fp32": Kernel("linear", "torch", 32, 0, "float32", w.numel() * 4,
-                                      _rotating(dense_copies, lambda d: F.linear(x, d)))}
+                                      common.rotating(dense_copies, lambda d: F.linear(x, d)))}
             for bits, qw in qweights.items():
                 kernels[f"int{bits}"] = Kernel(
                     "dequant_matmul", "cpu", bits, args.group_size, "float32", qw.nbytes,
-                    _rotating(q_copies[bits],
+                    common.rotating(q_copies[bits],
                               lambda q: pyengine.ops.dequant_matmul(x, q, backend="cpu")))
                 if args.act8:
                     _check(f"cpu int{bits} act8",
@@ -256,7 +247,7 @@ def main(argv=None) -> int:
                            quantize_activations(x), qw.dequantize(torch.float32))
                     kernels[f"int{bits} a8"] = Kernel(
                         "dequant_matmul", "cpu", bits, args.group_size, "int8", qw.nbytes,
-                        _rotating(q_copies[bits], lambda q: pyengine.ops.qlinear(
+                        common.rotating(q_copies[bits], lambda q: pyengine.ops.qlinear(
                             x, q, act_bits=8, backend="cpu")))
                     rows8 = rows8_kernel(q_copies[bits], x, n, k)
                     if rows8 is not None:

@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for bits in (int(b) for b in args.bits.split(",")):
                 qw = pyengine.quantize(w, bits, 128, clip_search=False)
                 copies = kernels._copies(qw, qw.nbytes, args.rotate_mb, kernels._copy_qweight)
-                calls = {"canonical": (qw.nbytes, kernels._rotating(
+                calls = {"canonical": (qw.nbytes, common.rotating(
                     copies, lambda q: pyengine.ops.qlinear(x, q, act_bits=8, backend="cpu")))}
                 rows8 = kernels.rows8_kernel(copies, x, n, k)
                 if rows8 is not None:

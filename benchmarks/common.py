@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from pyengine.benchmarking import (device_name, metadata, synchronize, time_cpu, time_cuda,  # noqa: F401
                                    time_interleaved, write_json)
@@ -37,3 +37,15 @@ def add_report_args(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / name)
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the markdown and the plot from the JSON, measure nothing")
+
+
+def rotating(items: list, fn: Callable) -> Callable[[], object]:
+    """A call that applies fn to the next of items each time (round robin): each call of a timed
+    kernel takes the next copy of its weight, so that together they stream past the caches."""
+    state = {"i": 0}
+
+    def call():
+        item = items[state["i"]]
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn(item)
+    return call

@@ -122,6 +122,25 @@ def test_vnni_bench_times_both_paths_of_every_layout(tmp_path):
     assert "PYENGINE_CPU_VNNI" not in os.environ or os.environ["PYENGINE_CPU_VNNI"] != "0"
 
 
+def test_huge_pages_bench_times_both_memories(tmp_path):
+    """bench_huge_pages: per width and thread count, the bound interleaved calls with their
+    copies in huge pages and in ordinary memory, both timed, and the copy bandwidth of both."""
+    from pyengine.backends import huge_pages
+    if huge_pages.unavailable_reason() is not None:
+        pytest.skip(f"no huge pages here: {huge_pages.unavailable_reason()}")
+    if pyengine.build_info().get("cpu_isa_selected") not in ("avx2", "avx512"):
+        pytest.skip("the interleaved copies need the avx2 or avx512 build")
+    import bench_huge_pages
+    out = tmp_path / "huge.json"
+    assert bench_huge_pages.main(["--shapes", "64x256", "--bits", "4,3", "--threads", "1",
+                                  "--rounds", "2", "--rotate-mb", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {(r["bits"], r["threads"]) for r in data["rows"]} == {(4, 1), (3, 1)}
+    assert all(r["ms_huge_pages"] > 0 and r["ms_ordinary"] > 0 for r in data["rows"])
+    copy = data["meta"]["copy_gbps_1_threads"]
+    assert copy["ordinary"] > 0 and copy["huge_pages"] > 0
+
+
 def test_llamacpp_comparison_script_parses(capsys):
     """benchmarks/bench_vs_llamacpp.py imports and documents itself; building llama.cpp (minutes)
     and timing are left to the benchmark runs."""
