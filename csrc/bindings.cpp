@@ -525,6 +525,10 @@ PYBIND11_MODULE(_C, m) {
                                &pyengine::cpu::StepProgram::last_run_threads,
                                "Threads of the last run (1 when it took the one-thread "
                                "schedule; 0 before the first run).")
+        .def_property_readonly("barriers", &pyengine::cpu::StepProgram::barriers,
+                               "Barriers of a parallel run: one after each operation but "
+                               "between consecutive matmuls that neither read nor write what "
+                               "the other writes (q, k and v; gate and up).")
         .def("__len__", &pyengine::cpu::StepProgram::size);
   }
   m.attr("cpu_plane_decode_max_m") = pyengine::cpu::kPlaneDecodeMaxM;

@@ -416,3 +416,44 @@ def test_step_program_times_both_schedules_and_runs_either_alike():
         assert program.last_run_threads == threads  # what the decoder's head then takes
         results.append(stream.clone())
     assert torch.equal(results[0], results[1])
+
+
+@native_ops
+def test_step_program_waits_only_between_dependent_matmuls():
+    """A parallel run of a StepProgram has no barrier between consecutive matmuls that neither
+    read nor write what the other writes (three projections of one input into the columns of
+    one buffer), and keeps it where one reads the other's output; both give the product of a
+    one-thread run, on two threads, every time."""
+    from pyengine.backends import CpuBackend
+    from helpers import packed_operand
+    backend = CpuBackend()
+    gen = torch.Generator().manual_seed(11)
+    k, widths = 256, (64, 32, 32)
+    x = torch.randn(1, k, generator=gen)
+    out = torch.zeros(1, sum(widths))
+    chained = torch.zeros(1, 48)
+    kernels, want = [], []
+    for n in widths:
+        qw = pyengine.quantize(torch.randn(n, k, generator=gen), 4, 64, clip_search=False)
+        kernels.append(backend.bind(packed_operand(qw), n, k, None, act_bits=8))
+        want.append(pyengine.ops.qlinear(x, qw, act_bits=8, backend="torch"))
+    qw2 = pyengine.quantize(torch.randn(48, sum(widths), generator=gen), 4, 32, clip_search=False)
+    second = backend.bind(packed_operand(qw2), 48, sum(widths), None, act_bits=8)
+    program = extension().StepProgram()
+    start = 0
+    for kernel, n in zip(kernels, widths):  # out[:, start:start + n] = x @ W^T: independent
+        program.add_call(kernel.native_call, x.data_ptr(), k, out[:, start:].data_ptr(),
+                         out.stride(0), 1, False)
+        start += n
+    # reads out: depends on all three
+    program.add_call(second.native_call, out.data_ptr(), out.stride(0), chained.data_ptr(), 48,
+                     1, False)
+    assert len(program) == 4 and program.barriers == 2
+    want_out = torch.cat(want, dim=1)
+    want_chained = pyengine.ops.qlinear(want_out, qw2, act_bits=8, backend="torch")
+    for _ in range(20):
+        out.fill_(float("nan"))
+        chained.fill_(float("nan"))
+        program.run(0, 2, False)
+        assert torch.allclose(out, want_out, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(chained, want_chained, rtol=1e-3, atol=1e-3)

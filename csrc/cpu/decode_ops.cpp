@@ -196,8 +196,15 @@ void attention_step(const AttentionStepArgs& a) {
 
 // ---- StepProgram -------------------------------------------------------------------------------
 
+namespace {
+bool independent_matmuls(const QMatmulArgs& a, const QMatmulArgs& b);
+}  // namespace
+
 void StepProgram::add_qmatmul(const QMatmulArgs& a, const std::string& isa) {
   check_qmatmul_args("StepProgram.add_qmatmul", a);
+  if (!ops_.empty() && ops_.back().kind == Kind::kQMatmul &&
+      independent_matmuls(qmatmuls_[ops_.back().index], a))
+    ops_.back().barrier_after = false;
   ops_.push_back({Kind::kQMatmul, qmatmuls_.size()});
   qmatmuls_.push_back(a);
   isas_.push_back(isa);
@@ -231,6 +238,27 @@ void StepProgram::add_attention(const AttentionStepArgs& a, int64_t max_position
 namespace {
 
 size_t dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// The bytes [lo, hi) a row-major matrix of `rows` rows of `cols` elements, `ld` apart, spans.
+struct ByteSpan {
+  uintptr_t lo, hi;
+  bool overlaps(const ByteSpan& o) const { return lo < o.hi && o.lo < hi; }
+};
+ByteSpan matrix_span(const void* p, int64_t rows, int64_t ld, int64_t cols, int dtype) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p);
+  if (rows <= 0 || cols <= 0) return {lo, lo};
+  return {lo, lo + (uintptr_t)(((rows - 1) * ld + cols) * (int64_t)dtype_bytes(dtype))};
+}
+
+// Whether matmul b may run beside matmul a: neither writes what the other reads or writes
+// (b's output is read too when it accumulates; the weights are never written).
+bool independent_matmuls(const QMatmulArgs& a, const QMatmulArgs& b) {
+  const ByteSpan a_in = matrix_span(a.x, a.M, a.ldx, a.K, a.x_dtype);
+  const ByteSpan a_out = matrix_span(a.out, a.M, a.ldo, a.N, a.out_dtype);
+  const ByteSpan b_in = matrix_span(b.x, b.M, b.ldx, b.K, b.x_dtype);
+  const ByteSpan b_out = matrix_span(b.out, b.M, b.ldo, b.N, b.out_dtype);
+  return !a_out.overlaps(b_in) && !a_out.overlaps(b_out) && !b_out.overlaps(a_in);
+}
 
 // Rows [lo, hi) of a matmul as a call of its own on one thread: the weight's rows (canonical or
 // interleaved alike: row lo starts at lo * ldq words and lo * lds scales; lo is a multiple of
@@ -275,10 +303,14 @@ constexpr double kProbeRatio = 32;
 constexpr int kProbeSteps = 3;
 
 // What the process has learned of the machine: parallel / one-thread step time of the last
-// program that ran both (0: none yet). A new program (pyengine.Decoder makes one per decoder)
-// estimates its parallel step time from it until it has run one itself, so that on a busy
-// machine a fresh decoder does not open with a parallel step (up to a second under load).
+// program that ran both (0: none yet). Where that says the machine is busy (a parallel step
+// kBusyRatio times slower or more), a new program (pyengine.Decoder makes one per decoder)
+// estimates its parallel step time from it until it has run one itself, so that a fresh
+// decoder does not open with a parallel step (up to a second under load); below that the ratio
+// is one of another program (of another model, whose layers split better or worse), and a new
+// program measures its own.
 std::atomic<double> g_parallel_over_serial{0.0};
+constexpr double kBusyRatio = 2;
 
 }  // namespace
 
@@ -315,7 +347,8 @@ void StepProgram::run_parallel(int64_t position, int threads) {
   // One parallel region for the whole step (a region per operation would fork and join a few
   // hundred times per token): each matmul's rows are cut into `threads` slices that the
   // threads take in turn from a counter (a thread held up by the machine leaves its slice to
-  // the others), the small operations run on one thread, and a barrier separates operations.
+  // the others), the small operations run on one thread, and a barrier separates operations
+  // (but the consecutive matmuls of Op::barrier_after).
   std::vector<std::atomic<int64_t>> next(ops_.size());
   for (auto& n : next) n.store(0, std::memory_order_relaxed);
   std::exception_ptr error;
@@ -343,7 +376,9 @@ void StepProgram::run_parallel(int64_t position, int threads) {
           failed.store(true);
         }
       }
+      if (op.barrier_after) {  // the same for every thread of the team
 #pragma omp barrier
+      }
     }
   }
   if (error) std::rethrow_exception(error);
@@ -375,13 +410,14 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   }
   // The one-thread schedule first (never slow), then the faster one lately, the other one now
   // and then. Until this program has run a parallel step, its time is estimated from what the
-  // process has learned (g_parallel_over_serial); with nothing learned yet, it is tried.
+  // process has learned (g_parallel_over_serial) where that says the machine is busy; else it
+  // is tried.
   bool parallel;
   const double serial_ms = serial_.mean_ms();
   const double learned = g_parallel_over_serial.load(std::memory_order_relaxed);
   const double parallel_ms = parallel_.timed > 0 ? parallel_.mean_ms()
-                             : learned > 0 && serial_.timed > 0 ? learned * serial_ms
-                                                                : -1;
+                             : learned >= kBusyRatio && serial_.timed > 0 ? learned * serial_ms
+                                                                          : -1;
   if (serial_.timed == 0) {
     parallel = false;
   } else if (parallel_ms < 0) {
@@ -410,6 +446,12 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   if (parallel_.timed > 0 && serial_.timed > 0)
     g_parallel_over_serial.store(parallel_.mean_ms() / serial_.mean_ms(),
                                  std::memory_order_relaxed);
+}
+
+size_t StepProgram::barriers() const {
+  size_t n = 0;
+  for (const Op& op : ops_) n += op.barrier_after;
+  return n;
 }
 
 double StepProgram::ScheduleTimes::mean_ms() const {

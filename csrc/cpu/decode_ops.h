@@ -107,6 +107,8 @@ class StepProgram {
   // rows as a whole call would).
   void run(int64_t position, int num_threads, bool adaptive = true);
   size_t size() const { return ops_.size(); }
+  // Barriers of a parallel run (ops but the merged matmuls, see Op::barrier_after).
+  size_t barriers() const;
 
   // The step times of each schedule: the mean of its last kRecentSteps timed runs (ms; < 0:
   // none yet), how many runs took it and how many of them were timed. A run right after a
@@ -135,6 +137,10 @@ class StepProgram {
   struct Op {
     Kind kind;
     size_t index;  // into the vector of its kind
+    // whether the threads of a parallel run wait for each other after it: not between
+    // consecutive matmuls that neither read nor write what the other writes (q, k and v; gate
+    // and up), whose slices the threads then take in one go
+    bool barrier_after = true;
   };
   std::vector<Op> ops_;
   std::vector<QMatmulArgs> qmatmuls_;
