@@ -415,12 +415,16 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   bool parallel;
   const double serial_ms = serial_.mean_ms();
   const double learned = g_parallel_over_serial.load(std::memory_order_relaxed);
+  const bool busy = learned >= kBusyRatio;
   const double parallel_ms = parallel_.timed > 0 ? parallel_.mean_ms()
-                             : learned >= kBusyRatio && serial_.timed > 0 ? learned * serial_ms
-                                                                          : -1;
-  if (serial_.timed == 0) {
+                             : busy && serial_.timed > 0 ? learned * serial_ms
+                                                         : -1;
+  // The opening: kProbeSteps one-thread steps, then as many parallel ones (unless the process
+  // has learned that the machine is busy), each schedule's first untimed, so that the first
+  // choice rests on two timed steps of each.
+  if (serial_.timed < kProbeSteps - 1) {
     parallel = false;
-  } else if (parallel_ms < 0) {
+  } else if (parallel_.timed < kProbeSteps - 1 && !(busy && parallel_.timed == 0)) {
     parallel = true;
   } else if (probe_steps_left_ > 0) {  // trying the other schedule: its steps in a row
     parallel = last_schedule_ == 1;
@@ -433,7 +437,7 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
       probe_steps_left_ = kProbeSteps - 1;
     }
   }
-  const bool switched = last_schedule_ >= 0 && last_schedule_ != (int)parallel;
+  const bool switched = last_schedule_ != (int)parallel;  // the program's first run too
   last_schedule_ = parallel ? 1 : 0;
   last_run_threads_ = parallel ? threads : 1;
   const auto start = std::chrono::steady_clock::now();

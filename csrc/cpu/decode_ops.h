@@ -111,10 +111,10 @@ class StepProgram {
   size_t barriers() const;
 
   // The step times of each schedule: the mean of its last kRecentSteps timed runs (ms; < 0:
-  // none yet), how many runs took it and how many of them were timed. A run right after a
-  // switch of schedule is not timed: the threads of a parallel step wake from sleep and find
-  // their slices' caches cold then, and one such step would stand for the schedule (a probe
-  // that always looked slow would never switch back).
+  // none yet), how many runs took it and how many of them were timed. A program's first run
+  // and a run right after a switch of schedule are not timed: the threads of a parallel step
+  // wake from sleep and find their slices' caches cold then, and one such step would stand for
+  // the schedule (a probe that always looked slow would never switch back).
   static constexpr int kRecentSteps = 8;
   struct ScheduleTimes {
     double recent_ms[kRecentSteps] = {};
