@@ -4,9 +4,9 @@ A decode step streams every weight once; in 4 KiB pages that is a TLB miss and a
 the hardware prefetcher (which stops at page boundaries) every 4 KiB. The prepared copies a
 kernel call reads (the CPU row-interleaved layout, :meth:`CpuBackend.bind`) are therefore
 placed in private anonymous memory advised ``MADV_HUGEPAGE``, carved out of chunks of whole
-2 MiB pages so that small layers share huge pages too. On AMD EPYC Zen 4 this read the int8-
-activation decode kernels 1.3-1.8x faster at M = 1 on 7B-class layer shapes
-(``benchmarks/bench_cpu_kernels.py``).
+2 MiB pages so that small layers share huge pages too. On AMD EPYC Zen 4 this made the int8-
+activation decode kernels 1.02-1.39x faster at M = 1 on 7B-class layer shapes, 1 and 2 threads
+(``benchmarks/bench_huge_pages.py``).
 
 Elsewhere (another OS, a kernel with transparent huge pages set to ``never``, or
 ``PYENGINE_HUGE_PAGES=0``) :func:`huge_page_copy` returns its tensor unchanged, and the copies
