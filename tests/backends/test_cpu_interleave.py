@@ -199,16 +199,13 @@ def test_a_prepared_call_checks_its_canonical_rows(rng):
                                        interleave, **rows)
 
     make()
-    with pytest.raises(ValueError, match="not interleaved"):
-        make(interleave=0)
-    with pytest.raises(ValueError, match="without their words or scales"):
-        make(canonical_scales=0)
-    with pytest.raises(ValueError, match="differ in zero points"):
-        make(canonical_zeros=0)
-    with pytest.raises(ValueError, match="canonical ldq"):
-        make(canonical_ldq=7)
-    with pytest.raises(ValueError, match="canonical lds"):
-        make(canonical_lds=1)
+    bad = ((dict(interleave=0), "not interleaved"),
+           (dict(canonical_scales=0), "without their words or scales"),
+           (dict(canonical_zeros=0), "differ in zero points"),
+           (dict(canonical_ldq=7), "canonical ldq"), (dict(canonical_lds=1), "canonical lds"))
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            make(**change)
 
 
 @pytest.mark.skipif("avx512" not in USABLE_ISAS or not pyengine.build_info().get("cpu_vnni"),
