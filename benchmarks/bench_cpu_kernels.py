@@ -202,8 +202,7 @@ def main(argv=None) -> int:
     meta["copy_bandwidth_gbps"] = round(copy_bw, 2)
     # the interleaved copies live in huge pages where the OS has them: their rows are measured
     # against a copy in the same memory (pct_copy_bw), the others against an ordinary one
-    huge_copy_bw = (common.copy_bandwidth_gbps("cpu", huge_pages=True)
-                    if huge_pages.unavailable_reason() is None else None)
+    huge_copy_bw = common.huge_page_copy_bandwidth_gbps("cpu")
     meta["copy_bandwidth_huge_pages_gbps"] = huge_copy_bw and round(huge_copy_bw, 2)
     if args.isa:
         meta["cpu_isa"] = args.isa

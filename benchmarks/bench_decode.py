@@ -36,7 +36,6 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
-from pyengine.backends import huge_pages  # noqa: E402
 from pyengine.model.random import SHAPES, random_model  # noqa: E402
 
 CONFIGS = ("dense", "int4", "int4_a8", "mixed3", "sliced25_mixed3")
@@ -316,8 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bandwidth = common.copy_bandwidth_gbps(device)
     # on a CPU the decoder's weight copies live in huge pages where the OS has them: the roofline
     # takes the faster of a copy there and one in ordinary memory
-    huge_bandwidth = (common.copy_bandwidth_gbps(device, huge_pages=True) if device == "cpu"
-                      and huge_pages.unavailable_reason() is None else None)
+    huge_bandwidth = common.huge_page_copy_bandwidth_gbps(device)
     ordinary_bandwidth, bandwidth = bandwidth, max(bandwidth, huge_bandwidth or 0)
     meta = dict(common.metadata(device), shape=args.shape, layers=SHAPES[args.shape][
         "num_hidden_layers"], copy_bandwidth_gbps=round(bandwidth, 1),

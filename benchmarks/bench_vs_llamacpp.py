@@ -50,7 +50,6 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 from pyengine import QuantConfig, Recipe  # noqa: E402
-from pyengine.backends import huge_pages  # noqa: E402
 
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 PYENGINE_CONFIGS = ("dense", "int8", "int4", "int8_a8", "int4_a8", "int3_a8", "int2_a8",
@@ -173,14 +172,13 @@ def _rounds(args, llama: Dict[str, Path], bin_dir: Path, models: Dict[str, torch
     """The timed rounds: per round and thread count, a copy's bandwidth (in ordinary memory and,
     where the OS has them, in the huge pages that hold the decoder's weight copies), then every
     llama.cpp file and every pyengine model once, in turn."""
-    huge = huge_pages.unavailable_reason() is None
     for r in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
             copy_gbps.setdefault((threads, False), []).append(common.copy_bandwidth_gbps("cpu"))
-            if huge:
-                copy_gbps.setdefault((threads, True), []).append(
-                    common.copy_bandwidth_gbps("cpu", huge_pages=True))
+            huge = common.huge_page_copy_bandwidth_gbps("cpu")
+            if huge is not None:
+                copy_gbps.setdefault((threads, True), []).append(huge)
             for t, path in llama.items():
                 runs.setdefault(("llama.cpp", t, threads), []).append(
                     llama_tokens_per_s(bin_dir, path, threads, args.new_tokens))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from pyengine.benchmarking import (device_name, metadata, synchronize, time_cpu, time_cuda,  # noqa: F401
                                    time_interleaved, write_json)
@@ -24,6 +24,15 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28, huge_pages: bool = F
     """Copy bandwidth of ``device`` in GB/s over a 256 MiB copy (the scripts' fixed size);
     ``huge_pages``: in the memory of the prepared weight copies (pyengine.backends.huge_pages)."""
     return _copy_bandwidth_gbps(device, nbytes, huge_pages)
+
+
+def huge_page_copy_bandwidth_gbps(device: str) -> Optional[float]:
+    """:func:`copy_bandwidth_gbps` in the huge-page memory of the decoder's weight copies, on a
+    CPU whose OS has huge pages (pyengine.backends.huge_pages); None elsewhere."""
+    from pyengine.backends import huge_pages
+    if device != "cpu" or huge_pages.unavailable_reason() is not None:
+        return None
+    return copy_bandwidth_gbps(device, huge_pages=True)
 
 
 def write_results(path: Path, meta: Dict[str, object], rows: List[Dict[str, object]]) -> None:

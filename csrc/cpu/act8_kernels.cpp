@@ -690,7 +690,10 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
   constexpr int P = L::kPlanes;
   const __m256i mask = _mm256_set1_epi8((char)L::kMask), ones = _mm256_set1_epi16(1);
   const __m256i sixteens = _mm256_set1_epi16(16);
-  const __m256i scaled_mask = _mm256_set1_epi8((char)(L::kMask << 2));  // 2 bits: see below
+  // planes masked in place at 2^kScaleShift times their codes (see the 2-bit pair sums and the
+  // VNNI path below)
+  constexpr int kScaleShift = BITS == 2 ? 2 : 4;
+  const __m256i scaled_mask = _mm256_set1_epi8((char)(L::kMask << kScaleShift));
   const int64_t words = p.blocks * L::kPlaneWords;  // plane words of a row (xq's)
   const uint32_t* __restrict wbase = a.qweight + o * kInterleave * a.ldq;
   const int32_t* __restrict xq = p.xq.data() + m0 * words * P;
@@ -724,9 +727,6 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
         // and is shifted down once per block. 2 bits: planes 0 and 2 at x1 (the second after
         // one 16-bit shift by 4), 1 and 3 at x4; 3 bits (nibble words, junk bit 3 masked) and
         // 4 bits: the low nibble at x1, the high one at x16.
-        constexpr int kScaleShift = BITS == 2 ? 2 : 4;
-        const __m256i low_mask = _mm256_set1_epi8((char)L::kMask);
-        const __m256i high_mask = _mm256_set1_epi8((char)(L::kMask << kScaleShift));
         __m256i unscaled[MB], scaled[MB];
         unroll<MB>([&](auto m) PYENGINE_INLINE {
           unscaled[m] = _mm256_setzero_si256();
@@ -734,8 +734,8 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
         });
         // plane word w's low / high plane pair (pl, pl + 1) in `bytes` against the activations
         auto add_pair = [&](int64_t w, int pl, __m256i bytes) PYENGINE_INLINE {
-          const __m256i low = _mm256_and_si256(bytes, low_mask);
-          const __m256i high = _mm256_and_si256(bytes, high_mask);
+          const __m256i low = _mm256_and_si256(bytes, mask);
+          const __m256i high = _mm256_and_si256(bytes, scaled_mask);
           unroll<MB>([&](auto m) PYENGINE_INLINE {
             const int32_t* x = xq + (m * words + w) * P + pl;
             unscaled[m] = dpbusd_broadcast(unscaled[m], low, x);
@@ -820,7 +820,8 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
           });
         }
         unroll<MB>([&](auto m) PYENGINE_INLINE {
-          if constexpr (BITS == 2) lo[m] = _mm256_add_epi16(lo[m], _mm256_srai_epi16(hi[m], 2));
+          if constexpr (BITS == 2)
+            lo[m] = _mm256_add_epi16(lo[m], _mm256_srai_epi16(hi[m], kScaleShift));
           lanes[m] = _mm256_madd_epi16(lo[m], ones);
           if constexpr (BITS == 8)
             lanes[m] = _mm256_add_epi32(lanes[m], _mm256_madd_epi16(hi[m], sixteens));

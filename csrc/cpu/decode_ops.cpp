@@ -268,15 +268,18 @@ QMatmulArgs row_slice(const QMatmulArgs& a, int64_t lo, int64_t hi) {
   QMatmulArgs s = a;
   s.N = hi - lo;
   s.num_threads = 1;
-  s.qweight = a.qweight + lo * a.ldq;
+  // row lo of group parameters (scales or zeros, null stays null) lds apart
   const size_t sz = dtype_bytes(a.sz_dtype);
-  s.scales = static_cast<const char*>(a.scales) + lo * a.lds * sz;
-  if (a.zeros) s.zeros = static_cast<const char*>(a.zeros) + lo * a.lds * sz;
+  auto params_at = [&](const void* p, int64_t lds) -> const void* {
+    return p ? static_cast<const char*>(p) + lo * lds * sz : nullptr;
+  };
+  s.qweight = a.qweight + lo * a.ldq;
+  s.scales = params_at(a.scales, a.lds);
+  s.zeros = params_at(a.zeros, a.lds);
   if (a.canonical.qweight) {  // the canonical rows of an interleaved call: row lo likewise
     s.canonical.qweight = a.canonical.qweight + lo * a.canonical.ldq;
-    s.canonical.scales = static_cast<const char*>(a.canonical.scales) + lo * a.canonical.lds * sz;
-    if (a.canonical.zeros)
-      s.canonical.zeros = static_cast<const char*>(a.canonical.zeros) + lo * a.canonical.lds * sz;
+    s.canonical.scales = params_at(a.canonical.scales, a.canonical.lds);
+    s.canonical.zeros = params_at(a.canonical.zeros, a.canonical.lds);
   }
   if (a.bias) s.bias = static_cast<const char*>(a.bias) + lo * dtype_bytes(a.bias_dtype);
   s.out = static_cast<char*>(a.out) + lo * dtype_bytes(a.out_dtype);

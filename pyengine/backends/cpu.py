@@ -143,22 +143,21 @@ class CpuBackend(Backend):
         interleave = (INTERLEAVE_ROWS if layout_copy and self.interleaves(weight, n, act_bits)
                       else 0)
         prepared, canonical = (), {}
+        wargs = packed_weight_args(weight)  # the weight's own rows
         if interleave:
             # decode reads the rows in eights side by side: a copy in that layout
             # (in huge pages where the OS has them: the decode kernel streams it, huge_pages.py)
             prepared = tuple(None if t is None else huge_page_copy(t) for t in interleave_rows(
                 weight.qweight, weight.scales, weight.zeros, n, k, weight.bits))
+            # the weight's own rows, for the calls the interleaved kernel does not serve (prefill
+            # sizes): read in place instead of converted back per call
+            q_ptr, ldq, s_ptr, z_ptr, _, lds = wargs
+            canonical = dict(canonical_qweight=q_ptr, canonical_ldq=ldq, canonical_scales=s_ptr,
+                             canonical_zeros=z_ptr, canonical_lds=lds)
             words, scales, zeros = prepared
             wargs = (words.data_ptr(), words.shape[1], scales.data_ptr(),
                      0 if zeros is None else zeros.data_ptr(), DTYPE_CODES[scales.dtype],
                      scales.shape[1])
-            # the weight's own rows, for the calls the interleaved kernel does not serve (prefill
-            # sizes): read in place instead of converted back per call
-            q_ptr, ldq, s_ptr, z_ptr, _, lds = packed_weight_args(weight)
-            canonical = dict(canonical_qweight=q_ptr, canonical_ldq=ldq, canonical_scales=s_ptr,
-                             canonical_zeros=z_ptr, canonical_lds=lds)
-        else:
-            wargs = packed_weight_args(weight)
         code = DTYPE_CODES[dtype]
         call = ext.QMatmulCall(*wargs, 0 if bias is None else bias.data_ptr(),
                                DTYPE_CODES[bias.dtype] if bias is not None else 0, code, code,
