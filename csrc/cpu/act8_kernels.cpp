@@ -139,8 +139,8 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
 // slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster. The
 // interleaved kernel takes it for every width, with the activations broadcast by the instruction
 // (dpbusd_broadcast) and the planes scaled: about 20 vector instructions per 64 bytes of 2-bit
-// codes instead of 32; 1.04-1.19x with the weights streamed from memory on 2 threads
-// (cpu_vnni_ab_all_widths.json), more where they sit in the caches.
+// codes instead of 32; 1.06-1.20x for 2, 3 and 4 bits with the weights streamed from memory on
+// 2 threads (cpu_vnni_ab_all_widths.json), more where they sit in the caches.
 // In inline assembly, so that the build needs no VNNI flag: the kernels take it only where
 // vnni_enabled() (dispatch.cpp) says the CPU has it; the AVX2 build (AMD Zen 3 has no VNNI)
 // never does.
