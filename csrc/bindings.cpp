@@ -521,6 +521,23 @@ PYBIND11_MODULE(_C, m) {
             "Recent step times of the parallel and one-thread schedules (ms, means of the last "
             "timed runs of each; -1: none yet), how many runs took each and how many of them "
             "were timed (not the first run after a switch of schedule).")
+        .def_static(
+            "machine_verdict",
+            []() {
+              const auto v = pyengine::cpu::StepProgram::machine_verdict();
+              py::dict d;
+              d["parallel_over_serial"] = v.parallel_over_serial;
+              d["age_s"] = v.age_s;
+              d["lifetime_s"] = pyengine::cpu::StepProgram::kVerdictLifetimeS;
+              return d;
+            },
+            "What the process has learned of the machine, shared by every program: the "
+            "parallel / one-thread ratio of mean step times of the last program that timed both "
+            "(0: none), its age (s; -1: none) and how long a new program trusts it (only where "
+            "it says the machine is busy: a parallel step 2x slower or more).")
+        .def_static("set_machine_verdict", &pyengine::cpu::StepProgram::set_machine_verdict,
+                    py::arg("parallel_over_serial"), py::arg("age_s") = 0.0,
+                    "Sets the verdict as if learned age_s seconds ago (ratio 0: none).")
         .def_property_readonly("last_run_threads",
                                &pyengine::cpu::StepProgram::last_run_threads,
                                "Threads of the last run (1 when it took the one-thread "

@@ -419,6 +419,41 @@ def test_step_program_times_both_schedules_and_runs_either_alike():
 
 
 @native_ops
+def test_a_busy_verdict_holds_new_programs_on_one_thread_only_while_it_is_recent():
+    """A program learned lately that parallel steps are 2x slower or more (a busy machine): a
+    new program then opens without parallel steps. An old verdict, or one that says parallel
+    steps are merely slower, does not hold it: it opens with parallel steps and measures its
+    own (one noisy program must not keep every later one on one thread)."""
+    model = _model("llama", "int4")
+    decoder = Decoder(model, max_len=48)
+    ext = decoder.program
+    assert ext is not None
+    step_program = type(ext)
+    saved = step_program.machine_verdict()
+    lifetime = saved["lifetime_s"]
+
+    def parallel_runs_of_a_new_program(ratio: float, age_s: float) -> int:
+        step_program.set_machine_verdict(ratio, age_s)
+        fresh = Decoder(model, max_len=48)  # holds the program's buffers
+        program = fresh.program
+        for position in range(8):  # the opening: 3 one-thread steps, then 3 parallel ones
+            program.run(position, 2)
+        return program.step_times["parallel_runs"]
+
+    try:
+        assert parallel_runs_of_a_new_program(5.0, 0.0) == 0
+        assert parallel_runs_of_a_new_program(5.0, lifetime * 1.5) > 0
+        assert parallel_runs_of_a_new_program(1.5, 0.0) > 0
+        assert parallel_runs_of_a_new_program(0.0, 0.0) > 0
+        verdict = step_program.machine_verdict()  # the last program timed both: its own ratio
+        assert verdict["parallel_over_serial"] > 0 and 0 <= verdict["age_s"] < lifetime
+    finally:
+        step_program.set_machine_verdict(saved["parallel_over_serial"], max(saved["age_s"], 0))
+    with pytest.raises(ValueError, match=">= 0"):
+        step_program.set_machine_verdict(-1.0, 0.0)
+
+
+@native_ops
 def test_step_program_waits_only_between_dependent_matmuls():
     """A parallel run of a StepProgram has no barrier between consecutive matmuls that neither
     read nor write what the other writes (three projections of one input into the columns of

@@ -9,6 +9,7 @@
 #include <exception>
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -306,14 +307,29 @@ constexpr double kProbeRatio = 32;
 constexpr int kProbeSteps = 3;
 
 // What the process has learned of the machine: parallel / one-thread step time of the last
-// program that ran both (0: none yet). Where that says the machine is busy (a parallel step
-// kBusyRatio times slower or more), a new program (pyengine.Decoder makes one per decoder)
-// estimates its parallel step time from it until it has run one itself, so that a fresh
-// decoder does not open with a parallel step (up to a second under load); below that the ratio
-// is one of another program (of another model, whose layers split better or worse), and a new
-// program measures its own.
-std::atomic<double> g_parallel_over_serial{0.0};
+// program that timed both (0: none yet), and when. Where that says the machine is busy (a
+// parallel step kBusyRatio times slower or more) and is recent (kVerdictLifetimeS), a new
+// program (pyengine.Decoder makes one per decoder) estimates its parallel step time from it
+// until it has run one itself, so that a fresh decoder does not open with parallel steps (up to
+// a second each under load). Below that ratio it is one of another program (of another model,
+// whose layers split better or worse), and a new program measures its own. The lifetime keeps
+// one noisy program from holding every later one on one thread: a program that relies on the
+// verdict runs no parallel step for a while, so nothing would refresh or revise it.
+struct MachineVerdict {
+  std::mutex mutex;
+  double parallel_over_serial = 0;
+  std::chrono::steady_clock::time_point learned_at{};
+};
+MachineVerdict g_machine;
 constexpr double kBusyRatio = 2;
+
+// The verdict's ratio where it is recent enough to rely on, else 0.
+double recent_parallel_over_serial() {
+  std::lock_guard<std::mutex> lock(g_machine.mutex);
+  const double age_s = std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                     g_machine.learned_at).count();
+  return age_s < StepProgram::kVerdictLifetimeS ? g_machine.parallel_over_serial : 0;
+}
 
 }  // namespace
 
@@ -413,11 +429,11 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   }
   // The one-thread schedule first (never slow), then the faster one lately, the other one now
   // and then. Until this program has run a parallel step, its time is estimated from what the
-  // process has learned (g_parallel_over_serial) where that says the machine is busy; else it
+  // process has learned lately (machine_verdict) where that says the machine is busy; else it
   // is tried.
   bool parallel;
   const double serial_ms = serial_.mean_ms();
-  const double learned = g_parallel_over_serial.load(std::memory_order_relaxed);
+  const double learned = recent_parallel_over_serial();
   const bool busy = learned >= kBusyRatio;
   const double parallel_ms = parallel_.timed > 0 ? parallel_.mean_ms()
                              : busy && serial_.timed > 0 ? learned * serial_ms
@@ -451,8 +467,25 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   (parallel ? parallel_ : serial_).add(ms, !switched);
   ms_since_probe_ += ms;
   if (parallel_.timed > 0 && serial_.timed > 0)
-    g_parallel_over_serial.store(parallel_.mean_ms() / serial_.mean_ms(),
-                                 std::memory_order_relaxed);
+    set_machine_verdict(parallel_.mean_ms() / serial_.mean_ms(), 0);
+}
+
+StepProgram::MachineVerdict StepProgram::machine_verdict() {
+  std::lock_guard<std::mutex> lock(g_machine.mutex);
+  const double age_s = std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                     g_machine.learned_at).count();
+  return {g_machine.parallel_over_serial, g_machine.parallel_over_serial > 0 ? age_s : -1};
+}
+
+void StepProgram::set_machine_verdict(double parallel_over_serial, double age_s) {
+  if (!(parallel_over_serial >= 0) || !(age_s >= 0))
+    throw std::invalid_argument("StepProgram.set_machine_verdict: the ratio and the age must be "
+                                ">= 0");
+  std::lock_guard<std::mutex> lock(g_machine.mutex);
+  g_machine.parallel_over_serial = parallel_over_serial;
+  g_machine.learned_at = std::chrono::steady_clock::now() -
+                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                             std::chrono::duration<double>(age_s));
 }
 
 size_t StepProgram::barriers() const {

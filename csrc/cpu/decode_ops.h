@@ -128,6 +128,19 @@ class StepProgram {
   };
   const ScheduleTimes& parallel_times() const { return parallel_; }
   const ScheduleTimes& serial_times() const { return serial_; }
+  // What the process has learned of the machine, shared by every program: the parallel /
+  // one-thread ratio of mean step times of the last program that timed both (0: none), and its
+  // age (s; -1: none). A new program trusts it for kVerdictLifetimeS, and only where it says
+  // the machine is busy (see run()).
+  static constexpr double kVerdictLifetimeS = 2;
+  struct MachineVerdict {
+    double parallel_over_serial;
+    double age_s;
+  };
+  static MachineVerdict machine_verdict();
+  // Sets the verdict as if learned age_s seconds ago (ratio 0: none); both >= 0, else
+  // std::invalid_argument.
+  static void set_machine_verdict(double parallel_over_serial, double age_s);
   // Threads of the last run (1 when it took the one-thread schedule; 0 before the first run):
   // what the caller's own work around the step (a decoder's head) had better use too.
   int last_run_threads() const { return last_run_threads_; }
