@@ -2,7 +2,7 @@
 against PyTorch's own weight-only CPU kernels.
 
 Measures, in one run, the machine's copy bandwidth, the fp32 dense baseline and the quantized
-kernels at each bit width, and prints the ratios (the issue's floors at M = 1, 14336 x 4096,
+kernels at each bit width (all of them in the same interleaved rounds, per shape and M), and prints the ratios (the issue's floors at M = 1, 14336 x 4096,
 group 128: int8 >= 2x, int4 >= 3x, int2 >= 4x faster than fp32) with the achieved fraction of
 the copy bandwidth.
 
@@ -33,6 +33,7 @@ Writes JSON rows to benchmarks/results/ (--json to choose the file); rows carry
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional
@@ -60,6 +61,20 @@ class Kernel(NamedTuple):
     nbytes: int
     call: Callable[[], torch.Tensor]
     huge_pages: bool = False  # the weight in huge-page memory (pyengine.backends.huge_pages)
+
+
+COPY_BYTES = 64 << 20  # the copy timed with the kernels (as pyengine.benchmarking's)
+
+
+def copy_call(in_huge_pages: bool) -> Callable[[], torch.Tensor]:
+    """A copy of COPY_BYTES between two buffers, in ordinary memory or in the huge-page memory
+    of the decoder's weight copies: timed among the kernels, so that each row's fraction of the
+    copy bandwidth is a ratio within the same rounds (the machine's bandwidth drifts)."""
+    src = torch.empty(COPY_BYTES // 4).uniform_()
+    dst = torch.empty_like(src)
+    if in_huge_pages:
+        src, dst = huge_pages.huge_page_copy(src), huge_pages.huge_page_copy(dst)
+    return lambda: dst.copy_(src)
 
 
 def _check(name: str, got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
@@ -197,18 +212,18 @@ def main(argv=None) -> int:
             return 1
         register_backend(CpuBackend(isa=args.isa))
     torch.manual_seed(0)
-    copy_bw = common.copy_bandwidth_gbps("cpu")
     meta = common.metadata("cpu")
-    meta["copy_bandwidth_gbps"] = round(copy_bw, 2)
-    # the interleaved copies live in huge pages where the OS has them: their rows are measured
-    # against a copy in the same memory (pct_copy_bw), the others against an ordinary one
-    huge_copy_bw = common.huge_page_copy_bandwidth_gbps("cpu")
-    meta["copy_bandwidth_huge_pages_gbps"] = huge_copy_bw and round(huge_copy_bw, 2)
+    # the copies timed with each shape and M's kernels: ordinary memory, and where the OS has
+    # them the huge pages that hold the interleaved copies (the rows8 rows are measured against
+    # that one, the others against the ordinary one)
+    copies = {"copy": copy_call(False)}
+    if huge_pages.unavailable_reason() is None:
+        copies["copy in huge pages"] = copy_call(True)
+    copy_gbps_runs = {name: [] for name in copies}
     if args.isa:
         meta["cpu_isa"] = args.isa
     meta["rotate_mb"] = args.rotate_mb
-    print(f"{meta['device']}, kernels: {meta['cpu_isa']}; copy bandwidth {copy_bw:.1f} GB/s"
-          + (f", in huge pages {huge_copy_bw:.1f} GB/s" if huge_copy_bw else ""))
+    print(f"{meta['device']}, kernels: {meta['cpu_isa']}")
 
     rows = []
     failures = []
@@ -259,19 +274,28 @@ def main(argv=None) -> int:
                     print(f"{shape:>12} {m:>4} peers not run: {str(err).splitlines()[0]}")
                 for kernel in peers:
                     kernels[f"{kernel.backend} int{kernel.bits} bf16"] = kernel
-            times = common.time_interleaved({name: kn.call for name, kn in kernels.items()},
-                                            rounds=args.reps)
+            times = common.time_interleaved({**{name: kn.call for name, kn in kernels.items()},
+                                             **copies}, rounds=args.reps)
+            copy_gbps = {name: 2 * COPY_BYTES / (times.pop(name) * 1e-3) / 1e9
+                         for name in copies}
+            for name, gbps in copy_gbps.items():
+                copy_gbps_runs[name].append(gbps)
+            print(f"{shape:>12} {m:>4} copy {copy_gbps['copy']:.1f} GB/s"
+                  + (f", in huge pages {copy_gbps['copy in huge pages']:.1f} GB/s"
+                     if "copy in huge pages" in copy_gbps else ""))
             base_ms = times["fp32"]
             for name, ms in times.items():
                 kn = kernels[name]
                 act_bytes = (m * k + m * n) * (2 if kn.activations == "bfloat16" else 4)
                 gbps = (kn.nbytes + act_bytes) / (ms * 1e-3) / 1e9
                 speedup = base_ms / ms
-                reference_bw = huge_copy_bw if kn.huge_pages and huge_copy_bw else copy_bw
+                reference_bw = (copy_gbps.get("copy in huge pages", copy_gbps["copy"])
+                                if kn.huge_pages else copy_gbps["copy"])
                 rows.append(dict(op=kn.op, backend=kn.backend, bits=kn.bits,
                                  group_size=kn.group_size, M=m, N=n, K=k,
                                  activations=kn.activations, ms=ms,
                                  gbps=gbps, pct_copy_bw=100 * gbps / reference_bw,
+                                 copy_gbps=round(reference_bw, 2),
                                  huge_pages=kn.huge_pages, speedup_vs_fp32=speedup))
                 print(f"{shape:>12} {m:>4} {name:>26} {ms:8.3f} {gbps:7.1f} "
                       f"{100 * gbps / reference_bw:6.1f} {speedup:8.2f}")
@@ -281,6 +305,12 @@ def main(argv=None) -> int:
                     floor = FLOORS_M1.get(kn.bits)
                     if floor and speedup < floor:
                         failures.append(f"{name}: {speedup:.2f}x < {floor}x")
+    # medians of the copies of every shape and M (each row carries its own: copy_gbps)
+    meta["copy_bandwidth_gbps"] = round(statistics.median(copy_gbps_runs["copy"]), 2)
+    meta["copy_bandwidth_huge_pages_gbps"] = (
+        round(statistics.median(copy_gbps_runs["copy in huge pages"]), 2)
+        if "copy in huge pages" in copy_gbps_runs else None)
+    meta["copy_measured"] = "with each shape and M's kernels, in the same rounds"
     common.write_results(args.json, meta, rows)
     print(f"wrote {args.json}")
     if failures:

@@ -169,8 +169,12 @@ def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]
     huge = data["meta"].get("copy_bandwidth_huge_pages_gbps")
     huge_note = (f", {huge} GB/s in huge pages, against which the rows8 rows (the decoder's "
                  f"interleaved copies, held in huge pages) are measured" if huge else "")
-    return ([f"**{title}** at M = {at} (copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} "
-             f"GB/s{huge_note}; {_source(name, data['meta'])})", ""]
+    interleaved = data["meta"].get("copy_measured")
+    copy_note = (f"copy bandwidth, the median of the copies timed {interleaved}: "
+                 f"{data['meta'].get('copy_bandwidth_gbps')} GB/s{huge_note}; each row against "
+                 f"the copy of its own rounds" if interleaved else
+                 f"copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} GB/s{huge_note}")
+    return ([f"**{title}** at M = {at} ({copy_note}; {_source(name, data['meta'])})", ""]
             + _table(["op", "backend", "bits", "group", "activations", "M", "N x K", "ms",
                       "GB/s", "of copy bw", speed_key or "speedup"], body))
 
