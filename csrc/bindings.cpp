@@ -299,25 +299,38 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "rms_norm_cpu",
       [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int w_dtype, uintptr_t out,
-         int out_dtype, int64_t ldo, int64_t rows, int64_t dim, double eps) {
-        pyengine::cpu::rms_norm(
-            rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps));
+         int out_dtype, int64_t ldo, int64_t rows, int64_t dim, double eps,
+         const std::string& isa) {
+        auto a = rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps);
+        a.isa = isa.c_str();
+        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::rms_norm(a);
       },
-      "out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (pointers are integers).");
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("w"), py::arg("w_dtype"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("ldo"), py::arg("rows"), py::arg("dim"),
+      py::arg("eps"), py::arg("isa") = "",
+      "out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w (pointers are integers; isa: the "
+      "build, \"\" for the best this CPU runs).");
   m.def(
       "silu_mul_cpu",
       [](uintptr_t gate_up, int64_t ld_in, uintptr_t out, int64_t ld_out, int dtype,
-         int64_t rows, int64_t width) {
-        pyengine::cpu::silu_mul(silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width));
+         int64_t rows, int64_t width, const std::string& isa) {
+        auto a = silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width);
+        a.isa = isa.c_str();
+        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::silu_mul(a);
       },
-      "out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i] (pointers are integers).");
+      py::arg("gate_up"), py::arg("ld_in"), py::arg("out"), py::arg("ld_out"), py::arg("dtype"),
+      py::arg("rows"), py::arg("width"), py::arg("isa") = "",
+      "out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i] (pointers are integers; isa: "
+      "the build, \"\" for the best this CPU runs).");
   m.def(
       "hadamard_cpu",
       [](uintptr_t x, int64_t ldx, uintptr_t out, int64_t ldo, int dtype, int64_t rows,
          int64_t n, int64_t block, int threads, const std::string& isa) {
         auto a = hadamard_args(x, ldx, out, ldo, dtype, rows, n, block, threads);
         a.isa = isa.c_str();
-        pyengine::cpu::walsh_hadamard_fn(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
         py::gil_scoped_release release;
         pyengine::cpu::hadamard(a);
       },
@@ -388,16 +401,24 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t signed_sin, uintptr_t q_norm, uintptr_t k_norm, int norm_dtype,
          double norm_eps, uintptr_t out, int64_t ld_out, int dtype, int64_t batch,
          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t position, double scale,
-         int num_threads) {
+         int num_threads, const std::string& isa) {
         pyengine::cpu::AttentionStepArgs a = attention_args(
             qkv, ld_qkv, k_cache, v_cache, cache_batch_stride, cache_head_stride, cos,
             signed_sin, q_norm, k_norm, norm_dtype, norm_eps, out, ld_out, dtype, batch, n_heads,
             n_kv_heads, head_dim, position + 1, scale);
         a.position = position;
         a.num_threads = num_threads < 1 ? 1 : num_threads;
+        a.isa = isa.c_str();
+        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
         py::gil_scoped_release release;
         pyengine::cpu::attention_step(a);
       },
+      py::arg("qkv"), py::arg("ld_qkv"), py::arg("k_cache"), py::arg("v_cache"),
+      py::arg("cache_batch_stride"), py::arg("cache_head_stride"), py::arg("cos"),
+      py::arg("signed_sin"), py::arg("q_norm"), py::arg("k_norm"), py::arg("norm_dtype"),
+      py::arg("norm_eps"), py::arg("out"), py::arg("ld_out"), py::arg("dtype"), py::arg("batch"),
+      py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("position"),
+      py::arg("scale"), py::arg("num_threads"), py::arg("isa") = "",
       "One decode position of attention on the CPU: rope (and optional per-head q/k norms), "
       "KV-cache append at `position`, softmax(q K^T * scale) V over positions 0..position "
       "(grouped-query heads). Pointers are integers; see csrc/cpu/decode_ops.h.");
@@ -438,6 +459,9 @@ PYBIND11_MODULE(_C, m) {
              py::arg("canonical_qweight") = 0, py::arg("canonical_ldq") = 0,
              py::arg("canonical_scales") = 0, py::arg("canonical_zeros") = 0,
              py::arg("canonical_lds") = 0)
+        .def_property_readonly(
+            "isa", [](const QMatmulCall& c) { return c.isa; },
+            "The instruction-set build the call runs on (\"\": the best this CPU runs).")
         .def(
             "__call__",
             [](const QMatmulCall& c, PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_PER_CALL_ARGS),
@@ -456,8 +480,9 @@ PYBIND11_MODULE(_C, m) {
         "A CPU decode step as a list of operations on fixed buffers, run in order by one call "
         "(csrc/cpu/decode_ops.h). add_call takes a QMatmulCall and its per-call arguments; the "
         "other add_* methods take the arguments of rms_norm_cpu, silu_mul_cpu and "
-        "attention_step_cpu (threads and position: per run).")
-        .def(py::init<>())
+        "attention_step_cpu (threads and position: per run). isa: the build of every operation "
+        "but the matmuls (\"\" for the best this CPU runs; a matmul runs on its call's).")
+        .def(py::init<const std::string&>(), py::arg("isa") = "")
         .def("add_call",
              [](pyengine::cpu::StepProgram& p, const QMatmulCall& c,
                 PYENGINE_ARG_PARAMS(PYENGINE_QMATMUL_PER_CALL_ARGS)) {

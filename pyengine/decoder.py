@@ -191,6 +191,15 @@ def _native_step_ops(device: torch.device, dtype: torch.dtype):
     return ext
 
 
+def _step_isa(layers) -> str:
+    """The instruction-set build of a step's own operations (norms, attention, SiLU): that of
+    its prepared matmul calls where they agree (a backend of one build, e.g. CpuBackend("avx2")),
+    else "" (the best this CPU runs)."""
+    isas = {getattr(getattr(c.kernel, "native_call", None), "isa", "")
+            for layer in layers for c in layer.linears()}
+    return isas.pop() if len(isas) == 1 else ""
+
+
 def _head_dim(config) -> int:
     head_dim = getattr(config, "head_dim", None)
     return int(head_dim or config.hidden_size // config.num_attention_heads)
@@ -430,6 +439,7 @@ class Decoder:
         if self.native is not None:
             for layer in self.layers:
                 layer.bind_native()
+        self.step_isa = _step_isa(self.layers)
         self.program = self._step_program()
         # with several threads, each step program run takes whichever of the parallel and the
         # one-thread schedule has been faster lately (StepProgram.run); False: always parallel
@@ -551,7 +561,7 @@ class Decoder:
         x, h, attn = new(d), new(d), new(nh * hd)
         qkv, gate_up = new(widest("qkv")), new(widest("gate_up"))
         act = new(widest("gate_up") // 2)
-        program = ext.StepProgram()
+        program = ext.StepProgram(self.step_isa)
 
         def add_linear(kernel, source, target, accumulate):
             program.add_call(kernel.native_call, source.data_ptr(), source.stride(0),
@@ -601,6 +611,7 @@ class Decoder:
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         threads = torch.get_num_threads()
         rms, attention, silu_mul = ext.rms_norm_cpu, ext.attention_step_cpu, ext.silu_mul_cpu
+        isa = self.step_isa
         x_ptr = x.data_ptr()
         h = torch.empty_like(x)
         h_ptr = h.data_ptr()
@@ -611,23 +622,24 @@ class Decoder:
         cache_strides = (self.k_cache[0].stride(0), self.k_cache[0].stride(1))
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
             w_ptr, w_code, eps = layer.attn_norm_native
-            rms(x_ptr, code, d, w_ptr, w_code, h_ptr, code, d, b, d, eps)
+            rms(x_ptr, code, d, w_ptr, w_code, h_ptr, code, d, b, d, eps, isa=isa)
             qkv = _run_inputs(layer.qkv, h)
             qn_ptr, kn_ptr, norm_code, norm_eps = layer.qk_norm_native
             attention(qkv.data_ptr(), qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                       *cache_strides, cos_ptr, sin_ptr, qn_ptr, kn_ptr, norm_code, norm_eps,
-                      attn_ptr, nh * hd, code, b, nh, nkv, hd, position, self.scale, threads)
+                      attn_ptr, nh * hd, code, b, nh, nkv, hd, position, self.scale, threads,
+                      isa=isa)
             layer.o_proj.accumulate(attn, x)
             w_ptr, w_code, eps = layer.mlp_norm_native
-            rms(x_ptr, code, d, w_ptr, w_code, h_ptr, code, d, b, d, eps)
+            rms(x_ptr, code, d, w_ptr, w_code, h_ptr, code, d, b, d, eps, isa=isa)
             gate_up = _run_inputs(layer.gate_up, h)
             width = gate_up.shape[-1] // 2
             act = x.new_empty(b, width)
             silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(), width, code, b,
-                     width)
+                     width, isa=isa)
             if layer.down_hadamard:  # in place
                 ext.hadamard_cpu(act.data_ptr(), width, act.data_ptr(), width, code, b, width,
-                                 layer.down_hadamard, 1)
+                                 layer.down_hadamard, 1, isa=isa)
             layer.down.accumulate(act, x)
         return x
 

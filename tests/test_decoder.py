@@ -223,6 +223,11 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _step_isas():
+    """The instruction-set builds of the step operations this CPU runs (each is tested)."""
+    return pyengine.build_info().get("cpu_isas_usable") or [""]
+
+
 @native_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_and_silu_mul(dtype):
@@ -230,17 +235,37 @@ def test_rms_norm_and_silu_mul(dtype):
     x = torch.randn(3, 200, dtype=torch.float32).mul_(3).to(dtype)
     xs = torch.cat([x, torch.randn(3, 7).to(dtype)], dim=1)  # a row stride of 207
     w = torch.randn(200, dtype=dtype)
-    out = torch.full((3, 200), float("nan"), dtype=dtype)
-    ext.rms_norm_cpu(xs.data_ptr(), DTYPE_CODES[dtype], 207, w.data_ptr(), DTYPE_CODES[dtype],
-                     out.data_ptr(), DTYPE_CODES[dtype], 200, 3, 200, 1e-5)
-    want = F.rms_norm(x.float(), (200,), w.float(), eps=1e-5)
-    assert rel_err(out.float(), want) < TOL[dtype]
-
     gate_up = torch.randn(4, 2 * 77, dtype=torch.float32).mul_(4).to(dtype)
-    act = torch.full((4, 77), float("nan"), dtype=dtype)
-    ext.silu_mul_cpu(gate_up.data_ptr(), 2 * 77, act.data_ptr(), 77, DTYPE_CODES[dtype], 4, 77)
     g, u = gate_up.float()[:, :77], gate_up.float()[:, 77:]
-    assert rel_err(act.float(), F.silu(g) * u) < TOL[dtype]
+    for isa in _step_isas():
+        out = torch.full((3, 200), float("nan"), dtype=dtype)
+        ext.rms_norm_cpu(xs.data_ptr(), DTYPE_CODES[dtype], 207, w.data_ptr(), DTYPE_CODES[dtype],
+                         out.data_ptr(), DTYPE_CODES[dtype], 200, 3, 200, 1e-5, isa=isa)
+        want = F.rms_norm(x.float(), (200,), w.float(), eps=1e-5)
+        assert rel_err(out.float(), want) < TOL[dtype], isa
+
+        act = torch.full((4, 77), float("nan"), dtype=dtype)
+        ext.silu_mul_cpu(gate_up.data_ptr(), 2 * 77, act.data_ptr(), 77, DTYPE_CODES[dtype], 4,
+                         77, isa=isa)
+        assert rel_err(act.float(), F.silu(g) * u) < TOL[dtype], isa
+
+
+@native_ops
+def test_silu_mul_is_exact_to_float_precision_over_the_whole_range():
+    """The step's SiLU computes e^-g by its own vector exponential: within a few ulp of
+    torch's SiLU for every magnitude, and right where e^-g under- or overflows (|g| > 87)."""
+    ext = extension()
+    g = torch.cat([torch.linspace(-120, 120, 2401), torch.randn(1000) * 3,
+                   torch.tensor([0.0, -0.0, 87.5, -87.5, 88.5, -88.5, 1e-30, -1e-30])])
+    width = g.numel()
+    gate_up = torch.cat([g, torch.ones(width)]).unsqueeze(0)
+    want = F.silu(g.double())
+    for isa in _step_isas():
+        act = torch.full((1, width), float("nan"))
+        ext.silu_mul_cpu(gate_up.data_ptr(), 2 * width, act.data_ptr(), width,
+                         DTYPE_CODES[torch.float32], 1, width, isa=isa)
+        err = (act[0].double() - want).abs() / want.abs().clamp_min(1e-20)  # relative, above 1e-20
+        assert err.max() < 4e-7, (isa, g[err.argmax()].item(), err.max().item())
 
 
 def _rope(x, cos, sin):
@@ -252,7 +277,8 @@ def _rope(x, cos, sin):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, nh, nkv, hd, position, norms",
                          [(1, 9, 3, 64, 0, False), (2, 4, 4, 6, 5, True),
-                          (3, 8, 2, 128, 300, False), (1, 2, 1, 1024, 2, True)])
+                          (3, 8, 2, 128, 300, False), (1, 2, 1, 1024, 2, True),
+                          (2, 20, 2, 10, 11, False)])  # groups of 10 heads: taken in parts
 def test_attention_step(dtype, batch, nh, nkv, hd, position, norms):
     """Rope (and per-head q/k norms), the cache append and attention over positions 0..p
     against torch's scaled_dot_product_attention, threaded and not."""
@@ -287,15 +313,15 @@ def test_attention_step(dtype, batch, nh, nkv, hd, position, norms):
         q.unsqueeze(2), keys[:, :, :position + 1], values[:, :, :position + 1],
         enable_gqa=nh != nkv).reshape(batch, nh * hd)
 
-    for threads in (1, 2):
+    for isa, threads in [(isa, threads) for isa in _step_isas() for threads in (1, 2)]:
         kc, vc = k_cache.clone(), v_cache.clone()
         out = torch.full((batch, nh * hd), float("nan"), dtype=dtype)
         ext.attention_step_cpu(qkv.data_ptr(), qkv.stride(0), kc.data_ptr(), vc.data_ptr(),
                                kc.stride(0), kc.stride(1), cos.data_ptr(), signed_sin.data_ptr(),
                                _ptr(q_norm), _ptr(k_norm), DTYPE_CODES[dtype], 1e-6,
                                out.data_ptr(), nh * hd, DTYPE_CODES[dtype], batch, nh, nkv, hd,
-                               position, scale, threads)
-        assert rel_err(out.float(), want) < TOL[dtype] * 4, threads
+                               position, scale, threads, isa=isa)
+        assert rel_err(out.float(), want) < TOL[dtype] * 4, (isa, threads)
         assert rel_err(kc[:, :, position].float(), k) < TOL[dtype]
         assert torch.equal(vc[:, :, position],
                            qkv[:, (nh + nkv) * hd:qkv_width].view(batch, nkv, hd))
@@ -316,6 +342,11 @@ def test_step_operations_refuse_bad_arguments():
         ext.attention_step_cpu(x.data_ptr(), 64, x.data_ptr(), x.data_ptr(), 64, 8,
                                x.data_ptr(), x.data_ptr(), 0, 0, 0, 0.0, x.data_ptr(), 8, 0, 1,
                                3, 2, 4, 0, 1.0, 1)
+    with pytest.raises(ValueError, match="instruction set 'sse9'"):
+        ext.rms_norm_cpu(x.data_ptr(), 0, 8, x.data_ptr(), 0, x.data_ptr(), 0, 8, 2, 8, 1e-6,
+                         isa="sse9")
+    with pytest.raises(ValueError, match="instruction set 'sse9'"):
+        ext.StepProgram("sse9")
 
 
 def test_decode_speed_measurements_pick_the_loop():

@@ -1,7 +1,6 @@
-// The small per-token operations of a decode step on the CPU (pyengine/decoder.py): RMS norm,
-// SiLU-and-multiply, and one attention step (rope, KV-cache append, attention over the cache).
-// Each replaces several torch ops whose dispatch costs more than their arithmetic at batch 1.
-// All math is in fp32; tensors may be fp32, fp16 or bf16 (dtype codes of common.h).
+// The small per-token operations of a decode step on the CPU (pyengine/decoder.py), dispatched to
+// the instruction-set build that runs them (step_kernels.cpp), and the StepProgram that runs a
+// whole step in one call.
 
 #include "cpu/decode_ops.h"
 
@@ -32,174 +31,27 @@ namespace cpu {
 
 namespace {
 
-// A row of n elements of any supported dtype as fp32 (fp32 rows are read in place).
-struct RowReader {
-  std::vector<float> scratch;
-  const float* read(const void* p, int dtype, int64_t offset, int64_t n) {
-    if (dtype == kFloat32) return static_cast<const float*>(p) + offset;
-    scratch.resize(n);
-    for (int64_t i = 0; i < n; ++i) scratch[i] = load_as_float(p, dtype, offset + i);
-    return scratch.data();
-  }
-};
-
-inline void store_row(void* p, int dtype, int64_t offset, const float* v, int64_t n) {
-  if (dtype == kFloat32) {
-    std::memcpy(static_cast<float*>(p) + offset, v, n * sizeof(float));
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) store_from_float(p, dtype, offset + i, v[i]);
-}
-
-inline float inv_rms(const float* x, int64_t n, float eps) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
-  return 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
-}
-
-// y = x / rms(x) * w over n elements (in place allowed).
-inline void rms_norm_row(const float* x, const float* w, float eps, int64_t n, float* y) {
-  const float r = inv_rms(x, n, eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
-}
-
-// Rotary embedding of one head in place: x * cos + rotate_half(x) * sin, rotate_half(x) =
-// [-x2, x1]; signed_sin holds sin with its first half negated, so the second term is
-// x[(i + half) % hd] * signed_sin[i].
-inline void rope_row(float* x, const float* cos, const float* signed_sin, int64_t hd) {
-  const int64_t half = hd / 2;
-  float rotated[1024];
-  for (int64_t i = 0; i < half; ++i) {
-    rotated[i] = x[i + half];
-    rotated[i + half] = x[i];
-  }
-  for (int64_t i = 0; i < hd; ++i) x[i] = x[i] * cos[i] + rotated[i] * signed_sin[i];
-}
+const char* or_empty(const char* isa) { return isa ? isa : ""; }
 
 }  // namespace
 
-void rms_norm(const RmsNormArgs& a) {
-  RowReader xr, wr;
-  const float* w = wr.read(a.w, a.w_dtype, 0, a.dim);
-  std::vector<float> y(a.dim);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const float* x = xr.read(a.x, a.x_dtype, r * a.ldx, a.dim);
-    rms_norm_row(x, w, a.eps, a.dim, y.data());
-    store_row(a.out, a.out_dtype, r * a.ldo, y.data(), a.dim);
-  }
-}
+void rms_norm(const RmsNormArgs& a) { step_kernels(or_empty(a.isa)).rms_norm(a); }
 
-void silu_mul(const SiluMulArgs& a) {
-  RowReader gr, ur;
-  std::vector<float> y(a.width);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const float* g = gr.read(a.gate_up, a.dtype, r * a.ld_in, a.width);
-    const float* u = ur.read(a.gate_up, a.dtype, r * a.ld_in + a.width, a.width);
-    for (int64_t i = 0; i < a.width; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    store_row(a.out, a.dtype, r * a.ld_out, y.data(), a.width);
-  }
-}
+void silu_mul(const SiluMulArgs& a) { step_kernels(or_empty(a.isa)).silu_mul(a); }
 
-void hadamard(const HadamardArgs& a) {
-  const WalshHadamardFn walsh_hadamard = walsh_hadamard_fn(a.isa ? a.isa : "");
-  const float norm = 1.f / std::sqrt(static_cast<float>(a.block));
-  const bool parallel = a.num_threads > 1 && a.rows > 1 && a.rows * a.n >= (1 << 15);
-#pragma omp parallel num_threads(a.num_threads) if (parallel)
-  {
-    RowReader xr;
-    std::vector<float> y(a.n);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.rows; ++r) {
-      std::memcpy(y.data(), xr.read(a.x, a.dtype, r * a.ldx, a.n), a.n * sizeof(float));
-      for (int64_t c = 0; c < a.n; c += a.block) walsh_hadamard(y.data() + c, a.block);
-#pragma omp simd
-      for (int64_t i = 0; i < a.n; ++i) y[i] *= norm;
-      store_row(a.out, a.dtype, r * a.ldo, y.data(), a.n);
-    }
-  }
-}
+void hadamard(const HadamardArgs& a) { step_kernels(or_empty(a.isa)).hadamard(a); }
 
 void attention_step(const AttentionStepArgs& a) {
-  const int64_t hd = a.head_dim, nh = a.n_heads, nkv = a.n_kv_heads, p = a.position;
-  const int64_t group = nh / nkv;
-  const int64_t context = p + 1;
-  RowReader cr, sr, qnr, knr;
-  const float* cos = cr.read(a.cos, a.dtype, p * hd, hd);
-  const float* sin = sr.read(a.signed_sin, a.dtype, p * hd, hd);
-  const float* q_norm = a.q_norm ? qnr.read(a.q_norm, a.norm_dtype, 0, hd) : nullptr;
-  const float* k_norm = a.k_norm ? knr.read(a.k_norm, a.norm_dtype, 0, hd) : nullptr;
-
-  // rope'd queries of every sequence in fp32: [batch, nh, hd]
-  std::vector<float> queries(a.batch * nh * hd);
-  {
-    RowReader xr;
-    std::vector<float> head(hd);
-    for (int64_t b = 0; b < a.batch; ++b) {
-      const int64_t row = b * a.ld_qkv;
-      for (int64_t h = 0; h < nh; ++h) {
-        float* q = queries.data() + (b * nh + h) * hd;
-        std::memcpy(q, xr.read(a.qkv, a.dtype, row + h * hd, hd), hd * sizeof(float));
-        if (q_norm) rms_norm_row(q, q_norm, a.norm_eps, hd, q);
-        rope_row(q, cos, sin, hd);
-      }
-      for (int64_t h = 0; h < nkv; ++h) {  // append k (rope'd) and v at position p
-        std::memcpy(head.data(), xr.read(a.qkv, a.dtype, row + (nh + h) * hd, hd),
-                    hd * sizeof(float));
-        if (k_norm) rms_norm_row(head.data(), k_norm, a.norm_eps, hd, head.data());
-        rope_row(head.data(), cos, sin, hd);
-        const int64_t at = b * a.cache_batch_stride + h * a.cache_head_stride + p * hd;
-        store_row(a.k_cache, a.dtype, at, head.data(), hd);
-        const float* v = xr.read(a.qkv, a.dtype, row + (nh + nkv + h) * hd, hd);
-        store_row(a.v_cache, a.dtype, at, v, hd);
-      }
-    }
-  }
-
-  // one task per (sequence, query head): softmax(q K^T * scale) V over positions 0..p
-  const int64_t tasks = a.batch * nh;
-  const bool parallel = a.num_threads > 1 && tasks > 1 && tasks * context * hd >= (1 << 16);
-#pragma omp parallel for schedule(static) num_threads(a.num_threads) if (parallel)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t b = t / nh, h = t % nh, kv = h / group;
-    const float* q = queries.data() + t * hd;
-    const int64_t base = b * a.cache_batch_stride + kv * a.cache_head_stride;
-    std::vector<float> scores(context);
-    std::vector<float> acc(hd, 0.f);
-    RowReader kr, vr;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < context; ++j) {
-      const float* k = kr.read(a.k_cache, a.dtype, base + j * hd, hd);
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < hd; ++i) s += q[i] * k[i];
-      s *= a.scale;
-      scores[j] = s;
-      top = s > top ? s : top;
-    }
-    float total = 0.f;
-    for (int64_t j = 0; j < context; ++j) {
-      scores[j] = std::exp(scores[j] - top);
-      total += scores[j];
-    }
-    for (int64_t j = 0; j < context; ++j) {
-      const float* v = vr.read(a.v_cache, a.dtype, base + j * hd, hd);
-      const float wj = scores[j];
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) acc[i] += wj * v[i];
-    }
-    const float inv = 1.f / total;
-    for (int64_t i = 0; i < hd; ++i) acc[i] *= inv;
-    store_row(a.out, a.dtype, b * a.ld_out + h * hd, acc.data(), hd);
-  }
+  step_kernels(or_empty(a.isa)).attention_step(a);
 }
-
 
 // ---- StepProgram -------------------------------------------------------------------------------
 
 namespace {
 bool independent_matmuls(const QMatmulArgs& a, const QMatmulArgs& b);
 }  // namespace
+
+StepProgram::StepProgram(const std::string& isa) : isa_(isa), kernels_(&step_kernels(isa)) {}
 
 void StepProgram::add_qmatmul(const QMatmulArgs& a, const std::string& isa) {
   check_qmatmul_args("StepProgram.add_qmatmul", a);
@@ -225,6 +77,7 @@ void StepProgram::add_hadamard(const HadamardArgs& a) {
   ops_.push_back({Kind::kHadamard, hadamards_.size()});
   hadamards_.push_back(a);
   hadamards_.back().num_threads = 1;
+  hadamards_.back().isa = nullptr;  // the program's kernels_ run it
 }
 
 void StepProgram::add_attention(const AttentionStepArgs& a, int64_t max_positions) {
@@ -333,16 +186,21 @@ double recent_parallel_over_serial() {
 
 }  // namespace
 
+AttentionStepArgs StepProgram::attention_at(const Op& op, int64_t position) const {
+  AttentionStepArgs a = attentions_[op.index];
+  a.position = position;
+  a.num_threads = 1;
+  return a;
+}
+
 void StepProgram::run_small(const Op& op, int64_t position) {
   switch (op.kind) {
-    case Kind::kRmsNorm: rms_norm(norms_[op.index]); break;
-    case Kind::kSiluMul: silu_mul(silu_muls_[op.index]); break;
-    case Kind::kHadamard: hadamard(hadamards_[op.index]); break;
+    case Kind::kRmsNorm: kernels_->rms_norm(norms_[op.index]); break;
+    case Kind::kSiluMul: kernels_->silu_mul(silu_muls_[op.index]); break;
+    case Kind::kHadamard: kernels_->hadamard(hadamards_[op.index]); break;
     case Kind::kAttention: {
-      AttentionStepArgs a = attentions_[op.index];
-      a.position = position;
-      a.num_threads = 1;
-      attention_step(a);
+      const AttentionStepArgs a = attention_at(op, position);
+      kernels_->attention_step_tasks(a, 0, attention_tasks(a));
       break;
     }
     default: break;
@@ -386,6 +244,11 @@ void StepProgram::run_parallel(int64_t position, int threads) {
             const int64_t per = (units + threads - 1) / threads * unit;  // rows per slice
             for (int64_t lo; (lo = next[i].fetch_add(1) * per) < a.N;)
               run_matmul(row_slice(a, lo, std::min(a.N, lo + per)), isas_[op.index]);
+          } else if (op.kind == Kind::kAttention) {  // its tasks, taken in turn
+            const AttentionStepArgs a = attention_at(op, position);
+            const int64_t tasks = attention_tasks(a);
+            for (int64_t t; (t = next[i].fetch_add(1)) < tasks;)
+              kernels_->attention_step_tasks(a, t, t + 1);
           } else if (first) {
             run_small(op, position);
           }

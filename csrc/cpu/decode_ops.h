@@ -1,5 +1,8 @@
-// The small per-token operations of a CPU decode step (decode_ops.cpp). Pointers are raw, dtypes
-// are the codes of common.h, strides and sizes count elements.
+// The small per-token operations of a CPU decode step (step_kernels.cpp, compiled once per
+// instruction set; decode_ops.cpp dispatches them) and the StepProgram that runs a whole step.
+// Pointers are raw, dtypes are the codes of common.h, strides and sizes count elements. An
+// operation's isa names the build that runs it (nullptr or "": the best this CPU runs; else
+// std::invalid_argument where this binary lacks it or the CPU cannot run it).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +26,7 @@ struct RmsNormArgs {
   int64_t ldo = 0;
   int64_t rows = 0, dim = 0;
   float eps = 0.f;
+  const char* isa = nullptr;
 };
 void rms_norm(const RmsNormArgs& a);
 
@@ -34,6 +38,7 @@ struct SiluMulArgs {
   int64_t ld_out = 0;
   int dtype = 0;
   int64_t rows = 0, width = 0;
+  const char* isa = nullptr;
 };
 void silu_mul(const SiluMulArgs& a);
 
@@ -41,8 +46,7 @@ void silu_mul(const SiluMulArgs& a);
 // elements of x[r, :n]: block c of the output is H (block c of x) / sqrt(block), H the Sylvester
 // Hadamard matrix (H[i][j] = (-1)^popcount(i & j): symmetric, H H = block I, so the transform is
 // its own inverse). n a multiple of block, block a power of two; one dtype for x and out; in
-// place allowed (out == x). Rows are split over up to num_threads threads. isa: the build of
-// the transform (qmatmul.h's walsh_hadamard_fn; nullptr or "": the best this CPU runs).
+// place allowed (out == x). Rows are split over up to num_threads threads.
 struct HadamardArgs {
   const void* x = nullptr;
   int64_t ldx = 0;
@@ -80,8 +84,39 @@ struct AttentionStepArgs {
   int64_t batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, position = 0;
   float scale = 0.f;
   int num_threads = 1;
+  const char* isa = nullptr;
 };
 void attention_step(const AttentionStepArgs& a);
+
+// attention_step is batch * n_kv_heads independent tasks: task t = (sequence t / n_kv_heads, kv
+// head t % n_kv_heads) appends that head's k and v at the position and attends its query heads
+// (a parallel StepProgram run hands them out to its threads).
+inline int64_t attention_tasks(const AttentionStepArgs& a) { return a.batch * a.n_kv_heads; }
+
+// The step operations of one instruction-set build. attention_step_tasks runs tasks [first,
+// last) of an attention step on the calling thread.
+struct StepKernels {
+  void (*rms_norm)(const RmsNormArgs&);
+  void (*silu_mul)(const SiluMulArgs&);
+  void (*hadamard)(const HadamardArgs&);
+  void (*attention_step)(const AttentionStepArgs&);
+  void (*attention_step_tasks)(const AttentionStepArgs&, int64_t first, int64_t last);
+};
+// The build named isa (dispatch.cpp; "": the best this CPU runs).
+const StepKernels& step_kernels(const std::string& isa);
+
+#define PYENGINE_DECLARE_STEP_ISA(isa)                                                  \
+  namespace isa {                                                                       \
+  void rms_norm(const RmsNormArgs& a);                                                  \
+  void silu_mul(const SiluMulArgs& a);                                                  \
+  void hadamard(const HadamardArgs& a);                                                 \
+  void attention_step(const AttentionStepArgs& a);                                      \
+  void attention_step_tasks(const AttentionStepArgs& a, int64_t first, int64_t last);   \
+  }
+PYENGINE_DECLARE_STEP_ISA(generic)
+PYENGINE_DECLARE_STEP_ISA(avx2)
+PYENGINE_DECLARE_STEP_ISA(avx512)
+#undef PYENGINE_DECLARE_STEP_ISA
 
 // A decode step written down once as the list of its operations (quantized matmuls of
 // qmatmul.h and the operations above, on buffers that live as long as the program) and run
@@ -89,8 +124,12 @@ void attention_step(const AttentionStepArgs& a);
 // would otherwise pay a round trip through the interpreter.
 class StepProgram {
  public:
-  // Appends one operation (copied). A matmul runs on the build named isa ("": the best this
-  // CPU runs); num_threads of the matmuls and attentions are set per run.
+  // The norms, SiLU-and-multiplies, Walsh-Hadamard transforms and attentions run on the build
+  // named isa ("": the best this CPU runs; else as step_kernels).
+  explicit StepProgram(const std::string& isa = "");
+  // Appends one operation (copied; an added operation's own isa is not read). A matmul runs on
+  // the build named isa ("": the best this CPU runs); num_threads of the matmuls and attentions
+  // are set per run.
   void add_qmatmul(const QMatmulArgs& a, const std::string& isa);
   void add_rms_norm(const RmsNormArgs& a);
   void add_silu_mul(const SiluMulArgs& a);
@@ -162,6 +201,8 @@ class StepProgram {
   std::vector<SiluMulArgs> silu_muls_;
   std::vector<HadamardArgs> hadamards_;
   std::vector<AttentionStepArgs> attentions_;
+  std::string isa_;  // of the operations but the matmuls ("": the best this CPU runs)
+  const StepKernels* kernels_;
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
   ScheduleTimes parallel_, serial_;
   double ms_since_probe_ = 0;  // time spent in the chosen schedule since the other was tried
@@ -170,6 +211,8 @@ class StepProgram {
   int last_run_threads_ = 0;
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
+  // the attention of op at this position, on one thread
+  AttentionStepArgs attention_at(const Op& op, int64_t position) const;
   void run_serial(int64_t position);
   void run_parallel(int64_t position, int threads);
 };

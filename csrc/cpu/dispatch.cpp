@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/decode_ops.h"
 #include "cpu/qmatmul.h"
 #include "cpu/quant_ops.h"
 
@@ -17,15 +18,25 @@ using KernelFn = void (*)(const QMatmulArgs&);
 using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 
 // One instruction-set build: its canonical and plane-layout kernels, its Walsh-Hadamard
-// transform, GPTQ's column loop and the clip search's errors.
+// transform, GPTQ's column loop, the clip search's errors and a decode step's small operations.
 struct Build {
   KernelFn fn;
   PlaneKernelFn plane_fn;
   WalshHadamardFn walsh_fn;
   GptqColumnsFn gptq_fn;
   ClipErrorsFn clip_fn;
+  StepKernels step;
   const char* name;
 };
+
+#define PYENGINE_BUILD(isa)                                                                     \
+  Build {                                                                                       \
+    &isa::qmatmul, &isa::plane_matmul, &isa::walsh_hadamard, &isa::gptq_columns,                \
+        &isa::clip_errors,                                                                      \
+        StepKernels{&isa::rms_norm, &isa::silu_mul, &isa::hadamard, &isa::attention_step,       \
+                    &isa::attention_step_tasks},                                                \
+        #isa                                                                                    \
+  }
 
 bool cpu_has(const std::string& isa) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -68,15 +79,12 @@ namespace {
 const std::vector<Build>& compiled() {
   static const std::vector<Build> builds = {
 #if defined(PYENGINE_HAVE_ISA_avx512)
-      {&avx512::qmatmul, &avx512::plane_matmul, &avx512::walsh_hadamard, &avx512::gptq_columns,
-       &avx512::clip_errors, "avx512"},
+      PYENGINE_BUILD(avx512),
 #endif
 #if defined(PYENGINE_HAVE_ISA_avx2)
-      {&avx2::qmatmul, &avx2::plane_matmul, &avx2::walsh_hadamard, &avx2::gptq_columns,
-       &avx2::clip_errors, "avx2"},
+      PYENGINE_BUILD(avx2),
 #endif
-      {&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard,
-       &generic::gptq_columns, &generic::clip_errors, "generic"},
+      PYENGINE_BUILD(generic),
   };
   return builds;
 }
@@ -85,8 +93,7 @@ const Build& selected() {
   static const Build best = [] {
     for (const Build& b : compiled())
       if (cpu_has(b.name)) return b;
-    return Build{&generic::qmatmul, &generic::plane_matmul, &generic::walsh_hadamard,
-                 &generic::gptq_columns, &generic::clip_errors, "generic"};
+    return PYENGINE_BUILD(generic);
   }();
   return best;
 }
@@ -129,6 +136,10 @@ void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa) 
 
 WalshHadamardFn walsh_hadamard_fn(const std::string& isa) {
   return isa.empty() ? selected().walsh_fn : build_named(isa, "hadamard_cpu").walsh_fn;
+}
+
+const StepKernels& step_kernels(const std::string& isa) {
+  return isa.empty() ? selected().step : build_named(isa, "step operation").step;
 }
 
 GptqColumnsFn gptq_columns_fn(const std::string& isa) {
