@@ -53,20 +53,26 @@ namespace {
 // d[Kq / kActBlock] scales. The same arithmetic as the reference (fp32 max, division, rounding
 // to nearest even), so that both quantize alike.
 inline void quantize_row(const QMatmulArgs& a, int64_t m, int64_t Kq, int8_t* q, float* d) {
-  std::vector<float> xf(kActBlock);
   for (int64_t b = 0; b * kActBlock < Kq; ++b) {
+    const int64_t k0 = b * kActBlock;
+    float xf[kActBlock] = {};  // the block in fp32, zero past K (Kq may end blocks past K)
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(kActBlock, a.K - k0));
+    if (a.x_dtype == kFloat32)
+      std::memcpy(xf, static_cast<const float*>(a.x) + m * a.ldx + k0, n * sizeof(float));
+    else
+      for (int64_t i = 0; i < n; ++i) xf[i] = load_as_float(a.x, a.x_dtype, m * a.ldx + k0 + i);
     float amax = 0.f;
-    for (int64_t i = 0; i < kActBlock; ++i) {
-      const int64_t k = b * kActBlock + i;
-      xf[i] = k < a.K ? load_as_float(a.x, a.x_dtype, m * a.ldx + k) : 0.f;
-      amax = std::max(amax, std::fabs(xf[i]));
-    }
+#pragma omp simd reduction(max : amax)
+    for (int64_t i = 0; i < kActBlock; ++i) amax = std::max(amax, std::fabs(xf[i]));
     const float scale = amax / 127.f;
     d[b] = scale;
-    for (int64_t i = 0; i < kActBlock; ++i) {
-      const float v = scale > 0.f ? std::nearbyint(xf[i] / scale) : 0.f;
-      q[b * kActBlock + i] = (int8_t)std::min(127.f, std::max(-127.f, v));
+    if (!(scale > 0.f)) {
+      std::memset(q + k0, 0, kActBlock);
+      continue;
     }
+#pragma omp simd
+    for (int64_t i = 0; i < kActBlock; ++i)
+      q[k0 + i] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(xf[i] / scale)));
   }
 }
 

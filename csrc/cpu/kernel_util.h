@@ -242,6 +242,27 @@ inline float dot(const float* a, const float* b, int64_t len) {
 // The epilogue of a QMatmulArgs call: out = out32 (+ bias) (+ out when accumulating), converted
 // to the output dtype. out32: [M, N] fp32 products.
 inline void store_result(const QMatmulArgs& a, const float* out32) {
+  if (a.out_dtype == kFloat32 && (!a.bias || a.bias_dtype == kFloat32)) {
+    // the same sums in the same order, vectorised: (product + bias) + out
+    const float* __restrict bias = static_cast<const float*>(a.bias);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* __restrict src = out32 + m * a.N;
+      float* __restrict out = static_cast<float*>(a.out) + m * a.ldo;
+      if (bias && a.accumulate) {
+#pragma omp simd
+        for (int64_t n = 0; n < a.N; ++n) out[n] = src[n] + bias[n] + out[n];
+      } else if (bias) {
+#pragma omp simd
+        for (int64_t n = 0; n < a.N; ++n) out[n] = src[n] + bias[n];
+      } else if (a.accumulate) {
+#pragma omp simd
+        for (int64_t n = 0; n < a.N; ++n) out[n] = src[n] + out[n];
+      } else {
+        std::memcpy(out, src, a.N * sizeof(float));
+      }
+    }
+    return;
+  }
   for (int64_t m = 0; m < a.M; ++m) {
     for (int64_t n = 0; n < a.N; ++n) {
       float v = out32[m * a.N + n];
