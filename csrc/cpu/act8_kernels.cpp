@@ -70,9 +70,15 @@ inline void quantize_row(const QMatmulArgs& a, int64_t m, int64_t Kq, int8_t* q,
       std::memset(q + k0, 0, kActBlock);
       continue;
     }
+    int32_t codes[kActBlock];
 #pragma omp simd
-    for (int64_t i = 0; i < kActBlock; ++i)
-      q[k0 + i] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(xf[i] / scale)));
+    for (int64_t i = 0; i < kActBlock; ++i) {  // clamped to [-127, 127] (NaN: -127), as branchless
+      float v = std::nearbyint(xf[i] / scale);  // selects that vectorise
+      v = v >= -127.f ? v : -127.f;
+      v = v <= 127.f ? v : 127.f;
+      codes[i] = (int32_t)v;
+    }
+    for (int64_t i = 0; i < kActBlock; ++i) q[k0 + i] = (int8_t)codes[i];
   }
 }
 
