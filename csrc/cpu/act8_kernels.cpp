@@ -37,6 +37,8 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>  // the generic build on x86-64 (sse2_block_sums)
 #endif
 
 #include "cpu/kernel_util.h"  // also checks that PYENGINE_ISA names the build's namespace
@@ -908,7 +910,8 @@ void integer_path(const QMatmulArgs& a, Decode decode) {
 // GCC / Clang vector code that every target compiles to its integer vector instructions (SSE2
 // on x86-64, NEON on AArch64): codes widened to int16 times int16 activations; for 2 and 4 bits
 // int16 products summed in int16 lanes over a block, then in pairs in int32 (portable_lanes,
-// pair_sums); for 8 bits a loop of the form the compilers' dot-product idiom turns into
+// pair_sums), or on x86-64 summed straight into int32 by SSE2's pmaddwd (sse2_block_sums); for
+// 8 bits a loop of the form the compilers' dot-product idiom turns into
 // pmaddwd (portable_dot8). A block of 32 codes is 4 * BITS bytes of its row (the canonical
 // packing, docs/FORMAT.md): plane j of a block is (byte i >> BITS * j) & mask, code
 // cpb * i + j (cpb = 8 / BITS), so each activation block is stored in plane order,
@@ -1021,6 +1024,46 @@ PYENGINE_INLINE inline v4f pair_sums(pv8i16 v) {
   return __builtin_convertvector(low + high, v4f);
 }
 
+#if defined(__SSE2__)
+// 2- and 4-bit codes on x86-64 (SSE2, every such CPU): the block's products summed straight into
+// int32 lanes by pmaddwd (no int16 sums to widen after), float lanes whose sum is that of c * q
+// over the block (bytes, x: as portable_lanes). 2-bit planes 1 and 3 are masked in place at 4x
+// their codes (one shift per byte lane instead of three), summed apart and shifted down once
+// (exactly: multiples of 4).
+template <int BITS>
+PYENGINE_INLINE inline v4f sse2_block_sums(const uint8_t* __restrict bytes,
+                                           const int16_t* __restrict x) {
+  using L = PortableLayout<BITS>;
+  static_assert(BITS == 2 || BITS == 4, "2 or 4 bits");
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i b = L::kBlockBytes == 16
+                        ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))
+                        : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  auto xv = [&](int plane, int half) PYENGINE_INLINE {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + plane * L::kBlockBytes + 8 * half));
+  };
+  __m128i sums = zero, sums4 = zero;  // sums4: the 2-bit planes at 4x
+  unroll<L::kBlockBytes / 8>([&](auto h) PYENGINE_INLINE {  // halves of 8 bytes, as int16 lanes
+    constexpr int H = decltype(h)::value;
+    const __m128i w = H == 0 ? _mm_unpacklo_epi8(b, zero) : _mm_unpackhi_epi8(b, zero);
+    if constexpr (BITS == 2) {
+      const __m128i mask = _mm_set1_epi16(3), mask4 = _mm_set1_epi16(12);
+      const __m128i high = _mm_srli_epi16(w, 4);
+      sums = _mm_add_epi32(sums, _mm_madd_epi16(_mm_and_si128(w, mask), xv(0, H)));
+      sums4 = _mm_add_epi32(sums4, _mm_madd_epi16(_mm_and_si128(w, mask4), xv(1, H)));
+      sums = _mm_add_epi32(sums, _mm_madd_epi16(_mm_and_si128(high, mask), xv(2, H)));
+      sums4 = _mm_add_epi32(sums4, _mm_madd_epi16(_mm_and_si128(high, mask4), xv(3, H)));
+    } else {
+      const __m128i low = _mm_and_si128(w, _mm_set1_epi16(15));
+      sums = _mm_add_epi32(sums, _mm_madd_epi16(low, xv(0, H)));
+      sums = _mm_add_epi32(sums, _mm_madd_epi16(_mm_srli_epi16(w, 4), xv(1, H)));
+    }
+  });
+  if constexpr (BITS == 2) sums = _mm_add_epi32(sums, _mm_srai_epi32(sums4, 2));
+  return (v4f)_mm_cvtepi32_ps(sums);
+}
+#endif
+
 // Weight rows [lo, hi) against activation rows [m0, m0 + MB): out32[m][n].
 template <int BITS, int MB>
 void portable_rows(const QMatmulArgs& a, const PortablePlan& p, int64_t m0, int64_t lo,
@@ -1045,7 +1088,11 @@ void portable_rows(const QMatmulArgs& a, const PortablePlan& p, int64_t m0, int6
           if constexpr (BITS == 8) {
             gacc[m][0] += p.d[mb] * (float)portable_dot8(bytes, x);
           } else {
+#if defined(__SSE2__)
+            gacc[m] += p.d[mb] * sse2_block_sums<BITS>(bytes, x);
+#else
             gacc[m] += p.d[mb] * pair_sums(portable_lanes<BITS>(bytes, x));
+#endif
           }
         }
       }
