@@ -31,6 +31,7 @@
 // plane: codes [4 cpb u, 4 cpb (u + 1)), one packed word, which lies in one activation block
 // and one weight group, so it is scaled by one d and one s.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -653,13 +654,21 @@ Rows8Plan plan_rows8(const QMatmulArgs& a) {
   Rows8Plan p;
   const int64_t words = (a.K + kActBlock - 1) / kActBlock * L::kPlaneWords;
   p.xq.assign((size_t)(a.M * words * L::kPlanes), 0);
+  // A block's 32 activation bytes in the order the kernel reads them: byte (v * kPlanes + pl) * 4
+  // + i meets code code_of(v, pl, i) (kPlaneWords * kPlanes * 4 = 32 for every width).
+  static_assert(L::kPlaneWords * L::kPlanes * 4 == kActBlock, "one block per 32 bytes");
+  static constexpr auto kOrder = [] {
+    std::array<uint8_t, kActBlock> order{};
+    for (int v = 0; v < L::kPlaneWords; ++v)
+      for (int pl = 0; pl < L::kPlanes; ++pl)
+        for (int i = 0; i < 4; ++i) order[(v * L::kPlanes + pl) * 4 + i] = L::code_of(v, pl, i);
+    return order;
+  }();
   plan_blocks(a, p, [&](int64_t m, const int8_t* q) {
     int8_t* xm = reinterpret_cast<int8_t*>(p.xq.data() + m * words * L::kPlanes);
-    for (int64_t w = 0; w < words; ++w)
-      for (int pl = 0; pl < L::kPlanes; ++pl)
-        for (int i = 0; i < 4; ++i)
-          xm[(w * L::kPlanes + pl) * 4 + i] =
-              q[w / L::kPlaneWords * kActBlock + L::code_of(w % L::kPlaneWords, pl, i)];
+    for (int64_t b = 0; b < words / L::kPlaneWords; ++b)
+      for (int t = 0; t < (int)kActBlock; ++t)
+        xm[b * kActBlock + t] = q[b * kActBlock + kOrder[t]];
   });
   return p;
 }
