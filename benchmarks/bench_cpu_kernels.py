@@ -2,9 +2,9 @@
 against PyTorch's own weight-only CPU kernels.
 
 Measures, in one run, the machine's copy bandwidth, the fp32 dense baseline and the quantized
-kernels at each bit width (all of them in the same interleaved rounds, per shape and M), and prints the ratios (the issue's floors at M = 1, 14336 x 4096,
-group 128: int8 >= 2x, int4 >= 3x, int2 >= 4x faster than fp32) with the achieved fraction of
-the copy bandwidth.
+kernels at each bit width (all of them in the same interleaved rounds, per shape and M), and
+prints the ratios (the issue's floors at M = 1, 14336 x 4096, group 128: int8 >= 2x, int4 >= 3x,
+int2 >= 4x faster than fp32) with the achieved fraction of the copy bandwidth.
 
 Peers (--peers, on by default): PyTorch's weight-only CPU kernels, the ones torchao's CPU
 layouts call, on the same codes as the cpu backend and with bf16 activations (their fast path;

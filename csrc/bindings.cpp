@@ -303,7 +303,7 @@ PYBIND11_MODULE(_C, m) {
          const std::string& isa) {
         auto a = rms_norm_args(x, x_dtype, ldx, w, w_dtype, out, out_dtype, ldo, rows, dim, eps);
         a.isa = isa.c_str();
-        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::step_kernels(isa, "rms_norm_cpu");  // raises for a bad isa
         pyengine::cpu::rms_norm(a);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("w"), py::arg("w_dtype"),
@@ -317,7 +317,7 @@ PYBIND11_MODULE(_C, m) {
          int64_t rows, int64_t width, const std::string& isa) {
         auto a = silu_mul_args(gate_up, ld_in, out, ld_out, dtype, rows, width);
         a.isa = isa.c_str();
-        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::step_kernels(isa, "silu_mul_cpu");  // raises for a bad isa
         pyengine::cpu::silu_mul(a);
       },
       py::arg("gate_up"), py::arg("ld_in"), py::arg("out"), py::arg("ld_out"), py::arg("dtype"),
@@ -330,7 +330,7 @@ PYBIND11_MODULE(_C, m) {
          int64_t n, int64_t block, int threads, const std::string& isa) {
         auto a = hadamard_args(x, ldx, out, ldo, dtype, rows, n, block, threads);
         a.isa = isa.c_str();
-        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::step_kernels(isa, "hadamard_cpu");  // raises for a bad isa
         py::gil_scoped_release release;
         pyengine::cpu::hadamard(a);
       },
@@ -409,7 +409,7 @@ PYBIND11_MODULE(_C, m) {
         a.position = position;
         a.num_threads = num_threads < 1 ? 1 : num_threads;
         a.isa = isa.c_str();
-        pyengine::cpu::step_kernels(isa);  // an unknown or unusable isa raises here
+        pyengine::cpu::step_kernels(isa, "attention_step_cpu");  // raises for a bad isa
         py::gil_scoped_release release;
         pyengine::cpu::attention_step(a);
       },

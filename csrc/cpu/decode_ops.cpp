@@ -5,21 +5,17 @@
 #include "cpu/decode_ops.h"
 
 #include <algorithm>
-#include <exception>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-
-#include "cpu/qmatmul.h"
-
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "common.h"
+#include "cpu/qmatmul.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -51,7 +47,7 @@ namespace {
 bool independent_matmuls(const QMatmulArgs& a, const QMatmulArgs& b);
 }  // namespace
 
-StepProgram::StepProgram(const std::string& isa) : isa_(isa), kernels_(&step_kernels(isa)) {}
+StepProgram::StepProgram(const std::string& isa) : kernels_(&step_kernels(isa)) {}
 
 void StepProgram::add_qmatmul(const QMatmulArgs& a, const std::string& isa) {
   check_qmatmul_args("StepProgram.add_qmatmul", a);
@@ -178,10 +174,8 @@ constexpr double kBusyRatio = 2;
 
 // The verdict's ratio where it is recent enough to rely on, else 0.
 double recent_parallel_over_serial() {
-  std::lock_guard<std::mutex> lock(g_machine.mutex);
-  const double age_s = std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                     g_machine.learned_at).count();
-  return age_s < StepProgram::kVerdictLifetimeS ? g_machine.parallel_over_serial : 0;
+  const StepProgram::MachineVerdict v = StepProgram::machine_verdict();
+  return v.age_s >= 0 && v.age_s < StepProgram::kVerdictLifetimeS ? v.parallel_over_serial : 0;
 }
 
 }  // namespace

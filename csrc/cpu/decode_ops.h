@@ -102,8 +102,8 @@ struct StepKernels {
   void (*attention_step)(const AttentionStepArgs&);
   void (*attention_step_tasks)(const AttentionStepArgs&, int64_t first, int64_t last);
 };
-// The build named isa (dispatch.cpp; "": the best this CPU runs).
-const StepKernels& step_kernels(const std::string& isa);
+// The build named isa (dispatch.cpp; "": the best this CPU runs; errors name op).
+const StepKernels& step_kernels(const std::string& isa, const char* op = "StepProgram");
 
 #define PYENGINE_DECLARE_STEP_ISA(isa)                                                  \
   namespace isa {                                                                       \
@@ -201,8 +201,7 @@ class StepProgram {
   std::vector<SiluMulArgs> silu_muls_;
   std::vector<HadamardArgs> hadamards_;
   std::vector<AttentionStepArgs> attentions_;
-  std::string isa_;  // of the operations but the matmuls ("": the best this CPU runs)
-  const StepKernels* kernels_;
+  const StepKernels* kernels_;  // of the operations but the matmuls
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
   ScheduleTimes parallel_, serial_;
   double ms_since_probe_ = 0;  // time spent in the chosen schedule since the other was tried

@@ -17,12 +17,11 @@ namespace {
 using KernelFn = void (*)(const QMatmulArgs&);
 using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 
-// One instruction-set build: its canonical and plane-layout kernels, its Walsh-Hadamard
-// transform, GPTQ's column loop, the clip search's errors and a decode step's small operations.
+// One instruction-set build: its canonical and plane-layout kernels, GPTQ's column loop, the clip
+// search's errors and a decode step's small operations (the Walsh-Hadamard transform among them).
 struct Build {
   KernelFn fn;
   PlaneKernelFn plane_fn;
-  WalshHadamardFn walsh_fn;
   GptqColumnsFn gptq_fn;
   ClipErrorsFn clip_fn;
   StepKernels step;
@@ -31,8 +30,7 @@ struct Build {
 
 #define PYENGINE_BUILD(isa)                                                                     \
   Build {                                                                                       \
-    &isa::qmatmul, &isa::plane_matmul, &isa::walsh_hadamard, &isa::gptq_columns,                \
-        &isa::clip_errors,                                                                      \
+    &isa::qmatmul, &isa::plane_matmul, &isa::gptq_columns, &isa::clip_errors,                   \
         StepKernels{&isa::rms_norm, &isa::silu_mul, &isa::hadamard, &isa::attention_step,       \
                     &isa::attention_step_tasks},                                                \
         #isa                                                                                    \
@@ -134,12 +132,8 @@ void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa) 
   build_named(isa, "plane_matmul_cpu").plane_fn(args);
 }
 
-WalshHadamardFn walsh_hadamard_fn(const std::string& isa) {
-  return isa.empty() ? selected().walsh_fn : build_named(isa, "hadamard_cpu").walsh_fn;
-}
-
-const StepKernels& step_kernels(const std::string& isa) {
-  return isa.empty() ? selected().step : build_named(isa, "step operation").step;
+const StepKernels& step_kernels(const std::string& isa, const char* op) {
+  return isa.empty() ? selected().step : build_named(isa, op).step;
 }
 
 GptqColumnsFn gptq_columns_fn(const std::string& isa) {

@@ -63,11 +63,6 @@ void plane_matmul(const PlaneMatmulArgs& args);
 // The plane-layout matmul of one named instruction-set build (errors as qmatmul_with_isa).
 void plane_matmul_with_isa(const PlaneMatmulArgs& args, const std::string& isa);
 
-// The in-place unnormalised fast Walsh-Hadamard transform of v[0, b) (b a power of two,
-// hadamard_kernels.cpp) of the build named isa ("": the best this CPU runs; errors as
-// qmatmul_with_isa).
-using WalshHadamardFn = void (*)(float* v, int64_t b);
-WalshHadamardFn walsh_hadamard_fn(const std::string& isa);
 
 // Largest M served by the plane kernels' decode path (one pass over the planes, every x row
 // multiplied by each unpacked code); larger M dequantizes panels and runs the tiled path.

@@ -1,8 +1,8 @@
 // The small per-token operations of a CPU decode step (decode_ops.h: RMS norm, SiLU-and-multiply,
-// Walsh-Hadamard transform, one attention step), compiled once per instruction set like the matmul kernels, so that their
-// loops run at the vector width of the build the step's matmuls use (decode_ops.cpp dispatches
-// through step_kernels(isa), dispatch.cpp). All math is in fp32; tensors may be fp32, fp16 or
-// bf16 (dtype codes of common.h).
+// Walsh-Hadamard transform, one attention step), compiled once per instruction set like the
+// matmul kernels, so that their loops run at the vector width of the build the step's matmuls
+// use (decode_ops.cpp dispatches through step_kernels(isa), dispatch.cpp). All math is in fp32;
+// tensors may be fp32, fp16 or bf16 (dtype codes of common.h).
 
 #include <algorithm>
 #include <cmath>
@@ -48,7 +48,7 @@ constexpr int kLanes = 4;
 typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-// e^x lane-wise, within 2 ulp of the exact value for x in [-87, 88] (inputs are clamped there:
+// e^x lane-wise, within a few ulp of the exact value for x in [-87, 88] (inputs are clamped there:
 // e^-87 ~ 1.6e-38, the smallest normal float's order): x = n ln2 + r with n = round(x / ln2)
 // and |r| <= ln2 / 2 (ln2 in two parts, so that n ln2 is exact to float precision), e^r by its
 // Taylor polynomial of degree 7 (|error| < r^8 / 8! < 4e-9), times 2^n built in the exponent
@@ -370,8 +370,8 @@ void attention_step_tasks(const AttentionStepArgs& a, int64_t first, int64_t las
 void attention_step(const AttentionStepArgs& a) {
   const int64_t tasks = attention_tasks(a);
   const int threads = (int)std::min<int64_t>(std::max(a.num_threads, 1), tasks);
-  const bool parallel =
-      threads > 1 && tasks * (a.n_heads / a.n_kv_heads) * (a.position + 1) * a.head_dim >= (1 << 16);
+  const int64_t work = tasks * (a.n_heads / a.n_kv_heads) * (a.position + 1) * a.head_dim;
+  const bool parallel = threads > 1 && work >= (1 << 16);
   if (!parallel) {
     attention_step_tasks(a, 0, tasks);
     return;
