@@ -170,9 +170,12 @@ def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]
     huge_note = (f", {huge} GB/s in huge pages, against which the rows8 rows (the decoder's "
                  f"interleaved copies, held in huge pages) are measured" if huge else "")
     interleaved = data["meta"].get("copy_measured")
+    huge_rounds = (f", {huge} GB/s in huge pages" if huge else "")
     copy_note = (f"copy bandwidth, the median of the copies timed {interleaved}: "
-                 f"{data['meta'].get('copy_bandwidth_gbps')} GB/s{huge_note}; each row against "
-                 f"the copy of its own rounds" if interleaved else
+                 f"{data['meta'].get('copy_bandwidth_gbps')} GB/s{huge_rounds}; each row is "
+                 f"measured against the copy of its own rounds, the rows8 rows (the decoder's "
+                 f"interleaved copies, held in huge pages) against the one in huge pages"
+                 if interleaved else
                  f"copy bandwidth {data['meta'].get('copy_bandwidth_gbps')} GB/s{huge_note}")
     return ([f"**{title}** at M = {at} ({copy_note}; {_source(name, data['meta'])})", ""]
             + _table(["op", "backend", "bits", "group", "activations", "M", "N x K", "ms",
