@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/decode_ops.h"
@@ -45,7 +46,7 @@ constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
 #endif
-typedef float vf __attribute__((vector_size(4 * kLanes)));
+using vf = std::conditional_t<kLanes == 8, v8f, v4f>;  // kernel_util.h's (hsum sums them)
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
 // e^x lane-wise, within a few ulp of the exact value for x in [-87, 88] (inputs are clamped there:
@@ -94,15 +95,6 @@ PYENGINE_INLINE inline void mapv(float* v, int64_t n, F f) {
     storev(tail, f(loadv(tail), i));
     std::memcpy(v + i, tail, (n - i) * sizeof(float));
   }
-}
-
-// The sum of the lanes.
-PYENGINE_INLINE inline float sumv(vf v) {
-  float lanes[kLanes];
-  storev(lanes, v);
-  for (int half = kLanes / 2; half >= 1; half /= 2)  // pairwise, as a tree
-    for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
-  return lanes[0];
 }
 
 inline float inv_rms(const float* x, int64_t n, float eps) {
@@ -161,7 +153,7 @@ void attention_scores(const float* queries, const float* keys, int64_t hd, int64
       unroll<H>([&](auto i) PYENGINE_INLINE { even[i] += loadv(queries + i * hd + e) * k0; });
     }
     unroll<H>([&](auto i) PYENGINE_INLINE {
-      float sum = sumv(even[i] + odd[i]);
+      float sum = hsum(even[i] + odd[i]);
       for (int64_t t = hdv; t < hd; ++t) sum += queries[i * hd + t] * k[t];
       scores[i * context + j] = sum;
     });
@@ -286,7 +278,7 @@ void attention_group(const AttentionStepArgs& a, int64_t b, int64_t g, const flo
         total += j + kLanes <= context ? e : vf{};  // the tail's padding lanes are not summed
         return e;
       });
-      float sum = sumv(total);
+      float sum = hsum(total);
       for (int64_t j = context / kLanes * kLanes; j < context; ++j) sum += s[j];
       inv_total[i] = 1.f / sum;
     }
