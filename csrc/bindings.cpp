@@ -553,16 +553,18 @@ PYBIND11_MODULE(_C, m) {
               py::dict d;
               d["parallel_over_serial"] = v.parallel_over_serial;
               d["age_s"] = v.age_s;
-              d["lifetime_s"] = pyengine::cpu::StepProgram::kVerdictLifetimeS;
+              d["reliant_ms"] = v.reliant_ms;
               return d;
             },
             "What the process has learned of the machine, shared by every program: the "
             "parallel / one-thread ratio of mean step times of the last program that timed both "
-            "(0: none), its age (s; -1: none) and how long a new program trusts it (only where "
-            "it says the machine is busy: a parallel step 2x slower or more).")
+            "(0: none), its age (s; -1: none), and the one-thread time (ms) run since by "
+            "programs that rely on it (where it says the machine is busy: a parallel step 2x "
+            "slower or more); at 32 estimated parallel steps, one of them measures again.")
         .def_static("set_machine_verdict", &pyengine::cpu::StepProgram::set_machine_verdict,
                     py::arg("parallel_over_serial"), py::arg("age_s") = 0.0,
-                    "Sets the verdict as if learned age_s seconds ago (ratio 0: none).")
+                    "Sets the verdict as if learned age_s seconds ago (ratio 0: none; nothing has relied on "
+                    "it yet).")
         .def_property_readonly("last_run_threads",
                                &pyengine::cpu::StepProgram::last_run_threads,
                                "Threads of the last run (1 when it took the one-thread "

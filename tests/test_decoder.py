@@ -450,34 +450,50 @@ def test_step_program_times_both_schedules_and_runs_either_alike():
 
 
 @native_ops
-def test_a_busy_verdict_holds_new_programs_on_one_thread_only_while_it_is_recent():
-    """A program learned lately that parallel steps are 2x slower or more (a busy machine): a
-    new program then opens without parallel steps. An old verdict, or one that says parallel
-    steps are merely slower, does not hold it: it opens with parallel steps and measures its
-    own (one noisy program must not keep every later one on one thread)."""
+def test_a_busy_verdict_holds_new_programs_on_one_thread_until_their_shared_budget_is_spent():
+    """A program learned that parallel steps are 2x slower or more (a busy machine): a new
+    program then opens without parallel steps, however old the verdict. The programs relying on
+    it share one budget, their one-thread time since it was learned: once that reaches 32 of the
+    estimated parallel steps, the program running then tries the parallel schedule and writes the
+    verdict anew, so short decoders revise it as one long one would (one noisy program must not
+    keep every later one on one thread). A verdict that says parallel steps are merely slower
+    does not hold a new program: it opens with parallel steps and measures its own."""
     model = _model("llama", "int4")
     decoder = Decoder(model, max_len=48)
     ext = decoder.program
     assert ext is not None
     step_program = type(ext)
     saved = step_program.machine_verdict()
-    lifetime = saved["lifetime_s"]
 
-    def parallel_runs_of_a_new_program(ratio: float, age_s: float) -> int:
-        step_program.set_machine_verdict(ratio, age_s)
+    def parallel_runs_of_a_new_program(steps: int) -> int:
         fresh = Decoder(model, max_len=48)  # holds the program's buffers
         program = fresh.program
-        for position in range(8):  # the opening: 3 one-thread steps, then 3 parallel ones
+        for position in range(steps):
             program.run(position, 2)
         return program.step_times["parallel_runs"]
 
     try:
-        assert parallel_runs_of_a_new_program(5.0, 0.0) == 0
-        assert parallel_runs_of_a_new_program(5.0, lifetime * 1.5) > 0
-        assert parallel_runs_of_a_new_program(1.5, 0.0) > 0
-        assert parallel_runs_of_a_new_program(0.0, 0.0) > 0
-        verdict = step_program.machine_verdict()  # the last program timed both: its own ratio
-        assert verdict["parallel_over_serial"] > 0 and 0 <= verdict["age_s"] < lifetime
+        for age_s in (0.0, 3600.0):
+            step_program.set_machine_verdict(5.0, age_s)
+            # the opening would be 3 one-thread steps, then 3 parallel ones
+            assert parallel_runs_of_a_new_program(8) == 0
+            spent = step_program.machine_verdict()["reliant_ms"]
+            assert spent > 0
+            assert parallel_runs_of_a_new_program(8) == 0
+            assert step_program.machine_verdict()["reliant_ms"] > spent  # one budget for all
+
+        # at a ratio of 2 the budget is about 64 one-thread steps: short programs of 24 steps
+        # each, on their own, would never try a parallel step
+        step_program.set_machine_verdict(2.0, 0.0)
+        runs = [parallel_runs_of_a_new_program(24) for _ in range(8)]
+        tried = next((i for i, n in enumerate(runs) if n), None)
+        assert tried is not None and tried >= 2, runs  # after 48 or more one-thread steps
+        verdict = step_program.machine_verdict()
+        assert verdict["age_s"] < 60 and verdict["parallel_over_serial"] != 2.0  # measured
+
+        for ratio in (1.5, 0.0):  # not busy, or none: a new program measures its own
+            step_program.set_machine_verdict(ratio, 0.0)
+            assert parallel_runs_of_a_new_program(8) > 0
     finally:
         step_program.set_machine_verdict(saved["parallel_over_serial"], max(saved["age_s"], 0))
     with pytest.raises(ValueError, match=">= 0"):

@@ -157,25 +157,32 @@ constexpr int kProbeSteps = 3;
 
 // What the process has learned of the machine: parallel / one-thread step time of the last
 // program that timed both (0: none yet), and when. Where that says the machine is busy (a
-// parallel step kBusyRatio times slower or more) and is recent (kVerdictLifetimeS), a new
-// program (pyengine.Decoder makes one per decoder) estimates its parallel step time from it
-// until it has run one itself, so that a fresh decoder does not open with parallel steps (up to
-// a second each under load). Below that ratio it is one of another program (of another model,
-// whose layers split better or worse), and a new program measures its own. The lifetime keeps
-// one noisy program from holding every later one on one thread: a program that relies on the
-// verdict runs no parallel step for a while, so nothing would refresh or revise it.
+// parallel step kBusyRatio times slower or more), a new program (pyengine.Decoder makes one per
+// decoder) estimates its parallel step time from it until it has run one itself, so that a
+// fresh decoder does not open with parallel steps (up to a second each under load). Below that
+// ratio it is one of another program (of another model, whose layers split better or worse),
+// and a new program measures its own.
+//
+// The programs that rely on a busy verdict share one probe budget: the one-thread time they
+// have run on it since it was learned (reliant_ms). Once that reaches kProbeRatio times the
+// estimated parallel step, the program running then tries the parallel schedule (kProbeSteps
+// steps) and, having timed both, writes the verdict anew. So a verdict is revised at the rate
+// one long decoder would revise its own choice, however short the decoders that rely on it: one
+// noisy program cannot hold every later one on one thread, and a busy machine does not make
+// every new decoder pay parallel steps under load.
 struct MachineVerdict {
   std::mutex mutex;
   double parallel_over_serial = 0;
   std::chrono::steady_clock::time_point learned_at{};
+  double reliant_ms = 0;
 };
 MachineVerdict g_machine;
 constexpr double kBusyRatio = 2;
 
-// The verdict's ratio where it is recent enough to rely on, else 0.
-double recent_parallel_over_serial() {
-  const StepProgram::MachineVerdict v = StepProgram::machine_verdict();
-  return v.age_s >= 0 && v.age_s < StepProgram::kVerdictLifetimeS ? v.parallel_over_serial : 0;
+// Adds ms of one-thread steps run on the verdict; returns the budget spent since it was learned.
+double add_reliant_ms(double ms) {
+  std::lock_guard<std::mutex> lock(g_machine.mutex);
+  return g_machine.reliant_ms += ms;
 }
 
 }  // namespace
@@ -286,31 +293,35 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   }
   // The one-thread schedule first (never slow), then the faster one lately, the other one now
   // and then. Until this program has run a parallel step, its time is estimated from what the
-  // process has learned lately (machine_verdict) where that says the machine is busy; else it
-  // is tried.
+  // process has learned (machine_verdict) where that says the machine is busy; else it is tried.
   bool parallel;
   const double serial_ms = serial_.mean_ms();
-  const double learned = recent_parallel_over_serial();
-  const bool busy = learned >= kBusyRatio;
-  const double parallel_ms = parallel_.timed > 0 ? parallel_.mean_ms()
-                             : busy && serial_.timed > 0 ? learned * serial_ms
-                                                         : -1;
-  // The opening: kProbeSteps one-thread steps, then as many parallel ones (unless the process
-  // has learned that the machine is busy), each schedule's first untimed, so that the first
-  // choice rests on two timed steps of each.
+  const double learned = machine_verdict().parallel_over_serial;
+  // relying on the verdict: its parallel time is an estimate, its tries come out of the
+  // process's probe budget (MachineVerdict)
+  const bool reliant = parallel_.timed == 0 && learned >= kBusyRatio;
+  const double parallel_ms = parallel_.timed > 0            ? parallel_.mean_ms()
+                             : reliant && serial_.timed > 0 ? learned * serial_ms
+                                                            : -1;
+  // The opening: kProbeSteps one-thread steps, then as many parallel ones (unless the program
+  // relies on a busy verdict), each schedule's first untimed, so that the first choice rests on
+  // two timed steps of each.
   if (serial_.timed < kProbeSteps - 1) {
     parallel = false;
-  } else if (parallel_.timed < kProbeSteps - 1 && !(busy && parallel_.timed == 0)) {
+  } else if (parallel_.timed < kProbeSteps - 1 && !(reliant && parallel_.runs == 0)) {
     parallel = true;
   } else if (probe_steps_left_ > 0) {  // trying the other schedule: its steps in a row
     parallel = last_schedule_ == 1;
     --probe_steps_left_;
   } else {
     parallel = parallel_ms <= serial_ms;
-    if (ms_since_probe_ >= kProbeRatio * (parallel ? serial_ms : parallel_ms)) {
+    const double since_probe = reliant ? add_reliant_ms(0) : ms_since_probe_;
+    if (since_probe >= kProbeRatio * (parallel ? serial_ms : parallel_ms)) {
       parallel = !parallel;
       ms_since_probe_ = 0;
-      probe_steps_left_ = kProbeSteps - 1;
+      // (a program relying on the verdict tries by the opening's rule above, from its next step)
+      probe_steps_left_ = reliant ? 0 : kProbeSteps - 1;
+      if (reliant) add_reliant_ms(-since_probe);  // this program's try spends the budget
     }
   }
   const bool switched = last_schedule_ != (int)parallel;  // the program's first run too
@@ -323,6 +334,7 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   (parallel ? parallel_ : serial_).add(ms, !switched);
   ms_since_probe_ += ms;
+  if (reliant && !parallel) add_reliant_ms(ms);
   if (parallel_.timed > 0 && serial_.timed > 0)
     set_machine_verdict(parallel_.mean_ms() / serial_.mean_ms(), 0);
 }
@@ -331,7 +343,8 @@ StepProgram::MachineVerdict StepProgram::machine_verdict() {
   std::lock_guard<std::mutex> lock(g_machine.mutex);
   const double age_s = std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                      g_machine.learned_at).count();
-  return {g_machine.parallel_over_serial, g_machine.parallel_over_serial > 0 ? age_s : -1};
+  const bool known = g_machine.parallel_over_serial > 0;
+  return {g_machine.parallel_over_serial, known ? age_s : -1, g_machine.reliant_ms};
 }
 
 void StepProgram::set_machine_verdict(double parallel_over_serial, double age_s) {
@@ -343,6 +356,7 @@ void StepProgram::set_machine_verdict(double parallel_over_serial, double age_s)
   g_machine.learned_at = std::chrono::steady_clock::now() -
                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                              std::chrono::duration<double>(age_s));
+  g_machine.reliant_ms = 0;
 }
 
 size_t StepProgram::barriers() const {

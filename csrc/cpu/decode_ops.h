@@ -168,17 +168,19 @@ class StepProgram {
   const ScheduleTimes& parallel_times() const { return parallel_; }
   const ScheduleTimes& serial_times() const { return serial_; }
   // What the process has learned of the machine, shared by every program: the parallel /
-  // one-thread ratio of mean step times of the last program that timed both (0: none), and its
-  // age (s; -1: none). A new program trusts it for kVerdictLifetimeS, and only where it says
-  // the machine is busy (see run()).
-  static constexpr double kVerdictLifetimeS = 2;
+  // one-thread ratio of mean step times of the last program that timed both (0: none), its age
+  // (s; -1: none), and the one-thread time (ms) that programs relying on it have run since it
+  // was learned. Where it says the machine is busy, a new program relies on it instead of
+  // opening with parallel steps, until that shared time reaches 32 of its estimated parallel
+  // steps; the program running then tries them and writes the verdict anew (see run()).
   struct MachineVerdict {
     double parallel_over_serial;
     double age_s;
+    double reliant_ms;
   };
   static MachineVerdict machine_verdict();
-  // Sets the verdict as if learned age_s seconds ago (ratio 0: none); both >= 0, else
-  // std::invalid_argument.
+  // Sets the verdict as if learned age_s seconds ago (ratio 0: none), nothing run on it yet;
+  // both >= 0, else std::invalid_argument.
   static void set_machine_verdict(double parallel_over_serial, double age_s);
   // Threads of the last run (1 when it took the one-thread schedule; 0 before the first run):
   // what the caller's own work around the step (a decoder's head) had better use too.
