@@ -107,15 +107,17 @@ struct BlockPlan {
 
 // Quantizes the call's activation rows into p (blocks, groups, scales and group sums) and hands
 // each row's codes to store(m, q) (q: int8 [p.blocks * kActBlock], zero past K), which lays
-// them out as its kernel reads them.
+// them out as its kernel reads them. p's vectors keep their storage from call to call
+// (thread_plan).
 template <class Store>
 void plan_blocks(const QMatmulArgs& a, BlockPlan& p, Store store) {
   p.blocks = (a.K + kActBlock - 1) / kActBlock;
   const int64_t Kp = p.blocks * kActBlock;
   p.G = (Kp + a.group_size - 1) / a.group_size;
   p.group_blocks = p.G == 1 ? p.blocks : a.group_size / kActBlock;
-  std::vector<int8_t> q(Kp);
-  p.d.assign((size_t)(a.M * p.blocks), 0.f);
+  thread_local std::vector<int8_t> q;
+  q.resize(Kp);
+  p.d.resize((size_t)(a.M * p.blocks));  // every scale is written by quantize_row
   p.xsum.assign((size_t)(a.M * p.G), 0.f);
   for (int64_t m = 0; m < a.M; ++m) {
     float* d = p.d.data() + m * p.blocks;
@@ -123,6 +125,27 @@ void plan_blocks(const QMatmulArgs& a, BlockPlan& p, Store store) {
     add_group_sums(q.data(), d, Kp, a.group_size, p.G, p.xsum.data() + m * p.G);
     store(m, q.data());
   }
+}
+
+// The calling thread's buffer for a call's fp32 products [M, N] (thread-local, so not allocated
+// per call; valid until its next call), zero where K = 0: the decode paths write every product
+// otherwise.
+inline float* products_buffer(const QMatmulArgs& a) {
+  thread_local std::vector<float> products;
+  products.resize((size_t)(a.M * a.N));
+  if (a.K == 0) std::fill(products.begin(), products.end(), 0.f);
+  return products.data();
+}
+
+// The calling thread's plan of type Plan, made by make(a, plan): in thread-local storage, so
+// that its vectors keep their memory from call to call instead of being allocated per call. It
+// stays valid until this thread's next call that plans a Plan (the threads of the kernel's own
+// parallel region only read it).
+template <class Plan, class Make>
+const Plan& thread_plan(const QMatmulArgs& a, Make make) {
+  thread_local Plan plan;
+  make(a, plan);
+  return plan;
 }
 
 // The fallback: x^ = d * q in fp32, then the exact kernels.
@@ -649,11 +672,10 @@ struct Rows8Plan : BlockPlan {
 };
 
 template <int BITS>
-Rows8Plan plan_rows8(const QMatmulArgs& a) {
+void plan_rows8(const QMatmulArgs& a, Rows8Plan& p) {
   using L = Rows8Layout<BITS>;
-  Rows8Plan p;
   const int64_t words = (a.K + kActBlock - 1) / kActBlock * L::kPlaneWords;
-  p.xq.assign((size_t)(a.M * words * L::kPlanes), 0);
+  p.xq.resize((size_t)(a.M * words * L::kPlanes));  // every byte is laid out below
   // A block's 32 activation bytes in the order the kernel reads them: byte (v * kPlanes + pl) * 4
   // + i meets code code_of(v, pl, i) (kPlaneWords * kPlanes * 4 = 32 for every width).
   static_assert(L::kPlaneWords * L::kPlanes * 4 == kActBlock, "one block per 32 bytes");
@@ -670,7 +692,6 @@ Rows8Plan plan_rows8(const QMatmulArgs& a) {
       for (int t = 0; t < (int)kActBlock; ++t)
         xm[b * kActBlock + t] = q[b * kActBlock + kOrder[t]];
   });
-  return p;
 }
 
 // Eight lanes of group parameters: row 8o + r's scale and -zero * scale of group g.
@@ -873,7 +894,7 @@ static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 7 * 127 < 32767 && 2 * 4 *
 
 template <int BITS, bool VNNI>
 void rows8_decode_with(const QMatmulArgs& a, float* out32) {
-  const Rows8Plan p = plan_rows8<BITS>(a);
+  const Rows8Plan& p = thread_plan<Rows8Plan>(a, plan_rows8<BITS>);
   MatmulProblem octets = a;  // threads split octets of rows
   octets.N = a.N / kInterleave;
   parallel_rows(octets, kInterleave * p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
@@ -903,16 +924,16 @@ void rows8_decode(const QMatmulArgs& a, float* out32) {
 // output dtype).
 template <class Decode>
 void integer_path(const QMatmulArgs& a, Decode decode) {
-  std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
+  float* out32 = products_buffer(a);
   if (a.K > 0) {
     switch (a.bits) {
-      case 2: decode(std::integral_constant<int, 2>{}, out32.data()); break;
-      case 3: decode(std::integral_constant<int, 3>{}, out32.data()); break;
-      case 4: decode(std::integral_constant<int, 4>{}, out32.data()); break;
-      default: decode(std::integral_constant<int, 8>{}, out32.data()); break;
+      case 2: decode(std::integral_constant<int, 2>{}, out32); break;
+      case 3: decode(std::integral_constant<int, 3>{}, out32); break;
+      case 4: decode(std::integral_constant<int, 4>{}, out32); break;
+      default: decode(std::integral_constant<int, 8>{}, out32); break;
     }
   }
-  store_result(a, out32.data());
+  store_result(a, out32);
 }
 #else  // !__AVX2__
 // ---- the portable integer path (the generic build) --------------------------------------------
@@ -939,11 +960,10 @@ struct PortablePlan : BlockPlan {
 };
 
 template <int BITS>
-PortablePlan plan_portable(const QMatmulArgs& a) {
+void plan_portable(const QMatmulArgs& a, PortablePlan& p) {
   using L = PortableLayout<BITS>;
-  PortablePlan p;
   const int64_t Kp = (a.K + kActBlock - 1) / kActBlock * kActBlock;
-  p.xp.assign((size_t)(a.M * Kp), 0);
+  p.xp.resize((size_t)(a.M * Kp));  // every element is laid out below
   plan_blocks(a, p, [&](int64_t m, const int8_t* q) {
     int16_t* xm = p.xp.data() + m * Kp;
     for (int64_t b = 0; b < Kp / kActBlock; ++b)
@@ -951,7 +971,6 @@ PortablePlan plan_portable(const QMatmulArgs& a) {
         for (int i = 0; i < L::kBlockBytes; ++i)
           xm[b * kActBlock + j * L::kBlockBytes + i] = q[b * kActBlock + L::kPlanes * i + j];
   });
-  return p;
 }
 
 // GCC / Clang vectors of the portable path (SSE2 registers on x86-64, NEON on AArch64; v4f and
@@ -1116,7 +1135,7 @@ void portable_rows(const QMatmulArgs& a, const PortablePlan& p, int64_t m0, int6
 
 template <int BITS>
 void portable_decode(const QMatmulArgs& a, float* out32) {
-  const PortablePlan p = plan_portable<BITS>(a);
+  const PortablePlan& p = thread_plan<PortablePlan>(a, plan_portable<BITS>);
   parallel_rows(a, p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> sf(p.G), bf(p.G);
     for (int64_t m0 = 0; m0 < a.M; m0 += kPortableRowBlock) {
@@ -1133,15 +1152,15 @@ void portable_decode(const QMatmulArgs& a, float* out32) {
 
 // The call's products into out32 [M, N] by portable_decode, then the epilogue.
 void portable_path(const QMatmulArgs& a) {
-  std::vector<float> out32((size_t)(a.M * a.N), 0.f);  // K = 0: the products are zero
+  float* out32 = products_buffer(a);
   if (a.K > 0) {
     switch (a.bits) {
-      case 2: portable_decode<2>(a, out32.data()); break;
-      case 4: portable_decode<4>(a, out32.data()); break;
-      default: portable_decode<8>(a, out32.data()); break;
+      case 2: portable_decode<2>(a, out32); break;
+      case 4: portable_decode<4>(a, out32); break;
+      default: portable_decode<8>(a, out32); break;
     }
   }
-  store_result(a, out32.data());
+  store_result(a, out32);
 }
 #endif  // __AVX2__
 

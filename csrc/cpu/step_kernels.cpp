@@ -299,7 +299,8 @@ void attention_group(const AttentionStepArgs& a, int64_t b, int64_t g, const flo
 void rms_norm(const RmsNormArgs& a) {
   RowReader xr, wr;
   const float* w = wr.read(a.w, a.w_dtype, 0, a.dim);
-  std::vector<float> y(a.dim);
+  thread_local std::vector<float> y;  // not allocated per call
+  y.resize(a.dim);
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* x = xr.read(a.x, a.x_dtype, r * a.ldx, a.dim);
     rms_norm_row(x, w, a.eps, a.dim, y.data());
@@ -309,7 +310,8 @@ void rms_norm(const RmsNormArgs& a) {
 
 void silu_mul(const SiluMulArgs& a) {
   RowReader gr, ur;
-  std::vector<float> y(a.width);
+  thread_local std::vector<float> y;  // not allocated per call
+  y.resize(a.width);
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* g = gr.read(a.gate_up, a.dtype, r * a.ld_in, a.width);
     const float* u = ur.read(a.gate_up, a.dtype, r * a.ld_in + a.width, a.width);
