@@ -501,6 +501,83 @@ def test_a_busy_verdict_holds_new_programs_on_one_thread_until_their_shared_budg
 
 
 @native_ops
+def test_every_thread_computes_the_norm_or_silu_that_only_its_matmuls_read():
+    """A parallel run has no barrier after an RMS norm or SiLU-multiply whose output the next
+    matmuls read whole (each thread computes it, the first into the buffer and the others into
+    a copy that their slices read): the same products as a one-thread run, every time. It keeps
+    the barrier where the norm works in place, or a matmul of the group reads the norm's output
+    only in part or writes what the norm reads."""
+    from pyengine.backends import CpuBackend
+    from helpers import packed_operand
+    backend = CpuBackend()
+    gen = torch.Generator().manual_seed(12)
+    k, hidden, rows = 256, 96, 2
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.rand(k, generator=gen) + 0.5
+
+    def bound(n, kk):
+        qw = pyengine.quantize(torch.randn(n, kk, generator=gen), 4, 64, clip_search=False)
+        return backend.bind(packed_operand(qw), n, kk, None, act_bits=8)
+
+    first, second, down = bound(64, k), bound(32, k), bound(k, hidden)  # n, K
+    wide = bound(16, k + 32)  # reads past the norm's output
+
+    def program_of(norm_out, group, silu=True):
+        """norm(x) -> matmuls of `group` ((kernel, input, output) each), then SiLU-multiply of
+        the first output's columns and the down projection of that into x (accumulating)."""
+        program = extension().StepProgram()
+        program.add_rms_norm(x.data_ptr(), 0, k, w.data_ptr(), 0, norm_out.data_ptr(), 0,
+                             norm_out.stride(0), rows, k, 1e-6)
+        for kernel, inp, out in group:
+            program.add_call(kernel.native_call, inp.data_ptr(), inp.stride(0), out.data_ptr(),
+                             out.stride(0), rows, False)
+        if silu:
+            program.add_silu_mul(gate_up.data_ptr(), gate_up.stride(0), act.data_ptr(),
+                                 act.stride(0), 0, rows, hidden)
+            program.add_call(down.native_call, act.data_ptr(), act.stride(0), x.data_ptr(),
+                             x.stride(0), rows, True)
+        return program
+
+    def runs_alike(program, outputs):
+        """outputs: what the program writes (poisoned before each run)."""
+        start = x.clone()
+        results = []
+        for threads in [1] + [2] * 20:
+            x.copy_(start)
+            for out in outputs:
+                out.fill_(float("nan"))
+            program.run(0, threads, False)
+            results.append([t.clone() for t in outputs + [x]])
+        x.copy_(start)
+        for got in results[1:]:
+            for a, b in zip(got, results[0]):
+                assert torch.equal(a, b)
+        assert all(torch.isfinite(t).all() for t in results[0])
+
+    h = torch.randn(rows, k + 32, generator=gen)  # the norm writes h[:, :k]
+    gate_up = torch.empty(rows, 2 * hidden)
+    q_out = torch.empty(rows, 32)
+    act = torch.empty(rows, hidden)
+    group = [(bound(2 * hidden, k), h, gate_up), (second, h, q_out)]
+    program = program_of(h, group)
+    # norm -> two matmuls (no barrier after the norm or the first), silu -> down: 2 barriers
+    assert len(program) == 5 and program.barriers == 2
+    runs_alike(program, [h[:, :k], gate_up, q_out, act])
+
+    # in place: the norm overwrites what it reads, every thread cannot compute it
+    in_place = program_of(x, [(first, x, torch.empty(rows, 64))], silu=False)
+    assert in_place.barriers == 2
+    # a matmul that reads past the norm's output waits for it (a barrier before it)
+    wide_out = torch.empty(rows, 16)
+    partial = program_of(h, [(second, h, q_out), (wide, h, wide_out)], silu=False)
+    assert partial.barriers == 2
+    runs_alike(partial, [h[:, :k], q_out, wide_out])
+    # a matmul writing what the norm reads
+    writes_input = program_of(h, [(second, h, q_out), (bound(k, k), h, x)], silu=False)
+    assert writes_input.barriers == 2
+
+
+@native_ops
 def test_step_program_waits_only_between_dependent_matmuls():
     """A parallel run of a StepProgram has no barrier between consecutive matmuls that neither
     read nor write what the other writes (three projections of one input into the columns of

@@ -51,10 +51,13 @@ StepProgram::StepProgram(const std::string& isa) : kernels_(&step_kernels(isa)) 
 
 void StepProgram::add_qmatmul(const QMatmulArgs& a, const std::string& isa) {
   check_qmatmul_args("StepProgram.add_qmatmul", a);
+  Op op{Kind::kQMatmul, qmatmuls_.size()};
+  join_prologue(op, a);
   if (!ops_.empty() && ops_.back().kind == Kind::kQMatmul &&
-      independent_matmuls(qmatmuls_[ops_.back().index], a))
+      independent_matmuls(qmatmuls_[ops_.back().index], a) &&
+      op.prologue == ops_.back().prologue)
     ops_.back().barrier_after = false;
-  ops_.push_back({Kind::kQMatmul, qmatmuls_.size()});
+  ops_.push_back(op);
   qmatmuls_.push_back(a);
   isas_.push_back(isa);
 }
@@ -109,6 +112,52 @@ bool independent_matmuls(const QMatmulArgs& a, const QMatmulArgs& b) {
   const ByteSpan b_out = matrix_span(b.out, b.M, b.ldo, b.N, b.out_dtype);
   return !a_out.overlaps(b_in) && !a_out.overlaps(b_out) && !b_out.overlaps(a_in);
 }
+
+bool within(const ByteSpan& inner, const ByteSpan& outer) {
+  return outer.lo <= inner.lo && inner.hi <= outer.hi;
+}
+
+}  // namespace
+
+// A matmul joins the group after a prologue (the RMS norm or SiLU-multiply that came right
+// before it, or before the matmuls it would run beside) where every thread may compute the
+// prologue on its own while the group's slices run: the prologue does not work in place, the
+// matmul writes neither what the prologue reads nor what it writes, and reads the prologue's
+// output whole (then from each thread's copy) or not at all. The first matmul after the
+// prologue must read it (else there is nothing to gain).
+void StepProgram::join_prologue(Op& op, const QMatmulArgs& a) {
+  if (ops_.empty()) return;
+  const bool first = ops_.back().kind != Kind::kQMatmul;
+  const int64_t at = first ? (int64_t)ops_.size() - 1 : ops_.back().prologue;
+  if (at < 0) return;
+  const Op& pro = ops_[at];
+  ByteSpan in, out;
+  if (pro.kind == Kind::kRmsNorm) {
+    const RmsNormArgs& n = norms_[pro.index];
+    in = matrix_span(n.x, n.rows, n.ldx, n.dim, n.x_dtype);
+    out = matrix_span(n.out, n.rows, n.ldo, n.dim, n.out_dtype);
+  } else if (pro.kind == Kind::kSiluMul) {
+    const SiluMulArgs& m = silu_muls_[pro.index];
+    in = matrix_span(m.gate_up, m.rows, m.ld_in, 2 * m.width, m.dtype);
+    out = matrix_span(m.out, m.rows, m.ld_out, m.width, m.dtype);
+  } else {
+    return;
+  }
+  const ByteSpan x = matrix_span(a.x, a.M, a.ldx, a.K, a.x_dtype);
+  const ByteSpan y = matrix_span(a.out, a.M, a.ldo, a.N, a.out_dtype);
+  const bool reads = within(x, out);
+  if (in.overlaps(out) || y.overlaps(in) || y.overlaps(out) || (!reads && x.overlaps(out)) ||
+      (first && !reads))
+    return;
+  op.prologue = at;
+  op.reads_prologue = reads;
+  if (first) {
+    ops_.back().barrier_after = false;
+    prologue_bytes_ = std::max<size_t>(prologue_bytes_, out.hi - out.lo);
+  }
+}
+
+namespace {
 
 // Rows [lo, hi) of a matmul as a call of its own on one thread: the weight's rows (canonical or
 // interleaved alike: row lo starts at lo * ldq words and lo * lds scales; lo is a multiple of
@@ -208,6 +257,18 @@ void StepProgram::run_small(const Op& op, int64_t position) {
   }
 }
 
+void StepProgram::run_prologue_into(const Op& op, void* out) const {
+  if (op.kind == Kind::kRmsNorm) {
+    RmsNormArgs a = norms_[op.index];
+    a.out = out;
+    kernels_->rms_norm(a);
+  } else {
+    SiluMulArgs a = silu_muls_[op.index];
+    a.out = out;
+    kernels_->silu_mul(a);
+  }
+}
+
 void StepProgram::run_serial(int64_t position) {
   for (const Op& op : ops_) {
     if (op.kind != Kind::kQMatmul) {
@@ -234,12 +295,22 @@ void StepProgram::run_parallel(int64_t position, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     const bool first = omp_get_thread_num() == 0;
+    // this thread's copy of the prologue of the running group (Op::prologue; not the first's)
+    thread_local std::vector<char> scratch;
+    if (!first) scratch.resize(prologue_bytes_);
     for (size_t i = 0; i < ops_.size(); ++i) {
       const Op& op = ops_[i];
       if (!failed.load(std::memory_order_relaxed)) {
         try {
           if (op.kind == Kind::kQMatmul) {
-            const QMatmulArgs& a = qmatmuls_[op.index];
+            QMatmulArgs a = qmatmuls_[op.index];
+            if (op.reads_prologue && !first) {  // x from this thread's copy, at its offset
+              const void* pro_out = ops_[op.prologue].kind == Kind::kRmsNorm
+                                        ? norms_[ops_[op.prologue].index].out
+                                        : silu_muls_[ops_[op.prologue].index].out;
+              a.x = scratch.data() + (static_cast<const char*>(a.x) -
+                                      static_cast<const char*>(pro_out));
+            }
             const int64_t unit = a.interleave ? a.interleave : 4;
             const int64_t units = (a.N + unit - 1) / unit;
             const int64_t per = (units + threads - 1) / threads * unit;  // rows per slice
@@ -250,6 +321,9 @@ void StepProgram::run_parallel(int64_t position, int threads) {
             const int64_t tasks = attention_tasks(a);
             for (int64_t t; (t = next[i].fetch_add(1)) < tasks;)
               kernels_->attention_step_tasks(a, t, t + 1);
+          } else if (!op.barrier_after) {  // a prologue: every thread (Op::prologue)
+            if (first) run_small(op, position);
+            else run_prologue_into(op, scratch.data());
           } else if (first) {
             run_small(op, position);
           }

@@ -193,8 +193,15 @@ class StepProgram {
     size_t index;  // into the vector of its kind
     // whether the threads of a parallel run wait for each other after it: not between
     // consecutive matmuls that neither read nor write what the other writes (q, k and v; gate
-    // and up), whose slices the threads then take in one go
+    // and up), whose slices the threads then take in one go; nor after a prologue (below)
     bool barrier_after = true;
+    // A matmul's prologue: the RMS norm or SiLU-multiply right before its group of matmuls,
+    // whose output they read (ops_ index; -1: none). A parallel run has every thread compute
+    // the prologue, the first into its output buffer and each other one into a scratch copy
+    // that its slices then read (reads_prologue: x lies within the prologue's output), so that
+    // no thread waits for one thread's small operation at a barrier.
+    int64_t prologue = -1;
+    bool reads_prologue = false;
   };
   std::vector<Op> ops_;
   std::vector<QMatmulArgs> qmatmuls_;
@@ -205,6 +212,7 @@ class StepProgram {
   std::vector<AttentionStepArgs> attentions_;
   const StepKernels* kernels_;  // of the operations but the matmuls
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
+  size_t prologue_bytes_ = 0;   // the largest prologue output (a thread's scratch copy)
   ScheduleTimes parallel_, serial_;
   double ms_since_probe_ = 0;  // time spent in the chosen schedule since the other was tried
   int probe_steps_left_ = 0;   // steps the schedule being tried still takes
@@ -212,6 +220,10 @@ class StepProgram {
   int last_run_threads_ = 0;
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
+  // a prologue (Op::prologue) into `out`, laid out as its own output
+  void run_prologue_into(const Op& op, void* out) const;
+  // where matmul `op` may join the group after a prologue (see the .cpp)
+  void join_prologue(Op& op, const QMatmulArgs& a);
   // the attention of op at this position, on one thread
   AttentionStepArgs attention_at(const Op& op, int64_t position) const;
   void run_serial(int64_t position);
