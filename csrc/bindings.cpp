@@ -563,8 +563,8 @@ PYBIND11_MODULE(_C, m) {
             "slower or more); at 32 estimated parallel steps, one of them measures again.")
         .def_static("set_machine_verdict", &pyengine::cpu::StepProgram::set_machine_verdict,
                     py::arg("parallel_over_serial"), py::arg("age_s") = 0.0,
-                    "Sets the verdict as if learned age_s seconds ago (ratio 0: none; nothing has relied on "
-                    "it yet).")
+                    "Sets the verdict as if learned age_s seconds ago (ratio 0: none; "
+                    "nothing has relied on it yet).")
         .def_property_readonly("last_run_threads",
                                &pyengine::cpu::StepProgram::last_run_threads,
                                "Threads of the last run (1 when it took the one-thread "

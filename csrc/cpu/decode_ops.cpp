@@ -228,10 +228,10 @@ struct MachineVerdict {
 MachineVerdict g_machine;
 constexpr double kBusyRatio = 2;
 
-// Adds ms of one-thread steps run on the verdict; returns the budget spent since it was learned.
-double add_reliant_ms(double ms) {
+// Adds ms of one-thread steps run on the verdict (negative: a try spends them).
+void add_reliant_ms(double ms) {
   std::lock_guard<std::mutex> lock(g_machine.mutex);
-  return g_machine.reliant_ms += ms;
+  g_machine.reliant_ms += ms;
 }
 
 }  // namespace
@@ -255,6 +255,10 @@ void StepProgram::run_small(const Op& op, int64_t position) {
     }
     default: break;
   }
+}
+
+const void* StepProgram::prologue_output(const Op& op) const {
+  return op.kind == Kind::kRmsNorm ? norms_[op.index].out : silu_muls_[op.index].out;
 }
 
 void StepProgram::run_prologue_into(const Op& op, void* out) const {
@@ -304,13 +308,9 @@ void StepProgram::run_parallel(int64_t position, int threads) {
         try {
           if (op.kind == Kind::kQMatmul) {
             QMatmulArgs a = qmatmuls_[op.index];
-            if (op.reads_prologue && !first) {  // x from this thread's copy, at its offset
-              const void* pro_out = ops_[op.prologue].kind == Kind::kRmsNorm
-                                        ? norms_[ops_[op.prologue].index].out
-                                        : silu_muls_[ops_[op.prologue].index].out;
+            if (op.reads_prologue && !first)  // x from this thread's copy, at its offset
               a.x = scratch.data() + (static_cast<const char*>(a.x) -
-                                      static_cast<const char*>(pro_out));
-            }
+                                      static_cast<const char*>(prologue_output(ops_[op.prologue])));
             const int64_t unit = a.interleave ? a.interleave : 4;
             const int64_t units = (a.N + unit - 1) / unit;
             const int64_t per = (units + threads - 1) / threads * unit;  // rows per slice
@@ -370,7 +370,8 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   // process has learned (machine_verdict) where that says the machine is busy; else it is tried.
   bool parallel;
   const double serial_ms = serial_.mean_ms();
-  const double learned = machine_verdict().parallel_over_serial;
+  const MachineVerdict verdict = machine_verdict();
+  const double learned = verdict.parallel_over_serial;
   // relying on the verdict: its parallel time is an estimate, its tries come out of the
   // process's probe budget (MachineVerdict)
   const bool reliant = parallel_.timed == 0 && learned >= kBusyRatio;
@@ -389,7 +390,7 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
     --probe_steps_left_;
   } else {
     parallel = parallel_ms <= serial_ms;
-    const double since_probe = reliant ? add_reliant_ms(0) : ms_since_probe_;
+    const double since_probe = reliant ? verdict.reliant_ms : ms_since_probe_;
     if (since_probe >= kProbeRatio * (parallel ? serial_ms : parallel_ms)) {
       parallel = !parallel;
       ms_since_probe_ = 0;

@@ -220,7 +220,8 @@ class StepProgram {
   int last_run_threads_ = 0;
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
-  // a prologue (Op::prologue) into `out`, laid out as its own output
+  // a prologue's (Op::prologue) output buffer; the prologue into `out`, laid out as that one
+  const void* prologue_output(const Op& op) const;
   void run_prologue_into(const Op& op, void* out) const;
   // where matmul `op` may join the group after a prologue (see the .cpp)
   void join_prologue(Op& op, const QMatmulArgs& a);
