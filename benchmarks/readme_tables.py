@@ -167,10 +167,10 @@ def kernel_table(name: str, title: str, ms: Tuple[int, ...] = (1,)) -> List[str]
             for r in rows]
     at = " and ".join(str(m) for m in ms)
     huge = data["meta"].get("copy_bandwidth_huge_pages_gbps")
-    huge_note = (f", {huge} GB/s in huge pages, against which the rows8 rows (the decoder's "
-                 f"interleaved copies, held in huge pages) are measured" if huge else "")
-    interleaved = data["meta"].get("copy_measured")
     huge_rounds = (f", {huge} GB/s in huge pages" if huge else "")
+    huge_note = (f"{huge_rounds}, against which the rows8 rows (the decoder's interleaved copies, "
+                 f"held in huge pages) are measured" if huge else "")
+    interleaved = data["meta"].get("copy_measured")
     copy_note = (f"copy bandwidth, the median of the copies timed {interleaved}: "
                  f"{data['meta'].get('copy_bandwidth_gbps')} GB/s{huge_rounds}; each row is "
                  f"measured against the copy of its own rounds, the rows8 rows (the decoder's "
