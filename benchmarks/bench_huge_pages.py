@@ -1,12 +1,12 @@
-"""The decoder's interleaved weight copies in huge pages against the same copies in ordinary
-memory, in one run: the int8-activation decode kernel at M = 1 on both, alternating.
+"""The decoder's interleaved weight copies in huge pages against the same copies in 4 KiB
+pages, in one run: the int8-activation decode kernel at M = 1 on both, alternating.
 
 For each shape, width and thread count: CpuBackend.bind's prepared call made twice from the same
 weight, once as it is (the copy in huge-page memory, pyengine.backends.huge_pages) and once
-with ``PYENGINE_HUGE_PAGES=0`` (the copy in PyTorch's memory), each in enough copies to stream
-``--rotate-mb`` MB per pass (past the last-level cache), timed round-robin
-(pyengine.benchmarking.time_interleaved: medians). Both give the same bits (tests/backends/
-test_huge_pages.py); this measures only their speed. Also the copy bandwidth of both memories.
+with ``PYENGINE_HUGE_PAGES=0`` (the copy in memory advised ``MADV_NOHUGEPAGE``), each in
+enough copies to stream ``--rotate-mb`` MB per pass (past the last-level cache), timed
+round-robin (pyengine.benchmarking.time_interleaved: medians). Both give the same bits
+(tests/backends/test_huge_pages.py); this measures only their speed. Also the copy bandwidth of both memories.
 
     python benchmarks/bench_huge_pages.py [--isa avx2] [--bits 2,3,4,8] [--threads 1,2]
 
@@ -33,7 +33,7 @@ from pyengine.backends.base import PackedOperand  # noqa: E402
 
 def _bound_copies(qw, n: int, k: int, backend: CpuBackend, count: int, huge: bool) -> list:
     """``count`` prepared int8-activation calls of qw, each on a copy of its own, with the
-    interleaved copies in huge pages (huge) or in ordinary memory."""
+    interleaved copies in huge pages (huge) or in small pages."""
     saved = os.environ.get(huge_pages.VARIABLE)
     os.environ[huge_pages.VARIABLE] = "1" if huge else "0"
     try:

@@ -22,7 +22,7 @@ from ._native import (dense_matmul_blas, packed_kernel_args, packed_weight_args,
                       plane_kernel_call, plane_kernel_unavailable_reason, plane_matmul_cpu,
                       run_native)
 from .base import Backend, LinearCase, PackedOperand
-from .huge_pages import huge_page_copy
+from .huge_pages import weight_copy
 
 
 ISA_VARIABLE = "PYENGINE_CPU_ISA"
@@ -147,7 +147,7 @@ class CpuBackend(Backend):
         if interleave:
             # decode reads the rows in eights side by side: a copy in that layout
             # (in huge pages where the OS has them: the decode kernel streams it, huge_pages.py)
-            prepared = tuple(None if t is None else huge_page_copy(t) for t in interleave_rows(
+            prepared = tuple(None if t is None else weight_copy(t) for t in interleave_rows(
                 weight.qweight, weight.scales, weight.zeros, n, k, weight.bits))
             # the weight's own rows, for the calls the interleaved kernel does not serve (prefill
             # sizes): read in place instead of converted back per call

@@ -8,9 +8,12 @@ placed in private anonymous memory advised ``MADV_HUGEPAGE``, carved out of chun
 activation decode kernels 1.02-1.39x faster at M = 1 on 7B-class layer shapes, 1 and 2 threads
 (``benchmarks/bench_huge_pages.py``).
 
-Elsewhere (another OS, a kernel with transparent huge pages set to ``never``, or
-``PYENGINE_HUGE_PAGES=0``) :func:`huge_page_copy` returns its tensor unchanged, and the copies
-stay in PyTorch's memory.
+:func:`weight_copy` is the switch the backend calls. With ``PYENGINE_HUGE_PAGES=0`` on Linux it
+places the copies in memory advised ``MADV_NOHUGEPAGE`` instead: 4 KiB pages whatever the
+kernel's setting (``always`` included) and whatever advice other libraries gave the process's
+heap (NumPy advises its large buffers ``MADV_HUGEPAGE``, and freed heap memory keeps that
+advice), so that switching huge pages off does switch them off. Elsewhere (another OS, a kernel
+with transparent huge pages set to ``never``) the copies stay in PyTorch's memory.
 """
 
 from __future__ import annotations
@@ -32,12 +35,20 @@ VARIABLE = "PYENGINE_HUGE_PAGES"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+def _can_advise() -> bool:
+    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def _switched_off() -> bool:
+    return os.environ.get(VARIABLE, "").strip() == "0"
+
+
 def unavailable_reason() -> Optional[str]:
     """Why weight copies are not placed in huge pages here (None: they are). Read at every call,
     so that ``PYENGINE_HUGE_PAGES=0`` set in the process takes effect for later copies."""
-    if os.environ.get(VARIABLE, "").strip() == "0":
+    if _switched_off():
         return f"{VARIABLE}=0"
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not _can_advise():
         return "transparent huge pages are a Linux feature"
     try:
         setting = THP_SETTING.read_text()
@@ -49,23 +60,24 @@ def unavailable_reason() -> Optional[str]:
 
 
 class _Chunks:
-    """A bump allocator over chunks of whole huge pages. A chunk lives as long as any tensor
-    carved from it (each holds its storage, which holds the mapping)."""
+    """A bump allocator over chunks of whole huge pages, every chunk a mapping of its own
+    advised ``advice`` (``MADV_HUGEPAGE`` or ``MADV_NOHUGEPAGE``). A chunk lives as long as any
+    tensor carved from it (each holds its storage, which holds the mapping)."""
 
-    def __init__(self) -> None:
+    def __init__(self, advice: str) -> None:
+        self._advice = advice  # the name of an mmap.MADV_* constant (absent off Linux)
         self._lock = threading.Lock()
         self._chunk: Optional[torch.Tensor] = None  # uint8 [CHUNK_BYTES], 2 MiB-aligned
         self._used = 0
 
-    @staticmethod
-    def _new_chunk(nbytes: int) -> torch.Tensor:
+    def _new_chunk(self, nbytes: int) -> torch.Tensor:
         """uint8 [nbytes rounded up to whole huge pages] in a fresh private anonymous mapping
-        advised MADV_HUGEPAGE, starting on a huge-page boundary (the mapping is one huge page
-        longer than that, for the alignment)."""
+        advised as this allocator's chunks are, starting on a huge-page boundary (the mapping is
+        one huge page longer than that, for the alignment)."""
         size = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         mapping = mmap.mmap(-1, size + HUGE_PAGE_BYTES,
                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mapping.madvise(mmap.MADV_HUGEPAGE)
+        mapping.madvise(getattr(mmap, self._advice))
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
         start = -whole.data_ptr() % HUGE_PAGE_BYTES
         return whole[start:start + size]
@@ -82,19 +94,46 @@ class _Chunks:
             return self._chunk[start:start + nbytes]
 
 
-_CHUNKS = _Chunks()
+_HUGE_CHUNKS = _Chunks("MADV_HUGEPAGE")
+_SMALL_CHUNKS = _Chunks("MADV_NOHUGEPAGE")
+
+
+def _copy_into(chunks: _Chunks, t: torch.Tensor) -> torch.Tensor:
+    out = chunks.take(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _copied(t: torch.Tensor) -> bool:
+    """Whether the page-placed copies take ``t``: a CPU tensor of 4 KiB or more."""
+    return t.device.type == "cpu" and t.numel() * t.element_size() >= MIN_COPY_BYTES
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of the CPU tensor ``t`` (same shape and dtype) in memory advised for
     transparent huge pages; ``t`` itself where :func:`unavailable_reason` says why not, for
     tensors under 4 KiB and for other devices."""
-    nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < MIN_COPY_BYTES or unavailable_reason() is not None:
+    if not _copied(t) or unavailable_reason() is not None:
         return t
-    out = _CHUNKS.take(nbytes).view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
+    return _copy_into(_HUGE_CHUNKS, t)
+
+
+def small_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the CPU tensor ``t`` (same shape and dtype) in memory advised
+    ``MADV_NOHUGEPAGE``: never backed by huge pages, whatever the kernel's setting; ``t``
+    itself off Linux, for tensors under 4 KiB and for other devices."""
+    if not _copied(t) or not _can_advise():
+        return t
+    return _copy_into(_SMALL_CHUNKS, t)
+
+
+def weight_copy(t: torch.Tensor) -> torch.Tensor:
+    """The copy of a prepared weight tensor a kernel streams (CpuBackend.bind): in huge pages
+    (:func:`huge_page_copy`), or with ``PYENGINE_HUGE_PAGES=0`` in small pages
+    (:func:`small_page_copy`)."""
+    if _switched_off():
+        return small_page_copy(t)
+    return huge_page_copy(t)
 
 
 def huge_pages_eligible(t: torch.Tensor) -> Optional[bool]:

@@ -1,6 +1,7 @@
 """pyengine.backends.huge_pages: copies in huge-page chunks equal their tensors, do not overlap,
 outlive the allocator's hold on their chunk, and are what CpuBackend.bind's interleaved copies
-are made of; PYENGINE_HUGE_PAGES=0 and small tensors leave tensors where they are."""
+are made of; with PYENGINE_HUGE_PAGES=0 those are small-page copies, never eligible for huge
+pages; small tensors are left where they are."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pyengine
 from pyengine.backends import CpuBackend, get_backend
 from pyengine.backends import huge_pages
 from pyengine.backends.huge_pages import (ALIGNMENT, CHUNK_BYTES, VARIABLE, huge_page_copy,
-                                          huge_pages_eligible, unavailable_reason)
+                                          huge_pages_eligible, small_page_copy,
+                                          unavailable_reason, weight_copy)
 
 from helpers import packed_operand, random_weight
 
@@ -58,7 +60,8 @@ def test_copies_are_eligible_for_huge_pages_and_outlive_their_chunk(rng):
     for copy in (big_copy, small_copy):
         eligible = huge_pages_eligible(copy)
         assert eligible in (True, None)  # None: /proc/self/smaps cannot be read here
-    assert huge_pages_eligible(torch.randn(1 << 20)) in (False, None)  # ordinary memory
+    # small pages, even in heap memory that another library advised MADV_HUGEPAGE (numpy does)
+    assert huge_pages_eligible(small_page_copy(torch.randn(1 << 20))) in (False, None)
     # the allocator moves on to new chunks; the copies keep theirs alive
     for _ in range(3):
         huge_page_copy(torch.zeros(CHUNK_BYTES // 4 // 3))
@@ -66,13 +69,40 @@ def test_copies_are_eligible_for_huge_pages_and_outlive_their_chunk(rng):
     assert torch.equal(big_copy, big) and torch.equal(small_copy, small)
 
 
-def test_the_switch_and_small_tensors_leave_tensors_in_place(monkeypatch):
+def test_the_switch_puts_weight_copies_in_small_pages_and_small_tensors_stay(monkeypatch):
     t = torch.randn(10000)
     tiny = t[:10]
-    assert huge_page_copy(tiny) is tiny
+    assert huge_page_copy(tiny) is tiny and small_page_copy(tiny) is tiny
+    assert weight_copy(tiny) is tiny
     monkeypatch.setenv(VARIABLE, "0")
     assert unavailable_reason() == f"{VARIABLE}=0"
     assert huge_page_copy(t) is t
+    copy = weight_copy(t)
+    assert torch.equal(copy, t)
+    if huge_pages._can_advise():
+        assert copy.data_ptr() != t.data_ptr() and huge_pages_eligible(copy) in (False, None)
+
+
+@needs_huge_pages
+def test_small_page_copies_stay_small_where_the_heap_was_advised_for_huge_pages(monkeypatch):
+    """Heap memory can be advised MADV_HUGEPAGE by anyone in the process (NumPy advises its
+    large buffers so, and the heap keeps the advice after they are freed), and tensors PyTorch
+    places there are eligible for huge pages. Weight copies made with PYENGINE_HUGE_PAGES=0 are
+    not: they live in mappings of their own."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    heap = torch.zeros(4 << 20, dtype=torch.uint8)  # PyTorch's memory
+    start = -heap.data_ptr() % mmap.PAGESIZE
+    length = (heap.numel() - start) // mmap.PAGESIZE * mmap.PAGESIZE
+    assert libc.madvise(heap.data_ptr() + start, length, mmap.MADV_HUGEPAGE) == 0
+    plain = heap[start:start + 16 * 8192].view(16, 8192)
+    assert all(huge_pages_eligible(t) in (True, None) for t in plain)
+    monkeypatch.setenv(VARIABLE, "0")
+    copies = [weight_copy(t) for t in plain]
+    assert all(torch.equal(c, t) for c, t in zip(copies, plain))
+    assert all(huge_pages_eligible(c) in (False, None) for c in copies)
 
 
 @needs_huge_pages
@@ -82,7 +112,7 @@ def test_the_switch_and_small_tensors_leave_tensors_in_place(monkeypatch):
                                  if i != "generic"])
 def test_bound_interleaved_copies_live_in_huge_pages(isa, rng, monkeypatch):
     """CpuBackend.bind's interleaved copy is a huge-page copy, and its calls give the same
-    outputs as a call bound with the copy in ordinary memory (PYENGINE_HUGE_PAGES=0)."""
+    outputs as a call bound with the copy in small pages (PYENGINE_HUGE_PAGES=0)."""
     n, k = 256, 1024
     qw = pyengine.quantize(random_weight(n, k, rng), 4, 128, clip_search=False)
     backend = CpuBackend(isa=isa)
