@@ -19,7 +19,7 @@ weight's canonical rows (what ``ops.qlinear`` runs) and on the copy in the row-i
 layout that ``pyengine.Decoder`` prepares by default (backend "cpu rows8",
 ``CpuBackend.bind(..., layout_copy=True)``; the bytes streamed are the copy's). Every
 weight is held in enough copies that one pass over all of them exceeds ``--rotate-mb`` (default
-256 MB, beyond the last-level cache), and consecutive calls take the next copy, so that the rows
+256 MB or three times the last-level cache, whichever is larger), and consecutive calls take the next copy, so that the rows
 measure streaming from memory, as decoding a model does. ``--isa`` runs the cpu backend's build
 for one instruction set (e.g. avx2 on an AVX-512 machine).
 
@@ -63,7 +63,8 @@ class Kernel(NamedTuple):
     huge_pages: bool = False  # the weight in huge-page memory (pyengine.backends.huge_pages)
 
 
-COPY_BYTES = 64 << 20  # the copy timed with the kernels (as pyengine.benchmarking's)
+# the copy timed with the kernels (as pyengine.benchmarking's: past the last-level cache)
+COPY_BYTES = common.cpu_streaming_bytes(64 << 20)
 
 
 def copy_call(in_huge_pages: bool) -> Callable[[], torch.Tensor]:
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
                         help="also time PyTorch's int4 / int8 weight-only CPU kernels")
     parser.add_argument("--act8", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the cpu backend with int8 activations (act_bits=8)")
-    parser.add_argument("--rotate-mb", type=int, default=256,
+    parser.add_argument("--rotate-mb", type=int, default=common.default_rotate_mb(),
                         help="hold each weight in enough copies to stream this many MB per pass")
     parser.add_argument("--isa", default="",
                         help="the cpu backend's instruction-set build (default: the best here)")

@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shapes", default="14336x4096,4096x14336")
     parser.add_argument("--bits", default="8")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--rotate-mb", type=int, default=256)
+    parser.add_argument("--rotate-mb", type=int, default=common.default_rotate_mb())
     parser.add_argument("--json", type=Path, default=common.RESULTS / "cpu_vnni_ab.json")
     args = parser.parse_args(argv)
     info = pyengine.build_info()

@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--isa", default="", help="the cpu backend's build (default: the best)")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--rotate-mb", type=int, default=256)
+    parser.add_argument("--rotate-mb", type=int, default=common.default_rotate_mb())
     parser.add_argument("--json", type=Path, default=None,
                         help="default: benchmarks/results/cpu_huge_pages_ab[_ISA].json")
     args = parser.parse_args(argv)

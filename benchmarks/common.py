@@ -12,18 +12,30 @@ import argparse
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from pyengine.benchmarking import (device_name, metadata, synchronize, time_cpu, time_cuda,  # noqa: F401
-                                   time_interleaved, write_json)
+from pyengine.benchmarking import (cpu_streaming_bytes, device_name,  # noqa: F401
+                                   last_level_cache_bytes, metadata, synchronize, time_cpu, time_cuda, time_interleaved,
+                                   write_json)
 from pyengine.benchmarking import copy_bandwidth_gbps as _copy_bandwidth_gbps
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28, huge_pages: bool = False) -> float:
-    """Copy bandwidth of ``device`` in GB/s over a 256 MiB copy (the scripts' fixed size);
-    ``huge_pages``: in the memory of the prepared weight copies (pyengine.backends.huge_pages)."""
+def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None,
+                        huge_pages: bool = False) -> float:
+    """Copy bandwidth of ``device`` in GB/s over a copy of ``nbytes`` (default 256 MiB, on a CPU
+    at least twice its last-level cache); ``huge_pages``: in the memory of the prepared weight
+    copies (pyengine.backends.huge_pages)."""
+    if nbytes is None:
+        nbytes = (1 << 28) if device == "cuda" else cpu_streaming_bytes(1 << 28)
     return _copy_bandwidth_gbps(device, nbytes, huge_pages)
+
+
+def default_rotate_mb() -> int:
+    """MB of weight copies a kernel benchmark streams per pass: 256, or three times the CPU's
+    last-level cache where that is larger (each call then reads a copy the caches no longer
+    hold)."""
+    return max(256, 3 * (last_level_cache_bytes() or 0) // 10**6)
 
 
 def huge_page_copy_bandwidth_gbps(device: str) -> Optional[float]:

@@ -93,13 +93,45 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", 
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
+CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def last_level_cache_bytes(caches: Path = CPU0_CACHES) -> Optional[int]:
+    """The size of the CPU's last-level cache: the highest level listed under ``caches`` (Linux's
+    cache directories of CPU 0; e.g. 260 MiB of L3 on an Intel Xeon server VM), or None where
+    none can be read."""
+    level, size = 0, None
+    for index in caches.glob("index*"):
+        try:
+            this_level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            this_size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except ValueError:
+            continue
+        if this_level > level:
+            level, size = this_level, this_size
+    return size
+
+
+def cpu_streaming_bytes(minimum: int) -> int:
+    """Bytes of a CPU buffer that a timed pass streams from memory, not from the caches: at
+    least ``minimum``, and at least twice the last-level cache (a 64 MiB copy fits in the
+    260 MiB L3 of some server CPUs, and would time the cache instead)."""
+    return max(minimum, 2 * (last_level_cache_bytes() or 0))
+
+
 def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None,
                         huge_pages: bool = False) -> float:
     """Measured copy bandwidth of ``device``: (bytes read + bytes written) / time of a large
-    copy (64 MiB on a CPU, 256 MiB on a GPU unless ``nbytes`` is given). ``huge_pages`` (CPU):
-    both buffers in the huge-page memory of the prepared weight copies
-    (pyengine.backends.huge_pages; ordinary memory where the OS has none)."""
-    nbytes = nbytes or ((256 << 20) if device == "cuda" else (64 << 20))
+    copy (on a CPU 64 MiB or twice the last-level cache, whichever is larger; 256 MiB on a GPU;
+    unless ``nbytes`` is given). ``huge_pages`` (CPU): both buffers in the huge-page memory of
+    the prepared weight copies (pyengine.backends.huge_pages; ordinary memory where the OS has
+    none)."""
+    nbytes = nbytes or ((256 << 20) if device == "cuda" else cpu_streaming_bytes(64 << 20))
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     if huge_pages and device == "cpu":
@@ -155,7 +187,29 @@ def metadata(device: str) -> Dict[str, object]:
     if device == "cuda":
         meta["cuda"] = torch.version.cuda
         meta["driver"] = _nvidia_driver()
+    else:
+        llc = last_level_cache_bytes()
+        meta["last_level_cache_mib"] = None if llc is None else llc >> 20
+        meta["cpu_family_model"] = _cpu_family_model()
     return meta
+
+
+def _cpu_family_model() -> Optional[str]:
+    """"family/model" of /proc/cpuinfo (e.g. 6/207: Intel Emerald Rapids; 25/17: AMD Zen 4),
+    which tells CPUs apart where the model name does not ("Intel(R) Xeon(R) Processor")."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        return None
+    if len(fields) < 2:
+        return None
+    return f"{fields['cpu family']}/{fields['model']}"
 
 
 def _nvidia_driver() -> str:

@@ -56,6 +56,26 @@ def test_plots_from_result_files(decode_json, tmp_path):
         plot_results.plot(bad)
 
 
+def test_buffers_stream_past_the_last_level_cache(tmp_path):
+    """The copy and the rotated weight copies are sized from the largest cache Linux lists (a
+    64 MiB copy fits in a 260 MiB L3 and would time the cache)."""
+    import common
+    from pyengine.benchmarking import cpu_streaming_bytes, last_level_cache_bytes
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (2, "Unified", "2048K"),
+                                                 (3, "Unified", "266240K"),
+                                                 (1, "Instruction", "32K")]):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 266240 << 10
+    assert last_level_cache_bytes(tmp_path / "absent") is None
+    llc = last_level_cache_bytes()
+    assert cpu_streaming_bytes(64 << 20) == max(64 << 20, 2 * (llc or 0))
+    assert common.default_rotate_mb() == max(256, 3 * (llc or 0) // 10**6)
+
+
 def test_cpu_kernel_ab_against_this_build(tmp_path):
     """ab_cpu_kernels.py with this checkout's own module as the base: both sides are checked
     against the reference and timed; the rows are well formed."""
