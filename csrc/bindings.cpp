@@ -222,6 +222,8 @@ py::dict build_info() {
   d["cpu_isas_usable"] = pyengine::cpu::usable_isas();
   // the AVX-512 build's int8-activation kernels take vpdpbusd (PYENGINE_CPU_VNNI=0: they do not)
   d["cpu_vnni"] = pyengine::cpu::vnni_enabled();
+  // the AVX-512 build's interleaved decode kernel takes 512-bit vectors (PYENGINE_CPU_ZMM)
+  d["cpu_zmm"] = pyengine::cpu::zmm_rows_enabled();
   d["cpu_plane_kernels"] = true;  // plane_matmul_cpu: Matryoshka bit planes read directly
 #if defined(PYENGINE_OPENMP)
   d["openmp"] = true;

@@ -14,7 +14,7 @@
 // Compiled once per instruction set like qmatmul_kernels.cpp. The integer paths are built for
 // AVX2 and AVX-512 (BW) and taken for 2-, 3-, 4- and 8-bit weights at M <= kDecodeMaxM: on the
 // canonical rows (act8_row, one row at a time; 3-bit codes decoded to bytes first, decode3) or
-// on rows interleaved by eights (QMatmulArgs::interleave, rows8_octet: eight rows' dot products
+// on rows interleaved by eights (QMatmulArgs::interleave, rows8_octets: eight rows' dot products
 // in the lanes of one vector; 3-bit codes in split blocks merged into nibbles, rows8_nibbles3).
 // The generic build has a portable integer path for 2-, 4- and 8-bit weights at M <=
 // kDecodeMaxM (portable_rows: GCC / Clang vectors, int16 products). Every other case (larger M,
@@ -96,7 +96,7 @@ inline void add_group_sums(const int8_t* q, const float* d, int64_t Kp, int64_t 
   }
 }
 
-// Per call, what the block-wise integer paths (rows8_octet, portable_rows) scale their sums by.
+// Per call, what the block-wise integer paths (rows8_octets, portable_rows) scale their sums by.
 struct BlockPlan {
   int64_t blocks;           // activation blocks of 32 codes covering K
   int64_t G;                // weight groups
@@ -172,7 +172,7 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
 // vpdpbusd (AVX512_VNNI, also on 256-bit vectors with AVX512VL): acc.s32[i] += sum over j < 4 of
 // u8.u8[4i + j] * s8.s8[4i + j], without saturation: no s16 pair sums to keep in range, so 8-bit
 // codes are multiplied whole instead of as two nibbles, and narrower planes need not be shifted
-// down (rows8_octet). The canonical-row kernels take it for 8-bit codes only: for 2, 3 and 4 bits
+// down (rows8_octets). The canonical-row kernels take it for 8-bit codes only: for 2, 3 and 4 bits
 // there (one vpdpbusd per plane instead of vpmaddubsw and an s16 add) it measured between 2.5%
 // slower and 4% faster on AMD Zen 4 (benchmarks/bench_cpu_vnni.py), for 8 bits 3-20% faster. The
 // interleaved kernel takes it for every width, with the activations broadcast by the instruction
@@ -193,6 +193,10 @@ PYENGINE_INLINE inline V dpbusd(V acc, V u8, V s8) {
 // instruction itself ({1to8}): one instruction where a broadcast load and vpdpbusd would be two.
 PYENGINE_INLINE inline __m256i dpbusd_broadcast(__m256i acc, __m256i u8, const int32_t* s8x4) {
   asm("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*s8x4));
+  return acc;
+}
+PYENGINE_INLINE inline __m512i dpbusd_broadcast(__m512i acc, __m512i u8, const int32_t* s8x4) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*s8x4));
   return acc;
 }
 #else
@@ -624,8 +628,8 @@ void act8_decode(const QMatmulArgs& a, float* out32) {
 // group for all eight rows) while the weights stream from memory in order. Code j of word w of
 // a row is k = w * c + j (c = 32 / BITS), so byte i of plane p = (word >> BITS * p) & mask is
 // code c / 4 * i + p: each (word, plane) meets 4 activation bytes, broadcast to every lane.
-// 256-bit vectors in both the AVX2 and the AVX-512 builds (AMD Zen 4 runs 512-bit operations at
-// the same width per cycle).
+// 256-bit vectors in the AVX2 build; in the AVX-512 build too where the CPU runs 512-bit
+// operations as two 256-bit halves (AMD Zen 4), else 512-bit vectors over two octets (Rows8Zmm).
 template <int BITS>
 struct Rows8Layout {
   static constexpr int kBlockWords = BITS;  // words of a row per activation block (32 codes)
@@ -634,7 +638,7 @@ struct Rows8Layout {
   static constexpr int kPlaneWords = BITS == 3 ? 4 : BITS;
   static constexpr int kPlanes = BITS == 3 ? 2 : 8 / BITS;  // planes per plane word
   static constexpr int kPlaneShift = BITS == 3 ? 4 : BITS;  // plane p = (word >> shift * p) & mask
-  // 8-bit codes are split into nibbles (see rows8_octet); 3-bit nibbles carry a junk bit 3
+  // 8-bit codes are split into nibbles (see rows8_octets); 3-bit nibbles carry a junk bit 3
   static constexpr int kMask = BITS == 8 ? 0x0F : BITS == 3 ? 0x07 : (1 << BITS) - 1;
   // The code (within its block) that byte i of plane p of plane word v meets: the canonical
   // packing for 2, 4 and 8 bits; for 3 bits that of rows8_nibbles3.
@@ -651,20 +655,15 @@ constexpr int kInterleave = 8;
 // where h's bits v and v + 4 land when h is shifted by 2 - v (within each byte for |2 - v| <= 2
 // and these positions). Bits 3 and 7 take whatever h has there: the planes' mask (0x07)
 // drops them.
-template <int V>
-PYENGINE_INLINE inline __m256i rows8_nibbles3(__m256i low0, __m256i low1, __m256i high) {
+template <int V, class T>
+PYENGINE_INLINE inline typename T::I rows8_nibbles3(typename T::I low0, typename T::I low1,
+                                                    typename T::I high) {
   constexpr int kShift = 2 - V;
-  const __m256i low = _mm256_srli_epi16(V >> 1 ? low1 : low0, 2 * (V & 1));
-  __m256i hi = high;
-  if constexpr (kShift > 0) hi = _mm256_slli_epi16(high, kShift);
-  if constexpr (kShift < 0) hi = _mm256_srli_epi16(high, -kShift);
-  const __m256i from_low = _mm256_set1_epi8(0x33);  // bits 0-1 and 4-5: low, the rest: high
-#if defined(__AVX512VL__)
-  // imm 0xE4: c ? a : b bitwise, a = low, b = hi, c = from_low
-  return _mm256_ternarylogic_epi32(low, hi, from_low, 0xE4);
-#else
-  return _mm256_xor_si256(_mm256_and_si256(_mm256_xor_si256(low, hi), from_low), hi);
-#endif
+  const auto low = T::template srli16<2 * (V & 1)>(V >> 1 ? low1 : low0);
+  auto hi = high;
+  if constexpr (kShift > 0) hi = T::template slli16<kShift>(high);
+  if constexpr (kShift < 0) hi = T::template srli16<-kShift>(high);
+  return T::select(T::set8(0x33), low, hi);  // bits 0-1 and 4-5: low, the rest: high
 }
 
 struct Rows8Plan : BlockPlan {
@@ -724,44 +723,138 @@ inline void rows8_params(const QMatmulArgs& a, const float symmetric_zero, int64
   *b = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), *s);
 }
 
-// Octet o of weight rows against activation rows [m0, m0 + MB): out32[m][8o .. 8o + 8).
+// The interleaved kernel's vectors. Rows8Ymm: one octet per 256-bit vector (word w of its
+// eight rows, one per lane). Rows8Zmm (AVX-512): two octets per 512-bit vector, word w of octet
+// o in lanes 0-7 and of octet o + 1 in lanes 8-15 (a 256-bit load from each octet's stream and
+// one insert), so that each instruction serves 16 rows: on CPUs that run 512-bit operations at
+// full width (Intel's AVX-512 cores: two 512-bit ports for the dot products, against three
+// 256-bit ones) the decode kernel is bound by these instructions for 2, 3 and 4 bits, and
+// 512-bit ones do nearly twice the work per cycle; AMD Zen 4 splits them in two 256-bit halves
+// (zmm_rows_enabled, dispatch.cpp). Both give the same bits: the lanes compute the same sums.
+struct Rows8Ymm {
+  static constexpr int kOctets = 1;
+  using I = __m256i;
+  using F = __m256;
+  // stored word w of the octets at `base` (octet stride `stride` words), one per lane
+  static I load(const uint32_t* base, int64_t, int64_t w) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + w * kInterleave));
+  }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I set8(int v) { return _mm256_set1_epi8((char)v); }
+  static I set16(int v) { return _mm256_set1_epi16((short)v); }
+  static I broadcast32(const int32_t* p) { return _mm256_set1_epi32(*p); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  // c ? a : b bitwise
+  static I select(I c, I a, I b) {
+#if defined(__AVX512VL__)
+    return _mm256_ternarylogic_epi32(a, b, c, 0xE4);
+#else
+    return _mm256_xor_si256(_mm256_and_si256(_mm256_xor_si256(a, b), c), b);
+#endif
+  }
+  template <int S> static I srli16(I a) { return _mm256_srli_epi16(a, S); }
+  template <int S> static I slli16(I a) { return _mm256_slli_epi16(a, S); }
+  template <int S> static I srai16(I a) { return _mm256_srai_epi16(a, S); }
+  template <int S> static I srai32(I a) { return _mm256_srai_epi32(a, S); }
+  static I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+  static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I maddubs(I u8, I s8) { return _mm256_maddubs_epi16(u8, s8); }
+  static I madd16(I a, I b) { return _mm256_madd_epi16(a, b); }
+  static I dpbusd_x(I acc, I u8, const int32_t* x) { return dpbusd_broadcast(acc, u8, x); }
+  static F zerof() { return _mm256_setzero_ps(); }
+  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static F broadcastf(const float* p) { return _mm256_broadcast_ss(p); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  // group parameters at `offset` (the next octet's `stride` elements on)
+  static void params(const QMatmulArgs& a, float symmetric_zero, int64_t offset, int64_t,
+                     F* s, F* b) {
+    rows8_params(a, symmetric_zero, offset, s, b);
+  }
+};
+
+#if defined(__AVX512BW__)
+struct Rows8Zmm {
+  static constexpr int kOctets = 2;
+  using I = __m512i;
+  using F = __m512;
+  static I load(const uint32_t* base, int64_t stride, int64_t w) {
+    const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + w * kInterleave));
+    const __m256i second =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + stride + w * kInterleave));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+  }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I set8(int v) { return _mm512_set1_epi8((char)v); }
+  static I set16(int v) { return _mm512_set1_epi16((short)v); }
+  static I broadcast32(const int32_t* p) { return _mm512_set1_epi32(*p); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I select(I c, I a, I b) { return _mm512_ternarylogic_epi32(a, b, c, 0xE4); }
+  template <int S> static I srli16(I a) { return _mm512_srli_epi16(a, S); }
+  template <int S> static I slli16(I a) { return _mm512_slli_epi16(a, S); }
+  template <int S> static I srai16(I a) { return _mm512_srai_epi16(a, S); }
+  template <int S> static I srai32(I a) { return _mm512_srai_epi32(a, S); }
+  static I add16(I a, I b) { return _mm512_add_epi16(a, b); }
+  static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I maddubs(I u8, I s8) { return _mm512_maddubs_epi16(u8, s8); }
+  static I madd16(I a, I b) { return _mm512_madd_epi16(a, b); }
+  static I dpbusd_x(I acc, I u8, const int32_t* x) { return dpbusd_broadcast(acc, u8, x); }
+  static F zerof() { return _mm512_setzero_ps(); }
+  static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static F broadcastf(const float* p) { return _mm512_set1_ps(*p); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }  // the two octets' outputs
+  static void params(const QMatmulArgs& a, float symmetric_zero, int64_t offset, int64_t stride,
+                     F* s, F* b) {
+    __m256 s0, b0, s1, b1;
+    rows8_params(a, symmetric_zero, offset, &s0, &b0);
+    rows8_params(a, symmetric_zero, offset + stride, &s1, &b1);
+    *s = _mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1);
+    *b = _mm512_insertf32x8(_mm512_castps256_ps512(b0), b1, 1);
+  }
+};
+#endif
+
+// Octets o .. o + T::kOctets - 1 of weight rows against activation rows [m0, m0 + MB):
+// out32[m][8o .. 8(o + kOctets)).
 // VNNI: the dot products by vpdpbusd into s32 lanes (8-bit codes whole, narrower ones as scaled
 // planes); otherwise by vpmaddubsw s16 pair sums of planes shifted down.
-template <int BITS, int MB, bool VNNI>
-void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o,
-                 float* out32) {
+template <int BITS, int MB, bool VNNI, class T>
+void rows8_octets(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o,
+                  float* out32) {
   using L = Rows8Layout<BITS>;
+  using I = typename T::I;
+  using F = typename T::F;
   constexpr int P = L::kPlanes;
-  const __m256i mask = _mm256_set1_epi8((char)L::kMask), ones = _mm256_set1_epi16(1);
-  const __m256i sixteens = _mm256_set1_epi16(16);
+  const I mask = T::set8(L::kMask), ones = T::set16(1);
+  const I sixteens = T::set16(16);
   // planes masked in place at 2^kScaleShift times their codes (see the 2-bit pair sums and the
   // VNNI path below)
   constexpr int kScaleShift = BITS == 2 ? 2 : 4;
-  const __m256i scaled_mask = _mm256_set1_epi8((char)(L::kMask << kScaleShift));
+  const I scaled_mask = T::set8(L::kMask << kScaleShift);
   const int64_t words = p.blocks * L::kPlaneWords;  // plane words of a row (xq's)
-  const uint32_t* __restrict wbase = a.qweight + o * kInterleave * a.ldq;
+  const int64_t octet_words = kInterleave * a.ldq;  // from one octet's words to the next's
+  const uint32_t* __restrict wbase = a.qweight + o * octet_words;
   const int32_t* __restrict xq = p.xq.data() + m0 * words * P;
   const float* __restrict dm = p.d.data() + m0 * p.blocks;
   const float symmetric_zero = (float)(1 << (BITS - 1));
-  // stored word w of the octet's eight rows, one per lane
-  auto load = [&](int64_t w) PYENGINE_INLINE {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wbase + w * kInterleave));
-  };
-  __m256 acc[MB];
-  unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = _mm256_setzero_ps(); });
+  // stored word w of the octets' rows, one per lane
+  auto load = [&](int64_t w) PYENGINE_INLINE { return T::load(wbase, octet_words, w); };
+  F acc[MB];
+  unroll<MB>([&](auto m) PYENGINE_INLINE { acc[m] = T::zerof(); });
   for (int64_t g = 0, b0 = 0; g < p.G; ++g, b0 += p.group_blocks) {
     const int64_t b1 = std::min(p.blocks, b0 + p.group_blocks);
-    __m256 sacc[MB];
-    unroll<MB>([&](auto m) PYENGINE_INLINE { sacc[m] = _mm256_setzero_ps(); });
+    F sacc[MB];
+    unroll<MB>([&](auto m) PYENGINE_INLINE { sacc[m] = T::zerof(); });
     for (int64_t b = b0; b < b1; ++b) {
-      __m256i lanes[MB];
+      I lanes[MB];
       if constexpr (VNNI && BITS == 8) {  // 8-bit codes whole (see dpbusd)
-        unroll<MB>([&](auto m) PYENGINE_INLINE { lanes[m] = _mm256_setzero_si256(); });
+        unroll<MB>([&](auto m) PYENGINE_INLINE { lanes[m] = T::zero(); });
         unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
           const int64_t w = b * L::kBlockWords + v;
-          const __m256i word = load(w);
+          const I word = load(w);
           unroll<MB>([&](auto m) PYENGINE_INLINE {
-            lanes[m] = dpbusd_broadcast(lanes[m], word, xq + (m * words + w) * P);
+            lanes[m] = T::dpbusd_x(lanes[m], word, xq + (m * words + w) * P);
           });
         });
       } else if constexpr (VNNI) {
@@ -771,92 +864,91 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
         // and is shifted down once per block. 2 bits: planes 0 and 2 at x1 (the second after
         // one 16-bit shift by 4), 1 and 3 at x4; 3 bits (nibble words, junk bit 3 masked) and
         // 4 bits: the low nibble at x1, the high one at x16.
-        __m256i unscaled[MB], scaled[MB];
+        I unscaled[MB], scaled[MB];
         unroll<MB>([&](auto m) PYENGINE_INLINE {
-          unscaled[m] = _mm256_setzero_si256();
-          scaled[m] = _mm256_setzero_si256();
+          unscaled[m] = T::zero();
+          scaled[m] = T::zero();
         });
         // plane word w's low / high plane pair (pl, pl + 1) in `bytes` against the activations
-        auto add_pair = [&](int64_t w, int pl, __m256i bytes) PYENGINE_INLINE {
-          const __m256i low = _mm256_and_si256(bytes, mask);
-          const __m256i high = _mm256_and_si256(bytes, scaled_mask);
+        auto add_pair = [&](int64_t w, int pl, I bytes) PYENGINE_INLINE {
+          const I low = T::and_(bytes, mask);
+          const I high = T::and_(bytes, scaled_mask);
           unroll<MB>([&](auto m) PYENGINE_INLINE {
             const int32_t* x = xq + (m * words + w) * P + pl;
-            unscaled[m] = dpbusd_broadcast(unscaled[m], low, x);
-            scaled[m] = dpbusd_broadcast(scaled[m], high, x + 1);
+            unscaled[m] = T::dpbusd_x(unscaled[m], low, x);
+            scaled[m] = T::dpbusd_x(scaled[m], high, x + 1);
           });
         };
         if constexpr (BITS == 3) {
           const int64_t w0 = b * L::kBlockWords;
-          const __m256i low0 = load(w0), low1 = load(w0 + 1), high = load(w0 + 2);
+          const I low0 = load(w0), low1 = load(w0 + 1), high = load(w0 + 2);
           unroll<L::kPlaneWords>([&](auto v) PYENGINE_INLINE {
             add_pair(b * L::kPlaneWords + v, 0,
-                     rows8_nibbles3<decltype(v)::value>(low0, low1, high));
+                     rows8_nibbles3<decltype(v)::value, T>(low0, low1, high));
           });
         } else {
           unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
             const int64_t w = b * L::kBlockWords + v;
-            const __m256i word = load(w);
+            const I word = load(w);
             add_pair(w, 0, word);
-            if constexpr (BITS == 2) add_pair(w, 2, _mm256_srli_epi16(word, 4));
+            if constexpr (BITS == 2) add_pair(w, 2, T::template srli16<4>(word));
           });
         }
         unroll<MB>([&](auto m) PYENGINE_INLINE {
-          lanes[m] = _mm256_add_epi32(unscaled[m], _mm256_srai_epi32(scaled[m], kScaleShift));
+          lanes[m] = T::add32(unscaled[m], T::template srai32<kScaleShift>(scaled[m]));
         });
       } else {
         // s16 pair sums of the block (8-bit codes: low and high nibbles apart; 2-bit codes:
         // planes at x1 and x4 apart); in range: a block adds planes x plane words (int4: 2 x 4,
         // int3: 2 x 4, int2: 4 x 2, int8: 8 per nibble) pairs of at most 2 * 15 * 127 (int3:
         // 2 * 7 * 127, int2: 2 * 3 * 127 at x1 and 2 * 12 * 127 at x4)
-        __m256i lo[MB], hi[MB];
+        I lo[MB], hi[MB];
         unroll<MB>([&](auto m) PYENGINE_INLINE {
-          lo[m] = _mm256_setzero_si256();
-          hi[m] = _mm256_setzero_si256();
+          lo[m] = T::zero();
+          hi[m] = T::zero();
         });
         // the planes of plane word w (its bytes in `word`) against the activations, into lo
-        auto add_planes = [&](int64_t w, __m256i word) PYENGINE_INLINE {
+        auto add_planes = [&](int64_t w, I word) PYENGINE_INLINE {
           unroll<P>([&](auto pl) PYENGINE_INLINE {
-            const __m256i plane = _mm256_and_si256(
-                _mm256_srli_epi16(word, L::kPlaneShift * decltype(pl)::value), mask);
+            const I plane =
+                T::and_(T::template srli16<L::kPlaneShift * decltype(pl)::value>(word), mask);
             unroll<MB>([&](auto m) PYENGINE_INLINE {
-              const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
-              lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(plane, xb));
+              const I xb = T::broadcast32(xq + (m * words + w) * P + pl);
+              lo[m] = T::add16(lo[m], T::maddubs(plane, xb));
             });
           });
         };
         if constexpr (BITS == 3) {
           const int64_t w0 = b * L::kBlockWords;
-          const __m256i low0 = load(w0), low1 = load(w0 + 1), high = load(w0 + 2);
+          const I low0 = load(w0), low1 = load(w0 + 1), high = load(w0 + 2);
           unroll<L::kPlaneWords>([&](auto v) PYENGINE_INLINE {
             add_planes(b * L::kPlaneWords + v,
-                       rows8_nibbles3<decltype(v)::value>(low0, low1, high));
+                       rows8_nibbles3<decltype(v)::value, T>(low0, low1, high));
           });
         } else {
           unroll<L::kBlockWords>([&](auto v) PYENGINE_INLINE {
             const int64_t w = b * L::kBlockWords + v;
-            const __m256i word = load(w);
+            const I word = load(w);
             if constexpr (BITS == 2) {
               // planes 1 and 3 masked in place at x4 (one shift instead of three): their pair
               // sums go to hi, shifted down once per block below (exactly: multiples of 4)
-              const __m256i shifted = _mm256_srli_epi16(word, 4);
-              const __m256i planes[4] = {
-                  _mm256_and_si256(word, mask), _mm256_and_si256(word, scaled_mask),
-                  _mm256_and_si256(shifted, mask), _mm256_and_si256(shifted, scaled_mask)};
+              const I shifted = T::template srli16<4>(word);
+              const I planes[4] = {T::and_(word, mask), T::and_(word, scaled_mask),
+                                   T::and_(shifted, mask), T::and_(shifted, scaled_mask)};
               unroll<4>([&](auto pl) PYENGINE_INLINE {
                 unroll<MB>([&](auto m) PYENGINE_INLINE {
-                  const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P + pl]);
-                  __m256i& sums = decltype(pl)::value & 1 ? hi[m] : lo[m];
-                  sums = _mm256_add_epi16(sums, _mm256_maddubs_epi16(planes[pl], xb));
+                  const I xb = T::broadcast32(xq + (m * words + w) * P + pl);
+                  I& sums = decltype(pl)::value & 1 ? hi[m] : lo[m];
+                  sums = T::add16(sums, T::maddubs(planes[pl], xb));
                 });
               });
             } else if constexpr (BITS == 8) {
-              const __m256i low = _mm256_and_si256(word, mask);
-              const __m256i high = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
+              const I low = T::and_(word, mask);
+              const I high = T::and_(T::template srli16<4>(word), mask);
               unroll<MB>([&](auto m) PYENGINE_INLINE {
-                const __m256i xb = _mm256_set1_epi32(xq[(m * words + w) * P]);
-                lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(low, xb));
-                hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(high, xb));
+                const I xb = T::broadcast32(xq + (m * words + w) * P);
+                lo[m] = T::add16(lo[m], T::maddubs(low, xb));
+                hi[m] = T::add16(hi[m], T::maddubs(high, xb));
               });
             } else {
               add_planes(w, word);
@@ -865,56 +957,72 @@ void rows8_octet(const QMatmulArgs& a, const Rows8Plan& p, int64_t m0, int64_t o
         }
         unroll<MB>([&](auto m) PYENGINE_INLINE {
           if constexpr (BITS == 2)
-            lo[m] = _mm256_add_epi16(lo[m], _mm256_srai_epi16(hi[m], kScaleShift));
-          lanes[m] = _mm256_madd_epi16(lo[m], ones);
-          if constexpr (BITS == 8)
-            lanes[m] = _mm256_add_epi32(lanes[m], _mm256_madd_epi16(hi[m], sixteens));
+            lo[m] = T::add16(lo[m], T::template srai16<kScaleShift>(hi[m]));
+          lanes[m] = T::madd16(lo[m], ones);
+          if constexpr (BITS == 8) lanes[m] = T::add32(lanes[m], T::madd16(hi[m], sixteens));
         });
       }
       unroll<MB>([&](auto m) PYENGINE_INLINE {
-        sacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[m]),
-                                  _mm256_broadcast_ss(dm + m * p.blocks + b), sacc[m]);
+        sacc[m] = T::fmadd(T::cvt(lanes[m]), T::broadcastf(dm + m * p.blocks + b), sacc[m]);
       });
     }
-    __m256 scale, bias;
-    rows8_params(a, symmetric_zero, o * kInterleave * a.lds + g * kInterleave, &scale, &bias);
+    F scale, bias;
+    T::params(a, symmetric_zero, o * kInterleave * a.lds + g * kInterleave, kInterleave * a.lds,
+              &scale, &bias);
     unroll<MB>([&](auto m) PYENGINE_INLINE {
-      acc[m] = _mm256_fmadd_ps(sacc[m], scale, acc[m]);
-      acc[m] = _mm256_fmadd_ps(bias, _mm256_broadcast_ss(p.xsum.data() + (m0 + m) * p.G + g),
-                               acc[m]);
+      acc[m] = T::fmadd(sacc[m], scale, acc[m]);
+      acc[m] = T::fmadd(bias, T::broadcastf(p.xsum.data() + (m0 + m) * p.G + g), acc[m]);
     });
   }
   unroll<MB>([&](auto m) PYENGINE_INLINE {
-    _mm256_storeu_ps(out32 + (m0 + m) * a.N + o * kInterleave, acc[m]);
+    T::store(out32 + (m0 + m) * a.N + o * kInterleave, acc[m]);
   });
 }
 static_assert(2 * 4 * 2 * 15 * 127 < 32767 && 2 * 8 * 7 * 127 < 32767 && 2 * 4 * 12 * 127 < 32767 &&
                   2 * 8 * 15 * 127 < 32767,
               "rows8 s16 pair sums of one activation block");
 
+// Octets [lo, hi) of weight rows against the activation rows, by vectors T.
+template <int BITS, bool VNNI, class T>
+void rows8_octet_range(const QMatmulArgs& a, const Rows8Plan& p, int64_t lo, int64_t hi,
+                       float* out32) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowBlock) {
+    const int64_t mb = std::min<int64_t>(kMaxRowBlock, a.M - m0);
+    for (int64_t o = lo; o < hi; o += T::kOctets) {
+      switch (mb) {
+        case 1: rows8_octets<BITS, 1, VNNI, T>(a, p, m0, o, out32); break;
+        case 2: rows8_octets<BITS, 2, VNNI, T>(a, p, m0, o, out32); break;
+        case 3: rows8_octets<BITS, 3, VNNI, T>(a, p, m0, o, out32); break;
+        default: rows8_octets<BITS, kMaxRowBlock, VNNI, T>(a, p, m0, o, out32);
+      }
+    }
+  }
+}
+
 template <int BITS, bool VNNI>
 void rows8_decode_with(const QMatmulArgs& a, float* out32) {
   const Rows8Plan& p = thread_plan<Rows8Plan>(a, plan_rows8<BITS>);
   MatmulProblem octets = a;  // threads split octets of rows
   octets.N = a.N / kInterleave;
+#if defined(__AVX512BW__)
+  const bool zmm = zmm_rows_enabled();
+#endif
   parallel_rows(octets, kInterleave * p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowBlock) {
-      const int64_t mb = std::min<int64_t>(kMaxRowBlock, a.M - m0);
-      for (int64_t o = lo; o < hi; ++o) {
-        switch (mb) {
-          case 1: rows8_octet<BITS, 1, VNNI>(a, p, m0, o, out32); break;
-          case 2: rows8_octet<BITS, 2, VNNI>(a, p, m0, o, out32); break;
-          case 3: rows8_octet<BITS, 3, VNNI>(a, p, m0, o, out32); break;
-          default: rows8_octet<BITS, kMaxRowBlock, VNNI>(a, p, m0, o, out32);
-        }
-      }
+#if defined(__AVX512BW__)
+    if (zmm) {  // pairs of octets in 512-bit vectors, an odd last octet in 256-bit ones
+      const int64_t pairs_end = lo + (hi - lo) / 2 * 2;
+      rows8_octet_range<BITS, VNNI, Rows8Zmm>(a, p, lo, pairs_end, out32);
+      rows8_octet_range<BITS, VNNI, Rows8Ymm>(a, p, pairs_end, hi, out32);
+      return;
     }
+#endif
+    rows8_octet_range<BITS, VNNI, Rows8Ymm>(a, p, lo, hi, out32);
   });
 }
 
 template <int BITS>
 void rows8_decode(const QMatmulArgs& a, float* out32) {
-  constexpr bool kVnni = kVnniBuild;  // see dpbusd and rows8_octet
+  constexpr bool kVnni = kVnniBuild;  // see dpbusd and rows8_octets
   if (kVnni && vnni_enabled()) rows8_decode_with<BITS, kVnni>(a, out32);
   else rows8_decode_with<BITS, false>(a, out32);
 }

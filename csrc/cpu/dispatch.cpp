@@ -2,6 +2,9 @@
 // built with and the running CPU supports.
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 #include <string>
 #include <vector>
 
@@ -62,7 +65,40 @@ bool vnni_usable() {
 #endif
 }
 
+// Whether 512-bit vectors do more work per cycle than 256-bit ones in the interleaved decode
+// kernel on this CPU: it has the AVX-512 build's instructions and is not AMD family 0x19
+// (Zen 4: 512-bit operations as two 256-bit halves; Zen 3, the same family, has no AVX-512).
+bool zmm_full_width() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool full = [] {
+    if (!cpu_has("avx512")) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return true;
+    char vendor[13] = {};
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    if (std::strcmp(vendor, "AuthenticAMD") != 0) return true;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return true;
+    const unsigned base = (eax >> 8) & 0xF;
+    const unsigned family = base == 0xF ? base + ((eax >> 20) & 0xFF) : base;
+    return family != 0x19;
+  }();
+  return full;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+bool zmm_rows_enabled() {
+  if (!cpu_has("avx512")) return false;
+  const char* env = std::getenv("PYENGINE_CPU_ZMM");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  return zmm_full_width();
+}
 
 bool vnni_enabled() {
   if (!vnni_usable()) return false;

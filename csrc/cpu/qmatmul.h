@@ -35,6 +35,13 @@ PYENGINE_DECLARE_ISA(avx512)
 // call, so that tests and benchmarks can run both paths in one process).
 bool vnni_enabled();
 
+// Whether the AVX-512 build's interleaved decode kernel works on pairs of octets in 512-bit
+// vectors (Rows8Zmm in act8_kernels.cpp) instead of one octet in 256-bit vectors: by default
+// where the CPU has AVX-512 and runs it at full width (not AMD Zen 4, family 0x19, which splits
+// 512-bit operations in two halves); PYENGINE_CPU_ZMM=1 / =0 forces it on / off (read at every
+// call, as PYENGINE_CPU_VNNI).
+bool zmm_rows_enabled();
+
 // Runs the quantized matmul on the best instruction set of this CPU (validates args first).
 void qmatmul(const QMatmulArgs& args);
 

@@ -62,7 +62,7 @@ def test_3bit_rows_are_split_into_low_and_high_bit_words(rng, monkeypatch):
         assert words[n // 8, w, n % 8] == split[n, w]
 
 
-def _interleaved_call(x, qw, n, k, out, act_bits, isa, bias=None, accumulate=False):
+def _interleaved_call(x, qw, n, k, out, act_bits, isa, bias=None, accumulate=False, threads=0):
     words, scales, zeros = interleave_rows(qw.qweight, qw.scales, qw.zeros, n, k, qw.bits)
     extension().qmatmul_cpu(
         x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), words.data_ptr(), words.shape[1],
@@ -70,7 +70,7 @@ def _interleaved_call(x, qw, n, k, out, act_bits, isa, bias=None, accumulate=Fal
         scales.shape[1], 0 if bias is None else bias.data_ptr(),
         DTYPE_CODES[bias.dtype] if bias is not None else 0, out.data_ptr(),
         DTYPE_CODES[out.dtype], out.stride(0), accumulate, x.shape[0], n, k, qw.bits,
-        qw.effective_group_size, 0, isa, act_bits, INTERLEAVE_ROWS)
+        qw.effective_group_size, threads, isa, act_bits, INTERLEAVE_ROWS)
 
 
 @pytest.mark.parametrize("isa", USABLE_ISAS)
@@ -243,3 +243,35 @@ def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
         ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
         for out in outs["1"]:
             assert_matches(out, ref, torch.float32, f"int{bits} g{group_size} M={m}")
+
+
+@pytest.mark.skipif("avx512" not in USABLE_ISAS, reason="the 512-bit kernel is the AVX-512 build's")
+@pytest.mark.parametrize("bits", BITS)
+def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monkeypatch):
+    """The AVX-512 build's interleaved decode kernel on pairs of octets in 512-bit vectors
+    (PYENGINE_CPU_ZMM=1, the default on CPUs that run them at full width) and on one octet in
+    256-bit vectors (=0) computes the same sums: equal outputs bit for bit, with vpdpbusd and
+    with the pair sums, for octet counts that leave a last octet alone (1, 3, 37) or not (2,
+    4), M from 1 to 8, one thread and two (whose blocks of octets also end in odd ones); and
+    equal to the reference product of the quantized activations."""
+    vnni_modes = ("1", "0") if pyengine.build_info().get("cpu_vnni") else ("0",)
+    for (octets, k, threads), (group_size, m) in zip(
+            ((1, 1000, 1), (2, 576, 1), (3, 200, 1), (4, 4096, 2), (37, 4096, 2)),
+            ((32, 1), (128, 3), (-1, 8), (64, 2), (128, 1))):
+        n = 8 * octets
+        qw = pyengine.quantize(random_weight(n, k, rng), bits, group_size, clip_search=False)
+        x = torch.randn(m, k, generator=rng) * 3
+        outs = {}
+        for vnni, zmm in itertools.product(vnni_modes, ("1", "0")):
+            monkeypatch.setenv("PYENGINE_CPU_VNNI", vnni)
+            monkeypatch.setenv("PYENGINE_CPU_ZMM", zmm)
+            assert pyengine.build_info()["cpu_zmm"] == (zmm == "1")
+            out = poisoned((m, n), torch.float32, "cpu")
+            _interleaved_call(x, qw, n, k, out, 8, "avx512", threads=threads)
+            outs[vnni, zmm] = out
+        what = f"int{bits} g{group_size} M={m} octets={octets} threads={threads}"
+        for vnni in vnni_modes:
+            wide, narrow = outs[vnni, "1"], outs[vnni, "0"]
+            assert torch.isfinite(wide).all() and torch.equal(wide, narrow), what
+        ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
+        assert_matches(outs[vnni_modes[0], "1"], ref, torch.float32, what)
