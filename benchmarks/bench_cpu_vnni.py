@@ -1,18 +1,23 @@
-"""The AVX-512 build's int8-activation decode with and without vpdpbusd (AVX512_VNNI), in one run.
+"""The AVX-512 build's int8-activation decode with each of its run-time switches on and off, in
+one run: vpdpbusd (AVX512_VNNI) or not, and 512-bit or 256-bit vectors on the interleaved copy.
 
-For each shape and width, at M = 1 with group 128: the kernels on the canonical rows
-(``ops.qlinear(..., act_bits=8)``) and on the decoder's row-interleaved copy, each timed with
-``PYENGINE_CPU_VNNI=1`` (vpdpbusd) and ``=0`` (vpmaddubsw pair sums), alternating
-(pyengine.benchmarking.time_interleaved: medians), weights in rotated copies beyond the
-last-level cache as in bench_cpu_kernels.py. Both paths give the same bits
-(tests/backends/test_cpu_interleave.py); this measures only their speed. Needs a CPU with
-AVX512_VNNI.
+For each shape and width, at M = 1 with group 128, each kernel timed with its switch on and
+off, alternating (pyengine.benchmarking.time_interleaved: medians), weights in rotated copies
+beyond the last-level cache as in bench_cpu_kernels.py:
 
-    python benchmarks/bench_cpu_vnni.py [--shapes 14336x4096,4096x14336] [--bits 8]
+* ``--switch vnni`` (default): the kernels on the canonical rows (``ops.qlinear(...,
+  act_bits=8)``) and on the decoder's row-interleaved copy, with ``PYENGINE_CPU_VNNI=1``
+  (vpdpbusd) and ``=0`` (vpmaddubsw pair sums); needs a CPU with AVX512_VNNI
+  (``cpu_vnni_ab.json``). On the canonical rows the kernels take vpdpbusd for 8-bit codes only
+  (act8_kernels.cpp: dpbusd): the other widths' canonical rows ignore the switch (they show the
+  noise of two identical paths). The interleaved copy takes it for every width.
+* ``--switch zmm``: the interleaved copy with ``PYENGINE_CPU_ZMM=1`` (two octets of rows per
+  512-bit vector) and ``=0`` (one per 256-bit vector) (``cpu_zmm_ab.json``).
 
-On the canonical rows the kernels take vpdpbusd for 8-bit codes only (act8_kernels.cpp:
-dpbusd): the other widths' canonical rows ignore the switch (they show the noise of two
-identical paths). The interleaved copy takes it for every width.
+Both settings of each switch give the same bits (tests/backends/test_cpu_interleave.py); this
+measures only their speed.
+
+    python benchmarks/bench_cpu_vnni.py [--switch zmm] [--shapes 14336x4096,4096x14336] [--bits 8]
 """
 
 from __future__ import annotations
@@ -31,33 +36,39 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 
-VARIABLE = "PYENGINE_CPU_VNNI"
+# switch: (its environment variable, the names of its paths on and off, the layouts it changes)
+SWITCHES = {"vnni": ("PYENGINE_CPU_VNNI", ("vnni", "pairs"), ("canonical", "rows8")),
+            "zmm": ("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",))}
 
 
-def _with_vnni(enabled: bool, call: Callable[[], object]) -> Callable[[], object]:
-    """call() with the VNNI switch set for it (the kernels read it at every call)."""
+def _with_switch(variable: str, enabled: bool, call: Callable[[], object]) -> Callable[[], object]:
+    """call() with the switch ``variable`` set for it (the kernels read it at every call)."""
     value = "1" if enabled else "0"
 
     def run():
-        os.environ[VARIABLE] = value
+        os.environ[variable] = value
         return call()
     return run
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--switch", choices=sorted(SWITCHES), default="vnni")
     parser.add_argument("--shapes", default="14336x4096,4096x14336")
     parser.add_argument("--bits", default="8")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--rotate-mb", type=int, default=common.default_rotate_mb())
-    parser.add_argument("--json", type=Path, default=common.RESULTS / "cpu_vnni_ab.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default benchmarks/results/cpu_<switch>_ab.json")
     args = parser.parse_args(argv)
+    variable, (on, off), layouts = SWITCHES[args.switch]
     info = pyengine.build_info()
-    if info.get("cpu_isa_selected") != "avx512" or not info.get("cpu_vnni"):
-        print("needs the avx512 build on a CPU with AVX512_VNNI "
-              f"(selected {info.get('cpu_isa_selected')}, cpu_vnni {info.get('cpu_vnni')})")
+    if info.get("cpu_isa_selected") != "avx512" or (args.switch == "vnni"
+                                                    and not info.get("cpu_vnni")):
+        print("needs the avx512 build (and for vnni a CPU with AVX512_VNNI): "
+              f"selected {info.get('cpu_isa_selected')}, cpu_vnni {info.get('cpu_vnni')}")
         return 1
-    saved = os.environ.get(VARIABLE)
+    saved = os.environ.get(variable)
     torch.manual_seed(0)
     meta = common.metadata("cpu")
     rows: List[Dict[str, object]] = []
@@ -69,31 +80,34 @@ def main(argv: Optional[List[str]] = None) -> int:
             for bits in (int(b) for b in args.bits.split(",")):
                 qw = pyengine.quantize(w, bits, 128, clip_search=False)
                 copies = kernels._copies(qw, qw.nbytes, args.rotate_mb, kernels._copy_qweight)
-                calls = {"canonical": (qw.nbytes, common.rotating(
-                    copies, lambda q: pyengine.ops.qlinear(x, q, act_bits=8, backend="cpu")))}
+                calls = {}
+                if "canonical" in layouts:
+                    calls["canonical"] = (qw.nbytes, common.rotating(
+                        copies, lambda q: pyengine.ops.qlinear(x, q, act_bits=8, backend="cpu")))
                 rows8 = kernels.rows8_kernel(copies, x, n, k)
                 if rows8 is not None:
                     calls["rows8"] = (rows8.nbytes, rows8.call)
-                fns = {f"{layout} {path}": _with_vnni(path == "vnni", call)
-                       for layout, (_, call) in calls.items() for path in ("vnni", "pairs")}
+                fns = {f"{layout} {path}": _with_switch(variable, path == on, call)
+                       for layout, (_, call) in calls.items() for path in (on, off)}
                 times = common.time_interleaved(fns, rounds=args.rounds)
                 for layout, (nbytes, _) in calls.items():
-                    vnni, pairs = times[f"{layout} vnni"], times[f"{layout} pairs"]
-                    rows.append(dict(op="dequant_matmul", backend="cpu", layout=layout, bits=bits,
-                                     group_size=128, M=1, N=n, K=k, activations="int8",
-                                     ms_vnni=vnni, ms_pairs=pairs,
-                                     gbps_vnni=nbytes / (vnni * 1e-3) / 1e9,
-                                     speedup_vnni=pairs / vnni))
-                    print(f"{shape:>12} int{bits} {layout:>9}: vpdpbusd {vnni:.3f} ms, "
-                          f"pair sums {pairs:.3f} ms, {pairs / vnni:.3f}x", flush=True)
+                    ms_on, ms_off = times[f"{layout} {on}"], times[f"{layout} {off}"]
+                    rows.append({"op": "dequant_matmul", "backend": "cpu", "layout": layout,
+                                 "bits": bits, "group_size": 128, "M": 1, "N": n, "K": k,
+                                 "activations": "int8", f"ms_{on}": ms_on, f"ms_{off}": ms_off,
+                                 f"gbps_{on}": nbytes / (ms_on * 1e-3) / 1e9,
+                                 f"speedup_{on}": ms_off / ms_on})
+                    print(f"{shape:>12} int{bits} {layout:>9}: {on} {ms_on:.3f} ms, "
+                          f"{off} {ms_off:.3f} ms, {ms_off / ms_on:.3f}x", flush=True)
                 del copies
     finally:
         if saved is None:
-            os.environ.pop(VARIABLE, None)
+            os.environ.pop(variable, None)
         else:
-            os.environ[VARIABLE] = saved
-    common.write_results(args.json, meta, rows)
-    print(f"wrote {args.json}")
+            os.environ[variable] = saved
+    out = args.json or common.RESULTS / f"cpu_{args.switch}_ab.json"
+    common.write_results(out, meta, rows)
+    print(f"wrote {out}")
     return 0
 
 

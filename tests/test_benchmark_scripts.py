@@ -142,6 +142,22 @@ def test_vnni_bench_times_both_paths_of_every_layout(tmp_path):
     assert "PYENGINE_CPU_VNNI" not in os.environ or os.environ["PYENGINE_CPU_VNNI"] != "0"
 
 
+def test_zmm_bench_times_both_vector_widths_of_the_interleaved_copy(tmp_path):
+    """bench_cpu_vnni --switch zmm: per width, the interleaved copy timed with 512-bit and
+    256-bit vectors; the environment is left as it was."""
+    if pyengine.build_info().get("cpu_isa_selected") != "avx512":
+        pytest.skip("needs the avx512 build")
+    import bench_cpu_vnni
+    before = os.environ.get("PYENGINE_CPU_ZMM")
+    out = tmp_path / "zmm.json"
+    assert bench_cpu_vnni.main(["--switch", "zmm", "--shapes", "96x256", "--bits", "4,2",
+                                "--rounds", "2", "--rotate-mb", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["layout"], r["bits"]) for r in rows} == {("rows8", 4), ("rows8", 2)}
+    assert all(r["ms_zmm"] > 0 and r["ms_ymm"] > 0 and r["speedup_zmm"] > 0 for r in rows)
+    assert os.environ.get("PYENGINE_CPU_ZMM") == before
+
+
 def test_huge_pages_bench_times_both_memories(tmp_path):
     """bench_huge_pages: per width and thread count, the bound interleaved calls with their
     copies in huge pages and in ordinary memory, both timed, and the copy bandwidth of both."""
