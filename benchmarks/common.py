@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from pyengine.benchmarking import (cpu_streaming_bytes, device_name,  # noqa: F401
-                                   last_level_cache_bytes, metadata, synchronize, time_cpu, time_cuda, time_interleaved,
-                                   write_json)
+                                   last_level_cache_bytes, metadata, synchronize, time_cpu,
+                                   time_cuda, time_interleaved, write_json)
 from pyengine.benchmarking import copy_bandwidth_gbps as _copy_bandwidth_gbps
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -94,6 +94,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", 
 
 
 CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # of sysfs cache sizes ("266240K")
 
 
 def last_level_cache_bytes(caches: Path = CPU0_CACHES) -> Optional[int]:
@@ -107,9 +108,9 @@ def last_level_cache_bytes(caches: Path = CPU0_CACHES) -> Optional[int]:
             text = (index / "size").read_text().strip().upper()
         except (OSError, ValueError):
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         try:
-            this_size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            this_size = (int(text[:-1]) * _SIZE_UNITS[text[-1]] if text[-1] in _SIZE_UNITS
+                         else int(text))
         except ValueError:
             continue
         if this_level > level:

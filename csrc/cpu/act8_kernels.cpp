@@ -779,9 +779,8 @@ struct Rows8Zmm {
   using I = __m512i;
   using F = __m512;
   static I load(const uint32_t* base, int64_t stride, int64_t w) {
-    const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + w * kInterleave));
-    const __m256i second =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + stride + w * kInterleave));
+    const __m256i first = Rows8Ymm::load(base, stride, w);
+    const __m256i second = Rows8Ymm::load(base + stride, stride, w);
     return _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
   }
   static I zero() { return _mm512_setzero_si512(); }

@@ -65,13 +65,12 @@ bool vnni_usable() {
 #endif
 }
 
-// Whether 512-bit vectors do more work per cycle than 256-bit ones in the interleaved decode
-// kernel on this CPU: it has the AVX-512 build's instructions and is not AMD family 0x19
-// (Zen 4: 512-bit operations as two 256-bit halves; Zen 3, the same family, has no AVX-512).
+// Whether this CPU, given that it runs the AVX-512 build, runs 512-bit operations at full width:
+// it is not AMD family 0x19 (Zen 4: 512-bit operations as two 256-bit halves; Zen 3, the same
+// family, has no AVX-512).
 bool zmm_full_width() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool full = [] {
-    if (!cpu_has("avx512")) return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return true;
     char vendor[13] = {};
@@ -93,7 +92,8 @@ bool zmm_full_width() {
 }  // namespace
 
 bool zmm_rows_enabled() {
-  if (!cpu_has("avx512")) return false;
+  static const bool avx512 = cpu_has("avx512");
+  if (!avx512) return false;
   const char* env = std::getenv("PYENGINE_CPU_ZMM");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
