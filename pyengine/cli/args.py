@@ -101,8 +101,9 @@ def add_device(parser: argparse.ArgumentParser,
 
 def add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_choices: str,
                method: str, slice_default: Optional[float], n_samples: int,
-               seqlen: int, head_default: Optional[int] = None, act_bits: int = 0,
-               rotate: bool = False, group_size: int = 128) -> None:
+               seqlen: int, head_default: Optional[int] = None,
+               act_bits: Optional[int] = 0, rotate: bool = False,
+               group_size: int = 128) -> None:
     g = parser.add_argument_group("recipe (pyengine.plan)")
     g.add_argument("--avg-bits", type=parse_avg_bits, default=avg_bits,
                    help="target average bits per weight of the decoder's linear layers, scales "
@@ -122,7 +123,8 @@ def add_recipe(parser: argparse.ArgumentParser, avg_bits: Optional[float], bit_c
     g.add_argument("--act-bits", type=int, choices=(0, 8), default=act_bits,
                    help="8: int8 activations (per block of 32) for the quantized layers, "
                         "which the CPU kernels multiply as integers: faster decoding, slightly "
-                        f"less accurate (default: {act_bits})")
+                        "less accurate; 0: float activations (default: " +
+                        ("8 on a CPU, 0 on a GPU" if act_bits is None else str(act_bits)) + ")")
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=rotate,
                    help="random orthogonal rotations of the residual stream and the attention "
                         "values before quantizing, merged into the weights (same function; "

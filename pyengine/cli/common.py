@@ -144,6 +144,8 @@ def describe_recipe(recipe) -> str:
         parts.append(f"rotated (seed {recipe.rotation_seed}{online})")
     if info.get("head_bits"):
         parts.append(f"head int{info['head_bits']}")
+    if any(getattr(q, "act_bits", 0) == 8 for q in recipe.quant.values()):
+        parts.append("int8 activations")
     return ", ".join(parts)
 
 

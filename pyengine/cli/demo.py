@@ -49,6 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..pipeline.compress import storage_bytes
     from ..utils import progress
     check_device(args.device)
+    if args.act_bits is None:  # int8 activations where the kernels multiply them as integers
+        args.act_bits = 8 if args.device == "cpu" else 0
     args.save = check_output_dir(args.save, "--save")
     t_start = time.perf_counter()
     status("loading SmolLM2-135M (the embedded default model)")

@@ -141,13 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Loads the embedded default model, SmolLM2-135M, compresses "
                                    "it with a recipe planned from its own measurements (4.5 bits "
                                    "per weight with scales: 8 or 4 bits per layer by LIM, GPTQ "
-                                   "groups of 64 after random rotations, 8-bit head), and "
+                                   "groups of 64 after random rotations, 8-bit head; on a CPU "
+                                   "int8 activations, as llama.cpp's quantized types), and "
                                    "prints perplexity, weight "
                                    "size and decode speed before and after, and a sample "
                                    "generation. A few minutes on a 2-core CPU.")
     add_device(p)
     add_recipe(p, avg_bits=4.5, bit_choices="8,4", method="gptq", slice_default=None,
-               n_samples=32, seqlen=512, head_default=8, rotate=True, group_size=64)
+               n_samples=32, seqlen=512, head_default=8, rotate=True, group_size=64,
+               act_bits=None)
     p.add_argument("--eval-seqlen", type=int_at_least(2), default=512,
                    help="tokens per perplexity window (default: 512)")
     p.add_argument("--max-windows", type=parse_positive_int, default=4,

@@ -430,3 +430,6 @@ def test_demo_with_tiny_settings_prints_the_comparison(capsys):
     assert float(rows["weight size"][2]) < float(rows["weight size"][0])
     assert all(float(v) > 0 for v in rows["decode tokens/s"][:2])
     assert "sample (compressed):" in out and "both models through pyengine.Decoder" in out
+    # on a CPU the demo's layers compute on int8 activations by default (--act-bits 0: not)
+    assert "int8 activations" in next(line for line in out.splitlines()
+                                      if line.startswith("recipe:"))
