@@ -14,7 +14,8 @@ for quality (no perplexity is reported here).
 Roofline: a decode step must read every weight byte once (the embedding only for the batch's
 rows; a tied head reads it whole) plus the KV cache written so far; the roofline time of a step
 is those bytes over the copy bandwidth measured in the same run (read + write of a large copy,
-the achievable streaming rate). ``pct_roofline`` = roofline time / measured step time.
+the achievable streaming rate; for each row the mean of a copy timed right before and one right
+after its decode, ``copy_gbps``). ``pct_roofline`` = roofline time / measured step time.
 
 Writes JSON rows (``op: "decode"``) to --json (default benchmarks/results/decode_<device>.json).
 """
@@ -27,7 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -244,6 +245,15 @@ def measure_decode(model: torch.nn.Module, batch: int, prompt_len: int, new_toke
                 warmup_s=round(warmup_s, 2), context=pos, dtype=str(dtype).replace("torch.", ""))
 
 
+def roofline_bandwidth(device: str) -> Tuple[float, float, Optional[float]]:
+    """(the roofline's bandwidth, a copy in ordinary memory, one in huge pages) in GB/s: on a CPU
+    the decoder's weight copies live in huge pages where the OS has them, so the roofline takes
+    the faster of a copy there and one in ordinary memory (None: no huge pages)."""
+    ordinary = common.copy_bandwidth_gbps(device)
+    huge = common.huge_page_copy_bandwidth_gbps(device)
+    return max(ordinary, huge or 0), ordinary, huge
+
+
 def decode_row(label: str, model: torch.nn.Module, batch: int, args, bandwidth: float,
                device: str) -> Dict[str, object]:
     graphs = args.graphs
@@ -312,11 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.layers:
         SHAPES[args.shape] = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
 
-    bandwidth = common.copy_bandwidth_gbps(device)
-    # on a CPU the decoder's weight copies live in huge pages where the OS has them: the roofline
-    # takes the faster of a copy there and one in ordinary memory
-    huge_bandwidth = common.huge_page_copy_bandwidth_gbps(device)
-    ordinary_bandwidth, bandwidth = bandwidth, max(bandwidth, huge_bandwidth or 0)
+    bandwidth, ordinary_bandwidth, huge_bandwidth = roofline_bandwidth(device)
     meta = dict(common.metadata(device), shape=args.shape, layers=SHAPES[args.shape][
         "num_hidden_layers"], copy_bandwidth_gbps=round(bandwidth, 1),
         copy_bandwidth_ordinary_memory_gbps=round(ordinary_bandwidth, 1),
@@ -344,7 +350,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         build_s = time.perf_counter() - t0
         for batch in batches:
-            row = decode_row(config, model, batch, args, bandwidth, device)
+            # the copy timed right before and after the row's decode: a shared machine's
+            # bandwidth drifts between rows (2x within minutes seen), and the row's roofline
+            # follows it
+            before = roofline_bandwidth(device)[0]
+            row = decode_row(config, model, batch, args, before, device)
+            row_bandwidth = (before + roofline_bandwidth(device)[0]) / 2
+            row.update(copy_gbps=round(row_bandwidth, 1),
+                       pct_roofline=round(row["pct_roofline"] * before / row_bandwidth, 3))
             row["build_s"] = round(build_s, 1)
             rows.append(row)
             print(f"[{config}] batch {batch}: {row['tokens_per_s']:.1f} tok/s, "

@@ -34,6 +34,10 @@ def test_decode_rows_are_complete(decode_json):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["pct_roofline"] > 0
         assert r["speedup_vs_dense"] > 0 and r["graphs"] == "none"
+        # the row's roofline against the copy timed around its own decode
+        roofline_s = (r["weight_bytes_read"] + r["kv_bytes_read"]) / (r["copy_gbps"] * 1e9)
+        assert r["pct_roofline"] == pytest.approx(100 * roofline_s / (r["ms_per_step"] * 1e-3),
+                                                  rel=1e-2)
     assert by[("dense", 1)]["speedup_vs_dense"] == 1.0
     assert by[("int4", 1)]["weight_bytes"] < by[("dense", 1)]["weight_bytes"]
     # the KV bytes read grow with the batch; the weight bytes do not (beyond embedding rows)
