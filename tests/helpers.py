@@ -273,7 +273,7 @@ def run_poisoned(backend: Backend, x, qt, n, k, bias=None, residual=None, shortc
 def run_vllm_verify(python, checkpoint, out, *, served=None, dtype: str = "float32",
                     logprob_tol: float = 1e-3, compile: bool = False,
                     tensor_parallel_size: int = 1, vllm_only: bool = False,
-                    **env_extra) -> dict:
+                    check_weights: bool = False, **env_extra) -> dict:
     """Runs ``python -m pyengine.vllm.verify`` (32 steps) with vLLM's Python ``python`` on
     ``checkpoint`` (vLLM serving ``served`` when given), writing ``out``:
     {"returncode", "stderr", "result": the JSON it wrote or None}."""
@@ -286,6 +286,7 @@ def run_vllm_verify(python, checkpoint, out, *, served=None, dtype: str = "float
            "--tensor-parallel-size", str(tensor_parallel_size), "--out", str(out)]
     cmd += (["--served", str(served)] if served is not None else [])
     cmd += (["--compile"] if compile else []) + (["--vllm-only"] if vllm_only else [])
+    cmd += ["--check-weights"] if check_weights else []
     proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root), **env_extra),
                           capture_output=True, text=True, timeout=1200, cwd=Path(out).parent)
     print(proc.stdout[-3000:])

@@ -385,13 +385,17 @@ def test_stock_vllm_serves_the_exports(vllm_python, tmp_path):
     """SmolLM2 int4 g64 with integer zero points, exported, served by vLLM's own CPU kernel
     (which computes in 16-bit activations only: bfloat16 here):
 
+    * every weight vLLM's kernel computes with (its output for the identity matrix, read back
+      by ``verify --check-weights``) equals pyengine's within its bfloat16 rounding
+      (weight_tolerance_steps: 0.19 of a quantization step at 4 bits, where a misread code or
+      zero point is a whole step off; measured on an Intel Xeon: 0.12);
     * the GPTQ and compressed-tensors exports of a symmetric model give vLLM the same tokens
       and log-probabilities (the same weights reach the same kernel by both loaders);
     * against pyengine running the source checkpoint in bfloat16, each prompt's first token
-      is equal, and the first-step log-probabilities are as close as vLLM running the source
-      on pyengine's own kernels (the plugin) gets: within twice its largest gap plus 0.01
-      (the engines round bfloat16 sums differently, so later tokens may part; a misread
-      weight moves log-probabilities by whole units)."""
+      is equal. Later tokens and the log-probabilities are not held to pyengine's: the two
+      engines round bfloat16 sums in their own orders, and vLLM's kernels round by the CPU's
+      instruction set (the first-step log-probabilities differed by up to 0.15 on an Intel
+      Xeon)."""
     if not _has_int4_kernel(vllm_python):
         pytest.skip("vLLM's CPU build here has no int4 kernel (cpu_gemm_wna16: missing from "
                     "its AVX2 build), so stock vLLM cannot run 4-bit checkpoints on this CPU")
@@ -411,18 +415,20 @@ def test_stock_vllm_serves_the_exports(vllm_python, tmp_path):
             assert report.exact, report.summary()
     runs = {}
     for name, fmt in (("asym", "compressed-tensors"), ("sym", "compressed-tensors"),
-                      ("sym", "gptq"), ("sym", "plugin")):
-        served = tmp_path / (name if fmt == "plugin" else f"{name}-{fmt}")
+                      ("sym", "gptq")):
         run = run_vllm_verify(vllm_python, tmp_path / name, tmp_path / f"{name}-{fmt}.json",
-                              served=served, dtype="bfloat16", vllm_only=fmt == "gptq")
+                              served=tmp_path / f"{name}-{fmt}", dtype="bfloat16",
+                              vllm_only=fmt == "gptq", check_weights=True)
         assert run["result"] is not None, run["stderr"][-4000:]
         runs[name, fmt] = run["result"]
+        weights = run["result"]["weights"]
+        assert weights["ok"] and weights["modules"] == 7 * 30 + 1, (name, fmt, weights)  # + head
+        # the int8 head: bfloat16 holds its weights only to ~3 steps (weight_tolerance_steps),
+        # so it is held to that, not resolved to a step; every 4-bit layer is
+        assert weights["dtype"] == "bfloat16" and weights["unresolved"] == ["lm_head"], weights
     gptq, ct = runs["sym", "gptq"]["vllm"], runs["sym", "compressed-tensors"]["vllm"]
     assert gptq["tokens"] == ct["tokens"] and gptq["first_logprobs"] == ct["first_logprobs"]
     assert all(len(t) == 32 for t in gptq["tokens"])
-    plugin_gap = max(runs["sym", "plugin"]["comparison"]["first_logprob_gap"])
     for key in (("asym", "compressed-tensors"), ("sym", "compressed-tensors")):
         vllm_run, pyengine_run = runs[key]["vllm"], runs[key]["pyengine"]
         assert [t[0] for t in vllm_run["tokens"]] == [t[0] for t in pyengine_run["tokens"]]
-        gaps = runs[key]["comparison"]["first_logprob_gap"]
-        assert max(gaps) <= 2 * plugin_gap + 0.01, (key, gaps, plugin_gap)

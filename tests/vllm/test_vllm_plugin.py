@@ -181,12 +181,21 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def _assert_equal_to_pyengine(run: dict, logprob_tol: float = 1e-3) -> None:
+def _assert_equal_to_pyengine(run: dict, logprob_tol: float = 1e-3,
+                              allow_near_ties: bool = False) -> None:
+    """vLLM's 32 greedy tokens per prompt equal pyengine's (or, with ``allow_near_ties``, equal
+    up to a step where vLLM took pyengine's runner-up within twice ``logprob_tol`` of its
+    choice), first-step log-probabilities within ``logprob_tol``."""
     assert run["result"] is not None, run["stderr"][-4000:]
     result = run["result"]
     comparison = result["comparison"]
     assert [len(t) for t in result["vllm"]["tokens"]] == [32, 32, 32]
-    assert comparison["first_token_difference"] == [None, None, None], comparison
+    if allow_near_ties:
+        for step, tie in zip(comparison["first_token_difference"],
+                             comparison["parted_at_near_tie"]):
+            assert step is None or tie, comparison
+    else:
+        assert comparison["first_token_difference"] == [None, None, None], comparison
     assert max(comparison["first_logprob_gap"]) <= logprob_tol, comparison
     assert run["returncode"] == 0  # verify's own verdict
     from pyengine.vllm.verify import plugin_entry_point_installed
@@ -247,7 +256,10 @@ def test_vllm_serves_int8_activation_layers_as_pyengine_does(vllm_python, smollm
     upstream (vLLM's attention kernel against transformers') can move an input across a rounding
     boundary. The checkpoint amplifies such noise ~100x: in pyengine alone, a 1e-6 relative
     perturbation of the embeddings moves the first-step log-probabilities by 1.6e-3 to 3.3e-3
-    (1.5e-5 to 7.9e-5 without act_bits). Tokens must still agree; log-probabilities within 1e-2.
+    (1.5e-5 to 7.9e-5 without act_bits). Log-probabilities must agree within 1e-2, and tokens
+    up to a near tie: such noise can flip a later greedy choice whose top-2 margin is under
+    2e-2 (on an Intel Xeon: step 29 of the third prompt, pyengine's margin 5.6e-3, the
+    smallest of all 96 steps), and the runs part there.
     """
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
     Q = pyengine.QuantConfig
@@ -257,7 +269,7 @@ def test_vllm_serves_int8_activation_layers_as_pyengine_does(vllm_python, smollm
     pyengine.compress(model, recipe, show_progress=False, dtype=torch.float32)
     checkpoint = _save(model, tokenizer, tmp_path / "act8")
     run = run_vllm_verify(vllm_python, checkpoint, tmp_path / "act8.json", logprob_tol=1e-2)
-    _assert_equal_to_pyengine(run, logprob_tol=1e-2)
+    _assert_equal_to_pyengine(run, logprob_tol=1e-2, allow_near_ties=True)
 
 
 @pytest.mark.slow
