@@ -12,23 +12,12 @@ import argparse
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from pyengine.benchmarking import (cpu_streaming_bytes, device_name,  # noqa: F401
-                                   last_level_cache_bytes, metadata, synchronize, time_cpu,
-                                   time_cuda, time_interleaved, write_json)
-from pyengine.benchmarking import copy_bandwidth_gbps as _copy_bandwidth_gbps
+from pyengine.benchmarking import (copy_bandwidth_gbps, cpu_streaming_bytes,  # noqa: F401
+                                   device_name, last_level_cache_bytes, metadata, synchronize,
+                                   time_cpu, time_cuda, time_interleaved, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None,
-                        huge_pages: bool = False) -> float:
-    """Copy bandwidth of ``device`` in GB/s over a copy of ``nbytes`` (default 256 MiB, on a CPU
-    at least twice its last-level cache); ``huge_pages``: in the memory of the prepared weight
-    copies (pyengine.backends.huge_pages)."""
-    if nbytes is None:
-        nbytes = (1 << 28) if device == "cuda" else cpu_streaming_bytes(1 << 28)
-    return _copy_bandwidth_gbps(device, nbytes, huge_pages)
 
 
 def default_rotate_mb() -> int:

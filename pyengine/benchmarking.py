@@ -128,11 +128,10 @@ def cpu_streaming_bytes(minimum: int) -> int:
 def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None,
                         huge_pages: bool = False) -> float:
     """Measured copy bandwidth of ``device``: (bytes read + bytes written) / time of a large
-    copy (on a CPU 64 MiB or twice the last-level cache, whichever is larger; 256 MiB on a GPU;
-    unless ``nbytes`` is given). ``huge_pages`` (CPU): both buffers in the huge-page memory of
-    the prepared weight copies (pyengine.backends.huge_pages; ordinary memory where the OS has
-    none)."""
-    nbytes = nbytes or ((256 << 20) if device == "cuda" else cpu_streaming_bytes(64 << 20))
+    copy (256 MiB, on a CPU at least twice its last-level cache; unless ``nbytes`` is given).
+    ``huge_pages`` (CPU): both buffers in the huge-page memory of the prepared weight copies
+    (pyengine.backends.huge_pages; ordinary memory where the OS has none)."""
+    nbytes = nbytes or ((256 << 20) if device == "cuda" else cpu_streaming_bytes(256 << 20))
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     if huge_pages and device == "cpu":
