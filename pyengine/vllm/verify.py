@@ -28,7 +28,7 @@ import sys
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import PRECISION_ENV
 
@@ -65,15 +65,15 @@ def in_process_engine() -> str:
 def vllm_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int, dtype: str = "float32",
                 enforce_eager: bool = True, tokenizer: Optional[str] = None,
                 max_model_len: int = 512, tensor_parallel_size: int = 1,
-                read_weights: bool = False) -> Dict[str, Any]:
+                inspect_model: Optional[Callable[[Any], Any]] = None) -> Dict[str, Any]:
     """vLLM's greedy continuation of each prompt: {"tokens": [[ids]], "first_logprobs": [..],
-    "load_seconds", "generate_seconds", "plugin"}, and with ``read_weights`` "weights": what
-    :func:`vllm_weights_read_back` reads from the model vLLM loaded (one rank only).
+    "load_seconds", "generate_seconds", "plugin"}, and with ``inspect_model`` "inspection":
+    what it returns for the model vLLM loaded (run in vLLM's worker, one rank only).
     ``tensor_parallel_size`` > 1 runs that many ranks in worker processes (vLLM's "mp"
     executor; on a CPU its threads are not bound to cores unless $VLLM_CPU_OMP_THREADS_BIND
     says so, so more ranks than cores still run)."""
-    if read_weights and tensor_parallel_size > 1:
-        raise ValueError("reading the weights back takes one rank (tensor_parallel_size=1)")
+    if inspect_model is not None and tensor_parallel_size > 1:
+        raise ValueError("inspect_model looks at one rank's model (tensor_parallel_size=1)")
     plugin = in_process_engine()
     parallel: Dict[str, Any] = {}
     if tensor_parallel_size > 1:
@@ -98,39 +98,51 @@ def vllm_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int, dtype:
         first.append(float(step0[completion.token_ids[0]].logprob))
     result = {"tokens": tokens, "first_logprobs": first, "load_seconds": t1 - t0,
               "generate_seconds": t2 - t1, "plugin": plugin}
-    if read_weights:
-        result["weights"] = llm.apply_model(vllm_weights_read_back)[0]
+    if inspect_model is not None:
+        result["inspection"] = llm.apply_model(inspect_model)[0]
     return result
 
 
 def vllm_weights_read_back(model: Any) -> Dict[str, Any]:
     """The weight of every linear layer and output head of a vLLM model, as its own kernel
     computes with it: the layer's output for the identity matrix (each input channel alone at
-    1.0, in the model's activation dtype), transposed (a head: its vocabulary's rows, without
-    padding). {"weights": {vLLM module name: float32 [N, K]},
-    "packed": the model's fused-module mapping ({"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-    ..}: a fused layer's outputs are its parts' in that order)}. Runs in vLLM's worker."""
+    1.0, in the layer's activation dtype), transposed (a head: its vocabulary's rows, without
+    padding). {"weights": (vLLM module name, float32 [N, K]) pairs, read one layer at a time
+    as they are iterated, "packed": the model's fused-module mapping ({"qkv_proj": ["q_proj",
+    "k_proj", "v_proj"], ..}: a fused layer's outputs are its parts' in that order), "dtype":
+    the coarsest activation dtype of those layers}. Runs in vLLM's worker."""
     import torch
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-    weights, dtypes = {}, set()
-    with torch.no_grad():
-        for name, layer in model.named_modules():
-            if isinstance(layer, LinearBase):
-                in_features, out_features = layer.input_size_per_partition, None
-            elif isinstance(layer, ParallelLMHead):
-                in_features, out_features = layer.embedding_dim, layer.org_vocab_size
-            else:
-                continue
-            if layer.quant_method is None:
-                continue
-            dtype = layer.params_dtype
-            identity = torch.eye(in_features, dtype=dtype)
-            out = layer.quant_method.apply(layer, identity)  # [K, N] = W^T
-            weights[name] = out[:, :out_features].float().t().contiguous()
-            dtypes.add(str(dtype).removeprefix("torch."))
-    return {"weights": weights, "packed": dict(getattr(model, "packed_modules_mapping", {})),
-            "dtype": dtypes.pop() if len(dtypes) == 1 else "float32"}
+    layers = []  # (name, layer, input features, output rows kept: None = all)
+    for name, layer in model.named_modules():
+        if getattr(layer, "quant_method", None) is None:
+            continue
+        if isinstance(layer, LinearBase):
+            layers.append((name, layer, layer.input_size_per_partition, None))
+        elif isinstance(layer, ParallelLMHead):
+            layers.append((name, layer, layer.embedding_dim, layer.org_vocab_size))
+    dtypes = {layer.params_dtype for _, layer, _, _ in layers}
+    coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+
+    def read():
+        with torch.no_grad():
+            for name, layer, in_features, rows in layers:
+                identity = torch.eye(in_features, dtype=layer.params_dtype)
+                out = layer.quant_method.apply(layer, identity)  # [K, N] = W^T
+                yield name, out[:, :rows].float().t().contiguous()
+
+    return {"weights": read(), "packed": dict(getattr(model, "packed_modules_mapping", {})),
+            "dtype": str(coarsest).removeprefix("torch.")}
+
+
+def vllm_weight_check(quantized: Dict[str, Any]) -> Callable[[Any], Dict[str, Any]]:
+    """A function of a vLLM model (for :func:`vllm_greedy`'s ``inspect_model``) that compares
+    its weights, read back one layer at a time (:func:`vllm_weights_read_back`), with
+    ``quantized`` (:func:`compare_weights`): no more than one layer's dense copies at once."""
+    def check(model: Any) -> Dict[str, Any]:
+        return compare_weights(vllm_weights_read_back(model), quantized)
+    return check
 
 
 def weight_tolerance_steps(bits: int, dtype: str) -> float:
@@ -145,7 +157,8 @@ def weight_tolerance_steps(bits: int, dtype: str) -> float:
 
 
 def compare_weights(read_back: Dict[str, Any], quantized: Dict[str, Any]) -> Dict[str, Any]:
-    """Each weight vLLM computes with (:func:`vllm_weights_read_back`) against pyengine's:
+    """Each weight vLLM computes with (:func:`vllm_weights_read_back`: "weights" a dict or
+    (name, weight) pairs) against pyengine's:
     ``quantized`` maps pyengine module names to their ``quantized_weight``
     (:class:`~pyengine.format.qweight.GroupedWeight`). A fused vLLM layer is compared with its
     parts stacked along the outputs. Each weight's error is counted in its group's
@@ -158,7 +171,8 @@ def compare_weights(read_back: Dict[str, Any], quantized: Dict[str, Any]) -> Dic
     import torch
     packed, dtype = read_back["packed"], read_back.get("dtype", "float32")
     compared, over, unresolved, errors = set(), [], [], {}
-    for name, weight in read_back["weights"].items():
+    weights = read_back["weights"]
+    for name, weight in (weights.items() if isinstance(weights, dict) else weights):
         prefix, _, leaf = name.rpartition(".")
         parts = [f"{prefix}.{p}" if prefix else p for p in packed.get(leaf, [leaf])]
         if not all(p in quantized for p in parts):
@@ -197,7 +211,7 @@ def describe_weights(verdict: Dict[str, Any]) -> str:
 
 def _steps(weight: Any) -> Any:
     """The quantization step |scale| of each element of a grouped weight: float32 [N, K]."""
-    n, k = weight.shape
+    k = weight.shape[1]
     return (weight.scales.float().abs()
             .repeat_interleave(weight.effective_group_size, dim=1)[:, :k])
 
@@ -328,16 +342,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "prompts": args.prompts, "max_tokens": args.max_tokens,
                               "dtype": args.dtype,
                               "tensor_parallel_size": args.tensor_parallel_size}
+    # pyengine's packed weights, read before vLLM's engine starts (the check runs in it)
+    check = (vllm_weight_check(pyengine_quantized_weights(args.checkpoint))
+             if args.check_weights else None)
     result["vllm"] = vllm_greedy(served, args.prompts, args.max_tokens, args.dtype,
                                  enforce_eager=not args.compile, tokenizer=args.tokenizer,
                                  tensor_parallel_size=args.tensor_parallel_size,
-                                 read_weights=args.check_weights)
+                                 inspect_model=check)
     status = 0
     if args.check_weights:
-        read_back = result["vllm"].pop("weights")
-        result["weights"] = compare_weights(read_back,
-                                            pyengine_quantized_weights(args.checkpoint))
-        del read_back
+        result["weights"] = result["vllm"].pop("inspection")
         status = 0 if result["weights"]["ok"] else 1
         print(f"vLLM's weights against pyengine's: {'equal' if status == 0 else 'DIFFERENT'} "
               f"({describe_weights(result['weights'])})")

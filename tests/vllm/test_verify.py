@@ -71,6 +71,10 @@ def test_weights_rounded_to_bfloat16_pass_and_fused_layers_are_split_by_the_mapp
     assert set(verdict["error_steps"]) == {"m.qk_proj", "m.o_proj"}
     assert 0 < max(verdict["error_steps"].values()) <= weight_tolerance_steps(4, "bfloat16") < 0.5
     assert "largest error 0." in describe_weights(verdict)
+    # as vLLM's worker gives them: (name, weight) pairs read one layer at a time
+    streamed = _read_back(layers)
+    streamed["weights"] = iter(list(streamed["weights"].items()))
+    assert compare_weights(streamed, layers) == verdict
 
 
 @pytest.mark.parametrize("misread", ["code", "scale", "order"])
@@ -114,5 +118,17 @@ def test_a_read_back_of_another_shape_is_an_error_naming_the_layer():
     layers = _layers()
     read_back = _read_back(layers)
     read_back["weights"]["m.o_proj"] = read_back["weights"]["m.o_proj"][:, :64]
-    with pytest.raises(ValueError, match="o_proj is \\(40, 64\\), pyengine's m.o_proj \\(40, 96\\)"):
+    with pytest.raises(ValueError, match=r"o_proj is \(40, 64\), pyengine's m.o_proj \(40, 96\)"):
         compare_weights(read_back, layers)
+
+
+@pytest.mark.parametrize("fraction, ok", [(0.9, True), (1.1, False)])
+def test_the_tolerance_is_weight_tolerance_steps_of_the_layers_bits(fraction, ok):
+    layers = _layers()
+    read_back = _read_back(layers, dtype=torch.float32)  # exact: only the nudge below differs
+    read_back["dtype"] = "bfloat16"
+    step = float(layers["m.o_proj"].scales[5, 2].float().abs())
+    nudge = fraction * weight_tolerance_steps(4, "bfloat16") * step
+    read_back["weights"]["m.o_proj"][5, 70] += nudge
+    verdict = compare_weights(read_back, layers)
+    assert verdict["ok"] is ok and verdict["over_tolerance"] == ([] if ok else ["m.o_proj"])
