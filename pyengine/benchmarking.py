@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -77,18 +78,23 @@ def time_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 100) -> fl
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", warmup: int = 3,
                      rounds: int = 25) -> Dict[str, float]:
     """Median time (ms) of each function, measured round-robin so that slow drifts of a shared
-    machine hit all of them alike and the ratios between them stay meaningful. On CUDA each
-    function is timed with events (:func:`time_cuda`) instead."""
+    machine hit all of them alike and the ratios between them stay meaningful. Each round takes
+    the functions in a fresh order (seeded, so runs repeat): in a fixed order one function
+    always follows the same other one and pays for what it leaves behind (on an Intel Xeon a
+    decode kernel ran 3-5% slower right after a copy past the last-level cache than after
+    another kernel). On CUDA each function is timed with events (:func:`time_cuda`) instead."""
     if device == "cuda":
         return {name: time_cuda(fn, warmup=warmup, reps=rounds) for name, fn in fns.items()}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 

@@ -80,6 +80,31 @@ def test_buffers_stream_past_the_last_level_cache(tmp_path):
     assert common.default_rotate_mb() == max(256, 3 * (llc or 0) // 10**6)
 
 
+def test_interleaved_rounds_take_the_functions_in_changing_orders():
+    """Every function runs warmup + rounds times; the rounds' orders differ, so no function
+    always follows the same one (a fixed order had the fp32 baseline always right after the
+    copy), and the order repeats from run to run."""
+    from pyengine.benchmarking import time_interleaved
+
+    def run():
+        calls = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+        times = time_interleaved(fns, warmup=2, rounds=40)
+        return calls, times
+
+    calls, times = run()
+    assert set(times) == set("abcd") and all(t >= 0 for t in times.values())
+    assert all(calls.count(name) == 2 + 40 for name in "abcd")
+    timed = calls[4 * 2:]
+    rounds = [tuple(timed[i:i + 4]) for i in range(0, len(timed), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and len(set(rounds)) > 1
+    predecessors = {name: {timed[i - 1] for i in range(1, len(timed)) if timed[i] == name}
+                    for name in "abcd"}
+    assert all(before - {name} == set("abcd") - {name}  # every other one, at some point
+               for name, before in predecessors.items()), predecessors
+    assert run()[0] == calls
+
+
 def test_cpu_kernel_ab_against_this_build(tmp_path):
     """ab_cpu_kernels.py with this checkout's own module as the base: both sides are checked
     against the reference and timed; the rows are well formed."""
