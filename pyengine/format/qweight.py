@@ -46,10 +46,18 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: Option
     """
     words = padded_length(k, BLOCK_CODES) * bits // 32
     codes = unpack_codes(qweight[:n, :words], bits, k).to(torch.float32)  # [n, k]
-    group_of_k = torch.arange(k, device=qweight.device) // group_size
-    s = scales[:n].to(torch.float32)[:, group_of_k]
-    z = float(1 << (bits - 1)) if zeros is None else zeros[:n].to(torch.float32)[:, group_of_k]
+    s = per_element(scales[:n].to(torch.float32), group_size, k)
+    z = (float(1 << (bits - 1)) if zeros is None
+         else per_element(zeros[:n].to(torch.float32), group_size, k))
     return (codes - z) * s
+
+
+def per_element(per_group: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """A per-group tensor [N, G] spread over the elements it covers: [N, k], column j taking
+    group j // group_size (group_size: codes per group, the padded row length for a
+    per-channel weight)."""
+    group_of_k = torch.arange(k, device=per_group.device) // group_size
+    return per_group[:, group_of_k]
 
 
 class OpCacheNotCopied:

@@ -211,35 +211,43 @@ def describe_weights(verdict: Dict[str, Any]) -> str:
 
 def _steps(weight: Any) -> Any:
     """The quantization step |scale| of each element of a grouped weight: float32 [N, K]."""
-    k = weight.shape[1]
-    return (weight.scales.float().abs()
-            .repeat_interleave(weight.effective_group_size, dim=1)[:, :k])
+    from pyengine.format.qweight import per_element
+    return per_element(weight.scales.float().abs(), weight.effective_group_size, weight.shape[1])
 
 
-def pyengine_quantized_weights(checkpoint: str) -> Dict[str, Any]:
-    """{module name: quantized_weight} of every quantized linear layer of a pyengine
-    checkpoint (pyengine.load on the CPU)."""
+def load_pyengine(checkpoint: str, dtype: str = "float32") -> Any:
+    """The checkpoint as pyengine serves it in vLLM's activation ``dtype`` (pyengine.load on
+    the CPU, every floating-point tensor, scales included, in ``dtype``)."""
+    import torch
+
     import pyengine
+    return pyengine.load(checkpoint, dtype=getattr(torch, dtype))
+
+
+def pyengine_quantized_weights(model: Any) -> Dict[str, Any]:
+    """{module name: quantized_weight} of every quantized linear layer of a loaded pyengine
+    model (:func:`load_pyengine`)."""
     from pyengine.nn.quant_linear import QuantLinear
-    model = pyengine.load(checkpoint)
     return {name: module.quantized_weight for name, module in model.named_modules()
             if isinstance(module, QuantLinear)}
 
 
 def pyengine_greedy(checkpoint: str, prompts: Sequence[str], max_tokens: int,
-                    dtype: str = "float32", tokenizer: Optional[str] = None) -> Dict[str, Any]:
-    """pyengine's greedy continuation of each prompt (pyengine.load, one prompt at a time, no
+                    dtype: str = "float32", tokenizer: Optional[str] = None,
+                    model: Any = None) -> Dict[str, Any]:
+    """pyengine's greedy continuation of each prompt (one prompt at a time, no
     end-of-sequence stop; Matryoshka layers at $PYENGINE_MATRYOSHKA_PRECISION when set, as the
-    plugin serves them): {"tokens", "first_logprobs", "top2_margin": per prompt and step the
-    largest logit less the second, "runner_up": per prompt and step the second token,
-    "generate_seconds"}."""
+    plugin serves them) by ``model``, :func:`load_pyengine` of the checkpoint in ``dtype`` when
+    None: {"tokens", "first_logprobs", "top2_margin": per prompt and step the largest logit
+    less the second, "runner_up": per prompt and step the second token, "generate_seconds"}."""
     import torch
     from transformers import AutoTokenizer
 
     import pyengine
     from pyengine.nn.matryoshka_linear import MatryoshkaLinear
     tok = AutoTokenizer.from_pretrained(tokenizer or checkpoint)
-    model = pyengine.load(checkpoint, dtype=getattr(torch, dtype))  # vLLM's activation dtype
+    if model is None:
+        model = load_pyengine(checkpoint, dtype)
     override = os.environ.get(PRECISION_ENV)
     if override and any(isinstance(m, MatryoshkaLinear) for m in model.modules()):
         pyengine.set_precision(model, int(override))  # what the plugin serves then
@@ -342,9 +350,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "prompts": args.prompts, "max_tokens": args.max_tokens,
                               "dtype": args.dtype,
                               "tensor_parallel_size": args.tensor_parallel_size}
-    # pyengine's packed weights, read before vLLM's engine starts (the check runs in it)
-    check = (vllm_weight_check(pyengine_quantized_weights(args.checkpoint))
-             if args.check_weights else None)
+    # pyengine's model, loaded once for the weight check and the greedy run; its packed
+    # weights are read before vLLM's engine starts (the check runs in it)
+    model = (load_pyengine(args.checkpoint, args.dtype)
+             if args.check_weights or not args.vllm_only else None)
+    check = vllm_weight_check(pyengine_quantized_weights(model)) if args.check_weights else None
     result["vllm"] = vllm_greedy(served, args.prompts, args.max_tokens, args.dtype,
                                  enforce_eager=not args.compile, tokenizer=args.tokenizer,
                                  tensor_parallel_size=args.tensor_parallel_size,
@@ -357,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"({describe_weights(result['weights'])})")
     if not args.vllm_only:
         result["pyengine"] = pyengine_greedy(args.checkpoint, args.prompts, args.max_tokens,
-                                             args.dtype, tokenizer=args.tokenizer)
+                                             args.dtype, tokenizer=args.tokenizer, model=model)
         result["comparison"] = compare(result["vllm"], result["pyengine"], args.logprob_tol)
         status = status or (0 if result["comparison"]["ok"] else 1)
         parted = [d for d in result["comparison"]["first_token_difference"] if d is not None]
