@@ -1,5 +1,7 @@
-"""The AVX-512 build's int8-activation decode with each of its run-time switches on and off, in
-one run: vpdpbusd (AVX512_VNNI) or not, and 512-bit or 256-bit vectors on the interleaved copy.
+"""The int8-activation decode with each of its run-time switches on and off, in one run:
+vpdpbusd (AVX512_VNNI) or not, 512-bit or 256-bit vectors on the interleaved copy (AVX-512
+build), and the interleaved copy's octets in pairs of vectors or in one (AVX2 and AVX-512
+builds).
 
 For each shape and width, at M = 1 with group 128, each kernel timed with its switch on and
 off, alternating (pyengine.benchmarking.time_interleaved: medians), weights in rotated copies
@@ -13,11 +15,16 @@ beyond the last-level cache as in bench_cpu_kernels.py:
   noise of two identical paths). The interleaved copy takes it for every width.
 * ``--switch zmm``: the interleaved copy with ``PYENGINE_CPU_ZMM=1`` (two octets of rows per
   512-bit vector) and ``=0`` (one per 256-bit vector) (``cpu_zmm_ab.json``).
+* ``--switch pairs``: the interleaved copy with ``PYENGINE_CPU_VECTOR_PAIRS=1`` (a pair of
+  vectors, two weight streams in flight: two octets of rows in 256-bit vectors, four in
+  512-bit ones) and ``=0`` (one vector) (``cpu_pairs_ab.json``; with ``--isa avx2`` the AVX2
+  build's, ``cpu_pairs_ab_avx2.json``).
 
 Both settings of each switch give the same bits (tests/backends/test_cpu_interleave.py); this
 measures only their speed.
 
-    python benchmarks/bench_cpu_vnni.py [--switch zmm] [--shapes 14336x4096,4096x14336] [--bits 8]
+    python benchmarks/bench_cpu_vnni.py [--switch zmm|pairs] [--isa avx2] \\
+        [--shapes 14336x4096,4096x14336] [--bits 8]
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ import pyengine  # noqa: E402
 
 # switch: (its environment variable, the names of its paths on and off, the layouts it changes)
 SWITCHES = {"vnni": ("PYENGINE_CPU_VNNI", ("vnni", "pairs"), ("canonical", "rows8")),
-            "zmm": ("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",))}
+            "zmm": ("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",)),
+            "pairs": ("PYENGINE_CPU_VECTOR_PAIRS", ("pairs", "single"), ("rows8",))}
 
 
 def _with_switch(variable: str, enabled: bool, call: Callable[[], object]) -> Callable[[], object]:
@@ -58,19 +66,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--bits", default="8")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--rotate-mb", type=int, default=common.default_rotate_mb())
+    parser.add_argument("--isa", default="",
+                        help="the cpu backend's instruction-set build (default: the best here)")
     parser.add_argument("--json", type=Path, default=None,
-                        help="default benchmarks/results/cpu_<switch>_ab.json")
+                        help="default benchmarks/results/cpu_<switch>_ab[_<isa>].json")
     args = parser.parse_args(argv)
     variable, (on, off), layouts = SWITCHES[args.switch]
     info = pyengine.build_info()
-    if info.get("cpu_isa_selected") != "avx512" or (args.switch == "vnni"
-                                                    and not info.get("cpu_vnni")):
-        print("needs the avx512 build (and for vnni a CPU with AVX512_VNNI): "
-              f"selected {info.get('cpu_isa_selected')}, cpu_vnni {info.get('cpu_vnni')}")
+    isa = args.isa or info.get("cpu_isa_selected")
+    if args.isa:
+        from pyengine.backends import CpuBackend, register_backend
+        if args.isa not in info["cpu_isas_usable"]:
+            print(f"this CPU cannot run the {args.isa!r} build: {info['cpu_isas_usable']}")
+            return 1
+        register_backend(CpuBackend(isa=args.isa))
+    wanted = ("avx512", "avx2") if args.switch == "pairs" else ("avx512",)
+    if isa not in wanted or (args.switch == "vnni" and not info.get("cpu_vnni")):
+        print(f"--switch {args.switch} needs the {' or '.join(wanted)} build (and for vnni a CPU "
+              f"with AVX512_VNNI): build {isa}, cpu_vnni {info.get('cpu_vnni')}")
         return 1
     saved = os.environ.get(variable)
     torch.manual_seed(0)
     meta = common.metadata("cpu")
+    meta["cpu_isa"] = isa
     rows: List[Dict[str, object]] = []
     try:
         for shape in args.shapes.split(","):
@@ -105,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = saved
-    out = args.json or common.RESULTS / f"cpu_{args.switch}_ab.json"
+    suffix = f"_{args.isa}" if args.isa else ""
+    out = args.json or common.RESULTS / f"cpu_{args.switch}_ab{suffix}.json"
     common.write_results(out, meta, rows)
     print(f"wrote {out}")
     return 0

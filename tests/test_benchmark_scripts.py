@@ -187,6 +187,26 @@ def test_zmm_bench_times_both_vector_widths_of_the_interleaved_copy(tmp_path):
     assert os.environ.get("PYENGINE_CPU_ZMM") == before
 
 
+def test_pairs_bench_times_both_vector_schedules_of_the_avx2_build(tmp_path):
+    """bench_cpu_vnni --switch pairs --isa avx2: per width, the AVX2 build's interleaved copy
+    timed with pairs of vectors and with one; the environment is left as it was."""
+    if "avx2" not in pyengine.build_info().get("cpu_isas_usable", []):
+        pytest.skip("needs a CPU that runs the avx2 build")
+    import bench_cpu_vnni
+    before = os.environ.get("PYENGINE_CPU_VECTOR_PAIRS")
+    out = tmp_path / "pairs.json"
+    assert bench_cpu_vnni.main(["--switch", "pairs", "--isa", "avx2", "--shapes", "96x256",
+                                "--bits", "4,3", "--rounds", "2", "--rotate-mb", "1",
+                                "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["cpu_isa"] == "avx2"
+    rows = data["rows"]
+    assert {(r["layout"], r["bits"]) for r in rows} == {("rows8", 4), ("rows8", 3)}
+    assert all(r["ms_pairs"] > 0 and r["ms_single"] > 0 and r["speedup_pairs"] > 0
+               for r in rows)
+    assert os.environ.get("PYENGINE_CPU_VECTOR_PAIRS") == before
+
+
 def test_huge_pages_bench_times_both_memories(tmp_path):
     """bench_huge_pages: per width and thread count, the bound interleaved calls with their
     copies in huge pages and in ordinary memory, both timed, and the copy bandwidth of both."""

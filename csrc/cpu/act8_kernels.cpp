@@ -814,6 +814,75 @@ struct Rows8Zmm {
 };
 #endif
 
+// Rows8Pair<V>: two of V's octet groups side by side in a pair of its vectors (V::kOctets
+// octets from o in `first`, the next V::kOctets in `second`), every operation done on both, the
+// activation broadcasts and constants shared. The same instructions per byte as V, but two
+// independent weight streams and dependency chains in flight instead of one; taken at M = 1
+// (more activation rows would spill the pairs' accumulators). Same bits: the lanes compute the
+// same sums.
+template <class V>
+struct Rows8Pair {
+  static constexpr int kOctets = 2 * V::kOctets;
+  struct I {
+    typename V::I first, second;
+  };
+  struct F {
+    typename V::F first, second;
+  };
+  static I both(typename V::I v) { return {v, v}; }
+  static I load(const uint32_t* base, int64_t stride, int64_t w) {
+    return {V::load(base, stride, w), V::load(base + V::kOctets * stride, stride, w)};
+  }
+  static I zero() { return both(V::zero()); }
+  static I set8(int v) { return both(V::set8(v)); }
+  static I set16(int v) { return both(V::set16(v)); }
+  static I broadcast32(const int32_t* p) { return both(V::broadcast32(p)); }
+  static I and_(I a, I b) { return {V::and_(a.first, b.first), V::and_(a.second, b.second)}; }
+  static I select(I c, I a, I b) {
+    return {V::select(c.first, a.first, b.first), V::select(c.second, a.second, b.second)};
+  }
+  template <int S> static I srli16(I a) {
+    return {V::template srli16<S>(a.first), V::template srli16<S>(a.second)};
+  }
+  template <int S> static I slli16(I a) {
+    return {V::template slli16<S>(a.first), V::template slli16<S>(a.second)};
+  }
+  template <int S> static I srai16(I a) {
+    return {V::template srai16<S>(a.first), V::template srai16<S>(a.second)};
+  }
+  template <int S> static I srai32(I a) {
+    return {V::template srai32<S>(a.first), V::template srai32<S>(a.second)};
+  }
+  static I add16(I a, I b) { return {V::add16(a.first, b.first), V::add16(a.second, b.second)}; }
+  static I add32(I a, I b) { return {V::add32(a.first, b.first), V::add32(a.second, b.second)}; }
+  static I maddubs(I u8, I s8) {
+    return {V::maddubs(u8.first, s8.first), V::maddubs(u8.second, s8.second)};
+  }
+  static I madd16(I a, I b) { return {V::madd16(a.first, b.first), V::madd16(a.second, b.second)}; }
+  static I dpbusd_x(I acc, I u8, const int32_t* x) {
+    return {V::dpbusd_x(acc.first, u8.first, x), V::dpbusd_x(acc.second, u8.second, x)};
+  }
+  static F zerof() { return {V::zerof(), V::zerof()}; }
+  static F cvt(I a) { return {V::cvt(a.first), V::cvt(a.second)}; }
+  static F broadcastf(const float* p) {
+    const typename V::F v = V::broadcastf(p);
+    return {v, v};
+  }
+  static F fmadd(F a, F b, F c) {
+    return {V::fmadd(a.first, b.first, c.first), V::fmadd(a.second, b.second, c.second)};
+  }
+  // the octets' outputs, side by side
+  static void store(float* p, F v) {
+    V::store(p, v.first);
+    V::store(p + V::kOctets * kInterleave, v.second);
+  }
+  static void params(const QMatmulArgs& a, float symmetric_zero, int64_t offset, int64_t stride,
+                     F* s, F* b) {
+    V::params(a, symmetric_zero, offset, stride, &s->first, &b->first);
+    V::params(a, symmetric_zero, offset + V::kOctets * stride, stride, &s->second, &b->second);
+  }
+};
+
 // Octets o .. o + T::kOctets - 1 of weight rows against activation rows [m0, m0 + MB):
 // out32[m][8o .. 8(o + kOctets)).
 // VNNI: the dot products by vpdpbusd into s32 lanes (8-bit codes whole, narrower ones as scaled
@@ -998,6 +1067,13 @@ void rows8_octet_range(const QMatmulArgs& a, const Rows8Plan& p, int64_t lo, int
   }
 }
 
+// Octets [lo, hi) of weight rows against one activation row (M = 1), by vectors T.
+template <int BITS, bool VNNI, class T>
+void rows8_octet_range_m1(const QMatmulArgs& a, const Rows8Plan& p, int64_t lo, int64_t hi,
+                          float* out32) {
+  for (int64_t o = lo; o < hi; o += T::kOctets) rows8_octets<BITS, 1, VNNI, T>(a, p, 0, o, out32);
+}
+
 template <int BITS, bool VNNI>
 void rows8_decode_with(const QMatmulArgs& a, float* out32) {
   const Rows8Plan& p = thread_plan<Rows8Plan>(a, plan_rows8<BITS>);
@@ -1007,15 +1083,22 @@ void rows8_decode_with(const QMatmulArgs& a, float* out32) {
   const bool zmm = zmm_rows_enabled();
 #endif
   parallel_rows(octets, kInterleave * p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
+    // groups of octets in pairs of vectors (M = 1 and vector_pairs_enabled) or in one vector,
+    // the octets left over in 256-bit vectors one at a time
+    const bool pairs = a.M == 1 && vector_pairs_enabled();
 #if defined(__AVX512BW__)
-    if (zmm) {  // pairs of octets in 512-bit vectors, an odd last octet in 256-bit ones
-      const int64_t pairs_end = lo + (hi - lo) / 2 * 2;
-      rows8_octet_range<BITS, VNNI, Rows8Zmm>(a, p, lo, pairs_end, out32);
+    if (zmm) {
+      const int64_t quads_end = pairs ? lo + (hi - lo) / 4 * 4 : lo;
+      const int64_t pairs_end = quads_end + (hi - quads_end) / 2 * 2;
+      rows8_octet_range_m1<BITS, VNNI, Rows8Pair<Rows8Zmm>>(a, p, lo, quads_end, out32);
+      rows8_octet_range<BITS, VNNI, Rows8Zmm>(a, p, quads_end, pairs_end, out32);
       rows8_octet_range<BITS, VNNI, Rows8Ymm>(a, p, pairs_end, hi, out32);
       return;
     }
 #endif
-    rows8_octet_range<BITS, VNNI, Rows8Ymm>(a, p, lo, hi, out32);
+    const int64_t pairs_end = pairs ? lo + (hi - lo) / 2 * 2 : lo;
+    rows8_octet_range_m1<BITS, VNNI, Rows8Pair<Rows8Ymm>>(a, p, lo, pairs_end, out32);
+    rows8_octet_range<BITS, VNNI, Rows8Ymm>(a, p, pairs_end, hi, out32);
   });
 }
 

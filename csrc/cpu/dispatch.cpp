@@ -100,6 +100,11 @@ bool zmm_rows_enabled() {
   return zmm_full_width();
 }
 
+bool vector_pairs_enabled() {
+  const char* env = std::getenv("PYENGINE_CPU_VECTOR_PAIRS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 bool vnni_enabled() {
   if (!vnni_usable()) return false;
   // read at every 8-bit int8-activation call: no allocation, one environment lookup

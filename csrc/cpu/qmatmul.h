@@ -42,6 +42,12 @@ bool vnni_enabled();
 // call, as PYENGINE_CPU_VNNI).
 bool zmm_rows_enabled();
 
+// Whether the interleaved decode kernel at M = 1 works on pairs of its vectors (Rows8Pair in
+// act8_kernels.cpp: two weight streams in flight, two octets of rows in 256-bit vectors, four
+// in 512-bit ones) instead of one: by default; PYENGINE_CPU_VECTOR_PAIRS=0 turns it off (read
+// at every call, as PYENGINE_CPU_VNNI).
+bool vector_pairs_enabled();
+
 // Runs the quantized matmul on the best instruction set of this CPU (validates args first).
 void qmatmul(const QMatmulArgs& args);
 

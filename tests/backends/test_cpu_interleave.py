@@ -250,11 +250,13 @@ def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
 def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monkeypatch):
     """The AVX-512 build's interleaved decode kernel on pairs of octets in 512-bit vectors
     (PYENGINE_CPU_ZMM=1, the default on CPUs that run them at full width) and on one octet in
-    256-bit vectors (=0) computes the same sums: equal outputs bit for bit, with vpdpbusd and
-    with the pair sums, for octet counts that leave a last octet alone (1, 3, 37) or not (2,
-    4), M from 1 to 8, one thread and two (whose blocks of octets also end in odd ones); and
-    equal to the reference product of the quantized activations."""
+    256-bit vectors (=0), one vector at a time (PYENGINE_CPU_VECTOR_PAIRS=0), computes the same
+    sums: equal outputs bit for bit, with vpdpbusd and with the pair sums, for octet counts
+    that leave a last octet alone (1, 3, 37) or not (2, 4), M from 1 to 8, one thread and two
+    (whose blocks of octets also end in odd ones); and equal to the reference product of the
+    quantized activations."""
     vnni_modes = ("1", "0") if pyengine.build_info().get("cpu_vnni") else ("0",)
+    monkeypatch.setenv("PYENGINE_CPU_VECTOR_PAIRS", "0")
     for (octets, k, threads), (group_size, m) in zip(
             ((1, 1000, 1), (2, 576, 1), (3, 200, 1), (4, 4096, 2), (37, 4096, 2)),
             ((32, 1), (128, 3), (-1, 8), (64, 2), (128, 1))):
@@ -275,3 +277,41 @@ def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monke
             assert torch.isfinite(wide).all() and torch.equal(wide, narrow), what
         ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
         assert_matches(outs[vnni_modes[0], "1"], ref, torch.float32, what)
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ("avx2", "avx512") if isa in USABLE_ISAS])
+@pytest.mark.parametrize("bits", BITS)
+def test_paired_and_single_vector_kernels_give_the_same_bits(isa, bits, rng, monkeypatch):
+    """At M = 1 the interleaved decode kernel works on a pair of its vectors
+    (PYENGINE_CPU_VECTOR_PAIRS=1, the default: two octets of rows in 256-bit vectors, four in
+    the AVX-512 build's 512-bit ones) or on one (=0): equal outputs bit for bit, with both
+    vector widths of the AVX-512 build, with vpdpbusd (on a CPU with it) and with the pair sums,
+    for octet counts that leave octets over after the pairs (1, 3, 5, 7, 37) or not (2, 4, 8),
+    one thread and two; and equal to the reference product of the quantized activations."""
+    vnni_modes = (("1", "0") if isa == "avx512" and pyengine.build_info().get("cpu_vnni")
+                  else ("0",))
+    zmm_modes = ("1", "0") if isa == "avx512" else ("0",)
+    for (octets, k, threads), group_size, symmetric in zip(
+            ((1, 1000, 1), (2, 576, 1), (3, 200, 2), (4, 4096, 2), (5, 333, 1), (7, 256, 1),
+             (8, 640, 2), (37, 4096, 2)),
+            (32, 128, -1, 64, 32, 128, 64, 128), (False, True, False, True, True, False, True,
+                                                  False)):
+        n = 8 * octets
+        qw = pyengine.quantize(random_weight(n, k, rng), bits, group_size, symmetric=symmetric,
+                               clip_search=False)
+        x = torch.randn(1, k, generator=rng) * 3
+        outs = {}
+        for vnni, zmm, pairs in itertools.product(vnni_modes, zmm_modes, ("1", "0")):
+            monkeypatch.setenv("PYENGINE_CPU_VNNI", vnni)
+            monkeypatch.setenv("PYENGINE_CPU_ZMM", zmm)
+            monkeypatch.setenv("PYENGINE_CPU_VECTOR_PAIRS", pairs)
+            assert pyengine.build_info()["cpu_vector_pairs"] == (pairs == "1")
+            out = poisoned((1, n), torch.float32, "cpu")
+            _interleaved_call(x, qw, n, k, out, 8, isa, threads=threads)
+            outs[vnni, zmm, pairs] = out
+        what = f"{isa} int{bits} g{group_size} octets={octets} threads={threads}"
+        for vnni, zmm in itertools.product(vnni_modes, zmm_modes):
+            paired, single = outs[vnni, zmm, "1"], outs[vnni, zmm, "0"]
+            assert torch.isfinite(paired).all() and torch.equal(paired, single), (what, zmm)
+        ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
+        assert_matches(outs[vnni_modes[0], zmm_modes[0], "1"], ref, torch.float32, what)
