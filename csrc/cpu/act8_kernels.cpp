@@ -1082,10 +1082,10 @@ void rows8_decode_with(const QMatmulArgs& a, float* out32) {
 #if defined(__AVX512BW__)
   const bool zmm = zmm_rows_enabled();
 #endif
+  // groups of octets in pairs of vectors (M = 1 and vector_pairs_enabled) or in one vector, the
+  // octets left over in 256-bit vectors one at a time
+  const bool pairs = a.M == 1 && vector_pairs_enabled();
   parallel_rows(octets, kInterleave * p.blocks * kActBlock * BITS / 8, [&](int64_t lo, int64_t hi) {
-    // groups of octets in pairs of vectors (M = 1 and vector_pairs_enabled) or in one vector,
-    // the octets left over in 256-bit vectors one at a time
-    const bool pairs = a.M == 1 && vector_pairs_enabled();
 #if defined(__AVX512BW__)
     if (zmm) {
       const int64_t quads_end = pairs ? lo + (hi - lo) / 4 * 4 : lo;

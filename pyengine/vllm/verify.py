@@ -350,10 +350,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "prompts": args.prompts, "max_tokens": args.max_tokens,
                               "dtype": args.dtype,
                               "tensor_parallel_size": args.tensor_parallel_size}
-    # pyengine's model, loaded once for the weight check and the greedy run; its packed
-    # weights are read before vLLM's engine starts (the check runs in it)
-    model = (load_pyengine(args.checkpoint, args.dtype)
-             if args.check_weights or not args.vllm_only else None)
+    # with the weight check, pyengine's model is loaded before vLLM's engine starts (the check
+    # runs in it) and serves the greedy run too; without, the greedy run loads it once vLLM is
+    # done, so that the two models are not held at once
+    model = load_pyengine(args.checkpoint, args.dtype) if args.check_weights else None
     check = vllm_weight_check(pyengine_quantized_weights(model)) if args.check_weights else None
     result["vllm"] = vllm_greedy(served, args.prompts, args.max_tokens, args.dtype,
                                  enforce_eager=not args.compile, tokenizer=args.tokenizer,
