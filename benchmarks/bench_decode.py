@@ -355,9 +355,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             # follows it
             before = roofline_bandwidth(device)[0]
             row = decode_row(config, model, batch, args, before, device)
-            row_bandwidth = (before + roofline_bandwidth(device)[0]) / 2
-            row.update(copy_gbps=round(row_bandwidth, 1),
-                       pct_roofline=round(row["pct_roofline"] * before / row_bandwidth, 3))
+            row_bandwidth = round((before + roofline_bandwidth(device)[0]) / 2, 2)
+            # the roofline share from the row's own fields (4 significant digits: a tiny
+            # model's share is a few hundredths of a percent)
+            roofline_s = ((row["weight_bytes_read"] + row["kv_bytes_read"])
+                          / (row_bandwidth * 1e9))
+            row.update(copy_gbps=row_bandwidth, pct_roofline=float(
+                f"{100 * roofline_s / (row['ms_per_step'] * 1e-3):.4g}"))
             row["build_s"] = round(build_s, 1)
             rows.append(row)
             print(f"[{config}] batch {batch}: {row['tokens_per_s']:.1f} tok/s, "
