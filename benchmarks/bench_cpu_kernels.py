@@ -205,13 +205,10 @@ def main(argv=None) -> int:
     if "cpu" not in pyengine.available_backends():
         print(f"the cpu backend is not available: {pyengine.build_info()['extension_error']}")
         return 1
-    if args.isa:
-        from pyengine.backends import CpuBackend, register_backend
-        if args.isa not in pyengine.build_info()["cpu_isas_usable"]:
-            print(f"this CPU cannot run the {args.isa!r} build: "
-                  f"{pyengine.build_info()['cpu_isas_usable']}")
-            return 1
-        register_backend(CpuBackend(isa=args.isa))
+    why_not = common.use_cpu_isa(args.isa) if args.isa else None
+    if why_not:
+        print(why_not)
+        return 1
     torch.manual_seed(0)
     meta = common.metadata("cpu")
     # the copies timed with each shape and M's kernels: ordinary memory, and where the OS has

@@ -74,12 +74,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     variable, (on, off), layouts = SWITCHES[args.switch]
     info = pyengine.build_info()
     isa = args.isa or info.get("cpu_isa_selected")
-    if args.isa:
-        from pyengine.backends import CpuBackend, register_backend
-        if args.isa not in info["cpu_isas_usable"]:
-            print(f"this CPU cannot run the {args.isa!r} build: {info['cpu_isas_usable']}")
-            return 1
-        register_backend(CpuBackend(isa=args.isa))
+    why_not = common.use_cpu_isa(args.isa) if args.isa else None
+    if why_not:
+        print(why_not)
+        return 1
     wanted = ("avx512", "avx2") if args.switch == "pairs" else ("avx512",)
     if isa not in wanted or (args.switch == "vnni" and not info.get("cpu_vnni")):
         print(f"--switch {args.switch} needs the {' or '.join(wanted)} build (and for vnni a CPU "

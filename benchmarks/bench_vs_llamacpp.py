@@ -213,10 +213,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="default benchmarks/results/vs_llamacpp_<isa>.json")
     args = parser.parse_args(argv)
     from pyengine.model.smollm2 import gguf_path
-    from pyengine.backends import get_backend, register_backend
-    from pyengine.backends.cpu import CpuBackend
-    if args.isa != "native":  # pyengine's kernels of the same instruction set
-        register_backend(CpuBackend(args.isa))
+    from pyengine.backends import get_backend
+    # pyengine's kernels of the same instruction set
+    why_not = common.use_cpu_isa(args.isa) if args.isa != "native" else None
+    if why_not:
+        print(why_not)
+        return 1
     pyengine_isa = get_backend("cpu").selected_isa()
 
     bin_dir = llama_tools(args.isa, args.jobs, needed=("llama-bench", "llama-quantize"))

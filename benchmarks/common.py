@@ -49,6 +49,19 @@ def add_report_args(parser: argparse.ArgumentParser, name: str) -> None:
                         help="rewrite the markdown and the plot from the JSON, measure nothing")
 
 
+def use_cpu_isa(isa: str) -> Optional[str]:
+    """Make the cpu backend run its ``isa`` build (``"avx2"``, ``"avx512"``, ``"generic"``) for
+    the rest of the process, so one CPU times the builds other CPUs get. Returns None, or why this
+    CPU cannot run that build (nothing is changed then)."""
+    import pyengine
+    from pyengine.backends import CpuBackend, register_backend
+    usable = pyengine.build_info()["cpu_isas_usable"]
+    if isa not in usable:
+        return f"this CPU cannot run the {isa!r} build (it runs {usable})"
+    register_backend(CpuBackend(isa=isa))
+    return None
+
+
 def rotating(items: list, fn: Callable) -> Callable[[], object]:
     """A call that applies fn to the next of items each time (round robin): each call of a timed
     kernel takes the next copy of its weight, so that together they stream past the caches."""

@@ -187,7 +187,27 @@ def test_zmm_bench_times_both_vector_widths_of_the_interleaved_copy(tmp_path):
     assert os.environ.get("PYENGINE_CPU_ZMM") == before
 
 
-def test_pairs_bench_times_both_vector_schedules_of_the_avx2_build(tmp_path):
+@pytest.fixture
+def restore_cpu_backend():
+    """Registers the cpu backend found before the test again after it (a script's --isa swaps
+    it for the rest of the process)."""
+    from pyengine.backends import get_backend, register_backend
+    backend = get_backend("cpu")
+    yield backend
+    register_backend(backend)
+
+
+def test_use_cpu_isa_swaps_the_cpu_build_or_says_why_not(restore_cpu_backend):
+    import common
+    from pyengine.backends import get_backend
+    before = restore_cpu_backend.selected_isa()
+    why_not = common.use_cpu_isa("no-such-isa")
+    assert "no-such-isa" in why_not and get_backend("cpu").selected_isa() == before
+    isa = pyengine.build_info()["cpu_isas_usable"][-1]
+    assert common.use_cpu_isa(isa) is None and get_backend("cpu").selected_isa() == isa
+
+
+def test_pairs_bench_times_both_vector_schedules_of_the_avx2_build(tmp_path, restore_cpu_backend):
     """bench_cpu_vnni --switch pairs --isa avx2: per width, the AVX2 build's interleaved copy
     timed with pairs of vectors and with one; the environment is left as it was."""
     if "avx2" not in pyengine.build_info().get("cpu_isas_usable", []):

@@ -245,6 +245,27 @@ def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
             assert_matches(out, ref, torch.float32, f"int{bits} g{group_size} M={m}")
 
 
+# the build_info() key that reports each switch of the interleaved kernel
+_SWITCH_INFO = {"PYENGINE_CPU_VNNI": "cpu_vnni", "PYENGINE_CPU_ZMM": "cpu_zmm",
+                "PYENGINE_CPU_VECTOR_PAIRS": "cpu_vector_pairs"}
+
+
+def _outputs_under_switches(monkeypatch, x, qw, n, k, isa, threads, switches):
+    """The interleaved kernel's output (into a poisoned buffer) for every combination of the
+    environment switches: ``switches`` maps a variable (e.g. "PYENGINE_CPU_ZMM") to the values to
+    try; the result maps each tuple of values, in the order of ``switches``, to the output.
+    Each switch must read back in ``pyengine.build_info()`` as set."""
+    outs = {}
+    for values in itertools.product(*switches.values()):
+        for variable, value in zip(switches, values):
+            monkeypatch.setenv(variable, value)
+            assert pyengine.build_info()[_SWITCH_INFO[variable]] == (value == "1"), variable
+        out = poisoned((x.shape[0], n), torch.float32, "cpu")
+        _interleaved_call(x, qw, n, k, out, 8, isa, threads=threads)
+        outs[values] = out
+    return outs
+
+
 @pytest.mark.skipif("avx512" not in USABLE_ISAS, reason="the 512-bit kernel is the AVX-512 build's")
 @pytest.mark.parametrize("bits", BITS)
 def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monkeypatch):
@@ -263,14 +284,9 @@ def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monke
         n = 8 * octets
         qw = pyengine.quantize(random_weight(n, k, rng), bits, group_size, clip_search=False)
         x = torch.randn(m, k, generator=rng) * 3
-        outs = {}
-        for vnni, zmm in itertools.product(vnni_modes, ("1", "0")):
-            monkeypatch.setenv("PYENGINE_CPU_VNNI", vnni)
-            monkeypatch.setenv("PYENGINE_CPU_ZMM", zmm)
-            assert pyengine.build_info()["cpu_zmm"] == (zmm == "1")
-            out = poisoned((m, n), torch.float32, "cpu")
-            _interleaved_call(x, qw, n, k, out, 8, "avx512", threads=threads)
-            outs[vnni, zmm] = out
+        outs = _outputs_under_switches(
+            monkeypatch, x, qw, n, k, "avx512", threads,
+            {"PYENGINE_CPU_VNNI": vnni_modes, "PYENGINE_CPU_ZMM": ("1", "0")})
         what = f"int{bits} g{group_size} M={m} octets={octets} threads={threads}"
         for vnni in vnni_modes:
             wide, narrow = outs[vnni, "1"], outs[vnni, "0"]
@@ -300,15 +316,10 @@ def test_paired_and_single_vector_kernels_give_the_same_bits(isa, bits, rng, mon
         qw = pyengine.quantize(random_weight(n, k, rng), bits, group_size, symmetric=symmetric,
                                clip_search=False)
         x = torch.randn(1, k, generator=rng) * 3
-        outs = {}
-        for vnni, zmm, pairs in itertools.product(vnni_modes, zmm_modes, ("1", "0")):
-            monkeypatch.setenv("PYENGINE_CPU_VNNI", vnni)
-            monkeypatch.setenv("PYENGINE_CPU_ZMM", zmm)
-            monkeypatch.setenv("PYENGINE_CPU_VECTOR_PAIRS", pairs)
-            assert pyengine.build_info()["cpu_vector_pairs"] == (pairs == "1")
-            out = poisoned((1, n), torch.float32, "cpu")
-            _interleaved_call(x, qw, n, k, out, 8, isa, threads=threads)
-            outs[vnni, zmm, pairs] = out
+        outs = _outputs_under_switches(
+            monkeypatch, x, qw, n, k, isa, threads,
+            {"PYENGINE_CPU_VNNI": vnni_modes, "PYENGINE_CPU_ZMM": zmm_modes,
+             "PYENGINE_CPU_VECTOR_PAIRS": ("1", "0")})
         what = f"{isa} int{bits} g{group_size} octets={octets} threads={threads}"
         for vnni, zmm in itertools.product(vnni_modes, zmm_modes):
             paired, single = outs[vnni, zmm, "1"], outs[vnni, zmm, "0"]
