@@ -1,7 +1,7 @@
 """The int8-activation decode with each of its run-time switches on and off, in one run:
 vpdpbusd (AVX512_VNNI) or not, 512-bit or 256-bit vectors on the interleaved copy (AVX-512
-build), and the interleaved copy's octets in pairs of vectors or in one (AVX2 and AVX-512
-builds).
+build), the interleaved copy's octets in pairs of vectors or in one, and its weight streams
+prefetched ahead or not (AVX2 and AVX-512 builds).
 
 For each shape and width, at M = 1 with group 128, each kernel timed with its switch on and
 off, alternating (pyengine.benchmarking.time_interleaved: medians), weights in rotated copies
@@ -19,11 +19,16 @@ beyond the last-level cache as in bench_cpu_kernels.py:
   vectors, two weight streams in flight: two octets of rows in 256-bit vectors, four in
   512-bit ones) and ``=0`` (one vector) (``cpu_pairs_ab.json``; with ``--isa avx2`` the AVX2
   build's, ``cpu_pairs_ab_avx2.json``).
+* ``--switch prefetch``: the interleaved copy with ``PYENGINE_CPU_PREFETCH=1`` (the 256-bit
+  vectors' weight streams prefetched ahead of their loads) and ``=0`` (``cpu_prefetch_ab.json``,
+  ``cpu_prefetch_ab_avx2.json`` with ``--isa avx2``); in the AVX-512 build only its 256-bit
+  vectors prefetch (run it with ``PYENGINE_CPU_ZMM=0`` and ``--json``, the path of CPUs without
+  full-width 512-bit units).
 
 Both settings of each switch give the same bits (tests/backends/test_cpu_interleave.py); this
 measures only their speed.
 
-    python benchmarks/bench_cpu_vnni.py [--switch zmm|pairs] [--isa avx2] \\
+    python benchmarks/bench_cpu_vnni.py [--switch zmm|pairs|prefetch] [--isa avx2] \\
         [--shapes 14336x4096,4096x14336] [--bits 8]
 """
 
@@ -46,7 +51,8 @@ import pyengine  # noqa: E402
 # switch: (its environment variable, the names of its paths on and off, the layouts it changes)
 SWITCHES = {"vnni": ("PYENGINE_CPU_VNNI", ("vnni", "pairs"), ("canonical", "rows8")),
             "zmm": ("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",)),
-            "pairs": ("PYENGINE_CPU_VECTOR_PAIRS", ("pairs", "single"), ("rows8",))}
+            "pairs": ("PYENGINE_CPU_VECTOR_PAIRS", ("pairs", "single"), ("rows8",)),
+            "prefetch": ("PYENGINE_CPU_PREFETCH", ("prefetch", "noprefetch"), ("rows8",))}
 
 
 def _with_switch(variable: str, enabled: bool, call: Callable[[], object]) -> Callable[[], object]:
@@ -78,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if why_not:
         print(why_not)
         return 1
-    wanted = ("avx512", "avx2") if args.switch == "pairs" else ("avx512",)
+    wanted = ("avx512", "avx2") if args.switch in ("pairs", "prefetch") else ("avx512",)
     if isa not in wanted or (args.switch == "vnni" and not info.get("cpu_vnni")):
         print(f"--switch {args.switch} needs the {' or '.join(wanted)} build (and for vnni a CPU "
               f"with AVX512_VNNI): build {isa}, cpu_vnni {info.get('cpu_vnni')}")
@@ -88,7 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = common.metadata("cpu")
     meta["cpu_isa"] = isa
     # the switches as the run found them (the one timed is set per call)
-    meta.update({name: info.get(name) for name in ("cpu_zmm", "cpu_vnni", "cpu_vector_pairs")})
+    meta.update({name: info.get(name) for name in ("cpu_zmm", "cpu_vnni", "cpu_vector_pairs",
+                                                   "cpu_prefetch")})
     rows: List[Dict[str, object]] = []
     try:
         for shape in args.shapes.split(","):

@@ -226,6 +226,7 @@ py::dict build_info() {
   d["cpu_zmm"] = pyengine::cpu::zmm_rows_enabled();
   // the interleaved decode kernel at M = 1 takes pairs of vectors (PYENGINE_CPU_VECTOR_PAIRS)
   d["cpu_vector_pairs"] = pyengine::cpu::vector_pairs_enabled();
+  d["cpu_prefetch"] = pyengine::cpu::prefetch_enabled();
   d["cpu_plane_kernels"] = true;  // plane_matmul_cpu: Matryoshka bit planes read directly
 #if defined(PYENGINE_OPENMP)
   d["openmp"] = true;

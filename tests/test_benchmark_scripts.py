@@ -207,24 +207,29 @@ def test_use_cpu_isa_swaps_the_cpu_build_or_says_why_not(restore_cpu_backend):
     assert common.use_cpu_isa(isa) is None and get_backend("cpu").selected_isa() == isa
 
 
-def test_pairs_bench_times_both_vector_schedules_of_the_avx2_build(tmp_path, restore_cpu_backend):
-    """bench_cpu_vnni --switch pairs --isa avx2: per width, the AVX2 build's interleaved copy
-    timed with pairs of vectors and with one; the environment is left as it was."""
+@pytest.mark.parametrize("switch, variable, info_key, on, off", [
+    ("pairs", "PYENGINE_CPU_VECTOR_PAIRS", "cpu_vector_pairs", "pairs", "single"),
+    ("prefetch", "PYENGINE_CPU_PREFETCH", "cpu_prefetch", "prefetch", "noprefetch")])
+def test_switch_bench_times_both_settings_in_the_avx2_build(switch, variable, info_key, on, off,
+                                                             tmp_path, restore_cpu_backend):
+    """bench_cpu_vnni --switch pairs|prefetch --isa avx2: per width, the AVX2 build's
+    interleaved copy timed with the switch on and off; the environment is left as it was."""
     if "avx2" not in pyengine.build_info().get("cpu_isas_usable", []):
         pytest.skip("needs a CPU that runs the avx2 build")
     import bench_cpu_vnni
-    before = os.environ.get("PYENGINE_CPU_VECTOR_PAIRS")
-    out = tmp_path / "pairs.json"
-    assert bench_cpu_vnni.main(["--switch", "pairs", "--isa", "avx2", "--shapes", "96x256",
+    before = os.environ.get(variable)
+    out = tmp_path / f"{switch}.json"
+    assert bench_cpu_vnni.main(["--switch", switch, "--isa", "avx2", "--shapes", "96x256",
                                 "--bits", "4,3", "--rounds", "2", "--rotate-mb", "1",
                                 "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["meta"]["cpu_isa"] == "avx2"
+    # the switch as the run found it (on unless set to 0), the timed setting is set per call
+    assert data["meta"]["cpu_isa"] == "avx2" and data["meta"][info_key] is (before != "0")
     rows = data["rows"]
     assert {(r["layout"], r["bits"]) for r in rows} == {("rows8", 4), ("rows8", 3)}
-    assert all(r["ms_pairs"] > 0 and r["ms_single"] > 0 and r["speedup_pairs"] > 0
+    assert all(r[f"ms_{on}"] > 0 and r[f"ms_{off}"] > 0 and r[f"speedup_{on}"] > 0
                for r in rows)
-    assert os.environ.get("PYENGINE_CPU_VECTOR_PAIRS") == before
+    assert os.environ.get(variable) == before
 
 
 def test_huge_pages_bench_times_both_memories(tmp_path):

@@ -105,6 +105,11 @@ bool vector_pairs_enabled() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+bool prefetch_enabled() {
+  const char* env = std::getenv("PYENGINE_CPU_PREFETCH");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 bool vnni_enabled() {
   if (!vnni_usable()) return false;
   // read at every 8-bit int8-activation call: no allocation, one environment lookup

@@ -48,6 +48,12 @@ bool zmm_rows_enabled();
 // at every call, as PYENGINE_CPU_VNNI).
 bool vector_pairs_enabled();
 
+// Whether the interleaved decode kernel at M = 1 prefetches its weight streams ahead of the
+// loads in 256-bit vectors (Rows8Ymm::kPrefetchBytes in act8_kernels.cpp; the 512-bit ones do
+// not): by default; PYENGINE_CPU_PREFETCH=0 turns it off (read at every call, as
+// PYENGINE_CPU_VNNI).
+bool prefetch_enabled();
+
 // Runs the quantized matmul on the best instruction set of this CPU (validates args first).
 void qmatmul(const QMatmulArgs& args);
 

@@ -247,7 +247,8 @@ def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
 
 # the build_info() key that reports each switch of the interleaved kernel
 _SWITCH_INFO = {"PYENGINE_CPU_VNNI": "cpu_vnni", "PYENGINE_CPU_ZMM": "cpu_zmm",
-                "PYENGINE_CPU_VECTOR_PAIRS": "cpu_vector_pairs"}
+                "PYENGINE_CPU_VECTOR_PAIRS": "cpu_vector_pairs",
+                "PYENGINE_CPU_PREFETCH": "cpu_prefetch"}
 
 
 def _outputs_under_switches(monkeypatch, x, qw, n, k, isa, threads, switches):
@@ -300,7 +301,8 @@ def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monke
 def test_paired_and_single_vector_kernels_give_the_same_bits(isa, bits, rng, monkeypatch):
     """At M = 1 the interleaved decode kernel works on a pair of its vectors
     (PYENGINE_CPU_VECTOR_PAIRS=1, the default: two octets of rows in 256-bit vectors, four in
-    the AVX-512 build's 512-bit ones) or on one (=0): equal outputs bit for bit, with both
+    the AVX-512 build's 512-bit ones) or on one (=0), with its weight streams prefetched ahead
+    (PYENGINE_CPU_PREFETCH=1, the default) or not: equal outputs bit for bit, with both
     vector widths of the AVX-512 build, with vpdpbusd (on a CPU with it) and with the pair sums,
     for octet counts that leave octets over after the pairs (1, 3, 5, 7, 37) or not (2, 4, 8),
     one thread and two; and equal to the reference product of the quantized activations."""
@@ -319,10 +321,12 @@ def test_paired_and_single_vector_kernels_give_the_same_bits(isa, bits, rng, mon
         outs = _outputs_under_switches(
             monkeypatch, x, qw, n, k, isa, threads,
             {"PYENGINE_CPU_VNNI": vnni_modes, "PYENGINE_CPU_ZMM": zmm_modes,
-             "PYENGINE_CPU_VECTOR_PAIRS": ("1", "0")})
+             "PYENGINE_CPU_VECTOR_PAIRS": ("1", "0"), "PYENGINE_CPU_PREFETCH": ("1", "0")})
         what = f"{isa} int{bits} g{group_size} octets={octets} threads={threads}"
-        for vnni, zmm in itertools.product(vnni_modes, zmm_modes):
-            paired, single = outs[vnni, zmm, "1"], outs[vnni, zmm, "0"]
-            assert torch.isfinite(paired).all() and torch.equal(paired, single), (what, zmm)
+        first = outs[vnni_modes[0], zmm_modes[0], "1", "1"]
+        assert torch.isfinite(first).all(), what
+        for vnni, zmm, pairs, prefetch in outs:
+            assert torch.equal(outs[vnni, zmm, pairs, prefetch], first), (what, zmm, pairs,
+                                                                         prefetch)
         ref = quantize_activations(x) @ qw.dequantize(torch.float32).T
-        assert_matches(outs[vnni_modes[0], zmm_modes[0], "1"], ref, torch.float32, what)
+        assert_matches(first, ref, torch.float32, what)
