@@ -734,10 +734,10 @@ inline void rows8_params(const QMatmulArgs& a, const float symmetric_zero, int64
 struct Rows8Ymm {
   static constexpr int kOctets = 1;
   // How far ahead of a block's loads each octet's weight stream is prefetched (at M = 1 with
-  // prefetch_enabled). The hardware's L2 streamer does not follow a stream across a 4 KiB
-  // boundary, so one core alone held too few misses in flight: on an Intel Xeon (6/207) this
-  // made the AVX2 build 1.05-1.16x faster at 2/3/4/8 bits, 1 and 2 threads (512 to 2048 bytes
-  // ahead measured alike; 1024 taken).
+  // prefetch_enabled); Intel's L2 streamer stops at every 4 KiB boundary of a stream. On an
+  // Intel Xeon (6/207) this made the interleaved kernel 1.03-1.23x faster in the AVX2 build and
+  // 1.08-1.21x on the AVX-512 build's 256-bit vectors, 2/3/4/8 bits, 2 threads
+  // (bench_cpu_vnni.py --switch prefetch); 512 to 2048 bytes ahead measured alike, 1024 taken.
   static constexpr int64_t kPrefetchBytes = 1024;
   using I = __m256i;
   using F = __m256;
@@ -782,7 +782,8 @@ struct Rows8Ymm {
 #if defined(__AVX512BW__)
 struct Rows8Zmm {
   static constexpr int kOctets = 2;
-  // none: on the same Xeon the 512-bit kernel gained nothing from it (0.95-1.10x)
+  // none: on the same Xeon the 512-bit kernel gained little or lost (0.95-1.10x, 0.5-2 KiB
+  // ahead, 1 and 2 threads, one in-process A/B)
   static constexpr int64_t kPrefetchBytes = 0;
   using I = __m512i;
   using F = __m512;
