@@ -207,16 +207,16 @@ def test_use_cpu_isa_swaps_the_cpu_build_or_says_why_not(restore_cpu_backend):
     assert common.use_cpu_isa(isa) is None and get_backend("cpu").selected_isa() == isa
 
 
-@pytest.mark.parametrize("switch, variable, info_key, on, off", [
-    ("pairs", "PYENGINE_CPU_VECTOR_PAIRS", "cpu_vector_pairs", "pairs", "single"),
-    ("prefetch", "PYENGINE_CPU_PREFETCH", "cpu_prefetch", "prefetch", "noprefetch")])
-def test_switch_bench_times_both_settings_in_the_avx2_build(switch, variable, info_key, on, off,
-                                                             tmp_path, restore_cpu_backend):
+@pytest.mark.parametrize("switch, info_key", [("pairs", "cpu_vector_pairs"),
+                                              ("prefetch", "cpu_prefetch")])
+def test_switch_bench_times_both_settings_in_the_avx2_build(switch, info_key, tmp_path,
+                                                             restore_cpu_backend):
     """bench_cpu_vnni --switch pairs|prefetch --isa avx2: per width, the AVX2 build's
     interleaved copy timed with the switch on and off; the environment is left as it was."""
     if "avx2" not in pyengine.build_info().get("cpu_isas_usable", []):
         pytest.skip("needs a CPU that runs the avx2 build")
     import bench_cpu_vnni
+    variable, (on, off), _ = bench_cpu_vnni.SWITCHES[switch]
     before = os.environ.get(variable)
     out = tmp_path / f"{switch}.json"
     assert bench_cpu_vnni.main(["--switch", switch, "--isa", "avx2", "--shapes", "96x256",
