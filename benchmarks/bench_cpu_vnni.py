@@ -93,9 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(0)
     meta = common.metadata("cpu")
     meta["cpu_isa"] = isa
-    # the switches as the run found them (the one timed is set per call)
-    meta.update({name: info.get(name) for name in ("cpu_zmm", "cpu_vnni", "cpu_vector_pairs",
-                                                   "cpu_prefetch")})
+    # meta["cpu_switches"]: the switches as the run found them (the one timed is set per call)
     rows: List[Dict[str, object]] = []
     try:
         for shape in args.shapes.split(","):

@@ -197,7 +197,13 @@ def metadata(device: str) -> Dict[str, object]:
         llc = last_level_cache_bytes()
         meta["last_level_cache_mib"] = None if llc is None else llc >> 20
         meta["cpu_family_model"] = _cpu_family_model()
+        # the cpu backend's run-time switches as the run started (PYENGINE_CPU_ZMM, _VNNI,
+        # _VECTOR_PAIRS, _PREFETCH): which path the interleaved decode kernel took
+        meta["cpu_switches"] = {name: info.get(name) for name in CPU_SWITCHES}
     return meta
+
+
+CPU_SWITCHES = ("cpu_zmm", "cpu_vnni", "cpu_vector_pairs", "cpu_prefetch")  # build_info() keys
 
 
 def _cpu_family_model() -> Optional[str]:
