@@ -254,8 +254,20 @@ def roofline_bandwidth(device: str) -> Tuple[float, float, Optional[float]]:
     return max(ordinary, huge or 0), ordinary, huge
 
 
-def decode_row(label: str, model: torch.nn.Module, batch: int, args, bandwidth: float,
+def with_roofline(row: Dict[str, object], bandwidth_gbps: float) -> Dict[str, object]:
+    """row with ``copy_gbps`` (bandwidth_gbps to 0.01) and ``pct_roofline``: the time its bytes
+    per step (weights and KV cache) take at that bandwidth against its measured step time, to 4
+    significant digits (a tiny model's share is a few hundredths of a percent)."""
+    copy_gbps = round(bandwidth_gbps, 2)
+    roofline_s = (row["weight_bytes_read"] + row["kv_bytes_read"]) / (copy_gbps * 1e9)
+    row.update(copy_gbps=copy_gbps,
+               pct_roofline=float(f"{100 * roofline_s / (row['ms_per_step'] * 1e-3):.4g}"))
+    return row
+
+
+def decode_row(label: str, model: torch.nn.Module, batch: int, args,
                device: str) -> Dict[str, object]:
+    """One decode row without its roofline (with_roofline adds it)."""
     graphs = args.graphs
     runner = args.runner
     if runner == "decoder" and pyengine.decoder_blocker(model, args.prompt + args.new_tokens + 4):
@@ -274,12 +286,10 @@ def decode_row(label: str, model: torch.nn.Module, batch: int, args, bandwidth: 
     wbytes = weight_bytes_per_step(model, batch)
     kv = kv_bytes_per_step(model, batch, int(m["context"]), act_dtype)
     step_s = m["ms_per_step"] * 1e-3
-    roofline_s = (wbytes + kv) / (bandwidth * 1e9)
     return dict(op="decode", model=label, backend=os.environ.get("PYENGINE_BACKEND", "auto"),
                 batch=batch, tokens_per_s=round(batch / step_s, 2),
                 ms_per_step=round(m["ms_per_step"], 4), weight_bytes_read=wbytes, kv_bytes_read=kv,
                 gbps=round((wbytes + kv) / step_s / 1e9, 2),
-                pct_roofline=round(100 * roofline_s / step_s, 3),
                 weight_bytes=pyengine.storage_bytes(model), **{k: v for k, v in m.items()
                                                               if k != "ms_per_step"})
 
@@ -354,14 +364,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             # bandwidth drifts between rows (2x within minutes seen), and the row's roofline
             # follows it
             before = roofline_bandwidth(device)[0]
-            row = decode_row(config, model, batch, args, before, device)
-            row_bandwidth = round((before + roofline_bandwidth(device)[0]) / 2, 2)
-            # the roofline share from the row's own fields (4 significant digits: a tiny
-            # model's share is a few hundredths of a percent)
-            roofline_s = ((row["weight_bytes_read"] + row["kv_bytes_read"])
-                          / (row_bandwidth * 1e9))
-            row.update(copy_gbps=row_bandwidth, pct_roofline=float(
-                f"{100 * roofline_s / (row['ms_per_step'] * 1e-3):.4g}"))
+            row = with_roofline(decode_row(config, model, batch, args, device),
+                                (before + roofline_bandwidth(device)[0]) / 2)
             row["build_s"] = round(build_s, 1)
             rows.append(row)
             print(f"[{config}] batch {batch}: {row['tokens_per_s']:.1f} tok/s, "
