@@ -38,7 +38,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -48,11 +48,21 @@ import common  # noqa: E402
 
 import pyengine  # noqa: E402
 
-# switch: (its environment variable, the names of its paths on and off, the layouts it changes)
-SWITCHES = {"vnni": ("PYENGINE_CPU_VNNI", ("vnni", "pairs"), ("canonical", "rows8")),
-            "zmm": ("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",)),
-            "pairs": ("PYENGINE_CPU_VECTOR_PAIRS", ("pairs", "single"), ("rows8",)),
-            "prefetch": ("PYENGINE_CPU_PREFETCH", ("prefetch", "noprefetch"), ("rows8",))}
+class Switch(NamedTuple):
+    """One run-time switch of the cpu backend, as this benchmark times it."""
+    variable: str  # its environment variable (a key of pyengine.backends.cpu.SWITCH_VARIABLES)
+    paths: Tuple[str, str]  # the names of its paths on and off
+    layouts: Tuple[str, ...]  # the layouts it changes ("canonical", "rows8")
+    builds: Tuple[str, ...]  # the cpu builds that have both paths
+
+
+SWITCHES = {"vnni": Switch("PYENGINE_CPU_VNNI", ("vnni", "pairs"), ("canonical", "rows8"),
+                           ("avx512",)),
+            "zmm": Switch("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",), ("avx512",)),
+            "pairs": Switch("PYENGINE_CPU_VECTOR_PAIRS", ("pairs", "single"), ("rows8",),
+                            ("avx512", "avx2")),
+            "prefetch": Switch("PYENGINE_CPU_PREFETCH", ("prefetch", "noprefetch"), ("rows8",),
+                               ("avx512", "avx2"))}
 
 
 def _with_switch(variable: str, enabled: bool, call: Callable[[], object]) -> Callable[[], object]:
@@ -77,17 +87,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None,
                         help="default benchmarks/results/cpu_<switch>_ab[_<isa>].json")
     args = parser.parse_args(argv)
-    variable, (on, off), layouts = SWITCHES[args.switch]
+    switch = SWITCHES[args.switch]
+    variable, (on, off), layouts = switch.variable, switch.paths, switch.layouts
     info = pyengine.build_info()
     isa = args.isa or info.get("cpu_isa_selected")
     why_not = common.use_cpu_isa(args.isa) if args.isa else None
     if why_not:
         print(why_not)
         return 1
-    wanted = ("avx512", "avx2") if args.switch in ("pairs", "prefetch") else ("avx512",)
-    if isa not in wanted or (args.switch == "vnni" and not info.get("cpu_vnni")):
-        print(f"--switch {args.switch} needs the {' or '.join(wanted)} build (and for vnni a CPU "
-              f"with AVX512_VNNI): build {isa}, cpu_vnni {info.get('cpu_vnni')}")
+    if isa not in switch.builds or (args.switch == "vnni" and not info.get("cpu_vnni")):
+        print(f"--switch {args.switch} needs the {' or '.join(switch.builds)} build (and for "
+              f"vnni a CPU with AVX512_VNNI): build {isa}, cpu_vnni {info.get('cpu_vnni')}")
         return 1
     saved = os.environ.get(variable)
     torch.manual_seed(0)

@@ -199,11 +199,9 @@ def metadata(device: str) -> Dict[str, object]:
         meta["cpu_family_model"] = _cpu_family_model()
         # the cpu backend's run-time switches as the run started (PYENGINE_CPU_ZMM, _VNNI,
         # _VECTOR_PAIRS, _PREFETCH): which path the interleaved decode kernel took
-        meta["cpu_switches"] = {name: info.get(name) for name in CPU_SWITCHES}
+        from .backends.cpu import SWITCH_VARIABLES
+        meta["cpu_switches"] = {key: info.get(key) for key in SWITCH_VARIABLES.values()}
     return meta
-
-
-CPU_SWITCHES = ("cpu_zmm", "cpu_vnni", "cpu_vector_pairs", "cpu_prefetch")  # build_info() keys
 
 
 def _cpu_family_model() -> Optional[str]:

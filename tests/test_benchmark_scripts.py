@@ -207,16 +207,19 @@ def test_use_cpu_isa_swaps_the_cpu_build_or_says_why_not(restore_cpu_backend):
     assert common.use_cpu_isa(isa) is None and get_backend("cpu").selected_isa() == isa
 
 
-@pytest.mark.parametrize("switch, info_key", [("pairs", "cpu_vector_pairs"),
-                                              ("prefetch", "cpu_prefetch")])
-def test_switch_bench_times_both_settings_in_the_avx2_build(switch, info_key, tmp_path,
-                                                             restore_cpu_backend):
+@pytest.mark.parametrize("switch", ["pairs", "prefetch"])
+def test_switch_bench_times_both_settings_in_the_avx2_build(switch, tmp_path, restore_cpu_backend):
     """bench_cpu_vnni --switch pairs|prefetch --isa avx2: per width, the AVX2 build's
     interleaved copy timed with the switch on and off; the environment is left as it was."""
     if "avx2" not in pyengine.build_info().get("cpu_isas_usable", []):
         pytest.skip("needs a CPU that runs the avx2 build")
     import bench_cpu_vnni
-    variable, (on, off), _ = bench_cpu_vnni.SWITCHES[switch]
+    from pyengine.backends.cpu import SWITCH_VARIABLES
+    timed = bench_cpu_vnni.SWITCHES[switch]
+    variable, (on, off) = timed.variable, timed.paths
+    # every switch the bench times is one the kernels read and build_info() reports
+    assert {s.variable for s in bench_cpu_vnni.SWITCHES.values()} == set(SWITCH_VARIABLES)
+    assert "avx2" in timed.builds
     before = os.environ.get(variable)
     out = tmp_path / f"{switch}.json"
     assert bench_cpu_vnni.main(["--switch", switch, "--isa", "avx2", "--shapes", "96x256",
@@ -225,7 +228,7 @@ def test_switch_bench_times_both_settings_in_the_avx2_build(switch, info_key, tm
     data = json.loads(out.read_text())
     # the switch as the run found it (on unless set to 0), the timed setting is set per call
     assert data["meta"]["cpu_isa"] == "avx2"
-    assert data["meta"]["cpu_switches"][info_key] is (before != "0")
+    assert data["meta"]["cpu_switches"][SWITCH_VARIABLES[variable]] is (before != "0")
     rows = data["rows"]
     assert {(r["layout"], r["bits"]) for r in rows} == {("rows8", 4), ("rows8", 3)}
     assert all(r[f"ms_{on}"] > 0 and r[f"ms_{off}"] > 0 and r[f"speedup_{on}"] > 0

@@ -26,6 +26,12 @@ from .huge_pages import weight_copy
 
 
 ISA_VARIABLE = "PYENGINE_CPU_ISA"
+# The interleaved decode kernel's run-time switches (read at every call; "0" turns one off,
+# "1" on): each environment variable and the pyengine.build_info() key that reports it.
+SWITCH_VARIABLES = {"PYENGINE_CPU_ZMM": "cpu_zmm",  # 512-bit vectors (AVX-512 build)
+                    "PYENGINE_CPU_VNNI": "cpu_vnni",  # vpdpbusd (AVX-512 build, AVX512_VNNI)
+                    "PYENGINE_CPU_VECTOR_PAIRS": "cpu_vector_pairs",  # two streams at M = 1
+                    "PYENGINE_CPU_PREFETCH": "cpu_prefetch"}  # 256-bit vectors prefetch
 INTERLEAVE_ROWS = 8  # rows side by side in the row-interleaved layout (QMatmulArgs::interleave)
 SPLIT_ROWS = 256  # rows per pass of split_3bit_blocks
 

@@ -14,7 +14,8 @@ import pyengine
 from pyengine import ops
 from pyengine._ext import DTYPE_CODES, extension
 from pyengine.backends import CpuBackend, get_backend
-from pyengine.backends.cpu import INTERLEAVE_ROWS, interleave_rows, split_3bit_blocks
+from pyengine.backends.cpu import (INTERLEAVE_ROWS, SWITCH_VARIABLES, interleave_rows,
+                                  split_3bit_blocks)
 from pyengine.format.packing import pack_codes, unpack_codes
 from pyengine.ops.act_quant import quantize_activations
 
@@ -245,12 +246,6 @@ def test_vnni_and_pair_sum_paths_give_the_same_bits(bits, rng, monkeypatch):
             assert_matches(out, ref, torch.float32, f"int{bits} g{group_size} M={m}")
 
 
-# the build_info() key that reports each switch of the interleaved kernel
-_SWITCH_INFO = {"PYENGINE_CPU_VNNI": "cpu_vnni", "PYENGINE_CPU_ZMM": "cpu_zmm",
-                "PYENGINE_CPU_VECTOR_PAIRS": "cpu_vector_pairs",
-                "PYENGINE_CPU_PREFETCH": "cpu_prefetch"}
-
-
 def _outputs_under_switches(monkeypatch, x, qw, n, k, isa, threads, switches):
     """The interleaved kernel's output (into a poisoned buffer) for every combination of the
     environment switches: ``switches`` maps a variable (e.g. "PYENGINE_CPU_ZMM") to the values to
@@ -260,7 +255,7 @@ def _outputs_under_switches(monkeypatch, x, qw, n, k, isa, threads, switches):
     for values in itertools.product(*switches.values()):
         for variable, value in zip(switches, values):
             monkeypatch.setenv(variable, value)
-            assert pyengine.build_info()[_SWITCH_INFO[variable]] == (value == "1"), variable
+            assert pyengine.build_info()[SWITCH_VARIABLES[variable]] == (value == "1"), variable
         out = poisoned((x.shape[0], n), torch.float32, "cpu")
         _interleaved_call(x, qw, n, k, out, 8, isa, threads=threads)
         outs[values] = out
