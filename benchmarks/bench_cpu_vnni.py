@@ -1,7 +1,7 @@
 """The int8-activation decode with each of its run-time switches on and off, in one run:
 vpdpbusd (AVX512_VNNI) or not, 512-bit or 256-bit vectors on the interleaved copy (AVX-512
 build), the interleaved copy's octets in pairs of vectors or in one, and its weight streams
-prefetched ahead or not (AVX2 and AVX-512 builds).
+prefetched ahead or not (AVX2, AVX-512 and, on x86-64, generic builds).
 
 For each shape and width, at M = 1 with group 128, each kernel timed with its switch on and
 off, alternating (pyengine.benchmarking.time_interleaved: medians), weights in rotated copies
@@ -17,13 +17,14 @@ beyond the last-level cache as in bench_cpu_kernels.py:
   512-bit vector) and ``=0`` (one per 256-bit vector) (``cpu_zmm_ab.json``).
 * ``--switch pairs``: the interleaved copy with ``PYENGINE_CPU_VECTOR_PAIRS=1`` (a pair of
   vectors, two weight streams in flight: two octets of rows in 256-bit vectors, four in
-  512-bit ones) and ``=0`` (one vector) (``cpu_pairs_ab.json``; with ``--isa avx2`` the AVX2
-  build's, ``cpu_pairs_ab_avx2.json``).
+  512-bit ones; in the generic build two octets of 8-bit codes) and ``=0`` (one vector)
+  (``cpu_pairs_ab.json``; with ``--isa avx2`` the AVX2 build's, ``cpu_pairs_ab_avx2.json``,
+  and so on).
 * ``--switch prefetch``: the interleaved copy with ``PYENGINE_CPU_PREFETCH=1`` (the 256-bit
-  vectors' weight streams prefetched ahead of their loads) and ``=0`` (``cpu_prefetch_ab.json``,
-  ``cpu_prefetch_ab_avx2.json`` with ``--isa avx2``); in the AVX-512 build only its 256-bit
-  vectors prefetch (run it with ``PYENGINE_CPU_ZMM=0`` and ``--json``, the path of CPUs without
-  full-width 512-bit units).
+  vectors' and the generic build's weight streams prefetched ahead of their loads) and ``=0``
+  (``cpu_prefetch_ab.json``, ``cpu_prefetch_ab_avx2.json`` with ``--isa avx2``, and so on); in
+  the AVX-512 build only its 256-bit vectors prefetch (run it with ``PYENGINE_CPU_ZMM=0`` and
+  ``--json``, the path of CPUs without full-width 512-bit units).
 
 Both settings of each switch give the same bits (tests/backends/test_cpu_interleave.py); this
 measures only their speed.
@@ -60,9 +61,9 @@ SWITCHES = {"vnni": Switch("PYENGINE_CPU_VNNI", ("vnni", "pairs"), ("canonical",
                            ("avx512",)),
             "zmm": Switch("PYENGINE_CPU_ZMM", ("zmm", "ymm"), ("rows8",), ("avx512",)),
             "pairs": Switch("PYENGINE_CPU_VECTOR_PAIRS", ("pairs", "single"), ("rows8",),
-                            ("avx512", "avx2")),
+                            ("avx512", "avx2", "generic")),
             "prefetch": Switch("PYENGINE_CPU_PREFETCH", ("prefetch", "noprefetch"), ("rows8",),
-                               ("avx512", "avx2"))}
+                               ("avx512", "avx2", "generic"))}
 
 
 def _with_switch(variable: str, enabled: bool, call: Callable[[], object]) -> Callable[[], object]:

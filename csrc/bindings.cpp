@@ -220,6 +220,12 @@ py::dict build_info() {
   d["cpu_isas"] = split_commas(PYENGINE_CPU_ISAS);
   d["cpu_isa_selected"] = std::string(pyengine::cpu::selected_isa());
   d["cpu_isas_usable"] = pyengine::cpu::usable_isas();
+  // per usable build, the code widths its interleaved decode kernel serves (CpuBackend.bind
+  // prepares the row-interleaved copy for those)
+  py::dict interleaved;
+  for (const std::string& isa : pyengine::cpu::usable_isas())
+    interleaved[py::str(isa)] = pyengine::cpu::interleaved_bits(isa);
+  d["cpu_interleaved_bits"] = interleaved;
   // the AVX-512 build's int8-activation kernels take vpdpbusd (PYENGINE_CPU_VNNI=0: they do not)
   d["cpu_vnni"] = pyengine::cpu::vnni_enabled();
   // the AVX-512 build's interleaved decode kernel takes 512-bit vectors (PYENGINE_CPU_ZMM)

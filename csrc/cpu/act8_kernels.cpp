@@ -1379,6 +1379,222 @@ void portable_path(const QMatmulArgs& a) {
   }
   store_result(a, out32);
 }
+
+#if defined(__SSE2__)
+// ---- the row-interleaved layout in the generic build on x86-64 (SSE2) --------------------------
+// The octets of QMatmulArgs::interleave = 8 (see the AVX2 section above) read as two 128-bit
+// vectors per word: rows 8o .. 8o + 3 in the first, 8o + 4 .. 8o + 7 in the second, one 32-bit
+// lane per row. SSE2 has no byte dot products (pmaddubsw is SSSE3), so the planes are taken
+// from the 16-bit lanes, where shifts and masks exist: 16-bit lane h of a row's word w holds its
+// codes w * c + h * c / 2 + j (c = 32 / BITS codes per word, j < 16 / BITS) at bits
+// [BITS * j, BITS * (j + 1)). Plane j of a vector holds in 16-bit lane 2r + h that code of row
+// r, and pmaddwd against the int16 pattern [x(h = 0), x(h = 1)] x 4 of the plane's two
+// activations sums both products into 32-bit lane r: every lane is one row's dot product, with
+// no shuffles and no horizontal sums.
+//
+// The planes of a byte are masked in place, without shifts: plane t of the low byte is
+// lanes & (mask << BITS * t), 2^(BITS * t) times its codes (the high byte: lanes >> 8 first;
+// 8-bit codes: lanes & 0xFF and lanes >> 8). Each plane's activation pattern is scaled by the
+// rest of 2^kScaleShift (kScaleShift = 8 - BITS: 6 for 2 bits, 4 for 4, 0 for 8), so every
+// product is 2^kScaleShift times its own and one accumulator takes them all, shifted down once
+// per block (exactly). In range: the int16 inputs are at most 192 (int2 plane 3) and 127 * 64,
+// every product at most 3 * 127 * 64 or 15 * 127 * 16 or 255 * 127, a block's sum (32 of
+// them) far inside int32. 3-bit codes are not interleaved in this build
+// (cpu_interleaved_bits).
+// An empty asm that takes an accumulator as read and written in a register: the compiler then
+// adds each product into it in program order, instead of reassociating a block's sums into a
+// tree whose partial sums it spills (GCC 13 did: 1.3-1.7x slower in cache).
+PYENGINE_INLINE inline void keep_in_register(__m128i& sums) { asm("" : "+x"(sums)); }
+
+template <int BITS>
+struct Sse2Rows8Layout {
+  static constexpr int kCodesPerWord = 32 / BITS;
+  static constexpr int kPlanes = 16 / BITS;        // planes of a 16-bit lane
+  static constexpr int kBytePlanes = 8 / BITS;     // of each of its bytes
+  static constexpr int kScaleShift = 8 - BITS;     // every product at 2^kScaleShift
+  // int16 activations per block: BITS words x kPlanes planes x 8 lanes (128 for every width)
+  static constexpr int kBlockPattern = BITS * kPlanes * 8;
+};
+static_assert(3 * 127 * 64 * 2 * 32 < (1 << 30) && 127 * 64 < 32767 && 15 * 127 * 16 < 32767,
+              "sse2 rows8 ranges");
+
+// How far ahead of a block's loads the octets' weight streams are prefetched at M = 1 (with
+// prefetch_enabled, as the AVX2 kernel's): without it one thread streamed the weights at 5-7
+// GB/s, below both its compute in cache and the copy bandwidth. On an Intel Xeon (6/207, 2
+// threads, 2/4/8 bits, bench_cpu_vnni.py --switch prefetch --isa generic) it made the kernel
+// 1.08-1.21x faster.
+constexpr int kSse2PrefetchBytes = 1024;
+
+struct Sse2Rows8Plan : BlockPlan {
+  std::vector<int16_t> xw;  // [M][blocks][BITS words][planes][8] pmaddwd's activation patterns
+};
+
+template <int BITS>
+void plan_sse2_rows8(const QMatmulArgs& a, Sse2Rows8Plan& p) {
+  using L = Sse2Rows8Layout<BITS>;
+  constexpr int c = L::kCodesPerWord;
+  const int64_t per_row = (a.K + kActBlock - 1) / kActBlock * L::kBlockPattern;
+  p.xw.resize((size_t)(a.M * per_row));  // every element is laid out below
+  plan_blocks(a, p, [&](int64_t m, const int8_t* q) {
+    int16_t* pattern = p.xw.data() + m * per_row;
+    for (int64_t b = 0; b < per_row / L::kBlockPattern; ++b)
+      for (int v = 0; v < BITS; ++v)
+        for (int j = 0; j < L::kPlanes; ++j, pattern += 8) {
+          // plane j is masked in place at 2^(BITS * (j % kBytePlanes)): the rest of the scale
+          const int scale = 1 << (L::kScaleShift - BITS * (j % L::kBytePlanes));
+          const int8_t* codes = q + b * kActBlock + v * c + j;  // code j of lane h = 0
+          for (int r = 0; r < 4; ++r) {
+            pattern[2 * r] = (int16_t)(codes[0] * scale);
+            pattern[2 * r + 1] = (int16_t)(codes[c / 2] * scale);  // code j of lane h = 1
+          }
+        }
+  });
+}
+
+// Octets o .. o + OCT - 1 of weight rows against activation rows [m0, m0 + MB):
+// out32[m][8o .. 8(o + OCT)). sf, bf: octet o's group parameters, [OCT][G][8] (w = c * sf + bf;
+// octet o + q's at q * G * 8). Two octets (OCT = 2, at M = 1) keep two weight streams in flight
+// and share each activation pattern between four vectors.
+template <int BITS, int MB, int OCT>
+void sse2_rows8_octets(const QMatmulArgs& a, const Sse2Rows8Plan& p, int64_t m0, int64_t o,
+                       bool prefetch, const float* sf, const float* bf, float* out32) {
+  using L = Sse2Rows8Layout<BITS>;
+  constexpr int V = 2 * OCT;  // vectors per word: rows 0-3 and 4-7 of each octet
+  const int64_t per_row = p.blocks * L::kBlockPattern;
+  const int64_t octet_words = kInterleaveRows * a.ldq;  // from one octet's words to the next's
+  // word w of octet o + q's rows 0-3 at words[q * octet_words / 4 + 2w], rows 4-7 at + 1
+  const __m128i* __restrict words =
+      reinterpret_cast<const __m128i*>(a.qweight + o * octet_words);
+  auto word = [&](int64_t w, int vec) PYENGINE_INLINE {
+    return _mm_loadu_si128(words + vec / 2 * (octet_words / 4) + 2 * w + vec % 2);
+  };
+  const int16_t* __restrict xw = p.xw.data() + m0 * per_row;
+  const float* __restrict dm = p.d.data() + m0 * p.blocks;
+  // (aligned: 16-byte patterns from a vector's start, which new aligns to 16 bytes on x86-64,
+  // so that pmaddwd may take them from memory without a load of their own)
+  auto pattern = [&](int m, int64_t w, int j) PYENGINE_INLINE {
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(
+        xw + m * per_row + (w * L::kPlanes + j) * 8));
+  };
+  __m128 acc[MB][V];
+  unroll<MB>([&](auto m) PYENGINE_INLINE {
+    unroll<V>([&](auto u) PYENGINE_INLINE { acc[m][u] = _mm_setzero_ps(); });
+  });
+  for (int64_t g = 0, b0 = 0; g < p.G; ++g, b0 += p.group_blocks) {
+    const int64_t b1 = std::min(p.blocks, b0 + p.group_blocks);
+    __m128 sacc[MB][V];
+    unroll<MB>([&](auto m) PYENGINE_INLINE {
+      unroll<V>([&](auto u) PYENGINE_INLINE { sacc[m][u] = _mm_setzero_ps(); });
+    });
+    for (int64_t b = b0; b < b1; ++b) {
+      // a block is 32 * BITS bytes of each octet's stream: its lines kSse2PrefetchBytes ahead
+      if (prefetch) unroll<OCT>([&](auto q) PYENGINE_INLINE {
+        const char* ahead = reinterpret_cast<const char*>(&words[decltype(q)::value *
+                                                                 (octet_words / 4) +
+                                                             2 * BITS * b]) +
+                            kSse2PrefetchBytes;
+        for (int l = 0; l < 32 * BITS; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      });
+      __m128i sums[MB][V];  // the block's products at 2^kScaleShift
+      unroll<MB>([&](auto m) PYENGINE_INLINE {
+        unroll<V>([&](auto u) PYENGINE_INLINE { sums[m][u] = _mm_setzero_si128(); });
+      });
+      unroll<BITS>([&](auto v) PYENGINE_INLINE {
+        const int64_t w = b * BITS + decltype(v)::value;
+        __m128i lanes[V];
+        unroll<V>([&](auto u) PYENGINE_INLINE { lanes[u] = word(w, decltype(u)::value); });
+        unroll<2>([&](auto y) PYENGINE_INLINE {  // the low byte of each 16-bit lane, the high
+          constexpr int Y = decltype(y)::value;
+          unroll<L::kBytePlanes>([&](auto t) PYENGINE_INLINE {
+            constexpr int T = decltype(t)::value;
+            constexpr int kMask = BITS == 8 ? 0xFF : ((1 << BITS) - 1) << (BITS * T);
+            unroll<MB>([&](auto m) PYENGINE_INLINE {
+              const __m128i x = pattern(m, w, Y * L::kBytePlanes + T);
+              unroll<V>([&](auto u) PYENGINE_INLINE {
+                const __m128i bytes = Y == 0 ? lanes[u] : _mm_srli_epi16(lanes[u], 8);
+                // the high byte of 8-bit codes is the shifted lanes whole
+                const __m128i plane =
+                    BITS == 8 && Y == 1 ? bytes : _mm_and_si128(bytes, _mm_set1_epi16(kMask));
+                sums[m][u] = _mm_add_epi32(sums[m][u], _mm_madd_epi16(plane, x));
+                keep_in_register(sums[m][u]);
+              });
+            });
+          });
+        });
+      });
+      unroll<MB>([&](auto m) PYENGINE_INLINE {
+        const __m128 d = _mm_set1_ps(dm[m * p.blocks + b]);
+        unroll<V>([&](auto u) PYENGINE_INLINE {
+          const __m128i block = L::kScaleShift ? _mm_srai_epi32(sums[m][u], L::kScaleShift)
+                                               : sums[m][u];
+          sacc[m][u] = _mm_add_ps(sacc[m][u], _mm_mul_ps(_mm_cvtepi32_ps(block), d));
+        });
+      });
+    }
+    unroll<MB>([&](auto m) PYENGINE_INLINE {
+      const __m128 xsum = _mm_set1_ps(p.xsum[(m0 + m) * p.G + g]);
+      unroll<V>([&](auto u) PYENGINE_INLINE {
+        constexpr int U = decltype(u)::value;
+        // octet U / 2's rows 4 (U % 2) .. 4 (U % 2) + 3
+        const int64_t at = (U / 2 * p.G + g) * kInterleaveRows + 4 * (U % 2);
+        const __m128 scale = _mm_loadu_ps(sf + at), bias = _mm_loadu_ps(bf + at);
+        acc[m][U] = _mm_add_ps(acc[m][U], _mm_mul_ps(sacc[m][U], scale));
+        acc[m][U] = _mm_add_ps(acc[m][U], _mm_mul_ps(bias, xsum));
+      });
+    });
+  }
+  unroll<MB>([&](auto m) PYENGINE_INLINE {
+    unroll<V>([&](auto u) PYENGINE_INLINE {
+      _mm_storeu_ps(out32 + (m0 + m) * a.N + o * kInterleaveRows + 4 * decltype(u)::value,
+                    acc[m][u]);
+    });
+  });
+}
+
+template <int BITS>
+void sse2_rows8_decode(const QMatmulArgs& a, float* out32) {
+  const Sse2Rows8Plan& p = thread_plan<Sse2Rows8Plan>(a, plan_sse2_rows8<BITS>);
+  MatmulProblem octets = a;  // threads split octets of rows
+  octets.N = a.N / kInterleaveRows;
+  const float symmetric_zero = (float)(1 << (BITS - 1));
+  const int64_t octet_bytes = kInterleaveRows * p.blocks * kActBlock * BITS / 8;
+  // 8-bit codes at M = 1: two octets at a time (as the AVX2 kernel's pairs,
+  // PYENGINE_CPU_VECTOR_PAIRS). On an Intel Xeon (6/207, 2 threads, bench_cpu_vnni.py --switch
+  // pairs --isa generic) pairs took 8-bit codes 1.18-1.22x faster, and in a run that paired
+  // every width 4-bit ones 0.99-1.07x and 2-bit ones 0.87-0.98x (more live vectors than SSE2's
+  // 16 registers hold).
+  const int step = BITS == 8 && a.M == 1 && vector_pairs_enabled() ? 2 : 1;
+  const bool prefetch = a.M == 1 && prefetch_enabled();  // as the AVX2 kernel's
+  parallel_rows(octets, octet_bytes, [&](int64_t lo, int64_t hi) {
+    const int64_t params = p.G * kInterleaveRows;  // of one octet
+    std::vector<float> sf_store((size_t)(2 * params)), bf_store(sf_store.size());
+    float* sf = sf_store.data();
+    float* bf = bf_store.data();
+    for (int64_t o = lo; o < hi;) {
+      const int count = o + step <= hi ? step : 1;
+      // each octet's scales (and zeros) lie back to back, [G][8], and the octets' one after
+      // the other: their rows' group parameters
+      for (int q = 0; q < count; ++q)
+        group_params(a, (o + q) * kInterleaveRows, params, 1.f, symmetric_zero, sf + q * params,
+                     bf + q * params);
+      if (count == 2) {
+        sse2_rows8_octets<BITS, 1, 2>(a, p, 0, o, prefetch, sf, bf, out32);
+      } else {
+        for (int64_t m0 = 0; m0 < a.M; m0 += kPortableRowBlock) {
+          switch (std::min<int64_t>(kPortableRowBlock, a.M - m0)) {
+            case 1: sse2_rows8_octets<BITS, 1, 1>(a, p, m0, o, prefetch, sf, bf, out32); break;
+            case 2: sse2_rows8_octets<BITS, 2, 1>(a, p, m0, o, prefetch, sf, bf, out32); break;
+            case 3: sse2_rows8_octets<BITS, 3, 1>(a, p, m0, o, prefetch, sf, bf, out32); break;
+            default:
+              sse2_rows8_octets<BITS, kPortableRowBlock, 1>(a, p, m0, o, prefetch, sf, bf, out32);
+          }
+        }
+      }
+      o += count;
+    }
+  });
+}
+#endif  // __SSE2__
 #endif  // __AVX2__
 
 }  // namespace
@@ -1386,6 +1602,9 @@ void portable_path(const QMatmulArgs& a) {
 bool rows8_native(const QMatmulArgs& a) {
 #if defined(__AVX2__)
   return a.interleave == kInterleaveRows && a.act_bits == 8 && a.M <= kDecodeMaxM;
+#elif defined(__SSE2__)  // the generic build on x86-64: 2, 4 and 8 bits (sse2_rows8_decode)
+  return a.interleave == kInterleaveRows && a.act_bits == 8 && a.M <= kDecodeMaxM &&
+         (a.bits == 2 || a.bits == 4 || a.bits == 8);
 #else
   (void)a;
   return false;
@@ -1397,6 +1616,16 @@ void qmatmul_rows8(const QMatmulArgs& a) {
   integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
     rows8_decode<decltype(bits)::value>(a, out32);
   });
+#elif defined(__SSE2__)
+  float* out32 = products_buffer(a);
+  if (a.K > 0) {
+    switch (a.bits) {
+      case 2: sse2_rows8_decode<2>(a, out32); break;
+      case 4: sse2_rows8_decode<4>(a, out32); break;
+      default: sse2_rows8_decode<8>(a, out32); break;
+    }
+  }
+  store_result(a, out32);
 #else
   (void)a;
 #endif

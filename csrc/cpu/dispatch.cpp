@@ -24,6 +24,7 @@ using PlaneKernelFn = void (*)(const PlaneMatmulArgs&);
 // search's errors and a decode step's small operations (the Walsh-Hadamard transform among them).
 struct Build {
   KernelFn fn;
+  bool (*rows8_fn)(const QMatmulArgs&);  // whether the interleaved decode kernel serves a call
   PlaneKernelFn plane_fn;
   GptqColumnsFn gptq_fn;
   ClipErrorsFn clip_fn;
@@ -33,7 +34,7 @@ struct Build {
 
 #define PYENGINE_BUILD(isa)                                                                     \
   Build {                                                                                       \
-    &isa::qmatmul, &isa::plane_matmul, &isa::gptq_columns, &isa::clip_errors,                   \
+    &isa::qmatmul, &isa::rows8_native, &isa::plane_matmul, &isa::gptq_columns, &isa::clip_errors,                   \
         StepKernels{&isa::rms_norm, &isa::silu_mul, &isa::hadamard, &isa::attention_step,       \
                     &isa::attention_step_tasks},                                                \
         #isa                                                                                    \
@@ -224,6 +225,20 @@ std::vector<std::string> usable_isas() {
 }
 
 const char* selected_isa() { return selected().name; }
+
+std::vector<int> interleaved_bits(const std::string& isa) {
+  const Build& build = build_named(isa, "interleaved_bits");
+  QMatmulArgs decode;  // a decode call (M = 1, int8 activations) on interleaved rows
+  decode.M = 1;
+  decode.act_bits = 8;
+  decode.interleave = kInterleaveRows;
+  std::vector<int> bits;
+  for (int b : {2, 3, 4, 8}) {
+    decode.bits = b;
+    if (build.rows8_fn(decode)) bits.push_back(b);
+  }
+  return bits;
+}
 
 }  // namespace cpu
 }  // namespace pyengine

@@ -64,6 +64,11 @@ void qmatmul_with_isa(const QMatmulArgs& args, const std::string& isa);
 // The instruction-set builds of this binary that this CPU can run, widest first.
 std::vector<std::string> usable_isas();
 
+// The code widths whose decode calls (int8 activations, M <= kDecodeMaxM) the build for `isa`
+// runs on row-interleaved weights (QMatmulArgs::interleave) in its own kernel; other calls on
+// such weights read their canonical rows. Raises as qmatmul_with_isa.
+std::vector<int> interleaved_bits(const std::string& isa);
+
 // Name of the instruction set qmatmul() uses on this CPU ("avx512", "avx2" or "generic").
 const char* selected_isa();
 

@@ -134,11 +134,14 @@ class CpuBackend(Backend):
 
     def interleaves(self, weight, n, act_bits) -> bool:
         """Whether :meth:`bind` prepares ``weight`` in the row-interleaved layout: int8
-        activations on packed weights (2, 3, 4 or 8 bits) with a multiple of 8 rows, on the AVX2
-        and AVX-512 builds (whose decode kernel reads it; elsewhere it would only be converted
-        back)."""
-        return (act_bits == 8 and isinstance(weight, PackedOperand)
-                and n % INTERLEAVE_ROWS == 0 and self.selected_isa() in ("avx2", "avx512"))
+        activations on packed weights with a multiple of 8 rows, at a width whose decode calls
+        this backend's build runs on that layout (``build_info()["cpu_interleaved_bits"]``: 2,
+        3, 4 and 8 bits in the AVX2 and AVX-512 builds, 2, 4 and 8 in the generic build on
+        x86-64; elsewhere the copy would only be read back in the canonical layout)."""
+        if act_bits != 8 or not isinstance(weight, PackedOperand) or n % INTERLEAVE_ROWS:
+            return False
+        served = extension().build_info().get("cpu_interleaved_bits", {})
+        return weight.bits in served.get(self.selected_isa(), ())
 
     def bind(self, weight, n, k, bias, act_bits=0, dtype=torch.float32, layout_copy=True):
         if not isinstance(weight, PackedOperand):

@@ -6,6 +6,7 @@ use it (with the weight's canonical rows for the other calls)."""
 from __future__ import annotations
 
 import itertools
+import platform
 
 import pytest
 import torch
@@ -131,11 +132,26 @@ def test_a_prepared_qmatmul_call_checks_what_it_binds(rng):
         make(act_bits=4)
 
 
-@pytest.mark.parametrize("isa", [i for i in USABLE_ISAS if i != "generic"])
+# per usable build, the code widths its own decode kernel serves on interleaved rows
+INTERLEAVED_BITS = pyengine.build_info().get("cpu_interleaved_bits", {})
+
+
+def test_every_x86_build_has_an_interleaved_decode_kernel():
+    """The AVX2 and AVX-512 builds serve every width on interleaved rows, the generic build on
+    x86-64 (SSE2) 2, 4 and 8 bits."""
+    for isa in USABLE_ISAS:
+        want = {"avx512": [2, 3, 4, 8], "avx2": [2, 3, 4, 8], "generic": [2, 4, 8]}[isa]
+        if isa == "generic" and platform.machine().lower() not in ("x86_64", "amd64"):
+            want = []
+        assert INTERLEAVED_BITS[isa] == want, isa
+
+
+@pytest.mark.parametrize("isa", USABLE_ISAS)
 def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
-    """bind_linear with act_bits=8 on the AVX2 / AVX-512 builds prepares the interleaved copy
-    (and says how many bytes it holds); its calls equal qlinear's, at decode and prefill M;
-    rows that are not a multiple of 8 keep the canonical layout."""
+    """bind_linear with act_bits=8 prepares the interleaved copy where the build's decode kernel
+    reads it (and says how many bytes it holds); its calls equal qlinear's, at decode and
+    prefill M; rows that are not a multiple of 8, and widths the build does not serve there
+    (3 bits in the generic build), keep the canonical layout."""
     backend = CpuBackend(isa=isa)
     for bits, n in ((4, 48), (8, 40), (2, 16), (3, 24), (4, 20)):
         k = 300
@@ -143,7 +159,7 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
                                scale_dtype=torch.float16)
         bias = torch.randn(n, generator=rng)
         kernel = backend.bind(packed_operand(qw), n, k, bias, act_bits=8)
-        interleaved = n % 8 == 0
+        interleaved = n % 8 == 0 and bits in INTERLEAVED_BITS[isa]
         assert (kernel.prepared_bytes > 0) == interleaved, (bits, n)
         for m in (1, 5, 11):
             x = torch.randn(m, k, generator=rng)
@@ -153,7 +169,7 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
             assert_matches(out, want, torch.float32, f"{isa} bound {bits}-bit N={n} M={m}")
 
 
-@pytest.mark.parametrize("isa", [i for i in USABLE_ISAS if i != "generic"])
+@pytest.mark.parametrize("isa", [i for i in USABLE_ISAS if INTERLEAVED_BITS.get(i)])
 def test_bound_calls_off_the_decode_kernel_read_the_canonical_rows(isa, rng):
     """A prepared interleaved call hands the calls its decode kernel does not serve (M > 8) the
     weight's own canonical rows instead of converting the interleaved copy back on each call:
@@ -162,7 +178,7 @@ def test_bound_calls_off_the_decode_kernel_read_the_canonical_rows(isa, rng):
     canonical rows as well)."""
     backend = CpuBackend(isa=isa)
     ext = extension()
-    for bits in BITS:
+    for bits in INTERLEAVED_BITS[isa]:
         n, k = 40, 300
         qw = pyengine.quantize(random_weight(n, k, rng), bits, 64, clip_search=False)
         bias = torch.randn(n, generator=rng)
@@ -291,16 +307,19 @@ def test_512_and_256_bit_interleaved_kernels_give_the_same_bits(bits, rng, monke
         assert_matches(outs[vnni_modes[0], "1"], ref, torch.float32, what)
 
 
-@pytest.mark.parametrize("isa", [isa for isa in ("avx2", "avx512") if isa in USABLE_ISAS])
+@pytest.mark.parametrize("isa", [isa for isa in USABLE_ISAS if INTERLEAVED_BITS.get(isa)])
 @pytest.mark.parametrize("bits", BITS)
 def test_paired_and_single_vector_kernels_give_the_same_bits(isa, bits, rng, monkeypatch):
     """At M = 1 the interleaved decode kernel works on a pair of its vectors
     (PYENGINE_CPU_VECTOR_PAIRS=1, the default: two octets of rows in 256-bit vectors, four in
-    the AVX-512 build's 512-bit ones) or on one (=0), with its weight streams prefetched ahead
-    (PYENGINE_CPU_PREFETCH=1, the default) or not: equal outputs bit for bit, with both
-    vector widths of the AVX-512 build, with vpdpbusd (on a CPU with it) and with the pair sums,
-    for octet counts that leave octets over after the pairs (1, 3, 5, 7, 37) or not (2, 4, 8),
-    one thread and two; and equal to the reference product of the quantized activations."""
+    the AVX-512 build's 512-bit ones; two octets of 8-bit codes in the generic build) or on one
+    (=0), with its weight streams prefetched ahead (PYENGINE_CPU_PREFETCH=1, the default) or
+    not: equal outputs bit for bit, with both vector widths of the AVX-512 build, with vpdpbusd
+    (on a CPU with it) and with the pair sums, for octet counts that leave octets over after the
+    pairs (1, 3, 5, 7, 37) or not (2, 4, 8), one thread and two; and equal to the reference
+    product of the quantized activations."""
+    if bits not in INTERLEAVED_BITS[isa]:
+        pytest.skip(f"the {isa} build reads {bits}-bit codes in their canonical rows")
     vnni_modes = (("1", "0") if isa == "avx512" and pyengine.build_info().get("cpu_vnni")
                   else ("0",))
     zmm_modes = ("1", "0") if isa == "avx512" else ("0",)
