@@ -17,9 +17,11 @@
 // on rows interleaved by eights (QMatmulArgs::interleave, rows8_octets: eight rows' dot products
 // in the lanes of one vector; 3-bit codes in split blocks merged into nibbles, rows8_nibbles3).
 // The generic build has a portable integer path for 2-, 4- and 8-bit weights at M <=
-// kDecodeMaxM (portable_rows: GCC / Clang vectors, int16 products). Every other case (larger M,
-// 3-bit codes in the generic build) quantizes the activations the same way into an fp32 copy and
-// runs the exact kernels on it, so every path computes the same product.
+// kDecodeMaxM (portable_rows: GCC / Clang vectors, int16 products) and, on x86-64, an SSE2
+// kernel for the same widths on the interleaved rows (sse2_rows8_octets: pmaddwd on planes
+// masked in 16-bit lanes). Every other case (larger M, 3-bit codes in the generic build)
+// quantizes the activations the same way into an fp32 copy and runs the exact kernels on it, so
+// every path computes the same product.
 //
 // Byte layout (2, 4 and 8 bits; 3-bit steps are decoded to bytes first, see "3-bit codes to
 // bytes" below). A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
@@ -1428,6 +1430,7 @@ constexpr int kSse2PrefetchBytes = 1024;
 struct Sse2Rows8Plan : BlockPlan {
   std::vector<int16_t> xw;  // [M][blocks][BITS words][planes][8] pmaddwd's activation patterns
 };
+static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16, "xw's patterns are read by aligned loads");
 
 template <int BITS>
 void plan_sse2_rows8(const QMatmulArgs& a, Sse2Rows8Plan& p) {

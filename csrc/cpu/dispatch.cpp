@@ -34,7 +34,8 @@ struct Build {
 
 #define PYENGINE_BUILD(isa)                                                                     \
   Build {                                                                                       \
-    &isa::qmatmul, &isa::rows8_native, &isa::plane_matmul, &isa::gptq_columns, &isa::clip_errors,                   \
+    &isa::qmatmul, &isa::rows8_native, &isa::plane_matmul, &isa::gptq_columns,                  \
+        &isa::clip_errors,                                                                      \
         StepKernels{&isa::rms_norm, &isa::silu_mul, &isa::hadamard, &isa::attention_step,       \
                     &isa::attention_step_tasks},                                                \
         #isa                                                                                    \
@@ -228,7 +229,7 @@ const char* selected_isa() { return selected().name; }
 
 std::vector<int> interleaved_bits(const std::string& isa) {
   const Build& build = build_named(isa, "interleaved_bits");
-  QMatmulArgs decode;  // a decode call (M = 1, int8 activations) on interleaved rows
+  QMatmulArgs decode{};  // a decode call (M = 1, int8 activations) on interleaved rows
   decode.M = 1;
   decode.act_bits = 8;
   decode.interleave = kInterleaveRows;

@@ -31,7 +31,7 @@ ISA_VARIABLE = "PYENGINE_CPU_ISA"
 SWITCH_VARIABLES = {"PYENGINE_CPU_ZMM": "cpu_zmm",  # 512-bit vectors (AVX-512 build)
                     "PYENGINE_CPU_VNNI": "cpu_vnni",  # vpdpbusd (AVX-512 build, AVX512_VNNI)
                     "PYENGINE_CPU_VECTOR_PAIRS": "cpu_vector_pairs",  # two streams at M = 1
-                    "PYENGINE_CPU_PREFETCH": "cpu_prefetch"}  # 256-bit vectors prefetch
+                    "PYENGINE_CPU_PREFETCH": "cpu_prefetch"}  # prefetch at M = 1 (not zmm)
 INTERLEAVE_ROWS = 8  # rows side by side in the row-interleaved layout (QMatmulArgs::interleave)
 SPLIT_ROWS = 256  # rows per pass of split_3bit_blocks
 
@@ -83,6 +83,16 @@ def interleave_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     groups = scales.shape[1]
     return (side_by_side(rows, words), side_by_side(scales, groups),
             None if zeros is None else side_by_side(zeros, groups))
+
+
+@functools.lru_cache(maxsize=None)
+def interleaved_bits(isa: str) -> tuple:
+    """The code widths whose decode calls the ``isa`` build runs on the row-interleaved layout
+    (``pyengine.build_info()["cpu_interleaved_bits"]``, fixed for the process); () for a build
+    this CPU cannot run."""
+    ext = extension()
+    served = ext.build_info().get("cpu_interleaved_bits", {}) if ext is not None else {}
+    return tuple(served.get(isa, ()))
 
 
 class CpuBackend(Backend):
@@ -140,8 +150,7 @@ class CpuBackend(Backend):
         x86-64; elsewhere the copy would only be read back in the canonical layout)."""
         if act_bits != 8 or not isinstance(weight, PackedOperand) or n % INTERLEAVE_ROWS:
             return False
-        served = extension().build_info().get("cpu_interleaved_bits", {})
-        return weight.bits in served.get(self.selected_isa(), ())
+        return weight.bits in interleaved_bits(self.selected_isa())
 
     def bind(self, weight, n, k, bias, act_bits=0, dtype=torch.float32, layout_copy=True):
         if not isinstance(weight, PackedOperand):
