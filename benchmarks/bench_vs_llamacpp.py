@@ -5,7 +5,7 @@ llama.cpp: its ``llama-bench`` and ``llama-quantize`` are built once from the ve
 the ``llama-cpp-python`` sdist (no prebuilt binary is on the package registry; server, examples
 and tests off) into ``$PYENGINE_CACHE/llama.cpp/<version>-<isa>`` and reused; ``--isa native``
 lets ggml use every instruction set of this CPU, ``--isa avx2`` builds without AVX-512 (the
-CPUs people have without it). The embedded GGUF (Q4_1 weights) is requantized to each llama.cpp
+CPUs people have without it), ``--isa generic`` with x86-64's baseline only (SSE2). The embedded GGUF (Q4_1 weights) is requantized to each llama.cpp
 type once (cached next to the build); F32 is the same weights dequantized, which is what
 pyengine's dense model holds.
 
@@ -14,8 +14,8 @@ pyengine: the model loaded from the same GGUF (pyengine.model.smollm2), compress
 matrix at 8 bits in its 4- and 2-bit types), decoded through pyengine.Decoder (the lean loop,
 static KV cache) as benchmarks/bench_decode.py does, batch 1. The ``*_a8`` configs run every
 linear, head included, on int8 activations (as llama.cpp's quantized types do with their Q8
-activations): on the AVX2 / AVX-512 builds through a copy of their weights with rows
-interleaved by eights, whose size the rows report as ``prepared_bytes``; ``int4_a8_nocopy``
+activations): on the AVX2 / AVX-512 builds (the generic build: 2-, 4- and 8-bit weights)
+through a copy of their weights with rows interleaved by eights, whose size the rows report as ``prepared_bytes``; ``int4_a8_nocopy``
 decodes the int4_a8 model without that copy (``Decoder(layout_copy=False)``: the model's bytes
 only, on its canonical rows).
 
@@ -61,6 +61,10 @@ ISA_FLAGS = {
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
              "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF",
              "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF"],
+    # x86-64's baseline (SSE2): no SSE4.2, AVX, FMA, F16C or BMI2, as pyengine's generic build
+    "generic": ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF",
+                "-DGGML_BMI2=OFF", "-DGGML_FMA=OFF", "-DGGML_F16C=OFF", "-DGGML_AVX512=OFF",
+                "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF"],
 }
 
 

@@ -410,7 +410,8 @@ def sections() -> List[Callable[[], List[str]]]:
              lambda: decode_table("decode_cuda.json"), lambda: decode_table("decode_cpu.json"),
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
-             lambda: vs_llamacpp_table("vs_llamacpp_avx2.json")]
+             lambda: vs_llamacpp_table("vs_llamacpp_avx2.json"),
+             lambda: vs_llamacpp_table("vs_llamacpp_generic.json")]
             + [lambda name=name: kernel_table(name, "GPU kernels") for name in gpu_files()]
             + [lambda: kernel_table("cpu_kernels.json", "CPU kernels", (1, 8)),
                static_gpu_table])

@@ -263,7 +263,10 @@ def test_llamacpp_comparison_script_parses(capsys):
         bench_vs_llamacpp.main(["--help"])
     assert exit_info.value.code == 0
     assert "llama.cpp" in capsys.readouterr().out
-    assert set(bench_vs_llamacpp.ISA_FLAGS) == {"native", "avx2"}
+    # llama.cpp built for each of pyengine's narrower cpu builds, and natively
+    assert set(bench_vs_llamacpp.ISA_FLAGS) == {"native", "avx2", "generic"}
+    assert all("-DGGML_AVX512=OFF" in bench_vs_llamacpp.ISA_FLAGS[isa] for isa in ("avx2", "generic"))
+    assert "-DGGML_AVX2=OFF" in bench_vs_llamacpp.ISA_FLAGS["generic"]
 
 
 def test_call_overhead_bench_times_every_call_kind(tmp_path):
