@@ -1369,17 +1369,26 @@ void portable_decode(const QMatmulArgs& a, float* out32) {
   });
 }
 
-// The call's products into out32 [M, N] by portable_decode, then the epilogue.
-void portable_path(const QMatmulArgs& a) {
+// A generic-build integer path's call: decode(bits, out32) for a.bits in {2, 4, 8} (bits as a
+// compile-time constant) into fp32 products [M, N], then the epilogue (as integer_path).
+template <class Decode>
+void generic_integer_path(const QMatmulArgs& a, Decode decode) {
   float* out32 = products_buffer(a);
   if (a.K > 0) {
     switch (a.bits) {
-      case 2: portable_decode<2>(a, out32); break;
-      case 4: portable_decode<4>(a, out32); break;
-      default: portable_decode<8>(a, out32); break;
+      case 2: decode(std::integral_constant<int, 2>{}, out32); break;
+      case 4: decode(std::integral_constant<int, 4>{}, out32); break;
+      default: decode(std::integral_constant<int, 8>{}, out32); break;
     }
   }
   store_result(a, out32);
+}
+
+// The call's products by portable_decode, then the epilogue.
+void portable_path(const QMatmulArgs& a) {
+  generic_integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
+    portable_decode<decltype(bits)::value>(a, out32);
+  });
 }
 
 #if defined(__SSE2__)
@@ -1620,15 +1629,9 @@ void qmatmul_rows8(const QMatmulArgs& a) {
     rows8_decode<decltype(bits)::value>(a, out32);
   });
 #elif defined(__SSE2__)
-  float* out32 = products_buffer(a);
-  if (a.K > 0) {
-    switch (a.bits) {
-      case 2: sse2_rows8_decode<2>(a, out32); break;
-      case 4: sse2_rows8_decode<4>(a, out32); break;
-      default: sse2_rows8_decode<8>(a, out32); break;
-    }
-  }
-  store_result(a, out32);
+  generic_integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
+    sse2_rows8_decode<decltype(bits)::value>(a, out32);
+  });
 #else
   (void)a;
 #endif
