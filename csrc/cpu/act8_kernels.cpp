@@ -1414,7 +1414,7 @@ void portable_path(const QMatmulArgs& a) {
 // (cpu_interleaved_bits).
 // An empty asm that takes an accumulator as read and written in a register: the compiler then
 // adds each product into it in program order, instead of reassociating a block's sums into a
-// tree whose partial sums it spills (GCC 13 did: 1.3-1.7x slower in cache).
+// tree whose partial sums it spills to the stack (GCC did so without it).
 PYENGINE_INLINE inline void keep_in_register(__m128i& sums) { asm("" : "+x"(sums)); }
 
 template <int BITS>
