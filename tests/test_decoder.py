@@ -474,7 +474,10 @@ def test_a_busy_verdict_holds_new_programs_on_one_thread_until_their_shared_budg
 
     try:
         for age_s in (0.0, 3600.0):
-            step_program.set_machine_verdict(5.0, age_s)
+            # parallel steps 1000x slower: a budget of 32 000 one-thread steps (this model's take
+            # about 40 us), which no scheduling hiccup of the machine spends within 16 steps (at
+            # 5x the budget was 6 ms, and a stalled step or two sometimes spent it)
+            step_program.set_machine_verdict(1000.0, age_s)
             # the opening would be 3 one-thread steps, then 3 parallel ones
             assert parallel_runs_of_a_new_program(8) == 0
             spent = step_program.machine_verdict()["reliant_ms"]
@@ -482,14 +485,16 @@ def test_a_busy_verdict_holds_new_programs_on_one_thread_until_their_shared_budg
             assert parallel_runs_of_a_new_program(8) == 0
             assert step_program.machine_verdict()["reliant_ms"] > spent  # one budget for all
 
-        # at a ratio of 2 the budget is about 64 one-thread steps: short programs of 24 steps
-        # each, on their own, would never try a parallel step
-        step_program.set_machine_verdict(2.0, 0.0)
-        runs = [parallel_runs_of_a_new_program(24) for _ in range(8)]
+        # at a ratio of 10 the budget is about 320 one-thread steps: short programs of 24 steps
+        # each, on their own, would never try a parallel step, and together they do (the first
+        # two leave a margin of about 270 steps, 11 ms here, for a stalled step: at a ratio of 2
+        # that margin was 16 steps, and a stall sometimes made the second program try)
+        step_program.set_machine_verdict(10.0, 0.0)
+        runs = [parallel_runs_of_a_new_program(24) for _ in range(20)]
         tried = next((i for i, n in enumerate(runs) if n), None)
         assert tried is not None and tried >= 2, runs  # after 48 or more one-thread steps
         verdict = step_program.machine_verdict()
-        assert verdict["age_s"] < 60 and verdict["parallel_over_serial"] != 2.0  # measured
+        assert verdict["age_s"] < 60 and verdict["parallel_over_serial"] != 10.0  # measured
 
         for ratio in (1.5, 0.0):  # not busy, or none: a new program measures its own
             step_program.set_machine_verdict(ratio, 0.0)
