@@ -228,7 +228,7 @@ struct MachineVerdict {
 MachineVerdict g_machine;
 constexpr double kBusyRatio = 2;
 
-// Adds ms of one-thread steps run on the verdict (negative: a try spends them).
+// Adds ms of one-thread steps run on the verdict (set_machine_verdict spends them).
 void add_reliant_ms(double ms) {
   std::lock_guard<std::mutex> lock(g_machine.mutex);
   g_machine.reliant_ms += ms;
@@ -394,9 +394,11 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
     if (since_probe >= kProbeRatio * (parallel ? serial_ms : parallel_ms)) {
       parallel = !parallel;
       ms_since_probe_ = 0;
-      // (a program relying on the verdict tries by the opening's rule above, from its next step)
+      // (a program relying on the verdict tries by the opening's rule above, from its next
+      // step; the budget is spent when its try has timed both schedules and writes the verdict
+      // anew, set_machine_verdict: a program that ends before that leaves the budget to the
+      // next one, which then tries at once instead of relying on the old verdict again)
       probe_steps_left_ = reliant ? 0 : kProbeSteps - 1;
-      if (reliant) add_reliant_ms(-since_probe);  // this program's try spends the budget
     }
   }
   const bool switched = last_schedule_ != (int)parallel;  // the program's first run too
