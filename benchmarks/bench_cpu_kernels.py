@@ -96,6 +96,15 @@ class PeerWeights(NamedTuple):
     w8: torch.Tensor                  # int8 [N, K]: q8's codes - 128
     s8: torch.Tensor                  # bf16 [N]: q8's scales
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all of its tensors (a copy's share of the rotation): about 3 N K, of
+        which each peer kernel reads N K / 2 or N K."""
+        return (self.q4.nbytes + self.packed4.numel() * self.packed4.element_size()
+                + self.scale_and_zero.numel() * self.scale_and_zero.element_size()
+                + self.q8.nbytes + self.w8.numel() * self.w8.element_size()
+                + self.s8.numel() * self.s8.element_size())
+
 
 def peer_weights(w: torch.Tensor, group_size: int) -> PeerWeights:
     """w ([N, K] fp32) quantized once for the cpu backend and packed for PyTorch's kernels on
@@ -240,8 +249,7 @@ def main(argv=None) -> int:
         if args.peers:
             try:
                 first = peer_weights(w, args.group_size)
-                peers_for_shape = _copies(first, first.packed4.numel() * 4, args.rotate_mb,
-                                          _copy_peer)
+                peers_for_shape = _copies(first, first.nbytes, args.rotate_mb, _copy_peer)
             except RuntimeError as err:  # a shape or build PyTorch's kernels do not take
                 print(f"{shape:>12} peers not run: {str(err).splitlines()[0]}")
         for m in (int(v) for v in args.m.split(",")):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pyengine
 
@@ -140,11 +141,13 @@ def test_cpu_kernel_bench_times_ours_and_pytorchs_kernels(tmp_path):
                                    "--reps", "2", "--rotate-mb", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     got = {(r["backend"], r["bits"], r["group_size"], r["activations"], r["M"]) for r in rows}
-    # the decoder's row-interleaved copy: on the AVX2 and AVX-512 builds (96 rows: 12 octets)
-    interleaved = pyengine.build_info()["cpu_isa_selected"] in ("avx2", "avx512")
+    # the decoder's row-interleaved copy, for the widths the build interleaves (96 rows: 12
+    # octets)
+    from pyengine.backends import get_backend
+    isa = get_backend("cpu").selected_isa()  # PYENGINE_CPU_ISA's build where that is set
+    interleaved = pyengine.build_info()["cpu_interleaved_bits"][isa]
     for m in (1, 5):
-        rows8 = ({("cpu rows8", 4, 128, "int8", m), ("cpu rows8", 2, 128, "int8", m)}
-                 if interleaved else set())
+        rows8 = {("cpu rows8", bits, 128, "int8", m) for bits in (4, 2) if bits in interleaved}
         assert {("torch", 32, 0, "float32", m), ("cpu", 4, 128, "float32", m),
                 ("cpu", 2, 128, "float32", m), ("aten-int4pack", 4, 128, "bfloat16", m),
                 ("cpu", 4, 128, "bfloat16", m), ("aten-int8pack", 8, -1, "bfloat16", m),
@@ -152,6 +155,21 @@ def test_cpu_kernel_bench_times_ours_and_pytorchs_kernels(tmp_path):
                 ("cpu", 2, 128, "int8", m)} | rows8 == {g for g in got if g[-1] == m}
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["speedup_vs_fp32"] > 0
+
+
+def test_cpu_kernel_bench_rotates_the_bytes_its_peer_copies_hold(rng):
+    """The peers' weight copies are counted by every byte they hold (both formats' codes,
+    scales and zeros: about 3 N K), so that their rotation holds --rotate-mb, not a multiple."""
+    import bench_cpu_kernels
+    first = bench_cpu_kernels.peer_weights(torch.randn(96, 256, generator=rng), 128)
+    tensors = [first.packed4, first.scale_and_zero, first.w8, first.s8]
+    for q in (first.q4, first.q8):
+        tensors += [t for t in (q.qweight, q.scales, q.zeros) if t is not None]
+    held = sum(t.untyped_storage().nbytes() for t in tensors)
+    assert first.nbytes == held > 3 * 96 * 256
+    copies = bench_cpu_kernels._copies(first, first.nbytes, 1, bench_cpu_kernels._copy_peer)
+    total = sum(c.nbytes for c in copies)
+    assert 10**6 <= total < 10**6 + held
 
 
 def test_vnni_bench_times_both_paths_of_every_layout(tmp_path):
