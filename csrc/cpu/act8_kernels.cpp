@@ -18,9 +18,9 @@
 // in the lanes of one vector; 3-bit codes in split blocks merged into nibbles, rows8_nibbles3).
 // The generic build has a portable integer path for 2-, 4- and 8-bit weights at M <=
 // kDecodeMaxM (portable_rows: GCC / Clang vectors, int16 products) and, on x86-64, an SSE2
-// kernel for the same widths on the interleaved rows (sse2_rows8_octets: pmaddwd on planes
-// masked in 16-bit lanes). Every other case (larger M, 3-bit codes in the generic build)
-// quantizes the activations the same way into an fp32 copy and runs the exact kernels on it, so
+// kernel for those and 3-bit codes on the interleaved rows (sse2_rows8_octets: pmaddwd on
+// planes masked in 16-bit lanes). Every other case (larger M, 3-bit codes on the generic
+// build's canonical rows) quantizes the activations the same way into an fp32 copy and runs the exact kernels on it, so
 // every path computes the same product.
 //
 // Byte layout (2, 4 and 8 bits; 3-bit steps are decoded to bytes first, see "3-bit codes to
@@ -166,6 +166,27 @@ void fake_quantized_matmul(const QMatmulArgs& a) {
   exact.ldx = a.K;
   exact.act_bits = 0;
   qmatmul(exact);
+}
+
+// ---- 3-bit codes on the row-interleaved layout (every x86 build) -----------------------------
+
+// 3-bit blocks (split3_high_bit in common.h: low words t = 0, 1, high word h): nibble word v =
+// 2t + q holds in byte i the codes 16t + 4i + q (low nibble) and 16t + 4i + q + 2 (high
+// nibble): the low bits (word t >> 2q) at bits 0-1 and 4-5 and the high bits at bits 2 and 6,
+// where h's bits v and v + 4 land when h is shifted by 2 - v (within each byte for |2 - v| <= 2
+// and these positions). Bits 3 and 7 take whatever h has there: the planes' mask (0x07)
+// drops them.
+// T: the vectors' operations (Rows8Ymm, Rows8Zmm, Rows8Pair in the AVX2 and AVX-512 builds,
+// Sse2Nibbles in the generic build on x86-64).
+template <int V, class T>
+PYENGINE_INLINE inline typename T::I rows8_nibbles3(typename T::I low0, typename T::I low1,
+                                                    typename T::I high) {
+  constexpr int kShift = 2 - V;
+  const auto low = T::template srli16<2 * (V & 1)>(V >> 1 ? low1 : low0);
+  auto hi = high;
+  if constexpr (kShift > 0) hi = T::template slli16<kShift>(high);
+  if constexpr (kShift < 0) hi = T::template srli16<-kShift>(high);
+  return T::select(T::set8(0x33), low, hi);  // bits 0-1 and 4-5: low, the rest: high
 }
 
 #if defined(__AVX2__)
@@ -650,23 +671,6 @@ struct Rows8Layout {
   }
 };
 constexpr int kInterleave = 8;
-
-// 3-bit blocks (split3_high_bit in common.h: low words t = 0, 1, high word h): nibble word v =
-// 2t + q holds in byte i the codes 16t + 4i + q (low nibble) and 16t + 4i + q + 2 (high
-// nibble): the low bits (word t >> 2q) at bits 0-1 and 4-5 and the high bits at bits 2 and 6,
-// where h's bits v and v + 4 land when h is shifted by 2 - v (within each byte for |2 - v| <= 2
-// and these positions). Bits 3 and 7 take whatever h has there: the planes' mask (0x07)
-// drops them.
-template <int V, class T>
-PYENGINE_INLINE inline typename T::I rows8_nibbles3(typename T::I low0, typename T::I low1,
-                                                    typename T::I high) {
-  constexpr int kShift = 2 - V;
-  const auto low = T::template srli16<2 * (V & 1)>(V >> 1 ? low1 : low0);
-  auto hi = high;
-  if constexpr (kShift > 0) hi = T::template slli16<kShift>(high);
-  if constexpr (kShift < 0) hi = T::template srli16<-kShift>(high);
-  return T::select(T::set8(0x33), low, hi);  // bits 0-1 and 4-5: low, the rest: high
-}
 
 struct Rows8Plan : BlockPlan {
   std::vector<int32_t> xq;  // [M][plane words][planes] the 4 activation bytes of each
@@ -1369,14 +1373,15 @@ void portable_decode(const QMatmulArgs& a, float* out32) {
   });
 }
 
-// A generic-build integer path's call: decode(bits, out32) for a.bits in {2, 4, 8} (bits as a
-// compile-time constant) into fp32 products [M, N], then the epilogue (as integer_path).
+// A generic-build integer path's call: decode(bits, out32) for a.bits in {2, 3, 4, 8} (bits as
+// a compile-time constant) into fp32 products [M, N], then the epilogue (as integer_path).
 template <class Decode>
 void generic_integer_path(const QMatmulArgs& a, Decode decode) {
   float* out32 = products_buffer(a);
   if (a.K > 0) {
     switch (a.bits) {
       case 2: decode(std::integral_constant<int, 2>{}, out32); break;
+      case 3: decode(std::integral_constant<int, 3>{}, out32); break;
       case 4: decode(std::integral_constant<int, 4>{}, out32); break;
       default: decode(std::integral_constant<int, 8>{}, out32); break;
     }
@@ -1384,10 +1389,11 @@ void generic_integer_path(const QMatmulArgs& a, Decode decode) {
   store_result(a, out32);
 }
 
-// The call's products by portable_decode, then the epilogue.
+// The call's products by portable_decode, then the epilogue. 3-bit codes never come here
+// (act8_native: they take the exact kernels on the canonical rows).
 void portable_path(const QMatmulArgs& a) {
   generic_integer_path(a, [&](auto bits, float* out32) PYENGINE_INLINE {
-    portable_decode<decltype(bits)::value>(a, out32);
+    if constexpr (decltype(bits)::value != 3) portable_decode<decltype(bits)::value>(a, out32);
   });
 }
 
@@ -1410,8 +1416,10 @@ void portable_path(const QMatmulArgs& a) {
 // product is 2^kScaleShift times its own and one accumulator takes them all, shifted down once
 // per block (exactly). In range: the int16 inputs are at most 192 (int2 plane 3) and 127 * 64,
 // every product at most 3 * 127 * 64 or 15 * 127 * 16 or 255 * 127, a block's sum (32 of
-// them) far inside int32. 3-bit codes are not interleaved in this build
-// (cpu_interleaved_bits).
+// them) far inside int32. 3-bit codes: each block's three loaded words (two of low bits, one of
+// high bits, split3_high_bit) are merged into four nibble words (rows8_nibbles3, by Sse2Nibbles'
+// shifts and a select of three bitwise operations), then read as 4-bit words whose nibbles carry
+// 3-bit codes (mask 0x07 in place of 0x0F: bit 3 is junk).
 // An empty asm that takes an accumulator as read and written in a register: the compiler then
 // adds each product into it in program order, instead of reassociating a block's sums into a
 // tree whose partial sums it spills to the stack (GCC did so without it).
@@ -1419,12 +1427,28 @@ PYENGINE_INLINE inline void keep_in_register(__m128i& sums) { asm("" : "+x"(sums
 
 template <int BITS>
 struct Sse2Rows8Layout {
-  static constexpr int kCodesPerWord = 32 / BITS;
-  static constexpr int kPlanes = 16 / BITS;        // planes of a 16-bit lane
-  static constexpr int kBytePlanes = 8 / BITS;     // of each of its bytes
-  static constexpr int kScaleShift = 8 - BITS;     // every product at 2^kScaleShift
-  // int16 activations per block: BITS words x kPlanes planes x 8 lanes (128 for every width)
-  static constexpr int kBlockPattern = BITS * kPlanes * 8;
+  // words of plane bytes per block: the loaded words (BITS of them) or for 3 bits the four
+  // nibble words rows8_nibbles3 builds from the three loaded
+  static constexpr int kPlaneWords = BITS == 3 ? 4 : BITS;
+  static constexpr int kPlaneBits = BITS == 3 ? 4 : BITS;  // bits of a plane's slot in a byte
+  static constexpr int kPlanes = 16 / kPlaneBits;          // planes of a 16-bit lane
+  static constexpr int kBytePlanes = 8 / kPlaneBits;       // of each of its bytes
+  static constexpr int kScaleShift = 8 - kPlaneBits;       // every product at 2^kScaleShift
+  static constexpr int kCodeMask = BITS == 3 ? 0x07 : (1 << BITS) - 1;  // of a slot
+  // int16 activations per block: plane words x kPlanes planes x 8 lanes (128 for every width)
+  static constexpr int kBlockPattern = kPlaneWords * kPlanes * 8;
+  // The code (within its block) that plane j of plane word v meets in 16-bit lane h of a row's
+  // word: byte y = j / kBytePlanes of the lane, slot t = j % kBytePlanes of that byte. 2, 4 and
+  // 8 bits: the canonical packing, code v * c + h * c / 2 + j (c = 32 / BITS codes per word).
+  // 3 bits: byte 2h + y of nibble word v = 2 t' + q holds codes 16 t' + 4 (2h + y) + q (low
+  // nibble) and that + 2 (high nibble; rows8_nibbles3).
+  static constexpr int code_of(int v, int j, int h) {
+    if constexpr (BITS == 3) {
+      return 16 * (v >> 1) + 4 * (2 * h + j / kBytePlanes) + (v & 1) + 2 * (j % kBytePlanes);
+    } else {
+      return v * (32 / BITS) + h * (16 / BITS) + j;
+    }
+  }
 };
 static_assert(3 * 127 * 64 * 2 * 32 < (1 << 30) && 127 * 64 < 32767 && 15 * 127 * 16 < 32767,
               "sse2 rows8 ranges");
@@ -1444,24 +1468,35 @@ static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16, "xw's patterns are read by
 template <int BITS>
 void plan_sse2_rows8(const QMatmulArgs& a, Sse2Rows8Plan& p) {
   using L = Sse2Rows8Layout<BITS>;
-  constexpr int c = L::kCodesPerWord;
   const int64_t per_row = (a.K + kActBlock - 1) / kActBlock * L::kBlockPattern;
   p.xw.resize((size_t)(a.M * per_row));  // every element is laid out below
   plan_blocks(a, p, [&](int64_t m, const int8_t* q) {
     int16_t* pattern = p.xw.data() + m * per_row;
     for (int64_t b = 0; b < per_row / L::kBlockPattern; ++b)
-      for (int v = 0; v < BITS; ++v)
+      for (int v = 0; v < L::kPlaneWords; ++v)
         for (int j = 0; j < L::kPlanes; ++j, pattern += 8) {
-          // plane j is masked in place at 2^(BITS * (j % kBytePlanes)): the rest of the scale
-          const int scale = 1 << (L::kScaleShift - BITS * (j % L::kBytePlanes));
-          const int8_t* codes = q + b * kActBlock + v * c + j;  // code j of lane h = 0
+          // plane j is masked in place at 2^(kPlaneBits * (j % kBytePlanes)): the rest of the
+          // scale
+          const int scale = 1 << (L::kScaleShift - L::kPlaneBits * (j % L::kBytePlanes));
+          const int8_t* codes = q + b * kActBlock;
           for (int r = 0; r < 4; ++r) {
-            pattern[2 * r] = (int16_t)(codes[0] * scale);
-            pattern[2 * r + 1] = (int16_t)(codes[c / 2] * scale);  // code j of lane h = 1
+            pattern[2 * r] = (int16_t)(codes[L::code_of(v, j, 0)] * scale);
+            pattern[2 * r + 1] = (int16_t)(codes[L::code_of(v, j, 1)] * scale);
           }
         }
   });
 }
+
+// The operations rows8_nibbles3 takes, on SSE2 vectors (the select in three bitwise
+// operations: SSE2 has no bitwise ternary).
+struct Sse2Nibbles {
+  using I = __m128i;
+  static I set8(int v) { return _mm_set1_epi8((char)v); }
+  template <int S> static I srli16(I a) { return _mm_srli_epi16(a, S); }
+  template <int S> static I slli16(I a) { return _mm_slli_epi16(a, S); }
+  // c ? a : b bitwise
+  static I select(I c, I a, I b) { return _mm_xor_si128(_mm_and_si128(_mm_xor_si128(a, b), c), b); }
+};
 
 // Octets o .. o + OCT - 1 of weight rows against activation rows [m0, m0 + MB):
 // out32[m][8o .. 8(o + OCT)). sf, bf: octet o's group parameters, [OCT][G][8] (w = c * sf + bf;
@@ -1511,15 +1546,30 @@ void sse2_rows8_octets(const QMatmulArgs& a, const Sse2Rows8Plan& p, int64_t m0,
       unroll<MB>([&](auto m) PYENGINE_INLINE {
         unroll<V>([&](auto u) PYENGINE_INLINE { sums[m][u] = _mm_setzero_si128(); });
       });
-      unroll<BITS>([&](auto v) PYENGINE_INLINE {
-        const int64_t w = b * BITS + decltype(v)::value;
+      // 3 bits: the block's loaded words (two of low bits, one of high bits) of every vector
+      __m128i low0[V], low1[V], high[V];
+      if constexpr (BITS == 3) {
+        unroll<V>([&](auto u) PYENGINE_INLINE {
+          low0[u] = word(3 * b, decltype(u)::value);
+          low1[u] = word(3 * b + 1, decltype(u)::value);
+          high[u] = word(3 * b + 2, decltype(u)::value);
+        });
+      }
+      unroll<L::kPlaneWords>([&](auto v) PYENGINE_INLINE {
+        constexpr int kV = decltype(v)::value;
+        const int64_t w = b * L::kPlaneWords + kV;  // the plane word's patterns
         __m128i lanes[V];
-        unroll<V>([&](auto u) PYENGINE_INLINE { lanes[u] = word(w, decltype(u)::value); });
+        unroll<V>([&](auto u) PYENGINE_INLINE {
+          if constexpr (BITS == 3)
+            lanes[u] = rows8_nibbles3<kV, Sse2Nibbles>(low0[u], low1[u], high[u]);
+          else
+            lanes[u] = word(w, decltype(u)::value);
+        });
         unroll<2>([&](auto y) PYENGINE_INLINE {  // the low byte of each 16-bit lane, the high
           constexpr int Y = decltype(y)::value;
           unroll<L::kBytePlanes>([&](auto t) PYENGINE_INLINE {
             constexpr int T = decltype(t)::value;
-            constexpr int kMask = BITS == 8 ? 0xFF : ((1 << BITS) - 1) << (BITS * T);
+            constexpr int kMask = BITS == 8 ? 0xFF : L::kCodeMask << (L::kPlaneBits * T);
             unroll<MB>([&](auto m) PYENGINE_INLINE {
               const __m128i x = pattern(m, w, Y * L::kBytePlanes + T);
               unroll<V>([&](auto u) PYENGINE_INLINE {
@@ -1614,9 +1664,9 @@ void sse2_rows8_decode(const QMatmulArgs& a, float* out32) {
 bool rows8_native(const QMatmulArgs& a) {
 #if defined(__AVX2__)
   return a.interleave == kInterleaveRows && a.act_bits == 8 && a.M <= kDecodeMaxM;
-#elif defined(__SSE2__)  // the generic build on x86-64: 2, 4 and 8 bits (sse2_rows8_decode)
+#elif defined(__SSE2__)  // the generic build on x86-64: 2, 3, 4 and 8 bits (sse2_rows8_decode)
   return a.interleave == kInterleaveRows && a.act_bits == 8 && a.M <= kDecodeMaxM &&
-         (a.bits == 2 || a.bits == 4 || a.bits == 8);
+         (a.bits == 2 || a.bits == 3 || a.bits == 4 || a.bits == 8);
 #else
   (void)a;
   return false;

@@ -146,8 +146,8 @@ class CpuBackend(Backend):
         """Whether :meth:`bind` prepares ``weight`` in the row-interleaved layout: int8
         activations on packed weights with a multiple of 8 rows, at a width whose decode calls
         this backend's build runs on that layout (``build_info()["cpu_interleaved_bits"]``: 2,
-        3, 4 and 8 bits in the AVX2 and AVX-512 builds, 2, 4 and 8 in the generic build on
-        x86-64; elsewhere the copy would only be read back in the canonical layout)."""
+        3, 4 and 8 bits in every x86 build, the generic one included; none in the generic
+        build elsewhere, where the copy would only be read back in the canonical layout)."""
         if act_bits != 8 or not isinstance(weight, PackedOperand) or n % INTERLEAVE_ROWS:
             return False
         return weight.bits in interleaved_bits(self.selected_isa())
