@@ -20,8 +20,8 @@
 // kDecodeMaxM (portable_rows: GCC / Clang vectors, int16 products) and, on x86-64, an SSE2
 // kernel for those and 3-bit codes on the interleaved rows (sse2_rows8_octets: pmaddwd on
 // planes masked in 16-bit lanes). Every other case (larger M, 3-bit codes on the generic
-// build's canonical rows) quantizes the activations the same way into an fp32 copy and runs the exact kernels on it, so
-// every path computes the same product.
+// build's canonical rows) quantizes the activations the same way into an fp32 copy and runs
+// the exact kernels on it, so every path computes the same product.
 //
 // Byte layout (2, 4 and 8 bits; 3-bit steps are decoded to bytes first, see "3-bit codes to
 // bytes" below). A step is one vector of packed code bytes (kVB bytes: 32 with AVX2, 64 with
@@ -1495,7 +1495,9 @@ struct Sse2Nibbles {
   template <int S> static I srli16(I a) { return _mm_srli_epi16(a, S); }
   template <int S> static I slli16(I a) { return _mm_slli_epi16(a, S); }
   // c ? a : b bitwise
-  static I select(I c, I a, I b) { return _mm_xor_si128(_mm_and_si128(_mm_xor_si128(a, b), c), b); }
+  static I select(I c, I a, I b) {
+    return _mm_xor_si128(_mm_and_si128(_mm_xor_si128(a, b), c), b);
+  }
 };
 
 // Octets o .. o + OCT - 1 of weight rows against activation rows [m0, m0 + MB):
