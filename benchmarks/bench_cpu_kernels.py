@@ -100,10 +100,8 @@ class PeerWeights(NamedTuple):
     def nbytes(self) -> int:
         """Bytes held by all of its tensors (a copy's share of the rotation): about 3 N K, of
         which each peer kernel reads N K / 2 or N K."""
-        return (self.q4.nbytes + self.packed4.numel() * self.packed4.element_size()
-                + self.scale_and_zero.numel() * self.scale_and_zero.element_size()
-                + self.q8.nbytes + self.w8.numel() * self.w8.element_size()
-                + self.s8.numel() * self.s8.element_size())
+        tensors = (self.packed4, self.scale_and_zero, self.w8, self.s8)
+        return self.q4.nbytes + self.q8.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def peer_weights(w: torch.Tensor, group_size: int) -> PeerWeights:
