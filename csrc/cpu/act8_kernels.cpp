@@ -36,6 +36,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -187,6 +188,12 @@ PYENGINE_INLINE inline typename T::I rows8_nibbles3(typename T::I low0, typename
   if constexpr (kShift > 0) hi = T::template slli16<kShift>(high);
   if constexpr (kShift < 0) hi = T::template srli16<-kShift>(high);
   return T::select(T::set8(0x33), low, hi);  // bits 0-1 and 4-5: low, the rest: high
+}
+
+// The code (within its block) that nibble `nibble` (0: low, 1: high) of byte `byte` of nibble
+// word v (rows8_nibbles3) holds: 16t + 4 byte + q + 2 nibble for v = 2t + q.
+constexpr int nibbles3_code(int v, int nibble, int byte) {
+  return 16 * (v >> 1) + 4 * byte + (v & 1) + 2 * nibble;
 }
 
 #if defined(__AVX2__)
@@ -666,8 +673,7 @@ struct Rows8Layout {
   // The code (within its block) that byte i of plane p of plane word v meets: the canonical
   // packing for 2, 4 and 8 bits; for 3 bits that of rows8_nibbles3.
   static constexpr int code_of(int v, int p, int i) {
-    return BITS == 3 ? 16 * (v >> 1) + 4 * i + (v & 1) + 2 * p
-                     : v * (32 / BITS) + (8 / BITS) * i + p;
+    return BITS == 3 ? nibbles3_code(v, p, i) : v * (32 / BITS) + (8 / BITS) * i + p;
   }
 };
 constexpr int kInterleave = 8;
@@ -1440,11 +1446,10 @@ struct Sse2Rows8Layout {
   // The code (within its block) that plane j of plane word v meets in 16-bit lane h of a row's
   // word: byte y = j / kBytePlanes of the lane, slot t = j % kBytePlanes of that byte. 2, 4 and
   // 8 bits: the canonical packing, code v * c + h * c / 2 + j (c = 32 / BITS codes per word).
-  // 3 bits: byte 2h + y of nibble word v = 2 t' + q holds codes 16 t' + 4 (2h + y) + q (low
-  // nibble) and that + 2 (high nibble; rows8_nibbles3).
+  // 3 bits: nibble t of byte 2h + y of nibble word v (nibbles3_code).
   static constexpr int code_of(int v, int j, int h) {
     if constexpr (BITS == 3) {
-      return 16 * (v >> 1) + 4 * (2 * h + j / kBytePlanes) + (v & 1) + 2 * (j % kBytePlanes);
+      return nibbles3_code(v, j % kBytePlanes, 2 * h + j / kBytePlanes);
     } else {
       return v * (32 / BITS) + h * (16 / BITS) + j;
     }
@@ -1500,6 +1505,21 @@ struct Sse2Nibbles {
   }
 };
 
+// A 3-bit block's three loaded words (split3_high_bit: two of low bits, one of high bits) of
+// each of V vectors, and the nibble words rows8_nibbles3 merges from them.
+template <int V>
+struct Sse2Split3Words {
+  __m128i low0[V], low1[V], high[V];
+  PYENGINE_INLINE void load(int u, __m128i l0, __m128i l1, __m128i h) {
+    low0[u] = l0, low1[u] = l1, high[u] = h;
+  }
+  template <int kV>
+  PYENGINE_INLINE __m128i nibbles(int u) const {
+    return rows8_nibbles3<kV, Sse2Nibbles>(low0[u], low1[u], high[u]);
+  }
+};
+struct NoSplit3Words {};  // the other widths load each plane word whole
+
 // Octets o .. o + OCT - 1 of weight rows against activation rows [m0, m0 + MB):
 // out32[m][8o .. 8(o + OCT)). sf, bf: octet o's group parameters, [OCT][G][8] (w = c * sf + bf;
 // octet o + q's at q * G * 8). Two octets (OCT = 2, at M = 1) keep two weight streams in flight
@@ -1548,13 +1568,12 @@ void sse2_rows8_octets(const QMatmulArgs& a, const Sse2Rows8Plan& p, int64_t m0,
       unroll<MB>([&](auto m) PYENGINE_INLINE {
         unroll<V>([&](auto u) PYENGINE_INLINE { sums[m][u] = _mm_setzero_si128(); });
       });
-      // 3 bits: the block's loaded words (two of low bits, one of high bits) of every vector
-      __m128i low0[V], low1[V], high[V];
+      // 3 bits: the block's loaded words of every vector, once for its four nibble words
+      std::conditional_t<BITS == 3, Sse2Split3Words<V>, NoSplit3Words> split3;
       if constexpr (BITS == 3) {
         unroll<V>([&](auto u) PYENGINE_INLINE {
-          low0[u] = word(3 * b, decltype(u)::value);
-          low1[u] = word(3 * b + 1, decltype(u)::value);
-          high[u] = word(3 * b + 2, decltype(u)::value);
+          constexpr int U = decltype(u)::value;
+          split3.load(U, word(3 * b, U), word(3 * b + 1, U), word(3 * b + 2, U));
         });
       }
       unroll<L::kPlaneWords>([&](auto v) PYENGINE_INLINE {
@@ -1563,7 +1582,7 @@ void sse2_rows8_octets(const QMatmulArgs& a, const Sse2Rows8Plan& p, int64_t m0,
         __m128i lanes[V];
         unroll<V>([&](auto u) PYENGINE_INLINE {
           if constexpr (BITS == 3)
-            lanes[u] = rows8_nibbles3<kV, Sse2Nibbles>(low0[u], low1[u], high[u]);
+            lanes[u] = split3.template nibbles<kV>(decltype(u)::value);
           else
             lanes[u] = word(w, decltype(u)::value);
         });
