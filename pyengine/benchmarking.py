@@ -76,13 +76,14 @@ def time_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 100) -> fl
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", warmup: int = 3,
-                     rounds: int = 25) -> Dict[str, float]:
+                     rounds: int = 25, min_seconds: float = 0.0) -> Dict[str, float]:
     """Median time (ms) of each function, measured round-robin so that slow drifts of a shared
     machine hit all of them alike and the ratios between them stay meaningful. Each round takes
     the functions in a fresh order (seeded, so runs repeat): in a fixed order one function
     always follows the same other one and pays for what it leaves behind (on an Intel Xeon a
     decode kernel ran 3-5% slower right after a copy past the last-level cache than after
-    another kernel). On CUDA each function is timed with events (:func:`time_cuda`) instead."""
+    another kernel). Rounds go on past ``rounds`` until ``min_seconds`` have passed since the
+    first (CPU). On CUDA each function is timed with events (:func:`time_cuda`) instead."""
     if device == "cuda":
         return {name: time_cuda(fn, warmup=warmup, reps=rounds) for name, fn in fns.items()}
     for fn in fns.values():
@@ -90,7 +91,9 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu", 
             fn()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     order, shuffle = list(fns), random.Random(0).shuffle
-    for _ in range(rounds):
+    start, done = time.perf_counter(), 0
+    while done < rounds or time.perf_counter() - start < min_seconds:
+        done += 1
         shuffle(order)
         for name in order:
             t0 = time.perf_counter()

@@ -4,6 +4,7 @@ sizes; here they must produce well-formed rows and plots)."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,27 @@ def test_buffers_stream_past_the_last_level_cache(tmp_path):
     assert common.default_rotate_mb() == max(256, 3 * (llc or 0) // 10**6)
 
 
+def test_interleaved_rounds_go_on_until_min_seconds():
+    """With min_seconds, rounds continue past ``rounds`` until that much time has passed (the
+    benchmarks' settling pass), whole rounds only."""
+    from pyengine.benchmarking import time_interleaved
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.01)
+
+    start = time.perf_counter()
+    times = time_interleaved({"slow": slow, "fast": lambda: calls.append("fast")}, warmup=0,
+                             rounds=1, min_seconds=0.1)
+    assert time.perf_counter() - start >= 0.1
+    assert calls.count("slow") == calls.count("fast") >= 5  # 0.1 s of 10 ms rounds
+    assert times["slow"] >= 9 and times["fast"] < times["slow"]
+    calls.clear()
+    time_interleaved({"slow": slow, "fast": lambda: calls.append("fast")}, warmup=0, rounds=3)
+    assert calls.count("slow") == 3  # no min_seconds: exactly the rounds
+
+
 def test_interleaved_rounds_take_the_functions_in_changing_orders():
     """Every function runs warmup + rounds times; the rounds' orders differ, so no function
     always follows the same one (a fixed order had the fp32 baseline always right after the
@@ -138,7 +160,8 @@ def test_cpu_kernel_bench_times_ours_and_pytorchs_kernels(tmp_path):
         pytest.skip("needs the compiled cpu backend")
     out = tmp_path / "cpu_kernels.json"
     assert bench_cpu_kernels.main(["--shapes", "96x256", "--m", "1,5", "--bits", "4,2",
-                                   "--reps", "2", "--rotate-mb", "1", "--json", str(out)]) == 0
+                                   "--reps", "2", "--rotate-mb", "1", "--settle-s", "0.05",
+                                   "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     got = {(r["backend"], r["bits"], r["group_size"], r["activations"], r["M"]) for r in rows}
     # the decoder's row-interleaved copy, for the widths the build interleaves (96 rows: 12
@@ -155,6 +178,7 @@ def test_cpu_kernel_bench_times_ours_and_pytorchs_kernels(tmp_path):
                 ("cpu", 2, 128, "int8", m)} | rows8 == {g for g in got if g[-1] == m}
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["speedup_vs_fp32"] > 0
+        assert r["ms_first_pass"] > 0  # the settling pass's median, kept beside the timed one
 
 
 def test_cpu_kernel_bench_rotates_the_bytes_its_peer_copies_hold(rng):
