@@ -580,6 +580,36 @@ PYBIND11_MODULE(_C, m) {
                                &pyengine::cpu::StepProgram::last_run_threads,
                                "Threads of the last run (1 when it took the one-thread "
                                "schedule; 0 before the first run).")
+        .def_property(
+            "profiling", &pyengine::cpu::StepProgram::profiling,
+            &pyengine::cpu::StepProgram::set_profiling,
+            "Whether runs record per-operation times (off by default; turning it on clears what "
+            "was recorded, turning it off keeps it; see profile()).")
+        .def(
+            "profile",
+            [](const pyengine::cpu::StepProgram& p) {
+              py::list ops;
+              for (const auto& o : p.profile()) {
+                py::dict d;
+                d["op"] = o.kind;
+                d["n"] = o.n;
+                d["k"] = o.k;
+                d["bits"] = o.bits;
+                d["serial_ms"] = o.serial_ms;
+                d["parallel_ms"] = o.parallel_ms;
+                ops.append(d);
+              }
+              py::dict out;
+              out["ops"] = ops;
+              out["serial_runs"] = p.profiled_serial_runs();
+              out["parallel_runs"] = p.profiled_parallel_runs();
+              return out;
+            },
+            "Per-operation times (ms, summed) of the runs made while profiling: {'ops': one "
+            "dict per operation in order (op: qmatmul, rms_norm, silu_mul, hadamard or "
+            "attention; n, k, bits: a matmul's, else 0; serial_ms, parallel_ms), "
+            "'serial_runs', 'parallel_runs'}. A parallel run's time between two barriers goes "
+            "to the operation before the second (the others of its group read 0).")
         .def_property_readonly("barriers", &pyengine::cpu::StepProgram::barriers,
                                "Barriers of a parallel run: one after each operation but "
                                "between consecutive matmuls that neither read nor write what "

@@ -297,6 +297,39 @@ def test_huge_pages_bench_times_both_memories(tmp_path):
     assert copy["ordinary"] > 0 and copy["huge_pages"] > 0
 
 
+def test_decode_step_profile_splits_the_step_by_operation(tmp_path):
+    """profile_decode_step.profile_config: one row per operation with one thread, one per
+    barrier's group with two; the rows add up to the program's time, which lies inside the
+    step's; every matmul's weight bytes are counted once."""
+    from pyengine._ext import extension
+    if extension() is None or not hasattr(extension(), "StepProgram"):
+        pytest.skip("needs the compiled CPU step operations")
+    import profile_decode_step
+    from pyengine.model.random import random_model
+    model = random_model("llama", seed=0)
+    pyengine.compress(model, pyengine.Recipe({"_default": pyengine.QuantConfig(4, 32,
+                                                                               act_bits=8)}),
+                      show_progress=False)
+    threads = torch.get_num_threads()
+    try:
+        one = profile_decode_step.profile_config(model, threads=1, steps=3)
+        two = profile_decode_step.profile_config(model, threads=2, steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    layers = model.config.num_hidden_layers
+    assert len(one["rows"]) == sum(1 for r in one["rows"] if " + " not in r["ops"])
+    assert sum(r["ops"] == "attention" for r in one["rows"]) == layers
+    assert len(two["rows"]) < len(one["rows"])  # groups sharing a barrier
+    assert any(" + " in r["ops"] for r in two["rows"])
+    for r in (one, two):
+        assert r["program_ms"] == pytest.approx(sum(row["ms"] for row in r["rows"]))
+        assert 0 < r["program_ms"] < r["step_ms"] and r["outside_ms"] > 0
+        assert sum(row["weight_bytes"] for row in r["rows"]) == sum(
+            row["weight_bytes"] for row in one["rows"]) > 0
+    summary = profile_decode_step.summarize(one["rows"])
+    assert summary["attention"]["calls"] == layers
+
+
 def test_llamacpp_comparison_script_parses(capsys):
     """benchmarks/bench_vs_llamacpp.py imports and documents itself; building llama.cpp (minutes)
     and timing are left to the benchmark runs."""

@@ -450,6 +450,56 @@ def test_step_program_times_both_schedules_and_runs_either_alike():
 
 
 @native_ops
+def test_step_program_profile_times_every_operation_of_each_schedule():
+    """With profiling on, a one-thread run times each operation; a parallel run times each
+    stretch between barriers and sets it on the operation before the barrier (the others of its
+    group read 0). The times add up to no more than the runs took; turning profiling on again
+    clears them; matmuls carry their shapes and widths in the program's order."""
+    import time
+    model = _model("qwen2", "mixed")
+    decoder = Decoder(model, max_len=32)
+    program, stream = decoder.program, decoder._program_buffers[0]
+    assert program is not None and not program.profiling
+    empty = program.profile()
+    assert empty["serial_runs"] == empty["parallel_runs"] == 0
+    assert all(op["serial_ms"] == op["parallel_ms"] == 0 for op in empty["ops"])
+    start = torch.randn(stream.shape, generator=torch.Generator().manual_seed(2))
+    program.profiling = True
+    wall = {}
+    for schedule, threads, runs in (("serial", 1, 3), ("parallel", 2, 2)):
+        t0 = time.perf_counter()
+        for position in range(runs):
+            stream.copy_(start)
+            program.run(position, threads, False)
+        wall[schedule] = (time.perf_counter() - t0) * 1e3
+    prof = program.profile()
+    assert prof["serial_runs"] == 3 and prof["parallel_runs"] == 2
+    ops = prof["ops"]
+    assert len(ops) == len(program)
+    layers = model.config.num_hidden_layers
+    kinds = [op["op"] for op in ops]
+    assert kinds.count("attention") == layers and kinds.count("rms_norm") == 2 * layers
+    assert kinds.count("silu_mul") == layers
+    linears = [c for layer in decoder.layers for c in layer.linears()]
+    matmuls = [op for op in ops if op["op"] == "qmatmul"]
+    assert [op["n"] for op in matmuls] == [c.out_features for c in linears]
+    assert all(op["k"] > 0 and op["bits"] in (2, 3, 4, 8) for op in matmuls)
+    assert all(op["n"] == op["k"] == op["bits"] == 0 for op in ops if op["op"] != "qmatmul")
+    assert all(op["serial_ms"] > 0 for op in ops)  # every operation timed on its own
+    assert 0 < sum(op["serial_ms"] for op in ops) <= wall["serial"]
+    # one time per barrier, on the operation before it
+    assert sum(op["parallel_ms"] > 0 for op in ops) == program.barriers
+    assert 0 < sum(op["parallel_ms"] for op in ops) <= wall["parallel"]
+    program.profiling = False
+    stream.copy_(start)
+    program.run(0, 1, False)  # not recorded
+    assert program.profile()["serial_runs"] == 3
+    program.profiling = True  # clears
+    cleared = program.profile()
+    assert cleared["serial_runs"] == 0 and all(op["serial_ms"] == 0 for op in cleared["ops"])
+
+
+@native_ops
 def test_a_busy_verdict_holds_new_programs_on_one_thread_until_their_shared_budget_is_spent():
     """A program learned that parallel steps are 2x slower or more (a busy machine): a new
     program then opens without parallel steps, however old the verdict. The programs relying on

@@ -273,16 +273,55 @@ void StepProgram::run_prologue_into(const Op& op, void* out) const {
   }
 }
 
+namespace {
+using StepClock = std::chrono::steady_clock;
+double ms_between(StepClock::time_point from, StepClock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
+}
+}  // namespace
+
 void StepProgram::run_serial(int64_t position) {
-  for (const Op& op : ops_) {
+  const bool timing = profiling_;
+  if (timing) ++profiled_runs_[0];
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    const Op& op = ops_[i];
+    const auto start = timing ? StepClock::now() : StepClock::time_point{};
     if (op.kind != Kind::kQMatmul) {
       run_small(op, position);
-      continue;
+    } else {
+      QMatmulArgs a = qmatmuls_[op.index];
+      a.num_threads = 1;
+      run_matmul(a, isas_[op.index]);
     }
-    QMatmulArgs a = qmatmuls_[op.index];
-    a.num_threads = 1;
-    run_matmul(a, isas_[op.index]);
+    if (timing) op_ms_[0][i] += ms_between(start, StepClock::now());
   }
+}
+
+void StepProgram::set_profiling(bool on) {
+  if (on) {  // a fresh profile; turned off, the recorded one stays readable
+    for (auto& ms : op_ms_) ms.assign(ops_.size(), 0.0);
+    profiled_runs_[0] = profiled_runs_[1] = 0;
+  }
+  profiling_ = on;
+}
+
+std::vector<StepProgram::OpProfile> StepProgram::profile() const {
+  static const char* const kKinds[] = {"qmatmul", "rms_norm", "silu_mul", "hadamard",
+                                       "attention"};
+  std::vector<OpProfile> out;
+  out.reserve(ops_.size());
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    const Op& op = ops_[i];
+    OpProfile p{kKinds[static_cast<int>(op.kind)], 0, 0, 0,
+                i < op_ms_[0].size() ? op_ms_[0][i] : 0.0,
+                i < op_ms_[1].size() ? op_ms_[1][i] : 0.0};
+    if (op.kind == Kind::kQMatmul) {
+      const QMatmulArgs& a = qmatmuls_[op.index];
+      p.n = a.N, p.k = a.K, p.bits = a.bits;
+    }
+    out.push_back(p);
+  }
+  return out;
 }
 
 void StepProgram::run_parallel(int64_t position, int threads) {
@@ -296,9 +335,12 @@ void StepProgram::run_parallel(int64_t position, int threads) {
   for (auto& n : next) n.store(0, std::memory_order_relaxed);
   std::exception_ptr error;
   std::atomic<bool> failed{false};
+  const bool timing = profiling_;
+  if (timing) ++profiled_runs_[1];
 #pragma omp parallel num_threads(threads)
   {
     const bool first = omp_get_thread_num() == 0;
+    auto since_barrier = timing && first ? StepClock::now() : StepClock::time_point{};
     // this thread's copy of the prologue of the running group (Op::prologue; not the first's)
     thread_local std::vector<char> scratch;
     if (!first) scratch.resize(prologue_bytes_);
@@ -335,6 +377,11 @@ void StepProgram::run_parallel(int64_t position, int threads) {
       }
       if (op.barrier_after) {  // the same for every thread of the team
 #pragma omp barrier
+        if (timing && first) {  // thread 0's time since the last barrier (set_profiling)
+          const auto now = StepClock::now();
+          op_ms_[1][i] += ms_between(since_barrier, now);
+          since_barrier = now;
+        }
       }
     }
   }
@@ -356,6 +403,8 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   const int threads = 1;
 #endif
   last_run_threads_ = 1;
+  if (profiling_)  // operations added since profiling was turned on
+    for (auto& ms : op_ms_) ms.resize(ops_.size(), 0.0);
   if (threads <= 1) {
     run_serial(position);
     return;

@@ -186,6 +186,23 @@ class StepProgram {
   // what the caller's own work around the step (a decoder's head) had better use too.
   int last_run_threads() const { return last_run_threads_; }
 
+  // Per-operation times of the runs made while profiling is on (off by default; turning it on
+  // clears what was recorded). A one-thread run times each operation on its own. A parallel run
+  // has only thread 0's clock at each barrier: the time from the previous barrier to the one
+  // after an operation goes to that operation, so the operations of a group that shares a
+  // barrier (q, k and v; gate and up; a prologue and its matmuls) read 0 but the last, which
+  // carries the group. Off, a run reads no clock per operation.
+  void set_profiling(bool on);
+  bool profiling() const { return profiling_; }
+  struct OpProfile {
+    const char* kind;  // "qmatmul", "rms_norm", "silu_mul", "hadamard", "attention"
+    int64_t n, k, bits;  // a matmul's (0 for the others)
+    double serial_ms, parallel_ms;  // summed over the profiled runs of each schedule
+  };
+  std::vector<OpProfile> profile() const;  // one per operation, in order
+  int64_t profiled_serial_runs() const { return profiled_runs_[0]; }
+  int64_t profiled_parallel_runs() const { return profiled_runs_[1]; }
+
  private:
   enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kHadamard, kAttention };
   struct Op {
@@ -218,6 +235,9 @@ class StepProgram {
   int probe_steps_left_ = 0;   // steps the schedule being tried still takes
   int last_schedule_ = -1;     // of the last adaptive run: 1 parallel, 0 one thread, -1 none
   int last_run_threads_ = 0;
+  bool profiling_ = false;
+  std::vector<double> op_ms_[2];   // per operation: one-thread, parallel (set_profiling)
+  int64_t profiled_runs_[2] = {0, 0};
 
   void run_small(const Op& op, int64_t position);  // a non-matmul operation, this thread
   // a prologue's (Op::prologue) output buffer; the prologue into `out`, laid out as that one
