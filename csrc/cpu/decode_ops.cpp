@@ -307,7 +307,8 @@ void StepProgram::set_profiling(bool on) {
 
 std::vector<StepProgram::OpProfile> StepProgram::profile() const {
   static const char* const kKinds[] = {"qmatmul", "rms_norm", "silu_mul", "hadamard",
-                                       "attention"};
+                                       "attention"};  // in Kind's order
+  static_assert(static_cast<int>(Kind::kAttention) == 4, "kKinds follows Kind");
   std::vector<OpProfile> out;
   out.reserve(ops_.size());
   for (size_t i = 0; i < ops_.size(); ++i) {
@@ -453,11 +454,10 @@ void StepProgram::run(int64_t position, int num_threads, bool adaptive) {
   const bool switched = last_schedule_ != (int)parallel;  // the program's first run too
   last_schedule_ = parallel ? 1 : 0;
   last_run_threads_ = parallel ? threads : 1;
-  const auto start = std::chrono::steady_clock::now();
+  const auto start = StepClock::now();
   if (parallel) run_parallel(position, threads);
   else run_serial(position);
-  const double ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  const double ms = ms_between(start, StepClock::now());
   (parallel ? parallel_ : serial_).add(ms, !switched);
   ms_since_probe_ += ms;
   if (reliant && !parallel) add_reliant_ms(ms);

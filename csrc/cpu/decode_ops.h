@@ -187,7 +187,7 @@ class StepProgram {
   int last_run_threads() const { return last_run_threads_; }
 
   // Per-operation times of the runs made while profiling is on (off by default; turning it on
-  // clears what was recorded). A one-thread run times each operation on its own. A parallel run
+  // clears what was recorded, turning it off keeps it). A one-thread run times each operation on its own. A parallel run
   // has only thread 0's clock at each barrier: the time from the previous barrier to the one
   // after an operation goes to that operation, so the operations of a group that shares a
   // barrier (q, k and v; gate and up; a prologue and its matmuls) read 0 but the last, which
