@@ -794,9 +794,12 @@ struct Rows8Ymm {
 #if defined(__AVX512BW__)
 struct Rows8Zmm {
   static constexpr int kOctets = 2;
-  // none: on the same Xeon the 512-bit kernel gained little or lost (0.95-1.10x, 0.5-2 KiB
-  // ahead, 1 and 2 threads, one in-process A/B)
-  static constexpr int64_t kPrefetchBytes = 0;
+  // As Rows8Ymm's. Before the prefetch reached past an octet's stream into the next group's
+  // (rows8_octets), 3 of the 4 streams of a pair began unprefetched and the 512-bit kernel
+  // gained little or lost (0.95-1.10x); since, on the same Xeon: 1.03-1.07x on 14336 x 4096
+  // and 4096 x 14336, 1.04-1.24x on 576 x 1536 and 1536 x 576, 2/3/4/8 bits, 2 threads
+  // (bench_cpu_vnni.py --switch prefetch, cpu_prefetch_ab_zmm.json).
+  static constexpr int64_t kPrefetchBytes = 1024;
   using I = __m512i;
   using F = __m512;
   static I load(const uint32_t* base, int64_t stride, int64_t w) {
