@@ -28,7 +28,8 @@ Before the timed rounds, the same interleaved rounds run for ``--settle-s`` seco
 kernels that were 1.15x slower or more in it): on an Intel Xeon VM (6/207) the decode kernels
 on freshly written copies ran 1.4-1.5x slower in about half the processes for their first
 seconds and then, each kernel at its own moment, at their steady speed for good (the same
-kernels timed alone later in those processes were steady), which made single runs bimodal. A
+kernels timed alone, 50 calls each, later in those processes read within 1.12x of their
+fastest rounds), which made single runs bimodal. A
 decoder reads its weights for as long as it runs: the timed rounds measure that steady state.
 
 Writes JSON rows to benchmarks/results/ (--json to choose the file); rows carry

@@ -174,28 +174,36 @@ def make_step(model: torch.nn.Module, cache) -> Callable[[torch.Tensor, torch.Te
 
 
 @torch.inference_mode()
+def prefill_random_prompt(decoder: "pyengine.Decoder", vocab_size: int, batch: int,
+                          prompt_len: int, seed: int) -> torch.Tensor:
+    """Prefills ``decoder`` with a random prompt ([batch, prompt_len] token ids from a generator
+    seeded with ``seed``); returns the greedy next ids, [batch, 1] int64."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, vocab_size, (batch, prompt_len), generator=gen)
+    return decoder.prefill(prompt).argmax(dim=-1, keepdim=True)
+
+
+def greedy_steps(decoder: "pyengine.Decoder", ids: torch.Tensor,
+                 count: int) -> Tuple[torch.Tensor, float]:
+    """``count`` greedy decode steps from ``ids`` ([batch, 1] int64): the last step's ids and
+    the seconds they took (the decoder's device synchronised at the end)."""
+    t0 = time.perf_counter()
+    for _ in range(count):
+        ids = decoder.forward(ids).argmax(dim=-1, keepdim=True)
+    common.synchronize(decoder.device.type)
+    return ids, time.perf_counter() - t0
+
+
 def measure_decoder(model: torch.nn.Module, batch: int, prompt_len: int,
                     new_tokens: int, layout_copy: bool = True) -> Dict[str, object]:
     """Like :func:`measure_decode`, through pyengine.Decoder (the lean loop; ``layout_copy``
     as the Decoder takes it)."""
-    cfg = model.config
     warmup = 3
     decoder = pyengine.Decoder(model, max_len=prompt_len + warmup + new_tokens + 1, batch=batch,
                                layout_copy=layout_copy)
-    gen = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
-    ids = decoder.prefill(prompt).argmax(dim=-1, keepdim=True)
-
-    def run_steps(count: int) -> float:
-        nonlocal ids
-        t0 = time.perf_counter()
-        for _ in range(count):
-            ids = decoder.forward(ids).argmax(dim=-1, keepdim=True)
-        common.synchronize(decoder.device.type)
-        return time.perf_counter() - t0
-
-    warmup_s = run_steps(warmup)
-    seconds = run_steps(new_tokens)
+    ids = prefill_random_prompt(decoder, model.config.vocab_size, batch, prompt_len, seed=batch)
+    ids, warmup_s = greedy_steps(decoder, ids, warmup)
+    ids, seconds = greedy_steps(decoder, ids, new_tokens)
     return dict(ms_per_step=seconds * 1e3 / new_tokens, graphs="none", runner="decoder",
                 warmup_s=round(warmup_s, 2), context=decoder.position,
                 dtype=str(decoder.dtype).replace("torch.", ""))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -29,17 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import pyengine  # noqa: E402
-from bench_decode import weight_bytes_per_step  # noqa: E402
-
-
-def _op_bytes(kernel) -> int:
-    """Bytes of weights a prepared matmul call reads: its interleaved copy's where it holds one,
-    else its packed codes, scales and zeros."""
-    if kernel.prepared_bytes:
-        return kernel.prepared_bytes
-    weight = kernel.keep[0]  # the PackedOperand the call reads (CpuBackend.bind)
-    return sum(t.numel() * t.element_size() for t in (weight.qweight, weight.scales, weight.zeros)
-               if t is not None)
+from bench_decode import (greedy_steps, prefill_random_prompt,  # noqa: E402
+                          weight_bytes_per_step)
 
 
 def profile_config(model: torch.nn.Module, threads: int, steps: int,
@@ -53,17 +43,11 @@ def profile_config(model: torch.nn.Module, threads: int, steps: int,
         raise RuntimeError("the decoder runs no StepProgram for this model (a layer without a "
                            "prepared native call)")
     decoder.adaptive_schedule = False  # one schedule: parallel with several threads
-    cfg = model.config
-    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len),
-                           generator=torch.Generator().manual_seed(0))
-    ids = decoder.prefill(prompt).argmax(dim=-1, keepdim=True)
-    for _ in range(4):  # warm-up
-        ids = decoder.forward(ids).argmax(dim=-1, keepdim=True)
+    ids = prefill_random_prompt(decoder, model.config.vocab_size, 1, prompt_len, seed=0)
+    ids, _ = greedy_steps(decoder, ids, 4)  # warm-up
     program.profiling = True
-    start = time.perf_counter()
-    for _ in range(steps):
-        ids = decoder.forward(ids).argmax(dim=-1, keepdim=True)
-    step_ms = (time.perf_counter() - start) * 1e3 / steps
+    ids, seconds = greedy_steps(decoder, ids, steps)
+    step_ms = seconds * 1e3 / steps
     prof = program.profile()
     program.profiling = False
     parallel = threads > 1
@@ -80,9 +64,9 @@ def profile_config(model: torch.nn.Module, threads: int, steps: int,
         name = (f"qmatmul {op['n']}x{op['k']} int{op['bits']}" if op["op"] == "qmatmul"
                 else op["op"])
         if op["op"] == "qmatmul":
-            group_bytes += _op_bytes(next(kernels))
+            group_bytes += next(kernels).decode_weight_bytes
         group.append(name)
-        if parallel and op[key] == 0:  # in the group that the next barrier closes
+        if parallel and not op["barrier_after"]:  # its time is on the group's last operation
             continue
         rows.append(dict(ops=" + ".join(group), ms=op[key] / runs, weight_bytes=group_bytes))
         group, group_bytes = [], 0

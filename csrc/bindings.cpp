@@ -597,6 +597,7 @@ PYBIND11_MODULE(_C, m) {
                 d["bits"] = o.bits;
                 d["serial_ms"] = o.serial_ms;
                 d["parallel_ms"] = o.parallel_ms;
+                d["barrier_after"] = o.barrier_after;
                 ops.append(d);
               }
               py::dict out;
@@ -607,9 +608,10 @@ PYBIND11_MODULE(_C, m) {
             },
             "Per-operation times (ms, summed) of the runs made while profiling: {'ops': one "
             "dict per operation in order (op: qmatmul, rms_norm, silu_mul, hadamard or "
-            "attention; n, k, bits: a matmul's, else 0; serial_ms, parallel_ms), "
-            "'serial_runs', 'parallel_runs'}. A parallel run's time between two barriers goes "
-            "to the operation before the second (the others of its group read 0).")
+            "attention; n, k, bits: a matmul's, else 0; serial_ms, parallel_ms; "
+            "barrier_after: whether a parallel run's threads wait after it), 'serial_runs', "
+            "'parallel_runs'}. A parallel run's time between two barriers goes to the operation "
+            "before the second (the others of its group, barrier_after False, read 0).")
         .def_property_readonly("barriers", &pyengine::cpu::StepProgram::barriers,
                                "Barriers of a parallel run: one after each operation but "
                                "between consecutive matmuls that neither read nor write what "

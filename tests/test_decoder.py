@@ -487,8 +487,9 @@ def test_step_program_profile_times_every_operation_of_each_schedule():
     assert all(op["n"] == op["k"] == op["bits"] == 0 for op in ops if op["op"] != "qmatmul")
     assert all(op["serial_ms"] > 0 for op in ops)  # every operation timed on its own
     assert 0 < sum(op["serial_ms"] for op in ops) <= wall["serial"]
-    # one time per barrier, on the operation before it
-    assert sum(op["parallel_ms"] > 0 for op in ops) == program.barriers
+    # one time per barrier, on the operation before it (the one that says it ends at a barrier)
+    assert sum(op["barrier_after"] for op in ops) == program.barriers
+    assert [op["parallel_ms"] > 0 for op in ops] == [op["barrier_after"] for op in ops]
     assert 0 < sum(op["parallel_ms"] for op in ops) <= wall["parallel"]
     program.profiling = False
     stream.copy_(start)

@@ -315,7 +315,7 @@ std::vector<StepProgram::OpProfile> StepProgram::profile() const {
     const Op& op = ops_[i];
     OpProfile p{kKinds[static_cast<int>(op.kind)], 0, 0, 0,
                 i < op_ms_[0].size() ? op_ms_[0][i] : 0.0,
-                i < op_ms_[1].size() ? op_ms_[1][i] : 0.0};
+                i < op_ms_[1].size() ? op_ms_[1][i] : 0.0, op.barrier_after};
     if (op.kind == Kind::kQMatmul) {
       const QMatmulArgs& a = qmatmuls_[op.index];
       p.n = a.N, p.k = a.K, p.bits = a.bits;

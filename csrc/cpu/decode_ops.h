@@ -198,6 +198,9 @@ class StepProgram {
     const char* kind;  // "qmatmul", "rms_norm", "silu_mul", "hadamard", "attention"
     int64_t n, k, bits;  // a matmul's (0 for the others)
     double serial_ms, parallel_ms;  // summed over the profiled runs of each schedule
+    // whether a parallel run's threads wait for each other after it (Op::barrier_after): the
+    // operations since the previous such one form the group whose time this one carries
+    bool barrier_after;
   };
   std::vector<OpProfile> profile() const;  // one per operation, in order
   int64_t profiled_serial_runs() const { return profiled_runs_[0]; }

@@ -145,7 +145,8 @@ class Backend:
         call one layer many times (pyengine.Decoder, eager pyengine.ops.qlinear calls); None
         when the backend has none (callers use :meth:`matmul`). ``layout_copy``: the call may
         hold a copy of the weight in a layout of its own where its kernel reads that faster
-        (more memory; the copy's bytes are the kernel's ``prepared_bytes``)."""
+        (more memory; the copy's bytes are the kernel's ``prepared_bytes``; the bytes of weight
+        one decode-size call reads are its ``decode_weight_bytes``)."""
         return None
 
     def matmul(self, x: torch.Tensor, weight: Operand, n: int, k: int,

@@ -194,6 +194,11 @@ class CpuBackend(Backend):
         # memory the prepared call holds besides the weight itself
         kernel.prepared_bytes = sum(t.numel() * t.element_size() for t in prepared
                                     if t is not None)
+        # weight bytes one decode-size call streams: the interleaved copy where it holds one,
+        # else the packed codes, scales and zeros (for bandwidth figures, profile_decode_step)
+        kernel.decode_weight_bytes = kernel.prepared_bytes or sum(
+            t.numel() * t.element_size() for t in (weight.qweight, weight.scales, weight.zeros)
+            if t is not None)
         return kernel
 
     def matmul(self, x, weight, n, k, bias, residual, shortcut, out=None, act_bits=0):

@@ -161,6 +161,13 @@ def test_bound_int8_activation_calls_use_the_interleaved_layout(isa, rng):
         kernel = backend.bind(packed_operand(qw), n, k, bias, act_bits=8)
         interleaved = n % 8 == 0 and bits in INTERLEAVED_BITS[isa]
         assert (kernel.prepared_bytes > 0) == interleaved, (bits, n)
+        packed_bytes = sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros)
+                           if t is not None)
+        # the interleaved copy holds the same codes, scales and zeros, rows padded to eights
+        assert kernel.decode_weight_bytes == (kernel.prepared_bytes if interleaved
+                                              else packed_bytes), (bits, n)
+        if interleaved:
+            assert kernel.prepared_bytes >= packed_bytes, (bits, n)
         for m in (1, 5, 11):
             x = torch.randn(m, k, generator=rng)
             out = poisoned((m, n), torch.float32, "cpu")
