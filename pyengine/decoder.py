@@ -25,10 +25,11 @@ int8-activation layers on the AVX2 and AVX-512 builds read a copy of their weigh
 interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports (``layout_copy=False``:
 no copy, the canonical rows). When every linear of every layer is such a call, the whole step of
 the layers is recorded once as a native ``StepProgram`` (csrc/cpu/decode_ops.h: the matmuls,
-norms and attention in order on buffers of its own) and a decode step costs one native call plus
-the embedding and the head; with several threads each run takes the parallel or the one-thread
+norms and attention in order on buffers of its own; the final norm and the head too where the
+head is such a call, :attr:`Decoder.head_in_program`) and a decode step costs one native call
+plus the embedding row; with several threads each run takes the parallel or the one-thread
 schedule, whichever has been faster lately (:attr:`Decoder.adaptive_schedule`: on a busy machine,
-one thread), and the head follows the step's choice. The result
+one thread), and a head outside the program follows the step's choice. The result
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
@@ -440,6 +441,7 @@ class Decoder:
             for layer in self.layers:
                 layer.bind_native()
         self.step_isa = _step_isa(self.layers)
+        self._program_logits: Optional[Tensor] = None  # the program's head output, if any
         self.program = self._step_program()
         # with several threads, each step program run takes whichever of the parallel and the
         # one-thread schedule has been faster lately (StepProgram.run); False: always parallel
@@ -482,6 +484,9 @@ class Decoder:
         head_threads = None
         if self.native is not None and m == 1:
             x = self._native_step(x, start)
+            if self.head_in_program:  # the logits of this step, before the next overwrites them
+                self.position = end
+                return self._program_logits.clone()
             if self.program is not None:  # the head on as many threads as the step took
                 head_threads = self.program.last_run_threads
         else:  # rope rows and the attention mask of the torch path
@@ -596,8 +601,26 @@ class Decoder:
                 program.add_hadamard(act.data_ptr(), act.stride(0), act.data_ptr(),
                                      act.stride(0), code, b, width, layer.down_hadamard)
             add_linear(layer.down.kernel, act[:, :width], x, True)
+        # the final norm and the head close the program where the head is a prepared call too
+        # (no projection after the norm): the norm becomes the head's prologue, and the head
+        # runs in the step's parallel region instead of a region of its own after it
+        logits = None
+        head_call = getattr(self.head.kernel, "native_call", None)
+        if head_call is not None and self.final_projection is None:
+            norm_weight, eps = self.final_norm
+            program.add_rms_norm(x.data_ptr(), code, d, norm_weight.data_ptr(),
+                                 DTYPE_CODES[norm_weight.dtype], h.data_ptr(), code, d, b, d, eps)
+            logits = new(self.head.out_features)
+            add_linear(self.head.kernel, h, logits, False)
         self._program_buffers = (x, h, attn, act, qkv, gate_up)
+        self._program_logits = logits
         return program
+
+    @property
+    def head_in_program(self) -> bool:
+        """Whether the step program ends with the final norm and the head (their time is then
+        in its profile; else they run after it, from Python)."""
+        return self.program is not None and self._program_logits is not None
 
     def _native_step(self, x: Tensor, position: int) -> Tensor:
         if self.program is not None:  # one native call for every layer

@@ -75,6 +75,10 @@ def test_decoder_logits_match_the_model(family, recipe):
     # a model whose every layer linear is a prepared kernel call steps in one native call
     if hasattr(extension(), "StepProgram"):
         assert (decoder.program is not None) == (recipe in ("int4", "mixed")), (family, recipe)
+        # the 8-bit head is a prepared call too: the final norm and it close the program, and
+        # each step's logits are its own (stacked below, so a reused buffer would show)
+        if recipe == "mixed":
+            assert decoder.head_in_program, family
     for cache in decoder.k_cache + decoder.v_cache:
         cache.fill_(float("nan"))  # positions not yet written must never be read
     got = _decoded_logits(decoder, ids, prompt=6)
@@ -478,9 +482,10 @@ def test_step_program_profile_times_every_operation_of_each_schedule():
     assert len(ops) == len(program)
     layers = model.config.num_hidden_layers
     kinds = [op["op"] for op in ops]
-    assert kinds.count("attention") == layers and kinds.count("rms_norm") == 2 * layers
+    assert decoder.head_in_program  # the final norm and the head close the program
+    assert kinds.count("attention") == layers and kinds.count("rms_norm") == 2 * layers + 1
     assert kinds.count("silu_mul") == layers
-    linears = [c for layer in decoder.layers for c in layer.linears()]
+    linears = [c for layer in decoder.layers for c in layer.linears()] + [decoder.head]
     matmuls = [op for op in ops if op["op"] == "qmatmul"]
     assert [op["n"] for op in matmuls] == [c.out_features for c in linears]
     assert all(op["k"] > 0 and op["bits"] in (2, 3, 4, 8) for op in matmuls)
