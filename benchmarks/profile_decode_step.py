@@ -4,9 +4,10 @@ SmolLM2 models (the configs of bench_vs_llamacpp.py), against the whole step.
 For each config and thread count, a Decoder takes ``--steps`` greedy steps with profiling on
 (``StepProgram.profiling``; with several threads the parallel schedule is forced, so that the
 profile is of one schedule). Printed per step: the step's time; the program's (every layer,
-and the final norm and head where the head is a prepared call: ``Decoder.head_in_program``);
-the rest ("outside": the embedding row, the logits' copy, argmax and the Python between them;
-the final norm and head too where they are not in the program);
+the final norm and head where the head is a prepared call: ``Decoder.head_in_program``, and
+the table lookup of a quantized embedding); the rest ("outside": the logits' copy, argmax and
+the Python between them; the embedding row, final norm and head where they are not in the
+program);
 and the program's time by operation kind. The matmuls' time is split by weight shape with the
 bandwidth of their weight bytes (the decoder's row-interleaved copies where it made them, else
 the packed codes, scales and zeros), against a copy timed in the same run. With several

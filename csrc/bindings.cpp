@@ -160,6 +160,29 @@ pyengine::cpu::AttentionStepArgs attention_args(
   return a;
 }
 
+pyengine::cpu::EmbeddingArgs embedding_args(uintptr_t ids, int64_t rows, uintptr_t qweight,
+                                            int64_t ldq, uintptr_t scales, uintptr_t zeros,
+                                            int64_t lds, int sz_dtype, int bits,
+                                            int64_t group_size, int64_t vocab, int64_t dim,
+                                            uintptr_t out, int out_dtype, int64_t ldo,
+                                            int round_dtype) {
+  pyengine::cpu::EmbeddingArgs a;
+  a.ids = reinterpret_cast<const int64_t*>(ids); a.rows = rows;
+  a.qweight = reinterpret_cast<const uint32_t*>(qweight); a.ldq = ldq;
+  a.scales = reinterpret_cast<const void*>(scales);
+  a.zeros = reinterpret_cast<const void*>(zeros); a.lds = lds; a.sz_dtype = sz_dtype;
+  a.bits = bits; a.group_size = group_size; a.vocab = vocab; a.dim = dim;
+  a.out = reinterpret_cast<void*>(out); a.out_dtype = out_dtype; a.ldo = ldo;
+  a.round_dtype = round_dtype;
+  return a;  // checked by embedding_rows / StepProgram::add_embedding
+}
+
+#define PYENGINE_EMBEDDING_PY_ARGS                                                            \
+  py::arg("ids"), py::arg("rows"), py::arg("qweight"), py::arg("ldq"), py::arg("scales"),     \
+      py::arg("zeros"), py::arg("lds"), py::arg("sz_dtype"), py::arg("bits"),                 \
+      py::arg("group_size"), py::arg("vocab"), py::arg("dim"), py::arg("out"),                \
+      py::arg("out_dtype"), py::arg("ldo"), py::arg("round_dtype")
+
 // The 32 slice codes of one packing block (code_bits.h): the host build of the functions the
 // CUDA plane kernels run, so that tests check their bit manipulation on the CPU.
 std::vector<uint32_t> plane_block_codes(const std::vector<uint32_t>& hi,
@@ -406,6 +429,24 @@ PYBIND11_MODULE(_C, m) {
       "(csrc/cpu/quant_ops.h; fp32 contiguous, pointers are integers; groups over up to "
       "`threads` threads; isa: the build, \"\" for the best this CPU runs).");
   m.def(
+      "embedding_rows_cpu",
+      [](uintptr_t ids, int64_t rows, uintptr_t qweight, int64_t ldq, uintptr_t scales,
+         uintptr_t zeros, int64_t lds, int sz_dtype, int bits, int64_t group_size,
+         int64_t vocab, int64_t dim, uintptr_t out, int out_dtype, int64_t ldo,
+         int round_dtype) {
+        const pyengine::cpu::EmbeddingArgs a =
+            embedding_args(ids, rows, qweight, ldq, scales, zeros, lds, sz_dtype, bits,
+                           group_size, vocab, dim, out, out_dtype, ldo, round_dtype);
+        py::gil_scoped_release release;
+        pyengine::cpu::embedding_rows(a);
+      },
+      PYENGINE_EMBEDDING_PY_ARGS,
+      "out[r, :dim] = the dequantized rows ids[r] (int64, r < rows) of a packed table in the "
+      "canonical layout (qweight [vocab, ldq] words, scales / zeros [vocab, lds] of sz_dtype, "
+      "zeros 0 for symmetric; group_size <= 0: one group per row), computed in float32, "
+      "rounded to round_dtype (the table's output dtype) and stored in out_dtype; an id outside "
+      "[0, vocab) raises IndexError before anything is written (csrc/cpu/decode_ops.h).");
+  m.def(
       "attention_step_cpu",
       [](uintptr_t qkv, int64_t ld_qkv, uintptr_t k_cache, uintptr_t v_cache,
          int64_t cache_batch_stride, int64_t cache_head_stride, uintptr_t cos,
@@ -531,6 +572,18 @@ PYBIND11_MODULE(_C, m) {
                                   head_dim, max_positions, scale),
                    max_positions);
              })
+        .def("add_embedding",
+             [](pyengine::cpu::StepProgram& p, uintptr_t ids, int64_t rows, uintptr_t qweight,
+                int64_t ldq, uintptr_t scales, uintptr_t zeros, int64_t lds, int sz_dtype,
+                int bits, int64_t group_size, int64_t vocab, int64_t dim, uintptr_t out,
+                int out_dtype, int64_t ldo, int round_dtype) {
+               p.add_embedding(embedding_args(ids, rows, qweight, ldq, scales, zeros, lds,
+                                              sz_dtype, bits, group_size, vocab, dim, out,
+                                              out_dtype, ldo, round_dtype));
+             },
+             PYENGINE_EMBEDDING_PY_ARGS,
+             "The table rows of the token ids in the `ids` buffer at each run, as "
+             "embedding_rows_cpu (the caller writes the ids before each run).")
         .def(
             "run",
             [](pyengine::cpu::StepProgram& p, int64_t position, int num_threads,
@@ -607,8 +660,8 @@ PYBIND11_MODULE(_C, m) {
               return out;
             },
             "Per-operation times (ms, summed) of the runs made while profiling: {'ops': one "
-            "dict per operation in order (op: qmatmul, rms_norm, silu_mul, hadamard or "
-            "attention; n, k, bits: a matmul's, else 0; serial_ms, parallel_ms; "
+            "dict per operation in order (op: qmatmul, rms_norm, silu_mul, hadamard, "
+            "attention or embedding; n, k, bits: a matmul's, else 0; serial_ms, parallel_ms; "
             "barrier_after: whether a parallel run's threads wait after it), 'serial_runs', "
             "'parallel_runs'}. A parallel run's time between two barriers goes to the operation "
             "before the second (the others of its group, barrier_after False, read 0).")

@@ -26,8 +26,9 @@ interleaved by eights, whose size :attr:`Decoder.prepared_bytes` reports (``layo
 no copy, the canonical rows). When every linear of every layer is such a call, the whole step of
 the layers is recorded once as a native ``StepProgram`` (csrc/cpu/decode_ops.h: the matmuls,
 norms and attention in order on buffers of its own; the final norm and the head too where the
-head is such a call, :attr:`Decoder.head_in_program`) and a decode step costs one native call
-plus the embedding row; with several threads each run takes the parallel or the one-thread
+head is such a call, :attr:`Decoder.head_in_program`; the table lookup too where the embedding
+is a quantized table without a projection) and a decode step costs one native call (plus the
+embedding row from Python for other tables); with several threads each run takes the parallel or the one-thread
 schedule, whichever has been faster lately (:attr:`Decoder.adaptive_schedule`: on a busy machine,
 one thread), and a head outside the program follows the step's choice. The result
 is the model's own forward, checked against it in tests/test_decoder.py on every supported
@@ -190,6 +191,23 @@ def _native_step_ops(device: torch.device, dtype: torch.dtype):
     if ext is None or not hasattr(ext, "attention_step_cpu"):
         return None
     return ext
+
+
+def _native_embedding_table(embed: nn.Module, hidden: int,
+                            device: torch.device) -> "Optional[tuple]":
+    """(QuantizedWeight, output dtype) of an embedding whose lookup a step program can do
+    natively (``StepProgram.add_embedding``): a QuantEmbedding on the CPU, of the stream's width,
+    without a projection, its tensors' rows contiguous; else None."""
+    from .nn.quant_embedding import QuantEmbedding
+    if (device.type != "cpu" or not isinstance(embed, QuantEmbedding)
+            or type(embed).forward is not QuantEmbedding.forward
+            or embed.projection is not None or embed.embedding_dim != hidden
+            or embed.dtype not in DTYPE_CODES):
+        return None
+    qw = embed.quantized_weight
+    if any(t is not None and t.stride(-1) != 1 for t in (qw.qweight, qw.scales, qw.zeros)):
+        return None
+    return qw, embed.dtype
 
 
 def _step_isa(layers) -> str:
@@ -442,6 +460,8 @@ class Decoder:
                 layer.bind_native()
         self.step_isa = _step_isa(self.layers)
         self._program_logits: Optional[Tensor] = None  # the program's head output, if any
+        self._program_ids: Optional[Tensor] = None  # the ids its embedding op reads, if any
+        self._native_table = _native_embedding_table(embed, hidden, self.device)
         self.program = self._step_program()
         # with several threads, each step program run takes whichever of the parallel and the
         # one-thread schedule has been faster lately (StepProgram.run); False: always parallel
@@ -477,19 +497,18 @@ class Decoder:
                              f"of {self.max_len} positions (make the Decoder with a larger "
                              f"max_len, or reset())")
         ids = ids.to(self.device)
-        # the residual stream, a buffer of its own (it is updated in place)
-        x = torch.empty(b * m, self.hidden, dtype=self.dtype, device=self.device)
-        x.copy_(self.embed(ids).reshape(b * m, self.hidden))
         end = start + m
         head_threads = None
-        if self.native is not None and m == 1:
-            x = self._native_step(x, start)
+        if self.program is not None and m == 1:  # one native call
+            x = self._run_program(ids, start)
             if self.head_in_program:  # the logits of this step, before the next overwrites them
                 self.position = end
                 return self._program_logits.clone()
-            if self.program is not None:  # the head on as many threads as the step took
-                head_threads = self.program.last_run_threads
+            head_threads = self.program.last_run_threads  # the head on as many as it took
+        elif self.native is not None and m == 1:
+            x = self._native_step(self._embedded(ids), start)
         else:  # rope rows and the attention mask of the torch path
+            x = self._embedded(ids)
             cos = self.cos[start:start + m].unsqueeze(1)                 # [m, 1, hd]
             sin = self.signed_sin[start:start + m].unsqueeze(1)
             mask = None
@@ -567,6 +586,18 @@ class Decoder:
         qkv, gate_up = new(widest("qkv")), new(widest("gate_up"))
         act = new(widest("gate_up") // 2)
         program = ext.StepProgram(self.step_isa)
+        # the embedding rows open the program where the table is a quantized one the native
+        # lookup reads (the ids of each step are written into _program_ids before the run)
+        table = self._native_table
+        ids_buffer = None
+        if table is not None:
+            qw, round_dtype = table
+            ids_buffer = torch.zeros(b, dtype=torch.int64, device=self.device)
+            program.add_embedding(
+                ids_buffer.data_ptr(), b, qw.qweight.data_ptr(), qw.qweight.stride(0),
+                qw.scales.data_ptr(), 0 if qw.zeros is None else qw.zeros.data_ptr(),
+                qw.scales.stride(0), DTYPE_CODES[qw.scales.dtype], qw.bits, qw.group_size,
+                qw.shape[0], d, x.data_ptr(), code, x.stride(0), DTYPE_CODES[round_dtype])
 
         def add_linear(kernel, source, target, accumulate):
             program.add_call(kernel.native_call, source.data_ptr(), source.stride(0),
@@ -614,6 +645,7 @@ class Decoder:
             add_linear(self.head.kernel, h, logits, False)
         self._program_buffers = (x, h, attn, act, qkv, gate_up)
         self._program_logits = logits
+        self._program_ids = ids_buffer
         return program
 
     @property
@@ -622,12 +654,26 @@ class Decoder:
         in its profile; else they run after it, from Python)."""
         return self.program is not None and self._program_logits is not None
 
+    def _embedded(self, ids: Tensor) -> Tensor:
+        """The residual stream of ``ids`` [b, m]: their embedding rows, [b * m, hidden] in the
+        decoder's dtype, a buffer of its own (the layers update it in place)."""
+        x = torch.empty(ids.numel(), self.hidden, dtype=self.dtype, device=self.device)
+        return x.copy_(self.embed(ids).reshape(ids.numel(), self.hidden))
+
+    def _run_program(self, ids: Tensor, position: int) -> Tensor:
+        """One step of ``ids`` [b, 1] through the step program; returns its residual stream
+        (a program buffer, [b, hidden])."""
+        stream = self._program_buffers[0]
+        if self._program_ids is not None:  # the program looks the rows up itself
+            self._program_ids.copy_(ids.view(-1))
+        else:
+            stream.copy_(self.embed(ids).reshape(stream.shape))
+        self.program.run(position, torch.get_num_threads(), self.adaptive_schedule)
+        return stream
+
     def _native_step(self, x: Tensor, position: int) -> Tensor:
-        if self.program is not None:  # one native call for every layer
-            stream = self._program_buffers[0]
-            stream.copy_(x)
-            self.program.run(position, torch.get_num_threads(), self.adaptive_schedule)
-            return stream
+        """One step of every layer through the native step operations, one call each (the
+        decoders without a step program); x [b, hidden] is updated in place."""
         ext = self.native
         code = DTYPE_CODES[self.dtype]
         b, d = self.batch, self.hidden

@@ -91,6 +91,39 @@ def test_decoder_logits_match_the_model(family, recipe):
     assert rel_err(_decoded_logits(decoder, ids, prompt=6), want) < tol
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_quantized_table_is_looked_up_inside_the_step_program(threads):
+    """A tied model whose table (and head) is quantized: the step program opens with the table
+    lookup (no embedding call from Python per step) and ends with the head, and the logits still
+    match the model's; a token id outside the table raises IndexError and leaves the decoder
+    where it was."""
+    model = random_model("llama", tie_word_embeddings=True)
+    pyengine.compress(model, Recipe({"lm_head": QuantConfig(8, 32, act_bits=8),
+                                     "_default": QuantConfig(4, 32, act_bits=8)}),
+                      show_progress=False, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
+    with torch.inference_mode():
+        want = model(ids).logits[:, 5:]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        decoder = Decoder(model, max_len=24, batch=2)
+        if not hasattr(extension(), "StepProgram"):
+            pytest.skip("pyengine._C without the step program")
+        kinds = [op["op"] for op in decoder.program.profile()["ops"]]
+        assert kinds[0] == "embedding" and kinds.count("embedding") == 1
+        assert decoder.head_in_program
+        got = _decoded_logits(decoder, ids, prompt=6)
+        assert torch.isfinite(got).all() and rel_err(got, want) < 5e-3
+        position = decoder.position
+        with pytest.raises(IndexError, match="outside the table"):
+            decoder.forward(torch.tensor([[1], [model.config.vocab_size]]))
+        assert decoder.position == position
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_decoder_without_layout_copies_holds_only_the_model_and_matches_it():
     """layout_copy=False: the int8-activation layers read the model's canonical rows (no
     prepared copy), in the same one-call step, and the logits still match the model's."""
@@ -334,6 +367,49 @@ def test_attention_step(dtype, batch, nh, nkv, hd, position, norms):
         assert torch.equal(vc[:, :, others], v_cache[:, :, others])
 
 
+def _embedding_rows(ext, ids, qw, out, round_dtype):
+    """embedding_rows_cpu of the rows ``ids`` (int64 [rows]) of ``qw`` into ``out`` [rows, D]."""
+    ext.embedding_rows_cpu(ids.data_ptr(), ids.numel(), qw.qweight.data_ptr(),
+                           qw.qweight.stride(0), qw.scales.data_ptr(), _ptr(qw.zeros),
+                           qw.scales.stride(0), DTYPE_CODES[qw.scales.dtype], qw.bits,
+                           qw.group_size, qw.shape[0], qw.shape[1], out.data_ptr(),
+                           DTYPE_CODES[out.dtype], out.stride(0), DTYPE_CODES[round_dtype])
+
+
+@native_ops
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_native_embedding_rows_match_the_torch_lookup(bits):
+    """The step program's table lookup (embedding_rows_cpu) gives exactly the rows of
+    pyengine.ops.qembedding, rounded to the table's output dtype, for every width, grouped and
+    per-row scales, with and without zeros, 32-bit and 16-bit scales, odd widths (codes of a
+    partial block) and repeated ids; an id outside the table raises before anything is
+    written."""
+    from pyengine.ops import qembedding
+    ext = extension()
+    gen = torch.Generator().manual_seed(bits)
+    cases = [(37, 100, 32, False, torch.float32), (50, 64, -1, True, torch.float16),
+             (29, 136, 64, False, torch.bfloat16), (41, 33, 32, True, torch.float16)]
+    for vocab, dim, group, symmetric, scale_dtype in cases:
+        table = torch.randn(vocab, dim, generator=gen)
+        qw = pyengine.quantize(table, bits, group, symmetric=symmetric, clip_search=False,
+                               scale_dtype=scale_dtype)
+        ids = torch.tensor([0, vocab - 1, 5, 5, 17], dtype=torch.int64)
+        for round_dtype, out_dtype in ((torch.float32, torch.float32),
+                                       (scale_dtype, torch.float32), (scale_dtype, scale_dtype)):
+            want = qembedding(ids, qw, dtype=round_dtype).to(out_dtype)
+            out = torch.full((len(ids), dim + 3), float("nan"), dtype=out_dtype)  # row stride
+            _embedding_rows(ext, ids, qw, out, round_dtype)
+            what = (bits, vocab, dim, group, symmetric, scale_dtype, round_dtype, out_dtype)
+            assert torch.equal(out[:, :dim], want), what
+            assert torch.isnan(out[:, dim:]).all(), what  # nothing past the row's dim written
+        out = torch.full((2, dim), float("nan"))
+        with pytest.raises(IndexError, match=f"token id {vocab} is outside the table's {vocab}"):
+            _embedding_rows(ext, torch.tensor([1, vocab]), qw, out, torch.float32)
+        with pytest.raises(IndexError, match="token id -1 is outside"):
+            _embedding_rows(ext, torch.tensor([-1]), qw, out, torch.float32)
+        assert torch.isnan(out).all()
+
+
 @native_ops
 def test_step_operations_refuse_bad_arguments():
     ext = extension()
@@ -351,6 +427,19 @@ def test_step_operations_refuse_bad_arguments():
                          isa="sse9")
     with pytest.raises(ValueError, match="StepProgram: no kernels for instruction set 'sse9'"):
         ext.StepProgram("sse9")
+    qw = pyengine.quantize(torch.randn(10, 64), 4, 32, clip_search=False)
+    ids, out = torch.zeros(1, dtype=torch.int64), torch.empty(1, 64)
+    args = [ids.data_ptr(), 1, qw.qweight.data_ptr(), qw.qweight.stride(0), qw.scales.data_ptr(),
+            qw.zeros.data_ptr(), qw.scales.stride(0), 0, 4, 32, 10, 64, out.data_ptr(), 0, 64, 0]
+    for at, bad, why in ((8, 5, "bits must be 2, 3, 4 or 8"), (3, 4, "ldq holds fewer words"),
+                         (6, 1, "lds holds fewer scales"), (14, 63, "ldo must be >= dim"),
+                         (13, 7, "unsupported dtype code")):
+        wrong = list(args)
+        wrong[at] = bad
+        with pytest.raises(ValueError, match=f"embedding_rows: {why}"):
+            ext.embedding_rows_cpu(*wrong)
+        with pytest.raises(ValueError, match=f"embedding_rows: {why}"):
+            ext.StepProgram().add_embedding(*wrong)
 
 
 def test_decode_speed_measurements_pick_the_loop():

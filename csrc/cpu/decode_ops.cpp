@@ -41,6 +41,55 @@ void attention_step(const AttentionStepArgs& a) {
   step_kernels(or_empty(a.isa)).attention_step(a);
 }
 
+namespace {
+
+void check_embedding_args(const EmbeddingArgs& a) {
+  auto fail = [](const std::string& why) {
+    throw std::invalid_argument("embedding_rows: " + why);
+  };
+  if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8)
+    fail("bits must be 2, 3, 4 or 8, got " + std::to_string(a.bits));
+  if (a.rows < 0 || a.vocab < 1 || a.dim < 1) fail("rows >= 0, vocab >= 1 and dim >= 1 needed");
+  if (!a.qweight || !a.scales || !a.out || (a.rows > 0 && !a.ids)) fail("a null pointer");
+  const int64_t blocks = (a.dim + 31) / 32;  // a row's words: `bits` per block of 32 codes
+  if (a.ldq < blocks * a.bits) fail("ldq holds fewer words than dim codes need");
+  const int64_t groups = a.group_size > 0 ? (a.dim + a.group_size - 1) / a.group_size : 1;
+  if (a.lds < groups) fail("lds holds fewer scales than dim's groups");
+  if (a.ldo < a.dim) fail("ldo must be >= dim");
+  for (int d : {a.sz_dtype, a.out_dtype, a.round_dtype})
+    if (d != kFloat32 && d != kFloat16 && d != kBFloat16) fail("unsupported dtype code");
+}
+
+}  // namespace
+
+void embedding_rows(const EmbeddingArgs& a) {
+  check_embedding_args(a);
+  for (int64_t r = 0; r < a.rows; ++r)
+    if (a.ids[r] < 0 || a.ids[r] >= a.vocab)
+      throw std::out_of_range("embedding_rows: token id " + std::to_string(a.ids[r]) +
+                              " is outside the table's " + std::to_string(a.vocab) + " rows");
+  const uint64_t mask = (1u << a.bits) - 1;
+  const float symmetric_zero = static_cast<float>(1 << (a.bits - 1));
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const uint32_t* row = a.qweight + a.ids[r] * a.ldq;
+    const int64_t srow = a.ids[r] * a.lds;
+    for (int64_t k = 0; k < a.dim; ++k) {
+      const uint32_t* block = row + (k >> 5) * a.bits;  // the words of k's block of 32 codes
+      const int64_t bit = (k & 31) * a.bits;           // k's first bit in the block's string
+      const int64_t word = bit >> 5, shift = bit & 31;
+      uint64_t bits = block[word];
+      if (shift + a.bits > 32) bits |= static_cast<uint64_t>(block[word + 1]) << 32;  // straddles
+      const float code = static_cast<float>((bits >> shift) & mask);
+      const int64_t g = srow + (a.group_size > 0 ? k / a.group_size : 0);
+      const float zero = a.zeros ? load_as_float(a.zeros, a.sz_dtype, g) : symmetric_zero;
+      float value = (code - zero) * load_as_float(a.scales, a.sz_dtype, g);
+      if (a.round_dtype == kFloat16) value = half_to_float(float_to_half(value));
+      if (a.round_dtype == kBFloat16) value = bf16_to_float(float_to_bf16(value));
+      store_from_float(a.out, a.out_dtype, r * a.ldo + k, value);
+    }
+  }
+}
+
 // ---- StepProgram -------------------------------------------------------------------------------
 
 namespace {
@@ -77,6 +126,12 @@ void StepProgram::add_hadamard(const HadamardArgs& a) {
   hadamards_.push_back(a);
   hadamards_.back().num_threads = 1;
   hadamards_.back().isa = nullptr;  // the program's kernels_ run it
+}
+
+void StepProgram::add_embedding(const EmbeddingArgs& a) {
+  check_embedding_args(a);
+  ops_.push_back({Kind::kEmbedding, embeddings_.size()});
+  embeddings_.push_back(a);
 }
 
 void StepProgram::add_attention(const AttentionStepArgs& a, int64_t max_positions) {
@@ -248,6 +303,7 @@ void StepProgram::run_small(const Op& op, int64_t position) {
     case Kind::kRmsNorm: kernels_->rms_norm(norms_[op.index]); break;
     case Kind::kSiluMul: kernels_->silu_mul(silu_muls_[op.index]); break;
     case Kind::kHadamard: kernels_->hadamard(hadamards_[op.index]); break;
+    case Kind::kEmbedding: embedding_rows(embeddings_[op.index]); break;
     case Kind::kAttention: {
       const AttentionStepArgs a = attention_at(op, position);
       kernels_->attention_step_tasks(a, 0, attention_tasks(a));
@@ -306,9 +362,9 @@ void StepProgram::set_profiling(bool on) {
 }
 
 std::vector<StepProgram::OpProfile> StepProgram::profile() const {
-  static const char* const kKinds[] = {"qmatmul", "rms_norm", "silu_mul", "hadamard",
-                                       "attention"};  // in Kind's order
-  static_assert(static_cast<int>(Kind::kAttention) == 4, "kKinds follows Kind");
+  static const char* const kKinds[] = {"qmatmul",   "rms_norm",  "silu_mul",
+                                       "hadamard",  "attention", "embedding"};  // Kind's order
+  static_assert(static_cast<int>(Kind::kEmbedding) == 5, "kKinds follows Kind");
   std::vector<OpProfile> out;
   out.reserve(ops_.size());
   for (size_t i = 0; i < ops_.size(); ++i) {

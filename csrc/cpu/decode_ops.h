@@ -88,6 +88,34 @@ struct AttentionStepArgs {
 };
 void attention_step(const AttentionStepArgs& a);
 
+// Rows of a quantized table in the canonical layout (docs/FORMAT.md) for token ids, dequantized:
+// out[r, k] = (code(ids[r], k) - zero) * scale for r < rows, k < dim, in fp32, rounded to
+// round_dtype (the table's own output dtype, as its lookup in torch returns the rows) and
+// stored as out_dtype. code(v, k) is code k of table row v: block k / 32 of the row's words holds
+// `bits` words, read as the little-endian bit string word0 | word1 << 32 | ..., in which code
+// k % 32 takes bits [(k % 32) * bits, (k % 32 + 1) * bits) (3-bit codes 10 and 21 straddle two
+// words). scale / zero: row v's of k's group (k / group_size; one group per row where
+// group_size <= 0); zeros null: 2^(bits - 1). Every id must lie in [0, vocab), else
+// std::out_of_range before anything is written.
+struct EmbeddingArgs {
+  const int64_t* ids = nullptr;    // [rows]
+  int64_t rows = 0;
+  const uint32_t* qweight = nullptr;
+  int64_t ldq = 0;                 // words per table row
+  const void* scales = nullptr;    // [vocab, groups], row stride lds
+  const void* zeros = nullptr;     // as scales (same dtype), or null
+  int64_t lds = 0;
+  int sz_dtype = 0;
+  int bits = 8;
+  int64_t group_size = 0;
+  int64_t vocab = 0, dim = 0;
+  void* out = nullptr;             // [rows, >= dim], row stride ldo
+  int out_dtype = 0;
+  int64_t ldo = 0;
+  int round_dtype = 0;
+};
+void embedding_rows(const EmbeddingArgs& a);
+
 // attention_step is batch * n_kv_heads independent tasks: task t = (sequence t / n_kv_heads, kv
 // head t % n_kv_heads) appends that head's k and v at the position and attends its query heads
 // (a parallel StepProgram run hands them out to its threads).
@@ -136,6 +164,9 @@ class StepProgram {
   void add_hadamard(const HadamardArgs& a);
   // An attention step at the position given to run(); the caches must hold max_positions.
   void add_attention(const AttentionStepArgs& a, int64_t max_positions);
+  // The table rows of the ids in a.ids at each run (a buffer the caller writes before it; the
+  // arguments are checked here, the ids at each run).
+  void add_embedding(const EmbeddingArgs& a);
   // Runs every operation in order, attention at `position` (< every attention's
   // max_positions, else std::invalid_argument before anything runs), on up to num_threads
   // threads (0: OpenMP's default). With more than one thread and `adaptive`, each run takes
@@ -195,7 +226,8 @@ class StepProgram {
   void set_profiling(bool on);
   bool profiling() const { return profiling_; }
   struct OpProfile {
-    const char* kind;  // "qmatmul", "rms_norm", "silu_mul", "hadamard", "attention"
+    const char* kind;  // "qmatmul", "rms_norm", "silu_mul", "hadamard", "attention",
+                       // "embedding"
     int64_t n, k, bits;  // a matmul's (0 for the others)
     double serial_ms, parallel_ms;  // summed over the profiled runs of each schedule
     // whether a parallel run's threads wait for each other after it (Op::barrier_after): the
@@ -207,7 +239,7 @@ class StepProgram {
   int64_t profiled_parallel_runs() const { return profiled_runs_[1]; }
 
  private:
-  enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kHadamard, kAttention };
+  enum class Kind { kQMatmul, kRmsNorm, kSiluMul, kHadamard, kAttention, kEmbedding };
   struct Op {
     Kind kind;
     size_t index;  // into the vector of its kind
@@ -230,6 +262,7 @@ class StepProgram {
   std::vector<SiluMulArgs> silu_muls_;
   std::vector<HadamardArgs> hadamards_;
   std::vector<AttentionStepArgs> attentions_;
+  std::vector<EmbeddingArgs> embeddings_;
   const StepKernels* kernels_;  // of the operations but the matmuls
   int64_t max_positions_ = -1;  // the smallest of the attentions' (-1: none)
   size_t prologue_bytes_ = 0;   // the largest prologue output (a thread's scratch copy)
