@@ -28,10 +28,10 @@ the layers is recorded once as a native ``StepProgram`` (csrc/cpu/decode_ops.h: 
 norms and attention in order on buffers of its own; the final norm and the head too where the
 head is such a call, :attr:`Decoder.head_in_program`; the table lookup too where the embedding
 is a quantized table without a projection) and a decode step costs one native call (plus the
-embedding row from Python for other tables); with several threads each run takes the parallel or the one-thread
-schedule, whichever has been faster lately (:attr:`Decoder.adaptive_schedule`: on a busy machine,
-one thread), and a head outside the program follows the step's choice. The result
-is the model's own forward, checked against it in tests/test_decoder.py on every supported
+embedding row from Python for other tables); with several threads each run takes the parallel
+or the one-thread schedule, whichever has been faster lately (:attr:`Decoder.adaptive_schedule`:
+on a busy machine, one thread), and a head outside the program follows the step's choice. The
+result is the model's own forward, checked against it in tests/test_decoder.py on every supported
 family, dense and compressed.
 
 Supported: the llama, mistral, qwen2, qwen3 and phi3 families (pyengine.model.adapters), also
