@@ -28,8 +28,15 @@ def _load(name: str) -> Optional[Dict[str, object]]:
 
 
 def _source(name: str, meta: Dict[str, object]) -> str:
+    """Where a table's figures come from: the file, the CPU or GPU (with a CPU's family / model
+    and last-level cache where the run recorded them: CPUs of one name differ), the date."""
     date = str(meta.get("date", "?"))[:10]
-    return f"`benchmarks/results/{name}`, {meta.get('device', '?')}, {date}"
+    family, llc = meta.get("cpu_family_model"), meta.get("last_level_cache_mib")
+    cpu = [f"family/model {family}" if family else "",
+           f"{llc} MiB last-level cache" if llc else ""]
+    details = ", ".join(c for c in cpu if c)
+    device = f"{meta.get('device', '?')}" + (f" ({details})" if details else "")
+    return f"`benchmarks/results/{name}`, {device}, {date}"
 
 
 def _mib(nbytes: object) -> str:
@@ -137,7 +144,10 @@ def vs_llamacpp_table(name: str) -> List[str]:
     huge_text = (f"; the faster of a copy in ordinary memory ({', '.join(map(str, plain.values()))}"
                  f" GB/s) and in huge pages ({', '.join(map(str, huge.values()))} GB/s), which "
                  f"hold the decoder's weight copies" if huge and plain else "")
-    return ([f"**Decode against llama.cpp**, SmolLM2-135M from the same GGUF, batch 1, "
+    load = meta.get("competing_load")
+    load_text = (f", while {load} other processes keep every core busy (a competing load)"
+                 if load else "")
+    return ([f"**Decode against llama.cpp**{load_text}, SmolLM2-135M from the same GGUF, batch 1, "
              f"{meta.get('new_tokens')} tokens, medians of {meta.get('rounds')} alternating "
              f"rounds; llama.cpp built for {meta.get('llama_cpp_isa')}, pyengine's "
              f"{meta.get('pyengine_cpu_isa', '?')} kernels through pyengine.Decoder; bits per "
@@ -411,9 +421,17 @@ def sections() -> List[Callable[[], List[str]]]:
              lambda: decode_table("decode_cpu_tinyllama.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_avx2.json"),
-             lambda: vs_llamacpp_table("vs_llamacpp_generic.json")]
+             lambda: vs_llamacpp_table("vs_llamacpp_generic.json"),
+             # an AVX2-only CPU (AMD EPYC Zen 3): the machine kind most users' servers are
+             lambda: decode_table("decode_cpu_tinyllama_zen3.json"),
+             lambda: vs_llamacpp_table("vs_llamacpp_zen3.json"),
+             lambda: vs_llamacpp_table("vs_llamacpp_zen3_generic_a8.json"),
+             lambda: vs_llamacpp_table("vs_llamacpp_zen3_busy.json")]
             + [lambda name=name: kernel_table(name, "GPU kernels") for name in gpu_files()]
             + [lambda: kernel_table("cpu_kernels.json", "CPU kernels", (1, 8)),
+               lambda: kernel_table("cpu_kernels_zen3.json", "CPU kernels, AVX2-only CPU"),
+               lambda: kernel_table("cpu_kernels_zen3_generic.json",
+                                    "CPU kernels, generic build on the AVX2-only CPU"),
                static_gpu_table])
 
 
