@@ -422,7 +422,7 @@ def sections() -> List[Callable[[], List[str]]]:
              lambda: vs_llamacpp_table("vs_llamacpp_native.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_avx2.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_generic.json"),
-             # an AVX2-only CPU (AMD EPYC Zen 3): the machine kind most users' servers are
+             # an AVX2-only CPU (AMD EPYC Zen 3, no AVX-512)
              lambda: decode_table("decode_cpu_tinyllama_zen3.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_zen3.json"),
              lambda: vs_llamacpp_table("vs_llamacpp_zen3_generic_a8.json"),
